@@ -955,18 +955,27 @@ def parse_literal(text, max_depth, max_length=100_000):
         if deepest > max_depth:
             raise BadRequest(f"input is nested deeper than {max_depth} levels") from None
         try:
-            value = ast.literal_eval(text)
+            value = _tuples_to_lists(ast.literal_eval(text))
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise BadRequest("input is neither JSON nor a Python literal") from None
     check_depth(value, max_depth, text, "input")
     return value
 
 
+def _tuples_to_lists(value):
+    """Python literals may use tuples where JSON has lists; the model sees lists either way."""
+    if isinstance(value, (list, tuple)):
+        return [_tuples_to_lists(item) for item in value]
+    return value
+
+
 def choose_method(model, requested):
+    """The method to call: 404 for a name that is no prediction method, 400 for one the model lacks."""
     method = requested or "predict"
     if method not in model.methods:
-        raise NotFound(f"model {model.name!r} has no method {_clip(repr(method), 60)}; it has: "
-                       f"{', '.join(model.methods)}", model=model.name, methods=list(model.methods))
+        error = NotFound if method not in PREDICT_METHODS else BadRequest
+        raise error(f"model {model.name!r} has no method {_clip(repr(method), 60)}; it has: "
+                    f"{', '.join(model.methods)}", model=model.name, methods=list(model.methods))
     return method
 
 
@@ -1179,7 +1188,8 @@ def create_app(store=None, config=None, registry=None, **options):
     if options:
         config = dataclasses.replace(config, **options)
     registry = registry or ModelRegistry(config)
-    app = bottle.Bottle(autojson=False)
+    app = bottle.Bottle()
+    app.uninstall(bottle.JSONPlugin)     # it would write NaN tokens; every body goes through dumps()
     app.config["service.config"] = config
     app.config["service.registry"] = registry
     app.default_error_handler = _error_page

@@ -1,0 +1,361 @@
+"""Every route and every error of the native JSON API, in-process (WebTest), for each artifact format."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_diabetes, load_iris
+
+from conftest import IRIS_FEATURES
+
+IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+
+
+def strict_json(response):
+    """Parse a body the way a browser does: NaN/Infinity tokens are errors."""
+    assert response.content_type == "application/json"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+    return json.loads(response.body.decode("utf-8"), parse_constant=refuse)
+
+
+def assert_error(response, status, *fragments):
+    assert response.status_int == status
+    body = strict_json(response)
+    assert isinstance(body["error"], str) and body["error"]
+    for fragment in fragments:
+        assert fragment in body["error"], body
+    assert "Traceback" not in response.text and "/tmp" not in response.text
+    return body
+
+
+# -- service routes ---------------------------------------------------------------------------------------
+
+def test_index_describes_service_and_models(client):
+    body = strict_json(client.get("/"))
+    assert body["name"] == "model-service" and body["version"]
+    assert body["models"] == ["diabetes", "flowers", "iris"]
+    assert body["links"]["models"] == "/models"
+
+
+def test_health_and_readiness(client):
+    assert strict_json(client.get("/healthz")) == {"status": "alive"}
+    assert strict_json(client.get("/readyz"))["ready"] is True
+
+
+def test_nothing_is_loaded_before_a_prediction(client):
+    models = strict_json(client.get("/models"))["models"]
+    states = {(m["name"], v["version"]): v["state"] for m in models for v in m["versions"]}
+    assert states == {("diabetes", "1"): "UNLOADED", ("diabetes", "2"): "UNLOADED",
+                      ("flowers", "1"): "UNLOADED", ("iris", "1"): "UNLOADED"}
+
+
+def test_models_lists_versions_format_and_status(client, artifact_format):
+    models = {m["name"]: m for m in strict_json(client.get("/models"))["models"]}
+    diabetes = models["diabetes"]
+    assert diabetes["latest_version"] == "2"
+    assert [v["version"] for v in diabetes["versions"]] == ["2", "1"]
+    assert {v["format"] for m in models.values() for v in m["versions"]} == {artifact_format}
+
+
+def test_model_metadata_after_load(client, artifact_format, store):
+    client.post_json("/models/flowers/predict", {"instances": IRIS_ROWS})
+    body = strict_json(client.get("/models/flowers"))
+    version = body["versions"][0]
+    assert version["state"] == "AVAILABLE"
+    assert version["estimator"] == "sklearn.pipeline.Pipeline"
+    assert version["methods"] == ["predict", "predict_proba", "predict_log_proba", "decision_function"]
+    assert version["n_features_in_"] == 4
+    assert version["feature_names_in_"] == IRIS_FEATURES
+    assert version["classes_"] == ["setosa", "versicolor", "virginica"]
+    artifact = version["artifact"]
+    path = store / artifact["file"]
+    assert path.exists() and artifact["size"] == path.stat().st_size
+    import hashlib
+    assert artifact["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert artifact["modified"].endswith("Z") and version["loaded_at"].endswith("Z")
+    assert version["load_seconds"] > 0 and version["last_error"] is None and version["loads"] == 1
+
+
+def test_version_metadata(client):
+    body = strict_json(client.get("/models/diabetes/versions/1"))
+    assert body["name"] == "diabetes" and body["version"] == "1" and body["state"] == "UNLOADED"
+
+
+# -- predictions --------------------------------------------------------------------------------------------
+
+def test_predict_rows_matches_the_estimator(client, iris_classifier):
+    body = strict_json(client.post_json("/models/iris/predict", {"instances": IRIS_ROWS}))
+    assert body == {"model": "iris", "version": "1", "method": "predict",
+                    "predictions": iris_classifier.predict(np.array(IRIS_ROWS)).tolist()}
+
+
+def test_predict_accepts_a_bare_list(client, iris_classifier):
+    body = strict_json(client.post_json("/models/iris/predict", IRIS_ROWS))
+    assert body["predictions"] == iris_classifier.predict(np.array(IRIS_ROWS)).tolist()
+
+
+def test_predict_accepts_inputs_tensor(client, iris_classifier):
+    body = strict_json(client.post_json("/models/iris/predict", {"inputs": IRIS_ROWS}))
+    assert body["predictions"] == iris_classifier.predict(np.array(IRIS_ROWS)).tolist()
+
+
+def test_predict_proba_carries_classes(client, iris_classifier):
+    body = strict_json(client.post_json("/models/iris/predict", {"instances": IRIS_ROWS,
+                                                                  "method": "predict_proba"}))
+    assert body["method"] == "predict_proba" and body["classes"] == [0, 1, 2]
+    assert body["predictions"] == iris_classifier.predict_proba(np.array(IRIS_ROWS)).tolist()
+
+
+@pytest.mark.parametrize("method", ["predict_log_proba", "decision_function"])
+def test_other_methods_by_query(client, iris_classifier, method):
+    body = strict_json(client.post_json(f"/models/iris/predict?method={method}", {"instances": IRIS_ROWS}))
+    assert body["method"] == method
+    assert body["predictions"] == getattr(iris_classifier, method)(np.array(IRIS_ROWS)).tolist()
+
+
+def test_transform_on_a_scaler(tmp_path, make_client, artifact_format):
+    from sklearn.preprocessing import StandardScaler
+
+    from conftest import EXTENSIONS, write_artifact
+    scaler = StandardScaler().fit(load_iris().data)
+    write_artifact(tmp_path / f"scaler{EXTENSIONS[artifact_format]}", scaler, artifact_format)
+    client = make_client(tmp_path)
+    body = strict_json(client.post_json("/models/scaler/predict", {"instances": IRIS_ROWS, "method": "transform"}))
+    assert body["predictions"] == scaler.transform(np.array(IRIS_ROWS)).tolist()
+    assert_error(client.post_json("/models/scaler/predict", {"instances": IRIS_ROWS}, expect_errors=True),
+                 400, "has no method 'predict'", "transform")
+
+
+def test_named_rows_are_ordered_by_feature_names(client, named_iris_classifier):
+    rows = [dict(zip(reversed(IRIS_FEATURES), reversed(row))) for row in IRIS_ROWS]
+    body = strict_json(client.post_json("/models/flowers/predict", {"instances": rows}))
+    import pandas
+    expected = named_iris_classifier.predict(pandas.DataFrame(IRIS_ROWS, columns=IRIS_FEATURES)).tolist()
+    assert body["predictions"] == expected == ["setosa", "virginica"]
+
+
+def test_named_model_accepts_list_rows_and_columns(client):
+    by_rows = strict_json(client.post_json("/models/flowers/predict", {"instances": IRIS_ROWS}))
+    columns = {name: [row[i] for row in IRIS_ROWS] for i, name in enumerate(IRIS_FEATURES)}
+    by_columns = strict_json(client.post_json("/models/flowers/predict", {"inputs": columns}))
+    assert by_rows["predictions"] == by_columns["predictions"] == ["setosa", "virginica"]
+
+
+def test_missing_and_unknown_feature_names_are_named(client):
+    row = dict(zip(IRIS_FEATURES, IRIS_ROWS[0]))
+    missing = {k: v for k, v in row.items() if k != "petal_width"}
+    assert_error(client.post_json("/models/flowers/predict", {"instances": [missing]}, expect_errors=True),
+                 400, "missing feature 'petal_width'")
+    assert_error(client.post_json("/models/flowers/predict", {"instances": [dict(row, colour=1)]},
+                                  expect_errors=True), 400, "unknown feature 'colour'")
+    assert_error(client.post_json("/models/iris/predict", {"instances": [row]}, expect_errors=True),
+                 400, "does not know its feature names")
+
+
+def test_versioned_predict_and_latest(client, diabetes_regressor):
+    row = load_diabetes().data[:3]
+    expected = diabetes_regressor.predict(row).tolist()
+    latest = strict_json(client.post_json("/models/diabetes/predict", {"instances": row.tolist()}))
+    first = strict_json(client.post_json("/models/diabetes/versions/1/predict", {"instances": row.tolist()}))
+    assert latest["version"] == "2" and first["version"] == "1"
+    assert latest["predictions"] == first["predictions"] == expected
+
+
+def test_get_predict_with_query(client, iris_classifier):
+    body = strict_json(client.get("/models/iris/predict", {"instances": json.dumps(IRIS_ROWS),
+                                                           "method": "predict_proba"}))
+    assert body["predictions"] == iris_classifier.predict_proba(np.array(IRIS_ROWS)).tolist()
+    versioned = strict_json(client.get("/models/diabetes/versions/1/predict",
+                                       {"instances": json.dumps(load_diabetes().data[:1].tolist())}))
+    assert versioned["version"] == "1"
+
+
+def test_null_cells_become_nan_and_non_finite_outputs_become_null(tmp_path, make_client, artifact_format):
+    from sklearn.preprocessing import StandardScaler
+
+    from conftest import EXTENSIONS, write_artifact
+    write_artifact(tmp_path / f"scaler{EXTENSIONS[artifact_format]}", StandardScaler().fit(load_iris().data),
+                   artifact_format)
+    client = make_client(tmp_path)
+    body = strict_json(client.post_json("/models/scaler/predict",
+                                        {"instances": [[None, 1, 2, 3]], "method": "transform"}))
+    assert body["predictions"][0][0] is None and all(isinstance(x, float) for x in body["predictions"][0][1:])
+    # bare NaN tokens in the request are accepted, as TF Serving does
+    response = client.post("/models/scaler/predict", b'{"instances": [[NaN, NaN, 1, 2]], "method": "transform"}',
+                           content_type="application/json")
+    assert strict_json(response)["predictions"][0][:2] == [None, None]
+    # whether the estimator takes infinity is its business: it refuses, and that is the caller's 400
+    response = client.post("/models/scaler/predict", b'{"instances": [[Infinity, 1, 1, 2]], "method": "transform"}',
+                           content_type="application/json", expect_errors=True)
+    assert_error(response, 400, "infinity")
+
+
+def test_any_content_type_except_forms_is_read_as_json(client):
+    for content_type in ("text/plain", "application/octet-stream", "application/json; charset=utf-8", ""):
+        response = client.request("/models/iris/predict", method="POST",
+                                  body=json.dumps({"instances": IRIS_ROWS}).encode(),
+                                  headers={"Content-Type": content_type} if content_type else {})
+        assert "CONTENT_TYPE" not in response.request.environ or content_type
+        assert strict_json(response)["predictions"]
+
+
+# -- seed compatibility -----------------------------------------------------------------------------------
+
+def test_seed_routes_use_the_only_model(tmp_path, make_client, iris_classifier):
+    from conftest import write_artifact
+    write_artifact(tmp_path / "only.joblib", iris_classifier, "joblib")
+    client = make_client(tmp_path)
+    expected = iris_classifier.predict(np.array(IRIS_ROWS)).tolist()
+    assert strict_json(client.get("/predict/[[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]"))["predictions"] == expected
+    assert strict_json(client.get("/predict/((5.1, 3.5, 1.4, 0.2), (6.7, 3.0, 5.2, 2.3))"))["predictions"] == expected
+    assert strict_json(client.post_json("/predict", {"instances": IRIS_ROWS}))["predictions"] == expected
+
+
+def test_seed_route_needs_a_default_when_several_models(client, store, make_client):
+    assert_error(client.get("/predict/[[1,2,3,4]]", expect_errors=True), 404, "--default-model")
+    chosen = make_client(store, default_model="iris")
+    assert strict_json(chosen.get("/predict/[[5.1,3.5,1.4,0.2]]"))["model"] == "iris"
+
+
+@pytest.mark.parametrize("literal, fragment", [
+    ("[[1, 2, 3, 4]", "neither JSON nor a Python literal"),
+    ("__import__('os').system('true')", "neither JSON nor a Python literal"),
+    ("[" * 200 + "]" * 200, "nested deeper"),
+    ("[" + "1," * 60000 + "1]", "longer than"),
+])
+def test_seed_literal_is_parsed_safely(client, store, make_client, literal, fragment):
+    chosen = make_client(store, default_model="iris")
+    assert_error(chosen.get("/predict/" + literal, expect_errors=True), 400, fragment)
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, status, fragment", [
+    ("/models/nosuch/predict", 404, "model 'nosuch' not found"),
+    ("/models/diabetes/versions/7/predict", 404, "has no version 7"),
+    ("/models/diabetes/versions/abc/predict", 400, "invalid version"),
+    ("/models/diabetes/versions/0/predict", 400, "invalid version"),
+    ("/models/-x/predict", 400, "invalid model name"),
+    ("/models/%2e%2e/predict", 400, "invalid model name"),
+])
+def test_unknown_model_and_version(client, url, status, fragment):
+    assert_error(client.post_json(url, {"instances": IRIS_ROWS}, expect_errors=True), status, fragment)
+
+
+def test_unknown_model_and_version_metadata(client):
+    assert_error(client.get("/models/nosuch", expect_errors=True), 404, "not found")
+    assert_error(client.get("/models/diabetes/versions/9", expect_errors=True), 404, "no version 9")
+
+
+def test_unknown_method_is_404_and_missing_method_is_400(client):
+    body = assert_error(client.post_json("/models/iris/predict", {"instances": IRIS_ROWS, "method": "explain"},
+                                         expect_errors=True), 404, "has no method 'explain'")
+    assert body["methods"] == ["predict", "predict_proba", "predict_log_proba", "decision_function"]
+    body = assert_error(client.post_json("/models/diabetes/predict", {"instances": [[0] * 10],
+                                                                      "method": "predict_proba"},
+                                         expect_errors=True), 400, "has no method 'predict_proba'", "predict")
+    assert body["methods"] == ["predict"]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b"{bad json", "not valid JSON"),
+    (b"", "empty"),
+    (b"\xff\xfe{}", "not valid UTF-8"),
+    (b'{"instances": [[1,2,3]]}', "expected 4 features, got 3"),
+    (b'{"instances": [[1,2,3,4],[1,2]]}', "list of 4 feature values"),
+    (b'{"instances": [1,2,3,4]}', "list of 4 feature values"),
+    (b'{"instances": []}', "No values in 'instances' array"),
+    (b'{"instances": [[1,2,3,4]], "inputs": [[1,2,3,4]]}', "only one of 'inputs' or 'instances'"),
+    (b'{"rows": [[1,2,3,4]]}', "Missing 'inputs' or 'instances' key"),
+    (b'"text"', "expected a JSON object"),
+    (b'{"instances": [[1,2,3,4]], "method": 5}', "'method' must be a string"),
+    (b'{"instances": [["a","b","c","d"]]}', "predict failed"),
+    (b'{"instances": ' + b"[" * 100 + b"]" * 100 + b"}", "nested"),
+    (b'{"instances": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+    (b'{"instances": [[1e400, 1, 1, 1]]}', "predict failed"),
+])
+def test_malformed_requests_are_400(client, body, fragment):
+    response = client.post("/models/iris/predict", body, content_type="application/json", expect_errors=True)
+    assert_error(response, 400, fragment)
+
+
+def test_body_method_and_query_method_must_agree(client):
+    assert_error(client.post_json("/models/iris/predict?method=predict_proba",
+                                  {"instances": IRIS_ROWS, "method": "predict"}, expect_errors=True),
+                 400, "disagrees")
+
+
+def test_get_predict_without_instances_is_400(client):
+    assert_error(client.get("/models/iris/predict", expect_errors=True), 400, "?instances=")
+    assert_error(client.get("/models/iris/predict?instances=[[1,2", expect_errors=True), 400, "not valid JSON")
+
+
+def test_body_over_the_limit_is_413(store, make_client):
+    client = make_client(store, max_body_bytes=100)
+    body = json.dumps({"instances": IRIS_ROWS * 10})
+    assert_error(client.post("/models/iris/predict", body, content_type="application/json", expect_errors=True),
+                 413, "over the limit")
+    assert strict_json(client.post_json("/models/iris/predict", {"instances": IRIS_ROWS[:1]}))
+
+
+def test_chunked_body_over_the_limit_is_413(store, make_client):
+    client = make_client(store, max_body_bytes=100)
+    body = json.dumps({"instances": IRIS_ROWS * 10}).encode()
+    import io
+    response = client.app  # raw WSGI call: a chunked body has no Content-Length
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/models/iris/predict", "SERVER_NAME": "localhost",
+               "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+               "wsgi.errors": io.StringIO(), "HTTP_TRANSFER_ENCODING": "chunked", "SERVER_PROTOCOL": "HTTP/1.1",
+               "CONTENT_TYPE": "application/json"}
+    seen = {}
+    chunks = response(environ, lambda status, headers, exc_info=None: seen.update(status=status))
+    assert seen["status"].startswith("413") and b"over the limit" in b"".join(chunks)
+
+
+def test_row_limit(store, make_client):
+    client = make_client(store, max_rows=2)
+    assert_error(client.post_json("/models/iris/predict", {"instances": IRIS_ROWS * 2}, expect_errors=True),
+                 400, "over the limit of 2")
+
+
+@pytest.mark.parametrize("content_type, status", [
+    ("application/x-www-form-urlencoded", 415), ("multipart/form-data; boundary=x", 415),
+    ("application/json; charset=latin-1", 415)])
+def test_refused_content_types(client, content_type, status):
+    response = client.post("/models/iris/predict", json.dumps({"instances": IRIS_ROWS}),
+                           headers={"Content-Type": content_type}, expect_errors=True)
+    assert_error(response, status)
+
+
+def test_compressed_bodies_are_415(client):
+    response = client.post("/models/iris/predict", b"\x1f\x8b", headers={"Content-Encoding": "gzip",
+                           "Content-Type": "application/json"}, expect_errors=True)
+    assert_error(response, 415, "compressed")
+
+
+def test_unknown_route_and_wrong_method_are_json(client):
+    assert_error(client.get("/no/such/route", expect_errors=True), 404, "no route")
+    response = client.put_json("/models/iris/predict", {"instances": IRIS_ROWS}, expect_errors=True)
+    assert_error(response, 405, "PUT")
+    assert set(response.headers["Allow"].split(",")) == {"GET", "POST"}
+    assert_error(client.delete("/models", expect_errors=True), 405)
+
+
+def test_invalid_utf8_path_is_400_not_stripped(client):
+    response = client.get("/models/.%FF./predict?instances=[[1,2,3,4]]", expect_errors=True)
+    assert_error(response, 400, "not valid UTF-8")
+
+
+def test_internal_faults_are_500_json_without_traceback(store, make_client, caplog):
+    client = make_client(store)
+    registry = client.app.config["service.registry"]
+    client.get("/models")
+    registry.describe = lambda name: 1 / 0      # a fault of ours, not the caller's
+    response = client.get("/models/iris", expect_errors=True)
+    body = assert_error(response, 500, "internal server error")
+    assert body["error_id"] and "ZeroDivision" not in response.text
+    assert body["error_id"] in caplog.text and "ZeroDivisionError" in caplog.text

@@ -1,0 +1,158 @@
+"""Lazy, single-flight loading; failed loads answer 503, show in status and are retried after a pause."""
+
+import concurrent.futures
+import threading
+
+import numpy as np
+import pytest
+
+import service
+from conftest import EXTENSIONS, write_artifact
+from test_api import assert_error, strict_json
+
+ROW = [[5.1, 3.5, 1.4, 0.2]]
+
+
+class ManualClock:
+    """A monotonic clock the test moves by hand, injected into the registry."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def make_registry(root, clock=None, **options):
+    config = service.Config(store=str(root), **options)
+    return service.ModelRegistry(config, clock=clock or ManualClock())
+
+
+def test_creating_the_app_loads_and_scans_nothing(tmp_path, iris_classifier):
+    import webtest
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    app = service.create_app(store=tmp_path)
+    registry = app.config["service.registry"]
+    assert registry.names() == [] and not registry.ready
+    client = webtest.TestApp(app)
+    assert strict_json(client.get("/models"))["models"][0]["versions"][0]["state"] == "UNLOADED"
+    assert registry.version("iris").model is None
+
+
+def test_first_request_loads_and_later_requests_reuse(tmp_path, iris_classifier, artifact_format):
+    write_artifact(tmp_path / f"iris{EXTENSIONS[artifact_format]}", iris_classifier, artifact_format)
+    registry = make_registry(tmp_path)
+    registry.ensure_scanned()
+    first = registry.get("iris")
+    assert registry.get("iris") is first
+    assert registry.version("iris").loads == 1 and registry.version("iris").state == "AVAILABLE"
+    assert np.array_equal(first.run("predict", np.array(ROW)), iris_classifier.predict(np.array(ROW)))
+
+
+def test_concurrent_first_requests_cause_exactly_one_load(tmp_path, iris_classifier):
+    write_artifact(tmp_path / "iris.pkl", iris_classifier, "pickle")
+    registry = make_registry(tmp_path)
+    registry.ensure_scanned()
+    barrier = threading.Barrier(16)
+
+    def first_request(_):
+        barrier.wait()
+        return registry.get("iris")
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        models = list(pool.map(first_request, range(16)))
+    assert all(model is models[0] for model in models)
+    assert registry.version("iris").loads == 1
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"not a pickle at all", "cannot load"),
+    (b"", "cannot load"),
+])
+def test_corrupt_artifact_answers_503_and_shows_in_status(tmp_path, make_client, iris_classifier, content, fragment):
+    write_artifact(tmp_path / "good.joblib", iris_classifier, "joblib")
+    (tmp_path / "bad.joblib").write_bytes(content)
+    client = make_client(tmp_path)
+    response = client.post_json("/models/bad/predict", {"instances": ROW}, expect_errors=True)
+    body = assert_error(response, 503, "failed to load", fragment)
+    assert body["model"] == "bad" and int(response.headers["Retry-After"]) >= 1
+    status = strict_json(client.get("/models/bad"))["versions"][0]
+    assert status["state"] == "FAILED" and fragment in status["last_error"]
+    assert str(tmp_path) not in response.text
+    # the good model is unaffected
+    assert strict_json(client.post_json("/models/good/predict", {"instances": ROW}))["predictions"]
+
+
+def test_artifact_without_a_prediction_method_fails_to_load(tmp_path, make_client):
+    import joblib
+    joblib.dump({"weights": [1, 2, 3]}, tmp_path / "notamodel.joblib")
+    client = make_client(tmp_path)
+    assert_error(client.post_json("/models/notamodel/predict", {"instances": ROW}, expect_errors=True),
+                 503, "holds a dict")
+
+
+def test_json_artifact_that_is_not_a_model_fails_to_load(tmp_path, make_client):
+    (tmp_path / "other.json").write_text('{"hello": "world"}')
+    client = make_client(tmp_path)
+    assert_error(client.post_json("/models/other/predict", {"instances": ROW}, expect_errors=True),
+                 503, "not a JSON model document")
+
+
+def test_pickle_that_exits_does_not_take_the_server_down(tmp_path, make_client, iris_classifier):
+    import pickle
+
+    class Exit:
+        def __reduce__(self):
+            return (SystemExit, (3,))
+    (tmp_path / "exits.pkl").write_bytes(pickle.dumps(Exit()))
+    write_artifact(tmp_path / "good.pkl", iris_classifier, "pickle")
+    client = make_client(tmp_path)
+    assert_error(client.post_json("/models/exits/predict", {"instances": ROW}, expect_errors=True),
+                 503, "SystemExit")
+    assert strict_json(client.post_json("/models/good/predict", {"instances": ROW}))["predictions"]
+
+
+def test_missing_module_in_pickle_names_it(tmp_path, make_client):
+    # a pickle referring to a module this environment lacks, as a model trained with an extra package would
+    payload = b"cnosuch_package\nModel\n."      # protocol 0: GLOBAL nosuch_package.Model, STOP
+    (tmp_path / "extra.pkl").write_bytes(payload)
+    client = make_client(tmp_path)
+    assert_error(client.post_json("/models/extra/predict", {"instances": ROW}, expect_errors=True),
+                 503, "No module named 'nosuch_package'")
+
+
+def test_failed_load_is_retried_only_after_the_pause(tmp_path, iris_classifier):
+    path = tmp_path / "iris.joblib"
+    path.write_bytes(b"garbage")
+    clock = ManualClock()
+    registry = make_registry(tmp_path, clock=clock, load_retry_seconds=30)
+    registry.ensure_scanned()
+    for _ in range(50):
+        with pytest.raises(service.ModelUnavailable) as caught:
+            registry.get("iris")
+    assert registry.version("iris").loads == 1, "no tight retry loop"
+    assert caught.value.retry_after == 30
+    clock.now += 10
+    with pytest.raises(service.ModelUnavailable) as caught:
+        registry.get("iris")
+    assert caught.value.retry_after == 20 and registry.version("iris").loads == 1
+    # the operator fixes the artifact in place; after the pause the next request loads it
+    import joblib
+    joblib.dump(iris_classifier, path)
+    clock.now += 21
+    model = registry.get("iris")
+    slot = registry.version("iris")
+    assert slot.loads == 2 and slot.state == "AVAILABLE" and slot.error is None
+    assert model.run("predict", np.array(ROW)).tolist() == iris_classifier.predict(np.array(ROW)).tolist()
+
+
+def test_a_failed_version_does_not_affect_other_versions(tmp_path, make_client, iris_classifier):
+    write_artifact(tmp_path / "iris" / "1" / "model.joblib", iris_classifier, "joblib")
+    (tmp_path / "iris" / "2").mkdir()
+    (tmp_path / "iris" / "2" / "model.pkl").write_bytes(b"broken")
+    client = make_client(tmp_path)
+    assert_error(client.post_json("/models/iris/predict", {"instances": ROW}, expect_errors=True), 503,
+                 "version 2 failed to load")
+    assert strict_json(client.post_json("/models/iris/versions/1/predict", {"instances": ROW}))["version"] == "1"
+    states = {v["version"]: v["state"] for v in strict_json(client.get("/models/iris"))["versions"]}
+    assert states == {"2": "FAILED", "1": "AVAILABLE"}

@@ -863,9 +863,9 @@ class ModelRegistry:
 ###############################################################################
 # Turning request bodies into estimator inputs and estimator outputs into strict
 # JSON.  Nothing here chooses a decoder from what the client claims: JSON is the
-# only body format, whatever the Content-Type says (forms are refused).
-
-_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+# only body format, whatever the Content-Type says.  That includes curl -d's
+# default, application/x-www-form-urlencoded (TF Serving's own examples send
+# JSON that way); forms are never decoded, and multipart bodies are refused.
 
 
 def read_body(environ, limit):
@@ -893,9 +893,9 @@ def read_body(environ, limit):
 
 
 def check_content_type(environ):
-    """Refuse the body types that are not JSON by construction (forms) or not UTF-8."""
+    """Refuse the body types that cannot be JSON (multipart) or are not UTF-8."""
     content_type = environ.get("CONTENT_TYPE", "").lower()
-    if content_type.startswith(_FORM_TYPES):
+    if content_type.startswith("multipart/"):
         raise UnsupportedMediaType(f"send JSON, not {content_type.split(';')[0]}")
     if "charset=" in content_type:
         charset = content_type.split("charset=", 1)[1].split(";")[0].strip().strip('"')

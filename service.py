@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 
 import bottle
 
@@ -700,10 +701,15 @@ def _attribute(estimator, attr):
 
 
 def _frame_maker():
-    """pandas.DataFrame if pandas is installed: a model fitted on named columns wants them back."""
+    """pandas.DataFrame if pandas is installed: a model fitted on named columns wants them back.
+
+    Without pandas the rows go in as an array, already in `feature_names_in_` order, so
+    scikit-learn's warning that the array has no column names says nothing: silence it.
+    """
     try:
         import pandas
     except ImportError:
+        warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
         return None
     return pandas.DataFrame
 
@@ -796,7 +802,7 @@ class ModelRegistry:
         """The ModelVersion for a name and an optional version string; 400/404 if there is none."""
         versions = self._models.get(name)
         if versions is None:
-            self._unavailable_store()
+            self.require_store()
             if not valid_model_name(name):
                 raise BadRequest(f"invalid model name {_clip(repr(name), 80)}: names match {MODEL_NAME.pattern}")
             raise NotFound(f"model {name!r} not found", model=name, models=self.names())
@@ -811,7 +817,8 @@ class ModelRegistry:
                            versions=[str(v) for v in sorted(versions)])
         return slot
 
-    def _unavailable_store(self):
+    def require_store(self):
+        """503 unless the store has been scanned (it may be missing or unreadable)."""
         if not self._scanned:
             raise ModelUnavailable(f"model store unavailable: {self.not_ready_reason}")
 
@@ -1248,12 +1255,13 @@ def create_app(store=None, config=None, registry=None, **options):
     # -- models -------------------------------------------------------------
     @app.get("/models")
     def list_models():
-        registry._unavailable_store()
+        registry.require_store()
         return {"models": registry.describe_all()}
 
     @app.get("/models/<name>")
     def show_model(name):
-        return registry.describe(registry.version(name).ref.name)
+        registry.version(name)          # 400 or 404 unless the model exists
+        return registry.describe(name)
 
     @app.get("/models/<name>/versions/<version>")
     def show_version(name, version):

@@ -146,7 +146,7 @@ class Config:
         values = {}
         for setting in SETTINGS:
             raw, source = flags.get(setting.field), setting.flag
-            if raw is None:
+            if raw is None or raw == "":
                 raw, source = environ.get(setting.env), setting.env
             if raw is None or raw == "":
                 continue
@@ -280,6 +280,7 @@ JSON_ESTIMATORS = frozenset({
     "sklearn.preprocessing.MinMaxScaler",
     "sklearn.preprocessing.MaxAbsScaler",
     "sklearn.preprocessing.RobustScaler",
+    "sklearn.preprocessing.LabelBinarizer",       # held inside a fitted RidgeClassifier
     "sklearn.pipeline.Pipeline",
 })
 
@@ -325,8 +326,10 @@ def _encode_node(value, where):
         return {"$type": "scalar", "dtype": array.dtype.str, "data": base64.b64encode(array.tobytes()).decode()}
     if isinstance(value, np.dtype):
         return {"$type": "dtype", "dtype": _checked_dtype(value.str, where).str}
-    if isinstance(value, type) and issubclass(value, np.generic) and value.__name__ in _NUMPY_TYPES:
-        return {"$type": "type", "name": value.__name__}
+    if isinstance(value, type) and issubclass(value, np.generic):
+        names = {getattr(np, name): name for name in _NUMPY_TYPES}
+        if value in names:
+            return {"$type": "type", "name": names[value]}
     cls_name = _estimator_class_name(type(value))
     if cls_name is not None:
         state = value.__getstate__()
@@ -368,11 +371,22 @@ def dump_json_model(estimator):
 
 def save_json_model(estimator, path):
     """Write a fitted estimator as a JSON model file (by write-then-rename, so never half-written)."""
-    text = dump_json_model(estimator)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
+    import tempfile
+
+    try:
+        data = dump_json_model(estimator).encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ArtifactError(f"cannot write the model as UTF-8 JSON: {error}") from None
+    folder, base = os.path.split(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")  # hidden: stores skip it
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def load_json_model(source):
@@ -389,7 +403,10 @@ def load_json_model(source):
     if document.get("format_version") != JSON_FORMAT_VERSION:
         raise ArtifactError(f"unsupported format_version {document.get('format_version')!r}; "
                             f"this service reads version {JSON_FORMAT_VERSION}")
-    estimator = _decode_node(document.get("estimator"), "estimator")
+    try:
+        estimator = _decode_node(document.get("estimator"), "estimator")
+    except RecursionError:
+        raise ArtifactError("the document is nested too deeply") from None
     if not hasattr(estimator, "get_params"):
         raise ArtifactError("the document's \"estimator\" is not an estimator")
     return estimator
@@ -412,17 +429,22 @@ def _decode_node(node, where):
             return _decode_estimator(node, where)
         if kind == "ndarray":
             dtype = _checked_dtype(node["dtype"], where)
-            shape = tuple(int(size) for size in node["shape"])
+            shape = node["shape"]
+            if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
+                raise ArtifactError(f"{where}: shape must be a list of sizes")
+            count = math.prod(shape)
             if dtype.kind in "biufc":
-                raw = base64.b64decode(node["data"], validate=True)
+                raw = _raw_bytes(node, dtype, count, where)
                 return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
             items = [_decode_node(item, f"{where}[{i}]") for i, item in enumerate(node["items"])]
+            if len(items) != count:
+                raise ArtifactError(f"{where}: {len(items)} items do not fill shape {shape}")
             array = np.empty(len(items), dtype=dtype)
             array[:] = items if dtype.kind != "O" else _object_items(items)
             return array.reshape(shape)
         if kind == "scalar":
             dtype = _checked_dtype(node["dtype"], where)
-            return np.frombuffer(base64.b64decode(node["data"], validate=True), dtype=dtype)[0]
+            return np.frombuffer(_raw_bytes(node, dtype, 1, where), dtype=dtype)[0]
         if kind == "float":
             if node["value"] not in ("nan", "inf", "-inf"):
                 raise ArtifactError(f"{where}: bad float {node['value']!r}")
@@ -441,6 +463,13 @@ def _decode_node(node, where):
     except (KeyError, TypeError, ValueError) as error:
         raise ArtifactError(f"{where}: malformed {kind} node ({type(error).__name__}: {error})") from None
     raise ArtifactError(f"{where}: unknown node type {kind!r}")
+
+
+def _raw_bytes(node, dtype, count, where):
+    raw = base64.b64decode(node["data"], validate=True)
+    if len(raw) != count * dtype.itemsize:
+        raise ArtifactError(f"{where}: {len(raw)} bytes of data do not hold {count} values of {dtype.str}")
+    return raw
 
 
 def _object_items(items):
@@ -531,13 +560,30 @@ def _clip(text, limit=300):
 # Finds artifacts on disk.  It knows nothing of loading or HTTP: a scan returns
 # the catalogue {name: {version: ArtifactRef}} and logs what it skipped.
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-VERSION = re.compile(r"^[1-9][0-9]{0,17}$")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")     # used with fullmatch: "$" would let "\n" in
+VERSION = re.compile(r"[1-9][0-9]{0,17}")
 _TEMPORARY_SUFFIXES = ("~", ".tmp", ".temp", ".part", ".partial", ".swp", ".crdownload")
 
 
+def _is_dir(entry):
+    """DirEntry.is_dir, treating a link loop or an unreadable entry as "not a folder" (warned later)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _entries(path, where):
+    """A folder's entries in name order; an unreadable folder is skipped with a warning."""
+    try:
+        return sorted(os.scandir(path), key=lambda entry: entry.name)
+    except OSError as error:
+        logger.warning("skipping %s: %s", where, error.strerror)
+        return []
+
+
 def valid_model_name(name):
-    return isinstance(name, str) and MODEL_NAME.match(name) is not None and not name.endswith(".")
+    return isinstance(name, str) and MODEL_NAME.fullmatch(name) is not None and not name.endswith(".")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -565,17 +611,19 @@ class ModelStore:
     """The folder of artifacts; every path it returns resolves strictly inside it."""
 
     def __init__(self, root):
-        self.root = os.path.realpath(root)
+        self.path = os.fspath(root)
+        self.root = None      # resolved at each scan, so a symlinked store may be re-pointed
 
     def scan(self):
         """Return {name: {version: ArtifactRef}} for everything valid; warn about the rest."""
+        self.root = os.path.realpath(self.path)
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"model store {self.root} is not a folder")
         found = {}
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
             if self._skipped(entry.name, entry.name):
                 continue
-            if entry.is_dir():
+            if _is_dir(entry):
                 name = entry.name
                 versions = self._scan_versions(entry)
             else:
@@ -595,15 +643,15 @@ class ModelStore:
 
     def _scan_versions(self, folder):
         versions = {}
-        for entry in sorted(os.scandir(folder.path), key=lambda e: e.name):
+        for entry in _entries(folder.path, folder.name):
             where = f"{folder.name}/{entry.name}"
             if self._skipped(entry.name, where):
                 continue
-            if not entry.is_dir() or not VERSION.match(entry.name):
+            if not _is_dir(entry) or not VERSION.fullmatch(entry.name):
                 logger.warning("skipping %s: versions are folders named by a positive integer", where)
                 continue
             artifacts = []
-            for item in sorted(os.scandir(entry.path), key=lambda e: e.name):
+            for item in _entries(entry.path, where):
                 if self._skipped(item.name, f"{where}/{item.name}"):
                     continue
                 stem, extension = os.path.splitext(item.name)
@@ -683,7 +731,8 @@ class LoadedModel:
         """Call one method; the estimator's complaints about the input are the caller's 400."""
         try:
             return getattr(self.estimator, method)(inputs)
-        except (ValueError, TypeError, KeyError, IndexError) as error:
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+            # e.g. a text pipeline given numbers: 'int' object has no attribute 'lower'
             raise BadRequest(f"{method} failed: {_clip(str(error))}", model=self.name) from None
 
     def describe(self):
@@ -804,13 +853,13 @@ class ModelRegistry:
         if versions is None:
             self.require_store()
             if not valid_model_name(name):
-                raise BadRequest(f"invalid model name {_clip(repr(name), 80)}: names match {MODEL_NAME.pattern}")
+                raise BadRequest(f"invalid model name {_clip(repr(name), 80)}: names match ^{MODEL_NAME.pattern}$")
             raise NotFound(f"model {name!r} not found", model=name, models=self.names())
         if version is None:
             return self._latest[name]
-        slot = versions.get(int(version)) if VERSION.match(version) else None
+        slot = versions.get(int(version)) if VERSION.fullmatch(version) else None
         if slot is None:
-            if not VERSION.match(version):
+            if not VERSION.fullmatch(version):
                 raise BadRequest(f"invalid version {_clip(repr(version), 40)}: versions are positive integers",
                                  model=name)
             raise NotFound(f"model {name!r} has no version {version}", model=name,
@@ -1355,6 +1404,9 @@ def main(argv=None, serve=serve):
         serve(application, config)
     except KeyboardInterrupt:
         logger.info("stopped")
+    except ImportError as error:
+        logger.error("server %r is not installed: %s", config.server, error)
+        return 2
     except OSError as error:
         logger.error("cannot serve on %s:%s: %s", config.host, config.port, error)
         return 1

@@ -1,0 +1,422 @@
+"""The command line and configuration, without sockets: flags, environment, defaults, errors,
+the WSGI entry points, import cost and packaging."""
+
+import configparser
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import bottle
+import pytest
+import webtest
+
+import service
+from conftest import ROOT, write_artifact
+
+FLAGS = ["--store", "--host", "--port", "--server", "--threads", "--default-model", "--max-body-bytes",
+         "--max-rows", "--max-depth", "--load-retry-seconds", "--log-level"]
+
+
+@pytest.fixture(autouse=True)
+def _no_service_environment(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(service.ENV_PREFIX):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def empty_store(tmp_path):
+    root = tmp_path / "store"
+    root.mkdir()
+    return root
+
+
+class FakeServe:
+    """Stands in for service.serve: records what main would serve, serves nothing."""
+
+    def __init__(self, raises=None):
+        self.calls = []
+        self.raises = raises
+
+    def __call__(self, app, config):
+        self.calls.append((app, config))
+        if self.raises:
+            raise self.raises
+
+    @property
+    def config(self):
+        assert len(self.calls) == 1
+        return self.calls[0][1]
+
+
+def run_main(argv, serve=None):
+    serve = serve or FakeServe()
+    code = service.main(argv, serve=serve)
+    return code, serve
+
+
+def exit_code_and_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        service.main(argv, serve=FakeServe())
+    return exit_info.value.code, capsys.readouterr().err
+
+
+###############################################################################
+# --help and --version
+###############################################################################
+
+
+def test_help_exits_0_and_mentions_every_flag_and_environment_variable(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    with pytest.raises(SystemExit) as exit_info:
+        service.main(["--help"], serve=FakeServe())
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in FLAGS:
+        assert flag in text, flag
+        env = "MODEL_SERVICE_" + flag[2:].replace("-", "_").upper()
+        assert env in text, env
+    assert "127.0.0.1" in text and "waitress" in text
+
+
+def test_help_covers_exactly_the_config_fields():
+    settings = {setting.flag for setting in service.SETTINGS}
+    assert settings == set(FLAGS)
+    assert {setting.field for setting in service.SETTINGS} == {f.name for f in
+                                                               dataclasses.fields(service.Config)}
+
+
+def test_python_service_py_version_prints_the_version():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "service.py"), "--version"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"model-service {service.__version__}"
+
+
+###############################################################################
+# main(argv, serve=fake): flags, environment, defaults
+###############################################################################
+
+
+def test_main_with_defaults_serves_waitress_on_127_0_0_1_and_returns_0(empty_store):
+    code, serve = run_main(["--store", str(empty_store)])
+    assert code == 0
+    config = serve.config
+    assert config.host == "127.0.0.1" and config.server == "waitress"
+    assert config.port == 8080 and config.threads == 4
+    assert config == service.Config(store=str(empty_store))
+
+
+def test_main_hands_serve_an_app_built_on_that_config_with_the_store_scanned(tmp_path, iris_classifier):
+    write_artifact(tmp_path / "store" / "iris.joblib", iris_classifier, "joblib")
+    code, serve = run_main(["--store", str(tmp_path / "store"), "--max-rows", "7"])
+    assert code == 0
+    app, config = serve.calls[0]
+    assert isinstance(app, bottle.Bottle)
+    assert app.config["service.config"] is config and config.max_rows == 7
+    registry = app.config["service.registry"]
+    assert registry.ready and registry.names() == ["iris"]
+
+
+def test_every_flag_reaches_the_config(empty_store):
+    code, serve = run_main(["--store", str(empty_store), "--host", "localhost", "--port", "9001",
+                            "--server", "wsgiref", "--threads", "7", "--default-model", "iris",
+                            "--max-body-bytes", "1234", "--max-rows", "55", "--max-depth", "9",
+                            "--load-retry-seconds", "2.5", "--log-level", "debug"])
+    assert code == 0
+    assert serve.config == service.Config(
+        store=str(empty_store), host="localhost", port=9001, server="wsgiref", threads=7, default_model="iris",
+        max_body_bytes=1234, max_rows=55, max_depth=9, load_retry_seconds=2.5, log_level="DEBUG")
+
+
+def test_environment_reaches_the_config_and_a_flag_beats_it(empty_store, monkeypatch):
+    monkeypatch.setenv("MODEL_SERVICE_STORE", str(empty_store))
+    monkeypatch.setenv("MODEL_SERVICE_PORT", "9000")
+    monkeypatch.setenv("MODEL_SERVICE_THREADS", "8")
+    monkeypatch.setenv("MODEL_SERVICE_LOG_LEVEL", "warning")
+    code, serve = run_main(["--port", "9001"])
+    assert code == 0
+    config = serve.config
+    assert config.port == 9001                     # flag > environment
+    assert config.threads == 8 and config.log_level == "WARNING"   # environment > default
+    assert config.store == str(empty_store)
+    assert config.host == "127.0.0.1" and config.server == "waitress"   # defaults
+
+
+def test_a_flag_overrides_a_bad_environment_value(empty_store, monkeypatch):
+    monkeypatch.setenv("MODEL_SERVICE_PORT", "abc")
+    code, serve = run_main(["--store", str(empty_store), "--port", "9002"])
+    assert code == 0 and serve.config.port == 9002
+
+
+def test_keyboard_interrupt_while_serving_returns_0(empty_store):
+    code, _ = run_main(["--store", str(empty_store)], serve=FakeServe(raises=KeyboardInterrupt()))
+    assert code == 0
+
+
+def test_an_os_error_while_serving_returns_1_and_logs_why(empty_store, caplog):
+    with caplog.at_level(logging.ERROR, logger="service"):
+        code, _ = run_main(["--store", str(empty_store), "--port", "9003"],
+                           serve=FakeServe(raises=OSError(98, "Address already in use")))
+    assert code == 1
+    assert "cannot serve on 127.0.0.1:9003" in caplog.text and "Address already in use" in caplog.text
+
+
+###############################################################################
+# Bad values: exit 2 with a message naming the setting
+###############################################################################
+
+
+BAD_FLAGS = [
+    (["--port", "70000"], ["--port", "0-65535", "70000"]),
+    (["--port", "abc"], ["--port", "'abc'"]),
+    (["--port", "-1"], ["--port", "-1"]),
+    (["--threads", "0"], ["--threads", "positive integer", "'0'"]),
+    (["--max-body-bytes", "1e3"], ["--max-body-bytes", "'1e3'"]),
+    (["--max-rows", "0"], ["--max-rows", "positive integer"]),
+    (["--max-depth", "-3"], ["--max-depth", "positive integer"]),
+    (["--load-retry-seconds", "-1"], ["--load-retry-seconds", ">= 0"]),
+    (["--load-retry-seconds", "inf"], ["--load-retry-seconds", "finite"]),
+    (["--load-retry-seconds", "nan"], ["--load-retry-seconds", "finite"]),
+    (["--log-level", "LOUD"], ["--log-level", "DEBUG, INFO, WARNING, ERROR, CRITICAL", "'LOUD'"]),
+    (["--server", "nosuch"], ["--server", "unknown server 'nosuch'", "waitress"]),
+    (["--default-model", "../x"], ["--default-model", "invalid model name '../x'"]),
+    (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+]
+
+
+@pytest.mark.parametrize("argv, fragments", BAD_FLAGS, ids=[" ".join(argv) for argv, _ in BAD_FLAGS])
+def test_bad_flag_values_exit_2_with_a_message_naming_the_flag(argv, fragments, empty_store, capsys):
+    code, error = exit_code_and_error(["--store", str(empty_store), *argv], capsys)
+    assert code == 2
+    assert "model-service: error:" in error
+    for fragment in fragments:
+        assert fragment in error, (fragment, error)
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("MODEL_SERVICE_PORT", "abc"),
+    ("MODEL_SERVICE_THREADS", "0"),
+    ("MODEL_SERVICE_LOG_LEVEL", "LOUD"),
+    ("MODEL_SERVICE_SERVER", "nosuch"),
+    ("MODEL_SERVICE_DEFAULT_MODEL", "a/b"),
+    ("MODEL_SERVICE_LOAD_RETRY_SECONDS", "soon"),
+])
+def test_a_bad_environment_value_exits_2_naming_the_variable(variable, value, empty_store, monkeypatch,
+                                                             capsys):
+    monkeypatch.setenv(variable, value)
+    code, error = exit_code_and_error(["--store", str(empty_store)], capsys)
+    assert code == 2
+    assert f"model-service: error: {variable}:" in error and repr(value) in error, error
+
+
+def test_a_store_that_is_not_a_folder_exits_2(tmp_path, capsys):
+    for store in (tmp_path / "missing", tmp_path / "file.joblib"):
+        if store.name.endswith(".joblib"):
+            store.write_bytes(b"not a folder")
+        code, error = exit_code_and_error(["--store", str(store)], capsys)
+        assert code == 2
+        assert f"model store {str(store)!r} is not a folder" in error
+        assert "MODEL_SERVICE_STORE" in error
+
+
+def test_a_store_from_the_environment_that_is_not_a_folder_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MODEL_SERVICE_STORE", str(tmp_path / "missing"))
+    code, error = exit_code_and_error([], capsys)
+    assert code == 2 and "is not a folder" in error
+
+
+def _missing_bottle_adapter():
+    """A --server name bottle knows whose package is not installed (no socket is ever opened)."""
+    for name, module in [("gevent", "gevent"), ("eventlet", "eventlet"), ("paste", "paste"),
+                         ("tornado", "tornado"), ("twisted", "twisted"), ("bjoern", "bjoern")]:
+        if name in bottle.server_names and importlib.util.find_spec(module) is None:
+            return name
+    return None
+
+
+def test_a_server_adapter_that_is_not_installed_fails_with_a_message_not_a_traceback(empty_store, capsys,
+                                                                                     caplog):
+    name = _missing_bottle_adapter()
+    if name is None:
+        pytest.skip("every candidate adapter is installed; cannot show the missing-adapter case")
+    try:
+        code = service.main(["--store", str(empty_store), "--server", name, "--port", "0"])
+    except SystemExit as exit_error:
+        code = exit_error.code
+    assert code not in (0, None)
+    assert name in capsys.readouterr().err + caplog.text
+
+
+###############################################################################
+# Config.load directly
+###############################################################################
+
+
+def test_config_load_with_nothing_set_gives_the_defaults():
+    config = service.Config.load({}, environ={})
+    assert config == service.Config()
+    assert (config.store, config.host, config.port, config.server) == ("model_store", "127.0.0.1", 8080,
+                                                                       "waitress")
+    assert config.default_model is None and config.log_level == "INFO"
+
+
+def test_config_load_precedence_is_flag_then_environment_then_default():
+    environ = {"MODEL_SERVICE_PORT": "9000", "MODEL_SERVICE_THREADS": "6"}
+    config = service.Config.load({"port": "9001", "threads": None}, environ=environ)
+    assert config.port == 9001            # flag
+    assert config.threads == 6            # None flag: unset, so the environment
+    assert config.max_rows == 100_000     # default
+
+
+def test_config_load_ignores_empty_environment_variables():
+    environ = {"MODEL_SERVICE_HOST": "", "MODEL_SERVICE_PORT": "", "MODEL_SERVICE_LOG_LEVEL": ""}
+    assert service.Config.load({}, environ=environ) == service.Config()
+
+
+def test_config_load_ignores_an_empty_flag_when_nothing_else_is_set():
+    assert service.Config.load({"threads": "", "store": ""}, environ={}) == service.Config()
+
+
+def test_config_load_an_empty_flag_falls_through_to_the_environment():
+    config = service.Config.load({"threads": ""}, environ={"MODEL_SERVICE_THREADS": "3"})
+    assert config.threads == 3
+
+
+def test_config_load_converts_every_setting():
+    environ = {"MODEL_SERVICE_STORE": "/srv/models", "MODEL_SERVICE_HOST": "localhost",
+               "MODEL_SERVICE_PORT": " 0 ", "MODEL_SERVICE_SERVER": "wsgiref", "MODEL_SERVICE_THREADS": "12",
+               "MODEL_SERVICE_DEFAULT_MODEL": "iris_v2.final", "MODEL_SERVICE_MAX_BODY_BYTES": "2048",
+               "MODEL_SERVICE_MAX_ROWS": "10", "MODEL_SERVICE_MAX_DEPTH": "5",
+               "MODEL_SERVICE_LOAD_RETRY_SECONDS": "0", "MODEL_SERVICE_LOG_LEVEL": "error"}
+    config = service.Config.load({}, environ=environ)
+    assert config == service.Config(store="/srv/models", host="localhost", port=0, server="wsgiref", threads=12,
+                                    default_model="iris_v2.final", max_body_bytes=2048, max_rows=10,
+                                    max_depth=5, load_retry_seconds=0.0, log_level="ERROR")
+    assert isinstance(config.port, int) and isinstance(config.load_retry_seconds, float)
+
+
+def test_config_load_ignores_variables_without_the_prefix_and_unknown_ones():
+    environ = {"PORT": "1", "MODEL_PORT": "2", "MODEL_SERVICE_NOSUCH": "3"}
+    assert service.Config.load({}, environ=environ) == service.Config()
+
+
+def test_config_load_error_names_the_flag_or_the_variable():
+    with pytest.raises(ValueError, match=r"^MODEL_SERVICE_MAX_ROWS: .*'-5'"):
+        service.Config.load({}, environ={"MODEL_SERVICE_MAX_ROWS": "-5"})
+    with pytest.raises(ValueError, match=r"^--max-rows: .*'-5'"):
+        service.Config.load({"max_rows": "-5"}, environ={})
+
+
+def test_config_load_reads_os_environ_by_default(monkeypatch):
+    monkeypatch.setenv("MODEL_SERVICE_MAX_DEPTH", "17")
+    assert service.Config.load({}).max_depth == 17
+
+
+def test_config_is_immutable():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        service.Config().port = 1
+
+
+###############################################################################
+# WSGI entry points and create_app
+###############################################################################
+
+
+def test_app_and_application_are_the_same_bottle_app():
+    assert service.app is service.application
+    assert isinstance(service.app, bottle.Bottle)
+    assert isinstance(service.app.config["service.config"], service.Config)
+
+
+def test_create_app_applies_keyword_options(tmp_path, iris, iris_classifier):
+    write_artifact(tmp_path / "store" / "iris.joblib", iris_classifier, "joblib")
+    app = service.create_app(store=tmp_path / "store", max_rows=5)
+    config = app.config["service.config"]
+    assert config.max_rows == 5 and config.store == str(tmp_path / "store")
+    client = webtest.TestApp(app)
+    six = client.post_json("/models/iris/predict", {"instances": iris[0][:6].tolist()}, expect_errors=True)
+    assert six.status_int == 400 and six.content_type == "application/json"
+    assert "over the limit of 5" in six.json["error"]
+    five = client.post_json("/models/iris/predict", {"instances": iris[0][:5].tolist()})
+    assert five.json["predictions"] == iris_classifier.predict(iris[0][:5]).tolist()
+
+
+def test_create_app_options_override_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODEL_SERVICE_MAX_ROWS", "3")
+    monkeypatch.setenv("MODEL_SERVICE_MAX_DEPTH", "4")
+    config = service.create_app(store=tmp_path, max_depth=8).config["service.config"]
+    assert config.max_rows == 3 and config.max_depth == 8 and config.store == str(tmp_path)
+
+
+def test_create_app_with_an_explicit_config_ignores_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODEL_SERVICE_MAX_ROWS", "3")
+    app = service.create_app(config=service.Config(store=str(tmp_path)))
+    assert app.config["service.config"].max_rows == 100_000
+
+
+def test_creating_the_app_touches_no_disk_the_first_request_does():
+    app = service.create_app(store="/nonexistent/model/store")
+    registry = app.config["service.registry"]
+    assert not registry.ready
+    client = webtest.TestApp(app)
+    assert client.get("/healthz").json == {"status": "alive"}
+    ready = client.get("/readyz", expect_errors=True)
+    assert ready.status_int == 503 and "not a folder" in ready.json["error"]
+    models = client.get("/models", expect_errors=True)
+    assert models.status_int == 503 and models.json["code"] == "model_unavailable"
+
+
+def test_the_store_scan_happens_on_the_first_request_not_at_create_app(tmp_path, iris_classifier):
+    root = tmp_path / "store"
+    root.mkdir()
+    app = service.create_app(store=root)
+    write_artifact(root / "late.joblib", iris_classifier, "joblib")     # published after create_app
+    assert webtest.TestApp(app).get("/").json["models"] == ["late"]
+
+
+def test_a_symlinked_store_is_resolved_at_the_first_request_not_at_create_app(tmp_path, iris_classifier):
+    old, new = tmp_path / "old", tmp_path / "new"
+    write_artifact(old / "old_model.joblib", iris_classifier, "joblib")
+    write_artifact(new / "new_model.joblib", iris_classifier, "joblib")
+    link = tmp_path / "current"
+    link.symlink_to(old, target_is_directory=True)
+    app = service.create_app(store=link)
+    link.unlink()
+    link.symlink_to(new, target_is_directory=True)                       # the operator switches releases
+    assert webtest.TestApp(app).get("/").json["models"] == ["new_model"]
+
+
+def test_importing_service_loads_no_numeric_stack():
+    heavy = ["sklearn", "numpy", "pandas", "scipy", "joblib"]
+    code = ("import json, sys, service; "
+            f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(service.ENV_PREFIX)}
+    env.update(PYTHONPATH=ROOT, MODEL_SERVICE_STORE="/nonexistent/model/store")
+    result = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+    assert result.stderr == ""        # no warnings at import, even with a missing store
+
+
+###############################################################################
+# Packaging
+###############################################################################
+
+
+def test_setup_cfg_declares_the_model_service_console_script():
+    parser = configparser.ConfigParser(interpolation=None)
+    assert parser.read(os.path.join(ROOT, "setup.cfg"))
+    scripts = [line.strip() for line in parser["options.entry_points"]["console_scripts"].splitlines()
+               if line.strip()]
+    assert "model-service = service:main" in scripts
+    entry = importlib.metadata.EntryPoint(name="model-service", value="service:main", group="console_scripts")
+    assert entry.load() is service.main
+    assert parser["options"]["py_modules"].strip() == "service"
+    assert parser["metadata"]["version"].strip() == "attr: service.__version__"

@@ -1,0 +1,498 @@
+"""The real server over loopback: `python service.py`, the WSGI hosts embedding service:app,
+bad artifacts, concurrency and the repository's demo store.  Every process binds 127.0.0.1."""
+
+import concurrent.futures
+import importlib.util
+import json
+import os
+import pickle
+import re
+import socket
+import subprocess
+import sys
+import threading
+
+import joblib
+import numpy as np
+import pandas
+import pytest
+import requests
+from sklearn.datasets import load_diabetes
+
+import service
+from conftest import IRIS_FEATURES, ROOT, free_port, running, write_artifact
+
+BIN = os.path.dirname(sys.executable)
+TIMEOUT = 30
+DEMO_STORE = os.path.join(ROOT, "model_store")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_service_environment():
+    """Servers started here see only the MODEL_SERVICE_* variables a test passes itself."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in list(os.environ):
+            if key.startswith(service.ENV_PREFIX):
+                patch.delenv(key)
+        yield
+
+
+def post(base, path, payload, **kwargs):
+    return requests.post(base + path, json=payload, timeout=TIMEOUT, **kwargs)
+
+
+def assert_json_error(response, status, code=None):
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert isinstance(body["error"], str) and body["error"]
+    if code is not None:
+        assert body["code"] == code
+    return body
+
+
+def joblib_store(root, **models):
+    """A single-format store: name=estimator -> <root>/<name>.joblib."""
+    for name, estimator in models.items():
+        write_artifact(os.path.join(root, f"{name}.joblib"), estimator, "joblib")
+    return root
+
+
+def raw_request(port, head, body=b""):
+    """Send one HTTP/1.1 request over a plain socket and return the open socket."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.sendall(head + body)
+    return sock
+
+
+def read_response(sock):
+    """Read a Connection: close response to EOF -> (status, headers, body bytes)."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    sock.close()
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+###############################################################################
+# One shared server: routes, errors, limits
+###############################################################################
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, iris_classifier, named_iris_classifier, diabetes_regressor):
+    """`python service.py` over a joblib store, --max-body-bytes 1000; yields (base URL, port)."""
+    root = tmp_path_factory.mktemp("shared") / "store"
+    write_artifact(root / "iris.joblib", iris_classifier, "joblib")
+    write_artifact(root / "flowers" / "1" / "model.joblib", named_iris_classifier, "joblib")
+    write_artifact(root / "diabetes" / "1" / "model.joblib", diabetes_regressor, "joblib")
+    write_artifact(root / "diabetes" / "2" / "model.joblib", diabetes_regressor, "joblib")
+    port = free_port()
+    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(root), "--port", str(port),
+               "--max-body-bytes", "1000", "--threads", "8"]
+    with running(command, port) as base:
+        yield base, port
+
+
+def test_healthz_readyz_and_index_answer_json(server):
+    base, _ = server
+    health = requests.get(base + "/healthz", timeout=TIMEOUT)
+    assert health.status_code == 200 and health.json() == {"status": "alive"}
+    assert health.headers["Content-Type"].startswith("application/json")
+    ready = requests.get(base + "/readyz", timeout=TIMEOUT)
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "models": 3}
+    index = requests.get(base + "/", timeout=TIMEOUT).json()
+    assert index["name"] == "model-service" and index["version"] == service.__version__
+    assert index["models"] == ["diabetes", "flowers", "iris"]
+
+
+def test_models_lists_every_model_with_its_versions_newest_first(server):
+    base, _ = server
+    response = requests.get(base + "/models", timeout=TIMEOUT)
+    assert response.status_code == 200
+    models = {model["name"]: model for model in response.json()["models"]}
+    assert sorted(models) == ["diabetes", "flowers", "iris"]
+    assert models["diabetes"]["latest_version"] == "2"
+    assert [v["version"] for v in models["diabetes"]["versions"]] == ["2", "1"]
+    assert models["iris"]["versions"][0]["format"] == "joblib"
+
+
+def test_post_predict_matches_the_estimators_own_predict(server, iris, iris_classifier):
+    base, _ = server
+    features = iris[0][::10]
+    response = post(base, "/models/iris/predict", {"instances": features.tolist()})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "iris" and body["version"] == "1" and body["method"] == "predict"
+    assert body["predictions"] == iris_classifier.predict(features).tolist()
+
+
+def test_post_predict_proba_returns_probabilities_and_classes(server, iris, iris_classifier):
+    base, _ = server
+    features = iris[0][:3]
+    body = post(base, "/models/iris/predict", {"instances": features.tolist(), "method": "predict_proba"}).json()
+    assert body["classes"] == iris_classifier.classes_.tolist()
+    np.testing.assert_allclose(body["predictions"], iris_classifier.predict_proba(features), rtol=1e-12)
+
+
+def test_get_predict_with_instances_query_matches_the_estimator(server, iris, iris_classifier):
+    base, _ = server
+    features = iris[0][[0, 60, 120]]
+    response = requests.get(base + "/models/iris/predict", params={"instances": json.dumps(features.tolist())},
+                            timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"] == iris_classifier.predict(features).tolist()
+
+
+def test_named_feature_rows_reach_a_model_fitted_on_a_dataframe(server, named_iris_classifier):
+    base, _ = server
+    rows = [dict(zip(IRIS_FEATURES, [5.1, 3.5, 1.4, 0.2])), dict(zip(IRIS_FEATURES, [6.7, 3.0, 5.2, 2.3]))]
+    expected = named_iris_classifier.predict(pandas.DataFrame(rows, columns=IRIS_FEATURES)).tolist()
+    assert post(base, "/models/flowers/predict", {"instances": rows}).json()["predictions"] == expected
+
+
+def test_unknown_model_answers_404_json(server):
+    base, _ = server
+    body = assert_json_error(post(base, "/models/nosuch/predict", {"instances": [[1, 2, 3, 4]]}), 404, "not_found")
+    assert body["models"] == ["diabetes", "flowers", "iris"]
+    assert_json_error(requests.get(base + "/models/nosuch", timeout=TIMEOUT), 404, "not_found")
+
+
+def test_malformed_json_answers_400_json(server):
+    base, _ = server
+    response = requests.post(base + "/models/iris/predict", data=b'{"instances": [[1, 2, 3, 4]',
+                             headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+    body = assert_json_error(response, 400, "bad_request")
+    assert "not valid JSON" in body["error"]
+
+
+def test_body_over_max_body_bytes_answers_413_json(server):
+    base, _ = server
+    response = requests.post(base + "/models/iris/predict", data=b" " * 1500,
+                             headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+    body = assert_json_error(response, 413, "payload_too_large")
+    assert "1000" in body["error"]
+
+
+def test_chunked_body_over_max_body_bytes_answers_413_json(server):
+    base, _ = server
+    chunks = (b" " * 100 for _ in range(15))        # a generator: sent with Transfer-Encoding: chunked
+    response = requests.post(base + "/models/iris/predict", data=chunks,
+                             headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+    assert_json_error(response, 413, "payload_too_large")
+
+
+def test_body_at_max_body_bytes_is_accepted(server, iris_classifier):
+    base, _ = server
+    payload = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]}).encode()
+    payload += b" " * (1000 - len(payload))
+    response = requests.post(base + "/models/iris/predict", data=payload,
+                             headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"] == iris_classifier.predict([[5.1, 3.5, 1.4, 0.2]]).tolist()
+
+
+def test_body_over_twice_max_body_bytes_is_cut_off_by_waitress_with_413(server):
+    """As README says: waitress itself refuses bodies over twice the limit (in plain text) before buffering them."""
+    base, _ = server
+    response = requests.post(base + "/models/iris/predict", data=b" " * 5000,
+                             headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+    assert response.status_code == 413 and "Traceback" not in response.text
+
+
+def test_unknown_route_answers_404_json(server):
+    base, _ = server
+    body = assert_json_error(requests.get(base + "/no/such/route", timeout=TIMEOUT), 404, "not_found")
+    assert "/no/such/route" in body["error"]
+
+
+def test_put_answers_405_json_with_allow_header(server):
+    base, _ = server
+    response = requests.put(base + "/models/iris/predict", json={"instances": [[1, 2, 3, 4]]}, timeout=TIMEOUT)
+    assert_json_error(response, 405, "method_not_allowed")
+    assert set(response.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+    assert_json_error(requests.put(base + "/models", timeout=TIMEOUT), 405, "method_not_allowed")
+
+
+def test_malformed_request_does_not_disturb_a_concurrent_good_one(server, iris, iris_classifier):
+    base, port = server
+    features = iris[0][:5]
+    expected = iris_classifier.predict(features).tolist()
+    bad_body = b'{"instances": [[1, 2, 3, 4]], oops}'
+    head = (b"POST /models/iris/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(bad_body))
+    # A malformed request is half sent and left pending while a good one is answered ...
+    pending = raw_request(port, head, bad_body[:10])
+    good = post(base, "/models/iris/predict", {"instances": features.tolist()})
+    assert good.status_code == 200 and good.json()["predictions"] == expected
+    # ... and when it completes it gets its own 400.
+    pending.sendall(bad_body[10:])
+    status, headers, body = read_response(pending)
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    assert json.loads(body)["code"] == "bad_request"
+
+    # Side by side, many times: every good request is right, every bad one is a 400.
+    barrier = threading.Barrier(8)
+
+    def one(i):
+        barrier.wait(TIMEOUT)
+        if i % 2:
+            return requests.post(base + "/models/iris/predict", data=bad_body,
+                                 headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+        return post(base, "/models/iris/predict", {"instances": features.tolist()})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(8)))
+    for i, response in enumerate(responses):
+        if i % 2:
+            assert_json_error(response, 400, "bad_request")
+        else:
+            assert response.status_code == 200 and response.json()["predictions"] == expected
+
+
+###############################################################################
+# Artifact formats
+###############################################################################
+
+
+def test_each_artifact_format_serves_predictions_over_http(store, artifact_format, serve_store, iris,
+                                                           iris_classifier, named_iris_classifier,
+                                                           diabetes_regressor):
+    features = iris[0][::25]
+    diabetes = load_diabetes().data[:4]
+    with serve_store(store) as base:
+        models = {m["name"]: m for m in requests.get(base + "/models", timeout=TIMEOUT).json()["models"]}
+        assert {v["format"] for m in models.values() for v in m["versions"]} == {artifact_format}
+
+        iris_body = post(base, "/models/iris/predict", {"instances": features.tolist()}).json()
+        assert iris_body["predictions"] == iris_classifier.predict(features).tolist()
+
+        for path, version in [("/models/diabetes/predict", "2"), ("/models/diabetes/versions/1/predict", "1")]:
+            body = post(base, path, {"instances": diabetes.tolist()}).json()
+            assert body["version"] == version
+            assert body["predictions"] == pytest.approx(diabetes_regressor.predict(diabetes).tolist(), rel=1e-12)
+
+        rows = [dict(zip(IRIS_FEATURES, row)) for row in features.tolist()]
+        expected = named_iris_classifier.predict(pandas.DataFrame(features, columns=IRIS_FEATURES)).tolist()
+        assert post(base, "/models/flowers/predict", {"instances": rows}).json()["predictions"] == expected
+    assert "Traceback" not in running.output
+
+
+###############################################################################
+# Binding and configuration
+###############################################################################
+
+
+def test_binds_127_0_0_1_by_default(serve_store, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with serve_store(tmp_path / "empty") as base:
+        port = int(base.rsplit(":", 1)[1])
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT).status_code == 200
+    assert f"Serving on http://127.0.0.1:{port}" in running.output
+    assert "reachable from other machines" not in running.output
+
+
+def test_store_and_port_come_from_the_environment_without_flags(tmp_path, iris, iris_classifier):
+    root = joblib_store(tmp_path / "store", iris=iris_classifier)
+    port = free_port()
+    env = {"MODEL_SERVICE_STORE": str(root), "MODEL_SERVICE_PORT": str(port)}
+    with running([sys.executable, os.path.join(ROOT, "service.py")], port, env=env) as base:
+        body = post(base, "/models/iris/predict", {"instances": iris[0][:3].tolist()}).json()
+        assert body["predictions"] == iris_classifier.predict(iris[0][:3]).tolist()
+    assert f"Serving on http://127.0.0.1:{port}" in running.output
+
+
+def test_port_flag_beats_the_environment(tmp_path):
+    (tmp_path / "empty").mkdir()
+    env_port = free_port()
+    flag_port = free_port()
+    while flag_port == env_port:
+        flag_port = free_port()
+    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(tmp_path / "empty"),
+               "--port", str(flag_port)]
+    with running(command, flag_port, env={"MODEL_SERVICE_PORT": str(env_port)}):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{env_port}/healthz", timeout=5)
+    assert f"Serving on http://127.0.0.1:{flag_port}" in running.output
+
+
+def test_a_port_already_in_use_exits_1_with_a_message(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "service.py"), "--store",
+                                 str(tmp_path / "empty"), "--port", str(port)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert f"cannot serve on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wsgiref_server_serves_predictions(serve_store, tmp_path, iris, iris_classifier):
+    root = joblib_store(tmp_path / "store", iris=iris_classifier)
+    with serve_store(root, "--server", "wsgiref") as base:
+        response = post(base, "/models/iris/predict", {"instances": iris[0][:4].tolist()})
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"] == iris_classifier.predict(iris[0][:4]).tolist()
+        assert_json_error(requests.get(base + "/nope", timeout=TIMEOUT), 404, "not_found")
+    assert "Traceback" not in running.output
+
+
+###############################################################################
+# Embedding service:app in WSGI hosts
+###############################################################################
+
+
+def check_embedded(command, port, root, iris, iris_classifier):
+    with running(command, port, env={"MODEL_SERVICE_STORE": str(root)}) as base:
+        assert requests.get(base + "/readyz", timeout=TIMEOUT).json() == {"ready": True, "models": 1}
+        response = post(base, "/models/iris/predict", {"instances": iris[0][::30].tolist()})
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"] == iris_classifier.predict(iris[0][::30]).tolist()
+    assert "Traceback" not in running.output
+
+
+def test_waitress_serve_embeds_service_app(tmp_path, iris, iris_classifier):
+    root = joblib_store(tmp_path / "store", iris=iris_classifier)
+    port = free_port()
+    command = [os.path.join(BIN, "waitress-serve"), f"--listen=127.0.0.1:{port}", "service:app"]
+    check_embedded(command, port, root, iris, iris_classifier)
+
+
+def test_waitress_serve_call_create_app(tmp_path, iris, iris_classifier):
+    root = joblib_store(tmp_path / "store", iris=iris_classifier)
+    port = free_port()
+    command = [os.path.join(BIN, "waitress-serve"), f"--listen=127.0.0.1:{port}", "--call", "service:create_app"]
+    check_embedded(command, port, root, iris, iris_classifier)
+
+
+def test_gunicorn_embeds_service_app(tmp_path, iris, iris_classifier):
+    executable = os.path.join(BIN, "gunicorn")
+    if importlib.util.find_spec("gunicorn") is None or not os.path.exists(executable):
+        pytest.skip("gunicorn is not installed")
+    from gunicorn.config import Config as GunicornConfig
+
+    root = joblib_store(tmp_path / "store", iris=iris_classifier)
+    port = free_port()
+    command = [executable, "-b", f"127.0.0.1:{port}", "-w", "1", "-k", "sync", "--graceful-timeout", "5"]
+    if any("--no-control-socket" in (setting.cli or []) for setting in GunicornConfig().settings.values()):
+        command.append("--no-control-socket")     # else newer gunicorn makes ~/.gunicorn/gunicorn.ctl
+    check_embedded(command + ["service:app"], port, root, iris, iris_classifier)
+
+
+###############################################################################
+# Failures and concurrency
+###############################################################################
+
+
+def test_bad_artifact_answers_503_while_the_good_model_keeps_serving(serve_store, tmp_path, iris,
+                                                                    iris_classifier):
+    root = joblib_store(tmp_path / "store", good=iris_classifier)
+    (root / "bad.joblib").write_bytes(b"this is not a joblib file")
+    features = iris[0][:3].tolist()
+    with serve_store(root) as base:
+        for _ in range(2):                                  # the first load and the remembered failure
+            response = post(base, "/models/bad/predict", {"instances": features})
+            body = assert_json_error(response, 503, "model_unavailable")
+            assert "bad.joblib" in body["error"] and "cannot load" in body["error"]
+            assert body["model"] == "bad" and body["version"] == "1"
+            assert int(response.headers["Retry-After"]) > 0
+        status = requests.get(base + "/models/bad", timeout=TIMEOUT).json()["versions"][0]
+        assert status["state"] == "FAILED" and "bad.joblib" in status["last_error"]
+
+        good = post(base, "/models/good/predict", {"instances": features})
+        assert good.status_code == 200 and good.json()["predictions"] == iris_classifier.predict(features).tolist()
+        assert requests.get(base + "/healthz", timeout=TIMEOUT).status_code == 200
+        assert requests.get(base + "/readyz", timeout=TIMEOUT).json() == {"ready": True, "models": 2}
+    assert "model 'bad' version 1 failed to load" in running.output
+    assert "Traceback" not in running.output
+
+
+def test_concurrent_first_requests_all_succeed_and_load_the_model_once(serve_store, tmp_path, iris,
+                                                                      iris_classifier):
+    root = joblib_store(tmp_path / "store", iris=iris_classifier)
+    features = iris[0]
+    threads = 16
+    with serve_store(root, "--threads", str(threads)) as base:
+        barrier = threading.Barrier(threads)
+
+        def first_request(_):
+            barrier.wait(TIMEOUT)
+            return post(base, "/models/iris/predict", {"instances": features.tolist()})
+
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            responses = list(pool.map(first_request, range(threads)))
+        assert [r.status_code for r in responses] == [200] * threads
+        assert len({r.text for r in responses}) == 1
+        assert responses[0].json()["predictions"] == iris_classifier.predict(features).tolist()
+
+        version = requests.get(base + "/models/iris", timeout=TIMEOUT).json()["versions"][0]
+        assert version["state"] == "AVAILABLE" and version["loads"] == 1
+    assert running.output.count("loaded model 'iris' version 1") == 1
+
+
+###############################################################################
+# The repository's demo store
+###############################################################################
+
+
+def demo_expectations():
+    """(path, payload, expected predictions) for every model and version of model_store/."""
+    iris_rows = [[5.1, 3.5, 1.4, 0.2], [6.0, 2.9, 4.5, 1.5], [6.7, 3.0, 5.2, 2.3]]
+    diabetes = load_diabetes(as_frame=True).data.iloc[:3]
+    texts = ["a wonderful film with brilliant acting", "boring and awful, a waste of time"]
+    iris_frame = pandas.DataFrame(iris_rows, columns=IRIS_FEATURES)
+    cases = []
+    for version in ("1", "2"):
+        model = joblib.load(os.path.join(DEMO_STORE, "iris", version, "model.joblib"))
+        cases.append((f"/models/iris/versions/{version}/predict", {"instances": iris_rows},
+                      model.predict(iris_frame).tolist()))
+    cases.append(("/models/iris/predict", {"instances": iris_frame.to_dict("records")}, cases[-1][2]))
+    regressor = service.load_json_model(os.path.join(DEMO_STORE, "diabetes.json"))
+    cases.append(("/models/diabetes/predict", {"instances": diabetes.to_dict("records")},
+                  regressor.predict(diabetes).tolist()))
+    with open(os.path.join(DEMO_STORE, "sentiment.pkl"), "rb") as handle:
+        sentiment = pickle.load(handle)
+    cases.append(("/models/sentiment/predict", {"instances": texts}, sentiment.predict(texts).tolist()))
+    cases.append(("/models/sentiment/predict", {"instances": texts, "method": "predict_proba"},
+                  sentiment.predict_proba(texts).tolist()))
+    return cases
+
+
+def test_demo_store_serves_every_model_without_warnings_or_tracebacks(serve_store):
+    cases = demo_expectations()
+    with serve_store(DEMO_STORE) as base:
+        models = requests.get(base + "/models", timeout=TIMEOUT).json()["models"]
+        assert [m["name"] for m in models] == ["diabetes", "iris", "sentiment"]
+        for path, payload, expected in cases:
+            response = post(base, path, payload)
+            assert response.status_code == 200, (path, response.text)
+            predictions = response.json()["predictions"]
+            if isinstance(expected[0], str):
+                assert predictions == expected, path
+            else:
+                np.testing.assert_allclose(predictions, expected, rtol=1e-9, err_msg=path)
+        states = {(m["name"], v["version"]): v["state"]
+                  for m in requests.get(base + "/models", timeout=TIMEOUT).json()["models"] for v in m["versions"]}
+        assert set(states.values()) == {"AVAILABLE"}, states
+    output = running.output
+    assert "WARNING" not in output
+    assert re.search(r"warning", output, re.IGNORECASE) is None, output     # nor Python warnings
+    assert "Traceback" not in output and "ERROR" not in output, output
+
+
+def test_demo_text_model_answers_400_for_instances_that_are_not_text(serve_store):
+    with serve_store(DEMO_STORE) as base:
+        for instances in ([1, 2], [None], [{"text": "good"}]):
+            response = post(base, "/models/sentiment/predict", {"instances": instances})
+            assert response.status_code == 400, (instances, response.status_code, response.text)
+            assert response.json()["code"] == "bad_request"
+    assert "Traceback" not in running.output

@@ -654,7 +654,7 @@ class ModelStore:
             for item in _entries(entry.path, where):
                 if self._skipped(item.name, f"{where}/{item.name}"):
                     continue
-                stem, extension = os.path.splitext(item.name)
+                _, extension = os.path.splitext(item.name)
                 ref = self._artifact(folder.name, int(entry.name), item, extension)
                 if ref:
                     artifacts.append(ref)

@@ -135,6 +135,8 @@ class Config:
     max_depth: int = 64
     #: seconds before a failed model load is tried again
     load_retry_seconds: float = 10.0
+    #: seconds between looks at the store for new, changed and removed artifacts (0: never)
+    poll_interval: float = 2.0
     #: logging level of the command line (embedded, the host's logging applies)
     log_level: str = "INFO"
 
@@ -186,6 +188,8 @@ SETTINGS = (
     Setting("max_depth", _positive_int, "deepest JSON nesting in a request (400 above)", "N"),
     Setting("load_retry_seconds", _non_negative_float,
             "seconds before a failed model load is tried again", "SECONDS"),
+    Setting("poll_interval", _non_negative_float,
+            "seconds between looks at the store for new, changed and removed models (0: never)", "SECONDS"),
     Setting("log_level", _log_level, "logging level: " + ", ".join(LOG_LEVELS), "LEVEL"),
 )
 
@@ -774,6 +778,8 @@ class ModelVersion:
         self.retry_at = 0.0
         self.loads = 0
         self.lock = threading.Lock()
+        self.replacing = None      # ArtifactRef of a changed artifact loading beside the model that serves
+        self.rejected = None       # fingerprint of a changed artifact that failed to load (not retried)
 
     def describe(self):
         model = self.model
@@ -790,43 +796,157 @@ class ModelVersion:
         return info
 
 
+def _build_model(ref):
+    """Load one artifact into a LoadedModel; an unexpected failure is logged with its traceback."""
+    started = time.perf_counter()
+    try:
+        estimator, digest, size = load_artifact(ref)
+    except ArtifactError:
+        raise
+    except Exception:
+        logger.exception("unexpected error loading %s", ref.file)
+        raise
+    return LoadedModel(ref, estimator, digest, size, time.perf_counter() - started)
+
+
+def _describe_model(name, versions, latest):
+    return {"name": name, "latest_version": str(latest.ref.version),
+            "versions": [versions[v].describe() for v in sorted(versions, reverse=True)]}
+
+
+def _in_background(function, *args):
+    threading.Thread(target=function, args=args, name="model-loader", daemon=True).start()
+
+
 def _iso_time(seconds):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 class ModelRegistry:
-    """Every model in the store and the state of each of its versions."""
+    """Every model in the store and the state of each of its versions.
+
+    The catalogue is one pair ({name: {version: ModelVersion}}, {name: ModelVersion
+    served by default}) that a rescan replaces whole, so a request reads a
+    consistent view without a lock.  Rescans are driven by requests, at most every
+    `poll_interval` seconds: that works in every WSGI host (threads, pre-fork
+    workers, uWSGI without threads), and loads they start run beside the requests.
+    """
 
     def __init__(self, config, clock=time.monotonic):
         self.config = config
         self.store = ModelStore(config.store)
         self.clock = clock
-        self._models = {}        # name -> {version int: ModelVersion}
-        self._latest = {}        # name -> ModelVersion served when no version is named
+        self._catalogue = ({}, {})
         self._scanned = False
         self._scan_error = None
         self._scan_lock = threading.Lock()
+        self._last_scan = None
+        self._unsettled = {}     # (name, version) -> fingerprint seen once, waiting to be seen again
 
-    def ensure_scanned(self):
-        """Scan the store once, on the first request (so creating the app touches no disk)."""
-        if self._scanned:
+    def refresh(self):
+        """Scan the store at the first call, then at most every poll_interval; a rescan never blocks a request."""
+        if not self._scanned:
+            with self._scan_lock:
+                if not self._scanned:
+                    self._scan()
             return
-        with self._scan_lock:
-            if self._scanned:
-                return
+        interval = self.config.poll_interval
+        if interval <= 0 or self.clock() - self._last_scan < interval:
+            return
+        if self._scan_lock.acquire(blocking=False):
             try:
-                catalogue = self.store.scan()
-            except OSError as error:
-                self._scan_error = str(error)
-                logger.error("cannot scan the model store: %s", error)
-                return
-            self._models = {name: {v: ModelVersion(ref) for v, ref in versions.items()}
-                            for name, versions in catalogue.items()}
-            self._latest = {name: versions[max(versions)] for name, versions in self._models.items()}
-            self._scan_error = None
-            self._scanned = True
-            logger.info("model store %s: %d model(s): %s", self.store.root, len(self._models),
-                        ", ".join(sorted(self._models)) or "none")
+                self._scan()
+            finally:
+                self._scan_lock.release()
+
+    def _scan(self):
+        self._last_scan = self.clock()
+        try:
+            found = self.store.scan()
+        except OSError as error:
+            self._scan_error = str(error)
+            logger.error("cannot scan the model store: %s", error)
+            return
+        first = not self._scanned
+        self._apply(found, settle=not first)
+        self._scan_error, self._scanned = None, True
+        if first:
+            logger.info("model store %s: %d model(s): %s", self.store.root, len(found),
+                        ", ".join(sorted(found)) or "none")
+
+    def _apply(self, found, settle):
+        """Make the catalogue match the store: add new versions, replace changed ones, drop removed ones.
+
+        With `settle`, a new or changed artifact is used only once two scans in a row
+        saw the same size and mtime (a file still being written changes between them).
+        A version in use is replaced only after its new artifact has loaded.
+        """
+        old_models, old_latest = self._catalogue
+        models, latest, unsettled = {}, {}, {}
+        for name, refs in found.items():
+            old, slots = old_models.get(name, {}), {}
+            for number, ref in refs.items():
+                slot = old.get(number)
+                if slot is not None and slot.ref.fingerprint == ref.fingerprint:
+                    slots[number] = slot
+                elif settle and self._unsettled.get((name, number)) != ref.fingerprint:
+                    unsettled[(name, number)] = ref.fingerprint
+                    if slot is not None:
+                        slots[number] = slot        # the old artifact serves until the new one settles
+                elif slot is None or slot.model is None:
+                    slots[number] = ModelVersion(ref)
+                else:
+                    slots[number] = slot
+                    if slot.replacing is None and slot.rejected != ref.fingerprint:
+                        slot.replacing = ref
+                        _in_background(self._replace, slot, ref)
+            if slots:
+                models[name] = slots
+                latest[name] = self._pick_latest(old_latest.get(name), slots)
+        for name, slots in old_models.items():
+            for number, slot in slots.items():
+                if models.get(name, {}).get(number) is not slot and slot.model is not None:
+                    logger.info("model %r version %s left the store: unloaded", name, number)
+                    slot.model, slot.state = None, UNLOADED    # requests holding it finish on it
+        self._unsettled = unsettled
+        self._catalogue = (models, latest)
+
+    def _pick_latest(self, current, slots):
+        """The highest version; but a model in use keeps its version until the new one has loaded."""
+        highest = slots[max(slots)]
+        if highest.model is not None or current is None or current.model is None or \
+                current not in slots.values():
+            return highest
+        if highest.state != LOADING:
+            _in_background(self._promote, highest)
+        return current
+
+    def _promote(self, slot):
+        try:
+            self._load(slot)
+        except ModelUnavailable:
+            return                     # recorded in the slot's status; the previous version keeps serving
+        with self._scan_lock:
+            models, latest = self._catalogue
+            versions = models.get(slot.ref.name, {})
+            if versions.get(slot.ref.version) is slot and max(versions) == slot.ref.version:
+                self._catalogue = (models, {**latest, slot.ref.name: slot})
+                logger.info("model %r now serves version %s", slot.ref.name, slot.ref.version)
+
+    def _replace(self, slot, ref):
+        """Load a changed artifact beside the model that serves, then swap; a failure keeps the old one."""
+        try:
+            model = _build_model(ref)
+        except Exception as error:
+            slot.rejected = ref.fingerprint
+            slot.error = f"changed artifact not loaded, the previous one still serves: {error}"
+            logger.error("model %r version %s: %s", ref.name, ref.version, slot.error)
+        else:
+            slot.ref, slot.model, slot.error, slot.rejected = ref, model, None, None
+            slot.loads += 1
+            logger.info("model %r version %s reloaded from its changed artifact", ref.name, ref.version)
+        finally:
+            slot.replacing = None
 
     @property
     def ready(self):
@@ -837,26 +957,28 @@ class ModelRegistry:
         return self._scan_error or "the model store has not been scanned yet"
 
     def names(self):
-        return sorted(self._models)
+        return sorted(self._catalogue[0])
 
     def default_model_name(self):
         if self.config.default_model:
             return self.config.default_model
-        if len(self._models) == 1:
-            return next(iter(self._models))
-        raise NotFound(f"no default model: the store holds {len(self._models)} models "
-                       f"({', '.join(self.names()) or 'none'}); start the service with --default-model NAME")
+        models = self._catalogue[0]
+        if len(models) == 1:
+            return next(iter(models))
+        raise NotFound(f"no default model: the store holds {len(models)} models "
+                       f"({', '.join(sorted(models)) or 'none'}); start the service with --default-model NAME")
 
     def version(self, name, version=None):
         """The ModelVersion for a name and an optional version string; 400/404 if there is none."""
-        versions = self._models.get(name)
+        models, latest = self._catalogue
+        versions = models.get(name)
         if versions is None:
             self.require_store()
             if not valid_model_name(name):
                 raise BadRequest(f"invalid model name {_clip(repr(name), 80)}: names match ^{MODEL_NAME.pattern}$")
-            raise NotFound(f"model {name!r} not found", model=name, models=self.names())
+            raise NotFound(f"model {name!r} not found", model=name, models=sorted(models))
         if version is None:
-            return self._latest[name]
+            return latest[name]
         slot = versions.get(int(version)) if VERSION.fullmatch(version) else None
         if slot is None:
             if not VERSION.fullmatch(version):
@@ -887,13 +1009,9 @@ class ModelRegistry:
                 raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
                                        retry_after=math.ceil(wait), model=ref.name, version=str(ref.version))
             slot.state, slot.loads = LOADING, slot.loads + 1
-            started = time.perf_counter()
             try:
-                estimator, digest, size = load_artifact(ref)
-                model = LoadedModel(ref, estimator, digest, size, time.perf_counter() - started)
+                model = _build_model(ref)
             except Exception as error:
-                if not isinstance(error, ArtifactError):
-                    logger.exception("unexpected error loading %s", ref.file)
                 slot.state, slot.error = FAILED, str(error) or type(error).__name__
                 slot.retry_at = self.clock() + self.config.load_retry_seconds
                 logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error)
@@ -906,12 +1024,14 @@ class ModelRegistry:
             return model
 
     def describe(self, name):
-        versions = self._models[name]
-        return {"name": name, "latest_version": str(self._latest[name].ref.version),
-                "versions": [versions[v].describe() for v in sorted(versions, reverse=True)]}
+        models, latest = self._catalogue
+        if name not in models:                     # removed by a rescan since the caller looked
+            raise NotFound(f"model {name!r} not found", model=name)
+        return _describe_model(name, models[name], latest[name])
 
     def describe_all(self):
-        return [self.describe(name) for name in self.names()]
+        models, latest = self._catalogue
+        return [_describe_model(name, models[name], latest[name]) for name in sorted(models)]
 
 
 ###############################################################################
@@ -1260,7 +1380,7 @@ def create_app(store=None, config=None, registry=None, **options):
                 raw.encode("latin-1").decode("utf-8")
             except UnicodeError:
                 raise bottle.HTTPError(400, "the request path is not valid UTF-8") from None
-        registry.ensure_scanned()
+        registry.refresh()
 
     @app.hook("after_request")
     def _after():
@@ -1399,7 +1519,7 @@ def main(argv=None, serve=serve):
     if not os.path.isdir(config.store):
         parser.error(f"model store {config.store!r} is not a folder (set --store or {ENV_PREFIX}STORE)")
     application = create_app(config=config)
-    application.config["service.registry"].ensure_scanned()
+    application.config["service.registry"].refresh()
     try:
         serve(application, config)
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ import service
 from conftest import ROOT, write_artifact
 
 FLAGS = ["--store", "--host", "--port", "--server", "--threads", "--default-model", "--max-body-bytes",
-         "--max-rows", "--max-depth", "--load-retry-seconds", "--log-level"]
+         "--max-rows", "--max-depth", "--load-retry-seconds", "--poll-interval", "--log-level"]
 
 
 @pytest.fixture(autouse=True)
@@ -127,11 +127,12 @@ def test_every_flag_reaches_the_config(empty_store):
     code, serve = run_main(["--store", str(empty_store), "--host", "localhost", "--port", "9001",
                             "--server", "wsgiref", "--threads", "7", "--default-model", "iris",
                             "--max-body-bytes", "1234", "--max-rows", "55", "--max-depth", "9",
-                            "--load-retry-seconds", "2.5", "--log-level", "debug"])
+                            "--load-retry-seconds", "2.5", "--poll-interval", "0.5", "--log-level", "debug"])
     assert code == 0
     assert serve.config == service.Config(
         store=str(empty_store), host="localhost", port=9001, server="wsgiref", threads=7, default_model="iris",
-        max_body_bytes=1234, max_rows=55, max_depth=9, load_retry_seconds=2.5, log_level="DEBUG")
+        max_body_bytes=1234, max_rows=55, max_depth=9, load_retry_seconds=2.5, poll_interval=0.5,
+        log_level="DEBUG")
 
 
 def test_environment_reaches_the_config_and_a_flag_beats_it(empty_store, monkeypatch):
@@ -293,11 +294,12 @@ def test_config_load_converts_every_setting():
                "MODEL_SERVICE_PORT": " 0 ", "MODEL_SERVICE_SERVER": "wsgiref", "MODEL_SERVICE_THREADS": "12",
                "MODEL_SERVICE_DEFAULT_MODEL": "iris_v2.final", "MODEL_SERVICE_MAX_BODY_BYTES": "2048",
                "MODEL_SERVICE_MAX_ROWS": "10", "MODEL_SERVICE_MAX_DEPTH": "5",
-               "MODEL_SERVICE_LOAD_RETRY_SECONDS": "0", "MODEL_SERVICE_LOG_LEVEL": "error"}
+               "MODEL_SERVICE_LOAD_RETRY_SECONDS": "0", "MODEL_SERVICE_POLL_INTERVAL": "0",
+               "MODEL_SERVICE_LOG_LEVEL": "error"}
     config = service.Config.load({}, environ=environ)
     assert config == service.Config(store="/srv/models", host="localhost", port=0, server="wsgiref", threads=12,
                                     default_model="iris_v2.final", max_body_bytes=2048, max_rows=10,
-                                    max_depth=5, load_retry_seconds=0.0, log_level="ERROR")
+                                    max_depth=5, load_retry_seconds=0.0, poll_interval=0.0, log_level="ERROR")
     assert isinstance(config.port, int) and isinstance(config.load_retry_seconds, float)
 
 

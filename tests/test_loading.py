@@ -42,7 +42,7 @@ def test_creating_the_app_loads_and_scans_nothing(tmp_path, iris_classifier):
 def test_first_request_loads_and_later_requests_reuse(tmp_path, iris_classifier, artifact_format):
     write_artifact(tmp_path / f"iris{EXTENSIONS[artifact_format]}", iris_classifier, artifact_format)
     registry = make_registry(tmp_path)
-    registry.ensure_scanned()
+    registry.refresh()
     first = registry.get("iris")
     assert registry.get("iris") is first
     assert registry.version("iris").loads == 1 and registry.version("iris").state == "AVAILABLE"
@@ -52,7 +52,7 @@ def test_first_request_loads_and_later_requests_reuse(tmp_path, iris_classifier,
 def test_concurrent_first_requests_cause_exactly_one_load(tmp_path, iris_classifier):
     write_artifact(tmp_path / "iris.pkl", iris_classifier, "pickle")
     registry = make_registry(tmp_path)
-    registry.ensure_scanned()
+    registry.refresh()
     barrier = threading.Barrier(16)
 
     def first_request(_):
@@ -126,7 +126,7 @@ def test_failed_load_is_retried_only_after_the_pause(tmp_path, iris_classifier):
     path.write_bytes(b"garbage")
     clock = ManualClock()
     registry = make_registry(tmp_path, clock=clock, load_retry_seconds=30)
-    registry.ensure_scanned()
+    registry.refresh()
     for _ in range(50):
         with pytest.raises(service.ModelUnavailable) as caught:
             registry.get("iris")

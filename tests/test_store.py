@@ -521,6 +521,6 @@ def test_model_names_in_urls_never_reach_outside_the_store(tmp_path, make_client
     if "%FF" in url or "%C0" in url:
         assert "UTF-8" in body["error"] and "'..'" not in body["error"]
     registry = client.app.config["service.registry"]
-    registry.ensure_scanned()          # a path refused before routing has not scanned yet
+    registry.refresh()          # a path refused before routing has not scanned yet
     assert registry.names() == ["inside"]
     assert registry.version("inside").loads == 0            # nothing was loaded, inside or out

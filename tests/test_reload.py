@@ -1,0 +1,231 @@
+"""Hot reload: new, changed and removed artifacts are noticed; what serves is replaced only by what loaded."""
+
+import concurrent.futures
+import os
+import threading
+import time
+
+import joblib
+import numpy as np
+import pytest
+import requests
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+
+import service
+from conftest import write_artifact
+from test_loading import ManualClock
+
+ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
+
+
+@pytest.fixture(scope="module")
+def named_labels_classifier():
+    """Tells itself apart from iris_classifier: string labels instead of integers."""
+    data = load_iris()
+    return LogisticRegression(max_iter=1000).fit(data.data, data.target_names[data.target])
+
+
+def publish(path, estimator):
+    """Write-then-rename, as README asks publishers to do."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp"
+    joblib.dump(estimator, temporary)
+    os.replace(temporary, path)
+    stamp = time.time_ns() + 10**9
+    os.utime(path, ns=(stamp, stamp))       # a new mtime even on coarse file systems
+
+
+def corrupt(path):
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as handle:
+        handle.write(b"not a model")
+    os.replace(temporary, path)
+
+
+def wait_until(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def labels(model):
+    return model.run("predict", ROWS).tolist()
+
+
+@pytest.fixture
+def registry(tmp_path):
+    clock = ManualClock()
+    registry = service.ModelRegistry(service.Config(store=str(tmp_path), poll_interval=1.0,
+                                                    load_retry_seconds=5), clock=clock)
+
+    def poll():
+        clock.now += 1.0
+        registry.refresh()
+    registry.poll = poll
+    registry.clock_ = clock
+    return registry
+
+
+def test_a_new_model_appears_once_its_artifact_is_stable(tmp_path, registry, iris_classifier):
+    publish(tmp_path / "a.joblib", iris_classifier)
+    registry.refresh()
+    publish(tmp_path / "b.joblib", iris_classifier)
+    registry.refresh()
+    assert registry.names() == ["a"], "no rescan before poll_interval"
+    registry.poll()
+    assert registry.names() == ["a"], "seen once: maybe still being written"
+    registry.poll()
+    assert registry.names() == ["a", "b"]
+    assert labels(registry.get("b")) == [0, 2]
+
+
+def test_a_growing_artifact_is_never_loaded(tmp_path, registry, iris_classifier):
+    publish(tmp_path / "a.joblib", iris_classifier)
+    registry.refresh()
+    path = tmp_path / "b.joblib"
+    for size in range(1, 4):                # written slowly under its final name
+        path.write_bytes(b"x" * size)
+        registry.poll()
+        assert registry.names() == ["a"]
+
+
+def test_a_removed_version_and_model_disappear(tmp_path, registry, iris_classifier):
+    publish(tmp_path / "m" / "1" / "model.joblib", iris_classifier)
+    publish(tmp_path / "m" / "2" / "model.joblib", iris_classifier)
+    publish(tmp_path / "gone.joblib", iris_classifier)
+    registry.refresh()
+    held = registry.get("m", "2")
+    os.remove(tmp_path / "m" / "2" / "model.joblib")
+    os.rmdir(tmp_path / "m" / "2")
+    os.remove(tmp_path / "gone.joblib")
+    registry.poll()
+    assert registry.names() == ["m"]
+    with pytest.raises(service.NotFound):
+        registry.get("m", "2")
+    with pytest.raises(service.NotFound):
+        registry.get("gone")
+    assert registry.version("m").ref.version == 1
+    assert labels(held) == [0, 2], "a request holding the removed version finishes on it"
+
+
+def test_a_changed_artifact_of_an_unused_version_is_simply_replaced(tmp_path, registry, iris_classifier,
+                                                                      named_labels_classifier):
+    publish(tmp_path / "m.joblib", iris_classifier)
+    registry.refresh()
+    publish(tmp_path / "m.joblib", named_labels_classifier)
+    registry.poll()
+    registry.poll()
+    assert labels(registry.get("m")) == ["setosa", "virginica"]
+
+
+def test_a_changed_artifact_in_use_loads_beside_the_old_then_swaps(tmp_path, registry, iris_classifier,
+                                                                   named_labels_classifier):
+    publish(tmp_path / "m.joblib", iris_classifier)
+    registry.refresh()
+    old = registry.get("m")
+    publish(tmp_path / "m.joblib", named_labels_classifier)
+    registry.poll()
+    assert registry.get("m") is old
+    registry.poll()                         # stable now: loads in the background
+    wait_until(lambda: registry.version("m").replacing is None)
+    assert labels(registry.get("m")) == ["setosa", "virginica"]
+    assert registry.version("m").loads == 2 and registry.version("m").error is None
+
+
+def test_a_corrupt_change_keeps_the_old_model_serving_until_fixed(tmp_path, registry, iris_classifier,
+                                                                  named_labels_classifier):
+    publish(tmp_path / "m.joblib", iris_classifier)
+    registry.refresh()
+    old = registry.get("m")
+    corrupt(tmp_path / "m.joblib")
+    registry.poll()
+    registry.poll()
+    wait_until(lambda: registry.version("m").replacing is None)
+    slot = registry.version("m")
+    assert registry.get("m") is old and "previous one still serves" in slot.error
+    for _ in range(3):                       # the same broken file is not retried at every poll
+        registry.poll()
+        assert slot.replacing is None
+    publish(tmp_path / "m.joblib", named_labels_classifier)
+    registry.poll()
+    registry.poll()
+    wait_until(lambda: registry.version("m").replacing is None)
+    assert labels(registry.get("m")) == ["setosa", "virginica"] and slot.error is None
+
+
+def test_a_new_version_of_a_model_in_use_serves_only_once_loaded(tmp_path, registry, iris_classifier,
+                                                                 named_labels_classifier):
+    publish(tmp_path / "m" / "1" / "model.joblib", iris_classifier)
+    registry.refresh()
+    registry.get("m")
+    os.makedirs(tmp_path / "m" / "2")
+    corrupt(tmp_path / "m" / "2" / "model.joblib")
+    registry.poll()
+    registry.poll()
+    wait_until(lambda: registry.version("m", "2").state == "FAILED")
+    assert registry.version("m").ref.version == 1, "a failed version never replaces a working one"
+    publish(tmp_path / "m" / "2" / "model.joblib", named_labels_classifier)
+    registry.poll()
+    registry.poll()
+    wait_until(lambda: registry.version("m").ref.version == 2)
+    assert labels(registry.get("m")) == ["setosa", "virginica"]
+
+
+def test_poll_interval_zero_turns_reload_off(tmp_path, iris_classifier):
+    clock = ManualClock()
+    registry = service.ModelRegistry(service.Config(store=str(tmp_path), poll_interval=0), clock=clock)
+    publish(tmp_path / "a.joblib", iris_classifier)
+    registry.refresh()
+    publish(tmp_path / "b.joblib", iris_classifier)
+    for _ in range(3):
+        clock.now += 100
+        registry.refresh()
+    assert registry.names() == ["a"]
+
+
+def test_swaps_under_load_fail_no_request_and_versions_only_move_forward(tmp_path, serve_store, iris_classifier,
+                                                                         named_labels_classifier):
+    """Clients predict without pause while v2 is published, a corrupt v3 appears, v3 is fixed, v1 is removed."""
+    store = tmp_path / "store"
+    publish(store / "m" / "1" / "model.joblib", iris_classifier)
+    with serve_store(store, "--poll-interval", "0.2", "--threads", "8") as base:
+        stop = threading.Event()
+
+        def client():
+            seen, failures, session = [], [], requests.Session()
+            while not stop.is_set():
+                response = session.post(base + "/models/m/predict", json={"instances": ROWS.tolist()}, timeout=30)
+                if response.status_code != 200:
+                    failures.append((response.status_code, response.text))
+                else:
+                    seen.append(int(response.json()["version"]))
+            return seen, failures
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            clients = [pool.submit(client) for _ in range(4)]
+            try:
+                def state(version):
+                    versions = requests.get(base + "/models/m", timeout=30).json()["versions"]
+                    return {v["version"]: v["state"] for v in versions}.get(version)
+                time.sleep(0.5)
+                publish(store / "m" / "2" / "model.joblib", named_labels_classifier)
+                wait_until(lambda: state("2") == "AVAILABLE")
+                os.makedirs(store / "m" / "3")
+                corrupt(store / "m" / "3" / "model.joblib")
+                wait_until(lambda: state("3") == "FAILED")
+                time.sleep(0.5)
+                publish(store / "m" / "3" / "model.joblib", iris_classifier)
+                wait_until(lambda: state("3") == "AVAILABLE")
+                os.remove(store / "m" / "1" / "model.joblib")
+                os.rmdir(store / "m" / "1")
+                wait_until(lambda: state("1") is None)
+                time.sleep(0.5)
+            finally:
+                stop.set()
+            results = [future.result() for future in clients]
+    for seen, failures in results:
+        assert failures == []
+        assert seen == sorted(seen), "a client saw an older version after a newer one"
+        assert seen[-1] == 3 and len(seen) > 10

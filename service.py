@@ -42,6 +42,7 @@ import ast
 import base64
 import dataclasses
 import hashlib
+import hmac
 import importlib
 import json
 import logging
@@ -49,6 +50,7 @@ import math
 import os
 import pickle
 import re
+import signal
 import sys
 import threading
 import time
@@ -85,6 +87,13 @@ def _port(text):
     return value
 
 
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be an integer >= 0, not {text!r}")
+    return value
+
+
 def _non_negative_float(text):
     value = float(text)
     if not value >= 0 or math.isinf(value):
@@ -109,6 +118,19 @@ def _model_name_setting(text):
     if not valid_model_name(text):
         raise ValueError(f"invalid model name {text!r}")
     return text
+
+
+def _preload_setting(text):
+    """"all" (or "*") for every model, else a comma-separated list of model names."""
+    if text.strip().lower() in ("all", "*"):
+        return ALL_MODELS
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise ValueError("name the models to preload, or 'all'")
+    return tuple(_model_name_setting(name) for name in names)
+
+
+ALL_MODELS = ("*",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +159,16 @@ class Config:
     load_retry_seconds: float = 10.0
     #: seconds between looks at the store for new, changed and removed artifacts (0: never)
     poll_interval: float = 2.0
+    #: models loaded at start and kept loaded (ALL_MODELS, or names); readiness waits for them
+    preload: tuple = ()
+    #: most model versions held in memory (0: no bound); the least recently used idle one is evicted
+    max_loaded: int = 0
+    #: seconds after which a version nobody used is unloaded (0: never)
+    idle_unload: float = 0.0
+    #: bearer token that turns the admin routes on (kept out of repr and logs)
+    admin_token: str = dataclasses.field(default=None, repr=False)
+    #: seconds to let requests in flight finish after SIGTERM/SIGINT
+    shutdown_timeout: float = 10.0
     #: logging level of the command line (embedded, the host's logging applies)
     log_level: str = "INFO"
 
@@ -165,6 +197,7 @@ class Setting:
     convert: object
     help: str
     metavar: str = None
+    const: str = None      # the value of the bare flag (`--preload` alone means "all")
 
     @property
     def flag(self):
@@ -190,6 +223,17 @@ SETTINGS = (
             "seconds before a failed model load is tried again", "SECONDS"),
     Setting("poll_interval", _non_negative_float,
             "seconds between looks at the store for new, changed and removed models (0: never)", "SECONDS"),
+    Setting("preload", _preload_setting,
+            "load these models at start and keep them loaded: 'all' (the bare flag) or NAME,NAME",
+            "all|NAMES", const="all"),
+    Setting("max_loaded", _non_negative_int,
+            "most model versions in memory; evicts the least recently used idle one (0: no bound)", "N"),
+    Setting("idle_unload", _non_negative_float, "unload versions unused this long (0: never)", "SECONDS"),
+    Setting("admin_token", str,
+            "bearer token that enables POST /models/<name>/reload and /admin/rescan "
+            "(prefer the environment variable: flags show in ps)", "TOKEN"),
+    Setting("shutdown_timeout", _non_negative_float,
+            "seconds requests in flight get to finish after SIGTERM/SIGINT", "SECONDS"),
     Setting("log_level", _log_level, "logging level: " + ", ".join(LOG_LEVELS), "LEVEL"),
 )
 
@@ -205,6 +249,7 @@ class ServiceError(Exception):
 
     status = 500
     code = "internal_error"
+    headers = {}
 
     def __init__(self, message, **fields):
         super().__init__(message)
@@ -217,6 +262,15 @@ class ServiceError(Exception):
 
 class BadRequest(ServiceError):
     status, code = 400, "bad_request"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="model-service admin"'}
+
+
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
 
 
 class NotFound(ServiceError):
@@ -566,6 +620,8 @@ def _clip(text, limit=300):
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")     # used with fullmatch: "$" would let "\n" in
 VERSION = re.compile(r"[1-9][0-9]{0,17}")
+LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+SETTINGS_FILE = "model-settings.json"
 _TEMPORARY_SUFFIXES = ("~", ".tmp", ".temp", ".part", ".partial", ".swp", ".crdownload")
 
 
@@ -577,12 +633,12 @@ def _is_dir(entry):
         return False
 
 
-def _entries(path, where):
+def _entries(path, where, warn):
     """A folder's entries in name order; an unreadable folder is skipped with a warning."""
     try:
         return sorted(os.scandir(path), key=lambda entry: entry.name)
     except OSError as error:
-        logger.warning("skipping %s: %s", where, error.strerror)
+        warn("skipping %s: %s", where, error.strerror)
         return []
 
 
@@ -612,14 +668,35 @@ class ArtifactRef:
 
 
 class ModelStore:
-    """The folder of artifacts; every path it returns resolves strictly inside it."""
+    """The folder of artifacts; every path it returns resolves strictly inside it.
+
+    A scan also notes each model folder's settings file in `settings_files`
+    ({name: ArtifactRef}); the registry reads and checks it.  A warning about a
+    skipped entry is logged once, not again at every rescan while it stays.
+    """
 
     def __init__(self, root):
         self.path = os.fspath(root)
         self.root = None      # resolved at each scan, so a symlinked store may be re-pointed
+        self.settings_files = {}
+        self._warned = set()
+        self._warnings = set()
+
+    def _warn(self, message, *args):
+        message = message % args
+        self._warnings.add(message)
+        if message not in self._warned:
+            logger.warning("%s", message)
 
     def scan(self):
         """Return {name: {version: ArtifactRef}} for everything valid; warn about the rest."""
+        self._warnings, self.settings_files = set(), {}
+        try:
+            return self._scan()
+        finally:
+            self._warned = self._warnings
+
+    def _scan(self):
         self.root = os.path.realpath(self.path)
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"model store {self.root} is not a folder")
@@ -637,25 +714,32 @@ class ModelStore:
             if not versions:
                 continue
             if not valid_model_name(name):
-                logger.warning("skipping %s: %r is not a valid model name", entry.name, name)
+                self._warn("skipping %s: %r is not a valid model name", entry.name, name)
             elif name in found:
-                logger.warning("skipping model %r: more than one artifact or folder has that name", name)
+                self._warn("skipping model %r: more than one artifact or folder has that name", name)
                 found[name] = None
             else:
                 found[name] = versions
+        self.settings_files = {name: ref for name, ref in self.settings_files.items() if found.get(name)}
         return {name: versions for name, versions in found.items() if versions}
 
     def _scan_versions(self, folder):
         versions = {}
-        for entry in _entries(folder.path, folder.name):
+        for entry in _entries(folder.path, folder.name, self._warn):
             where = f"{folder.name}/{entry.name}"
             if self._skipped(entry.name, where):
                 continue
+            if entry.name == SETTINGS_FILE and not _is_dir(entry):
+                settings = self._file(folder.name, 0, entry, ".json")
+                if settings:
+                    self.settings_files[folder.name] = settings
+                continue
             if not _is_dir(entry) or not VERSION.fullmatch(entry.name):
-                logger.warning("skipping %s: versions are folders named by a positive integer", where)
+                self._warn("skipping %s: versions are folders named by a positive integer, "
+                           "beside an optional %s", where, SETTINGS_FILE)
                 continue
             artifacts = []
-            for item in _entries(entry.path, where):
+            for item in _entries(entry.path, where, self._warn):
                 if self._skipped(item.name, f"{where}/{item.name}"):
                     continue
                 _, extension = os.path.splitext(item.name)
@@ -665,38 +749,130 @@ class ModelStore:
             if len(artifacts) == 1:
                 versions[int(entry.name)] = artifacts[0]
             elif artifacts:
-                logger.warning("skipping %s: it holds %d artifacts, a version holds exactly one",
-                               where, len(artifacts))
+                self._warn("skipping %s: it holds %d artifacts, a version holds exactly one",
+                           where, len(artifacts))
             else:
-                logger.warning("skipping %s: no artifact in it", where)
+                self._warn("skipping %s: no artifact in it", where)
         return versions
 
-    @staticmethod
-    def _skipped(basename, where):
+    def _skipped(self, basename, where):
         if basename.startswith(".") or basename.endswith(_TEMPORARY_SUFFIXES) or basename.startswith("~"):
-            logger.warning("skipping %s: hidden or temporary file", where)
+            self._warn("skipping %s: hidden or temporary file", where)
             return True
         return False
 
     def _artifact(self, name, version, entry, extension):
-        relative = os.path.relpath(entry.path, self.root)
         if extension not in ARTIFACT_LOADERS:
-            logger.warning("skipping %s: unknown extension (use %s)", relative, ", ".join(ARTIFACT_LOADERS))
+            self._warn("skipping %s: unknown extension (use %s)", os.path.relpath(entry.path, self.root),
+                       ", ".join(ARTIFACT_LOADERS))
             return None
+        return self._file(name, version, entry, extension)
+
+    def _file(self, name, version, entry, extension):
+        """An ArtifactRef for a regular file that resolves inside the store, else None (warned)."""
+        relative = os.path.relpath(entry.path, self.root)
         real = os.path.realpath(entry.path)
         if os.path.commonpath([self.root, real]) != self.root:
-            logger.warning("skipping %s: it resolves outside the model store", relative)
+            self._warn("skipping %s: it resolves outside the model store", relative)
             return None
         try:
             stat = os.stat(real)
         except OSError as error:
-            logger.warning("skipping %s: %s", relative, error.strerror)
+            self._warn("skipping %s: %s", relative, error.strerror)
             return None
         if not os.path.isfile(real):
-            logger.warning("skipping %s: not a regular file", relative)
+            self._warn("skipping %s: not a regular file", relative)
             return None
         return ArtifactRef(name, version, real, relative.replace(os.sep, "/"), extension,
                            stat.st_size, stat.st_mtime_ns)
+
+
+class ModelSettings:
+    """A model's optional `<name>/model-settings.json`: which versions serve, what labels name.
+
+        {"version_policy": "latest" | "all" | {"latest": N} | {"specific": [1, 3]},
+         "labels": {"stable": 1, "canary": 2}}
+
+    Both keys are optional ("latest": only the highest version serves).  Labels must
+    name served versions.  Unknown keys are refused, so a typo never passes silently.
+    """
+
+    MAX_BYTES = 64 * 1024
+    KEYS = ("version_policy", "labels")
+
+    def __init__(self, policy="latest", count=1, versions=(), labels=None):
+        self.policy, self.count, self.versions = policy, count, tuple(versions)
+        self.labels = dict(labels or {})
+
+    @classmethod
+    def read(cls, ref):
+        """Parse the settings file behind `ref`; ValueError says what is wrong with it."""
+        try:
+            with open(ref.path, "rb") as handle:
+                data = handle.read(cls.MAX_BYTES + 1)
+        except OSError as error:
+            raise ValueError(f"cannot read it: {error.strerror}") from None
+        if len(data) > cls.MAX_BYTES:
+            raise ValueError(f"it is larger than {cls.MAX_BYTES} bytes")
+        try:
+            document = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"not valid JSON: {error}") from None
+        return cls.parse(document)
+
+    @classmethod
+    def parse(cls, document):
+        if not isinstance(document, dict):
+            raise ValueError("it must hold a JSON object")
+        unknown = sorted(set(document) - set(cls.KEYS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(cls.KEYS)}")
+        settings = cls(**cls._policy(document.get("version_policy", "latest")))
+        labels = document.get("labels", {})
+        if not isinstance(labels, dict):
+            raise ValueError('"labels" must map label names to versions')
+        for label, version in labels.items():
+            if not LABEL.fullmatch(label):
+                raise ValueError(f"invalid label {label!r}: labels match ^{LABEL.pattern}$")
+            settings.labels[label] = cls._version(version, f"label {label!r}")
+        return settings
+
+    @classmethod
+    def _policy(cls, policy):
+        if policy in ("latest", "all"):
+            return {"policy": policy}
+        if isinstance(policy, dict) and len(policy) == 1:
+            (kind, value), = policy.items()
+            if kind == "latest" and type(value) is int and value >= 1:
+                return {"policy": "latest", "count": value}
+            if kind == "specific" and isinstance(value, list) and value:
+                return {"policy": "specific", "versions": sorted({cls._version(v, "specific") for v in value})}
+        raise ValueError('"version_policy" must be "latest", "all", {"latest": N} or {"specific": [versions]}')
+
+    @staticmethod
+    def _version(value, where):
+        if type(value) is int and value >= 1:
+            return value
+        if isinstance(value, str) and VERSION.fullmatch(value):
+            return int(value)
+        raise ValueError(f"{where}: {value!r} is not a version (a positive integer)")
+
+    def select(self, numbers):
+        """The served versions among `numbers` (the versions on disk), highest first."""
+        numbers = sorted(numbers, reverse=True)
+        if self.policy == "all":
+            return tuple(numbers)
+        if self.policy == "latest":
+            return tuple(numbers[:self.count])
+        return tuple(n for n in numbers if n in self.versions)
+
+    def describe(self):
+        policy = ({"specific": list(self.versions)} if self.policy == "specific" else
+                  {"latest": self.count} if self.policy == "latest" and self.count > 1 else self.policy)
+        return {"version_policy": policy, "labels": {k: str(v) for k, v in sorted(self.labels.items())}}
+
+
+DEFAULT_SETTINGS = ModelSettings()
 
 
 ###############################################################################
@@ -706,7 +882,7 @@ class ModelStore:
 # single-flight per version; a failed load is retried only after a pause.  A
 # request keeps the LoadedModel it got, so later swaps never disturb it.
 
-UNLOADED, LOADING, AVAILABLE, FAILED = "UNLOADED", "LOADING", "AVAILABLE", "FAILED"
+UNLOADED, LOADING, AVAILABLE, UNLOADING, FAILED = "UNLOADED", "LOADING", "AVAILABLE", "UNLOADING", "FAILED"
 
 
 class LoadedModel:
@@ -730,6 +906,9 @@ class LoadedModel:
         self.classes = None if classes is None else to_jsonable(classes)
         self.estimator_class = f"{type(estimator).__module__}.{type(estimator).__qualname__}"
         self.make_frame = _frame_maker() if names is not None else None
+        self.inflight = 0               # requests using it now (under the registry's usage lock)
+        self.last_used = 0.0            # registry clock at the last request, for LRU and idle unloads
+        self.retired = False            # out of service; freed when its last request ends
 
     def run(self, method, inputs):
         """Call one method; the estimator's complaints about the input are the caller's 400."""
@@ -768,31 +947,82 @@ def _frame_maker():
 
 
 class ModelVersion:
-    """One version's slot: its artifact, state, loaded model and load history."""
+    """One version's slot: its artifact, state, loaded model and load history.
+
+    `model` is what serves; a request that got it keeps it, so a swap or an unload
+    never disturbs a request in flight.  Changes to `model` and to the usage counts
+    happen under the registry's usage lock.
+    """
 
     def __init__(self, ref):
         self.ref = ref
-        self.state = UNLOADED
+        self.state, self.since = UNLOADED, time.time()
         self.model = None
         self.error = None
+        self.error_at = None
         self.retry_at = 0.0
         self.loads = 0
-        self.lock = threading.Lock()
-        self.replacing = None      # ArtifactRef of a changed artifact loading beside the model that serves
-        self.rejected = None       # fingerprint of a changed artifact that failed to load (not retried)
+        self.lock = threading.Lock()   # one load at a time
+        self.replacing = None          # ArtifactRef of a changed artifact loading beside the model that serves
+        self.rejected = None           # fingerprint of a changed artifact that failed to load (not retried)
+        self.pinned = False            # preloaded: loaded eagerly, never evicted or unloaded for idleness
+        self.gone = False              # left the store or the version policy; never loaded again
 
-    def describe(self):
+    def set(self, state, error=None):
+        self.state, self.since = state, time.time()
+        if error:
+            self.error, self.error_at = error, self.since
+
+    def describe(self, clock):
         model = self.model
-        info = {"version": str(self.ref.version), "state": self.state, "format": self.ref.format,
+        info = {"version": str(self.ref.version), "state": self.state, "since": _iso_time(self.since),
+                "format": self.ref.format,
                 "artifact": {"file": self.ref.file, "size": self.ref.size,
                              "modified": _iso_time(self.ref.mtime_ns / 1e9),
                              "sha256": model.sha256 if model else None},
+                "preloaded": self.pinned,
                 "loaded_at": _iso_time(model.loaded_at) if model else None,
                 "load_seconds": round(model.load_seconds, 6) if model else None,
-                "loads": self.loads, "last_error": self.error}
+                "idle_seconds": round(clock() - model.last_used, 3) if model else None,
+                "in_flight": model.inflight if model else 0,
+                "loads": self.loads, "last_error": self.error, "last_error_at": _iso_time(self.error_at)}
         info.update(model.describe() if model else
                     {"estimator": None, "methods": None, "n_features_in_": None,
                      "feature_names_in_": None, "classes_": None})
+        return info
+
+
+class ServedModel:
+    """One model as a scan left it: its versions on disk, those served, and where requests go.
+
+    `routes` maps None (no version named) and each label to the ModelVersion that
+    answers; `wanted` maps them to the version number the settings ask for.  The two
+    differ while a new target loads: the old one keeps answering until it is ready.
+    """
+
+    def __init__(self, name, versions, served, settings, settings_error, wanted, routes):
+        self.name, self.versions, self.served = name, versions, served
+        self.settings, self.settings_error = settings, settings_error
+        self.wanted, self.routes = wanted, routes
+
+    def with_route(self, key, slot):
+        return ServedModel(self.name, self.versions, self.served, self.settings, self.settings_error,
+                           self.wanted, {**self.routes, key: slot})
+
+    def targets(self):
+        return set(map(id, self.routes.values()))
+
+    def describe(self, clock):
+        default = self.routes.get(None)
+        labels = {label: str(number) for label, number in self.wanted.items() if label is not None}
+        info = {"name": self.name, "latest_version": str(default.ref.version) if default else None,
+                "served_versions": [str(n) for n in self.served], "labels": labels,
+                "version_policy": self.settings.describe()["version_policy"] if self.settings else None,
+                "settings_error": self.settings_error, "versions": []}
+        for number in sorted(self.versions, reverse=True):
+            slot = self.versions[number]
+            info["versions"].append({**slot.describe(clock), "served": number in self.served,
+                                     "labels": sorted(k for k, v in labels.items() if v == str(number))})
         return info
 
 
@@ -809,57 +1039,90 @@ def _build_model(ref):
     return LoadedModel(ref, estimator, digest, size, time.perf_counter() - started)
 
 
-def _describe_model(name, versions, latest):
-    return {"name": name, "latest_version": str(latest.ref.version),
-            "versions": [versions[v].describe() for v in sorted(versions, reverse=True)]}
-
-
 def _in_background(function, *args):
     threading.Thread(target=function, args=args, name="model-loader", daemon=True).start()
 
 
 def _iso_time(seconds):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    return None if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 class ModelRegistry:
-    """Every model in the store and the state of each of its versions.
+    """Every model in the store, the state of each of its versions, and their lifecycle.
 
-    The catalogue is one pair ({name: {version: ModelVersion}}, {name: ModelVersion
-    served by default}) that a rescan replaces whole, so a request reads a
-    consistent view without a lock.  Rescans are driven by requests, at most every
-    `poll_interval` seconds: that works in every WSGI host (threads, pre-fork
-    workers, uWSGI without threads), and loads they start run beside the requests.
+    The catalogue ({name: ServedModel}) is replaced whole by each rescan, so a
+    request reads a consistent view without a lock.  Housekeeping (rescans every
+    `poll_interval`, idle unloads, preloads) runs in `refresh()`, which both requests
+    and a watcher thread call.  The watcher is started lazily, in the process that
+    serves: one started before a pre-fork host forks would not survive the fork.
+    Loads run in background threads beside the requests, except a first load on
+    demand, which its requests wait for.
     """
 
-    def __init__(self, config, clock=time.monotonic):
+    def __init__(self, config, clock=time.monotonic, watch=True):
         self.config = config
         self.store = ModelStore(config.store)
         self.clock = clock
-        self._catalogue = ({}, {})
+        self.watch = watch
+        self.draining = False           # set at shutdown: readiness turns false first
+        self._catalogue = {}
         self._scanned = False
         self._scan_error = None
         self._scan_lock = threading.Lock()
         self._last_scan = None
-        self._unsettled = {}     # (name, version) -> fingerprint seen once, waiting to be seen again
+        self._next_tick = 0.0
+        self._unsettled = {}            # (name, version) -> fingerprint seen once, waiting to be seen again
+        self._settings = {}             # name -> (fingerprint, ModelSettings or None, error)
+        self._usage = threading.Lock()  # guards slot.model, model.inflight and the resident set
+        self._resident = {}             # LoadedModel -> ModelVersion, for every model still in memory
+        self._reserved = 0              # loads under way, counted against max_loaded
+        self._preloading = False
+        self._watcher_pid = None
+        tick = min(config.poll_interval or math.inf,
+                   1.0 if config.idle_unload or config.preload else math.inf)
+        self._tick_seconds = tick
 
+    # -- housekeeping ---------------------------------------------------------
     def refresh(self):
-        """Scan the store at the first call, then at most every poll_interval; a rescan never blocks a request."""
+        """Scan at the first call; then, at most every tick, rescan, unload idle versions and preload."""
         if not self._scanned:
             with self._scan_lock:
                 if not self._scanned:
-                    self._scan()
+                    self._scan(settle=False)
+                    self._housekeep()
             return
-        interval = self.config.poll_interval
-        if interval <= 0 or self.clock() - self._last_scan < interval:
+        if self.clock() < self._next_tick:
             return
         if self._scan_lock.acquire(blocking=False):
             try:
-                self._scan()
+                if self.clock() >= self._next_tick:
+                    if self.config.poll_interval and self.clock() - self._last_scan >= self.config.poll_interval:
+                        self._scan(settle=True)
+                    self._housekeep()
             finally:
                 self._scan_lock.release()
 
-    def _scan(self):
+    def _housekeep(self):
+        self._next_tick = self.clock() + self._tick_seconds
+        if self.config.idle_unload:
+            self._unload_idle()
+        if self.config.preload:
+            self._preload()
+        if self.watch and self._tick_seconds < math.inf and self._watcher_pid != os.getpid():
+            self._watcher_pid = os.getpid()
+            threading.Thread(target=self._watch, name="model-watcher", daemon=True).start()
+
+    def _watch(self):
+        """Keep housekeeping going while no request comes (idle unloads, new versions preloaded)."""
+        pid = os.getpid()
+        while self._watcher_pid == pid:
+            time.sleep(self._tick_seconds)
+            try:
+                self.refresh()
+            except Exception:  # never let the watcher die silently
+                logger.exception("model store housekeeping failed")
+
+    def _scan(self, settle):
         self._last_scan = self.clock()
         try:
             found = self.store.scan()
@@ -868,7 +1131,7 @@ class ModelRegistry:
             logger.error("cannot scan the model store: %s", error)
             return
         first = not self._scanned
-        self._apply(found, settle=not first)
+        self._apply(found, settle and not first)
         self._scan_error, self._scanned = None, True
         if first:
             logger.info("model store %s: %d model(s): %s", self.store.root, len(found),
@@ -881,10 +1144,10 @@ class ModelRegistry:
         saw the same size and mtime (a file still being written changes between them).
         A version in use is replaced only after its new artifact has loaded.
         """
-        old_models, old_latest = self._catalogue
-        models, latest, unsettled = {}, {}, {}
+        old_catalogue, catalogue, unsettled = self._catalogue, {}, {}
         for name, refs in found.items():
-            old, slots = old_models.get(name, {}), {}
+            previous = old_catalogue.get(name)
+            old, slots = previous.versions if previous else {}, {}
             for number, ref in refs.items():
                 slot = old.get(number)
                 if slot is not None and slot.ref.fingerprint == ref.fingerprint:
@@ -901,101 +1164,223 @@ class ModelRegistry:
                         slot.replacing = ref
                         _in_background(self._replace, slot, ref)
             if slots:
-                models[name] = slots
-                latest[name] = self._pick_latest(old_latest.get(name), slots)
-        for name, slots in old_models.items():
-            for number, slot in slots.items():
-                if models.get(name, {}).get(number) is not slot and slot.model is not None:
-                    logger.info("model %r version %s left the store: unloaded", name, number)
-                    slot.model, slot.state = None, UNLOADED    # requests holding it finish on it
+                catalogue[name] = self._serve(name, slots, previous)
         self._unsettled = unsettled
-        self._catalogue = (models, latest)
+        self._catalogue = catalogue
+        self._unload_unserved(old_catalogue, catalogue)
 
-    def _pick_latest(self, current, slots):
-        """The highest version; but a model in use keeps its version until the new one has loaded."""
-        highest = slots[max(slots)]
-        if highest.model is not None or current is None or current.model is None or \
-                current not in slots.values():
-            return highest
-        if highest.state != LOADING:
-            _in_background(self._promote, highest)
+    def _serve(self, name, slots, previous):
+        """Apply the model's settings to its versions: what is served, and where each route points."""
+        settings, error = self._read_settings(name)
+        if settings is None:
+            return ServedModel(name, slots, (), None, error, {}, {})
+        served = settings.select(slots)
+        wanted = {None: served[0]} if served else {}
+        wanted.update({label: n for label, n in settings.labels.items() if n in served})
+        routes = {}
+        for key, number in wanted.items():
+            current = previous.routes.get(key) if previous else None
+            routes[key] = self._route(name, key, current, slots[number], slots)
+        pinned = self._preloaded(name)
+        for number, slot in slots.items():
+            slot.pinned = pinned and number in served
+        return ServedModel(name, slots, served, settings, error, wanted, routes)
+
+    def _read_settings(self, name):
+        """(settings, error) for a model; a broken file keeps the last good settings and shows why."""
+        ref = self.store.settings_files.get(name)
+        fingerprint = ref.fingerprint if ref else None
+        cached = self._settings.get(name)
+        if cached and cached[0] == fingerprint:
+            return cached[1], cached[2]
+        if ref is None:
+            settings, error = DEFAULT_SETTINGS, None
+        else:
+            try:
+                settings, error = ModelSettings.read(ref), None
+            except ValueError as problem:
+                error = f"{ref.file}: {problem}"
+                settings = cached[1] if cached else None
+                logger.error("model %r: %s%s", name, error,
+                             "; the previous settings stay" if settings else "; the model is not served")
+        self._settings[name] = (fingerprint, settings, error)
+        return settings, error
+
+    def _route(self, name, key, current, wanted, slots):
+        """The version a route should answer with now: `wanted`, unless it must load first."""
+        if wanted is current or wanted.model is not None or current is None \
+                or slots.get(current.ref.version) is not current:
+            return wanted
+        if current.model is None and wanted.state != FAILED:
+            return wanted              # nothing in memory to protect: its next request loads the new one
+        if wanted.state != LOADING:
+            _in_background(self._promote, name, key, wanted)
         return current
 
-    def _promote(self, slot):
+    def _promote(self, name, key, slot):
+        """Load a route's new target in the background, then point the route at it."""
         try:
             self._load(slot)
-        except ModelUnavailable:
-            return                     # recorded in the slot's status; the previous version keeps serving
+        except ServiceError:
+            return                     # recorded in the slot's status; the previous version keeps answering
         with self._scan_lock:
-            models, latest = self._catalogue
-            versions = models.get(slot.ref.name, {})
-            if versions.get(slot.ref.version) is slot and max(versions) == slot.ref.version:
-                self._catalogue = (models, {**latest, slot.ref.name: slot})
-                logger.info("model %r now serves version %s", slot.ref.name, slot.ref.version)
+            entry = self._catalogue.get(name)
+            if entry is None or entry.wanted.get(key) != slot.ref.version or \
+                    entry.versions.get(slot.ref.version) is not slot:
+                return
+            previous = self._catalogue
+            self._catalogue = {**previous, name: entry.with_route(key, slot)}
+            self._unload_unserved(previous, self._catalogue)
+        logger.info("model %r %s now answers with version %s", name,
+                    f"label {key!r}" if key else "(latest)", slot.ref.version)
+
+    def _unload_unserved(self, old_catalogue, catalogue):
+        """Unload what left the store, left the policy or stopped being a route's target."""
+        keep = set()
+        for entry in catalogue.values():
+            keep |= entry.targets()
+            keep.update(id(entry.versions[n]) for n in entry.served)
+        with self._usage:
+            for name, entry in old_catalogue.items():
+                current = catalogue.get(name)
+                for number, slot in entry.versions.items():
+                    removed = current is None or current.versions.get(number) is not slot
+                    if removed:
+                        slot.gone = True
+                    if slot.model is not None and (removed or id(slot) not in keep):
+                        logger.info("model %r version %s %s: unloaded", name, number,
+                                    "left the store" if removed else "is no longer served")
+                        self._retire(slot.model, slot)
 
     def _replace(self, slot, ref):
-        """Load a changed artifact beside the model that serves, then swap; a failure keeps the old one."""
+        """Load a changed artifact beside the model that serves, then swap; a failure keeps the old one.
+
+        Returns what happened: "RELOADED", "FAILED" or "DEFERRED" (no room under --max-loaded now;
+        the next rescan tries again).
+        """
+        try:
+            self._reserve()
+        except ModelUnavailable:
+            slot.replacing = None
+            return "DEFERRED"
         try:
             model = _build_model(ref)
         except Exception as error:
+            with self._usage:
+                self._reserved -= 1
             slot.rejected = ref.fingerprint
             slot.error = f"changed artifact not loaded, the previous one still serves: {error}"
+            slot.error_at = time.time()
             logger.error("model %r version %s: %s", ref.name, ref.version, slot.error)
+            return FAILED
         else:
-            slot.ref, slot.model, slot.error, slot.rejected = ref, model, None, None
-            slot.loads += 1
-            logger.info("model %r version %s reloaded from its changed artifact", ref.name, ref.version)
+            with self._usage:
+                self._reserved -= 1
+                self._resident[model] = slot
+                model.last_used = self.clock()
+                old, slot.ref, slot.model = slot.model, ref, model
+                slot.error, slot.rejected = None, None
+                slot.loads += 1
+                if old is not None:
+                    self._retire(old, slot)
+                if slot.gone:
+                    self._retire(model, slot)
+            logger.info("model %r version %s reloaded from its artifact", ref.name, ref.version)
+            return "RELOADED"
         finally:
             slot.replacing = None
 
-    @property
-    def ready(self):
-        return self._scanned
+    def _unload_idle(self):
+        now = self.clock()
+        with self._usage:
+            for model, slot in list(self._resident.items()):
+                if slot.model is model and not slot.pinned and model.inflight == 0 \
+                        and now - model.last_used >= self.config.idle_unload:
+                    logger.info("model %r version %s unused for %.0f s: unloaded",
+                                slot.ref.name, slot.ref.version, now - model.last_used)
+                    self._retire(model, slot)
 
-    @property
-    def not_ready_reason(self):
-        return self._scan_error or "the model store has not been scanned yet"
+    def _preloaded(self, name):
+        return self.config.preload == ALL_MODELS or name in self.config.preload
 
-    def names(self):
-        return sorted(self._catalogue[0])
+    def _preload(self):
+        """Load, one after another in the background, the preloaded versions not in memory yet."""
+        if self._preloading:
+            return
+        now = self.clock()
+        pending = [slot for entry in self._catalogue.values() for slot in entry.versions.values()
+                   if slot.pinned and slot.model is None and slot.state != LOADING
+                   and not (slot.state == FAILED and slot.retry_at > now)]
+        if pending:
+            self._preloading = True
+            _in_background(self._preload_all, pending)
 
-    def default_model_name(self):
-        if self.config.default_model:
-            return self.config.default_model
-        models = self._catalogue[0]
-        if len(models) == 1:
-            return next(iter(models))
-        raise NotFound(f"no default model: the store holds {len(models)} models "
-                       f"({', '.join(sorted(models)) or 'none'}); start the service with --default-model NAME")
+    def _preload_all(self, slots):
+        try:
+            for slot in slots:
+                if not slot.gone:
+                    try:
+                        self._load(slot)
+                    except ServiceError:
+                        pass                       # shown in the status and in readiness; retried later
+        finally:
+            self._preloading = False
 
-    def version(self, name, version=None):
-        """The ModelVersion for a name and an optional version string; 400/404 if there is none."""
-        models, latest = self._catalogue
-        versions = models.get(name)
-        if versions is None:
-            self.require_store()
-            if not valid_model_name(name):
-                raise BadRequest(f"invalid model name {_clip(repr(name), 80)}: names match ^{MODEL_NAME.pattern}$")
-            raise NotFound(f"model {name!r} not found", model=name, models=sorted(models))
-        if version is None:
-            return latest[name]
-        slot = versions.get(int(version)) if VERSION.fullmatch(version) else None
-        if slot is None:
-            if not VERSION.fullmatch(version):
-                raise BadRequest(f"invalid version {_clip(repr(version), 40)}: versions are positive integers",
-                                 model=name)
-            raise NotFound(f"model {name!r} has no version {version}", model=name,
-                           versions=[str(v) for v in sorted(versions)])
-        return slot
+    # -- memory -----------------------------------------------------------------
+    def _reserve(self):
+        """Count a load against --max-loaded, evicting the least recently used idle versions for room."""
+        with self._usage:
+            limit = self.config.max_loaded
+            while limit and len(self._resident) + self._reserved >= limit:
+                idle = [(model.last_used, id(model), model) for model, slot in self._resident.items()
+                        if slot.model is model and model.inflight == 0 and not slot.pinned]
+                if not idle:
+                    raise ModelUnavailable(f"memory bound reached: {limit} model version(s) in memory "
+                                           "(--max-loaded), all busy or preloaded", retry_after=1)
+                victim = min(idle)[2]
+                logger.info("model %r version %s evicted (least recently used; --max-loaded %d)",
+                            victim.name, victim.version, limit)
+                self._retire(victim, self._resident[victim])
+            self._reserved += 1
 
-    def require_store(self):
-        """503 unless the store has been scanned (it may be missing or unreadable)."""
-        if not self._scanned:
-            raise ModelUnavailable(f"model store unavailable: {self.not_ready_reason}")
+    def _retire(self, model, slot):
+        """Take a model out of service (under the usage lock); memory is freed when its last request ends."""
+        if slot.model is model:
+            slot.model = None
+            slot.set(UNLOADING if model.inflight else UNLOADED)
+        if model.inflight:
+            model.retired = True
+        else:
+            self._resident.pop(model, None)
 
-    def get(self, name, version=None):
+    # -- requests -----------------------------------------------------------------
+    def acquire(self, name, version=None, label=None):
+        """The model that answers a request, loaded if need be; pair with release()."""
+        slot = self.version(name, version, label)
+        for _ in range(3):
+            with self._usage:
+                model = slot.model
+                if model is not None:
+                    model.inflight += 1
+                    model.last_used = self.clock()
+                    return model
+            if slot.gone:
+                raise NotFound(f"model {name!r} version {slot.ref.version} left the store", model=name)
+            self._load(slot)
+        raise ModelUnavailable(f"model {name!r} version {slot.ref.version} was evicted as soon as it loaded; "
+                               "--max-loaded is too small for the traffic", retry_after=1, model=name)
+
+    def release(self, model):
+        with self._usage:
+            model.inflight -= 1
+            if model.retired and not model.inflight:
+                slot = self._resident.pop(model, None)
+                if slot is not None and slot.model is None and slot.state == UNLOADING:
+                    slot.set(UNLOADED)
+
+    def get(self, name, version=None, label=None):
         """The loaded model, loading it on first use (one load however many callers wait)."""
-        slot = self.version(name, version)
+        slot = self.version(name, version, label)
         model = slot.model
         return model if model is not None else self._load(slot)
 
@@ -1008,30 +1393,160 @@ class ModelRegistry:
             if slot.state == FAILED and wait > 0:
                 raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
                                        retry_after=math.ceil(wait), model=ref.name, version=str(ref.version))
-            slot.state, slot.loads = LOADING, slot.loads + 1
+            self._reserve()
+            slot.set(LOADING)
+            slot.loads += 1
             try:
                 model = _build_model(ref)
             except Exception as error:
-                slot.state, slot.error = FAILED, str(error) or type(error).__name__
+                with self._usage:
+                    self._reserved -= 1
+                slot.set(FAILED, str(error) or type(error).__name__)
                 slot.retry_at = self.clock() + self.config.load_retry_seconds
                 logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error)
                 raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
                                        retry_after=math.ceil(self.config.load_retry_seconds) or None,
                                        model=ref.name, version=str(ref.version)) from None
-            slot.model, slot.state, slot.error = model, AVAILABLE, None
+            with self._usage:
+                self._reserved -= 1
+                self._resident[model] = slot
+                model.last_used = self.clock()
+                slot.model, slot.error = model, None
+                slot.set(AVAILABLE)
+                if slot.gone:
+                    self._retire(model, slot)
             logger.info("loaded model %r version %s (%s, %.3f s)", ref.name, ref.version, ref.format,
                         model.load_seconds)
             return model
 
+    # -- lookups ------------------------------------------------------------------
+    def names(self):
+        return sorted(self._catalogue)
+
+    def default_model_name(self):
+        if self.config.default_model:
+            return self.config.default_model
+        catalogue = self._catalogue
+        if len(catalogue) == 1:
+            return next(iter(catalogue))
+        raise NotFound(f"no default model: the store holds {len(catalogue)} models "
+                       f"({', '.join(sorted(catalogue)) or 'none'}); start the service with --default-model NAME")
+
+    def model(self, name):
+        """The ServedModel called `name`; 400 for an invalid name, 404 if there is none."""
+        entry = self._catalogue.get(name)
+        if entry is None:
+            self.require_store()
+            if not valid_model_name(name):
+                raise BadRequest(f"invalid model name {_clip(repr(name), 80)}: names match ^{MODEL_NAME.pattern}$")
+            raise NotFound(f"model {name!r} not found", model=name, models=self.names())
+        return entry
+
+    def version(self, name, version=None, label=None):
+        """The ModelVersion that answers for a name and a version string or label; 4xx/503 if none."""
+        entry = self.model(name)
+        if entry.settings is None:
+            raise ModelUnavailable(f"model {name!r} is not served: {entry.settings_error}", model=name)
+        served = [str(n) for n in entry.served]
+        if label is not None:
+            slot = entry.routes.get(label)
+            if slot is None:
+                known = label in entry.settings.labels
+                raise NotFound(f"label {_clip(repr(label), 80)} of model {name!r} "
+                               + (f"names version {entry.settings.labels[label]}, which is not served"
+                                  if known else "is not defined"),
+                               model=name, labels={k: str(v) for k, v in entry.wanted.items() if k},
+                               served_versions=served)
+            return slot
+        if version is None:
+            slot = entry.routes.get(None)
+            if slot is None:
+                raise NotFound(f"model {name!r} serves no version: none of "
+                               f"{', '.join(map(str, sorted(entry.versions)))} is in its version policy",
+                               model=name, served_versions=served)
+            return slot
+        if not VERSION.fullmatch(version):
+            raise BadRequest(f"invalid version {_clip(repr(version), 40)}: versions are positive integers",
+                             model=name)
+        slot = entry.versions.get(int(version))
+        if slot is None or int(version) not in entry.served:
+            raise NotFound(f"model {name!r} " + (f"has no version {version}" if slot is None else
+                                                 f"does not serve version {version} (see its version policy)"),
+                           model=name, served_versions=served)
+        return slot
+
+    def require_store(self):
+        """503 unless the store has been scanned (it may be missing or unreadable)."""
+        if not self._scanned:
+            raise ModelUnavailable("model store unavailable: "
+                                   + (self._scan_error or "it has not been scanned yet"))
+
+    @property
+    def ready(self):
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self):
+        """None when ready: store scanned and every preloaded model's routes loaded; else why not."""
+        if self.draining:
+            return "shutting down"
+        if not self._scanned:
+            return "model store unavailable: " + (self._scan_error or "it has not been scanned yet")
+        catalogue, reasons = self._catalogue, []
+        if self.config.preload != ALL_MODELS:
+            reasons += [f"preloaded model {name!r} is not in the store" for name in self.config.preload
+                        if name not in catalogue]
+        for name in sorted(catalogue):
+            entry = catalogue[name]
+            if not self._preloaded(name):
+                continue
+            if entry.settings is None:
+                reasons.append(f"model {name!r}: {entry.settings_error}")
+            for slot in {id(s): s for s in entry.routes.values()}.values():
+                if slot.model is None:
+                    reasons.append(f"model {name!r} version {slot.ref.version} is {slot.state}"
+                                   + (f": {slot.error}" if slot.state == FAILED else ""))
+        return "; ".join(reasons) or None
+
     def describe(self, name):
-        models, latest = self._catalogue
-        if name not in models:                     # removed by a rescan since the caller looked
-            raise NotFound(f"model {name!r} not found", model=name)
-        return _describe_model(name, models[name], latest[name])
+        return self.model(name).describe(self.clock)
 
     def describe_all(self):
-        models, latest = self._catalogue
-        return [_describe_model(name, models[name], latest[name]) for name in sorted(models)]
+        catalogue = self._catalogue
+        return [catalogue[name].describe(self.clock) for name in sorted(catalogue)]
+
+    def loaded_count(self):
+        return len(self._resident)
+
+    # -- administration -------------------------------------------------------------
+    def rescan(self):
+        """Scan now, using new artifacts at once: the operator who asks says they are complete."""
+        with self._scan_lock:
+            self._scan(settle=False)
+            self._housekeep()
+        if self._scan_error:
+            raise ModelUnavailable(f"model store unavailable: {self._scan_error}")
+        return self.names()
+
+    def reload(self, name):
+        """Rescan, then load every loaded served version of `name` again, swapping each once loaded.
+
+        Returns {version: outcome}; a version not in memory is left to load on its next
+        use, and a failed one is tried again then, without waiting for its pause.
+        """
+        self.rescan()
+        entry = self.model(name)
+        results = {}
+        for number in entry.served:
+            slot = entry.versions[number]
+            while slot.replacing is not None:      # the rescan found it changed and is loading it already
+                time.sleep(0.01)
+            if slot.model is None:
+                slot.retry_at = 0.0
+                results[str(number)] = slot.state
+            else:
+                slot.replacing, slot.rejected = slot.ref, None
+                results[str(number)] = self._replace(slot, slot.ref)
+        return results
 
 
 ###############################################################################
@@ -1327,6 +1842,8 @@ def _json_plugin(callback):
 
 def _error_result(response, error):
     response.status = error.status
+    for header, value in error.headers.items():
+        response.set_header(header, value)
     if getattr(error, "retry_after", None):
         response.set_header("Retry-After", str(error.retry_after))
     return error.to_dict()
@@ -1386,12 +1903,24 @@ def create_app(store=None, config=None, registry=None, **options):
     def _after():
         bottle.response.set_header("X-Content-Type-Options", "nosniff")
 
-    def predict(name, version, payload):
-        model = registry.get(name, version)
-        rows, method = decode_payload(payload, request.query.get("method"))
-        method = choose_method(model, method)
-        inputs = model_inputs(model, rows, config.max_rows)
-        return encode_prediction(model, method, model.run(method, inputs))
+    def predict(name, version, payload, label=None):
+        model = registry.acquire(name, version, label)
+        try:
+            rows, method = decode_payload(payload, request.query.get("method"))
+            method = choose_method(model, method)
+            inputs = model_inputs(model, rows, config.max_rows)
+            return encode_prediction(model, method, model.run(method, inputs))
+        finally:
+            registry.release(model)
+
+    def require_admin():
+        """Admin routes are off without a configured token, and need it as a bearer token."""
+        if not config.admin_token:
+            raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) to enable it")
+        scheme, _, token = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8", "replace"),
+                                                                 config.admin_token.encode("utf-8")):
+            raise Unauthorized("this route needs the admin token: Authorization: Bearer <token>")
 
     def body_json():
         check_content_type(request.environ)
@@ -1409,7 +1938,9 @@ def create_app(store=None, config=None, registry=None, **options):
         return {"name": SERVICE_NAME, "version": __version__, "status": "alive",
                 "models": registry.names(),
                 "links": {"models": "/models", "health": "/healthz", "ready": "/readyz",
-                          "predict": "/models/{name}/predict"}}
+                          "predict": "/models/{name}/predict",
+                          "predict_version": "/models/{name}/versions/{version}/predict",
+                          "predict_label": "/models/{name}/labels/{label}/predict"}}
 
     @app.get("/healthz")
     def healthz():
@@ -1417,9 +1948,10 @@ def create_app(store=None, config=None, registry=None, **options):
 
     @app.get("/readyz")
     def readyz():
-        if not registry.ready:
-            raise ModelUnavailable(f"not ready: {registry.not_ready_reason}", ready=False)
-        return {"ready": True, "models": len(registry.names())}
+        reason = registry.not_ready_reason()
+        if reason:
+            raise ModelUnavailable(f"not ready: {reason}", ready=False)
+        return {"ready": True, "models": len(registry.names()), "loaded": registry.loaded_count()}
 
     # -- models -------------------------------------------------------------
     @app.get("/models")
@@ -1429,13 +1961,21 @@ def create_app(store=None, config=None, registry=None, **options):
 
     @app.get("/models/<name>")
     def show_model(name):
-        registry.version(name)          # 400 or 404 unless the model exists
         return registry.describe(name)
 
     @app.get("/models/<name>/versions/<version>")
     def show_version(name, version):
-        slot = registry.version(name, version)
-        return {"name": name, **slot.describe()}
+        status = registry.describe(name)
+        for info in status["versions"]:
+            if info["version"] == version:
+                return {"name": name, **info}
+        registry.version(name, version)        # the 400 or 404 that explains why
+        raise NotFound(f"model {name!r} has no version {version}", model=name)
+
+    @app.get("/models/<name>/labels/<label>")
+    def show_label(name, label):
+        slot = registry.version(name, label=label)
+        return {"name": name, "label": label, "version": str(slot.ref.version)}
 
     @app.post("/models/<name>/predict")
     def predict_latest(name):
@@ -1452,6 +1992,26 @@ def create_app(store=None, config=None, registry=None, **options):
     @app.get("/models/<name>/versions/<version>/predict")
     def predict_version_get(name, version):
         return predict(name, version, query_instances())
+
+    @app.post("/models/<name>/labels/<label>/predict")
+    def predict_label(name, label):
+        return predict(name, None, body_json(), label)
+
+    @app.get("/models/<name>/labels/<label>/predict")
+    def predict_label_get(name, label):
+        return predict(name, None, query_instances(), label)
+
+    # -- administration: only what is already in the store; off without a token --
+    @app.post("/models/<name>/reload")
+    def reload_model(name):
+        require_admin()
+        outcome = registry.reload(name)
+        return {**registry.describe(name), "reload": outcome}
+
+    @app.post("/admin/rescan")
+    def rescan():
+        require_admin()
+        return {"models": registry.rescan()}
 
     # -- the seed course's routes, on the default model ----------------------
     @app.get("/predict/<sentence:path>")
@@ -1472,19 +2032,66 @@ def create_app(store=None, config=None, registry=None, **options):
 
 
 def serve(app, config):
-    """Run a server until interrupted: waitress (tuned here) or any Bottle adapter."""
+    """Run a server until SIGTERM or SIGINT: waitress (tuned, and drained on exit) or any Bottle adapter."""
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the service is reachable from other machines", config.host)
-    if config.server == "waitress":
-        import waitress
-
-        # waitress refuses bodies far over our limit itself (as plain text); below that the
-        # service's own check answers 413 in JSON.
-        waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
-                       max_request_body_size=2 * config.max_body_bytes, ident=SERVICE_NAME,
-                       expose_tracebacks=False, clear_untrusted_proxy_headers=True)
-    else:
+    if config.server != "waitress":
+        # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
+        return
+    import waitress
+    from waitress.channel import HTTPChannel
+    from waitress.server import BaseWSGIServer
+    from waitress.wasyncore import close_all, dispatcher, loop
+
+    # waitress refuses bodies far over our limit itself (as plain text); below that the
+    # service's own check answers 413 in JSON.
+    server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
+                                    max_request_body_size=2 * config.max_body_bytes, ident=SERVICE_NAME,
+                                    expose_tracebacks=False, clear_untrusted_proxy_headers=True)
+    sockets = server.map if hasattr(server, "map") else server._map
+    server.print_listen("Serving on http://{}:{}")
+    deadline = []
+
+    def stop(signum, frame):
+        """Readiness turns false; the loop then closes the listening sockets; requests in flight go on.
+
+        (Not closed here: the select() this signal interrupted resumes on the same sockets.)
+        """
+        if deadline:
+            raise SystemExit(0)            # a second signal: stop now
+        deadline.append(time.monotonic() + config.shutdown_timeout)
+        app.config["service.registry"].draining = True
+        logger.info("%s: finishing requests in flight (at most %g s)", signal.Signals(signum).name,
+                    config.shutdown_timeout)
+
+    def busy():
+        return [c for c in list(sockets.values())
+                if isinstance(c, HTTPChannel) and (c.requests or c.total_outbufs_len)]
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        while not deadline or (busy() and time.monotonic() < deadline[0]):
+            if deadline:
+                for channel in list(sockets.values()):
+                    if isinstance(channel, BaseWSGIServer) and channel.accepting:
+                        dispatcher.close(channel)
+            loop(timeout=0.05 if deadline else server.adj.asyncore_loop_timeout, map=sockets,
+                 use_poll=server.adj.asyncore_use_poll, count=1)
+        left = busy()
+        if left:
+            logger.warning("shutdown timeout: %d connection(s) still busy are closed", len(left))
+        logger.info("stopped")
+    except SystemExit:
+        logger.info("stopped at once")
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        server.task_dispatcher.shutdown(timeout=1)
+        close_all(sockets)
 
 
 ###############################################################################
@@ -1500,9 +2107,11 @@ def build_parser():
                "for example MODEL_SERVICE_PORT=9000); a flag beats the environment, which beats the default.")
     defaults = Config()
     for setting in SETTINGS:
+        default = getattr(defaults, setting.field)
+        shown = "none" if default in (None, ()) else default
+        optional = {"nargs": "?", "const": setting.const} if setting.const else {}
         parser.add_argument(setting.flag, dest=setting.field, metavar=setting.metavar, default=None,
-                            help=f"{setting.help} (env {setting.env}; default: "
-                                 f"{getattr(defaults, setting.field)})")
+                            help=f"{setting.help} (env {setting.env}; default: {shown})", **optional)
     parser.add_argument("--version", action="version", version=f"{SERVICE_NAME} {__version__}")
     return parser
 

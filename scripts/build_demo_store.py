@@ -5,11 +5,13 @@
 Writes, deterministically:
   iris/1/model.joblib   LogisticRegression on the iris measurements (named features)
   iris/2/model.joblib   StandardScaler + LogisticRegression, the same features
+  iris/model-settings.json   serve both versions; label 1 "stable" and 2 "canary"
   diabetes.json         StandardScaler + Ridge on the diabetes data, as a JSON model (no code runs on load)
   sentiment.pkl         TfidfVectorizer + LogisticRegression on a small hand-written set of reviews
 Each file is written under a temporary name and renamed into place, as any publisher should.
 """
 
+import json
 import os
 import pickle
 import sys
@@ -63,6 +65,9 @@ def main(store):
     v2 = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(iris_x, iris_y)
     publish(os.path.join(store, "iris", "1", "model.joblib"), lambda p: joblib.dump(v1, p))
     publish(os.path.join(store, "iris", "2", "model.joblib"), lambda p: joblib.dump(v2, p))
+    settings = {"version_policy": {"latest": 2}, "labels": {"stable": 1, "canary": 2}}
+    publish(os.path.join(store, "iris", service.SETTINGS_FILE),
+            lambda p: open(p, "w").write(json.dumps(settings, indent=2) + "\n"))
 
     diabetes = load_diabetes(as_frame=True)
     regressor = make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(diabetes.data, diabetes.target)

@@ -75,12 +75,13 @@ def artifact_format(request):
 
 @pytest.fixture
 def store(tmp_path, artifact_format, iris_classifier, named_iris_classifier, diabetes_regressor):
-    """A store in one format: flat iris (v1), versioned diabetes (v1, v2) and named-feature flowers."""
+    """A store in one format: flat iris (v1), versioned diabetes (v1, v2, both served) and named-feature flowers."""
     ext = EXTENSIONS[artifact_format]
     root = tmp_path / "store"
     write_artifact(root / f"iris{ext}", iris_classifier, artifact_format)
     write_artifact(root / "diabetes" / "1" / f"model{ext}", diabetes_regressor, artifact_format)
     write_artifact(root / "diabetes" / "2" / f"model{ext}", diabetes_regressor, artifact_format)
+    (root / "diabetes" / "model-settings.json").write_text('{"version_policy": "all"}')
     write_artifact(root / "flowers" / "1" / f"model{ext}", named_iris_classifier, artifact_format)
     return root
 

@@ -19,7 +19,8 @@ import service
 from conftest import ROOT, write_artifact
 
 FLAGS = ["--store", "--host", "--port", "--server", "--threads", "--default-model", "--max-body-bytes",
-         "--max-rows", "--max-depth", "--load-retry-seconds", "--poll-interval", "--log-level"]
+         "--max-rows", "--max-depth", "--load-retry-seconds", "--poll-interval", "--preload", "--max-loaded",
+         "--idle-unload", "--admin-token", "--shutdown-timeout", "--log-level"]
 
 
 @pytest.fixture(autouse=True)

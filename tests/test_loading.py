@@ -25,7 +25,7 @@ class ManualClock:
 
 def make_registry(root, clock=None, **options):
     config = service.Config(store=str(root), **options)
-    return service.ModelRegistry(config, clock=clock or ManualClock())
+    return service.ModelRegistry(config, clock=clock or ManualClock(), watch=False)
 
 
 def test_creating_the_app_loads_and_scans_nothing(tmp_path, iris_classifier):
@@ -150,6 +150,7 @@ def test_a_failed_version_does_not_affect_other_versions(tmp_path, make_client, 
     write_artifact(tmp_path / "iris" / "1" / "model.joblib", iris_classifier, "joblib")
     (tmp_path / "iris" / "2").mkdir()
     (tmp_path / "iris" / "2" / "model.pkl").write_bytes(b"broken")
+    (tmp_path / "iris" / "model-settings.json").write_text('{"version_policy": "all"}')
     client = make_client(tmp_path)
     assert_error(client.post_json("/models/iris/predict", {"instances": ROW}, expect_errors=True), 503,
                  "version 2 failed to load")

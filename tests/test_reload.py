@@ -58,7 +58,7 @@ def labels(model):
 def registry(tmp_path):
     clock = ManualClock()
     registry = service.ModelRegistry(service.Config(store=str(tmp_path), poll_interval=1.0,
-                                                    load_retry_seconds=5), clock=clock)
+                                                    load_retry_seconds=5), clock=clock, watch=False)
 
     def poll():
         clock.now += 1.0

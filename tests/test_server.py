@@ -106,7 +106,7 @@ def test_healthz_readyz_and_index_answer_json(server):
     assert health.status_code == 200 and health.json() == {"status": "alive"}
     assert health.headers["Content-Type"].startswith("application/json")
     ready = requests.get(base + "/readyz", timeout=TIMEOUT)
-    assert ready.status_code == 200 and ready.json() == {"ready": True, "models": 3}
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "models": 3, "loaded": 0}
     index = requests.get(base + "/", timeout=TIMEOUT).json()
     assert index["name"] == "model-service" and index["version"] == service.__version__
     assert index["models"] == ["diabetes", "flowers", "iris"]
@@ -353,7 +353,7 @@ def test_wsgiref_server_serves_predictions(serve_store, tmp_path, iris, iris_cla
 
 def check_embedded(command, port, root, iris, iris_classifier):
     with running(command, port, env={"MODEL_SERVICE_STORE": str(root)}) as base:
-        assert requests.get(base + "/readyz", timeout=TIMEOUT).json() == {"ready": True, "models": 1}
+        assert requests.get(base + "/readyz", timeout=TIMEOUT).json() == {"ready": True, "models": 1, "loaded": 0}
         response = post(base, "/models/iris/predict", {"instances": iris[0][::30].tolist()})
         assert response.status_code == 200, response.text
         assert response.json()["predictions"] == iris_classifier.predict(iris[0][::30]).tolist()
@@ -411,7 +411,7 @@ def test_bad_artifact_answers_503_while_the_good_model_keeps_serving(serve_store
         good = post(base, "/models/good/predict", {"instances": features})
         assert good.status_code == 200 and good.json()["predictions"] == iris_classifier.predict(features).tolist()
         assert requests.get(base + "/healthz", timeout=TIMEOUT).status_code == 200
-        assert requests.get(base + "/readyz", timeout=TIMEOUT).json() == {"ready": True, "models": 2}
+        assert requests.get(base + "/readyz", timeout=TIMEOUT).json() == {"ready": True, "models": 2, "loaded": 1}
     assert "model 'bad' version 1 failed to load" in running.output
     assert "Traceback" not in running.output
 

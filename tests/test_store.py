@@ -172,6 +172,7 @@ def test_highest_version_is_served_and_a_named_version_on_request(tmp_path, make
     by_version = {2: ridges[0.01], 9: ridges[0.1], 10: ridges[1.0]}
     for version, model in by_version.items():
         write_artifact(root / "diabetes" / str(version) / "model.joblib", model, "joblib")
+    (root / "diabetes" / "model-settings.json").write_text('{"version_policy": "all"}')
     client = make_client(root)
     expected = {version: model.predict(np.array(DIABETES_ROWS)).tolist() for version, model in by_version.items()}
     assert len({tuple(values) for values in expected.values()}) == 3     # versions are distinguishable
@@ -397,6 +398,7 @@ def test_symlinks_staying_inside_the_store_are_served(tmp_path, make_client, iri
     link(root / "flowers" / "3" / "model.pkl", os.path.join(root, ".archive", "flowers-3.pkl"))
     link(root / "mirror", "flowers")
     link(root / "flowers" / "4", "3")
+    (root / "flowers" / "model-settings.json").write_text('{"version_policy": {"latest": 2}}')
     catalogue = scan(root)
     assert summary(catalogue) == {"iris": [1], "alias": [1], "flowers": [3, 4], "mirror": [3, 4]}
     alias = catalogue["alias"][1]

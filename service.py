@@ -1356,19 +1356,18 @@ class ModelRegistry:
     # -- requests -----------------------------------------------------------------
     def acquire(self, name, version=None, label=None):
         """The model that answers a request, loaded if need be; pair with release()."""
-        slot = self.version(name, version, label)
         for _ in range(3):
+            slot = self.version(name, version, label)   # again after a miss: a rescan may have replaced it
             with self._usage:
                 model = slot.model
                 if model is not None:
                     model.inflight += 1
                     model.last_used = self.clock()
                     return model
-            if slot.gone:
-                raise NotFound(f"model {name!r} version {slot.ref.version} left the store", model=name)
-            self._load(slot)
-        raise ModelUnavailable(f"model {name!r} version {slot.ref.version} was evicted as soon as it loaded; "
-                               "--max-loaded is too small for the traffic", retry_after=1, model=name)
+            if not slot.gone:
+                self._load(slot)
+        raise ModelUnavailable(f"model {name!r} version {slot.ref.version} was unloaded as soon as it loaded; "
+                               "is --max-loaded too small for the traffic?", retry_after=1, model=name)
 
     def release(self, model):
         with self._usage:

@@ -62,14 +62,15 @@ EXAMPLES = console_examples()
 def test_readme_has_examples_for_every_kind_of_call():
     commands = " ".join(command for command, _ in EXAMPLES)
     for path in ("/models/iris/predict", "/versions/1/predict", "/models/diabetes/predict",
-                 "/models/sentiment/predict", "/predict/", "-X DELETE"):
+                 "/models/sentiment/predict", "/predict/", "-X DELETE", "/labels/stable/predict",
+                 "/admin/rescan"):
         assert path in commands
     assert len(EXAMPLES) >= 12
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)")
 def test_every_curl_example_returns_what_readme_shows(serve_store):
-    with serve_store(os.path.join(ROOT, "model_store"), "--default-model", "iris") as base:
+    with serve_store(os.path.join(ROOT, "model_store"), "--default-model", "iris", "--admin-token", "change-me") as base:
         for command, expected in EXAMPLES:
             argv = [arg.replace(README_BASE, base) for arg in shlex.split(command)]
             assert argv[0] == "curl"

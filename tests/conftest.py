@@ -134,6 +134,7 @@ def running(command, port, env=None, cwd=ROOT, timeout=30):
             process.kill()
             process.wait()
         running.output = process.stdout.read()
+        running.returncode = process.returncode
         process.stdout.close()
 
 

@@ -128,12 +128,33 @@ def test_every_flag_reaches_the_config(empty_store):
     code, serve = run_main(["--store", str(empty_store), "--host", "localhost", "--port", "9001",
                             "--server", "wsgiref", "--threads", "7", "--default-model", "iris",
                             "--max-body-bytes", "1234", "--max-rows", "55", "--max-depth", "9",
-                            "--load-retry-seconds", "2.5", "--poll-interval", "0.5", "--log-level", "debug"])
+                            "--load-retry-seconds", "2.5", "--poll-interval", "0.5", "--log-level", "debug",
+                            "--preload", "iris, diabetes", "--max-loaded", "3", "--idle-unload", "60",
+                            "--admin-token", "s3cret", "--shutdown-timeout", "2"])
     assert code == 0
     assert serve.config == service.Config(
         store=str(empty_store), host="localhost", port=9001, server="wsgiref", threads=7, default_model="iris",
         max_body_bytes=1234, max_rows=55, max_depth=9, load_retry_seconds=2.5, poll_interval=0.5,
-        log_level="DEBUG")
+        log_level="DEBUG", preload=("iris", "diabetes"), max_loaded=3, idle_unload=60.0, admin_token="s3cret",
+        shutdown_timeout=2.0)
+
+
+@pytest.mark.parametrize("argv", [["--preload"], ["--preload", "all"], ["--preload", "ALL"], ["--preload", "*"]])
+def test_preload_alone_or_all_means_every_model(argv, empty_store):
+    code, serve = run_main(["--store", str(empty_store), *argv])
+    assert code == 0 and serve.config.preload == service.ALL_MODELS
+
+
+def test_bare_preload_before_another_flag_still_means_all(empty_store):
+    code, serve = run_main(["--preload", "--store", str(empty_store)])
+    assert code == 0 and serve.config.preload == service.ALL_MODELS and serve.config.store == str(empty_store)
+
+
+def test_the_admin_token_never_shows_in_the_config_repr_or_the_log(empty_store, caplog):
+    caplog.set_level(logging.DEBUG)
+    code, serve = run_main(["--store", str(empty_store), "--admin-token", "hunter2-secret"])
+    assert code == 0 and serve.config.admin_token == "hunter2-secret"
+    assert "hunter2-secret" not in repr(serve.config) and "hunter2-secret" not in caplog.text
 
 
 def test_environment_reaches_the_config_and_a_flag_beats_it(empty_store, monkeypatch):
@@ -188,6 +209,11 @@ BAD_FLAGS = [
     (["--log-level", "LOUD"], ["--log-level", "DEBUG, INFO, WARNING, ERROR, CRITICAL", "'LOUD'"]),
     (["--server", "nosuch"], ["--server", "unknown server 'nosuch'", "waitress"]),
     (["--default-model", "../x"], ["--default-model", "invalid model name '../x'"]),
+    (["--preload", "iris,../x"], ["--preload", "invalid model name '../x'"]),
+    (["--preload", " , "], ["--preload", "name the models to preload"]),
+    (["--max-loaded", "-1"], ["--max-loaded", ">= 0"]),
+    (["--idle-unload", "-5"], ["--idle-unload", ">= 0"]),
+    (["--shutdown-timeout", "inf"], ["--shutdown-timeout", "finite"]),
     (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
 ]
 
@@ -208,6 +234,8 @@ def test_bad_flag_values_exit_2_with_a_message_naming_the_flag(argv, fragments, 
     ("MODEL_SERVICE_SERVER", "nosuch"),
     ("MODEL_SERVICE_DEFAULT_MODEL", "a/b"),
     ("MODEL_SERVICE_LOAD_RETRY_SECONDS", "soon"),
+    ("MODEL_SERVICE_PRELOAD", "a/b"),
+    ("MODEL_SERVICE_MAX_LOADED", "many"),
 ])
 def test_a_bad_environment_value_exits_2_naming_the_variable(variable, value, empty_store, monkeypatch,
                                                              capsys):
@@ -296,11 +324,15 @@ def test_config_load_converts_every_setting():
                "MODEL_SERVICE_DEFAULT_MODEL": "iris_v2.final", "MODEL_SERVICE_MAX_BODY_BYTES": "2048",
                "MODEL_SERVICE_MAX_ROWS": "10", "MODEL_SERVICE_MAX_DEPTH": "5",
                "MODEL_SERVICE_LOAD_RETRY_SECONDS": "0", "MODEL_SERVICE_POLL_INTERVAL": "0",
-               "MODEL_SERVICE_LOG_LEVEL": "error"}
+               "MODEL_SERVICE_LOG_LEVEL": "error", "MODEL_SERVICE_PRELOAD": "all", "MODEL_SERVICE_MAX_LOADED": "0",
+               "MODEL_SERVICE_IDLE_UNLOAD": "1.5", "MODEL_SERVICE_ADMIN_TOKEN": "t",
+               "MODEL_SERVICE_SHUTDOWN_TIMEOUT": "0"}
     config = service.Config.load({}, environ=environ)
     assert config == service.Config(store="/srv/models", host="localhost", port=0, server="wsgiref", threads=12,
                                     default_model="iris_v2.final", max_body_bytes=2048, max_rows=10,
-                                    max_depth=5, load_retry_seconds=0.0, poll_interval=0.0, log_level="ERROR")
+                                    max_depth=5, load_retry_seconds=0.0, poll_interval=0.0, log_level="ERROR",
+                                    preload=service.ALL_MODELS, max_loaded=0, idle_unload=1.5, admin_token="t",
+                                    shutdown_timeout=0.0)
     assert isinstance(config.port, int) and isinstance(config.load_retry_seconds, float)
 
 

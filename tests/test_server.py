@@ -496,3 +496,15 @@ def test_demo_text_model_answers_400_for_instances_that_are_not_text(serve_store
             assert response.status_code == 400, (instances, response.status_code, response.text)
             assert response.json()["code"] == "bad_request"
     assert "Traceback" not in running.output
+
+
+def test_python_m_service_on_all_interfaces_warns_and_stops_cleanly_on_sigterm(tmp_path, iris_classifier):
+    """`python -m service` works like `python service.py`; a non-loopback --host is warned about; SIGTERM exits 0."""
+    root = joblib_store(tmp_path / "store", good=iris_classifier)
+    port = free_port()
+    command = [sys.executable, "-m", "service", "--store", str(root), "--port", str(port), "--host", "0.0.0.0"]
+    with running(command, port) as base:
+        assert requests.get(base + "/readyz", timeout=TIMEOUT).status_code == 200
+    assert running.returncode == 0
+    assert "binding 0.0.0.0: the service is reachable from other machines" in running.output
+    assert "SIGTERM" in running.output and "Traceback" not in running.output

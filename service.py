@@ -56,6 +56,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 
 import bottle
 
@@ -967,6 +968,7 @@ class ModelVersion:
         self.rejected = None           # fingerprint of a changed artifact that failed to load (not retried)
         self.pinned = False            # preloaded: loaded eagerly, never evicted or unloaded for idleness
         self.gone = False              # left the store or the version policy; never loaded again
+        self.leaving = None            # the model UNLOADING: out of service, requests still use it
 
     def set(self, state, error=None):
         self.state, self.since = state, time.time()
@@ -984,7 +986,7 @@ class ModelVersion:
                 "loaded_at": _iso_time(model.loaded_at) if model else None,
                 "load_seconds": round(model.load_seconds, 6) if model else None,
                 "idle_seconds": round(clock() - model.last_used, 3) if model else None,
-                "in_flight": model.inflight if model else 0,
+                "in_flight": (model or self.leaving).inflight if (model or self.leaving) else 0,
                 "loads": self.loads, "last_error": self.error, "last_error_at": _iso_time(self.error_at)}
         info.update(model.describe() if model else
                     {"estimator": None, "methods": None, "n_features_in_": None,
@@ -1014,7 +1016,7 @@ class ServedModel:
 
     def describe(self, clock):
         default = self.routes.get(None)
-        labels = {label: str(number) for label, number in self.wanted.items() if label is not None}
+        labels = {label: str(slot.ref.version) for label, slot in self.routes.items() if label is not None}
         info = {"name": self.name, "latest_version": str(default.ref.version) if default else None,
                 "served_versions": [str(n) for n in self.served], "labels": labels,
                 "version_policy": self.settings.describe()["version_policy"] if self.settings else None,
@@ -1110,17 +1112,29 @@ class ModelRegistry:
             self._preload()
         if self.watch and self._tick_seconds < math.inf and self._watcher_pid != os.getpid():
             self._watcher_pid = os.getpid()
-            threading.Thread(target=self._watch, name="model-watcher", daemon=True).start()
+            threading.Thread(target=self._watch, args=(weakref.ref(self), os.getpid(), self._tick_seconds),
+                             name="model-watcher", daemon=True).start()
 
-    def _watch(self):
-        """Keep housekeeping going while no request comes (idle unloads, new versions preloaded)."""
-        pid = os.getpid()
-        while self._watcher_pid == pid:
-            time.sleep(self._tick_seconds)
+    def stop_watching(self):
+        """End this process's watcher thread (requests still refresh); for tests and embedders."""
+        self._watcher_pid = None
+
+    @staticmethod
+    def _watch(registry_ref, pid, tick):
+        """Keep housekeeping going while no request comes (idle unloads, new versions preloaded).
+
+        It holds the registry weakly, so a registry nobody uses any more ends its watcher.
+        """
+        while True:
+            time.sleep(tick)
+            registry = registry_ref()
+            if registry is None or registry._watcher_pid != pid:
+                return
             try:
-                self.refresh()
+                registry.refresh()
             except Exception:  # never let the watcher die silently
                 logger.exception("model store housekeeping failed")
+            del registry
 
     def _scan(self, settle):
         self._last_scan = self.clock()
@@ -1283,6 +1297,8 @@ class ModelRegistry:
                 slot.loads += 1
                 if old is not None:
                     self._retire(old, slot)
+                if slot.state != AVAILABLE:       # --max-loaded may have evicted the old one to make room
+                    slot.set(AVAILABLE)
                 if slot.gone:
                     self._retire(model, slot)
             logger.info("model %r version %s reloaded from its artifact", ref.name, ref.version)
@@ -1346,7 +1362,7 @@ class ModelRegistry:
     def _retire(self, model, slot):
         """Take a model out of service (under the usage lock); memory is freed when its last request ends."""
         if slot.model is model:
-            slot.model = None
+            slot.model, slot.leaving = None, model if model.inflight else None
             slot.set(UNLOADING if model.inflight else UNLOADED)
         if model.inflight:
             model.retired = True
@@ -1374,8 +1390,10 @@ class ModelRegistry:
             model.inflight -= 1
             if model.retired and not model.inflight:
                 slot = self._resident.pop(model, None)
-                if slot is not None and slot.model is None and slot.state == UNLOADING:
-                    slot.set(UNLOADED)
+                if slot is not None and slot.leaving is model:
+                    slot.leaving = None
+                    if slot.model is None and slot.state == UNLOADING:
+                        slot.set(UNLOADED)
 
     def get(self, name, version=None, label=None):
         """The loaded model, loading it on first use (one load however many callers wait)."""
@@ -1537,9 +1555,11 @@ class ModelRegistry:
         results = {}
         for number in entry.served:
             slot = entry.versions[number]
-            while slot.replacing is not None:      # the rescan found it changed and is loading it already
-                time.sleep(0.01)
-            if slot.model is None:
+            if slot.replacing is not None:         # the rescan found it changed and is loading it already
+                while slot.replacing is not None:
+                    time.sleep(0.01)
+                results[str(number)] = FAILED if slot.rejected else "RELOADED"
+            elif slot.model is None:
                 slot.retry_at = 0.0
                 results[str(number)] = slot.state
             else:

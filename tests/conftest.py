@@ -88,10 +88,15 @@ def store(tmp_path, artifact_format, iris_classifier, named_iris_classifier, dia
 
 @pytest.fixture
 def make_client():
-    """make_client(store, **options) -> WebTest client over create_app."""
+    """make_client(store, **options) -> WebTest client over create_app; watchers stop at teardown."""
+    apps = []
+
     def make(store_path, **options):
-        return webtest.TestApp(service.create_app(store=store_path, **options))
-    return make
+        apps.append(service.create_app(store=store_path, **options))
+        return webtest.TestApp(apps[-1])
+    yield make
+    for app in apps:
+        app.config["service.registry"].stop_watching()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 import service
 from conftest import write_artifact
 from test_api import assert_error, strict_json
-from test_loading import ManualClock
+from test_loading import clocked_registry
 from test_reload import publish, wait_until
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
@@ -99,18 +99,14 @@ def versioned_store(root, estimators, settings=None):
     return root
 
 
-def clocked_registry(root, **options):
-    """A registry on a ManualClock without a watcher; registry.poll() moves the clock 1 s and refreshes."""
-    clock = ManualClock()
-    options.setdefault("poll_interval", 1.0)
-    registry = service.ModelRegistry(service.Config(store=str(root), **options), clock=clock, watch=False)
-
-    def poll():
-        clock.now += 1.0
-        registry.refresh()
-    registry.poll = poll
-    registry.clock_ = clock
-    return registry
+def assert_answers(registry, version, estimator, name="m", **where):
+    """A request for `name` (and a version or label) answers from `version`, with `estimator`'s outputs."""
+    model = registry.acquire(name, **where)
+    try:
+        assert model.version == version
+        assert model.run("predict", np.array(ROWS)).tolist() == expected(estimator)
+    finally:
+        registry.release(model)
 
 
 def clocked_client(root, **options):
@@ -308,19 +304,10 @@ def test_while_a_moved_label_loads_its_new_target_the_old_target_keeps_answering
         registry.poll()
         assert registry.version("m", label="stable").ref.version == 1
     wait_until(lambda: new_target.state == "LOADING")
-    model = registry.acquire("m", label="stable")       # answers at once, from version 1
-    try:
-        assert model.version == "1" and model.run("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
-        assert new_target.state == "LOADING"
-    finally:
-        registry.release(model)
+    assert_answers(registry, "1", iris_classifier, label="stable")      # at once, from version 1
+    assert new_target.state == "LOADING"
     wait_until(lambda: registry.version("m", label="stable") is new_target)
-    model = registry.acquire("m", label="stable")
-    try:
-        assert model.version == "2"
-        assert model.run("predict", np.array(ROWS)).tolist() == expected(string_classifier)
-    finally:
-        registry.release(model)
+    assert_answers(registry, "2", string_classifier, label="stable")
     assert new_target.loads == 1 and new_target.state == "AVAILABLE"
     assert registry.version("m", "1").state == "AVAILABLE", "still served under policy 'all'"
 
@@ -339,12 +326,7 @@ def test_a_label_in_use_moved_to_a_broken_version_keeps_answering_with_the_old_o
     wait_until(lambda: broken.state == "FAILED")
     for _ in range(3):
         registry.poll()
-        model = registry.acquire("m", label="stable")
-        try:
-            assert model.version == "1"
-            assert model.run("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
-        finally:
-            registry.release(model)
+        assert_answers(registry, "1", iris_classifier, label="stable")
     assert broken.loads == 1, "not retried before load_retry_seconds"
     assert broken.error.startswith("cannot load m/2/model.joblib as joblib")
 

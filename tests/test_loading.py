@@ -23,6 +23,20 @@ class ManualClock:
         return self.now
 
 
+def clocked_registry(root, **options):
+    """A registry on a ManualClock without a watcher; registry.poll() moves the clock 1 s and refreshes."""
+    clock = ManualClock()
+    options.setdefault("poll_interval", 1.0)
+    registry = service.ModelRegistry(service.Config(store=str(root), **options), clock=clock, watch=False)
+
+    def poll():
+        clock.now += 1.0
+        registry.refresh()
+    registry.poll = poll
+    registry.clock_ = clock
+    return registry
+
+
 def make_registry(root, clock=None, **options):
     config = service.Config(store=str(root), **options)
     return service.ModelRegistry(config, clock=clock or ManualClock(), watch=False)

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 
 import service
 from conftest import write_artifact
-from test_loading import ManualClock
+from test_loading import ManualClock, clocked_registry
 
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
 
@@ -56,16 +56,7 @@ def labels(model):
 
 @pytest.fixture
 def registry(tmp_path):
-    clock = ManualClock()
-    registry = service.ModelRegistry(service.Config(store=str(tmp_path), poll_interval=1.0,
-                                                    load_retry_seconds=5), clock=clock, watch=False)
-
-    def poll():
-        clock.now += 1.0
-        registry.refresh()
-    registry.poll = poll
-    registry.clock_ = clock
-    return registry
+    return clocked_registry(tmp_path, load_retry_seconds=5)
 
 
 def test_a_new_model_appears_once_its_artifact_is_stable(tmp_path, registry, iris_classifier):

@@ -2087,8 +2087,9 @@ def serve(app, config):
                     config.shutdown_timeout)
 
     def busy():
+        """Connections with a request arriving, running or still being sent; idle keep-alives are not."""
         return [c for c in list(sockets.values())
-                if isinstance(c, HTTPChannel) and (c.requests or c.total_outbufs_len)]
+                if isinstance(c, HTTPChannel) and (c.request is not None or c.requests or c.total_outbufs_len)]
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)} \
         if threading.current_thread() is threading.main_thread() else {}

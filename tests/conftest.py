@@ -110,6 +110,33 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def stop_process(process, timeout=15):
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_until_healthy(process, base, timeout, output):
+    """Poll base/healthz until it answers 200; fail with output() if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n{output()}")
+        try:
+            with requests.get(base + "/healthz", timeout=2) as response:
+                if response.status_code == 200:
+                    return
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "server did not start in time"
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def running(command, port, env=None, cwd=ROOT, timeout=30):
     """Start a server process, wait until /healthz answers, yield its base URL, then stop it."""
@@ -118,26 +145,10 @@ def running(command, port, env=None, cwd=ROOT, timeout=30):
                                stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"server exited with {process.returncode}:\n{process.stdout.read()}")
-            try:
-                if requests.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("server did not start in time")
-            time.sleep(0.1)
+        wait_until_healthy(process, base, timeout, process.stdout.read)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         running.output = process.stdout.read()
         running.returncode = process.returncode
         process.stdout.close()

@@ -18,8 +18,8 @@ artifacts you trust in the store.
 Sections, in the order data flows (``grep -n '^# .*####' service.py``):
 
     Imports and logging, Configuration, Errors, JSON model format, Artifact loaders,
-    Model store, Model registry, Codecs, HTTP application, Serving, Command line,
-    WSGI entry points
+    Model store, Model registry, Codecs, HTTP application, Serving, Export,
+    Command line, WSGI entry points
 """
 
 __version__ = "0.1.0"
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "ServiceError", "ArtifactRef", "ModelStore", "LoadedModel",
     "ModelRegistry", "create_app", "serve", "main", "app", "application",
-    "dump_json_model", "save_json_model", "load_json_model", "to_jsonable",
+    "dump_json_model", "save_json_model", "load_json_model", "export_json_model", "to_jsonable",
 ]
 
 ###############################################################################
@@ -41,6 +41,7 @@ import argparse
 import ast
 import base64
 import dataclasses
+import functools
 import hashlib
 import hmac
 import importlib
@@ -304,7 +305,8 @@ class ArtifactError(Exception):
 # JSON model format ###########################################################
 ###############################################################################
 # A fitted estimator written as data: an allow-listed class name plus the state
-# pickle would restore (`__getstate__`), with numbers stored bit for bit.
+# pickle would restore (`__getstate__`), with numbers stored bit for bit.  The
+# specification, with every node type and allow-list, is docs/json-model-format.md.
 #
 #   {"format": "model-service/sklearn-json", "format_version": 1,
 #    "sklearn_version": "1.9.1", "estimator": <node>}
@@ -313,50 +315,129 @@ class ArtifactError(Exception):
 # object tagged with "$type":
 #   estimator  {"$type": "estimator", "class": "sklearn.linear_model.Ridge", "state": {attr: node}}
 #   ndarray    {"$type": "ndarray", "dtype": "<f8", "shape": [2, 3], "data": base64 of the C-order bytes}
-#              (string and object arrays carry "items": [node, ...] instead of "data")
+#              ("order": "F" for Fortran-order bytes; a structured dtype is {"names", "formats",
+#              "offsets", "itemsize"}; string and object arrays carry "items": [node, ...])
 #   scalar     {"$type": "scalar", "dtype": "<i8", "data": base64}   a numpy scalar
 #   float      {"$type": "float", "value": "nan" | "inf" | "-inf"}
-#   tuple      {"$type": "tuple", "items": [node, ...]}
-#   dict       {"$type": "dict", "items": [[key node, value node], ...]}
+#   tuple, set, frozenset, slice   {"$type": ..., "items": [node, ...]}
+#   dict, bunch                    {"$type": ..., "items": [[key node, value node], ...]}
 #   dtype      {"$type": "dtype", "dtype": "<f8"}                   a numpy dtype
 #   type       {"$type": "type", "name": "float64"}                 a numpy scalar type
+#   object     {"$type": "object", "class": ..., "args": [numbers] | "state": node}   JSON_OBJECTS
+#   neighbors_tree  {"$type": "neighbors_tree", "class", "data", "leaf_size", "metric", "metric_params"}
+#   random_state, generator        a numpy random generator and its state
+#   partial    {"$type": "partial", "function": <JSON_FUNCTIONS>, "args": [...], "keywords": [...]}
 #
-# Loading imports only the modules of the classes in JSON_ESTIMATORS, builds the
-# class with `__new__` and restores its state: nothing in a file can name a
-# function or another class to call.
+# Loading imports only the modules of allow-listed names and never calls anything a
+# file names but those classes' constructors (with numbers) and the functions in
+# JSON_FUNCTIONS; state that compiled code trusts (tree nodes, libsvm's arrays) is
+# checked first, and neighbour search trees are rebuilt from their data.
 
 JSON_FORMAT = "model-service/sklearn-json"
 JSON_FORMAT_VERSION = 1
 
+# Estimators: classes restored with `__new__` and BaseEstimator's `__setstate__`.
 JSON_ESTIMATORS = frozenset({
-    "sklearn.linear_model.LinearRegression",
-    "sklearn.linear_model.Ridge",
-    "sklearn.linear_model.RidgeClassifier",
-    "sklearn.linear_model.Lasso",
-    "sklearn.linear_model.ElasticNet",
-    "sklearn.linear_model.LogisticRegression",
-    "sklearn.preprocessing.StandardScaler",
-    "sklearn.preprocessing.MinMaxScaler",
-    "sklearn.preprocessing.MaxAbsScaler",
-    "sklearn.preprocessing.RobustScaler",
-    "sklearn.preprocessing.LabelBinarizer",       # held inside a fitted RidgeClassifier
-    "sklearn.pipeline.Pipeline",
+    "sklearn.linear_model.LinearRegression", "sklearn.linear_model.Ridge", "sklearn.linear_model.RidgeClassifier",
+    "sklearn.linear_model.Lasso", "sklearn.linear_model.ElasticNet", "sklearn.linear_model.PoissonRegressor",
+    "sklearn.linear_model.TweedieRegressor", "sklearn.linear_model.GammaRegressor",
+    "sklearn.linear_model.LogisticRegression", "sklearn.linear_model.SGDClassifier",
+    "sklearn.linear_model.SGDRegressor",
+    "sklearn.svm.SVC", "sklearn.svm.SVR", "sklearn.svm.LinearSVC", "sklearn.svm.LinearSVR",
+    "sklearn.naive_bayes.GaussianNB", "sklearn.naive_bayes.MultinomialNB", "sklearn.naive_bayes.BernoulliNB",
+    "sklearn.naive_bayes.ComplementNB",
+    "sklearn.neighbors.KNeighborsClassifier", "sklearn.neighbors.KNeighborsRegressor",
+    "sklearn.tree.DecisionTreeClassifier", "sklearn.tree.DecisionTreeRegressor",
+    "sklearn.tree.ExtraTreeClassifier", "sklearn.tree.ExtraTreeRegressor",
+    "sklearn.ensemble.RandomForestClassifier", "sklearn.ensemble.RandomForestRegressor",
+    "sklearn.ensemble.ExtraTreesClassifier", "sklearn.ensemble.ExtraTreesRegressor",
+    "sklearn.ensemble.GradientBoostingClassifier", "sklearn.ensemble.GradientBoostingRegressor",
+    "sklearn.ensemble.HistGradientBoostingClassifier", "sklearn.ensemble.HistGradientBoostingRegressor",
+    "sklearn.ensemble.VotingClassifier", "sklearn.ensemble.VotingRegressor",
+    "sklearn.ensemble.StackingClassifier", "sklearn.ensemble.StackingRegressor",
+    "sklearn.cluster.KMeans", "sklearn.decomposition.PCA", "sklearn.decomposition.TruncatedSVD",
+    "sklearn.preprocessing.StandardScaler", "sklearn.preprocessing.MinMaxScaler",
+    "sklearn.preprocessing.MaxAbsScaler", "sklearn.preprocessing.RobustScaler",
+    "sklearn.preprocessing.Normalizer", "sklearn.preprocessing.Binarizer",
+    "sklearn.preprocessing.OneHotEncoder", "sklearn.preprocessing.OrdinalEncoder",
+    "sklearn.preprocessing.PolynomialFeatures", "sklearn.preprocessing.KBinsDiscretizer",
+    "sklearn.preprocessing.LabelEncoder", "sklearn.preprocessing.LabelBinarizer",
+    "sklearn.preprocessing.FunctionTransformer", "sklearn.impute.SimpleImputer",
+    "sklearn.feature_extraction.text.CountVectorizer", "sklearn.feature_extraction.text.TfidfVectorizer",
+    "sklearn.feature_extraction.text.TfidfTransformer",
+    "sklearn.compose.ColumnTransformer", "sklearn.pipeline.Pipeline", "sklearn.pipeline.FeatureUnion",
+    "sklearn.dummy.DummyClassifier", "sklearn.dummy.DummyRegressor",          # GradientBoosting's init_
+    "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",          # HistGradientBoosting's bins
 })
 
-# dtypes the format stores: booleans, integers, floats, complex, unicode, object
-_DTYPE_PATTERN = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16)|U\d{1,6}|O)$")
+# Internal objects estimators hold, and how each is rebuilt: "call" runs the class with the
+# node's "args" (numbers), "new" creates it empty and restores its "state".
+_LOSSES = "sklearn._loss._loss."
+JSON_OBJECTS = {
+    "sklearn.tree._tree.Tree": "call",                    # args, then a state checked by _check_tree
+    **{_LOSSES + name: "call" for name in (
+        "CyAbsoluteError", "CyExponentialLoss", "CyHalfBinomialLoss", "CyHalfGammaLoss", "CyHalfMultinomialLoss",
+        "CyHalfPoissonLoss", "CyHalfSquaredError", "CyHalfTweedieLoss", "CyHalfTweedieLossIdentity",
+        "CyHuberLoss", "CyPinballLoss")},
+    **{"sklearn.linear_model._sgd_fast." + name: "call" for name in (
+        "EpsilonInsensitive", "Hinge", "ModifiedHuber", "SquaredEpsilonInsensitive", "SquaredHinge")},
+    **{"sklearn._loss.loss." + name: "new" for name in (
+        "AbsoluteError", "ExponentialLoss", "HalfBinomialLoss", "HalfGammaLoss", "HalfMultinomialLoss",
+        "HalfPoissonLoss", "HalfSquaredError", "HalfTweedieLoss", "HalfTweedieLossIdentity", "HuberLoss",
+        "PinballLoss")},
+    **{"sklearn._loss.link." + name: "new" for name in (
+        "HalfLogitLink", "IdentityLink", "Interval", "LogLink", "LogitLink", "MultinomialLogit")},
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor": "new",   # nodes checked
+}
+
+# Functions an estimator may hold (HistGradientBoosting's preprocessor calls check_array
+# through a functools.partial); any other function is refused at export and at load.
+JSON_FUNCTIONS = ("sklearn.utils.check_array",)
+
+# Neighbour search trees are never restored from a file: they are rebuilt from the training
+# data, exactly as fit() builds them (their own state can crash the interpreter if forged).
+JSON_NEIGHBOR_TREES = ("sklearn.neighbors.KDTree", "sklearn.neighbors.BallTree")
+JSON_BIT_GENERATORS = ("MT19937", "PCG64", "PCG64DXSM", "Philox", "SFC64")
+
+# dtypes the format stores: booleans, integers, floats, complex, unicode, object; structured
+# dtypes only of the numeric kinds, described field by field
+_DTYPE_PATTERN = re.compile(r"[<>|=]?(b1|[iu][1248]|f[248]|c(8|16)|U\d{1,6}|O)")
+_FIELD_PATTERN = re.compile(r"[<>|=]?(b1|[iu][1248]|f[248])")
 _NUMPY_TYPES = ("bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
                 "uint64", "float16", "float32", "float64", "complex64", "complex128", "str_")
 
 
-def _estimator_class_name(cls):
-    """The allow-listed public name of an estimator class, or None."""
-    for public in JSON_ESTIMATORS:
+def _allowed_name(cls, names):
+    """The allow-listed name under which `cls` itself is importable, or None."""
+    for public in names:
         module, _, attr = public.rpartition(".")
         if attr == cls.__name__ and cls.__module__.split(".")[0] == module.split(".")[0]:
-            if getattr(importlib.import_module(module), attr) is cls:
+            if getattr(importlib.import_module(module), attr, None) is cls:
                 return public
     return None
+
+
+def _allowed_function(function):
+    """The allow-listed name of a function, or None."""
+    for name in JSON_FUNCTIONS:
+        module, _, attr = name.rpartition(".")
+        if getattr(importlib.import_module(module), attr, None) is function:
+            return name
+    return None
+
+
+def _resolve(name, names, where):
+    """The class an allow-listed name stands for; anything else is refused without an import."""
+    if not isinstance(name, str) or name not in names:
+        raise ArtifactError(f"{where}: class {_clip(repr(name), 120)} is not allowed in JSON models "
+                            "(see docs/json-model-format.md)")
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _unsupported(value, where):
+    return ArtifactError(f"cannot write {where} as JSON: {type(value).__module__}.{type(value).__qualname__} "
+                         "is not supported by the JSON model format")
 
 
 def _encode_node(value, where):
@@ -369,14 +450,19 @@ def _encode_node(value, where):
         return value
     if isinstance(value, float) and not isinstance(value, np.generic):
         return value if math.isfinite(value) else {"$type": "float", "value": repr(value)}
-    if isinstance(value, list):
+    if type(value) is list:
         return [_encode_node(item, f"{where}[{i}]") for i, item in enumerate(value)]
-    if isinstance(value, tuple):
+    if type(value) is tuple:
         return {"$type": "tuple", "items": [_encode_node(item, f"{where}[{i}]") for i, item in enumerate(value)]}
-    if isinstance(value, dict):
-        return {"$type": "dict", "items": [[_encode_node(k, f"{where} key"), _encode_node(v, f"{where}[{k!r}]")]
-                                           for k, v in value.items()]}
-    if isinstance(value, np.ndarray):
+    if type(value) is dict:
+        return {"$type": "dict", "items": _encode_items(value, where)}
+    if type(value) in (set, frozenset):
+        items = sorted((_encode_node(item, f"{where} item") for item in value), key=dumps)
+        return {"$type": type(value).__name__, "items": items}
+    if type(value) is slice:
+        return {"$type": "slice", "items": [_encode_node(getattr(value, part), f"{where}.{part}")
+                                            for part in ("start", "stop", "step")]}
+    if isinstance(value, np.ndarray) and type(value) is np.ndarray:
         return _encode_array(value, where)
     if isinstance(value, np.generic):
         array = np.asarray(value)
@@ -384,45 +470,142 @@ def _encode_node(value, where):
             return _encode_node(value.item(), where)
         return {"$type": "scalar", "dtype": array.dtype.str, "data": base64.b64encode(array.tobytes()).decode()}
     if isinstance(value, np.dtype):
-        return {"$type": "dtype", "dtype": _checked_dtype(value.str, where).str}
+        return {"$type": "dtype", "dtype": _dtype_node(value, where)}
     if isinstance(value, type) and issubclass(value, np.generic):
         names = {getattr(np, name): name for name in _NUMPY_TYPES}
         if value in names:
             return {"$type": "type", "name": names[value]}
-    cls_name = _estimator_class_name(type(value))
-    if cls_name is not None:
-        state = value.__getstate__()
-        return {"$type": "estimator", "class": cls_name,
-                "state": {key: _encode_node(item, f"{where}.{key}") for key, item in sorted(state.items())}}
-    raise ArtifactError(f"cannot write {where} as JSON: {type(value).__module__}.{type(value).__qualname__} "
-                        "is not supported by the JSON model format")
+    if type(value) is np.random.RandomState:
+        return {"$type": "random_state", "state": _encode_node(value.get_state(legacy=True), f"{where}.state")}
+    if type(value) is np.random.Generator and type(value.bit_generator).__name__ in JSON_BIT_GENERATORS:
+        return {"$type": "generator", "bit_generator": type(value.bit_generator).__name__,
+                "state": _encode_node(value.bit_generator.state, f"{where}.state")}
+    if type(value) is functools.partial and _allowed_function(value.func):
+        return {"$type": "partial", "function": _allowed_function(value.func),
+                "args": _encode_node(list(value.args), f"{where}.args"),
+                "keywords": _encode_items(value.keywords, f"{where}.keywords")}
+    if type(value).__name__ == "Bunch" and type(value).__module__ == "sklearn.utils._bunch":
+        return {"$type": "bunch", "items": _encode_items(dict(value), where)}
+    name = _allowed_name(type(value), JSON_ESTIMATORS)
+    if name is not None:
+        return _encode_estimator(value, name, where)
+    name = _allowed_name(type(value), JSON_OBJECTS)
+    if name is not None:
+        return _encode_object(value, name, where)
+    raise _unsupported(value, where)
+
+
+def _encode_items(mapping, where):
+    return [[_encode_node(key, f"{where} key"), _encode_node(item, f"{where}[{key!r}]")]
+            for key, item in mapping.items()]
+
+
+def _encode_estimator(estimator, name, where):
+    state = {}
+    for key, item in sorted(estimator.__getstate__().items()):
+        tree_class = key == "_tree" and _allowed_name(type(item), JSON_NEIGHBOR_TREES)
+        state[key] = (_neighbors_tree_node(estimator, tree_class, where) if tree_class
+                      else _encode_node(item, f"{where}.{key}"))
+    return {"$type": "estimator", "class": name, "state": state}
+
+
+def _neighbors_tree_node(estimator, tree_class, where):
+    """What rebuilds a KNN estimator's KDTree/BallTree: fit()'s own arguments, never the tree's state."""
+    if not isinstance(estimator.effective_metric_, str):
+        raise ArtifactError(f"cannot write {where} as JSON: its metric is a Python function")
+    return {"$type": "neighbors_tree", "class": tree_class,
+            "data": _encode_node(estimator._fit_X, f"{where}._fit_X"),
+            "leaf_size": _encode_node(estimator.leaf_size, f"{where}.leaf_size"),
+            "metric": estimator.effective_metric_,
+            "metric_params": _encode_node(dict(estimator.effective_metric_params_ or {}),
+                                          f"{where}.effective_metric_params_")}
+
+
+def _encode_object(value, name, where):
+    """An internal object, through the reduce protocol pickle itself would use."""
+    import copyreg
+
+    reduced = value.__reduce_ex__(2)
+    function, args = reduced[0], reduced[1]
+    state = reduced[2] if len(reduced) > 2 else None
+    if any(part is not None for part in reduced[3:]):
+        raise _unsupported(value, where)
+    if JSON_OBJECTS[name] == "new":
+        if function is not copyreg.__newobj__ or len(args) != 1 or not isinstance(state, (dict, type(None))):
+            raise _unsupported(value, where)
+        node = {"$type": "object", "class": name}
+        if state:
+            node["state"] = _encode_node(state, f"{where}.state")
+        return node
+    if getattr(function, "__name__", "").startswith("__pyx_unpickle_") and args[2] == ():
+        args, state = (), None                    # a Cython class without state: built by calling it
+    elif function is not type(value):
+        raise _unsupported(value, where)
+    node = {"$type": "object", "class": name, "args": _encode_node(list(args), f"{where}.args")}
+    if state is not None:
+        node["state"] = _encode_node(state, f"{where}.state")
+    return node
 
 
 def _encode_array(array, where):
-    dtype = _checked_dtype(array.dtype.str, where)
-    node = {"$type": "ndarray", "dtype": dtype.str, "shape": list(array.shape)}
-    if dtype.kind in "biufc":
-        node["data"] = base64.b64encode(array.tobytes(order="C")).decode()
+    import numpy as np
+
+    dtype = _checked_dtype(_dtype_node(array.dtype, where), where)
+    node = {"$type": "ndarray", "dtype": _dtype_node(dtype, where), "shape": list(array.shape)}
+    if dtype.kind in "biufcV":
+        fortran = array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous
+        if fortran:
+            node["order"] = "F"               # kept: the memory order can change a BLAS result's last bits
+        if dtype.names:                       # copy field by field: padding bytes must not carry stray memory
+            packed = np.zeros(array.shape, dtype=dtype)
+            for field in dtype.names:
+                packed[field] = array[field]
+            array = packed
+        node["data"] = base64.b64encode(array.tobytes(order="F" if fortran else "C")).decode()
     else:
         node["items"] = [_encode_node(item, f"{where}[{i}]") for i, item in enumerate(array.ravel().tolist())]
     return node
 
 
+def _dtype_node(dtype, where):
+    """A dtype as JSON: numpy's string ("<f8"), or a structured dtype field by field."""
+    if dtype.fields is None:
+        return dtype.str
+    names = list(dtype.names)
+    return {"names": names, "formats": [dtype.fields[n][0].str for n in names],
+            "offsets": [dtype.fields[n][1] for n in names], "itemsize": dtype.itemsize}
+
+
 def _checked_dtype(text, where):
     import numpy as np
 
-    if not isinstance(text, str) or not _DTYPE_PATTERN.match(text):
-        raise ArtifactError(f"{where}: dtype {text!r} is not allowed")
-    return np.dtype(text)
+    if isinstance(text, dict):
+        try:
+            names, formats, offsets = list(text["names"]), list(text["formats"]), list(text["offsets"])
+            itemsize = text["itemsize"]
+            if set(text) == {"names", "formats", "offsets", "itemsize"} and len(names) == len(formats) == \
+                    len(offsets) and all(isinstance(n, str) for n in names) and \
+                    all(isinstance(f, str) and _FIELD_PATTERN.fullmatch(f) for f in formats) and \
+                    all(type(o) is int for o in offsets) and type(itemsize) is int:
+                return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": itemsize})
+        except (KeyError, TypeError, ValueError):
+            pass
+    elif isinstance(text, str) and _DTYPE_PATTERN.fullmatch(text):
+        return np.dtype(text)
+    raise ArtifactError(f"{where}: dtype {_clip(repr(text), 200)} is not allowed")
 
 
 def dump_json_model(estimator):
-    """The JSON model document (a str) for a fitted estimator of an allow-listed class."""
+    """The JSON model document (a str) for a fitted estimator of an allow-listed class.
+
+    The same estimator always gives the same text: keys are sorted and nothing in it
+    depends on memory addresses or the time.
+    """
     import sklearn
 
-    if _estimator_class_name(type(estimator)) is None:
-        raise ArtifactError(f"{type(estimator).__qualname__} is not supported by the JSON model format; "
-                            f"supported: {', '.join(sorted(JSON_ESTIMATORS))}")
+    if _allowed_name(type(estimator), JSON_ESTIMATORS) is None:
+        raise ArtifactError(f"{type(estimator).__module__}.{type(estimator).__qualname__} is not supported by "
+                            f"the JSON model format; supported: {', '.join(sorted(JSON_ESTIMATORS))}")
     document = {"format": JSON_FORMAT, "format_version": JSON_FORMAT_VERSION,
                 "sklearn_version": sklearn.__version__, "estimator": _encode_node(estimator, "estimator")}
     return json.dumps(document, indent=1, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n"
@@ -430,10 +613,14 @@ def dump_json_model(estimator):
 
 def save_json_model(estimator, path):
     """Write a fitted estimator as a JSON model file (by write-then-rename, so never half-written)."""
+    _write_json_document(dump_json_model(estimator), path)
+
+
+def _write_json_document(text, path):
     import tempfile
 
     try:
-        data = dump_json_model(estimator).encode("utf-8")
+        data = text.encode("utf-8")
     except UnicodeEncodeError as error:
         raise ArtifactError(f"cannot write the model as UTF-8 JSON: {error}") from None
     folder, base = os.path.split(os.path.abspath(path))
@@ -474,9 +661,7 @@ def load_json_model(source):
 def _decode_node(node, where):
     import numpy as np
 
-    if node is None or isinstance(node, (bool, str, int)):
-        return node
-    if isinstance(node, float):
+    if node is None or isinstance(node, (bool, str, int, float)):
         return node
     if isinstance(node, list):
         return [_decode_node(item, f"{where}[{i}]") for i, item in enumerate(node)]
@@ -484,50 +669,183 @@ def _decode_node(node, where):
         raise ArtifactError(f"{where}: unexpected JSON value")
     kind = node.get("$type")
     try:
-        if kind == "estimator":
-            return _decode_estimator(node, where)
-        if kind == "ndarray":
-            dtype = _checked_dtype(node["dtype"], where)
-            shape = node["shape"]
-            if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
-                raise ArtifactError(f"{where}: shape must be a list of sizes")
-            count = math.prod(shape)
-            if dtype.kind in "biufc":
-                raw = _raw_bytes(node, dtype, count, where)
-                return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
-            items = [_decode_node(item, f"{where}[{i}]") for i, item in enumerate(node["items"])]
-            if len(items) != count:
-                raise ArtifactError(f"{where}: {len(items)} items do not fill shape {shape}")
-            array = np.empty(len(items), dtype=dtype)
-            array[:] = items if dtype.kind != "O" else _object_items(items)
-            return array.reshape(shape)
-        if kind == "scalar":
-            dtype = _checked_dtype(node["dtype"], where)
-            return np.frombuffer(_raw_bytes(node, dtype, 1, where), dtype=dtype)[0]
-        if kind == "float":
-            if node["value"] not in ("nan", "inf", "-inf"):
-                raise ArtifactError(f"{where}: bad float {node['value']!r}")
-            return float(node["value"])
-        if kind == "tuple":
-            return tuple(_decode_node(item, f"{where}[{i}]") for i, item in enumerate(node["items"]))
-        if kind == "dict":
-            return {_decode_node(key, f"{where} key"): _decode_node(value, f"{where}[{key!r}]")
-                    for key, value in node["items"]}
-        if kind == "dtype":
-            return _checked_dtype(node["dtype"], where)
-        if kind == "type":
-            if node["name"] not in _NUMPY_TYPES:
-                raise ArtifactError(f"{where}: numpy type {node['name']!r} is not allowed")
-            return getattr(np, node["name"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ArtifactError(f"{where}: malformed {kind} node ({type(error).__name__}: {error})") from None
-    raise ArtifactError(f"{where}: unknown node type {kind!r}")
+        decode = _DECODERS.get(kind) if isinstance(kind, str) else None
+        if decode is None:
+            raise ArtifactError(f"{where}: unknown node type {_clip(repr(kind), 80)}")
+        return decode(node, where, np)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        raise ArtifactError(f"{where}: malformed {kind} node ({type(error).__name__}: {_clip(str(error))})") \
+            from None
+
+
+def _decode_items(node, where):
+    return [_decode_node(item, f"{where}[{i}]") for i, item in enumerate(node["items"])]
+
+
+def _decode_pairs(node, where, field="items"):
+    pairs = {}
+    for key, value in node[field]:
+        key = _decode_node(key, f"{where} key")
+        pairs[key] = _decode_node(value, f"{where}[{key!r}]")
+    return pairs
+
+
+def _decode_array(node, where, np):
+    dtype = _checked_dtype(node["dtype"], where)
+    shape = node["shape"]
+    if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
+        raise ArtifactError(f"{where}: shape must be a list of sizes")
+    count = math.prod(shape)
+    if dtype.kind in "biufcV":
+        order = node.get("order", "C")
+        if order not in ("C", "F"):
+            raise ArtifactError(f"{where}: order must be \"C\" or \"F\"")
+        return np.frombuffer(_raw_bytes(node, dtype, count, where), dtype=dtype).reshape(shape, order=order).copy(
+            order=order)
+    items = _decode_items(node, where)
+    if len(items) != count:
+        raise ArtifactError(f"{where}: {len(items)} items do not fill shape {shape}")
+    array = np.empty(len(items), dtype=dtype)
+    array[:] = items if dtype.kind != "O" else _object_items(items)
+    return array.reshape(shape)
+
+
+def _decode_scalar(node, where, np):
+    dtype = _checked_dtype(node["dtype"], where)
+    if dtype.fields is not None:
+        raise ArtifactError(f"{where}: a scalar cannot have a structured dtype")
+    return np.frombuffer(_raw_bytes(node, dtype, 1, where), dtype=dtype)[0]
+
+
+def _decode_float(node, where, np):
+    if node["value"] not in ("nan", "inf", "-inf"):
+        raise ArtifactError(f"{where}: bad float {_clip(repr(node['value']), 40)}")
+    return float(node["value"])
+
+
+def _decode_type(node, where, np):
+    if not isinstance(node["name"], str) or node["name"] not in _NUMPY_TYPES:
+        raise ArtifactError(f"{where}: numpy type {_clip(repr(node['name']), 40)} is not allowed")
+    return getattr(np, node["name"])
+
+
+def _decode_slice(node, where, np):
+    parts = _decode_items(node, where)
+    if len(parts) != 3 or not all(part is None or type(part) is int for part in parts):
+        raise ArtifactError(f"{where}: a slice holds [start, stop, step] integers or nulls")
+    return slice(*parts)
+
+
+def _decode_random_state(node, where, np):
+    generator = np.random.RandomState()
+    generator.set_state(_decode_node(node["state"], f"{where}.state"))
+    return generator
+
+
+def _decode_generator(node, where, np):
+    name = node["bit_generator"]
+    if name not in JSON_BIT_GENERATORS:
+        raise ArtifactError(f"{where}: bit generator {_clip(repr(name), 40)} is not allowed")
+    bit_generator = getattr(np.random, name)()
+    bit_generator.state = _decode_node(node["state"], f"{where}.state")
+    return np.random.Generator(bit_generator)
+
+
+def _decode_partial(node, where, np):
+    function = _resolve(node["function"], JSON_FUNCTIONS, where)
+    args = _decode_node(node["args"], f"{where}.args")
+    keywords = _decode_pairs(node, where, "keywords")
+    if not isinstance(args, list) or not all(isinstance(key, str) for key in keywords):
+        raise ArtifactError(f"{where}: a partial holds a list of args and keywords named by strings")
+    return functools.partial(function, *args, **keywords)
+
+
+def _decode_bunch(node, where, np):
+    from sklearn.utils import Bunch
+
+    return Bunch(**_decode_pairs(node, where))
+
+
+def _decode_estimator(node, where, np):
+    cls = _resolve(node["class"], JSON_ESTIMATORS, where)
+    state = node["state"]
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{where}: estimator state must be an object")
+    estimator = cls.__new__(cls)
+    estimator.__setstate__({key: _decode_node(value, f"{where}.{key}") for key, value in state.items()})
+    _check_estimator(estimator, where)
+    return estimator
+
+
+def _decode_object(node, where, np):
+    name = node["class"]
+    cls = _resolve(name, JSON_OBJECTS, where)
+    build = JSON_OBJECTS[name]
+    state = _decode_node(node["state"], f"{where}.state") if "state" in node else None
+    if build == "new":
+        if "args" in node or not isinstance(state, (dict, type(None))):
+            raise ArtifactError(f"{where}: {name} is rebuilt from a state object, without args")
+        value = cls.__new__(cls)
+        if name.endswith(".TreePredictor"):
+            _check_tree_predictor(state or {}, where)
+        value.__dict__.update(state or {})
+        return value
+    args = _decode_node(node["args"], f"{where}.args")
+    if not isinstance(args, list) or not all(_is_plain_number(arg) for arg in args):
+        raise ArtifactError(f"{where}: the arguments of {name} must be numbers")
+    if name == "sklearn.tree._tree.Tree":
+        _check_tree(args, state, where)
+        value = cls(*args)
+        value.__setstate__(state)
+        return value
+    if state is not None:
+        raise ArtifactError(f"{where}: {name} takes no state")
+    return cls(*args)
+
+
+def _decode_neighbors_tree(node, where, np):
+    cls = _resolve(node["class"], JSON_NEIGHBOR_TREES, where)
+    data = _decode_node(node["data"], f"{where}.data")
+    metric, params = node["metric"], _decode_node(node["metric_params"], f"{where}.metric_params")
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.dtype.kind != "f" or \
+            not isinstance(metric, str) or not isinstance(params, dict) or type(node["leaf_size"]) is not int:
+        raise ArtifactError(f"{where}: a neighbours tree needs 2-d float data, a metric name and a leaf size")
+    return cls(data, leaf_size=node["leaf_size"], metric=metric, **params)
+
+
+def _is_plain_number(value):
+    import numpy as np
+
+    return (type(value) in (int, float) or isinstance(value, np.ndarray) and value.dtype.kind in "iuf"
+            and value.ndim == 1)
+
+
+_DECODERS = {
+    "estimator": _decode_estimator,
+    "object": _decode_object,
+    "neighbors_tree": _decode_neighbors_tree,
+    "ndarray": _decode_array,
+    "scalar": _decode_scalar,
+    "float": _decode_float,
+    "tuple": lambda node, where, np: tuple(_decode_items(node, where)),
+    "set": lambda node, where, np: set(_decode_items(node, where)),
+    "frozenset": lambda node, where, np: frozenset(_decode_items(node, where)),
+    "dict": lambda node, where, np: _decode_pairs(node, where),
+    "slice": _decode_slice,
+    "dtype": lambda node, where, np: _checked_dtype(node["dtype"], where),
+    "type": _decode_type,
+    "random_state": _decode_random_state,
+    "generator": _decode_generator,
+    "bunch": _decode_bunch,
+    "partial": _decode_partial,
+}
 
 
 def _raw_bytes(node, dtype, count, where):
     raw = base64.b64decode(node["data"], validate=True)
     if len(raw) != count * dtype.itemsize:
-        raise ArtifactError(f"{where}: {len(raw)} bytes of data do not hold {count} values of {dtype.str}")
+        raise ArtifactError(f"{where}: {len(raw)} bytes of data do not hold {count} values of "
+                            f"{_clip(str(dtype), 80)}")
     return raw
 
 
@@ -541,19 +859,117 @@ def _object_items(items):
     return holder
 
 
-def _decode_estimator(node, where):
-    class_name = node["class"]
-    if class_name not in JSON_ESTIMATORS:
-        raise ArtifactError(f"{where}: class {class_name!r} is not allowed in JSON models; "
-                            f"allowed: {', '.join(sorted(JSON_ESTIMATORS))}")
-    module, _, attr = class_name.rpartition(".")
-    cls = getattr(importlib.import_module(module), attr)
-    state = node["state"]
-    if not isinstance(state, dict):
-        raise ArtifactError(f"{where}: estimator state must be an object")
-    estimator = cls.__new__(cls)
-    estimator.__setstate__({key: _decode_node(value, f"{where}.{key}") for key, value in state.items()})
-    return estimator
+# -- checks on state that compiled code trusts ------------------------------------------------
+# scikit-learn's Cython walks tree nodes and libsvm's C reads support vectors without bounds
+# checks: a forged file could make them read outside their arrays, or loop for ever.  These
+# checks make every index point inside its array, and every child after its parent.
+
+def _check_tree(args, state, where):
+    import numpy as np
+    from sklearn.tree._tree import NODE_DTYPE
+
+    n_features, n_classes, n_outputs = args
+    if type(n_features) is not int or type(n_outputs) is not int or n_features < 1 or n_outputs < 1 or \
+            not isinstance(n_classes, np.ndarray) or n_classes.shape != (n_outputs,) or n_classes.min() < 1:
+        raise ArtifactError(f"{where}: a Tree is built from (n_features, n_classes[n_outputs], n_outputs)")
+    if not isinstance(state, dict) or set(state) != {"max_depth", "node_count", "nodes", "values"}:
+        raise ArtifactError(f"{where}: a Tree's state holds max_depth, node_count, nodes and values")
+    nodes, values, count = state["nodes"], state["values"], state["node_count"]
+    if not isinstance(nodes, np.ndarray) or nodes.dtype != NODE_DTYPE or nodes.ndim != 1 or \
+            type(count) is not int or count != len(nodes) or \
+            not isinstance(values, np.ndarray) or values.dtype != np.float64 or \
+            values.shape != (count, n_outputs, int(n_classes.max())):
+        raise ArtifactError(f"{where}: the Tree's nodes and values do not match its node count and shape")
+    _check_children(nodes["left_child"], nodes["right_child"], -1, where)
+    leaf = nodes["left_child"] == -1
+    features = nodes["feature"]
+    if np.any(features[~leaf] < 0) or np.any(features >= n_features) or np.any(features[leaf] != -2):
+        raise ArtifactError(f"{where}: a Tree node splits on a feature that does not exist")
+
+
+def _check_tree_predictor(state, where):
+    import numpy as np
+    from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
+
+    if set(state) != {"nodes", "binned_left_cat_bitsets", "raw_left_cat_bitsets"}:
+        raise ArtifactError(f"{where}: a TreePredictor's state holds nodes and two bitset arrays")
+    nodes = state["nodes"]
+    bitsets = [state[key] for key in ("binned_left_cat_bitsets", "raw_left_cat_bitsets")]
+    if not isinstance(nodes, np.ndarray) or nodes.dtype != PREDICTOR_RECORD_DTYPE or nodes.ndim != 1 or \
+            not len(nodes) or not all(isinstance(b, np.ndarray) and b.dtype == np.uint32 and b.ndim == 2
+                                      and b.shape[1] == 8 for b in bitsets):
+        raise ArtifactError(f"{where}: a TreePredictor's nodes or bitsets have the wrong type")
+    leaf = nodes["is_leaf"].astype(bool)
+    inner = nodes[~leaf]
+    _check_children(np.where(leaf, -1, nodes["left"].astype(np.int64)),
+                    np.where(leaf, -1, nodes["right"].astype(np.int64)), -1, where)
+    categorical = inner[inner["is_categorical"].astype(bool)]
+    if np.any(inner["feature_idx"] < 0) or \
+            np.any(categorical["bitset_idx"] >= min(len(bitsets[0]), len(bitsets[1]))):
+        raise ArtifactError(f"{where}: a TreePredictor node points outside its features or bitsets")
+
+
+def _check_children(left, right, leaf, where):
+    """Each node is a leaf (both children `leaf`) or has two children after it, inside the array."""
+    import numpy as np
+
+    index = np.arange(len(left))
+    is_leaf = (left == leaf) & (right == leaf)
+    inner = ~is_leaf
+    count = len(left)
+    if np.any((left == leaf) != (right == leaf)) or \
+            np.any((left[inner] <= index[inner]) | (left[inner] >= count)) or \
+            np.any((right[inner] <= index[inner]) | (right[inner] >= count)):
+        raise ArtifactError(f"{where}: tree nodes must point to children after them, inside the tree")
+
+
+def _check_estimator(estimator, where):
+    """Cross-object checks compiled code relies on, once an estimator's parts are decoded."""
+    import numpy as np
+
+    n_features = getattr(estimator, "__dict__", {}).get("n_features_in_")
+    tree = estimator.__dict__.get("tree_")
+    if tree is not None and n_features is not None and tree.n_features != n_features:
+        raise ArtifactError(f"{where}: its tree has {tree.n_features} features, the estimator {n_features}")
+    for part in ("estimators_", "_predictors"):
+        members = estimator.__dict__.get(part)
+        if members is None:
+            continue
+        for member in np.asarray(members, dtype=object).ravel():
+            if hasattr(member, "nodes") and n_features is not None and len(member.nodes) and \
+                    member.nodes["feature_idx"].max() >= n_features:
+                raise ArtifactError(f"{where}: a predictor splits on a feature the estimator does not have")
+            inner = getattr(member, "n_features_in_", n_features)
+            if getattr(member, "tree_", None) is not None and inner != n_features and n_features is not None:
+                raise ArtifactError(f"{where}: a member estimator has {inner} features, the ensemble {n_features}")
+    centers = estimator.__dict__.get("cluster_centers_")
+    if centers is not None and (not isinstance(centers, np.ndarray) or centers.ndim != 2 or
+                                centers.shape[1] != n_features):
+        raise ArtifactError(f"{where}: cluster_centers_ must have one column per feature")
+    if "support_vectors_" in estimator.__dict__:
+        _check_libsvm(estimator, where)
+
+
+def _check_libsvm(svm, where):
+    """libsvm indexes support vectors, coefficients and intercepts by counts the state holds."""
+    import numpy as np
+
+    vectors, counts = svm.__dict__.get("support_vectors_"), svm.__dict__.get("_n_support")
+    dual, intercept = svm.__dict__.get("_dual_coef_"), svm.__dict__.get("_intercept_")
+    arrays = (vectors, counts, dual, intercept, svm.__dict__.get("support_"))
+    if not all(isinstance(a, np.ndarray) for a in arrays):
+        raise ArtifactError(f"{where}: an SVM needs its support vectors, counts, coefficients and intercepts")
+    n_vectors = len(vectors)
+    classifier = getattr(svm, "_impl", None) in ("c_svc", "nu_svc")
+    n_classes = len(counts) if classifier else 2
+    pairs = n_classes * (n_classes - 1) // 2
+    probabilities = [svm.__dict__.get(k) for k in ("_probA", "_probB")]
+    if vectors.ndim != 2 or counts.ndim != 1 or counts.min(initial=0) < 0 or \
+            (classifier and int(counts.sum()) != n_vectors) or len(svm.support_) != n_vectors or \
+            dual.shape != (n_classes - 1, n_vectors) or intercept.shape != (pairs,) or \
+            (svm.kernel != "precomputed" and vectors.shape[1] != svm.__dict__.get("n_features_in_")) or \
+            not all(isinstance(p, np.ndarray) and len(p) in (0, pairs) for p in probabilities):
+        raise ArtifactError(f"{where}: the SVM's support vectors, coefficients and intercepts do not agree")
 
 
 ###############################################################################
@@ -2115,6 +2531,124 @@ def serve(app, config):
 
 
 ###############################################################################
+# Export ######################################################################
+###############################################################################
+# `python service.py export SRC DST.json`: turn a pickle or joblib artifact into a
+# JSON model, and prove the copy predicts exactly like the original before writing it.
+
+
+def export_json_model(estimator, path, sample=None, rows=20):
+    """Write `estimator` to `path` as a JSON model once its JSON copy gives identical outputs.
+
+    `sample` is what a predict request carries (a list of rows, or {"instances": ...}
+    or {"inputs": ...}); without one, `rows` random rows of the model's width are made
+    up.  Every prediction method that accepts the rows is compared bit for bit.
+    Returns {"path", "bytes", "sha256", "rows", "methods"}; raises ArtifactError if the
+    model cannot be written as JSON, no method can be checked, or the copy differs.
+    """
+    text = dump_json_model(estimator)
+    copy = load_json_model(text)
+    inputs, count = _check_inputs(estimator, sample, rows)
+    methods = []
+    for method in PREDICT_METHODS:
+        if not callable(getattr(estimator, method, None)):
+            continue
+        try:
+            expected = getattr(estimator, method)(inputs)
+        except Exception:  # the original refuses these rows for this method (e.g. hard voting's proba)
+            continue
+        if not _same_outputs(expected, getattr(copy, method)(inputs)):
+            raise ArtifactError(f"the JSON copy's {method} differs from the original's: not written")
+        methods.append(method)
+    if not methods:
+        raise ArtifactError("no prediction method of the model accepts the check rows: "
+                            "give a sample of real inputs (--check SAMPLE.json)")
+    _write_json_document(text, path)
+    data = text.encode("utf-8")
+    return {"path": os.fspath(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "rows": count, "methods": methods}
+
+
+def _check_inputs(estimator, sample, rows):
+    """(inputs, row count) to compare the original and its copy on."""
+    import numpy as np
+
+    model = LoadedModel(ArtifactRef("export", 1, "", "export", ".json", 0, 0), estimator, None, 0, 0.0)
+    if sample is not None:
+        try:
+            instances, _ = decode_payload(sample, None)
+            inputs = model_inputs(model, instances, max_rows=10**6)
+        except ServiceError as error:
+            raise ArtifactError(f"the sample does not fit the model: {error.message}") from None
+        return inputs, len(inputs)
+    if model.n_features is None:
+        raise ArtifactError("the model does not say how many features it takes (a text pipeline?): "
+                            "give a sample of real inputs (--check SAMPLE.json)")
+    matrix = np.random.default_rng(0).normal(size=(rows, model.n_features))
+    if model.make_frame is not None:
+        return model.make_frame(matrix, columns=model.feature_names), rows
+    return matrix, rows
+
+
+def _same_outputs(expected, actual):
+    """Equal in type, dtype, shape and every bit (NaN included); sparse matrices part by part."""
+    import numpy as np
+
+    if isinstance(expected, tuple):
+        return isinstance(actual, tuple) and len(actual) == len(expected) and \
+            all(_same_outputs(e, a) for e, a in zip(expected, actual))
+    if hasattr(expected, "tocsr"):
+        return hasattr(actual, "tocsr") and expected.format == actual.format and all(
+            _same_outputs(getattr(expected.tocsr(), part), getattr(actual.tocsr(), part))
+            for part in ("data", "indices", "indptr"))
+    expected, actual = np.asarray(expected), np.asarray(actual)
+    if expected.dtype != actual.dtype or expected.shape != actual.shape:
+        return False
+    if expected.dtype.kind == "O":
+        return expected.tolist() == actual.tolist()
+    return expected.tobytes() == actual.tobytes()
+
+
+def export_command(argv):
+    """`model-service export SRC DST.json [--check SAMPLE.json]`; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="model-service export",
+        description="Write a pickle or joblib artifact as a JSON model (loaded without running code), after "
+                    "checking that the JSON copy predicts exactly like the original.")
+    parser.add_argument("source", metavar="SRC", help="artifact to convert (.joblib, .pkl, .pickle or .json)")
+    parser.add_argument("destination", metavar="DST.json", help="JSON model to write (by write-then-rename)")
+    parser.add_argument("--check", metavar="SAMPLE.json",
+                        help="inputs to compare on, as a predict request body (default: 20 made-up rows)")
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sample = None
+        if arguments.check:
+            with open(arguments.check, "rb") as handle:
+                sample = parse_json(handle.read(), max_depth=64, what=arguments.check)
+        estimator = _read_artifact(arguments.source)
+        report = export_json_model(estimator, arguments.destination, sample)
+    except (ArtifactError, ServiceError, OSError) as error:
+        print(f"model-service export: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
+        return 1
+    print(f"wrote {report['path']} ({report['bytes']} bytes, sha256 {report['sha256']}): "
+          f"{', '.join(report['methods'])} identical to the original on {report['rows']} "
+          f"{'sample' if sample is not None else 'made-up'} rows")
+    return 0
+
+
+def _read_artifact(path):
+    """Load an artifact file the way the store would, chosen by its extension."""
+    extension = os.path.splitext(path)[1]
+    if extension not in ARTIFACT_LOADERS:
+        raise ArtifactError(f"{path}: unknown extension (use {', '.join(ARTIFACT_LOADERS)})")
+    stat = os.stat(path)
+    ref = ArtifactRef(os.path.basename(path), 1, os.path.abspath(path), path, extension, stat.st_size,
+                      stat.st_mtime_ns)
+    return load_artifact(ref)[0]
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -2138,6 +2672,9 @@ def build_parser():
 
 def main(argv=None, serve=serve):
     """Command line entry point; returns the exit code.  `serve` is injectable for tests."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        return export_command(argv[1:])
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
     try:

@@ -1,0 +1,276 @@
+"""The JSON format's defences against forged state, and the export command (`python service.py export`)."""
+
+import base64
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.datasets import load_iris
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer
+from sklearn.svm import SVC
+from sklearn.tree import DecisionTreeClassifier
+
+import service
+from conftest import ROOT
+
+X, Y = load_iris(return_X_y=True)
+
+
+def document(estimator):
+    return json.loads(service.dump_json_model(estimator))
+
+
+def refused(doc, fragment):
+    with pytest.raises(service.ArtifactError) as caught:
+        service.load_json_model(json.dumps(doc))
+    assert fragment in str(caught.value), str(caught.value)
+    return str(caught.value)
+
+
+def nodes_of(doc, path=("estimator", "state", "tree_")):
+    node = doc
+    for key in path:
+        node = node[key]
+    return node
+
+
+def structured(node):
+    """(array, writer) for a structured ndarray node: change the array, then writer() stores it back."""
+    dtype = service._checked_dtype(node["dtype"], "test")
+    array = np.frombuffer(base64.b64decode(node["data"]), dtype=dtype).copy()
+
+    def write():
+        node["data"] = base64.b64encode(array.tobytes()).decode()
+    return array, write
+
+
+@pytest.fixture(scope="module")
+def tree_doc():
+    return document(DecisionTreeClassifier(random_state=0).fit(X, Y))
+
+
+# -- forged trees ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("left_child", 0, "children after them"),          # a loop back to the root: apply() would never end
+    ("left_child", 10_000, "children after them"),     # outside the node array
+    ("right_child", -1, "children after them"),        # only one child
+    ("feature", 99, "feature that does not exist"),    # reads outside the row
+    ("feature", -1, "feature that does not exist"),
+])
+def test_a_forged_tree_node_is_refused(tree_doc, field, value, fragment):
+    doc = json.loads(json.dumps(tree_doc))
+    tree = nodes_of(doc)
+    nodes, write = structured(_state_field(tree, "nodes"))
+    nodes[0][field] = value
+    write()
+    refused(doc, fragment)
+
+
+def _state_field(object_node, key):
+    """A field of an object node's state (a dict node)."""
+    for k, v in object_node["state"]["items"]:
+        if k == key:
+            return v
+    raise KeyError(key)
+
+
+def test_a_tree_whose_values_do_not_match_its_nodes_is_refused(tree_doc):
+    doc = json.loads(json.dumps(tree_doc))
+    values = _state_field(nodes_of(doc), "values")
+    values["shape"][0] -= 1
+    values["data"] = base64.b64encode(base64.b64decode(values["data"])[:-8 * values["shape"][1] * values["shape"][2]]
+                                      ).decode()
+    refused(doc, "do not match")
+
+
+def test_a_tree_with_more_features_than_its_estimator_is_refused(tree_doc):
+    doc = json.loads(json.dumps(tree_doc))
+    nodes_of(doc)["args"][0] = 40
+    refused(doc, "its tree has 40 features, the estimator 4")
+
+
+def test_a_forest_member_tree_is_checked_too():
+    doc = document(RandomForestClassifier(n_estimators=3, random_state=0).fit(X, Y))
+    member = doc["estimator"]["state"]["estimators_"][2]
+    nodes, write = structured(_state_field(member["state"]["tree_"], "nodes"))
+    nodes[0]["right_child"] = 0
+    write()
+    message = refused(doc, "children after them")
+    assert "estimators_[2]" in message
+
+
+def test_a_forged_histogram_predictor_is_refused():
+    doc = document(HistGradientBoostingClassifier(max_iter=3, random_state=0).fit(X, Y))
+    predictor = doc["estimator"]["state"]["_predictors"][0][0]
+    nodes, write = structured(_state_field(predictor, "nodes"))
+    nodes[0]["feature_idx"] = 50
+    write()
+    refused(doc, "feature the estimator does not have")
+
+
+def test_forged_svm_counts_are_refused():
+    doc = document(SVC().fit(X, Y))
+    counts = doc["estimator"]["state"]["_n_support"]
+    counts["data"] = base64.b64encode(np.array([5, 5, 5], dtype="<i4").tobytes()).decode()
+    refused(doc, "do not agree")
+
+
+def test_kmeans_centres_of_the_wrong_width_are_refused():
+    doc = document(KMeans(n_clusters=2, n_init=1, random_state=0).fit(X))
+    centres = doc["estimator"]["state"]["cluster_centers_"]
+    centres["shape"] = [4, 2]
+    refused(doc, "one column per feature")
+
+
+def test_a_neighbours_tree_is_rebuilt_from_data_never_restored_from_state():
+    knn = KNeighborsClassifier(algorithm="kd_tree").fit(X, Y)
+    doc = document(knn)
+    node = doc["estimator"]["state"]["_tree"]
+    assert node["$type"] == "neighbors_tree" and set(node) == {"$type", "class", "data", "leaf_size", "metric",
+                                                               "metric_params"}
+    loaded = service.load_json_model(json.dumps(doc))
+    assert np.array_equal(loaded.kneighbors(X)[1], knn.kneighbors(X)[1])
+    node["metric"] = {"$type": "object"}
+    refused(doc, "a metric name")
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda node: node.update({"class": "sklearn.neighbors.NearestNeighbors"}), "is not allowed"),
+    (lambda node: node.update({"args": ["4", {"$type": "ndarray", "dtype": "<i8", "shape": [1],
+                                              "data": base64.b64encode(np.int64(3).tobytes()).decode()}, 1]}),
+     "must be numbers"),
+    (lambda node: node.update({"args": [[4]]}), "must be numbers"),
+])
+def test_object_nodes_take_only_allowed_classes_and_numbers(tree_doc, mutate, fragment):
+    doc = json.loads(json.dumps(tree_doc))
+    mutate(nodes_of(doc))
+    refused(doc, fragment)
+
+
+def test_a_state_built_object_refuses_arguments():
+    doc = document(HistGradientBoostingClassifier(max_iter=2, random_state=0).fit(X, Y))
+    loss = doc["estimator"]["state"]["_loss"]
+    assert loss["class"] == "sklearn._loss.loss.HalfMultinomialLoss"
+    loss["args"] = [1]
+    refused(doc, "without args")
+
+
+def test_a_partial_may_wrap_only_an_allowed_function():
+    from sklearn.utils import check_array
+    import functools
+    pipeline = make_pipeline(FunctionTransformer(functools.partial(check_array, dtype=np.float64)),
+                             LogisticRegression(max_iter=1000)).fit(X, Y)
+    doc = document(pipeline)
+    partial = doc["estimator"]["state"]["steps"][0]["items"][1]["state"]["func"]
+    assert partial == {"$type": "partial", "function": "sklearn.utils.check_array", "args": [],
+                       "keywords": [["dtype", {"$type": "type", "name": "float64"}]]}
+    assert np.array_equal(service.load_json_model(json.dumps(doc)).predict(X), pipeline.predict(X))
+    partial["function"] = "os.system"
+    refused(doc, "'os.system' is not allowed")
+
+
+def test_a_function_other_than_the_allowed_ones_is_refused_at_export():
+    pipeline = make_pipeline(FunctionTransformer(np.log1p), LogisticRegression()).fit(X, Y)
+    with pytest.raises(service.ArtifactError, match=r"estimator\.steps\[0\]\[1\]\.func"):
+        service.dump_json_model(pipeline)
+
+
+def test_structured_padding_is_written_as_zeros_so_output_is_stable():
+    tree = DecisionTreeClassifier(random_state=0).fit(X, Y)
+    nodes = _state_field(document(tree)["estimator"]["state"]["tree_"], "nodes")
+    assert nodes["dtype"]["itemsize"] > 57        # NODE_DTYPE has padding after its last field
+    raw = np.frombuffer(base64.b64decode(nodes["data"]), dtype=np.uint8).reshape(-1, nodes["dtype"]["itemsize"])
+    assert not raw[:, 57:].any()
+
+
+# -- the export command ------------------------------------------------------------------------------------
+
+def run_export(*args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "service.py"), "export", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=cwd or ROOT)
+
+
+def test_export_converts_a_joblib_artifact_and_reports_what_it_compared(tmp_path):
+    forest = RandomForestClassifier(n_estimators=5, random_state=0).fit(X, Y)
+    joblib.dump(forest, tmp_path / "forest.joblib")
+    result = run_export(tmp_path / "forest.joblib", tmp_path / "forest.json")
+    assert result.returncode == 0, result.stderr
+    assert "predict, predict_proba, predict_log_proba identical to the original on 20 made-up rows" in result.stdout
+    loaded = service.load_json_model(tmp_path / "forest.json")
+    assert np.array_equal(loaded.predict_proba(X), forest.predict_proba(X))
+    first = (tmp_path / "forest.json").read_bytes()
+    assert run_export(tmp_path / "forest.joblib", tmp_path / "again.json").returncode == 0
+    assert (tmp_path / "again.json").read_bytes() == first, "the same model gives the same bytes"
+    digest = __import__("hashlib").sha256(first).hexdigest()
+    assert f"sha256 {digest}" in result.stdout
+
+
+def test_export_of_a_text_model_needs_a_sample_and_checks_on_it(tmp_path):
+    texts = ["a great film", "a boring film", "great acting", "awful plot"] * 3
+    model = make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(texts, [1, 0, 1, 0] * 3)
+    with open(tmp_path / "text.pkl", "wb") as handle:
+        pickle.dump(model, handle)
+    result = run_export(tmp_path / "text.pkl", tmp_path / "text.json")
+    assert result.returncode == 1 and "--check SAMPLE.json" in result.stderr
+    assert not (tmp_path / "text.json").exists()
+    (tmp_path / "sample.json").write_text(json.dumps({"instances": ["great", "boring plot", "film"]}))
+    result = run_export(tmp_path / "text.pkl", tmp_path / "text.json", "--check", tmp_path / "sample.json")
+    assert result.returncode == 0, result.stderr
+    assert "on 3 sample rows" in result.stdout
+    assert service.load_json_model(tmp_path / "text.json").predict(["great"]).tolist() == model.predict(["great"]).tolist()
+
+
+def test_export_refuses_what_the_format_cannot_hold_and_writes_nothing(tmp_path):
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    joblib.dump(LinearDiscriminantAnalysis().fit(X, Y), tmp_path / "lda.joblib")
+    result = run_export(tmp_path / "lda.joblib", tmp_path / "lda.json")
+    assert result.returncode == 1
+    assert "LinearDiscriminantAnalysis is not supported by the JSON model format" in result.stderr
+    assert "Traceback" not in result.stderr and os.listdir(tmp_path) == ["lda.joblib"]
+
+
+@pytest.mark.parametrize("sample, fragment", [
+    ({"instances": [[1, 2]]}, "expected 4 features, got 2"),
+    ({"rows": []}, "Missing 'inputs' or 'instances' key"),
+])
+def test_export_explains_a_sample_that_does_not_fit(tmp_path, sample, fragment):
+    joblib.dump(LogisticRegression(max_iter=1000).fit(X, Y), tmp_path / "m.joblib")
+    (tmp_path / "sample.json").write_text(json.dumps(sample))
+    result = run_export(tmp_path / "m.joblib", tmp_path / "m.json", "--check", tmp_path / "sample.json")
+    assert result.returncode == 1 and fragment in result.stderr and not (tmp_path / "m.json").exists()
+
+
+def test_export_of_a_missing_file_or_unknown_extension_fails_cleanly(tmp_path):
+    result = run_export(tmp_path / "nope.joblib", tmp_path / "x.json")
+    assert result.returncode == 1 and "No such file" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    result = run_export(tmp_path / "model.onnx", tmp_path / "x.json")
+    assert result.returncode == 1 and "unknown extension" in result.stderr
+
+
+def test_export_json_model_function_returns_its_report(tmp_path):
+    model = LogisticRegression(max_iter=1000).fit(X, Y)
+    report = service.export_json_model(model, tmp_path / "m.json", sample=X[:5].tolist())
+    assert report["rows"] == 5 and report["methods"] == ["predict", "predict_proba", "predict_log_proba",
+                                                         "decision_function"]
+    assert report["bytes"] == os.path.getsize(tmp_path / "m.json")
+
+
+def test_an_exported_model_serves_from_the_store(tmp_path, make_client):
+    model = make_pipeline(FunctionTransformer(), LogisticRegression(max_iter=1000)).fit(X, Y)
+    service.export_json_model(model, tmp_path / "iris.json")
+    body = make_client(tmp_path).post_json("/models/iris/predict", {"instances": X[:3].tolist(),
+                                                                   "method": "predict_proba"}).json
+    assert body["predictions"] == model.predict_proba(X[:3]).tolist()

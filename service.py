@@ -13,7 +13,8 @@ Store layout (found automatically, both side by side)::
 
 ``<ext>`` is ``.joblib``, ``.pkl``/``.pickle`` or ``.json`` (models as data, see
 "JSON model format").  pickle and joblib artifacts run code when loaded: only put
-artifacts you trust in the store.
+artifacts you trust in the store, or load them with ``--safe-pickle`` (a restricted
+unpickler, see "Trusted loading" under "Artifact loaders").
 
 Sections, in the order data flows (``grep -n '^# .*####' service.py``):
 
@@ -133,6 +134,26 @@ def _preload_setting(text):
 
 
 ALL_MODELS = ("*",)
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+PYTHON_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _boolean(text):
+    word = str(text).strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(f"must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, not {text!r}")
+
+
+def _module_list(text):
+    """A comma-separated list of Python module names (each one also covers its submodules)."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise ValueError("name the modules to trust: MODULE,MODULE")
+    for name in names:
+        if not PYTHON_MODULE.fullmatch(name):
+            raise ValueError(f"{name!r} is not a Python module name")
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +188,12 @@ class Config:
     max_loaded: int = 0
     #: seconds after which a version nobody used is unloaded (0: never)
     idle_unload: float = 0.0
+    #: load every pickle and joblib artifact through the restricted unpickler (models may also ask for it)
+    safe_pickle: bool = False
+    #: modules (and their submodules) whose classes and functions the restricted unpickler also admits
+    trust: tuple = ()
+    #: refuse an artifact written by another scikit-learn version (else it loads, flagged in its status)
+    strict_versions: bool = False
     #: bearer token that turns the admin routes on (kept out of repr and logs)
     admin_token: str = dataclasses.field(default=None, repr=False)
     #: seconds to let requests in flight finish after SIGTERM/SIGINT
@@ -231,6 +258,14 @@ SETTINGS = (
     Setting("max_loaded", _non_negative_int,
             "most model versions in memory; evicts the least recently used idle one (0: no bound)", "N"),
     Setting("idle_unload", _non_negative_float, "unload versions unused this long (0: never)", "SECONDS"),
+    Setting("safe_pickle", _boolean,
+            "load .pkl/.pickle/.joblib artifacts through a restricted unpickler that admits only "
+            "scikit-learn, numpy and scipy types (and --trust modules)", "yes|no", const="yes"),
+    Setting("trust", _module_list,
+            "modules (and their submodules) the restricted unpickler also admits, for your own classes: "
+            "MODULE,MODULE", "MODULES"),
+    Setting("strict_versions", _boolean,
+            "refuse artifacts written by another scikit-learn version", "yes|no", const="yes"),
     Setting("admin_token", str,
             "bearer token that enables POST /models/<name>/reload and /admin/rescan "
             "(prefer the environment variable: flags show in ps)", "TOKEN"),
@@ -285,6 +320,10 @@ class PayloadTooLarge(ServiceError):
 
 class UnsupportedMediaType(ServiceError):
     status, code = 415, "unsupported_media_type"
+
+
+class NotImplementedHere(ServiceError):
+    status, code = 501, "not_implemented"
 
 
 class ModelUnavailable(ServiceError):
@@ -979,20 +1018,53 @@ def _check_libsvm(svm, where):
 # in the store, never from a request or from the artifact's own contents.
 
 
-def _load_pickle(data):
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """What the operator trusts and expects of one artifact; the registry builds it for each load.
+
+    The defaults load pickle and joblib with their standard unpicklers, which run
+    whatever code the file names: that trusts whoever could write the file.
+    """
+
+    #: pickle and joblib through the restricted unpickler (see "Trusted loading" below)
+    safe_pickle: bool = False
+    #: modules (and their submodules) the restricted unpickler also admits
+    trust: tuple = ()
+    #: (sha256 hex digest, where it is listed) pairs the artifact's content must all match
+    sha256: tuple = ()
+    #: refuse an artifact written by another scikit-learn version
+    strict_versions: bool = False
+
+
+def _load_pickle(data, options):
+    import io
+
+    if options.safe_pickle:
+        return _RestrictedUnpickler(io.BytesIO(data), options.trust).load()
     return pickle.loads(data)
 
 
-def _load_joblib(data):
+def _load_joblib(data, options):
     import io
 
     import joblib
 
+    if options.safe_pickle:
+        return _load_joblib_restricted(data, options.trust)
     return joblib.load(io.BytesIO(data))
 
 
-def _load_json(data):
-    return load_json_model(data)
+def _load_json(data, options):
+    """A JSON model; the scikit-learn version its document records is reported as a pickle's would be."""
+    import sklearn
+    from sklearn.exceptions import InconsistentVersionWarning
+
+    estimator = load_json_model(data)
+    written = json.loads(data).get("sklearn_version")
+    if isinstance(written, str) and written != sklearn.__version__:
+        warnings.warn(InconsistentVersionWarning(estimator_name="JSON model", original_sklearn_version=written,
+                                                 current_sklearn_version=sklearn.__version__))
+    return estimator
 
 
 ARTIFACT_LOADERS = {".joblib": ("joblib", _load_joblib), ".pkl": ("pickle", _load_pickle),
@@ -1002,8 +1074,14 @@ PREDICT_METHODS = ("predict", "predict_proba", "predict_log_proba", "decision_fu
                    "transform", "score_samples")
 
 
-def load_artifact(ref):
-    """Read, hash and deserialise one artifact; every failure becomes ArtifactError."""
+def load_artifact(ref, options=None):
+    """Read, check, hash and deserialise one artifact; every failure becomes ArtifactError.
+
+    Returns (estimator, sha256, size, version_skew): version_skew says which scikit-learn
+    wrote the artifact when that is not the one running, else it is None.  A digest
+    listed for the artifact is checked before anything is deserialised.
+    """
+    options = options or LoadOptions()
     _, loader = ARTIFACT_LOADERS[ref.extension]
     try:
         with open(ref.path, "rb") as handle:
@@ -1011,22 +1089,351 @@ def load_artifact(ref):
     except OSError as error:
         raise ArtifactError(f"cannot read {ref.file}: {error.strerror}") from None
     digest = hashlib.sha256(data).hexdigest()
+    for expected, where in options.sha256:
+        if digest != expected:
+            raise ArtifactError(f"{ref.file} does not match the sha256 listed in {where}: expected {expected}, "
+                                f"actual {digest}; not loaded")
     try:
-        estimator = loader(data)
+        estimator, written = _deserialise(loader, data, options)
     except ArtifactError:
         raise
     except (Exception, SystemExit) as error:  # a pickle may raise anything, even SystemExit
         logger.debug("loading %s failed", ref.file, exc_info=True)
         raise ArtifactError(f"cannot load {ref.file} as {ref.format}: {type(error).__name__}: "
                             f"{_clip(str(error))}") from None
+    skew = _version_skew(written)
+    if skew and options.strict_versions:
+        raise ArtifactError(f"{ref.file}: {skew}; refused (--strict-versions)")
     if not any(callable(getattr(estimator, method, None)) for method in PREDICT_METHODS):
         raise ArtifactError(f"{ref.file} holds a {type(estimator).__name__}, which has none of the methods "
                             f"{', '.join(PREDICT_METHODS)}")
-    return estimator, digest, len(data)
+    return estimator, digest, len(data), skew
+
+
+_VERSION_CAPTURE = threading.Lock()
+
+
+def _deserialise(loader, data, options):
+    """Run a loader; return (estimator, the scikit-learn versions that wrote what it unpickled).
+
+    scikit-learn tells of a pickle from another version only by an InconsistentVersionWarning
+    (from BaseEstimator.__setstate__).  Catching warnings swaps process-wide state and is
+    not thread-safe, so captures run one at a time and span only the deserialisation;
+    any other warning caught meanwhile (from any thread) is issued again afterwards.
+    """
+    from sklearn.exceptions import InconsistentVersionWarning
+
+    written, caught = set(), []
+    with _VERSION_CAPTURE:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", InconsistentVersionWarning)
+                estimator = loader(data, options)
+        finally:
+            for item in caught:
+                if issubclass(item.category, InconsistentVersionWarning):
+                    written.add(_clip(str(getattr(item.message, "original_sklearn_version", "unknown")), 40))
+                else:
+                    warnings.warn_explicit(item.message, item.category, item.filename, item.lineno,
+                                           source=item.source)
+    return estimator, written
+
+
+def _version_skew(written):
+    """"trained with scikit-learn 1.8.0, running 1.9.1", or None when every version is the running one."""
+    import sklearn
+
+    others = sorted(version for version in written if version != sklearn.__version__)
+    if not others:
+        return None
+    return f"trained with scikit-learn {' and '.join(others)}, running {sklearn.__version__}"
 
 
 def _clip(text, limit=300):
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# Trusted loading -------------------------------------------------------------
+# --safe-pickle (or "safe_pickle" in a model's settings) reads pickle and joblib
+# files with a restricted unpickler.  A global the file names is imported only from
+# scikit-learn, numpy, scipy, joblib or a --trust module, and then admitted only for
+# what the object it resolves to *is* (its identity, or its class and the module that
+# defined it), never for the name the file used: modules re-export functions such as
+# os.remove or subprocess.check_output under their own names.  State is applied only
+# to instances of admitted classes, never to a class, which every model shares.
+
+_PICKLE_PACKAGES = ("sklearn", "numpy", "scipy", "joblib")            # restricted loads import from these,
+_PICKLE_MODULES = ("builtins", "copyreg", "collections", "_codecs")   # these modules, and --trust ones
+
+# Functions that rebuild admitted objects, admitted by identity.
+_PICKLE_FUNCTIONS = (
+    "numpy._core.multiarray._reconstruct", "numpy._core.multiarray.scalar", "numpy._core.numeric._frombuffer",
+    "numpy.random._pickle.__randomstate_ctor", "numpy.random._pickle.__generator_ctor",
+    "numpy.random._pickle.__bit_generator_ctor", "numpy.random.bit_generator.__pyx_unpickle_SeedSequence",
+    "sklearn.neighbors._kd_tree.newObj", "sklearn.neighbors._ball_tree.newObj",
+    "sklearn.metrics._dist_metrics.newObj",
+    "copyreg._reconstructor",         # protocols 0 and 1 rebuild objects with it
+    "_codecs.encode",                 # protocol 2 stores bytes as _codecs.encode(text, "latin1")
+    # feature selection's score functions, which SelectKBest and its kin hold as parameters
+    "sklearn.feature_selection._univariate_selection.f_classif",
+    "sklearn.feature_selection._univariate_selection.f_regression",
+    "sklearn.feature_selection._univariate_selection.r_regression",
+    "sklearn.feature_selection._univariate_selection.chi2",
+    "sklearn.feature_selection._mutual_info.mutual_info_classif",
+    "sklearn.feature_selection._mutual_info.mutual_info_regression",
+)
+
+# The types scikit-learn's estimators hold besides estimators, admitted with their
+# subclasses defined in scikit-learn (a name this version lacks is skipped).
+_SKLEARN_INTERNAL_TYPES = (
+    "sklearn.tree._tree.Tree", "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.neighbors._kd_tree.KDTree64", "sklearn.neighbors._kd_tree.KDTree32", "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.neighbors._ball_tree.BallTree64", "sklearn.neighbors._ball_tree.BallTree32",
+    "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.metrics._dist_metrics.DistanceMetric64", "sklearn.metrics._dist_metrics.DistanceMetric32",
+    "sklearn._loss._loss.CyLossFunction", "sklearn._loss._loss.CyHalfMultinomialLoss",     # and SGD's losses
+    "sklearn.linear_model._sgd_fast.LossFunction",                                          # SGD's, before 1.6
+    "sklearn._loss.loss.BaseLoss", "sklearn._loss.link.BaseLink", "sklearn._loss.link.Interval",
+    "sklearn.utils._bunch.Bunch",
+    "sklearn.neural_network._stochastic_optimizers.BaseOptimizer",                        # MLP's optimiser
+    "sklearn.gaussian_process.kernels.Kernel", "sklearn.gaussian_process.kernels.Hyperparameter",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.cluster._birch._CFNode", "sklearn.cluster._birch._CFSubcluster",
+)
+
+
+def _within(module, roots):
+    """Whether `module` is one of `roots` or a submodule of one."""
+    return any(module == root or module.startswith(root + ".") for root in roots)
+
+
+@functools.lru_cache(maxsize=256)
+def _numpy_core(module):
+    """numpy 2 renamed numpy.core to numpy._core (the old name warns); both name the same objects."""
+    if module == "numpy.core" or module.startswith("numpy.core."):
+        import importlib.util
+
+        if importlib.util.find_spec("numpy._core") is not None:
+            return "numpy._core" + module[len("numpy.core"):]
+    return module
+
+
+def _lookup(path):
+    """The object `module.name` names, or None where this numpy or scikit-learn has no such thing."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(_numpy_core(module)), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _default_admitted():
+    """(helper functions by id, scikit-learn internal types, numpy random types, builtin types), found once."""
+    import collections
+
+    import numpy as np
+
+    functions = {id(function): function for function in map(_lookup, _PICKLE_FUNCTIONS) if function is not None}
+    internal = tuple(kind for kind in map(_lookup, _SKLEARN_INTERNAL_TYPES) if isinstance(kind, type))
+    random = (np.random.RandomState, np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)
+    builtin = (slice, set, frozenset, complex, bytes, bytearray, object, collections.OrderedDict)
+    return functions, internal, random, builtin
+
+
+def _admitted_by_default(value):
+    """Whether a restricted load admits `value` (what a global resolved to) without --trust."""
+    import numpy as np
+
+    functions, internal, random, builtin = _default_admitted()
+    module = getattr(value, "__module__", None)
+    if not isinstance(module, str):
+        return False
+    if not isinstance(value, type):
+        name = getattr(value, "__name__", None)
+        return functions.get(id(value)) is value or (     # or Cython's unpickling helper of a scikit-learn type
+            _within(module, ("sklearn",)) and callable(value) and isinstance(name, str)
+            and name.startswith("__pyx_unpickle_"))
+    if _within(module, ("sklearn",)):
+        from sklearn.base import BaseEstimator
+
+        return issubclass(value, (BaseEstimator, *internal))
+    if _within(module, ("numpy",)):                   # not ndarray subclasses such as memmap (it opens files)
+        return (value is np.ndarray or value is np.dtype or issubclass(value, (np.generic, *random))
+                or (module == "numpy.dtypes" and issubclass(value, np.dtype)))
+    if _within(module, ("scipy.sparse",)):
+        import scipy.sparse
+
+        return issubclass(value, (scipy.sparse.spmatrix, getattr(scipy.sparse, "sparray", scipy.sparse.spmatrix)))
+    return any(value is kind for kind in builtin)
+
+
+def _pickle_name(value):
+    module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if isinstance(module, str) and isinstance(name, str):
+        return f"{module}.{name}"
+    return f"a {type(value).__name__} object"
+
+
+def _refusal(where, why, module):
+    """The message of a refused global: what was refused, why, and the --trust that would admit it."""
+    hint = (f"if you trust it, start the service with --trust {module}"
+            if isinstance(module, str) and PYTHON_MODULE.fullmatch(module) else "no --trust can admit it")
+    return f"refused global {where!r}: {why}; {hint}"
+
+
+class _Allowlist:
+    """What one restricted load admits: the defaults, the --trust modules and a loader's extras."""
+
+    def __init__(self, trust=(), extra=()):
+        self.trust = (trust,) if isinstance(trust, str) else tuple(trust)
+        self.extra = tuple(extra)
+
+    def importable(self, module):
+        return module in _PICKLE_MODULES or _within(module, _PICKLE_PACKAGES + self.trust)
+
+    def admits(self, value):
+        defined = getattr(value, "__module__", None)
+        return (any(value is extra for extra in self.extra)
+                or (isinstance(defined, str) and _within(defined, self.trust))
+                or _admitted_by_default(value))
+
+    def admits_state(self, target):
+        """Whether state may be applied to `target`: a plain container, or an instance of an admitted class."""
+        return type(target) in (list, dict, set) or (not isinstance(target, type) and self.admits(type(target)))
+
+
+def _checked(load, target, opcode):
+    """An opcode's handler that first checks the object it would change."""
+    def checked(unpickler):
+        unpickler.check_target(target(unpickler), opcode)
+        load(unpickler)
+    return checked
+
+
+class _RestrictedUnpickling:
+    """find_class and the opcode checks of the restricted unpicklers (built on pickle's pure-Python one)."""
+
+    allowlist = _Allowlist()
+
+    def find_class(self, module, name):
+        import _compat_pickle
+
+        sys.audit("pickle.find_class", module, name)
+        if self.proto < 3 and self.fix_imports:        # Python 2 names, mapped as pickle maps them
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
+        where = _clip(f"{module}.{name}", 200)
+        if not (PYTHON_MODULE.fullmatch(module) and PYTHON_MODULE.fullmatch(name)) \
+                or any(part.startswith("__") for part in module.split(".") + name.split(".")[1:]):
+            raise ArtifactError(_refusal(where, "not a plain module and name", None))   # e.g. x.__main__
+        if not self.allowlist.importable(module):
+            raise ArtifactError(_refusal(where, f"--safe-pickle imports nothing from module {module!r}", module))
+        value = importlib.import_module(_numpy_core(module))
+        for depth, part in enumerate(name.split(".")):   # pickle's dotted names are nested classes: never
+            if depth and not isinstance(value, type):      # walk through what a module imported
+                raise ArtifactError(_refusal(where, "a dotted name may only walk through classes", None))
+            value = getattr(value, part)
+        if not self.allowlist.admits(value):
+            raise ArtifactError(_refusal(where, f"{_pickle_name(value)} is not on the --safe-pickle allow-list",
+                                         getattr(value, "__module__", None)))
+        return value
+
+    def check_target(self, target, opcode):
+        if not self.allowlist.admits_state(target):
+            raise ArtifactError(f"refused: the file applies {opcode} to {_pickle_name(target)}, which is not an "
+                                "instance of an admitted class")
+
+    def refuse_extension(self):
+        raise ArtifactError("refused: the file uses the copyreg extension registry (EXT opcodes)")
+
+    @staticmethod
+    def restricted_dispatch(dispatch, load_build):
+        """`dispatch` with BUILD replaced, the opcodes that change an object checked, EXT refused."""
+        def below_mark(unpickler):             # APPENDS, SETITEMS and ADDITEMS change the object under their MARK
+            return unpickler.metastack[-1][-1]
+
+        dispatch = dict(dispatch)
+        dispatch[pickle.BUILD[0]] = load_build
+        for opcode, name, target in ((pickle.APPEND, "APPEND", lambda unpickler: unpickler.stack[-2]),
+                                     (pickle.SETITEM, "SETITEM", lambda unpickler: unpickler.stack[-3]),
+                                     (pickle.APPENDS, "APPENDS", below_mark),
+                                     (pickle.SETITEMS, "SETITEMS", below_mark),
+                                     (pickle.ADDITEMS, "ADDITEMS", below_mark)):
+            dispatch[opcode[0]] = _checked(dispatch[opcode[0]], target, name)
+        for opcode in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
+            dispatch[opcode[0]] = _RestrictedUnpickling.refuse_extension
+        return dispatch
+
+
+class _RestrictedUnpickler(_RestrictedUnpickling, pickle._Unpickler):
+    """pickle's pure-Python unpickler, restricted (the C one has no hook for BUILD)."""
+
+    def __init__(self, file, trust=()):
+        pickle._Unpickler.__init__(self, file)
+        self.allowlist = _Allowlist(trust)
+
+    def load_build(self):
+        self.check_target(self.stack[-2], "BUILD")
+        pickle._Unpickler.load_build(self)
+
+    dispatch = _RestrictedUnpickling.restricted_dispatch(pickle._Unpickler.dispatch, load_build)
+
+
+@functools.lru_cache(maxsize=None)
+def _restricted_joblib_unpickler():
+    """joblib's NumpyUnpickler, restricted; made on first use, as joblib imports numpy."""
+    import numpy as np
+    from joblib.numpy_pickle import NumpyArrayWrapper, NumpyUnpickler
+
+    class RestrictedNumpyUnpickler(_RestrictedUnpickling, NumpyUnpickler):
+        def __init__(self, file, trust=()):
+            NumpyUnpickler.__init__(self, "", file, ensure_native_byte_order=True)
+            self.allowlist = _Allowlist(trust, extra=(NumpyArrayWrapper,))
+
+        def load_build(self):
+            """BUILD, then joblib's swap of an array wrapper for the array that follows it in the file.
+
+            An object array is a nested pickle: it is read by the restricted unpickler too,
+            not by the plain one joblib's read_array would use.
+            """
+            self.check_target(self.stack[-2], "BUILD")
+            pickle._Unpickler.load_build(self)
+            wrapper = self.stack[-1]
+            if type(wrapper) is not NumpyArrayWrapper:
+                return
+            if not isinstance(wrapper.dtype, np.dtype) or wrapper.subclass is not np.ndarray:
+                raise ArtifactError("refused: a joblib array wrapper that is not for a plain numpy array")
+            if wrapper.dtype.hasobject:
+                array = _RestrictedUnpickler(self.file_handle, self.allowlist.trust).load()
+                if not isinstance(array, np.ndarray):
+                    raise ArtifactError("refused: a joblib object array that holds no array")
+            else:
+                array = wrapper.read(self, self.ensure_native_byte_order)
+            self.stack[-1] = array
+
+        dispatch = _RestrictedUnpickling.restricted_dispatch(NumpyUnpickler.dispatch, load_build)
+
+    return RestrictedNumpyUnpickler
+
+
+def _load_joblib_restricted(data, trust):
+    """What joblib.load does (decompress, unpickle, read arrays), through the restricted unpickler.
+
+    joblib offers no hook for another unpickler: its own (private) compressor detection is used.
+    """
+    import io
+
+    from joblib.numpy_pickle_utils import _detect_compressor, _validate_fileobject_and_memmap
+
+    stream = io.BytesIO(data)
+    if _detect_compressor(stream) == "compat":
+        raise ArtifactError("a joblib file written by joblib < 0.10 keeps its arrays in side files: "
+                            "--safe-pickle cannot load it")
+    with _validate_fileobject_and_memmap(stream, "", None) as (fileobj, _):
+        return _restricted_joblib_unpickler()(fileobj, trust).load()
 
 
 ###############################################################################
@@ -1039,6 +1446,9 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")     # used with full
 VERSION = re.compile(r"[1-9][0-9]{0,17}")
 LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 SETTINGS_FILE = "model-settings.json"
+SHA256SUMS_FILE = "SHA256SUMS"                                    # at the store root, as `sha256sum` writes it
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_SHA256SUMS_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")      # "<hex>  <path>", or "<hex> *<path>" (binary)
 _TEMPORARY_SUFFIXES = ("~", ".tmp", ".temp", ".part", ".partial", ".swp", ".crdownload")
 
 
@@ -1088,14 +1498,19 @@ class ModelStore:
     """The folder of artifacts; every path it returns resolves strictly inside it.
 
     A scan also notes each model folder's settings file in `settings_files`
-    ({name: ArtifactRef}); the registry reads and checks it.  A warning about a
-    skipped entry is logged once, not again at every rescan while it stays.
+    ({name: ArtifactRef}); the registry reads and checks it.  It reads the
+    optional SHA256SUMS file at the root into `sha256sums` ({artifact's path
+    relative to the store: sha256 hex}).  A warning about a skipped entry is
+    logged once, not again at every rescan while it stays.
     """
+
+    MAX_SUMS_BYTES = 4 * 1024 * 1024
 
     def __init__(self, root):
         self.path = os.fspath(root)
         self.root = None      # resolved at each scan, so a symlinked store may be re-pointed
         self.settings_files = {}
+        self.sha256sums = {}  # replaced whole at the end of a scan: loads read it without a lock
         self._warned = set()
         self._warnings = set()
 
@@ -1117,8 +1532,11 @@ class ModelStore:
         self.root = os.path.realpath(self.path)
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"model store {self.root} is not a folder")
-        found = {}
+        found, sums = {}, {}
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if entry.name == SHA256SUMS_FILE and not _is_dir(entry):
+                sums = self._read_sums(entry)
+                continue
             if self._skipped(entry.name, entry.name):
                 continue
             if _is_dir(entry):
@@ -1138,7 +1556,33 @@ class ModelStore:
             else:
                 found[name] = versions
         self.settings_files = {name: ref for name, ref in self.settings_files.items() if found.get(name)}
+        self.sha256sums = sums
         return {name: versions for name, versions in found.items() if versions}
+
+    def _read_sums(self, entry):
+        """{relative path: sha256 hex} from SHA256SUMS; lines not as `sha256sum` writes them are warned about."""
+        import posixpath
+
+        ref = self._file(SHA256SUMS_FILE, 0, entry, "")
+        if ref is None:
+            return {}
+        try:
+            with open(ref.path, "rb") as handle:
+                data = handle.read(self.MAX_SUMS_BYTES + 1)
+            if len(data) > self.MAX_SUMS_BYTES:
+                raise ValueError(f"it is larger than {self.MAX_SUMS_BYTES} bytes")
+            text = data.decode("utf-8")
+        except (OSError, ValueError) as error:              # UnicodeDecodeError is a ValueError
+            self._warn("ignoring %s: %s", SHA256SUMS_FILE, getattr(error, "strerror", None) or error)
+            return {}
+        sums = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            match = _SHA256SUMS_LINE.fullmatch(line)
+            if match:
+                sums[posixpath.normpath(match[2])] = match[1].lower()
+            elif line.strip():
+                self._warn("ignoring %s line %d: not \"<sha256 hex>  <path in the store>\"", SHA256SUMS_FILE, number)
+        return sums
 
     def _scan_versions(self, folder):
         versions = {}
@@ -1208,18 +1652,22 @@ class ModelSettings:
     """A model's optional `<name>/model-settings.json`: which versions serve, what labels name.
 
         {"version_policy": "latest" | "all" | {"latest": N} | {"specific": [1, 3]},
-         "labels": {"stable": 1, "canary": 2}}
+         "labels": {"stable": 1, "canary": 2},
+         "safe_pickle": true,                   load pickle/joblib through the restricted unpickler
+         "sha256": {"1": "<64 hex digits>"}}    what each version's artifact must hash to
 
-    Both keys are optional ("latest": only the highest version serves).  Labels must
+    Every key is optional ("latest": only the highest version serves).  Labels must
     name served versions.  Unknown keys are refused, so a typo never passes silently.
     """
 
     MAX_BYTES = 64 * 1024
-    KEYS = ("version_policy", "labels")
+    KEYS = ("version_policy", "labels", "safe_pickle", "sha256")
 
-    def __init__(self, policy="latest", count=1, versions=(), labels=None):
+    def __init__(self, policy="latest", count=1, versions=(), labels=None, safe_pickle=False, sha256=None):
         self.policy, self.count, self.versions = policy, count, tuple(versions)
         self.labels = dict(labels or {})
+        self.safe_pickle = safe_pickle
+        self.sha256 = dict(sha256 or {})       # {version: lower-case hex digest}
 
     @classmethod
     def read(cls, ref):
@@ -1252,6 +1700,17 @@ class ModelSettings:
             if not LABEL.fullmatch(label):
                 raise ValueError(f"invalid label {label!r}: labels match ^{LABEL.pattern}$")
             settings.labels[label] = cls._version(version, f"label {label!r}")
+        settings.safe_pickle = document.get("safe_pickle", False)
+        if type(settings.safe_pickle) is not bool:
+            raise ValueError('"safe_pickle" must be true or false')
+        digests = document.get("sha256", {})
+        if not isinstance(digests, dict):
+            raise ValueError('"sha256" must map versions to sha256 hex digests')
+        for version, digest in digests.items():
+            number = cls._version(version, "sha256")
+            if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
+                raise ValueError(f'"sha256" of version {number}: {_clip(repr(digest), 80)} is not 64 hex digits')
+            settings.sha256[number] = digest.lower()
         return settings
 
     @classmethod
@@ -1286,7 +1745,8 @@ class ModelSettings:
     def describe(self):
         policy = ({"specific": list(self.versions)} if self.policy == "specific" else
                   {"latest": self.count} if self.policy == "latest" and self.count > 1 else self.policy)
-        return {"version_policy": policy, "labels": {k: str(v) for k, v in sorted(self.labels.items())}}
+        return {"version_policy": policy, "labels": {k: str(v) for k, v in sorted(self.labels.items())},
+                "safe_pickle": self.safe_pickle, "sha256": {str(v): d for v, d in sorted(self.sha256.items())}}
 
 
 DEFAULT_SETTINGS = ModelSettings()
@@ -1305,7 +1765,7 @@ UNLOADED, LOADING, AVAILABLE, UNLOADING, FAILED = "UNLOADED", "LOADING", "AVAILA
 class LoadedModel:
     """A deserialised estimator with the facts about it computed once, at load."""
 
-    def __init__(self, ref, estimator, sha256, size, load_seconds):
+    def __init__(self, ref, estimator, sha256, size, load_seconds, version_skew=None):
         self.ref = ref
         self.name = ref.name
         self.version = str(ref.version)
@@ -1314,6 +1774,7 @@ class LoadedModel:
         self.size = size
         self.loaded_at = time.time()
         self.load_seconds = load_seconds
+        self.version_skew = version_skew    # "trained with scikit-learn X, running Y", or None
         self.methods = tuple(m for m in PREDICT_METHODS if callable(getattr(estimator, m, None)))
         self.n_features = _attribute(estimator, "n_features_in_")
         names = _attribute(estimator, "feature_names_in_")
@@ -1338,7 +1799,7 @@ class LoadedModel:
     def describe(self):
         return {"estimator": self.estimator_class, "methods": list(self.methods),
                 "n_features_in_": self.n_features, "feature_names_in_": self.feature_names,
-                "classes_": self.classes}
+                "classes_": self.classes, "sklearn_version_skew": self.version_skew}
 
 
 def _attribute(estimator, attr):
@@ -1406,7 +1867,7 @@ class ModelVersion:
                 "loads": self.loads, "last_error": self.error, "last_error_at": _iso_time(self.error_at)}
         info.update(model.describe() if model else
                     {"estimator": None, "methods": None, "n_features_in_": None,
-                     "feature_names_in_": None, "classes_": None})
+                     "feature_names_in_": None, "classes_": None, "sklearn_version_skew": None})
         return info
 
 
@@ -1444,17 +1905,20 @@ class ServedModel:
         return info
 
 
-def _build_model(ref):
+def _build_model(ref, options=None):
     """Load one artifact into a LoadedModel; an unexpected failure is logged with its traceback."""
     started = time.perf_counter()
     try:
-        estimator, digest, size = load_artifact(ref)
+        estimator, digest, size, skew = load_artifact(ref, options)
     except ArtifactError:
         raise
     except Exception:
         logger.exception("unexpected error loading %s", ref.file)
         raise
-    return LoadedModel(ref, estimator, digest, size, time.perf_counter() - started)
+    if skew:
+        logger.warning("model %r version %s was %s: its predictions may differ (--strict-versions refuses "
+                       "such artifacts)", ref.name, ref.version, skew)
+    return LoadedModel(ref, estimator, digest, size, time.perf_counter() - started, version_skew=skew)
 
 
 def _in_background(function, *args):
@@ -1576,6 +2040,7 @@ class ModelRegistry:
         """
         old_catalogue, catalogue, unsettled = self._catalogue, {}, {}
         for name, refs in found.items():
+            self._read_settings(name)          # first: a replacement started below loads with these settings
             previous = old_catalogue.get(name)
             old, slots = previous.versions if previous else {}, {}
             for number, ref in refs.items():
@@ -1636,6 +2101,18 @@ class ModelRegistry:
         self._settings[name] = (fingerprint, settings, error)
         return settings, error
 
+    def _load_options(self, ref):
+        """How to load `ref` now: the service's flags, its model's settings and the digests listed for it."""
+        cached = self._settings.get(ref.name)
+        settings = cached[1] if cached and cached[1] is not None else DEFAULT_SETTINGS
+        digests = []
+        if ref.version in settings.sha256:
+            digests.append((settings.sha256[ref.version], f"{ref.name}/{SETTINGS_FILE}"))
+        if ref.file in self.store.sha256sums:
+            digests.append((self.store.sha256sums[ref.file], SHA256SUMS_FILE))
+        return LoadOptions(safe_pickle=self.config.safe_pickle or settings.safe_pickle, trust=self.config.trust,
+                           sha256=tuple(digests), strict_versions=self.config.strict_versions)
+
     def _route(self, name, key, current, wanted, slots):
         """The version a route should answer with now: `wanted`, unless it must load first."""
         if wanted is current or wanted.model is not None or current is None \
@@ -1694,7 +2171,7 @@ class ModelRegistry:
             slot.replacing = None
             return "DEFERRED"
         try:
-            model = _build_model(ref)
+            model = _build_model(ref, self._load_options(ref))
         except Exception as error:
             with self._usage:
                 self._reserved -= 1
@@ -1830,7 +2307,7 @@ class ModelRegistry:
             slot.set(LOADING)
             slot.loads += 1
             try:
-                model = _build_model(ref)
+                model = _build_model(ref, self._load_options(ref))
             except Exception as error:
                 with self._usage:
                     self._reserved -= 1
@@ -1951,6 +2428,14 @@ class ModelRegistry:
         return len(self._resident)
 
     # -- administration -------------------------------------------------------------
+    def unload(self, name):
+        """Take every loaded version of `name` out of memory (requests in flight finish); loaded again on use."""
+        entry = self.model(name)
+        with self._usage:
+            for slot in entry.versions.values():
+                if slot.model is not None:
+                    self._retire(slot.model, slot)
+
     def rescan(self):
         """Scan now, using new artifacts at once: the operator who asks says they are complete."""
         with self._scan_lock:
@@ -2095,11 +2580,11 @@ def _tuples_to_lists(value):
     return value
 
 
-def choose_method(model, requested):
-    """The method to call: 404 for a name that is no prediction method, 400 for one the model lacks."""
+def choose_method(model, requested, unknown=NotFound):
+    """The method to call: `unknown` (404) for a name that is no prediction method, 400 for one the model lacks."""
     method = requested or "predict"
     if method not in model.methods:
-        error = NotFound if method not in PREDICT_METHODS else BadRequest
+        error = unknown if method not in PREDICT_METHODS else BadRequest
         raise error(f"model {model.name!r} has no method {_clip(repr(method), 60)}; it has: "
                     f"{', '.join(model.methods)}", model=model.name, methods=list(model.methods))
     return method
@@ -2244,6 +2729,375 @@ def encode_prediction(model, method, outputs):
     return answer
 
 
+# -- TensorFlow Serving REST and KServe V1 ------------------------------------------------
+
+TF_TARGET = re.compile(r"(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
+                       r":(?P<verb>predict|classify|regress|explain)")
+TF_STATES = {UNLOADED: "START", LOADING: "LOADING", AVAILABLE: "AVAILABLE", UNLOADING: "UNLOADING", FAILED: "END"}
+
+
+def tf_version_status(slot):
+    """One entry of TF Serving's model_version_status (a status request never loads anything)."""
+    failed = slot.state == FAILED
+    return {"version": str(slot.ref.version), "state": TF_STATES[slot.state],
+            "status": {"error_code": "UNKNOWN" if failed else "OK",
+                       "error_message": _clip(slot.error or "", 300) if failed else ""}}
+
+
+def tf_method(signature_name):
+    """TF's signature_name picks the method: none or serving_default is predict."""
+    if signature_name in (None, "", "serving_default"):
+        return "predict"
+    if not isinstance(signature_name, str):
+        raise BadRequest("'signature_name' must be a string")
+    return signature_name
+
+
+def tf_predict_request(payload):
+    """(rows, columnar?, method) from a TF/KServe V1 predict body; TF's own error wording."""
+    if not isinstance(payload, dict):
+        raise BadRequest("the request body must be a JSON object")
+    has_instances, has_inputs = "instances" in payload, "inputs" in payload
+    if has_instances and has_inputs:
+        raise BadRequest("expecting only one of 'inputs' or 'instances' keys")
+    if not has_instances and not has_inputs:
+        raise BadRequest("Missing 'inputs' or 'instances' key")
+    return (payload["inputs"] if has_inputs else payload["instances"]), has_inputs, \
+        tf_method(payload.get("signature_name"))
+
+
+def tf_examples(payload):
+    """Rows from a TF classify/regress body: each example merged with the shared context."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("examples"), list) or not payload["examples"]:
+        raise BadRequest("expected {\"examples\": [{feature: value, ...}, ...]} with at least one example")
+    context = payload.get("context") or {}
+    if not isinstance(context, dict) or not all(isinstance(e, dict) for e in payload["examples"]):
+        raise BadRequest("'context' and each example must be objects of feature values")
+    rows = []
+    for example in payload["examples"]:
+        repeated = sorted(set(context) & set(example))
+        if repeated:
+            raise BadRequest(f"feature(s) {', '.join(map(repr, repeated))} are in both the context and an example")
+        rows.append({**context, **example})
+    return rows
+
+
+def tf_signatures(model):
+    """TF's SignatureDefMap for a model: one signature per method, built from what the estimator knows."""
+    def tensor(name, dtype, *dims):
+        return {"name": name, "dtype": dtype,
+                "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in dims], "unknown_rank": False}}
+
+    width = model.n_features
+    inputs = ({name: tensor(name, "DT_DOUBLE", -1) for name in model.feature_names} if model.feature_names
+              else {"inputs": tensor("inputs", "DT_STRING", -1)} if model.n_features is None
+              else {"inputs": tensor("inputs", "DT_DOUBLE", -1, width)})
+    signatures = {}
+    for method in model.methods:
+        name = "serving_default" if method == "predict" else method
+        spec = v2_output_spec(model, method)
+        dtype = {"BYTES": "DT_STRING", "INT64": "DT_INT64", "BOOL": "DT_BOOL"}.get(spec["datatype"], "DT_DOUBLE")
+        signatures[name] = {"inputs": inputs, "outputs": {method: tensor(method, dtype, *spec["shape"])},
+                            "method_name": "tensorflow/serving/predict"}
+    return signatures
+
+
+# -- Open Inference Protocol (V2) ------------------------------------------------------------
+
+V2_DTYPES = {"BOOL": "|b1", "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "|i1",
+             "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
+
+
+def v2_datatype(array):
+    """The V2 datatype of a numpy array: strings and objects are BYTES."""
+    kind, size = array.dtype.kind, array.dtype.itemsize
+    if kind == "b":
+        return "BOOL"
+    if kind in "iu":
+        return f"{'U' if kind == 'u' else ''}INT{8 * size}"
+    if kind == "f":
+        return f"FP{8 * size}"
+    return "BYTES"
+
+
+def v2_output_spec(model, method):
+    """{"name", "datatype", "shape"} of a method's output, as far as the estimator says without running."""
+    classes = model.classes
+    if method == "predict":
+        if classes is None:
+            return {"name": method, "datatype": "FP64", "shape": [-1]}
+        if all(isinstance(c, bool) for c in classes):
+            return {"name": method, "datatype": "BOOL", "shape": [-1]}
+        numeric = all(isinstance(c, int) for c in classes)
+        return {"name": method, "datatype": "INT64" if numeric else "BYTES", "shape": [-1]}
+    if method in ("predict_proba", "predict_log_proba") and classes is not None:
+        return {"name": method, "datatype": "FP64", "shape": [-1, len(classes)]}
+    if method == "decision_function" and classes is not None:
+        return {"name": method, "datatype": "FP64", "shape": [-1] if len(classes) == 2 else [-1, len(classes)]}
+    if method == "score_samples":
+        return {"name": method, "datatype": "FP64", "shape": [-1]}
+    return {"name": method, "datatype": "FP64", "shape": [-1, -1]}
+
+
+def v2_metadata(model, versions):
+    if model.feature_names:
+        inputs = [{"name": name, "datatype": "FP64", "shape": [-1]} for name in model.feature_names]
+    elif model.n_features is not None:
+        inputs = [{"name": "input-0", "datatype": "FP64", "shape": [-1, model.n_features]}]
+    else:
+        inputs = [{"name": "input-0", "datatype": "BYTES", "shape": [-1]}]
+    return {"name": model.name, "versions": versions, "platform": "sklearn", "inputs": inputs,
+            "outputs": [v2_output_spec(model, method) for method in model.methods]}
+
+
+def v2_split_body(environ, body):
+    """(JSON header, binary tail) of an infer body; binary only with Inference-Header-Content-Length."""
+    header = environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH")
+    if header is None:
+        return body, b""
+    try:
+        length = int(header)
+    except ValueError:
+        raise BadRequest("Inference-Header-Content-Length must be an integer") from None
+    if not 0 <= length <= len(body):
+        raise BadRequest(f"Inference-Header-Content-Length {length} is not within the {len(body)}-byte body")
+    return body[:length], body[length:]
+
+
+def v2_request(request, binary, max_rows):
+    """Decode V2 infer inputs into ([(name, array)], requested outputs, binary-output names)."""
+    import numpy as np
+
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
+        raise BadRequest("an infer request needs \"inputs\": [{\"name\", \"shape\", \"datatype\", \"data\"}, ...]")
+    arrays, offset = [], 0
+    for number, tensor in enumerate(request["inputs"]):
+        if not isinstance(tensor, dict):
+            raise BadRequest(f"inputs[{number}] must be an object")
+        name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
+        where = f"input {_clip(repr(name), 60)}"
+        if not isinstance(name, str) or not isinstance(shape, list) or \
+                not all(type(d) is int and d >= 0 for d in shape):
+            raise BadRequest(f"inputs[{number}] needs a \"name\" and a \"shape\" of sizes")
+        count = math.prod(shape)
+        if shape and shape[0] > max_rows:
+            raise BadRequest(f"{where}: {shape[0]} rows is over the limit of {max_rows}")
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0 or offset + size > len(binary):
+                raise BadRequest(f"{where}: binary_data_size {size!r} does not fit the binary data")
+            array = _v2_from_bytes(binary[offset:offset + size], datatype, count, where)
+            offset += size
+        else:
+            if "data" not in tensor:
+                raise BadRequest(f"{where} has no \"data\"")
+            array = _v2_from_json(tensor["data"], datatype, count, where)
+        arrays.append((name, array.reshape(shape)))
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
+    wanted, binary_outputs = [], set()
+    everything_binary = bool((request.get("parameters") or {}).get("binary_data_output"))
+    for number, output in enumerate(request.get("outputs") or []):
+        if not isinstance(output, dict) or not isinstance(output.get("name"), str):
+            raise BadRequest(f"outputs[{number}] needs a \"name\" (a prediction method)")
+        wanted.append(output["name"])
+        if (output.get("parameters") or {}).get("binary_data", everything_binary):
+            binary_outputs.add(output["name"])
+    if not wanted:
+        wanted = ["predict"]
+        if everything_binary:
+            binary_outputs.add("predict")
+    return arrays, wanted, binary_outputs
+
+
+def _v2_dtype(datatype, where):
+    import numpy as np
+
+    if datatype == "BF16":
+        raise BadRequest(f"{where}: BF16 is not supported; send FP32")
+    if datatype not in V2_DTYPES:
+        raise BadRequest(f"{where}: unknown datatype {_clip(repr(datatype), 40)}")
+    return np.dtype(V2_DTYPES[datatype])
+
+
+def _v2_from_json(data, datatype, count, where):
+    import numpy as np
+
+    flat = _flatten(data)
+    if len(flat) != count:
+        raise BadRequest(f"{where}: {len(flat)} values do not fill its shape ({count} expected)")
+    if datatype == "BYTES":
+        if not all(isinstance(item, str) for item in flat):
+            raise BadRequest(f"{where}: BYTES data must be strings")
+        array = np.empty(count, dtype=object)
+        array[:] = flat
+        return array
+    dtype = _v2_dtype(datatype, where)
+    try:
+        if dtype.kind == "f":
+            if not all(item is None or type(item) in (int, float) for item in flat):
+                raise TypeError
+            return np.array([np.nan if item is None else item for item in flat], dtype=dtype)
+        if not all(type(item) in (int, bool) for item in flat):
+            raise TypeError
+        return np.array(flat, dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(f"{where}: data does not fit datatype {datatype}") from None
+
+
+def _v2_from_bytes(raw, datatype, count, where):
+    import numpy as np
+
+    if datatype == "BYTES":
+        items, position = [], 0
+        while position < len(raw):
+            if position + 4 > len(raw):
+                raise BadRequest(f"{where}: truncated BYTES element")
+            length = int.from_bytes(raw[position:position + 4], "little")
+            item = raw[position + 4:position + 4 + length]
+            if len(item) != length:
+                raise BadRequest(f"{where}: truncated BYTES element")
+            try:
+                items.append(item.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise BadRequest(f"{where}: BYTES elements must be UTF-8 text") from None
+            position += 4 + length
+        if len(items) != count:
+            raise BadRequest(f"{where}: {len(items)} BYTES elements do not fill its shape ({count} expected)")
+        array = np.empty(count, dtype=object)
+        array[:] = items
+        return array
+    dtype = _v2_dtype(datatype, where)
+    if len(raw) != count * dtype.itemsize:
+        raise BadRequest(f"{where}: {len(raw)} bytes do not hold {count} values of {datatype}")
+    return np.frombuffer(raw, dtype=dtype).copy()
+
+
+def _flatten(data):
+    if not isinstance(data, list):
+        return [data]
+    flat = []
+    for item in data:
+        flat.extend(_flatten(item) if isinstance(item, list) else [item])
+    return flat
+
+
+def v2_inputs(model, arrays, max_rows):
+    """What the estimator takes, from V2 tensors: one [rows, features] tensor, or one tensor per feature."""
+    import numpy as np
+
+    if len(arrays) > 1:
+        return model_inputs(model, {name: array.reshape(-1).tolist() for name, array in arrays}, max_rows)
+    _, array = arrays[0]
+    if model.n_features is None or array.dtype == object:
+        return array.tolist()
+    if array.ndim != 2 or array.shape[1] != model.n_features:
+        raise BadRequest(f"the input tensor must have shape [rows, {model.n_features}], not {list(array.shape)}",
+                         model=model.name)
+    matrix = array.astype(np.float64)
+    return model.make_frame(matrix, columns=model.feature_names) if model.make_frame is not None else matrix
+
+
+def v2_outputs(model, results, binary_outputs):
+    """(JSON outputs, binary tail) for {method: result}; binary for the outputs asked that way."""
+    import numpy as np
+
+    outputs, chunks = [], []
+    for method, result in results.items():
+        array = np.asarray(result.toarray() if hasattr(result, "toarray") else result)
+        datatype = v2_datatype(array)
+        entry = {"name": method, "datatype": datatype, "shape": list(array.shape)}
+        if method in binary_outputs:
+            if datatype == "BYTES":
+                data = b"".join(len(b).to_bytes(4, "little") + b
+                                for b in (str(item).encode("utf-8") for item in array.reshape(-1).tolist()))
+            else:
+                data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = to_jsonable(array.reshape(-1))
+        outputs.append(entry)
+    return outputs, b"".join(chunks)
+
+
+V2_REPOSITORY_STATES = {UNLOADED: "UNAVAILABLE", LOADING: "LOADING", AVAILABLE: "READY", UNLOADING: "UNLOADING",
+                        FAILED: "UNAVAILABLE"}
+
+
+# -- MLflow scoring ------------------------------------------------------------------------------
+
+MLFLOW_ERROR_CODES = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "BAD_REQUEST",
+                      415: "BAD_REQUEST", 500: "INTERNAL_ERROR", 503: "INTERNAL_ERROR"}
+MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+
+
+def mlflow_rows(environ, body, max_depth):
+    """Rows from an /invocations body: MLflow's JSON formats or CSV, chosen by Content-Type."""
+    content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+    check_content_type(environ)
+    if content_type == "text/csv":
+        return _csv_rows(body)
+    if content_type != "application/json":
+        raise UnsupportedMediaType(f"send application/json or text/csv, not {content_type or 'no Content-Type'}")
+    payload = parse_json(body, max_depth)
+    keys = [key for key in MLFLOW_KEYS if isinstance(payload, dict) and key in payload]
+    if not isinstance(payload, dict) or len(keys) != 1 or set(payload) - {keys[0], "params"}:
+        raise BadRequest(f"the body must hold exactly one of {', '.join(MLFLOW_KEYS)} (and optionally params)")
+    if payload.get("params"):
+        logger.warning("/invocations: params %s are ignored: scikit-learn's predict takes none",
+                       _clip(str(sorted(payload["params"]) if isinstance(payload["params"], dict) else "?"), 200))
+    value = payload[keys[0]]
+    if keys[0] == "dataframe_split":
+        if not isinstance(value, dict) or not isinstance(value.get("data"), list):
+            raise BadRequest("dataframe_split needs {\"columns\": [...], \"data\": [[...], ...]}")
+        columns = value.get("columns")
+        if columns is None:
+            return value["data"]
+        if not isinstance(columns, list) or not all(isinstance(row, list) and len(row) == len(columns)
+                                                    for row in value["data"]):
+            raise BadRequest("dataframe_split: every row of data needs one value per column")
+        return [dict(zip(columns, row)) for row in value["data"]]
+    if keys[0] == "dataframe_records":
+        if not isinstance(value, list) or not all(isinstance(row, dict) for row in value):
+            raise BadRequest("dataframe_records must be a list of {column: value} objects")
+    return value
+
+
+def _csv_rows(body):
+    import csv
+    import io
+
+    try:
+        text = body.decode("utf-8-sig")          # Excel writes a byte-order mark
+    except UnicodeDecodeError:
+        raise BadRequest("CSV must be UTF-8") from None
+    table = [row for row in csv.reader(io.StringIO(text)) if row]      # blank lines are no rows
+    if len(table) < 2:
+        raise BadRequest("CSV needs a header line and at least one row")
+    header, rows = table[0], table[1:]
+    if any(len(row) != len(header) for row in rows):
+        raise BadRequest("every CSV row needs one value per header column")
+    columns = [_csv_column([row[i] for row in rows]) for i in range(len(header))]
+    return [dict(zip(header, values)) for values in zip(*columns)]
+
+
+def mlflow_inputs(model, rows, max_rows):
+    """A text model gets the values of a one-column table, others the rows as the native API takes them."""
+    if model.n_features is None and isinstance(rows, list) and rows and \
+            all(isinstance(row, dict) and len(row) == 1 for row in rows):
+        rows = [next(iter(row.values())) for row in rows]
+    return model_inputs(model, rows, max_rows)
+
+
+def _csv_column(cells):
+    """A column is numbers (empty cells: missing) if every cell reads as one, else text, as pandas reads it."""
+    try:
+        return [None if cell == "" else float(cell) for cell in cells]
+    except ValueError:
+        return cells
+
+
 ###############################################################################
 # HTTP application ############################################################
 ###############################################################################
@@ -2252,6 +3106,176 @@ def encode_prediction(model, method, outputs):
 # errors (unknown route, wrong method, unexpected faults), so no answer is HTML.
 
 JSON_TYPE = "application/json"
+
+# The web console GET / serves to browsers: one self-contained page (no CDN, no build step) that
+# lists the models and sends predictions through the JSON API.  Everything it shows from the
+# service goes through textContent, and its Content-Security-Policy admits only its own script
+# and style (by hash) and requests to this origin.
+CONSOLE_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>model-service</title>
+<style>
+ body { font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }
+ h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
+ table { border-collapse: collapse; width: 100%; } th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #ddd; }
+ label { display: block; margin: .4rem 0 .1rem; font-weight: 600; }
+ input, select, textarea { font: inherit; padding: .25rem; } textarea { width: 100%; min-height: 5rem; font-family: monospace; }
+ #features { display: grid; grid-template-columns: repeat(auto-fill, minmax(12rem, 1fr)); gap: .3rem 1rem; }
+ pre { background: #f6f6f6; padding: .8rem; overflow: auto; } .error { color: #b00020; } .muted { color: #777; }
+ button { font: inherit; padding: .35rem 1rem; margin-top: .8rem; }
+</style>
+</head>
+<body>
+<h1>model-service</h1>
+<p class="muted">Models in this service, and a form to try them. <a href="/openapi.json">OpenAPI</a> · <a href="/models">/models</a></p>
+<table id="models"><thead><tr><th>model</th><th>latest</th><th>served versions</th><th>labels</th><th>states</th></tr></thead><tbody></tbody></table>
+<h2>Try a model</h2>
+<form id="try">
+ <label for="model">Model</label><select id="model" name="model"></select>
+ <label for="version">Version</label><select id="version" name="version"></select>
+ <label for="method">Method</label><select id="method" name="method"></select>
+ <p id="described" class="muted"></p>
+ <div id="features"></div>
+ <label for="raw">Input as JSON (rows, as in {"instances": ...})</label>
+ <textarea id="raw" name="raw" placeholder='[[5.1, 3.5, 1.4, 0.2]]'></textarea>
+ <button id="send" type="submit">Predict</button>
+</form>
+<h2>Result</h2>
+<p id="status" class="muted">No request sent yet.</p>
+<pre id="result"></pre>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+let models = [];
+
+function option(select, value, text) {
+  const item = document.createElement("option");
+  item.value = value; item.textContent = text; select.appendChild(item);
+}
+
+async function getJSON(url) {
+  const response = await fetch(url, {headers: {"Accept": "application/json"}});
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function showModels() {
+  const rows = $("models").tBodies[0];
+  rows.textContent = "";
+  for (const model of models) {
+    const row = rows.insertRow();
+    const states = model.versions.map((v) => v.version + ": " + v.state).join(", ");
+    const labels = Object.entries(model.labels).map(([l, v]) => l + " → " + v).join(", ");
+    for (const text of [model.name, model.latest_version || "none", model.served_versions.join(", "), labels, states]) {
+      row.insertCell().textContent = text;
+    }
+  }
+  $("model").textContent = "";
+  for (const model of models) option($("model"), model.name, model.name);
+}
+
+async function chooseModel() {
+  const model = models.find((m) => m.name === $("model").value);
+  $("version").textContent = "";
+  $("method").textContent = "";
+  $("features").textContent = "";
+  $("described").textContent = "";
+  if (!model) return;
+  option($("version"), "", "latest (" + (model.latest_version || "none") + ")");
+  for (const v of model.served_versions) option($("version"), "versions/" + v, "version " + v);
+  for (const [label, v] of Object.entries(model.labels)) option($("version"), "labels/" + label, label + " (version " + v + ")");
+  try {
+    const meta = await getJSON("/v2/models/" + encodeURIComponent(model.name));
+    for (const output of meta.outputs) option($("method"), output.name, output.name);
+    const named = meta.inputs.length > 1 || meta.inputs[0].shape.length === 1 && meta.inputs[0].datatype !== "BYTES";
+    const width = named ? meta.inputs.length : (meta.inputs[0].shape[1] || 0);
+    for (let i = 0; i < width; i++) {
+      const name = named ? meta.inputs[i].name : "feature " + i;
+      const field = document.createElement("label");
+      field.textContent = name;
+      const input = document.createElement("input");
+      input.type = "number"; input.step = "any"; input.dataset.feature = named ? name : String(i);
+      input.setAttribute("aria-label", name);
+      field.appendChild(input);
+      $("features").appendChild(field);
+    }
+    $("described").textContent = width ? "Fill in one row, or give rows as JSON below." :
+      "This model takes its input as JSON, e.g. [\\"some text\\"].";
+  } catch (error) {
+    $("described").textContent = "Metadata unavailable: " + error.message + ". Give the input as JSON.";
+  }
+}
+
+function instances() {
+  const raw = $("raw").value.trim();
+  if (raw) return JSON.parse(raw);
+  const fields = [...$("features").querySelectorAll("input")];
+  if (!fields.length) throw new Error("give the input as JSON");
+  if (fields.some((f) => f.value === "")) throw new Error("fill in every feature");
+  if (isNaN(Number(fields[0].dataset.feature))) {
+    const row = {};
+    for (const f of fields) row[f.dataset.feature] = Number(f.value);
+    return [row];
+  }
+  return [fields.map((f) => Number(f.value))];
+}
+
+async function send(event) {
+  event.preventDefault();
+  $("result").textContent = "";
+  $("status").className = "";
+  let body;
+  try {
+    body = JSON.stringify({instances: instances(), method: $("method").value || "predict"});
+  } catch (error) {
+    $("status").className = "error"; $("status").textContent = "Input error: " + error.message; return;
+  }
+  const version = $("version").value;
+  const url = "/models/" + encodeURIComponent($("model").value) + (version ? "/" + version : "") + "/predict";
+  $("status").textContent = "Sending to " + url + " …";
+  try {
+    const response = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"}, body: body});
+    const answer = await response.json();
+    $("status").className = response.ok ? "" : "error";
+    $("status").textContent = response.status + " " + (response.ok ? "OK" : answer.error);
+    $("result").textContent = JSON.stringify(answer, null, 2);
+  } catch (error) {
+    $("status").className = "error"; $("status").textContent = "Request failed: " + error.message;
+  }
+}
+
+async function start() {
+  try {
+    models = (await getJSON("/models")).models;
+    showModels();
+    await chooseModel();
+  } catch (error) {
+    $("status").className = "error"; $("status").textContent = "Cannot list models: " + error.message;
+  }
+}
+
+$("model").addEventListener("change", chooseModel);
+$("try").addEventListener("submit", send);
+start();
+</script>
+</body>
+</html>
+"""
+
+
+def _content_security_policy(page):
+    def digest(tag):
+        text = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+    return (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
+            "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+CONSOLE_CSP = _content_security_policy(CONSOLE_HTML)
 
 
 def _json_plugin(callback):
@@ -2338,15 +3362,22 @@ def create_app(store=None, config=None, registry=None, **options):
     def _after():
         bottle.response.set_header("X-Content-Type-Options", "nosniff")
 
-    def predict(name, version, payload, label=None):
+    def run(name, version, label, prepare):
+        """The prediction core of every protocol: `prepare(model)` gives (methods, inputs); each method runs."""
         model = registry.acquire(name, version, label)
         try:
-            rows, method = decode_payload(payload, request.query.get("method"))
-            method = choose_method(model, method)
-            inputs = model_inputs(model, rows, config.max_rows)
-            return encode_prediction(model, method, model.run(method, inputs))
+            methods, inputs = prepare(model)
+            return model, {method: model.run(method, inputs) for method in methods}
         finally:
             registry.release(model)
+
+    def predict(name, version, payload, label=None):
+        def prepare(model):
+            rows, method = decode_payload(payload, request.query.get("method"))
+            return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
+        model, results = run(name, version, label, prepare)
+        (method, outputs), = results.items()
+        return encode_prediction(model, method, outputs)
 
     def require_admin():
         """Admin routes are off without a configured token, and need it as a bearer token."""
@@ -2361,6 +3392,11 @@ def create_app(store=None, config=None, registry=None, **options):
         check_content_type(request.environ)
         return parse_json(read_body(request.environ, config.max_body_bytes), config.max_depth)
 
+    def optional_json():
+        """The JSON body, or {} when there is none (a bare POST)."""
+        body = read_body(request.environ, config.max_body_bytes)
+        return parse_json(body, config.max_depth) if body.strip() else {}
+
     def query_instances():
         text = request.query.get("instances")
         if text is None:
@@ -2370,6 +3406,9 @@ def create_app(store=None, config=None, registry=None, **options):
     # -- service ------------------------------------------------------------
     @app.get("/")
     def index():
+        if "text/html" in request.environ.get("HTTP_ACCEPT", ""):
+            raise bottle.HTTPResponse(CONSOLE_HTML, headers={"Content-Type": "text/html; charset=utf-8",
+                                                             "Content-Security-Policy": CONSOLE_CSP})
         return {"name": SERVICE_NAME, "version": __version__, "status": "alive",
                 "models": registry.names(),
                 "links": {"models": "/models", "health": "/healthz", "ready": "/readyz",
@@ -2447,6 +3486,175 @@ def create_app(store=None, config=None, registry=None, **options):
     def rescan():
         require_admin()
         return {"models": registry.rescan()}
+
+    # -- TensorFlow Serving REST and KServe V1 --------------------------------
+    @app.get("/v1/models")
+    def v1_models():
+        registry.require_store()
+        return {"models": registry.names()}
+
+    def v1_status(name, version=None, label=None):
+        """TF's model_version_status merged with KServe V1's {"name", "ready"}; 503 when nothing can serve."""
+        entry = registry.model(name)
+        slots = ([registry.version(name, version, label)] if version or label else
+                 [entry.versions[number] for number in entry.served])
+        ready = any(slot.state != FAILED for slot in slots)
+        status = {"name": name, "ready": ready, "model_version_status": [tf_version_status(s) for s in slots]}
+        if not ready:
+            raise ModelUnavailable(f"model {name!r} has no version that can serve", **status)
+        return status
+
+    def v1_metadata(name, version=None, label=None):
+        model = registry.acquire(name, version, label)
+        registry.release(model)
+        return {"model_spec": {"name": name, "signature_name": "", "version": model.version},
+                "metadata": {"signature_def": {"signature_def": tf_signatures(model)}}}
+
+    app.get("/v1/models/<name>")(v1_status)
+    app.get("/v1/models/<name>/versions/<version>")(lambda name, version: v1_status(name, version))
+    app.get("/v1/models/<name>/labels/<label>")(lambda name, label: v1_status(name, label=label))
+    app.get("/v1/models/<name>/metadata")(v1_metadata)
+    app.get("/v1/models/<name>/versions/<version>/metadata")(lambda name, version: v1_metadata(name, version))
+    app.get("/v1/models/<name>/labels/<label>/metadata")(lambda name, label: v1_metadata(name, label=label))
+
+    @app.post("/v1/models/<target:path>")
+    def v1_verb(target):
+        """POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict (also :classify, :regress, :explain)."""
+        match = TF_TARGET.fullmatch(target)
+        if match is None:
+            raise NotFound(f"no route for POST /v1/models/{_clip(target, 120)}: use <model>:predict, :classify "
+                           "or :regress, optionally after /versions/<v> or /labels/<l>")
+        name, version, label, verb = match.group("name", "version", "label", "verb")
+        if verb == "explain":
+            raise NotImplementedHere("explanations are not implemented")
+        payload = body_json()
+        if verb == "predict":
+            rows, columnar, method = tf_predict_request(payload)
+            model, results = run(name, version, label, lambda model: (
+                [choose_method(model, method, unknown=BadRequest)], model_inputs(model, rows, config.max_rows)))
+            return {"outputs" if columnar else "predictions": to_jsonable(results[method])}
+        rows = tf_examples(payload)
+        method = "predict_proba" if verb == "classify" else "predict"
+        model, results = run(name, version, label, lambda model: (
+            [choose_method(model, method, unknown=BadRequest)], model_inputs(model, rows, config.max_rows)))
+        outputs = to_jsonable(results[method])
+        if verb == "regress":
+            return {"results": outputs}
+        if model.classes is None:
+            raise BadRequest(f"model {name!r} does not name its classes, so it cannot classify", model=name)
+        return {"results": [[[str(label_), score] for label_, score in zip(model.classes, row)] for row in outputs]}
+
+    # -- Open Inference Protocol (V2) ----------------------------------------
+    @app.get("/v2")
+    def v2_server():
+        return {"name": SERVICE_NAME, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+
+    @app.get("/v2/health/live")
+    def v2_live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    def v2_ready():
+        reason = registry.not_ready_reason()
+        if reason:
+            raise ModelUnavailable(f"not ready: {reason}", ready=False)
+        return {"ready": True}
+
+    @app.get("/v2/models")
+    def v2_models():
+        registry.require_store()
+        return {"models": registry.names()}
+
+    def v2_model_ready(name, version=None):
+        slot = registry.version(name, version)
+        if slot.state == FAILED:
+            raise ModelUnavailable(f"model {name!r} version {slot.ref.version} failed to load: {slot.error}",
+                                   name=name, ready=False)
+        return {"name": name, "ready": True}
+
+    def v2_model_metadata(name, version=None):
+        model = registry.acquire(name, version)
+        registry.release(model)
+        return v2_metadata(model, [str(n) for n in registry.model(name).served])
+
+    def v2_infer(name, version=None):
+        check_content_type(request.environ)
+        header, binary = v2_split_body(request.environ, read_body(request.environ, config.max_body_bytes))
+        payload = parse_json(header, config.max_depth)
+        arrays, wanted, binary_outputs = v2_request(payload, binary, config.max_rows)
+        model, results = run(name, version, None, lambda model: (
+            [choose_method(model, method, unknown=BadRequest) for method in wanted],
+            v2_inputs(model, arrays, config.max_rows)))
+        outputs, tail = v2_outputs(model, results, binary_outputs)
+        answer = {"model_name": name, "model_version": model.version, "outputs": outputs}
+        if "id" in payload:
+            answer["id"] = payload["id"]
+        if not tail:
+            return answer
+        text = dumps(answer).encode("utf-8")
+        raise bottle.HTTPResponse(text + tail, headers={"Content-Type": "application/octet-stream",
+                                                        "Inference-Header-Content-Length": str(len(text))})
+
+    app.get("/v2/models/<name>/ready")(v2_model_ready)
+    app.get("/v2/models/<name>/versions/<version>/ready")(v2_model_ready)
+    app.get("/v2/models/<name>")(v2_model_metadata)
+    app.get("/v2/models/<name>/versions/<version>")(v2_model_metadata)
+    app.post("/v2/models/<name>/infer")(v2_infer)
+    app.post("/v2/models/<name>/versions/<version>/infer")(v2_infer)
+
+    @app.post("/v2/repository/index")
+    def v2_repository_index():
+        request_ = optional_json()
+        only_ready = isinstance(request_, dict) and request_.get("ready") is True
+        index = []
+        for info in registry.describe_all():
+            for version in info["versions"]:
+                if not version["served"]:
+                    continue
+                state = V2_REPOSITORY_STATES[version["state"]]
+                if not only_ready or state == "READY":
+                    index.append({"name": info["name"], "version": version["version"], "state": state,
+                                  "reason": _clip(version["last_error"] or "", 300)})
+        return index
+
+    @app.post("/v2/repository/models/<name>/<action:re:load|unload>")
+    def v2_repository_action(name, action):
+        require_admin()
+        request_ = optional_json()
+        parameters = request_.get("parameters") if isinstance(request_, dict) else None
+        if parameters and any(key == "config" or key.startswith("file:") for key in parameters):
+            raise BadRequest("models are loaded only from the model store: \"config\" and \"file:\" parameters "
+                             "are refused")
+        if action == "load":
+            registry.reload(name)
+            for number in registry.model(name).served:
+                registry.get(name, str(number))
+        else:
+            registry.unload(name)
+        return {}
+
+    # -- MLflow scoring (the default model) -------------------------------------
+    @app.get("/ping")
+    @app.get("/health")
+    def mlflow_ping():
+        return {"status": "alive"}
+
+    @app.get("/version")
+    def mlflow_version():
+        raise bottle.HTTPResponse(__version__, headers={"Content-Type": "text/plain; charset=utf-8"})
+
+    @app.post("/invocations")
+    def mlflow_invocations():
+        try:
+            rows = mlflow_rows(request.environ, read_body(request.environ, config.max_body_bytes),
+                               config.max_depth)
+            model, results = run(registry.default_model_name(), None, None, lambda model: (
+                ["predict"], mlflow_inputs(model, rows, config.max_rows)))
+        except ServiceError as error:
+            error.fields.update(error_code=MLFLOW_ERROR_CODES.get(error.status, "BAD_REQUEST"),
+                                message=error.message)
+            raise
+        return {"predictions": to_jsonable(results["predict"])}
 
     # -- the seed course's routes, on the default model ----------------------
     @app.get("/predict/<sentence:path>")
@@ -2662,7 +3870,7 @@ def build_parser():
     defaults = Config()
     for setting in SETTINGS:
         default = getattr(defaults, setting.field)
-        shown = "none" if default in (None, ()) else default
+        shown = "none" if default in (None, ()) else ("yes" if default else "no") if type(default) is bool else default
         optional = {"nargs": "?", "const": setting.const} if setting.const else {}
         parser.add_argument(setting.flag, dest=setting.field, metavar=setting.metavar, default=None,
                             help=f"{setting.help} (env {setting.env}; default: {shown})", **optional)

@@ -145,6 +145,34 @@ def _boolean(text):
     raise ValueError(f"must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, not {text!r}")
 
 
+def _origin_list(text):
+    """'*', or a comma-separated list of browser origins (scheme://host[:port], no path)."""
+    origins = tuple(origin.strip().rstrip("/") for origin in text.split(",") if origin.strip())
+    if origins == ("*",):
+        return origins
+    for origin in origins:
+        if not ORIGIN.fullmatch(origin):
+            raise ValueError(f"{origin!r} is not an origin like https://app.example.com or http://localhost:3000")
+    if not origins:
+        raise ValueError("name the origins, or '*'")
+    return origins
+
+
+def _host_list(text):
+    """A comma-separated list of host names the Host header may carry (any port)."""
+    hosts = tuple(host.strip().lower() for host in text.split(",") if host.strip())
+    for host in hosts:
+        if not HOST_NAME.fullmatch(host):
+            raise ValueError(f"{host!r} is not a host name or address")
+    if not hosts:
+        raise ValueError("name the hosts: localhost,127.0.0.1,models.internal")
+    return hosts
+
+
+ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+HOST_NAME = re.compile(r"[a-z0-9.-]{1,253}|\[?[0-9a-f:.]+\]?")
+
+
 def _module_list(text):
     """A comma-separated list of Python module names (each one also covers its submodules)."""
     names = tuple(name.strip() for name in text.split(",") if name.strip())
@@ -196,6 +224,10 @@ class Config:
     strict_versions: bool = False
     #: bearer token that turns the admin routes on (kept out of repr and logs)
     admin_token: str = dataclasses.field(default=None, repr=False)
+    #: browser origins allowed to call the API from their pages (CORS); ("*",) for any
+    cors_origins: tuple = ()
+    #: Host header names accepted (any when empty): a defence against DNS rebinding
+    allowed_hosts: tuple = ()
     #: seconds to let requests in flight finish after SIGTERM/SIGINT
     shutdown_timeout: float = 10.0
     #: logging level of the command line (embedded, the host's logging applies)
@@ -269,6 +301,11 @@ SETTINGS = (
     Setting("admin_token", str,
             "bearer token that enables POST /models/<name>/reload and /admin/rescan "
             "(prefer the environment variable: flags show in ps)", "TOKEN"),
+    Setting("cors_origins", _origin_list,
+            "browser origins whose pages may call the API (CORS): '*' or https://app.example,http://localhost:3000",
+            "ORIGINS"),
+    Setting("allowed_hosts", _host_list,
+            "Host header names to accept, refusing others (DNS rebinding defence): localhost,127.0.0.1", "HOSTS"),
     Setting("shutdown_timeout", _non_negative_float,
             "seconds requests in flight get to finish after SIGTERM/SIGINT", "SECONDS"),
     Setting("log_level", _log_level, "logging level: " + ", ".join(LOG_LEVELS), "LEVEL"),
@@ -2424,6 +2461,16 @@ class ModelRegistry:
         catalogue = self._catalogue
         return [catalogue[name].describe(self.clock) for name in sorted(catalogue)]
 
+    def known_features(self):
+        """{name: feature names} for the models whose default version is loaded and names its features."""
+        features = {}
+        for name, entry in sorted(self._catalogue.items()):
+            slot = entry.routes.get(None)
+            model = slot.model if slot is not None else None
+            if model is not None and model.feature_names:
+                features[name] = list(model.feature_names)
+        return features
+
     def loaded_count(self):
         return len(self._resident)
 
@@ -2731,8 +2778,6 @@ def encode_prediction(model, method, outputs):
 
 # -- TensorFlow Serving REST and KServe V1 ------------------------------------------------
 
-TF_TARGET = re.compile(r"(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
-                       r":(?P<verb>predict|classify|regress|explain)")
 TF_STATES = {UNLOADED: "START", LOADING: "LOADING", AVAILABLE: "AVAILABLE", UNLOADING: "UNLOADING", FAILED: "END"}
 
 
@@ -2882,7 +2927,7 @@ def v2_request(request, binary, max_rows):
         count = math.prod(shape)
         if shape and shape[0] > max_rows:
             raise BadRequest(f"{where}: {shape[0]} rows is over the limit of {max_rows}")
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        size = _v2_parameters(tensor, where).get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0 or offset + size > len(binary):
                 raise BadRequest(f"{where}: binary_data_size {size!r} does not fit the binary data")
@@ -2896,18 +2941,29 @@ def v2_request(request, binary, max_rows):
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
     wanted, binary_outputs = [], set()
-    everything_binary = bool((request.get("parameters") or {}).get("binary_data_output"))
-    for number, output in enumerate(request.get("outputs") or []):
+    everything_binary = bool(_v2_parameters(request, "the request").get("binary_data_output"))
+    outputs = request.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise BadRequest("\"outputs\" must be a list of {\"name\": method}")
+    for number, output in enumerate(outputs):
         if not isinstance(output, dict) or not isinstance(output.get("name"), str):
             raise BadRequest(f"outputs[{number}] needs a \"name\" (a prediction method)")
         wanted.append(output["name"])
-        if (output.get("parameters") or {}).get("binary_data", everything_binary):
+        if _v2_parameters(output, f"outputs[{number}]").get("binary_data", everything_binary):
             binary_outputs.add(output["name"])
     if not wanted:
         wanted = ["predict"]
         if everything_binary:
             binary_outputs.add("predict")
     return arrays, wanted, binary_outputs
+
+
+def _v2_parameters(holder, where):
+    """A V2 object's "parameters": an object of strings, numbers and booleans (absent: empty)."""
+    parameters = holder.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"{where}: \"parameters\" must be an object")
+    return parameters
 
 
 def _v2_dtype(datatype, where):
@@ -3308,12 +3364,22 @@ def _error_result(response, error):
     return error.to_dict()
 
 
+def _common_headers(response, environ, config):
+    """Headers every answer carries, errors included: nosniff, and CORS for an allowed Origin."""
+    response.set_header("X-Content-Type-Options", "nosniff")
+    origin = environ.get("HTTP_ORIGIN")
+    if origin and config.cors_origins and (config.cors_origins == ("*",) or origin in config.cors_origins):
+        response.set_header("Access-Control-Allow-Origin", "*" if config.cors_origins == ("*",) else origin)
+        response.set_header("Access-Control-Expose-Headers", "Retry-After, Inference-Header-Content-Length")
+        response.add_header("Vary", "Origin")
+
+
 def _error_page(http_error):
     """JSON for Bottle's own errors: 404 and 405 routes, faults outside a route."""
     status = http_error.status_code
     response = bottle.response
     response.content_type = JSON_TYPE
-    response.set_header("X-Content-Type-Options", "nosniff")
+    _common_headers(response, bottle.request.environ, bottle.request.app.config["service.config"])
     if status >= 500:
         error_id = uuid.uuid4().hex[:12]
         logger.error("internal error %s: %s", error_id, http_error.traceback or http_error.body)
@@ -3324,7 +3390,198 @@ def _error_page(http_error):
     if status == 405:
         return dumps({"error": f"method {bottle.request.method} is not allowed here; allowed: "
                                f"{response.get_header('Allow', '')}", "code": "method_not_allowed"})
-    return dumps({"error": str(http_error.body), "code": "http_error"})
+    codes = {400: "bad_request", 403: "forbidden", 413: "payload_too_large"}
+    return dumps({"error": str(http_error.body), "code": codes.get(status, "http_error")})
+
+
+# -- OpenAPI --------------------------------------------------------------------------------------
+# GET /openapi.json: every route, request, response and error, for client generators and
+# API explorers; models whose feature names are known get their own row schema.
+
+def _schema_ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_body(schema, required=True):
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
+def _operation(summary, answer, body=None, tags=(), parameters=(), text=False):
+    """One operation: its 200 answer (a schema), optional JSON body, and every error as the Error envelope."""
+    media = "text/plain" if text else JSON_TYPE
+    operation = {"summary": summary, "tags": list(tags),
+                 "responses": {"200": {"description": "success", "content": {media: {"schema": answer}}},
+                               "default": {"description": "an error (4xx for the caller's mistakes, 503 when a "
+                                                          "model is unavailable, 500 for the service's faults)",
+                                           "content": {JSON_TYPE: {"schema": _schema_ref("Error")}}}}}
+    if parameters:
+        operation["parameters"] = [_PATH_PARAMETERS[p] for p in parameters]
+    if body is not None:
+        operation["requestBody"] = body
+    return operation
+
+
+def _query_predict(parameters):
+    operation = _operation("predict with ?instances=<JSON>", _schema_ref("PredictResponse"), tags=["predict"],
+                           parameters=parameters)
+    operation.setdefault("parameters", []).append({"name": "instances", "in": "query", "required": True,
+                                                   "schema": {"type": "string"},
+                                                   "description": "a JSON list of instances"})
+    return operation
+
+
+_PATH_PARAMETERS = {
+    "name": {"name": "name", "in": "path", "required": True, "description": "model name",
+             "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}},
+    "version": {"name": "version", "in": "path", "required": True, "description": "version number",
+                "schema": {"type": "string", "pattern": r"^[1-9][0-9]{0,17}$"}},
+    "label": {"name": "label", "in": "path", "required": True, "description": "version label",
+              "schema": {"type": "string", "pattern": r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"}},
+}
+
+_ANY = {}
+_OBJECT = {"type": "object", "additionalProperties": True}
+_CELL = {"oneOf": [{"type": "number"}, {"type": "string"}, {"type": "boolean"}, {"type": "null"}]}
+_ROWS = {"type": "array", "minItems": 1, "items": _ANY}
+
+OPENAPI_SCHEMAS = {
+    "Error": {"type": "object", "required": ["error"], "additionalProperties": True,
+              "properties": {"error": {"type": "string"}, "code": {"type": "string"},
+                             "model": {"type": "string"}, "error_code": {"type": "string"},
+                             "message": {"type": "string"}}},
+    "PredictRequest": {"oneOf": [
+        {"type": "object", "required": ["instances"], "properties": {
+            "instances": _ROWS, "method": {"type": "string"}}},
+        {"type": "object", "required": ["inputs"], "properties": {
+            "inputs": {"oneOf": [_ROWS, {"type": "object"}]}, "method": {"type": "string"}}},
+        _ROWS]},
+    "PredictResponse": {"type": "object", "required": ["model", "version", "method", "predictions"],
+                        "properties": {"model": {"type": "string"}, "version": {"type": "string"},
+                                       "method": {"type": "string"}, "predictions": {"type": "array"},
+                                       "classes": {"type": "array"}}},
+    "ModelStatus": {"type": "object", "required": ["name", "versions"], "additionalProperties": True,
+                    "properties": {"name": {"type": "string"}, "latest_version": {"type": ["string", "null"]},
+                                   "versions": {"type": "array", "items": _OBJECT}}},
+    "TFPredictRequest": {"type": "object", "properties": {
+        "signature_name": {"type": "string"}, "instances": _ROWS,
+        "inputs": {"oneOf": [_ROWS, {"type": "object"}]}}},
+    "TFPredictResponse": {"type": "object", "properties": {"predictions": {"type": "array"}, "outputs": _ANY}},
+    "TFExamples": {"type": "object", "required": ["examples"], "properties": {
+        "context": {"type": "object"}, "examples": {"type": "array", "items": {"type": "object"}}}},
+    "TFResults": {"type": "object", "required": ["results"], "properties": {"results": {"type": "array"}}},
+    "TFStatus": {"type": "object", "required": ["name", "ready", "model_version_status"],
+                 "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"},
+                                "model_version_status": {"type": "array", "items": _OBJECT}}},
+    "V2Tensor": {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+        "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+        "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
+                                                "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]},
+        "parameters": {"type": "object"}, "data": {"type": "array"}}},
+    "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": _schema_ref("V2Tensor")},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                               "properties": {"name": {"type": "string"},
+                                                              "parameters": {"type": "object"}}}}}},
+    "V2InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
+        "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+        "outputs": {"type": "array", "items": _schema_ref("V2Tensor")}}},
+    "V2Metadata": {"type": "object", "required": ["name", "inputs", "outputs"], "properties": {
+        "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+        "platform": {"type": "string"}, "inputs": {"type": "array", "items": _OBJECT},
+        "outputs": {"type": "array", "items": _OBJECT}}},
+    "MLflowRequest": {"type": "object", "properties": {
+        "dataframe_split": {"type": "object", "properties": {"columns": {"type": "array"},
+                                                             "data": {"type": "array"}}},
+        "dataframe_records": {"type": "array", "items": {"type": "object"}},
+        "instances": _ROWS, "inputs": _ANY, "params": {"type": "object"}}},
+    "Predictions": {"type": "object", "required": ["predictions"], "properties": {"predictions": {"type": "array"}}},
+}
+
+
+def openapi_document(registry):
+    """The OpenAPI 3.1 description of this service, with a row schema per model whose feature names are known."""
+    ref = _schema_ref
+    model, version, label = ("name",), ("name", "version"), ("name", "label")
+    paths = {
+        "/": {"get": _operation("service name, version, model names and links (a browser gets the web console)",
+                                _OBJECT, tags=["service"])},
+        "/healthz": {"get": _operation("liveness", _OBJECT, tags=["service"])},
+        "/readyz": {"get": _operation("readiness: 503 with the reason until ready", _OBJECT, tags=["service"])},
+        "/openapi.json": {"get": _operation("this document", _OBJECT, tags=["service"])},
+        "/models": {"get": _operation("every model and the state of its versions", _OBJECT, tags=["models"])},
+        "/models/{name}": {"get": _operation("one model's versions, policy and labels", ref("ModelStatus"),
+                                             tags=["models"], parameters=model)},
+        "/models/{name}/versions/{version}": {"get": _operation("one version's state and metadata", _OBJECT,
+                                                                tags=["models"], parameters=version)},
+        "/models/{name}/labels/{label}": {"get": _operation("the version a label names", _OBJECT,
+                                                            tags=["models"], parameters=label)},
+        "/predict": {"post": _operation("predict with the default model", ref("PredictResponse"),
+                                        _json_body(ref("PredictRequest")), tags=["predict"])},
+        "/admin/rescan": {"post": _operation("rescan the store now (admin token)", _OBJECT, tags=["admin"])},
+        "/models/{name}/reload": {"post": _operation("load a model's versions again (admin token)", _OBJECT,
+                                                     tags=["admin"], parameters=model)},
+        "/v1/models": {"get": _operation("model names (KServe V1)", _OBJECT, tags=["tf-serving"])},
+        "/v2": {"get": _operation("server metadata", _OBJECT, tags=["v2"])},
+        "/v2/health/live": {"get": _operation("liveness", _OBJECT, tags=["v2"])},
+        "/v2/health/ready": {"get": _operation("readiness", _OBJECT, tags=["v2"])},
+        "/v2/models": {"get": _operation("model names", _OBJECT, tags=["v2"])},
+        "/v2/repository/index": {"post": _operation("every served version and its state", {"type": "array"},
+                                                    _json_body(_OBJECT, required=False), tags=["v2"])},
+        "/ping": {"get": _operation("liveness (MLflow)", _OBJECT, tags=["mlflow"])},
+        "/health": {"get": _operation("liveness (MLflow)", _OBJECT, tags=["mlflow"])},
+        "/version": {"get": _operation("the service version (MLflow)", {"type": "string"}, tags=["mlflow"],
+                                       text=True)},
+        "/invocations": {"post": _operation("predict with the default model (MLflow scoring)", ref("Predictions"),
+                                            {"required": True, "content": {
+                                                JSON_TYPE: {"schema": ref("MLflowRequest")},
+                                                "text/csv": {"schema": {"type": "string"}}}}, tags=["mlflow"])},
+    }
+    for prefix, parameters in (("/models/{name}", model), ("/models/{name}/versions/{version}", version),
+                               ("/models/{name}/labels/{label}", label)):
+        paths[prefix + "/predict"] = {
+            "post": _operation("predict (native API)", ref("PredictResponse"), _json_body(ref("PredictRequest")),
+                               tags=["predict"], parameters=parameters),
+            "get": _query_predict(parameters)}
+    for prefix, parameters in (("/v1/models/{name}", model), ("/v1/models/{name}/versions/{version}", version),
+                               ("/v1/models/{name}/labels/{label}", label)):
+        paths[prefix] = {"get": _operation("TF Serving status merged with KServe V1 readiness", ref("TFStatus"),
+                                           tags=["tf-serving"], parameters=parameters)}
+        paths[prefix + "/metadata"] = {"get": _operation("TF Serving signatures", _OBJECT, tags=["tf-serving"],
+                                                         parameters=parameters)}
+        for verb, request_, answer in (("predict", "TFPredictRequest", "TFPredictResponse"),
+                                       ("classify", "TFExamples", "TFResults"),
+                                       ("regress", "TFExamples", "TFResults")):
+            paths[f"{prefix}:{verb}"] = {"post": _operation(f"TF Serving {verb}", ref(answer),
+                                                            _json_body(ref(request_)), tags=["tf-serving"],
+                                                            parameters=parameters)}
+    for prefix, parameters in (("/v2/models/{name}", model), ("/v2/models/{name}/versions/{version}", version)):
+        paths[prefix] = {"get": _operation("V2 model metadata", ref("V2Metadata"), tags=["v2"],
+                                           parameters=parameters)}
+        paths[prefix + "/ready"] = {"get": _operation("V2 model readiness", _OBJECT, tags=["v2"],
+                                                      parameters=parameters)}
+        paths[prefix + "/infer"] = {"post": _operation(
+            "V2 inference (JSON; binary tensors with Inference-Header-Content-Length)", ref("V2InferResponse"),
+            _json_body(ref("V2InferRequest")), tags=["v2"], parameters=parameters)}
+    for action in ("load", "unload"):
+        paths[f"/v2/repository/models/{{name}}/{action}"] = {"post": _operation(
+            f"{action} a model of the store (admin token)", _OBJECT, _json_body(_OBJECT, required=False),
+            tags=["v2"], parameters=model)}
+    schemas = dict(OPENAPI_SCHEMAS)
+    for name, features in registry.known_features().items():
+        row = {"type": "object", "required": features, "additionalProperties": False,
+               "properties": {feature: {"type": ["number", "null"]} for feature in features}}
+        schemas[f"{name}.row"] = row
+        paths[f"/models/{name}/predict"] = {"get": _query_predict(()), "post": _operation(
+            f"predict with {name}: rows keyed by its feature names", ref("PredictResponse"),
+            _json_body({"type": "object", "required": ["instances"], "properties": {
+                "instances": {"type": "array", "minItems": 1, "items": ref(f"{name}.row")},
+                "method": {"type": "string"}}}), tags=["predict"])}
+    return {"openapi": "3.1.0",
+            "info": {"title": SERVICE_NAME, "version": __version__,
+                     "description": "scikit-learn models over HTTP: a native JSON API, TF Serving REST, KServe "
+                                    "V1, the Open Inference Protocol (V2) and MLflow scoring."},
+            "paths": paths, "components": {"schemas": schemas}}
 
 
 def create_app(store=None, config=None, registry=None, **options):
@@ -3350,6 +3607,13 @@ def create_app(store=None, config=None, registry=None, **options):
 
     @app.hook("before_request")
     def _before():
+        if config.allowed_hosts:
+            host = request.environ.get("HTTP_HOST", "").lower()
+            name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+            if name not in config.allowed_hosts and host not in config.allowed_hosts:
+                raise bottle.HTTPError(400, f"Host {_clip(repr(host), 80)} is not allowed (--allowed-hosts)")
+        if request.environ["REQUEST_METHOD"] == "OPTIONS":
+            preflight()
         raw = request.environ.get("bottle.raw_path", "")
         if not raw.isascii():
             try:
@@ -3360,7 +3624,32 @@ def create_app(store=None, config=None, registry=None, **options):
 
     @app.hook("after_request")
     def _after():
-        bottle.response.set_header("X-Content-Type-Options", "nosniff")
+        _common_headers(bottle.response, request.environ, config)
+
+    def preflight():
+        """OPTIONS, before routing (a catch-all route would turn every unknown path's 404 into a 405):
+        allowed origins learn what they may send; others are refused."""
+        origin = request.environ.get("HTTP_ORIGIN")
+        if origin and not (config.cors_origins == ("*",) or origin in config.cors_origins):
+            raise bottle.HTTPError(403, f"origin {_clip(repr(origin), 80)} may not call this service "
+                                        "(--cors-origins)")
+        methods = []
+        for method in ("GET", "POST"):
+            try:
+                app.router.match({"PATH_INFO": request.environ.get("PATH_INFO", "/"), "REQUEST_METHOD": method})
+                methods.append(method)
+            except bottle.HTTPError:
+                pass
+        if not methods:
+            raise bottle.HTTPError(404, "no route")
+        allowed = ", ".join(methods + ["OPTIONS"])
+        headers = {"Allow": allowed}
+        if origin:
+            headers.update({"Access-Control-Allow-Methods": allowed,
+                            "Access-Control-Allow-Headers": "Authorization, Content-Type, "
+                                                            "Inference-Header-Content-Length",
+                            "Access-Control-Max-Age": "600"})
+        raise bottle.HTTPResponse(status=204, headers=headers)
 
     def run(name, version, label, prepare):
         """The prediction core of every protocol: `prepare(model)` gives (methods, inputs); each method runs."""
@@ -3415,6 +3704,10 @@ def create_app(store=None, config=None, registry=None, **options):
                           "predict": "/models/{name}/predict",
                           "predict_version": "/models/{name}/versions/{version}/predict",
                           "predict_label": "/models/{name}/labels/{label}/predict"}}
+
+    @app.get("/openapi.json")
+    def openapi():
+        return openapi_document(registry)
 
     @app.get("/healthz")
     def healthz():
@@ -3510,21 +3803,22 @@ def create_app(store=None, config=None, registry=None, **options):
         return {"model_spec": {"name": name, "signature_name": "", "version": model.version},
                 "metadata": {"signature_def": {"signature_def": tf_signatures(model)}}}
 
-    app.get("/v1/models/<name>")(v1_status)
-    app.get("/v1/models/<name>/versions/<version>")(lambda name, version: v1_status(name, version))
-    app.get("/v1/models/<name>/labels/<label>")(lambda name, label: v1_status(name, label=label))
+    app.get("/v1/models/<name:re:[^/:]+>")(v1_status)     # no colon: "iris:predic" is no model's status
+    app.get("/v1/models/<name>/versions/<version:re:[^/:]+>")(lambda name, version: v1_status(name, version))
+    app.get("/v1/models/<name>/labels/<label:re:[^/:]+>")(lambda name, label: v1_status(name, label=label))
     app.get("/v1/models/<name>/metadata")(v1_metadata)
     app.get("/v1/models/<name>/versions/<version>/metadata")(lambda name, version: v1_metadata(name, version))
     app.get("/v1/models/<name>/labels/<label>/metadata")(lambda name, label: v1_metadata(name, label=label))
 
-    @app.post("/v1/models/<target:path>")
-    def v1_verb(target):
-        """POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict (also :classify, :regress, :explain)."""
-        match = TF_TARGET.fullmatch(target)
-        if match is None:
-            raise NotFound(f"no route for POST /v1/models/{_clip(target, 120)}: use <model>:predict, :classify "
-                           "or :regress, optionally after /versions/<v> or /labels/<l>")
-        name, version, label, verb = match.group("name", "version", "label", "verb")
+    @app.post("/v1/models/<name:re:[^/:]+><verb:re::(?:predict|classify|regress|explain)>")
+    @app.post("/v1/models/<name>/versions/<version:re:[^/:]+><verb:re::(?:predict|classify|regress|explain)>")
+    @app.post("/v1/models/<name>/labels/<label:re:[^/:]+><verb:re::(?:predict|classify|regress|explain)>")
+    def v1_verb(name, verb, version=None, label=None):
+        """POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict (also :classify, :regress, :explain).
+
+        The colon lives inside a regular-expression wildcard: Bottle reads a bare ":name" in a route as
+        its old wildcard syntax, and warns even about an escaped one."""
+        verb = verb[1:]
         if verb == "explain":
             raise NotImplementedHere("explanations are not implemented")
         payload = body_json()

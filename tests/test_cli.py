@@ -20,8 +20,8 @@ from conftest import ROOT, write_artifact
 
 FLAGS = ["--store", "--host", "--port", "--server", "--threads", "--default-model", "--max-body-bytes",
          "--max-rows", "--max-depth", "--load-retry-seconds", "--poll-interval", "--preload", "--max-loaded",
-         "--idle-unload", "--safe-pickle", "--trust", "--strict-versions", "--admin-token", "--shutdown-timeout",
-         "--log-level"]
+         "--idle-unload", "--safe-pickle", "--trust", "--strict-versions", "--admin-token", "--cors-origins",
+         "--allowed-hosts", "--shutdown-timeout", "--log-level"]
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import joblib
@@ -139,17 +140,25 @@ def wait_until_healthy(process, base, timeout, output):
 
 @contextlib.contextmanager
 def running(command, port, env=None, cwd=ROOT, timeout=30):
-    """Start a server process, wait until /healthz answers, yield its base URL, then stop it."""
+    """Start a server process, wait until /healthz answers, yield its base URL, then stop it.
+
+    Its output is read as it comes (a full pipe would block the server at its next log line) and
+    left in running.output, with its exit code in running.returncode.
+    """
     environment = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
     process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(process, base, timeout, process.stdout.read)
+        wait_until_healthy(process, base, timeout, lambda: "".join(lines))
         yield base
     finally:
         stop_process(process)
-        running.output = process.stdout.read()
+        reader.join(timeout=10)
+        running.output = "".join(lines)
         running.returncode = process.returncode
         process.stdout.close()
 

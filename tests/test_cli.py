@@ -21,7 +21,8 @@ from conftest import ROOT, write_artifact
 FLAGS = ["--store", "--host", "--port", "--server", "--threads", "--default-model", "--max-body-bytes",
          "--max-rows", "--max-depth", "--load-retry-seconds", "--poll-interval", "--preload", "--max-loaded",
          "--idle-unload", "--safe-pickle", "--trust", "--strict-versions", "--admin-token", "--cors-origins",
-         "--allowed-hosts", "--shutdown-timeout", "--log-level"]
+         "--allowed-hosts", "--shutdown-timeout", "--log-level", "--workers", "--access-log", "--max-batch-size",
+         "--max-latency-ms"]
 
 
 @pytest.fixture(autouse=True)

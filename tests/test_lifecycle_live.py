@@ -202,12 +202,12 @@ def test_a_signal_drains_the_request_in_flight_refuses_new_connections_and_exits
 
 
 def test_shutdown_timeout_bounds_the_wait_for_a_request_in_flight(tmp_path, slow_module):
-    """Proves --shutdown-timeout is a bound: with a 5 s request in flight and --shutdown-timeout 0.5,
+    """Proves --shutdown-timeout is a bound: with a 20 s request in flight and --shutdown-timeout 0.5,
     SIGTERM makes the process exit with code 0 well before the request could finish; the cut request
     gets no response (its connection is closed) and the log says so."""
     folder, module = slow_module
     store = tmp_path / "store"
-    pickle_into(store / "slow.pkl", module, module.SlowModel(5.0))
+    pickle_into(store / "slow.pkl", module, module.SlowModel(20.0))
     port = free_port()
     with start_server(service_py(store, port, "--shutdown-timeout", "0.5"), port, tmp_path / "server.log",
                       pythonpath=[folder]) as server:
@@ -220,19 +220,20 @@ def test_shutdown_timeout_bounds_the_wait_for_a_request_in_flight(tmp_path, slow
             exited = time.monotonic()
             with pytest.raises(requests.ConnectionError):
                 slow.result(timeout=60)
-    assert exited - signalled < 3.5, f"exit took {exited - signalled:.2f} s after SIGTERM"
-    assert exited - started < 4.5, "the process waited for the 5 s request"
+    assert exited - signalled < 8, f"exit took {exited - signalled:.2f} s after SIGTERM"
+    assert exited - started < 15, "the process waited for the 20 s request"
     assert "shutdown timeout: 1 connection(s) still busy are closed" in server.output()
 
 
 def test_a_second_signal_stops_at_once(tmp_path, slow_module):
-    """Proves the documented escape hatch: after a first SIGTERM starts draining a 5 s request (default
-    --shutdown-timeout 10 s), a second SIGTERM stops the process at once with code 0."""
+    """Proves the documented escape hatch: after a first SIGTERM starts draining a 20 s request (with
+    --shutdown-timeout 30 s), a second SIGTERM stops the process at once with code 0."""
     folder, module = slow_module
     store = tmp_path / "store"
-    pickle_into(store / "slow.pkl", module, module.SlowModel(5.0))
+    pickle_into(store / "slow.pkl", module, module.SlowModel(20.0))
     port = free_port()
-    with start_server(service_py(store, port), port, tmp_path / "server.log", pythonpath=[folder]) as server:
+    with start_server(service_py(store, port, "--shutdown-timeout", "30"), port, tmp_path / "server.log",
+                      pythonpath=[folder]) as server:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             started = time.monotonic()
             slow = start_slow_request(pool, server)
@@ -244,7 +245,7 @@ def test_a_second_signal_stops_at_once(tmp_path, slow_module):
             exited = time.monotonic()
             with pytest.raises(requests.ConnectionError):
                 slow.result(timeout=60)
-    assert exited - started < 4.5, "the second signal did not stop the drain"
+    assert exited - started < 15, "the second signal did not stop the drain"
     assert "stopped at once" in server.output()
 
 

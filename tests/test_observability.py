@@ -1,0 +1,173 @@
+"""Metrics (/metrics, parsed with prometheus_client's parser), X-Request-ID and the access log, adaptive
+batching (identical answers, bad requests failing alone, off where rows are not independent), and
+--workers N (gunicorn processes serving the same store)."""
+
+import concurrent.futures
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import pytest
+import requests
+import webtest
+from prometheus_client.parser import text_string_to_metric_families
+from sklearn.datasets import make_classification
+from sklearn.ensemble import RandomForestClassifier
+
+import service
+from conftest import ROOT, free_port, running, write_artifact
+
+ROW = [[5.1, 3.5, 1.4, 0.2]]
+
+
+@pytest.fixture
+def app(tmp_path, iris_classifier):
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    (tmp_path / "broken.joblib").write_bytes(b"not a model")
+    application = service.create_app(store=tmp_path, poll_interval=0)
+    yield webtest.TestApp(application)
+    application.config["service.registry"].stop_watching()
+
+
+def families(text):
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def sample(family, suffix="", **labels):
+    for item in family.samples:
+        if item.name == family.name + suffix and all(item.labels.get(k) == v for k, v in labels.items()):
+            return item.value
+    return None
+
+
+def test_metrics_count_requests_latency_loads_and_gauges(app):
+    for _ in range(3):
+        app.post_json("/models/iris/predict", {"instances": ROW})
+    app.post_json("/models/iris/predict", {"instances": [[1, 2]]}, status=400)
+    app.post_json("/models/broken/predict", {"instances": ROW}, status=503)
+    response = app.get("/metrics")
+    assert response.content_type == "text/plain"
+    parsed = families(response.text)
+    requests_ = parsed["model_service_requests"]
+    assert sample(requests_, "_total", model="iris", version="1", method="predict", status="200") == 3
+    assert sample(requests_, "_total", model="iris", version="1", status="400") == 1
+    assert sample(requests_, "_total", model="broken", status="503") == 1
+    latency = parsed["model_service_request_duration_seconds"]
+    assert sample(latency, "_count", model="iris", method="predict") == 3
+    assert sample(latency, "_bucket", model="iris", method="predict", le="+Inf") == 3
+    loads = parsed["model_service_model_loads"]
+    assert sample(loads, "_total", model="iris", outcome="success") == 1
+    assert sample(loads, "_total", model="broken", outcome="failure") == 1
+    assert sample(parsed["model_service_model_load_duration_seconds"], "_count", model="iris") == 1
+    assert sample(parsed["model_service_models_loaded"]) == 1
+    assert sample(parsed["model_service_requests_in_flight"]) == 0
+
+
+def test_every_response_carries_a_request_id_the_access_log_shows(app, caplog):
+    caplog.set_level(logging.INFO, logger="service.access")
+    given = app.post_json("/models/iris/predict", {"instances": ROW}, headers={"X-Request-ID": "trace-42.a"})
+    assert given.headers["X-Request-ID"] == "trace-42.a"
+    made = app.get("/no/such/route", status=404)
+    assert len(made.headers["X-Request-ID"]) == 32
+    unsafe = app.get("/models", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert unsafe.headers["X-Request-ID"] != "bad id\twith spaces"
+    log = caplog.text
+    assert "POST /models/iris/predict 200" in log and "id=trace-42.a" in log
+    assert f"GET /no/such/route 404" in log and made.headers["X-Request-ID"] in log
+
+
+def test_the_access_log_can_be_turned_off(tmp_path, iris_classifier, caplog):
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    application = service.create_app(store=tmp_path, access_log=False)
+    caplog.set_level(logging.INFO, logger="service.access")
+    webtest.TestApp(application).get("/models")
+    application.config["service.registry"].stop_watching()
+    assert "GET /models" not in caplog.text
+
+
+# -- batching --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def forest():
+    x, y = make_classification(400, 20, random_state=0)
+    return RandomForestClassifier(n_estimators=30, max_depth=8, random_state=0).fit(x, y), x
+
+
+def hammer(client, path, bodies, threads=12):
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda body: client.post(path, json=body, timeout=60), bodies))
+
+
+def test_batched_answers_equal_unbatched_ones_and_batches_form(tmp_path, serve_store, forest):
+    model, x = forest
+    write_artifact(tmp_path / "store" / "rf.joblib", model, "joblib")
+    with serve_store(tmp_path / "store", "--max-batch-size", "16", "--max-latency-ms", "5", "--threads", "12") as base:
+        session = requests.Session()
+        bodies = [{"instances": x[i:i + 1 + i % 3].tolist(), "method": "predict_proba"} for i in range(300)]
+        answers = hammer(session, base + "/models/rf/predict", bodies)
+        for body, answer in zip(bodies, answers):
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["predictions"] == model.predict_proba(np.array(body["instances"])).tolist()
+        sizes = families(session.get(base + "/metrics", timeout=30).text)["model_service_batch_size"]
+        calls, stacked = sample(sizes, "_count", model="rf"), sample(sizes, "_sum", model="rf")
+        assert stacked == 300 and calls < 300, "concurrent requests were stacked into fewer predict calls"
+
+
+def test_one_bad_request_fails_alone_never_its_batch_mates(tmp_path, serve_store, forest):
+    model, x = forest
+    write_artifact(tmp_path / "store" / "rf.joblib", model, "joblib")
+    with serve_store(tmp_path / "store", "--max-batch-size", "16", "--max-latency-ms", "5", "--threads", "12") as base:
+        bodies = [{"instances": [[1.0, 2.0]] if i % 7 == 0 else x[i:i + 1].tolist()} for i in range(140)]
+        answers = hammer(requests.Session(), base + "/models/rf/predict", bodies)
+    for i, answer in enumerate(answers):
+        if i % 7 == 0:
+            assert answer.status_code == 400 and "expected 20 features" in answer.json()["error"]
+        else:
+            assert answer.status_code == 200 and answer.json()["predictions"] == model.predict(x[i:i + 1]).tolist()
+
+
+def test_batching_follows_model_settings_and_skips_non_tabular_models(tmp_path, iris_classifier, forest):
+    write_artifact(tmp_path / "off" / "1" / "model.joblib", iris_classifier, "joblib")
+    (tmp_path / "off" / "model-settings.json").write_text(json.dumps({"batching": False}))
+    write_artifact(tmp_path / "tuned" / "1" / "model.joblib", iris_classifier, "joblib")
+    (tmp_path / "tuned" / "model-settings.json").write_text(
+        json.dumps({"batching": {"max_batch_size": 4, "max_latency_ms": 1}}))
+    write_artifact(tmp_path / "default.joblib", iris_classifier, "joblib")
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    text = make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(["good film", "bad film"] * 3, [1, 0] * 3)
+    write_artifact(tmp_path / "text.joblib", text, "joblib")
+    registry = service.ModelRegistry(service.Config(store=str(tmp_path), max_batch_size=8), watch=False)
+    registry.refresh()
+    assert registry.get("off").batcher is None
+    assert registry.get("tuned").batcher.max_size == 4 and registry.get("tuned").batcher.max_latency == 0.001
+    assert registry.get("default").batcher.max_size == 8
+    assert registry.get("text").batcher is None, "rows of a non-tabular model may not be independent"
+    unbatched = service.ModelRegistry(service.Config(store=str(tmp_path)), watch=False)
+    unbatched.refresh()
+    assert unbatched.get("default").batcher is None, "off unless asked for"
+
+
+@pytest.mark.parametrize("batching", [{"max_batch_size": 0}, {"max_latency_ms": 2}, {"size": 3}, "yes", 4])
+def test_bad_batching_settings_are_refused(batching):
+    with pytest.raises(ValueError, match="batching"):
+        service.ModelSettings.parse({"batching": batching})
+
+
+# -- several processes -----------------------------------------------------------------------------------
+
+def test_workers_2_serves_from_two_gunicorn_processes(tmp_path, iris_classifier):
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    port = free_port()
+    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(tmp_path), "--port", str(port),
+               "--workers", "2", "--preload"]
+    with running(command, port, timeout=60) as base:
+        for _ in range(20):
+            answer = requests.post(base + "/models/iris/predict", json={"instances": ROW}, timeout=30)
+            assert answer.status_code == 200 and answer.json()["predictions"] == iris_classifier.predict(ROW).tolist()
+    assert running.returncode == 0
+    assert running.output.count("Booting worker") == 2
+    assert running.output.count("loaded model 'iris' version 1") == 2, "each process loads its own models"

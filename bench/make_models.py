@@ -1,0 +1,66 @@
+"""Train the two benchmark models into a model store and write the request bodies.
+
+Usage: python bench/make_models.py [OUTDIR]        (default OUTDIR: ./bench-models)
+
+Adapted from the reference harness (shared/bench/make_models.py): the same two models, trained the
+same way from scikit-learn's own data (no downloads, deterministic), laid out as model-service's
+versioned store instead of loose files (the MLflow and MLServer folders are left out):
+
+  OUTDIR/store/iris/1/model.joblib   LogisticRegression on iris, 4 features
+  OUTDIR/store/rf/1/model.joblib     RandomForestClassifier, 100 trees, depth 10, 20 features
+  OUTDIR/bodies/{iris,rf}_{1,64}.json  {"instances": [...]}: the first row, the first 64 rows
+"""
+import json
+import os
+import sys
+
+#: model name in the store -> reference name (shared/bench calls the iris model "iris_lr")
+MODELS = ("iris", "rf")
+
+
+def train():
+    """The reference models, exactly as shared/bench/make_models.py fits them: {name: (model, X)}."""
+    from sklearn.datasets import load_iris, make_classification
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    Xi, yi = load_iris(return_X_y=True)
+    lr = LogisticRegression(max_iter=1000).fit(Xi, yi)
+    Xr, yr = make_classification(n_samples=5000, n_features=20, random_state=0)
+    rf = RandomForestClassifier(n_estimators=100, max_depth=10, random_state=0).fit(Xr, yr)
+    return {"iris": (lr, Xi), "rf": (rf, Xr)}
+
+
+def build(out):
+    """Write the store and the bodies under `out`; return {"store": dir, "bodies": {(name, rows): path},
+    "artifacts": {name: path}}."""
+    import joblib
+
+    out = os.path.abspath(out)
+    store, bodies = os.path.join(out, "store"), os.path.join(out, "bodies")
+    os.makedirs(bodies, exist_ok=True)
+    result = {"store": store, "bodies": {}, "artifacts": {}}
+    for name, (model, X) in train().items():
+        folder = os.path.join(store, name, "1")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "model.joblib")
+        joblib.dump(model, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        result["artifacts"][name] = path
+        # the reference bodies: values rounded to 6 places, compact JSON
+        for rows in (1, 64):
+            body = {"instances": [[round(float(v), 6) for v in r] for r in X[:rows]]}
+            bpath = os.path.join(bodies, f"{name}_{rows}.json")
+            with open(bpath, "w") as f:
+                json.dump(body, f, separators=(",", ":"))
+            result["bodies"][(name, rows)] = bpath
+        # sanity: the artifact on disk predicts like the fitted model
+        assert (joblib.load(path).predict(X[:64]) == model.predict(X[:64])).all()
+    return result
+
+
+if __name__ == "__main__":
+    built = build(sys.argv[1] if len(sys.argv) > 1 else "./bench-models")
+    for name, path in built["artifacts"].items():
+        print(f"wrote {path} ({os.path.getsize(path)} bytes)")
+    print(f"wrote request bodies to {os.path.dirname(next(iter(built['bodies'].values())))}")

@@ -1,0 +1,1041 @@
+#!/usr/bin/env python3
+"""model-service benchmark: this service beside the plainest Bottle server and the seed's Flask app.
+
+Usage (from the repository, in the virtualenv where `pip install .` ran):
+
+    python bench/run.py [--quick] [--duration S] [--out results.md]
+
+It trains the two reference models (iris LogisticRegression; 100-tree RandomForest on 20
+features) into a temporary model store, then measures in one run:
+
+  * the raw in-process predict cost (1 row, 64 rows);
+  * over HTTP, with wrk and a Lua script that POSTs the body: the minimal Bottle + waitress server
+    (bench/peers/bottle_floor.py, 1 and 8 threads), the seed's Flask app (bench/peers/seed_flask.py,
+    Flask's own server and under waitress), and `python service.py` (default threads, --threads 1
+    and 8, and --workers 2 / batching when `python service.py --help` shows those flags):
+    req/s and p50/p99 latency at concurrency 1, 8 and 32 for one-row requests, rows/s for 64-row
+    requests at concurrency 8;
+  * cold start (`import service`; process start to the first /healthz answer and to the first
+    prediction of a lazily loaded model) and memory (RSS with nothing loaded, and per model);
+
+and prints a Markdown report with the ratios that issue 6 item 5 sets as targets. Progress goes
+to stderr, the report to stdout (and to --out). Exit code: 0 when every server answered, 1 when
+one could not be measured, 2 when wrk is missing (install it: `apt-get install wrk`), or run
+with --python-load for a rougher Python load generator. Linux only: it reads /proc for CPU and memory.
+
+Every process it starts runs in its own process group and is stopped on exit, Ctrl-C included.
+Load goes to 127.0.0.1 only. See bench/README.md.
+"""
+import argparse
+import concurrent.futures
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+SERVICE = os.path.join(REPO, "service.py")
+PEERS = os.path.join(HERE, "peers")
+LUA = os.path.join(HERE, "post.lua")
+PY = sys.executable
+HOST = "127.0.0.1"                     # the only address load is ever sent to
+MODELS = ("iris", "rf")
+CONCURRENCY = (1, 8, 32)
+BULK_ROWS, BULK_CONCURRENCY = 64, 8
+
+sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True          # nothing written into the checkout besides what --out names
+
+
+T0 = time.perf_counter()
+
+
+def log(message):
+    elapsed = int(time.perf_counter() - T0)
+    print(f"[{elapsed // 60}:{elapsed % 60:02d}] {message}", file=sys.stderr, flush=True)
+
+
+class Unmeasured(Exception):
+    """A server or a figure that could not be measured; the message says why."""
+
+
+###############################################################################
+# Processes: each in its own group, all stopped on exit ######################
+###############################################################################
+
+class Processes:
+    def __init__(self):
+        self.live = []
+
+    def start(self, argv, env, cwd, logpath):
+        logfile = open(logpath, "ab")
+        try:
+            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=logfile,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            logfile.close()
+        proc.logpath = logpath
+        self.live.append(proc)
+        return proc
+
+    @staticmethod
+    def _group_alive(pgid):
+        return bool(group_pids(pgid))
+
+    def stop(self, proc, grace=12.0):
+        """SIGTERM to the process group, then SIGKILL to whatever of it is left after `grace` s."""
+        if proc not in self.live:
+            return
+        pgid = proc.pid                     # start_new_session: the leader's pid is the group id
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()
+            if proc.returncode is not None and not self._group_alive(pgid):
+                break
+            time.sleep(0.02)
+        if proc.returncode is None or self._group_alive(pgid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.live.remove(proc)
+
+    def stop_all(self):
+        for proc in list(self.live):
+            self.stop(proc, grace=3.0)
+
+
+PROCS = Processes()
+
+
+def group_pids(pgid):
+    """Pids of the live (non-zombie) processes in process group `pgid`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def group_cpu_seconds(pgid):
+    """utime + stime of the live processes in a process group, in seconds."""
+    total = 0
+    for pid in group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def vmrss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise Unmeasured(f"no VmRSS for pid {pid}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def tail(path, lines=15):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+###############################################################################
+# HTTP helpers ################################################################
+###############################################################################
+
+def http_call(port, method, path, body=None, timeout=60.0):
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def check_prediction(port, path, body, rows):
+    """One POST: must answer 200 with `rows` predictions."""
+    status, data = http_call(port, "POST", path, body)
+    if status != 200:
+        raise Unmeasured(f"sanity request POST {path} answered HTTP {status}: {data[:300]!r}")
+    try:
+        predictions = json.loads(data)["predictions"]
+    except (ValueError, KeyError, TypeError):
+        raise Unmeasured(f"sanity request POST {path}: no 'predictions' in {data[:300]!r}") from None
+    if len(predictions) != rows:
+        raise Unmeasured(f"sanity request POST {path}: {len(predictions)} predictions for {rows} rows")
+
+
+def wait_until(proc, probe, timeout, what):
+    """Call probe() until it returns truthy; fail if the process dies or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise Unmeasured(f"{what}: the process exited with code {proc.returncode}:\n"
+                             f"{tail(proc.logpath)}")
+        try:
+            result = probe()
+            if result:
+                return result
+        except (OSError, http.client.HTTPException) as error:
+            last = error
+        except Unmeasured as error:
+            last = error
+        time.sleep(0.02)
+    raise Unmeasured(f"{what}: not ready within {timeout:g} s (last: {last}):\n{tail(proc.logpath)}")
+
+
+def warm_burst(port, path, body, rows, n=16, width=8):
+    """Concurrent sanity requests on fresh connections, so every worker process loads the model."""
+    with concurrent.futures.ThreadPoolExecutor(width) as pool:
+        for future in [pool.submit(check_prediction, port, path, body, rows) for _ in range(n)]:
+            future.result()
+
+
+###############################################################################
+# Load generators #############################################################
+###############################################################################
+
+def wrk_version():
+    try:
+        out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0].strip() if text else "wrk"
+
+
+def run_wrk(url, body_path, concurrency, duration):
+    argv = ["wrk", f"-t{min(1, concurrency)}", f"-c{concurrency}", f"-d{duration}s", "--timeout", "10s",
+            "--latency", "-s", LUA, url]
+    env = dict(os.environ, BODY_FILE=body_path)
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=duration + 60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise Unmeasured(f"wrk printed no RESULT line (exit {out.returncode}): {out.stdout[-300:]} {out.stderr[-300:]}")
+    values = dict(item.split("=", 1) for item in line.split()[1:])
+    errors = sum(int(values[k]) for k in ("err_status", "err_connect", "err_read", "err_write", "err_timeout"))
+    return {"rps": float(values["rps"]), "p50": float(values["p50_ms"]), "p99": float(values["p99_ms"]),
+            "requests": int(values["requests"]), "errors": errors}
+
+
+def run_python_load(url, body_path, concurrency, duration):
+    """--python-load: `concurrency` Python threads, one keep-alive connection each. Rougher than wrk:
+    the client shares the GIL and the two cores with the server, so figures are lower bounds."""
+    path = url.split(f"{HOST}:", 1)[1]
+    port, path = int(path.split("/", 1)[0]), "/" + path.split("/", 1)[1]
+    with open(body_path, "rb") as f:
+        body = f.read()
+    latencies = [[] for _ in range(concurrency)]
+    errors = [0] * concurrency
+    stop_at = time.perf_counter() + duration
+
+    def worker(i):
+        conn = http.client.HTTPConnection(HOST, port, timeout=10)
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                break
+            try:
+                conn.request("POST", path, body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    errors[i] += 1
+                latencies[i].append(time.perf_counter() - t0)
+            except (OSError, http.client.HTTPException):
+                errors[i] += 1
+                conn.close()
+                conn = http.client.HTTPConnection(HOST, port, timeout=10)
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    lat = sorted(x for per in latencies for x in per)
+    if not lat:
+        raise Unmeasured("python load generator: no request completed")
+
+    def pct(p):
+        return lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1e3
+
+    return {"rps": len(lat) / elapsed, "p50": pct(50), "p99": pct(99), "requests": len(lat),
+            "errors": sum(errors)}
+
+
+###############################################################################
+# Servers #####################################################################
+###############################################################################
+
+class Server:
+    """One server configuration: how to start it and where it predicts."""
+
+    def __init__(self, key, label, group, argv, models=MODELS, per_model=False, env=None, cwd=REPO,
+                 path="/models/{model}/predict"):
+        self.key, self.label, self.group = key, label, group
+        self.argv, self.models, self.per_model = argv, models, per_model
+        self.env, self.cwd, self.path = env or (lambda model, port: {}), cwd, path
+
+    def command(self, model="MODEL", port="PORT"):
+        env = self.env(model, port)
+        shown = " ".join(f"{k}={v}" for k, v in env.items())
+        argv = [a.replace(PY, "python").replace(REPO + os.sep, "") for a in self.argv(model, port)]
+        return (shown + " " if shown else "") + " ".join(shlex.quote(a) for a in argv)
+
+
+def service_features():
+    """What `python service.py --help` offers: flags, default threads, version."""
+    try:
+        out = subprocess.run([PY, SERVICE, "--help"], capture_output=True, text=True, cwd=REPO,
+                             env=clean_env(), timeout=60)
+        version = subprocess.run([PY, SERVICE, "--version"], capture_output=True, text=True, cwd=REPO,
+                                 env=clean_env(), timeout=60).stdout.strip()
+    except subprocess.TimeoutExpired:
+        raise Unmeasured("python service.py --help did not finish in 60 s") from None
+    if out.returncode != 0:
+        raise Unmeasured(f"python service.py --help failed:\n{out.stderr[-2000:]}")
+    text = out.stdout
+    flags = set(re.findall(r"(--[a-z][a-z0-9-]*)", text))
+    threads = re.search(r"--threads N\s+.*?default:\s*(\d+)\)", text, re.S)
+    return {"flags": flags, "default_threads": int(threads.group(1)) if threads else None,
+            "version": version}
+
+
+def clean_env(extra=None):
+    """This environment without MODEL_SERVICE_* settings (the runs must not depend on them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SERVICE_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def build_servers(args, features, store, artifacts, notes, have_flask, have_gunicorn):
+    servers = []
+    wanted = set(args.only.split(",")) if args.only else None
+
+    def add(server):
+        if wanted is None or server.key in wanted or server.group in wanted:
+            servers.append(server)
+
+    for threads in (1, 8):
+        add(Server(f"bottle-t{threads}", f"Bottle floor, waitress {threads} thread{'s' if threads > 1 else ''}",
+                   "bottle", lambda m, p: [PY, os.path.join(PEERS, "bottle_floor.py")], per_model=True,
+                   env=lambda m, p, t=threads: {"MODEL_PATH": artifacts.get(m, m), "PORT": str(p), "THREADS": str(t)},
+                   cwd=PEERS, path="/predict"))
+    if have_flask:
+        add(Server("flask-dev", "seed Flask, Flask dev server (threaded)", "flask",
+                   lambda m, p: [PY, os.path.join(PEERS, "seed_flask.py")], per_model=True,
+                   env=lambda m, p: {"MODEL_PATH": artifacts.get(m, m), "PORT": str(p)}, cwd=PEERS, path="/predict"))
+        add(Server("flask-waitress", "seed Flask under waitress, 8 threads", "flask",
+                   lambda m, p: [PY, "-m", "waitress", "--host", HOST, "--port", str(p), "--threads", "8",
+                                 "seed_flask:app"], per_model=True,
+                   env=lambda m, p: {"MODEL_PATH": artifacts.get(m, m)}, cwd=PEERS, path="/predict"))
+
+    def service(key, label, extra, models=MODELS):
+        add(Server(key, label, "service",
+                   lambda m, p: [PY, SERVICE, "--store", store, "--port", str(p)] + extra, models=models))
+
+    default_threads = features["default_threads"]
+    shown = f"{default_threads} threads" if default_threads else "default threads"
+    service("service", f"model-service, defaults ({shown})", [])
+    for threads in (1, 8):
+        if threads != default_threads:
+            service(f"service-t{threads}", f"model-service --threads {threads}", ["--threads", str(threads)])
+    flags = features["flags"]
+    if "--workers" in flags:
+        if have_gunicorn:
+            service("service-w2", f"model-service --workers 2 ({shown} each)", ["--workers", "2"])
+        else:
+            notes.append("model-service --workers 2: not measured, gunicorn is not installed (pip install gunicorn)")
+    else:
+        notes.append("model-service --workers 2: not measured, `python service.py --help` shows no --workers flag")
+    if "--max-batch-size" in flags and "--max-latency-ms" in flags:
+        extra = shlex.split(args.batching_args)
+        service("service-batch", "model-service, batching on (" + " ".join(extra) + ")", extra, models=("rf",))
+    else:
+        notes.append("model-service with batching: not measured, `python service.py --help` shows no "
+                     "--max-batch-size/--max-latency-ms flags")
+    return servers
+
+
+###############################################################################
+# Measuring ###################################################################
+###############################################################################
+
+def measure_point(args, load, proc, url, body_path, concurrency, rows):
+    passes = []
+    for _ in range(args.passes):
+        cpu0, wall0 = group_cpu_seconds(proc.pid), time.perf_counter()
+        result = load(url, body_path, concurrency, args.duration)
+        cpu1, wall1 = group_cpu_seconds(proc.pid), time.perf_counter()
+        result["cpu_pct"] = 100 * (cpu1 - cpu0) / (wall1 - wall0)
+        result["cpu_us"] = 1e6 * (cpu1 - cpu0) / result["requests"] if result["requests"] else None
+        passes.append(result)
+    passes.sort(key=lambda r: r["rps"])
+    result = passes[len(passes) // 2]                    # the median pass, by req/s
+    result.update(rows=rows, c=concurrency, rows_s=result["rps"] * rows)
+    return result
+
+
+def measure_server(args, load, server, bodies, results, failures, counter):
+    """Start the server (one process, or one per model, all started together so their start-up
+    overlaps; an idle one costs nothing), check it, warm it, run every point, stop it."""
+    points = [(c, 1) for c in CONCURRENCY] + [(BULK_CONCURRENCY, BULK_ROWS)]
+    procs = {}
+    try:
+        for model in (server.models if server.per_model else server.models[:1]):
+            port = free_port()
+            logpath = os.path.join(args.tmp, f"{server.key}{'-' + model if server.per_model else ''}.log")
+            env = clean_env(server.env(model, port))
+            if server.group != "service":
+                env["PYTHONDONTWRITEBYTECODE"] = "1"    # no __pycache__ in bench/peers
+            procs[model] = (PROCS.start(server.argv(model, port), env, server.cwd, logpath), port)
+        checked = set()
+        for model in server.models:
+            proc, port = procs[model if server.per_model else server.models[0]]
+            path = server.path.format(model=model)
+            url = f"http://{HOST}:{port}{path}"
+            done = 0
+            try:
+                if server.group == "service" and proc not in checked:
+                    wait_until(proc, lambda: http_call(port, "GET", "/healthz", timeout=5)[0] == 200, 60,
+                               f"{server.label}: /healthz")
+                    checked.add(proc)
+                with open(bodies[(model, 1)], "rb") as f:
+                    body1 = f.read()
+                with open(bodies[(model, BULK_ROWS)], "rb") as f:
+                    body64 = f.read()
+                # first request: for a peer, waits for its start-up; for the service, loads the model
+                wait_until(proc, lambda: check_prediction(port, path, body1, 1) or True, 120,
+                           f"{server.label}: {model}")
+                warm_burst(port, path, body1, 1)
+                check_prediction(port, path, body64, BULK_ROWS)
+                if args.warmup:
+                    load(url, bodies[(model, 1)], 8, args.warmup)       # warm-up, not recorded
+                for c, rows in points:
+                    counter[0] += 1
+                    done += 1
+                    log(f"  [{counter[0]}/{counter[1]}] {server.label}: {model}, "
+                        f"{rows} row{'s' if rows > 1 else ''}, c={c}")
+                    if proc.poll() is not None:
+                        raise Unmeasured(f"the server exited (code {proc.returncode}):\n{tail(proc.logpath)}")
+                    check_prediction(port, path, body64 if rows == BULK_ROWS else body1, rows)
+                    result = measure_point(args, load, proc, url, bodies[(model, rows)], c, rows)
+                    result.update(server=server.key, model=model)
+                    results.append(result)
+                    if result["errors"]:
+                        log(f"    {result['errors']} errors")
+            except Unmeasured as error:
+                failures.append(f"{server.label}, {model}: {error}")
+                log(f"  FAILED: {server.label}, {model}: {error}")
+                counter[0] += len(points) - done
+    finally:
+        for proc, _ in procs.values():
+            PROCS.stop(proc)
+
+
+def measure_import(runs, tmp):
+    """`import service` in fresh interpreters: seconds, and which heavy modules it pulled in."""
+    code = ("import json, sys, time\n"
+            "t0 = time.perf_counter()\n"
+            "import service\n"
+            "dt = time.perf_counter() - t0\n"
+            "mods = set(m.split('.')[0] for m in sys.modules)\n"
+            "print(json.dumps({'s': dt, 'file': service.__file__, 'sklearn': 'sklearn' in mods,\n"
+            "                  'numpy': 'numpy' in mods, 'scipy': 'scipy' in mods, 'joblib': 'joblib' in mods}))\n")
+    # bytecode cached (in the temporary folder, not beside service.py), as after `pip install .`,
+    # even where PYTHONDONTWRITEBYTECODE is set
+    env = clean_env({"PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                     "PYTHONPYCACHEPREFIX": os.path.join(tmp, "pycache")})
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    samples = []
+    for _ in range(runs + 1):                              # the first run compiles service.py: kept apart
+        out = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+        if out.returncode != 0:
+            raise Unmeasured(f"import service failed:\n{out.stderr[-2000:]}")
+        samples.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, samples = samples[0], samples[1:]
+    if os.path.realpath(first["file"]) != os.path.realpath(SERVICE):
+        raise Unmeasured(f"import service found {first['file']}, not {SERVICE}")
+    # where the time goes: service's direct imports, from -X importtime (children print before parents)
+    out = subprocess.run([PY, "-X", "importtime", "-c", "import service"], capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=120)
+    top, children = [], []
+    for line in out.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|( *)(\S+)", line)
+        if not m:
+            continue
+        depth = len(m.group(3))
+        if depth <= 1:
+            if m.group(4) == "service":
+                top = sorted(children, reverse=True)[:5] + [(int(m.group(1)), "service.py itself")]
+            children = []
+        elif depth == 3:
+            children.append((int(m.group(2)), m.group(4)))
+    return {"median_s": statistics.median(s["s"] for s in samples), "max_s": max(s["s"] for s in samples),
+            "first_s": first["s"], "runs": len(samples), "sklearn": any(s["sklearn"] for s in samples),
+            "numpy": any(s["numpy"] for s in samples), "scipy": any(s["scipy"] for s in samples),
+            "joblib": any(s["joblib"] for s in samples), "top": top}
+
+
+def measure_cold(args, store, bodies, runs):
+    """Fresh `python service.py` processes: time to /healthz, to the first prediction of a model
+    loaded lazily, and RSS before and after each model loads. Runs alternate which model goes first."""
+    samples = []
+    for i in range(runs):
+        order = MODELS if i % 2 == 0 else tuple(reversed(MODELS))
+        port = free_port()
+        logpath = os.path.join(args.tmp, f"cold-{i}.log")
+        t0 = time.perf_counter()
+        proc = PROCS.start([PY, SERVICE, "--store", store, "--port", str(port)], clean_env(), REPO, logpath)
+        try:
+            def healthz():
+                return http_call(port, "GET", "/healthz", timeout=5)[0] == 200
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    raise Unmeasured(f"cold start: service exited (code {proc.returncode}):\n{tail(logpath)}")
+                try:
+                    if healthz():
+                        break
+                except (OSError, http.client.HTTPException):
+                    pass
+                if time.monotonic() > deadline:
+                    raise Unmeasured(f"cold start: no /healthz answer within 60 s:\n{tail(logpath)}")
+                time.sleep(0.002)
+            sample = {"order": order, "healthz_s": time.perf_counter() - t0, "rss0": vmrss_kib(proc.pid)}
+            for n, model in enumerate(order):
+                with open(bodies[(model, 1)], "rb") as f:
+                    body = f.read()
+                r0 = time.perf_counter()
+                check_prediction(port, f"/models/{model}/predict", body, 1)
+                r1 = time.perf_counter()
+                sample[f"rss{n + 1}"] = vmrss_kib(proc.pid)
+                sample[f"load{n + 1}_s"] = r1 - r0
+                if n == 0:
+                    sample["first_prediction_s"] = r1 - t0
+            samples.append(sample)
+        finally:
+            PROCS.stop(proc)
+    return samples
+
+
+###############################################################################
+# Report ######################################################################
+###############################################################################
+
+def fmt_rate(x):
+    return "–" if x is None else f"{x:,.0f}"
+
+
+def point_cell(result, show):
+    """One table cell: `show(result)`, flagged with its errors; a dash where nothing was measured."""
+    if result is None:
+        return "–"
+    errors = f" **{result['errors']} errors**" if result["errors"] else ""
+    return show(result) + errors
+
+
+def fmt_ms(x):
+    if x is None:
+        return "–"
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def fmt_us(x):
+    return "–" if x is None else f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
+
+
+def fmt_mib(kib):
+    return f"{kib / 1024:.1f} MiB"
+
+
+def machine_info(features, wrk):
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor() or "unknown"
+    except OSError:
+        info["cpu"] = platform.processor() or "unknown"
+    info["cores"] = os.cpu_count()
+    try:
+        info["usable"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        info["usable"] = info["cores"]
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem"] = f"{int(f.readline().split()[1]) / 1024 / 1024:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        info["mem"] = "?"
+    info["os"] = f"{platform.system()} {platform.release()}"
+    info["python"] = f"{platform.python_implementation()} {platform.python_version()}"
+    from importlib import metadata
+    versions = []
+    for dist in ("scikit-learn", "numpy", "scipy", "joblib", "bottle", "waitress", "flask", "werkzeug", "gunicorn"):
+        try:
+            versions.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    info["packages"] = ", ".join(versions)
+    info["service"] = features.get("version") or "?"
+    info["wrk"] = wrk
+    return info
+
+
+def loadavg():
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+def build_report(args, info, raw, imp, cold, servers, results, notes, failures, load_before, load_after,
+                 elapsed, features_flags=frozenset()):
+    by = {(r["server"], r["model"], r["rows"], r["c"]): r for r in results}
+    labels = {s.key: s.label for s in servers}
+    lines = []
+    out = lines.append
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    out(f"# model-service benchmark ({stamp}{', QUICK smoke run: figures are noisy' if args.quick else ''})")
+    out("")
+    out(f"- Machine: {info['cpu']}, {info['cores']} cores ({info['usable']} usable), {info['mem']} RAM, {info['os']}")
+    la = "/".join(f"{x:.2f}" for x in load_before) if load_before else "?"
+    lb = "/".join(f"{x:.2f}" for x in load_after) if load_after else "?"
+    out(f"- Load average (1/5/15 min) before: {la}; after: {lb} (the load generator shares the cores with the server)")
+    if load_before and load_before[0] > 0.5:
+        out(f"- **The machine was busy when the run started** (1-min load average {load_before[0]:.2f} on "
+            f"{info['usable']} cores): other work competed for the CPU, so figures are lower and noisier than "
+            "on an idle machine; ratios measured close together in time are less affected than absolute figures.")
+    out(f"- {info['python']}; {info['packages']}; {info['service']}")
+    gen = info["wrk"] if not args.python_load else "Python threads (--python-load: LESS PRECISE than wrk, lower bounds)"
+    warm = f"16 requests and a {args.warmup} s warm-up at c=8" if args.warmup else "a warm-up of 16 requests"
+    out(f"- Load generator: {gen}; {args.duration} s per point after {warm}, "
+        f"{'median of ' + str(args.passes) + ' passes' if args.passes > 1 else 'one pass'}; "
+        f"HTTP/1.1 keep-alive on {HOST}; total run time {elapsed:.0f} s")
+    out("")
+
+    # in-process
+    out("## In-process predict (no HTTP), µs, median")
+    out("")
+    cases = list(dict.fromkeys(r["case"] for r in raw))
+    out("| case | " + " | ".join(MODELS) + " |")
+    out("|---|" + "---:|" * len(MODELS))
+    for case in cases:
+        vals = {r["model"]: r["us"] for r in raw if r["case"] == case}
+        out(f"| {case} | " + " | ".join(fmt_us(vals.get(m)) for m in MODELS) + " |")
+    out("")
+
+    # single rows
+    out("## One-row requests: req/s (p50 / p99 ms)")
+    out("")
+    cols = [(m, c) for m in MODELS for c in CONCURRENCY]
+    out("| server | " + " | ".join(f"{m} c={c}" for m, c in cols) + " |")
+    out("|---|" + "---:|" * len(cols))
+    for s in servers:
+        cells = [point_cell(by.get((s.key, m, 1, c)),
+                            lambda r: f"{fmt_rate(r['rps'])} ({fmt_ms(r['p50'])} / {fmt_ms(r['p99'])})")
+                 for m, c in cols]
+        out(f"| {s.label} | " + " | ".join(cells) + " |")
+    out("")
+
+    # bulk
+    out(f"## {BULK_ROWS}-row requests at c={BULK_CONCURRENCY}: rows/s (req/s; p50 / p99 ms)")
+    out("")
+    out("| server | " + " | ".join(MODELS) + " |")
+    out("|---|" + "---:|" * len(MODELS))
+    for s in servers:
+        cells = [point_cell(by.get((s.key, m, BULK_ROWS, BULK_CONCURRENCY)),
+                            lambda r: f"{fmt_rate(r['rows_s'])} ({fmt_rate(r['rps'])}; "
+                                      f"{fmt_ms(r['p50'])} / {fmt_ms(r['p99'])})")
+                 for m in MODELS]
+        out(f"| {s.label} | " + " | ".join(cells) + " |")
+    out("")
+
+    # cold start and memory
+    out("## Cold start and memory (model-service, defaults)")
+    out("")
+    out("| measure | value |")
+    out("|---|---:|")
+    if imp:
+        mods = ", ".join(f"{k}: {'yes' if imp[k] else 'no'}" for k in ("sklearn", "numpy", "scipy", "joblib"))
+        out(f"| `import service`, fresh interpreter, bytecode cached (median of {imp['runs']}; max) | "
+            f"{imp['median_s'] * 1e3:.0f} ms ({imp['max_s'] * 1e3:.0f} ms) |")
+        out(f"| `import service` compiling service.py (no cached bytecode, one run) | {imp['first_s'] * 1e3:.0f} ms |")
+        out(f"| modules `import service` pulls in | {mods} |")
+        if imp["top"]:
+            out("| where the import time goes (`-X importtime`, service's largest direct imports, cumulative) | "
+                + ", ".join(f"{name} {us / 1e3:.0f} ms" for us, name in imp["top"]) + " |")
+    if cold:
+        med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+        n = len(cold)
+        out(f"| process start → first 200 on /healthz (median of {n}; max) | "
+            f"{med([s['healthz_s'] for s in cold]) * 1e3:.0f} ms ({max(s['healthz_s'] for s in cold) * 1e3:.0f} ms) |")
+        for model in MODELS:
+            first = [s for s in cold if s["order"][0] == model]
+            second = [s for s in cold if s["order"][1] == model]
+            if first:
+                out(f"| process start → first {model} prediction, loaded lazily as the first model "
+                    f"(median of {len(first)}) | {med([s['first_prediction_s'] for s in first]):.2f} s |")
+                out(f"| … of which that first {model} request (load incl. importing scikit-learn) | "
+                    f"{med([s['load1_s'] for s in first]):.2f} s |")
+            if second:
+                out(f"| first {model} request when another model is already loaded (median of {len(second)}) | "
+                    f"{med([s['load2_s'] for s in second]) * 1e3:.0f} ms |")
+        out(f"| RSS, nothing loaded (median of {n}) | {fmt_mib(med([s['rss0'] for s in cold]))} |")
+        for model in MODELS:
+            first = [s for s in cold if s["order"][0] == model]
+            second = [s for s in cold if s["order"][1] == model]
+            if first:
+                out(f"| + {model} loaded first (includes importing scikit-learn, numpy, scipy) | "
+                    f"+{fmt_mib(med([s['rss1'] - s['rss0'] for s in first]))} |")
+            if second:
+                out(f"| + {model} loaded second (the model itself) | "
+                    f"+{fmt_mib(med([s['rss2'] - s['rss1'] for s in second]))} |")
+        out(f"| RSS with both models loaded (median of {n}) | {fmt_mib(med([s['rss2'] for s in cold]))} |")
+    out("")
+
+    # targets
+    out("## Targets (issue 6, item 5)")
+    out("")
+    out("| target | measured | needed | verdict |")
+    out("|---|---|---|---|")
+    for target, measured, needed, verdict in targets(by, labels, imp, cold, results, features_flags):
+        out(f"| {target} | {measured} | {needed} | {verdict} |")
+    out("")
+
+    # servers and details
+    out("## Servers")
+    out("")
+    out("| key | server | command (PORT and MODEL filled in; --store is the temporary store) |")
+    out("|---|---|---|")
+    for s in servers:
+        out(f"| {s.key} | {s.label} | `{s.command()}` |")
+    out("")
+    out("## All points")
+    out("")
+    out("| server | model | rows | c | req/s | rows/s | p50 ms | p99 ms | errors | server CPU % | server CPU µs/req |")
+    out("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        out(f"| {r['server']} | {r['model']} | {r['rows']} | {r['c']} | {fmt_rate(r['rps'])} | "
+            f"{fmt_rate(r['rows_s'])} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | {r['errors']} | "
+            f"{r['cpu_pct']:.0f} | {fmt_us(r['cpu_us'])} |")
+    out("")
+    if notes or failures:
+        out("## Not measured")
+        out("")
+        for note in notes:
+            out(f"- {note}")
+        for failure in failures:
+            first, _, rest = failure.partition("\n")
+            out(f"- FAILED: {first}")
+            if rest.strip():
+                out("  ```")
+                out("  " + rest.strip().replace("\n", "\n  "))
+                out("  ```")
+        out("")
+    return "\n".join(lines)
+
+
+def targets(by, labels, imp, cold, results, flags):
+    """Rows of (target, measured, needed, verdict) for issue 6 item 5."""
+    rows = []
+
+    def get(server, model, rows_, c):
+        return by.get((server, model, rows_, c))
+
+    def floor(model, rows_, c):
+        cands = [get(k, model, rows_, c) for k in ("bottle-t1", "bottle-t8")]
+        cands = [r for r in cands if r]
+        return max(cands, key=lambda r: r["rps"]) if cands else None
+
+    def verdict(ok, ratio=None, need=None):
+        if ok:
+            return "met"
+        if ratio is not None and need:
+            return f"**NOT met** ({100 * (1 - ratio / need):.0f} % short)"
+        return "**NOT met**"
+
+    def batch_verdict(ratio, p99):
+        if ratio >= 0.8 and p99 < 50:
+            return "met"
+        gaps = ([f"{100 * (1 - ratio / 0.8):.0f} % short"] if ratio < 0.8 else []) + \
+            ([f"p99 {p99 / 50:.1f}× the bound"] if p99 >= 50 else [])
+        return f"**NOT met** ({'; '.join(gaps)})"
+
+    na = "n/a (not measured)"
+    svc = get("service", "iris", 1, 8)
+    best_floor = floor("iris", 1, 8)
+    # 1. iris c=8 vs the Bottle floor at its best thread setting
+    if svc and best_floor:
+        ratio = svc["rps"] / best_floor["rps"]
+        one_process = [r for r in results if r["model"] == "iris" and r["rows"] == 1 and r["c"] == 8
+                       and r["server"] in ("service", "service-t1", "service-t8")]
+        best = max(one_process, key=lambda r: r["rps"])
+        extra = "" if best["server"] == "service" else (
+            f"; best one-process setting, {labels[best['server']]}: {fmt_rate(best['rps'])} req/s = "
+            f"{best['rps'] / best_floor['rps']:.2f}×")
+        rows.append(("iris, 1 row, c=8, one process (defaults) vs Bottle floor at its best "
+                     f"({labels[best_floor['server']]})",
+                     f"{fmt_rate(svc['rps'])} vs {fmt_rate(best_floor['rps'])} req/s = {ratio:.2f}×{extra}",
+                     "≥ 1.0×", verdict(ratio >= 1.0, ratio, 1.0)))
+    else:
+        rows.append(("iris c=8 vs Bottle floor", na, "≥ 1.0×", na))
+    # 2. vs the seed's Flask approach
+    for key, name in (("flask-dev", "the seed's Flask app on Flask's dev server"),
+                      ("flask-waitress", "the seed's Flask app under waitress (stricter reading)")):
+        flask = get(key, "iris", 1, 8)
+        if svc and flask:
+            ratio = svc["rps"] / flask["rps"]
+            rows.append((f"iris, 1 row, c=8, one process (defaults) vs {name}",
+                         f"{fmt_rate(svc['rps'])} vs {fmt_rate(flask['rps'])} req/s = {ratio:.2f}×",
+                         "≥ 2×", verdict(ratio >= 2.0, ratio, 2.0)))
+        else:
+            rows.append((f"iris c=8 vs {name}", na, "≥ 2×", na))
+    # 3. forest c=32 with batching vs the Bottle floor's iris c=32
+    batch, floor32 = get("service-batch", "rf", 1, 32), floor("iris", 1, 32)
+    if batch and floor32:
+        ratio = batch["rps"] / floor32["rps"]
+        rows.append(("rf, 1 row, c=32, batching on vs Bottle floor's **iris** c=32 at its best; p99",
+                     f"{fmt_rate(batch['rps'])} vs {fmt_rate(floor32['rps'])} req/s = {ratio:.2f}×; "
+                     f"p99 {fmt_ms(batch['p99'])} ms",
+                     "≥ 0.8×, p99 < 50 ms", batch_verdict(ratio, batch["p99"])))
+    else:
+        plain = get("service", "rf", 1, 32)
+        hint = ""
+        if plain and floor32:
+            hint = (f"; without batching: {fmt_rate(plain['rps'])} vs {fmt_rate(floor32['rps'])} req/s = "
+                    f"{plain['rps'] / floor32['rps']:.2f}×, p99 {fmt_ms(plain['p99'])} ms")
+        if "--max-batch-size" in flags:
+            rows.append(("rf, 1 row, c=32, batching on vs Bottle floor's iris c=32", na + hint,
+                         "≥ 0.8×, p99 < 50 ms", na))
+        else:
+            rows.append(("rf, 1 row, c=32, batching on vs Bottle floor's iris c=32",
+                         f"not measurable: service.py has no batching flags{hint}",
+                         "≥ 0.8×, p99 < 50 ms", "**NOT met** (no batching)"))
+    # 4. 64-row rows/s vs the floor on the same body
+    for model in MODELS:
+        s64, f64 = get("service", model, BULK_ROWS, BULK_CONCURRENCY), floor(model, BULK_ROWS, BULK_CONCURRENCY)
+        if s64 and f64:
+            ratio = s64["rows_s"] / f64["rows_s"]
+            rows.append((f"{model}, {BULK_ROWS}-row requests, c={BULK_CONCURRENCY}: rows/s vs Bottle floor at its best "
+                         f"({labels[f64['server']]})",
+                         f"{fmt_rate(s64['rows_s'])} vs {fmt_rate(f64['rows_s'])} rows/s = {ratio:.2f}×",
+                         "≥ 0.9×", verdict(ratio >= 0.9, ratio, 0.9)))
+        else:
+            rows.append((f"{model}, {BULK_ROWS}-row rows/s vs Bottle floor", na, "≥ 0.9×", na))
+    # 5. workers 2 vs 1
+    w2 = get("service-w2", "iris", 1, 8)
+    if w2 and svc:
+        ratio = w2["rps"] / svc["rps"]
+        rows.append(("iris, 1 row, c=8: --workers 2 vs one process (same threads)",
+                     f"{fmt_rate(w2['rps'])} vs {fmt_rate(svc['rps'])} req/s = {ratio:.2f}×",
+                     "≥ 1.7×", verdict(ratio >= 1.7, ratio, 1.7)))
+    elif "--workers" in flags:
+        rows.append(("iris c=8: --workers 2 vs one process", na, "≥ 1.7×", na))
+    else:
+        rows.append(("iris c=8: --workers 2 vs one process", "not measurable: service.py has no --workers flag",
+                     "≥ 1.7×", "**NOT met** (no --workers)"))
+    # 6. cold start
+    if imp:
+        rows.append(("`import service`: time, and without scikit-learn",
+                     f"{imp['median_s'] * 1e3:.0f} ms; scikit-learn imported: {'yes' if imp['sklearn'] else 'no'}",
+                     "< 150 ms, no",
+                     "met" if imp["median_s"] < 0.150 and not imp["sklearn"] else "**NOT met** (" + "; ".join(
+                         ([f"{100 * (imp['median_s'] / 0.150 - 1):.0f} % over"] if imp["median_s"] >= 0.150 else [])
+                         + (["imports scikit-learn"] if imp["sklearn"] else [])) + ")"))
+    else:
+        rows.append(("`import service`", na, "< 150 ms, no scikit-learn", na))
+    if cold:
+        worst = max(s["healthz_s"] for s in cold)
+        rows.append(("/healthz answering after process start (worst of the cold starts)",
+                     f"{worst * 1e3:.0f} ms", "< 1 s", verdict(worst < 1.0)))
+    else:
+        rows.append(("/healthz after process start", na, "< 1 s", na))
+    return rows
+
+
+###############################################################################
+# Main ########################################################################
+###############################################################################
+
+def ensure_package(module, dist, args, notes, why):
+    """True when `module` imports in this Python; else install `dist` with pip (unless --no-install)."""
+    def importable():
+        return subprocess.run([PY, "-c", f"import {module}"], capture_output=True, env=clean_env()).returncode == 0
+    if importable():
+        return True
+    if args.no_install:
+        notes.append(f"{why}: not measured, {dist} is not installed (pip install {dist}; --no-install was given)")
+        return False
+    log(f"{dist} is not installed in this environment ({PY}); {why} needs it.")
+    log(f"Installing it now: {os.path.basename(PY)} -m pip install {dist}   (--no-install skips this and those rows)")
+    out = subprocess.run([PY, "-m", "pip", "install", "-q", dist])
+    if out.returncode == 0 and importable():
+        return True
+    notes.append(f"{why}: not measured, `pip install {dist}` failed")
+    return False
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Benchmark model-service against the minimal Bottle server and the seed's Flask app "
+                    "(see bench/README.md). Report on stdout (Markdown), progress on stderr.")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 s per point, a short warm-up, fewer repeats (about 2 minutes)")
+    p.add_argument("--duration", type=int, default=None, metavar="S",
+                   help="seconds of load per point (default 4; 1 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, metavar="S",
+                   help="seconds of warm-up load (wrk, c=8) per server and model before its points, after 16 "
+                        "requests that every run sends (default 1; 0 with --quick: those 16 only)")
+    p.add_argument("--passes", type=int, default=1, metavar="N",
+                   help="run each point N times and keep the median (default 1)")
+    p.add_argument("--out", metavar="FILE", help="also write the Markdown report to FILE")
+    p.add_argument("--only", metavar="KEYS",
+                   help="comma-separated server keys or groups to run (bottle, flask, service, bottle-t1, "
+                        "service-t8, ...); default all")
+    p.add_argument("--batching-args", default="--max-batch-size 32 --max-latency-ms 2 --threads 32",
+                   metavar="ARGS", help="flags of the batching run, when service.py has batching flags "
+                                        "(default: %(default)r)")
+    p.add_argument("--python-load", action="store_true",
+                   help="use a small Python load generator instead of wrk (less precise; for machines without wrk)")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not pip-install missing Flask/gunicorn; skip the rows that need them")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (models, bodies, server logs)")
+    args = p.parse_args(argv)
+    if args.duration is None:
+        args.duration = 1 if args.quick else 4
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
+    if args.duration < 1 or args.warmup < 0 or args.passes < 1:
+        p.error("--duration and --passes must be at least 1, --warmup at least 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    wrk = None
+    if not args.python_load:
+        wrk = wrk_version() if shutil.which("wrk") else None
+        if wrk is None:
+            log("wrk is not installed: it is the load generator this benchmark uses.\n"
+                "  Debian/Ubuntu: sudo apt-get update && sudo apt-get install wrk   (other Linux: your package manager's wrk)\n"
+                "  (or run with --python-load for a rougher, Python-based load generator)")
+            return 2
+    load = run_python_load if args.python_load else run_wrk
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # even if started with SIGINT ignored
+    args.tmp = tempfile.mkdtemp(prefix="model-service-bench-")
+    notes, failures, results = [], [], []
+    try:
+        load_before = loadavg()
+        log(f"temporary folder: {args.tmp}")
+        features = service_features()
+        have_flask = ensure_package("flask", "flask", args, notes, "the seed's Flask baseline")
+        have_gunicorn = "--workers" not in features["flags"] or ensure_package(
+            "gunicorn", "gunicorn", args, notes, "model-service --workers")
+        log("training the reference models (iris LogisticRegression, 100-tree RandomForest)...")
+        import make_models
+        import raw_predict
+        built = make_models.build(args.tmp)
+        store, bodies, artifacts = built["store"], built["bodies"], built["artifacts"]
+        servers = build_servers(args, features, store, artifacts, notes, have_flask, have_gunicorn)
+
+        log("in-process predict cost...")
+        raw = raw_predict.measure(artifacts, bodies, quick=args.quick)
+        imp = cold = None
+        log("cold start: import service...")
+        try:
+            imp = measure_import(3 if args.quick else 7, args.tmp)
+        except Unmeasured as error:
+            failures.append(f"import service: {error}")
+        log("cold start and memory: fresh service processes...")
+        try:
+            cold = measure_cold(args, store, bodies, 2 if args.quick else 4)
+        except (Unmeasured, OSError, http.client.HTTPException) as error:
+            failures.append(f"cold start: {error}")
+            log(f"  FAILED: cold start: {error}")
+
+        total = sum(len(s.models) for s in servers) * (len(CONCURRENCY) + 1)
+        counter = [0, total]
+        for server in servers:
+            log(f"{server.label}:")
+            measure_server(args, load, server, bodies, results, failures, counter)
+        report = build_report(args, machine_info(features, wrk), raw, imp, cold, servers, results, notes,
+                              failures, load_before, loadavg(), time.perf_counter() - started,
+                              features["flags"])
+        print(report, flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(report + "\n")
+            log(f"report written to {args.out}")
+        return 1 if failures else 0
+    except KeyboardInterrupt:
+        log("interrupted: stopping every process this run started")
+        return 130
+    except Unmeasured as error:
+        log(f"benchmark failed: {error}")
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        PROCS.stop_all()
+        if args.keep:
+            log(f"kept {args.tmp}")
+        else:
+            shutil.rmtree(args.tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

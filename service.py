@@ -173,6 +173,22 @@ ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-
 HOST_NAME = re.compile(r"[a-z0-9.-]{1,253}|\[?[0-9a-f:.]+\]?")
 
 
+def _token_list(text):
+    """Comma-separated bearer tokens, or @PATH of a file holding one per line (# comments allowed)."""
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as handle:
+                lines = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+        except OSError as error:
+            raise ValueError(f"cannot read the token file {text[1:]!r}: {error.strerror}") from None
+    else:
+        lines = [token.strip() for token in text.split(",") if token.strip()]
+    if not lines or any(len(token) < 16 or not token.isascii() or not token.isprintable() or " " in token
+                        for token in lines):
+        raise ValueError("tokens must be printable ASCII without spaces, at least 16 characters each")
+    return tuple(lines)
+
+
 def _module_list(text):
     """A comma-separated list of Python module names (each one also covers its submodules)."""
     names = tuple(name.strip() for name in text.split(",") if name.strip())
@@ -208,6 +224,12 @@ class Config:
     max_rows: int = 100_000
     #: deepest JSON nesting accepted in a request (400 above it)
     max_depth: int = 64
+    #: longest request target (path and query) accepted, in bytes (414 above it)
+    max_url_bytes: int = 8192
+    #: most predictions answered at once; beyond, 503 with Retry-After at once (0: no bound)
+    max_inflight: int = 0
+    #: bearer tokens a prediction or model request must carry (kept out of repr and logs); none: open
+    auth_tokens: tuple = dataclasses.field(default=(), repr=False)
     #: seconds before a failed model load is tried again
     load_retry_seconds: float = 10.0
     #: seconds between looks at the store for new, changed and removed artifacts (0: never)
@@ -290,6 +312,12 @@ SETTINGS = (
     Setting("max_body_bytes", _positive_int, "largest request body in bytes (413 above)", "N"),
     Setting("max_rows", _positive_int, "most rows in one request (400 above)", "N"),
     Setting("max_depth", _positive_int, "deepest JSON nesting in a request (400 above)", "N"),
+    Setting("max_url_bytes", _positive_int, "longest request path and query in bytes (414 above)", "N"),
+    Setting("max_inflight", _non_negative_int,
+            "most predictions at once; beyond it 503 with Retry-After at once (0: no bound)", "N"),
+    Setting("auth_tokens", _token_list,
+            "bearer tokens required for predictions and model information (health stays open): TOKEN,TOKEN or "
+            "@FILE with one per line (prefer the environment variable or a file: flags show in ps)", "TOKENS"),
     Setting("load_retry_seconds", _non_negative_float,
             "seconds before a failed model load is tried again", "SECONDS"),
     Setting("poll_interval", _non_negative_float,
@@ -3393,6 +3421,9 @@ def _csv_column(cells):
 # errors (unknown route, wrong method, unexpected faults), so no answer is HTML.
 
 JSON_TYPE = "application/json"
+# Routes open without an --auth-tokens token: liveness and readiness for probes and load balancers
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/ping", "/health"})
+ADMIN_PATH = re.compile(r"/admin/|/models/[^/]+/reload$|/v2/repository/models/")    # the admin token's
 
 # The web console GET / serves to browsers: one self-contained page (no CDN, no build step) that
 # lists the models and sends predictions through the JSON API.  Everything it shows from the
@@ -3637,7 +3668,8 @@ def _error_page(http_error):
     if status == 405:
         return dumps({"error": f"method {bottle.request.method} is not allowed here; allowed: "
                                f"{response.get_header('Allow', '')}", "code": "method_not_allowed"})
-    codes = {400: "bad_request", 403: "forbidden", 413: "payload_too_large"}
+    codes = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 413: "payload_too_large",
+             414: "uri_too_long"}
     return dumps({"error": str(http_error.body), "code": codes.get(status, "http_error")})
 
 
@@ -3854,6 +3886,7 @@ def create_app(store=None, config=None, registry=None, **options):
     app.install(_json_plugin)
     request = bottle.request
     metrics = registry.metrics
+    slots = threading.BoundedSemaphore(config.max_inflight) if config.max_inflight else None
 
     @app.hook("before_request")
     def _before():
@@ -3865,6 +3898,13 @@ def create_app(store=None, config=None, registry=None, **options):
                 raise bottle.HTTPError(400, f"Host {_clip(repr(host), 80)} is not allowed (--allowed-hosts)")
         if request.environ["REQUEST_METHOD"] == "OPTIONS":
             preflight()
+        target = len(request.environ.get("PATH_INFO", "")) + len(request.environ.get("QUERY_STRING", ""))
+        if target > config.max_url_bytes:
+            raise bottle.HTTPError(414, f"the request target is over {config.max_url_bytes} bytes "
+                                        "(--max-url-bytes); send the data in a POST body")
+        if config.auth_tokens and request.environ.get("PATH_INFO") not in OPEN_PATHS and not ADMIN_PATH.match(
+                request.environ.get("PATH_INFO", "")):
+            require_token(config.auth_tokens, "Bearer realm=\"model-service\"")
         raw = request.environ.get("bottle.raw_path", "")
         if not raw.isascii():
             try:
@@ -3917,6 +3957,16 @@ def create_app(store=None, config=None, registry=None, **options):
 
         It also labels the request for the metrics: model, version and method(s)."""
         request.environ["service.labels"] = (("model", name), ("version", version or label or ""), ("method", ""))
+        if slots is not None and not slots.acquire(blocking=False):
+            raise ModelUnavailable(f"overloaded: {config.max_inflight} predictions are already being answered "
+                                   "(--max-inflight); try again", retry_after=1)
+        try:
+            return predict_with(name, version, label, prepare)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    def predict_with(name, version, label, prepare):
         model = registry.acquire(name, version, label)
         request.environ["service.labels"] = (("model", name), ("version", model.version), ("method", ""))
         try:
@@ -3935,14 +3985,23 @@ def create_app(store=None, config=None, registry=None, **options):
         (method, outputs), = results.items()
         return encode_prediction(model, method, outputs)
 
+    def require_token(tokens, challenge):
+        """401 unless the request carries one of `tokens` as its bearer token (each compared in constant time)."""
+        scheme, _, given = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        given = given.strip().encode("utf-8", "replace")
+        matches = [hmac.compare_digest(given, token.encode("utf-8")) for token in tokens]
+        if scheme.lower() != "bearer" or not any(matches):
+            raise bottle.HTTPError(401, "this route needs a valid token: Authorization: Bearer <token>",
+                                   **{"WWW-Authenticate": challenge})
+
     def require_admin():
         """Admin routes are off without a configured token, and need it as a bearer token."""
         if not config.admin_token:
             raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) to enable it")
-        scheme, _, token = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8", "replace"),
-                                                                 config.admin_token.encode("utf-8")):
-            raise Unauthorized("this route needs the admin token: Authorization: Bearer <token>")
+        try:
+            require_token((config.admin_token,), 'Bearer realm="model-service admin"')
+        except bottle.HTTPError:
+            raise Unauthorized("this route needs the admin token: Authorization: Bearer <token>") from None
 
     def body_json():
         check_content_type(request.environ)
@@ -4261,9 +4320,13 @@ def serve(app, config):
 
     # waitress refuses bodies far over our limit itself (as plain text); below that the
     # service's own check answers 413 in JSON.
+    # Slow clients: a connection idle for channel_timeout is closed, and past connection_limit open
+    # connections waitress stops accepting until some close, so trickling clients cannot exhaust it.
     server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
                                     max_request_body_size=2 * config.max_body_bytes, ident=SERVICE_NAME,
-                                    expose_tracebacks=False, clear_untrusted_proxy_headers=True)
+                                    expose_tracebacks=False, clear_untrusted_proxy_headers=True,
+                                    channel_timeout=30, connection_limit=256, cleanup_interval=10,
+                                    max_request_header_size=config.max_url_bytes + 65536)
     sockets = server.map if hasattr(server, "map") else server._map
     server.print_listen("Serving on http://{}:{}")
     deadline = []

@@ -227,11 +227,18 @@ def test_seed_route_needs_a_default_when_several_models(client, store, make_clie
     ("[[1, 2, 3, 4]", "neither JSON nor a Python literal"),
     ("__import__('os').system('true')", "neither JSON nor a Python literal"),
     ("[" * 200 + "]" * 200, "nested deeper"),
-    ("[" + "1," * 60000 + "1]", "longer than"),
 ])
 def test_seed_literal_is_parsed_safely(client, store, make_client, literal, fragment):
     chosen = make_client(store, default_model="iris")
     assert_error(chosen.get("/predict/" + literal, expect_errors=True), 400, fragment)
+
+
+def test_a_long_seed_literal_is_refused_by_the_url_bound_then_by_the_literal_bound(store, make_client):
+    literal = "[" + "1," * 60000 + "1]"
+    assert_error(make_client(store, default_model="iris").get("/predict/" + literal, expect_errors=True), 414,
+                 "--max-url-bytes")
+    roomy = make_client(store, default_model="iris", max_url_bytes=1_000_000)
+    assert_error(roomy.get("/predict/" + literal, expect_errors=True), 400, "longer than")
 
 
 # -- errors -------------------------------------------------------------------------------------------------

@@ -2021,6 +2021,55 @@ def _frame_maker():
     return pandas.DataFrame
 
 
+def _serve_arrays(estimator, model):
+    """Let a model fitted on named columns take plain arrays, when that changes none of its answers.
+
+    Rows already come in `feature_names_in_` order, and a DataFrame costs about a millisecond
+    per request to build and for scikit-learn to check (most of a small model's request).  So
+    the names are taken off this freshly loaded estimator (and its parts) if, on a probe row, the
+    array answers exactly as the DataFrame did; a model that selects columns by name (a
+    ColumnTransformer) fails the probe, gets its names back and keeps receiving DataFrames.
+    """
+    import numpy as np
+
+    method = model.methods[0]
+    probe = np.zeros((1, model.n_features))
+    try:
+        expected = getattr(estimator, method)(model.make_frame(probe, columns=model.feature_names))
+    except Exception:
+        return False
+    named = _named_parts(estimator, [], set())
+    for part, names in named:
+        del part.feature_names_in_
+    try:
+        if _same_outputs(expected, getattr(estimator, method)(probe)):
+            return True
+    except Exception:  # fall through: this model needs its columns named
+        pass
+    for part, names in named:
+        part.feature_names_in_ = names
+    return False
+
+
+def _named_parts(value, found, seen):
+    """Every estimator inside `value` (steps, members, transformers) that holds feature_names_in_."""
+    if id(value) in seen:
+        return found
+    seen.add(id(value))
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _named_parts(item, found, seen)
+    elif type(value).__module__ == "numpy" and getattr(value, "dtype", None) == object:
+        for item in value.ravel():
+            _named_parts(item, found, seen)
+    elif hasattr(value, "get_params") and hasattr(value, "__dict__"):
+        if "feature_names_in_" in value.__dict__:
+            found.append((value, value.__dict__["feature_names_in_"]))
+        for item in value.__dict__.values():
+            _named_parts(item, found, seen)
+    return found
+
+
 class ModelVersion:
     """One version's slot: its artifact, state, loaded model and load history.
 
@@ -2115,7 +2164,10 @@ def _build_model(ref, options=None):
     if skew:
         logger.warning("model %r version %s was %s: its predictions may differ (--strict-versions refuses "
                        "such artifacts)", ref.name, ref.version, skew)
-    return LoadedModel(ref, estimator, digest, size, time.perf_counter() - started, version_skew=skew)
+    model = LoadedModel(ref, estimator, digest, size, time.perf_counter() - started, version_skew=skew)
+    if model.make_frame is not None and _serve_arrays(estimator, model):
+        model.make_frame = None
+    return model
 
 
 def _in_background(function, *args):

@@ -256,8 +256,9 @@ class Config:
     shutdown_timeout: float = 10.0
     #: logging level of the command line (embedded, the host's logging applies)
     log_level: str = "INFO"
-    #: log one line per request (logger "service.access"), with its X-Request-ID
-    access_log: bool = True
+    #: log one line per request (logger "service.access"), with its X-Request-ID; off by default, as it
+    #: costs about a tenth of a small model's request
+    access_log: bool = False
     #: stack up to this many concurrent requests of a tabular model into one predict call (1: off)
     max_batch_size: int = 1
     #: how long a request may wait for others to join its batch
@@ -347,7 +348,8 @@ SETTINGS = (
     Setting("shutdown_timeout", _non_negative_float,
             "seconds requests in flight get to finish after SIGTERM/SIGINT", "SECONDS"),
     Setting("log_level", _log_level, "logging level: " + ", ".join(LOG_LEVELS), "LEVEL"),
-    Setting("access_log", _boolean, "log one line per request, with its X-Request-ID", "yes|no", const="yes"),
+    Setting("access_log", _boolean, "log one line per request, with its X-Request-ID (the bare flag: yes)",
+            "yes|no", const="yes"),
     Setting("max_batch_size", _positive_int,
             "stack up to N concurrent requests of a tabular model into one predict call (1: no batching)", "N"),
     Setting("max_latency_ms", _non_negative_float, "longest a request waits for others to join its batch", "MS"),

@@ -65,7 +65,10 @@ def test_metrics_count_requests_latency_loads_and_gauges(app):
     assert sample(parsed["model_service_requests_in_flight"]) == 0
 
 
-def test_every_response_carries_a_request_id_the_access_log_shows(app, caplog):
+def test_every_response_carries_a_request_id_the_access_log_shows(tmp_path, iris_classifier, caplog):
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    application = service.create_app(store=tmp_path, poll_interval=0, access_log=True)
+    app = webtest.TestApp(application)
     caplog.set_level(logging.INFO, logger="service.access")
     given = app.post_json("/models/iris/predict", {"instances": ROW}, headers={"X-Request-ID": "trace-42.a"})
     assert given.headers["X-Request-ID"] == "trace-42.a"
@@ -75,14 +78,15 @@ def test_every_response_carries_a_request_id_the_access_log_shows(app, caplog):
     assert unsafe.headers["X-Request-ID"] != "bad id\twith spaces"
     log = caplog.text
     assert "POST /models/iris/predict 200" in log and "id=trace-42.a" in log
-    assert f"GET /no/such/route 404" in log and made.headers["X-Request-ID"] in log
+    assert "GET /no/such/route 404" in log and made.headers["X-Request-ID"] in log
+    application.config["service.registry"].stop_watching()
 
 
-def test_the_access_log_can_be_turned_off(tmp_path, iris_classifier, caplog):
+def test_the_access_log_is_off_by_default_and_the_id_still_on_every_answer(tmp_path, iris_classifier, caplog):
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
-    application = service.create_app(store=tmp_path, access_log=False)
+    application = service.create_app(store=tmp_path)
     caplog.set_level(logging.INFO, logger="service.access")
-    webtest.TestApp(application).get("/models")
+    assert len(webtest.TestApp(application).get("/models").headers["X-Request-ID"]) == 32
     application.config["service.registry"].stop_watching()
     assert "GET /models" not in caplog.text
 

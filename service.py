@@ -19,7 +19,7 @@ unpickler, see "Trusted loading" under "Artifact loaders").
 Sections, in the order data flows (``grep -n '^# .*####' service.py``):
 
     Imports and logging, Configuration, Errors, JSON model format, Artifact loaders,
-    Model store, Model registry, Codecs, HTTP application, Serving, Export,
+    Model store, Model registry, Metrics, Codecs, HTTP application, Serving, Export,
     Command line, WSGI entry points
 """
 

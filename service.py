@@ -41,11 +41,13 @@ __all__ = [
 import argparse
 import ast
 import base64
+import bisect
 import dataclasses
 import functools
 import hashlib
 import hmac
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -56,7 +58,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 import warnings
 import weakref
 
@@ -228,6 +229,9 @@ class Config:
     max_url_bytes: int = 8192
     #: most predictions answered at once; beyond, 503 with Retry-After at once (0: no bound)
     max_inflight: int = 0
+    #: seconds a prediction may take; past it the request gets 504 while the computation finishes in the
+    #: background, still counted by max_inflight (0: no bound)
+    max_predict_seconds: float = 0.0
     #: bearer tokens a prediction or model request must carry (kept out of repr and logs); none: open
     auth_tokens: tuple = dataclasses.field(default=(), repr=False)
     #: seconds before a failed model load is tried again
@@ -316,6 +320,9 @@ SETTINGS = (
     Setting("max_url_bytes", _positive_int, "longest request path and query in bytes (414 above)", "N"),
     Setting("max_inflight", _non_negative_int,
             "most predictions at once; beyond it 503 with Retry-After at once (0: no bound)", "N"),
+    Setting("max_predict_seconds", _non_negative_float,
+            "longest a prediction may take: past it 504, while the computation finishes in the background "
+            "(0: no bound)", "SECONDS"),
     Setting("auth_tokens", _token_list,
             "bearer tokens required for predictions and model information (health stays open): TOKEN,TOKEN or "
             "@FILE with one per line (prefer the environment variable or a file: flags show in ps)", "TOKENS"),
@@ -415,6 +422,12 @@ class ModelUnavailable(ServiceError):
     def __init__(self, message, retry_after=None, **fields):
         super().__init__(message, **fields)
         self.retry_after = retry_after
+
+
+class PredictionTimeout(ServiceError):
+    """504: the prediction took longer than --max-predict-seconds."""
+
+    status, code = 504, "prediction_timeout"
 
 
 class ArtifactError(Exception):
@@ -1883,6 +1896,7 @@ class LoadedModel:
         self.last_used = 0.0            # registry clock at the last request, for LRU and idle unloads
         self.retired = False            # out of service; freed when its last request ends
         self.batcher = None             # a Batcher when concurrent requests are stacked (tabular models only)
+        self.checked_call = _finite_checked_call(estimator) if self.n_features is not None else None
 
     def run(self, method, inputs):
         """Call one method, through the batcher when the model has one."""
@@ -1893,6 +1907,8 @@ class LoadedModel:
     def call(self, method, inputs):
         """Call one method now; the estimator's complaints about the input are the caller's 400."""
         try:
+            if self.checked_call is not None:
+                return self.checked_call(getattr(self.estimator, method), inputs)
             return getattr(self.estimator, method)(inputs)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
             # e.g. a text pipeline given numbers: 'int' object has no attribute 'lower'
@@ -1921,6 +1937,7 @@ class Batcher:
         self.model, self.max_size, self.max_latency, self.metrics = model, max_size, max_latency, metrics
         self._lock = threading.Lock()
         self._waiting = {}                  # method -> list of _Pending, the first one leading
+        self._turn = threading.Lock()       # held by the batch being computed: one at a time per model
 
     def run(self, method, inputs):
         mine = _Pending(inputs)
@@ -1936,16 +1953,17 @@ class Batcher:
                 return mine.answer()
         if self.model.inflight > 1:          # someone may join: give them until the deadline
             mine.full.wait(self.max_latency)
-        with self._lock:
-            queue = self._waiting[method]
-            batch, rest = queue[:self.max_size], queue[self.max_size:]
-            self._waiting[method] = rest
-            if rest:                         # more than a batch waits: the next one leads them
-                rest[0].leads = True
-                if len(rest) >= self.max_size:
-                    rest[0].full.set()
-                rest[0].done.set()
-        self._execute(method, batch)
+        with self._turn:                     # while a stacked call runs, the next batch gathers
+            with self._lock:
+                queue = self._waiting[method]
+                batch, rest = queue[:self.max_size], queue[self.max_size:]
+                self._waiting[method] = rest
+                if rest:                     # more than a batch waits: the next one leads them
+                    rest[0].leads = True
+                    if len(rest) >= self.max_size:
+                        rest[0].full.set()
+                    rest[0].done.set()
+            self._execute(method, batch)
         return mine.answer()
 
     def _execute(self, method, batch):
@@ -2001,6 +2019,76 @@ def _stack(inputs):
 
 
 
+def _finite_checked_call(estimator):
+    """A caller that checks float inputs for NaN and infinity itself, then lets scikit-learn skip it.
+
+    scikit-learn's own check (assume_finite=False) costs about a tenth of a small model's
+    request (measured: 40 of 400 µs for the iris LogisticRegression); numpy does the same check
+    in about 4 µs.  Applied only where it is exactly equivalent: the estimator must see the
+    request's rows themselves, so no part of it may transform them first (a Pipeline, a
+    ColumnTransformer, a FeatureUnion, a FunctionTransformer: their later steps would no longer
+    check what the earlier ones produced), and its `allow_nan` tag must be known.  NaN passes
+    where the tag allows it, infinity never does, as in scikit-learn.  Other inputs (objects,
+    DataFrames) and other models are left to scikit-learn.  None when it does not apply.
+    """
+    allow_nan = _allows_nan(estimator)
+    if allow_nan is None or any(hasattr(part, attr) for part in _estimator_parts(estimator, [], set())
+                                for attr in ("steps", "transformers", "transformer_list", "func")):
+        return None
+    import numpy as np
+    from sklearn import get_config, set_config
+
+    ndarray, isfinite, isinf = np.ndarray, np.isfinite, np.isinf
+
+    def call(function, inputs):
+        if type(inputs) is not ndarray or inputs.dtype.kind != "f":
+            return function(inputs)
+        if isinf(inputs).any() if allow_nan else not isfinite(inputs).all():
+            raise ValueError(f"Input X contains {'infinity' if allow_nan else 'NaN or infinity'}: "
+                             f"{type(estimator).__name__} does not accept "
+                             f"{'infinity' if allow_nan else 'missing or infinite values'}")
+        previous = get_config()["assume_finite"]     # set_config, not config_context: 1 µs, not 10
+        set_config(assume_finite=True)                  # (scikit-learn's config is per thread)
+        try:
+            return function(inputs)
+        finally:
+            set_config(assume_finite=previous)
+
+    return call
+
+
+def _allows_nan(estimator):
+    """The estimator's allow_nan tag (scikit-learn's own promise), or None when it has no tags."""
+    try:
+        from sklearn.utils import get_tags
+    except ImportError:                                  # scikit-learn before 1.6
+        get_tags = None
+    try:
+        if get_tags is not None:
+            return bool(get_tags(estimator).input_tags.allow_nan)
+        return bool(estimator._get_tags()["allow_nan"])
+    except Exception:   # not a scikit-learn estimator, or tags that fail on this one
+        return None
+
+
+def _estimator_parts(value, found, seen):
+    """`value` and every estimator inside it (steps, members, fitted sub-estimators), each once."""
+    if id(value) in seen:
+        return found
+    seen.add(id(value))
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _estimator_parts(item, found, seen)
+    elif type(value).__module__ == "numpy" and getattr(value, "dtype", None) == object:
+        for item in value.ravel():
+            _estimator_parts(item, found, seen)
+    elif hasattr(value, "get_params") and hasattr(value, "__dict__"):
+        found.append(value)
+        for item in value.__dict__.values():
+            _estimator_parts(item, found, seen)
+    return found
+
+
 def _attribute(estimator, attr):
     try:
         value = getattr(estimator, attr)
@@ -2040,7 +2128,7 @@ def _serve_arrays(estimator, model):
         expected = getattr(estimator, method)(model.make_frame(probe, columns=model.feature_names))
     except Exception:
         return False
-    named = _named_parts(estimator, [], set())
+    named = _named_parts(estimator)
     for part, names in named:
         del part.feature_names_in_
     try:
@@ -2053,23 +2141,10 @@ def _serve_arrays(estimator, model):
     return False
 
 
-def _named_parts(value, found, seen):
-    """Every estimator inside `value` (steps, members, transformers) that holds feature_names_in_."""
-    if id(value) in seen:
-        return found
-    seen.add(id(value))
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            _named_parts(item, found, seen)
-    elif type(value).__module__ == "numpy" and getattr(value, "dtype", None) == object:
-        for item in value.ravel():
-            _named_parts(item, found, seen)
-    elif hasattr(value, "get_params") and hasattr(value, "__dict__"):
-        if "feature_names_in_" in value.__dict__:
-            found.append((value, value.__dict__["feature_names_in_"]))
-        for item in value.__dict__.values():
-            _named_parts(item, found, seen)
-    return found
+def _named_parts(estimator):
+    """Every estimator inside `estimator` (itself included) that holds feature_names_in_, with them."""
+    return [(part, part.__dict__["feature_names_in_"]) for part in _estimator_parts(estimator, [], set())
+            if "feature_names_in_" in part.__dict__]
 
 
 class ModelVersion:
@@ -2788,14 +2863,14 @@ class Metrics:
             self._values[name, labels] = self._values.get((name, labels), 0) + amount
 
     def observe(self, name, labels, value):
+        """One observation: one bucket counted (the first bound >= value); the exposition cumulates."""
         buckets = METRICS[name][2]
+        slot = bisect.bisect_left(buckets, value)
         with self._lock:
             series = self._values.get((name, labels))
-            if series is None:
-                series = self._values[name, labels] = [0] * (len(buckets) + 2)     # buckets, sum, count
-            for i, bound in enumerate(buckets):
-                if value <= bound:
-                    series[i] += 1
+            if series is None:      # a count per bucket and one over the last bound, then sum and count
+                series = self._values[name, labels] = [0] * (len(buckets) + 3)
+            series[slot] += 1
             series[-2] += value
             series[-1] += 1
 
@@ -2815,7 +2890,7 @@ class Metrics:
                 if kind == "counter":
                     lines.append(f"{name}{_labels(labels)} {value}")
                     continue
-                for bound, count in zip(buckets, value):
+                for bound, count in zip(buckets, itertools.accumulate(value)):
                     lines.append(f"{name}_bucket{_labels(labels + (('le', repr(float(bound))),))} {count}")
                 lines.append(f"{name}_bucket{_labels(labels + (('le', '+Inf'),))} {value[-1]}")
                 lines += [f"{name}_sum{_labels(labels)} {value[-2]!r}", f"{name}_count{_labels(labels)} {value[-1]}"]
@@ -2878,6 +2953,7 @@ def check_content_type(environ):
 
 def parse_json(data, max_depth, what="request body"):
     """Parse JSON text (bytes or str) with a nesting bound; every failure is a 400."""
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8")
@@ -2891,14 +2967,35 @@ def parse_json(data, max_depth, what="request body"):
         raise BadRequest(f"{what} is nested too deeply") from None
     except ValueError as error:
         raise BadRequest(f"{what} is not valid JSON: {error}") from None
-    check_depth(value, max_depth, data, what)
+    if _nested_deeper_than(max_depth, raw):
+        raise BadRequest(f"{what} is nested deeper than {max_depth} levels")
     return value
 
 
-def check_depth(value, max_depth, text, what):
-    """400 if containers nest deeper than max_depth; counting brackets first skips the walk."""
-    if text.count("[") + text.count("{") + text.count("(") <= max_depth:
-        return
+JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+NOT_A_BRACKET = bytes(code for code in range(256) if code not in b"[]{}")
+
+
+def _nested_deeper_than(limit, text):
+    """Whether valid JSON text nests its arrays and objects more than `limit` deep.
+
+    Read from the text, which costs a few microseconds where walking the parsed value costs one
+    check per number (100 µs for 64 rows): strings are dropped, then all but the brackets, and
+    each round removes the innermost pairs (marked first, so a pair they uncover waits for the
+    next round): the rounds needed are the depth.
+    """
+    if text.count(b"[") + text.count(b"{") <= limit:
+        return False
+    brackets = (JSON_STRING.sub(b"", text) if b'"' in text else text).translate(None, NOT_A_BRACKET)
+    for _ in range(limit):
+        brackets = brackets.replace(b"[]", b"\0").replace(b"{}", b"\0").replace(b"\0", b"")
+        if not brackets:
+            return False
+    return True
+
+
+def check_depth(value, max_depth, what):
+    """400 if the containers of a parsed value nest deeper than max_depth (walked level by level)."""
     level = [value]
     for _ in range(max_depth):
         level = [child for item in level if isinstance(item, (list, dict, tuple))
@@ -2929,7 +3026,7 @@ def parse_literal(text, max_depth, max_length=100_000):
             value = _tuples_to_lists(ast.literal_eval(text))
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise BadRequest("input is neither JSON nor a Python literal") from None
-    check_depth(value, max_depth, text, "input")
+    check_depth(value, max_depth, "input")
     return value
 
 
@@ -3076,9 +3173,12 @@ def to_jsonable(value):
     return str(value)
 
 
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def dumps(value):
-    """Strict JSON (no NaN tokens: a value to_jsonable missed fails loudly)."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    """Strict JSON (no NaN tokens: a value to_jsonable missed fails loudly), compact, from one encoder."""
+    return _JSON_ENCODER.encode(value)
 
 
 def encode_prediction(model, method, outputs):
@@ -3662,7 +3762,7 @@ def _json_plugin(callback):
         except bottle.HTTPResponse:
             raise
         except Exception:
-            error_id = uuid.uuid4().hex[:12]
+            error_id = os.urandom(6).hex()
             logger.exception("internal error %s on %s %s", error_id, bottle.request.method, bottle.request.path)
             result = _error_result(response, ServiceError("internal server error", error_id=error_id))
         response.content_type = JSON_TYPE
@@ -3680,17 +3780,6 @@ def _error_result(response, error):
     return error.to_dict()
 
 
-def _common_headers(response, environ, config):
-    """Headers every answer carries, errors included: nosniff, the request id, and CORS for an allowed Origin."""
-    response.set_header("X-Content-Type-Options", "nosniff")
-    response.set_header("X-Request-ID", _request_id(environ))
-    origin = environ.get("HTTP_ORIGIN")
-    if origin and config.cors_origins and (config.cors_origins == ("*",) or origin in config.cors_origins):
-        response.set_header("Access-Control-Allow-Origin", "*" if config.cors_origins == ("*",) else origin)
-        response.set_header("Access-Control-Expose-Headers", "Retry-After, Inference-Header-Content-Length")
-        response.add_header("Vary", "Origin")
-
-
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 access_logger = logging.getLogger("service.access")
 
@@ -3701,9 +3790,52 @@ def _request_id(environ):
     if request_id is None:
         request_id = environ.get("HTTP_X_REQUEST_ID", "")
         if not REQUEST_ID.fullmatch(request_id):
-            request_id = uuid.uuid4().hex
+            request_id = os.urandom(16).hex()       # uuid4's randomness, without building a UUID
         environ["service.request_id"] = request_id
     return request_id
+
+
+class ServiceApp(bottle.Bottle):
+    """The Bottle app, with what every answer gets done once at the WSGI boundary, errors included.
+
+    Headers (nosniff, X-Request-ID, CORS for an allowed Origin), the request metrics and the
+    access log are added here to the plain header list rather than through Bottle's
+    after_request hook and response object, which cost about a quarter of the service's own
+    time per request (40 of 165 µs, measured in-process on a small model).
+    """
+
+    def __init__(self, config, metrics):
+        super().__init__()
+        self.service_config, self.metrics = config, metrics
+
+    def wsgi(self, environ, start_response):
+        started = time.perf_counter()
+        config = self.service_config
+        status_line = []
+
+        def respond(status, headers, exc_info=None):
+            status_line.append(status)
+            headers.append(("X-Content-Type-Options", "nosniff"))
+            headers.append(("X-Request-ID", _request_id(environ)))
+            origin = environ.get("HTTP_ORIGIN")
+            if origin and config.cors_origins and (config.cors_origins == ("*",) or origin in config.cors_origins):
+                headers += [("Access-Control-Allow-Origin", "*" if config.cors_origins == ("*",) else origin),
+                            ("Access-Control-Expose-Headers", "Retry-After, Inference-Header-Content-Length"),
+                            ("Vary", "Origin")]
+            return start_response(status, headers, exc_info)
+
+        body = super().wsgi(environ, respond)
+        elapsed = time.perf_counter() - started
+        status = status_line[-1][:3] if status_line else "500"
+        labels = environ.get("service.labels")
+        if labels is not None:
+            self.metrics.count("model_service_requests_total", labels + (("status", status),))
+            self.metrics.observe("model_service_request_duration_seconds", labels[::2], elapsed)
+        if config.access_log and access_logger.isEnabledFor(logging.INFO):
+            access_logger.info("%s %s %s %s %.2fms id=%s", environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
+                               _clip(environ.get("PATH_INFO", ""), 200), status, elapsed * 1000,
+                               _request_id(environ))
+        return body
 
 
 def _error_page(http_error):
@@ -3711,9 +3843,8 @@ def _error_page(http_error):
     status = http_error.status_code
     response = bottle.response
     response.content_type = JSON_TYPE
-    _common_headers(response, bottle.request.environ, bottle.request.app.config["service.config"])
     if status >= 500:
-        error_id = uuid.uuid4().hex[:12]
+        error_id = os.urandom(6).hex()
         logger.error("internal error %s: %s", error_id, http_error.traceback or http_error.body)
         return dumps({"error": "internal server error", "code": "internal_error", "error_id": error_id})
     if status == 404:
@@ -3745,7 +3876,9 @@ def _operation(summary, answer, body=None, tags=(), parameters=(), text=False):
     operation = {"summary": summary, "tags": list(tags),
                  "responses": {"200": {"description": "success", "content": {media: {"schema": answer}}},
                                "default": {"description": "an error (4xx for the caller's mistakes, 503 when a "
-                                                          "model is unavailable, 500 for the service's faults)",
+                                                          "model is unavailable or the service is busy, 504 "
+                                                          "past --max-predict-seconds, 500 for the service's "
+                                                          "faults)",
                                            "content": {JSON_TYPE: {"schema": _schema_ref("Error")}}}}}
     if parameters:
         operation["parameters"] = [_PATH_PARAMETERS[p] for p in parameters]
@@ -3932,7 +4065,7 @@ def create_app(store=None, config=None, registry=None, **options):
     if options:
         config = dataclasses.replace(config, **options)
     registry = registry or ModelRegistry(config)
-    app = bottle.Bottle()
+    app = ServiceApp(config, registry.metrics)
     app.uninstall(bottle.JSONPlugin)     # it would write NaN tokens; every body goes through dumps()
     app.config["service.config"] = config
     app.config["service.registry"] = registry
@@ -3941,45 +4074,35 @@ def create_app(store=None, config=None, registry=None, **options):
     request = bottle.request
     metrics = registry.metrics
     slots = threading.BoundedSemaphore(config.max_inflight) if config.max_inflight else None
+    predict_pool = None
+    if config.max_predict_seconds:        # a thread hop per prediction, only when a time limit asks for it
+        import concurrent.futures
+
+        predict_pool = concurrent.futures.ThreadPoolExecutor(config.threads, thread_name_prefix="predict")
 
     @app.hook("before_request")
     def _before():
-        request.environ["service.started"] = time.perf_counter()
+        environ = request.environ
         if config.allowed_hosts:
-            host = request.environ.get("HTTP_HOST", "").lower()
+            host = environ.get("HTTP_HOST", "").lower()
             name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
             if name not in config.allowed_hosts and host not in config.allowed_hosts:
                 raise bottle.HTTPError(400, f"Host {_clip(repr(host), 80)} is not allowed (--allowed-hosts)")
-        if request.environ["REQUEST_METHOD"] == "OPTIONS":
+        if environ["REQUEST_METHOD"] == "OPTIONS":
             preflight()
-        target = len(request.environ.get("PATH_INFO", "")) + len(request.environ.get("QUERY_STRING", ""))
-        if target > config.max_url_bytes:
+        path = environ.get("PATH_INFO", "")
+        if len(path) + len(environ.get("QUERY_STRING", "")) > config.max_url_bytes:
             raise bottle.HTTPError(414, f"the request target is over {config.max_url_bytes} bytes "
                                         "(--max-url-bytes); send the data in a POST body")
-        if config.auth_tokens and request.environ.get("PATH_INFO") not in OPEN_PATHS and not ADMIN_PATH.match(
-                request.environ.get("PATH_INFO", "")):
+        if config.auth_tokens and path not in OPEN_PATHS and not ADMIN_PATH.match(path):
             require_token(config.auth_tokens, "Bearer realm=\"model-service\"")
-        raw = request.environ.get("bottle.raw_path", "")
+        raw = environ.get("bottle.raw_path", "")
         if not raw.isascii():
             try:
                 raw.encode("latin-1").decode("utf-8")
             except UnicodeError:
                 raise bottle.HTTPError(400, "the request path is not valid UTF-8") from None
         registry.refresh()
-
-    @app.hook("after_request")
-    def _after():
-        environ, response = request.environ, bottle.response
-        _common_headers(response, environ, config)
-        elapsed = time.perf_counter() - environ.get("service.started", time.perf_counter())
-        labels = environ.get("service.labels")
-        if labels is not None:
-            metrics.count("model_service_requests_total", labels + (("status", str(response.status_code)),))
-            metrics.observe("model_service_request_duration_seconds", labels[::2], elapsed)
-        if config.access_log and access_logger.isEnabledFor(logging.INFO):
-            access_logger.info("%s %s %s %d %.2fms id=%s", environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
-                               _clip(environ.get("PATH_INFO", ""), 200), response.status_code, elapsed * 1000,
-                               _request_id(environ))
 
     def preflight():
         """OPTIONS, before routing (a catch-all route would turn every unknown path's 404 into a 405):
@@ -4010,30 +4133,57 @@ def create_app(store=None, config=None, registry=None, **options):
         """The prediction core of every protocol: `prepare(model)` gives (methods, inputs); each method runs.
 
         It also labels the request for the metrics: model, version and method(s)."""
-        request.environ["service.labels"] = (("model", name), ("version", version or label or ""), ("method", ""))
+        environ = request.environ
+        environ["service.labels"] = (("model", name), ("version", version or label or ""), ("method", ""))
         if slots is not None and not slots.acquire(blocking=False):
             raise ModelUnavailable(f"overloaded: {config.max_inflight} predictions are already being answered "
                                    "(--max-inflight); try again", retry_after=1)
+        held = [slots.release] if slots is not None else []     # released when the prediction is over
         try:
-            return predict_with(name, version, label, prepare)
-        finally:
-            if slots is not None:
-                slots.release()
-
-    def predict_with(name, version, label, prepare):
-        model = registry.acquire(name, version, label)
-        request.environ["service.labels"] = (("model", name), ("version", model.version), ("method", ""))
-        try:
+            model = registry.acquire(name, version, label)
+            held.append(lambda: registry.release(model))
+            environ["service.labels"] = (("model", name), ("version", model.version), ("method", ""))
             methods, inputs = prepare(model)
-            request.environ["service.labels"] = (("model", name), ("version", model.version),
-                                                 ("method", ",".join(methods)))
-            return model, {method: model.run(method, inputs) for method in methods}
+            environ["service.labels"] = (("model", name), ("version", model.version), ("method", ",".join(methods)))
+            if predict_pool is None:
+                return model, {method: model.run(method, inputs) for method in methods}
+            return model, within_time_limit(lambda: {method: model.run(method, inputs) for method in methods}, held)
         finally:
-            registry.release(model)
+            for release in reversed(held):
+                release()
+
+    def within_time_limit(compute, held):
+        """compute() on a predict thread, awaited at most --max-predict-seconds (504 past that).
+
+        A Python thread cannot be stopped, so work past its time finishes in the background; what the
+        request held (its model, its --max-inflight slot) passes to that work and is released when it
+        ends, so abandoned computations stay counted and cannot pile up unseen.  Work that waited past
+        its deadline for a predict thread is not started at all.
+        """
+        deadline = time.monotonic() + config.max_predict_seconds
+        handed = held[:]
+
+        def task():
+            try:
+                if time.monotonic() >= deadline:
+                    raise PredictionTimeout("not started: the predict threads were busy past the time limit")
+                return compute()
+            finally:
+                for release in reversed(handed):
+                    release()
+
+        future = predict_pool.submit(task)
+        held.clear()
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            raise PredictionTimeout(f"the prediction took longer than {config.max_predict_seconds:g} s "
+                                    "(--max-predict-seconds); try fewer rows") from None
 
     def predict(name, version, payload, label=None):
         def prepare(model):
-            rows, method = decode_payload(payload, request.query.get("method"))
+            query_method = request.query.get("method") if request.environ.get("QUERY_STRING") else None
+            rows, method = decode_payload(payload, query_method)
             return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
         model, results = run(name, version, label, prepare)
         (method, outputs), = results.items()

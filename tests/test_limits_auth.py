@@ -132,3 +132,29 @@ def test_beyond_max_inflight_predictions_answer_503_at_once_and_recover(tmp_path
         assert elapsed < 0.4, "refused at once, not after waiting"
     assert app.post_json("/models/slow/predict", {"instances": ROW}).status_int == 200, "recovers when load drops"
     application.config["service.registry"].stop_watching()
+
+
+def test_a_prediction_over_the_time_limit_is_504_and_its_work_stays_counted_until_it_ends(tmp_path,
+                                                                                         iris_classifier):
+    """--max-predict-seconds: the caller gets 504 at the limit; the computation (a thread cannot be stopped)
+    finishes in the background and keeps its --max-inflight slot until then, so abandoned work cannot pile up."""
+    write_artifact(tmp_path / "slow.pkl", SlowIris(), "pickle")
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    application = service.create_app(store=tmp_path, poll_interval=0, max_predict_seconds=0.2, max_inflight=1)
+    app = webtest.TestApp(application)
+    assert app.post_json("/models/iris/predict", {"instances": ROW}).json["predictions"] == \
+        iris_classifier.predict(ROW).tolist(), "a prediction within the limit is answered as usual"
+    application.config["service.registry"].get("slow")                  # loading is not prediction time
+    began = time.perf_counter()
+    answer = app.post_json("/models/slow/predict", {"instances": ROW}, expect_errors=True)
+    assert answer.status_int == 504 and answer.json["code"] == "prediction_timeout", answer.text
+    assert "--max-predict-seconds" in answer.json["error"]
+    assert 0.15 < time.perf_counter() - began < 0.45, "answered at the limit, not when the work ended"
+    busy = app.post_json("/models/iris/predict", {"instances": ROW}, expect_errors=True)
+    assert busy.status_int == 503 and "--max-inflight" in busy.json["error"], "the abandoned work holds its slot"
+    deadline = time.monotonic() + 5
+    while app.post_json("/models/iris/predict", {"instances": ROW}, expect_errors=True).status_int == 503:
+        assert time.monotonic() < deadline, "the slot came back when the background work ended"
+        time.sleep(0.05)
+    assert time.perf_counter() - began > 0.45
+    application.config["service.registry"].stop_watching()

@@ -132,6 +132,89 @@ def test_one_bad_request_fails_alone_never_its_batch_mates(tmp_path, serve_store
             assert answer.status_code == 200 and answer.json()["predictions"] == model.predict(x[i:i + 1]).tolist()
 
 
+def test_one_stacked_call_runs_at_a_time_and_the_next_batch_gathers_meanwhile(tmp_path, forest):
+    """Two stacked calls at once would only fight over the GIL: while one runs, the next batch waits and grows."""
+    import threading
+    import time
+
+    model, x = forest
+    write_artifact(tmp_path / "rf.joblib", model, "joblib")
+    registry = service.ModelRegistry(service.Config(store=str(tmp_path), max_batch_size=64, max_latency_ms=1),
+                                     watch=False)
+    registry.refresh()
+    loaded = registry.get("rf")
+    running, overlap, sizes, lock = [0], [0], [], threading.Lock()
+    real_call = loaded.call
+
+    def watched_call(method, inputs):      # the real call, observed: how many run at once, and their sizes
+        with lock:
+            running[0] += 1
+            overlap[0] = max(overlap[0], running[0])
+            sizes.append(len(inputs))
+        try:
+            time.sleep(0.02)               # a slow model: requests pile up behind the running batch
+            return real_call(method, inputs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    loaded.call = watched_call
+
+    def request(i):
+        model_in_use = registry.acquire("rf")
+        try:
+            return model_in_use.run("predict", x[i:i + 1])
+        finally:
+            registry.release(model_in_use)
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(request, range(240)))
+    assert [a.tolist() for a in answers] == [model.predict(x[i:i + 1]).tolist() for i in range(240)]
+    assert overlap[0] == 1, "stacked calls of one model never run at once"
+    assert sum(sizes) == 240 and max(sizes) > 8, f"batches gathered while another ran: {sizes}"
+
+
+def test_float_inputs_are_checked_once_by_the_service_and_scikit_learn_skips_its_own_check(tmp_path,
+                                                                                        iris_classifier):
+    """assume_finite, applied knowingly: only where the service's own NaN/infinity check is exactly
+    scikit-learn's (the estimator sees the request's rows), and never left set in the thread."""
+    import sklearn
+    from sklearn.datasets import load_iris
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    data = load_iris()
+    with_nan = HistGradientBoostingClassifier(max_iter=10, random_state=0).fit(data.data, data.target)
+    scaled = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(data.data, data.target)
+    for name, estimator in (("plain", iris_classifier), ("hgb", with_nan), ("scaled", scaled)):
+        write_artifact(tmp_path / f"{name}.joblib", estimator, "joblib")
+    registry = service.ModelRegistry(service.Config(store=str(tmp_path)), watch=False)
+    registry.refresh()
+    assert registry.get("plain").checked_call is not None and registry.get("hgb").checked_call is not None
+    assert registry.get("scaled").checked_call is None, "a pipeline's later steps keep their own checks"
+    client = webtest.TestApp(service.create_app(registry=registry, config=registry.config))
+
+    rows = data.data[:20].tolist()
+    for name, estimator in (("plain", iris_classifier), ("hgb", with_nan), ("scaled", scaled)):
+        answer = client.post_json(f"/models/{name}/predict", {"instances": rows, "method": "predict_proba"})
+        assert answer.json["predictions"] == estimator.predict_proba(np.array(rows)).tolist()
+    assert sklearn.get_config()["assume_finite"] is False, "the thread's scikit-learn config is restored"
+
+    missing = [[None, 3.5, 1.4, 0.2]]
+    for name in ("plain", "scaled"):      # no missing values here, whoever checks
+        answer = client.post_json(f"/models/{name}/predict", {"instances": missing}, expect_errors=True)
+        assert answer.status_int == 400 and "NaN" in answer.json["error"]
+    answer = client.post_json("/models/hgb/predict", {"instances": missing})     # the forest takes them
+    assert answer.json["predictions"] == with_nan.predict(np.array(missing, dtype=float)).tolist()
+    for name in ("plain", "hgb", "scaled"):   # infinity never
+        answer = client.post("/models/%s/predict" % name, b'{"instances": [[Infinity, 3.5, 1.4, 0.2]]}',
+                             content_type="application/json", expect_errors=True)
+        assert answer.status_int == 400 and "infinity" in answer.json["error"], answer.json
+    assert sklearn.get_config()["assume_finite"] is False
+
+
 def test_batching_follows_model_settings_and_skips_non_tabular_models(tmp_path, iris_classifier, forest):
     write_artifact(tmp_path / "off" / "1" / "model.joblib", iris_classifier, "joblib")
     (tmp_path / "off" / "model-settings.json").write_text(json.dumps({"batching": False}))

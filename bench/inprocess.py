@@ -1,0 +1,110 @@
+"""Per-request cost in-process, no network: the minimal Bottle app beside service.py on the same model and body.
+
+Usage: python bench/inprocess.py [--requests N] [--profile N]
+
+Both WSGI apps are called directly, N times each (after a warm-up), for the benchmark's iris
+LogisticRegression and 100-tree forest with 1-row and 64-row bodies, and for a do-nothing model
+(the same fitted iris model with `predict` answering zeros), which leaves only what each app costs
+around the model.  `--profile N` then prints the N functions where service.py's request spends most
+of its own time (cProfile, do-nothing model).  This is the measurement behind the lean request path
+(README, "Benchmark"): it shows where a request's time goes without the load generator and the
+server sharing the machine.
+"""
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE, os.path.join(HERE, "peers")]
+
+import make_models  # noqa: E402
+
+
+def wsgi_call(app, path, body):
+    """One POST through a WSGI app; the answer must be 200."""
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1",
+               "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "127.0.0.1",
+               "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
+               "wsgi.input": io.BytesIO(body), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr}
+    status = []
+    answer = b"".join(app(environ, lambda line, headers, exc_info=None: status.append(line)))
+    if not status[0].startswith("200"):
+        raise SystemExit(f"{path} answered {status[0]}: {answer[:200]!r}")
+    return answer
+
+
+def per_request(app, path, body, count):
+    """Microseconds per request: the best of three runs of `count` calls."""
+    wsgi_call(app, path, body)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(count):
+            wsgi_call(app, path, body)
+        best = min(best, (time.perf_counter() - started) / count)
+    return best * 1e6
+
+
+def do_nothing(estimator):
+    """The fitted model with predict answering zeros: what remains is the app's own cost."""
+    import numpy as np
+
+    estimator.predict = lambda rows: np.zeros(len(rows), dtype=np.int64)
+    return estimator
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000, help="calls per measurement (default 2000)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N most expensive functions of service.py's own request path")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as folder:
+        built = make_models.build(folder)
+        os.environ["MODEL_SERVICE_POLL_INTERVAL"] = "0"
+        os.environ["MODEL_PATH"] = built["artifacts"]["iris"]      # the floor loads it at import
+        import bottle_floor  # noqa: E402  (its model is swapped per case below)
+        import joblib
+
+        import service
+
+        app = service.create_app(store=built["store"])
+        registry = app.config["service.registry"]
+        registry.refresh()                                  # the first scan (a request would do it)
+        print("| model | body | Bottle floor µs/request | service.py µs/request | ratio (floor / service) |")
+        print("|---|---|---:|---:|---:|")
+        cases = [(name, rows) for name in make_models.MODELS for rows in (1, 64)] + [("do-nothing", 1)]
+        for name, rows in cases:
+            model_name = "iris" if name == "do-nothing" else name
+            with open(built["bodies"][model_name, rows], "rb") as handle:
+                body = handle.read()
+            bottle_floor.model = joblib.load(built["artifacts"][model_name])
+            loaded = registry.get(model_name)
+            if name == "do-nothing":
+                do_nothing(bottle_floor.model)
+                do_nothing(loaded.estimator)
+            count = args.requests if name != "rf" else max(20, args.requests // 40)
+            floor = per_request(bottle_floor.app, "/predict", body, count)
+            ours = per_request(app, f"/models/{model_name}/predict", body, count)
+            print(f"| {name} | {rows} row{'s' if rows > 1 else ''} | {floor:,.0f} | {ours:,.0f} | {floor / ours:.2f} |")
+        if args.profile:
+            with open(built["bodies"]["iris", 1], "rb") as handle:
+                body = handle.read()
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(args.requests):
+                wsgi_call(app, "/models/iris/predict", body)
+            profile.disable()
+            print(f"\nservice.py, do-nothing model, {args.requests} requests, by own time (cProfile):\n")
+            pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
+        registry.stop_watching()
+
+
+if __name__ == "__main__":
+    main()

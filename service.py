@@ -265,7 +265,7 @@ class Config:
     access_log: bool = False
     #: stack up to this many concurrent requests of a tabular model into one predict call (1: off)
     max_batch_size: int = 1
-    #: how long a request may wait for others to join its batch
+    #: how long a batch waits for its next request to join (it closes when full or after such a lull)
     max_latency_ms: float = 2.0
 
     @classmethod
@@ -359,7 +359,7 @@ SETTINGS = (
             "yes|no", const="yes"),
     Setting("max_batch_size", _positive_int,
             "stack up to N concurrent requests of a tabular model into one predict call (1: no batching)", "N"),
-    Setting("max_latency_ms", _non_negative_float, "longest a request waits for others to join its batch", "MS"),
+    Setting("max_latency_ms", _non_negative_float, "longest a batch waits for its next request to join", "MS"),
 )
 
 ###############################################################################
@@ -1923,12 +1923,13 @@ class LoadedModel:
 class Batcher:
     """Stacks concurrent calls of one method on one model into one call, and splits the answer back.
 
-    scikit-learn pays a large fixed cost per call (a 100-tree forest: ~3.8 ms for 1 row or for
-    32), and threads predicting at once fight over the GIL; one call for many rows serves them
-    all for the price of one.  No thread of its own: the first request of a batch leads it,
-    waiting at most `max_latency` for others to join, and only while other requests of this model
-    are in flight (alone, it runs at once).  Rows are stacked in order and each request gets its
-    own slice back.  If the stacked call fails, each request is run alone, so a bad one fails
+    scikit-learn pays a large fixed cost per call (a 100-tree forest: 4 to 16 ms for 1 row or
+    for 32), and threads predicting at once fight over the GIL; one call for many rows serves
+    them all for the price of one.  No thread of its own: the first request of a batch leads it
+    and waits for others only while other requests of this model are in flight (alone, it runs
+    at once), until the batch is full or `max_latency` passes with no one joining.  One stacked
+    call per model runs at a time, and the next batch gathers meanwhile: two at once would only
+    take turns on the GIL.  Rows are stacked in order and each request gets its own slice back.  If the stacked call fails, each request is run alone, so a bad one fails
     alone.  Only tabular models get a batcher: their rows are independent (a sequence model's
     are not, and a model's settings can turn batching off).
     """
@@ -1951,8 +1952,10 @@ class Batcher:
             mine.done.wait()                 # until answered, or made the leader of what waits behind
             if not mine.leads:
                 return mine.answer()
-        if self.model.inflight > 1:          # someone may join: give them until the deadline
-            mine.full.wait(self.max_latency)
+        if self.model.inflight > 1:          # someone may join: wait while they keep coming
+            queue, joined = self._waiting[method], 1
+            while not mine.full.wait(self.max_latency) and len(queue) > joined:
+                joined = len(queue)
         with self._turn:                     # while a stacked call runs, the next batch gathers
             with self._lock:
                 queue = self._waiting[method]

@@ -2917,28 +2917,60 @@ def _labels(pairs):
 # JSON that way); forms are never decoded, and multipart bodies are refused.
 
 
+CHUNK_SIZE_LINE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
+
+
 def read_body(environ, limit):
     """The request body as bytes, at most `limit` of them (413 above, decided before reading)."""
     length = environ.get("CONTENT_LENGTH")
+    too_large = f"the request body is over the limit of {limit} bytes (--max-body-bytes)"
     if length:
         try:
             length = int(length)
         except ValueError:
             raise BadRequest("invalid Content-Length") from None
         if length > limit:
-            raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit} bytes")
+            raise PayloadTooLarge(too_large)
         return environ["wsgi.input"].read(length) if length > 0 else b""
     if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return b""
-    stream, chunks, total = environ["wsgi.input"], [], 0
-    while True:
+    stream, chunks = environ["wsgi.input"], []
+    if not environ.get("wsgi.input_terminated"):
+        # waitress and gunicorn decode the chunks and say so; wsgiref hands them over still framed;
+        # some hosts decode them without saying so.  A chunk-size line tells the two last apart.
+        first = stream.readline(1026)
+        if CHUNK_SIZE_LINE.fullmatch(first):
+            return _dechunk(stream, int(first.split(b";", 1)[0], 16), limit, too_large)
+        chunks.append(first)
+    total = sum(map(len, chunks))
+    while total <= limit:                   # a decoded body: read to its end
         chunk = stream.read(min(65536, limit + 1 - total))
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
         total += len(chunk)
+    raise PayloadTooLarge(too_large)
+
+
+def _dechunk(stream, size, limit, too_large):
+    """The rest of a body still in chunked framing, its first chunk `size` bytes long."""
+    chunks, total = [], 0
+    while size:
+        total += size
         if total > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            raise PayloadTooLarge(too_large)
+        chunk = stream.read(size)
+        if len(chunk) != size or stream.readline(3).strip():       # each chunk ends with CRLF
+            raise BadRequest("malformed chunked request body")
+        chunks.append(chunk)
+        line = stream.readline(1026)
+        if not CHUNK_SIZE_LINE.fullmatch(line):
+            raise BadRequest("malformed chunked request body")
+        size = int(line.split(b";", 1)[0], 16)
+    for _ in range(64):                                             # trailer fields, up to the blank line
+        if not stream.readline(8192).strip():
+            break
+    return b"".join(chunks)
 
 
 def check_content_type(environ):
@@ -3095,6 +3127,8 @@ def model_inputs(model, rows, max_rows):
 
     try:
         matrix = np.asarray(rows, dtype=float)
+    except OverflowError:                # an integer literal beyond any float, e.g. 10**400
+        raise BadRequest("a feature value is too large for a float", model=model.name) from None
     except (ValueError, TypeError):
         try:
             matrix = np.asarray(rows, dtype=object)
@@ -3356,6 +3390,8 @@ def v2_request(request, binary, max_rows):
         arrays.append((name, array.reshape(shape)))
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
+    if not isinstance(request.get("id", ""), str):
+        raise BadRequest("\"id\" must be a string")
     wanted, binary_outputs = [], set()
     everything_binary = bool(_v2_parameters(request, "the request").get("binary_data_output"))
     outputs = request.get("outputs") or []
@@ -3500,7 +3536,7 @@ V2_REPOSITORY_STATES = {UNLOADED: "UNAVAILABLE", LOADING: "LOADING", AVAILABLE: 
 # -- MLflow scoring ------------------------------------------------------------------------------
 
 MLFLOW_ERROR_CODES = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "BAD_REQUEST",
-                      415: "BAD_REQUEST", 500: "INTERNAL_ERROR", 503: "INTERNAL_ERROR"}
+                      415: "BAD_REQUEST", 500: "INTERNAL_ERROR", 503: "INTERNAL_ERROR", 504: "INTERNAL_ERROR"}
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 
@@ -3759,19 +3795,27 @@ def _json_plugin(callback):
     def wrapper(*args, **kwargs):
         response = bottle.response
         try:
-            result = callback(*args, **kwargs)
+            body = _utf8(dumps(callback(*args, **kwargs)))
         except ServiceError as error:
-            result = _error_result(response, error)
+            body = _utf8(dumps(_error_result(response, error)))
         except bottle.HTTPResponse:
             raise
         except Exception:
             error_id = os.urandom(6).hex()
             logger.exception("internal error %s on %s %s", error_id, bottle.request.method, bottle.request.path)
-            result = _error_result(response, ServiceError("internal server error", error_id=error_id))
+            body = _utf8(dumps(_error_result(response, ServiceError("internal server error", error_id=error_id))))
         response.content_type = JSON_TYPE
-        return dumps(result)
+        return body
 
     return wrapper
+
+
+def _utf8(text):
+    """The answer's bytes; a lone surrogate (a client's "\\ud800" that reached an answer) is escaped."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
 
 
 def _error_result(response, error):
@@ -3813,6 +3857,9 @@ class ServiceApp(bottle.Bottle):
 
     def wsgi(self, environ, start_response):
         started = time.perf_counter()
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("//"):               # waitress and wsgiref merge them, gunicorn does not
+            environ["PATH_INFO"] = "/" + path.lstrip("/")
         config = self.service_config
         status_line = []
 

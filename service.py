@@ -1608,11 +1608,12 @@ class ModelStore:
         self._warned = set()
         self._warnings = set()
 
-    def _warn(self, message, *args):
+    def _warn(self, message, *args, level=logging.WARNING):
+        """Log a problem with the store once, not at every scan while it lasts."""
         message = message % args
         self._warnings.add(message)
         if message not in self._warned:
-            logger.warning("%s", message)
+            logger.log(level, "%s", message)
 
     def scan(self):
         """Return {name: {version: ArtifactRef}} for everything valid; warn about the rest."""
@@ -1693,9 +1694,10 @@ class ModelStore:
                 self._warn("skipping %s: versions are folders named by a positive integer, "
                            "beside an optional %s", where, SETTINGS_FILE)
                 continue
-            artifacts = []
+            artifacts, pending = [], False
             for item in _entries(entry.path, where, self._warn):
                 if self._skipped(item.name, f"{where}/{item.name}"):
+                    pending = True
                     continue
                 _, extension = os.path.splitext(item.name)
                 ref = self._artifact(folder.name, int(entry.name), item, extension)
@@ -1706,13 +1708,15 @@ class ModelStore:
             elif artifacts:
                 self._warn("skipping %s: it holds %d artifacts, a version holds exactly one",
                            where, len(artifacts))
+            elif pending:
+                self._warn("skipping %s: no artifact in it yet", where, level=logging.INFO)
             else:
                 self._warn("skipping %s: no artifact in it", where)
         return versions
 
     def _skipped(self, basename, where):
         if basename.startswith(".") or basename.endswith(_TEMPORARY_SUFFIXES) or basename.startswith("~"):
-            self._warn("skipping %s: hidden or temporary file", where)
+            self._warn("skipping %s: hidden or temporary file", where, level=logging.INFO)   # how one publishes
             return True
         return False
 
@@ -2477,6 +2481,7 @@ class ModelRegistry:
         for entry in catalogue.values():
             keep |= entry.targets()
             keep.update(id(entry.versions[n]) for n in entry.served)
+        departed = []
         with self._usage:
             for name, entry in old_catalogue.items():
                 current = catalogue.get(name)
@@ -2484,10 +2489,14 @@ class ModelRegistry:
                     removed = current is None or current.versions.get(number) is not slot
                     if removed:
                         slot.gone = True
+                        if current is None or number not in current.versions:
+                            departed.append((name, str(number)))
                     if slot.model is not None and (removed or id(slot) not in keep):
                         logger.info("model %r version %s %s: unloaded", name, number,
                                     "left the store" if removed else "is no longer served")
                         self._retire(slot.model, slot)
+        for name, version in departed:       # its series end, so a store that keeps publishing stays bounded
+            self.metrics.forget(name, version)
 
     def _replace(self, slot, ref):
         """Load a changed artifact beside the model that serves, then swap; a failure keeps the old one.
@@ -2876,6 +2885,13 @@ class Metrics:
             series[slot] += 1
             series[-2] += value
             series[-1] += 1
+
+    def forget(self, model, version):
+        """Drop every series of one model version."""
+        pairs = {("model", model), ("version", version)}
+        with self._lock:
+            for key in [key for key in self._values if pairs <= set(key[1])]:
+                del self._values[key]
 
     def render(self, gauges):
         """The text exposition format: HELP and TYPE, then each series (histograms cumulative, with +Inf)."""

@@ -65,6 +65,28 @@ def test_metrics_count_requests_latency_loads_and_gauges(app):
     assert sample(parsed["model_service_requests_in_flight"]) == 0
 
 
+def test_the_series_of_a_version_that_left_the_store_end_so_metrics_stay_bounded(tmp_path, iris_classifier):
+    """A store that keeps publishing versions must not grow /metrics forever."""
+    import shutil
+
+    for version in (1, 2):
+        write_artifact(tmp_path / "iris" / str(version) / "model.joblib", iris_classifier, "joblib")
+    (tmp_path / "iris" / "model-settings.json").write_text(json.dumps({"version_policy": "all"}))
+    application = service.create_app(store=tmp_path, poll_interval=0, admin_token="admin-token-0123456789")
+    app = webtest.TestApp(application)
+    for version in (1, 2):
+        app.post_json(f"/models/iris/versions/{version}/predict", {"instances": ROW})
+
+    def versions_in_metrics():
+        return {item.labels.get("version") for family in families(app.get("/metrics").text).values()
+                for item in family.samples if item.labels.get("model") == "iris"} - {None}
+    assert versions_in_metrics() == {"1", "2"}
+    shutil.rmtree(tmp_path / "iris" / "1")
+    app.post("/admin/rescan", headers={"Authorization": "Bearer admin-token-0123456789"})
+    assert versions_in_metrics() == {"2"}
+    application.config["service.registry"].stop_watching()
+
+
 def test_every_response_carries_a_request_id_the_access_log_shows(tmp_path, iris_classifier, caplog):
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     application = service.create_app(store=tmp_path, poll_interval=0, access_log=True)

@@ -212,8 +212,7 @@ def _all(*builders):
     return build
 
 
-SKIPPED = [
-    # hidden and temporary files and folders
+QUIET = [     # hidden and temporary files and folders: how artifacts are published, so noted, not warned
     pytest.param(_write(".x.joblib"), {}, [".x.joblib: hidden or temporary"], id="hidden-file"),
     pytest.param(_text(".DS_Store"), {}, [".DS_Store: hidden or temporary"], id="DS_Store"),
     pytest.param(_write(".cache/1/model.joblib"), {}, [".cache: hidden or temporary"], id="hidden-folder"),
@@ -226,8 +225,28 @@ SKIPPED = [
     pytest.param(_all(_write("m/1/model.joblib"), _write("m/1/.model.joblib"), _write("m/1/model.pkl.swp", "pickle")),
                  {"m": [1]}, ["m/1/.model.joblib: hidden", "m/1/model.pkl.swp: hidden"], id="hidden-in-version"),
     pytest.param(_all(_write("m/1/model.joblib"), _write("m/2/model.joblib.part")), {"m": [1]},
-                 ["m/2/model.joblib.part: hidden or temporary", "m/2: no artifact in it"],
+                 ["m/2/model.joblib.part: hidden or temporary", "m/2: no artifact in it yet"],
                  id="only-a-temporary-file-in-a-version"),
+]
+
+
+@pytest.mark.parametrize("build, served, fragments", QUIET)
+def test_hidden_and_temporary_entries_are_skipped_with_a_note_not_a_warning(tmp_path, caplog, iris_classifier,
+                                                                            diabetes_regressor, build, served,
+                                                                            fragments):
+    """Writing under a temporary name and renaming it into place is how a version is published (README)."""
+    caplog.set_level(logging.INFO, logger="service")
+    root = tmp_path / "store"
+    write_artifact(root / "reference.joblib", diabetes_regressor, "joblib")
+    build(root, iris_classifier)
+    assert summary(scan(root)) == {"reference": [1], **served}
+    assert warnings_logged(caplog) == []
+    notes = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO]
+    for fragment in fragments:
+        assert any(fragment in note for note in notes), (fragment, notes)
+
+
+SKIPPED = [
     # unknown extensions
     pytest.param(_write("model.h5"), {}, ["model.h5: unknown extension"], id="h5"),
     pytest.param(_text("README.md"), {}, ["README.md: unknown extension"], id="readme"),

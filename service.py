@@ -1933,9 +1933,10 @@ class Batcher:
     and waits for others only while other requests of this model are in flight (alone, it runs
     at once), until the batch is full or `max_latency` passes with no one joining.  One stacked
     call per model runs at a time, and the next batch gathers meanwhile: two at once would only
-    take turns on the GIL.  Rows are stacked in order and each request gets its own slice back.  If the stacked call fails, each request is run alone, so a bad one fails
-    alone.  Only tabular models get a batcher: their rows are independent (a sequence model's
-    are not, and a model's settings can turn batching off).
+    take turns on the GIL.  Rows are stacked in order and each request gets its own slice back.
+    If the stacked call fails, each request is run alone, so a bad one fails alone.  Only tabular
+    models get a batcher: their rows are independent (a sequence model's are not, and a model's
+    settings can turn batching off).
     """
 
     def __init__(self, model, max_size, max_latency, metrics):
@@ -2939,14 +2940,13 @@ CHUNK_SIZE_LINE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
 def read_body(environ, limit):
     """The request body as bytes, at most `limit` of them (413 above, decided before reading)."""
     length = environ.get("CONTENT_LENGTH")
-    too_large = f"the request body is over the limit of {limit} bytes (--max-body-bytes)"
     if length:
         try:
             length = int(length)
         except ValueError:
             raise BadRequest("invalid Content-Length") from None
         if length > limit:
-            raise PayloadTooLarge(too_large)
+            raise _too_large(limit)
         return environ["wsgi.input"].read(length) if length > 0 else b""
     if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return b""
@@ -2956,7 +2956,7 @@ def read_body(environ, limit):
         # some hosts decode them without saying so.  A chunk-size line tells the two last apart.
         first = stream.readline(1026)
         if CHUNK_SIZE_LINE.fullmatch(first):
-            return _dechunk(stream, int(first.split(b";", 1)[0], 16), limit, too_large)
+            return _dechunk(stream, int(first.split(b";", 1)[0], 16), limit)
         chunks.append(first)
     total = sum(map(len, chunks))
     while total <= limit:                   # a decoded body: read to its end
@@ -2965,16 +2965,20 @@ def read_body(environ, limit):
             return b"".join(chunks)
         chunks.append(chunk)
         total += len(chunk)
-    raise PayloadTooLarge(too_large)
+    raise _too_large(limit)
 
 
-def _dechunk(stream, size, limit, too_large):
+def _too_large(limit):
+    return PayloadTooLarge(f"the request body is over the limit of {limit} bytes (--max-body-bytes)")
+
+
+def _dechunk(stream, size, limit):
     """The rest of a body still in chunked framing, its first chunk `size` bytes long."""
     chunks, total = [], 0
     while size:
         total += size
         if total > limit:
-            raise PayloadTooLarge(too_large)
+            raise _too_large(limit)
         chunk = stream.read(size)
         if len(chunk) != size or stream.readline(3).strip():       # each chunk ends with CRLF
             raise BadRequest("malformed chunked request body")

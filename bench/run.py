@@ -941,7 +941,7 @@ def parse_args(argv=None):
     p.add_argument("--only", metavar="KEYS",
                    help="comma-separated server keys or groups to run (bottle, flask, service, bottle-t1, "
                         "service-t8, ...); default all")
-    p.add_argument("--batching-args", default="--max-batch-size 32 --max-latency-ms 2 --threads 32",
+    p.add_argument("--batching-args", default="--max-batch-size 32 --max-latency-ms 5 --threads 32",
                    metavar="ARGS", help="flags of the batching run, when service.py has batching flags "
                                         "(default: %(default)r)")
     p.add_argument("--python-load", action="store_true",

@@ -758,6 +758,30 @@ def test_slowloris_connections_starve_no_client_and_the_server_stays_up(tmp_path
     assert running.returncode == 0, running.output
 
 
+def test_a_client_that_stops_sending_is_cut_off_after_the_channel_timeout(tmp_path, iris_classifier):
+    """README's promise: a connection that sends nothing more for 30 s (waitress's channel_timeout, checked
+    every 10 s) is closed, whether it stopped in the request line or in the body; about 40 s of waiting."""
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    port = free_port()
+    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(tmp_path), "--port", str(port)]
+    with running(command, port), contextlib.ExitStack() as sockets:
+        stalled = []
+        for opening in (b"POST /models/iris/pre", b"POST /models/iris/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"):
+            client = sockets.enter_context(socket.create_connection(("127.0.0.1", port), timeout=60))
+            client.sendall(opening)
+            stalled.append(client)
+        began = time.monotonic()
+        for client in stalled:
+            try:
+                assert client.recv(1024) == b"", "closed without an answer"
+            except ConnectionResetError:
+                pass
+        waited = time.monotonic() - began
+    assert 29 <= waited <= 45, f"closed after {waited:.1f} s"
+    assert running.returncode == 0, running.output
+
+
 # -- 7. kill -9 of a gunicorn worker under load -------------------------------------------------------------------
 
 def child_pids(pid):

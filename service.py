@@ -76,11 +76,13 @@ import logging
 import math
 import os
 import pickle
+import queue
 import re
 import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 import weakref
 
@@ -227,15 +229,20 @@ def _attribute(estimator, attr):
 
 
 class ServiceError(Exception):
-    """An error with an HTTP status, a stable code and a message safe to show."""
+    """A refusal a client sees: an HTTP status, a stable code, a message safe to show, and fields.
+
+    Every refusal is one of these, raised wherever it is found; the HTTP application's
+    one responder turns it into the protocol's JSON with its status and headers.  The
+    base class is the service's own fault (500).
+    """
 
     status = 500
     code = "internal_error"
-    headers = {}
 
-    def __init__(self, message, **fields):
+    def __init__(self, message, headers=None, **fields):
         super().__init__(message)
         self.message = message
+        self.headers = dict(headers or {})
         self.fields = fields
 
     def to_dict(self):
@@ -247,8 +254,12 @@ class BadRequest(ServiceError):
 
 
 class Unauthorized(ServiceError):
+    """401, with the challenge (WWW-Authenticate) of the realm whose token was missing."""
+
     status, code = 401, "unauthorized"
-    headers = {"WWW-Authenticate": 'Bearer realm="model-service admin"'}
+
+    def __init__(self, message, realm, **fields):
+        super().__init__(message, {"WWW-Authenticate": f'Bearer realm="{realm}"'}, **fields)
 
 
 class Forbidden(ServiceError):
@@ -259,8 +270,16 @@ class NotFound(ServiceError):
     status, code = 404, "not_found"
 
 
+class MethodNotAllowed(ServiceError):
+    status, code = 405, "method_not_allowed"
+
+
 class PayloadTooLarge(ServiceError):
     status, code = 413, "payload_too_large"
+
+
+class URITooLong(ServiceError):
+    status, code = 414, "uri_too_long"
 
 
 class UnsupportedMediaType(ServiceError):
@@ -272,19 +291,40 @@ class NotImplementedHere(ServiceError):
 
 
 class ModelUnavailable(ServiceError):
-    """503: the model exists but cannot serve now (failed or refused load)."""
+    """503: the model (or the service) cannot answer now; Retry-After when it is worth trying again."""
 
     status, code = 503, "model_unavailable"
 
     def __init__(self, message, retry_after=None, **fields):
-        super().__init__(message, **fields)
+        super().__init__(message, {"Retry-After": str(retry_after)} if retry_after else None, **fields)
         self.retry_after = retry_after
+
+
+class Misconfigured(ServiceError):
+    """503 for every request of an app whose MODEL_SERVICE_* settings are invalid (`import service` still works)."""
+
+    status, code = 503, "misconfigured"
 
 
 class PredictionTimeout(ServiceError):
     """504: the prediction took longer than --max-predict-seconds."""
 
     status, code = 504, "prediction_timeout"
+
+
+@functools.lru_cache(maxsize=None)
+def error_for_status(status):
+    """The ServiceError class of an HTTP status (the generic one for a status no class claims)."""
+    for kind in _error_classes(ServiceError):
+        if kind.status == status:
+            return kind
+    return type("HTTPStatusError", (ServiceError,), {"status": status, "code": "http_error"})
+
+
+def _error_classes(kind):
+    yield kind
+    for subclass in kind.__subclasses__():
+        yield from _error_classes(subclass)
 
 
 class ArtifactError(Exception):
@@ -426,98 +466,16 @@ def _module_list(text):
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything the service can be told; built by `Config.load` or `create_app`."""
-
-    #: folder holding the models (flat files and/or <name>/<version>/ folders)
-    store: str = "model_store"
-    #: address to bind; 127.0.0.1 keeps the service private to this machine
-    host: str = "127.0.0.1"
-    #: TCP port to listen on (0 picks a free one)
-    port: int = 8080
-    #: WSGI server adapter; waitress unless told otherwise
-    server: str = "waitress"
-    #: worker threads of the server (waitress; per process under --workers)
-    threads: int = 4
-    #: server processes; above 1, gunicorn runs them (each loads its own models)
-    workers: int = 1
-    #: model behind GET /predict/<sen> and POST /predict; default: the only model in the store
-    default_model: str = None
-    #: largest request body accepted, in bytes (413 above it)
-    max_body_bytes: int = 10 * 1024 * 1024
-    #: most rows (instances) accepted in one request (400 above it)
-    max_rows: int = 100_000
-    #: deepest JSON nesting accepted in a request (400 above it)
-    max_depth: int = 64
-    #: longest request target (path and query) accepted, in bytes (414 above it)
-    max_url_bytes: int = 8192
-    #: most predictions answered at once; beyond, 503 with Retry-After at once (0: no bound)
-    max_inflight: int = 0
-    #: seconds a prediction may take; past it the request gets 504 while the computation finishes in the
-    #: background, still counted by max_inflight (0: no bound)
-    max_predict_seconds: float = 0.0
-    #: bearer tokens a prediction or model request must carry (kept out of repr and logs); none: open
-    auth_tokens: tuple = dataclasses.field(default=(), repr=False)
-    #: seconds before a failed model load is tried again
-    load_retry_seconds: float = 10.0
-    #: seconds between looks at the store for new, changed and removed artifacts (0: never)
-    poll_interval: float = 2.0
-    #: models loaded at start and kept loaded (ALL_MODELS, or names); readiness waits for them
-    preload: tuple = ()
-    #: most model versions held in memory (0: no bound); the least recently used idle one is evicted
-    max_loaded: int = 0
-    #: seconds after which a version nobody used is unloaded (0: never)
-    idle_unload: float = 0.0
-    #: load every pickle and joblib artifact through the restricted unpickler (models may also ask for it)
-    safe_pickle: bool = False
-    #: modules (and their submodules) whose classes and functions the restricted unpickler also admits
-    trust: tuple = ()
-    #: refuse an artifact written by another scikit-learn version (else it loads, flagged in its status)
-    strict_versions: bool = False
-    #: bearer token that turns the admin routes on (kept out of repr and logs)
-    admin_token: str = dataclasses.field(default=None, repr=False)
-    #: browser origins allowed to call the API from their pages (CORS); ("*",) for any
-    cors_origins: tuple = ()
-    #: Host header names accepted (any when empty): a defence against DNS rebinding
-    allowed_hosts: tuple = ()
-    #: seconds to let requests in flight finish after SIGTERM/SIGINT
-    shutdown_timeout: float = 10.0
-    #: logging level of the command line (embedded, the host's logging applies)
-    log_level: str = "INFO"
-    #: log one line per request (logger "service.access"), with its X-Request-ID; off by default, as it
-    #: costs about a tenth of a small model's request
-    access_log: bool = False
-    #: stack up to this many concurrent requests of a tabular model into one predict call (1: off)
-    max_batch_size: int = 1
-    #: how long a batch waits for its next request to join (it closes when full or after such a lull)
-    max_latency_ms: float = 2.0
-
-    @classmethod
-    def load(cls, flags=None, environ=None):
-        """Merge flags (a mapping; None values are unset) over the environment over defaults."""
-        environ = os.environ if environ is None else environ
-        flags = flags or {}
-        values = {}
-        for setting in SETTINGS:
-            raw, source = flags.get(setting.field), setting.flag
-            if raw is None or raw == "":
-                raw, source = environ.get(setting.env), setting.env
-            if raw is None or raw == "":
-                continue
-            try:
-                values[setting.field] = setting.convert(raw)
-            except ValueError as error:
-                raise ValueError(f"{source}: {error}") from None
-        return cls(**values)
-
-
-@dataclasses.dataclass(frozen=True)
 class Setting:
+    """One row of SETTINGS: everything about one setting, its flag and variable derived from its field."""
+
     field: str
-    convert: object
+    convert: object        # text (a flag's or a variable's) to the value; ValueError says what is wrong
+    default: object
     help: str
     metavar: str = None
     const: str = None      # the value of the bare flag (`--preload` alone means "all")
+    secret: bool = False   # kept out of repr, and so out of logs
 
     @property
     def flag(self):
@@ -529,62 +487,95 @@ class Setting:
 
 
 SETTINGS = (
-    Setting("store", str, "folder holding the models", "DIR"),
-    Setting("host", str, "address to bind (0.0.0.0 exposes the service to the network)", "HOST"),
-    Setting("port", _port, "TCP port (0 picks a free one)", "PORT"),
-    Setting("server", _server_name, "WSGI server: waitress, wsgiref, gunicorn, ...", "NAME"),
-    Setting("threads", _positive_int, "worker threads (waitress; per process under --workers)", "N"),
-    Setting("workers", _positive_int, "server processes; above 1 they run under gunicorn (pip install gunicorn)",
+    Setting("store", str, "model_store", "folder holding the models", "DIR"),
+    Setting("host", str, "127.0.0.1", "address to bind (0.0.0.0 exposes the service to the network)", "HOST"),
+    Setting("port", _port, 8080, "TCP port (0 picks a free one)", "PORT"),
+    Setting("server", _server_name, "waitress", "WSGI server: waitress, wsgiref, gunicorn, ...", "NAME"),
+    Setting("threads", _positive_int, 4, "worker threads (waitress; per process under --workers)", "N"),
+    Setting("workers", _positive_int, 1,
+            "server processes; above 1 they run under gunicorn (pip install gunicorn), each loading its own models",
             "N"),
-    Setting("default_model", _model_name_setting,
-            "model behind GET /predict/<sen> and POST /predict (default: the only model)", "NAME"),
-    Setting("max_body_bytes", _positive_int, "largest request body in bytes (413 above)", "N"),
-    Setting("max_rows", _positive_int, "most rows in one request (400 above)", "N"),
-    Setting("max_depth", _positive_int, "deepest JSON nesting in a request (400 above)", "N"),
-    Setting("max_url_bytes", _positive_int, "longest request path and query in bytes (414 above)", "N"),
-    Setting("max_inflight", _non_negative_int,
+    Setting("default_model", _model_name_setting, None,
+            "model behind GET /predict/<sen>, POST /predict and POST /invocations (default: the only model)", "NAME"),
+    Setting("max_body_bytes", _positive_int, 10 * 1024 * 1024, "largest request body in bytes (413 above)", "N"),
+    Setting("max_rows", _positive_int, 100_000, "most rows in one request (400 above)", "N"),
+    Setting("max_depth", _positive_int, 64, "deepest JSON nesting in a request (400 above)", "N"),
+    Setting("max_url_bytes", _positive_int, 8192, "longest request path and query in bytes (414 above)", "N"),
+    Setting("max_inflight", _non_negative_int, 0,
             "most predictions at once; beyond it 503 with Retry-After at once (0: no bound)", "N"),
-    Setting("max_predict_seconds", _non_negative_float,
-            "longest a prediction may take: past it 504, while the computation finishes in the background "
-            "(0: no bound)", "SECONDS"),
-    Setting("auth_tokens", _token_list,
+    Setting("max_predict_seconds", _non_negative_float, 0.0,
+            "longest a prediction may take: past it 504, while the computation finishes in the background, "
+            "still counted by --max-inflight (0: no bound)", "SECONDS"),
+    Setting("auth_tokens", _token_list, (),
             "bearer tokens required for predictions and model information (health stays open): TOKEN,TOKEN or "
-            "@FILE with one per line (prefer the environment variable or a file: flags show in ps)", "TOKENS"),
-    Setting("load_retry_seconds", _non_negative_float,
+            "@FILE with one per line (prefer the environment variable or a file: flags show in ps)", "TOKENS",
+            secret=True),
+    Setting("load_retry_seconds", _non_negative_float, 10.0,
             "seconds before a failed model load is tried again", "SECONDS"),
-    Setting("poll_interval", _non_negative_float,
+    Setting("poll_interval", _non_negative_float, 2.0,
             "seconds between looks at the store for new, changed and removed models (0: never)", "SECONDS"),
-    Setting("preload", _preload_setting,
-            "load these models at start and keep them loaded: 'all' (the bare flag) or NAME,NAME",
-            "all|NAMES", const="all"),
-    Setting("max_loaded", _non_negative_int,
+    Setting("preload", _preload_setting, (),
+            "load these models at start and keep them loaded; readiness waits for them: 'all' (the bare flag) or "
+            "NAME,NAME", "all|NAMES", const="all"),
+    Setting("max_loaded", _non_negative_int, 0,
             "most model versions in memory; evicts the least recently used idle one (0: no bound)", "N"),
-    Setting("idle_unload", _non_negative_float, "unload versions unused this long (0: never)", "SECONDS"),
-    Setting("safe_pickle", _boolean,
+    Setting("idle_unload", _non_negative_float, 0.0, "unload versions unused this long (0: never)", "SECONDS"),
+    Setting("safe_pickle", _boolean, False,
             "load .pkl/.pickle/.joblib artifacts through a restricted unpickler that admits only "
-            "scikit-learn, numpy and scipy types (and --trust modules)", "yes|no", const="yes"),
-    Setting("trust", _module_list,
+            "scikit-learn, numpy and scipy types (and --trust modules); models may also ask for it", "yes|no",
+            const="yes"),
+    Setting("trust", _module_list, (),
             "modules (and their submodules) the restricted unpickler also admits, for your own classes: "
             "MODULE,MODULE", "MODULES"),
-    Setting("strict_versions", _boolean,
-            "refuse artifacts written by another scikit-learn version", "yes|no", const="yes"),
-    Setting("admin_token", str,
-            "bearer token that enables POST /models/<name>/reload and /admin/rescan "
-            "(prefer the environment variable: flags show in ps)", "TOKEN"),
-    Setting("cors_origins", _origin_list,
+    Setting("strict_versions", _boolean, False,
+            "refuse artifacts written by another scikit-learn version (else they load, flagged in their status)",
+            "yes|no", const="yes"),
+    Setting("admin_token", str, None,
+            "bearer token that enables POST /models/<name>/reload, /admin/rescan and the V2 repository's "
+            "load/unload (prefer the environment variable: flags show in ps)", "TOKEN", secret=True),
+    Setting("cors_origins", _origin_list, (),
             "browser origins whose pages may call the API (CORS): '*' or https://app.example,http://localhost:3000",
             "ORIGINS"),
-    Setting("allowed_hosts", _host_list,
+    Setting("allowed_hosts", _host_list, (),
             "Host header names to accept, refusing others (DNS rebinding defence): localhost,127.0.0.1", "HOSTS"),
-    Setting("shutdown_timeout", _non_negative_float,
+    Setting("shutdown_timeout", _non_negative_float, 10.0,
             "seconds requests in flight get to finish after SIGTERM/SIGINT", "SECONDS"),
-    Setting("log_level", _log_level, "logging level: " + ", ".join(LOG_LEVELS), "LEVEL"),
-    Setting("access_log", _boolean, "log one line per request, with its X-Request-ID (the bare flag: yes)",
-            "yes|no", const="yes"),
-    Setting("max_batch_size", _positive_int,
+    Setting("log_level", _log_level, "INFO",
+            "logging level of the command line (embedded, the host's logging applies): " + ", ".join(LOG_LEVELS),
+            "LEVEL"),
+    Setting("access_log", _boolean, False,
+            "log one line per request, with its X-Request-ID (the bare flag: yes); off by default, as it costs "
+            "about a tenth of a small model's request", "yes|no", const="yes"),
+    Setting("max_batch_size", _positive_int, 1,
             "stack up to N concurrent requests of a tabular model into one predict call (1: no batching)", "N"),
-    Setting("max_latency_ms", _non_negative_float, "longest a batch waits for its next request to join", "MS"),
+    Setting("max_latency_ms", _non_negative_float, 2.0,
+            "longest a batch waits for its next request to join (it closes when full or after such a lull)", "MS"),
 )
+
+
+def _load_config(cls, flags=None, environ=None):
+    """Merge flags (a mapping; None values are unset) over the environment over defaults."""
+    environ = os.environ if environ is None else environ
+    flags = flags or {}
+    values = {}
+    for setting in SETTINGS:
+        raw, source = flags.get(setting.field), setting.flag
+        if raw is None or raw == "":
+            raw, source = environ.get(setting.env), setting.env
+        if raw is None or raw == "":
+            continue
+        try:
+            values[setting.field] = setting.convert(raw)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+    return cls(**values)
+
+
+# Everything the service can be told: a frozen dataclass with one field per row of SETTINGS.
+Config = dataclasses.make_dataclass(
+    "Config", [(s.field, type(s.default), dataclasses.field(default=s.default, repr=not s.secret)) for s in SETTINGS],
+    frozen=True, namespace={"load": classmethod(_load_config), "__module__": __name__,
+                            "__doc__": "Everything the service can be told; built by `Config.load` or `create_app`."})
 
 
 ###############################################################################
@@ -1373,10 +1364,10 @@ class LoadedModel:
         self.batcher = None             # a Batcher when concurrent requests are stacked (tabular models only)
         self.checked_call = _finite_checked_call(estimator) if self.n_features is not None else None
 
-    def run(self, method, inputs):
-        """Call one method, through the batcher when the model has one."""
+    def predict(self, method, inputs):
+        """Answer one method for a request: through the batcher when the model has one, else `call`."""
         if self.batcher is not None:
-            return self.batcher.run(method, inputs)
+            return self.batcher.join(method, inputs)
         return self.call(method, inputs)
 
     def call(self, method, inputs):
@@ -1416,7 +1407,8 @@ class Batcher:
         self._waiting = {}                  # method -> list of _Pending, the first one leading
         self._turn = threading.Lock()       # held by the batch being computed: one at a time per model
 
-    def run(self, method, inputs):
+    def join(self, method, inputs):
+        """This request's slice of the stacked call it joins (or leads)."""
         mine = _Pending(inputs)
         with self._lock:
             queue = self._waiting.setdefault(method, [])
@@ -2136,7 +2128,7 @@ class ModelRegistry:
     def acquire(self, name, version=None, label=None):
         """The model that answers a request, loaded if need be; pair with release()."""
         for _ in range(3):
-            slot = self.version(name, version, label)   # again after a miss: a rescan may have replaced it
+            slot = self.slot(name, version, label)   # again after a miss: a rescan may have replaced it
             with self._usage:
                 model = slot.model
                 if model is not None:
@@ -2160,7 +2152,7 @@ class ModelRegistry:
 
     def get(self, name, version=None, label=None):
         """The loaded model, loading it on first use (one load however many callers wait)."""
-        slot = self.version(name, version, label)
+        slot = self.slot(name, version, label)
         model = slot.model
         return model if model is not None else self._load(slot)
 
@@ -2230,7 +2222,7 @@ class ModelRegistry:
         raise NotFound(f"no default model: the store holds {len(catalogue)} models "
                        f"({', '.join(sorted(catalogue)) or 'none'}); start the service with --default-model NAME")
 
-    def model(self, name):
+    def entry(self, name):
         """The ServedModel called `name`; 400 for an invalid name, 404 if there is none."""
         entry = self._catalogue.get(name)
         if entry is None:
@@ -2240,9 +2232,9 @@ class ModelRegistry:
             raise NotFound(f"model {name!r} not found", model=name, models=self.names())
         return entry
 
-    def version(self, name, version=None, label=None):
+    def slot(self, name, version=None, label=None):
         """The ModelVersion that answers for a name and a version string or label; 4xx/503 if none."""
-        entry = self.model(name)
+        entry = self.entry(name)
         if entry.settings is None:
             raise ModelUnavailable(f"model {name!r} is not served: {entry.settings_error}", model=name)
         served = [str(n) for n in entry.served]
@@ -2306,7 +2298,7 @@ class ModelRegistry:
         return "; ".join(reasons) or None
 
     def describe(self, name):
-        return self.model(name).describe(self.clock)
+        return self.entry(name).describe(self.clock)
 
     def describe_all(self):
         catalogue = self._catalogue
@@ -2331,7 +2323,7 @@ class ModelRegistry:
     # -- administration -------------------------------------------------------------
     def unload(self, name):
         """Take every loaded version of `name` out of memory (requests in flight finish); loaded again on use."""
-        entry = self.model(name)
+        entry = self.entry(name)
         with self._usage:
             for slot in entry.versions.values():
                 if slot.model is not None:
@@ -2353,7 +2345,7 @@ class ModelRegistry:
         use, and a failed one is tried again then, without waiting for its pause.
         """
         self.rescan()
-        entry = self.model(name)
+        entry = self.entry(name)
         results = {}
         for number in entry.served:
             slot = entry.versions[number]
@@ -2452,6 +2444,15 @@ def check_content_type(environ):
         raise UnsupportedMediaType("compressed request bodies are not accepted")
 
 
+def json_body(environ, config, required=True):
+    """The request's JSON body within --max-body-bytes and --max-depth; {} for an empty optional one."""
+    check_content_type(environ)
+    body = read_body(environ, config.max_body_bytes)
+    if not required and not body.strip():
+        return {}
+    return parse_json(body, config.max_depth)
+
+
 def parse_json(data, max_depth, what="request body"):
     """Parse JSON text (bytes or str) with a nesting bound; every failure is a 400."""
     raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
@@ -2474,60 +2475,51 @@ def parse_json(data, max_depth, what="request body"):
 
 
 JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-NOT_A_BRACKET = bytes(code for code in range(256) if code not in b"[]{}")
+PYTHON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+JSON_PAIRS, PYTHON_PAIRS = (b"[]", b"{}"), (b"[]", b"{}", b"()")
 
 
-def _nested_deeper_than(limit, text):
-    """Whether valid JSON text nests its arrays and objects more than `limit` deep.
+def _nested_deeper_than(limit, text, strings=JSON_STRING, pairs=JSON_PAIRS):
+    """Whether text nests its brackets (JSON's, or a Python literal's with `PYTHON_*`) more than `limit` deep.
 
-    Read from the text, which costs a few microseconds where walking the parsed value costs one
-    check per number (100 µs for 64 rows): strings are dropped, then all but the brackets, and
+    Read from the text, before or instead of walking a parsed value: walking costs one check
+    per number (100 µs for 64 rows), and a Python literal must be measured before
+    `ast.literal_eval` recurses into it.  Strings are dropped, then all but the brackets, and
     each round removes the innermost pairs (marked first, so a pair they uncover waits for the
-    next round): the rounds needed are the depth.
+    next round): the rounds needed are the depth.  Brackets that never pair up count as deep.
     """
-    if text.count(b"[") + text.count(b"{") <= limit:
+    opening = bytes(pair[0] for pair in pairs)
+    if sum(text.count(bytes([o])) for o in opening) <= limit:
         return False
-    brackets = (JSON_STRING.sub(b"", text) if b'"' in text else text).translate(None, NOT_A_BRACKET)
+    keep = b"".join(pairs)
+    brackets = strings.sub(b"", text).translate(None, bytes(c for c in range(256) if c not in keep))
     for _ in range(limit):
-        brackets = brackets.replace(b"[]", b"\0").replace(b"{}", b"\0").replace(b"\0", b"")
+        for pair in pairs:
+            brackets = brackets.replace(pair, b"\0")
+        brackets = brackets.replace(b"\0", b"")
         if not brackets:
             return False
     return True
-
-
-def check_depth(value, max_depth, what):
-    """400 if the containers of a parsed value nest deeper than max_depth (walked level by level)."""
-    level = [value]
-    for _ in range(max_depth):
-        level = [child for item in level if isinstance(item, (list, dict, tuple))
-                 for child in (item.values() if isinstance(item, dict) else item)]
-        if not level:
-            return
-    if any(isinstance(item, (list, dict, tuple)) for item in level):
-        raise BadRequest(f"{what} is nested deeper than {max_depth} levels")
 
 
 def parse_literal(text, max_depth, max_length=100_000):
     """A JSON value or Python literal from a URL (the seed's GET /predict/<sen>), parsed safely."""
     if len(text) > max_length:
         raise BadRequest(f"input is longer than {max_length} characters")
+    raw = text.encode("utf-8", "surrogatepass")
     try:
         value = json.loads(text)
+        strings, pairs = JSON_STRING, JSON_PAIRS
     except (ValueError, RecursionError):
-        depth = deepest = 0
-        for char in text:
-            if char in "[({":
-                depth += 1
-                deepest = max(deepest, depth)
-            elif char in "])}":
-                depth -= 1
-        if deepest > max_depth:
+        if _nested_deeper_than(max_depth, raw, PYTHON_STRING, PYTHON_PAIRS):
             raise BadRequest(f"input is nested deeper than {max_depth} levels") from None
         try:
             value = _tuples_to_lists(ast.literal_eval(text))
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise BadRequest("input is neither JSON nor a Python literal") from None
-    check_depth(value, max_depth, "input")
+        strings, pairs = PYTHON_STRING, PYTHON_PAIRS
+    if _nested_deeper_than(max_depth, raw, strings, pairs):
+        raise BadRequest(f"input is nested deeper than {max_depth} levels")
     return value
 
 
@@ -2556,17 +2548,22 @@ def choose_method(model, requested, unknown=NotFound):
     return method
 
 
+def _instances_or_inputs(payload):
+    """(rows, columnar?) from a body holding exactly one of "instances" (rows) or "inputs" (TF's wording)."""
+    has_instances, has_inputs = "instances" in payload, "inputs" in payload
+    if has_instances and has_inputs:
+        raise BadRequest("expecting only one of 'inputs' or 'instances' keys")
+    if not has_instances and not has_inputs:
+        raise BadRequest("Missing 'inputs' or 'instances' key")
+    return (payload["inputs"], True) if has_inputs else (payload["instances"], False)
+
+
 def decode_payload(payload, query_method):
     """Split a predict body into (instances or columns, method) per the native API."""
     if isinstance(payload, list):
         rows, method = payload, None
     elif isinstance(payload, dict):
-        has_instances, has_inputs = "instances" in payload, "inputs" in payload
-        if has_instances and has_inputs:
-            raise BadRequest("expecting only one of 'inputs' or 'instances' keys")
-        if not has_instances and not has_inputs:
-            raise BadRequest("Missing 'inputs' or 'instances' key")
-        rows = payload["instances"] if has_instances else payload["inputs"]
+        rows, _ = _instances_or_inputs(payload)
         method = payload.get("method")
         if method is not None and not isinstance(method, str):
             raise BadRequest("'method' must be a string")
@@ -2680,13 +2677,8 @@ def tf_predict_request(payload):
     """(rows, columnar?, method) from a TF/KServe V1 predict body; TF's own error wording."""
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object")
-    has_instances, has_inputs = "instances" in payload, "inputs" in payload
-    if has_instances and has_inputs:
-        raise BadRequest("expecting only one of 'inputs' or 'instances' keys")
-    if not has_instances and not has_inputs:
-        raise BadRequest("Missing 'inputs' or 'instances' key")
-    return (payload["inputs"] if has_inputs else payload["instances"]), has_inputs, \
-        tf_method(payload.get("signature_name"))
+    rows, columnar = _instances_or_inputs(payload)
+    return rows, columnar, tf_method(payload.get("signature_name"))
 
 
 def tf_examples(payload):
@@ -2820,7 +2812,7 @@ def v2_request(request, binary, max_rows):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
     if not isinstance(request.get("id", ""), str):
         raise BadRequest("\"id\" must be a string")
-    wanted, binary_outputs = [], set()
+    wanted, binary_outputs = {}, set()      # an output named twice is computed and answered once
     everything_binary = bool(_v2_parameters(request, "the request").get("binary_data_output"))
     outputs = request.get("outputs") or []
     if not isinstance(outputs, list):
@@ -2828,14 +2820,14 @@ def v2_request(request, binary, max_rows):
     for number, output in enumerate(outputs):
         if not isinstance(output, dict) or not isinstance(output.get("name"), str):
             raise BadRequest(f"outputs[{number}] needs a \"name\" (a prediction method)")
-        wanted.append(output["name"])
+        wanted[output["name"]] = True
         if _v2_parameters(output, f"outputs[{number}]").get("binary_data", everything_binary):
             binary_outputs.add(output["name"])
     if not wanted:
-        wanted = ["predict"]
+        wanted = {"predict": True}
         if everything_binary:
             binary_outputs.add("predict")
-    return arrays, wanted, binary_outputs
+    return arrays, list(wanted), binary_outputs
 
 
 def _v2_parameters(holder, where):
@@ -3034,48 +3026,269 @@ def _csv_column(cells):
         return cells
 
 
+# -- Codecs: one per protocol ---------------------------------------------------------------------
+
+
+class Codec:
+    """One protocol's side of a prediction: what a request asks for, how answers and refusals look.
+
+    The HTTP application's predict core calls `read` (what can be checked before the model is
+    known: the body, the URL), then `inputs` (what needs the model: its methods, its
+    features), then `encode`; resolving the model, admission, batching, the time limit and
+    the metrics are done there once for every protocol.  `asked` is whatever `read` returned.
+    """
+
+    def read(self, request, config, **route):
+        raise NotImplementedError
+
+    def inputs(self, model, asked, config):
+        """(methods to call, estimator inputs)."""
+        raise NotImplementedError
+
+    def encode(self, model, asked, results):
+        """The answer for {method: outputs}: a JSON value, or a bottle.HTTPResponse for other bodies."""
+        raise NotImplementedError
+
+    def error(self, error):
+        """The JSON body of a refusal in this protocol."""
+        return error.to_dict()
+
+
+class NativeCodec(Codec):
+    """The native API: {"instances" | "inputs": rows, "method": name}, or ?instances=<JSON> on a GET."""
+
+    def read(self, request, config):
+        environ = request.environ
+        if environ["REQUEST_METHOD"] != "GET":
+            return json_body(environ, config), _query_method(request)
+        text = request.query.get("instances")
+        if text is None:
+            raise BadRequest("GET predict needs ?instances=<JSON list of instances>")
+        return {"instances": parse_json(text, config.max_depth, "?instances")}, _query_method(request)
+
+    def inputs(self, model, asked, config):
+        rows, method = decode_payload(*asked)
+        return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
+
+    def encode(self, model, asked, results):
+        (method, outputs), = results.items()
+        return encode_prediction(model, method, outputs)
+
+
+def _query_method(request):
+    """?method=NAME, read only when there is a query string (parsing one costs a few microseconds)."""
+    return request.query.get("method") if request.environ.get("QUERY_STRING") else None
+
+
+class SeedCodec(NativeCodec):
+    """The seed course's routes on the default model: GET /predict/<sentence> and POST /predict."""
+
+    def read(self, request, config, sentence=None):
+        if sentence is None:
+            return super().read(request, config)
+        return {"instances": parse_literal(sentence, config.max_depth)}, _query_method(request)
+
+
+class TFCodec(Codec):
+    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples)."""
+
+    def read(self, request, config, verb):
+        if verb == "explain":
+            raise NotImplementedHere("explanations are not implemented")
+        payload = json_body(request.environ, config)
+        if verb == "predict":
+            return (verb,) + tf_predict_request(payload)
+        return verb, tf_examples(payload), False, "predict_proba" if verb == "classify" else "predict"
+
+    def inputs(self, model, asked, config):
+        verb, rows, _, method = asked
+        method = choose_method(model, method, unknown=BadRequest)
+        if verb == "classify" and model.classes is None:
+            raise BadRequest(f"model {model.name!r} does not name its classes, so it cannot classify",
+                             model=model.name)
+        if verb == "regress" and model.classes is not None:
+            raise BadRequest(f"model {model.name!r} is a classifier: use :classify or :predict, not :regress",
+                             model=model.name)
+        return [method], model_inputs(model, rows, config.max_rows)
+
+    def encode(self, model, asked, results):
+        verb, _, columnar, method = asked
+        outputs = to_jsonable(results[method])
+        if verb == "predict":
+            return {"outputs" if columnar else "predictions": outputs}
+        if verb == "regress":
+            return {"results": outputs}
+        return {"results": [[[str(label), score] for label, score in zip(model.classes, row)] for row in outputs]}
+
+
+class V2Codec(Codec):
+    """The Open Inference Protocol: JSON tensors, or binary ones after Inference-Header-Content-Length."""
+
+    def read(self, request, config):
+        environ = request.environ
+        check_content_type(environ)
+        header, binary = v2_split_body(environ, read_body(environ, config.max_body_bytes))
+        payload = parse_json(header, config.max_depth)
+        return v2_request(payload, binary, config.max_rows) + (payload,)
+
+    def inputs(self, model, asked, config):
+        arrays, wanted, _, _ = asked
+        return ([choose_method(model, method, unknown=BadRequest) for method in wanted],
+                v2_inputs(model, arrays, config.max_rows))
+
+    def encode(self, model, asked, results):
+        _, _, binary_outputs, payload = asked
+        outputs, tail = v2_outputs(model, results, binary_outputs)
+        answer = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
+        if "id" in payload:
+            answer["id"] = payload["id"]
+        if not tail:
+            return answer
+        text = dumps(answer).encode("utf-8")
+        return bottle.HTTPResponse(text + tail, headers={"Content-Type": "application/octet-stream",
+                                                         "Inference-Header-Content-Length": str(len(text))})
+
+
+class MLflowCodec(Codec):
+    """MLflow's scoring server: POST /invocations (JSON or CSV) on the default model; its error fields."""
+
+    def read(self, request, config):
+        return mlflow_rows(request.environ, read_body(request.environ, config.max_body_bytes), config.max_depth)
+
+    def inputs(self, model, rows, config):
+        return ["predict"], mlflow_inputs(model, rows, config.max_rows)
+
+    def encode(self, model, rows, results):
+        return {"predictions": to_jsonable(results["predict"])}
+
+    def error(self, error):
+        return {**error.to_dict(), "error_code": MLFLOW_ERROR_CODES.get(error.status, "BAD_REQUEST"),
+                "message": error.message}
+
+
+CODECS = {"native": NativeCodec(), "seed": SeedCodec(), "tf": TFCodec(), "v2": V2Codec(), "mlflow": MLflowCodec()}
+
+
 ###############################################################################
 # HTTP application ############################################################
 ###############################################################################
-# Thin routes: find the model, decode, run, encode.  One plugin turns results
-# and ServiceErrors into JSON; one error handler does the same for Bottle's own
-# errors (unknown route, wrong method, unexpected faults), so no answer is HTML.
+# One table, ROUTES, names every route: its path, the ServiceApp method that
+# answers, who may call it, and how OpenAPI documents it.  Every prediction, of
+# every protocol, goes through one core (ServiceApp.predict) with the protocol's
+# codec; every refusal is a ServiceError, turned into an answer in one place
+# (ServiceApp.refusal), Bottle's own 404, 405 and 500 included, so no answer is HTML.
 
 JSON_TYPE = "application/json"
-# Routes open without an --auth-tokens token: liveness and readiness for probes and load balancers
-OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/ping", "/health"})
-ADMIN_PATH = re.compile(r"/admin/|/models/[^/]+/reload$|/v2/repository/models/")    # the admin token's
+OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
+UNRESOLVED = "(unknown)"                         # the metrics' model and version of a request that named none
 
 
-def _json_plugin(callback):
-    """Serialise what a route returns; map ServiceError to its status; hide internal faults."""
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One row of ROUTES.
 
-    def wrapper(*args, **kwargs):
-        response = bottle.response
-        try:
-            body = _utf8(dumps(callback(*args, **kwargs)))
-        except ServiceError as error:
-            body = _utf8(dumps(_error_result(response, error)))
-        except bottle.HTTPResponse:
-            raise
-        except Exception:
-            error_id = os.urandom(6).hex()
-            logger.exception("internal error %s on %s %s", error_id, bottle.request.method, bottle.request.path)
-            body = _utf8(dumps(_error_result(response, ServiceError("internal server error", error_id=error_id))))
-        response.content_type = JSON_TYPE
-        return body
+    `path` is OpenAPI's template ({name}, {version}, {label}; a TF verb follows a colon);
+    `handler` the ServiceApp method that answers, called with the path's parameters and
+    `args`.  `access`: OPEN routes are for probes and load balancers; TOKEN ones need one of
+    --auth-tokens when it is set; ADMIN ones are off without --admin-token and need it.
+    `answer` and `body` name OpenAPI schemas (see the OpenAPI section).
+    """
 
-    return wrapper
+    method: str
+    path: str
+    handler: str
+    access: str
+    summary: str
+    tag: str
+    answer: str = None          # None: a JSON object; "text": text/plain
+    body: str = None
+    query: tuple = ()
+    args: tuple = ()            # (keyword, value) pairs
+
+    @property
+    def rule(self):
+        """Bottle's rule: a parameter before a colon or at the end of a TF path admits no colon, and the
+        colon of a TF verb is matched by an anonymous wildcard (Bottle reads a bare ":name" as a wildcard)."""
+        path = self.path
+        if path.startswith("/v1/"):
+            path = re.sub(r"\{(\w+)\}(?=:|$)", r"<\1:re:[^/:]+>", path)
+        path = re.sub(r":(\w+)$", r"<:re::\1>", path)
+        return re.sub(r"\{(\w+)\}", lambda m: f"<{m[1]}:path>" if m[1] == "sentence" else f"<{m[1]}>", path)
 
 
-def _error_result(response, error):
-    response.status = error.status
-    for header, value in error.headers.items():
-        response.set_header(header, value)
-    if getattr(error, "retry_after", None):
-        response.set_header("Retry-After", str(error.retry_after))
-    return error.to_dict()
+def _prediction_routes():
+    """The routes that predict, for each way of naming a version: none (the latest), a number, a label."""
+    routes = []
+    for suffix, what in (("", ""), ("/versions/{version}", " with a version"), ("/labels/{label}", " with a label")):
+        native, predict = "/models/{name}" + suffix, (("codec", "native"),)
+        routes += [Route("POST", native + "/predict", "predict", TOKEN, f"predict (native API){what}", "predict",
+                         "PredictResponse", "PredictRequest", args=predict),
+                   Route("GET", native + "/predict", "predict", TOKEN, f"predict with ?instances=<JSON>{what}",
+                         "predict", "PredictResponse", query=("instances",), args=predict)]
+        tf = "/v1/models/{name}" + suffix
+        routes += [Route("GET", tf, "v1_status", TOKEN, f"TF Serving status merged with KServe V1 readiness{what}",
+                         "tf-serving", "TFStatus"),
+                   Route("GET", tf + "/metadata", "v1_metadata", TOKEN, f"TF Serving signatures{what}", "tf-serving")]
+        for verb, body, answer in (("predict", "TFPredictRequest", "TFPredictResponse"),
+                                   ("classify", "TFExamples", "TFResults"), ("regress", "TFExamples", "TFResults"),
+                                   ("explain", None, None)):
+            routes.append(Route("POST", f"{tf}:{verb}", "predict", TOKEN,
+                                f"TF Serving {verb}{what}" + (" (not implemented: 501)" if verb == "explain" else ""),
+                                "tf-serving", answer, body, args=(("codec", "tf"), ("verb", verb))))
+        if suffix != "/labels/{label}":
+            v2 = "/v2/models/{name}" + suffix
+            routes += [Route("GET", v2, "v2_model_metadata", TOKEN, f"V2 model metadata{what}", "v2", "V2Metadata"),
+                       Route("GET", v2 + "/ready", "v2_model_ready", TOKEN, f"V2 model readiness{what}", "v2"),
+                       Route("POST", v2 + "/infer", "predict", TOKEN,
+                             f"V2 inference{what} (JSON; binary tensors with Inference-Header-Content-Length)", "v2",
+                             "V2InferResponse", "V2InferRequest", args=(("codec", "v2"),))]
+    return tuple(routes)
 
+
+ROUTES = (
+    Route("GET", "/", "index", OPEN, "service name, version, model names and links (a browser gets the web console)",
+          "service"),
+    Route("GET", "/healthz", "alive", OPEN, "liveness", "service"),
+    Route("GET", "/readyz", "ready", OPEN, "readiness: 503 with the reason until ready", "service",
+          args=(("counts", True),)),
+    Route("GET", "/openapi.json", "openapi", TOKEN, "this document", "service"),
+    Route("GET", "/metrics", "prometheus_metrics", TOKEN, "Prometheus metrics (text format)", "service", "text"),
+    Route("GET", "/models", "list_models", TOKEN, "every model and the state of its versions", "models"),
+    Route("GET", "/models/{name}", "show_model", TOKEN, "one model's versions, policy and labels", "models",
+          "ModelStatus"),
+    Route("GET", "/models/{name}/versions/{version}", "show_version", TOKEN, "one version's state and metadata",
+          "models"),
+    Route("GET", "/models/{name}/labels/{label}", "show_label", TOKEN, "the version a label names", "models"),
+    Route("POST", "/predict", "predict", TOKEN, "predict with the default model", "predict", "PredictResponse",
+          "PredictRequest", args=(("codec", "seed"),)),
+    Route("GET", "/predict/{sentence}", "predict", TOKEN,
+          "predict with the default model: the seed course's route, instances as JSON or a Python literal",
+          "predict", "PredictResponse", args=(("codec", "seed"),)),
+    Route("POST", "/models/{name}/reload", "reload_model", ADMIN, "load a model's versions again (admin token)",
+          "admin"),
+    Route("POST", "/admin/rescan", "rescan", ADMIN, "rescan the store now (admin token)", "admin"),
+    Route("GET", "/v1/models", "model_names", TOKEN, "model names (KServe V1)", "tf-serving"),
+    Route("GET", "/v2", "v2_server", TOKEN, "server metadata", "v2"),
+    Route("GET", "/v2/health/live", "v2_live", OPEN, "liveness", "v2"),
+    Route("GET", "/v2/health/ready", "ready", OPEN, "readiness", "v2"),
+    Route("GET", "/v2/models", "model_names", TOKEN, "model names", "v2"),
+    Route("POST", "/v2/repository/index", "v2_repository_index", TOKEN, "every served version and its state", "v2",
+          "array", "Optional"),
+    Route("POST", "/v2/repository/models/{name}/load", "v2_repository_action", ADMIN,
+          "load a model of the store (admin token)", "v2", body="Optional", args=(("action", "load"),)),
+    Route("POST", "/v2/repository/models/{name}/unload", "v2_repository_action", ADMIN,
+          "unload a model of the store (admin token)", "v2", body="Optional", args=(("action", "unload"),)),
+    Route("GET", "/ping", "alive", OPEN, "liveness (MLflow)", "mlflow"),
+    Route("GET", "/health", "alive", OPEN, "liveness (MLflow)", "mlflow"),
+    Route("GET", "/version", "mlflow_version", TOKEN, "the service version (MLflow)", "mlflow", "text"),
+    Route("POST", "/invocations", "predict", TOKEN, "predict with the default model (MLflow scoring)", "mlflow",
+          "Predictions", "MLflowRequest", args=(("codec", "mlflow"),)),
+) + _prediction_routes()
+
+# Paths open without an --auth-tokens token, and the admin routes' (they check their own token).
+OPEN_PATHS = frozenset(route.path for route in ROUTES if route.access == OPEN)
+ADMIN_PATHS = re.compile("|".join(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(route.path))
+                                  for route in ROUTES if route.access == ADMIN))
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 access_logger = logging.getLogger("service.access")
@@ -3093,18 +3306,31 @@ def _request_id(environ):
 
 
 class ServiceApp(bottle.Bottle):
-    """The Bottle app, with what every answer gets done once at the WSGI boundary, errors included.
+    """The WSGI application: Bottle routing ROUTES to its methods, over one ModelRegistry.
 
-    Headers (nosniff, X-Request-ID, CORS for an allowed Origin), the request metrics and the
-    access log are added here to the plain header list rather than through Bottle's
+    What every answer gets (nosniff, X-Request-ID, CORS, the request metrics, the access log)
+    is added at the WSGI boundary to the plain header list rather than through Bottle's
     after_request hook and response object, which cost about a quarter of the service's own
     time per request (40 of 165 µs, measured in-process on a small model).
     """
 
-    def __init__(self, config, metrics):
+    def __init__(self, config, registry, misconfigured=None):
         super().__init__()
-        self.service_config, self.metrics = config, metrics
+        self.service_config, self.registry, self.metrics = config, registry, registry.metrics
+        self.misconfigured = misconfigured      # why the MODEL_SERVICE_* settings were refused, if they were
+        self.config["service.config"] = config
+        self.config["service.registry"] = registry
+        self.uninstall(bottle.JSONPlugin)       # it would write NaN tokens; every body goes through dumps()
+        self.install(self._json_answers)
+        self.default_error_handler = self._bottle_error
+        self.add_hook("before_request", self._admit)
+        self.admission = threading.BoundedSemaphore(config.max_inflight) if config.max_inflight else None
+        self.time_limit = TimeLimit(config.max_predict_seconds, config.threads) if config.max_predict_seconds \
+            else None
+        for route in ROUTES:
+            self.route(route.rule, method=route.method, callback=self._endpoint(route))
 
+    # -- the WSGI boundary ---------------------------------------------------------------
     def wsgi(self, environ, start_response):
         started = time.perf_counter()
         path = environ.get("PATH_INFO", "")
@@ -3117,11 +3343,12 @@ class ServiceApp(bottle.Bottle):
             status_line.append(status)
             headers.append(("X-Content-Type-Options", "nosniff"))
             headers.append(("X-Request-ID", _request_id(environ)))
-            origin = environ.get("HTTP_ORIGIN")
-            if origin and config.cors_origins and (config.cors_origins == ("*",) or origin in config.cors_origins):
-                headers += [("Access-Control-Allow-Origin", "*" if config.cors_origins == ("*",) else origin),
-                            ("Access-Control-Expose-Headers", "Retry-After, Inference-Header-Content-Length"),
-                            ("Vary", "Origin")]
+            if config.cors_origins:
+                origin = environ.get("HTTP_ORIGIN")
+                if origin and (config.cors_origins == ("*",) or origin in config.cors_origins):
+                    headers += [("Access-Control-Allow-Origin", "*" if config.cors_origins == ("*",) else origin),
+                                ("Access-Control-Expose-Headers", "Retry-After, Inference-Header-Content-Length")]
+                headers.append(("Vary", "Origin"))      # every answer: a shared cache must not mix origins
             return start_response(status, headers, exc_info)
 
         body = super().wsgi(environ, respond)
@@ -3137,95 +3364,55 @@ class ServiceApp(bottle.Bottle):
                                _request_id(environ))
         return body
 
+    def _admit(self):
+        """Before routing: the checks every request passes (host, size of the target, token), then housekeeping.
 
-def _error_page(http_error):
-    """JSON for Bottle's own errors: 404 and 405 routes, faults outside a route."""
-    status = http_error.status_code
-    response = bottle.response
-    response.content_type = JSON_TYPE
-    if status >= 500:
-        error_id = os.urandom(6).hex()
-        logger.error("internal error %s: %s", error_id, http_error.traceback or http_error.body)
-        return dumps({"error": "internal server error", "code": "internal_error", "error_id": error_id})
-    if status == 404:
-        return dumps({"error": f"no route for {bottle.request.method} {_clip(bottle.request.path, 200)}",
-                      "code": "not_found"})
-    if status == 405:
-        return dumps({"error": f"method {bottle.request.method} is not allowed here; allowed: "
-                               f"{response.get_header('Allow', '')}", "code": "method_not_allowed"})
-    codes = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 413: "payload_too_large",
-             414: "uri_too_long"}
-    return dumps({"error": str(http_error.body), "code": codes.get(status, "http_error")})
+        A refusal here is answered at once; an OPTIONS request is a CORS preflight, answered here too.
+        """
+        environ, config = bottle.request.environ, self.service_config
+        try:
+            if self.misconfigured:
+                logger.error("refusing requests: the environment's settings are invalid: %s", self.misconfigured)
+                raise Misconfigured(f"the service is misconfigured: {self.misconfigured}")
+            if config.allowed_hosts:
+                host = environ.get("HTTP_HOST", "").lower()
+                name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+                if name not in config.allowed_hosts and host not in config.allowed_hosts:
+                    raise BadRequest(f"Host {_clip(repr(host), 80)} is not allowed (--allowed-hosts)")
+            if environ["REQUEST_METHOD"] == "OPTIONS":
+                raise self._preflight(environ)
+            path = environ.get("PATH_INFO", "")
+            if len(path) + len(environ.get("QUERY_STRING", "")) > config.max_url_bytes:
+                raise URITooLong(f"the request target is over {config.max_url_bytes} bytes (--max-url-bytes); "
+                                 "send the data in a POST body")
+            if config.auth_tokens and path not in OPEN_PATHS and not ADMIN_PATHS.fullmatch(path):
+                _require_token(environ, config.auth_tokens, "model-service")
+            raw = environ.get("bottle.raw_path", "")
+            if not raw.isascii():
+                try:
+                    raw.encode("latin-1").decode("utf-8")
+                except UnicodeError:
+                    raise BadRequest("the request path is not valid UTF-8") from None
+        except ServiceError as error:
+            raise self.refusal(error) from None
+        self.registry.refresh()
 
-
-def create_app(store=None, config=None, registry=None, **options):
-    """The WSGI application: a Bottle app over one ModelRegistry.
-
-    `config` defaults to the environment (MODEL_SERVICE_*); `store` and keyword
-    options override its fields.  Creating the app touches no disk: the store is
-    scanned on the first request.
-    """
-    config = config or Config.load({})
-    if store is not None:
-        options["store"] = os.fspath(store)
-    if options:
-        config = dataclasses.replace(config, **options)
-    registry = registry or ModelRegistry(config)
-    app = ServiceApp(config, registry.metrics)
-    app.uninstall(bottle.JSONPlugin)     # it would write NaN tokens; every body goes through dumps()
-    app.config["service.config"] = config
-    app.config["service.registry"] = registry
-    app.default_error_handler = _error_page
-    app.install(_json_plugin)
-    request = bottle.request
-    metrics = registry.metrics
-    slots = threading.BoundedSemaphore(config.max_inflight) if config.max_inflight else None
-    predict_pool = None
-    if config.max_predict_seconds:        # a thread hop per prediction, only when a time limit asks for it
-        import concurrent.futures
-
-        predict_pool = concurrent.futures.ThreadPoolExecutor(config.threads, thread_name_prefix="predict")
-
-    @app.hook("before_request")
-    def _before():
-        environ = request.environ
-        if config.allowed_hosts:
-            host = environ.get("HTTP_HOST", "").lower()
-            name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
-            if name not in config.allowed_hosts and host not in config.allowed_hosts:
-                raise bottle.HTTPError(400, f"Host {_clip(repr(host), 80)} is not allowed (--allowed-hosts)")
-        if environ["REQUEST_METHOD"] == "OPTIONS":
-            preflight()
-        path = environ.get("PATH_INFO", "")
-        if len(path) + len(environ.get("QUERY_STRING", "")) > config.max_url_bytes:
-            raise bottle.HTTPError(414, f"the request target is over {config.max_url_bytes} bytes "
-                                        "(--max-url-bytes); send the data in a POST body")
-        if config.auth_tokens and path not in OPEN_PATHS and not ADMIN_PATH.match(path):
-            require_token(config.auth_tokens, "Bearer realm=\"model-service\"")
-        raw = environ.get("bottle.raw_path", "")
-        if not raw.isascii():
-            try:
-                raw.encode("latin-1").decode("utf-8")
-            except UnicodeError:
-                raise bottle.HTTPError(400, "the request path is not valid UTF-8") from None
-        registry.refresh()
-
-    def preflight():
-        """OPTIONS, before routing (a catch-all route would turn every unknown path's 404 into a 405):
-        allowed origins learn what they may send; others are refused."""
-        origin = request.environ.get("HTTP_ORIGIN")
+    def _preflight(self, environ):
+        """A CORS preflight, answered before routing (a catch-all OPTIONS route would turn every unknown
+        path's 404 into a 405): allowed origins learn what they may send; others are refused."""
+        config = self.service_config
+        origin = environ.get("HTTP_ORIGIN")
         if origin and not (config.cors_origins == ("*",) or origin in config.cors_origins):
-            raise bottle.HTTPError(403, f"origin {_clip(repr(origin), 80)} may not call this service "
-                                        "(--cors-origins)")
+            raise Forbidden(f"origin {_clip(repr(origin), 80)} may not call this service (--cors-origins)")
         methods = []
         for method in ("GET", "POST"):
             try:
-                app.router.match({"PATH_INFO": request.environ.get("PATH_INFO", "/"), "REQUEST_METHOD": method})
+                self.router.match({"PATH_INFO": environ.get("PATH_INFO", "/"), "REQUEST_METHOD": method})
                 methods.append(method)
             except bottle.HTTPError:
                 pass
         if not methods:
-            raise bottle.HTTPError(404, "no route")
+            raise NotFound("no route")
         allowed = ", ".join(methods + ["OPTIONS"])
         headers = {"Allow": allowed}
         if origin:
@@ -3233,205 +3420,179 @@ def create_app(store=None, config=None, registry=None, **options):
                             "Access-Control-Allow-Headers": "Authorization, Content-Type, "
                                                             "Inference-Header-Content-Length",
                             "Access-Control-Max-Age": "600"})
-        raise bottle.HTTPResponse(status=204, headers=headers)
+        return bottle.HTTPResponse(status=204, headers=headers)
 
-    def run(name, version, label, prepare):
-        """The prediction core of every protocol: `prepare(model)` gives (methods, inputs); each method runs.
+    def _endpoint(self, route):
+        """The callback of one route: its access rule, its codec for refusals, then its handler."""
+        handler, args = getattr(self, route.handler), dict(route.args)
+        codec = CODECS.get(args.pop("codec", None))
+        config = self.service_config
 
-        It also labels the request for the metrics: model, version and method(s)."""
-        environ = request.environ
-        environ["service.labels"] = (("model", name), ("version", version or label or ""), ("method", ""))
-        if slots is not None and not slots.acquire(blocking=False):
-            raise ModelUnavailable(f"overloaded: {config.max_inflight} predictions are already being answered "
-                                   "(--max-inflight); try again", retry_after=1)
-        held = [slots.release] if slots is not None else []     # released when the prediction is over
+        def endpoint(**parameters):
+            if codec is not None:
+                bottle.request.environ["service.codec"] = codec
+                parameters["codec"] = codec
+            if route.access == ADMIN:
+                if not config.admin_token:
+                    raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) "
+                                    "to enable it")
+                _require_token(bottle.request.environ, (config.admin_token,), "model-service admin",
+                               "this route needs the admin token: Authorization: Bearer <token>")
+            return handler(**args, **parameters)
+
+        return endpoint
+
+    # -- the one error path ---------------------------------------------------------------
+    def refusal(self, error):
+        """The answer to a ServiceError: the protocol's JSON body, the error's status and headers."""
+        codec = bottle.request.environ.get("service.codec", CODECS["native"])
+        return bottle.HTTPResponse(_utf8(dumps(codec.error(error))), error.status,
+                                   {"Content-Type": JSON_TYPE, **error.headers})
+
+    def _json_answers(self, callback):
+        """Bottle plugin: a route's result as strict JSON (an HTTPResponse as it is); a ServiceError as its
+        refusal; any other exception, a fault of ours, as a 500."""
+
+        def wrapper(*args, **kwargs):
+            try:
+                result = callback(*args, **kwargs)
+                if isinstance(result, bottle.HTTPResponse):     # a page, text, binary tensors: as it is
+                    return result
+                body = _utf8(dumps(result))
+            except ServiceError as error:
+                return self.refusal(error)
+            except Exception:
+                return self.refusal(_internal_error(f"on {bottle.request.method} {bottle.request.path}",
+                                                    traceback.format_exc()))
+            bottle.response.content_type = JSON_TYPE
+            return body
+
+        return wrapper
+
+    def _bottle_error(self, http_error):
+        """Bottle's own errors (no route, wrong method, a fault outside a route) as ServiceErrors."""
+        status, request = http_error.status_code, bottle.request
+        if status == 404:
+            error = NotFound(f"no route for {request.method} {_clip(request.path, 200)}")
+        elif status == 405:
+            allowed = http_error.headers.get("Allow", "")
+            error = MethodNotAllowed(f"method {request.method} is not allowed here; allowed: {allowed}",
+                                     {"Allow": allowed})
+        elif status >= 500:
+            error = _internal_error("outside a route", http_error.traceback or http_error.body)
+        else:
+            error = error_for_status(status)(str(http_error.body))
+        answer = self.refusal(error)
+        answer.apply(bottle.response)
+        return answer.body
+
+    # -- the predict core -------------------------------------------------------------------
+    def predict(self, codec, name=None, version=None, label=None, **route):
+        """Every protocol's prediction: resolve → read → admit → load → decode → run → encode.
+
+        The request is labelled for the metrics only with what exists: the model and version
+        once resolved (UNRESOLVED before), the methods once the model has them."""
+        environ, registry, config = bottle.request.environ, self.registry, self.service_config
+        environ["service.labels"] = (("model", UNRESOLVED), ("version", UNRESOLVED), ("method", ""))
+        if name is None:
+            name = registry.default_model_name()
+        asked = codec.read(bottle.request, config, **route)
+        held = []                                   # what the prediction holds, released when it is over
         try:
+            if self.admission is not None:
+                if not self.admission.acquire(blocking=False):
+                    raise ModelUnavailable(f"overloaded: {config.max_inflight} predictions are already being "
+                                           "answered (--max-inflight); try again", retry_after=1)
+                held.append(self.admission.release)
+            slot = registry.slot(name, version, label)
+            environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
             model = registry.acquire(name, version, label)
-            held.append(lambda: registry.release(model))
-            environ["service.labels"] = (("model", name), ("version", model.version), ("method", ""))
-            methods, inputs = prepare(model)
-            environ["service.labels"] = (("model", name), ("version", model.version), ("method", ",".join(methods)))
-            if predict_pool is None:
-                return model, {method: model.run(method, inputs) for method in methods}
-            return model, within_time_limit(lambda: {method: model.run(method, inputs) for method in methods}, held)
+            held.append(functools.partial(registry.release, model))
+            methods, inputs = codec.inputs(model, asked, config)
+            environ["service.labels"] = (("model", name), ("version", model.version),
+                                         ("method", ",".join(sorted(methods))))
+
+            def compute():
+                return {method: model.predict(method, inputs) for method in methods}
+
+            results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
         finally:
             for release in reversed(held):
                 release()
+        return codec.encode(model, asked, results)
 
-    def within_time_limit(compute, held):
-        """compute() on a predict thread, awaited at most --max-predict-seconds (504 past that).
-
-        A Python thread cannot be stopped, so work past its time finishes in the background; what the
-        request held (its model, its --max-inflight slot) passes to that work and is released when it
-        ends, so abandoned computations stay counted and cannot pile up unseen.  Work that waited past
-        its deadline for a predict thread is not started at all.
-        """
-        deadline = time.monotonic() + config.max_predict_seconds
-        handed = held[:]
-
-        def task():
-            try:
-                if time.monotonic() >= deadline:
-                    raise PredictionTimeout("not started: the predict threads were busy past the time limit")
-                return compute()
-            finally:
-                for release in reversed(handed):
-                    release()
-
-        future = predict_pool.submit(task)
-        held.clear()
-        try:
-            return future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except concurrent.futures.TimeoutError:
-            raise PredictionTimeout(f"the prediction took longer than {config.max_predict_seconds:g} s "
-                                    "(--max-predict-seconds); try fewer rows") from None
-
-    def predict(name, version, payload, label=None):
-        def prepare(model):
-            query_method = request.query.get("method") if request.environ.get("QUERY_STRING") else None
-            rows, method = decode_payload(payload, query_method)
-            return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
-        model, results = run(name, version, label, prepare)
-        (method, outputs), = results.items()
-        return encode_prediction(model, method, outputs)
-
-    def require_token(tokens, challenge):
-        """401 unless the request carries one of `tokens` as its bearer token (each compared in constant time)."""
-        scheme, _, given = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        given = given.strip().encode("utf-8", "replace")
-        matches = [hmac.compare_digest(given, token.encode("utf-8")) for token in tokens]
-        if scheme.lower() != "bearer" or not any(matches):
-            raise bottle.HTTPError(401, "this route needs a valid token: Authorization: Bearer <token>",
-                                   **{"WWW-Authenticate": challenge})
-
-    def require_admin():
-        """Admin routes are off without a configured token, and need it as a bearer token."""
-        if not config.admin_token:
-            raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) to enable it")
-        try:
-            require_token((config.admin_token,), 'Bearer realm="model-service admin"')
-        except bottle.HTTPError:
-            raise Unauthorized("this route needs the admin token: Authorization: Bearer <token>") from None
-
-    def body_json():
-        check_content_type(request.environ)
-        return parse_json(read_body(request.environ, config.max_body_bytes), config.max_depth)
-
-    def optional_json():
-        """The JSON body, or {} when there is none (a bare POST)."""
-        body = read_body(request.environ, config.max_body_bytes)
-        return parse_json(body, config.max_depth) if body.strip() else {}
-
-    def query_instances():
-        text = request.query.get("instances")
-        if text is None:
-            raise BadRequest("GET predict needs ?instances=<JSON list of instances>")
-        return {"instances": parse_json(text, config.max_depth, "?instances")}
-
-    # -- service ------------------------------------------------------------
-    @app.get("/")
-    def index():
-        if "text/html" in request.environ.get("HTTP_ACCEPT", ""):
-            raise bottle.HTTPResponse(CONSOLE_HTML, headers={"Content-Type": "text/html; charset=utf-8",
+    # -- service ------------------------------------------------------------------------------
+    def index(self):
+        if "text/html" in bottle.request.environ.get("HTTP_ACCEPT", ""):
+            return bottle.HTTPResponse(CONSOLE_HTML, headers={"Content-Type": "text/html; charset=utf-8",
                                                              "Content-Security-Policy": CONSOLE_CSP})
         return {"name": SERVICE_NAME, "version": __version__, "status": "alive",
-                "models": registry.names(),
+                "models": self.registry.names(),
                 "links": {"models": "/models", "health": "/healthz", "ready": "/readyz",
                           "predict": "/models/{name}/predict",
                           "predict_version": "/models/{name}/versions/{version}/predict",
                           "predict_label": "/models/{name}/labels/{label}/predict"}}
 
-    @app.get("/metrics")
-    def prometheus_metrics():
-        text = metrics.render({"model_service_models_loaded": registry.loaded_count(),
-                               "model_service_requests_in_flight": registry.in_flight()})
-        raise bottle.HTTPResponse(text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-    @app.get("/openapi.json")
-    def openapi():
-        return openapi_document(registry)
-
-    @app.get("/healthz")
-    def healthz():
+    def alive(self):
         return {"status": "alive"}
 
-    @app.get("/readyz")
-    def readyz():
-        reason = registry.not_ready_reason()
+    def ready(self, counts=False):
+        reason = self.registry.not_ready_reason()
         if reason:
             raise ModelUnavailable(f"not ready: {reason}", ready=False)
-        return {"ready": True, "models": len(registry.names()), "loaded": registry.loaded_count()}
+        if not counts:
+            return {"ready": True}
+        return {"ready": True, "models": len(self.registry.names()), "loaded": self.registry.loaded_count()}
 
-    # -- models -------------------------------------------------------------
-    @app.get("/models")
-    def list_models():
-        registry.require_store()
-        return {"models": registry.describe_all()}
+    def prometheus_metrics(self):
+        text = self.metrics.render({"model_service_models_loaded": self.registry.loaded_count(),
+                                    "model_service_requests_in_flight": self.registry.in_flight()})
+        return bottle.HTTPResponse(text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    @app.get("/models/<name>")
-    def show_model(name):
-        return registry.describe(name)
+    def openapi(self):
+        return openapi_document(self.registry)
 
-    @app.get("/models/<name>/versions/<version>")
-    def show_version(name, version):
-        status = registry.describe(name)
-        for info in status["versions"]:
+    # -- models -------------------------------------------------------------------------------
+    def model_names(self):
+        self.registry.require_store()
+        return {"models": self.registry.names()}
+
+    def list_models(self):
+        self.registry.require_store()
+        return {"models": self.registry.describe_all()}
+
+    def show_model(self, name):
+        return self.registry.describe(name)
+
+    def show_version(self, name, version):
+        for info in self.registry.describe(name)["versions"]:
             if info["version"] == version:
                 return {"name": name, **info}
-        registry.version(name, version)        # the 400 or 404 that explains why
+        self.registry.slot(name, version)         # the 400 or 404 that explains why
         raise NotFound(f"model {name!r} has no version {version}", model=name)
 
-    @app.get("/models/<name>/labels/<label>")
-    def show_label(name, label):
-        slot = registry.version(name, label=label)
-        return {"name": name, "label": label, "version": str(slot.ref.version)}
+    def show_label(self, name, label):
+        return {"name": name, "label": label, "version": str(self.registry.slot(name, label=label).ref.version)}
 
-    @app.post("/models/<name>/predict")
-    def predict_latest(name):
-        return predict(name, None, body_json())
+    def _loaded(self, name, version=None, label=None):
+        """The model that answers for a route, loaded if need be (its metadata needs the estimator)."""
+        model = self.registry.acquire(name, version, label)
+        self.registry.release(model)
+        return model
 
-    @app.post("/models/<name>/versions/<version>/predict")
-    def predict_version(name, version):
-        return predict(name, version, body_json())
+    # -- administration: only what is already in the store ----------------------------------
+    def reload_model(self, name):
+        outcome = self.registry.reload(name)
+        return {**self.registry.describe(name), "reload": outcome}
 
-    @app.get("/models/<name>/predict")
-    def predict_latest_get(name):
-        return predict(name, None, query_instances())
+    def rescan(self):
+        return {"models": self.registry.rescan()}
 
-    @app.get("/models/<name>/versions/<version>/predict")
-    def predict_version_get(name, version):
-        return predict(name, version, query_instances())
-
-    @app.post("/models/<name>/labels/<label>/predict")
-    def predict_label(name, label):
-        return predict(name, None, body_json(), label)
-
-    @app.get("/models/<name>/labels/<label>/predict")
-    def predict_label_get(name, label):
-        return predict(name, None, query_instances(), label)
-
-    # -- administration: only what is already in the store; off without a token --
-    @app.post("/models/<name>/reload")
-    def reload_model(name):
-        require_admin()
-        outcome = registry.reload(name)
-        return {**registry.describe(name), "reload": outcome}
-
-    @app.post("/admin/rescan")
-    def rescan():
-        require_admin()
-        return {"models": registry.rescan()}
-
-    # -- TensorFlow Serving REST and KServe V1 --------------------------------
-    @app.get("/v1/models")
-    def v1_models():
-        registry.require_store()
-        return {"models": registry.names()}
-
-    def v1_status(name, version=None, label=None):
+    # -- TensorFlow Serving REST and KServe V1 ------------------------------------------------
+    def v1_status(self, name, version=None, label=None):
         """TF's model_version_status merged with KServe V1's {"name", "ready"}; 503 when nothing can serve."""
-        entry = registry.model(name)
-        slots = ([registry.version(name, version, label)] if version or label else
+        entry = self.registry.entry(name)
+        slots = ([self.registry.slot(name, version, label)] if version or label else
                  [entry.versions[number] for number in entry.served])
         ready = any(slot.state != FAILED for slot in slots)
         status = {"name": name, "ready": ready, "model_version_status": [tf_version_status(s) for s in slots]}
@@ -3439,170 +3600,152 @@ def create_app(store=None, config=None, registry=None, **options):
             raise ModelUnavailable(f"model {name!r} has no version that can serve", **status)
         return status
 
-    def v1_metadata(name, version=None, label=None):
-        model = registry.acquire(name, version, label)
-        registry.release(model)
+    def v1_metadata(self, name, version=None, label=None):
+        model = self._loaded(name, version, label)
         return {"model_spec": {"name": name, "signature_name": "", "version": model.version},
                 "metadata": {"signature_def": {"signature_def": tf_signatures(model)}}}
 
-    app.get("/v1/models/<name:re:[^/:]+>")(v1_status)     # no colon: "iris:predic" is no model's status
-    app.get("/v1/models/<name>/versions/<version:re:[^/:]+>")(lambda name, version: v1_status(name, version))
-    app.get("/v1/models/<name>/labels/<label:re:[^/:]+>")(lambda name, label: v1_status(name, label=label))
-    app.get("/v1/models/<name>/metadata")(v1_metadata)
-    app.get("/v1/models/<name>/versions/<version>/metadata")(lambda name, version: v1_metadata(name, version))
-    app.get("/v1/models/<name>/labels/<label>/metadata")(lambda name, label: v1_metadata(name, label=label))
-
-    @app.post("/v1/models/<name:re:[^/:]+><verb:re::(?:predict|classify|regress|explain)>")
-    @app.post("/v1/models/<name>/versions/<version:re:[^/:]+><verb:re::(?:predict|classify|regress|explain)>")
-    @app.post("/v1/models/<name>/labels/<label:re:[^/:]+><verb:re::(?:predict|classify|regress|explain)>")
-    def v1_verb(name, verb, version=None, label=None):
-        """POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict (also :classify, :regress, :explain).
-
-        The colon lives inside a regular-expression wildcard: Bottle reads a bare ":name" in a route as
-        its old wildcard syntax, and warns even about an escaped one."""
-        verb = verb[1:]
-        if verb == "explain":
-            raise NotImplementedHere("explanations are not implemented")
-        payload = body_json()
-        if verb == "predict":
-            rows, columnar, method = tf_predict_request(payload)
-            model, results = run(name, version, label, lambda model: (
-                [choose_method(model, method, unknown=BadRequest)], model_inputs(model, rows, config.max_rows)))
-            return {"outputs" if columnar else "predictions": to_jsonable(results[method])}
-        rows = tf_examples(payload)
-        method = "predict_proba" if verb == "classify" else "predict"
-        model, results = run(name, version, label, lambda model: (
-            [choose_method(model, method, unknown=BadRequest)], model_inputs(model, rows, config.max_rows)))
-        outputs = to_jsonable(results[method])
-        if verb == "regress":
-            return {"results": outputs}
-        if model.classes is None:
-            raise BadRequest(f"model {name!r} does not name its classes, so it cannot classify", model=name)
-        return {"results": [[[str(label_), score] for label_, score in zip(model.classes, row)] for row in outputs]}
-
-    # -- Open Inference Protocol (V2) ----------------------------------------
-    @app.get("/v2")
-    def v2_server():
+    # -- Open Inference Protocol (V2) -----------------------------------------------------------
+    def v2_server(self):
         return {"name": SERVICE_NAME, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
-    @app.get("/v2/health/live")
-    def v2_live():
+    def v2_live(self):
         return {"live": True}
 
-    @app.get("/v2/health/ready")
-    def v2_ready():
-        reason = registry.not_ready_reason()
-        if reason:
-            raise ModelUnavailable(f"not ready: {reason}", ready=False)
-        return {"ready": True}
-
-    @app.get("/v2/models")
-    def v2_models():
-        registry.require_store()
-        return {"models": registry.names()}
-
-    def v2_model_ready(name, version=None):
-        slot = registry.version(name, version)
+    def v2_model_ready(self, name, version=None):
+        slot = self.registry.slot(name, version)
         if slot.state == FAILED:
             raise ModelUnavailable(f"model {name!r} version {slot.ref.version} failed to load: {slot.error}",
                                    name=name, ready=False)
         return {"name": name, "ready": True}
 
-    def v2_model_metadata(name, version=None):
-        model = registry.acquire(name, version)
-        registry.release(model)
-        return v2_metadata(model, [str(n) for n in registry.model(name).served])
+    def v2_model_metadata(self, name, version=None):
+        model = self._loaded(name, version)
+        return v2_metadata(model, [str(n) for n in self.registry.entry(name).served])
 
-    def v2_infer(name, version=None):
-        check_content_type(request.environ)
-        header, binary = v2_split_body(request.environ, read_body(request.environ, config.max_body_bytes))
-        payload = parse_json(header, config.max_depth)
-        arrays, wanted, binary_outputs = v2_request(payload, binary, config.max_rows)
-        model, results = run(name, version, None, lambda model: (
-            [choose_method(model, method, unknown=BadRequest) for method in wanted],
-            v2_inputs(model, arrays, config.max_rows)))
-        outputs, tail = v2_outputs(model, results, binary_outputs)
-        answer = {"model_name": name, "model_version": model.version, "outputs": outputs}
-        if "id" in payload:
-            answer["id"] = payload["id"]
-        if not tail:
-            return answer
-        text = dumps(answer).encode("utf-8")
-        raise bottle.HTTPResponse(text + tail, headers={"Content-Type": "application/octet-stream",
-                                                        "Inference-Header-Content-Length": str(len(text))})
-
-    app.get("/v2/models/<name>/ready")(v2_model_ready)
-    app.get("/v2/models/<name>/versions/<version>/ready")(v2_model_ready)
-    app.get("/v2/models/<name>")(v2_model_metadata)
-    app.get("/v2/models/<name>/versions/<version>")(v2_model_metadata)
-    app.post("/v2/models/<name>/infer")(v2_infer)
-    app.post("/v2/models/<name>/versions/<version>/infer")(v2_infer)
-
-    @app.post("/v2/repository/index")
-    def v2_repository_index():
-        request_ = optional_json()
-        only_ready = isinstance(request_, dict) and request_.get("ready") is True
+    def v2_repository_index(self):
+        asked = json_body(bottle.request.environ, self.service_config, required=False)
+        only_ready = isinstance(asked, dict) and asked.get("ready") is True
         index = []
-        for info in registry.describe_all():
+        for info in self.registry.describe_all():
             for version in info["versions"]:
-                if not version["served"]:
-                    continue
                 state = V2_REPOSITORY_STATES[version["state"]]
-                if not only_ready or state == "READY":
+                if version["served"] and (not only_ready or state == "READY"):
                     index.append({"name": info["name"], "version": version["version"], "state": state,
                                   "reason": _clip(version["last_error"] or "", 300)})
         return index
 
-    @app.post("/v2/repository/models/<name>/<action:re:load|unload>")
-    def v2_repository_action(name, action):
-        require_admin()
-        request_ = optional_json()
-        parameters = request_.get("parameters") if isinstance(request_, dict) else None
+    def v2_repository_action(self, name, action):
+        asked = json_body(bottle.request.environ, self.service_config, required=False)
+        parameters = asked.get("parameters") if isinstance(asked, dict) else None
         if parameters and any(key == "config" or key.startswith("file:") for key in parameters):
             raise BadRequest("models are loaded only from the model store: \"config\" and \"file:\" parameters "
                              "are refused")
         if action == "load":
-            registry.reload(name)
-            for number in registry.model(name).served:
-                registry.get(name, str(number))
+            self.registry.reload(name)
+            for number in self.registry.entry(name).served:
+                self.registry.get(name, str(number))
         else:
-            registry.unload(name)
+            self.registry.unload(name)
         return {}
 
-    # -- MLflow scoring (the default model) -------------------------------------
-    @app.get("/ping")
-    @app.get("/health")
-    def mlflow_ping():
-        return {"status": "alive"}
+    # -- MLflow scoring ---------------------------------------------------------------------------
+    def mlflow_version(self):
+        return bottle.HTTPResponse(__version__, headers={"Content-Type": "text/plain; charset=utf-8"})
 
-    @app.get("/version")
-    def mlflow_version():
-        raise bottle.HTTPResponse(__version__, headers={"Content-Type": "text/plain; charset=utf-8"})
 
-    @app.post("/invocations")
-    def mlflow_invocations():
+def _require_token(environ, tokens, realm, message="this route needs a valid token: Authorization: Bearer <token>"):
+    """401 unless the request carries one of `tokens` as its bearer token (each compared in constant time)."""
+    scheme, _, given = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    given = given.strip().encode("utf-8", "replace")
+    matches = [hmac.compare_digest(given, token.encode("utf-8")) for token in tokens]
+    if scheme.lower() != "bearer" or not any(matches):
+        raise Unauthorized(message, realm)
+
+
+def _internal_error(where, detail):
+    """A fault of the service's own: logged in full with an id, answered with only the id."""
+    error_id = os.urandom(6).hex()
+    logger.error("internal error %s %s: %s", error_id, where, detail)
+    return ServiceError("internal server error", error_id=error_id)
+
+
+class TimeLimit:
+    """--max-predict-seconds: predictions run on daemon threads and are awaited at most the limit (504 past it).
+
+    A Python thread cannot be stopped, so work past its time finishes in the background; what the
+    request held (its model, its --max-inflight slot) passes to that work and is released when it
+    ends, so abandoned computations stay counted and cannot pile up unseen.  Work that waited past
+    its deadline for a thread is not started at all.  The threads are daemons, started in the
+    process that serves (a pre-fork host forks after building the app): an abandoned computation
+    never keeps the process alive after its shutdown.
+    """
+
+    def __init__(self, seconds, threads):
+        self.seconds, self.threads = seconds, threads
+        self._tasks = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pid = None
+
+    def run(self, compute, held):
+        """compute() on a predict thread; `held` (releases) passes to it."""
+        import concurrent.futures
+
+        if self._pid != os.getpid():
+            self._start()
+        deadline = time.monotonic() + self.seconds
+        future, handed = concurrent.futures.Future(), held[:]
+        held.clear()
+
+        def task():
+            try:
+                if time.monotonic() >= deadline:
+                    raise PredictionTimeout("not started: the predict threads were busy past the time limit")
+                future.set_result(compute())
+            except BaseException as error:   # handed to the request that waits for it
+                future.set_exception(error)
+            finally:
+                for release in reversed(handed):
+                    release()
+
+        self._tasks.put(task)
         try:
-            rows = mlflow_rows(request.environ, read_body(request.environ, config.max_body_bytes),
-                               config.max_depth)
-            model, results = run(registry.default_model_name(), None, None, lambda model: (
-                ["predict"], mlflow_inputs(model, rows, config.max_rows)))
-        except ServiceError as error:
-            error.fields.update(error_code=MLFLOW_ERROR_CODES.get(error.status, "BAD_REQUEST"),
-                                message=error.message)
-            raise
-        return {"predictions": to_jsonable(results["predict"])}
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            raise PredictionTimeout(f"the prediction took longer than {self.seconds:g} s (--max-predict-seconds); "
+                                    "try fewer rows") from None
 
-    # -- the seed course's routes, on the default model ----------------------
-    @app.get("/predict/<sentence:path>")
-    def seed_predict(sentence):
-        return predict(registry.default_model_name(), None,
-                       {"instances": parse_literal(sentence, config.max_depth)})
+    def _start(self):
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                for number in range(self.threads):
+                    threading.Thread(target=self._work, name=f"predict-{number}", daemon=True).start()
 
-    @app.post("/predict")
-    def seed_predict_post():
-        return predict(registry.default_model_name(), None, body_json())
+    def _work(self):
+        while True:
+            self._tasks.get()()
 
-    return app
+
+def create_app(store=None, config=None, registry=None, **options):
+    """The WSGI application: a ServiceApp over one ModelRegistry.
+
+    `config` defaults to the environment (MODEL_SERVICE_*); `store` and keyword options
+    override its fields.  Creating the app touches no disk (the store is scanned on the first
+    request) and never fails on the environment: an invalid variable makes every request a
+    503 that says which and why, so `import service` always works.
+    """
+    misconfigured = None
+    if config is None:
+        try:
+            config = Config.load({})
+        except ValueError as error:
+            config, misconfigured = Config(), str(error)
+    if store is not None:
+        options["store"] = os.fspath(store)
+    if options:
+        config = dataclasses.replace(config, **options)
+    return ServiceApp(config, registry or ModelRegistry(config), misconfigured)
 
 
 ###############################################################################
@@ -3619,29 +3762,21 @@ def _json_body(schema, required=True):
     return {"required": required, "content": {"application/json": {"schema": schema}}}
 
 
-def _operation(summary, answer, body=None, tags=(), parameters=(), text=False):
-    """One operation: its 200 answer (a schema), optional JSON body, and every error as the Error envelope."""
-    media = "text/plain" if text else JSON_TYPE
-    operation = {"summary": summary, "tags": list(tags),
+def _operation(route, answer, body=None, parameters=(), query=()):
+    """One operation: its 200 answer (a schema), optional body, and every error as the Error envelope."""
+    media = "text/plain" if route.answer == "text" else JSON_TYPE
+    operation = {"summary": route.summary, "tags": [route.tag],
                  "responses": {"200": {"description": "success", "content": {media: {"schema": answer}}},
                                "default": {"description": "an error (4xx for the caller's mistakes, 503 when a "
                                                           "model is unavailable or the service is busy, 504 "
                                                           "past --max-predict-seconds, 500 for the service's "
                                                           "faults)",
                                            "content": {JSON_TYPE: {"schema": _schema_ref("Error")}}}}}
+    parameters = [_PATH_PARAMETERS[p] for p in parameters] + [_QUERY_PARAMETERS[q] for q in query]
     if parameters:
-        operation["parameters"] = [_PATH_PARAMETERS[p] for p in parameters]
+        operation["parameters"] = parameters
     if body is not None:
         operation["requestBody"] = body
-    return operation
-
-
-def _query_predict(parameters):
-    operation = _operation("predict with ?instances=<JSON>", _schema_ref("PredictResponse"), tags=["predict"],
-                           parameters=parameters)
-    operation.setdefault("parameters", []).append({"name": "instances", "in": "query", "required": True,
-                                                   "schema": {"type": "string"},
-                                                   "description": "a JSON list of instances"})
     return operation
 
 
@@ -3652,6 +3787,12 @@ _PATH_PARAMETERS = {
                 "schema": {"type": "string", "pattern": r"^[1-9][0-9]{0,17}$"}},
     "label": {"name": "label", "in": "path", "required": True, "description": "version label",
               "schema": {"type": "string", "pattern": r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"}},
+    "sentence": {"name": "sentence", "in": "path", "required": True, "schema": {"type": "string"},
+                 "description": "the instances, as JSON or a Python literal"},
+}
+_QUERY_PARAMETERS = {
+    "instances": {"name": "instances", "in": "query", "required": True, "schema": {"type": "string"},
+                  "description": "a JSON list of instances"},
 }
 
 _ANY = {}
@@ -3714,86 +3855,36 @@ OPENAPI_SCHEMAS = {
 }
 
 
+OPENAPI_BODIES = {   # Route.body: what each request body may be
+    "Optional": {"required": False, "content": {JSON_TYPE: {"schema": _OBJECT}}},
+    "MLflowRequest": {"required": True, "content": {JSON_TYPE: {"schema": _schema_ref("MLflowRequest")},
+                                                    "text/csv": {"schema": {"type": "string"}}}},
+}
+
+
 def openapi_document(registry):
-    """The OpenAPI 3.1 description of this service, with a row schema per model whose feature names are known."""
-    ref = _schema_ref
-    model, version, label = ("name",), ("name", "version"), ("name", "label")
-    paths = {
-        "/": {"get": _operation("service name, version, model names and links (a browser gets the web console)",
-                                _OBJECT, tags=["service"])},
-        "/healthz": {"get": _operation("liveness", _OBJECT, tags=["service"])},
-        "/readyz": {"get": _operation("readiness: 503 with the reason until ready", _OBJECT, tags=["service"])},
-        "/openapi.json": {"get": _operation("this document", _OBJECT, tags=["service"])},
-        "/metrics": {"get": _operation("Prometheus metrics (text format)", {"type": "string"}, tags=["service"],
-                                       text=True)},
-        "/models": {"get": _operation("every model and the state of its versions", _OBJECT, tags=["models"])},
-        "/models/{name}": {"get": _operation("one model's versions, policy and labels", ref("ModelStatus"),
-                                             tags=["models"], parameters=model)},
-        "/models/{name}/versions/{version}": {"get": _operation("one version's state and metadata", _OBJECT,
-                                                                tags=["models"], parameters=version)},
-        "/models/{name}/labels/{label}": {"get": _operation("the version a label names", _OBJECT,
-                                                            tags=["models"], parameters=label)},
-        "/predict": {"post": _operation("predict with the default model", ref("PredictResponse"),
-                                        _json_body(ref("PredictRequest")), tags=["predict"])},
-        "/admin/rescan": {"post": _operation("rescan the store now (admin token)", _OBJECT, tags=["admin"])},
-        "/models/{name}/reload": {"post": _operation("load a model's versions again (admin token)", _OBJECT,
-                                                     tags=["admin"], parameters=model)},
-        "/v1/models": {"get": _operation("model names (KServe V1)", _OBJECT, tags=["tf-serving"])},
-        "/v2": {"get": _operation("server metadata", _OBJECT, tags=["v2"])},
-        "/v2/health/live": {"get": _operation("liveness", _OBJECT, tags=["v2"])},
-        "/v2/health/ready": {"get": _operation("readiness", _OBJECT, tags=["v2"])},
-        "/v2/models": {"get": _operation("model names", _OBJECT, tags=["v2"])},
-        "/v2/repository/index": {"post": _operation("every served version and its state", {"type": "array"},
-                                                    _json_body(_OBJECT, required=False), tags=["v2"])},
-        "/ping": {"get": _operation("liveness (MLflow)", _OBJECT, tags=["mlflow"])},
-        "/health": {"get": _operation("liveness (MLflow)", _OBJECT, tags=["mlflow"])},
-        "/version": {"get": _operation("the service version (MLflow)", {"type": "string"}, tags=["mlflow"],
-                                       text=True)},
-        "/invocations": {"post": _operation("predict with the default model (MLflow scoring)", ref("Predictions"),
-                                            {"required": True, "content": {
-                                                JSON_TYPE: {"schema": ref("MLflowRequest")},
-                                                "text/csv": {"schema": {"type": "string"}}}}, tags=["mlflow"])},
-    }
-    for prefix, parameters in (("/models/{name}", model), ("/models/{name}/versions/{version}", version),
-                               ("/models/{name}/labels/{label}", label)):
-        paths[prefix + "/predict"] = {
-            "post": _operation("predict (native API)", ref("PredictResponse"), _json_body(ref("PredictRequest")),
-                               tags=["predict"], parameters=parameters),
-            "get": _query_predict(parameters)}
-    for prefix, parameters in (("/v1/models/{name}", model), ("/v1/models/{name}/versions/{version}", version),
-                               ("/v1/models/{name}/labels/{label}", label)):
-        paths[prefix] = {"get": _operation("TF Serving status merged with KServe V1 readiness", ref("TFStatus"),
-                                           tags=["tf-serving"], parameters=parameters)}
-        paths[prefix + "/metadata"] = {"get": _operation("TF Serving signatures", _OBJECT, tags=["tf-serving"],
-                                                         parameters=parameters)}
-        for verb, request_, answer in (("predict", "TFPredictRequest", "TFPredictResponse"),
-                                       ("classify", "TFExamples", "TFResults"),
-                                       ("regress", "TFExamples", "TFResults")):
-            paths[f"{prefix}:{verb}"] = {"post": _operation(f"TF Serving {verb}", ref(answer),
-                                                            _json_body(ref(request_)), tags=["tf-serving"],
-                                                            parameters=parameters)}
-    for prefix, parameters in (("/v2/models/{name}", model), ("/v2/models/{name}/versions/{version}", version)):
-        paths[prefix] = {"get": _operation("V2 model metadata", ref("V2Metadata"), tags=["v2"],
-                                           parameters=parameters)}
-        paths[prefix + "/ready"] = {"get": _operation("V2 model readiness", _OBJECT, tags=["v2"],
-                                                      parameters=parameters)}
-        paths[prefix + "/infer"] = {"post": _operation(
-            "V2 inference (JSON; binary tensors with Inference-Header-Content-Length)", ref("V2InferResponse"),
-            _json_body(ref("V2InferRequest")), tags=["v2"], parameters=parameters)}
-    for action in ("load", "unload"):
-        paths[f"/v2/repository/models/{{name}}/{action}"] = {"post": _operation(
-            f"{action} a model of the store (admin token)", _OBJECT, _json_body(_OBJECT, required=False),
-            tags=["v2"], parameters=model)}
+    """The OpenAPI 3.1 description of ROUTES, with a row schema per model whose feature names are known."""
+    paths = {}
+    for route in ROUTES:
+        answer = {None: _OBJECT, "text": {"type": "string"}, "array": {"type": "array"}}.get(
+            route.answer) or _schema_ref(route.answer)
+        body = None if route.body is None else OPENAPI_BODIES.get(route.body) or _json_body(_schema_ref(route.body))
+        parameters = re.findall(r"\{(\w+)\}", route.path)
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, answer, body, parameters,
+                                                                            route.query)
     schemas = dict(OPENAPI_SCHEMAS)
+    native = {route.method: route for route in ROUTES if route.path == "/models/{name}/predict"}
     for name, features in registry.known_features().items():
-        row = {"type": "object", "required": features, "additionalProperties": False,
-               "properties": {feature: {"type": ["number", "null"]} for feature in features}}
-        schemas[f"{name}.row"] = row
-        paths[f"/models/{name}/predict"] = {"get": _query_predict(()), "post": _operation(
-            f"predict with {name}: rows keyed by its feature names", ref("PredictResponse"),
-            _json_body({"type": "object", "required": ["instances"], "properties": {
-                "instances": {"type": "array", "minItems": 1, "items": ref(f"{name}.row")},
-                "method": {"type": "string"}}}), tags=["predict"])}
+        schemas[f"{name}.row"] = {"type": "object", "required": features, "additionalProperties": False,
+                                  "properties": {feature: {"type": ["number", "null"]} for feature in features}}
+        rows = {"type": "object", "required": ["instances"], "properties": {
+            "instances": {"type": "array", "minItems": 1, "items": _schema_ref(f"{name}.row")},
+            "method": {"type": "string"}}}
+        paths[f"/models/{name}/predict"] = {
+            "get": _operation(native["GET"], _schema_ref("PredictResponse"), query=native["GET"].query),
+            "post": _operation(dataclasses.replace(native["POST"], summary=f"predict with {name}: rows keyed by "
+                                                                            "its feature names"),
+                               _schema_ref("PredictResponse"), _json_body(rows))}
     return {"openapi": "3.1.0",
             "info": {"title": SERVICE_NAME, "version": __version__,
                      "description": "scikit-learn models over HTTP: a native JSON API, TF Serving REST, KServe "

@@ -104,7 +104,7 @@ def assert_answers(registry, version, estimator, name="m", **where):
     model = registry.acquire(name, **where)
     try:
         assert model.version == version
-        assert model.run("predict", np.array(ROWS)).tolist() == expected(estimator)
+        assert model.predict("predict", np.array(ROWS)).tolist() == expected(estimator)
     finally:
         registry.release(model)
 
@@ -295,21 +295,21 @@ def test_while_a_moved_label_loads_its_new_target_the_old_target_keeps_answering
     registry = clocked_registry(tmp_path)
     registry.refresh()
     held = registry.acquire("m", label="stable")
-    assert held.version == "1" and held.run("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
+    assert held.version == "1" and held.predict("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
     registry.release(held)
 
     write_settings(tmp_path / "m", {"version_policy": "all", "labels": {"stable": 2}})
-    new_target = registry.version("m", "2")
+    new_target = registry.slot("m", "2")
     for _ in range(2):
         registry.poll()
-        assert registry.version("m", label="stable").ref.version == 1
+        assert registry.slot("m", label="stable").ref.version == 1
     wait_until(lambda: new_target.state == "LOADING")
     assert_answers(registry, "1", iris_classifier, label="stable")      # at once, from version 1
     assert new_target.state == "LOADING"
-    wait_until(lambda: registry.version("m", label="stable") is new_target)
+    wait_until(lambda: registry.slot("m", label="stable") is new_target)
     assert_answers(registry, "2", string_classifier, label="stable")
     assert new_target.loads == 1 and new_target.state == "AVAILABLE"
-    assert registry.version("m", "1").state == "AVAILABLE", "still served under policy 'all'"
+    assert registry.slot("m", "1").state == "AVAILABLE", "still served under policy 'all'"
 
 
 def test_a_label_in_use_moved_to_a_broken_version_keeps_answering_with_the_old_one(tmp_path, iris_classifier):
@@ -322,7 +322,7 @@ def test_a_label_in_use_moved_to_a_broken_version_keeps_answering_with_the_old_o
     registry.release(registry.acquire("m", label="stable"))
     write_settings(tmp_path / "m", {"version_policy": "all", "labels": {"stable": 2}})
     registry.poll()
-    broken = registry.version("m", "2")
+    broken = registry.slot("m", "2")
     wait_until(lambda: broken.state == "FAILED")
     for _ in range(3):
         registry.poll()
@@ -473,14 +473,14 @@ def test_a_version_removed_while_held_is_unloading_until_released(tmp_path, iris
     versioned_store(tmp_path, [iris_classifier, iris_classifier], {"version_policy": "all"})
     registry = clocked_registry(tmp_path)
     registry.refresh()
-    slot = registry.version("m", "1")
+    slot = registry.slot("m", "1")
     held = registry.acquire("m", "1")
     os.remove(tmp_path / "m" / "1" / "model.joblib")
     os.rmdir(tmp_path / "m" / "1")
     registry.poll()
     assert [v["version"] for v in registry.describe("m")["versions"]] == ["2"]
     assert slot.state == "UNLOADING" and registry.loaded_count() == 1, "still in memory for its request"
-    assert held.run("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
+    assert held.predict("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
     registry.release(held)
     assert slot.state == "UNLOADED" and registry.loaded_count() == 0
     with pytest.raises(service.NotFound):
@@ -580,7 +580,7 @@ def test_preloaded_failed_load_is_retried_after_the_pause(tmp_path, iris_classif
     path.write_bytes(b"garbage")
     registry = clocked_registry(tmp_path, preload=service.ALL_MODELS, poll_interval=0, load_retry_seconds=5)
     registry.refresh()
-    slot = registry.version("iris")
+    slot = registry.slot("iris")
     wait_until(lambda: slot.state == "FAILED")
     assert registry.not_ready_reason().startswith("model 'iris' version 1 is FAILED: cannot load iris.joblib")
     joblib.dump(iris_classifier, path)
@@ -642,7 +642,7 @@ def test_max_loaded_never_evicts_a_version_with_a_request_in_flight(three_models
         a, b = version_status(client, "a", 1), version_status(client, "b", 1)
         assert (a["state"], a["in_flight"]) == ("AVAILABLE", 1)
         assert (b["state"], b["loads"], b["last_error"]) == ("UNLOADED", 0, None)
-        assert held.run("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
+        assert held.predict("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
     finally:
         registry.release(held)
     assert predict(client, "/models/b/predict", DIABETES_ROWS)["predictions"] == \
@@ -691,7 +691,7 @@ def test_idle_versions_are_unloaded_after_idle_unload_and_load_again_on_demand(t
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     registry = clocked_registry(tmp_path, poll_interval=0, idle_unload=30)
     registry.refresh()
-    slot = registry.version("iris")
+    slot = registry.slot("iris")
     registry.release(registry.acquire("iris"))
     registry.clock_.now += 29.5
     registry.refresh()
@@ -701,7 +701,7 @@ def test_idle_versions_are_unloaded_after_idle_unload_and_load_again_on_demand(t
     assert slot.state == "UNLOADED" and slot.model is None and registry.loaded_count() == 0
     model = registry.acquire("iris")
     try:
-        assert model.run("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
+        assert model.predict("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
     finally:
         registry.release(model)
     assert slot.state == "AVAILABLE" and slot.loads == 2
@@ -714,11 +714,11 @@ def test_a_version_in_use_is_not_unloaded_for_idleness(tmp_path, iris_classifier
     held = registry.acquire("iris")
     registry.clock_.now += 100
     registry.refresh()
-    assert registry.version("iris").state == "AVAILABLE"
+    assert registry.slot("iris").state == "AVAILABLE"
     registry.release(held)
     registry.clock_.now += 1                   # released, but last used 101 s ago
     registry.refresh()
-    assert registry.version("iris").state == "UNLOADED"
+    assert registry.slot("iris").state == "UNLOADED"
 
 
 def test_idle_unload_spares_preloaded_versions(tmp_path, iris_classifier, diabetes_regressor):
@@ -730,8 +730,8 @@ def test_idle_unload_spares_preloaded_versions(tmp_path, iris_classifier, diabet
     registry.release(registry.acquire("diabetes"))
     registry.clock_.now += 100
     registry.refresh()
-    assert registry.version("iris").state == "AVAILABLE" and registry.version("iris").loads == 1
-    assert registry.version("diabetes").state == "UNLOADED"
+    assert registry.slot("iris").state == "AVAILABLE" and registry.slot("iris").loads == 1
+    assert registry.slot("diabetes").state == "UNLOADED"
     assert registry.describe("iris")["versions"][0]["idle_seconds"] == 100.0
 
 

@@ -50,7 +50,7 @@ def test_creating_the_app_loads_and_scans_nothing(tmp_path, iris_classifier):
     assert registry.names() == [] and not registry.ready
     client = webtest.TestApp(app)
     assert strict_json(client.get("/models"))["models"][0]["versions"][0]["state"] == "UNLOADED"
-    assert registry.version("iris").model is None
+    assert registry.slot("iris").model is None
 
 
 def test_first_request_loads_and_later_requests_reuse(tmp_path, iris_classifier, artifact_format):
@@ -59,8 +59,8 @@ def test_first_request_loads_and_later_requests_reuse(tmp_path, iris_classifier,
     registry.refresh()
     first = registry.get("iris")
     assert registry.get("iris") is first
-    assert registry.version("iris").loads == 1 and registry.version("iris").state == "AVAILABLE"
-    assert np.array_equal(first.run("predict", np.array(ROW)), iris_classifier.predict(np.array(ROW)))
+    assert registry.slot("iris").loads == 1 and registry.slot("iris").state == "AVAILABLE"
+    assert np.array_equal(first.predict("predict", np.array(ROW)), iris_classifier.predict(np.array(ROW)))
 
 
 def test_concurrent_first_requests_cause_exactly_one_load(tmp_path, iris_classifier):
@@ -76,7 +76,7 @@ def test_concurrent_first_requests_cause_exactly_one_load(tmp_path, iris_classif
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         models = list(pool.map(first_request, range(16)))
     assert all(model is models[0] for model in models)
-    assert registry.version("iris").loads == 1
+    assert registry.slot("iris").loads == 1
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -144,20 +144,20 @@ def test_failed_load_is_retried_only_after_the_pause(tmp_path, iris_classifier):
     for _ in range(50):
         with pytest.raises(service.ModelUnavailable) as caught:
             registry.get("iris")
-    assert registry.version("iris").loads == 1, "no tight retry loop"
+    assert registry.slot("iris").loads == 1, "no tight retry loop"
     assert caught.value.retry_after == 30
     clock.now += 10
     with pytest.raises(service.ModelUnavailable) as caught:
         registry.get("iris")
-    assert caught.value.retry_after == 20 and registry.version("iris").loads == 1
+    assert caught.value.retry_after == 20 and registry.slot("iris").loads == 1
     # the operator fixes the artifact in place; after the pause the next request loads it
     import joblib
     joblib.dump(iris_classifier, path)
     clock.now += 21
     model = registry.get("iris")
-    slot = registry.version("iris")
+    slot = registry.slot("iris")
     assert slot.loads == 2 and slot.state == "AVAILABLE" and slot.error is None
-    assert model.run("predict", np.array(ROW)).tolist() == iris_classifier.predict(np.array(ROW)).tolist()
+    assert model.predict("predict", np.array(ROW)).tolist() == iris_classifier.predict(np.array(ROW)).tolist()
 
 
 def test_a_failed_version_does_not_affect_other_versions(tmp_path, make_client, iris_classifier):

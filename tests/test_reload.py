@@ -51,7 +51,7 @@ def wait_until(condition, timeout=30):
 
 
 def labels(model):
-    return model.run("predict", ROWS).tolist()
+    return model.predict("predict", ROWS).tolist()
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_a_removed_version_and_model_disappear(tmp_path, registry, iris_classifi
         registry.get("m", "2")
     with pytest.raises(service.NotFound):
         registry.get("gone")
-    assert registry.version("m").ref.version == 1
+    assert registry.slot("m").ref.version == 1
     assert labels(held) == [0, 2], "a request holding the removed version finishes on it"
 
 
@@ -120,9 +120,9 @@ def test_a_changed_artifact_in_use_loads_beside_the_old_then_swaps(tmp_path, reg
     registry.poll()
     assert registry.get("m") is old
     registry.poll()                         # stable now: loads in the background
-    wait_until(lambda: registry.version("m").replacing is None)
+    wait_until(lambda: registry.slot("m").replacing is None)
     assert labels(registry.get("m")) == ["setosa", "virginica"]
-    assert registry.version("m").loads == 2 and registry.version("m").error is None
+    assert registry.slot("m").loads == 2 and registry.slot("m").error is None
 
 
 def test_a_corrupt_change_keeps_the_old_model_serving_until_fixed(tmp_path, registry, iris_classifier,
@@ -133,8 +133,8 @@ def test_a_corrupt_change_keeps_the_old_model_serving_until_fixed(tmp_path, regi
     corrupt(tmp_path / "m.joblib")
     registry.poll()
     registry.poll()
-    wait_until(lambda: registry.version("m").replacing is None)
-    slot = registry.version("m")
+    wait_until(lambda: registry.slot("m").replacing is None)
+    slot = registry.slot("m")
     assert registry.get("m") is old and "previous one still serves" in slot.error
     for _ in range(3):                       # the same broken file is not retried at every poll
         registry.poll()
@@ -142,7 +142,7 @@ def test_a_corrupt_change_keeps_the_old_model_serving_until_fixed(tmp_path, regi
     publish(tmp_path / "m.joblib", named_labels_classifier)
     registry.poll()
     registry.poll()
-    wait_until(lambda: registry.version("m").replacing is None)
+    wait_until(lambda: registry.slot("m").replacing is None)
     assert labels(registry.get("m")) == ["setosa", "virginica"] and slot.error is None
 
 
@@ -155,12 +155,12 @@ def test_a_new_version_of_a_model_in_use_serves_only_once_loaded(tmp_path, regis
     corrupt(tmp_path / "m" / "2" / "model.joblib")
     registry.poll()
     registry.poll()
-    wait_until(lambda: registry.version("m", "2").state == "FAILED")
-    assert registry.version("m").ref.version == 1, "a failed version never replaces a working one"
+    wait_until(lambda: registry.slot("m", "2").state == "FAILED")
+    assert registry.slot("m").ref.version == 1, "a failed version never replaces a working one"
     publish(tmp_path / "m" / "2" / "model.joblib", named_labels_classifier)
     registry.poll()
     registry.poll()
-    wait_until(lambda: registry.version("m").ref.version == 2)
+    wait_until(lambda: registry.slot("m").ref.version == 2)
     assert labels(registry.get("m")) == ["setosa", "virginica"]
 
 

@@ -544,4 +544,4 @@ def test_model_names_in_urls_never_reach_outside_the_store(tmp_path, make_client
     registry = client.app.config["service.registry"]
     registry.refresh()          # a path refused before routing has not scanned yet
     assert registry.names() == ["inside"]
-    assert registry.version("inside").loads == 0            # nothing was loaded, inside or out
+    assert registry.slot("inside").loads == 0            # nothing was loaded, inside or out

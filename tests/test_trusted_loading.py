@@ -197,7 +197,7 @@ def test_the_demo_store_loads_under_safe_pickle():
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_store")
     registry = registry_for(root, safe_pickle=True)
     for name in registry.names():
-        for version in registry.model(name).served:
+        for version in registry.entry(name).served:
             assert registry.get(name, str(version)).estimator is not None
 
 

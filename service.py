@@ -1356,6 +1356,9 @@ class LoadedModel:
         self.feature_index = None if names is None else {n: i for i, n in enumerate(self.feature_names)}
         classes = _attribute(estimator, "classes_")
         self.classes = None if classes is None else to_jsonable(classes)
+        #: one list of classes per output (a multi-output classifier: its probabilities are one array each)
+        self.output_classes = self.classes if isinstance(classes, list) else None
+        self.n_outputs = len(classes) if self.output_classes else _attribute(estimator, "n_outputs_") or 1
         self.estimator_class = f"{type(estimator).__module__}.{type(estimator).__qualname__}"
         self.make_frame = _frame_maker() if names is not None else None
         self.inflight = 0               # requests using it now (under the registry's usage lock)
@@ -2710,9 +2713,11 @@ def tf_signatures(model):
     signatures = {}
     for method in model.methods:
         name = "serving_default" if method == "predict" else method
-        spec = v2_output_spec(model, method)
-        dtype = {"BYTES": "DT_STRING", "INT64": "DT_INT64", "BOOL": "DT_BOOL"}.get(spec["datatype"], "DT_DOUBLE")
-        signatures[name] = {"inputs": inputs, "outputs": {method: tensor(method, dtype, *spec["shape"])},
+        outputs = {}
+        for spec in v2_output_specs(model, method):
+            dtype = {"BYTES": "DT_STRING", "INT64": "DT_INT64", "BOOL": "DT_BOOL"}.get(spec["datatype"], "DT_DOUBLE")
+            outputs[spec["name"]] = tensor(spec["name"], dtype, *spec["shape"])
+        signatures[name] = {"inputs": inputs, "outputs": outputs,
                             "method_name": "tensorflow/serving/predict"}
     return signatures
 
@@ -2735,23 +2740,27 @@ def v2_datatype(array):
     return "BYTES"
 
 
-def v2_output_spec(model, method):
-    """{"name", "datatype", "shape"} of a method's output, as far as the estimator says without running."""
-    classes = model.classes
+def v2_output_specs(model, method):
+    """[{"name", "datatype", "shape"}] of a method's output tensors, as far as the estimator says without running.
+
+    One tensor per method, except the probabilities of a multi-output classifier: one array per
+    output, each its own tensor named "<method>_<output>" (see v2_outputs)."""
+    classes, outputs = model.classes, [] if model.n_outputs == 1 else [model.n_outputs]
+    if method in ("predict_proba", "predict_log_proba") and model.output_classes:
+        return [{"name": f"{method}_{number}", "datatype": "FP64", "shape": [-1, len(output)]}
+                for number, output in enumerate(model.output_classes)]
     if method == "predict":
-        if classes is None:
-            return {"name": method, "datatype": "FP64", "shape": [-1]}
-        if all(isinstance(c, bool) for c in classes):
-            return {"name": method, "datatype": "BOOL", "shape": [-1]}
-        numeric = all(isinstance(c, int) for c in classes)
-        return {"name": method, "datatype": "INT64" if numeric else "BYTES", "shape": [-1]}
+        labels = [c for output in model.output_classes for c in output] if model.output_classes else classes
+        datatype = ("FP64" if labels is None else "BOOL" if all(isinstance(c, bool) for c in labels)
+                    else "INT64" if all(isinstance(c, int) for c in labels) else "BYTES")
+        return [{"name": method, "datatype": datatype, "shape": [-1] + outputs}]
     if method in ("predict_proba", "predict_log_proba") and classes is not None:
-        return {"name": method, "datatype": "FP64", "shape": [-1, len(classes)]}
-    if method == "decision_function" and classes is not None:
-        return {"name": method, "datatype": "FP64", "shape": [-1] if len(classes) == 2 else [-1, len(classes)]}
+        return [{"name": method, "datatype": "FP64", "shape": [-1, len(classes)]}]
+    if method == "decision_function" and classes is not None and not model.output_classes:
+        return [{"name": method, "datatype": "FP64", "shape": [-1] if len(classes) == 2 else [-1, len(classes)]}]
     if method == "score_samples":
-        return {"name": method, "datatype": "FP64", "shape": [-1]}
-    return {"name": method, "datatype": "FP64", "shape": [-1, -1]}
+        return [{"name": method, "datatype": "FP64", "shape": [-1]}]
+    return [{"name": method, "datatype": "FP64", "shape": [-1, -1]}]
 
 
 def v2_metadata(model, versions):
@@ -2762,7 +2771,7 @@ def v2_metadata(model, versions):
     else:
         inputs = [{"name": "input-0", "datatype": "BYTES", "shape": [-1]}]
     return {"name": model.name, "versions": versions, "platform": "sklearn", "inputs": inputs,
-            "outputs": [v2_output_spec(model, method) for method in model.methods]}
+            "outputs": [spec for method in model.methods for spec in v2_output_specs(model, method)]}
 
 
 def v2_split_body(environ, body):
@@ -2911,12 +2920,13 @@ def _flatten(data):
 
 
 def v2_inputs(model, arrays, max_rows):
-    """What the estimator takes, from V2 tensors: one [rows, features] tensor, or one tensor per feature."""
+    """What the estimator takes, from V2 tensors: one [rows, features] tensor, or one [rows] tensor per feature
+    (as v2_metadata advertises for a model that names its features, one feature included)."""
     import numpy as np
 
-    if len(arrays) > 1:
+    name, array = arrays[0]
+    if len(arrays) > 1 or (model.feature_index and name in model.feature_index and array.ndim == 1):
         return model_inputs(model, {name: array.reshape(-1).tolist() for name, array in arrays}, max_rows)
-    _, array = arrays[0]
     if model.n_features is None or array.dtype == object:
         return array.tolist()
     if array.ndim != 2 or array.shape[1] != model.n_features:
@@ -2931,10 +2941,13 @@ def v2_outputs(model, results, binary_outputs):
     import numpy as np
 
     outputs, chunks = [], []
-    for method, result in results.items():
+    tensors = ((f"{method}_{number}" if isinstance(result, list) else method, method, part)
+               for method, result in results.items()
+               for number, part in enumerate(result if isinstance(result, list) else [result]))
+    for name, method, result in tensors:      # a list: a multi-output classifier's arrays, one per output
         array = np.asarray(result.toarray() if hasattr(result, "toarray") else result)
         datatype = v2_datatype(array)
-        entry = {"name": method, "datatype": datatype, "shape": list(array.shape)}
+        entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if method in binary_outputs:
             if datatype == "BYTES":
                 data = b"".join(len(b).to_bytes(4, "little") + b
@@ -4954,9 +4967,8 @@ def build_parser():
         description="Serve the scikit-learn models in a folder over HTTP (JSON in, JSON out).",
         epilog=f"Every option can also be set by an environment variable ({ENV_PREFIX}<OPTION>, "
                "for example MODEL_SERVICE_PORT=9000); a flag beats the environment, which beats the default.")
-    defaults = Config()
     for setting in SETTINGS:
-        default = getattr(defaults, setting.field)
+        default = setting.default
         shown = "none" if default in (None, ()) else ("yes" if default else "no") if type(default) is bool else default
         optional = {"nargs": "?", "const": setting.const} if setting.const else {}
         parser.add_argument(setting.flag, dest=setting.field, metavar=setting.metavar, default=None,

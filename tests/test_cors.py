@@ -54,6 +54,18 @@ def test_an_allowed_origin_gets_a_preflight_and_headers_on_answers_and_errors(cl
     app.options("/models", headers={"Origin": "https://evil.example"}, status=403)
 
 
+@pytest.mark.parametrize("origins", [("https://app.example",), ("*",)])
+def test_every_answer_varies_by_origin_so_a_shared_cache_never_mixes_them(client, origins):
+    """With CORS on, an answer depends on Origin whether or not this request's origin matched."""
+    app = client(cors_origins=origins)
+    for headers in ({}, {"Origin": "https://app.example"}, {"Origin": "https://evil.example"}):
+        for response in (app.get("/models", headers=headers),
+                         app.post_json("/models/iris/predict", {"instances": ROW}, headers=headers),
+                         app.get("/no/such/route", headers=headers, status=404)):
+            assert response.headers.getall("Vary") == ["Origin"], (headers, response.status)
+    assert "Vary" not in client().get("/models").headers, "no CORS, nothing varies"
+
+
 def test_a_preflight_lists_only_the_methods_the_path_has(client):
     app = client(cors_origins=("*",))
     assert app.options("/models", headers={"Origin": "https://a.example"}).headers["Allow"] == "GET, OPTIONS"

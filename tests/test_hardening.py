@@ -25,6 +25,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -38,7 +39,7 @@ from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 import service
-from conftest import ROOT, free_port, running, write_artifact
+from conftest import ROOT, free_port, running, stop_process, wait_until_healthy, write_artifact
 
 IRIS_X, IRIS_Y = load_iris(return_X_y=True)
 ROWS = IRIS_X[[0, 60, 120]].tolist()                 # one row of each class
@@ -817,6 +818,29 @@ def wait_for(condition, timeout, what):
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_exits_within_the_shutdown_timeout_while_an_abandoned_prediction_runs(helpers, tmp_path):
+    """A prediction past --max-predict-seconds goes on in the background; it must not keep the process alive."""
+    write_artifact(tmp_path / "slow.pkl", slow_model(helpers, 30), "pickle")
+    port = free_port()
+    command = helpers_command(helpers, tmp_path, port, "--max-predict-seconds", "0.5", "--shutdown-timeout", "2",
+                              "--poll-interval", "0")
+    process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_healthy(process, base, 30, lambda: "")
+        answer = http_call(port, "POST", "/models/slow/predict", json.dumps({"instances": ROWS}).encode(),
+                           JSON_HEADERS)
+        assert answer.status == 504, answer
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+        assert time.monotonic() - stopped < 2 + 2, "exited within --shutdown-timeout (and a margin)"
+    finally:
+        stop_process(process)
 
 
 def test_kill_9_of_a_gunicorn_worker_fails_at_most_its_requests_in_flight(helpers, tmp_path):

@@ -1774,11 +1774,14 @@ class ServedModel:
     def targets(self):
         return set(map(id, self.routes.values()))
 
+    def served_versions(self):
+        return [str(number) for number in self.served]
+
     def describe(self, clock):
         default = self.routes.get(None)
         labels = {label: str(slot.ref.version) for label, slot in self.routes.items() if label is not None}
         info = {"name": self.name, "latest_version": str(default.ref.version) if default else None,
-                "served_versions": [str(n) for n in self.served], "labels": labels,
+                "served_versions": self.served_versions(), "labels": labels,
                 "version_policy": self.settings.describe()["version_policy"] if self.settings else None,
                 "settings_error": self.settings_error, "versions": []}
         for number in sorted(self.versions, reverse=True):
@@ -2128,10 +2131,11 @@ class ModelRegistry:
             self._resident.pop(model, None)
 
     # -- requests -----------------------------------------------------------------
-    def acquire(self, name, version=None, label=None):
-        """The model that answers a request, loaded if need be; pair with release()."""
+    def acquire(self, name, version=None, label=None, slot=None):
+        """The model that answers a request (in `slot` when the caller resolved it), loaded if need be; pair
+        with release()."""
         for _ in range(3):
-            slot = self.slot(name, version, label)   # again after a miss: a rescan may have replaced it
+            slot = slot or self.slot(name, version, label)
             with self._usage:
                 model = slot.model
                 if model is not None:
@@ -2140,7 +2144,8 @@ class ModelRegistry:
                     return model
             if not slot.gone:
                 self._load(slot)
-        raise ModelUnavailable(f"model {name!r} version {slot.ref.version} was unloaded as soon as it loaded; "
+            number, slot = slot.ref.version, None        # resolved again: a rescan may have replaced it
+        raise ModelUnavailable(f"model {name!r} version {number} was unloaded as soon as it loaded; "
                                "is --max-loaded too small for the traffic?", retry_after=1, model=name)
 
     def release(self, model):
@@ -2240,7 +2245,6 @@ class ModelRegistry:
         entry = self.entry(name)
         if entry.settings is None:
             raise ModelUnavailable(f"model {name!r} is not served: {entry.settings_error}", model=name)
-        served = [str(n) for n in entry.served]
         if label is not None:
             slot = entry.routes.get(label)
             if slot is None:
@@ -2249,14 +2253,14 @@ class ModelRegistry:
                                + (f"names version {entry.settings.labels[label]}, which is not served"
                                   if known else "is not defined"),
                                model=name, labels={k: str(v) for k, v in entry.wanted.items() if k},
-                               served_versions=served)
+                               served_versions=entry.served_versions())
             return slot
         if version is None:
             slot = entry.routes.get(None)
             if slot is None:
                 raise NotFound(f"model {name!r} serves no version: none of "
                                f"{', '.join(map(str, sorted(entry.versions)))} is in its version policy",
-                               model=name, served_versions=served)
+                               model=name, served_versions=entry.served_versions())
             return slot
         if not VERSION.fullmatch(version):
             raise BadRequest(f"invalid version {_clip(repr(version), 40)}: versions are positive integers",
@@ -2265,7 +2269,7 @@ class ModelRegistry:
         if slot is None or int(version) not in entry.served:
             raise NotFound(f"model {name!r} " + (f"has no version {version}" if slot is None else
                                                  f"does not serve version {version} (see its version policy)"),
-                           model=name, served_versions=served)
+                           model=name, served_versions=entry.served_versions())
         return slot
 
     def require_store(self):
@@ -3519,7 +3523,7 @@ class ServiceApp(bottle.Bottle):
                 held.append(self.admission.release)
             slot = registry.slot(name, version, label)
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
-            model = registry.acquire(name, version, label)
+            model = registry.acquire(name, version, label, slot)
             held.append(functools.partial(registry.release, model))
             methods, inputs = codec.inputs(model, asked, config)
             environ["service.labels"] = (("model", name), ("version", model.version),
@@ -3634,7 +3638,7 @@ class ServiceApp(bottle.Bottle):
 
     def v2_model_metadata(self, name, version=None):
         model = self._loaded(name, version)
-        return v2_metadata(model, [str(n) for n in self.registry.entry(name).served])
+        return v2_metadata(model, self.registry.entry(name).served_versions())
 
     def v2_repository_index(self):
         asked = json_body(bottle.request.environ, self.service_config, required=False)

@@ -1934,7 +1934,8 @@ class ModelRegistry:
 
         With `settle`, a new or changed artifact is used only once two scans in a row
         saw the same size and mtime (a file still being written changes between them).
-        A version in use is replaced only after its new artifact has loaded.
+        A version in use is replaced only after its new artifact has loaded, and a model
+        whose versions all left the store stays while a new one settles (`mv m/1 m/2`).
         """
         old_catalogue, catalogue, unsettled = self._catalogue, {}, {}
         for name, refs in found.items():
@@ -1956,14 +1957,18 @@ class ModelRegistry:
                     if slot.replacing is None and slot.rejected != ref.fingerprint:
                         slot.replacing = ref
                         _in_background(self._replace, slot, ref)
-            if slots:
-                catalogue[name] = self._serve(name, slots, previous)
+            pending = {number for (model, number) in unsettled if model == name and number not in slots}
+            if slots or (previous and pending):
+                catalogue[name] = self._serve(name, slots, previous, pending)
         self._unsettled = unsettled
         self._catalogue = catalogue
         self._unload_unserved(old_catalogue, catalogue)
 
-    def _serve(self, name, slots, previous):
-        """Apply the model's settings to its versions: what is served, and where each route points."""
+    def _serve(self, name, slots, previous, pending=()):
+        """Apply the model's settings to its versions: what is served, and where each route points.
+
+        `pending` are the version numbers whose new artifacts have not settled yet.
+        """
         settings, error = self._read_settings(name)
         if settings is None:
             return ServedModel(name, slots, (), None, error, {}, {})
@@ -1971,9 +1976,12 @@ class ModelRegistry:
         wanted = {None: served[0]} if served else {}
         wanted.update({label: n for label, n in settings.labels.items() if n in served})
         routes = {}
+        for key, current in (previous.routes.items() if previous else ()):
+            if key not in wanted and self._holds(current, slots, pending):
+                routes[key] = current
         for key, number in wanted.items():
             current = previous.routes.get(key) if previous else None
-            routes[key] = self._route(name, key, current, slots[number], slots)
+            routes[key] = self._route(name, key, current, slots[number], slots, pending)
         pinned = self._preloaded(name)
         for number, slot in slots.items():
             slot.pinned = pinned and number in served
@@ -2011,16 +2019,37 @@ class ModelRegistry:
         return LoadOptions(safe_pickle=self.config.safe_pickle or settings.safe_pickle, trust=self.config.trust,
                            sha256=tuple(digests), strict_versions=self.config.strict_versions)
 
-    def _route(self, name, key, current, wanted, slots):
-        """The version a route should answer with now: `wanted`, unless it must load first."""
-        if wanted is current or wanted.model is not None or current is None \
-                or slots.get(current.ref.version) is not current:
+    def _route(self, name, key, current, wanted, slots, pending):
+        """The version a route should answer with now: `wanted`, unless it must load first.
+
+        TF Serving's availability-preserving rule: what answers keeps answering until its
+        successor has loaded, even after its artifact left the store (its model is still in
+        memory), and a route never falls back to an older version because its own version's
+        successor has not settled yet.
+        """
+        if wanted is current or current is None:
             return wanted
-        if current.model is None and wanted.state != FAILED:
+        if self._holds(current, slots, pending):
+            return current
+        if wanted.model is not None:
+            return wanted
+        departed = slots.get(current.ref.version) is not current
+        if current.model is None and (departed or wanted.state != FAILED):
             return wanted              # nothing in memory to protect: its next request loads the new one
         if wanted.state != LOADING:
             _in_background(self._promote, name, key, wanted)
         return current
+
+    @staticmethod
+    def _holds(current, slots, pending):
+        """Whether a route stays on `current`, which left the store, while a version as high is settling.
+
+        Renaming the serving version's folder to a higher number (`mv m/5 m/6`) is, for one
+        scan, a removal of 5 and an unsettled 6: the route keeps answering with 5 from memory
+        (or 503 with Retry-After if 5 is not loaded), never with 4.
+        """
+        return current is not None and slots.get(current.ref.version) is not current and \
+            any(number >= current.ref.version for number in pending)
 
     def _promote(self, name, key, slot):
         """Load a route's new target in the background, then point the route at it."""
@@ -2040,7 +2069,11 @@ class ModelRegistry:
                     f"label {key!r}" if key else "(latest)", slot.ref.version)
 
     def _unload_unserved(self, old_catalogue, catalogue):
-        """Unload what left the store, left the policy or stopped being a route's target."""
+        """Unload what left the store, left the policy or stopped being a route's target.
+
+        A version that left the store while a route still answers with it (see _holds) is
+        marked gone but stays in memory until no route points at it.
+        """
         keep = set()
         for entry in catalogue.values():
             keep |= entry.targets()
@@ -2049,13 +2082,15 @@ class ModelRegistry:
         with self._usage:
             for name, entry in old_catalogue.items():
                 current = catalogue.get(name)
-                for number, slot in entry.versions.items():
+                slots = {id(slot): (slot.ref.version, slot) for slot in entry.routes.values()}
+                slots.update((id(slot), (number, slot)) for number, slot in entry.versions.items())
+                for number, slot in slots.values():
                     removed = current is None or current.versions.get(number) is not slot
                     if removed:
                         slot.gone = True
-                        if current is None or number not in current.versions:
+                        if id(slot) not in keep and (current is None or number not in current.versions):
                             departed.append((name, str(number)))
-                    if slot.model is not None and (removed or id(slot) not in keep):
+                    if slot.model is not None and id(slot) not in keep:
                         logger.info("model %r version %s %s: unloaded", name, number,
                                     "left the store" if removed else "is no longer served")
                         self._retire(slot.model, slot)
@@ -2178,6 +2213,9 @@ class ModelRegistry:
                     return model
             if not slot.gone:
                 self._load(slot)
+        if slot.gone:          # held by _holds while its successor settles: never an older version instead
+            raise ModelUnavailable(f"model {name!r} version {slot.ref.version} left the store and the version "
+                                   "that follows it is not ready yet", retry_after=1, model=name)
         raise ModelUnavailable(f"model {name!r} version {slot.ref.version} was unloaded as soon as it loaded; "
                                "is --max-loaded too small for the traffic?", retry_after=1, model=name)
 

@@ -2524,7 +2524,13 @@ def check_content_type(environ):
 
 
 def parse_json(data, max_depth, what="request body"):
-    """Parse JSON text (bytes or str) with a nesting bound; every failure is a 400."""
+    """Parse JSON text (bytes or str) with a nesting bound; every failure is a 400.
+
+    Strict RFC 8259, in every protocol: Python's json module also reads NaN, Infinity and
+    -Infinity, which are not JSON, and turns numbers beyond a float's range (1e400) into
+    infinity; both are refused, so no value reaches a model that the client could not have
+    written in JSON.  A missing value is null.
+    """
     raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
     if isinstance(data, bytes):
         try:
@@ -2534,13 +2540,32 @@ def parse_json(data, max_depth, what="request body"):
     if not data.strip():
         raise BadRequest(f"{what} is empty: send JSON")
     try:
-        value = json.loads(data)
+        if _MAYBE_OUT_OF_RANGE.search(data):        # rare: pay for a hook on every float only then
+            value = json.loads(data, parse_constant=_not_json, parse_float=_finite_float)
+        else:
+            value = json.loads(data, parse_constant=_not_json)
     except RecursionError:
         raise BadRequest(f"{what} is nested too deeply") from None
     except ValueError as error:
         raise BadRequest(f"{what} is not valid JSON: {error}") from None
     if _nested_deeper_than(max_depth, raw):
         raise BadRequest(f"{what} is nested deeper than {max_depth} levels")
+    return value
+
+
+_MAYBE_OUT_OF_RANGE = re.compile(r"[eE]\+?0*[1-9][0-9]{2}|[0-9]{300}")     # an exponent >= 100, or 300 digits
+
+
+def _not_json(token):
+    """parse_constant: NaN, Infinity and -Infinity are JavaScript, not JSON."""
+    raise ValueError(f"{token} is not a JSON value (RFC 8259); send null for a missing value")
+
+
+def _finite_float(text):
+    """parse_float: a number beyond a float's range would silently become infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {_clip(text, 40)} is out of a float's range")
     return value
 
 
@@ -2655,6 +2680,12 @@ def model_inputs(model, rows, max_rows):
     DataFrame when fitted on named columns; rows may be lists or objects keyed by
     feature name, and columns may come as {feature: [values]}.  Every other model
     (text pipelines, sequence models) gets the JSON value unchanged.
+
+    A tabular value is a JSON number, null (a missing value: NaN) or a string that is
+    no number's spelling (a category such as "red": the rows then go to the model as
+    objects, and a model that takes only numbers refuses them).  The service never
+    turns text or booleans into numbers, as numpy would ("5.1" -> 5.1, true -> 1.0):
+    those are a 400 naming the feature.
     """
     if isinstance(rows, dict):
         rows = _columns_to_rows(model, rows)
@@ -2668,6 +2699,7 @@ def model_inputs(model, rows, max_rows):
         return rows
     if isinstance(rows[0], dict):
         rows = _named_rows(model, rows)
+    _refuse_coercions(model, rows)
     import numpy as np
 
     try:
@@ -2686,6 +2718,38 @@ def model_inputs(model, rows, max_rows):
     if model.make_frame is not None:
         return model.make_frame(matrix, columns=model.feature_names)
     return matrix
+
+
+def _refuse_coercions(model, rows):
+    """400 for a cell numpy would turn into a number without the client asking: text or a boolean.
+
+    The common case (numbers and nulls only) costs one pass over the cells' types.
+    """
+    try:
+        kinds = set(map(type, itertools.chain.from_iterable(rows)))
+    except TypeError:
+        return                          # a row that is no list: the shape check refuses it
+    if not kinds & {str, bool}:
+        return
+    for number, row in enumerate(rows):
+        if not isinstance(row, list):
+            continue
+        for position, value in enumerate(row):
+            if value is True or value is False or isinstance(value, str) and _spells_number(value):
+                feature = (repr(model.feature_names[position])
+                           if model.feature_names and position < len(model.feature_names) else position)
+                raise BadRequest(f"instance {number}, feature {feature}: {_clip(json.dumps(value), 40)} is "
+                                 f"{'a boolean' if isinstance(value, bool) else 'a string'}, not a number: "
+                                 "send numbers as JSON numbers (null for a missing value)", model=model.name)
+
+
+def _spells_number(text):
+    """Whether numpy's float conversion would read `text` as a number ("5.1", " 1e3", "nan", "inf")."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _named_rows(model, rows):

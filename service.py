@@ -1492,21 +1492,54 @@ def _stack(inputs):
     return np.concatenate(inputs)
 
 
+# Estimators whose every prediction method checks X with scikit-learn's check_array on the rows it
+# was given, keeping float64, refusing infinity always and NaN unless the allow_nan tag admits it, and
+# which hold no estimator: a NaN/infinity check done by the service before the call is then exactly
+# the one scikit-learn would make.  Exact classes only (a subclass may check otherwise), and only ones
+# tests/test_prechecks.py compares with scikit-learn.  Not here, on purpose: trees, forests and
+# gradient boosting check in float32 (1e300 becomes infinity there, not in float64); histogram
+# boosting and the dummies check nothing; every meta-estimator, pipeline or wrapper, whose tag does
+# not say what its parts accept, and whose parts see data the service never checked.
+FINITE_CHECKED = (
+    "sklearn.linear_model.LinearRegression", "sklearn.linear_model.Ridge", "sklearn.linear_model.RidgeClassifier",
+    "sklearn.linear_model.Lasso", "sklearn.linear_model.ElasticNet", "sklearn.linear_model.LogisticRegression",
+    "sklearn.linear_model.SGDClassifier", "sklearn.linear_model.SGDRegressor",
+    "sklearn.linear_model.PoissonRegressor", "sklearn.linear_model.TweedieRegressor",
+    "sklearn.linear_model.GammaRegressor",
+    "sklearn.svm.SVC", "sklearn.svm.SVR", "sklearn.svm.LinearSVC", "sklearn.svm.LinearSVR",
+    "sklearn.naive_bayes.GaussianNB", "sklearn.naive_bayes.MultinomialNB", "sklearn.naive_bayes.BernoulliNB",
+    "sklearn.naive_bayes.ComplementNB",
+    "sklearn.neighbors.KNeighborsClassifier", "sklearn.neighbors.KNeighborsRegressor",
+    "sklearn.cluster.KMeans", "sklearn.decomposition.PCA", "sklearn.decomposition.TruncatedSVD",
+    "sklearn.preprocessing.StandardScaler", "sklearn.preprocessing.MinMaxScaler",
+    "sklearn.preprocessing.MaxAbsScaler", "sklearn.preprocessing.RobustScaler",
+    "sklearn.preprocessing.Normalizer", "sklearn.preprocessing.Binarizer",
+    "sklearn.preprocessing.PolynomialFeatures", "sklearn.preprocessing.KBinsDiscretizer",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _finite_checked_classes():
+    """FINITE_CHECKED as classes, found once (a name this scikit-learn lacks is skipped)."""
+    return frozenset(kind for kind in map(_lookup, FINITE_CHECKED) if isinstance(kind, type))
+
+
 def _finite_checked_call(estimator):
     """A caller that checks float inputs for NaN and infinity itself, then lets scikit-learn skip it.
 
     scikit-learn's own check (assume_finite=False) costs about a tenth of a small model's
     request (measured: 40 of 400 µs for the iris LogisticRegression); numpy does the same check
-    in about 4 µs.  Applied only where it is exactly equivalent: the estimator must see the
-    request's rows themselves, so no part of it may transform them first (a Pipeline, a
-    ColumnTransformer, a FeatureUnion, a FunctionTransformer: their later steps would no longer
-    check what the earlier ones produced), and its `allow_nan` tag must be known.  NaN passes
-    where the tag allows it, infinity never does, as in scikit-learn.  Other inputs (objects,
-    DataFrames) and other models are left to scikit-learn.  None when it does not apply.
+    in about 4 µs.  A shortcut may never change an answer or a refusal, so it applies only where
+    it is the same check: to the classes of FINITE_CHECKED, holding no other estimator
+    (assume_finite, set around the call, would switch off every check inside it too).  NaN
+    passes where the allow_nan tag admits it, infinity never, as check_array does for these.
+    Other inputs (objects, DataFrames) and other models are left to scikit-learn.  None when it
+    does not apply.
     """
+    if type(estimator) not in _finite_checked_classes() or _estimator_parts(estimator, [], set()) != [estimator]:
+        return None
     allow_nan = _allows_nan(estimator)
-    if allow_nan is None or any(hasattr(part, attr) for part in _estimator_parts(estimator, [], set())
-                                for attr in ("steps", "transformers", "transformer_list", "func")):
+    if allow_nan is None:
         return None
     import numpy as np
     from sklearn import get_config, set_config
@@ -1514,7 +1547,7 @@ def _finite_checked_call(estimator):
     ndarray, isfinite, isinf = np.ndarray, np.isfinite, np.isinf
 
     def call(function, inputs):
-        if type(inputs) is not ndarray or inputs.dtype.kind != "f":
+        if type(inputs) is not ndarray or inputs.dtype != np.float64:
             return function(inputs)
         if isinf(inputs).any() if allow_nan else not isfinite(inputs).all():
             raise ValueError(f"Input X contains {'infinity' if allow_nan else 'NaN or infinity'}: "
@@ -1899,7 +1932,8 @@ class ModelRegistry:
 
         With `settle`, a new or changed artifact is used only once two scans in a row
         saw the same size and mtime (a file still being written changes between them).
-        A version in use is replaced only after its new artifact has loaded.
+        A version in use is replaced only after its new artifact has loaded, and a model
+        whose versions all left the store stays while a new one settles (`mv m/1 m/2`).
         """
         old_catalogue, catalogue, unsettled = self._catalogue, {}, {}
         for name, refs in found.items():
@@ -1921,14 +1955,18 @@ class ModelRegistry:
                     if slot.replacing is None and slot.rejected != ref.fingerprint:
                         slot.replacing = ref
                         _in_background(self._replace, slot, ref)
-            if slots:
-                catalogue[name] = self._serve(name, slots, previous)
+            pending = {number for (model, number) in unsettled if model == name and number not in slots}
+            if slots or (previous and pending):
+                catalogue[name] = self._serve(name, slots, previous, pending)
         self._unsettled = unsettled
         self._catalogue = catalogue
         self._unload_unserved(old_catalogue, catalogue)
 
-    def _serve(self, name, slots, previous):
-        """Apply the model's settings to its versions: what is served, and where each route points."""
+    def _serve(self, name, slots, previous, pending=()):
+        """Apply the model's settings to its versions: what is served, and where each route points.
+
+        `pending` are the version numbers whose new artifacts have not settled yet.
+        """
         settings, error = self._read_settings(name)
         if settings is None:
             return ServedModel(name, slots, (), None, error, {}, {})
@@ -1936,9 +1974,12 @@ class ModelRegistry:
         wanted = {None: served[0]} if served else {}
         wanted.update({label: n for label, n in settings.labels.items() if n in served})
         routes = {}
+        for key, current in (previous.routes.items() if previous else ()):
+            if key not in wanted and self._holds(current, slots, pending):
+                routes[key] = current
         for key, number in wanted.items():
             current = previous.routes.get(key) if previous else None
-            routes[key] = self._route(name, key, current, slots[number], slots)
+            routes[key] = self._route(name, key, current, slots[number], slots, pending)
         pinned = self._preloaded(name)
         for number, slot in slots.items():
             slot.pinned = pinned and number in served
@@ -1976,16 +2017,37 @@ class ModelRegistry:
         return LoadOptions(safe_pickle=self.config.safe_pickle or settings.safe_pickle, trust=self.config.trust,
                            sha256=tuple(digests), strict_versions=self.config.strict_versions)
 
-    def _route(self, name, key, current, wanted, slots):
-        """The version a route should answer with now: `wanted`, unless it must load first."""
-        if wanted is current or wanted.model is not None or current is None \
-                or slots.get(current.ref.version) is not current:
+    def _route(self, name, key, current, wanted, slots, pending):
+        """The version a route should answer with now: `wanted`, unless it must load first.
+
+        TF Serving's availability-preserving rule: what answers keeps answering until its
+        successor has loaded, even after its artifact left the store (its model is still in
+        memory), and a route never falls back to an older version because its own version's
+        successor has not settled yet.
+        """
+        if wanted is current or current is None:
             return wanted
-        if current.model is None and wanted.state != FAILED:
+        if self._holds(current, slots, pending):
+            return current
+        if wanted.model is not None:
+            return wanted
+        departed = slots.get(current.ref.version) is not current
+        if current.model is None and (departed or wanted.state != FAILED):
             return wanted              # nothing in memory to protect: its next request loads the new one
         if wanted.state != LOADING:
             _in_background(self._promote, name, key, wanted)
         return current
+
+    @staticmethod
+    def _holds(current, slots, pending):
+        """Whether a route stays on `current`, which left the store, while a version as high is settling.
+
+        Renaming the serving version's folder to a higher number (`mv m/5 m/6`) is, for one
+        scan, a removal of 5 and an unsettled 6: the route keeps answering with 5 from memory
+        (or 503 with Retry-After if 5 is not loaded), never with 4.
+        """
+        return current is not None and slots.get(current.ref.version) is not current and \
+            any(number >= current.ref.version for number in pending)
 
     def _promote(self, name, key, slot):
         """Load a route's new target in the background, then point the route at it."""
@@ -2005,7 +2067,11 @@ class ModelRegistry:
                     f"label {key!r}" if key else "(latest)", slot.ref.version)
 
     def _unload_unserved(self, old_catalogue, catalogue):
-        """Unload what left the store, left the policy or stopped being a route's target."""
+        """Unload what left the store, left the policy or stopped being a route's target.
+
+        A version that left the store while a route still answers with it (see _holds) is
+        marked gone but stays in memory until no route points at it.
+        """
         keep = set()
         for entry in catalogue.values():
             keep |= entry.targets()
@@ -2014,13 +2080,15 @@ class ModelRegistry:
         with self._usage:
             for name, entry in old_catalogue.items():
                 current = catalogue.get(name)
-                for number, slot in entry.versions.items():
+                slots = {id(slot): (slot.ref.version, slot) for slot in entry.routes.values()}
+                slots.update((id(slot), (number, slot)) for number, slot in entry.versions.items())
+                for number, slot in slots.values():
                     removed = current is None or current.versions.get(number) is not slot
                     if removed:
                         slot.gone = True
-                        if current is None or number not in current.versions:
+                        if id(slot) not in keep and (current is None or number not in current.versions):
                             departed.append((name, str(number)))
-                    if slot.model is not None and (removed or id(slot) not in keep):
+                    if slot.model is not None and id(slot) not in keep:
                         logger.info("model %r version %s %s: unloaded", name, number,
                                     "left the store" if removed else "is no longer served")
                         self._retire(slot.model, slot)
@@ -2144,8 +2212,11 @@ class ModelRegistry:
                     return model
             if not slot.gone:
                 self._load(slot)
-            number, slot = slot.ref.version, None        # resolved again: a rescan may have replaced it
-        raise ModelUnavailable(f"model {name!r} version {number} was unloaded as soon as it loaded; "
+            last, slot = slot, None                      # resolved again: a rescan may have replaced it
+        if last.gone:          # held by _holds while its successor settles: never an older version instead
+            raise ModelUnavailable(f"model {name!r} version {last.ref.version} left the store and the version "
+                                   "that follows it is not ready yet", retry_after=1, model=name)
+        raise ModelUnavailable(f"model {name!r} version {last.ref.version} was unloaded as soon as it loaded; "
                                "is --max-loaded too small for the traffic?", retry_after=1, model=name)
 
     def release(self, model):
@@ -2461,7 +2532,13 @@ def json_body(environ, config, required=True):
 
 
 def parse_json(data, max_depth, what="request body"):
-    """Parse JSON text (bytes or str) with a nesting bound; every failure is a 400."""
+    """Parse JSON text (bytes or str) with a nesting bound; every failure is a 400.
+
+    Strict RFC 8259, in every protocol: Python's json module also reads NaN, Infinity and
+    -Infinity, which are not JSON, and turns numbers beyond a float's range (1e400) into
+    infinity; both are refused, so no value reaches a model that the client could not have
+    written in JSON.  A missing value is null.
+    """
     raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
     if isinstance(data, bytes):
         try:
@@ -2471,13 +2548,32 @@ def parse_json(data, max_depth, what="request body"):
     if not data.strip():
         raise BadRequest(f"{what} is empty: send JSON")
     try:
-        value = json.loads(data)
+        if _MAYBE_OUT_OF_RANGE.search(data):        # rare: pay for a hook on every float only then
+            value = json.loads(data, parse_constant=_not_json, parse_float=_finite_float)
+        else:
+            value = json.loads(data, parse_constant=_not_json)
     except RecursionError:
         raise BadRequest(f"{what} is nested too deeply") from None
     except ValueError as error:
         raise BadRequest(f"{what} is not valid JSON: {error}") from None
     if _nested_deeper_than(max_depth, raw):
         raise BadRequest(f"{what} is nested deeper than {max_depth} levels")
+    return value
+
+
+_MAYBE_OUT_OF_RANGE = re.compile(r"[eE]\+?0*[1-9][0-9]{2}|[0-9]{300}")     # an exponent >= 100, or 300 digits
+
+
+def _not_json(token):
+    """parse_constant: NaN, Infinity and -Infinity are JavaScript, not JSON."""
+    raise ValueError(f"{token} is not a JSON value (RFC 8259); send null for a missing value")
+
+
+def _finite_float(text):
+    """parse_float: a number beyond a float's range would silently become infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {_clip(text, 40)} is out of a float's range")
     return value
 
 
@@ -2588,6 +2684,12 @@ def model_inputs(model, rows, max_rows):
     DataFrame when fitted on named columns; rows may be lists or objects keyed by
     feature name, and columns may come as {feature: [values]}.  Every other model
     (text pipelines, sequence models) gets the JSON value unchanged.
+
+    A tabular value is a JSON number, null (a missing value: NaN) or a string that is
+    no number's spelling (a category such as "red": the rows then go to the model as
+    objects, and a model that takes only numbers refuses them).  The service never
+    turns text or booleans into numbers, as numpy would ("5.1" -> 5.1, true -> 1.0):
+    those are a 400 naming the feature.
     """
     if isinstance(rows, dict):
         rows = _columns_to_rows(model, rows)
@@ -2601,6 +2703,7 @@ def model_inputs(model, rows, max_rows):
         return rows
     if isinstance(rows[0], dict):
         rows = _named_rows(model, rows)
+    _refuse_coercions(model, rows)
     import numpy as np
 
     try:
@@ -2619,6 +2722,38 @@ def model_inputs(model, rows, max_rows):
     if model.make_frame is not None:
         return model.make_frame(matrix, columns=model.feature_names)
     return matrix
+
+
+def _refuse_coercions(model, rows):
+    """400 for a cell numpy would turn into a number without the client asking: text or a boolean.
+
+    The common case (numbers and nulls only) costs one pass over the cells' types.
+    """
+    try:
+        kinds = set(map(type, itertools.chain.from_iterable(rows)))
+    except TypeError:
+        return                          # a row that is no list: the shape check refuses it
+    if not kinds & {str, bool}:
+        return
+    for number, row in enumerate(rows):
+        if not isinstance(row, list):
+            continue
+        for position, value in enumerate(row):
+            if value is True or value is False or isinstance(value, str) and _spells_number(value):
+                feature = (repr(model.feature_names[position])
+                           if model.feature_names and position < len(model.feature_names) else position)
+                raise BadRequest(f"instance {number}, feature {feature}: {_clip(json.dumps(value), 40)} is "
+                                 f"{'a boolean' if isinstance(value, bool) else 'a string'}, not a number: "
+                                 "send numbers as JSON numbers (null for a missing value)", model=model.name)
+
+
+def _spells_number(text):
+    """Whether numpy's float conversion would read `text` as a number ("5.1", " 1e3", "nan", "inf")."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _named_rows(model, rows):

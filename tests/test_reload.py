@@ -97,7 +97,7 @@ def test_a_removed_version_and_model_disappear(tmp_path, registry, iris_classifi
         registry.get("m", "2")
     with pytest.raises(service.NotFound):
         registry.get("gone")
-    assert registry.slot("m").ref.version == 1
+    wait_until(lambda: registry.slot("m").ref.version == 1)     # once 1 has loaded: 2 answered till then
     assert labels(held) == [0, 2], "a request holding the removed version finishes on it"
 
 
@@ -220,3 +220,99 @@ def test_swaps_under_load_fail_no_request_and_versions_only_move_forward(tmp_pat
         assert failures == []
         assert seen == sorted(seen), "a client saw an older version after a newer one"
         assert seen[-1] == 3 and len(seen) > 10
+
+
+# -- a serving version's folder renamed: availability is kept, and no route moves backwards ------------------
+
+def rename_version(root, old, new):
+    os.rename(root / "m" / str(old), root / "m" / str(new))
+
+
+def test_a_renamed_serving_version_answers_until_its_successor_loads(tmp_path, registry, iris_classifier,
+                                                                     named_labels_classifier):
+    """`mv m/5 m/6`: for one scan 5 is gone and 6 has not settled; 5 keeps answering, 4 never does."""
+    publish(tmp_path / "m" / "4" / "model.joblib", iris_classifier)
+    publish(tmp_path / "m" / "5" / "model.joblib", named_labels_classifier)
+    registry.refresh()
+    serving = registry.get("m")
+    rename_version(tmp_path, 5, 6)
+    registry.poll()                                       # 5 left, 6 seen once
+    assert registry.slot("m").ref.version == 5
+    assert registry.get("m") is serving and labels(serving) == ["setosa", "virginica"]
+    registry.poll()                                       # 6 settled: it loads beside 5, then takes over
+    wait_until(lambda: registry.slot("m").ref.version == 6)
+    assert labels(registry.get("m")) == ["setosa", "virginica"]
+    assert registry.entry("m").versions[4].loads == 0, "the older version was never needed"
+    assert registry.loaded_count() == 1, "the departed version left memory once its successor served"
+
+
+def test_a_renamed_version_not_in_memory_is_503_until_its_successor_settles(tmp_path, registry, iris_classifier,
+                                                                          named_labels_classifier):
+    publish(tmp_path / "m" / "4" / "model.joblib", iris_classifier)
+    publish(tmp_path / "m" / "5" / "model.joblib", named_labels_classifier)
+    registry.refresh()
+    rename_version(tmp_path, 5, 6)
+    registry.poll()
+    with pytest.raises(service.ModelUnavailable) as refused:
+        registry.acquire("m")
+    assert refused.value.retry_after == 1 and "left the store" in str(refused.value)
+    registry.poll()
+    assert labels(registry.get("m")) == ["setosa", "virginica"] and registry.slot("m").ref.version == 6
+    assert registry.entry("m").versions[4].loads == 0
+
+
+def test_a_model_whose_only_version_is_renamed_never_disappears(tmp_path, registry, iris_classifier):
+    publish(tmp_path / "m" / "1" / "model.joblib", iris_classifier)
+    registry.refresh()
+    serving = registry.get("m")
+    rename_version(tmp_path, 1, 2)
+    registry.poll()
+    assert registry.names() == ["m"] and registry.get("m") is serving
+    registry.poll()
+    wait_until(lambda: registry.slot("m").ref.version == 2)
+    assert labels(registry.get("m")) == [0, 2]
+
+
+def test_clients_polling_through_a_rename_see_no_failure_and_no_older_version(tmp_path, serve_store,
+                                                                              iris_classifier,
+                                                                              named_labels_classifier):
+    store = tmp_path / "store"
+    publish(store / "m" / "4" / "model.joblib", iris_classifier)
+    publish(store / "m" / "5" / "model.joblib", named_labels_classifier)
+    with serve_store(store, "--poll-interval", "0.1", "--threads", "8") as base:
+        stop, renamed = threading.Event(), threading.Event()
+
+        def client():
+            seen, failures, session = [], [], requests.Session()
+            while not stop.is_set():
+                response = session.post(base + "/models/m/predict", json={"instances": ROWS.tolist()}, timeout=30)
+                if response.status_code != 200:
+                    failures.append((response.status_code, response.text))
+                else:
+                    seen.append((int(response.json()["version"]), renamed.is_set()))
+            return seen, failures
+
+        def latest():
+            return requests.get(base + "/models/m", timeout=30).json()["latest_version"]
+
+        def state(version):
+            versions = requests.get(base + "/models/m", timeout=30).json()["versions"]
+            return {v["version"]: v["state"] for v in versions}.get(version)
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            clients = [pool.submit(client) for _ in range(3)]
+            try:
+                wait_until(lambda: state("5") == "AVAILABLE")        # answering, not loading, when renamed
+                rename_version(store, 5, 6)
+                renamed.set()
+                wait_until(lambda: latest() == "6")
+                last = requests.post(base + "/models/m/predict", json={"instances": ROWS.tolist()}, timeout=30)
+                assert last.json()["version"] == "6"
+            finally:
+                stop.set()
+            results = [future.result() for future in clients]
+    for seen, failures in results:
+        assert failures == []
+        versions = [version for version, _ in seen]
+        assert min(versions) >= 5 and versions == sorted(versions), "a client saw an older version"
+        assert any(after for _, after in seen), "the client kept polling through the rename"

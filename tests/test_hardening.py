@@ -37,8 +37,7 @@ from sklearn.datasets import load_diabetes, load_iris
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-import service
-from conftest import ROOT, free_port, running, write_artifact
+from conftest import ROOT, free_port, running, service_app, strict_json, wait_until, write_artifact
 
 IRIS_X, IRIS_Y = load_iris(return_X_y=True)
 ROWS = IRIS_X[[0, 60, 120]].tolist()                 # one row of each class
@@ -150,12 +149,6 @@ def wsgi_call(app, method, target, body=None, headers=None):
 
 LEAK_MARKERS = ("Traceback", 'File "', "<class", "<function", "<module", " object at 0x", "site-packages",
                 ROOT, "/work/", "/srv/private", "0xdeadbeef")
-
-
-def strict_json(data):
-    def refuse(token):
-        raise ValueError(f"non-standard JSON token {token}")
-    return json.loads(data.decode("utf-8"), parse_constant=refuse)
 
 
 def strings_in(value):
@@ -298,15 +291,14 @@ def predictions_of(body):
 
 @pytest.mark.parametrize("transport", ["in-process", "waitress"])
 def test_names_in_urls_never_reach_outside_the_store_on_any_route(request, transport, traversal_store,
-                                                                    iris_classifier):
+                                                                    iris_classifier, make_app):
     """Every traversal, encoding trick, absolute path and outward symlink, on every protocol's model routes:
     400/404 strict JSON, never the outside model's answer, and in-process nothing outside the store is even
     opened; valid look-alike names (model..1, a.b-c_d) are still served."""
     if transport == "waitress":
         call = functools.partial(http_call, request.getfixturevalue("traversal_server"))
     else:
-        application = service.create_app(store=traversal_store / "store", poll_interval=0, default_model="iris")
-        request.addfinalizer(application.config["service.registry"].stop_watching)
+        application = make_app(store=traversal_store / "store", poll_interval=0, default_model="iris")
         call = functools.partial(wsgi_call, webtest.TestApp(application))
     expected = iris_classifier.predict(np.array(ROWS)).tolist()
     wrong = []
@@ -471,10 +463,9 @@ def corpus_store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus_app(corpus_store):
-    application = service.create_app(store=corpus_store, poll_interval=0, default_model="hgb",
-                                     max_body_bytes=CORPUS_LIMIT)
-    yield webtest.TestApp(application)
-    application.config["service.registry"].stop_watching()
+    with service_app(store=corpus_store, poll_interval=0, default_model="hgb",
+                     max_body_bytes=CORPUS_LIMIT) as application:
+        yield webtest.TestApp(application)
 
 
 @pytest.mark.parametrize("protocol, entry", CORPUS_PARAMS)
@@ -504,23 +495,18 @@ FAULT_REQUESTS = [("POST", "/models/faulty/predict", NATIVE_BODY),
 
 
 @pytest.mark.parametrize("batch", [1, 8], ids=["unbatched", "batched"])
-def test_a_fault_inside_the_service_is_a_bare_500_with_an_error_id(helpers, tmp_path, caplog, batch):
+def test_a_fault_inside_the_service_is_a_bare_500_with_an_error_id(helpers, tmp_path, caplog, make_app, batch):
     """A real estimator whose predict raises RuntimeError (a fault of ours, not the caller's): on every
     protocol a 500 holding only error, code and error_id, nothing of the exception; the id is in the log."""
     model = helpers.FaultyLogisticRegression(max_iter=1000).fit(IRIS_X, IRIS_Y)
     write_artifact(tmp_path / "faulty.pkl", model, "pickle")
-    application = service.create_app(store=tmp_path, poll_interval=0, default_model="faulty",
-                                     max_batch_size=batch)
-    app = webtest.TestApp(application)
-    try:
-        for method, target, body in FAULT_REQUESTS:
-            answer = wsgi_call(app, method, target, body, JSON_HEADERS if body else None)
-            assert answer.status == 500, (target, answer)
-            result = check_answer(answer, secrets=[tmp_path], target=target)
-            assert result["code"] == "internal_error" and len(result["error_id"]) == 12, result
-            assert result["error_id"] in caplog.text
-    finally:
-        application.config["service.registry"].stop_watching()
+    app = webtest.TestApp(make_app(store=tmp_path, poll_interval=0, default_model="faulty", max_batch_size=batch))
+    for method, target, body in FAULT_REQUESTS:
+        answer = wsgi_call(app, method, target, body, JSON_HEADERS if body else None)
+        assert answer.status == 500, (target, answer)
+        result = check_answer(answer, secrets=[tmp_path], target=target)
+        assert result["code"] == "internal_error" and len(result["error_id"]) == 12, result
+        assert result["error_id"] in caplog.text
     assert "RuntimeError: internal detail" in caplog.text, "the traceback goes to the log, not to the client"
 
 
@@ -553,7 +539,7 @@ def concurrency_requests(seed=7, count=48):
 
 def test_sixteen_threads_at_a_tiny_switch_interval_answer_bit_identically(tmp_path, iris_classifier,
                                                                           named_iris_classifier,
-                                                                          diabetes_regressor):
+                                                                          diabetes_regressor, make_app):
     """16 threads, same and different models (first loads included), sys.setswitchinterval(1e-6): every
     answer byte for byte what a sequential run gave."""
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
@@ -562,31 +548,26 @@ def test_sixteen_threads_at_a_tiny_switch_interval_answer_bit_identically(tmp_pa
     write_artifact(tmp_path / "hgb.joblib", HistGradientBoostingClassifier(max_iter=20, random_state=0).fit(
         IRIS_X, IRIS_Y), "joblib")
     requests_ = concurrency_requests()
-    applications = [service.create_app(store=tmp_path, poll_interval=0) for _ in range(2)]
-    sequential, concurrent_ = (webtest.TestApp(application) for application in applications)
-    try:
-        expected = {}
-        for target, body in requests_:
-            answer = wsgi_call(sequential, "POST", target, body, JSON_HEADERS)
-            assert answer.status == 200, answer
-            expected[target, body] = answer.body
-        assert len(set(expected.values())) > len(requests_) * 0.9, "the requests' answers tell them apart"
-        start = threading.Barrier(16)
+    sequential, concurrent_ = (webtest.TestApp(make_app(store=tmp_path, poll_interval=0)) for _ in range(2))
+    expected = {}
+    for target, body in requests_:
+        answer = wsgi_call(sequential, "POST", target, body, JSON_HEADERS)
+        assert answer.status == 200, answer
+        expected[target, body] = answer.body
+    assert len(set(expected.values())) > len(requests_) * 0.9, "the requests' answers tell them apart"
+    start = threading.Barrier(16)
 
-        def client(number):
-            mine = random.Random(number).sample(requests_, 24)
-            start.wait(timeout=30)
-            return [(key, wsgi_call(concurrent_, "POST", key[0], key[1], JSON_HEADERS)) for key in mine]
-        previous = sys.getswitchinterval()
-        sys.setswitchinterval(1e-6)
-        try:
-            with concurrent.futures.ThreadPoolExecutor(16) as pool:
-                results = [item for batch in pool.map(client, range(16)) for item in batch]
-        finally:
-            sys.setswitchinterval(previous)
+    def client(number):
+        mine = random.Random(number).sample(requests_, 24)
+        start.wait(timeout=30)
+        return [(key, wsgi_call(concurrent_, "POST", key[0], key[1], JSON_HEADERS)) for key in mine]
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = [item for batch in pool.map(client, range(16)) for item in batch]
     finally:
-        for application in applications:
-            application.config["service.registry"].stop_watching()
+        sys.setswitchinterval(previous)
     assert len(results) == 16 * 24
     differing = [(key[0], answer) for key, answer in results if answer.status != 200 or answer.body != expected[key]]
     assert not differing, differing[:5]
@@ -809,13 +790,6 @@ def server_pid(port):
     raise AssertionError(f"no child process serves port {port}")
 
 
-def wait_for(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_kill_9_of_a_gunicorn_worker_fails_at_most_its_requests_in_flight(helpers, tmp_path):
     """gunicorn, 2 gthread workers, 4 clients looping on 0.1 s predictions of version 2; one worker is killed
     with SIGKILL: at most 4 requests fail (one per client, those in flight), the master respawns the worker,
@@ -850,21 +824,22 @@ def test_kill_9_of_a_gunicorn_worker_fails_at_most_its_requests_in_flight(helper
                    for n in range(clients))
     with running(command, port, env=environment, timeout=60):
         master = server_pid(port)
-        wait_for(lambda: len(child_pids(master)) == 2, 30, "two workers")
+        wait_until(lambda: len(child_pids(master)) == 2, 30, "two workers", interval=0.05)
         for _ in range(6):       # both workers up and loaded
             assert predict() == (200, "2", True)
         threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
         for thread in threads:
             thread.start()
         try:
-            wait_for(lambda: successes() >= 3, 30, "load on both workers")
+            wait_until(lambda: successes() >= 3, 30, "load on both workers", interval=0.05)
             workers = child_pids(master)
             victim = workers[0]
             killed_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            wait_for(lambda: len(child_pids(master)) == 2 and victim not in child_pids(master), 30, "a new worker")
+            wait_until(lambda: len(child_pids(master)) == 2 and victim not in child_pids(master), 30, "a new worker",
+                       interval=0.05)
             respawned_at = time.monotonic()
-            wait_for(lambda: successes(after=respawned_at) >= 3, 30, "load after the respawn")
+            wait_until(lambda: successes(after=respawned_at) >= 3, 30, "load after the respawn", interval=0.05)
         finally:
             stop.set()
             for thread in threads:

@@ -5,35 +5,14 @@ import os
 import threading
 import time
 
-import joblib
 import numpy as np
 import pytest
 import requests
-from sklearn.datasets import load_iris
-from sklearn.linear_model import LogisticRegression
 
 import service
-from conftest import write_artifact
-from test_loading import ManualClock, clocked_registry
+from conftest import ROWS, ManualClock, clocked_registry, publish, wait_until
 
-ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
-
-
-@pytest.fixture(scope="module")
-def named_labels_classifier():
-    """Tells itself apart from iris_classifier: string labels instead of integers."""
-    data = load_iris()
-    return LogisticRegression(max_iter=1000).fit(data.data, data.target_names[data.target])
-
-
-def publish(path, estimator):
-    """Write-then-rename, as README asks publishers to do."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp"
-    joblib.dump(estimator, temporary)
-    os.replace(temporary, path)
-    stamp = time.time_ns() + 10**9
-    os.utime(path, ns=(stamp, stamp))       # a new mtime even on coarse file systems
+PAIR = np.array(ROWS[:2])       # a setosa and a virginica
 
 
 def corrupt(path):
@@ -43,15 +22,8 @@ def corrupt(path):
     os.replace(temporary, path)
 
 
-def wait_until(condition, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def labels(model):
-    return model.run("predict", ROWS).tolist()
+    return model.run("predict", PAIR).tolist()
 
 
 @pytest.fixture
@@ -187,7 +159,7 @@ def test_swaps_under_load_fail_no_request_and_versions_only_move_forward(tmp_pat
         def client():
             seen, failures, session = [], [], requests.Session()
             while not stop.is_set():
-                response = session.post(base + "/models/m/predict", json={"instances": ROWS.tolist()}, timeout=30)
+                response = session.post(base + "/models/m/predict", json={"instances": PAIR.tolist()}, timeout=30)
                 if response.status_code != 200:
                     failures.append((response.status_code, response.text))
                 else:

@@ -7,7 +7,7 @@ import pytest
 import requests
 import sklearn_crfsuite
 
-from test_api import strict_json
+from conftest import strict_json
 
 # Sentences in lesson 17's format (word, coarse POS, fine POS, dependency); the CRF learns the coarse POS.
 CORPUS = """坚决 a ad 1_v|惩治 v v 0_Root|贪污 v v 1_v|贿赂 n n -1_v|等 u udeng -1_v|经济 n n 1_v|犯罪 v vn -2_v

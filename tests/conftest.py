@@ -6,7 +6,8 @@ from one another.
 - answers: strict_json and assert_error, for WebTest and requests responses alike;
 - in-process apps: service_app / make_app / make_client, the one way to build an app, which always stops
   its registry's watcher; a registry on a hand-moved clock (ManualClock, clocked_registry);
-- waiting: wait_until, a bounded poll for a condition;
+- waiting: wait_until (a bounded poll for a condition) and stays_true (a condition that must hold for a while),
+  instead of sleeping and then asserting;
 - live servers: free_port, running, serve_store, stop_process, wait_until_healthy.
 """
 
@@ -115,6 +116,17 @@ def wait_until(condition, timeout=30, what=None, interval=0.01):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
+        time.sleep(interval)
+
+
+def stays_true(condition, seconds, what=None, interval=0.005):
+    """Check condition() again and again for `seconds`: for something that must *not* happen, fail as soon
+    as it does rather than sleep and look once."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert condition(), f"no longer true: {what or condition}"
+        if time.monotonic() >= deadline:
+            return
         time.sleep(interval)
 
 

@@ -23,7 +23,7 @@ from sklearn.datasets import load_diabetes, load_iris
 from sklearn.linear_model import LogisticRegression
 
 import service
-from conftest import ROWS, assert_error, clocked_registry, publish, strict_json, wait_until, write_artifact
+from conftest import ROWS, assert_error, clocked_registry, publish, stays_true, strict_json, wait_until, write_artifact
 
 DIABETES_ROWS = load_diabetes().data[:3].tolist()
 TOKEN = "s3cr3t-admin-token"
@@ -582,8 +582,7 @@ def test_preloaded_failed_load_is_retried_after_the_pause(tmp_path, iris_classif
     joblib.dump(iris_classifier, path)
     registry.clock_.now += 2
     registry.refresh()
-    time.sleep(0.05)
-    assert slot.state == "FAILED" and slot.loads == 1, "not retried before load_retry_seconds"
+    stays_true(lambda: slot.state == "FAILED" and slot.loads == 1, 0.2, "not retried before load_retry_seconds")
     registry.clock_.now += 4
     registry.refresh()
     wait_until(lambda: slot.state == "AVAILABLE")

@@ -411,10 +411,17 @@ def test_gunicorn_workers_load_a_published_version_in_the_background_without_req
     def both_preloaded_v1(latest):
         return len(latest) == 2 and all(version_info(s, "1")["state"] == "AVAILABLE" for s in latest.values())
 
-    with start_server(gunicorn_command(port, log_path), port, tmp_path / "gunicorn.log", env=env) as server:
+    # gunicorn leaves the service's INFO log unconfigured; this config file (run in the master before it
+    # forks) sends it to the server's output, where each worker's load can be awaited without a request.
+    logging_config = tmp_path / "gunicorn_logging.py"
+    logging_config.write_text("import logging\nlogging.basicConfig(level=logging.INFO)\n")
+    command = gunicorn_command(port, log_path)
+    command[-1:-1] = ["-c", os.fspath(logging_config)]
+    with start_server(command, port, tmp_path / "gunicorn.log", env=env) as server:
         before = ask_every_worker(server.base, "before", both_preloaded_v1)   # each worker has v1 in memory
         publish(store / "m" / "2" / "model.joblib", named_labels_classifier)
-        time.sleep(3.0)                     # no request at all: only the workers' watchers can act
+        wait_until(lambda: server.output().count("loaded model 'm' version 2") >= 2, timeout=TIMEOUT,
+                   what="both workers' logs to show version 2 loaded")    # no request: only the watchers can act
         after = ask_every_worker(server.base, "after", lambda latest: len(latest) == 2)
         assert set(after) == set(before), "a worker was replaced"
         for pid, status in after.items():

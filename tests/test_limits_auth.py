@@ -10,7 +10,7 @@ import pytest
 import webtest
 
 import service
-from conftest import write_artifact
+from conftest import wait_until, write_artifact
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 TOKEN, OTHER, ADMIN = "prediction-token-0123456789", "second-token-abcdefghijkl", "admin-token-zyxwvutsrqpo"
@@ -143,8 +143,6 @@ def test_a_prediction_over_the_time_limit_is_504_and_its_work_stays_counted_unti
     assert 0.15 < time.perf_counter() - began < 0.45, "answered at the limit, not when the work ended"
     busy = app.post_json("/models/iris/predict", {"instances": ROW}, expect_errors=True)
     assert busy.status_int == 503 and "--max-inflight" in busy.json["error"], "the abandoned work holds its slot"
-    deadline = time.monotonic() + 5
-    while app.post_json("/models/iris/predict", {"instances": ROW}, expect_errors=True).status_int == 503:
-        assert time.monotonic() < deadline, "the slot came back when the background work ended"
-        time.sleep(0.05)
+    wait_until(lambda: app.post_json("/models/iris/predict", {"instances": ROW}, expect_errors=True).status_int != 503,
+               timeout=5, what="the slot to come back when the background work ended", interval=0.05)
     assert time.perf_counter() - began > 0.45

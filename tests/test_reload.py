@@ -3,7 +3,6 @@
 import concurrent.futures
 import os
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -155,8 +154,9 @@ def test_swaps_under_load_fail_no_request_and_versions_only_move_forward(tmp_pat
     publish(store / "m" / "1" / "model.joblib", iris_classifier)
     with serve_store(store, "--poll-interval", "0.2", "--threads", "8") as base:
         stop = threading.Event()
+        answered = [0] * 4                 # answers each client has had so far
 
-        def client():
+        def client(index):
             seen, failures, session = [], [], requests.Session()
             while not stop.is_set():
                 response = session.post(base + "/models/m/predict", json={"instances": PAIR.tolist()}, timeout=30)
@@ -164,27 +164,34 @@ def test_swaps_under_load_fail_no_request_and_versions_only_move_forward(tmp_pat
                     failures.append((response.status_code, response.text))
                 else:
                     seen.append(int(response.json()["version"]))
+                answered[index] += 1
             return seen, failures
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            clients = [pool.submit(client) for _ in range(4)]
+            clients = [pool.submit(client, index) for index in range(4)]
+
+            def every_client_answered(count=5):
+                """Wait until each client has had `count` more answers (or one has stopped: result() tells why)."""
+                mark = list(answered)
+                wait_until(lambda: all(now >= then + count for now, then in zip(answered, mark))
+                           or any(future.done() for future in clients), what=f"{count} answers per client")
             try:
                 def state(version):
                     versions = requests.get(base + "/models/m", timeout=30).json()["versions"]
                     return {v["version"]: v["state"] for v in versions}.get(version)
-                time.sleep(0.5)
+                every_client_answered()
                 publish(store / "m" / "2" / "model.joblib", named_labels_classifier)
                 wait_until(lambda: state("2") == "AVAILABLE")
                 os.makedirs(store / "m" / "3")
                 corrupt(store / "m" / "3" / "model.joblib")
                 wait_until(lambda: state("3") == "FAILED")
-                time.sleep(0.5)
+                every_client_answered()
                 publish(store / "m" / "3" / "model.joblib", iris_classifier)
                 wait_until(lambda: state("3") == "AVAILABLE")
                 os.remove(store / "m" / "1" / "model.joblib")
                 os.rmdir(store / "m" / "1")
                 wait_until(lambda: state("1") is None)
-                time.sleep(0.5)
+                every_client_answered()
             finally:
                 stop.set()
             results = [future.result() for future in clients]

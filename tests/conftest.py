@@ -9,6 +9,8 @@ from one another.
 - waiting: wait_until (a bounded poll for a condition) and stays_true (a condition that must hold for a while),
   instead of sleeping and then asserting;
 - live servers: free_port, running, serve_store, stop_process, wait_until_healthy.
+
+Tests marked `slow` (the soak and the longest live-server tests) are left out by `python -m pytest -m "not slow"`.
 """
 
 import contextlib

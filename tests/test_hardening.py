@@ -289,7 +289,7 @@ def predictions_of(body):
     return body.get("predictions")
 
 
-@pytest.mark.parametrize("transport", ["in-process", "waitress"])
+@pytest.mark.parametrize("transport", ["in-process", pytest.param("waitress", marks=pytest.mark.slow)])
 def test_names_in_urls_never_reach_outside_the_store_on_any_route(request, transport, traversal_store,
                                                                     iris_classifier, make_app):
     """Every traversal, encoding trick, absolute path and outward symlink, on every protocol's model routes:
@@ -654,6 +654,7 @@ def outcome(port, method, target, request):
 
 
 @pytest.mark.parametrize("method, target, request_", HOST_TABLE)
+@pytest.mark.slow
 def test_waitress_wsgiref_and_gunicorn_answer_alike(hosts, method, target, request_):
     """The same status and the same JSON body (ids aside) from every host; chunked bodies work everywhere or
     are refused alike (411)."""
@@ -665,6 +666,7 @@ def test_waitress_wsgiref_and_gunicorn_answer_alike(hosts, method, target, reque
 
 # -- 6. overload and slow clients, over a real waitress -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_overload_answers_200_or_503_with_retry_after_and_recovers_at_once(helpers, tmp_path):
     """--max-inflight 2 --threads 4 and a burst of 12 concurrent half-second predictions: only 200s (right
     answers) and 503s (Retry-After, JSON), at least one of each; a normal request right after is answered fast."""
@@ -698,6 +700,7 @@ def test_overload_answers_200_or_503_with_retry_after_and_recovers_at_once(helpe
     assert running.returncode == 0, running.output
 
 
+@pytest.mark.slow
 def test_slowloris_connections_starve_no_client_and_the_server_stays_up(tmp_path, iris_classifier):
     """150 connections trickling a request (half stuck in the headers, half in the body) while a normal client
     asks: every answer comes within 2 s, the trickling connections stay held, the server exits cleanly."""
@@ -739,6 +742,7 @@ def test_slowloris_connections_starve_no_client_and_the_server_stays_up(tmp_path
     assert running.returncode == 0, running.output
 
 
+@pytest.mark.slow
 def test_a_client_that_stops_sending_is_cut_off_after_the_channel_timeout(tmp_path, iris_classifier):
     """README's promise: a connection that sends nothing more for 30 s (waitress's channel_timeout, checked
     every 10 s) is closed, whether it stopped in the request line or in the body; about 40 s of waiting."""
@@ -790,6 +794,7 @@ def server_pid(port):
     raise AssertionError(f"no child process serves port {port}")
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_gunicorn_worker_fails_at_most_its_requests_in_flight(helpers, tmp_path):
     """gunicorn, 2 gthread workers, 4 clients looping on 0.1 s predictions of version 2; one worker is killed
     with SIGKILL: at most 4 requests fail (one per client, those in flight), the master respawns the worker,

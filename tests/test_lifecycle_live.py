@@ -28,6 +28,8 @@ from sklearn.tree import DecisionTreeClassifier
 import service
 from conftest import ROOT, ROWS, free_port, publish, stop_process, wait_until, wait_until_healthy, write_artifact
 
+pytestmark = pytest.mark.slow          # every test runs its own server processes for seconds
+
 TIMEOUT = 30
 BIN = os.path.dirname(sys.executable)
 BUSY_STATES = ("AVAILABLE", "LOADING", "UNLOADING")     # states that hold (or are about to hold) memory

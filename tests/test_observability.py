@@ -121,6 +121,7 @@ def hammer(client, path, bodies, threads=12):
         return list(pool.map(lambda body: client.post(path, json=body, timeout=60), bodies))
 
 
+@pytest.mark.slow
 def test_batched_answers_equal_unbatched_ones_and_batches_form(tmp_path, serve_store, forest):
     model, x = forest
     write_artifact(tmp_path / "store" / "rf.joblib", model, "joblib")
@@ -136,6 +137,7 @@ def test_batched_answers_equal_unbatched_ones_and_batches_form(tmp_path, serve_s
         assert stacked == 300 and calls < 300, "concurrent requests were stacked into fewer predict calls"
 
 
+@pytest.mark.slow
 def test_one_bad_request_fails_alone_never_its_batch_mates(tmp_path, serve_store, forest):
     model, x = forest
     write_artifact(tmp_path / "store" / "rf.joblib", model, "joblib")
@@ -263,6 +265,7 @@ def test_bad_batching_settings_are_refused(batching):
 
 # -- several processes -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_workers_2_serves_from_two_gunicorn_processes(tmp_path, iris_classifier):
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     port = free_port()

@@ -147,6 +147,7 @@ def test_poll_interval_zero_turns_reload_off(tmp_path, iris_classifier):
     assert registry.names() == ["a"]
 
 
+@pytest.mark.slow
 def test_swaps_under_load_fail_no_request_and_versions_only_move_forward(tmp_path, serve_store, iris_classifier,
                                                                          named_labels_classifier):
     """Clients predict without pause while v2 is published, a corrupt v3 appears, v3 is fixed, v1 is removed."""

@@ -70,6 +70,7 @@ def test_sequence_model_marginals_pass_through(crf_store, crf, make_client):
     assert metadata["n_features_in_"] is None and "predict" in metadata["methods"]
 
 
+@pytest.mark.slow
 def test_seed_url_against_the_real_server(crf_store, crf, serve_store):
     """Exactly as a browser sends the course's URL: non-ASCII percent-encoded, spaces as %20, quotes kept."""
     with serve_store(crf_store) as base:

@@ -10,7 +10,8 @@ from one another.
   instead of sleeping and then asserting;
 - live servers: free_port, running, serve_store, stop_process, wait_until_healthy.
 
-Tests marked `slow` (the soak and the longest live-server tests) are left out by `python -m pytest -m "not slow"`.
+Tests marked `slow` (the soak, the longest live-server and subprocess tests) are left out by
+`python -m pytest -m "not slow"`, the quick development loop; CI runs everything.
 """
 
 import contextlib

@@ -2929,8 +2929,6 @@ def v2_split_body(environ, body):
 
 def v2_request(request, binary, max_rows):
     """Decode V2 infer inputs into ([(name, array)], requested outputs, binary-output names)."""
-    import numpy as np
-
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise BadRequest("an infer request needs \"inputs\": [{\"name\", \"shape\", \"datatype\", \"data\"}, ...]")
     arrays, offset = [], 0

@@ -1,7 +1,21 @@
-"""Shared fixtures: real small models trained on scikit-learn's bundled data, written
-into temporary stores in each artifact format, and helpers to run the real server."""
+"""Shared fixtures and helpers; test modules import the helpers with `from conftest import ...` and never
+from one another.
+
+- models and stores: real small models trained on scikit-learn's bundled data, written into temporary
+  stores in each artifact format (write_artifact, publish);
+- answers: strict_json and assert_error, for WebTest and requests responses alike;
+- in-process apps: service_app / make_app / make_client, the one way to build an app, which always stops
+  its registry's watcher; a registry on a hand-moved clock (ManualClock, clocked_registry);
+- waiting: wait_until (a bounded poll for a condition) and stays_true (a condition that must hold for a while),
+  instead of sleeping and then asserting;
+- live servers: free_port, running, serve_store, stop_process, wait_until_healthy.
+
+Tests marked `slow` (the soak, the longest live-server and subprocess tests) are left out by
+`python -m pytest -m "not slow"`, the quick development loop; CI runs everything.
+"""
 
 import contextlib
+import json
 import os
 import pickle
 import socket
@@ -11,7 +25,6 @@ import threading
 import time
 
 import joblib
-import numpy as np
 import pytest
 import requests
 import webtest
@@ -25,6 +38,7 @@ import service
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTENSIONS = {"joblib": ".joblib", "pickle": ".pkl", "json": ".json"}
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]   # a setosa, a virginica, a versicolor
 
 
 def write_artifact(path, estimator, artifact_format):
@@ -41,6 +55,141 @@ def write_artifact(path, estimator, artifact_format):
     return path
 
 
+def publish(path, estimator):
+    """Write-then-rename a joblib artifact, as README asks publishers to do, with an mtime a second ahead."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp"
+    joblib.dump(estimator, temporary)
+    os.replace(temporary, path)
+    stamp = time.time_ns() + 10**9
+    os.utime(path, ns=(stamp, stamp))       # a new mtime even on coarse file systems
+
+
+# -- answers -------------------------------------------------------------------------------------------------
+
+def _parts(response):
+    """(status, headers, body text) of a WebTest or a requests response."""
+    if isinstance(response, requests.Response):
+        return response.status_code, response.headers, response.content.decode("utf-8")
+    return response.status_int, response.headers, response.body.decode("utf-8")
+
+
+def strict_json(response):
+    """The body of a JSON answer, parsed as a browser would: NaN/Infinity tokens are errors.
+
+    `response` is a WebTest or requests response, whose Content-Type must be application/json and which
+    must carry X-Content-Type-Options: nosniff; or the body alone (bytes or str), for callers that check
+    the headers themselves.
+    """
+    if isinstance(response, (bytes, str)):
+        text = response.decode("utf-8") if isinstance(response, bytes) else response
+    else:
+        _, headers, text = _parts(response)
+        content_type = headers.get("Content-Type", "")
+        assert content_type.split(";")[0].strip() == "application/json", content_type
+        assert headers.get("X-Content-Type-Options") == "nosniff", dict(headers)
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def assert_error(response, status, *fragments, store=None):
+    """The one error envelope: `status`, strict JSON with a non-empty `error` (holding each fragment) and
+    `code`, and no HTML, traceback or path (nor the `store` folder or its parent, when given).  -> body."""
+    actual, _, text = _parts(response)
+    assert actual == status, text
+    body = strict_json(response)
+    assert isinstance(body["error"], str) and body["error"], body
+    assert isinstance(body["code"], str) and body["code"], body
+    for fragment in fragments:
+        assert fragment in body["error"], body
+    lowered = text.lower()
+    assert "traceback" not in lowered and "<html" not in lowered and 'file "' not in lowered, text
+    assert "/tmp" not in text, text
+    if store is not None:
+        assert os.fspath(store) not in text and os.path.dirname(os.fspath(store)) not in text, text
+    return body
+
+
+# -- waiting -------------------------------------------------------------------------------------------------
+
+def wait_until(condition, timeout=30, what=None, interval=0.01):
+    """Poll until condition() is true; fail after `timeout` seconds (saying `what` was awaited)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
+        time.sleep(interval)
+
+
+def stays_true(condition, seconds, what=None, interval=0.005):
+    """Check condition() again and again for `seconds`: for something that must *not* happen, fail as soon
+    as it does rather than sleep and look once."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert condition(), f"no longer true: {what or condition}"
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
+# -- in-process apps and registries --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def service_app(**options):
+    """service.create_app(**options), whose registry's watcher thread is stopped on exit, whatever happened.
+
+    The one way tests build an app in-process (make_app and make_client are built on it); a module- or
+    session-scoped fixture uses it directly in a `with`.
+    """
+    app = service.create_app(**options)
+    try:
+        yield app
+    finally:
+        app.config["service.registry"].stop_watching()
+
+
+@pytest.fixture
+def make_app():
+    """make_app(**create_app options) -> the app; every app made stops its watcher at teardown."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **options: stack.enter_context(service_app(**options))
+
+
+@pytest.fixture
+def make_client(make_app):
+    """make_client(store, **options) -> a WebTest client over make_app(store=store, **options)."""
+    def make(store_path, **options):
+        return webtest.TestApp(make_app(store=store_path, **options))
+    return make
+
+
+class ManualClock:
+    """A monotonic clock the test moves by hand, injected into the registry."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def clocked_registry(root, **options):
+    """A registry on a ManualClock without a watcher; registry.poll() moves the clock 1 s and refreshes."""
+    clock = ManualClock()
+    options.setdefault("poll_interval", 1.0)
+    registry = service.ModelRegistry(service.Config(store=str(root), **options), clock=clock, watch=False)
+
+    def poll():
+        clock.now += 1.0
+        registry.refresh()
+    registry.poll = poll
+    registry.clock_ = clock
+    return registry
+
+
+# -- models and stores ---------------------------------------------------------------------------------------
+
 @pytest.fixture(scope="session")
 def iris():
     data = load_iris()
@@ -52,6 +201,13 @@ def iris_classifier(iris):
     """Multiclass LogisticRegression on plain arrays (no feature names), integer classes."""
     features, target = iris
     return LogisticRegression(max_iter=1000).fit(features, target)
+
+
+@pytest.fixture(scope="session")
+def named_labels_classifier(iris):
+    """Tells itself apart from iris_classifier: string labels ("setosa", ...) instead of integers."""
+    features, target = iris
+    return LogisticRegression(max_iter=1000).fit(features, load_iris().target_names[target])
 
 
 @pytest.fixture(scope="session")
@@ -88,22 +244,11 @@ def store(tmp_path, artifact_format, iris_classifier, named_iris_classifier, dia
 
 
 @pytest.fixture
-def make_client():
-    """make_client(store, **options) -> WebTest client over create_app; watchers stop at teardown."""
-    apps = []
-
-    def make(store_path, **options):
-        apps.append(service.create_app(store=store_path, **options))
-        return webtest.TestApp(apps[-1])
-    yield make
-    for app in apps:
-        app.config["service.registry"].stop_watching()
-
-
-@pytest.fixture
 def client(store, make_client):
     return make_client(store)
 
+
+# -- live servers --------------------------------------------------------------------------------------------
 
 def free_port():
     with socket.socket() as sock:

@@ -1,35 +1,14 @@
 """Every route and every error of the native JSON API, in-process (WebTest), for each artifact format."""
 
 import json
-import math
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_diabetes, load_iris
 
-from conftest import IRIS_FEATURES
+from conftest import IRIS_FEATURES, ROWS, assert_error, strict_json
 
-IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
-
-
-def strict_json(response):
-    """Parse a body the way a browser does: NaN/Infinity tokens are errors."""
-    assert response.content_type == "application/json"
-    assert response.headers["X-Content-Type-Options"] == "nosniff"
-
-    def refuse(token):
-        raise AssertionError(f"non-standard JSON token {token}")
-    return json.loads(response.body.decode("utf-8"), parse_constant=refuse)
-
-
-def assert_error(response, status, *fragments):
-    assert response.status_int == status
-    body = strict_json(response)
-    assert isinstance(body["error"], str) and body["error"]
-    for fragment in fragments:
-        assert fragment in body["error"], body
-    assert "Traceback" not in response.text and "/tmp" not in response.text
-    return body
+IRIS_ROWS = ROWS[:2]             # a setosa and a virginica
 
 
 # -- service routes ---------------------------------------------------------------------------------------

@@ -371,9 +371,9 @@ def test_app_and_application_are_the_same_bottle_app():
     assert isinstance(service.app.config["service.config"], service.Config)
 
 
-def test_create_app_applies_keyword_options(tmp_path, iris, iris_classifier):
+def test_create_app_applies_keyword_options(tmp_path, iris, iris_classifier, make_app):
     write_artifact(tmp_path / "store" / "iris.joblib", iris_classifier, "joblib")
-    app = service.create_app(store=tmp_path / "store", max_rows=5)
+    app = make_app(store=tmp_path / "store", max_rows=5)
     config = app.config["service.config"]
     assert config.max_rows == 5 and config.store == str(tmp_path / "store")
     client = webtest.TestApp(app)
@@ -384,21 +384,21 @@ def test_create_app_applies_keyword_options(tmp_path, iris, iris_classifier):
     assert five.json["predictions"] == iris_classifier.predict(iris[0][:5]).tolist()
 
 
-def test_create_app_options_override_the_environment(tmp_path, monkeypatch):
+def test_create_app_options_override_the_environment(tmp_path, monkeypatch, make_app):
     monkeypatch.setenv("MODEL_SERVICE_MAX_ROWS", "3")
     monkeypatch.setenv("MODEL_SERVICE_MAX_DEPTH", "4")
-    config = service.create_app(store=tmp_path, max_depth=8).config["service.config"]
+    config = make_app(store=tmp_path, max_depth=8).config["service.config"]
     assert config.max_rows == 3 and config.max_depth == 8 and config.store == str(tmp_path)
 
 
-def test_create_app_with_an_explicit_config_ignores_the_environment(tmp_path, monkeypatch):
+def test_create_app_with_an_explicit_config_ignores_the_environment(tmp_path, monkeypatch, make_app):
     monkeypatch.setenv("MODEL_SERVICE_MAX_ROWS", "3")
-    app = service.create_app(config=service.Config(store=str(tmp_path)))
+    app = make_app(config=service.Config(store=str(tmp_path)))
     assert app.config["service.config"].max_rows == 100_000
 
 
-def test_creating_the_app_touches_no_disk_the_first_request_does():
-    app = service.create_app(store="/nonexistent/model/store")
+def test_creating_the_app_touches_no_disk_the_first_request_does(make_app):
+    app = make_app(store="/nonexistent/model/store")
     registry = app.config["service.registry"]
     assert not registry.ready
     client = webtest.TestApp(app)
@@ -409,21 +409,21 @@ def test_creating_the_app_touches_no_disk_the_first_request_does():
     assert models.status_int == 503 and models.json["code"] == "model_unavailable"
 
 
-def test_the_store_scan_happens_on_the_first_request_not_at_create_app(tmp_path, iris_classifier):
+def test_the_store_scan_happens_on_the_first_request_not_at_create_app(tmp_path, iris_classifier, make_app):
     root = tmp_path / "store"
     root.mkdir()
-    app = service.create_app(store=root)
+    app = make_app(store=root)
     write_artifact(root / "late.joblib", iris_classifier, "joblib")     # published after create_app
     assert webtest.TestApp(app).get("/").json["models"] == ["late"]
 
 
-def test_a_symlinked_store_is_resolved_at_the_first_request_not_at_create_app(tmp_path, iris_classifier):
+def test_a_symlinked_store_is_resolved_at_the_first_request_not_at_create_app(tmp_path, iris_classifier, make_app):
     old, new = tmp_path / "old", tmp_path / "new"
     write_artifact(old / "old_model.joblib", iris_classifier, "joblib")
     write_artifact(new / "new_model.joblib", iris_classifier, "joblib")
     link = tmp_path / "current"
     link.symlink_to(old, target_is_directory=True)
-    app = service.create_app(store=link)
+    app = make_app(store=link)
     link.unlink()
     link.symlink_to(new, target_is_directory=True)                       # the operator switches releases
     assert webtest.TestApp(app).get("/").json["models"] == ["new_model"]

@@ -4,14 +4,11 @@ chromedriver, which .ci/run installs): the page lists the models and makes a pre
 import os
 import shutil
 
-import joblib
 import pandas as pd
 import pytest
-import webtest
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-import service
 from conftest import IRIS_FEATURES, write_artifact
 
 CHROME = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -31,8 +28,8 @@ def console_store(tmp_path_factory):
     return root, model
 
 
-def test_a_browser_gets_the_page_and_a_client_gets_json(console_store):
-    client = webtest.TestApp(service.create_app(store=console_store[0]))
+def test_a_browser_gets_the_page_and_a_client_gets_json(console_store, make_client):
+    client = make_client(console_store[0])
     page = client.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
     assert page.content_type == "text/html" and "<title>model-service</title>" in page.text
     assert "<script src" not in page.text and "<link" not in page.text and "://" not in page.text, \
@@ -41,7 +38,6 @@ def test_a_browser_gets_the_page_and_a_client_gets_json(console_store):
     assert "default-src 'none'" in policy and "script-src 'sha256-" in policy and "connect-src 'self'" in policy
     assert page.headers["X-Content-Type-Options"] == "nosniff"
     assert client.get("/").json["status"] == "alive"          # KServe V1 liveness and API clients still get JSON
-    client.app.config["service.registry"].stop_watching()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 (errors included), refusals, and the defaults (no CORS, any Host)."""
 
 import pytest
-import webtest
 
 import service
 from conftest import write_artifact
@@ -11,16 +10,10 @@ ROW = [[5.1, 3.5, 1.4, 0.2]]
 
 
 @pytest.fixture
-def client(tmp_path, iris_classifier):
+def client(tmp_path, iris_classifier, make_client):
+    """client(**options) -> a WebTest client over an iris store, without rescans."""
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
-    apps = []
-
-    def make(**options):
-        apps.append(service.create_app(store=tmp_path, poll_interval=0, **options))
-        return webtest.TestApp(apps[-1])
-    yield make
-    for app in apps:
-        app.config["service.registry"].stop_watching()
+    return lambda **options: make_client(tmp_path, poll_interval=0, **options)
 
 
 def test_without_cors_origins_no_cors_header_is_sent_and_preflights_are_refused(client):

@@ -3,7 +3,6 @@ variable they use exists, probes point at the open health routes, and ports matc
 
 import os
 import re
-import shlex
 
 import pytest
 import yaml

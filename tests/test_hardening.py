@@ -38,8 +38,7 @@ from sklearn.datasets import load_diabetes, load_iris
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-import service
-from conftest import ROOT, free_port, running, stop_process, wait_until_healthy, write_artifact
+from conftest import ROOT, free_port, running, service_app, stop_process, strict_json, wait_until, wait_until_healthy, write_artifact
 
 IRIS_X, IRIS_Y = load_iris(return_X_y=True)
 ROWS = IRIS_X[[0, 60, 120]].tolist()                 # one row of each class
@@ -151,12 +150,6 @@ def wsgi_call(app, method, target, body=None, headers=None):
 
 LEAK_MARKERS = ("Traceback", 'File "', "<class", "<function", "<module", " object at 0x", "site-packages",
                 ROOT, "/work/", "/srv/private", "0xdeadbeef")
-
-
-def strict_json(data):
-    def refuse(token):
-        raise ValueError(f"non-standard JSON token {token}")
-    return json.loads(data.decode("utf-8"), parse_constant=refuse)
 
 
 def strings_in(value):
@@ -299,17 +292,16 @@ def predictions_of(body):
     return body.get("predictions")
 
 
-@pytest.mark.parametrize("transport", ["in-process", "waitress"])
+@pytest.mark.parametrize("transport", ["in-process", pytest.param("waitress", marks=pytest.mark.slow)])
 def test_names_in_urls_never_reach_outside_the_store_on_any_route(request, transport, traversal_store,
-                                                                    iris_classifier):
+                                                                    iris_classifier, make_app):
     """Every traversal, encoding trick, absolute path and outward symlink, on every protocol's model routes:
     400/404 strict JSON, never the outside model's answer, and in-process nothing outside the store is even
     opened; valid look-alike names (model..1, a.b-c_d) are still served."""
     if transport == "waitress":
         call = functools.partial(http_call, request.getfixturevalue("traversal_server"))
     else:
-        application = service.create_app(store=traversal_store / "store", poll_interval=0, default_model="iris")
-        request.addfinalizer(application.config["service.registry"].stop_watching)
+        application = make_app(store=traversal_store / "store", poll_interval=0, default_model="iris")
         call = functools.partial(wsgi_call, webtest.TestApp(application))
     expected = iris_classifier.predict(np.array(ROWS)).tolist()
     wrong = []
@@ -477,10 +469,9 @@ def corpus_store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus_app(corpus_store):
-    application = service.create_app(store=corpus_store, poll_interval=0, default_model="hgb",
-                                     max_body_bytes=CORPUS_LIMIT)
-    yield webtest.TestApp(application)
-    application.config["service.registry"].stop_watching()
+    with service_app(store=corpus_store, poll_interval=0, default_model="hgb",
+                     max_body_bytes=CORPUS_LIMIT) as application:
+        yield webtest.TestApp(application)
 
 
 @pytest.mark.parametrize("protocol, entry", CORPUS_PARAMS)
@@ -510,24 +501,19 @@ FAULT_REQUESTS = [("POST", "/models/faulty/predict", NATIVE_BODY),
 
 
 @pytest.mark.parametrize("batch", [1, 8], ids=["unbatched", "batched"])
-def test_a_fault_inside_the_service_is_a_bare_500_with_an_error_id(helpers, tmp_path, caplog, batch):
+def test_a_fault_inside_the_service_is_a_bare_500_with_an_error_id(helpers, tmp_path, caplog, make_app, batch):
     """A real estimator whose predict raises RuntimeError (a fault of ours, not the caller's): on every
     protocol a 500 holding only error, code and error_id (and MLflow's error_code and message on its route),
     nothing of the exception; the id is in the log."""
     model = helpers.FaultyLogisticRegression(max_iter=1000).fit(IRIS_X, IRIS_Y)
     write_artifact(tmp_path / "faulty.pkl", model, "pickle")
-    application = service.create_app(store=tmp_path, poll_interval=0, default_model="faulty",
-                                     max_batch_size=batch)
-    app = webtest.TestApp(application)
-    try:
-        for method, target, body in FAULT_REQUESTS:
-            answer = wsgi_call(app, method, target, body, JSON_HEADERS if body else None)
-            assert answer.status == 500, (target, answer)
-            result = check_answer(answer, secrets=[tmp_path], target=target)
-            assert result["code"] == "internal_error" and len(result["error_id"]) == 12, result
-            assert result["error_id"] in caplog.text
-    finally:
-        application.config["service.registry"].stop_watching()
+    app = webtest.TestApp(make_app(store=tmp_path, poll_interval=0, default_model="faulty", max_batch_size=batch))
+    for method, target, body in FAULT_REQUESTS:
+        answer = wsgi_call(app, method, target, body, JSON_HEADERS if body else None)
+        assert answer.status == 500, (target, answer)
+        result = check_answer(answer, secrets=[tmp_path], target=target)
+        assert result["code"] == "internal_error" and len(result["error_id"]) == 12, result
+        assert result["error_id"] in caplog.text
     assert "RuntimeError: internal detail" in caplog.text, "the traceback goes to the log, not to the client"
 
 
@@ -560,7 +546,7 @@ def concurrency_requests(seed=7, count=48):
 
 def test_sixteen_threads_at_a_tiny_switch_interval_answer_bit_identically(tmp_path, iris_classifier,
                                                                           named_iris_classifier,
-                                                                          diabetes_regressor):
+                                                                          diabetes_regressor, make_app):
     """16 threads, same and different models (first loads included), sys.setswitchinterval(1e-6): every
     answer byte for byte what a sequential run gave."""
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
@@ -569,31 +555,26 @@ def test_sixteen_threads_at_a_tiny_switch_interval_answer_bit_identically(tmp_pa
     write_artifact(tmp_path / "hgb.joblib", HistGradientBoostingClassifier(max_iter=20, random_state=0).fit(
         IRIS_X, IRIS_Y), "joblib")
     requests_ = concurrency_requests()
-    applications = [service.create_app(store=tmp_path, poll_interval=0) for _ in range(2)]
-    sequential, concurrent_ = (webtest.TestApp(application) for application in applications)
-    try:
-        expected = {}
-        for target, body in requests_:
-            answer = wsgi_call(sequential, "POST", target, body, JSON_HEADERS)
-            assert answer.status == 200, answer
-            expected[target, body] = answer.body
-        assert len(set(expected.values())) > len(requests_) * 0.9, "the requests' answers tell them apart"
-        start = threading.Barrier(16)
+    sequential, concurrent_ = (webtest.TestApp(make_app(store=tmp_path, poll_interval=0)) for _ in range(2))
+    expected = {}
+    for target, body in requests_:
+        answer = wsgi_call(sequential, "POST", target, body, JSON_HEADERS)
+        assert answer.status == 200, answer
+        expected[target, body] = answer.body
+    assert len(set(expected.values())) > len(requests_) * 0.9, "the requests' answers tell them apart"
+    start = threading.Barrier(16)
 
-        def client(number):
-            mine = random.Random(number).sample(requests_, 24)
-            start.wait(timeout=30)
-            return [(key, wsgi_call(concurrent_, "POST", key[0], key[1], JSON_HEADERS)) for key in mine]
-        previous = sys.getswitchinterval()
-        sys.setswitchinterval(1e-6)
-        try:
-            with concurrent.futures.ThreadPoolExecutor(16) as pool:
-                results = [item for batch in pool.map(client, range(16)) for item in batch]
-        finally:
-            sys.setswitchinterval(previous)
+    def client(number):
+        mine = random.Random(number).sample(requests_, 24)
+        start.wait(timeout=30)
+        return [(key, wsgi_call(concurrent_, "POST", key[0], key[1], JSON_HEADERS)) for key in mine]
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = [item for batch in pool.map(client, range(16)) for item in batch]
     finally:
-        for application in applications:
-            application.config["service.registry"].stop_watching()
+        sys.setswitchinterval(previous)
     assert len(results) == 16 * 24
     differing = [(key[0], answer) for key, answer in results if answer.status != 200 or answer.body != expected[key]]
     assert not differing, differing[:5]
@@ -680,6 +661,7 @@ def outcome(port, method, target, request):
 
 
 @pytest.mark.parametrize("method, target, request_", HOST_TABLE)
+@pytest.mark.slow
 def test_waitress_wsgiref_and_gunicorn_answer_alike(hosts, method, target, request_):
     """The same status and the same JSON body (ids aside) from every host; chunked bodies work everywhere or
     are refused alike (411)."""
@@ -691,6 +673,7 @@ def test_waitress_wsgiref_and_gunicorn_answer_alike(hosts, method, target, reque
 
 # -- 6. overload and slow clients, over a real waitress -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_overload_answers_200_or_503_with_retry_after_and_recovers_at_once(helpers, tmp_path):
     """--max-inflight 2 --threads 4 and a burst of 12 concurrent half-second predictions: only 200s (right
     answers) and 503s (Retry-After, JSON), at least one of each; a normal request right after is answered fast."""
@@ -724,6 +707,7 @@ def test_overload_answers_200_or_503_with_retry_after_and_recovers_at_once(helpe
     assert running.returncode == 0, running.output
 
 
+@pytest.mark.slow
 def test_slowloris_connections_starve_no_client_and_the_server_stays_up(tmp_path, iris_classifier):
     """150 connections trickling a request (half stuck in the headers, half in the body) while a normal client
     asks: every answer comes within 2 s, the trickling connections stay held, the server exits cleanly."""
@@ -765,6 +749,7 @@ def test_slowloris_connections_starve_no_client_and_the_server_stays_up(tmp_path
     assert running.returncode == 0, running.output
 
 
+@pytest.mark.slow
 def test_a_client_that_stops_sending_is_cut_off_after_the_channel_timeout(tmp_path, iris_classifier):
     """README's promise: a connection that sends nothing more for 30 s (waitress's channel_timeout, checked
     every 10 s) is closed, whether it stopped in the request line or in the body; about 40 s of waiting."""
@@ -816,13 +801,6 @@ def server_pid(port):
     raise AssertionError(f"no child process serves port {port}")
 
 
-def wait_for(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_sigterm_exits_within_the_shutdown_timeout_while_an_abandoned_prediction_runs(helpers, tmp_path):
     """A prediction past --max-predict-seconds goes on in the background; it must not keep the process alive."""
@@ -846,6 +824,7 @@ def test_sigterm_exits_within_the_shutdown_timeout_while_an_abandoned_prediction
         stop_process(process)
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_gunicorn_worker_fails_at_most_its_requests_in_flight(helpers, tmp_path):
     """gunicorn, 2 gthread workers, 4 clients looping on 0.1 s predictions of version 2; one worker is killed
     with SIGKILL: at most 4 requests fail (one per client, those in flight), the master respawns the worker,
@@ -880,21 +859,22 @@ def test_kill_9_of_a_gunicorn_worker_fails_at_most_its_requests_in_flight(helper
                    for n in range(clients))
     with running(command, port, env=environment, timeout=60):
         master = server_pid(port)
-        wait_for(lambda: len(child_pids(master)) == 2, 30, "two workers")
+        wait_until(lambda: len(child_pids(master)) == 2, 30, "two workers", interval=0.05)
         for _ in range(6):       # both workers up and loaded
             assert predict() == (200, "2", True)
         threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
         for thread in threads:
             thread.start()
         try:
-            wait_for(lambda: successes() >= 3, 30, "load on both workers")
+            wait_until(lambda: successes() >= 3, 30, "load on both workers", interval=0.05)
             workers = child_pids(master)
             victim = workers[0]
             killed_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            wait_for(lambda: len(child_pids(master)) == 2 and victim not in child_pids(master), 30, "a new worker")
+            wait_until(lambda: len(child_pids(master)) == 2 and victim not in child_pids(master), 30, "a new worker",
+                       interval=0.05)
             respawned_at = time.monotonic()
-            wait_for(lambda: successes(after=respawned_at) >= 3, 30, "load after the respawn")
+            wait_until(lambda: successes(after=respawned_at) >= 3, 30, "load after the respawn", interval=0.05)
         finally:
             stop.set()
             for thread in threads:

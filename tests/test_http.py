@@ -109,20 +109,13 @@ def test_retry_after_comes_with_the_error(tmp_path, make_client):
     assert answer.status_int == 503 and answer.headers["Retry-After"] == "30"
 
 
-def test_a_bad_environment_never_breaks_import_and_every_request_says_why(tmp_path):
+def test_a_bad_environment_never_breaks_import_and_every_request_says_why(make_app, monkeypatch):
     environment = dict(os.environ, MODEL_SERVICE_PORT="not-a-port", PYTHONPATH=ROOT)
     imported = subprocess.run([sys.executable, "-c", "import service"], cwd=ROOT, env=environment,
                               capture_output=True, text=True, timeout=60)
     assert imported.returncode == 0 and imported.stdout == "" and imported.stderr == "", imported
-    previous = os.environ.get("MODEL_SERVICE_PORT")
-    os.environ["MODEL_SERVICE_PORT"] = "not-a-port"
-    try:
-        application = service.create_app()
-    finally:
-        if previous is None:
-            del os.environ["MODEL_SERVICE_PORT"]
-        else:
-            os.environ["MODEL_SERVICE_PORT"] = previous
+    monkeypatch.setenv("MODEL_SERVICE_PORT", "not-a-port")
+    application = make_app()
     for path in ("/healthz", "/readyz", "/models"):
         answer = webtest.TestApp(application).get(path, expect_errors=True)
         assert answer.status_int == 503 and answer.json["code"] == "misconfigured"
@@ -194,38 +187,36 @@ def rss_kib():
 
 
 @pytest.mark.slow
-def test_metrics_and_memory_stay_flat_under_100000_requests_for_made_up_names(tmp_path, iris_classifier):
+def test_metrics_and_memory_stay_flat_under_100000_requests_for_made_up_names(tmp_path, iris_classifier,
+                                                                              make_app):
     """Unknown names, versions, labels and methods are all counted under one label value, never as new series."""
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
-    application = service.create_app(store=tmp_path, poll_interval=0)
-    try:
-        rng = random.Random(5)
-        word = lambda: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12))  # noqa: E731
-        tensor = [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": ROWS[0]}]
-        requests_ = [
-            lambda: (f"/models/{word()}/predict", {"instances": ROWS}),
-            lambda: (f"/models/iris/versions/{rng.randrange(2, 10**9)}/predict", {"instances": ROWS}),
-            lambda: (f"/models/iris/labels/{word()}/predict", {"instances": ROWS}),
-            lambda: ("/models/iris/predict", {"instances": ROWS, "method": word()}),
-            lambda: ("/v2/models/iris/infer", {"inputs": tensor, "outputs": [{"name": word()} for _ in range(3)]}),
-            lambda: (f"/v1/models/{word()}:predict", {"instances": ROWS}),
-            lambda: ("/models/iris/predict", {"instances": ROWS}),
-        ]
+    application = make_app(store=tmp_path, poll_interval=0)
+    rng = random.Random(5)
+    word = lambda: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12))  # noqa: E731
+    tensor = [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": ROWS[0]}]
+    requests_ = [
+        lambda: (f"/models/{word()}/predict", {"instances": ROWS}),
+        lambda: (f"/models/iris/versions/{rng.randrange(2, 10**9)}/predict", {"instances": ROWS}),
+        lambda: (f"/models/iris/labels/{word()}/predict", {"instances": ROWS}),
+        lambda: ("/models/iris/predict", {"instances": ROWS, "method": word()}),
+        lambda: ("/v2/models/iris/infer", {"inputs": tensor, "outputs": [{"name": word()} for _ in range(3)]}),
+        lambda: (f"/v1/models/{word()}:predict", {"instances": ROWS}),
+        lambda: ("/models/iris/predict", {"instances": ROWS}),
+    ]
 
-        def send(count):
-            for _ in range(count):
-                path, body = rng.choice(requests_)()
-                assert wsgi_post(application, path, body) in (200, 400, 404)
+    def send(count):
+        for _ in range(count):
+            path, body = rng.choice(requests_)()
+            assert wsgi_post(application, path, body) in (200, 400, 404)
 
-        send(10_000)
-        metrics_before = len(webtest.TestApp(application).get("/metrics").body)
-        rss_before = rss_kib()
-        send(90_000)
-        metrics_after = len(webtest.TestApp(application).get("/metrics").body)
-        assert metrics_after - metrics_before < 1024, (metrics_before, metrics_after)
-        assert rss_kib() - rss_before < 16 * 1024, "the process grew by more than 16 MiB"
-        text = webtest.TestApp(application).get("/metrics").text
-        models = {line.split('model="')[1].split('"')[0] for line in text.splitlines() if 'model="' in line}
-        assert models == {"iris", service.UNRESOLVED}
-    finally:
-        application.config["service.registry"].stop_watching()
+    send(10_000)
+    metrics_before = len(webtest.TestApp(application).get("/metrics").body)
+    rss_before = rss_kib()
+    send(90_000)
+    metrics_after = len(webtest.TestApp(application).get("/metrics").body)
+    assert metrics_after - metrics_before < 1024, (metrics_before, metrics_after)
+    assert rss_kib() - rss_before < 16 * 1024, "the process grew by more than 16 MiB"
+    text = webtest.TestApp(application).get("/metrics").text
+    models = {line.split('model="')[1].split('"')[0] for line in text.splitlines() if 'model="' in line}
+    assert models == {"iris", service.UNRESOLVED}

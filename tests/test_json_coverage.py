@@ -5,7 +5,6 @@ CASES is the table docs/json-model-format.md shows; a test keeps the two in agre
 """
 
 import os
-import re
 import warnings
 
 import numpy as np

@@ -202,6 +202,7 @@ def run_export(*args, cwd=None):
                           capture_output=True, text=True, timeout=120, cwd=cwd or ROOT)
 
 
+@pytest.mark.slow
 def test_export_converts_a_joblib_artifact_and_reports_what_it_compared(tmp_path):
     forest = RandomForestClassifier(n_estimators=5, random_state=0).fit(X, Y)
     joblib.dump(forest, tmp_path / "forest.joblib")
@@ -217,6 +218,7 @@ def test_export_converts_a_joblib_artifact_and_reports_what_it_compared(tmp_path
     assert f"sha256 {digest}" in result.stdout
 
 
+@pytest.mark.slow
 def test_export_of_a_text_model_needs_a_sample_and_checks_on_it(tmp_path):
     texts = ["a great film", "a boring film", "great acting", "awful plot"] * 3
     model = make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(texts, [1, 0, 1, 0] * 3)
@@ -232,6 +234,7 @@ def test_export_of_a_text_model_needs_a_sample_and_checks_on_it(tmp_path):
     assert service.load_json_model(tmp_path / "text.json").predict(["great"]).tolist() == model.predict(["great"]).tolist()
 
 
+@pytest.mark.slow
 def test_export_refuses_what_the_format_cannot_hold_and_writes_nothing(tmp_path):
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
     joblib.dump(LinearDiscriminantAnalysis().fit(X, Y), tmp_path / "lda.joblib")
@@ -245,6 +248,7 @@ def test_export_refuses_what_the_format_cannot_hold_and_writes_nothing(tmp_path)
     ({"instances": [[1, 2]]}, "expected 4 features, got 2"),
     ({"rows": []}, "Missing 'inputs' or 'instances' key"),
 ])
+@pytest.mark.slow
 def test_export_explains_a_sample_that_does_not_fit(tmp_path, sample, fragment):
     joblib.dump(LogisticRegression(max_iter=1000).fit(X, Y), tmp_path / "m.joblib")
     (tmp_path / "sample.json").write_text(json.dumps(sample))

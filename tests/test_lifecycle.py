@@ -23,25 +23,14 @@ from sklearn.datasets import load_diabetes, load_iris
 from sklearn.linear_model import LogisticRegression
 
 import service
-from conftest import write_artifact
-from test_api import assert_error, strict_json
-from test_loading import clocked_registry
-from test_reload import publish, wait_until
+from conftest import ROWS, assert_error, clocked_registry, publish, stays_true, strict_json, wait_until, write_artifact
 
-ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 DIABETES_ROWS = load_diabetes().data[:3].tolist()
 TOKEN = "s3cr3t-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 # -- models and helpers -------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def string_classifier():
-    """Told apart from iris_classifier by its string classes ("setosa", ...)."""
-    data = load_iris()
-    return LogisticRegression(max_iter=1000).fit(data.data, data.target_names[data.target])
-
 
 @pytest.fixture(scope="module")
 def weak_classifier():
@@ -109,10 +98,14 @@ def assert_answers(registry, version, estimator, name="m", **where):
         registry.release(model)
 
 
-def clocked_client(root, **options):
-    """WebTest client over create_app sharing a ManualClock registry: each request refreshes it."""
-    registry = clocked_registry(root, **options)
-    return webtest.TestApp(service.create_app(config=registry.config, registry=registry)), registry
+@pytest.fixture
+def clocked_client(make_app):
+    """clocked_client(root, **options) -> (WebTest client, registry): an app over a clocked_registry, whose
+    clock the test moves; each request refreshes the registry."""
+    def make(root, **options):
+        registry = clocked_registry(root, **options)
+        return webtest.TestApp(make_app(config=registry.config, registry=registry)), registry
+    return make
 
 
 @pytest.fixture
@@ -146,11 +139,11 @@ def expected(estimator, rows=ROWS, method="predict"):
 # -- 1. settings: version policies ---------------------------------------------------------------------------
 
 def test_without_settings_only_the_highest_version_serves(tmp_path, make_client, iris_classifier,
-                                                         string_classifier):
-    versioned_store(tmp_path, [iris_classifier, string_classifier])
+                                                         named_labels_classifier):
+    versioned_store(tmp_path, [iris_classifier, named_labels_classifier])
     client = make_client(tmp_path, poll_interval=0)
     body = predict(client, "/models/m/predict")
-    assert body["version"] == "2" and body["predictions"] == expected(string_classifier)
+    assert body["version"] == "2" and body["predictions"] == expected(named_labels_classifier)
     error = assert_error(client.post_json("/models/m/versions/1/predict", {"instances": ROWS}, expect_errors=True),
                          404, "model 'm' does not serve version 1")
     assert error["served_versions"] == ["2"]
@@ -174,9 +167,9 @@ def test_without_settings_only_the_highest_version_serves(tmp_path, make_client,
     ({"specific": [1, 3]}, ["3", "1"]),
     ({"specific": ["2"]}, ["2"]),
 ])
-def test_version_policy_decides_which_versions_serve(tmp_path, make_client, iris_classifier, string_classifier,
+def test_version_policy_decides_which_versions_serve(tmp_path, make_client, iris_classifier, named_labels_classifier,
                                                      weak_classifier, policy, served):
-    estimators = [iris_classifier, string_classifier, weak_classifier]
+    estimators = [iris_classifier, named_labels_classifier, weak_classifier]
     versioned_store(tmp_path, estimators, {"version_policy": policy})
     client = make_client(tmp_path, poll_interval=0)
     status = strict_json(client.get("/models/m"))
@@ -207,8 +200,8 @@ def test_a_policy_serving_no_version_on_disk_answers_404(tmp_path, make_client, 
 
 # -- 1. settings: labels ------------------------------------------------------------------------------------
 
-def test_label_routes_serve_the_labelled_version(tmp_path, make_client, iris_classifier, string_classifier):
-    versioned_store(tmp_path, [iris_classifier, string_classifier],
+def test_label_routes_serve_the_labelled_version(tmp_path, make_client, iris_classifier, named_labels_classifier):
+    versioned_store(tmp_path, [iris_classifier, named_labels_classifier],
                     {"version_policy": "all", "labels": {"stable": 1, "canary": "2"}})
     client = make_client(tmp_path, poll_interval=0)
     assert strict_json(client.get("/models/m/labels/stable")) == {"name": "m", "label": "stable", "version": "1"}
@@ -216,9 +209,9 @@ def test_label_routes_serve_the_labelled_version(tmp_path, make_client, iris_cla
     body = predict(client, "/models/m/labels/stable/predict")
     assert body["version"] == "1" and body["predictions"] == expected(iris_classifier)
     body = predict(client, "/models/m/labels/canary/predict?method=predict_proba")
-    assert body["version"] == "2" and body["predictions"] == expected(string_classifier, method="predict_proba")
+    assert body["version"] == "2" and body["predictions"] == expected(named_labels_classifier, method="predict_proba")
     body = strict_json(client.get("/models/m/labels/canary/predict", {"instances": json.dumps(ROWS)}))
-    assert body["version"] == "2" and body["predictions"] == expected(string_classifier)
+    assert body["version"] == "2" and body["predictions"] == expected(named_labels_classifier)
     body = strict_json(client.get("/models/m/labels/stable/predict", {"instances": json.dumps(ROWS)}))
     assert body["version"] == "1" and body["predictions"] == expected(iris_classifier)
     status = strict_json(client.get("/models/m"))
@@ -238,8 +231,8 @@ def test_several_labels_on_one_version_are_listed_on_it(tmp_path, make_client, i
 
 
 def test_unknown_label_and_label_of_an_unserved_version_answer_404(tmp_path, make_client, iris_classifier,
-                                                                  string_classifier):
-    versioned_store(tmp_path, [iris_classifier, string_classifier],
+                                                                  named_labels_classifier):
+    versioned_store(tmp_path, [iris_classifier, named_labels_classifier],
                     {"version_policy": {"specific": [2]}, "labels": {"old": 1, "canary": 2}})
     client = make_client(tmp_path, poll_interval=0)
     for url in ("/models/m/labels/nope", "/models/m/labels/nope/predict?instances=[[1,2,3,4]]"):
@@ -253,11 +246,12 @@ def test_unknown_label_and_label_of_an_unserved_version_answer_404(tmp_path, mak
         assert error["served_versions"] == ["2"]
     error = assert_error(client.post_json("/models/m/labels/old/predict", {"instances": ROWS}, expect_errors=True),
                          404, "which is not served")
-    assert predict(client, "/models/m/labels/canary/predict")["predictions"] == expected(string_classifier)
+    assert predict(client, "/models/m/labels/canary/predict")["predictions"] == expected(named_labels_classifier)
 
 
-def test_moving_an_unused_label_switches_it_at_the_next_rescan(tmp_path, iris_classifier, string_classifier):
-    versioned_store(tmp_path, [iris_classifier, string_classifier],
+def test_moving_an_unused_label_switches_it_at_the_next_rescan(tmp_path, clocked_client, iris_classifier,
+                                                               named_labels_classifier):
+    versioned_store(tmp_path, [iris_classifier, named_labels_classifier],
                     {"version_policy": "all", "labels": {"stable": 1}})
     client, registry = clocked_client(tmp_path)
     assert strict_json(client.get("/models/m/labels/stable"))["version"] == "1"
@@ -266,15 +260,15 @@ def test_moving_an_unused_label_switches_it_at_the_next_rescan(tmp_path, iris_cl
     registry.clock_.now += 1.0
     assert strict_json(client.get("/models/m/labels/stable"))["version"] == "2"
     body = predict(client, "/models/m/labels/stable/predict")
-    assert body["version"] == "2" and body["predictions"] == expected(string_classifier)
+    assert body["version"] == "2" and body["predictions"] == expected(named_labels_classifier)
     status = strict_json(client.get("/models/m"))
     assert status["labels"] == {"stable": "2"}
     assert {v["version"]: v["labels"] for v in status["versions"]} == {"2": ["stable"], "1": []}
 
 
-def test_moving_a_label_in_use_switches_it_once_the_new_target_has_loaded(tmp_path, iris_classifier,
-                                                                         string_classifier):
-    versioned_store(tmp_path, [iris_classifier, string_classifier],
+def test_moving_a_label_in_use_switches_it_once_the_new_target_has_loaded(tmp_path, clocked_client, iris_classifier,
+                                                                          named_labels_classifier):
+    versioned_store(tmp_path, [iris_classifier, named_labels_classifier],
                     {"version_policy": "all", "labels": {"stable": 1}})
     client, registry = clocked_client(tmp_path)
     assert predict(client, "/models/m/labels/stable/predict")["version"] == "1"
@@ -283,14 +277,14 @@ def test_moving_a_label_in_use_switches_it_once_the_new_target_has_loaded(tmp_pa
     client.get("/models/m")                          # this request's refresh rescans
     wait_until(lambda: strict_json(client.get("/models/m/labels/stable"))["version"] == "2")
     body = predict(client, "/models/m/labels/stable/predict")
-    assert body["version"] == "2" and body["predictions"] == expected(string_classifier)
+    assert body["version"] == "2" and body["predictions"] == expected(named_labels_classifier)
     assert version_status(client, "m", 1)["state"] == "AVAILABLE", "version 1 is still served (policy all)"
 
 
 def test_while_a_moved_label_loads_its_new_target_the_old_target_keeps_answering(tmp_path, iris_classifier,
-                                                                                 string_classifier):
+                                                                                 named_labels_classifier):
     write_artifact(tmp_path / "m" / "1" / "model.joblib", iris_classifier, "joblib")
-    write_slow_pickle(tmp_path / "m" / "2" / "model.pkl", string_classifier, seconds=1.0)
+    write_slow_pickle(tmp_path / "m" / "2" / "model.pkl", named_labels_classifier, seconds=1.0)
     write_settings(tmp_path / "m", {"version_policy": "all", "labels": {"stable": 1}})
     registry = clocked_registry(tmp_path)
     registry.refresh()
@@ -307,7 +301,7 @@ def test_while_a_moved_label_loads_its_new_target_the_old_target_keeps_answering
     assert_answers(registry, "1", iris_classifier, label="stable")      # at once, from version 1
     assert new_target.state == "LOADING"
     wait_until(lambda: registry.slot("m", label="stable") is new_target)
-    assert_answers(registry, "2", string_classifier, label="stable")
+    assert_answers(registry, "2", named_labels_classifier, label="stable")
     assert new_target.loads == 1 and new_target.state == "AVAILABLE"
     assert registry.slot("m", "1").state == "AVAILABLE", "still served under policy 'all'"
 
@@ -374,9 +368,9 @@ def test_never_valid_settings_list_the_model_but_predictions_answer_503(tmp_path
     assert [v["served"] for v in status["versions"]] == [False, False]
 
 
-def test_an_invalid_settings_file_keeps_the_previous_settings_until_fixed(tmp_path, iris_classifier,
-                                                                          string_classifier):
-    versioned_store(tmp_path, [iris_classifier, string_classifier],
+def test_an_invalid_settings_file_keeps_the_previous_settings_until_fixed(tmp_path, clocked_client, iris_classifier,
+                                                                          named_labels_classifier):
+    versioned_store(tmp_path, [iris_classifier, named_labels_classifier],
                     {"version_policy": "all", "labels": {"stable": 1}})
     client, registry = clocked_client(tmp_path)
     assert predict(client, "/models/m/versions/1/predict")["predictions"] == expected(iris_classifier)
@@ -398,13 +392,14 @@ def test_an_invalid_settings_file_keeps_the_previous_settings_until_fixed(tmp_pa
     assert_error(client.post_json("/models/m/versions/1/predict", {"instances": ROWS}, expect_errors=True), 404,
                  "does not serve version 1")
     assert_error(client.get("/models/m/labels/stable", expect_errors=True), 404, "is not defined")
-    assert predict(client, "/models/m/labels/canary/predict")["predictions"] == expected(string_classifier)
+    assert predict(client, "/models/m/labels/canary/predict")["predictions"] == expected(named_labels_classifier)
     wait_until(lambda: version_status(client, "m", 1)["state"] == "UNLOADED")
 
 
-def test_fixing_a_never_valid_settings_file_serves_the_model_at_the_next_rescan(tmp_path, iris_classifier,
-                                                                                string_classifier):
-    versioned_store(tmp_path, [iris_classifier, string_classifier], '{"version_policy": "everything"}')
+def test_fixing_a_never_valid_settings_file_serves_the_model_at_the_next_rescan(tmp_path, clocked_client,
+                                                                                iris_classifier,
+                                                                                named_labels_classifier):
+    versioned_store(tmp_path, [iris_classifier, named_labels_classifier], '{"version_policy": "everything"}')
     client, registry = clocked_client(tmp_path)
     assert_error(client.post_json("/models/m/predict", {"instances": ROWS}, expect_errors=True), 503,
                  "is not served", '"version_policy" must be')
@@ -419,8 +414,9 @@ def test_fixing_a_never_valid_settings_file_serves_the_model_at_the_next_rescan(
     assert status["settings_error"] is None and status["version_policy"] == {"latest": 2}
 
 
-def test_removing_the_settings_file_restores_the_default_policy(tmp_path, iris_classifier, string_classifier):
-    versioned_store(tmp_path, [iris_classifier, string_classifier], {"version_policy": "all"})
+def test_removing_the_settings_file_restores_the_default_policy(tmp_path, clocked_client, iris_classifier,
+                                                                named_labels_classifier):
+    versioned_store(tmp_path, [iris_classifier, named_labels_classifier], {"version_policy": "all"})
     client, registry = clocked_client(tmp_path)
     assert predict(client, "/models/m/versions/1/predict")["version"] == "1"
     os.remove(tmp_path / "m" / service.SETTINGS_FILE)
@@ -432,7 +428,7 @@ def test_removing_the_settings_file_restores_the_default_policy(tmp_path, iris_c
 
 # -- 2. status ------------------------------------------------------------------------------------------------
 
-def test_version_status_before_during_and_after_use(tmp_path, iris_classifier):
+def test_version_status_before_during_and_after_use(tmp_path, clocked_client, iris_classifier):
     path = write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     client, registry = clocked_client(tmp_path, poll_interval=0)
     before = version_status(client, "iris", 1)
@@ -487,9 +483,9 @@ def test_a_version_removed_while_held_is_unloading_until_released(tmp_path, iris
         registry.acquire("m", "1")
 
 
-def test_a_version_leaving_the_policy_while_held_is_unloading_until_released(tmp_path, iris_classifier,
-                                                                             string_classifier):
-    versioned_store(tmp_path, [iris_classifier, string_classifier], {"version_policy": "all"})
+def test_a_version_leaving_the_policy_while_held_is_unloading_until_released(tmp_path, clocked_client, iris_classifier,
+                                                                             named_labels_classifier):
+    versioned_store(tmp_path, [iris_classifier, named_labels_classifier], {"version_policy": "all"})
     client, registry = clocked_client(tmp_path)
     client.get("/models")                            # the first request scans
     held = registry.acquire("m", "1")
@@ -586,8 +582,7 @@ def test_preloaded_failed_load_is_retried_after_the_pause(tmp_path, iris_classif
     joblib.dump(iris_classifier, path)
     registry.clock_.now += 2
     registry.refresh()
-    time.sleep(0.05)
-    assert slot.state == "FAILED" and slot.loads == 1, "not retried before load_retry_seconds"
+    stays_true(lambda: slot.state == "FAILED" and slot.loads == 1, 0.2, "not retried before load_retry_seconds")
     registry.clock_.now += 4
     registry.refresh()
     wait_until(lambda: slot.state == "AVAILABLE")
@@ -597,15 +592,15 @@ def test_preloaded_failed_load_is_retried_after_the_pause(tmp_path, iris_classif
 # -- 4. max_loaded ----------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def three_models(tmp_path, iris_classifier, diabetes_regressor, string_classifier):
+def three_models(tmp_path, iris_classifier, diabetes_regressor, named_labels_classifier):
     write_artifact(tmp_path / "a.joblib", iris_classifier, "joblib")
     write_artifact(tmp_path / "b.joblib", diabetes_regressor, "joblib")
-    write_artifact(tmp_path / "c.pkl", string_classifier, "pickle")
+    write_artifact(tmp_path / "c.pkl", named_labels_classifier, "pickle")
     return tmp_path
 
 
 def test_max_loaded_evicts_the_least_recently_used_version(three_models, app_client, iris_classifier,
-                                                          diabetes_regressor, string_classifier):
+                                                          diabetes_regressor, named_labels_classifier):
     client = app_client(three_models, max_loaded=2, poll_interval=0)
     registry = registry_of(client)
     assert predict(client, "/models/a/predict")["predictions"] == expected(iris_classifier)
@@ -613,7 +608,7 @@ def test_max_loaded_evicts_the_least_recently_used_version(three_models, app_cli
         expected(diabetes_regressor, DIABETES_ROWS)
     predict(client, "/models/a/predict")                 # a is now more recent than b
     assert registry.loaded_count() == 2
-    assert predict(client, "/models/c/predict")["predictions"] == expected(string_classifier)
+    assert predict(client, "/models/c/predict")["predictions"] == expected(named_labels_classifier)
     assert registry.loaded_count() == 2
     states = {name: version_status(client, name, 1) for name in "abc"}
     assert {name: (s["state"], s["loads"]) for name, s in states.items()} == \
@@ -651,12 +646,12 @@ def test_max_loaded_never_evicts_a_version_with_a_request_in_flight(three_models
 
 
 def test_max_loaded_never_evicts_a_preloaded_version(three_models, app_client, diabetes_regressor,
-                                                    string_classifier):
+                                                    named_labels_classifier):
     client = app_client(three_models, max_loaded=2, preload=("a",), poll_interval=0)
     client.get("/healthz")
     wait_until(lambda: readiness(client)[0] == 200)
     predict(client, "/models/b/predict", DIABETES_ROWS)
-    assert predict(client, "/models/c/predict")["predictions"] == expected(string_classifier)
+    assert predict(client, "/models/c/predict")["predictions"] == expected(named_labels_classifier)
     # a is the least recently used (never asked for) but preloaded: b goes instead
     assert {name: version_status(client, name, 1)["state"] for name in "abc"} == \
         {"a": "AVAILABLE", "b": "UNLOADED", "c": "AVAILABLE"}
@@ -795,17 +790,18 @@ def test_rescan_with_the_token_picks_up_a_new_model_at_once(tmp_path, make_clien
                  "model 'iris' not found")
 
 
-def test_rescan_with_the_token_uses_a_new_version_without_waiting_for_it_to_settle(tmp_path, iris_classifier,
-                                                                                   string_classifier):
+def test_rescan_with_the_token_uses_a_new_version_without_waiting_for_it_to_settle(tmp_path, clocked_client,
+                                                                                   iris_classifier,
+                                                                                   named_labels_classifier):
     write_artifact(tmp_path / "m" / "1" / "model.joblib", iris_classifier, "joblib")
     client, registry = clocked_client(tmp_path, admin_token=TOKEN)
     assert predict(client, "/models/m/predict")["version"] == "1"
-    publish(tmp_path / "m" / "2" / "model.joblib", string_classifier)
+    publish(tmp_path / "m" / "2" / "model.joblib", named_labels_classifier)
     registry.clock_.now += 1.0
     assert strict_json(client.get("/models/m"))["served_versions"] == ["1"], "a poll waits for it to settle"
     client.post("/admin/rescan", headers=ADMIN)
     wait_until(lambda: predict(client, "/models/m/predict")["version"] == "2")
-    assert predict(client, "/models/m/predict")["predictions"] == expected(string_classifier)
+    assert predict(client, "/models/m/predict")["predictions"] == expected(named_labels_classifier)
 
 
 def test_reload_rereads_an_artifact_replaced_in_place_with_the_same_size_and_mtime(
@@ -886,8 +882,8 @@ def test_reload_of_a_failed_version_lets_the_next_request_retry_without_the_paus
     assert status["state"] == "AVAILABLE" and status["loads"] == 2 and status["last_error"] is None
 
 
-def test_reload_of_every_served_version(tmp_path, make_client, iris_classifier, string_classifier):
-    versioned_store(tmp_path, [iris_classifier, string_classifier, iris_classifier],
+def test_reload_of_every_served_version(tmp_path, make_client, iris_classifier, named_labels_classifier):
+    versioned_store(tmp_path, [iris_classifier, named_labels_classifier, iris_classifier],
                     {"version_policy": {"specific": [1, 2]}})
     client = make_client(tmp_path, poll_interval=0, admin_token=TOKEN)
     predict(client, "/models/m/versions/2/predict")

@@ -22,18 +22,16 @@ import time
 
 import pytest
 import requests
-from sklearn.datasets import load_iris
-from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.tree import DecisionTreeClassifier
 
 import service
-from conftest import ROOT, free_port, stop_process, wait_until_healthy, write_artifact
-from test_reload import ROWS, publish, wait_until
+from conftest import ROOT, ROWS, free_port, publish, stop_process, wait_until, wait_until_healthy, write_artifact
+
+pytestmark = pytest.mark.slow          # every test runs its own server processes for seconds
 
 TIMEOUT = 30
 BIN = os.path.dirname(sys.executable)
-SLOW_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 BUSY_STATES = ("AVAILABLE", "LOADING", "UNLOADING")     # states that hold (or are about to hold) memory
 
 # Estimators that take their time, importable by the server through PYTHONPATH.
@@ -128,7 +126,7 @@ def start_server(command, port, log_path, env=None, pythonpath=(), timeout=60):
 
 def start_slow_request(pool, server):
     """Submit a predict on the slow model and return its future once the server counts it in flight."""
-    slow = pool.submit(requests.post, server.base + "/models/slow/predict", json={"instances": SLOW_ROWS},
+    slow = pool.submit(requests.post, server.base + "/models/slow/predict", json={"instances": ROWS},
                        timeout=60)
     wait_until(lambda: version_info(requests.get(server.base + "/models/slow", timeout=TIMEOUT).json(),
                                     "1")["in_flight"] == 1)
@@ -182,7 +180,7 @@ def test_a_signal_drains_the_request_in_flight_refuses_new_connections_and_exits
             assert get_json(keepalive, "/readyz")[0] == 200
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 slow = pool.submit(requests.post, server.base + "/models/slow/predict",
-                                   json={"instances": SLOW_ROWS}, timeout=60)
+                                   json={"instances": ROWS}, timeout=60)
                 wait_until(lambda: version_info(get_json(keepalive, "/models/slow")[1], "1")["in_flight"] == 1)
                 server.process.send_signal(signum)
 
@@ -292,13 +290,6 @@ ACCESS_FORMAT = "%(p)s %({x-test-id}i)s %(s)s"
 ACCESS_LINE = re.compile(r"<(\d+)> (\S+) (\d{3})")
 
 
-@pytest.fixture(scope="module")
-def named_labels_classifier():
-    """Tells itself apart from iris_classifier: string labels instead of integers."""
-    data = load_iris()
-    return LogisticRegression(max_iter=1000).fit(data.data, data.target_names[data.target])
-
-
 def gunicorn_command(port, access_log, workers=2):
     executable = os.path.join(BIN, "gunicorn")
     if importlib.util.find_spec("gunicorn") is None or not os.path.exists(executable):
@@ -338,7 +329,7 @@ def test_gunicorn_workers_all_swap_to_a_published_version_without_failing_a_requ
             if stop.is_set():
                 return number
             test_id = f"c{index}-{number}"
-            response = requests.post(f"http://127.0.0.1:{port}/models/m/predict", json={"instances": ROWS.tolist()},
+            response = requests.post(f"http://127.0.0.1:{port}/models/m/predict", json={"instances": ROWS[:2]},
                                      headers={"X-Test-Id": test_id}, timeout=TIMEOUT)
             body = response.json() if response.status_code == 200 else response.text
             results[test_id] = (response.status_code, body)
@@ -422,10 +413,17 @@ def test_gunicorn_workers_load_a_published_version_in_the_background_without_req
     def both_preloaded_v1(latest):
         return len(latest) == 2 and all(version_info(s, "1")["state"] == "AVAILABLE" for s in latest.values())
 
-    with start_server(gunicorn_command(port, log_path), port, tmp_path / "gunicorn.log", env=env) as server:
+    # gunicorn leaves the service's INFO log unconfigured; this config file (run in the master before it
+    # forks) sends it to the server's output, where each worker's load can be awaited without a request.
+    logging_config = tmp_path / "gunicorn_logging.py"
+    logging_config.write_text("import logging\nlogging.basicConfig(level=logging.INFO)\n")
+    command = gunicorn_command(port, log_path)
+    command[-1:-1] = ["-c", os.fspath(logging_config)]
+    with start_server(command, port, tmp_path / "gunicorn.log", env=env) as server:
         before = ask_every_worker(server.base, "before", both_preloaded_v1)   # each worker has v1 in memory
         publish(store / "m" / "2" / "model.joblib", named_labels_classifier)
-        time.sleep(3.0)                     # no request at all: only the workers' watchers can act
+        wait_until(lambda: server.output().count("loaded model 'm' version 2") >= 2, timeout=TIMEOUT,
+                   what="both workers' logs to show version 2 loaded")    # no request: only the watchers can act
         after = ask_every_worker(server.base, "after", lambda latest: len(latest) == 2)
         assert set(after) == set(before), "a worker was replaced"
         for pid, status in after.items():
@@ -433,7 +431,7 @@ def test_gunicorn_workers_load_a_published_version_in_the_background_without_req
             assert v2 is not None and v2["state"] == "AVAILABLE" and v2["loads"] == 1, (pid, status)
             assert status["latest_version"] == "2" and v2["preloaded"] is True, (pid, status)
         for _ in range(6):                  # and every worker answers with it
-            response = requests.post(server.base + "/models/m/predict", json={"instances": ROWS.tolist()},
+            response = requests.post(server.base + "/models/m/predict", json={"instances": ROWS[:2]},
                                      timeout=TIMEOUT)
             assert response.status_code == 200 and response.json()["version"] == "2", response.text
             assert response.json()["predictions"] == ["setosa", "virginica"]
@@ -540,7 +538,7 @@ def test_a_half_written_artifact_is_never_loaded_by_a_live_server(tmp_path, iris
         with requests.Session() as session:
             while not stop.is_set():
                 response = session.post(f"http://127.0.0.1:{port}/models/m/predict",
-                                        json={"instances": ROWS.tolist()}, timeout=TIMEOUT)
+                                        json={"instances": ROWS[:2]}, timeout=TIMEOUT)
                 answers.append((time.monotonic(), response.status_code, response.json()))
 
     with start_server(service_py(store, port, "--poll-interval", "0.3"), port, tmp_path / "server.log") as server:

@@ -10,7 +10,7 @@ import pytest
 import webtest
 
 import service
-from conftest import write_artifact
+from conftest import wait_until, write_artifact
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 TOKEN, OTHER, ADMIN = "prediction-token-0123456789", "second-token-abcdefghijkl", "admin-token-zyxwvutsrqpo"
@@ -23,15 +23,9 @@ def store(tmp_path, iris_classifier):
 
 
 @pytest.fixture
-def make(store):
-    apps = []
-
-    def build(**options):
-        apps.append(service.create_app(store=store, poll_interval=0, default_model="iris", **options))
-        return webtest.TestApp(apps[-1])
-    yield build
-    for app in apps:
-        app.config["service.registry"].stop_watching()
+def make(store, make_client):
+    """make(**options) -> a WebTest client over the iris store, without rescans, iris the default model."""
+    return lambda **options: make_client(store, poll_interval=0, default_model="iris", **options)
 
 
 def bearer(token):
@@ -73,16 +67,15 @@ def test_admin_routes_take_the_admin_token_not_a_prediction_token(make):
     assert app.post("/admin/rescan", headers=bearer(ADMIN)).json == {"models": ["iris"]}
 
 
-def test_tokens_come_from_a_file_and_never_reach_a_log_or_the_config_repr(tmp_path, store, caplog):
+def test_tokens_come_from_a_file_and_never_reach_a_log_or_the_config_repr(tmp_path, store, caplog, make_app):
     token_file = tmp_path / "tokens.txt"
     token_file.write_text(f"# prediction clients\n{TOKEN}\n\n{OTHER}\n")
     config = service.Config.load({"auth_tokens": f"@{token_file}", "store": str(store)}, environ={})
     assert config.auth_tokens == (TOKEN, OTHER) and TOKEN not in repr(config)
     caplog.set_level(logging.DEBUG)
-    app = webtest.TestApp(service.create_app(config=config))
+    app = webtest.TestApp(make_app(config=config))
     app.post_json("/models/iris/predict", {"instances": ROW}, headers=bearer(TOKEN))
     app.post_json("/models/iris/predict", {"instances": ROW}, headers=bearer(OTHER + "x"), status=401)
-    app.app.config["service.registry"].stop_watching()
     assert TOKEN not in caplog.text and OTHER not in caplog.text
 
 
@@ -110,10 +103,9 @@ class SlowIris:
         return [0] * len(rows)
 
 
-def test_beyond_max_inflight_predictions_answer_503_at_once_and_recover(tmp_path):
+def test_beyond_max_inflight_predictions_answer_503_at_once_and_recover(tmp_path, make_client):
     write_artifact(tmp_path / "slow.pkl", SlowIris(), "pickle")
-    application = service.create_app(store=tmp_path, poll_interval=0, max_inflight=2)
-    app = webtest.TestApp(application)
+    app = make_client(tmp_path, poll_interval=0, max_inflight=2)
     app.post_json("/models/slow/predict", {"instances": ROW})          # loaded
     start = threading.Barrier(6)
 
@@ -131,16 +123,15 @@ def test_beyond_max_inflight_predictions_answer_503_at_once_and_recover(tmp_path
         assert answer.headers["Retry-After"] == "1" and "--max-inflight" in answer.json["error"]
         assert elapsed < 0.4, "refused at once, not after waiting"
     assert app.post_json("/models/slow/predict", {"instances": ROW}).status_int == 200, "recovers when load drops"
-    application.config["service.registry"].stop_watching()
 
 
 def test_a_prediction_over_the_time_limit_is_504_and_its_work_stays_counted_until_it_ends(tmp_path,
-                                                                                         iris_classifier):
+                                                                                         iris_classifier, make_app):
     """--max-predict-seconds: the caller gets 504 at the limit; the computation (a thread cannot be stopped)
     finishes in the background and keeps its --max-inflight slot until then, so abandoned work cannot pile up."""
     write_artifact(tmp_path / "slow.pkl", SlowIris(), "pickle")
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
-    application = service.create_app(store=tmp_path, poll_interval=0, max_predict_seconds=0.2, max_inflight=1)
+    application = make_app(store=tmp_path, poll_interval=0, max_predict_seconds=0.2, max_inflight=1)
     app = webtest.TestApp(application)
     assert app.post_json("/models/iris/predict", {"instances": ROW}).json["predictions"] == \
         iris_classifier.predict(ROW).tolist(), "a prediction within the limit is answered as usual"
@@ -152,9 +143,6 @@ def test_a_prediction_over_the_time_limit_is_504_and_its_work_stays_counted_unti
     assert 0.15 < time.perf_counter() - began < 0.45, "answered at the limit, not when the work ended"
     busy = app.post_json("/models/iris/predict", {"instances": ROW}, expect_errors=True)
     assert busy.status_int == 503 and "--max-inflight" in busy.json["error"], "the abandoned work holds its slot"
-    deadline = time.monotonic() + 5
-    while app.post_json("/models/iris/predict", {"instances": ROW}, expect_errors=True).status_int == 503:
-        assert time.monotonic() < deadline, "the slot came back when the background work ended"
-        time.sleep(0.05)
+    wait_until(lambda: app.post_json("/models/iris/predict", {"instances": ROW}, expect_errors=True).status_int != 503,
+               timeout=5, what="the slot to come back when the background work ended", interval=0.05)
     assert time.perf_counter() - began > 0.45
-    application.config["service.registry"].stop_watching()

@@ -7,34 +7,9 @@ import numpy as np
 import pytest
 
 import service
-from conftest import EXTENSIONS, write_artifact
-from test_api import assert_error, strict_json
+from conftest import EXTENSIONS, ManualClock, assert_error, strict_json, write_artifact
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
-
-
-class ManualClock:
-    """A monotonic clock the test moves by hand, injected into the registry."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
-def clocked_registry(root, **options):
-    """A registry on a ManualClock without a watcher; registry.poll() moves the clock 1 s and refreshes."""
-    clock = ManualClock()
-    options.setdefault("poll_interval", 1.0)
-    registry = service.ModelRegistry(service.Config(store=str(root), **options), clock=clock, watch=False)
-
-    def poll():
-        clock.now += 1.0
-        registry.refresh()
-    registry.poll = poll
-    registry.clock_ = clock
-    return registry
 
 
 def make_registry(root, clock=None, **options):
@@ -42,10 +17,10 @@ def make_registry(root, clock=None, **options):
     return service.ModelRegistry(config, clock=clock or ManualClock(), watch=False)
 
 
-def test_creating_the_app_loads_and_scans_nothing(tmp_path, iris_classifier):
+def test_creating_the_app_loads_and_scans_nothing(tmp_path, iris_classifier, make_app):
     import webtest
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
-    app = service.create_app(store=tmp_path)
+    app = make_app(store=tmp_path)
     registry = app.config["service.registry"]
     assert registry.names() == [] and not registry.ready
     client = webtest.TestApp(app)

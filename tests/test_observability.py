@@ -23,12 +23,10 @@ ROW = [[5.1, 3.5, 1.4, 0.2]]
 
 
 @pytest.fixture
-def app(tmp_path, iris_classifier):
+def app(tmp_path, iris_classifier, make_client):
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     (tmp_path / "broken.joblib").write_bytes(b"not a model")
-    application = service.create_app(store=tmp_path, poll_interval=0)
-    yield webtest.TestApp(application)
-    application.config["service.registry"].stop_watching()
+    return make_client(tmp_path, poll_interval=0)
 
 
 def families(text):
@@ -65,15 +63,15 @@ def test_metrics_count_requests_latency_loads_and_gauges(app):
     assert sample(parsed["model_service_requests_in_flight"]) == 0
 
 
-def test_the_series_of_a_version_that_left_the_store_end_so_metrics_stay_bounded(tmp_path, iris_classifier):
+def test_the_series_of_a_version_that_left_the_store_end_so_metrics_stay_bounded(tmp_path, iris_classifier,
+                                                                                  make_client):
     """A store that keeps publishing versions must not grow /metrics forever."""
     import shutil
 
     for version in (1, 2):
         write_artifact(tmp_path / "iris" / str(version) / "model.joblib", iris_classifier, "joblib")
     (tmp_path / "iris" / "model-settings.json").write_text(json.dumps({"version_policy": "all"}))
-    application = service.create_app(store=tmp_path, poll_interval=0, admin_token="admin-token-0123456789")
-    app = webtest.TestApp(application)
+    app = make_client(tmp_path, poll_interval=0, admin_token="admin-token-0123456789")
     for version in (1, 2):
         app.post_json(f"/models/iris/versions/{version}/predict", {"instances": ROW})
 
@@ -84,13 +82,11 @@ def test_the_series_of_a_version_that_left_the_store_end_so_metrics_stay_bounded
     shutil.rmtree(tmp_path / "iris" / "1")
     app.post("/admin/rescan", headers={"Authorization": "Bearer admin-token-0123456789"})
     assert versions_in_metrics() == {"2"}
-    application.config["service.registry"].stop_watching()
 
 
-def test_every_response_carries_a_request_id_the_access_log_shows(tmp_path, iris_classifier, caplog):
+def test_every_response_carries_a_request_id_the_access_log_shows(tmp_path, iris_classifier, caplog, make_client):
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
-    application = service.create_app(store=tmp_path, poll_interval=0, access_log=True)
-    app = webtest.TestApp(application)
+    app = make_client(tmp_path, poll_interval=0, access_log=True)
     caplog.set_level(logging.INFO, logger="service.access")
     given = app.post_json("/models/iris/predict", {"instances": ROW}, headers={"X-Request-ID": "trace-42.a"})
     assert given.headers["X-Request-ID"] == "trace-42.a"
@@ -101,15 +97,14 @@ def test_every_response_carries_a_request_id_the_access_log_shows(tmp_path, iris
     log = caplog.text
     assert "POST /models/iris/predict 200" in log and "id=trace-42.a" in log
     assert "GET /no/such/route 404" in log and made.headers["X-Request-ID"] in log
-    application.config["service.registry"].stop_watching()
 
 
-def test_the_access_log_is_off_by_default_and_the_id_still_on_every_answer(tmp_path, iris_classifier, caplog):
+def test_the_access_log_is_off_by_default_and_the_id_still_on_every_answer(tmp_path, iris_classifier, caplog,
+                                                                           make_client):
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
-    application = service.create_app(store=tmp_path)
+    client = make_client(tmp_path)
     caplog.set_level(logging.INFO, logger="service.access")
-    assert len(webtest.TestApp(application).get("/models").headers["X-Request-ID"]) == 32
-    application.config["service.registry"].stop_watching()
+    assert len(client.get("/models").headers["X-Request-ID"]) == 32
     assert "GET /models" not in caplog.text
 
 
@@ -126,6 +121,7 @@ def hammer(client, path, bodies, threads=12):
         return list(pool.map(lambda body: client.post(path, json=body, timeout=60), bodies))
 
 
+@pytest.mark.slow
 def test_batched_answers_equal_unbatched_ones_and_batches_form(tmp_path, serve_store, forest):
     model, x = forest
     write_artifact(tmp_path / "store" / "rf.joblib", model, "joblib")
@@ -141,6 +137,7 @@ def test_batched_answers_equal_unbatched_ones_and_batches_form(tmp_path, serve_s
         assert stacked == 300 and calls < 300, "concurrent requests were stacked into fewer predict calls"
 
 
+@pytest.mark.slow
 def test_one_bad_request_fails_alone_never_its_batch_mates(tmp_path, serve_store, forest):
     model, x = forest
     write_artifact(tmp_path / "store" / "rf.joblib", model, "joblib")
@@ -197,7 +194,7 @@ def test_one_stacked_call_runs_at_a_time_and_the_next_batch_gathers_meanwhile(tm
 
 
 def test_float_inputs_are_checked_once_by_the_service_and_scikit_learn_skips_its_own_check(tmp_path,
-                                                                                        iris_classifier):
+                                                                                        iris_classifier, make_app):
     """assume_finite, applied knowingly: only for the plain estimators whose own check the service's
     NaN/infinity check is exactly (tests/test_prechecks.py proves it), and never left set in the thread."""
     import sklearn
@@ -217,7 +214,7 @@ def test_float_inputs_are_checked_once_by_the_service_and_scikit_learn_skips_its
     assert registry.get("plain").checked_call is not None
     assert registry.get("scaled").checked_call is None, "a pipeline's later steps keep their own checks"
     assert registry.get("hgb").checked_call is None, "histogram boosting checks in its own way (it takes infinity)"
-    client = webtest.TestApp(service.create_app(registry=registry, config=registry.config))
+    client = webtest.TestApp(make_app(registry=registry, config=registry.config))
 
     rows = data.data[:20].tolist()
     for name, estimator in (("plain", iris_classifier), ("hgb", with_nan), ("scaled", scaled)):
@@ -269,6 +266,7 @@ def test_bad_batching_settings_are_refused(batching):
 
 # -- several processes -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_workers_2_serves_from_two_gunicorn_processes(tmp_path, iris_classifier):
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     port = free_port()
@@ -286,7 +284,8 @@ def test_workers_2_serves_from_two_gunicorn_processes(tmp_path, iris_classifier)
 # -- lean request path -----------------------------------------------------------------------------------
 
 def test_a_model_fitted_on_named_columns_takes_arrays_unless_it_selects_columns_by_name(tmp_path,
-                                                                                       named_iris_classifier):
+                                                                                       named_iris_classifier,
+                                                                                       make_app):
     """A DataFrame per request costs about a millisecond; models that answer arrays identically get arrays
     (their names are taken off at load, so scikit-learn has nothing to warn about), the rest DataFrames."""
     import pandas as pd
@@ -308,7 +307,7 @@ def test_a_model_fitted_on_named_columns_takes_arrays_unless_it_selects_columns_
     named, selecting = registry.get("named"), registry.get("by_name")
     assert named.make_frame is None and named.feature_names == IRIS_FEATURES
     assert selecting.make_frame is not None
-    client = webtest.TestApp(service.create_app(registry=registry, config=registry.config))
+    client = webtest.TestApp(make_app(registry=registry, config=registry.config))
     rows = frame.iloc[:5]
     for name, model in (("named", named_iris_classifier), ("by_name", by_name)):
         answer = client.post_json(f"/models/{name}/predict", {"instances": rows.to_dict("records"),

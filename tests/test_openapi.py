@@ -3,7 +3,6 @@ schemathesis run against the WSGI app finds no server error and no answer that b
 
 import atexit
 import os
-import re
 import shutil
 import tempfile
 

@@ -16,7 +16,6 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-import webtest
 from sklearn.ensemble import (BaggingClassifier, BaggingRegressor, HistGradientBoostingClassifier,
                               HistGradientBoostingRegressor, RandomForestClassifier, StackingClassifier,
                               StackingRegressor, VotingClassifier)
@@ -232,22 +231,18 @@ def test_the_shortcut_applies_to_plain_leaves_only(loaded):
 
 @pytest.mark.parametrize("name", ["StackingClassifier (passthrough, NaN-tolerant members)",
                                   "OneVsRestClassifier (HistGradientBoosting)", "LogisticRegression (alone)"])
-def test_over_http_a_missing_value_gets_scikit_learns_answer_or_refusal(name, tmp_path):
+def test_over_http_a_missing_value_gets_scikit_learns_answer_or_refusal(name, tmp_path, make_client):
     """The same comparison through the whole request path, with null for a missing value."""
     estimator, x = fitted(name)
     write_artifact(tmp_path / "m.joblib", estimator, "joblib")
-    app = service.create_app(store=str(tmp_path))
-    client = webtest.TestApp(app)
-    try:
-        rows = json_rows(x, "nan")
-        matrix = np.array([[np.nan if v is None else v for v in row] for row in rows])
-        for method in ("predict", "predict_proba"):
-            expected = scikit_learn_answer(getattr(estimator, method), matrix)
-            answer = client.post_json("/models/m/predict", {"instances": rows, "method": method}, expect_errors=True)
-            if expected[0] == "refused":
-                assert answer.status_int == 400, answer.text
-            else:
-                assert answer.status_int == 200, answer.text
-                assert answer.json["predictions"] == expected[1].tolist()
-    finally:
-        app.config["service.registry"].stop_watching()
+    client = make_client(tmp_path)
+    rows = json_rows(x, "nan")
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in rows])
+    for method in ("predict", "predict_proba"):
+        expected = scikit_learn_answer(getattr(estimator, method), matrix)
+        answer = client.post_json("/models/m/predict", {"instances": rows, "method": method}, expect_errors=True)
+        if expected[0] == "refused":
+            assert answer.status_int == 400, answer.text
+        else:
+            assert answer.status_int == 200, answer.text
+            assert answer.json["predictions"] == expected[1].tolist()

@@ -27,11 +27,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tritonclient.utils import InferenceServerException
 
-from conftest import IRIS_FEATURES, ROOT, free_port, running, write_artifact
+from conftest import IRIS_FEATURES, ROOT, ROWS, assert_error, free_port, running, strict_json, write_artifact
 
 TOKEN = "T0ken"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 IRIS_METHODS = ["predict", "predict_proba", "predict_log_proba", "decision_function"]
 REVIEWS = [
     ("a wonderful, moving film with brilliant acting", "positive"),
@@ -122,40 +121,6 @@ def frame(rows, columns=IRIS_FEATURES):
     return pd.DataFrame(np.asarray(rows, dtype=np.float64), columns=columns)
 
 
-def _parts(response):
-    """(status, content type, headers, text) of a requests or a WebTest response."""
-    if isinstance(response, requests.Response):
-        return response.status_code, response.headers.get("Content-Type", ""), response.headers, response.text
-    return response.status_int, response.headers.get("Content-Type", ""), response.headers, response.text
-
-
-def strict(response):
-    """The body of a JSON answer, parsed as a browser would (NaN/Infinity tokens are errors)."""
-    _, content_type, headers, text = _parts(response)
-    assert content_type.split(";")[0] == "application/json", content_type
-    assert headers["X-Content-Type-Options"] == "nosniff"
-
-    def refuse(token):
-        raise AssertionError(f"non-standard JSON token {token}")
-    return json.loads(text, parse_constant=refuse)
-
-
-def assert_error(response, status, *fragments, store=None):
-    """The one error envelope: JSON with `error` and `code`, nosniff, no HTML, traceback or path."""
-    actual, _, _, text = _parts(response)
-    assert actual == status, text
-    body = strict(response)
-    assert isinstance(body["error"], str) and body["error"], body
-    assert isinstance(body["code"], str) and body["code"], body
-    for fragment in fragments:
-        assert fragment in body["error"], body
-    lowered = text.lower()
-    assert "traceback" not in lowered and "<html" not in lowered and 'file "' not in lowered
-    if store is not None:
-        assert os.fspath(store) not in text and os.path.dirname(os.fspath(store)) not in text
-    return body
-
-
 def fail_broken_load(server):
     """Ask for the broken model: its load fails (503, with the reason, and Retry-After)."""
     response = post(server, "/v1/models/broken:predict", {"instances": [[1, 2, 3, 4]]})
@@ -170,7 +135,7 @@ def fail_broken_load(server):
 
 def test_tf_model_list(server):
     """GET /v1/models lists every model on disk, the broken one included."""
-    assert strict(get(server, "/v1/models")) == {"models": ["broken", "diabetes", "iris", "plain", "sentiment"]}
+    assert strict_json(get(server, "/v1/models")) == {"models": ["broken", "diabetes", "iris", "plain", "sentiment"]}
 
 
 def test_tf_status_is_start_before_load_and_available_after(server):
@@ -178,7 +143,7 @@ def test_tf_status_is_start_before_load_and_available_after(server):
     (the status request itself loads nothing), AVAILABLE once each has answered, error_code OK throughout."""
     before = server.before["iris"]
     assert before.status_code == 200
-    body = strict(before)
+    body = strict_json(before)
     assert body["name"] == "iris" and body["ready"] is True
     assert body["model_version_status"] == [
         {"version": "2", "state": "START", "status": {"error_code": "OK", "error_message": ""}},
@@ -186,7 +151,7 @@ def test_tf_status_is_start_before_load_and_available_after(server):
 
     for path in ("/v1/models/iris:predict", "/v1/models/iris/versions/1:predict"):
         assert post(server, path, {"instances": ROWS[:1]}).status_code == 200
-    body = strict(get(server, "/v1/models/iris"))
+    body = strict_json(get(server, "/v1/models/iris"))
     assert body["name"] == "iris" and body["ready"] is True
     assert {s["version"]: s["state"] for s in body["model_version_status"]} == {"1": "AVAILABLE",
                                                                                "2": "AVAILABLE"}
@@ -199,7 +164,7 @@ def test_tf_status_of_a_failed_load_is_503_with_end(server):
     a sanitised error_message (the file's store-relative name, never an absolute path)."""
     before = server.before["broken"]
     assert before.status_code == 200
-    assert strict(before)["model_version_status"][0]["state"] == "START"
+    assert strict_json(before)["model_version_status"][0]["state"] == "START"
 
     fail_broken_load(server)
     response = get(server, "/v1/models/broken")
@@ -215,7 +180,7 @@ def test_tf_status_of_one_version_and_of_a_label(server):
     """/versions/<v> and /labels/<l> give the status of that one version; unknown ones are 404 JSON."""
     for path, version in (("/v1/models/iris/versions/1", "1"), ("/v1/models/iris/versions/2", "2"),
                           ("/v1/models/iris/labels/stable", "1")):
-        body = strict(get(server, path))
+        body = strict_json(get(server, path))
         assert body["name"] == "iris" and body["ready"] is True
         assert [s["version"] for s in body["model_version_status"]] == [version]
         assert body["model_version_status"][0]["status"]["error_code"] == "OK"
@@ -228,7 +193,7 @@ def test_tf_metadata_has_a_signature_per_method(server):
     """GET .../metadata: model_spec names the model and the version answering (latest, or the one a version
     or label names); signature_def holds serving_default (predict) and one signature per other method, each
     taking the feature names as inputs."""
-    body = strict(get(server, "/v1/models/iris/metadata"))
+    body = strict_json(get(server, "/v1/models/iris/metadata"))
     assert body["model_spec"]["name"] == "iris" and body["model_spec"]["version"] == "2"
     signatures = body["metadata"]["signature_def"]["signature_def"]
     assert set(signatures) == {"serving_default", "predict_proba", "predict_log_proba", "decision_function"}
@@ -242,23 +207,24 @@ def test_tf_metadata_has_a_signature_per_method(server):
     assert [d["size"] for d in proba["tensor_shape"]["dim"]] == ["-1", "3"]
 
     for path in ("/v1/models/iris/versions/1/metadata", "/v1/models/iris/labels/stable/metadata"):
-        assert strict(get(server, path))["model_spec"]["version"] == "1"
+        assert strict_json(get(server, path))["model_spec"]["version"] == "1"
 
 
 def test_tf_predict_rows_as_lists_and_as_objects(server, models):
     """:predict with `instances` rows, as lists or as {feature: value} objects, answers `predictions` equal to
     the latest version's own predict."""
     expected = models.iris_v2.predict(frame(ROWS)).tolist()
-    assert strict(post(server, "/v1/models/iris:predict", {"instances": ROWS})) == {"predictions": expected}
+    assert strict_json(post(server, "/v1/models/iris:predict", {"instances": ROWS})) == {"predictions": expected}
     objects = [dict(zip(IRIS_FEATURES, row)) for row in ROWS]
-    assert strict(post(server, "/v1/models/iris:predict", {"instances": objects})) == {"predictions": expected}
+    assert strict_json(post(server, "/v1/models/iris:predict", {"instances": objects})) == {"predictions": expected}
 
 
 def test_tf_predict_with_signature_predict_proba(server, models):
     """signature_name picks the method: predict_proba's floats come back exactly; serving_default is predict."""
-    body = strict(post(server, "/v1/models/iris:predict", {"signature_name": "predict_proba", "instances": ROWS}))
+    body = strict_json(post(server, "/v1/models/iris:predict", {"signature_name": "predict_proba", "instances": ROWS}))
     assert body == {"predictions": models.iris_v2.predict_proba(frame(ROWS)).tolist()}
-    body = strict(post(server, "/v1/models/iris:predict", {"signature_name": "serving_default", "instances": ROWS}))
+    body = strict_json(post(server, "/v1/models/iris:predict",
+                            {"signature_name": "serving_default", "instances": ROWS}))
     assert body == {"predictions": models.iris_v2.predict(frame(ROWS)).tolist()}
 
 
@@ -266,9 +232,9 @@ def test_tf_predict_columnar_inputs_answer_outputs(server, models):
     """Columnar `inputs`, as {feature: [values]} or as one tensor, answer under `outputs` (TF's rule)."""
     columns = {feature: [row[i] for row in ROWS] for i, feature in enumerate(IRIS_FEATURES)}
     expected = models.iris_v2.predict_proba(frame(ROWS)).tolist()
-    body = strict(post(server, "/v1/models/iris:predict", {"signature_name": "predict_proba", "inputs": columns}))
+    body = strict_json(post(server, "/v1/models/iris:predict", {"signature_name": "predict_proba", "inputs": columns}))
     assert body == {"outputs": expected}
-    assert strict(post(server, "/v1/models/iris:predict", {"inputs": ROWS})) == {
+    assert strict_json(post(server, "/v1/models/iris:predict", {"inputs": ROWS})) == {
         "outputs": models.iris_v2.predict(frame(ROWS)).tolist()}
 
 
@@ -278,7 +244,7 @@ def test_tf_predict_by_version_and_by_label_answers_from_version_1(server, model
     expected = models.iris_v1.predict_proba(frame(ROWS)).tolist()
     assert expected != models.iris_v2.predict_proba(frame(ROWS)).tolist()
     for path in ("/v1/models/iris/versions/1:predict", "/v1/models/iris/labels/stable:predict"):
-        body = strict(post(server, path, {"signature_name": "predict_proba", "instances": ROWS}))
+        body = strict_json(post(server, path, {"signature_name": "predict_proba", "instances": ROWS}))
         assert body == {"predictions": expected}, path
 
 
@@ -291,7 +257,7 @@ def test_tf_classify_gives_label_score_pairs(server, models):
     rows = [[5.1, 3.5, 1.4, 0.2], [5.1, 2.5, 4.9, 1.9]]
     probabilities = models.iris_v2.predict_proba(frame(rows)).tolist()
     classes = models.iris_v2.classes_.tolist()
-    body = strict(post(server, "/v1/models/iris:classify", payload))
+    body = strict_json(post(server, "/v1/models/iris:classify", payload))
     assert body == {"results": [[[label, score] for label, score in zip(classes, row)] for row in probabilities]}
 
 
@@ -300,7 +266,8 @@ def test_tf_regress_on_the_regressor(server, models):
     features, rows = models.diabetes_features, models.diabetes_rows
     examples = [dict(zip(features[1:], row[1:])) for row in rows]
     rows = [[0.01] + row[1:] for row in rows]
-    body = strict(post(server, "/v1/models/diabetes:regress", {"context": {features[0]: 0.01}, "examples": examples}))
+    body = strict_json(post(server, "/v1/models/diabetes:regress",
+                            {"context": {features[0]: 0.01}, "examples": examples}))
     assert body == {"results": models.diabetes.predict(frame(rows, features)).tolist()}
 
 
@@ -368,25 +335,25 @@ def test_tf_verb_on_a_get_is_not_a_status(server):
 def test_kserve_v1_liveness_on_root(server):
     """The KServe V1 client's liveness check reads GET / as {"status": "alive"}; other keys may ride along."""
     response = get(server, "/")
-    assert response.status_code == 200 and strict(response)["status"] == "alive"
+    assert response.status_code == 200 and strict_json(response)["status"] == "alive"
 
 
 def test_kserve_v1_model_ready(server):
     """KServe's is_model_ready: GET /v1/models/<m> -> `name` and `ready` true; a model that failed to load is
     a 503 (which the client reads as not ready) with ready false."""
-    body = strict(get(server, "/v1/models/iris"))
+    body = strict_json(get(server, "/v1/models/iris"))
     assert body["name"] == "iris" and body["ready"] is True
     fail_broken_load(server)
     response = get(server, "/v1/models/broken")
-    assert response.status_code == 503 and strict(response)["ready"] is False
+    assert response.status_code == 503 and strict_json(response)["ready"] is False
 
 
 def test_kserve_v1_predict_with_instances(server, models):
     """KServe V1 predict: {"instances": [...]} -> {"predictions": [...]}, the estimator's own answers."""
     response = post(server, "/v1/models/iris:predict", {"instances": ROWS})
     assert response.status_code == 200
-    assert strict(response) == {"predictions": models.iris_v2.predict(frame(ROWS)).tolist()}
-    body = strict(post(server, "/v1/models/sentiment:predict", {"instances": TEXTS}))
+    assert strict_json(response) == {"predictions": models.iris_v2.predict(frame(ROWS)).tolist()}
+    body = strict_json(post(server, "/v1/models/sentiment:predict", {"instances": TEXTS}))
     assert body == {"predictions": models.sentiment.predict(TEXTS).tolist()}
 
 
@@ -443,7 +410,7 @@ def test_v2_repository_index_lists_every_served_version(server, triton):
     on disk: UNAVAILABLE before any load, READY once loaded; a failed load gives its reason."""
     before = server.before["index"]
     assert before.status_code == 200
-    entries = strict(before)
+    entries = strict_json(before)
     assert sorted((e["name"], e["version"]) for e in entries) == [
         ("broken", "1"), ("diabetes", "1"), ("iris", "1"), ("iris", "2"), ("plain", "1"), ("sentiment", "1")]
     assert {e["state"] for e in entries} == {"UNAVAILABLE"}
@@ -455,7 +422,7 @@ def test_v2_repository_index_lists_every_served_version(server, triton):
     index = {(e["name"], e["version"]): e for e in triton.get_model_repository_index()}
     assert index[("iris", "1")]["state"] == index[("iris", "2")]["state"] == "READY"
     assert index[("broken", "1")]["state"] == "UNAVAILABLE" and "broken.joblib" in index[("broken", "1")]["reason"]
-    ready = {(e["name"], e["version"]) for e in strict(post(server, "/v2/repository/index", {"ready": True}))}
+    ready = {(e["name"], e["version"]) for e in strict_json(post(server, "/v2/repository/index", {"ready": True}))}
     assert {("iris", "1"), ("iris", "2")} <= ready and ("broken", "1") not in ready
 
 
@@ -596,7 +563,7 @@ def test_v2_json_infer_accepts_every_numeric_datatype(server, models, datatype):
     dtype, rows = V2_NUMERIC[datatype]
     payload = {"inputs": [{"name": "input-0", "shape": [2, 4], "datatype": datatype, "data": rows}],
                "outputs": [{"name": "predict"}, {"name": "predict_proba"}]}
-    body = strict(post(server, "/v2/models/plain/infer", payload))
+    body = strict_json(post(server, "/v2/models/plain/infer", payload))
     x = np.array(rows, dtype=dtype).astype(np.float64)
     assert body["model_name"] == "plain" and body["model_version"] == "1"
     outputs = {o["name"]: o for o in body["outputs"]}
@@ -664,7 +631,7 @@ def test_v2_id_is_echoed_and_parameters_are_accepted(server, models):
     payload = v2_json(ROWS, id="batch-7/α", parameters={"content_type": "np", "priority": 1, "trace": True})
     payload["inputs"][0]["parameters"] = {"content_type": "np"}
     payload["outputs"] = [{"name": "predict", "parameters": {"binary_data": False}}]
-    body = strict(post(server, "/v2/models/plain/infer", payload))
+    body = strict_json(post(server, "/v2/models/plain/infer", payload))
     assert body["id"] == "batch-7/α"
     assert body["outputs"][0]["data"] == models.plain.predict(np.array(ROWS)).tolist()
 
@@ -688,16 +655,16 @@ def test_v2_repository_load_and_unload(server, triton, models):
         return {(e["name"], e["version"]): e["state"] for e in triton.get_model_repository_index()}[("plain", "1")]
 
     response = post(server, "/v2/repository/models/plain/load", headers=ADMIN)
-    assert response.status_code == 200 and strict(response) == {}
+    assert response.status_code == 200 and strict_json(response) == {}
     assert state() == "READY"
     triton.load_model("plain", headers=ADMIN)           # the client's own call works as well
     assert triton.is_model_ready("plain")
 
     response = post(server, "/v2/repository/models/plain/unload", {"parameters": {"unload_dependents": False}},
                     headers=ADMIN)
-    assert response.status_code == 200 and strict(response) == {}
+    assert response.status_code == 200 and strict_json(response) == {}
     assert state() == "UNAVAILABLE"
-    assert strict(get(server, "/v1/models/plain"))["model_version_status"][0]["state"] == "START"
+    assert strict_json(get(server, "/v1/models/plain"))["model_version_status"][0]["state"] == "START"
 
     result = triton.infer("plain", [_input("input-0", np.array(ROWS), "FP64")])
     assert result.as_numpy("predict").tolist() == models.plain.predict(np.array(ROWS)).tolist()
@@ -736,7 +703,7 @@ def test_mlflow_ping_health_and_version(server):
     """/ping and /health are 200 JSON; /version is the service version as text/plain."""
     for path in ("/ping", "/health"):
         response = get(server, path)
-        assert response.status_code == 200 and strict(response)
+        assert response.status_code == 200 and strict_json(response)
     response = get(server, "/version")
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain") and response.text.strip()
@@ -763,7 +730,7 @@ def test_mlflow_invocations_json_formats(server, models, name):
     """POST /invocations with each body as MLflow's documentation shows it (and `params` alongside) answers
     {"predictions": [...]} from the default model (iris, latest version)."""
     response = post(server, "/invocations", MLFLOW_BODIES[name])
-    assert strict(response) == {"predictions": models.iris_v2.predict(frame(ROWS)).tolist()}
+    assert strict_json(response) == {"predictions": models.iris_v2.predict(frame(ROWS)).tolist()}
 
 
 def test_mlflow_invocations_csv(server, models):
@@ -773,7 +740,7 @@ def test_mlflow_invocations_csv(server, models):
     for text, content_type in (("\n".join(lines) + "\n", "text/csv"),
                                ("\r\n".join(lines), "text/csv; charset=utf-8")):
         response = post(server, "/invocations", data=text.encode(), headers={"Content-Type": content_type})
-        assert strict(response) == expected
+        assert strict_json(response) == expected
 
 
 @pytest.mark.parametrize("body, content_type, status", [
@@ -798,9 +765,9 @@ def test_mlflow_one_column_csv_for_the_text_model(store, make_client, models):
     client = make_client(store, default_model="sentiment")
     csv_text = 'review\n"a brilliant, moving film"\nboring and awful\n'
     expected = {"predictions": models.sentiment.predict(TEXTS).tolist()}
-    assert strict(client.post("/invocations", csv_text, content_type="text/csv")) == expected
+    assert strict_json(client.post("/invocations", csv_text, content_type="text/csv")) == expected
     split = {"dataframe_split": {"columns": ["review"], "data": [[t] for t in TEXTS]}}
-    assert strict(client.post_json("/invocations", split)) == expected
+    assert strict_json(client.post_json("/invocations", split)) == expected
 
 
 def test_mlflow_csv_with_a_blank_line(server, models):
@@ -808,7 +775,7 @@ def test_mlflow_csv_with_a_blank_line(server, models):
     pandas.read_csv reads it: blank lines are skipped."""
     text = ",".join(IRIS_FEATURES) + "\n" + "\n".join(",".join(map(str, row)) for row in ROWS) + "\n\n"
     response = post(server, "/invocations", data=text.encode(), headers={"Content-Type": "text/csv"})
-    assert strict(response) == {"predictions": models.iris_v2.predict(frame(ROWS)).tolist()}
+    assert strict_json(response) == {"predictions": models.iris_v2.predict(frame(ROWS)).tolist()}
 
 
 def test_mlflow_csv_with_a_byte_order_mark(server, models):
@@ -817,7 +784,7 @@ def test_mlflow_csv_with_a_byte_order_mark(server, models):
     text = ",".join(IRIS_FEATURES) + "\n" + "\n".join(",".join(map(str, row)) for row in ROWS) + "\n"
     response = post(server, "/invocations", data=b"\xef\xbb\xbf" + text.encode(),
                     headers={"Content-Type": "text/csv"})
-    assert strict(response) == {"predictions": models.iris_v2.predict(frame(ROWS)).tolist()}
+    assert strict_json(response) == {"predictions": models.iris_v2.predict(frame(ROWS)).tolist()}
 
 
 def test_mlflow_csv_text_column_with_a_numeric_looking_review(store, make_client, models):
@@ -826,17 +793,17 @@ def test_mlflow_csv_text_column_with_a_numeric_looking_review(store, make_client
     texts = ["1984", "boring and awful"]
     response = client.post("/invocations", "review\n1984\nboring and awful\n", content_type="text/csv",
                            expect_errors=True)
-    assert strict(response) == {"predictions": models.sentiment.predict(texts).tolist()}
+    assert strict_json(response) == {"predictions": models.sentiment.predict(texts).tolist()}
 
 
 def test_tf_metadata_of_the_text_model_is_one_dimensional(server, models):
     """The text model's TF signature describes the input it accepts: a 1-D DT_STRING batch, as in V2."""
-    assert strict(post(server, "/v1/models/sentiment:predict", {"instances": TEXTS})) == {
+    assert strict_json(post(server, "/v1/models/sentiment:predict", {"instances": TEXTS})) == {
         "predictions": models.sentiment.predict(TEXTS).tolist()}
     assert_error(post(server, "/v1/models/sentiment:predict", {"instances": [[t] for t in TEXTS]}), 400)
-    v2 = strict(get(server, "/v2/models/sentiment"))
+    v2 = strict_json(get(server, "/v2/models/sentiment"))
     assert v2["inputs"][0]["shape"] == [-1]
-    signature = strict(get(server, "/v1/models/sentiment/metadata"))["metadata"]["signature_def"][
+    signature = strict_json(get(server, "/v1/models/sentiment/metadata"))["metadata"]["signature_def"][
         "signature_def"]["serving_default"]
     (tensor,) = signature["inputs"].values()
     assert tensor["dtype"] == "DT_STRING"

@@ -69,6 +69,7 @@ def test_readme_has_examples_for_every_kind_of_call():
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)")
+@pytest.mark.slow
 def test_every_curl_example_returns_what_readme_shows(serve_store):
     with serve_store(os.path.join(ROOT, "model_store"), "--default-model", "iris", "--admin-token", "change-me") as base:
         for command, expected in EXAMPLES:

@@ -3,37 +3,15 @@
 import concurrent.futures
 import os
 import threading
-import time
 
-import joblib
 import numpy as np
 import pytest
 import requests
-from sklearn.datasets import load_iris
-from sklearn.linear_model import LogisticRegression
 
 import service
-from conftest import write_artifact
-from test_loading import ManualClock, clocked_registry
+from conftest import ROWS, ManualClock, clocked_registry, publish, wait_until
 
-ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
-
-
-@pytest.fixture(scope="module")
-def named_labels_classifier():
-    """Tells itself apart from iris_classifier: string labels instead of integers."""
-    data = load_iris()
-    return LogisticRegression(max_iter=1000).fit(data.data, data.target_names[data.target])
-
-
-def publish(path, estimator):
-    """Write-then-rename, as README asks publishers to do."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp"
-    joblib.dump(estimator, temporary)
-    os.replace(temporary, path)
-    stamp = time.time_ns() + 10**9
-    os.utime(path, ns=(stamp, stamp))       # a new mtime even on coarse file systems
+PAIR = np.array(ROWS[:2])       # a setosa and a virginica
 
 
 def corrupt(path):
@@ -43,15 +21,8 @@ def corrupt(path):
     os.replace(temporary, path)
 
 
-def wait_until(condition, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def labels(model):
-    return model.predict("predict", ROWS).tolist()
+    return model.predict("predict", PAIR).tolist()
 
 
 @pytest.fixture
@@ -176,6 +147,7 @@ def test_poll_interval_zero_turns_reload_off(tmp_path, iris_classifier):
     assert registry.names() == ["a"]
 
 
+@pytest.mark.slow
 def test_swaps_under_load_fail_no_request_and_versions_only_move_forward(tmp_path, serve_store, iris_classifier,
                                                                          named_labels_classifier):
     """Clients predict without pause while v2 is published, a corrupt v3 appears, v3 is fixed, v1 is removed."""
@@ -183,36 +155,44 @@ def test_swaps_under_load_fail_no_request_and_versions_only_move_forward(tmp_pat
     publish(store / "m" / "1" / "model.joblib", iris_classifier)
     with serve_store(store, "--poll-interval", "0.2", "--threads", "8") as base:
         stop = threading.Event()
+        answered = [0] * 4                 # answers each client has had so far
 
-        def client():
+        def client(index):
             seen, failures, session = [], [], requests.Session()
             while not stop.is_set():
-                response = session.post(base + "/models/m/predict", json={"instances": ROWS.tolist()}, timeout=30)
+                response = session.post(base + "/models/m/predict", json={"instances": PAIR.tolist()}, timeout=30)
                 if response.status_code != 200:
                     failures.append((response.status_code, response.text))
                 else:
                     seen.append(int(response.json()["version"]))
+                answered[index] += 1
             return seen, failures
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            clients = [pool.submit(client) for _ in range(4)]
+            clients = [pool.submit(client, index) for index in range(4)]
+
+            def every_client_answered(count=5):
+                """Wait until each client has had `count` more answers (or one has stopped: result() tells why)."""
+                mark = list(answered)
+                wait_until(lambda: all(now >= then + count for now, then in zip(answered, mark))
+                           or any(future.done() for future in clients), what=f"{count} answers per client")
             try:
                 def state(version):
                     versions = requests.get(base + "/models/m", timeout=30).json()["versions"]
                     return {v["version"]: v["state"] for v in versions}.get(version)
-                time.sleep(0.5)
+                every_client_answered()
                 publish(store / "m" / "2" / "model.joblib", named_labels_classifier)
                 wait_until(lambda: state("2") == "AVAILABLE")
                 os.makedirs(store / "m" / "3")
                 corrupt(store / "m" / "3" / "model.joblib")
                 wait_until(lambda: state("3") == "FAILED")
-                time.sleep(0.5)
+                every_client_answered()
                 publish(store / "m" / "3" / "model.joblib", iris_classifier)
                 wait_until(lambda: state("3") == "AVAILABLE")
                 os.remove(store / "m" / "1" / "model.joblib")
                 os.rmdir(store / "m" / "1")
                 wait_until(lambda: state("1") is None)
-                time.sleep(0.5)
+                every_client_answered()
             finally:
                 stop.set()
             results = [future.result() for future in clients]
@@ -285,7 +265,7 @@ def test_clients_polling_through_a_rename_see_no_failure_and_no_older_version(tm
         def client():
             seen, failures, session = [], [], requests.Session()
             while not stop.is_set():
-                response = session.post(base + "/models/m/predict", json={"instances": ROWS.tolist()}, timeout=30)
+                response = session.post(base + "/models/m/predict", json={"instances": PAIR.tolist()}, timeout=30)
                 if response.status_code != 200:
                     failures.append((response.status_code, response.text))
                 else:
@@ -306,7 +286,7 @@ def test_clients_polling_through_a_rename_see_no_failure_and_no_older_version(tm
                 rename_version(store, 5, 6)
                 renamed.set()
                 wait_until(lambda: latest() == "6")
-                last = requests.post(base + "/models/m/predict", json={"instances": ROWS.tolist()}, timeout=30)
+                last = requests.post(base + "/models/m/predict", json={"instances": PAIR.tolist()}, timeout=30)
                 assert last.json()["version"] == "6"
             finally:
                 stop.set()

@@ -7,7 +7,7 @@ import pytest
 import requests
 import sklearn_crfsuite
 
-from test_api import strict_json
+from conftest import strict_json
 
 # Sentences in lesson 17's format (word, coarse POS, fine POS, dependency); the CRF learns the coarse POS.
 CORPUS = """坚决 a ad 1_v|惩治 v v 0_Root|贪污 v v 1_v|贿赂 n n -1_v|等 u udeng -1_v|经济 n n 1_v|犯罪 v vn -2_v
@@ -70,6 +70,7 @@ def test_sequence_model_marginals_pass_through(crf_store, crf, make_client):
     assert metadata["n_features_in_"] is None and "predict" in metadata["methods"]
 
 
+@pytest.mark.slow
 def test_seed_url_against_the_real_server(crf_store, crf, serve_store):
     """Exactly as a browser sends the course's URL: non-ASCII percent-encoded, spaces as %20, quotes kept."""
     with serve_store(crf_store) as base:

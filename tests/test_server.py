@@ -261,6 +261,7 @@ def test_malformed_request_does_not_disturb_a_concurrent_good_one(server, iris, 
 ###############################################################################
 
 
+@pytest.mark.slow
 def test_each_artifact_format_serves_predictions_over_http(store, artifact_format, serve_store, iris,
                                                            iris_classifier, named_iris_classifier,
                                                            diabetes_regressor):
@@ -289,6 +290,7 @@ def test_each_artifact_format_serves_predictions_over_http(store, artifact_forma
 ###############################################################################
 
 
+@pytest.mark.slow
 def test_binds_127_0_0_1_by_default(serve_store, tmp_path):
     (tmp_path / "empty").mkdir()
     with serve_store(tmp_path / "empty") as base:
@@ -298,6 +300,7 @@ def test_binds_127_0_0_1_by_default(serve_store, tmp_path):
     assert "reachable from other machines" not in running.output
 
 
+@pytest.mark.slow
 def test_store_and_port_come_from_the_environment_without_flags(tmp_path, iris, iris_classifier):
     root = joblib_store(tmp_path / "store", iris=iris_classifier)
     port = free_port()
@@ -308,6 +311,7 @@ def test_store_and_port_come_from_the_environment_without_flags(tmp_path, iris, 
     assert f"Serving on http://127.0.0.1:{port}" in running.output
 
 
+@pytest.mark.slow
 def test_port_flag_beats_the_environment(tmp_path):
     (tmp_path / "empty").mkdir()
     env_port = free_port()
@@ -336,6 +340,7 @@ def test_a_port_already_in_use_exits_1_with_a_message(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_wsgiref_server_serves_predictions(serve_store, tmp_path, iris, iris_classifier):
     root = joblib_store(tmp_path / "store", iris=iris_classifier)
     with serve_store(root, "--server", "wsgiref") as base:
@@ -360,6 +365,7 @@ def check_embedded(command, port, root, iris, iris_classifier):
     assert "Traceback" not in running.output
 
 
+@pytest.mark.slow
 def test_waitress_serve_embeds_service_app(tmp_path, iris, iris_classifier):
     root = joblib_store(tmp_path / "store", iris=iris_classifier)
     port = free_port()
@@ -367,6 +373,7 @@ def test_waitress_serve_embeds_service_app(tmp_path, iris, iris_classifier):
     check_embedded(command, port, root, iris, iris_classifier)
 
 
+@pytest.mark.slow
 def test_waitress_serve_call_create_app(tmp_path, iris, iris_classifier):
     root = joblib_store(tmp_path / "store", iris=iris_classifier)
     port = free_port()
@@ -374,6 +381,7 @@ def test_waitress_serve_call_create_app(tmp_path, iris, iris_classifier):
     check_embedded(command, port, root, iris, iris_classifier)
 
 
+@pytest.mark.slow
 def test_gunicorn_embeds_service_app(tmp_path, iris, iris_classifier):
     executable = os.path.join(BIN, "gunicorn")
     if importlib.util.find_spec("gunicorn") is None or not os.path.exists(executable):
@@ -393,6 +401,7 @@ def test_gunicorn_embeds_service_app(tmp_path, iris, iris_classifier):
 ###############################################################################
 
 
+@pytest.mark.slow
 def test_bad_artifact_answers_503_while_the_good_model_keeps_serving(serve_store, tmp_path, iris,
                                                                     iris_classifier):
     root = joblib_store(tmp_path / "store", good=iris_classifier)
@@ -416,6 +425,7 @@ def test_bad_artifact_answers_503_while_the_good_model_keeps_serving(serve_store
     assert "Traceback" not in running.output
 
 
+@pytest.mark.slow
 def test_concurrent_first_requests_all_succeed_and_load_the_model_once(serve_store, tmp_path, iris,
                                                                       iris_classifier):
     root = joblib_store(tmp_path / "store", iris=iris_classifier)
@@ -467,6 +477,7 @@ def demo_expectations():
     return cases
 
 
+@pytest.mark.slow
 def test_demo_store_serves_every_model_without_warnings_or_tracebacks(serve_store):
     cases = demo_expectations()
     with serve_store(DEMO_STORE) as base:
@@ -489,6 +500,7 @@ def test_demo_store_serves_every_model_without_warnings_or_tracebacks(serve_stor
     assert "Traceback" not in output and "ERROR" not in output, output
 
 
+@pytest.mark.slow
 def test_demo_text_model_answers_400_for_instances_that_are_not_text(serve_store):
     with serve_store(DEMO_STORE) as base:
         for instances in ([1, 2], [None], [{"text": "good"}]):
@@ -498,6 +510,7 @@ def test_demo_text_model_answers_400_for_instances_that_are_not_text(serve_store
     assert "Traceback" not in running.output
 
 
+@pytest.mark.slow
 def test_python_m_service_on_all_interfaces_warns_and_stops_cleanly_on_sigterm(tmp_path, iris_classifier):
     """`python -m service` works like `python service.py`; a non-loopback --host is warned about; SIGTERM exits 0."""
     root = joblib_store(tmp_path / "store", good=iris_classifier)

@@ -100,6 +100,8 @@ from sklearn.neighbors import KNeighborsClassifier
 import service
 from conftest import ROOT, free_port, stop_process, wait_until_healthy
 
+pytestmark = pytest.mark.slow          # minutes of load: `python -m pytest -m "not slow"` leaves it out
+
 SOAK_SECONDS_VARIABLE = "MODEL_SERVICE_SOAK_SECONDS"
 SWAP_SECONDS_VARIABLE = "MODEL_SERVICE_SOAK_SWAP_SECONDS"
 DEFAULT_SOAK_SECONDS = 90

@@ -9,13 +9,12 @@ import pickle
 import joblib
 import numpy as np
 import pytest
-from sklearn.datasets import load_diabetes, load_iris
+from sklearn.datasets import load_diabetes
 from sklearn.linear_model import Ridge
 
 import service
-from conftest import write_artifact
+from conftest import ROWS as IRIS_ROWS, strict_json, write_artifact
 
-IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 DIABETES_ROWS = load_diabetes().data[:3].tolist()
 
 
@@ -39,14 +38,6 @@ def assert_warned(caplog, *fragments):
     messages = warnings_logged(caplog)
     for fragment in fragments:
         assert any(fragment in message for message in messages), (fragment, messages)
-
-
-def strict_json(response):
-    assert response.content_type == "application/json"
-
-    def refuse(token):
-        raise AssertionError(f"non-standard JSON token {token}")
-    return json.loads(response.body.decode("utf-8"), parse_constant=refuse)
 
 
 def predict(client, url, rows, status=200):

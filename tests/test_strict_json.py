@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import webtest
 from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_iris
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -17,7 +16,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
-import service
 from conftest import IRIS_FEATURES, write_artifact
 
 ROW = [5.1, 3.5, 1.4, 0.2]
@@ -42,17 +40,18 @@ def categorical():
     return make_pipeline(columns, LogisticRegression(max_iter=1000)).fit(frame, data.target)
 
 
-def client_for(tmp_path, estimator):
-    write_artifact(tmp_path / "m.joblib", estimator, "joblib")
-    app = service.create_app(store=str(tmp_path))
-    return app, webtest.TestApp(app)
+@pytest.fixture
+def client_for(tmp_path, make_client):
+    """client_for(estimator) -> a WebTest client over a store holding it as model "m"."""
+    def make(estimator):
+        write_artifact(tmp_path / "m.joblib", estimator, "joblib")
+        return make_client(tmp_path)
+    return make
 
 
 @pytest.fixture
-def nan_client(tmp_path, nan_tolerant):
-    app, client = client_for(tmp_path, nan_tolerant)
-    yield client
-    app.config["service.registry"].stop_watching()
+def nan_client(client_for, nan_tolerant):
+    return client_for(nan_tolerant)
 
 
 def bodies(rows_text):
@@ -126,17 +125,14 @@ def test_csv_numbers_are_read_from_text(nan_client, nan_tolerant):
     assert response.json["predictions"] == nan_tolerant.predict(frame).tolist()
 
 
-def test_categorical_strings_still_reach_a_model_that_takes_them(tmp_path, categorical):
-    app, client = client_for(tmp_path, categorical)
-    try:
-        row = dict(zip(IRIS_FEATURES, ROW), colour="green")
-        expected = categorical.predict_proba(pd.DataFrame([row])).tolist()
-        answer = client.post_json("/models/m/predict", {"instances": [row], "method": "predict_proba"})
-        assert answer.json["predictions"] == expected
-        answer = client.post_json("/invocations", {"dataframe_records": [row]})
-        assert answer.status_int == 200
-        refused = client.post_json("/models/m/predict", {"instances": [{**row, "sepal_length": "5.1"}]},
-                                   expect_errors=True)
-        assert refused.status_int == 400 and "'sepal_length'" in refused.json["error"]
-    finally:
-        app.config["service.registry"].stop_watching()
+def test_categorical_strings_still_reach_a_model_that_takes_them(client_for, categorical):
+    client = client_for(categorical)
+    row = dict(zip(IRIS_FEATURES, ROW), colour="green")
+    expected = categorical.predict_proba(pd.DataFrame([row])).tolist()
+    answer = client.post_json("/models/m/predict", {"instances": [row], "method": "predict_proba"})
+    assert answer.json["predictions"] == expected
+    answer = client.post_json("/invocations", {"dataframe_records": [row]})
+    assert answer.status_int == 200
+    refused = client.post_json("/models/m/predict", {"instances": [{**row, "sepal_length": "5.1"}]},
+                               expect_errors=True)
+    assert refused.status_int == 400 and "'sepal_length'" in refused.json["error"]

@@ -531,6 +531,7 @@ def peer_servers(args, built, notes):
         if env is None:
             notes.append(f"{label} (`{key}`): not measured, {why}")
             continue
+        log(f"{label}: writing its model folders (environment: {env['folder']})...")
         try:
             servers.append((mlserver_server if name == "mlserver" else mlflow_server)(
                 args, key, label, env, models, batching, built))
@@ -619,8 +620,7 @@ the others."""
         path = server.path.format(model=model)
         try:
             if server.group == "service" and proc not in checked:
-                wait_until(proc, lambda: http_call(port, "GET", "/healthz", timeout=5)[0] == 200, 60,
-                           f"{server.label}: /healthz")
+                wait_until(proc, lambda: http_call(port, "GET", "/healthz", timeout=5)[0] == 200, 60, "/healthz")
                 checked.add(proc)
             with open(body[(model, 1)], "rb") as f:
                 body1 = f.read()
@@ -628,14 +628,14 @@ the others."""
                 body64 = f.read()
             # first request: for a peer, waits for its start-up; for the service, loads the model
             wait_until(proc, lambda: check_prediction(port, path, body1, expected[(model, 1)], server.protocol) or True,
-                       180, f"{server.label}: {model}")
+                       180, "first request")
             warm_burst(port, path, body1, expected[(model, 1)], server.protocol)
             check_prediction(port, path, body64, expected[(model, BULK_ROWS)], server.protocol)
             if args.warmup:
                 load(f"http://{HOST}:{port}{path}", body[(model, 1)], 8, args.warmup)    # not recorded
             ready.append((model, proc, port))
         except Unmeasured as error:
-            lost(server, f"{server.label}, {model}: {error}")
+            lost(server, f"{server.label}, {model}: did not start, or answered wrongly: {error}")
             log(f"  NOT MEASURED: {server.label}, {model}: {error}")
     for proc, _ in procs.values():
         if not any(proc is p for _, p, _ in ready):
@@ -674,7 +674,8 @@ def measure_rounds(args, load, running, bodies, expected, results, lost):
                         cpu1, wall1 = group_cpu_seconds(proc.pid), time.perf_counter()
                     except Unmeasured as error:
                         dropped.add((server.key, model))
-                        lost(server, f"{server.label}, {model}: {rows} rows, c={c}, round {round_ + 1}: {error}")
+                        lost(server, f"{server.label}, {model}: stopped at {rows} rows, c={c}, round {round_ + 1}: "
+                                     f"{error}")
                         log(f"    FAILED: {error}")
                         continue
                     result["cpu_pct"] = 100 * (cpu1 - cpu0) / (wall1 - wall0)
@@ -1042,8 +1043,7 @@ def build_report(args, info, raw, imp, cold, servers, results, notes, failures, 
         out("")
         for note in notes:
             out(f"- {note}")
-        for prefix, lost in (("FAILED", failures), ("peer not measured (did not start, or stopped answering "
-                                                   "correctly)", peer_failures)):
+        for prefix, lost in (("FAILED", failures), ("peer not measured", peer_failures)):
             for failure in lost:
                 first, _, rest = failure.partition("\n")
                 out(f"- {prefix}: {first}")

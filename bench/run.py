@@ -603,8 +603,8 @@ def build_servers(args, features, store, artifacts, notes, have_flask, have_guni
 def start_server(args, load, server, bodies, expected, lost):
     """Start the server (one process, or one per model, all started together so their start-up
     overlaps; an idle one costs nothing), check that every model answers what it predicts in-process,
-    warm it. Returns [(model, proc, port)] for the models ready to measure; lost(server, why) hears of
-the others."""
+    warm it. Returns [(model, proc, port)] for the models ready to measure; lost(server, why) hears
+    of the others."""
     ready, procs = [], {}
     for model in (server.models if server.per_model else server.models[:1]):
         port = free_port()
@@ -867,8 +867,8 @@ def ratio_cell(a, b):
 
 def spread_line(results, labels):
     """How far apart the rounds of one point were: (max - min) / median req/s, typical and worst."""
-    spreads = sorted(((max(r["rounds"]) - min(r["rounds"])) / r["rps"], r) for r in results
-                     if len(r["rounds"]) > 1 and r["rps"])
+    spreads = sorted([((max(r["rounds"]) - min(r["rounds"])) / r["rps"], r) for r in results
+                      if len(r["rounds"]) > 1 and r["rps"]], key=lambda pair: pair[0])
     if not spreads:
         return "one round: no spread to show"
     worst, r = spreads[-1]

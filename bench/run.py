@@ -683,12 +683,12 @@ def measure_rounds(args, load, running, bodies, expected, results, lost):
                     samples.setdefault((server.key, model, rows, c), []).append(result)
                     if result["errors"]:
                         log(f"    {result['errors']} errors")
-    for (server, model, rows, c), passes in samples.items():
+    for (server, model, rows, c), rounds in samples.items():
         if (server, model) in dropped:
             continue
-        result = sorted(passes, key=lambda r: r["rps"])[len(passes) // 2]
+        result = sorted(rounds, key=lambda r: r["rps"])[len(rounds) // 2]
         result.update(server=server, model=model, rows=rows, c=c, rows_s=result["rps"] * rows,
-                      rounds=[r["rps"] for r in passes])
+                      rounds=[r["rps"] for r in rounds])
         results.append(result)
 
 
@@ -1198,7 +1198,7 @@ def parse_args(argv=None):
         description="Benchmark model-service against the minimal Bottle server and the seed's Flask app "
                     "(see bench/README.md). Report on stdout (Markdown), progress on stderr.")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 s per point, a short warm-up, fewer repeats (about 2 minutes)")
+                   help="smoke run: 1 s per point, one round, a short warm-up, fewer repeats (about 4 minutes)")
     p.add_argument("--duration", type=int, default=None, metavar="S",
                    help="seconds of load per point (default 4; 1 with --quick)")
     p.add_argument("--warmup", type=int, default=None, metavar="S",

@@ -4,11 +4,13 @@ Usage: python bench/make_models.py [OUTDIR]        (default OUTDIR: ./bench-mode
 
 Adapted from the reference harness (shared/bench/make_models.py): the same two models, trained the
 same way from scikit-learn's own data (no downloads, deterministic), laid out as model-service's
-versioned store instead of loose files (the MLflow and MLServer folders are left out):
+versioned store instead of loose files (the MLflow and MLServer folders are written by run.py's
+--peers, from these artifacts, in the peers' own environments):
 
   OUTDIR/store/iris/1/model.joblib   LogisticRegression on iris, 4 features
   OUTDIR/store/rf/1/model.joblib     RandomForestClassifier, 100 trees, depth 10, 20 features
   OUTDIR/bodies/{iris,rf}_{1,64}.json  {"instances": [...]}: the first row, the first 64 rows
+  OUTDIR/bodies/{iris,rf}_{1,64}_v2.json  the same rows as one V2 (Open Inference Protocol) FP64 tensor
 """
 import json
 import os
@@ -33,13 +35,16 @@ def train():
 
 def build(out):
     """Write the store and the bodies under `out`; return {"store": dir, "bodies": {(name, rows): path},
-    "artifacts": {name: path}}."""
+    "bodies_v2": {(name, rows): path}, "artifacts": {name: path}, "expected": {(name, rows): [label, ...]}}.
+
+    "expected" is what the fitted model predicts for a body's rows (as rounded in the body): every
+    server must answer exactly that before it is timed."""
     import joblib
 
     out = os.path.abspath(out)
     store, bodies = os.path.join(out, "store"), os.path.join(out, "bodies")
     os.makedirs(bodies, exist_ok=True)
-    result = {"store": store, "bodies": {}, "artifacts": {}}
+    result = {"store": store, "bodies": {}, "bodies_v2": {}, "artifacts": {}, "expected": {}}
     for name, (model, X) in train().items():
         folder = os.path.join(store, name, "1")
         os.makedirs(folder, exist_ok=True)
@@ -49,11 +54,15 @@ def build(out):
         result["artifacts"][name] = path
         # the reference bodies: values rounded to 6 places, compact JSON
         for rows in (1, 64):
-            body = {"instances": [[round(float(v), 6) for v in r] for r in X[:rows]]}
-            bpath = os.path.join(bodies, f"{name}_{rows}.json")
-            with open(bpath, "w") as f:
-                json.dump(body, f, separators=(",", ":"))
-            result["bodies"][(name, rows)] = bpath
+            instances = [[round(float(v), 6) for v in r] for r in X[:rows]]
+            v2 = {"inputs": [{"name": "input-0", "shape": [rows, len(instances[0])], "datatype": "FP64",
+                              "data": [v for r in instances for v in r]}]}
+            for key, body, suffix in (("bodies", {"instances": instances}, ""), ("bodies_v2", v2, "_v2")):
+                bpath = os.path.join(bodies, f"{name}_{rows}{suffix}.json")
+                with open(bpath, "w") as f:
+                    json.dump(body, f, separators=(",", ":"))
+                result[key][(name, rows)] = bpath
+            result["expected"][(name, rows)] = model.predict(instances).tolist()
         # sanity: the artifact on disk predicts like the fitted model
         assert (joblib.load(path).predict(X[:64]) == model.predict(X[:64])).all()
     return result

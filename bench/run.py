@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""model-service benchmark: this service beside the plainest Bottle server and the seed's Flask app.
+"""model-service benchmark: this service beside the plainest Bottle server, the seed's Flask app and,
+when asked, the servers a user would pick instead (MLServer, `mlflow models serve`).
 
 Usage (from the repository, in the virtualenv where `pip install .` ran):
 
-    python bench/run.py [--quick] [--duration S] [--out results.md]
+    python bench/run.py [--quick] [--duration S] [--rounds N] [--peers mlserver,mlflow] [--out results.md]
 
 It trains the two reference models (iris LogisticRegression; 100-tree RandomForest on 20
 features) into a temporary model store, then measures in one run:
@@ -15,10 +16,17 @@ features) into a temporary model store, then measures in one run:
     and 8, and --workers 2 / batching when `python service.py --help` shows those flags):
     req/s and p50/p99 latency at concurrency 1, 8 and 32 for one-row requests, rows/s for 64-row
     requests at concurrency 8;
+  * with --peers: MLServer (defaults, and adaptive batching) and `mlflow models serve`, each installed
+    into its own virtual environment and driven with its own protocol's body, beside the service
+    answering the same body;
   * cold start (`import service`; process start to the first /healthz answer and to the first
     prediction of a lazily loaded model) and memory (RSS with nothing loaded, and per model);
 
-and prints a Markdown report with the ratios that issue 6 item 5 sets as targets. Progress goes
+Every server is started first and left running; then each point is taken round-robin across them,
+--rounds times, and the median round is reported, because this machine's speed drifts by 2-3x within
+minutes: servers measured back to back see the same machine, servers measured minutes apart do not.
+
+It prints a Markdown report with the ratios that issue 6 item 5 sets as targets. Progress goes
 to stderr, the report to stdout (and to --out). Exit code: 0 when every server answered, 1 when
 one could not be measured, 2 when wrk is missing (install it: `apt-get install wrk`), or run
 with --python-load for a rougher Python load generator. Linux only: it reads /proc for CPU and memory.
@@ -55,6 +63,36 @@ HOST = "127.0.0.1"                     # the only address load is ever sent to
 MODELS = ("iris", "rf")
 CONCURRENCY = (1, 8, 32)
 BULK_ROWS, BULK_CONCURRENCY = 64, 8
+POINTS = [(1, c) for c in CONCURRENCY] + [(BULK_ROWS, BULK_CONCURRENCY)]    # (rows per request, concurrency)
+
+#: Where a request protocol's answer holds the predictions: V1 (the service's /models/<name>/predict,
+#: MLflow's /invocations) and V2 (the Open Inference Protocol: MLServer, the service's /v2/.../infer).
+PREDICTIONS = {"v1": lambda answer: answer["predictions"],
+               "v2": lambda answer: answer["outputs"][0]["data"]}
+
+#: The peers' virtual environments: what pip installs into each (with this run's scikit-learn, so that
+#: they load the same joblib files), the import that proves it is there, the versions the report names.
+PEER_ENVS = {
+    "mlserver": {"what": "MLServer 1.7.1 with mlserver-sklearn 1.7.1",
+                 # MLServer 1.7.1 cannot load a model with uvloop 0.22 or newer
+                 "requirements": ("mlserver==1.7.1", "mlserver-sklearn==1.7.1", "uvloop==0.21.0"),
+                 "check": "import mlserver, mlserver_sklearn",
+                 "versions": ("mlserver", "mlserver-sklearn", "uvloop", "scikit-learn")},
+    "mlflow": {"what": "MLflow 3.17.2 (`mlflow models serve`)",
+               "requirements": ("mlflow==3.17.2",),
+               "check": "import mlflow.sklearn",
+               "versions": ("mlflow", "scikit-learn")},
+}
+#: The peer servers --peers can add: key -> (label, environment, models, adaptive batching, the service
+#: configuration it is compared with). Each is compared with the service answering the same body:
+#: MLServer speaks only V2, so the service is driven with V2 too (service-v2, service-batch-v2); MLflow's
+#: /invocations takes the service's own V1 body ({"instances": ...}) and answers {"predictions": ...}.
+PEER_SERVERS = {
+    "mlserver": ("MLServer {mlserver}, defaults", "mlserver", MODELS, None, "service-v2"),
+    "mlserver-batch": ("MLServer {mlserver}, adaptive batching (max_batch_size 32, max_batch_time 2 ms)",
+                       "mlserver", ("rf",), {"max_batch_size": 32, "max_batch_time": 0.002}, "service-batch-v2"),
+    "mlflow": ("mlflow models serve {mlflow}, defaults", "mlflow", MODELS, None, "service"),
+}
 
 sys.path.insert(0, HERE)
 sys.dont_write_bytecode = True          # nothing written into the checkout besides what --out names
@@ -195,17 +233,23 @@ def http_call(port, method, path, body=None, timeout=60.0):
         conn.close()
 
 
-def check_prediction(port, path, body, rows):
-    """One POST: must answer 200 with `rows` predictions."""
+def flat(values):
+    return [x for v in values for x in (flat(v) if isinstance(v, list) else [v])]
+
+
+def check_prediction(port, path, body, expected, protocol="v1"):
+    """One POST: must answer 200 with exactly the `expected` predictions (what the model predicts
+    in-process), found where `protocol`'s answers hold them."""
     status, data = http_call(port, "POST", path, body)
     if status != 200:
         raise Unmeasured(f"sanity request POST {path} answered HTTP {status}: {data[:300]!r}")
     try:
-        predictions = json.loads(data)["predictions"]
-    except (ValueError, KeyError, TypeError):
-        raise Unmeasured(f"sanity request POST {path}: no 'predictions' in {data[:300]!r}") from None
-    if len(predictions) != rows:
-        raise Unmeasured(f"sanity request POST {path}: {len(predictions)} predictions for {rows} rows")
+        predictions = flat(PREDICTIONS[protocol](json.loads(data)))
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise Unmeasured(f"sanity request POST {path}: no {protocol} predictions in {data[:300]!r}") from None
+    if [float(x) for x in predictions] != [float(x) for x in expected]:
+        raise Unmeasured(f"sanity request POST {path}: answered {predictions[:8]} (of {len(predictions)}), "
+                         f"the model predicts {expected[:8]} (of {len(expected)})")
 
 
 def wait_until(proc, probe, timeout, what):
@@ -228,10 +272,10 @@ def wait_until(proc, probe, timeout, what):
     raise Unmeasured(f"{what}: not ready within {timeout:g} s (last: {last}):\n{tail(proc.logpath)}")
 
 
-def warm_burst(port, path, body, rows, n=16, width=8):
+def warm_burst(port, path, body, expected, protocol, n=16, width=8):
     """Concurrent sanity requests on fresh connections, so every worker process loads the model."""
     with concurrent.futures.ThreadPoolExecutor(width) as pool:
-        for future in [pool.submit(check_prediction, port, path, body, rows) for _ in range(n)]:
+        for future in [pool.submit(check_prediction, port, path, body, expected, protocol) for _ in range(n)]:
             future.result()
 
 
@@ -315,17 +359,17 @@ def run_python_load(url, body_path, concurrency, duration):
 ###############################################################################
 
 class Server:
-    """One server configuration: how to start it and where it predicts."""
+    """One server configuration: how to start it, where it predicts and with which protocol's body."""
 
     def __init__(self, key, label, group, argv, models=MODELS, per_model=False, env=None, cwd=REPO,
-                 path="/models/{model}/predict"):
+                 path="/models/{model}/predict", protocol="v1"):
         self.key, self.label, self.group = key, label, group
         self.argv, self.models, self.per_model = argv, models, per_model
-        self.env, self.cwd, self.path = env or (lambda model, port: {}), cwd, path
+        self.env, self.cwd, self.path, self.protocol = env or (lambda model, port: {}), cwd, path, protocol
 
     def command(self, model="MODEL", port="PORT"):
         env = self.env(model, port)
-        shown = " ".join(f"{k}={v}" for k, v in env.items())
+        shown = " ".join(f"{k}={v}" for k, v in env.items()).replace(os.environ.get("PATH") or "$PATH", "$PATH")
         argv = [a.replace(PY, "python").replace(REPO + os.sep, "") for a in self.argv(model, port)]
         return (shown + " " if shown else "") + " ".join(shlex.quote(a) for a in argv)
 
@@ -356,12 +400,155 @@ def clean_env(extra=None):
     return env
 
 
-def build_servers(args, features, store, artifacts, notes, have_flask, have_gunicorn):
+#: pip's words when it could not reach a package index at all
+NO_NETWORK = re.compile(r"NewConnectionError|Failed to establish a new connection|Temporary failure in name "
+                        r"resolution|Network is unreachable|\(from versions: none\)")
+
+
+def peer_env(args, name):
+    """(environment, None) for the peer environment `name`, pip-installed into --peers-dir on first
+    use, or (None, why it cannot be had). A folder per pinned release, reused while its marker file
+    lists the same requirements and the peer imports."""
+    from importlib import metadata
+    spec = PEER_ENVS[name]
+    requirements = list(spec["requirements"]) + [f"scikit-learn=={metadata.version('scikit-learn')}"]
+    folder = os.path.join(args.peers_dir, spec["requirements"][0].replace("==", "-"))
+    python, marker = os.path.join(folder, "bin", "python"), os.path.join(folder, "bench-requirements.txt")
+
+    def ready():
+        try:
+            with open(marker) as f:
+                if f.read().split() != requirements:
+                    return False
+        except OSError:
+            return False
+        return subprocess.run([python, "-c", spec["check"]], capture_output=True).returncode == 0
+
+    if not ready():
+        if args.no_install:
+            return None, f"not installed in {folder} (--no-install was given)"
+        kept = "" if args.peers_dir_given else "; --peers-dir DIR (or BENCH_PEERS_DIR=DIR) keeps it for later runs"
+        log(f"installing {spec['what']} for --peers into its own virtual environment, {folder}:\n"
+            f"  python -m venv {folder} && {python} -m pip install {' '.join(requirements)}\n"
+            f"  (a few minutes{kept})")
+        logpath = os.path.join(args.tmp, f"install-{name}.log")
+        with open(logpath, "w") as logfile:
+            try:
+                ok = all(subprocess.run(argv, stdout=logfile, stderr=subprocess.STDOUT, timeout=1800).returncode == 0
+                         for argv in ([PY, "-m", "venv", folder],
+                                      [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                                       *requirements]))
+            except subprocess.TimeoutExpired:
+                ok = False
+        if not ok:
+            text = tail(logpath, 60)
+            if NO_NETWORK.search(text):
+                return None, "no network to install it (pip could not reach the package index)"
+            errors = [ln for ln in text.splitlines() if ln.startswith("ERROR")] or text.strip().splitlines()[-1:]
+            return None, f"install failed: {' '.join(errors)[-400:]}"
+        with open(marker, "w") as f:
+            f.write("\n".join(requirements) + "\n")
+        if not ready():
+            return None, f"install failed: `{spec['check']}` fails in {python}"
+    code = ("import json, sys; from importlib import metadata; "
+            "print(json.dumps({d: metadata.version(d) for d in sys.argv[1:]}))")
+    versions = json.loads(subprocess.run([python, "-c", code, *spec["versions"]], capture_output=True, text=True,
+                                         check=True).stdout)
+    bin_ = os.path.dirname(python)
+    variables = {"PATH": bin_ + os.pathsep + os.environ.get("PATH", "")}    # as if activated: mlflow runs `uvicorn`
+    if name == "mlflow":
+        # MLflow 3 sends usage telemetry to an outside host unless told not to
+        variables.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    return {"name": name, "python": python, "bin": bin_, "folder": folder, "versions": versions,
+            "vars": variables}, None
+
+
+def spare_port(port):
+    """A free port for a peer's other listeners (MLServer's gRPC and metrics), shown as such in commands."""
+    return "FREE_PORT" if port == "PORT" else str(free_port())
+
+
+def mlserver_server(args, key, label, env, models, batching, built):
+    """MLServer serving `models` from one folder of model-settings.json (its own layout), each naming
+    this run's joblib file; HTTP on the port given, gRPC and metrics on free ports."""
+    folder = os.path.join(args.tmp, key)
+    for model in models:
+        os.makedirs(os.path.join(folder, model))
+        with open(os.path.join(folder, model, "model-settings.json"), "w") as f:
+            json.dump({"name": model, "implementation": "mlserver_sklearn.SKLearnModel",
+                       "parameters": {"uri": built["artifacts"][model]}, **(batching or {})}, f, indent=2)
+    return Server(key, label, "peer", lambda m, p: [os.path.join(env["bin"], "mlserver"), "start", folder],
+                  models=models, cwd=folder, path="/v2/models/{model}/infer", protocol="v2",
+                  env=lambda m, p: {**env["vars"], "MLSERVER_HOST": HOST, "MLSERVER_HTTP_PORT": str(p),
+                                    "MLSERVER_GRPC_PORT": spare_port(p), "MLSERVER_METRICS_PORT": spare_port(p)})
+
+
+#: run in MLflow's environment: argv = folder, then (model name, joblib file, 64-row body) triples
+MLFLOW_SAVE = """
+import json, os, sys
+import joblib, numpy, mlflow.sklearn
+from mlflow.models import infer_signature
+folder, rest = sys.argv[1], sys.argv[2:]
+for name, artifact, body in zip(rest[0::3], rest[1::3], rest[2::3]):
+    model = joblib.load(artifact)
+    with open(body) as f:
+        X = numpy.asarray(json.load(f)["instances"])
+    mlflow.sklearn.save_model(model, os.path.join(folder, name), signature=infer_signature(X, model.predict(X)),
+                              serialization_format="cloudpickle")
+"""
+
+
+def mlflow_server(args, key, label, env, models, batching, built):
+    """`mlflow models serve`, one process per model (it serves one), from folders that
+    mlflow.sklearn.save_model writes in MLflow's own environment, with a signature (which MLflow
+    recommends; it checks every request against it) and cloudpickle (skops refuses tree types)."""
+    folder = os.path.join(args.tmp, key)
+    argv = [env["python"], "-c", MLFLOW_SAVE, folder]
+    for model in models:
+        argv += [model, built["artifacts"][model], built["bodies"][(model, BULK_ROWS)]]
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=args.tmp, env=clean_env(env["vars"]), timeout=600)
+    if out.returncode != 0:
+        raise Unmeasured(f"mlflow.sklearn.save_model failed: {out.stderr.strip()[-600:]}")
+    return Server(key, label, "peer",
+                  lambda m, p: [os.path.join(env["bin"], "mlflow"), "models", "serve", "-m", os.path.join(folder, m),
+                                "-h", HOST, "-p", str(p), "--env-manager", "local"],
+                  models=models, per_model=True, cwd=folder, path="/invocations", env=lambda m, p: env["vars"])
+
+
+def peer_servers(args, built, notes):
+    """The Server of every peer --peers asks for, with its environment installed and its models written
+    in its own format. A peer that cannot be had is left out with the reason in `notes`: it never
+    stops the run."""
+    asked = set(args.peers.split(",")) if args.peers else set()
+    envs, servers = {}, []
+    for key, (label, name, models, batching, _) in PEER_SERVERS.items():
+        if not asked & {key, name, "all"}:
+            continue
+        if name not in envs:
+            envs[name] = peer_env(args, name)
+        env, why = envs[name]
+        label = label.format(**{n: spec["requirements"][0].split("==")[1] for n, spec in PEER_ENVS.items()})
+        if env is None:
+            notes.append(f"{label} (`{key}`): not measured, {why}")
+            continue
+        log(f"{label}: writing its model folders (environment: {env['folder']})...")
+        try:
+            servers.append((mlserver_server if name == "mlserver" else mlflow_server)(
+                args, key, label, env, models, batching, built))
+        except (Unmeasured, OSError, subprocess.SubprocessError) as error:
+            notes.append(f"{label} (`{key}`): not measured, its models could not be written: {error}")
+    return servers, {name: env for name, (env, _) in envs.items() if env}
+
+
+def build_servers(args, features, store, artifacts, notes, have_flask, have_gunicorn, peers=()):
+    """The servers to measure: those --only picks, then the service configurations the peers are
+    compared with (whatever --only says), then the peers."""
     servers = []
     wanted = set(args.only.split(",")) if args.only else None
+    versus = {PEER_SERVERS[peer.key][4] for peer in peers}
 
     def add(server):
-        if wanted is None or server.key in wanted or server.group in wanted:
+        if wanted is None or server.key in wanted or server.group in wanted or server.key in versus:
             servers.append(server)
 
     for threads in (1, 8):
@@ -381,6 +568,10 @@ def build_servers(args, features, store, artifacts, notes, have_flask, have_guni
     def service(key, label, extra, models=MODELS):
         add(Server(key, label, "service",
                    lambda m, p: [PY, SERVICE, "--store", store, "--port", str(p)] + extra, models=models))
+        if key + "-v2" in versus:           # the same configuration answering the V2 body, beside MLServer
+            add(Server(key + "-v2", label + ", V2 body", "service",
+                       lambda m, p: [PY, SERVICE, "--store", store, "--port", str(p)] + extra, models=models,
+                       path="/v2/models/{model}/infer", protocol="v2"))
 
     default_threads = features["default_threads"]
     shown = f"{default_threads} threads" if default_threads else "default threads"
@@ -402,83 +593,103 @@ def build_servers(args, features, store, artifacts, notes, have_flask, have_guni
     else:
         notes.append("model-service with batching: not measured, `python service.py --help` shows no "
                      "--max-batch-size/--max-latency-ms flags")
-    return servers
+    return servers + list(peers)
 
 
 ###############################################################################
 # Measuring ###################################################################
 ###############################################################################
 
-def measure_point(args, load, proc, url, body_path, concurrency, rows):
-    passes = []
-    for _ in range(args.passes):
-        cpu0, wall0 = group_cpu_seconds(proc.pid), time.perf_counter()
-        result = load(url, body_path, concurrency, args.duration)
-        cpu1, wall1 = group_cpu_seconds(proc.pid), time.perf_counter()
-        result["cpu_pct"] = 100 * (cpu1 - cpu0) / (wall1 - wall0)
-        result["cpu_us"] = 1e6 * (cpu1 - cpu0) / result["requests"] if result["requests"] else None
-        passes.append(result)
-    passes.sort(key=lambda r: r["rps"])
-    result = passes[len(passes) // 2]                    # the median pass, by req/s
-    result.update(rows=rows, c=concurrency, rows_s=result["rps"] * rows)
-    return result
-
-
-def measure_server(args, load, server, bodies, results, failures, counter):
+def start_server(args, load, server, bodies, expected, lost):
     """Start the server (one process, or one per model, all started together so their start-up
-    overlaps; an idle one costs nothing), check it, warm it, run every point, stop it."""
-    points = [(c, 1) for c in CONCURRENCY] + [(BULK_CONCURRENCY, BULK_ROWS)]
-    procs = {}
-    try:
-        for model in (server.models if server.per_model else server.models[:1]):
-            port = free_port()
-            logpath = os.path.join(args.tmp, f"{server.key}{'-' + model if server.per_model else ''}.log")
-            env = clean_env(server.env(model, port))
-            if server.group != "service":
-                env["PYTHONDONTWRITEBYTECODE"] = "1"    # no __pycache__ in bench/peers
-            procs[model] = (PROCS.start(server.argv(model, port), env, server.cwd, logpath), port)
-        checked = set()
-        for model in server.models:
-            proc, port = procs[model if server.per_model else server.models[0]]
-            path = server.path.format(model=model)
-            url = f"http://{HOST}:{port}{path}"
-            done = 0
-            try:
-                if server.group == "service" and proc not in checked:
-                    wait_until(proc, lambda: http_call(port, "GET", "/healthz", timeout=5)[0] == 200, 60,
-                               f"{server.label}: /healthz")
-                    checked.add(proc)
-                with open(bodies[(model, 1)], "rb") as f:
-                    body1 = f.read()
-                with open(bodies[(model, BULK_ROWS)], "rb") as f:
-                    body64 = f.read()
-                # first request: for a peer, waits for its start-up; for the service, loads the model
-                wait_until(proc, lambda: check_prediction(port, path, body1, 1) or True, 120,
-                           f"{server.label}: {model}")
-                warm_burst(port, path, body1, 1)
-                check_prediction(port, path, body64, BULK_ROWS)
-                if args.warmup:
-                    load(url, bodies[(model, 1)], 8, args.warmup)       # warm-up, not recorded
-                for c, rows in points:
-                    counter[0] += 1
+    overlaps; an idle one costs nothing), check that every model answers what it predicts in-process,
+    warm it. Returns [(model, proc, port)] for the models ready to measure; lost(server, why) hears
+    of the others."""
+    ready, procs = [], {}
+    for model in (server.models if server.per_model else server.models[:1]):
+        port = free_port()
+        logpath = os.path.join(args.tmp, f"{server.key}{'-' + model if server.per_model else ''}.log")
+        env = clean_env(server.env(model, port))
+        if server.group != "service":
+            env["PYTHONDONTWRITEBYTECODE"] = "1"    # no __pycache__ in bench/peers
+        procs[model] = (PROCS.start(server.argv(model, port), env, server.cwd, logpath), port)
+    body = bodies[server.protocol]
+    checked = set()
+    for model in server.models:
+        proc, port = procs[model if server.per_model else server.models[0]]
+        path = server.path.format(model=model)
+        try:
+            if server.group == "service" and proc not in checked:
+                wait_until(proc, lambda: http_call(port, "GET", "/healthz", timeout=5)[0] == 200, 60, "/healthz")
+                checked.add(proc)
+            with open(body[(model, 1)], "rb") as f:
+                body1 = f.read()
+            with open(body[(model, BULK_ROWS)], "rb") as f:
+                body64 = f.read()
+            # first request: for a peer, waits for its start-up; for the service, loads the model
+            wait_until(proc, lambda: check_prediction(port, path, body1, expected[(model, 1)], server.protocol) or True,
+                       180, "first request")
+            warm_burst(port, path, body1, expected[(model, 1)], server.protocol)
+            check_prediction(port, path, body64, expected[(model, BULK_ROWS)], server.protocol)
+            if args.warmup:
+                load(f"http://{HOST}:{port}{path}", body[(model, 1)], 8, args.warmup)    # not recorded
+            ready.append((model, proc, port))
+        except Unmeasured as error:
+            lost(server, f"{server.label}, {model}: did not start, or answered wrongly: {error}")
+            log(f"  NOT MEASURED: {server.label}, {model}: {error}")
+    for proc, _ in procs.values():
+        if not any(proc is p for _, p, _ in ready):
+            PROCS.stop(proc)
+    return ready
+
+
+def measure_rounds(args, load, running, bodies, expected, results, lost):
+    """Every point, round-robin across the running servers, --rounds times (each round starting one
+    server further along, so that none always follows the same one); one result per point: the median
+    round by req/s, with every round's req/s in "rounds".
+
+    `running` is [(server, model, proc, port)]; a server that stops answering (or answers wrongly) is
+    dropped for that model, and lost(server, why) hears of it."""
+    samples, dropped = {}, set()
+    total, done = args.rounds * len(running) * len(POINTS), 0
+    for round_ in range(args.rounds):
+        for model in MODELS:
+            here = [r for r in running if r[1] == model]
+            here = here[round_ % len(here):] + here[:round_ % len(here)] if here else here
+            for rows, c in POINTS:
+                for server, _, proc, port in here:
                     done += 1
-                    log(f"  [{counter[0]}/{counter[1]}] {server.label}: {model}, "
+                    if (server.key, model) in dropped:
+                        continue
+                    log(f"  [{done}/{total}] round {round_ + 1}/{args.rounds}: {server.label}: {model}, "
                         f"{rows} row{'s' if rows > 1 else ''}, c={c}")
-                    if proc.poll() is not None:
-                        raise Unmeasured(f"the server exited (code {proc.returncode}):\n{tail(proc.logpath)}")
-                    check_prediction(port, path, body64 if rows == BULK_ROWS else body1, rows)
-                    result = measure_point(args, load, proc, url, bodies[(model, rows)], c, rows)
-                    result.update(server=server.key, model=model)
-                    results.append(result)
+                    path, body = server.path.format(model=model), bodies[server.protocol][(model, rows)]
+                    try:
+                        if proc.poll() is not None:
+                            raise Unmeasured(f"the server exited (code {proc.returncode}):\n{tail(proc.logpath)}")
+                        with open(body, "rb") as f:
+                            check_prediction(port, path, f.read(), expected[(model, rows)], server.protocol)
+                        cpu0, wall0 = group_cpu_seconds(proc.pid), time.perf_counter()
+                        result = load(f"http://{HOST}:{port}{path}", body, c, args.duration)
+                        cpu1, wall1 = group_cpu_seconds(proc.pid), time.perf_counter()
+                    except Unmeasured as error:
+                        dropped.add((server.key, model))
+                        lost(server, f"{server.label}, {model}: stopped at {rows} rows, c={c}, round {round_ + 1}: "
+                                     f"{error}")
+                        log(f"    FAILED: {error}")
+                        continue
+                    result["cpu_pct"] = 100 * (cpu1 - cpu0) / (wall1 - wall0)
+                    result["cpu_us"] = 1e6 * (cpu1 - cpu0) / result["requests"] if result["requests"] else None
+                    samples.setdefault((server.key, model, rows, c), []).append(result)
                     if result["errors"]:
                         log(f"    {result['errors']} errors")
-            except Unmeasured as error:
-                failures.append(f"{server.label}, {model}: {error}")
-                log(f"  FAILED: {server.label}, {model}: {error}")
-                counter[0] += len(points) - done
-    finally:
-        for proc, _ in procs.values():
-            PROCS.stop(proc)
+    for (server, model, rows, c), rounds in samples.items():
+        if (server, model) in dropped:
+            continue
+        result = sorted(rounds, key=lambda r: r["rps"])[len(rounds) // 2]
+        result.update(server=server, model=model, rows=rows, c=c, rows_s=result["rps"] * rows,
+                      rounds=[r["rps"] for r in rounds])
+        results.append(result)
 
 
 def measure_import(runs, tmp):
@@ -525,7 +736,7 @@ def measure_import(runs, tmp):
             "joblib": any(s["joblib"] for s in samples), "top": top}
 
 
-def measure_cold(args, store, bodies, runs):
+def measure_cold(args, store, bodies, expected, runs):
     """Fresh `python service.py` processes: time to /healthz, to the first prediction of a model
     loaded lazily, and RSS before and after each model loads. Runs alternate which model goes first."""
     samples = []
@@ -555,7 +766,7 @@ def measure_cold(args, store, bodies, runs):
                 with open(bodies[(model, 1)], "rb") as f:
                     body = f.read()
                 r0 = time.perf_counter()
-                check_prediction(port, f"/models/{model}/predict", body, 1)
+                check_prediction(port, f"/models/{model}/predict", body, expected[(model, 1)])
                 r1 = time.perf_counter()
                 sample[f"rss{n + 1}"] = vmrss_kib(proc.pid)
                 sample[f"load{n + 1}_s"] = r1 - r0
@@ -597,8 +808,9 @@ def fmt_mib(kib):
     return f"{kib / 1024:.1f} MiB"
 
 
-def machine_info(features, wrk):
-    info = {}
+def machine_info(features, wrk, peer_envs=None):
+    info = {"peers": [f"{env['name']}: " + ", ".join(f"{d} {v}" for d, v in env["versions"].items())
+                      + f" (in {env['folder']})" for env in (peer_envs or {}).values()]}
     try:
         with open("/proc/cpuinfo") as f:
             names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
@@ -637,8 +849,36 @@ def loadavg():
         return None
 
 
-def build_report(args, info, raw, imp, cold, servers, results, notes, failures, load_before, load_after,
-                 elapsed, features_flags=frozenset()):
+def floor_at(by, model, rows, c):
+    """The better Bottle floor (1 or 8 threads) at a point, by median req/s; None if neither ran."""
+    cands = [r for r in (by.get((k, model, rows, c)) for k in ("bottle-t1", "bottle-t8")) if r]
+    return max(cands, key=lambda r: r["rps"]) if cands else None
+
+
+def ratio_cell(a, b):
+    """a ÷ b by median req/s, the two figures, and the lowest and highest ratio within one round (the two
+    servers measured back to back, so the machine's drift cancels out)."""
+    if not a or not b:
+        return "–"
+    per_round = [x / y for x, y in zip(a["rounds"], b["rounds"])]
+    spread = f"; rounds {min(per_round):.2f}–{max(per_round):.2f}" if len(per_round) > 1 else ""
+    return f"**{a['rps'] / b['rps']:.2f}×** ({fmt_rate(a['rps'])} / {fmt_rate(b['rps'])}{spread})"
+
+
+def spread_line(results, labels):
+    """How far apart the rounds of one point were: (max - min) / median req/s, typical and worst."""
+    spreads = sorted([((max(r["rounds"]) - min(r["rounds"])) / r["rps"], r) for r in results
+                      if len(r["rounds"]) > 1 and r["rps"]], key=lambda pair: pair[0])
+    if not spreads:
+        return "one round: no spread to show"
+    worst, r = spreads[-1]
+    return (f"spread of a point's req/s across rounds ((max − min) / median): median "
+            f"{100 * spreads[len(spreads) // 2][0]:.0f} %, largest {100 * worst:.0f} % "
+            f"({labels[r['server']]}, {r['model']}, {r['rows']} rows, c={r['c']})")
+
+
+def build_report(args, info, raw, imp, cold, servers, results, notes, failures, peer_failures, load_before,
+                 load_after, elapsed, features_flags=frozenset()):
     by = {(r["server"], r["model"], r["rows"], r["c"]): r for r in results}
     labels = {s.key: s.label for s in servers}
     lines = []
@@ -657,9 +897,12 @@ def build_report(args, info, raw, imp, cold, servers, results, notes, failures, 
     out(f"- {info['python']}; {info['packages']}; {info['service']}")
     gen = info["wrk"] if not args.python_load else "Python threads (--python-load: LESS PRECISE than wrk, lower bounds)"
     warm = f"16 requests and a {args.warmup} s warm-up at c=8" if args.warmup else "a warm-up of 16 requests"
-    out(f"- Load generator: {gen}; {args.duration} s per point after {warm}, "
-        f"{'median of ' + str(args.passes) + ' passes' if args.passes > 1 else 'one pass'}; "
-        f"HTTP/1.1 keep-alive on {HOST}; total run time {elapsed:.0f} s")
+    out(f"- Load generator: {gen}; {args.duration} s per point after {warm}; {args.rounds} round"
+        f"{'s' if args.rounds > 1 else ''}, every point taken round-robin across the servers (all running) in "
+        f"each, the median round reported; HTTP/1.1 keep-alive on {HOST}; total run time {elapsed:.0f} s")
+    out(f"- {spread_line(results, labels)}")
+    for peer in info["peers"]:
+        out(f"- Peer {peer}")
     out("")
 
     # in-process
@@ -698,6 +941,30 @@ def build_report(args, info, raw, imp, cold, servers, results, notes, failures, 
                  for m in MODELS]
         out(f"| {s.label} | " + " | ".join(cells) + " |")
     out("")
+
+    # the peers, like for like
+    peers = [s for s in servers if s.group == "peer"]
+    if peers:
+        columns = [("service", "Bottle floor at its best", lambda m, r, c: floor_at(by, m, r, c))]
+        columns += [(PEER_SERVERS[p.key][4], p.label, lambda m, r, c, k=p.key: by.get((k, m, r, c)))
+                    for p in peers]
+        out("## The service beside the peers: its req/s ÷ theirs, per point")
+        out("")
+        within = f", and the lowest and highest ratio within one round (of {args.rounds})" if args.rounds > 1 else ""
+        out(f"Each cell: the ratio of the median req/s (**above 1: the service answered more**), the two figures"
+            f"{within}. Each column compares servers that get the same body: `service-v2` and `service-batch-v2` "
+            "are the service answering MLServer's V2 body on /v2/models/NAME/infer; MLflow's /invocations takes "
+            "the service's own body.")
+        out("")
+        out("| point | " + " | ".join(f"`{versus}` ÷ {title}" for versus, title, _ in columns) + " |")
+        out("|---|" + "---:|" * len(columns))
+        for model in MODELS:
+            for rows, c in POINTS:
+                cells = [ratio_cell(by.get((versus, model, rows, c)), other(model, rows, c))
+                         for versus, _, other in columns]
+                if any(cell != "–" for cell in cells):
+                    out(f"| {model}, {rows} row{'s' if rows > 1 else ''}, c={c} | " + " | ".join(cells) + " |")
+        out("")
 
     # cold start and memory
     out("## Cold start and memory (model-service, defaults)")
@@ -761,25 +1028,29 @@ def build_report(args, info, raw, imp, cold, servers, results, notes, failures, 
     out("")
     out("## All points")
     out("")
-    out("| server | model | rows | c | req/s | rows/s | p50 ms | p99 ms | errors | server CPU % | server CPU µs/req |")
-    out("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out("The median round of each point; p50, p99, errors and CPU are that round's.")
+    out("")
+    out("| server | model | rows | c | req/s | req/s in each round | rows/s | p50 ms | p99 ms | errors | "
+        "server CPU % | server CPU µs/req |")
+    out("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         out(f"| {r['server']} | {r['model']} | {r['rows']} | {r['c']} | {fmt_rate(r['rps'])} | "
-            f"{fmt_rate(r['rows_s'])} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | {r['errors']} | "
-            f"{r['cpu_pct']:.0f} | {fmt_us(r['cpu_us'])} |")
+            f"{', '.join(fmt_rate(x) for x in r['rounds'])} | {fmt_rate(r['rows_s'])} | {fmt_ms(r['p50'])} | "
+            f"{fmt_ms(r['p99'])} | {r['errors']} | {r['cpu_pct']:.0f} | {fmt_us(r['cpu_us'])} |")
     out("")
-    if notes or failures:
+    if notes or failures or peer_failures:
         out("## Not measured")
         out("")
         for note in notes:
             out(f"- {note}")
-        for failure in failures:
-            first, _, rest = failure.partition("\n")
-            out(f"- FAILED: {first}")
-            if rest.strip():
-                out("  ```")
-                out("  " + rest.strip().replace("\n", "\n  "))
-                out("  ```")
+        for prefix, lost in (("FAILED", failures), ("peer not measured", peer_failures)):
+            for failure in lost:
+                first, _, rest = failure.partition("\n")
+                out(f"- {prefix}: {first}")
+                if rest.strip():
+                    out("  ```")
+                    out("  " + rest.strip().replace("\n", "\n  "))
+                    out("  ```")
         out("")
     return "\n".join(lines)
 
@@ -792,9 +1063,7 @@ def targets(by, labels, imp, cold, results, flags):
         return by.get((server, model, rows_, c))
 
     def floor(model, rows_, c):
-        cands = [get(k, model, rows_, c) for k in ("bottle-t1", "bottle-t8")]
-        cands = [r for r in cands if r]
-        return max(cands, key=lambda r: r["rps"]) if cands else None
+        return floor_at(by, model, rows_, c)
 
     def verdict(ok, ratio=None, need=None):
         if ok:
@@ -929,33 +1198,49 @@ def parse_args(argv=None):
         description="Benchmark model-service against the minimal Bottle server and the seed's Flask app "
                     "(see bench/README.md). Report on stdout (Markdown), progress on stderr.")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 s per point, a short warm-up, fewer repeats (about 2 minutes)")
+                   help="smoke run: 1 s per point, one round, a short warm-up, fewer repeats (about 4 minutes)")
     p.add_argument("--duration", type=int, default=None, metavar="S",
                    help="seconds of load per point (default 4; 1 with --quick)")
     p.add_argument("--warmup", type=int, default=None, metavar="S",
                    help="seconds of warm-up load (wrk, c=8) per server and model before its points, after 16 "
                         "requests that every run sends (default 1; 0 with --quick: those 16 only)")
-    p.add_argument("--passes", type=int, default=1, metavar="N",
-                   help="run each point N times and keep the median (default 1)")
+    p.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help="take every point N times, round-robin across the running servers, and report the "
+                        "median round (default 3; 1 with --quick)")
     p.add_argument("--out", metavar="FILE", help="also write the Markdown report to FILE")
     p.add_argument("--only", metavar="KEYS",
                    help="comma-separated server keys or groups to run (bottle, flask, service, bottle-t1, "
-                        "service-t8, ...); default all")
+                        "service-t8, ...); default all. The service configurations that --peers compares "
+                        "with are measured whatever this says")
+    p.add_argument("--peers", metavar="KEYS",
+                   help="also measure the servers a user would pick instead, each pip-installed into its own "
+                        "virtual environment on first use: " + ", ".join(PEER_SERVERS) + ", or groups "
+                        + ", ".join(PEER_ENVS) + ", all (e.g. --peers mlserver,mlflow); default none")
+    p.add_argument("--peers-dir", metavar="DIR", default=os.environ.get("BENCH_PEERS_DIR"),
+                   help="where the peers' virtual environments are installed and reused by later runs "
+                        "(default: $BENCH_PEERS_DIR, else the run's temporary folder, removed at the end)")
     p.add_argument("--batching-args", default="--max-batch-size 32 --max-latency-ms 5 --threads 32",
                    metavar="ARGS", help="flags of the batching run, when service.py has batching flags "
                                         "(default: %(default)r)")
     p.add_argument("--python-load", action="store_true",
                    help="use a small Python load generator instead of wrk (less precise; for machines without wrk)")
     p.add_argument("--no-install", action="store_true",
-                   help="do not pip-install missing Flask/gunicorn; skip the rows that need them")
+                   help="do not pip-install missing Flask/gunicorn or peers; skip the rows that need them")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (models, bodies, server logs)")
     args = p.parse_args(argv)
     if args.duration is None:
         args.duration = 1 if args.quick else 4
     if args.warmup is None:
         args.warmup = 0 if args.quick else 1
-    if args.duration < 1 or args.warmup < 0 or args.passes < 1:
-        p.error("--duration and --passes must be at least 1, --warmup at least 0")
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.duration < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--duration and --rounds must be at least 1, --warmup at least 0")
+    unknown = set(args.peers.split(",") if args.peers else ()) - set(PEER_SERVERS) - set(PEER_ENVS) - {"all"}
+    if unknown:
+        p.error(f"--peers: unknown {', '.join(sorted(unknown))} (known: {', '.join(PEER_SERVERS)}, groups "
+                f"{', '.join(PEER_ENVS)}, all)")
+    args.peers_dir_given = bool(args.peers_dir)
     return args
 
 
@@ -977,7 +1262,12 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)   # even if started with SIGINT ignored
     args.tmp = tempfile.mkdtemp(prefix="model-service-bench-")
-    notes, failures, results = [], [], []
+    args.peers_dir = os.path.abspath(args.peers_dir) if args.peers_dir else os.path.join(args.tmp, "peers")
+    notes, failures, peer_failures, results = [], [], [], []
+
+    def lost(server, why):
+        """A peer that fails is listed as not measured; it does not fail the run."""
+        (peer_failures if server.group == "peer" else failures).append(why)
     try:
         load_before = loadavg()
         log(f"temporary folder: {args.tmp}")
@@ -990,7 +1280,8 @@ def main(argv=None):
         import raw_predict
         built = make_models.build(args.tmp)
         store, bodies, artifacts = built["store"], built["bodies"], built["artifacts"]
-        servers = build_servers(args, features, store, artifacts, notes, have_flask, have_gunicorn)
+        peers, peer_envs = peer_servers(args, built, notes)
+        servers = build_servers(args, features, store, artifacts, notes, have_flask, have_gunicorn, peers)
 
         log("in-process predict cost...")
         raw = raw_predict.measure(artifacts, bodies, quick=args.quick)
@@ -1002,18 +1293,21 @@ def main(argv=None):
             failures.append(f"import service: {error}")
         log("cold start and memory: fresh service processes...")
         try:
-            cold = measure_cold(args, store, bodies, 2 if args.quick else 4)
+            cold = measure_cold(args, store, bodies, built["expected"], 2 if args.quick else 4)
         except (Unmeasured, OSError, http.client.HTTPException) as error:
             failures.append(f"cold start: {error}")
             log(f"  FAILED: cold start: {error}")
 
-        total = sum(len(s.models) for s in servers) * (len(CONCURRENCY) + 1)
-        counter = [0, total]
+        by_protocol = {"v1": bodies, "v2": built["bodies_v2"]}
+        running = []
         for server in servers:
-            log(f"{server.label}:")
-            measure_server(args, load, server, bodies, results, failures, counter)
-        report = build_report(args, machine_info(features, wrk), raw, imp, cold, servers, results, notes,
-                              failures, load_before, loadavg(), time.perf_counter() - started,
+            log(f"starting {server.label}, checking its answers, warming it up...")
+            running += [(server, model, proc, port) for model, proc, port in
+                        start_server(args, load, server, by_protocol, built["expected"], lost)]
+        measure_rounds(args, load, running, by_protocol, built["expected"], results, lost)
+        PROCS.stop_all()
+        report = build_report(args, machine_info(features, wrk, peer_envs), raw, imp, cold, servers, results,
+                              notes, failures, peer_failures, load_before, loadavg(), time.perf_counter() - started,
                               features["flags"])
         print(report, flush=True)
         if args.out:

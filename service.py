@@ -1361,7 +1361,7 @@ class LoadedModel:
         self.n_outputs = len(classes) if self.output_classes else _attribute(estimator, "n_outputs_") or 1
         self.estimator_class = f"{type(estimator).__module__}.{type(estimator).__qualname__}"
         self.make_frame = _frame_maker() if names is not None else None
-        self.inflight = 0               # requests using it now (under the registry's usage lock)
+        self.inflight = 0               # requests using it now (under the registry's Residency lock)
         self.last_used = 0.0            # registry clock at the last request, for LRU and idle unloads
         self.retired = False            # out of service; freed when its last request ends
         self.batcher = None             # a Batcher when concurrent requests are stacked (tabular models only)
@@ -1733,19 +1733,20 @@ def _labels(pairs):
 ###############################################################################
 # Model registry ##############################################################
 ###############################################################################
-# Holds each version's state and its loaded model.  Loads are lazy and
-# single-flight per version; a failed load is retried only after a pause.  A
-# request keeps the LoadedModel it got, so later swaps never disturb it.
+# Holds the catalogue: for each model name a CatalogueEntry, for each of its versions a
+# VersionSlot with its state and its LoadedModel.  Loads are lazy and single-flight per
+# version; a failed load is retried only after a pause.  A request keeps the LoadedModel
+# it got, so later swaps never disturb it.  Residency keeps the count of what is in memory.
 
 UNLOADED, LOADING, AVAILABLE, UNLOADING, FAILED = "UNLOADED", "LOADING", "AVAILABLE", "UNLOADING", "FAILED"
 
 
-class ModelVersion:
-    """One version's slot: its artifact, state, loaded model and load history.
+class VersionSlot:
+    """One version of a model in the registry: its artifact, state, loaded model and load history.
 
-    `model` is what serves; a request that got it keeps it, so a swap or an unload
-    never disturbs a request in flight.  Changes to `model` and to the usage counts
-    happen under the registry's usage lock.
+    `model` (a LoadedModel, or None) is what serves; a request that got it keeps it, so a
+    swap or an unload never disturbs a request in flight.  `model` changes only under the
+    registry's Residency lock.
     """
 
     def __init__(self, ref):
@@ -1787,10 +1788,10 @@ class ModelVersion:
         return info
 
 
-class ServedModel:
-    """One model as a scan left it: its versions on disk, those served, and where requests go.
+class CatalogueEntry:
+    """One name of the catalogue, as a scan left it: its versions' slots, those served, and where requests go.
 
-    `routes` maps None (no version named) and each label to the ModelVersion that
+    `routes` maps None (no version named) and each label to the VersionSlot that
     answers; `wanted` maps them to the version number the settings ask for.  The two
     differ while a new target loads: the old one keeps answering until it is ready.
     """
@@ -1801,7 +1802,7 @@ class ServedModel:
         self.wanted, self.routes = wanted, routes
 
     def with_route(self, key, slot):
-        return ServedModel(self.name, self.versions, self.served, self.settings, self.settings_error,
+        return CatalogueEntry(self.name, self.versions, self.served, self.settings, self.settings_error,
                            self.wanted, {**self.routes, key: slot})
 
     def targets(self):
@@ -1824,10 +1825,99 @@ class ServedModel:
         return info
 
 
+class Residency:
+    """Which models are in memory, and what bounds them: --max-loaded, --idle-unload, requests in flight.
+
+    A load under way counts against --max-loaded, and the least recently used idle model is
+    evicted to make room.  A model taken out of service while requests still use it is
+    `retired`: it stays resident, counted, until its last request ends.  `lock` guards this,
+    every slot's `model` and every model's `inflight`: the registry holds it while it points a
+    slot at a new model.
+    """
+
+    def __init__(self, limit, clock):
+        self.limit, self.clock = limit, clock
+        self.lock = threading.Lock()
+        self._resident = {}             # LoadedModel -> its VersionSlot, for every model still in memory
+        self._reserved = 0              # loads under way
+
+    def reserve(self):
+        """Count a load against --max-loaded, evicting the least recently used idle versions for room."""
+        with self.lock:
+            while self.limit and len(self._resident) + self._reserved >= self.limit:
+                idle = [(model.last_used, id(model), model) for model, slot in self._resident.items()
+                        if slot.model is model and model.inflight == 0 and not slot.pinned]
+                if not idle:
+                    raise ModelUnavailable(f"memory bound reached: {self.limit} model version(s) in memory "
+                                           "(--max-loaded), all busy or preloaded", retry_after=1)
+                victim = min(idle)[2]
+                logger.info("model %r version %s evicted (least recently used; --max-loaded %d)",
+                            victim.name, victim.version, self.limit)
+                self.retire(victim, self._resident[victim])
+            self._reserved += 1
+
+    def cancel(self):
+        """A reserved load failed."""
+        with self.lock:
+            self._reserved -= 1
+
+    def admit(self, model, slot):
+        """A reserved load succeeded: `model`, of `slot`, is in memory (under `lock`)."""
+        self._reserved -= 1
+        self._resident[model] = slot
+        model.last_used = self.clock()
+
+    def retire(self, model, slot):
+        """Take a model out of service (under `lock`); memory is freed when its last request ends."""
+        if slot.model is model:
+            slot.model, slot.leaving = None, model if model.inflight else None
+            slot.set(UNLOADING if model.inflight else UNLOADED)
+        if model.inflight:
+            model.retired = True
+        else:
+            self._resident.pop(model, None)
+
+    def use(self, slot):
+        """The model in `slot`, counted in flight until release(); None if it holds none."""
+        with self.lock:
+            model = slot.model
+            if model is not None:
+                model.inflight += 1
+                model.last_used = self.clock()
+            return model
+
+    def release(self, model):
+        with self.lock:
+            model.inflight -= 1
+            if model.retired and not model.inflight:
+                slot = self._resident.pop(model, None)
+                if slot is not None and slot.leaving is model:
+                    slot.leaving = None
+                    if slot.model is None and slot.state == UNLOADING:
+                        slot.set(UNLOADED)
+
+    def unload_idle(self, seconds):
+        """Retire the models nobody used for `seconds`, but preloaded ones."""
+        now = self.clock()
+        with self.lock:
+            for model, slot in list(self._resident.items()):
+                if slot.model is model and not slot.pinned and model.inflight == 0 \
+                        and now - model.last_used >= seconds:
+                    logger.info("model %r version %s unused for %.0f s: unloaded",
+                                slot.ref.name, slot.ref.version, now - model.last_used)
+                    self.retire(model, slot)
+
+    def count(self):
+        return len(self._resident)
+
+    def in_flight(self):
+        return sum(model.inflight for model in list(self._resident))
+
+
 class ModelRegistry:
     """Every model in the store, the state of each of its versions, and their lifecycle.
 
-    The catalogue ({name: ServedModel}) is replaced whole by each rescan, so a
+    The catalogue ({name: CatalogueEntry}) is replaced whole by each rescan, so a
     request reads a consistent view without a lock.  Housekeeping (rescans every
     `poll_interval`, idle unloads, preloads) runs in `refresh()`, which both requests
     and a watcher thread call.  The watcher is started lazily, in the process that
@@ -1850,9 +1940,7 @@ class ModelRegistry:
         self._next_tick = 0.0
         self._unsettled = {}            # (name, version) -> fingerprint seen once, waiting to be seen again
         self._settings = {}             # name -> (fingerprint, ModelSettings or None, error)
-        self._usage = threading.Lock()  # guards slot.model, model.inflight and the resident set
-        self._resident = {}             # LoadedModel -> ModelVersion, for every model still in memory
-        self._reserved = 0              # loads under way, counted against max_loaded
+        self.residency = Residency(config.max_loaded, clock)
         self.metrics = Metrics()
         self._preloading = False
         self._watcher_pid = None
@@ -1883,7 +1971,7 @@ class ModelRegistry:
     def _housekeep(self):
         self._next_tick = self.clock() + self._tick_seconds
         if self.config.idle_unload:
-            self._unload_idle()
+            self.residency.unload_idle(self.config.idle_unload)
         if self.config.preload:
             self._preload()
         if self.watch and self._tick_seconds < math.inf and self._watcher_pid != os.getpid():
@@ -1949,7 +2037,7 @@ class ModelRegistry:
                     if slot is not None:
                         slots[number] = slot        # the old artifact serves until the new one settles
                 elif slot is None or slot.model is None:
-                    slots[number] = ModelVersion(ref)
+                    slots[number] = VersionSlot(ref)
                 else:
                     slots[number] = slot
                     if slot.replacing is None and slot.rejected != ref.fingerprint:
@@ -1957,19 +2045,19 @@ class ModelRegistry:
                         _in_background(self._replace, slot, ref)
             pending = {number for (model, number) in unsettled if model == name and number not in slots}
             if slots or (previous and pending):
-                catalogue[name] = self._serve(name, slots, previous, pending)
+                catalogue[name] = self._build_entry(name, slots, previous, pending)
         self._unsettled = unsettled
         self._catalogue = catalogue
         self._unload_unserved(old_catalogue, catalogue)
 
-    def _serve(self, name, slots, previous, pending=()):
+    def _build_entry(self, name, slots, previous, pending=()):
         """Apply the model's settings to its versions: what is served, and where each route points.
 
         `pending` are the version numbers whose new artifacts have not settled yet.
         """
         settings, error = self._read_settings(name)
         if settings is None:
-            return ServedModel(name, slots, (), None, error, {}, {})
+            return CatalogueEntry(name, slots, (), None, error, {}, {})
         served = settings.select(slots)
         wanted = {None: served[0]} if served else {}
         wanted.update({label: n for label, n in settings.labels.items() if n in served})
@@ -1983,7 +2071,7 @@ class ModelRegistry:
         pinned = self._preloaded(name)
         for number, slot in slots.items():
             slot.pinned = pinned and number in served
-        return ServedModel(name, slots, served, settings, error, wanted, routes)
+        return CatalogueEntry(name, slots, served, settings, error, wanted, routes)
 
     def _read_settings(self, name):
         """(settings, error) for a model; a broken file keeps the last good settings and shows why."""
@@ -2077,7 +2165,7 @@ class ModelRegistry:
             keep |= entry.targets()
             keep.update(id(entry.versions[n]) for n in entry.served)
         departed = []
-        with self._usage:
+        with self.residency.lock:
             for name, entry in old_catalogue.items():
                 current = catalogue.get(name)
                 slots = {id(slot): (slot.ref.version, slot) for slot in entry.routes.values()}
@@ -2091,7 +2179,7 @@ class ModelRegistry:
                     if slot.model is not None and id(slot) not in keep:
                         logger.info("model %r version %s %s: unloaded", name, number,
                                     "left the store" if removed else "is no longer served")
-                        self._retire(slot.model, slot)
+                        self.residency.retire(slot.model, slot)
         for name, version in departed:       # its series end, so a store that keeps publishing stays bounded
             self.metrics.forget(name, version)
 
@@ -2102,48 +2190,35 @@ class ModelRegistry:
         the next rescan tries again).
         """
         try:
-            self._reserve()
+            self.residency.reserve()
         except ModelUnavailable:
             slot.replacing = None
             return "DEFERRED"
         try:
             model = self._build(ref)
         except Exception as error:
-            with self._usage:
-                self._reserved -= 1
+            self.residency.cancel()
             slot.rejected = ref.fingerprint
             slot.error = f"changed artifact not loaded, the previous one still serves: {error}"
             slot.error_at = time.time()
             logger.error("model %r version %s: %s", ref.name, ref.version, slot.error)
             return FAILED
         else:
-            with self._usage:
-                self._reserved -= 1
-                self._resident[model] = slot
-                model.last_used = self.clock()
+            with self.residency.lock:
+                self.residency.admit(model, slot)
                 old, slot.ref, slot.model = slot.model, ref, model
                 slot.error, slot.rejected = None, None
                 slot.loads += 1
                 if old is not None:
-                    self._retire(old, slot)
+                    self.residency.retire(old, slot)
                 if slot.state != AVAILABLE:       # --max-loaded may have evicted the old one to make room
                     slot.set(AVAILABLE)
                 if slot.gone:
-                    self._retire(model, slot)
+                    self.residency.retire(model, slot)
             logger.info("model %r version %s reloaded from its artifact", ref.name, ref.version)
             return "RELOADED"
         finally:
             slot.replacing = None
-
-    def _unload_idle(self):
-        now = self.clock()
-        with self._usage:
-            for model, slot in list(self._resident.items()):
-                if slot.model is model and not slot.pinned and model.inflight == 0 \
-                        and now - model.last_used >= self.config.idle_unload:
-                    logger.info("model %r version %s unused for %.0f s: unloaded",
-                                slot.ref.name, slot.ref.version, now - model.last_used)
-                    self._retire(model, slot)
 
     def _preloaded(self, name):
         return self.config.preload == ALL_MODELS or name in self.config.preload
@@ -2171,45 +2246,15 @@ class ModelRegistry:
         finally:
             self._preloading = False
 
-    # -- memory -----------------------------------------------------------------
-    def _reserve(self):
-        """Count a load against --max-loaded, evicting the least recently used idle versions for room."""
-        with self._usage:
-            limit = self.config.max_loaded
-            while limit and len(self._resident) + self._reserved >= limit:
-                idle = [(model.last_used, id(model), model) for model, slot in self._resident.items()
-                        if slot.model is model and model.inflight == 0 and not slot.pinned]
-                if not idle:
-                    raise ModelUnavailable(f"memory bound reached: {limit} model version(s) in memory "
-                                           "(--max-loaded), all busy or preloaded", retry_after=1)
-                victim = min(idle)[2]
-                logger.info("model %r version %s evicted (least recently used; --max-loaded %d)",
-                            victim.name, victim.version, limit)
-                self._retire(victim, self._resident[victim])
-            self._reserved += 1
-
-    def _retire(self, model, slot):
-        """Take a model out of service (under the usage lock); memory is freed when its last request ends."""
-        if slot.model is model:
-            slot.model, slot.leaving = None, model if model.inflight else None
-            slot.set(UNLOADING if model.inflight else UNLOADED)
-        if model.inflight:
-            model.retired = True
-        else:
-            self._resident.pop(model, None)
-
     # -- requests -----------------------------------------------------------------
     def acquire(self, name, version=None, label=None, slot=None):
         """The model that answers a request (in `slot` when the caller resolved it), loaded if need be; pair
         with release()."""
         for _ in range(3):
             slot = slot or self.slot(name, version, label)
-            with self._usage:
-                model = slot.model
-                if model is not None:
-                    model.inflight += 1
-                    model.last_used = self.clock()
-                    return model
+            model = self.residency.use(slot)
+            if model is not None:
+                return model
             if not slot.gone:
                 self._load(slot)
             last, slot = slot, None                      # resolved again: a rescan may have replaced it
@@ -2220,14 +2265,7 @@ class ModelRegistry:
                                "is --max-loaded too small for the traffic?", retry_after=1, model=name)
 
     def release(self, model):
-        with self._usage:
-            model.inflight -= 1
-            if model.retired and not model.inflight:
-                slot = self._resident.pop(model, None)
-                if slot is not None and slot.leaving is model:
-                    slot.leaving = None
-                    if slot.model is None and slot.state == UNLOADING:
-                        slot.set(UNLOADED)
+        self.residency.release(model)
 
     def get(self, name, version=None, label=None):
         """The loaded model, loading it on first use (one load however many callers wait)."""
@@ -2262,28 +2300,25 @@ class ModelRegistry:
             if slot.state == FAILED and wait > 0:
                 raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
                                        retry_after=math.ceil(wait), model=ref.name, version=str(ref.version))
-            self._reserve()
+            self.residency.reserve()
             slot.set(LOADING)
             slot.loads += 1
             try:
                 model = self._build(ref)
             except Exception as error:
-                with self._usage:
-                    self._reserved -= 1
+                self.residency.cancel()
                 slot.set(FAILED, str(error) or type(error).__name__)
                 slot.retry_at = self.clock() + self.config.load_retry_seconds
                 logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error)
                 raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
                                        retry_after=math.ceil(self.config.load_retry_seconds) or None,
                                        model=ref.name, version=str(ref.version)) from None
-            with self._usage:
-                self._reserved -= 1
-                self._resident[model] = slot
-                model.last_used = self.clock()
+            with self.residency.lock:
+                self.residency.admit(model, slot)
                 slot.model, slot.error = model, None
                 slot.set(AVAILABLE)
                 if slot.gone:
-                    self._retire(model, slot)
+                    self.residency.retire(model, slot)
             logger.info("loaded model %r version %s (%s, %.3f s)", ref.name, ref.version, ref.format,
                         model.load_seconds)
             return model
@@ -2302,7 +2337,7 @@ class ModelRegistry:
                        f"({', '.join(sorted(catalogue)) or 'none'}); start the service with --default-model NAME")
 
     def entry(self, name):
-        """The ServedModel called `name`; 400 for an invalid name, 404 if there is none."""
+        """The CatalogueEntry called `name`; 400 for an invalid name, 404 if there is none."""
         entry = self._catalogue.get(name)
         if entry is None:
             self.require_store()
@@ -2312,7 +2347,7 @@ class ModelRegistry:
         return entry
 
     def slot(self, name, version=None, label=None):
-        """The ModelVersion that answers for a name and a version string or label; 4xx/503 if none."""
+        """The VersionSlot that answers for a name and a version string or label; 4xx/503 if none."""
         entry = self.entry(name)
         if entry.settings is None:
             raise ModelUnavailable(f"model {name!r} is not served: {entry.settings_error}", model=name)
@@ -2393,19 +2428,19 @@ class ModelRegistry:
         return features
 
     def loaded_count(self):
-        return len(self._resident)
+        return self.residency.count()
 
     def in_flight(self):
-        return sum(model.inflight for model in list(self._resident))
+        return self.residency.in_flight()
 
     # -- administration -------------------------------------------------------------
     def unload(self, name):
         """Take every loaded version of `name` out of memory (requests in flight finish); loaded again on use."""
         entry = self.entry(name)
-        with self._usage:
+        with self.residency.lock:
             for slot in entry.versions.values():
                 if slot.model is not None:
-                    self._retire(slot.model, slot)
+                    self.residency.retire(slot.model, slot)
 
     def rescan(self):
         """Scan now, using new artifacts at once: the operator who asks says they are complete."""

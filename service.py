@@ -2583,10 +2583,7 @@ def parse_json(data, max_depth, what="request body"):
     if not data.strip():
         raise BadRequest(f"{what} is empty: send JSON")
     try:
-        if _MAYBE_OUT_OF_RANGE.search(data):        # rare: pay for a hook on every float only then
-            value = json.loads(data, parse_constant=_not_json, parse_float=_finite_float)
-        else:
-            value = json.loads(data, parse_constant=_not_json)
+        value = _strict_json(data)
     except RecursionError:
         raise BadRequest(f"{what} is nested too deeply") from None
     except ValueError as error:
@@ -2594,6 +2591,13 @@ def parse_json(data, max_depth, what="request body"):
     if _nested_deeper_than(max_depth, raw):
         raise BadRequest(f"{what} is nested deeper than {max_depth} levels")
     return value
+
+
+def _strict_json(text):
+    """json.loads as RFC 8259 reads JSON: ValueError for NaN and Infinity, and for a number beyond a float."""
+    if _MAYBE_OUT_OF_RANGE.search(text):        # rare: pay for a hook on every float only then
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
+    return json.loads(text, parse_constant=_not_json)
 
 
 _MAYBE_OUT_OF_RANGE = re.compile(r"[eE]\+?0*[1-9][0-9]{2}|[0-9]{300}")     # an exponent >= 100, or 300 digits
@@ -2646,19 +2650,38 @@ def parse_literal(text, max_depth, max_length=100_000):
         raise BadRequest(f"input is longer than {max_length} characters")
     raw = text.encode("utf-8", "surrogatepass")
     try:
-        value = json.loads(text)
-        strings, pairs = JSON_STRING, JSON_PAIRS
-    except (ValueError, RecursionError):
-        if _nested_deeper_than(max_depth, raw, PYTHON_STRING, PYTHON_PAIRS):
-            raise BadRequest(f"input is nested deeper than {max_depth} levels") from None
-        try:
-            value = _tuples_to_lists(ast.literal_eval(text))
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            raise BadRequest("input is neither JSON nor a Python literal") from None
-        strings, pairs = PYTHON_STRING, PYTHON_PAIRS
-    if _nested_deeper_than(max_depth, raw, strings, pairs):
+        value = _strict_json(text)
+    except (json.JSONDecodeError, RecursionError):
+        return _parse_python_literal(text, raw, max_depth)
+    except ValueError as error:                 # JSON, but NaN or a number beyond a float: as parse_json says
+        raise BadRequest(f"input is not valid JSON: {error}") from None
+    if _nested_deeper_than(max_depth, raw):
         raise BadRequest(f"input is nested deeper than {max_depth} levels")
     return value
+
+
+def _parse_python_literal(text, raw, max_depth):
+    """A Python literal, measured before ast.literal_eval recurses into it; its numbers as JSON's must be."""
+    if _nested_deeper_than(max_depth, raw, PYTHON_STRING, PYTHON_PAIRS):
+        raise BadRequest(f"input is nested deeper than {max_depth} levels")
+    try:
+        value = _tuples_to_lists(ast.literal_eval(text))
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise BadRequest("input is neither JSON nor a Python literal") from None
+    if not all(map(math.isfinite, _floats(value))):
+        raise BadRequest("input holds a number beyond a float's range; send null for a missing value")
+    return value
+
+
+def _floats(value):
+    """Every float inside nested lists and dicts."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            yield item
+        elif isinstance(item, (list, dict)):
+            stack.extend(item.values() if isinstance(item, dict) else item)
 
 
 def _tuples_to_lists(value):
@@ -3099,8 +3122,10 @@ def v2_inputs(model, arrays, max_rows):
     name, array = arrays[0]
     if len(arrays) > 1 or (model.feature_index and name in model.feature_index and array.ndim == 1):
         return model_inputs(model, {name: array.reshape(-1).tolist() for name, array in arrays}, max_rows)
-    if model.n_features is None or array.dtype == object:
+    if model.n_features is None:
         return array.tolist()
+    if array.dtype == object:                   # BYTES: text cells, under the same rules as JSON rows
+        return model_inputs(model, array.tolist(), max_rows)
     if array.ndim != 2 or array.shape[1] != model.n_features:
         raise BadRequest(f"the input tensor must have shape [rows, {model.n_features}], not {list(array.shape)}",
                          model=model.name)

@@ -5,6 +5,7 @@ number's spelling still reach models that take them (categorical columns).  MLfl
 and its numbers are read from it."""
 
 import json
+import urllib.parse
 
 import numpy as np
 import pandas as pd
@@ -136,3 +137,18 @@ def test_categorical_strings_still_reach_a_model_that_takes_them(client_for, cat
     refused = client.post_json("/models/m/predict", {"instances": [{**row, "sepal_length": "5.1"}]},
                                expect_errors=True)
     assert refused.status_int == 400 and "'sepal_length'" in refused.json["error"]
+
+
+@pytest.mark.parametrize("sentence, why", [("[[NaN, 3.5, 1.4, 0.2]]", "NaN is not a JSON value"),
+                                           ("[[1e400, 3.5, 1.4, 0.2]]", "out of a float's range"),
+                                           ("[(1e400, 3.5, 1.4, 0.2)]", "beyond a float's range")])
+def test_the_seed_route_reads_its_url_as_strictly(nan_client, sentence, why):
+    """GET /predict/<sen> takes JSON or a Python literal; neither may carry what JSON cannot."""
+    response = nan_client.get("/predict/" + urllib.parse.quote(sentence), expect_errors=True)
+    assert response.status_int == 400 and why in response.json["error"], response.text
+
+
+def test_v2_text_tensors_of_a_tabular_model_follow_the_same_rule(nan_client):
+    body = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "BYTES", "data": ["5.1", "3.5", "1.4", "0.2"]}]}
+    response = nan_client.post_json("/v2/models/m/infer", body, expect_errors=True)
+    assert response.status_int == 400 and "not a number" in response.json["error"], response.text

@@ -178,8 +178,8 @@ def _same_outputs(expected, actual):
     """Equal in type, dtype, shape and every bit (NaN included); sparse matrices part by part."""
     import numpy as np
 
-    if isinstance(expected, tuple):
-        return isinstance(actual, tuple) and len(actual) == len(expected) and \
+    if isinstance(expected, (tuple, list)):     # (distances, indices); a multi-output predict_proba's list
+        return type(actual) is type(expected) and len(actual) == len(expected) and \
             all(_same_outputs(e, a) for e, a in zip(expected, actual))
     if hasattr(expected, "tocsr"):
         return hasattr(actual, "tocsr") and expected.format == actual.format and all(
@@ -414,6 +414,35 @@ def _token_list(text):
     return tuple(lines)
 
 
+# Modules --trust never admits, nor suggests: trusting a module admits everything defined in it (and
+# its submodules), and these define what runs code (eval, exec, compile, code and function
+# constructors, profilers and debuggers that run strings), imports, walks to arbitrary objects
+# (getattr, operator's attrgetter, inspect, gc), changes classes every model shares
+# (functools.update_wrapper and total_ordering set attributes on a class), or reaches processes,
+# files, the network or other deserialisers (os, posix, subprocess, io, pathlib, socket, pickle,
+# marshal, numpy.load, joblib.load, pandas.read_pickle).  numpy, scipy, scikit-learn and joblib are
+# here too: the restricted unpickler already admits what models need from them, one object at a
+# time, and trusting them whole would admit their file readers and test helpers.  Whatever code a
+# --trust module defines runs at load: name only your own modules.
+_NEVER_TRUSTED = (
+    "builtins", "__builtin__", "os", "posix", "nt", "posixpath", "ntpath", "sys", "subprocess", "_posixsubprocess",
+    "shutil", "importlib", "imp", "pkgutil", "zipimport", "runpy", "code", "codeop", "types", "inspect", "gc",
+    "functools", "operator", "_operator", "ctypes", "_ctypes", "cffi", "pickle", "_pickle", "pickletools", "copyreg",
+    "marshal", "shelve", "dbm", "io", "_io", "codecs", "pathlib", "tempfile", "glob", "fileinput", "mmap", "zipfile",
+    "tarfile", "sqlite3", "linecache", "tokenize", "socket", "_socket", "ssl", "select", "selectors", "asyncio",
+    "multiprocessing", "concurrent", "threading", "_thread", "signal", "resource", "pty", "platform", "webbrowser",
+    "urllib", "http", "ftplib", "smtplib", "xmlrpc", "socketserver", "timeit", "trace", "profile", "cProfile", "pdb",
+    "bdb", "doctest", "pydoc", "unittest", "logging", "site", "sysconfig", "ensurepip", "venv", "distutils",
+    "setuptools", "pip", "idlelib", "numpy", "scipy", "sklearn", "joblib", "pandas", "dill", "cloudpickle",
+)
+
+
+def _never_trusted(module):
+    """Whether `module` is, or is inside, or contains a module --trust may never admit."""
+    return any(module == root or module.startswith(root + ".") or root.startswith(module + ".")
+               for root in _NEVER_TRUSTED)
+
+
 def _module_list(text):
     """A comma-separated list of Python module names (each one also covers its submodules)."""
     names = tuple(name.strip() for name in text.split(",") if name.strip())
@@ -422,6 +451,9 @@ def _module_list(text):
     for name in names:
         if not PYTHON_MODULE.fullmatch(name):
             raise ValueError(f"{name!r} is not a Python module name")
+        if _never_trusted(name):
+            raise ValueError(f"{name!r} can never be trusted: it can run code or reach files, processes or the "
+                             "network (name only the modules that define your own classes)")
     return names
 
 
@@ -1044,7 +1076,8 @@ def _pickle_name(value):
 def _refusal(where, why, module):
     """The message of a refused global: what was refused, why, and the --trust that would admit it."""
     hint = (f"if you trust it, start the service with --trust {module}"
-            if isinstance(module, str) and PYTHON_MODULE.fullmatch(module) else "no --trust can admit it")
+            if isinstance(module, str) and PYTHON_MODULE.fullmatch(module) and not _never_trusted(module)
+            else "no --trust can admit it")
     return f"refused global {where!r}: {why}; {hint}"
 
 
@@ -1054,6 +1087,9 @@ class _Allowlist:
     def __init__(self, trust=(), extra=()):
         self.trust = (trust,) if isinstance(trust, str) else tuple(trust)
         self.extra = tuple(extra)
+        refused = [module for module in self.trust if _never_trusted(module)]
+        if refused:             # --trust refuses these already; this holds for every other caller too
+            raise ArtifactError(f"module {refused[0]!r} can never be trusted by --safe-pickle")
 
     def importable(self, module):
         return module in _PICKLE_MODULES or _within(module, _PICKLE_PACKAGES + self.trust)
@@ -1298,7 +1334,25 @@ def load_artifact(ref, options=None):
     if not any(callable(getattr(estimator, method, None)) for method in PREDICT_METHODS):
         raise ArtifactError(f"{ref.file} holds a {type(estimator).__name__}, which has none of the methods "
                             f"{', '.join(PREDICT_METHODS)}")
+    _refuse_file_readers(estimator, ref)
     return estimator, digest, len(data), skew
+
+
+def _refuse_file_readers(estimator, ref):
+    """Refuse a model with any part that would open what a request names, in every artifact format.
+
+    scikit-learn's text vectorizers (CountVectorizer, TfidfVectorizer, HashingVectorizer and their
+    subclasses) read each "document" as a path with input="filename" and call .read() on it with
+    input="file": a client's text "/etc/passwd" would come back as word counts.  A request's text
+    must only ever be text, so only input="content" is served.  (No other scikit-learn estimator
+    opens anything at predict time: `memory=` caches are used only by fit.)
+    """
+    for part in _estimator_parts(estimator, [], set()):
+        mode = part.__dict__.get("input", "content")
+        if callable(getattr(part, "build_analyzer", None)) and mode != "content":
+            raise ArtifactError(f"{ref.file}: its {type(part).__name__} has input={_clip(repr(mode), 40)}, which "
+                                "reads the files or file objects a request names; only input=\"content\" can "
+                                "be served (set it and save the model again)")
 
 
 _VERSION_CAPTURE = threading.Lock()

@@ -274,3 +274,14 @@ def test_an_exported_model_serves_from_the_store(tmp_path, make_client):
     body = make_client(tmp_path).post_json("/models/iris/predict", {"instances": X[:3].tolist(),
                                                                    "method": "predict_proba"}).json
     assert body["predictions"] == model.predict_proba(X[:3]).tolist()
+
+
+def test_export_of_a_multi_output_classifier_compares_its_list_of_probabilities(tmp_path):
+    """predict_proba of a multi-output classifier is a list of arrays of different widths."""
+    y = np.column_stack([Y, X[:, 0] > 5.8])
+    forest = RandomForestClassifier(n_estimators=3, random_state=0).fit(X, y)
+    report = service.export_json_model(forest, tmp_path / "forest.json")
+    assert "predict_proba" in report["methods"] and "predict" in report["methods"]
+    copy = service.load_json_model(tmp_path / "forest.json")
+    for expected, actual in zip(forest.predict_proba(X), copy.predict_proba(X)):
+        assert expected.tobytes() == actual.tobytes()

@@ -4759,30 +4759,184 @@ def _check_children(left, right, leaf, where):
 
 
 def _check_estimator(estimator, where):
-    """Cross-object checks compiled code relies on, once an estimator's parts are decoded."""
+    """Every check an estimator's decoded state must pass before compiled code trusts it.
+
+    Run on each estimator as it is decoded (its members, steps and sub-estimators first), so
+    every part of a model is checked once, by what it holds rather than by its class name:
+    scikit-learn's own parameter validation, feature counts that are present and true wherever
+    compiled code indexes the input by a stored feature number, and the arrays and sizes each
+    family's compiled code reads without bounds checks.
+    """
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    state = estimator.__dict__
+    for key, value in state.items():         # sizes and counts reach compiled code as C integers
+        if type(value) is int and not -2**63 <= value < 2**63:
+            raise ArtifactError(f"{where}.{key}: integer out of the 64-bit range")
+    try:
+        if hasattr(type(estimator), "_parameter_constraints"):   # every public class has them
+            estimator._validate_params()      # every hyper-parameter in its documented range
+    except (InvalidParameterError, AttributeError, TypeError) as error:
+        raise ArtifactError(f"{where}: {_clip(str(error))}") from None
+    for name, lowest in (("n_jobs", -1024), ("_n_threads", 1)):   # become threads or an OpenMP setting
+        value = state.get(name)
+        if value is not None and not (_is_int(value) and lowest <= value <= 1024 and value != 0):
+            raise ArtifactError(f"{where}.{name}: a thread count must be an integer from {lowest} to 1024, not 0")
+    n_features = state.get("n_features_in_")
+    if n_features is not None and not (_is_int(n_features) and n_features >= 1):
+        raise ArtifactError(f"{where}.n_features_in_ must be a positive integer")
+    for check in _PART_CHECKS:
+        check(estimator, state, where)
+
+
+def _is_int(value):
     import numpy as np
 
-    n_features = getattr(estimator, "__dict__", {}).get("n_features_in_")
-    tree = estimator.__dict__.get("tree_")
-    if tree is not None and n_features is not None and tree.n_features != n_features:
-        raise ArtifactError(f"{where}: its tree has {tree.n_features} features, the estimator {n_features}")
-    for part in ("estimators_", "_predictors"):
-        members = estimator.__dict__.get(part)
-        if members is None:
-            continue
-        for member in np.asarray(members, dtype=object).ravel():
-            if hasattr(member, "nodes") and n_features is not None and len(member.nodes) and \
-                    member.nodes["feature_idx"].max() >= n_features:
-                raise ArtifactError(f"{where}: a predictor splits on a feature the estimator does not have")
-            inner = getattr(member, "n_features_in_", n_features)
-            if getattr(member, "tree_", None) is not None and inner != n_features and n_features is not None:
-                raise ArtifactError(f"{where}: a member estimator has {inner} features, the ensemble {n_features}")
-    centers = estimator.__dict__.get("cluster_centers_")
-    if centers is not None and (not isinstance(centers, np.ndarray) or centers.ndim != 2 or
-                                centers.shape[1] != n_features):
-        raise ArtifactError(f"{where}: cluster_centers_ must have one column per feature")
-    if "support_vectors_" in estimator.__dict__:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _required_features(state, where, what):
+    """n_features_in_, which the estimator's own input check enforces; compiled code relies on it."""
+    n_features = state.get("n_features_in_")
+    if n_features is None:
+        raise ArtifactError(f"{where}: {what} needs n_features_in_ (its input check is skipped without it)")
+    return int(n_features)
+
+
+def _check_tree_estimator(estimator, state, where):
+    tree = state.get("tree_")
+    if tree is None:
+        return
+    if type(tree).__name__ != "Tree":
+        raise ArtifactError(f"{where}.tree_ is not a Tree")
+    n_features = _required_features(state, where, "a decision tree")
+    if tree.n_features != n_features or state.get("n_outputs_") != tree.n_outputs:
+        raise ArtifactError(f"{where}: its tree has {tree.n_features} features and {tree.n_outputs} outputs, "
+                            f"the estimator {n_features} and {state.get('n_outputs_')}")
+    if "classes_" in state:
+        classes = state["classes_"] if tree.n_outputs > 1 else [state["classes_"]]
+        if not isinstance(classes, list) or [len(c) for c in classes] != [int(n) for n in tree.n_classes]:
+            raise ArtifactError(f"{where}: classes_ do not match the tree's class counts")
+
+
+def _check_members(estimator, state, where):
+    """Forests and gradient boosting call their trees without checking inputs again (voting and
+    stacking call their members' public methods, which check)."""
+    import numpy as np
+    from sklearn.ensemble._forest import BaseForest
+    from sklearn.ensemble._gb import BaseGradientBoosting
+
+    members = state.get("estimators_")
+    if not isinstance(estimator, (BaseForest, BaseGradientBoosting)):
+        return
+    n_features = _required_features(state, where, "a tree ensemble")
+    flat = np.asarray(members, dtype=object).ravel() if isinstance(members, (list, np.ndarray)) else []
+    if not len(flat) or not all(hasattr(m, "tree_") and m.tree_.n_features == n_features
+                                and m.__dict__.get("n_features_in_") == n_features for m in flat):
+        raise ArtifactError(f"{where}: every member must be a tree of the ensemble's {n_features} features")
+    if "init_" in state:                     # gradient boosting: stages x trees per stage of regression trees
+        width = state.get("n_trees_per_iteration_")
+        if not isinstance(members, np.ndarray) or members.ndim != 2 or members.shape[1] != width or \
+                any(m.tree_.n_outputs != 1 or int(m.tree_.n_classes[0]) != 1 for m in flat):
+            raise ArtifactError(f"{where}: estimators_ must be stages of {width} single-output regression trees")
+        if state.get("init_") != "zero":
+            _check_init_width(estimator, n_features, width, where)
+    else:
+        outputs = state.get("n_outputs_")
+        if any(m.tree_.n_outputs != outputs for m in flat):
+            raise ArtifactError(f"{where}: a member tree has other outputs than the ensemble's {outputs}")
+
+
+def _check_init_width(estimator, n_features, width, where):
+    """Gradient boosting adds its stages into the initial estimator's raw predictions, row by row in
+    compiled code: their width must be the number of trees per stage.  The initial estimator was
+    checked as it was decoded, so it is asked directly, on one row of zeros."""
+    import numpy as np
+
+    try:
+        raw = estimator._raw_predict_init(np.zeros((1, n_features), dtype=np.float32))
+    except (ValueError, TypeError, IndexError, AttributeError, KeyError) as error:
+        raise ArtifactError(f"{where}.init_ cannot start the predictions: {_clip(str(error))}") from None
+    if not isinstance(raw, np.ndarray) or raw.shape != (1, width) or raw.dtype != np.float64:
+        raise ArtifactError(f"{where}.init_ predicts {getattr(raw, 'shape', None)} raw values for one row, "
+                            f"the stages hold {width} trees each")
+
+
+def _check_histogram_predictors(estimator, state, where):
+    """HistGradientBoosting walks its predictors' nodes over the rows; categorical splits read the bin
+    mapper's bitsets, which it builds by setting one bit per known category value."""
+    import numpy as np
+
+    predictors = state.get("_predictors")
+    if predictors is None:
+        return
+    n_features = _required_features(state, where, "histogram gradient boosting")
+    width = state.get("n_trees_per_iteration_")
+    if not isinstance(predictors, list) or not predictors or not all(
+            isinstance(stage, list) and len(stage) == width for stage in predictors):
+        raise ArtifactError(f"{where}._predictors must be iterations of {width} predictors each")
+    mapper = state.get("_bin_mapper")
+    categorical = getattr(mapper, "is_categorical_", None)
+    if categorical is None:
+        categorical = np.zeros(n_features, dtype=np.uint8)
+    thresholds = getattr(mapper, "bin_thresholds_", None)
+    if not isinstance(categorical, np.ndarray) or categorical.shape != (n_features,) or \
+            not isinstance(thresholds, list) or len(thresholds) != n_features:
+        raise ArtifactError(f"{where}._bin_mapper does not describe the model's {n_features} features")
+    for f in np.flatnonzero(categorical):
+        known = thresholds[f]
+        if not isinstance(known, np.ndarray) or known.ndim != 1 or known.dtype.kind != "f" or \
+                not np.all((known >= 0) & (known < 256) & (known == np.floor(known))):
+            raise ArtifactError(f"{where}._bin_mapper: categories must be whole numbers from 0 to 255")
+    baseline = state.get("_baseline_prediction")
+    if not isinstance(baseline, np.ndarray) or baseline.shape != (1, width):
+        raise ArtifactError(f"{where}._baseline_prediction must hold {width} values")
+    for predictor in (p for stage in predictors for p in stage):
+        nodes = getattr(predictor, "nodes", None)
+        if nodes is None:
+            raise ArtifactError(f"{where}._predictors holds something other than a TreePredictor")
+        inner = nodes[~nodes["is_leaf"].astype(bool)]
+        if np.any(inner["feature_idx"] >= n_features):
+            raise ArtifactError(f"{where}: a predictor splits on a feature the estimator does not have")
+        split = inner[inner["is_categorical"].astype(bool)]
+        if len(split) and not np.all(categorical[split["feature_idx"]]):
+            raise ArtifactError(f"{where}: a predictor makes a categorical split on a numeric feature")
+
+
+def _check_kmeans(estimator, state, where):
+    import numpy as np
+
+    centers = state.get("cluster_centers_")
+    if centers is None:
+        return
+    n_features = _required_features(state, where, "a clustering")
+    if not isinstance(centers, np.ndarray) or centers.ndim != 2 or centers.shape[1] != n_features or \
+            not len(centers) or centers.dtype not in (np.float32, np.float64) or \
+            not centers.flags.c_contiguous:
+        raise ArtifactError(f"{where}: cluster_centers_ must be a C-ordered float array of clusters by "
+                            f"{n_features} features")
+
+
+def _check_svm(estimator, state, where):
+    if "support_vectors_" in state:
+        _required_features(state, where, "an SVM")
         _check_libsvm(estimator, where)
+
+
+def _check_vocabulary(estimator, state, where):
+    """A vectorizer's term indices become a sparse matrix's column indices, which scipy's compiled code
+    and the next step's product trust: they must number the columns 0 .. n-1, once each."""
+    vocabulary = state.get("vocabulary_")
+    if vocabulary is None:
+        return
+    if not isinstance(vocabulary, dict) or not all(isinstance(t, str) and _is_int(i) and not isinstance(i, bool)
+                                                   for t, i in vocabulary.items()) or \
+            sorted(int(i) for i in vocabulary.values()) != list(range(len(vocabulary))):
+        raise ArtifactError(f"{where}.vocabulary_ must number its terms 0 to {len(vocabulary) - 1}, once each")
+
+
+_PART_CHECKS = (_check_tree_estimator, _check_members, _check_histogram_predictors, _check_kmeans, _check_svm,
+                _check_vocabulary)
 
 
 def _check_libsvm(svm, where):

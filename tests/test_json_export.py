@@ -98,7 +98,7 @@ def test_a_tree_whose_values_do_not_match_its_nodes_is_refused(tree_doc):
 def test_a_tree_with_more_features_than_its_estimator_is_refused(tree_doc):
     doc = json.loads(json.dumps(tree_doc))
     nodes_of(doc)["args"][0] = 40
-    refused(doc, "its tree has 40 features, the estimator 4")
+    refused(doc, "its tree has 40 features and 1 outputs, the estimator 4 and 1")
 
 
 def test_a_forest_member_tree_is_checked_too():
@@ -131,7 +131,7 @@ def test_kmeans_centres_of_the_wrong_width_are_refused():
     doc = document(KMeans(n_clusters=2, n_init=1, random_state=0).fit(X))
     centres = doc["estimator"]["state"]["cluster_centers_"]
     centres["shape"] = [4, 2]
-    refused(doc, "one column per feature")
+    refused(doc, "clusters by 4 features")
 
 
 def test_a_neighbours_tree_is_rebuilt_from_data_never_restored_from_state():

@@ -4767,6 +4767,7 @@ def _check_estimator(estimator, where):
     compiled code indexes the input by a stored feature number, and the arrays and sizes each
     family's compiled code reads without bounds checks.
     """
+    import numpy as np
     from sklearn.utils._param_validation import InvalidParameterError
 
     state = estimator.__dict__
@@ -4785,6 +4786,10 @@ def _check_estimator(estimator, where):
     n_features = state.get("n_features_in_")
     if n_features is not None and not (_is_int(n_features) and n_features >= 1):
         raise ArtifactError(f"{where}.n_features_in_ must be a positive integer")
+    names = state.get("feature_names_in_")          # requests are turned into columns of these names
+    if names is not None and not (isinstance(names, np.ndarray) and names.shape == (n_features,) and
+                                  all(isinstance(name, str) for name in names.tolist())):
+        raise ArtifactError(f"{where}.feature_names_in_ must name each of the n_features_in_ features")
     for check in _PART_CHECKS:
         check(estimator, state, where)
 
@@ -4935,8 +4940,42 @@ def _check_vocabulary(estimator, state, where):
         raise ArtifactError(f"{where}.vocabulary_ must number its terms 0 to {len(vocabulary) - 1}, once each")
 
 
+def _check_neighbors(estimator, state, where):
+    """Neighbour searches divide by and index into the training rows by the counts stored beside them."""
+    import numpy as np
+
+    data = state.get("_fit_X")
+    if data is None or "n_samples_fit_" not in state:
+        return
+    n_features = _required_features(state, where, "a neighbours model")
+    labels = state.get("_y")
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != n_features or \
+            data.dtype.kind != "f" or not len(data) or state["n_samples_fit_"] != len(data) or \
+            (labels is not None and (not isinstance(labels, np.ndarray) or len(labels) != len(data))):
+        raise ArtifactError(f"{where}: _fit_X, n_samples_fit_ and _y must hold the same training rows, of "
+                            f"{n_features} features")
+    tree = state.get("_tree")
+    if tree is not None and np.asarray(tree.data).shape != data.shape:
+        raise ArtifactError(f"{where}: the search tree is not built on _fit_X")
+
+
+def _check_derived(estimator, state, where):
+    """Private attributes fit derives from parameters and fitted arrays, which later code branches on or
+    sizes its output by, must be what fit would derive (a forged one answers a 500 or a wrong result)."""
+    if "_n_features_outs" in state and callable(getattr(estimator, "_compute_n_features_outs", None)):
+        try:
+            expected = estimator._compute_n_features_outs()
+        except (ValueError, TypeError, IndexError, AttributeError, KeyError):
+            expected = None
+        if expected is None or list(state["_n_features_outs"]) != list(expected):
+            raise ArtifactError(f"{where}._n_features_outs does not match categories_")
+    if "_strategy" in state and state.get("_strategy") not in ("most_frequent", "prior", "stratified", "uniform",
+                                                                "constant", "mean", "median", "quantile"):
+        raise ArtifactError(f"{where}._strategy is not a strategy")
+
+
 _PART_CHECKS = (_check_tree_estimator, _check_members, _check_histogram_predictors, _check_kmeans, _check_svm,
-                _check_vocabulary)
+                _check_vocabulary, _check_neighbors, _check_derived)
 
 
 def _check_libsvm(svm, where):

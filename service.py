@@ -4962,6 +4962,8 @@ def _check_neighbors(estimator, state, where):
 def _check_derived(estimator, state, where):
     """Private attributes fit derives from parameters and fitted arrays, which later code branches on or
     sizes its output by, must be what fit would derive (a forged one answers a 500 or a wrong result)."""
+    import numpy as np
+
     if "_n_features_outs" in state and callable(getattr(estimator, "_compute_n_features_outs", None)):
         try:
             expected = estimator._compute_n_features_outs()
@@ -4969,6 +4971,10 @@ def _check_derived(estimator, state, where):
             expected = None
         if expected is None or list(state["_n_features_outs"]) != list(expected):
             raise ArtifactError(f"{where}._n_features_outs does not match categories_")
+    constant = state.get("constant_")           # DummyRegressor sizes its answer by n_outputs_
+    if "n_outputs_" in state and isinstance(constant, np.ndarray) and \
+            (constant.ndim != 2 or constant.shape != (1, state["n_outputs_"])):
+        raise ArtifactError(f"{where}: constant_ does not hold n_outputs_ values")
     if "_strategy" in state and state.get("_strategy") not in ("most_frequent", "prior", "stratified", "uniform",
                                                                 "constant", "mean", "median", "quantile"):
         raise ArtifactError(f"{where}._strategy is not a strategy")

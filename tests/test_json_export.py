@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_iris
+from sklearn.dummy import DummyRegressor
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -285,3 +286,42 @@ def test_export_of_a_multi_output_classifier_compares_its_list_of_probabilities(
     copy = service.load_json_model(tmp_path / "forest.json")
     for expected, actual in zip(forest.predict_proba(X), copy.predict_proba(X)):
         assert expected.tobytes() == actual.tobytes()
+
+
+def _set_state(doc, key, value):
+    doc["estimator"]["state"][key] = value
+    return doc
+
+
+def _array_node(array):
+    return {"$type": "ndarray", "dtype": array.dtype.str, "shape": list(array.shape),
+            "data": base64.b64encode(array.tobytes()).decode()}
+
+
+# What the mutation fuzzer (tests/json_fuzz.py) found: each loaded, then crashed or answered a 500.
+@pytest.mark.parametrize("make, key, value, fragment", [
+    (lambda: KNeighborsClassifier(algorithm="brute").fit(X, Y), "_fit_X", _array_node(np.zeros((0, 4))),
+     "same training rows"),                                                                  # was SIGFPE
+    (lambda: DecisionTreeClassifier(random_state=0).fit(X, Y), "n_features_in_", None, "needs n_features_in_"),
+    (lambda: KMeans(n_clusters=2, n_init=1, random_state=0).fit(X), "_n_threads", -2, "thread count"),  # abort
+    (lambda: LogisticRegression(max_iter=1000).fit(X, Y), "n_features_in_", {"$type": "float", "value": "nan"},
+     "positive integer"),
+    (lambda: RandomForestClassifier(n_estimators=2, random_state=0).fit(X, Y), "n_estimators", 10**30,
+     "64-bit range"),
+    (lambda: LogisticRegression(max_iter=1000).fit(X, Y), "feature_names_in_",
+     {"$type": "ndarray", "dtype": "|O", "shape": [1], "items": ["a"]}, "name each"),
+    (lambda: DummyRegressor().fit(X, Y), "n_outputs_", 2**31 - 1, "n_outputs_ values"),      # 48 GiB per request
+])
+def test_what_the_fuzzer_found_is_refused(make, key, value, fragment):
+    doc = document(make())
+    refused(_set_state(doc, key, value) if value is not None else
+            (doc["estimator"]["state"].pop(key), doc)[1], fragment)
+
+
+def test_gradient_boosting_stages_must_be_as_wide_as_their_initial_estimator():
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    three = document(GradientBoostingClassifier(n_estimators=2, random_state=0).fit(X, Y))
+    two = document(GradientBoostingClassifier(n_estimators=2, random_state=0).fit(X, Y % 2))
+    three["estimator"]["state"]["init_"] = two["estimator"]["state"]["init_"]
+    refused(three, "init_ predicts (1, 2) raw values for one row, the stages hold 3 trees each")

@@ -4971,6 +4971,17 @@ def _check_derived(estimator, state, where):
             expected = None
         if expected is None or list(state["_n_features_outs"]) != list(expected):
             raise ArtifactError(f"{where}._n_features_outs does not match categories_")
+    if "_n_out_full" in state:                  # PolynomialFeatures sizes its output by these
+        try:
+            counts = [estimator._num_combinations(n_features=state["n_features_in_"], min_degree=low,
+                                                  max_degree=state["_max_degree"],
+                                                  interaction_only=estimator.interaction_only,
+                                                  include_bias=estimator.include_bias)
+                      for low in (state["_min_degree"], 0)]
+        except (KeyError, TypeError, ValueError, OverflowError):
+            counts = None
+        if counts != [state.get("n_output_features_"), state["_n_out_full"]]:
+            raise ArtifactError(f"{where}: its output sizes are not those of its degrees and features")
     constant = state.get("constant_")           # DummyRegressor sizes its answer by n_outputs_
     if "n_outputs_" in state and isinstance(constant, np.ndarray) and \
             (constant.ndim != 2 or constant.shape != (1, state["n_outputs_"])):

@@ -18,7 +18,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import FunctionTransformer
+from sklearn.preprocessing import FunctionTransformer, PolynomialFeatures
 from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
@@ -311,6 +311,7 @@ def _array_node(array):
     (lambda: LogisticRegression(max_iter=1000).fit(X, Y), "feature_names_in_",
      {"$type": "ndarray", "dtype": "|O", "shape": [1], "items": ["a"]}, "name each"),
     (lambda: DummyRegressor().fit(X, Y), "n_outputs_", 2**31 - 1, "n_outputs_ values"),      # 48 GiB per request
+    (lambda: PolynomialFeatures(2).fit(X), "_n_out_full", 2**31 - 1, "output sizes"),          # likewise
 ])
 def test_what_the_fuzzer_found_is_refused(make, key, value, fragment):
     doc = document(make())

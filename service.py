@@ -4982,6 +4982,12 @@ def _check_derived(estimator, state, where):
             counts = None
         if counts != [state.get("n_output_features_"), state["_n_out_full"]]:
             raise ArtifactError(f"{where}: its output sizes are not those of its degrees and features")
+    encoder = state.get("le_")                  # voting's members were fitted on encoded labels 0..n-1,
+    if encoder is not None and isinstance(state.get("estimators_"), list):   # which hard voting bincounts
+        n_classes = len(getattr(encoder, "classes_", ()))
+        if not all(np.array_equal(getattr(member, "classes_", None), np.arange(n_classes))
+                   for member in state["estimators_"]):
+            raise ArtifactError(f"{where}: each member's classes_ must be the encoded labels 0 to {n_classes - 1}")
     constant = state.get("constant_")           # DummyRegressor sizes its answer by n_outputs_
     if "n_outputs_" in state and isinstance(constant, np.ndarray) and \
             (constant.ndim != 2 or constant.shape != (1, state["n_outputs_"])):

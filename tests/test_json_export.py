@@ -13,7 +13,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_iris
 from sklearn.dummy import DummyRegressor
-from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier, VotingClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
@@ -326,3 +326,11 @@ def test_gradient_boosting_stages_must_be_as_wide_as_their_initial_estimator():
     two = document(GradientBoostingClassifier(n_estimators=2, random_state=0).fit(X, Y % 2))
     three["estimator"]["state"]["init_"] = two["estimator"]["state"]["init_"]
     refused(three, "init_ predicts (1, 2) raw values for one row, the stages hold 3 trees each")
+
+
+def test_a_voting_member_must_predict_encoded_labels():
+    """Hard voting bincounts its members' predictions: a forged label of 2**31-1 asked for 16 GiB (fuzzer)."""
+    doc = document(VotingClassifier([("tree", DecisionTreeClassifier(random_state=0)),
+                                     ("knn", KNeighborsClassifier())]).fit(X, Y))
+    doc["estimator"]["state"]["estimators_"][1]["state"]["classes_"] = _array_node(np.array([0, 1, 2**31 - 1]))
+    refused(doc, "encoded labels 0 to 2")

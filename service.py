@@ -4931,6 +4931,11 @@ def _check_svm(estimator, state, where):
 def _check_vocabulary(estimator, state, where):
     """A vectorizer's term indices become a sparse matrix's column indices, which scipy's compiled code
     and the next step's product trust: they must number the columns 0 .. n-1, once each."""
+    ngrams = state.get("ngram_range")           # n-grams are counted in a loop from the lower bound up
+    if callable(getattr(estimator, "build_analyzer", None)) and not (
+            isinstance(ngrams, tuple) and len(ngrams) == 2 and all(_is_int(n) for n in ngrams)
+            and 1 <= ngrams[0] <= ngrams[1]):
+        raise ArtifactError(f"{where}.ngram_range must be (min_n, max_n) with 1 <= min_n <= max_n")
     vocabulary = state.get("vocabulary_")
     if vocabulary is None:
         return

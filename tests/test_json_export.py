@@ -334,3 +334,10 @@ def test_a_voting_member_must_predict_encoded_labels():
                                      ("knn", KNeighborsClassifier())]).fit(X, Y))
     doc["estimator"]["state"]["estimators_"][1]["state"]["classes_"] = _array_node(np.array([0, 1, 2**31 - 1]))
     refused(doc, "encoded labels 0 to 2")
+
+
+def test_a_vectorizer_ngram_range_must_start_at_one_or_more():
+    """A lower bound of -2**31 made every request loop two billion times (fuzzer: a hang)."""
+    doc = document(make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(["a good film", "a bad film"], [1, 0]))
+    doc["estimator"]["state"]["steps"][0]["items"][1]["state"]["ngram_range"]["items"][0] = -2**31
+    refused(doc, "ngram_range must be")

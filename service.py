@@ -4956,9 +4956,10 @@ def _check_neighbors(estimator, state, where):
     labels = state.get("_y")
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != n_features or \
             data.dtype.kind != "f" or not len(data) or state["n_samples_fit_"] != len(data) or \
-            (labels is not None and (not isinstance(labels, np.ndarray) or len(labels) != len(data))):
+            (labels is not None and (not isinstance(labels, np.ndarray) or len(labels) != len(data))) or \
+            not (_is_int(state.get("n_neighbors")) and 1 <= state["n_neighbors"] <= len(data)):
         raise ArtifactError(f"{where}: _fit_X, n_samples_fit_ and _y must hold the same training rows, of "
-                            f"{n_features} features")
+                            f"{n_features} features, and n_neighbors at most that many")
     tree = state.get("_tree")
     if tree is not None and np.asarray(tree.data).shape != data.shape:
         raise ArtifactError(f"{where}: the search tree is not built on _fit_X")

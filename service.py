@@ -4925,6 +4925,8 @@ def _check_kmeans(estimator, state, where):
 def _check_svm(estimator, state, where):
     if "support_vectors_" in state:
         _required_features(state, where, "an SVM")
+        if not (_is_int(state.get("degree")) and 0 <= state["degree"] < 2**31):     # libsvm's C int
+            raise ArtifactError(f"{where}.degree must be an integer from 0 to 2**31 - 1")
         _check_libsvm(estimator, where)
 
 

@@ -311,6 +311,7 @@ def _array_node(array):
     (lambda: LogisticRegression(max_iter=1000).fit(X, Y), "feature_names_in_",
      {"$type": "ndarray", "dtype": "|O", "shape": [1], "items": ["a"]}, "name each"),
     (lambda: KNeighborsClassifier(algorithm="brute").fit(X, Y), "n_neighbors", 2**31, "n_neighbors at most"),
+    (lambda: SVC().fit(X, Y), "degree", 2**31, "degree must be"),                      # OverflowError in libsvm
     (lambda: DummyRegressor().fit(X, Y), "n_outputs_", 2**31 - 1, "n_outputs_ values"),      # 48 GiB per request
     (lambda: PolynomialFeatures(2).fit(X), "_n_out_full", 2**31 - 1, "output sizes"),          # likewise
 ])

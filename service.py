@@ -5023,11 +5023,12 @@ def _check_libsvm(svm, where):
     n_classes = len(counts) if classifier else 2
     pairs = n_classes * (n_classes - 1) // 2
     probabilities = [svm.__dict__.get(k) for k in ("_probA", "_probB")]
-    if vectors.ndim != 2 or counts.ndim != 1 or counts.min(initial=0) < 0 or \
+    sizes = (pairs,) if svm.__dict__.get("_effective_probability") or svm.__dict__.get("probability") else (0, pairs)
+    if vectors.ndim != 2 or counts.shape != (n_classes,) or n_classes < 2 or counts.min(initial=0) < 0 or \
             (classifier and int(counts.sum()) != n_vectors) or len(svm.support_) != n_vectors or \
             dual.shape != (n_classes - 1, n_vectors) or intercept.shape != (pairs,) or \
             (svm.kernel != "precomputed" and vectors.shape[1] != svm.__dict__.get("n_features_in_")) or \
-            not all(isinstance(p, np.ndarray) and len(p) in (0, pairs) for p in probabilities):
+            not all(isinstance(p, np.ndarray) and p.shape in ((size,) for size in sizes) for p in probabilities):
         raise ArtifactError(f"{where}: the SVM's support vectors, coefficients and intercepts do not agree")
 
 

@@ -312,6 +312,8 @@ def _array_node(array):
      {"$type": "ndarray", "dtype": "|O", "shape": [1], "items": ["a"]}, "name each"),
     (lambda: KNeighborsClassifier(algorithm="brute").fit(X, Y), "n_neighbors", 2**31, "n_neighbors at most"),
     (lambda: SVC().fit(X, Y), "degree", 2**31, "degree must be"),                      # OverflowError in libsvm
+    (lambda: SVC().fit(X, Y), "_n_support", _array_node(np.array([150], dtype=np.int32)), "do not agree"),  # SIGSEGV
+    (lambda: SVC().fit(X, Y), "_effective_probability", True, "do not agree"),          # libsvm reads probA
     (lambda: DummyRegressor().fit(X, Y), "n_outputs_", 2**31 - 1, "n_outputs_ values"),      # 48 GiB per request
     (lambda: PolynomialFeatures(2).fit(X), "_n_out_full", 2**31 - 1, "output sizes"),          # likewise
 ])

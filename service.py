@@ -180,8 +180,8 @@ def _same_outputs(expected, actual):
     """Equal in type, dtype, shape and every bit (NaN included); sparse matrices part by part."""
     import numpy as np
 
-    if isinstance(expected, tuple):
-        return isinstance(actual, tuple) and len(actual) == len(expected) and \
+    if isinstance(expected, (tuple, list)):     # (distances, indices); a multi-output predict_proba's list
+        return type(actual) is type(expected) and len(actual) == len(expected) and \
             all(_same_outputs(e, a) for e, a in zip(expected, actual))
     if hasattr(expected, "tocsr"):
         return hasattr(actual, "tocsr") and expected.format == actual.format and all(
@@ -454,6 +454,35 @@ def _token_list(text):
     return tuple(lines)
 
 
+# Modules --trust never admits, nor suggests: trusting a module admits everything defined in it (and
+# its submodules), and these define what runs code (eval, exec, compile, code and function
+# constructors, profilers and debuggers that run strings), imports, walks to arbitrary objects
+# (getattr, operator's attrgetter, inspect, gc), changes classes every model shares
+# (functools.update_wrapper and total_ordering set attributes on a class), or reaches processes,
+# files, the network or other deserialisers (os, posix, subprocess, io, pathlib, socket, pickle,
+# marshal, numpy.load, joblib.load, pandas.read_pickle).  numpy, scipy, scikit-learn and joblib are
+# here too: the restricted unpickler already admits what models need from them, one object at a
+# time, and trusting them whole would admit their file readers and test helpers.  Whatever code a
+# --trust module defines runs at load: name only your own modules.
+_NEVER_TRUSTED = (
+    "builtins", "__builtin__", "os", "posix", "nt", "posixpath", "ntpath", "sys", "subprocess", "_posixsubprocess",
+    "shutil", "importlib", "imp", "pkgutil", "zipimport", "runpy", "code", "codeop", "types", "inspect", "gc",
+    "functools", "operator", "_operator", "ctypes", "_ctypes", "cffi", "pickle", "_pickle", "pickletools", "copyreg",
+    "marshal", "shelve", "dbm", "io", "_io", "codecs", "pathlib", "tempfile", "glob", "fileinput", "mmap", "zipfile",
+    "tarfile", "sqlite3", "linecache", "tokenize", "socket", "_socket", "ssl", "select", "selectors", "asyncio",
+    "multiprocessing", "concurrent", "threading", "_thread", "signal", "resource", "pty", "platform", "webbrowser",
+    "urllib", "http", "ftplib", "smtplib", "xmlrpc", "socketserver", "timeit", "trace", "profile", "cProfile", "pdb",
+    "bdb", "doctest", "pydoc", "unittest", "logging", "site", "sysconfig", "ensurepip", "venv", "distutils",
+    "setuptools", "pip", "idlelib", "numpy", "scipy", "sklearn", "joblib", "pandas", "dill", "cloudpickle",
+)
+
+
+def _never_trusted(module):
+    """Whether `module` is, or is inside, or contains a module --trust may never admit."""
+    return any(module == root or module.startswith(root + ".") or root.startswith(module + ".")
+               for root in _NEVER_TRUSTED)
+
+
 def _module_list(text):
     """A comma-separated list of Python module names (each one also covers its submodules)."""
     names = tuple(name.strip() for name in text.split(",") if name.strip())
@@ -462,6 +491,9 @@ def _module_list(text):
     for name in names:
         if not PYTHON_MODULE.fullmatch(name):
             raise ValueError(f"{name!r} is not a Python module name")
+        if _never_trusted(name):
+            raise ValueError(f"{name!r} can never be trusted: it can run code or reach files, processes or the "
+                             "network (name only the modules that define your own classes)")
     return names
 
 
@@ -1035,7 +1067,8 @@ def _pickle_name(value):
 def _refusal(where, why, module):
     """The message of a refused global: what was refused, why, and the --trust that would admit it."""
     hint = (f"if you trust it, start the service with --trust {module}"
-            if isinstance(module, str) and PYTHON_MODULE.fullmatch(module) else "no --trust can admit it")
+            if isinstance(module, str) and PYTHON_MODULE.fullmatch(module) and not _never_trusted(module)
+            else "no --trust can admit it")
     return f"refused global {where!r}: {why}; {hint}"
 
 
@@ -1045,6 +1078,9 @@ class _Allowlist:
     def __init__(self, trust=(), extra=()):
         self.trust = (trust,) if isinstance(trust, str) else tuple(trust)
         self.extra = tuple(extra)
+        refused = [module for module in self.trust if _never_trusted(module)]
+        if refused:             # --trust refuses these already; this holds for every other caller too
+            raise ArtifactError(f"module {refused[0]!r} can never be trusted by --safe-pickle")
 
     def importable(self, module):
         return module in _PICKLE_MODULES or _within(module, _PICKLE_PACKAGES + self.trust)
@@ -1289,7 +1325,25 @@ def load_artifact(ref, options=None):
     if not any(callable(getattr(estimator, method, None)) for method in PREDICT_METHODS):
         raise ArtifactError(f"{ref.file} holds a {type(estimator).__name__}, which has none of the methods "
                             f"{', '.join(PREDICT_METHODS)}")
+    _refuse_file_readers(estimator, ref)
     return estimator, digest, len(data), skew
+
+
+def _refuse_file_readers(estimator, ref):
+    """Refuse a model with any part that would open what a request names, in every artifact format.
+
+    scikit-learn's text vectorizers (CountVectorizer, TfidfVectorizer, HashingVectorizer and their
+    subclasses) read each "document" as a path with input="filename" and call .read() on it with
+    input="file": a client's text "/etc/passwd" would come back as word counts.  A request's text
+    must only ever be text, so only input="content" is served.  (No other scikit-learn estimator
+    opens anything at predict time: `memory=` caches are used only by fit.)
+    """
+    for part in _estimator_parts(estimator, [], set()):
+        mode = part.__dict__.get("input", "content")
+        if callable(getattr(part, "build_analyzer", None)) and mode != "content":
+            raise ArtifactError(f"{ref.file}: its {type(part).__name__} has input={_clip(repr(mode), 40)}, which "
+                                "reads the files or file objects a request names; only input=\"content\" can "
+                                "be served (set it and save the model again)")
 
 
 _VERSION_CAPTURE = threading.Lock()
@@ -5006,30 +5060,254 @@ def _check_children(left, right, leaf, where):
 
 
 def _check_estimator(estimator, where):
-    """Cross-object checks compiled code relies on, once an estimator's parts are decoded."""
+    """Every check an estimator's decoded state must pass before compiled code trusts it.
+
+    Run on each estimator as it is decoded (its members, steps and sub-estimators first), so
+    every part of a model is checked once, by what it holds rather than by its class name:
+    scikit-learn's own parameter validation, feature counts that are present and true wherever
+    compiled code indexes the input by a stored feature number, and the arrays and sizes each
+    family's compiled code reads without bounds checks.
+    """
+    import numpy as np
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    state = estimator.__dict__
+    for key, value in state.items():         # sizes and counts reach compiled code as C integers
+        if type(value) is int and not -2**63 <= value < 2**63:
+            raise ArtifactError(f"{where}.{key}: integer out of the 64-bit range")
+    try:
+        if hasattr(type(estimator), "_parameter_constraints"):   # every public class has them
+            estimator._validate_params()      # every hyper-parameter in its documented range
+    except (InvalidParameterError, AttributeError, TypeError) as error:
+        raise ArtifactError(f"{where}: {_clip(str(error))}") from None
+    for name, lowest in (("n_jobs", -1024), ("_n_threads", 1)):   # become threads or an OpenMP setting
+        value = state.get(name)
+        if value is not None and not (_is_int(value) and lowest <= value <= 1024 and value != 0):
+            raise ArtifactError(f"{where}.{name}: a thread count must be an integer from {lowest} to 1024, not 0")
+    n_features = state.get("n_features_in_")
+    if n_features is not None and not (_is_int(n_features) and n_features >= 1):
+        raise ArtifactError(f"{where}.n_features_in_ must be a positive integer")
+    names = state.get("feature_names_in_")          # requests are turned into columns of these names
+    if names is not None and not (isinstance(names, np.ndarray) and names.shape == (n_features,) and
+                                  all(isinstance(name, str) for name in names.tolist())):
+        raise ArtifactError(f"{where}.feature_names_in_ must name each of the n_features_in_ features")
+    for check in _PART_CHECKS:
+        check(estimator, state, where)
+
+
+def _is_int(value):
     import numpy as np
 
-    n_features = getattr(estimator, "__dict__", {}).get("n_features_in_")
-    tree = estimator.__dict__.get("tree_")
-    if tree is not None and n_features is not None and tree.n_features != n_features:
-        raise ArtifactError(f"{where}: its tree has {tree.n_features} features, the estimator {n_features}")
-    for part in ("estimators_", "_predictors"):
-        members = estimator.__dict__.get(part)
-        if members is None:
-            continue
-        for member in np.asarray(members, dtype=object).ravel():
-            if hasattr(member, "nodes") and n_features is not None and len(member.nodes) and \
-                    member.nodes["feature_idx"].max() >= n_features:
-                raise ArtifactError(f"{where}: a predictor splits on a feature the estimator does not have")
-            inner = getattr(member, "n_features_in_", n_features)
-            if getattr(member, "tree_", None) is not None and inner != n_features and n_features is not None:
-                raise ArtifactError(f"{where}: a member estimator has {inner} features, the ensemble {n_features}")
-    centers = estimator.__dict__.get("cluster_centers_")
-    if centers is not None and (not isinstance(centers, np.ndarray) or centers.ndim != 2 or
-                                centers.shape[1] != n_features):
-        raise ArtifactError(f"{where}: cluster_centers_ must have one column per feature")
-    if "support_vectors_" in estimator.__dict__:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _required_features(state, where, what):
+    """n_features_in_, which the estimator's own input check enforces; compiled code relies on it."""
+    n_features = state.get("n_features_in_")
+    if n_features is None:
+        raise ArtifactError(f"{where}: {what} needs n_features_in_ (its input check is skipped without it)")
+    return int(n_features)
+
+
+def _check_tree_estimator(estimator, state, where):
+    tree = state.get("tree_")
+    if tree is None:
+        return
+    if type(tree).__name__ != "Tree":
+        raise ArtifactError(f"{where}.tree_ is not a Tree")
+    n_features = _required_features(state, where, "a decision tree")
+    if tree.n_features != n_features or state.get("n_outputs_") != tree.n_outputs:
+        raise ArtifactError(f"{where}: its tree has {tree.n_features} features and {tree.n_outputs} outputs, "
+                            f"the estimator {n_features} and {state.get('n_outputs_')}")
+    if "classes_" in state:
+        classes = state["classes_"] if tree.n_outputs > 1 else [state["classes_"]]
+        if not isinstance(classes, list) or [len(c) for c in classes] != [int(n) for n in tree.n_classes]:
+            raise ArtifactError(f"{where}: classes_ do not match the tree's class counts")
+
+
+def _check_members(estimator, state, where):
+    """Forests and gradient boosting call their trees without checking inputs again (voting and
+    stacking call their members' public methods, which check)."""
+    import numpy as np
+    from sklearn.ensemble._forest import BaseForest
+    from sklearn.ensemble._gb import BaseGradientBoosting
+
+    members = state.get("estimators_")
+    if not isinstance(estimator, (BaseForest, BaseGradientBoosting)):
+        return
+    n_features = _required_features(state, where, "a tree ensemble")
+    flat = np.asarray(members, dtype=object).ravel() if isinstance(members, (list, np.ndarray)) else []
+    if not len(flat) or not all(hasattr(m, "tree_") and m.tree_.n_features == n_features
+                                and m.__dict__.get("n_features_in_") == n_features for m in flat):
+        raise ArtifactError(f"{where}: every member must be a tree of the ensemble's {n_features} features")
+    if "init_" in state:                     # gradient boosting: stages x trees per stage of regression trees
+        width = state.get("n_trees_per_iteration_")
+        if not isinstance(members, np.ndarray) or members.ndim != 2 or members.shape[1] != width or \
+                any(m.tree_.n_outputs != 1 or int(m.tree_.n_classes[0]) != 1 for m in flat):
+            raise ArtifactError(f"{where}: estimators_ must be stages of {width} single-output regression trees")
+        if state.get("init_") != "zero":
+            _check_init_width(estimator, n_features, width, where)
+    else:
+        outputs = state.get("n_outputs_")
+        if any(m.tree_.n_outputs != outputs for m in flat):
+            raise ArtifactError(f"{where}: a member tree has other outputs than the ensemble's {outputs}")
+
+
+def _check_init_width(estimator, n_features, width, where):
+    """Gradient boosting adds its stages into the initial estimator's raw predictions, row by row in
+    compiled code: their width must be the number of trees per stage.  The initial estimator was
+    checked as it was decoded, so it is asked directly, on one row of zeros."""
+    import numpy as np
+
+    try:
+        raw = estimator._raw_predict_init(np.zeros((1, n_features), dtype=np.float32))
+    except (ValueError, TypeError, IndexError, AttributeError, KeyError) as error:
+        raise ArtifactError(f"{where}.init_ cannot start the predictions: {_clip(str(error))}") from None
+    if not isinstance(raw, np.ndarray) or raw.shape != (1, width) or raw.dtype != np.float64:
+        raise ArtifactError(f"{where}.init_ predicts {getattr(raw, 'shape', None)} raw values for one row, "
+                            f"the stages hold {width} trees each")
+
+
+def _check_histogram_predictors(estimator, state, where):
+    """HistGradientBoosting walks its predictors' nodes over the rows; categorical splits read the bin
+    mapper's bitsets, which it builds by setting one bit per known category value."""
+    import numpy as np
+
+    predictors = state.get("_predictors")
+    if predictors is None:
+        return
+    n_features = _required_features(state, where, "histogram gradient boosting")
+    width = state.get("n_trees_per_iteration_")
+    if not isinstance(predictors, list) or not predictors or not all(
+            isinstance(stage, list) and len(stage) == width for stage in predictors):
+        raise ArtifactError(f"{where}._predictors must be iterations of {width} predictors each")
+    mapper = state.get("_bin_mapper")
+    categorical = getattr(mapper, "is_categorical_", None)
+    if categorical is None:
+        categorical = np.zeros(n_features, dtype=np.uint8)
+    thresholds = getattr(mapper, "bin_thresholds_", None)
+    if not isinstance(categorical, np.ndarray) or categorical.shape != (n_features,) or \
+            not isinstance(thresholds, list) or len(thresholds) != n_features:
+        raise ArtifactError(f"{where}._bin_mapper does not describe the model's {n_features} features")
+    for f in np.flatnonzero(categorical):
+        known = thresholds[f]
+        if not isinstance(known, np.ndarray) or known.ndim != 1 or known.dtype.kind != "f" or \
+                not np.all((known >= 0) & (known < 256) & (known == np.floor(known))):
+            raise ArtifactError(f"{where}._bin_mapper: categories must be whole numbers from 0 to 255")
+    baseline = state.get("_baseline_prediction")
+    if not isinstance(baseline, np.ndarray) or baseline.shape != (1, width):
+        raise ArtifactError(f"{where}._baseline_prediction must hold {width} values")
+    for predictor in (p for stage in predictors for p in stage):
+        nodes = getattr(predictor, "nodes", None)
+        if nodes is None:
+            raise ArtifactError(f"{where}._predictors holds something other than a TreePredictor")
+        inner = nodes[~nodes["is_leaf"].astype(bool)]
+        if np.any(inner["feature_idx"] >= n_features):
+            raise ArtifactError(f"{where}: a predictor splits on a feature the estimator does not have")
+        split = inner[inner["is_categorical"].astype(bool)]
+        if len(split) and not np.all(categorical[split["feature_idx"]]):
+            raise ArtifactError(f"{where}: a predictor makes a categorical split on a numeric feature")
+
+
+def _check_kmeans(estimator, state, where):
+    import numpy as np
+
+    centers = state.get("cluster_centers_")
+    if centers is None:
+        return
+    n_features = _required_features(state, where, "a clustering")
+    if not isinstance(centers, np.ndarray) or centers.ndim != 2 or centers.shape[1] != n_features or \
+            not len(centers) or centers.dtype not in (np.float32, np.float64) or \
+            not centers.flags.c_contiguous:
+        raise ArtifactError(f"{where}: cluster_centers_ must be a C-ordered float array of clusters by "
+                            f"{n_features} features")
+
+
+def _check_svm(estimator, state, where):
+    if "support_vectors_" in state:
+        _required_features(state, where, "an SVM")
+        if not (_is_int(state.get("degree")) and 0 <= state["degree"] < 2**31):     # libsvm's C int
+            raise ArtifactError(f"{where}.degree must be an integer from 0 to 2**31 - 1")
         _check_libsvm(estimator, where)
+
+
+def _check_vocabulary(estimator, state, where):
+    """A vectorizer's term indices become a sparse matrix's column indices, which scipy's compiled code
+    and the next step's product trust: they must number the columns 0 .. n-1, once each."""
+    ngrams = state.get("ngram_range")           # n-grams are counted in a loop from the lower bound up
+    if callable(getattr(estimator, "build_analyzer", None)) and not (
+            isinstance(ngrams, tuple) and len(ngrams) == 2 and all(_is_int(n) for n in ngrams)
+            and 1 <= ngrams[0] <= ngrams[1]):
+        raise ArtifactError(f"{where}.ngram_range must be (min_n, max_n) with 1 <= min_n <= max_n")
+    vocabulary = state.get("vocabulary_")
+    if vocabulary is None:
+        return
+    if not isinstance(vocabulary, dict) or not all(isinstance(t, str) and _is_int(i) and not isinstance(i, bool)
+                                                   for t, i in vocabulary.items()) or \
+            sorted(int(i) for i in vocabulary.values()) != list(range(len(vocabulary))):
+        raise ArtifactError(f"{where}.vocabulary_ must number its terms 0 to {len(vocabulary) - 1}, once each")
+
+
+def _check_neighbors(estimator, state, where):
+    """Neighbour searches divide by and index into the training rows by the counts stored beside them."""
+    import numpy as np
+
+    data = state.get("_fit_X")
+    if data is None or "n_samples_fit_" not in state:
+        return
+    n_features = _required_features(state, where, "a neighbours model")
+    labels = state.get("_y")
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != n_features or \
+            data.dtype.kind != "f" or not len(data) or state["n_samples_fit_"] != len(data) or \
+            (labels is not None and (not isinstance(labels, np.ndarray) or len(labels) != len(data))) or \
+            not (_is_int(state.get("n_neighbors")) and 1 <= state["n_neighbors"] <= len(data)):
+        raise ArtifactError(f"{where}: _fit_X, n_samples_fit_ and _y must hold the same training rows, of "
+                            f"{n_features} features, and n_neighbors at most that many")
+    tree = state.get("_tree")
+    if tree is not None and np.asarray(tree.data).shape != data.shape:
+        raise ArtifactError(f"{where}: the search tree is not built on _fit_X")
+
+
+def _check_derived(estimator, state, where):
+    """Private attributes fit derives from parameters and fitted arrays, which later code branches on or
+    sizes its output by, must be what fit would derive (a forged one answers a 500 or a wrong result)."""
+    import numpy as np
+
+    if "_n_features_outs" in state and callable(getattr(estimator, "_compute_n_features_outs", None)):
+        try:
+            expected = estimator._compute_n_features_outs()
+        except (ValueError, TypeError, IndexError, AttributeError, KeyError):
+            expected = None
+        if expected is None or list(state["_n_features_outs"]) != list(expected):
+            raise ArtifactError(f"{where}._n_features_outs does not match categories_")
+    if "_n_out_full" in state:                  # PolynomialFeatures sizes its output by these
+        try:
+            counts = [estimator._num_combinations(n_features=state["n_features_in_"], min_degree=low,
+                                                  max_degree=state["_max_degree"],
+                                                  interaction_only=estimator.interaction_only,
+                                                  include_bias=estimator.include_bias)
+                      for low in (state["_min_degree"], 0)]
+        except (KeyError, TypeError, ValueError, OverflowError):
+            counts = None
+        if counts != [state.get("n_output_features_"), state["_n_out_full"]]:
+            raise ArtifactError(f"{where}: its output sizes are not those of its degrees and features")
+    encoder = state.get("le_")                  # voting's members were fitted on encoded labels 0..n-1,
+    if encoder is not None and isinstance(state.get("estimators_"), list):   # which hard voting bincounts
+        n_classes = len(getattr(encoder, "classes_", ()))
+        if not all(np.array_equal(getattr(member, "classes_", None), np.arange(n_classes))
+                   for member in state["estimators_"]):
+            raise ArtifactError(f"{where}: each member's classes_ must be the encoded labels 0 to {n_classes - 1}")
+    constant = state.get("constant_")           # DummyRegressor sizes its answer by n_outputs_
+    if "n_outputs_" in state and isinstance(constant, np.ndarray) and \
+            (constant.ndim != 2 or constant.shape != (1, state["n_outputs_"])):
+        raise ArtifactError(f"{where}: constant_ does not hold n_outputs_ values")
+    if "_strategy" in state and state.get("_strategy") not in ("most_frequent", "prior", "stratified", "uniform",
+                                                                "constant", "mean", "median", "quantile"):
+        raise ArtifactError(f"{where}._strategy is not a strategy")
+
+
+_PART_CHECKS = (_check_tree_estimator, _check_members, _check_histogram_predictors, _check_kmeans, _check_svm,
+                _check_vocabulary, _check_neighbors, _check_derived)
 
 
 def _check_libsvm(svm, where):
@@ -5046,11 +5324,12 @@ def _check_libsvm(svm, where):
     n_classes = len(counts) if classifier else 2
     pairs = n_classes * (n_classes - 1) // 2
     probabilities = [svm.__dict__.get(k) for k in ("_probA", "_probB")]
-    if vectors.ndim != 2 or counts.ndim != 1 or counts.min(initial=0) < 0 or \
+    sizes = (pairs,) if svm.__dict__.get("_effective_probability") or svm.__dict__.get("probability") else (0, pairs)
+    if vectors.ndim != 2 or counts.shape != (n_classes,) or n_classes < 2 or counts.min(initial=0) < 0 or \
             (classifier and int(counts.sum()) != n_vectors) or len(svm.support_) != n_vectors or \
             dual.shape != (n_classes - 1, n_vectors) or intercept.shape != (pairs,) or \
             (svm.kernel != "precomputed" and vectors.shape[1] != svm.__dict__.get("n_features_in_")) or \
-            not all(isinstance(p, np.ndarray) and len(p) in (0, pairs) for p in probabilities):
+            not all(isinstance(p, np.ndarray) and p.shape in ((size,) for size in sizes) for p in probabilities):
         raise ArtifactError(f"{where}: the SVM's support vectors, coefficients and intercepts do not agree")
 
 

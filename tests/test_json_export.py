@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_iris
-from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.dummy import DummyRegressor
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier, VotingClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import FunctionTransformer
+from sklearn.preprocessing import FunctionTransformer, PolynomialFeatures
 from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
@@ -98,7 +99,7 @@ def test_a_tree_whose_values_do_not_match_its_nodes_is_refused(tree_doc):
 def test_a_tree_with_more_features_than_its_estimator_is_refused(tree_doc):
     doc = json.loads(json.dumps(tree_doc))
     nodes_of(doc)["args"][0] = 40
-    refused(doc, "its tree has 40 features, the estimator 4")
+    refused(doc, "its tree has 40 features and 1 outputs, the estimator 4 and 1")
 
 
 def test_a_forest_member_tree_is_checked_too():
@@ -131,7 +132,7 @@ def test_kmeans_centres_of_the_wrong_width_are_refused():
     doc = document(KMeans(n_clusters=2, n_init=1, random_state=0).fit(X))
     centres = doc["estimator"]["state"]["cluster_centers_"]
     centres["shape"] = [4, 2]
-    refused(doc, "one column per feature")
+    refused(doc, "clusters by 4 features")
 
 
 def test_a_neighbours_tree_is_rebuilt_from_data_never_restored_from_state():
@@ -278,3 +279,73 @@ def test_an_exported_model_serves_from_the_store(tmp_path, make_client):
     body = make_client(tmp_path).post_json("/models/iris/predict", {"instances": X[:3].tolist(),
                                                                    "method": "predict_proba"}).json
     assert body["predictions"] == model.predict_proba(X[:3]).tolist()
+
+
+def test_export_of_a_multi_output_classifier_compares_its_list_of_probabilities(tmp_path):
+    """predict_proba of a multi-output classifier is a list of arrays of different widths."""
+    y = np.column_stack([Y, X[:, 0] > 5.8])
+    forest = RandomForestClassifier(n_estimators=3, random_state=0).fit(X, y)
+    report = service.export_json_model(forest, tmp_path / "forest.json")
+    assert "predict_proba" in report["methods"] and "predict" in report["methods"]
+    copy = service.load_json_model(tmp_path / "forest.json")
+    for expected, actual in zip(forest.predict_proba(X), copy.predict_proba(X)):
+        assert expected.tobytes() == actual.tobytes()
+
+
+def _set_state(doc, key, value):
+    doc["estimator"]["state"][key] = value
+    return doc
+
+
+def _array_node(array):
+    return {"$type": "ndarray", "dtype": array.dtype.str, "shape": list(array.shape),
+            "data": base64.b64encode(array.tobytes()).decode()}
+
+
+# What the mutation fuzzer (tests/json_fuzz.py) found: each loaded, then crashed or answered a 500.
+@pytest.mark.parametrize("make, key, value, fragment", [
+    (lambda: KNeighborsClassifier(algorithm="brute").fit(X, Y), "_fit_X", _array_node(np.zeros((0, 4))),
+     "same training rows"),                                                                  # was SIGFPE
+    (lambda: DecisionTreeClassifier(random_state=0).fit(X, Y), "n_features_in_", None, "needs n_features_in_"),
+    (lambda: KMeans(n_clusters=2, n_init=1, random_state=0).fit(X), "_n_threads", -2, "thread count"),  # abort
+    (lambda: LogisticRegression(max_iter=1000).fit(X, Y), "n_features_in_", {"$type": "float", "value": "nan"},
+     "positive integer"),
+    (lambda: RandomForestClassifier(n_estimators=2, random_state=0).fit(X, Y), "n_estimators", 10**30,
+     "64-bit range"),
+    (lambda: LogisticRegression(max_iter=1000).fit(X, Y), "feature_names_in_",
+     {"$type": "ndarray", "dtype": "|O", "shape": [1], "items": ["a"]}, "name each"),
+    (lambda: KNeighborsClassifier(algorithm="brute").fit(X, Y), "n_neighbors", 2**31, "n_neighbors at most"),
+    (lambda: SVC().fit(X, Y), "degree", 2**31, "degree must be"),                      # OverflowError in libsvm
+    (lambda: SVC().fit(X, Y), "_n_support", _array_node(np.array([150], dtype=np.int32)), "do not agree"),  # SIGSEGV
+    (lambda: SVC().fit(X, Y), "_effective_probability", True, "do not agree"),          # libsvm reads probA
+    (lambda: DummyRegressor().fit(X, Y), "n_outputs_", 2**31 - 1, "n_outputs_ values"),      # 48 GiB per request
+    (lambda: PolynomialFeatures(2).fit(X), "_n_out_full", 2**31 - 1, "output sizes"),          # likewise
+])
+def test_what_the_fuzzer_found_is_refused(make, key, value, fragment):
+    doc = document(make())
+    refused(_set_state(doc, key, value) if value is not None else
+            (doc["estimator"]["state"].pop(key), doc)[1], fragment)
+
+
+def test_gradient_boosting_stages_must_be_as_wide_as_their_initial_estimator():
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    three = document(GradientBoostingClassifier(n_estimators=2, random_state=0).fit(X, Y))
+    two = document(GradientBoostingClassifier(n_estimators=2, random_state=0).fit(X, Y % 2))
+    three["estimator"]["state"]["init_"] = two["estimator"]["state"]["init_"]
+    refused(three, "init_ predicts (1, 2) raw values for one row, the stages hold 3 trees each")
+
+
+def test_a_voting_member_must_predict_encoded_labels():
+    """Hard voting bincounts its members' predictions: a forged label of 2**31-1 asked for 16 GiB (fuzzer)."""
+    doc = document(VotingClassifier([("tree", DecisionTreeClassifier(random_state=0)),
+                                     ("knn", KNeighborsClassifier())]).fit(X, Y))
+    doc["estimator"]["state"]["estimators_"][1]["state"]["classes_"] = _array_node(np.array([0, 1, 2**31 - 1]))
+    refused(doc, "encoded labels 0 to 2")
+
+
+def test_a_vectorizer_ngram_range_must_start_at_one_or_more():
+    """A lower bound of -2**31 made every request loop two billion times (fuzzer: a hang)."""
+    doc = document(make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(["a good film", "a bad film"], [1, 0]))
+    doc["estimator"]["state"]["steps"][0]["items"][1]["state"]["ngram_range"]["items"][0] = -2**31
+    refused(doc, "ngram_range must be")

@@ -303,7 +303,7 @@ def test_load_accepts_text_bytes_and_paths(tmp_path, ridge):
 
 def test_non_finite_floats_round_trip_and_the_file_stays_strict_json(tmp_path, ridge):
     ridge = service.load_json_model(service.dump_json_model(ridge))
-    ridge.set_params(tol=float("inf"))
+    ridge.extra_float = float("inf")        # a parameter may not be infinite: scikit-learn refuses it (see below)
     ridge.extra = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"),
                    "tuple": (float("nan"), 1.5), "numpy scalar": np.float64("-inf"),
                    "array": np.array([np.nan, np.inf, -np.inf, -0.0])}
@@ -313,10 +313,17 @@ def test_non_finite_floats_round_trip_and_the_file_stays_strict_json(tmp_path, r
     text = path.read_text(encoding="utf-8")
     strict_loads(text)                     # no NaN / Infinity tokens anywhere
     loaded = service.load_json_model(path)
-    assert loaded.tol == math.inf
+    assert loaded.extra_float == math.inf
     assert_same_value(ridge.extra, loaded.extra, "extra")
     features, _ = dataset("diabetes")
     assert np.array_equal(loaded.predict(features), ridge.predict(features))
+
+
+def test_a_parameter_outside_scikit_learns_own_constraints_is_refused(ridge_document):
+    """A fitted model's parameters passed scikit-learn's validation at fit; a forged one is judged the same."""
+    ridge_document["estimator"]["state"]["tol"] = {"$type": "float", "value": "inf"}
+    with pytest.raises(service.ArtifactError, match="The 'tol' parameter of Ridge must be"):
+        service.load_json_model(json.dumps(ridge_document))
 
 
 # -- the allow-list on load ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import sys
 import textwrap
 import warnings
@@ -33,7 +34,7 @@ from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
 import service
-from conftest import write_artifact
+from conftest import EXTENSIONS, write_artifact
 
 SAFE = service.LoadOptions(safe_pickle=True)
 REVIEWS = ["a wonderful moving film", "great story and great cast", "superb direction", "the best film this year",
@@ -235,9 +236,6 @@ def payloads(marker):
     ]
 
 
-NO_TRUST_CAN_ADMIT = {"dunder walk", "a __main__ module", "os.system through a module attribute"}
-
-
 PAYLOAD_IDS = [case[0] for case in payloads("m")]
 
 
@@ -248,7 +246,8 @@ def test_hostile_globals_are_refused_without_running(case, tmp_path):
     with pytest.raises(service.ArtifactError, match=f"^refused global '{refused}'") as error:
         restricted_load(data)
     assert not marker.exists()
-    assert ("if you trust it, start the service with --trust" in str(error.value)) != (case in NO_TRUST_CAN_ADMIT)
+    # eval, os.system, subprocess, a re-exported os.makedirs...: no --trust is ever offered for them
+    assert str(error.value).endswith("no --trust can admit it"), str(error.value)
 
 
 def test_the_payloads_do_run_without_safe_pickle(tmp_path):
@@ -261,13 +260,24 @@ def test_the_payloads_do_run_without_safe_pickle(tmp_path):
 
 def test_a_refusal_names_the_module_to_trust(tmp_path):
     with pytest.raises(service.ArtifactError) as error:
-        restricted_load(call_pickle("os", "system", "true"))
-    assert str(error.value) == ("refused global 'os.system': --safe-pickle imports nothing from module 'os'; "
-                                "if you trust it, start the service with --trust os")
-    with pytest.raises(service.ArtifactError) as error:       # a re-export is judged by what it is
-        restricted_load(call_pickle("sklearn.datasets._base", "makedirs", str(tmp_path / "x")))
-    assert "os.makedirs is not on the --safe-pickle allow-list" in str(error.value)
-    assert str(error.value).endswith("--trust os")
+        restricted_load(call_pickle("house_models", "Doubler"))
+    assert str(error.value) == ("refused global 'house_models.Doubler': --safe-pickle imports nothing from module "
+                                "'house_models'; if you trust it, start the service with --trust house_models")
+
+
+@pytest.mark.parametrize("module", ["builtins", "os", "os.path", "posix", "subprocess", "sys", "importlib.util",
+                                    "pickle", "marshal", "ctypes", "socket", "io", "pathlib", "runpy", "code",
+                                    "types", "operator", "numpy", "numpy.testing", "sklearn", "joblib", "logging"])
+def test_trust_refuses_modules_that_can_never_be_made_safe(module):
+    with pytest.raises(ValueError, match=f"--trust: '{re.escape(module)}' can never be trusted"):
+        service.Config.load({"trust": f"house_models,{module}"}, environ={})
+    with pytest.raises(service.ArtifactError, match="can never be trusted"):   # nor any other way in
+        restricted_load(call_pickle("os", "system", "true"), trust=(module,))
+
+
+def test_trust_still_takes_your_own_modules():
+    assert service.Config.load({"trust": "house_models, acme.models"}, environ={}).trust == \
+        ("house_models", "acme.models")
 
 
 @pytest.mark.parametrize("extension", [".pkl", ".joblib"])
@@ -281,7 +291,7 @@ def test_a_hostile_artifact_fails_to_load_with_503_and_others_keep_serving(exten
     client = make_client(root, safe_pickle=True)
     response = client.post_json("/models/evil/predict", {"instances": [[1, 2, 3, 4]]}, expect_errors=True)
     assert response.status_int == 503 and response.json["code"] == "model_unavailable"
-    assert "refused global 'os.system'" in response.json["error"] and "--trust os" in response.json["error"]
+    assert "refused global 'os.system'" in response.json["error"] and "no --trust can admit it" in response.json["error"]
     version = client.get("/models/evil/versions/1").json
     assert version["state"] == "FAILED" and "refused global 'os.system'" in version["last_error"]
     assert not marker.exists()
@@ -426,7 +436,7 @@ def test_trust_covers_submodules_but_not_what_a_trusted_module_re_exports(custom
     data = pickle.dumps(custom_module.Doubler())
     assert type(restricted_load(data, trust=("house_models.sub", "house_models"))) is custom_module.Doubler
     custom_module.system = os.system                        # a trusted module that re-exports os.system
-    with pytest.raises(service.ArtifactError, match="refused global 'house_models.system'.*--trust posix"):
+    with pytest.raises(service.ArtifactError, match="refused global 'house_models.system': posix.system .*no --trust can admit it"):
         restricted_load(call_pickle("house_models", "system", "true"), trust=("house_models",))
 
 
@@ -705,3 +715,52 @@ def test_a_corrected_sha256_in_the_settings_applies_at_the_next_load(versioned_s
     registry.rescan()
     assert registry.get("iris").estimator is not None
     assert registry.describe("iris")["versions"][0]["state"] == "AVAILABLE"
+
+
+###############################################################################
+# No model can read files
+###############################################################################
+
+
+def file_reading_vectorizer(vectorizer_class, mode, fitted_dir):
+    """A real text pipeline fitted on content, then switched to read its inputs as files (as a forger would)."""
+    documents = []
+    for i, text in enumerate(["a good film", "a bad film", "good acting", "bad plot"]):
+        path = fitted_dir / f"doc{i}.txt"
+        path.write_text(text)
+        documents.append(str(path))
+    pipeline = make_pipeline(vectorizer_class(input="filename"), MultinomialNB()).fit(documents, [1, 0, 1, 0])
+    pipeline.steps[0][1].set_params(input=mode)
+    return pipeline
+
+
+@pytest.mark.parametrize("vectorizer_class", [CountVectorizer, TfidfVectorizer])
+@pytest.mark.parametrize("mode", ["filename", "file"])
+@pytest.mark.parametrize("writer, options", [("json", {}), ("pickle", {}), ("joblib", {}),
+                                             ("pickle", {"safe_pickle": True}), ("joblib", {"safe_pickle": True})])
+def test_a_model_that_would_read_files_is_refused_in_every_format(vectorizer_class, mode, writer, options,
+                                                                   tmp_path):
+    pipeline = file_reading_vectorizer(vectorizer_class, mode, tmp_path)
+    path = write_artifact(tmp_path / f"model{EXTENSIONS[writer]}", pipeline, writer)
+    with pytest.raises(service.ArtifactError, match=f"input='{mode}', which reads the files"):
+        load(path, **options)
+
+
+def test_a_file_reading_model_answers_no_request_and_says_why(tmp_path, make_client):
+    root = tmp_path / "store"
+    write_artifact(root / "reviews.json", file_reading_vectorizer(CountVectorizer, "filename", tmp_path), "json")
+    client = make_client(root)
+    response = client.post_json("/models/reviews/predict", {"instances": ["/etc/passwd"]}, expect_errors=True)
+    assert response.status_int == 503 and "input='filename'" in response.json["error"]
+    assert "root" not in response.text
+
+
+def test_a_hashing_vectorizer_is_judged_by_the_same_rule(tmp_path):
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    pipeline = make_pipeline(HashingVectorizer(input="file", alternate_sign=False), MultinomialNB())
+    pipeline.fit([io.StringIO("a good film"), io.StringIO("a bad film")], [1, 0])
+    path = tmp_path / "model.joblib"
+    joblib.dump(pipeline, path)
+    with pytest.raises(service.ArtifactError, match="HashingVectorizer has input='file'"):
+        load(path)

@@ -1,0 +1,491 @@
+"""A structure-aware mutation fuzzer for JSON models: forged files must be refused or served, never crash.
+
+It takes a valid JSON model of every family in tests/test_json_coverage.py (the documented coverage table),
+changes what a forger could change (deletes attributes, shrinks, grows, transposes and retypes arrays, writes
+out-of-range, negative and cyclic indices into trees, zero sizes, swaps members and sub-objects between
+models, replaces numbers and strings), and hands each mutant to a child process that loads it the way the
+store does and calls every prediction method on a few rows (real rows, extreme values, missing values) the
+way a request does.  A mutant is fine when the load is refused (ArtifactError) or when each call answers or
+is refused as a 400.  Anything else is a finding: a crash (the child died of a signal), a hang (no answer
+within the time limit) or an error (an exception the service would answer with a 500).
+
+One long-lived child evaluates mutant after mutant under `nice`; it is restarted after a crash or a hang.
+tests/test_json_fuzz.py runs a bounded sample; the full run is
+
+    python tests/json_fuzz.py --mutations 10000 --seed 1
+
+which prints the count of each outcome and every finding (with --save DIR, the findings' files too).
+"""
+
+import argparse
+import base64
+import collections
+import json
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FINE = ("refused", "served")                 # load refused, or every call answered or refused as a 400
+FINDINGS = ("crash", "hang", "error")
+
+
+# -- the documents ----------------------------------------------------------------------------------
+
+
+def base_documents(names=None):
+    """{case: parsed JSON model} for the coverage table's cases (all, or `names`)."""
+    import warnings
+
+    import service
+    import test_json_coverage as coverage
+
+    documents = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names or coverage.CASES:
+            estimator, _ = coverage.fit(name)
+            documents[name] = json.loads(service.dump_json_model(estimator))
+    return documents
+
+
+# -- reading and writing ndarray nodes --------------------------------------------------------------
+
+
+def _dtype(spec):
+    import numpy as np
+
+    return np.dtype(spec if isinstance(spec, str) else {key: spec[key] for key in
+                                                        ("names", "formats", "offsets", "itemsize")})
+
+
+def read_array(node):
+    import numpy as np
+
+    dtype = _dtype(node["dtype"])
+    raw = base64.b64decode(node["data"])
+    return np.frombuffer(raw, dtype=dtype).reshape(node["shape"], order=node.get("order", "C")).copy()
+
+
+def array_node(array, dtype_spec=None):
+    """An ndarray node for `array` (C order); a structured dtype keeps the document's description."""
+    if array.dtype.names:
+        spec = dtype_spec if isinstance(dtype_spec, dict) else {
+            "names": list(array.dtype.names), "formats": [array.dtype.fields[n][0].str for n in array.dtype.names],
+            "offsets": [array.dtype.fields[n][1] for n in array.dtype.names], "itemsize": array.dtype.itemsize}
+    else:
+        spec = array.dtype.str
+    return {"$type": "ndarray", "dtype": spec, "shape": list(array.shape),
+            "data": base64.b64encode(array.tobytes(order="C")).decode()}
+
+
+# -- where a document can be changed ---------------------------------------------------------------
+
+
+def sites(node, path=()):
+    """Every (path, node) below `node` that a mutation may change or replace."""
+    found = [(path, node)]
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            found += sites(item, path + (i,))
+    elif isinstance(node, dict):
+        for key, item in node.items():
+            if key not in ("$type", "class", "dtype", "data"):
+                found += sites(item, path + (key,))
+    return found
+
+
+def get(node, path):
+    for key in path:
+        node = node[key]
+    return node
+
+
+def replaced(document, path, value, delete=False):
+    """A copy of `document` with the value at `path` replaced (or deleted); only the path is copied."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    copy = list(document) if isinstance(document, list) else dict(document)
+    if rest:
+        copy[head] = replaced(document[head], rest, value, delete)
+    elif delete:
+        del copy[head]
+    else:
+        copy[head] = value
+    return copy
+
+
+# -- mutations --------------------------------------------------------------------------------------
+
+INTEGERS = (0, 1, -1, -2, 2, 3, 7, 255, 2**31 - 1, 2**31, -2**31, 2**63 - 1, 10**30)
+FLOATS = ("nan", "inf", "-inf", 0.0, -0.0, 1e308, -1e308, 5e-324)
+STRINGS = ("", "filename", "file", "content", "x", "auto", "precomputed", "ovr", "l1", "onehot", "uniform")
+
+
+def _number_like(rng):
+    choice = rng.random()
+    if choice < 0.6:
+        return rng.choice(INTEGERS)
+    value = rng.choice(FLOATS)
+    return {"$type": "float", "value": value} if isinstance(value, str) else value
+
+
+def mutate_array(node, rng, what):
+    """A changed ndarray node: its shape, dtype or values."""
+    import numpy as np
+
+    try:
+        array = read_array(node)
+    except (ValueError, TypeError, KeyError):   # a shape or dtype an earlier change made inconsistent
+        return node, f"{what}: unchanged"
+    op = rng.choice(("shrink", "grow", "transpose", "retype", "reshape", "empty", "poke", "poke", "poke",
+                     "order"))
+    if op == "order" and array.ndim > 1:
+        changed = dict(node, order="F" if node.get("order", "C") == "C" else "C")
+        return changed, f"{what}: memory order flipped"
+    if op == "shrink" and array.size:
+        axis = rng.randrange(array.ndim) if array.ndim else 0
+        if array.ndim:
+            keep = rng.randrange(array.shape[axis])
+            return array_node(np.take(array, range(keep), axis=axis), node["dtype"]), \
+                f"{what}: axis {axis} cut to {keep}"
+    if op == "grow" and array.ndim:
+        axis = rng.randrange(array.ndim)
+        extra = np.take(array, [0] * rng.choice((1, 2, 5)), axis=axis) if array.shape[axis] else \
+            np.zeros(tuple(1 if i == axis else s for i, s in enumerate(array.shape)), array.dtype)
+        return array_node(np.concatenate([array, extra], axis=axis), node["dtype"]), f"{what}: axis {axis} grown"
+    if op == "transpose" and array.ndim > 1:
+        return array_node(np.ascontiguousarray(array.T), node["dtype"]), f"{what}: transposed"
+    if op == "retype" and not array.dtype.names:
+        target = rng.choice(("<f4", "<f8", "<i4", "<i8", "|u1", "|b1", "<u8", ">f8", "<i2", "<c16"))
+        with np.errstate(all="ignore"):
+            try:
+                changed = array.astype(target)
+            except (TypeError, ValueError):
+                return node, f"{what}: unchanged"
+        return array_node(changed), f"{what}: as {target}"
+    if op == "reshape":
+        if array.ndim > 1 or rng.random() < 0.5:
+            return array_node(array.ravel(), node["dtype"]), f"{what}: flattened"
+        return array_node(array.reshape(array.shape + (1,)), node["dtype"]), f"{what}: axis added"
+    if op == "empty":
+        shape = list(array.shape) or [0]
+        shape[rng.randrange(len(shape))] = 0
+        return array_node(np.zeros(shape, array.dtype), node["dtype"]), f"{what}: zero size {shape}"
+    if not array.size:
+        return node, f"{what}: unchanged"
+    flat = array.reshape(-1)
+    index = rng.randrange(len(flat))
+    if array.dtype.names:                                # tree nodes: one field of one node
+        field = rng.choice(array.dtype.names)
+        kind = array.dtype.fields[field][0].kind
+        if field in ("left_child", "right_child", "left", "right") and rng.random() < 0.5:
+            value = rng.choice((index, 0, max(index - 1, 0), len(flat) - 1, len(flat)))   # cycles, self, end
+        elif kind == "f":
+            value = rng.choice((float("nan"), float("inf"), -float("inf"), 1e308, -1.0, 0.0))
+        else:
+            value = rng.choice(INTEGERS)
+        flat[index][field] = _wrapped(value, array.dtype.fields[field][0])
+        return array_node(flat.reshape(array.shape), node["dtype"]), f"{what}[{index}].{field} = {value!r}"
+    if array.dtype.kind in "iub":
+        value = rng.choice(INTEGERS + (len(flat), len(flat) + 1))
+    else:
+        value = rng.choice((float("nan"), float("inf"), -float("inf"), 1e308, -1e308, 0.0, -1.0))
+    flat[index] = _wrapped(value, array.dtype)
+    return array_node(flat.reshape(array.shape), node["dtype"]), f"{what}[{index}] = {value!r}"
+
+
+def _wrapped(value, dtype):
+    """`value` as `dtype` holds it: integers wrap around as in C, floats become integers as C casts them."""
+    import numpy as np
+
+    if dtype.kind in "iub":
+        if isinstance(value, float):
+            value = int(value) if value == value and abs(value) < 2**63 else -1
+        bits = 8 * dtype.itemsize
+        return np.array(value & ((1 << bits) - 1), dtype=f"u{dtype.itemsize}").view(dtype)[()]
+    return value
+
+
+def mutate(document, rng, donors, strings):
+    """One mutant of `document` and what was changed; `donors` are the (path, node) sites of all documents,
+    to borrow parts from."""
+    targets = sites(document)
+    for _ in range(50):
+        path, node = rng.choice(targets)
+        what = ".".join(map(str, path)) or "document"
+        if path and path[-1] == "state" and isinstance(node, dict) and node:          # an estimator's state
+            key = rng.choice(sorted(node))
+            return replaced(document, path + (key,), None, delete=True), f"{what}.{key} deleted"
+        if isinstance(node, dict) and node.get("$type") == "ndarray" and "data" in node:
+            return (lambda changed: (replaced(document, path, changed[0]), changed[1]))(
+                mutate_array(node, rng, what))
+        if isinstance(node, dict) and node.get("$type") == "ndarray" and node.get("items"):
+            items = list(node["items"])
+            op = rng.random()
+            if op < 0.4:
+                items.pop(rng.randrange(len(items)))
+                return replaced(document, path, dict(node, items=items, shape=[len(items)])), f"{what}: item dropped"
+            if op < 0.7:
+                rng.shuffle(items)
+                return replaced(document, path, dict(node, items=items)), f"{what}: items shuffled"
+            return replaced(document, path, dict(node, shape=list(reversed(node["shape"])) + [1])), \
+                f"{what}: shape changed"
+        if isinstance(node, dict) and node.get("$type") in ("estimator", "object", "neighbors_tree") and path \
+                and rng.random() < 0.5:
+            # swap in a part of the same kind (or found at the same key) from another model
+            key = path[-1]
+            same_key = [n for p, n in donors if p and p[-1] == key and n is not node]
+            pool = same_key or [n for p, n in donors if isinstance(n, dict) and n.get("$type") == node["$type"]]
+            if pool:
+                return replaced(document, path, rng.choice(pool)), f"{what}: swapped for another model's"
+        if isinstance(node, dict) and node.get("$type") == "object" and isinstance(node.get("args"), list) \
+                and node["args"]:
+            i = rng.randrange(len(node["args"]))
+            value = _number_like(rng)
+            return replaced(document, path + ("args", i), value), f"{what}.args[{i}] = {value!r}"
+        if isinstance(node, dict) and node.get("$type") in ("tuple", "dict", "bunch", "set", "list") \
+                and node.get("items"):
+            items = list(node["items"])
+            if rng.random() < 0.5:
+                items.pop(rng.randrange(len(items)))
+            else:
+                items.append(items[rng.randrange(len(items))])
+            return replaced(document, path, dict(node, items=items)), f"{what}: items changed"
+        if isinstance(node, list) and node and rng.random() < 0.5:
+            items = list(node)
+            op = rng.random()
+            if op < 0.4:
+                items.pop(rng.randrange(len(items)))
+            elif op < 0.7:
+                items.append(items[rng.randrange(len(items))])
+            else:
+                items.reverse()
+            return replaced(document, path, items), f"{what}: list changed"
+        if isinstance(node, bool) or node is None:
+            value = rng.choice((True, False, None, 0, 1, "x"))
+            return replaced(document, path, value), f"{what} = {value!r}"
+        if isinstance(node, (int, float)) and path:
+            value = _number_like(rng) if rng.random() < 0.9 else rng.choice((None, "x", [1, 2]))
+            return replaced(document, path, value), f"{what} = {value!r}"
+        if isinstance(node, str) and path and path[-1] not in ("$type", "class"):
+            pool = strings.get(path[-1], []) + list(STRINGS)
+            value = rng.choice(pool)
+            return replaced(document, path, value), f"{what} = {value!r}"
+    return document, "unchanged"
+
+
+def string_pool(documents):
+    """{state key: every string any document holds there}: swapping in another valid choice of a setting."""
+    pool = collections.defaultdict(set)
+    for document in documents:
+        for path, node in sites(document):
+            if isinstance(node, str) and path and isinstance(path[-1], str):
+                pool[path[-1]].add(node)
+    return {key: sorted(values) for key, values in pool.items()}
+
+
+# -- the child process --------------------------------------------------------------------------------
+
+
+def request_bodies(case):
+    """Rows a client could send the case's model: real ones, extreme values and missing values."""
+    import service
+    import test_json_coverage as coverage
+
+    x, _ = coverage.CASES[case][1]()
+    rows = service.to_jsonable(x[:3] if not hasattr(x, "iloc") else x.iloc[:3])
+    if not isinstance(rows[0], list):                     # text or labels: a list of strings
+        return [rows, ["", "zzz unknown words", rows[0] * 3]]
+    bodies = [rows]
+    for value in (0, 1e300, -1e300, -1, None):
+        bodies.append([[value if isinstance(item, (int, float)) or item is None else item for item in row]
+                       for row in rows[:1]])
+    bodies.append([[item for item in rows[0]] + [0]])       # one feature too many
+    return bodies
+
+
+def evaluate(case, path, bodies):
+    """Load a mutant as the store would and call every method as a request would: the outcome."""
+    import service
+
+    stat = os.stat(path)
+    ref = service.ArtifactRef(case, 1, path, "model.json", ".json", stat.st_size, stat.st_mtime_ns)
+    try:
+        model = service._build_model(ref)
+    except service.ArtifactError as error:
+        return {"outcome": "refused", "detail": str(error)[:300]}
+    except BaseException as error:  # every other exception is what the service would answer as a 500
+        return {"outcome": "error", "detail": f"load: {type(error).__name__}: {str(error)[:300]}"}
+    answered = 0
+    for method in model.methods:
+        for body in bodies:
+            try:
+                inputs = service.model_inputs(model, body, max_rows=1000)
+                service.dumps(service.to_jsonable(model.call(method, inputs)))
+                answered += 1
+            except service.ServiceError as error:
+                if error.status >= 500:
+                    return {"outcome": "error", "detail": f"{method}: {error.status} {error.message[:300]}"}
+            except BaseException as error:  # the service's 500
+                return {"outcome": "error", "detail": f"{method}: {type(error).__name__}: {str(error)[:300]}"}
+    return {"outcome": "served", "detail": f"{answered} calls answered"}
+
+
+def worker():
+    """Read {"case", "path"} lines, answer one outcome line each; "selftest" crashes or hangs on purpose."""
+    import warnings
+
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)                          # nothing the model prints can garble the answers
+    sys.path[:0] = [ROOT, HERE]
+    warnings.simplefilter("ignore")        # the service runs with Python's default filters, not pytest's
+    import service  # noqa: F401  (imported before "ready": start-up time is not a mutant's time)
+    import test_json_coverage  # noqa: F401
+    reply.write(json.dumps({"ready": True}) + "\n")
+    reply.flush()
+    bodies = {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("selftest") == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if request.get("selftest") == "hang":
+            time.sleep(3600)
+        case = request["case"]
+        if case not in bodies:
+            bodies[case] = request_bodies(case)
+        result = evaluate(case, request["path"], bodies[case])
+        reply.write(json.dumps(result) + "\n")
+        reply.flush()
+
+
+class Worker:
+    """The long-lived child: one mutant at a time, with a time limit; restarted after a crash or hang."""
+
+    def __init__(self, timeout):
+        self.timeout, self.process = timeout, None
+
+    def start(self):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE]), OMP_NUM_THREADS="1",
+                   OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONFAULTHANDLER="")
+        self.process = subprocess.Popen(["nice", "-n", "10", sys.executable, os.path.abspath(__file__), "--worker"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        cwd=ROOT, env=env, text=True, bufsize=1,
+                                        preexec_fn=_limit_memory)
+        ready, _, _ = select.select([self.process.stdout], [], [], 300)
+        if not ready or not self.process.stdout.readline():
+            raise RuntimeError("the fuzzing worker did not start")
+
+    def ask(self, request, timeout=None):
+        if self.process is None:
+            self.start()
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout or self.timeout)
+        line = self.process.stdout.readline() if ready else None
+        if line:
+            return json.loads(line)
+        if not ready:
+            self.stop()
+            return {"outcome": "hang", "detail": f"no answer within {timeout or self.timeout} s"}
+        code = self.process.wait()
+        self.stop()
+        return {"outcome": "crash", "detail": f"child died: {signal.Signals(-code).name if code < 0 else code}"}
+
+    def stop(self):
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process.stdin.close()
+            self.process.stdout.close()
+            self.process = None
+
+
+def _limit_memory():
+    """A forged size must fail as MemoryError in the child, not exhaust the machine."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def run(mutations, seed, timeout=20.0, cases=None, save=None, documents=None, progress=None):
+    """Fuzz; returns {"counts": {outcome: n}, "findings": [...], "seconds": s, "mutations": n}."""
+    rng = random.Random(seed)
+    documents = documents or base_documents(cases)
+    names = sorted(documents)
+    strings = string_pool(documents.values())
+    donors = [site for document in documents.values() for site in sites(document)]
+    counts = collections.Counter()
+    findings = []
+    started = time.monotonic()
+    worker = Worker(timeout)
+    with tempfile.TemporaryDirectory(prefix="json-fuzz-") as folder:
+        path = os.path.join(folder, "model.json")
+        try:
+            for number in range(mutations):
+                case = rng.choice(names)
+                mutant, changes = documents[case], []
+                for _ in range(rng.choice((1, 1, 1, 1, 2, 2, 3))):
+                    mutant, change = mutate(mutant, rng, donors, strings)
+                    changes.append(change)
+                text = json.dumps(mutant)
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(text)
+                result = worker.ask({"case": case, "path": path})
+                counts[result["outcome"]] += 1
+                if result["outcome"] in FINDINGS:
+                    finding = {"number": number, "case": case, "changes": changes, **result}
+                    findings.append(finding)
+                    if progress:
+                        print(f"FINDING {finding['outcome']} #{number} {case}: {finding['detail'][:200]}\n"
+                              f"    after: {'; '.join(changes)}", file=sys.stderr, flush=True)
+                    if save:
+                        os.makedirs(save, exist_ok=True)
+                        with open(os.path.join(save, f"finding-{seed}-{number}.json"), "w",
+                                  encoding="utf-8") as handle:
+                            handle.write(text)
+                if progress and (number + 1) % progress == 0:
+                    print(f"{number + 1} mutations, {dict(counts)}, {time.monotonic() - started:.0f} s",
+                          file=sys.stderr, flush=True)
+        finally:
+            worker.stop()
+    return {"counts": dict(counts), "findings": findings, "seconds": time.monotonic() - started,
+            "mutations": mutations}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mutations", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=20.0, help="seconds one mutant may take (default 20)")
+    parser.add_argument("--cases", help="comma-separated coverage cases (default: all)")
+    parser.add_argument("--save", metavar="DIR", help="write each finding's file here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    arguments = parser.parse_args(argv)
+    if arguments.worker:
+        worker()
+        return 0
+    sys.path[:0] = [ROOT, HERE]
+    report = run(arguments.mutations, arguments.seed, arguments.timeout,
+                 arguments.cases.split(",") if arguments.cases else None, arguments.save, progress=500)
+    for finding in report["findings"]:
+        print(f"FINDING {finding['outcome']} #{finding['number']} {finding['case']}: {finding['detail']}\n"
+              f"    after: {'; '.join(finding['changes'])}")
+    counts = report["counts"]
+    print(f"{report['mutations']} mutations in {report['seconds']:.0f} s (seed {arguments.seed}): " +
+          ", ".join(f"{outcome} {counts.get(outcome, 0)}" for outcome in FINE + FINDINGS))
+    return 1 if report["findings"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

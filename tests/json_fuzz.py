@@ -1,6 +1,6 @@
 """A structure-aware mutation fuzzer for JSON models: forged files must be refused or served, never crash.
 
-It takes a valid JSON model of every family in tests/test_json_coverage.py (the documented coverage table),
+It takes a valid JSON model of every family in tests/families.py (the documented coverage table),
 changes what a forger could change (deletes attributes, shrinks, grows, transposes and retypes arrays, writes
 out-of-range, negative and cyclic indices into trees, zero sizes, swaps members and sub-objects between
 models, replaces numbers and strings), and hands each mutant to a child process that loads it the way the
@@ -44,7 +44,7 @@ def base_documents(names=None):
     import warnings
 
     import service
-    import test_json_coverage as coverage
+    import families as coverage
 
     documents = {}
     with warnings.catch_warnings():
@@ -298,7 +298,7 @@ def string_pool(documents):
 def request_bodies(case):
     """Rows a client could send the case's model: real ones, extreme values and missing values."""
     import service
-    import test_json_coverage as coverage
+    import families as coverage
 
     x, _ = coverage.CASES[case][1]()
     rows = service.to_jsonable(x[:3] if not hasattr(x, "iloc") else x.iloc[:3])
@@ -348,7 +348,7 @@ def worker():
     sys.path[:0] = [ROOT, HERE]
     warnings.simplefilter("ignore")        # the service runs with Python's default filters, not pytest's
     import service  # noqa: F401  (imported before "ready": start-up time is not a mutant's time)
-    import test_json_coverage  # noqa: F401
+    import families  # noqa: F401
     reply.write(json.dumps({"ready": True}) + "\n")
     reply.flush()
     bodies = {}

@@ -30,7 +30,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 import service
 from conftest import write_artifact
-from test_json_coverage import CASES, diabetes_data, iris_data, mixed_data
+from families import CASES, diabetes_data, iris_data
 
 
 def nan_training_data(data):

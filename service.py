@@ -39,10 +39,11 @@ Sections, in the order data flows (``grep -n '^# .*####' service.py``)::
     Command line            ``python service.py``
     WSGI entry points       ``service:app``
 
-Each section uses only what is above it, with two marked exceptions, both calls
-made at run time: the JSON loader calls into the JSON model format, kept near
-the end so that the request path reads without it, and the HTTP application's
-routes are looked up from its table when the app is built.
+Each section uses only what is above it, with two exceptions, both calls made at
+run time: the JSON loader calls into the JSON model format, kept near the end so
+that the request path reads without it; and two of the HTTP application's
+handlers answer with the OpenAPI document and the console page, which come after
+it because the document is built from its route table.
 """
 
 __version__ = "0.1.0"

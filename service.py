@@ -3583,7 +3583,7 @@ class ServiceApp(bottle.Bottle):
         super().__init__()
         self.service_config, self.registry, self.metrics = config, registry, registry.metrics
         self.misconfigured = misconfigured      # why the MODEL_SERVICE_* settings were refused, if they were
-        self.misconfigured_logged = False
+        self.misconfigured_logged = threading.Event()  # (Bottle refuses to set an attribute twice)
         self.config["service.config"] = config
         self.config["service.registry"] = registry
         self.uninstall(bottle.JSONPlugin)       # it would write NaN tokens; every body goes through dumps()
@@ -3638,8 +3638,8 @@ class ServiceApp(bottle.Bottle):
         environ, config = bottle.request.environ, self.service_config
         try:
             if self.misconfigured:
-                if not self.misconfigured_logged:      # once: a log line per request would bury it
-                    self.misconfigured_logged = True
+                if not self.misconfigured_logged.is_set():     # once: a line per request would bury it
+                    self.misconfigured_logged.set()
                     logger.error("refusing every request: an environment variable is invalid: %s", self.misconfigured)
                 raise Misconfigured(f"the service is misconfigured: {self.misconfigured}")
             if config.allowed_hosts:

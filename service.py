@@ -77,6 +77,7 @@ import math
 import os
 import pickle
 import queue
+import random
 import re
 import signal
 import sys
@@ -797,18 +798,22 @@ class ModelSettings:
          "labels": {"stable": 1, "canary": 2},
          "safe_pickle": true,                   load pickle/joblib through the restricted unpickler
          "sha256": {"1": "<64 hex digits>"},    what each version's artifact must hash to
-         "batching": {"max_batch_size": 32, "max_latency_ms": 2} | false}   (else the flags decide)
+         "batching": {"max_batch_size": 32, "max_latency_ms": 2} | false,   (else the flags decide)
+         "traffic": {"stable": 90, "canary": 10}}   requests naming no version split by weight
 
     Every key is optional ("latest": only the highest version serves).  Labels must
     name served versions.  Unknown keys are refused, so a typo never passes silently.
+    A traffic split names defined labels or served versions with weights >= 0, not all
+    zero: a split that cannot be honoured refuses the file rather than route elsewhere.
     """
 
     MAX_BYTES = 64 * 1024
-    KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching")
+    KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic")
 
     def __init__(self, policy="latest", count=1, versions=(), labels=None, safe_pickle=False, sha256=None,
                  batching=None):
         self.batching = batching                # None: the flags decide; False: never; (size, latency_ms)
+        self.traffic = {}                       # {label (str) or version (int): weight}
         self.policy, self.count, self.versions = policy, count, tuple(versions)
         self.labels = dict(labels or {})
         self.safe_pickle = safe_pickle
@@ -865,7 +870,38 @@ class ModelSettings:
                 raise ValueError('"batching" must be false or {"max_batch_size": N >= 1, "max_latency_ms": 0-1000}')
             batching = (size, float(latency))
         settings.batching = batching
+        settings.traffic = settings._traffic(document.get("traffic", {}))
         return settings
+
+    def _traffic(self, traffic):
+        """{label or version number: weight} from the "traffic" object, checked against the labels and policy."""
+        if not isinstance(traffic, dict):
+            raise ValueError('"traffic" must map labels or versions to weights, e.g. {"stable": 90, "canary": 10}')
+        split = {}
+        for target, weight in traffic.items():
+            if VERSION.fullmatch(target):
+                target = int(target)
+                if self.policy == "specific" and target not in self.versions:
+                    raise ValueError(f'"traffic": version {target} is not in the version policy')
+            elif target not in self.labels:
+                raise ValueError(f'"traffic": {_clip(repr(target), 80)} is neither a version nor a defined label')
+            if type(weight) not in (int, float) or not 0 <= weight < math.inf:
+                raise ValueError(f'"traffic": the weight of {target!r} must be a number >= 0, '
+                                 f'not {_clip(repr(weight), 40)}')
+            split[target] = weight
+        if split and not sum(split.values()) > 0:
+            raise ValueError('"traffic": every weight is 0; give at least one target a positive weight')
+        return split
+
+    def check_served(self, numbers):
+        """Refuse a traffic split naming a version the policy does not serve among `numbers` (those on disk)."""
+        served = self.select(numbers)
+        for target in self.traffic:
+            number = self.labels[target] if isinstance(target, str) else target
+            if number not in served:
+                what = f"label {target!r} names version {number}" if isinstance(target, str) else f"version {number}"
+                raise ValueError(f'"traffic": {what}, which is not served (the version policy serves '
+                                 f"{', '.join(map(str, served)) or 'none'})")
 
     @classmethod
     def _policy(cls, policy):
@@ -902,7 +938,8 @@ class ModelSettings:
         return {"version_policy": policy, "labels": {k: str(v) for k, v in sorted(self.labels.items())},
                 "safe_pickle": self.safe_pickle, "sha256": {str(v): d for v, d in sorted(self.sha256.items())},
                 "batching": (False if self.batching is False else None if self.batching is None else
-                             {"max_batch_size": self.batching[0], "max_latency_ms": self.batching[1]})}
+                             {"max_batch_size": self.batching[0], "max_latency_ms": self.batching[1]}),
+                "traffic": {str(target): weight for target, weight in self.traffic.items()}}
 
 
 DEFAULT_SETTINGS = ModelSettings()
@@ -1794,16 +1831,28 @@ class CatalogueEntry:
     `routes` maps None (no version named) and each label to the VersionSlot that
     answers; `wanted` maps them to the version number the settings ask for.  The two
     differ while a new target loads: the old one keeps answering until it is ready.
+    `split`, when the settings name a traffic split, is (cumulative shares, targets): a
+    request naming no version goes to the target whose share covers its point in [0, 1).
     """
 
-    def __init__(self, name, versions, served, settings, settings_error, wanted, routes):
+    def __init__(self, name, versions, served, settings, settings_error, wanted, routes, split=None):
         self.name, self.versions, self.served = name, versions, served
         self.settings, self.settings_error = settings, settings_error
-        self.wanted, self.routes = wanted, routes
+        self.wanted, self.routes, self.split = wanted, routes, split
 
     def with_route(self, key, slot):
         return CatalogueEntry(self.name, self.versions, self.served, self.settings, self.settings_error,
-                           self.wanted, {**self.routes, key: slot})
+                              self.wanted, {**self.routes, key: slot}, self.split)
+
+    def routed(self, routing_key):
+        """The slot a request naming no version goes to under the split: sticky for a routing key (its
+        hash, a stable point in [0, 1), so keys spread by the weights), else at random by weight."""
+        bounds, targets = self.split
+        point = random.random() if routing_key is None else \
+            int.from_bytes(hashlib.blake2b(routing_key.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                           "big") / 2.0 ** 64
+        target = targets[min(bisect.bisect_right(bounds, point), len(targets) - 1)]
+        return self.routes[target] if isinstance(target, str) else self.versions[target]
 
     def targets(self):
         return set(map(id, self.routes.values()))
@@ -1817,12 +1866,21 @@ class CatalogueEntry:
         info = {"name": self.name, "latest_version": str(default.ref.version) if default else None,
                 "served_versions": self.served_versions(), "labels": labels,
                 "version_policy": self.settings.describe()["version_policy"] if self.settings else None,
-                "settings_error": self.settings_error, "versions": []}
+                "traffic": self._describe_split(), "settings_error": self.settings_error, "versions": []}
         for number in sorted(self.versions, reverse=True):
             slot = self.versions[number]
             info["versions"].append({**slot.describe(clock), "served": number in self.served,
                                      "labels": sorted(k for k, v in labels.items() if v == str(number))})
         return info
+
+    def _describe_split(self):
+        """[{target, version, share}] of the split in force (the version a label answers with now), or None."""
+        if self.split is None:
+            return None
+        bounds, targets = self.split
+        slots = [self.routes[target] if isinstance(target, str) else self.versions[target] for target in targets]
+        return [{"target": str(target), "version": str(slot.ref.version), "share": round(high - low, 6)}
+                for low, high, target, slot in zip((0.0,) + bounds, bounds, targets, slots)]
 
 
 class Residency:
@@ -2025,7 +2083,7 @@ class ModelRegistry:
         """
         old_catalogue, catalogue, unsettled = self._catalogue, {}, {}
         for name, refs in found.items():
-            self._read_settings(name)          # first: a replacement started below loads with these settings
+            self._read_settings(name, refs)    # first: a replacement started below loads with these settings
             previous = old_catalogue.get(name)
             old, slots = previous.versions if previous else {}, {}
             for number, ref in refs.items():
@@ -2055,7 +2113,7 @@ class ModelRegistry:
 
         `pending` are the version numbers whose new artifacts have not settled yet.
         """
-        settings, error = self._read_settings(name)
+        _, settings, error = self._settings[name]           # read by _apply just before
         if settings is None:
             return CatalogueEntry(name, slots, (), None, error, {}, {})
         served = settings.select(slots)
@@ -2071,12 +2129,28 @@ class ModelRegistry:
         pinned = self._preloaded(name)
         for number, slot in slots.items():
             slot.pinned = pinned and number in served
-        return CatalogueEntry(name, slots, served, settings, error, wanted, routes)
+        return CatalogueEntry(name, slots, served, settings, error, wanted, routes, self._split(settings, served))
 
-    def _read_settings(self, name):
-        """(settings, error) for a model; a broken file keeps the last good settings and shows why."""
+    @staticmethod
+    def _split(settings, served):
+        """The traffic split, resolved once per scan: (cumulative shares, targets), over the targets served now.
+
+        A target can stop being served only while previous settings stay in force (the file
+        that would serve it was refused): its share then goes to the others, never to a 404.
+        """
+        split = [(target, weight) for target, weight in settings.traffic.items() if weight > 0 and
+                 (settings.labels[target] if isinstance(target, str) else target) in served]
+        total = sum(weight for _, weight in split)
+        if not total:
+            return None
+        return tuple(itertools.accumulate(weight / total for _, weight in split)), tuple(t for t, _ in split)
+
+    def _read_settings(self, name, numbers):
+        """(settings, error) for a model with versions `numbers` on disk; a broken file keeps the last good
+        settings and shows why.  Read again when the file or the versions change: a traffic split is valid
+        only while the versions it names are served."""
         ref = self.store.settings_files.get(name)
-        fingerprint = ref.fingerprint if ref else None
+        fingerprint = (ref.fingerprint if ref else None, tuple(sorted(numbers)))
         cached = self._settings.get(name)
         if cached and cached[0] == fingerprint:
             return cached[1], cached[2]
@@ -2085,6 +2159,7 @@ class ModelRegistry:
         else:
             try:
                 settings, error = ModelSettings.read(ref), None
+                settings.check_served(numbers)
             except ValueError as problem:
                 error = f"{ref.file}: {problem}"
                 settings = cached[1] if cached else None
@@ -2247,11 +2322,11 @@ class ModelRegistry:
             self._preloading = False
 
     # -- requests -----------------------------------------------------------------
-    def acquire(self, name, version=None, label=None, slot=None):
+    def acquire(self, name, version=None, label=None, slot=None, routing_key=None):
         """The model that answers a request (in `slot` when the caller resolved it), loaded if need be; pair
         with release()."""
         for _ in range(3):
-            slot = slot or self.slot(name, version, label)
+            slot = slot or self.slot(name, version, label, routing_key)
             model = self.residency.use(slot)
             if model is not None:
                 return model
@@ -2346,8 +2421,10 @@ class ModelRegistry:
             raise NotFound(f"model {name!r} not found", model=name, models=self.names())
         return entry
 
-    def slot(self, name, version=None, label=None):
-        """The VersionSlot that answers for a name and a version string or label; 4xx/503 if none."""
+    def slot(self, name, version=None, label=None, routing_key=None):
+        """The VersionSlot that answers for a name and a version string or label; 4xx/503 if none.
+
+        Naming neither, the model's traffic split decides, by `routing_key` when there is one."""
         entry = self.entry(name)
         if entry.settings is None:
             raise ModelUnavailable(f"model {name!r} is not served: {entry.settings_error}", model=name)
@@ -2362,6 +2439,8 @@ class ModelRegistry:
                                served_versions=entry.served_versions())
             return slot
         if version is None:
+            if entry.split is not None:
+                return entry.routed(routing_key)
             slot = entry.routes.get(None)
             if slot is None:
                 raise NotFound(f"model {name!r} serves no version: none of "
@@ -3689,9 +3768,10 @@ class ServiceApp(bottle.Bottle):
                     raise ModelUnavailable(f"overloaded: {config.max_inflight} predictions are already being "
                                            "answered (--max-inflight); try again", retry_after=1)
                 held.append(self.admission.release)
-            slot = registry.slot(name, version, label)
+            routing_key = _routing_key(environ, codec, asked)
+            slot = registry.slot(name, version, label, routing_key)
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
-            model = registry.acquire(name, version, label, slot)
+            model = registry.acquire(name, version, label, slot, routing_key)
             held.append(functools.partial(registry.release, model))
             methods, inputs = codec.inputs(model, asked, config)
             environ["service.labels"] = (("model", name), ("version", model.version),
@@ -3837,6 +3917,17 @@ class ServiceApp(bottle.Bottle):
     # -- MLflow scoring ---------------------------------------------------------------------------
     def mlflow_version(self):
         return bottle.HTTPResponse(__version__, headers={"Content-Type": "text/plain; charset=utf-8"})
+
+
+def _routing_key(environ, codec, asked):
+    """A request's routing key for sticky traffic splits: the X-Routing-Key header, or in a V2 request
+    "parameters": {"routing_key": "..."} (the one protocol whose requests carry parameters); None if empty."""
+    key = environ.get("HTTP_X_ROUTING_KEY")
+    if key is None and codec is CODECS["v2"]:
+        key = (asked[-1].get("parameters") or {}).get("routing_key")
+        if key is not None and not isinstance(key, str):
+            raise BadRequest('"parameters": {"routing_key"} must be a string')
+    return key or None
 
 
 def _require_token(environ, tokens, realm, message="this route needs a valid token: Authorization: Bearer <token>"):

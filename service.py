@@ -65,6 +65,7 @@ import argparse
 import ast
 import base64
 import bisect
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -370,6 +371,13 @@ def _non_negative_float(text):
     return value
 
 
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError(f"must be a number from 0 to 1, not {text!r}")
+    return value
+
+
 def _log_level(text):
     level = str(text).upper()
     if level not in LOG_LEVELS:
@@ -551,6 +559,12 @@ SETTINGS = (
             "stack up to N concurrent requests of a tabular model into one predict call (1: no batching)", "N"),
     Setting("max_latency_ms", _non_negative_float, 2.0,
             "longest a batch waits for its next request to join (it closes when full or after such a lull)", "MS"),
+    Setting("payload_log", str, None,
+            "folder of the payload log: one JSON line per sampled prediction request (inputs, outputs, status, "
+            "latency), written off the request path (default: off)",
+            "DIR"),
+    Setting("payload_log_sample", _fraction, 1.0, "share of prediction requests the payload log records, 0-1",
+            "FRACTION"),
 )
 
 
@@ -799,7 +813,8 @@ class ModelSettings:
          "safe_pickle": true,                   load pickle/joblib through the restricted unpickler
          "sha256": {"1": "<64 hex digits>"},    what each version's artifact must hash to
          "batching": {"max_batch_size": 32, "max_latency_ms": 2} | false,   (else the flags decide)
-         "traffic": {"stable": 90, "canary": 10}}   requests naming no version split by weight
+         "traffic": {"stable": 90, "canary": 10},   requests naming no version split by weight
+         "redact": ["ssn", "income"]}               features the payload log never writes
 
     Every key is optional ("latest": only the highest version serves).  Labels must
     name served versions.  Unknown keys are refused, so a typo never passes silently.
@@ -808,12 +823,13 @@ class ModelSettings:
     """
 
     MAX_BYTES = 64 * 1024
-    KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic")
+    KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact")
 
     def __init__(self, policy="latest", count=1, versions=(), labels=None, safe_pickle=False, sha256=None,
                  batching=None):
         self.batching = batching                # None: the flags decide; False: never; (size, latency_ms)
         self.traffic = {}                       # {label (str) or version (int): weight}
+        self.redact = frozenset()               # feature names kept out of the payload log
         self.policy, self.count, self.versions = policy, count, tuple(versions)
         self.labels = dict(labels or {})
         self.safe_pickle = safe_pickle
@@ -871,6 +887,10 @@ class ModelSettings:
             batching = (size, float(latency))
         settings.batching = batching
         settings.traffic = settings._traffic(document.get("traffic", {}))
+        redact = document.get("redact", [])
+        if not isinstance(redact, list) or not all(isinstance(name, str) and name for name in redact):
+            raise ValueError('"redact" must list feature names, e.g. ["ssn", "income"]')
+        settings.redact = frozenset(redact)
         return settings
 
     def _traffic(self, traffic):
@@ -939,7 +959,8 @@ class ModelSettings:
                 "safe_pickle": self.safe_pickle, "sha256": {str(v): d for v, d in sorted(self.sha256.items())},
                 "batching": (False if self.batching is False else None if self.batching is None else
                              {"max_batch_size": self.batching[0], "max_latency_ms": self.batching[1]}),
-                "traffic": {str(target): weight for target, weight in self.traffic.items()}}
+                "traffic": {str(target): weight for target, weight in self.traffic.items()},
+                "redact": sorted(self.redact)}
 
 
 DEFAULT_SETTINGS = ModelSettings()
@@ -1702,6 +1723,9 @@ METRICS = {   # name: (type, help, histogram buckets)
     "model_service_model_loads_total": ("counter", "Model version loads by outcome (success, failure).", None),
     "model_service_model_load_duration_seconds": ("histogram", "Time to load a model version.", LOAD_BUCKETS),
     "model_service_batch_size": ("histogram", "Requests stacked into one predict call.", BATCH_BUCKETS),
+    "model_service_payload_log_records_total": ("counter", "Prediction requests written to the payload log.", None),
+    "model_service_payload_log_dropped_total": ("counter", "Payload log records dropped: its queue was full or "
+                                                "a write failed.", None),
     "model_service_models_loaded": ("gauge", "Model versions in memory.", None),
     "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", None),
 }
@@ -2491,6 +2515,11 @@ class ModelRegistry:
 
     def describe(self, name):
         return self.entry(name).describe(self.clock)
+
+    def model_settings(self, name):
+        """The settings in force for `name` (the defaults when it has none, or left the store)."""
+        entry = self._catalogue.get(name)
+        return entry.settings if entry is not None and entry.settings is not None else DEFAULT_SETTINGS
 
     def describe_all(self):
         catalogue = self._catalogue
@@ -3431,6 +3460,7 @@ class MLflowCodec(Codec):
 
 
 CODECS = {"native": NativeCodec(), "seed": SeedCodec(), "tf": TFCodec(), "v2": V2Codec(), "mlflow": MLflowCodec()}
+PROTOCOLS = {codec: name for name, codec in CODECS.items()}      # the payload log names a request's protocol
 
 
 ###############################################################################
@@ -3591,6 +3621,8 @@ class ServiceApp(bottle.Bottle):
         self.admission = threading.BoundedSemaphore(config.max_inflight) if config.max_inflight else None
         self.time_limit = TimeLimit(config.max_predict_seconds, config.threads) if config.max_predict_seconds \
             else None
+        self.payload_log = PayloadLog(config.payload_log, config.payload_log_sample, registry) \
+            if config.payload_log and config.payload_log_sample else None
         for route in ROUTES:
             self.route(route.rule, method=route.method, callback=self._endpoint(route))
 
@@ -3622,6 +3654,8 @@ class ServiceApp(bottle.Bottle):
         if labels is not None:
             self.metrics.count("model_service_requests_total", labels + (("status", status),))
             self.metrics.observe("model_service_request_duration_seconds", labels[::2], elapsed)
+            if self.payload_log is not None:
+                self.payload_log.offer(environ, status, elapsed)
         if config.access_log and access_logger.isEnabledFor(logging.INFO):
             access_logger.info("%s %s %s %s %.2fms id=%s", environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
                                _clip(environ.get("PATH_INFO", ""), 200), status, elapsed * 1000,
@@ -3781,6 +3815,7 @@ class ServiceApp(bottle.Bottle):
                 return {method: model.predict(method, inputs) for method in methods}
 
             results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
+            environ["service.payload"] = (model, inputs, results)        # for the payload log, after the answer
         finally:
             for release in reversed(held):
                 release()
@@ -4001,6 +4036,128 @@ class TimeLimit:
     def _work(self):
         while True:
             self._tasks.get()()
+
+
+class PayloadLog:
+    """--payload-log DIR: one JSON line per sampled prediction request, written by a background thread.
+
+    A request only puts what it already holds (its model, inputs, outputs, status and latency) on a
+    bounded queue: turning them into JSON, redacting and writing happen on the writer thread, so the
+    log never slows an answer, and a full queue drops the record (counted) rather than wait.  Each
+    file is named by its start time and process, so processes and restarts never share one; past
+    FILE_BYTES a file is closed for a new one, and only the newest FILES of the folder stay.  The
+    thread is a daemon started in the process that serves; serve() drains it at shutdown.
+    """
+
+    QUEUE_SIZE = 1000                   # records waiting at most: each holds a request's inputs and outputs
+    FILE_BYTES = 64 * 1024 * 1024
+    FILES = 20
+    FILE_NAME = re.compile(r"payload-[0-9]{8}T[0-9]{6}-[0-9]+-[0-9]{6}\.jsonl")
+
+    def __init__(self, folder, sample, registry):
+        self.folder, self.sample, self.registry, self.metrics = folder, sample, registry, registry.metrics
+        self._queue = queue.Queue(self.QUEUE_SIZE)
+        self._lock = threading.Lock()
+        self._pid = None
+        self._file, self._written, self._serial, self._failing = None, 0, itertools.count(1), False
+
+    def offer(self, environ, status, elapsed):
+        """Queue one prediction request if it is sampled; never blocks."""
+        if self.sample < 1 and random.random() >= self.sample:
+            return
+        if self._pid != os.getpid():
+            self._start()
+        record = (time.time(), _request_id(environ), environ["service.labels"], environ.get("service.payload"),
+                  PROTOCOLS[environ["service.codec"]], int(status), elapsed)
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.metrics.count("model_service_payload_log_dropped_total", ())
+
+    def drain(self, timeout):
+        """Write and flush everything accepted so far (at shutdown); False if it took over `timeout` seconds."""
+        if self._pid != os.getpid():
+            return True
+        done, deadline = threading.Event(), time.monotonic() + timeout
+        try:
+            self._queue.put(done, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(max(0.0, deadline - time.monotonic()))
+
+    def _start(self):
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._queue, self._file = os.getpid(), queue.Queue(self.QUEUE_SIZE), None
+                threading.Thread(target=self._write_all, name="payload-log", daemon=True).start()
+
+    def _write_all(self):
+        while True:
+            record = self._queue.get()
+            if isinstance(record, threading.Event):           # drain(): all before it is written
+                if self._file is not None:
+                    self._file.flush()
+                record.set()
+                continue
+            try:
+                self._write(self._line(record))
+            except Exception as error:   # a full disk, an unwritable folder: logged once, counted each time
+                self.metrics.count("model_service_payload_log_dropped_total", ())
+                if not self._failing:
+                    logger.error("payload log: cannot write to %s: %s", self.folder, error)
+                self._failing = True
+                continue
+            self._failing = False
+            self.metrics.count("model_service_payload_log_records_total", ())
+            if self._queue.empty():
+                self._file.flush()
+
+    def _write(self, line):
+        data = line.encode("utf-8", "backslashreplace")
+        if self._file is None or self._written + len(data) > self.FILE_BYTES:
+            self._rotate()
+        self._file.write(data)
+        self._written += len(data)
+
+    def _rotate(self):
+        """Start a new file, then remove the oldest beyond FILES (any process's: names sort by time)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        os.makedirs(self.folder, exist_ok=True)
+        name = f"payload-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{next(self._serial):06d}.jsonl"
+        self._file, self._written = open(os.path.join(self.folder, name), "ab"), 0
+        names = sorted(entry.name for entry in os.scandir(self.folder) if self.FILE_NAME.fullmatch(entry.name))
+        for old in names[:-self.FILES]:
+            with contextlib.suppress(FileNotFoundError):      # another process removed it first
+                os.remove(os.path.join(self.folder, old))
+
+    def _line(self, record):
+        at, request_id, labels, payload, protocol, status, elapsed = record
+        (_, name), (_, version), (_, method) = labels
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
+                "request_id": request_id, "model": name, "version": version, "method": method,
+                "protocol": protocol, "status": status, "latency_ms": round(elapsed * 1000, 3)}
+        if payload is not None:
+            model, inputs, results = payload
+            line["features"] = model.feature_names
+            line["inputs"], line["redacted"] = self._redacted(model, to_jsonable(inputs))
+            line["outputs"] = {method: to_jsonable(outputs) for method, outputs in results.items()}
+        return dumps(line) + "\n"
+
+    def _redacted(self, model, rows):
+        """(rows with the model's "redact" features nulled, the names redacted); all rows withheld (None)
+        when a listed name is not one of the model's features: a redaction that cannot be placed fails closed."""
+        hidden = self.registry.model_settings(model.name).redact
+        if not hidden:
+            return rows, None
+        if not hidden <= set(model.feature_names or ()):
+            return None, "all"
+        columns = [index for index, feature in enumerate(model.feature_names) if feature in hidden]
+        for row in rows:
+            for index in columns:
+                row[index] = None
+        return rows, sorted(hidden)
 
 
 def create_app(store=None, config=None, registry=None, **options):
@@ -4358,7 +4515,10 @@ def serve(app, config):
         # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.default_int_handler)
-        bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
+        try:
+            bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
+        finally:
+            _drain_payload_log(app, config)
         return
     import waitress
     from waitress.channel import HTTPChannel
@@ -4416,6 +4576,14 @@ def serve(app, config):
             signal.signal(number, handler)
         server.task_dispatcher.shutdown(timeout=1)
         close_all(sockets)
+        _drain_payload_log(app, config)
+
+
+def _drain_payload_log(app, config):
+    """At shutdown, after the last request: write what the payload log accepted (within --shutdown-timeout)."""
+    payload_log = getattr(app, "payload_log", None)       # serve() runs any WSGI app; only ours logs payloads
+    if payload_log is not None and not payload_log.drain(config.shutdown_timeout):
+        logger.warning("payload log: records still queued after %g s were not written", config.shutdown_timeout)
 
 
 def _serve_workers(config):
@@ -5254,6 +5422,11 @@ def main(argv=None, serve=serve):
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not os.path.isdir(config.store):
         parser.error(f"model store {config.store!r} is not a folder (set --store or {ENV_PREFIX}STORE)")
+    if config.payload_log:
+        try:
+            os.makedirs(config.payload_log, exist_ok=True)
+        except OSError as error:
+            parser.error(f"--payload-log {config.payload_log!r}: {error.strerror}")
     application = create_app(config=config)
     if config.workers == 1:          # under --workers each process scans and preloads for itself
         application.config["service.registry"].refresh()

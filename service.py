@@ -66,6 +66,7 @@ import argparse
 import ast
 import base64
 import bisect
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -78,6 +79,7 @@ import math
 import os
 import pickle
 import queue
+import random
 import re
 import signal
 import sys
@@ -370,6 +372,13 @@ def _non_negative_float(text):
     return value
 
 
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError(f"must be a number from 0 to 1, not {text!r}")
+    return value
+
+
 def _log_level(text):
     level = str(text).upper()
     if level not in LOG_LEVELS:
@@ -583,6 +592,12 @@ SETTINGS = (
             "stack up to N concurrent requests of a tabular model into one predict call (1: no batching)", "N"),
     Setting("max_latency_ms", _non_negative_float, 2.0,
             "longest a batch waits for its next request to join (it closes when full or after such a lull)", "MS"),
+    Setting("payload_log", str, None,
+            "folder of the payload log: one JSON line per sampled prediction request (inputs, outputs, status, "
+            "latency), written off the request path (default: off)",
+            "DIR"),
+    Setting("payload_log_sample", _fraction, 1.0, "share of prediction requests the payload log records, 0-1",
+            "FRACTION"),
 )
 
 
@@ -830,18 +845,24 @@ class ModelSettings:
          "labels": {"stable": 1, "canary": 2},
          "safe_pickle": true,                   load pickle/joblib through the restricted unpickler
          "sha256": {"1": "<64 hex digits>"},    what each version's artifact must hash to
-         "batching": {"max_batch_size": 32, "max_latency_ms": 2} | false}   (else the flags decide)
+         "batching": {"max_batch_size": 32, "max_latency_ms": 2} | false,   (else the flags decide)
+         "traffic": {"stable": 90, "canary": 10},   requests naming no version split by weight
+         "redact": ["ssn", "income"]}               features the payload log never writes
 
     Every key is optional ("latest": only the highest version serves).  Labels must
     name served versions.  Unknown keys are refused, so a typo never passes silently.
+    A traffic split names defined labels or served versions with weights >= 0, not all
+    zero: a split that cannot be honoured refuses the file rather than route elsewhere.
     """
 
     MAX_BYTES = 64 * 1024
-    KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching")
+    KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact")
 
     def __init__(self, policy="latest", count=1, versions=(), labels=None, safe_pickle=False, sha256=None,
                  batching=None):
         self.batching = batching                # None: the flags decide; False: never; (size, latency_ms)
+        self.traffic = {}                       # {label (str) or version (int): weight}
+        self.redact = frozenset()               # feature names kept out of the payload log
         self.policy, self.count, self.versions = policy, count, tuple(versions)
         self.labels = dict(labels or {})
         self.safe_pickle = safe_pickle
@@ -898,7 +919,42 @@ class ModelSettings:
                 raise ValueError('"batching" must be false or {"max_batch_size": N >= 1, "max_latency_ms": 0-1000}')
             batching = (size, float(latency))
         settings.batching = batching
+        settings.traffic = settings._traffic(document.get("traffic", {}))
+        redact = document.get("redact", [])
+        if not isinstance(redact, list) or not all(isinstance(name, str) and name for name in redact):
+            raise ValueError('"redact" must list feature names, e.g. ["ssn", "income"]')
+        settings.redact = frozenset(redact)
         return settings
+
+    def _traffic(self, traffic):
+        """{label or version number: weight} from the "traffic" object, checked against the labels and policy."""
+        if not isinstance(traffic, dict):
+            raise ValueError('"traffic" must map labels or versions to weights, e.g. {"stable": 90, "canary": 10}')
+        split = {}
+        for target, weight in traffic.items():
+            if VERSION.fullmatch(target):
+                target = int(target)
+                if self.policy == "specific" and target not in self.versions:
+                    raise ValueError(f'"traffic": version {target} is not in the version policy')
+            elif target not in self.labels:
+                raise ValueError(f'"traffic": {_clip(repr(target), 80)} is neither a version nor a defined label')
+            if type(weight) not in (int, float) or not 0 <= weight < math.inf:
+                raise ValueError(f'"traffic": the weight of {target!r} must be a number >= 0, '
+                                 f'not {_clip(repr(weight), 40)}')
+            split[target] = weight
+        if split and not sum(split.values()) > 0:
+            raise ValueError('"traffic": every weight is 0; give at least one target a positive weight')
+        return split
+
+    def check_served(self, numbers):
+        """Refuse a traffic split naming a version the policy does not serve among `numbers` (those on disk)."""
+        served = self.select(numbers)
+        for target in self.traffic:
+            number = self.labels[target] if isinstance(target, str) else target
+            if number not in served:
+                what = f"label {target!r} names version {number}" if isinstance(target, str) else f"version {number}"
+                raise ValueError(f'"traffic": {what}, which is not served (the version policy serves '
+                                 f"{', '.join(map(str, served)) or 'none'})")
 
     @classmethod
     def _policy(cls, policy):
@@ -935,7 +991,9 @@ class ModelSettings:
         return {"version_policy": policy, "labels": {k: str(v) for k, v in sorted(self.labels.items())},
                 "safe_pickle": self.safe_pickle, "sha256": {str(v): d for v, d in sorted(self.sha256.items())},
                 "batching": (False if self.batching is False else None if self.batching is None else
-                             {"max_batch_size": self.batching[0], "max_latency_ms": self.batching[1]})}
+                             {"max_batch_size": self.batching[0], "max_latency_ms": self.batching[1]}),
+                "traffic": {str(target): weight for target, weight in self.traffic.items()},
+                "redact": sorted(self.redact)}
 
 
 DEFAULT_SETTINGS = ModelSettings()
@@ -1720,6 +1778,9 @@ METRICS = {   # name: (type, help, histogram buckets)
     "model_service_model_loads_total": ("counter", "Model version loads by outcome (success, failure).", None),
     "model_service_model_load_duration_seconds": ("histogram", "Time to load a model version.", LOAD_BUCKETS),
     "model_service_batch_size": ("histogram", "Requests stacked into one predict call.", BATCH_BUCKETS),
+    "model_service_payload_log_records_total": ("counter", "Prediction requests written to the payload log.", None),
+    "model_service_payload_log_dropped_total": ("counter", "Payload log records dropped: its queue was full or "
+                                                "a write failed.", None),
     "model_service_models_loaded": ("gauge", "Model versions in memory.", None),
     "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", None),
 }
@@ -1849,16 +1910,28 @@ class CatalogueEntry:
     `routes` maps None (no version named) and each label to the VersionSlot that
     answers; `wanted` maps them to the version number the settings ask for.  The two
     differ while a new target loads: the old one keeps answering until it is ready.
+    `split`, when the settings name a traffic split, is (cumulative shares, targets): a
+    request naming no version goes to the target whose share covers its point in [0, 1).
     """
 
-    def __init__(self, name, versions, served, settings, settings_error, wanted, routes):
+    def __init__(self, name, versions, served, settings, settings_error, wanted, routes, split=None):
         self.name, self.versions, self.served = name, versions, served
         self.settings, self.settings_error = settings, settings_error
-        self.wanted, self.routes = wanted, routes
+        self.wanted, self.routes, self.split = wanted, routes, split
 
     def with_route(self, key, slot):
         return CatalogueEntry(self.name, self.versions, self.served, self.settings, self.settings_error,
-                           self.wanted, {**self.routes, key: slot})
+                              self.wanted, {**self.routes, key: slot}, self.split)
+
+    def routed(self, routing_key):
+        """The slot a request naming no version goes to under the split: sticky for a routing key (its
+        hash, a stable point in [0, 1), so keys spread by the weights), else at random by weight."""
+        bounds, targets = self.split
+        point = random.random() if routing_key is None else \
+            int.from_bytes(hashlib.blake2b(routing_key.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                           "big") / 2.0 ** 64
+        target = targets[min(bisect.bisect_right(bounds, point), len(targets) - 1)]
+        return self.routes[target] if isinstance(target, str) else self.versions[target]
 
     def targets(self):
         return set(map(id, self.routes.values()))
@@ -1872,12 +1945,21 @@ class CatalogueEntry:
         info = {"name": self.name, "latest_version": str(default.ref.version) if default else None,
                 "served_versions": self.served_versions(), "labels": labels,
                 "version_policy": self.settings.describe()["version_policy"] if self.settings else None,
-                "settings_error": self.settings_error, "versions": []}
+                "traffic": self._describe_split(), "settings_error": self.settings_error, "versions": []}
         for number in sorted(self.versions, reverse=True):
             slot = self.versions[number]
             info["versions"].append({**slot.describe(clock), "served": number in self.served,
                                      "labels": sorted(k for k, v in labels.items() if v == str(number))})
         return info
+
+    def _describe_split(self):
+        """[{target, version, share}] of the split in force (the version a label answers with now), or None."""
+        if self.split is None:
+            return None
+        bounds, targets = self.split
+        slots = [self.routes[target] if isinstance(target, str) else self.versions[target] for target in targets]
+        return [{"target": str(target), "version": str(slot.ref.version), "share": round(high - low, 6)}
+                for low, high, target, slot in zip((0.0,) + bounds, bounds, targets, slots)]
 
 
 class Residency:
@@ -2080,7 +2162,7 @@ class ModelRegistry:
         """
         old_catalogue, catalogue, unsettled = self._catalogue, {}, {}
         for name, refs in found.items():
-            self._read_settings(name)          # first: a replacement started below loads with these settings
+            self._read_settings(name, refs)    # first: a replacement started below loads with these settings
             previous = old_catalogue.get(name)
             old, slots = previous.versions if previous else {}, {}
             for number, ref in refs.items():
@@ -2110,7 +2192,7 @@ class ModelRegistry:
 
         `pending` are the version numbers whose new artifacts have not settled yet.
         """
-        settings, error = self._read_settings(name)
+        _, settings, error = self._settings[name]           # read by _apply just before
         if settings is None:
             return CatalogueEntry(name, slots, (), None, error, {}, {})
         served = settings.select(slots)
@@ -2126,12 +2208,28 @@ class ModelRegistry:
         pinned = self._preloaded(name)
         for number, slot in slots.items():
             slot.pinned = pinned and number in served
-        return CatalogueEntry(name, slots, served, settings, error, wanted, routes)
+        return CatalogueEntry(name, slots, served, settings, error, wanted, routes, self._split(settings, served))
 
-    def _read_settings(self, name):
-        """(settings, error) for a model; a broken file keeps the last good settings and shows why."""
+    @staticmethod
+    def _split(settings, served):
+        """The traffic split, resolved once per scan: (cumulative shares, targets), over the targets served now.
+
+        A target can stop being served only while previous settings stay in force (the file
+        that would serve it was refused): its share then goes to the others, never to a 404.
+        """
+        split = [(target, weight) for target, weight in settings.traffic.items() if weight > 0 and
+                 (settings.labels[target] if isinstance(target, str) else target) in served]
+        total = sum(weight for _, weight in split)
+        if not total:
+            return None
+        return tuple(itertools.accumulate(weight / total for _, weight in split)), tuple(t for t, _ in split)
+
+    def _read_settings(self, name, numbers):
+        """(settings, error) for a model with versions `numbers` on disk; a broken file keeps the last good
+        settings and shows why.  Read again when the file or the versions change: a traffic split is valid
+        only while the versions it names are served."""
         ref = self.store.settings_files.get(name)
-        fingerprint = ref.fingerprint if ref else None
+        fingerprint = (ref.fingerprint if ref else None, tuple(sorted(numbers)))
         cached = self._settings.get(name)
         if cached and cached[0] == fingerprint:
             return cached[1], cached[2]
@@ -2140,6 +2238,7 @@ class ModelRegistry:
         else:
             try:
                 settings, error = ModelSettings.read(ref), None
+                settings.check_served(numbers)
             except ValueError as problem:
                 error = f"{ref.file}: {problem}"
                 settings = cached[1] if cached else None
@@ -2302,11 +2401,11 @@ class ModelRegistry:
             self._preloading = False
 
     # -- requests -----------------------------------------------------------------
-    def acquire(self, name, version=None, label=None, slot=None):
+    def acquire(self, name, version=None, label=None, slot=None, routing_key=None):
         """The model that answers a request (in `slot` when the caller resolved it), loaded if need be; pair
         with release()."""
         for _ in range(3):
-            slot = slot or self.slot(name, version, label)
+            slot = slot or self.slot(name, version, label, routing_key)
             model = self.residency.use(slot)
             if model is not None:
                 return model
@@ -2401,8 +2500,10 @@ class ModelRegistry:
             raise NotFound(f"model {name!r} not found", model=name, models=self.names())
         return entry
 
-    def slot(self, name, version=None, label=None):
-        """The VersionSlot that answers for a name and a version string or label; 4xx/503 if none."""
+    def slot(self, name, version=None, label=None, routing_key=None):
+        """The VersionSlot that answers for a name and a version string or label; 4xx/503 if none.
+
+        Naming neither, the model's traffic split decides, by `routing_key` when there is one."""
         entry = self.entry(name)
         if entry.settings is None:
             raise ModelUnavailable(f"model {name!r} is not served: {entry.settings_error}", model=name)
@@ -2417,6 +2518,8 @@ class ModelRegistry:
                                served_versions=entry.served_versions())
             return slot
         if version is None:
+            if entry.split is not None:
+                return entry.routed(routing_key)
             slot = entry.routes.get(None)
             if slot is None:
                 raise NotFound(f"model {name!r} serves no version: none of "
@@ -2467,6 +2570,11 @@ class ModelRegistry:
 
     def describe(self, name):
         return self.entry(name).describe(self.clock)
+
+    def model_settings(self, name):
+        """The settings in force for `name` (the defaults when it has none, or left the store)."""
+        entry = self._catalogue.get(name)
+        return entry.settings if entry is not None and entry.settings is not None else DEFAULT_SETTINGS
 
     def describe_all(self):
         catalogue = self._catalogue
@@ -3432,6 +3540,7 @@ class MLflowCodec(Codec):
 
 
 CODECS = {"native": NativeCodec(), "seed": SeedCodec(), "tf": TFCodec(), "v2": V2Codec(), "mlflow": MLflowCodec()}
+PROTOCOLS = {codec: name for name, codec in CODECS.items()}      # the payload log names a request's protocol
 
 
 ###############################################################################
@@ -3593,6 +3702,8 @@ class ServiceApp(bottle.Bottle):
         self.admission = threading.BoundedSemaphore(config.max_inflight) if config.max_inflight else None
         self.time_limit = TimeLimit(config.max_predict_seconds, config.threads) if config.max_predict_seconds \
             else None
+        self.payload_log = PayloadLog(config.payload_log, config.payload_log_sample, registry) \
+            if config.payload_log and config.payload_log_sample else None
         for route in ROUTES:
             self.route(route.rule, method=route.method, callback=self._endpoint(route))
 
@@ -3624,6 +3735,8 @@ class ServiceApp(bottle.Bottle):
         if labels is not None:
             self.metrics.count("model_service_requests_total", labels + (("status", status),))
             self.metrics.observe("model_service_request_duration_seconds", labels[::2], elapsed)
+            if self.payload_log is not None:
+                self.payload_log.offer(environ, status, elapsed)
         if config.access_log and access_logger.isEnabledFor(logging.INFO):
             access_logger.info("%s %s %s %s %.2fms id=%s", environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
                                _clip(environ.get("PATH_INFO", ""), 200), status, elapsed * 1000,
@@ -3772,9 +3885,10 @@ class ServiceApp(bottle.Bottle):
                     raise ModelUnavailable(f"overloaded: {config.max_inflight} predictions are already being "
                                            "answered (--max-inflight); try again", retry_after=1)
                 held.append(self.admission.release)
-            slot = registry.slot(name, version, label)
+            routing_key = _routing_key(environ, codec, asked)
+            slot = registry.slot(name, version, label, routing_key)
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
-            model = registry.acquire(name, version, label, slot)
+            model = registry.acquire(name, version, label, slot, routing_key)
             held.append(functools.partial(registry.release, model))
             methods, inputs = codec.inputs(model, asked, config)
             environ["service.labels"] = (("model", name), ("version", model.version),
@@ -3784,6 +3898,7 @@ class ServiceApp(bottle.Bottle):
                 return {method: model.predict(method, inputs) for method in methods}
 
             results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
+            environ["service.payload"] = (model, inputs, results)        # for the payload log, after the answer
         finally:
             for release in reversed(held):
                 release()
@@ -3922,6 +4037,17 @@ class ServiceApp(bottle.Bottle):
         return bottle.HTTPResponse(__version__, headers={"Content-Type": "text/plain; charset=utf-8"})
 
 
+def _routing_key(environ, codec, asked):
+    """A request's routing key for sticky traffic splits: the X-Routing-Key header, or in a V2 request
+    "parameters": {"routing_key": "..."} (the one protocol whose requests carry parameters); None if empty."""
+    key = environ.get("HTTP_X_ROUTING_KEY")
+    if key is None and codec is CODECS["v2"]:
+        key = (asked[-1].get("parameters") or {}).get("routing_key")
+        if key is not None and not isinstance(key, str):
+            raise BadRequest('"parameters": {"routing_key"} must be a string')
+    return key or None
+
+
 def _require_token(environ, tokens, realm, message="this route needs a valid token: Authorization: Bearer <token>"):
     """401 unless the request carries one of `tokens` as its bearer token (each compared in constant time)."""
     scheme, _, given = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
@@ -3993,6 +4119,128 @@ class TimeLimit:
     def _work(self):
         while True:
             self._tasks.get()()
+
+
+class PayloadLog:
+    """--payload-log DIR: one JSON line per sampled prediction request, written by a background thread.
+
+    A request only puts what it already holds (its model, inputs, outputs, status and latency) on a
+    bounded queue: turning them into JSON, redacting and writing happen on the writer thread, so the
+    log never slows an answer, and a full queue drops the record (counted) rather than wait.  Each
+    file is named by its start time and process, so processes and restarts never share one; past
+    FILE_BYTES a file is closed for a new one, and only the newest FILES of the folder stay.  The
+    thread is a daemon started in the process that serves; serve() drains it at shutdown.
+    """
+
+    QUEUE_SIZE = 1000                   # records waiting at most: each holds a request's inputs and outputs
+    FILE_BYTES = 64 * 1024 * 1024
+    FILES = 20
+    FILE_NAME = re.compile(r"payload-[0-9]{8}T[0-9]{6}-[0-9]+-[0-9]{6}\.jsonl")
+
+    def __init__(self, folder, sample, registry):
+        self.folder, self.sample, self.registry, self.metrics = folder, sample, registry, registry.metrics
+        self._queue = queue.Queue(self.QUEUE_SIZE)
+        self._lock = threading.Lock()
+        self._pid = None
+        self._file, self._written, self._serial, self._failing = None, 0, itertools.count(1), False
+
+    def offer(self, environ, status, elapsed):
+        """Queue one prediction request if it is sampled; never blocks."""
+        if self.sample < 1 and random.random() >= self.sample:
+            return
+        if self._pid != os.getpid():
+            self._start()
+        record = (time.time(), _request_id(environ), environ["service.labels"], environ.get("service.payload"),
+                  PROTOCOLS[environ["service.codec"]], int(status), elapsed)
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.metrics.count("model_service_payload_log_dropped_total", ())
+
+    def drain(self, timeout):
+        """Write and flush everything accepted so far (at shutdown); False if it took over `timeout` seconds."""
+        if self._pid != os.getpid():
+            return True
+        done, deadline = threading.Event(), time.monotonic() + timeout
+        try:
+            self._queue.put(done, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(max(0.0, deadline - time.monotonic()))
+
+    def _start(self):
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._queue, self._file = os.getpid(), queue.Queue(self.QUEUE_SIZE), None
+                threading.Thread(target=self._write_all, name="payload-log", daemon=True).start()
+
+    def _write_all(self):
+        while True:
+            record = self._queue.get()
+            if isinstance(record, threading.Event):           # drain(): all before it is written
+                if self._file is not None:
+                    self._file.flush()
+                record.set()
+                continue
+            try:
+                self._write(self._line(record))
+            except Exception as error:   # a full disk, an unwritable folder: logged once, counted each time
+                self.metrics.count("model_service_payload_log_dropped_total", ())
+                if not self._failing:
+                    logger.error("payload log: cannot write to %s: %s", self.folder, error)
+                self._failing = True
+                continue
+            self._failing = False
+            self.metrics.count("model_service_payload_log_records_total", ())
+            if self._queue.empty():
+                self._file.flush()
+
+    def _write(self, line):
+        data = line.encode("utf-8", "backslashreplace")
+        if self._file is None or self._written + len(data) > self.FILE_BYTES:
+            self._rotate()
+        self._file.write(data)
+        self._written += len(data)
+
+    def _rotate(self):
+        """Start a new file, then remove the oldest beyond FILES (any process's: names sort by time)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        os.makedirs(self.folder, exist_ok=True)
+        name = f"payload-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{next(self._serial):06d}.jsonl"
+        self._file, self._written = open(os.path.join(self.folder, name), "ab"), 0
+        names = sorted(entry.name for entry in os.scandir(self.folder) if self.FILE_NAME.fullmatch(entry.name))
+        for old in names[:-self.FILES]:
+            with contextlib.suppress(FileNotFoundError):      # another process removed it first
+                os.remove(os.path.join(self.folder, old))
+
+    def _line(self, record):
+        at, request_id, labels, payload, protocol, status, elapsed = record
+        (_, name), (_, version), (_, method) = labels
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
+                "request_id": request_id, "model": name, "version": version, "method": method,
+                "protocol": protocol, "status": status, "latency_ms": round(elapsed * 1000, 3)}
+        if payload is not None:
+            model, inputs, results = payload
+            line["features"] = model.feature_names
+            line["inputs"], line["redacted"] = self._redacted(model, to_jsonable(inputs))
+            line["outputs"] = {method: to_jsonable(outputs) for method, outputs in results.items()}
+        return dumps(line) + "\n"
+
+    def _redacted(self, model, rows):
+        """(rows with the model's "redact" features nulled, the names redacted); all rows withheld (None)
+        when a listed name is not one of the model's features: a redaction that cannot be placed fails closed."""
+        hidden = self.registry.model_settings(model.name).redact
+        if not hidden:
+            return rows, None
+        if not hidden <= set(model.feature_names or ()):
+            return None, "all"
+        columns = [index for index, feature in enumerate(model.feature_names) if feature in hidden]
+        for row in rows:
+            for index in columns:
+                row[index] = None
+        return rows, sorted(hidden)
 
 
 def create_app(store=None, config=None, registry=None, **options):
@@ -4350,7 +4598,10 @@ def serve(app, config):
         # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.default_int_handler)
-        bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
+        try:
+            bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
+        finally:
+            _drain_payload_log(app, config)
         return
     import waitress
     from waitress.channel import HTTPChannel
@@ -4408,6 +4659,14 @@ def serve(app, config):
             signal.signal(number, handler)
         server.task_dispatcher.shutdown(timeout=1)
         close_all(sockets)
+        _drain_payload_log(app, config)
+
+
+def _drain_payload_log(app, config):
+    """At shutdown, after the last request: write what the payload log accepted (within --shutdown-timeout)."""
+    payload_log = getattr(app, "payload_log", None)       # serve() runs any WSGI app; only ours logs payloads
+    if payload_log is not None and not payload_log.drain(config.shutdown_timeout):
+        logger.warning("payload log: records still queued after %g s were not written", config.shutdown_timeout)
 
 
 def _serve_workers(config):
@@ -5471,6 +5730,11 @@ def main(argv=None, serve=serve):
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not os.path.isdir(config.store):
         parser.error(f"model store {config.store!r} is not a folder (set --store or {ENV_PREFIX}STORE)")
+    if config.payload_log:
+        try:
+            os.makedirs(config.payload_log, exist_ok=True)
+        except OSError as error:
+            parser.error(f"--payload-log {config.payload_log!r}: {error.strerror}")
     application = create_app(config=config)
     if config.workers == 1:          # under --workers each process scans and preloads for itself
         application.config["service.registry"].refresh()

@@ -15,6 +15,7 @@ Tests marked `slow` (the soak, the longest live-server and subprocess tests) are
 """
 
 import contextlib
+import itertools
 import json
 import os
 import pickle
@@ -63,6 +64,30 @@ def publish(path, estimator):
     os.replace(temporary, path)
     stamp = time.time_ns() + 10**9
     os.utime(path, ns=(stamp, stamp))       # a new mtime even on coarse file systems
+
+
+_stamps = itertools.count(1)
+
+
+def write_settings(folder, document):
+    """Write model-settings.json as a publisher should: write-then-rename, with a new mtime each time."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, service.SETTINGS_FILE)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        handle.write(document if isinstance(document, str) else json.dumps(document))
+    os.replace(temporary, path)
+    stamp = time.time_ns() + next(_stamps) * 10**9
+    os.utime(path, ns=(stamp, stamp))
+
+
+def versioned_store(root, estimators, settings=None):
+    """root/m/<n>/model.joblib for each estimator (versions 1..n), plus optional settings."""
+    for number, estimator in enumerate(estimators, start=1):
+        write_artifact(root / "m" / str(number) / "model.joblib", estimator, "joblib")
+    if settings is not None:
+        write_settings(root / "m", settings)
+    return root
 
 
 # -- answers -------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ FLAGS = ["--store", "--host", "--port", "--server", "--threads", "--default-mode
          "--max-rows", "--max-depth", "--load-retry-seconds", "--poll-interval", "--preload", "--max-loaded",
          "--idle-unload", "--safe-pickle", "--trust", "--strict-versions", "--admin-token", "--cors-origins",
          "--allowed-hosts", "--shutdown-timeout", "--log-level", "--workers", "--access-log", "--max-batch-size",
-         "--max-latency-ms", "--max-url-bytes", "--max-inflight", "--max-predict-seconds", "--auth-tokens"]
+         "--max-latency-ms", "--max-url-bytes", "--max-inflight", "--max-predict-seconds", "--auth-tokens",
+         "--payload-log", "--payload-log-sample"]
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ drive a ModelRegistry with a ManualClock (watch=False), sometimes wrapped in cre
 
 import base64
 import hashlib
-import itertools
 import json
 import operator
 import os
@@ -23,7 +22,8 @@ from sklearn.datasets import load_diabetes, load_iris
 from sklearn.linear_model import LogisticRegression
 
 import service
-from conftest import ROWS, assert_error, clocked_registry, publish, stays_true, strict_json, wait_until, write_artifact
+from conftest import (ROWS, assert_error, clocked_registry, publish, stays_true, strict_json, versioned_store, wait_until,
+                      write_artifact, write_settings)
 
 DIABETES_ROWS = load_diabetes().data[:3].tolist()
 TOKEN = "s3cr3t-admin-token"
@@ -62,30 +62,6 @@ def write_slow_pickle(path, estimator, seconds=0.5):
     with open(path, "wb") as handle:
         pickle.dump(_SlowToLoad(estimator, seconds), handle)
     return path
-
-
-_stamps = itertools.count(1)
-
-
-def write_settings(folder, document):
-    """Write model-settings.json as a publisher should: write-then-rename, with a new mtime each time."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, service.SETTINGS_FILE)
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        handle.write(document if isinstance(document, str) else json.dumps(document))
-    os.replace(temporary, path)
-    stamp = time.time_ns() + next(_stamps) * 10**9
-    os.utime(path, ns=(stamp, stamp))
-
-
-def versioned_store(root, estimators, settings=None):
-    """root/m/<n>/model.joblib for each estimator (versions 1..n), plus optional settings."""
-    for number, estimator in enumerate(estimators, start=1):
-        write_artifact(root / "m" / str(number) / "model.joblib", estimator, "joblib")
-    if settings is not None:
-        write_settings(root / "m", settings)
-    return root
 
 
 def assert_answers(registry, version, estimator, name="m", **where):

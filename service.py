@@ -4132,7 +4132,8 @@ class PayloadLog:
     thread is a daemon started in the process that serves; serve() drains it at shutdown.
     """
 
-    QUEUE_SIZE = 1000                   # records waiting at most: each holds a request's inputs and outputs
+    QUEUE_SIZE = 1000                   # records waiting at most: each holds a request's inputs and outputs,
+    QUEUE_BYTES = 64 * 1024 * 1024      # and together no more than this much of their requests' bodies
     FILE_BYTES = 64 * 1024 * 1024
     FILES = 20
     FILE_NAME = re.compile(r"payload-[0-9]{8}T[0-9]{6}-[0-9]+-[0-9]{6}\.jsonl")
@@ -4143,6 +4144,7 @@ class PayloadLog:
         self._lock = threading.Lock()
         self._pid = None
         self._file, self._written, self._serial, self._failing = None, 0, itertools.count(1), False
+        self._queued = 0                # body bytes of the records waiting (under _lock)
 
     def offer(self, environ, status, elapsed):
         """Queue one prediction request if it is sampled; never blocks."""
@@ -4150,12 +4152,26 @@ class PayloadLog:
             return
         if self._pid != os.getpid():
             self._start()
+        # what a record holds grows with its request: the body's size (or the URL's) stands for it
+        size = int(environ.get("CONTENT_LENGTH") or 0) or len(environ.get("QUERY_STRING", "")) + 4096
         record = (time.time(), _request_id(environ), environ["service.labels"], environ.get("service.payload"),
-                  PROTOCOLS[environ["service.codec"]], int(status), elapsed)
+                  PROTOCOLS[environ["service.codec"]], int(status), elapsed, size)
+        with self._lock:
+            accepted = self._queued + size <= self.QUEUE_BYTES
+            if accepted:
+                self._queued += size
+        if not accepted:
+            self.metrics.count("model_service_payload_log_dropped_total", ())
+            return
         try:
             self._queue.put_nowait(record)
         except queue.Full:
+            self._done(size)
             self.metrics.count("model_service_payload_log_dropped_total", ())
+
+    def _done(self, size):
+        with self._lock:
+            self._queued -= size
 
     def drain(self, timeout):
         """Write and flush everything accepted so far (at shutdown); False if it took over `timeout` seconds."""
@@ -4171,7 +4187,7 @@ class PayloadLog:
     def _start(self):
         with self._lock:
             if self._pid != os.getpid():
-                self._pid, self._queue, self._file = os.getpid(), queue.Queue(self.QUEUE_SIZE), None
+                self._pid, self._queue, self._file, self._queued = os.getpid(), queue.Queue(self.QUEUE_SIZE), None, 0
                 threading.Thread(target=self._write_all, name="payload-log", daemon=True).start()
 
     def _write_all(self):
@@ -4185,11 +4201,13 @@ class PayloadLog:
             try:
                 self._write(self._line(record))
             except Exception as error:   # a full disk, an unwritable folder: logged once, counted each time
+                self._done(record[-1])
                 self.metrics.count("model_service_payload_log_dropped_total", ())
                 if not self._failing:
                     logger.error("payload log: cannot write to %s: %s", self.folder, error)
                 self._failing = True
                 continue
+            self._done(record[-1])
             self._failing = False
             self.metrics.count("model_service_payload_log_records_total", ())
             if self._queue.empty():
@@ -4216,7 +4234,7 @@ class PayloadLog:
                 os.remove(os.path.join(self.folder, old))
 
     def _line(self, record):
-        at, request_id, labels, payload, protocol, status, elapsed = record
+        at, request_id, labels, payload, protocol, status, elapsed, _ = record
         (_, name), (_, version), (_, method) = labels
         line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
                 "request_id": request_id, "model": name, "version": version, "method": method,

@@ -7,6 +7,7 @@ Real models from scikit-learn's bundled data in tmp_path stores; the shutdown dr
 import glob
 import json
 import os
+import threading
 
 import pytest
 import requests
@@ -112,3 +113,29 @@ def test_a_failing_log_counts_its_drops_logs_once_and_never_fails_a_request(tmp_
     metrics = client.get("/metrics").text
     assert "model_service_payload_log_dropped_total 5" in metrics
     assert sum("payload log: cannot write" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_waiting_records_hold_a_bounded_share_of_memory(tmp_path, iris_classifier, make_app, monkeypatch):
+    """Records wait with their requests' inputs: past QUEUE_BYTES of bodies waiting, new ones are dropped."""
+    monkeypatch.setattr(service.PayloadLog, "QUEUE_BYTES", 3000)
+    writing, release = [], threading.Event()
+    original = service.PayloadLog._write
+
+    def slow_write(log, line):              # the writer stalls on its first record: later ones must wait
+        writing.append(line)
+        release.wait(30)
+        original(log, line)
+    monkeypatch.setattr(service.PayloadLog, "_write", slow_write)
+    store = versioned_store(tmp_path / "store", [iris_classifier])
+    app = make_app(store=store, payload_log=str(tmp_path / "log"))
+    client = webtest.TestApp(app)
+    big = {"instances": ROWS * 20}          # about 1.6 KB of body each
+    client.post_json("/models/m/predict", big)
+    wait_until(lambda: writing)             # the first is being written; the next waits in the queue
+    for _ in range(5):
+        client.post_json("/models/m/predict", big)
+    release.set()
+    assert app.payload_log.drain(10)
+    metrics = client.get("/metrics").text
+    written = len(log_lines(tmp_path / "log"))
+    assert written == 2 and "model_service_payload_log_dropped_total 4" in metrics, (written, metrics)

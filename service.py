@@ -26,6 +26,7 @@ Sections, in the order data flows (``grep -n '^# .*####' service.py``)::
     Restricted unpickling   --safe-pickle: only the types a model is made of
     Artifact loaders        load: bytes to an estimator, by format
     Servables               a loaded model, its batcher and its input checks
+    Native predictors       plain-numpy answers, proved bit-identical to scikit-learn's at load
     Metrics                 what GET /metrics counts
     Model registry          hold: versions, lifecycle, residency
     Request bodies          read and parse a body within its bounds
@@ -39,11 +40,13 @@ Sections, in the order data flows (``grep -n '^# .*####' service.py``)::
     Command line            ``python service.py``
     WSGI entry points       ``service:app``
 
-Each section uses only what is above it, with two exceptions, both calls made at
-run time: the JSON loader calls into the JSON model format, kept near the end so
-that the request path reads without it; and two of the HTTP application's
-handlers answer with the OpenAPI document and the console page, which come after
-it because the document is built from its route table.
+Each section uses only what is above it, with three exceptions, all calls made
+at run time: the JSON loader calls into the JSON model format, kept near the end
+so that the request path reads without it; a loaded model (Servables) gets its
+native predictor from "Native predictors", right after it, which compiles only
+what Servables has loaded; and two of the HTTP application's handlers answer
+with the OpenAPI document and the console page, which come after it because the
+document is built from its route table.
 """
 
 __version__ = "0.1.0"
@@ -598,6 +601,10 @@ SETTINGS = (
             "DIR"),
     Setting("payload_log_sample", _fraction, 1.0, "share of prediction requests the payload log records, 0-1",
             "FRACTION"),
+    Setting("native", _boolean, True,
+            "answer with plain-numpy predictors compiled at load, each proved bit-identical to scikit-learn on "
+            "probe rows (other methods and inputs: scikit-learn); a model's settings may turn them off",
+            "yes|no", const="yes"),
 )
 
 
@@ -847,7 +854,8 @@ class ModelSettings:
          "sha256": {"1": "<64 hex digits>"},    what each version's artifact must hash to
          "batching": {"max_batch_size": 32, "max_latency_ms": 2} | false,   (else the flags decide)
          "traffic": {"stable": 90, "canary": 10},   requests naming no version split by weight
-         "redact": ["ssn", "income"]}               features the payload log never writes
+         "redact": ["ssn", "income"],              features the payload log never writes
+         "native": false}                       scikit-learn answers everything (see "Native predictors")
 
     Every key is optional ("latest": only the highest version serves).  Labels must
     name served versions.  Unknown keys are refused, so a typo never passes silently.
@@ -856,13 +864,14 @@ class ModelSettings:
     """
 
     MAX_BYTES = 64 * 1024
-    KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact")
+    KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact", "native")
 
     def __init__(self, policy="latest", count=1, versions=(), labels=None, safe_pickle=False, sha256=None,
-                 batching=None):
+                 batching=None, native=True):
         self.batching = batching                # None: the flags decide; False: never; (size, latency_ms)
         self.traffic = {}                       # {label (str) or version (int): weight}
         self.redact = frozenset()               # feature names kept out of the payload log
+        self.native = native                    # False: no native predictor, whatever --native says
         self.policy, self.count, self.versions = policy, count, tuple(versions)
         self.labels = dict(labels or {})
         self.safe_pickle = safe_pickle
@@ -924,6 +933,9 @@ class ModelSettings:
         if not isinstance(redact, list) or not all(isinstance(name, str) and name for name in redact):
             raise ValueError('"redact" must list feature names, e.g. ["ssn", "income"]')
         settings.redact = frozenset(redact)
+        settings.native = document.get("native", True)
+        if type(settings.native) is not bool:
+            raise ValueError('"native" must be true or false')
         return settings
 
     def _traffic(self, traffic):
@@ -993,7 +1005,8 @@ class ModelSettings:
                 "batching": (False if self.batching is False else None if self.batching is None else
                              {"max_batch_size": self.batching[0], "max_latency_ms": self.batching[1]}),
                 "traffic": {str(target): weight for target, weight in self.traffic.items()},
-                "redact": sorted(self.redact)}
+                "redact": sorted(self.redact),
+                "native": self.native}
 
 
 DEFAULT_SETTINGS = ModelSettings()
@@ -1479,6 +1492,9 @@ class LoadedModel:
         self.retired = False            # out of service; freed when its last request ends
         self.batcher = None             # a Batcher when concurrent requests are stacked (tabular models only)
         self.checked_call = _finite_checked_call(estimator) if self.n_features is not None else None
+        self.metrics = None             # the registry's Metrics, which count calls by predictor
+        self.native = None              # a NativePredictor: the methods proved at load to answer as scikit-learn
+        self.predictors = {}            # method -> (NATIVE or SKLEARN, why), for the status
 
     def predict(self, method, inputs):
         """Answer one method for a request: through the batcher when the model has one, else `call`."""
@@ -1487,7 +1503,20 @@ class LoadedModel:
         return self.call(method, inputs)
 
     def call(self, method, inputs):
-        """Call one method now; the estimator's complaints about the input are the caller's 400."""
+        """Call one method now: natively where it is proved and takes these inputs, else through scikit-learn."""
+        native = self.native.methods.get(method) if self.native is not None else None
+        prepared = None if native is None else self.native.prepare(inputs)
+        if prepared is not None:
+            outputs, predictor = native(prepared), NATIVE
+        else:
+            outputs, predictor = self._sklearn_call(method, inputs), SKLEARN
+        if self.metrics is not None:
+            self.metrics.count("model_service_predict_calls_total", (("model", self.name), ("version", self.version),
+                                                                     ("method", method), ("predictor", predictor)))
+        return outputs
+
+    def _sklearn_call(self, method, inputs):
+        """The estimator's own answer; its complaints about the input are the caller's 400."""
         try:
             if self.checked_call is not None:
                 return self.checked_call(getattr(self.estimator, method), inputs)
@@ -1499,7 +1528,9 @@ class LoadedModel:
     def describe(self):
         return {"estimator": self.estimator_class, "methods": list(self.methods),
                 "n_features_in_": self.n_features, "feature_names_in_": self.feature_names,
-                "classes_": self.classes, "sklearn_version_skew": self.version_skew}
+                "classes_": self.classes, "sklearn_version_skew": self.version_skew,
+                "predictors": {method: {"predictor": predictor, "reason": why}
+                               for method, (predictor, why) in self.predictors.items()}}
 
 
 class Batcher:
@@ -1740,8 +1771,11 @@ def _named_parts(estimator):
             if "feature_names_in_" in part.__dict__]
 
 
-def _build_model(ref, options=None):
-    """Load one artifact into a LoadedModel; an unexpected failure is logged with its traceback."""
+def _build_model(ref, options=None, native=True, metrics=None):
+    """Load one artifact into a LoadedModel, with its native predictor unless `native` is false.
+
+    An unexpected failure is logged with its traceback; `metrics` will count its calls.
+    """
     started = time.perf_counter()
     try:
         estimator, digest, size, skew = load_artifact(ref, options)
@@ -1756,7 +1790,353 @@ def _build_model(ref, options=None):
     model = LoadedModel(ref, estimator, digest, size, time.perf_counter() - started, version_skew=skew)
     if model.make_frame is not None and _serve_arrays(estimator, model):
         model.make_frame = None
+    model.metrics = metrics
+    attach_native(model, native)        # after _serve_arrays: the names it takes off would refuse it
     return model
+
+
+###############################################################################
+# Native predictors ###########################################################
+###############################################################################
+# For one row, almost all of scikit-learn's `predict` is bookkeeping (validation,
+# configuration contexts, joblib dispatch): a 100-tree forest spends about 12 ms on a
+# row its trees walk in well under one.  So at load, for the families whose arithmetic
+# is known, the fitted arrays are compiled into plain-numpy closures that repeat
+# scikit-learn's operations exactly: the same matrix product on the same array, float32
+# inputs compared against float64 thresholds, trees summed in order and then divided,
+# the same argmax and the same class labels.  Nothing here is trusted on its reading of
+# scikit-learn's code: every compiled method is PROVED on probe rows built from the model
+# (random rows, every tree threshold with its float32 neighbours, NaN and infinities)
+# against the estimator's own method, bit for bit in values, dtype and shape, one row at
+# a time and in batches; a method that differs, fails or is not compiled is answered by
+# scikit-learn, with the reason in the model's status.  At request time the native path
+# takes only inputs it can prove it treats exactly as scikit-learn would (a C-contiguous
+# float64 matrix of the right width, values the model accepts); everything else (a
+# DataFrame, another dtype or width, values scikit-learn refuses) goes to scikit-learn,
+# so its refusals and their messages are unchanged.
+
+NATIVE, SKLEARN = "native", "scikit-learn"
+NATIVE_PROBE_SEED = 14          # probes are random but the same at every load: a proof can be rerun
+_RANDOM_PROBES = 512            # random rows in every proof, besides the threshold rows of trees
+_SINGLE_PROBES = 4              # rows of the probe batch also proved one at a time (each costs a forest
+                                # ~12 ms in scikit-learn: the proof of a 100-tree forest stays under 1 s)
+_TREE_CELLS = 1 << 20           # (row, tree) pairs a forest walks at once: bounds its temporaries
+
+
+class _NotNative(Exception):
+    """Why a model (or one of its methods) is left to scikit-learn."""
+
+
+class NativePredictor:
+    """A model's proved native methods and the input check that keeps them on proved ground.
+
+    `prepare(inputs)` is the array the methods take (float32 for trees, whose scikit-learn
+    converts to it first), or None when the inputs must go to scikit-learn.
+    """
+
+    def __init__(self, methods, n_features, allow_nan, float32):
+        import numpy as np
+
+        self.methods = methods                      # {method: function of the prepared array}
+        self._n_features, self._allow_nan, self._float32 = n_features, allow_nan, float32
+        self._ndarray, self._float64, self._isfinite, self._isinf = np.ndarray, np.dtype(np.float64), \
+            np.isfinite, np.isinf
+
+    def prepare(self, inputs):
+        if type(inputs) is not self._ndarray or inputs.dtype != self._float64 or inputs.ndim != 2 \
+                or inputs.shape[1] != self._n_features or not inputs.shape[0] or not inputs.flags.c_contiguous:
+            return None
+        if self._float32:       # values past float32's range become infinities, which scikit-learn refuses
+            inputs = inputs.astype("float32")
+        if self._isinf(inputs).any() if self._allow_nan else not self._isfinite(inputs).all():
+            return None
+        return inputs
+
+
+@functools.cache
+def _native_compilers():
+    """{estimator class: compiler}: exact classes only, so a subclass's own predict is never bypassed."""
+    from sklearn import ensemble, linear_model, svm, tree
+
+    families = {
+        _linear_regressor: (linear_model.LinearRegression, linear_model.Ridge, linear_model.Lasso,
+                            linear_model.ElasticNet, linear_model.SGDRegressor, svm.LinearSVR),
+        _linear_classifier: (linear_model.LogisticRegression, linear_model.RidgeClassifier,
+                             linear_model.SGDClassifier, linear_model.Perceptron, svm.LinearSVC),
+        _tree_model: (tree.DecisionTreeClassifier, tree.DecisionTreeRegressor, tree.ExtraTreeClassifier,
+                      tree.ExtraTreeRegressor, ensemble.RandomForestClassifier, ensemble.RandomForestRegressor,
+                      ensemble.ExtraTreesClassifier, ensemble.ExtraTreesRegressor),
+    }
+    return {cls: compiler for compiler, classes in families.items() for cls in classes}
+
+
+def _linear_scores(estimator):
+    """`X @ coef_.T + intercept_`, the product scikit-learn's linear models compute, on the same arrays."""
+    import numpy as np
+
+    coef, intercept = estimator.coef_, estimator.intercept_
+    if type(coef) is not np.ndarray or coef.dtype != np.float64:
+        raise _NotNative(f"coef_ is a {type(coef).__name__} of {getattr(coef, 'dtype', '?')}, not float64 numbers")
+    coef_t = coef.T if coef.ndim == 2 else coef
+    return lambda X: X @ coef_t + intercept
+
+
+def _linear_regressor(estimator):
+    """predict is the scores themselves (LinearModel._decision_function, SGDRegressor's ravel of a 1-D)."""
+    return {"predict": _linear_scores(estimator)}, None
+
+
+def _linear_classifier(estimator):
+    """LinearClassifierMixin: decision_function, predict by sign or argmax; LogisticRegression's probabilities."""
+    import numpy as np
+
+    binarizer = getattr(estimator, "_label_binarizer", None)
+    if binarizer is not None and binarizer.y_type_.startswith("multilabel"):
+        raise _NotNative("a multilabel RidgeClassifier predicts through its label binarizer")
+    scores, classes, intp = _linear_scores(estimator), estimator.classes_, np.intp
+
+    def decision_function(X):
+        found = scores(X)
+        return found.reshape(-1) if found.ndim > 1 and found.shape[1] == 1 else found
+
+    def predict(X):
+        found = decision_function(X)
+        return classes.take((found > 0).astype(intp) if found.ndim == 1 else found.argmax(axis=1), axis=0)
+
+    methods = {"decision_function": decision_function, "predict": predict}
+    if type(estimator).__name__ == "LogisticRegression":
+        methods.update(_logistic_probabilities(decision_function, len(classes)))
+    return methods, None
+
+
+def _logistic_probabilities(decision_function, n_classes):
+    """LogisticRegression.predict_proba: expit (scipy's, as scikit-learn calls it) when binary, else softmax."""
+    import numpy as np
+    from scipy.special import expit     # scikit-learn's own dependency, the function it uses
+
+    if n_classes <= 2:
+        def predict_proba(X):
+            probability = expit(decision_function(X))
+            return np.stack([1 - probability, probability], axis=1)
+    else:
+        def predict_proba(X):           # sklearn.utils.extmath.softmax, in place on a fresh array
+            found = decision_function(X)
+            found -= found.max(axis=1).reshape((-1, 1))
+            np.exp(found, out=found)
+            found /= found.sum(axis=1).reshape((-1, 1))
+            return found
+
+    return {"predict_proba": predict_proba, "predict_log_proba": lambda X: np.log(predict_proba(X))}
+
+
+def _tree_model(estimator):
+    """A tree or a forest of them: every tree walked at once, their leaf values summed in order, then averaged.
+
+    A forest adds each tree's prediction into a zeroed float64 accumulator in the order of
+    `estimators_` and divides by their count (ForestClassifier.predict_proba,
+    ForestRegressor.predict); a cumulative sum along the trees repeats that order exactly.
+    Only forests predicting in one thread: with n_jobs, scikit-learn adds the trees in the
+    order its threads finish, and its own answers vary in the last bit.
+    """
+    import numpy as np
+
+    forest = hasattr(estimator, "estimators_")
+    members = list(estimator.estimators_) if forest else [estimator]
+    if forest and estimator.n_jobs not in (None, 1):
+        raise _NotNative(f"n_jobs={estimator.n_jobs}: scikit-learn sums the trees in the order its threads finish")
+    member_classes = {type(estimator.estimator)} if forest else {type(estimator)}
+    if {type(member) for member in members} != member_classes:
+        raise _NotNative("its trees are not all of the class it builds")
+    if getattr(estimator, "n_outputs_", 1) > 1 and hasattr(estimator, "classes_"):
+        raise _NotNative("a multi-output classifier answers one array per output")
+    walk, values, thresholds = _tree_walker(members, estimator.n_features_in_)
+    classifier = hasattr(estimator, "classes_")
+    values = values[:, 0, :len(estimator.classes_)] if classifier else \
+        values[:, :, 0] if estimator.n_outputs_ > 1 else values[:, 0, 0]
+    count, chunk = len(members), max(1, _TREE_CELLS // len(members))
+
+    def combined(X):
+        if len(X) > chunk:                        # rows are independent: bound the (rows, trees) temporaries
+            return np.concatenate([combined(X[start:start + chunk]) for start in range(0, len(X), chunk)])
+        leaves = values[walk(X)]                  # (rows, trees, ...): each tree's prediction
+        if not forest:
+            return leaves[:, 0]
+        zero = np.zeros_like(leaves[:, :1])
+        return np.cumsum(np.concatenate([zero, leaves], axis=1), axis=1)[:, -1] / count
+
+    if not classifier:
+        return {"predict": combined}, thresholds
+    classes = estimator.classes_
+    return {"predict_proba": combined, "predict_log_proba": lambda X: np.log(combined(X)),
+            "predict": lambda X: classes.take(combined(X).argmax(axis=1), axis=0)}, thresholds
+
+
+def _tree_walker(members, n_features):
+    """(walk, values, thresholds): walk(X32) -> leaf of every row in every tree, as Tree._apply_dense finds it.
+
+    All trees' nodes go into one set of flat arrays; a leaf points to itself, so every row
+    takes max_depth steps and stays on its leaf.  A step compares the row's float32 value
+    with the node's float64 threshold (NaN goes where missing_go_to_left says), as the
+    Cython does.  `thresholds` lists each feature's split thresholds, for the proof.
+    """
+    import numpy as np
+
+    trees = [member.tree_ for member in members]
+    offsets = np.cumsum([0] + [tree.node_count for tree in trees])
+    own = np.arange(offsets[-1])
+    leaf = np.concatenate([tree.children_left for tree in trees]) == -1
+    left = np.where(leaf, own, np.concatenate([tree.children_left + o for tree, o in zip(trees, offsets)]))
+    right = np.where(leaf, own, np.concatenate([tree.children_right + o for tree, o in zip(trees, offsets)]))
+    feature = np.where(leaf, 0, np.concatenate([tree.feature for tree in trees]))
+    threshold = np.concatenate([tree.threshold for tree in trees])
+    missing_left = np.concatenate([tree.missing_go_to_left for tree in trees]).astype(bool)
+    values = np.concatenate([tree.value for tree in trees])
+    roots, depth = offsets[:-1], max(tree.max_depth for tree in trees)
+
+    def walk(X):
+        node = np.repeat(roots[np.newaxis, :], len(X), axis=0)
+        rows = np.arange(len(X))[:, np.newaxis]
+        for _ in range(depth):
+            x = X[rows, feature[node]]
+            go_left = (x <= threshold[node]) | (np.isnan(x) & missing_left[node])
+            node = np.where(go_left, left[node], right[node])
+        return node
+
+    thresholds = [np.unique(threshold[~leaf & (feature == f)]) for f in range(n_features)]
+    return walk, values, thresholds
+
+
+def _probe_rows(n_features, thresholds, rng):
+    """Finite rows to prove on: random ones at many scales, and for trees every threshold and its neighbours.
+
+    A threshold t is probed at t itself, at float32(t) and at the float32 values on either side
+    of it, which is where a comparison after the float32 conversion could go either way.  Each
+    row carries one probe per feature, so every probe appears in some row.
+    """
+    import numpy as np
+
+    scale = 10.0 ** rng.integers(-3, 4, size=(_RANDOM_PROBES, 1))
+    rows = [rng.standard_normal((_RANDOM_PROBES, n_features)) * scale, np.zeros((1, n_features))]
+    if thresholds is not None:
+        columns = []
+        for found in thresholds:
+            near = found.astype(np.float32)
+            values = np.concatenate([found, near, np.nextafter(near, np.float32(-np.inf)),
+                                     np.nextafter(near, np.float32(np.inf))]).astype(np.float64)
+            columns.append(values if len(values) else rng.standard_normal(1))
+        height = max(len(column) for column in columns)
+        rows.append(np.stack([rng.permutation(np.resize(column, height)) for column in columns], axis=1))
+    return np.ascontiguousarray(np.concatenate(rows))
+
+
+def _edge_rows(batch, rng):
+    """Rows holding what scikit-learn may refuse: NaN, infinities, a float64 past float32's range."""
+    import numpy as np
+
+    edges = []
+    for value in (np.nan, np.inf, -np.inf, 1e39):
+        row = batch[:1].copy()
+        row[0, rng.integers(row.shape[1])] = value
+        edges.append(row)
+    holes = batch[:64].copy()
+    holes[rng.random(holes.shape) < 0.2] = np.nan
+    return edges + [holes]
+
+
+def _answer(function, X):
+    """(True, outputs) or (False, the exception): scikit-learn's refusals are facts the proof compares."""
+    try:
+        return True, function(X)
+    except Exception as error:  # its refusal of the probe, whatever the estimator raises
+        return False, error
+
+
+def _prove(estimator, methods, n_features, float32, batch, rng):
+    """The NativePredictor of the methods that answer every probe exactly as scikit-learn does, and why others don't.
+
+    First the input check: NaN is let through natively only if scikit-learn accepts it, and
+    an edge row the check lets through must be one scikit-learn answers.  Then each method on
+    the probe batch, on single rows of it, and on the edge rows the check lets through.
+    """
+    import numpy as np
+
+    first = getattr(estimator, next(iter(methods)))
+    edges = _edge_rows(batch, rng)
+    allow_nan = _answer(first, edges[0])[0]
+    predictor = NativePredictor({}, n_features, allow_nan, float32)
+    probes = [batch] + [batch[i:i + 1] for i in rng.choice(len(batch), _SINGLE_PROBES)]
+    for row in edges:
+        if predictor.prepare(row) is not None:
+            if not _answer(first, row)[0]:
+                return predictor, dict.fromkeys(methods, "scikit-learn refuses an input the native check lets by")
+            probes.append(row)
+    refused = {}
+    for method, function in methods.items():
+        expected_of = getattr(estimator, method)
+        for X in probes:
+            ok, expected = _answer(expected_of, X)
+            try:
+                same = ok and _same_outputs(expected, function(predictor.prepare(X)))
+            except Exception as error:  # the compiled closure failed: that is a reason, not a crash
+                refused[method] = f"the native {method} failed on a probe: {type(error).__name__}: {error}"
+                break
+            if not same:
+                refused[method] = (f"differs from scikit-learn on a probe of {len(X)} row(s)" if ok else
+                                   f"scikit-learn refused a probe: {_clip(str(expected), 120)}")
+                break
+        else:
+            predictor.methods[method] = function
+    return predictor, refused
+
+
+def compile_native(estimator, model):
+    """(NativePredictor or None, {method: (predictor, reason)}) for a freshly loaded model.
+
+    None when no method is proved.  Every failure here, expected or not, only means that
+    scikit-learn answers: loading never fails because of the native predictor.
+    """
+    import numpy as np
+
+    compiler = _native_compilers().get(type(estimator))
+    reasons = {}
+    try:
+        if compiler is None:
+            raise _NotNative(f"no native compiler for {type(estimator).__name__} (exact classes only)")
+        if _named_parts(estimator):
+            raise _NotNative("fitted on named columns: scikit-learn checks the names of what it is given")
+        shadowed = [m for m in model.methods if m in vars(estimator)]
+        if shadowed:
+            raise _NotNative(f"{', '.join(shadowed)} replaced on the instance")
+        compiled, thresholds = compiler(estimator)
+        compiled = {m: f for m, f in compiled.items() if m in model.methods}
+        if not compiled:
+            raise _NotNative("no native version of its methods")
+        rng = np.random.default_rng(NATIVE_PROBE_SEED)
+        batch = _probe_rows(model.n_features, thresholds, rng)
+        with np.errstate(all="ignore"):     # log(0) and the like warn alike on both sides: not a difference
+            predictor, reasons = _prove(estimator, compiled, model.n_features, thresholds is not None, batch, rng)
+    except Exception as error:  # a compiler meeting an estimator it misreads: scikit-learn answers
+        reason = str(error) if isinstance(error, _NotNative) else \
+            f"compiling failed: {type(error).__name__}: {_clip(str(error), 120)}"
+        return None, {m: (SKLEARN, reason) for m in model.methods}
+    status = {m: (NATIVE, f"proved bit-identical on {len(batch)} probe rows") if m in predictor.methods else
+              (SKLEARN, reasons.get(m, "no native version of this method")) for m in model.methods}
+    return (predictor if predictor.methods else None), status
+
+
+def attach_native(model, enabled):
+    """Give `model` its native predictor (or say why not), timing compile and proof into its load time."""
+    if not enabled:
+        model.predictors = {m: (SKLEARN, "native predictors are switched off") for m in model.methods}
+        return
+    started = time.perf_counter()
+    model.native, model.predictors = compile_native(model.estimator, model)
+    seconds = time.perf_counter() - started
+    model.load_seconds += seconds
+    native = [m for m, (predictor, _) in model.predictors.items() if predictor == NATIVE]
+    logger.info("model %r version %s: native predictor for %s (compiled and proved in %.3f s)%s", model.name,
+                model.version, ", ".join(native) or "no method", seconds,
+                "".join(f"; {m} by scikit-learn: {why}" for m, (p, why) in model.predictors.items() if p == SKLEARN))
 
 
 ###############################################################################
@@ -1781,6 +2161,8 @@ METRICS = {   # name: (type, help, histogram buckets)
     "model_service_payload_log_records_total": ("counter", "Prediction requests written to the payload log.", None),
     "model_service_payload_log_dropped_total": ("counter", "Payload log records dropped: its queue was full or "
                                                 "a write failed.", None),
+    "model_service_predict_calls_total": ("counter", "Predict calls (a stacked batch is one) by model, version, "
+                                          "method and the predictor that answered (native, scikit-learn).", None),
     "model_service_models_loaded": ("gauge", "Model versions in memory.", None),
     "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", None),
 }

@@ -2814,7 +2814,9 @@ class ModelRegistry:
         labels = (("model", ref.name), ("version", str(ref.version)))
         started = time.perf_counter()
         try:
-            model = _build_model(ref, self._load_options(ref))
+            settings = self._settings.get(ref.name, (None, None))[1] or DEFAULT_SETTINGS
+            model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native,
+                                 metrics=self.metrics)
         except Exception:
             self.metrics.count("model_service_model_loads_total", labels + (("outcome", "failure"),))
             raise

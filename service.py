@@ -2023,6 +2023,7 @@ def _probe_rows(n_features, thresholds, rng):
             near = found.astype(np.float32)
             values = np.concatenate([found, near, np.nextafter(near, np.float32(-np.inf)),
                                      np.nextafter(near, np.float32(np.inf))]).astype(np.float64)
+            values = values[np.abs(values) <= np.finfo(np.float32).max]    # a split on NaN alone is at +inf
             columns.append(values if len(values) else rng.standard_normal(1))
         height = max(len(column) for column in columns)
         rows.append(np.stack([rng.permutation(np.resize(column, height)) for column in columns], axis=1))

@@ -1,0 +1,387 @@
+"""The native predictors against scikit-learn, bit for bit: a differential suite, and the service around it.
+
+Every covered family and method is fed random rows, threshold-edge rows (each tree threshold, its
+float32 neighbours) and, where the model takes them, rows with NaN, in one-row calls and in batches of
+many sizes; the native answer must equal scikit-learn's on the same array in values, dtype and shape.
+CI runs a bounded sample.  The long run is this file as a program:
+
+    python tests/test_native.py --rows 100000      # rows per family and method; prints the figures
+
+Then: families that must stay with scikit-learn, a proof that fails on purpose, the switches, the
+status, the metrics, and HTTP answers through the real app.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import webtest
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_wine, make_classification
+from sklearn.ensemble import (ExtraTreesClassifier, ExtraTreesRegressor, RandomForestClassifier,
+                              RandomForestRegressor)
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import (ElasticNet, Lasso, LinearRegression, LogisticRegression, Perceptron, Ridge,
+                                  RidgeClassifier, SGDClassifier, SGDRegressor)
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC, LinearSVR
+from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTreeClassifier
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import service  # noqa: E402
+
+
+def _standard(X):
+    return (X - X.mean(axis=0)) / X.std(axis=0)
+
+
+def _with_holes(X, seed=0):
+    """X with a tenth of its values missing: trees then learn where NaN goes (missing_go_to_left)."""
+    X = X.copy()
+    X[np.random.default_rng(seed).random(X.shape) < 0.1] = np.nan
+    return X
+
+
+def _data():
+    iris, wine = load_iris(return_X_y=True), load_wine(return_X_y=True)
+    cancer, diabetes = load_breast_cancer(return_X_y=True), load_diabetes(return_X_y=True)
+    wide = make_classification(n_samples=2000, n_features=20, random_state=0)
+    return {"iris": iris, "wine": wine, "cancer": (_standard(cancer[0]), cancer[1]),
+            "diabetes": diabetes, "wide": wide, "iris_std": (_standard(iris[0]), iris[1]),
+            "iris_holes": (_with_holes(iris[0]), iris[1]),
+            "diabetes_2": (diabetes[0], np.c_[diabetes[1], diabetes[1] ** 0.5])}
+
+
+# family id -> (estimator, data set): every class the native compiler covers, binary and multiclass,
+# single and multi-output, trees with and without missing values
+FAMILIES = {
+    "logistic_multinomial": (lambda: LogisticRegression(max_iter=1000), "iris"),
+    "logistic_binary": (lambda: LogisticRegression(max_iter=1000), "cancer"),
+    "ridge_classifier": (lambda: RidgeClassifier(), "wine"),
+    "sgd_classifier": (lambda: SGDClassifier(random_state=0), "iris_std"),
+    "perceptron": (lambda: Perceptron(random_state=0), "cancer"),
+    "linear_svc": (lambda: LinearSVC(random_state=0), "iris_std"),
+    "linear_regression_2_outputs": (lambda: LinearRegression(), "diabetes_2"),
+    "ridge": (lambda: Ridge(alpha=0.5), "diabetes"),
+    "lasso": (lambda: Lasso(alpha=0.1), "diabetes"),
+    "elastic_net": (lambda: ElasticNet(alpha=0.01), "diabetes"),
+    "sgd_regressor": (lambda: SGDRegressor(random_state=0), "diabetes"),
+    "linear_svr": (lambda: LinearSVR(random_state=0, max_iter=10000), "diabetes"),
+    "decision_tree_classifier": (lambda: DecisionTreeClassifier(random_state=0), "wine"),
+    "decision_tree_regressor": (lambda: DecisionTreeRegressor(random_state=0), "diabetes"),
+    "extra_tree_classifier_nan": (lambda: ExtraTreeClassifier(random_state=0), "iris_holes"),
+    "random_forest_classifier": (lambda: RandomForestClassifier(n_estimators=30, max_depth=10, random_state=0),
+                                 "wide"),
+    "random_forest_classifier_nan": (lambda: RandomForestClassifier(n_estimators=20, random_state=0),
+                                     "iris_holes"),
+    "random_forest_regressor": (lambda: RandomForestRegressor(n_estimators=20, random_state=0), "diabetes"),
+    "extra_trees_classifier": (lambda: ExtraTreesClassifier(n_estimators=20, random_state=0), "wine"),
+    "extra_trees_regressor_2_outputs": (lambda: ExtraTreesRegressor(n_estimators=10, random_state=0),
+                                        "diabetes_2"),
+}
+
+
+class _Ref:
+    name, version = "differential", 1
+
+
+def loaded(estimator):
+    """A LoadedModel with its native predictor, as the service builds it at load."""
+    model = service.LoadedModel(_Ref, estimator, "", 0, 0.0)
+    service.attach_native(model, True)
+    return model
+
+
+_MODELS = {}
+
+
+def family(name):
+    """(LoadedModel, training X) of a family, trained once per process."""
+    if name not in _MODELS:
+        factory, data = FAMILIES[name]
+        X, y = _data()[data]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            _MODELS[name] = loaded(factory().fit(X, y)), X
+    return _MODELS[name]
+
+
+def differential_rows(model, X, count, rng):
+    """`count` rows: a third random within (and a little past) the fitted range, a third at tree thresholds
+    and their float32 neighbours (training rows, jittered, for linear models), a third with NaN where the
+    model takes it (else random)."""
+    low, high = np.nanmin(X, axis=0), np.nanmax(X, axis=0)
+    span = high - low
+    third = count // 3
+    rows = [rng.uniform(low - span / 2, high + span / 2, size=(count - 2 * third, X.shape[1]))]
+    estimator = model.estimator
+    trees = [part.tree_ for part in getattr(estimator, "estimators_", [estimator]) if hasattr(part, "tree_")]
+    if trees:
+        edges = rng.uniform(low, high, size=(third, X.shape[1]))
+        for tree in trees:
+            inner = tree.children_left != -1
+            finite = inner & np.isfinite(tree.threshold)        # a split on NaN alone is at +inf
+            for node_feature, threshold in zip(tree.feature[finite], tree.threshold[finite]):
+                near = np.float32(threshold)
+                choices = (threshold, near, np.nextafter(near, np.float32(-np.inf)),
+                           np.nextafter(near, np.float32(np.inf)))
+                rows_hit = rng.integers(third, size=2)
+                edges[rows_hit, node_feature] = [float(rng.choice(choices)) for _ in rows_hit]
+    else:
+        base = np.nan_to_num(X[rng.integers(len(X), size=third)])
+        edges = base + rng.standard_normal(base.shape) * span * 1e-3
+    rows.append(edges)
+    holes = rng.uniform(low, high, size=(third, X.shape[1]))
+    if model.native._allow_nan:
+        holes[rng.random(holes.shape) < 0.25] = np.nan
+    rows.append(holes)
+    return np.ascontiguousarray(rng.permutation(np.concatenate(rows)))
+
+
+def differences(model, method, rows, rng, single):
+    """(rows compared, calls, differing calls): `single` one-row calls, then the rest in batches of 2 to 512."""
+    native, reference = model.native.methods[method], getattr(model.estimator, method)
+    calls = differing = 0
+    start = 0
+    with np.errstate(all="ignore"):
+        while start < len(rows):
+            size = 1 if calls < single else int(rng.integers(2, 513))
+            X = rows[start:start + size]
+            start += size
+            prepared = model.native.prepare(X)
+            assert prepared is not None, "the native check refused rows the model takes"
+            calls += 1
+            differing += not service._same_outputs(reference(X), native(prepared))
+    return len(rows), calls, differing
+
+
+def _cases():
+    return [(name, method) for name in FAMILIES for method in _methods(name)]
+
+
+def _methods(name):
+    factory, _ = FAMILIES[name]
+    estimator = factory()
+    if isinstance(estimator, SGDClassifier):      # hinge loss: no probabilities
+        return ("predict", "decision_function")
+    if isinstance(estimator, LogisticRegression):
+        return ("predict", "predict_proba", "predict_log_proba", "decision_function")
+    if hasattr(estimator, "decision_function"):
+        return ("predict", "decision_function")
+    if hasattr(estimator, "predict_proba"):
+        return ("predict", "predict_proba", "predict_log_proba")
+    return ("predict",)
+
+
+@pytest.mark.parametrize("name, method", _cases(), ids=[f"{n}-{m}" for n, m in _cases()])
+def test_native_equals_scikit_learn(name, method):
+    model, X = family(name)
+    assert model.predictors[method][0] == service.NATIVE, model.predictors[method]
+    rng = np.random.default_rng(len(name) * 31 + len(method))
+    rows, calls, differing = differences(model, method, differential_rows(model, X, 600, rng), rng, single=12)
+    assert differing == 0 and rows == 600 and calls > 12
+
+
+def test_nan_rows_are_served_natively_where_the_trees_take_them():
+    model, X = family("random_forest_classifier_nan")
+    holes = np.ascontiguousarray(X[:40])
+    assert np.isnan(holes).any() and model.native.prepare(holes) is not None
+    assert service._same_outputs(model.estimator.predict_proba(holes), model.call("predict_proba", holes))
+    linear, _ = family("logistic_multinomial")
+    assert not linear.native._allow_nan and linear.native.prepare(holes) is None
+
+
+def test_native_batches_equal_one_row_scikit_learn_calls_for_forests():
+    model, X = family("random_forest_classifier")
+    rows = np.ascontiguousarray(X[:50])
+    one_by_one = np.concatenate([model.estimator.predict_proba(rows[i:i + 1]) for i in range(len(rows))])
+    assert service._same_outputs(one_by_one, model.call("predict_proba", rows))
+
+
+@pytest.mark.parametrize("estimator, data", [
+    (KNeighborsClassifier(), "iris"), (SVC(), "iris"),
+    (make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)), "iris"),
+    (RandomForestClassifier(n_estimators=3, n_jobs=2, random_state=0), "iris")],
+    ids=["knn", "svc-rbf", "pipeline", "forest-n_jobs"])
+def test_other_families_stay_with_scikit_learn(estimator, data):
+    model = loaded(estimator.fit(*_data()[data]))
+    assert model.native is None
+    assert {predictor for predictor, _ in model.predictors.values()} == {service.SKLEARN}
+    assert all(why for _, why in model.predictors.values())
+
+
+def test_a_subclass_is_not_compiled_even_when_it_only_renames():
+    class Renamed(LogisticRegression):
+        pass
+
+    model = loaded(Renamed(max_iter=1000).fit(*_data()["iris"]))
+    assert model.native is None and "exact classes only" in model.predictors["predict"][1]
+
+
+def test_a_method_replaced_on_the_instance_is_not_compiled():
+    estimator = LogisticRegression(max_iter=1000).fit(*_data()["iris"])
+    estimator.predict = lambda rows: np.zeros(len(rows), dtype=np.int64)
+    model = loaded(estimator)
+    assert model.native is None and "replaced on the instance" in model.predictors["predict"][1]
+
+
+def test_a_proof_that_fails_falls_back_with_the_reason(monkeypatch):
+    """One bit off, only on one-row calls: the proof's single rows catch it; the method stays with
+    scikit-learn and the model's other methods are unaffected."""
+    compilers = service._native_compilers()
+    original = compilers[LogisticRegression]
+
+    def off_by_one_bit(estimator):
+        methods, thresholds = original(estimator)
+        proba = methods["predict_proba"]
+        methods["predict_proba"] = lambda X: np.nextafter(proba(X), 2.0) if len(X) == 1 else proba(X)
+        return methods, thresholds
+
+    monkeypatch.setitem(compilers, LogisticRegression, off_by_one_bit)
+    X, y = _data()["iris"]
+    model = loaded(LogisticRegression(max_iter=1000).fit(X, y))
+    predictor, why = model.predictors["predict_proba"]
+    assert predictor == service.SKLEARN and "differs from scikit-learn on a probe of 1 row(s)" in why
+    assert model.predictors["predict"][0] == service.NATIVE
+    row = np.ascontiguousarray(X[:1])
+    assert service._same_outputs(model.estimator.predict_proba(row), model.call("predict_proba", row))
+    assert model.describe()["predictors"]["predict_proba"] == {"predictor": "scikit-learn", "reason": why}
+
+
+def test_a_compiler_that_raises_falls_back(monkeypatch):
+    def broken(estimator):
+        raise KeyError("coef_")
+
+    monkeypatch.setitem(service._native_compilers(), Ridge, broken)
+    model = loaded(Ridge().fit(*_data()["diabetes"]))
+    assert model.native is None and model.predictors["predict"][1] == "compiling failed: KeyError: 'coef_'"
+
+
+@pytest.mark.parametrize("rows", [
+    np.array([[1.0, np.nan, 3.0, 4.0]]), np.array([[1.0, 2.0, 3.0]]), np.array([[1.0, 2.0, 3.0, np.inf]]),
+    np.array([["a", 2.0, 3.0, 4.0]], dtype=object)], ids=["nan", "width", "inf", "object"])
+def test_what_the_native_check_refuses_gets_scikit_learns_refusal(rows):
+    native, plain = family("logistic_multinomial")[0], service.LoadedModel(_Ref, family(
+        "logistic_multinomial")[0].estimator, "", 0, 0.0)
+    with pytest.raises(service.BadRequest) as with_native:
+        native.call("predict", rows)
+    with pytest.raises(service.BadRequest) as without:
+        plain.call("predict", rows)
+    assert str(with_native.value) == str(without.value)
+
+
+def test_other_layouts_and_dtypes_go_to_scikit_learn():
+    model, X = family("logistic_multinomial")
+    for rows in (np.asfortranarray(X[:5]), X[:5].astype(np.float32), X[:5:2], X[:0]):
+        assert model.native.prepare(rows) is None
+    rows = np.ascontiguousarray(X[:5])
+    assert model.native.prepare(rows) is rows
+
+
+# -- the service around it ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def native_store(tmp_path):
+    """iris (LogisticRegression) and rf (a 30-tree forest) as joblib artifacts."""
+    from conftest import write_artifact
+
+    root = tmp_path / "store"
+    write_artifact(root / "iris" / "1" / "model.joblib", family("logistic_multinomial")[0].estimator, "joblib")
+    write_artifact(root / "rf" / "1" / "model.joblib", family("random_forest_classifier")[0].estimator, "joblib")
+    return root
+
+
+def _app(make_client, store, **options):
+    return make_client(store, poll_interval=0.0, **options)
+
+
+@pytest.mark.parametrize("name, data, method", [("iris", "iris", "predict_proba"), ("iris", "iris", "predict"),
+                                                ("rf", "wide", "predict_proba"), ("rf", "wide", "predict")])
+def test_http_answers_are_scikit_learns_bit_for_bit(make_client, native_store, name, data, method):
+    client = _app(make_client, native_store)
+    rows = _data()[data][0][:7]
+    answer = client.post_json(f"/models/{name}/predict", {"instances": rows.tolist(), "method": method}).json
+    estimator = family("logistic_multinomial" if name == "iris" else "random_forest_classifier")[0].estimator
+    expected = getattr(estimator, method)(np.array(rows.tolist()))
+    assert json.dumps(answer["predictions"]) == json.dumps(service.to_jsonable(expected))
+    status = client.get(f"/models/{name}/versions/1").json
+    assert status["predictors"][method]["predictor"] == "native"
+    metrics = client.get("/metrics").text
+    assert (f'model_service_predict_calls_total{{model="{name}",version="1",method="{method}",'
+            f'predictor="native"}} 1') in metrics
+
+
+def test_the_flag_turns_it_off(make_client, native_store):
+    client = _app(make_client, native_store, native=False)
+    client.post_json("/models/iris/predict", {"instances": [[5.1, 3.5, 1.4, 0.2]]})
+    status = client.get("/models/iris/versions/1").json
+    assert status["predictors"]["predict"] == {"predictor": "scikit-learn",
+                                               "reason": "native predictors are switched off"}
+    assert 'method="predict",predictor="scikit-learn"} 1' in client.get("/metrics").text
+
+
+def test_a_models_settings_turn_it_off(make_client, native_store):
+    (native_store / "iris" / "model-settings.json").write_text('{"native": false}')
+    client = _app(make_client, native_store)
+    client.post_json("/models/iris/predict", {"instances": [[5.1, 3.5, 1.4, 0.2]]})
+    assert client.get("/models/iris/versions/1").json["predictors"]["predict"]["predictor"] == "scikit-learn"
+    client.post_json("/models/rf/predict", {"instances": [[0.0] * 20]})
+    assert client.get("/models/rf/versions/1").json["predictors"]["predict"]["predictor"] == "native"
+
+
+def test_settings_refuse_a_native_that_is_not_a_boolean():
+    with pytest.raises(ValueError, match='"native" must be true or false'):
+        service.ModelSettings.parse({"native": "no"})
+    assert service.ModelSettings.parse({"native": False}).describe()["native"] is False
+    assert service.Config.load({"native": "no"}).native is False
+    assert service.Config.load({}, {"MODEL_SERVICE_NATIVE": "off"}).native is False
+
+
+def test_the_load_log_says_what_is_native_and_how_long_the_proof_took(caplog):
+    with caplog.at_level("INFO", logger="service"):
+        loaded(SVC().fit(*_data()["iris"]))
+        loaded(LogisticRegression(max_iter=1000).fit(*_data()["iris"]))
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("native predictor for no method" in line and "no native compiler for SVC" in line for line in lines)
+    assert any("native predictor for predict, predict_proba, predict_log_proba, decision_function (compiled and "
+               "proved in " in line for line in lines)
+
+
+# -- the long run -------------------------------------------------------------------------------------------
+
+def long_run(rows, single):
+    """Every family and method on `rows` rows; print one line each and the totals; True when none differ."""
+    total_rows = total_calls = total_differing = 0
+    print(f"{'family':34} {'method':18} {'rows':>8} {'calls':>7} {'1-row':>6} {'differing':>9} {'s':>7}")
+    for name, method in _cases():
+        model, X = family(name)
+        if model.predictors[method][0] != service.NATIVE:
+            print(f"{name:34} {method:18} not native: {model.predictors[method][1]}")
+            total_differing += 1
+            continue
+        rng = np.random.default_rng(zlib.crc32(f"{name} {method}".encode()))
+        started = time.perf_counter()
+        counted, calls, differing = differences(model, method, differential_rows(model, X, rows, rng), rng, single)
+        total_rows, total_calls, total_differing = total_rows + counted, total_calls + calls, \
+            total_differing + differing
+        print(f"{name:34} {method:18} {counted:8d} {calls:7d} {min(single, calls):6d} {differing:9d} "
+              f"{time.perf_counter() - started:7.1f}", flush=True)
+    print(f"total: {len(_cases())} family/method pairs, {total_rows} rows in {total_calls} calls, "
+          f"{total_differing} differing")
+    return total_differing == 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="native vs scikit-learn on many rows, every family and method")
+    parser.add_argument("--rows", type=int, default=100_000, help="rows per family and method (default 100000)")
+    parser.add_argument("--single", type=int, default=500, help="of which one-row calls (default 500)")
+    arguments = parser.parse_args()
+    sys.exit(0 if long_run(arguments.rows, arguments.single) else 1)

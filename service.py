@@ -1804,7 +1804,8 @@ def _build_model(ref, options=None, native=True, metrics=None):
 # is known, the fitted arrays are compiled into plain-numpy closures that repeat
 # scikit-learn's operations exactly: the same matrix product on the same array, float32
 # inputs compared against float64 thresholds, trees summed in order and then divided,
-# the same argmax and the same class labels.  Nothing here is trusted on its reading of
+# the same argmax and the same class labels; a pipeline of known scalers and imputers
+# runs their arithmetic first.  Nothing here is trusted on its reading of
 # scikit-learn's code: every compiled method is PROVED on probe rows built from the model
 # (random rows, every tree threshold with its float32 neighbours, NaN and infinities)
 # against the estimator's own method, bit for bit in values, dtype and shape, one row at
@@ -1831,14 +1832,18 @@ class NativePredictor:
     """A model's proved native methods and the input check that keeps them on proved ground.
 
     `prepare(inputs)` is the array the methods take (float32 for trees, whose scikit-learn
-    converts to it first), or None when the inputs must go to scikit-learn.
+    converts to it first), or None when the inputs must go to scikit-learn.  A pipeline's
+    predictor runs its steps' arithmetic in `prepare` and hands the result to its final
+    estimator's predictor, whose own check then decides (a scaler passes NaN on; a linear
+    model refuses it, and then scikit-learn gives the refusal).
     """
 
-    def __init__(self, methods, n_features, allow_nan, float32):
+    def __init__(self, methods, n_features, allow_nan, float32=False, steps=(), final=None):
         import numpy as np
 
         self.methods = methods                      # {method: function of the prepared array}
         self._n_features, self._allow_nan, self._float32 = n_features, allow_nan, float32
+        self._steps, self._final = steps, final
         self._ndarray, self._float64, self._isfinite, self._isinf = np.ndarray, np.dtype(np.float64), \
             np.isfinite, np.isinf
 
@@ -1850,7 +1855,11 @@ class NativePredictor:
             inputs = inputs.astype("float32")
         if self._isinf(inputs).any() if self._allow_nan else not self._isfinite(inputs).all():
             return None
-        return inputs
+        if self._final is None:
+            return inputs
+        for step in self._steps:
+            inputs = step(inputs)
+        return self._final.prepare(inputs)
 
 
 @functools.cache
@@ -2006,6 +2015,81 @@ def _tree_walker(members, n_features):
     return walk, values, thresholds
 
 
+@functools.cache
+def _native_transforms():
+    """{transformer class: compiler of its transform}, exact classes only, for a pipeline's steps."""
+    from sklearn import impute, preprocessing
+
+    return {preprocessing.StandardScaler: _standard_scaler, preprocessing.MinMaxScaler: _min_max_scaler,
+            impute.SimpleImputer: _simple_imputer}
+
+
+def _standard_scaler(step):
+    """StandardScaler.transform on a float64 array: subtract mean_, divide by scale_ (on a copy)."""
+    if not step.copy:
+        raise _NotNative("a StandardScaler with copy=False scales the caller's own rows")
+    mean, scale = (step.mean_ if step.with_mean else None), (step.scale_ if step.with_std else None)
+
+    def standard(X):
+        X = X if mean is None else X - mean
+        return X if scale is None else X / scale
+
+    return standard
+
+
+def _min_max_scaler(step):
+    """MinMaxScaler.transform: times scale_, plus min_, clipped to feature_range when asked (on a copy)."""
+    import numpy as np
+
+    if not step.copy:
+        raise _NotNative("a MinMaxScaler with copy=False scales the caller's own rows")
+    scale, low, (bottom, top), clip = step.scale_, step.min_, step.feature_range, step.clip
+
+    def min_max(X):
+        X = X * scale
+        X += low
+        return np.clip(X, np.float64(bottom), np.float64(top), out=X) if clip else X
+
+    return min_max
+
+
+def _simple_imputer(step):
+    """SimpleImputer.transform for a mean or median of NaN in every column: each NaN becomes its column's."""
+    import numpy as np
+
+    statistics, missing = step.statistics_, step.missing_values
+    if step.strategy not in ("mean", "median") or step.add_indicator or not step.copy or not (
+            isinstance(missing, float) and np.isnan(missing)) or not np.isfinite(statistics).all():
+        raise _NotNative("only a SimpleImputer of NaN by mean or median, copying, without indicator or empty "
+                         "columns")
+    return lambda X: np.where(np.isnan(X), statistics, X)
+
+
+def _compile_pipeline(pipeline, wanted, n_features):
+    """A Pipeline of known scalers and imputers ending in a known model: its steps, then the final predictor.
+
+    The final estimator is compiled and proved alone first (on its own thresholds), then the
+    whole pipeline is proved end to end against Pipeline's own methods.
+    """
+    *steps, (_, final) = pipeline.steps
+    transforms = []
+    for name, step in steps:
+        if step is None or step == "passthrough":
+            continue
+        compiler = _native_transforms().get(type(step))
+        if compiler is None or "transform" in vars(step):
+            raise _NotNative(f"no native version of its step {name!r} ({type(step).__name__})")
+        transforms.append(compiler(step))
+    try:
+        inner, reasons = _compile(final, wanted, final.n_features_in_)
+        if not inner.methods:
+            raise _NotNative(next(iter(reasons.values())))
+    except _NotNative as error:
+        raise _NotNative(f"its final step: {error}") from None
+    return _proved(pipeline, dict(inner.methods), None, lambda allow_nan: NativePredictor(
+        {}, n_features, allow_nan, steps=tuple(transforms), final=inner))
+
+
 def _probe_rows(n_features, thresholds, rng):
     """Finite rows to prove on: random ones at many scales, and for trees every threshold and its neighbours.
 
@@ -2052,19 +2136,17 @@ def _answer(function, X):
         return False, error
 
 
-def _prove(estimator, methods, n_features, float32, batch, rng):
+def _prove(estimator, methods, make, batch, rng):
     """The NativePredictor of the methods that answer every probe exactly as scikit-learn does, and why others don't.
 
     First the input check: NaN is let through natively only if scikit-learn accepts it, and
     an edge row the check lets through must be one scikit-learn answers.  Then each method on
     the probe batch, on single rows of it, and on the edge rows the check lets through.
+    `make(allow_nan)` builds the predictor that holds the proved methods.
     """
-    import numpy as np
-
     first = getattr(estimator, next(iter(methods)))
     edges = _edge_rows(batch, rng)
-    allow_nan = _answer(first, edges[0])[0]
-    predictor = NativePredictor({}, n_features, allow_nan, float32)
+    predictor = make(_answer(first, edges[0])[0])       # NaN is allowed where scikit-learn takes it
     probes = [batch] + [batch[i:i + 1] for i in rng.choice(len(batch), _SINGLE_PROBES)]
     for row in edges:
         if predictor.prepare(row) is not None:
@@ -2090,38 +2172,51 @@ def _prove(estimator, methods, n_features, float32, batch, rng):
     return predictor, refused
 
 
+def _compile(estimator, wanted, n_features):
+    """(NativePredictor, {method: why not}) for the `wanted` methods of one estimator; _NotNative says why none."""
+    from sklearn.pipeline import Pipeline
+
+    shadowed = [m for m in wanted if m in vars(estimator)]
+    if shadowed:
+        raise _NotNative(f"{', '.join(shadowed)} replaced on the instance")
+    if type(estimator) is Pipeline:
+        return _compile_pipeline(estimator, wanted, n_features)
+    compiler = _native_compilers().get(type(estimator))
+    if compiler is None:
+        raise _NotNative(f"no native compiler for {type(estimator).__name__} (exact classes only)")
+    compiled, thresholds = compiler(estimator)
+    return _proved(estimator, {m: f for m, f in compiled.items() if m in wanted}, thresholds,
+                   lambda allow_nan: NativePredictor({}, n_features, allow_nan, float32=thresholds is not None))
+
+
+def _proved(estimator, compiled, thresholds, make):
+    """_prove on the probe rows of this estimator (the same at every load)."""
+    import numpy as np
+
+    if not compiled:
+        raise _NotNative("no native version of its methods")
+    rng = np.random.default_rng(NATIVE_PROBE_SEED)
+    batch = _probe_rows(estimator.n_features_in_, thresholds, rng)
+    with np.errstate(all="ignore"):     # log(0) and the like warn alike on both sides: not a difference
+        return _prove(estimator, compiled, make, batch, rng)
+
+
 def compile_native(estimator, model):
     """(NativePredictor or None, {method: (predictor, reason)}) for a freshly loaded model.
 
     None when no method is proved.  Every failure here, expected or not, only means that
     scikit-learn answers: loading never fails because of the native predictor.
     """
-    import numpy as np
-
-    compiler = _native_compilers().get(type(estimator))
-    reasons = {}
     try:
-        if compiler is None:
-            raise _NotNative(f"no native compiler for {type(estimator).__name__} (exact classes only)")
         if _named_parts(estimator):
             raise _NotNative("fitted on named columns: scikit-learn checks the names of what it is given")
-        shadowed = [m for m in model.methods if m in vars(estimator)]
-        if shadowed:
-            raise _NotNative(f"{', '.join(shadowed)} replaced on the instance")
-        compiled, thresholds = compiler(estimator)
-        compiled = {m: f for m, f in compiled.items() if m in model.methods}
-        if not compiled:
-            raise _NotNative("no native version of its methods")
-        rng = np.random.default_rng(NATIVE_PROBE_SEED)
-        batch = _probe_rows(model.n_features, thresholds, rng)
-        with np.errstate(all="ignore"):     # log(0) and the like warn alike on both sides: not a difference
-            predictor, reasons = _prove(estimator, compiled, model.n_features, thresholds is not None, batch, rng)
+        predictor, reasons = _compile(estimator, model.methods, model.n_features)
     except Exception as error:  # a compiler meeting an estimator it misreads: scikit-learn answers
         reason = str(error) if isinstance(error, _NotNative) else \
             f"compiling failed: {type(error).__name__}: {_clip(str(error), 120)}"
         return None, {m: (SKLEARN, reason) for m in model.methods}
-    status = {m: (NATIVE, f"proved bit-identical on {len(batch)} probe rows") if m in predictor.methods else
-              (SKLEARN, reasons.get(m, "no native version of this method")) for m in model.methods}
+    status = {m: (NATIVE, "proved bit-identical to scikit-learn on probe rows at load") if m in predictor.methods
+              else (SKLEARN, reasons.get(m, "no native version of this method")) for m in model.methods}
     return (predictor if predictor.methods else None), status
 
 

@@ -26,11 +26,12 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_
 from sklearn.ensemble import (ExtraTreesClassifier, ExtraTreesRegressor, RandomForestClassifier,
                               RandomForestRegressor)
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.impute import SimpleImputer
 from sklearn.linear_model import (ElasticNet, Lasso, LinearRegression, LogisticRegression, Perceptron, Ridge,
                                   RidgeClassifier, SGDClassifier, SGDRegressor)
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import MinMaxScaler, Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC, LinearSVR
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTreeClassifier
 
@@ -56,7 +57,7 @@ def _data():
     wide = make_classification(n_samples=2000, n_features=20, random_state=0)
     return {"iris": iris, "wine": wine, "cancer": (_standard(cancer[0]), cancer[1]),
             "diabetes": diabetes, "wide": wide, "iris_std": (_standard(iris[0]), iris[1]),
-            "iris_holes": (_with_holes(iris[0]), iris[1]),
+            "iris_holes": (_with_holes(iris[0]), iris[1]), "diabetes_holes": (_with_holes(diabetes[0]), diabetes[1]),
             "diabetes_2": (diabetes[0], np.c_[diabetes[1], diabetes[1] ** 0.5])}
 
 
@@ -86,6 +87,13 @@ FAMILIES = {
     "extra_trees_classifier": (lambda: ExtraTreesClassifier(n_estimators=20, random_state=0), "wine"),
     "extra_trees_regressor_2_outputs": (lambda: ExtraTreesRegressor(n_estimators=10, random_state=0),
                                         "diabetes_2"),
+    "pipeline_scaler_logistic": (lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
+                                 "iris"),
+    "pipeline_imputer_minmax_forest": (lambda: make_pipeline(SimpleImputer(), MinMaxScaler(clip=True),
+                                                             RandomForestClassifier(n_estimators=10, random_state=0)),
+                                       "iris_holes"),
+    "pipeline_imputer_scaler_ridge": (lambda: make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
+                                                            Ridge()), "diabetes_holes"),
 }
 
 
@@ -170,6 +178,7 @@ def _cases():
 def _methods(name):
     factory, _ = FAMILIES[name]
     estimator = factory()
+    estimator = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
     if isinstance(estimator, SGDClassifier):      # hinge loss: no probabilities
         return ("predict", "decision_function")
     if isinstance(estimator, LogisticRegression):
@@ -199,6 +208,28 @@ def test_nan_rows_are_served_natively_where_the_trees_take_them():
     assert not linear.native._allow_nan and linear.native.prepare(holes) is None
 
 
+def test_a_pipeline_takes_nan_natively_only_where_its_steps_impute_it():
+    imputing, X = family("pipeline_imputer_minmax_forest")
+    holes = np.ascontiguousarray(X[:40])
+    assert imputing.native.prepare(holes) is not None
+    assert service._same_outputs(imputing.estimator.predict_proba(holes), imputing.call("predict_proba", holes))
+    scaling, _ = family("pipeline_scaler_logistic")
+    plain = service.LoadedModel(_Ref, scaling.estimator, "", 0, 0.0)
+    assert scaling.native.prepare(holes) is None
+    with pytest.raises(service.BadRequest) as with_native:
+        scaling.call("predict", holes)
+    with pytest.raises(service.BadRequest) as without:
+        plain.call("predict", holes)
+    assert str(with_native.value) == str(without.value)
+
+
+def test_a_pipeline_whose_final_step_is_unknown_says_so():
+    model = loaded(make_pipeline(StandardScaler(), KNeighborsClassifier()).fit(*_data()["iris"]))
+    assert model.predictors["predict"] == (service.SKLEARN,
+                                           "its final step: no native compiler for KNeighborsClassifier "
+                                           "(exact classes only)")
+
+
 def test_native_batches_equal_one_row_scikit_learn_calls_for_forests():
     model, X = family("random_forest_classifier")
     rows = np.ascontiguousarray(X[:50])
@@ -208,9 +239,10 @@ def test_native_batches_equal_one_row_scikit_learn_calls_for_forests():
 
 @pytest.mark.parametrize("estimator, data", [
     (KNeighborsClassifier(), "iris"), (SVC(), "iris"),
-    (make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)), "iris"),
+    (make_pipeline(Normalizer(), LogisticRegression(max_iter=1000)), "iris"),
+    (make_pipeline(StandardScaler(), KNeighborsClassifier()), "iris"),
     (RandomForestClassifier(n_estimators=3, n_jobs=2, random_state=0), "iris")],
-    ids=["knn", "svc-rbf", "pipeline", "forest-n_jobs"])
+    ids=["knn", "svc-rbf", "pipeline-normalizer", "pipeline-knn", "forest-n_jobs"])
 def test_other_families_stay_with_scikit_learn(estimator, data):
     model = loaded(estimator.fit(*_data()[data]))
     assert model.native is None

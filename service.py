@@ -1875,6 +1875,7 @@ def _native_compilers():
         _tree_model: (tree.DecisionTreeClassifier, tree.DecisionTreeRegressor, tree.ExtraTreeClassifier,
                       tree.ExtraTreeRegressor, ensemble.RandomForestClassifier, ensemble.RandomForestRegressor,
                       ensemble.ExtraTreesClassifier, ensemble.ExtraTreesRegressor),
+        _gradient_boosting: (ensemble.GradientBoostingClassifier, ensemble.GradientBoostingRegressor),
     }
     return {cls: compiler for compiler, classes in families.items() for cls in classes}
 
@@ -1978,6 +1979,53 @@ def _tree_model(estimator):
     classes = estimator.classes_
     return {"predict_proba": combined, "predict_log_proba": lambda X: np.log(combined(X)),
             "predict": lambda X: classes.take(combined(X).argmax(axis=1), axis=0)}, thresholds
+
+
+def _gradient_boosting(estimator):
+    """GradientBoosting: the init estimator's constant, plus learning_rate times each stage's leaf, in order.
+
+    predict_stages adds `scale * value[leaf]` into each row's raw prediction stage after stage
+    (and class after class within a stage); a cumulative sum after the constant repeats that
+    order.  The constant is the init estimator's answer for any row, so only the "zero" init and
+    scikit-learn's dummy estimators, which ignore the rows, are compiled.  Probabilities come from
+    the model's own loss object (`_loss.predict_proba`): arithmetic on the raw predictions, without
+    the input checks that cost the time.
+    """
+    import numpy as np
+    from sklearn import dummy, tree
+
+    if not (isinstance(estimator.init_, str) and estimator.init_ == "zero") and \
+            type(estimator.init_) not in (dummy.DummyClassifier, dummy.DummyRegressor):
+        raise _NotNative(f"its init estimator {type(estimator.init_).__name__} may depend on the rows")
+    stages = estimator.estimators_
+    if {type(member) for member in stages.ravel()} != {tree.DecisionTreeRegressor}:
+        raise _NotNative("its stages are not all DecisionTreeRegressor")
+    walk, values, thresholds = _tree_walker(list(stages.ravel()), estimator.n_features_in_)
+    start = estimator._raw_predict_init(np.zeros((1, estimator.n_features_in_), dtype=np.float32))
+    steps = estimator.learning_rate * values[:, 0, 0]
+    n_stages, n_outputs = stages.shape
+
+    def raw(X):
+        added = steps[walk(X)].reshape(len(X), n_stages, n_outputs)
+        first = np.broadcast_to(start[:, np.newaxis, :], (len(X), 1, n_outputs))
+        return np.cumsum(np.concatenate([first, added], axis=1), axis=1)[:, -1]
+
+    if not hasattr(estimator, "classes_"):
+        return {"predict": lambda X: raw(X).ravel()}, thresholds
+    classes, loss = estimator.classes_, estimator._loss
+
+    def decision_function(X):
+        found = raw(X)
+        return found.ravel() if found.shape[1] == 1 else found
+
+    def predict(X):
+        found = decision_function(X)
+        return classes[(found >= 0).astype(int) if found.ndim == 1 else found.argmax(axis=1)]
+
+    methods = {"decision_function": decision_function, "predict": predict,
+               "predict_proba": lambda X: loss.predict_proba(decision_function(X)),
+               "predict_log_proba": lambda X: np.log(loss.predict_proba(decision_function(X)))}
+    return methods, thresholds
 
 
 def _tree_walker(members, n_features):

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import webtest
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_wine, make_classification
-from sklearn.ensemble import (ExtraTreesClassifier, ExtraTreesRegressor, RandomForestClassifier,
-                              RandomForestRegressor)
+from sklearn.ensemble import (ExtraTreesClassifier, ExtraTreesRegressor, GradientBoostingClassifier,
+                              GradientBoostingRegressor, RandomForestClassifier, RandomForestRegressor)
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import (ElasticNet, Lasso, LinearRegression, LogisticRegression, Perceptron, Ridge,
@@ -87,6 +87,11 @@ FAMILIES = {
     "extra_trees_classifier": (lambda: ExtraTreesClassifier(n_estimators=20, random_state=0), "wine"),
     "extra_trees_regressor_2_outputs": (lambda: ExtraTreesRegressor(n_estimators=10, random_state=0),
                                         "diabetes_2"),
+    "gradient_boosting_multiclass": (lambda: GradientBoostingClassifier(n_estimators=30, random_state=0), "wine"),
+    "gradient_boosting_binary": (lambda: GradientBoostingClassifier(n_estimators=30, random_state=0), "cancer"),
+    "gradient_boosting_exponential_zero_init": (lambda: GradientBoostingClassifier(
+        n_estimators=30, loss="exponential", init="zero", random_state=0), "cancer"),
+    "gradient_boosting_regressor": (lambda: GradientBoostingRegressor(n_estimators=50, random_state=0), "diabetes"),
     "pipeline_scaler_logistic": (lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
                                  "iris"),
     "pipeline_imputer_minmax_forest": (lambda: make_pipeline(SimpleImputer(), MinMaxScaler(clip=True),
@@ -181,7 +186,7 @@ def _methods(name):
     estimator = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
     if isinstance(estimator, SGDClassifier):      # hinge loss: no probabilities
         return ("predict", "decision_function")
-    if isinstance(estimator, LogisticRegression):
+    if isinstance(estimator, (LogisticRegression, GradientBoostingClassifier)):
         return ("predict", "predict_proba", "predict_log_proba", "decision_function")
     if hasattr(estimator, "decision_function"):
         return ("predict", "decision_function")
@@ -389,14 +394,17 @@ def test_the_load_log_says_what_is_native_and_how_long_the_proof_took(caplog):
 
 # -- the long run -------------------------------------------------------------------------------------------
 
-def long_run(rows, single):
-    """Every family and method on `rows` rows; print one line each and the totals; True when none differ."""
+def long_run(rows, single, only=""):
+    """Every family (whose name holds `only`) and method on `rows` rows; one line each and the totals.
+
+    True when none differ."""
     total_rows = total_calls = total_differing = 0
-    print(f"{'family':34} {'method':18} {'rows':>8} {'calls':>7} {'1-row':>6} {'differing':>9} {'s':>7}")
-    for name, method in _cases():
+    cases = [(name, method) for name, method in _cases() if only in name]
+    print(f"{'family':40} {'method':18} {'rows':>8} {'calls':>7} {'1-row':>6} {'differing':>9} {'s':>7}")
+    for name, method in cases:
         model, X = family(name)
         if model.predictors[method][0] != service.NATIVE:
-            print(f"{name:34} {method:18} not native: {model.predictors[method][1]}")
+            print(f"{name:40} {method:18} not native: {model.predictors[method][1]}")
             total_differing += 1
             continue
         rng = np.random.default_rng(zlib.crc32(f"{name} {method}".encode()))
@@ -404,9 +412,9 @@ def long_run(rows, single):
         counted, calls, differing = differences(model, method, differential_rows(model, X, rows, rng), rng, single)
         total_rows, total_calls, total_differing = total_rows + counted, total_calls + calls, \
             total_differing + differing
-        print(f"{name:34} {method:18} {counted:8d} {calls:7d} {min(single, calls):6d} {differing:9d} "
+        print(f"{name:40} {method:18} {counted:8d} {calls:7d} {min(single, calls):6d} {differing:9d} "
               f"{time.perf_counter() - started:7.1f}", flush=True)
-    print(f"total: {len(_cases())} family/method pairs, {total_rows} rows in {total_calls} calls, "
+    print(f"total: {len(cases)} family/method pairs, {total_rows} rows in {total_calls} calls, "
           f"{total_differing} differing")
     return total_differing == 0
 
@@ -415,5 +423,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="native vs scikit-learn on many rows, every family and method")
     parser.add_argument("--rows", type=int, default=100_000, help="rows per family and method (default 100000)")
     parser.add_argument("--single", type=int, default=500, help="of which one-row calls (default 500)")
+    parser.add_argument("--only", default="", metavar="TEXT", help="only the families whose name holds TEXT")
     arguments = parser.parse_args()
-    sys.exit(0 if long_run(arguments.rows, arguments.single) else 1)
+    sys.exit(0 if long_run(arguments.rows, arguments.single, arguments.only) else 1)

@@ -6040,14 +6040,28 @@ def _check_svm(estimator, state, where):
         _check_libsvm(estimator, where)
 
 
+# A text vectorizer's work per request is set by its state: its token pattern runs on every text a
+# request sends (a pattern that backtracks, such as (\w+)+$, takes exponential time on a crafted text)
+# and every n-gram length up to max_n is counted.  A JSON model may use the token patterns people use,
+# and n-grams up to MAX_NGRAM: no data-only file can make one request take hours.
+SAFE_TOKEN_PATTERNS = (r"(?u)\b\w\w+\b", r"(?u)\b\w+\b", r"\b\w\w+\b", r"\b\w+\b", r"(?u)\S+", r"\S+", None)
+MAX_NGRAM = 32
+
+
 def _check_vocabulary(estimator, state, where):
-    """A vectorizer's term indices become a sparse matrix's column indices, which scipy's compiled code
-    and the next step's product trust: they must number the columns 0 .. n-1, once each."""
+    """A vectorizer's work per text is bounded (see SAFE_TOKEN_PATTERNS), and its term indices become a
+    sparse matrix's column indices, which scipy's compiled code and the next step's product trust: they
+    must number the columns 0 .. n-1, once each."""
     ngrams = state.get("ngram_range")           # n-grams are counted in a loop from the lower bound up
     if callable(getattr(estimator, "build_analyzer", None)) and not (
             isinstance(ngrams, tuple) and len(ngrams) == 2 and all(_is_int(n) for n in ngrams)
-            and 1 <= ngrams[0] <= ngrams[1]):
-        raise ArtifactError(f"{where}.ngram_range must be (min_n, max_n) with 1 <= min_n <= max_n")
+            and 1 <= ngrams[0] <= ngrams[1] <= MAX_NGRAM):
+        raise ArtifactError(f"{where}.ngram_range must be (min_n, max_n) with 1 <= min_n <= max_n <= {MAX_NGRAM}")
+    if callable(getattr(estimator, "build_analyzer", None)) and state.get("analyzer", "word") == "word" and \
+            state.get("token_pattern") not in SAFE_TOKEN_PATTERNS:
+        raise ArtifactError(f"{where}.token_pattern {_clip(repr(state.get('token_pattern')), 60)} is not one a "
+                            f"JSON model may use (a pattern can take exponential time on a crafted text): "
+                            f"{', '.join(repr(p) for p in SAFE_TOKEN_PATTERNS[:-1])}")
     vocabulary = state.get("vocabulary_")
     if vocabulary is None:
         return

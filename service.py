@@ -69,6 +69,7 @@ import argparse
 import ast
 import base64
 import bisect
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -6256,6 +6257,177 @@ def _read_artifact(path):
 
 
 ###############################################################################
+# Replay ######################################################################
+###############################################################################
+# `python service.py replay LOG... --model NAME [--version V | --label L]`: score the requests a
+# payload log recorded again, in-process, on one version of the store, and report how the answers
+# compare: the check before promoting a version, runnable in CI with --fail-under.
+
+REPLAY_WORST = 5        # examples shown, the most different first
+
+
+class ReplayReport:
+    """What a replay found, accumulated line by line and printed once."""
+
+    def __init__(self):
+        self.skipped = collections.Counter()    # reason -> lines not replayed
+        self.replayed = self.identical = 0
+        self.classes = collections.Counter()    # (logged, replayed) -> rows whose class changed
+        self.differences = []                   # absolute differences of every numeric output value
+        self.errors = collections.Counter()     # message -> requests the version failed on
+        self.examples = []                      # (rows differing, max abs difference, request id, methods)
+
+    def compare(self, model, request_id, logged, replayed):
+        """Count one request: `logged` and `replayed` map each method to its JSON outputs."""
+        self.replayed += 1
+        if logged == replayed:
+            self.identical += 1
+            return
+        changed, largest = 0, 0.0
+        for method, before in logged.items():
+            after = replayed[method]
+            if method == "predict" and model.classes is not None and len(before) == len(after):
+                pairs = [(old, new) for old, new in zip(before, after) if old != new]
+                self.classes.update((_replay_text(old), _replay_text(new)) for old, new in pairs)
+                changed += len(pairs)
+                continue
+            numbers = _replay_numbers(before), _replay_numbers(after)
+            if None in numbers or len(numbers[0]) != len(numbers[1]):
+                changed += 1                    # not comparable number by number: differs as a whole
+                continue
+            gaps = [abs(old - new) for old, new in zip(*numbers)]
+            self.differences += gaps
+            largest = max([largest] + gaps)
+        self.examples.append((changed, largest, request_id, sorted(logged)))
+
+    def share(self):
+        return self.identical / self.replayed if self.replayed else 1.0
+
+    def lines(self, name, version):
+        """The printed report."""
+        out = [f"replayed {self.replayed} request(s) on model {name!r} version {version}"]
+        if self.skipped:
+            out.append("skipped " + ", ".join(f"{count} {why}" for why, count in sorted(self.skipped.items())))
+        out.append(f"identical predictions: {self.identical} of {self.replayed} ({self.share():.1%})")
+        for (old, new), count in self.classes.most_common():
+            out.append(f"class {old} -> {new}: {count} row(s)")
+        if self.differences:
+            out.append(f"numeric outputs: mean abs difference {sum(self.differences) / len(self.differences):.6g}, "
+                       f"max {max(self.differences):.6g} over {len(self.differences)} value(s)")
+        out.append(f"errors: {sum(self.errors.values())}")
+        out += [f"  {count} x {message}" for message, count in self.errors.most_common(REPLAY_WORST)]
+        worst = sorted(self.examples, key=lambda example: example[:2], reverse=True)[:REPLAY_WORST]
+        if worst:
+            out.append("worst examples:")
+            out += [f"  {request_id} ({','.join(methods)}): {changed} row(s) differ, max abs difference {gap:.6g}"
+                    for changed, gap, request_id, methods in worst]
+        return out
+
+
+def _replay_text(value):
+    return value if isinstance(value, str) else dumps(value)
+
+
+def _replay_numbers(outputs):
+    """Every number in nested JSON outputs, in order; None if any value is not a number."""
+    if isinstance(outputs, list):
+        flat = []
+        for item in outputs:
+            numbers = _replay_numbers(item)
+            if numbers is None:
+                return None
+            flat += numbers
+        return flat
+    return [outputs] if type(outputs) in (int, float) else None
+
+
+def _payload_lines(paths, report):
+    """(line number, record) of every readable line of the logs; a folder stands for its payload files."""
+    for path in paths:
+        files = sorted(os.path.join(path, entry) for entry in os.listdir(path)
+                       if PayloadLog.FILE_NAME.fullmatch(entry)) if os.path.isdir(path) else [path]
+        for file in files:
+            with open(file, "rb") as handle:
+                for number, line in enumerate(handle, start=1):
+                    try:
+                        record = parse_json(line, max_depth=64, what=f"{file}:{number}")
+                    except ServiceError:
+                        record = None
+                    if not isinstance(record, dict):
+                        report.skipped["unreadable line(s)"] += 1
+                        continue
+                    yield record
+
+
+def replay(registry, name, paths, version=None, label=None):
+    """Replay the logged requests of model `name` on one of its versions; (report, version replayed on)."""
+    if version is None and label is None:
+        served = registry.entry(name).served
+        version = str(served[0]) if served else None     # the highest served: never the split's random pick
+    model = registry.acquire(name, version, label)
+    report = ReplayReport()
+    try:
+        for record in _payload_lines(paths, report):
+            logged = record.get("outputs")
+            if record.get("model") != name:
+                report.skipped["for other models"] += 1
+            elif record.get("status") != 200:
+                report.skipped["not answered 200"] += 1
+            elif record.get("inputs") is None or record.get("redacted") or not isinstance(logged, dict) \
+                    or not logged:
+                report.skipped["without (complete) inputs"] += 1
+            else:
+                _replay_request(model, registry.config, record, report)
+    finally:
+        registry.release(model)
+    return report, model.version
+
+
+def _replay_request(model, config, record, report):
+    """Score one logged request's inputs with every method it logged, and count how the outputs compare."""
+    try:
+        inputs = model_inputs(model, record["inputs"], config.max_rows)
+        replayed = {method: to_jsonable(model.call(choose_method(model, method), inputs))
+                    for method in record["outputs"]}
+    except Exception as error:  # the version fails where the logged one answered: the report says how
+        report.errors[_clip(getattr(error, "message", None) or f"{type(error).__name__}: {error}", 160)] += 1
+        report.examples.append((math.inf, math.inf, str(record.get("request_id")), sorted(record["outputs"])))
+        return
+    report.compare(model, str(record.get("request_id")), record["outputs"], replayed)
+
+
+def replay_command(argv):
+    """`model-service replay LOG... --model NAME [--version V | --label L]`; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="model-service replay",
+        description="Score the requests of payload logs (--payload-log) again on one version of a model, "
+                    "in-process, and report how its predictions compare with the logged ones.")
+    parser.add_argument("logs", metavar="LOG", nargs="+", help="payload log file, or a folder of them")
+    parser.add_argument("--model", required=True, metavar="NAME", help="the model whose requests are replayed")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--version", metavar="V", help="version to replay on (default: the highest served)")
+    which.add_argument("--label", metavar="L", help="label naming the version to replay on")
+    parser.add_argument("--store", metavar="DIR", help=f"model store (env {ENV_PREFIX}STORE; default: model_store)")
+    parser.add_argument("--fail-under", metavar="FRACTION", type=_fraction,
+                        help="exit 1 when the share of identical predictions is below FRACTION (for CI)")
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = dataclasses.replace(Config.load({"store": arguments.store}), poll_interval=0.0)
+        registry = ModelRegistry(config, watch=False)
+        registry.refresh()
+        report, version = replay(registry, arguments.model, arguments.logs, arguments.version, arguments.label)
+    except (ServiceError, OSError, ValueError) as error:
+        print(f"model-service replay: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines(arguments.model, version)))
+    if arguments.fail_under is not None and report.share() < arguments.fail_under:
+        print(f"identical share {report.share():.1%} is below --fail-under {arguments.fail_under:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -6281,6 +6453,8 @@ def main(argv=None, serve=serve):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["export"]:
         return export_command(argv[1:])
+    if argv[:1] == ["replay"]:
+        return replay_command(argv[1:])
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
     try:

@@ -74,6 +74,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import heapq
 import hmac
 import importlib
 import itertools
@@ -856,22 +857,26 @@ class ModelSettings:
          "batching": {"max_batch_size": 32, "max_latency_ms": 2} | false,   (else the flags decide)
          "traffic": {"stable": 90, "canary": 10},   requests naming no version split by weight
          "redact": ["ssn", "income"],              features the payload log never writes
+         "shadow": "canary",                    each request also runs, in the background, on this label or version
          "native": false}                       scikit-learn answers everything (see "Native predictors")
 
     Every key is optional ("latest": only the highest version serves).  Labels must
     name served versions.  Unknown keys are refused, so a typo never passes silently.
     A traffic split names defined labels or served versions with weights >= 0, not all
     zero: a split that cannot be honoured refuses the file rather than route elsewhere.
+    The shadow, like a traffic target, names a defined label or a served version.
     """
 
     MAX_BYTES = 64 * 1024
-    KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact", "native")
+    KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact", "shadow",
+            "native")
 
     def __init__(self, policy="latest", count=1, versions=(), labels=None, safe_pickle=False, sha256=None,
                  batching=None, native=True):
         self.batching = batching                # None: the flags decide; False: never; (size, latency_ms)
         self.traffic = {}                       # {label (str) or version (int): weight}
         self.redact = frozenset()               # feature names kept out of the payload log
+        self.shadow = None                      # label (str) or version (int) shadowing every request
         self.native = native                    # False: no native predictor, whatever --native says
         self.policy, self.count, self.versions = policy, count, tuple(versions)
         self.labels = dict(labels or {})
@@ -934,6 +939,10 @@ class ModelSettings:
         if not isinstance(redact, list) or not all(isinstance(name, str) and name for name in redact):
             raise ValueError('"redact" must list feature names, e.g. ["ssn", "income"]')
         settings.redact = frozenset(redact)
+        shadow = document.get("shadow")
+        if shadow is not None and not isinstance(shadow, str):
+            raise ValueError('"shadow" must name a label or a version, e.g. "canary" or "2"')
+        settings.shadow = None if shadow is None else settings._target(shadow, '"shadow"')
         settings.native = document.get("native", True)
         if type(settings.native) is not bool:
             raise ValueError('"native" must be true or false')
@@ -945,12 +954,7 @@ class ModelSettings:
             raise ValueError('"traffic" must map labels or versions to weights, e.g. {"stable": 90, "canary": 10}')
         split = {}
         for target, weight in traffic.items():
-            if VERSION.fullmatch(target):
-                target = int(target)
-                if self.policy == "specific" and target not in self.versions:
-                    raise ValueError(f'"traffic": version {target} is not in the version policy')
-            elif target not in self.labels:
-                raise ValueError(f'"traffic": {_clip(repr(target), 80)} is neither a version nor a defined label')
+            target = self._target(target, '"traffic"')
             if type(weight) not in (int, float) or not 0 <= weight < math.inf:
                 raise ValueError(f'"traffic": the weight of {target!r} must be a number >= 0, '
                                  f'not {_clip(repr(weight), 40)}')
@@ -959,14 +963,26 @@ class ModelSettings:
             raise ValueError('"traffic": every weight is 0; give at least one target a positive weight')
         return split
 
+    def _target(self, target, where):
+        """A traffic or shadow target: a version number (int) the policy admits, or a defined label (str)."""
+        if VERSION.fullmatch(target):
+            if self.policy == "specific" and int(target) not in self.versions:
+                raise ValueError(f'{where}: version {target} is not in the version policy')
+            return int(target)
+        if target not in self.labels:
+            raise ValueError(f'{where}: {_clip(repr(target), 80)} is neither a version nor a defined label')
+        return target
+
     def check_served(self, numbers):
-        """Refuse a traffic split naming a version the policy does not serve among `numbers` (those on disk)."""
+        """Refuse a traffic split or shadow naming a version the policy does not serve among `numbers` (those
+        on disk)."""
         served = self.select(numbers)
-        for target in self.traffic:
+        shadow = {} if self.shadow is None else {self.shadow: '"shadow"'}
+        for target, where in {**{target: '"traffic"' for target in self.traffic}, **shadow}.items():
             number = self.labels[target] if isinstance(target, str) else target
             if number not in served:
                 what = f"label {target!r} names version {number}" if isinstance(target, str) else f"version {number}"
-                raise ValueError(f'"traffic": {what}, which is not served (the version policy serves '
+                raise ValueError(f'{where}: {what}, which is not served (the version policy serves '
                                  f"{', '.join(map(str, served)) or 'none'})")
 
     @classmethod
@@ -1007,6 +1023,7 @@ class ModelSettings:
                              {"max_batch_size": self.batching[0], "max_latency_ms": self.batching[1]}),
                 "traffic": {str(target): weight for target, weight in self.traffic.items()},
                 "redact": sorted(self.redact),
+                "shadow": None if self.shadow is None else str(self.shadow),
                 "native": self.native}
 
 
@@ -2308,6 +2325,15 @@ METRICS = {   # name: (type, help, histogram buckets)
                                                 "a write failed.", None),
     "model_service_predict_calls_total": ("counter", "Predict calls (a stacked batch is one) by model, version, "
                                           "method and the predictor that answered (native, scikit-learn).", None),
+    "model_service_shadow_compared_total": ("counter", "Requests compared with the model's shadow version, by "
+                                            "model and shadow version.", None),
+    "model_service_shadow_identical_total": ("counter", "Requests whose shadow predictions were identical.", None),
+    "model_service_shadow_abs_difference_sum": ("counter", "Sum of the absolute differences of numeric shadow "
+                                                "outputs (divide by numeric_values_total for the mean).", None),
+    "model_service_shadow_numeric_values_total": ("counter", "Numeric output values compared with the shadow's "
+                                                  "(in requests that were not identical).", None),
+    "model_service_shadow_errors_total": ("counter", "Requests the shadow version failed on.", None),
+    "model_service_shadow_dropped_total": ("counter", "Requests not shadowed: the shadow queue was full.", None),
     "model_service_models_loaded": ("gauge", "Model versions in memory.", None),
     "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", None),
 }
@@ -2463,21 +2489,42 @@ class CatalogueEntry:
     def targets(self):
         return set(map(id, self.routes.values()))
 
+    def shadow(self):
+        """The slot of the settings' shadow version, or None (none named, or not served while refused settings
+        keep older ones in force)."""
+        target = self.settings.shadow if self.settings is not None else None
+        slot = self.routes.get(target) if isinstance(target, str) else self.versions.get(target)
+        return slot if slot is not None and slot.ref.version in self.served else None
+
     def served_versions(self):
         return [str(number) for number in self.served]
 
-    def describe(self, clock):
+    def describe(self, clock, agreements):
         default = self.routes.get(None)
         labels = {label: str(slot.ref.version) for label, slot in self.routes.items() if label is not None}
         info = {"name": self.name, "latest_version": str(default.ref.version) if default else None,
                 "served_versions": self.served_versions(), "labels": labels,
                 "version_policy": self.settings.describe()["version_policy"] if self.settings else None,
-                "traffic": self._describe_split(), "settings_error": self.settings_error, "versions": []}
+                "traffic": self._describe_split(), "shadow": self._describe_shadow(agreements),
+                "settings_error": self.settings_error, "versions": []}
         for number in sorted(self.versions, reverse=True):
             slot = self.versions[number]
             info["versions"].append({**slot.describe(clock), "served": number in self.served,
                                      "labels": sorted(k for k, v in labels.items() if v == str(number))})
         return info
+
+    def _describe_shadow(self, agreements):
+        """The shadow in force and how its answers agree with the served ones so far, or None."""
+        slot = self.shadow()
+        if slot is None:
+            return None
+        agreement = agreements.get((self.name, str(slot.ref.version))) or Agreement()
+        return {"target": str(self.settings.shadow), "version": str(slot.ref.version),
+                "compared": agreement.replayed, "identical": agreement.identical,
+                "identical_share": round(agreement.share(), 6) if agreement.replayed else None,
+                "mean_abs_diff": agreement.gap_sum / agreement.gap_count if agreement.gap_count else None,
+                "max_abs_diff": agreement.gap_max if agreement.gap_count else None,
+                "errors": sum(agreement.errors.values()), "dropped": agreement.dropped}
 
     def _describe_split(self):
         """[{target, version, share}] of the split in force (the version a label answers with now), or None."""
@@ -2606,6 +2653,7 @@ class ModelRegistry:
         self._settings = {}             # name -> (fingerprint, ModelSettings or None, error)
         self.residency = Residency(config.max_loaded, clock)
         self.metrics = Metrics()
+        self.agreements = {}            # (name, shadow version) -> Agreement, filled by the app's Shadow
         self._preloading = False
         self._watcher_pid = None
         tick = min(config.poll_interval or math.inf,
@@ -3098,7 +3146,15 @@ class ModelRegistry:
         return "; ".join(reasons) or None
 
     def describe(self, name):
-        return self.entry(name).describe(self.clock)
+        return self.entry(name).describe(self.clock, self.agreements)
+
+    def agreement(self, name, version):
+        """The Agreement of model `name`'s shadow version `version` with the versions that answer (made once)."""
+        key = (name, version)
+        agreement = self.agreements.get(key)
+        if agreement is None:
+            agreement = self.agreements.setdefault(key, Agreement())
+        return agreement
 
     def model_settings(self, name):
         """The settings in force for `name` (the defaults when it has none, or left the store)."""
@@ -3107,7 +3163,7 @@ class ModelRegistry:
 
     def describe_all(self):
         catalogue = self._catalogue
-        return [catalogue[name].describe(self.clock) for name in sorted(catalogue)]
+        return [catalogue[name].describe(self.clock, self.agreements) for name in sorted(catalogue)]
 
     def known_features(self):
         """{name: feature names} for the models whose default version is loaded and names its features."""
@@ -4233,6 +4289,7 @@ class ServiceApp(bottle.Bottle):
             else None
         self.payload_log = PayloadLog(config.payload_log, config.payload_log_sample, registry) \
             if config.payload_log and config.payload_log_sample else None
+        self.shadow = Shadow(registry)
         for route in ROUTES:
             self.route(route.rule, method=route.method, callback=self._endpoint(route))
 
@@ -4428,6 +4485,7 @@ class ServiceApp(bottle.Bottle):
 
             results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
             environ["service.payload"] = (model, inputs, results)        # for the payload log, after the answer
+            self.shadow.offer(environ, name, model, methods, inputs, results)
         finally:
             for release in reversed(held):
                 release()
@@ -4788,6 +4846,101 @@ class PayloadLog:
             for index in columns:
                 row[index] = None
         return rows, sorted(hidden)
+
+
+class Shadow:
+    """A model's "shadow" version: each request it answers runs again there, off the request path, and the
+    two answers are compared (the registry's `agreements`, the model's status and /metrics).
+
+    A request only offers what it already holds (its inputs and outputs) to a bounded queue, after its own
+    answer is computed; a full queue drops the offer (counted) rather than wait, so the client's answer,
+    status, headers and latency never depend on the shadow.  The shadow's failures are logged and counted,
+    never returned.  One daemon thread, started in the process that serves, does the work.
+    """
+
+    QUEUE_SIZE = 1000                   # offers waiting at most, and together no more of their requests' bodies
+    QUEUE_BYTES = 64 * 1024 * 1024      # than this
+
+    def __init__(self, registry):
+        self.registry, self.metrics = registry, registry.metrics
+        self._queue = queue.Queue(self.QUEUE_SIZE)
+        self._lock = threading.Lock()
+        self._pid = None
+        self._queued = 0                # body bytes of the offers waiting (under _lock)
+
+    def offer(self, environ, name, model, methods, inputs, results):
+        """Queue the request for the model's shadow version, if it has one other than the version that
+        answered; never blocks."""
+        entry = self.registry._catalogue.get(name)      # not entry(): a model gone since it answered is no 404
+        slot = entry.shadow() if entry is not None else None
+        if slot is None or str(slot.ref.version) == model.version:
+            return
+        if self._pid != os.getpid():
+            self._start()
+        size = int(environ.get("CONTENT_LENGTH") or 0) or len(environ.get("QUERY_STRING", "")) + 4096
+        with self._lock:
+            accepted = self._queued + size <= self.QUEUE_BYTES
+            self._queued += size if accepted else 0
+        try:
+            if not accepted:
+                raise queue.Full
+            self._queue.put_nowait((name, slot, _request_id(environ), methods, inputs, results, size))
+        except queue.Full:
+            self._done(size if accepted else 0)
+            self.registry.agreement(name, str(slot.ref.version)).dropped += 1
+            self.metrics.count("model_service_shadow_dropped_total",
+                               (("model", name), ("version", str(slot.ref.version))))
+
+    def _done(self, size):
+        with self._lock:
+            self._queued -= size
+
+    def _start(self):
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._queue, self._queued = os.getpid(), queue.Queue(self.QUEUE_SIZE), 0
+                threading.Thread(target=self._run_all, name="shadow", daemon=True).start()
+
+    def _run_all(self):
+        while True:
+            offer = self._queue.get()
+            try:
+                self._compare(*offer[:-1])
+            except Exception:  # never let the thread die: the next offers still need it
+                logger.exception("shadow comparison failed")
+            finally:
+                self._done(offer[-1])
+
+    def _compare(self, name, slot, request_id, methods, inputs, results):
+        """Run the methods on the shadow version and count how its outputs compare with the client's."""
+        version = str(slot.ref.version)
+        labels = (("model", name), ("version", version))
+        agreement = self.registry.agreement(name, version)
+        try:
+            model = self.registry.acquire(name, version, slot=slot)     # (re-resolved by version, not split)
+        except ServiceError as error:
+            model, failure = None, error
+        if model is not None:
+            try:
+                shadowed = {method: to_jsonable(model.call(method, inputs)) for method in methods}
+                failure = None
+            except Exception as error:  # the shadow's failure is counted and logged, never the client's
+                failure = error
+            finally:
+                self.registry.release(model)
+        if failure is not None:
+            agreement.fail(request_id, methods, type(failure).__name__)
+            self.metrics.count("model_service_shadow_errors_total", labels)
+            logger.warning("shadow version %s of model %r failed on request %s: %s", version, name, request_id,
+                           _clip(getattr(failure, "message", None) or str(failure)))
+            return
+        identical = agreement.identical
+        differences = agreement.compare(model, request_id, {m: to_jsonable(r) for m, r in results.items()}, shadowed)
+        self.metrics.count("model_service_shadow_compared_total", labels)
+        self.metrics.count("model_service_shadow_identical_total", labels, agreement.identical - identical)
+        if differences:
+            self.metrics.count("model_service_shadow_abs_difference_sum", labels, sum(differences))
+            self.metrics.count("model_service_shadow_numeric_values_total", labels, len(differences))
 
 
 def create_app(store=None, config=None, registry=None, **options):
@@ -6266,24 +6419,28 @@ def _read_artifact(path):
 REPLAY_WORST = 5        # examples shown, the most different first
 
 
-class ReplayReport:
-    """What a replay found, accumulated line by line and printed once."""
+class Agreement:
+    """How two versions' answers to the same requests compare, request by request: a replay's report, and
+    a shadow's running counts.  Its memory stays bounded however many requests it sees (sums, not lists;
+    only the REPLAY_WORST most different examples), so a shadow can count for the life of the process."""
 
     def __init__(self):
         self.skipped = collections.Counter()    # reason -> lines not replayed
         self.replayed = self.identical = 0
         self.classes = collections.Counter()    # (logged, replayed) -> rows whose class changed
-        self.differences = []                   # absolute differences of every numeric output value
+        self.gap_sum, self.gap_count, self.gap_max = 0.0, 0, 0.0   # absolute differences of numeric outputs
         self.errors = collections.Counter()     # message -> requests the version failed on
-        self.examples = []                      # (rows differing, max abs difference, request id, methods)
+        self.dropped = 0                        # shadow requests dropped: its queue was full
+        self._worst = []                        # heap of (rows differing, max abs difference, request id, methods)
 
     def compare(self, model, request_id, logged, replayed):
-        """Count one request: `logged` and `replayed` map each method to its JSON outputs."""
+        """Count one request: `logged` and `replayed` map each method to its JSON outputs; returns the
+        numeric differences seen."""
         self.replayed += 1
         if logged == replayed:
             self.identical += 1
-            return
-        changed, largest = 0, 0.0
+            return []
+        changed, largest, differences = 0, 0.0, []
         for method, before in logged.items():
             after = replayed[method]
             if method == "predict" and model.classes is not None and len(before) == len(after):
@@ -6295,10 +6452,22 @@ class ReplayReport:
             if None in numbers or len(numbers[0]) != len(numbers[1]):
                 changed += 1                    # not comparable number by number: differs as a whole
                 continue
-            gaps = [abs(old - new) for old, new in zip(*numbers)]
-            self.differences += gaps
-            largest = max([largest] + gaps)
-        self.examples.append((changed, largest, request_id, sorted(logged)))
+            differences += [abs(old - new) for old, new in zip(*numbers)]
+        if differences:
+            self.gap_sum, self.gap_count = self.gap_sum + sum(differences), self.gap_count + len(differences)
+            largest = max(differences)
+            self.gap_max = max(self.gap_max, largest)
+        self.example(changed, largest, request_id, logged)
+        return differences
+
+    def fail(self, request_id, methods, message):
+        """Count a request the version failed on; it ranks above every difference among the examples."""
+        self.errors[message] += 1
+        self.example(math.inf, math.inf, request_id, methods)
+
+    def example(self, changed, largest, request_id, methods):
+        entry = (changed, largest, request_id, sorted(methods))
+        (heapq.heappush if len(self._worst) < REPLAY_WORST else heapq.heappushpop)(self._worst, entry)
 
     def share(self):
         return self.identical / self.replayed if self.replayed else 1.0
@@ -6311,12 +6480,12 @@ class ReplayReport:
         out.append(f"identical predictions: {self.identical} of {self.replayed} ({self.share():.1%})")
         for (old, new), count in self.classes.most_common():
             out.append(f"class {old} -> {new}: {count} row(s)")
-        if self.differences:
-            out.append(f"numeric outputs: mean abs difference {sum(self.differences) / len(self.differences):.6g}, "
-                       f"max {max(self.differences):.6g} over {len(self.differences)} value(s)")
+        if self.gap_count:
+            out.append(f"numeric outputs: mean abs difference {self.gap_sum / self.gap_count:.6g}, "
+                       f"max {self.gap_max:.6g} over {self.gap_count} value(s)")
         out.append(f"errors: {sum(self.errors.values())}")
         out += [f"  {count} x {message}" for message, count in self.errors.most_common(REPLAY_WORST)]
-        worst = sorted(self.examples, key=lambda example: example[:2], reverse=True)[:REPLAY_WORST]
+        worst = sorted(self._worst, reverse=True)
         if worst:
             out.append("worst examples:")
             out += [f"  {request_id} ({','.join(methods)}): {changed} row(s) differ, max abs difference {gap:.6g}"
@@ -6365,7 +6534,7 @@ def replay(registry, name, paths, version=None, label=None):
         served = registry.entry(name).served
         version = str(served[0]) if served else None     # the highest served: never the split's random pick
     model = registry.acquire(name, version, label)
-    report = ReplayReport()
+    report = Agreement()
     try:
         for record in _payload_lines(paths, report):
             logged = record.get("outputs")
@@ -6390,8 +6559,8 @@ def _replay_request(model, config, record, report):
         replayed = {method: to_jsonable(model.call(choose_method(model, method), inputs))
                     for method in record["outputs"]}
     except Exception as error:  # the version fails where the logged one answered: the report says how
-        report.errors[_clip(getattr(error, "message", None) or f"{type(error).__name__}: {error}", 160)] += 1
-        report.examples.append((math.inf, math.inf, str(record.get("request_id")), sorted(record["outputs"])))
+        report.fail(str(record.get("request_id")), record["outputs"],
+                    _clip(getattr(error, "message", None) or f"{type(error).__name__}: {error}", 160))
         return
     report.compare(model, str(record.get("request_id")), record["outputs"], replayed)
 

@@ -2911,6 +2911,7 @@ class ModelRegistry:
                         self.residency.retire(slot.model, slot)
         for name, version in departed:       # its series end, so a store that keeps publishing stays bounded
             self.metrics.forget(name, version)
+            self.agreements.pop((name, version), None)
 
     def _replace(self, slot, ref):
         """Load a changed artifact beside the model that serves, then swap; a failure keeps the old one.
@@ -4918,17 +4919,11 @@ class Shadow:
         agreement = self.registry.agreement(name, version)
         try:
             model = self.registry.acquire(name, version, slot=slot)     # (re-resolved by version, not split)
-        except ServiceError as error:
-            model, failure = None, error
-        if model is not None:
             try:
                 shadowed = {method: to_jsonable(model.call(method, inputs)) for method in methods}
-                failure = None
-            except Exception as error:  # the shadow's failure is counted and logged, never the client's
-                failure = error
             finally:
                 self.registry.release(model)
-        if failure is not None:
+        except Exception as failure:  # it cannot load, or refuses the inputs: counted and logged, never returned
             agreement.fail(request_id, methods, type(failure).__name__)
             self.metrics.count("model_service_shadow_errors_total", labels)
             logger.warning("shadow version %s of model %r failed on request %s: %s", version, name, request_id,

@@ -4709,97 +4709,120 @@ class TimeLimit:
             self._tasks.get()()
 
 
+class Backlog:
+    """Work for one daemon thread, off the request path: what a request hands over after its answer.
+
+    Bounded twice, as what waits holds requests' inputs and outputs: by count, and by the bytes of
+    the requests' bodies (or URLs), which stand for what an item holds.  A full backlog refuses an
+    item at once rather than make a request wait.  The thread runs `work(item)` for each item; it
+    starts in the process that uses the backlog (a pre-fork host forks after building the app), and
+    an exception from `work` is logged, never fatal to it.
+    """
+
+    ITEMS = 1000
+    BYTES = 64 * 1024 * 1024
+
+    def __init__(self, name, work):
+        self.name, self._work = name, work
+        self._lock = threading.Lock()
+        self._pid, self._queue, self._bytes = None, None, 0
+
+    def offer(self, item, environ):
+        """Hand `item` (of the request behind `environ`) to the thread; False when the backlog is full."""
+        if self._pid != os.getpid():
+            self._start()
+        size = int(environ.get("CONTENT_LENGTH") or 0) or len(environ.get("QUERY_STRING", "")) + 4096
+        with self._lock:
+            if self._bytes + size > self.BYTES:
+                return False
+            self._bytes += size
+        try:
+            self._queue.put_nowait((item, size))
+            return True
+        except queue.Full:
+            self._release(size)
+            return False
+
+    def flush(self, timeout):
+        """Wait until what was offered so far is done; False if that took over `timeout` seconds."""
+        if self._pid != os.getpid():
+            return True
+        done, deadline = threading.Event(), time.monotonic() + timeout
+        try:
+            self._queue.put((done, 0), timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(max(0.0, deadline - time.monotonic()))
+
+    def _release(self, size):
+        with self._lock:
+            self._bytes -= size
+
+    def _start(self):
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._queue, self._bytes = os.getpid(), queue.Queue(self.ITEMS), 0
+                threading.Thread(target=self._run, name=self.name, daemon=True).start()
+
+    def _run(self):
+        while True:
+            item, size = self._queue.get()
+            try:
+                if isinstance(item, threading.Event):       # flush(): everything before it is done
+                    item.set()
+                else:
+                    self._work(item)
+            except Exception:  # never let the thread die: the next items still need it
+                logger.exception("%s failed", self.name)
+            finally:
+                self._release(size)
+
+
 class PayloadLog:
     """--payload-log DIR: one JSON line per sampled prediction request, written by a background thread.
 
-    A request only puts what it already holds (its model, inputs, outputs, status and latency) on a
-    bounded queue: turning them into JSON, redacting and writing happen on the writer thread, so the
-    log never slows an answer, and a full queue drops the record (counted) rather than wait.  Each
-    file is named by its start time and process, so processes and restarts never share one; past
-    FILE_BYTES a file is closed for a new one, and only the newest FILES of the folder stay.  The
-    thread is a daemon started in the process that serves; serve() drains it at shutdown.
+    A request only hands over what it already holds (its model, inputs, outputs, status and latency)
+    to a Backlog: turning them into JSON, redacting and writing happen on its thread, so the log never
+    slows an answer, and a full backlog drops the record (counted) rather than wait.  Each file is
+    named by its start time and process, so processes and restarts never share one; past FILE_BYTES
+    a file is closed for a new one, and only the newest FILES of the folder stay.  serve() drains it
+    at shutdown.
     """
 
-    QUEUE_SIZE = 1000                   # records waiting at most: each holds a request's inputs and outputs,
-    QUEUE_BYTES = 64 * 1024 * 1024      # and together no more than this much of their requests' bodies
     FILE_BYTES = 64 * 1024 * 1024
     FILES = 20
     FILE_NAME = re.compile(r"payload-[0-9]{8}T[0-9]{6}-[0-9]+-[0-9]{6}\.jsonl")
 
     def __init__(self, folder, sample, registry):
         self.folder, self.sample, self.registry, self.metrics = folder, sample, registry, registry.metrics
-        self._queue = queue.Queue(self.QUEUE_SIZE)
-        self._lock = threading.Lock()
-        self._pid = None
+        self.backlog = Backlog("payload-log", self._write_record)
         self._file, self._written, self._serial, self._failing = None, 0, itertools.count(1), False
-        self._queued = 0                # body bytes of the records waiting (under _lock)
 
     def offer(self, environ, status, elapsed):
         """Queue one prediction request if it is sampled; never blocks."""
         if self.sample < 1 and random.random() >= self.sample:
             return
-        if self._pid != os.getpid():
-            self._start()
-        # what a record holds grows with its request: the body's size (or the URL's) stands for it
-        size = int(environ.get("CONTENT_LENGTH") or 0) or len(environ.get("QUERY_STRING", "")) + 4096
         record = (time.time(), _request_id(environ), environ["service.labels"], environ.get("service.payload"),
-                  PROTOCOLS[environ["service.codec"]], int(status), elapsed, size)
-        with self._lock:
-            accepted = self._queued + size <= self.QUEUE_BYTES
-            if accepted:
-                self._queued += size
-        if not accepted:
+                  PROTOCOLS[environ["service.codec"]], int(status), elapsed)
+        if not self.backlog.offer(record, environ):
             self.metrics.count("model_service_payload_log_dropped_total", ())
-            return
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            self._done(size)
-            self.metrics.count("model_service_payload_log_dropped_total", ())
-
-    def _done(self, size):
-        with self._lock:
-            self._queued -= size
 
     def drain(self, timeout):
         """Write and flush everything accepted so far (at shutdown); False if it took over `timeout` seconds."""
-        if self._pid != os.getpid():
-            return True
-        done, deadline = threading.Event(), time.monotonic() + timeout
+        return self.backlog.flush(timeout)
+
+    def _write_record(self, record):
         try:
-            self._queue.put(done, timeout=timeout)
-        except queue.Full:
-            return False
-        return done.wait(max(0.0, deadline - time.monotonic()))
-
-    def _start(self):
-        with self._lock:
-            if self._pid != os.getpid():
-                self._pid, self._queue, self._file, self._queued = os.getpid(), queue.Queue(self.QUEUE_SIZE), None, 0
-                threading.Thread(target=self._write_all, name="payload-log", daemon=True).start()
-
-    def _write_all(self):
-        while True:
-            record = self._queue.get()
-            if isinstance(record, threading.Event):           # drain(): all before it is written
-                if self._file is not None:
-                    self._file.flush()
-                record.set()
-                continue
-            try:
-                self._write(self._line(record))
-            except Exception as error:   # a full disk, an unwritable folder: logged once, counted each time
-                self._done(record[-1])
-                self.metrics.count("model_service_payload_log_dropped_total", ())
-                if not self._failing:
-                    logger.error("payload log: cannot write to %s: %s", self.folder, error)
-                self._failing = True
-                continue
-            self._done(record[-1])
-            self._failing = False
-            self.metrics.count("model_service_payload_log_records_total", ())
-            if self._queue.empty():
-                self._file.flush()
+            self._write(self._line(record))
+            self._file.flush()           # whole lines on disk: a reader, or a drain at shutdown, sees them
+        except Exception as error:   # a full disk, an unwritable folder: logged once, counted each time
+            self.metrics.count("model_service_payload_log_dropped_total", ())
+            if not self._failing:
+                logger.error("payload log: cannot write to %s: %s", self.folder, error)
+            self._failing = True
+            return
+        self._failing = False
+        self.metrics.count("model_service_payload_log_records_total", ())
 
     def _write(self, line):
         data = line.encode("utf-8", "backslashreplace")
@@ -4822,7 +4845,7 @@ class PayloadLog:
                 os.remove(os.path.join(self.folder, old))
 
     def _line(self, record):
-        at, request_id, labels, payload, protocol, status, elapsed, _ = record
+        at, request_id, labels, payload, protocol, status, elapsed = record
         (_, name), (_, version), (_, method) = labels
         line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
                 "request_id": request_id, "model": name, "version": version, "method": method,
@@ -4853,64 +4876,27 @@ class Shadow:
     """A model's "shadow" version: each request it answers runs again there, off the request path, and the
     two answers are compared (the registry's `agreements`, the model's status and /metrics).
 
-    A request only offers what it already holds (its inputs and outputs) to a bounded queue, after its own
-    answer is computed; a full queue drops the offer (counted) rather than wait, so the client's answer,
-    status, headers and latency never depend on the shadow.  The shadow's failures are logged and counted,
-    never returned.  One daemon thread, started in the process that serves, does the work.
+    A request only offers what it already holds (its inputs and outputs) to a Backlog, after its own
+    answer is computed; a full backlog drops the offer (counted) rather than wait, so the client's
+    answer, status, headers and latency never depend on the shadow.  The shadow's failures are logged
+    and counted, never returned.
     """
-
-    QUEUE_SIZE = 1000                   # offers waiting at most, and together no more of their requests' bodies
-    QUEUE_BYTES = 64 * 1024 * 1024      # than this
 
     def __init__(self, registry):
         self.registry, self.metrics = registry, registry.metrics
-        self._queue = queue.Queue(self.QUEUE_SIZE)
-        self._lock = threading.Lock()
-        self._pid = None
-        self._queued = 0                # body bytes of the offers waiting (under _lock)
+        self.backlog = Backlog("shadow", lambda offer: self._compare(*offer))
 
     def offer(self, environ, name, model, methods, inputs, results):
-        """Queue the request for the model's shadow version, if it has one other than the version that
+        """Hand the request to the model's shadow version, if it has one other than the version that
         answered; never blocks."""
         entry = self.registry._catalogue.get(name)      # not entry(): a model gone since it answered is no 404
         slot = entry.shadow() if entry is not None else None
         if slot is None or str(slot.ref.version) == model.version:
             return
-        if self._pid != os.getpid():
-            self._start()
-        size = int(environ.get("CONTENT_LENGTH") or 0) or len(environ.get("QUERY_STRING", "")) + 4096
-        with self._lock:
-            accepted = self._queued + size <= self.QUEUE_BYTES
-            self._queued += size if accepted else 0
-        try:
-            if not accepted:
-                raise queue.Full
-            self._queue.put_nowait((name, slot, _request_id(environ), methods, inputs, results, size))
-        except queue.Full:
-            self._done(size if accepted else 0)
+        if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results), environ):
             self.registry.agreement(name, str(slot.ref.version)).dropped += 1
             self.metrics.count("model_service_shadow_dropped_total",
                                (("model", name), ("version", str(slot.ref.version))))
-
-    def _done(self, size):
-        with self._lock:
-            self._queued -= size
-
-    def _start(self):
-        with self._lock:
-            if self._pid != os.getpid():
-                self._pid, self._queue, self._queued = os.getpid(), queue.Queue(self.QUEUE_SIZE), 0
-                threading.Thread(target=self._run_all, name="shadow", daemon=True).start()
-
-    def _run_all(self):
-        while True:
-            offer = self._queue.get()
-            try:
-                self._compare(*offer[:-1])
-            except Exception:  # never let the thread die: the next offers still need it
-                logger.exception("shadow comparison failed")
-            finally:
-                self._done(offer[-1])
 
     def _compare(self, name, slot, request_id, methods, inputs, results):
         """Run the methods on the shadow version and count how its outputs compare with the client's."""

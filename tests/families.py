@@ -187,8 +187,9 @@ CASES = {
 }
 
 
-def fit(name):
-    factory, data = CASES[name]
+def fit(name, cases=CASES):
+    """(the fitted estimator, the data it was fitted on) for one family of `cases`."""
+    factory, data = cases[name]
     x, y = data()
     estimator = factory()
     with warnings.catch_warnings():

@@ -220,11 +220,7 @@ def test_a_pipeline_takes_nan_natively_only_where_its_steps_impute_it():
     scaling, _ = family("pipeline_scaler_logistic")
     plain = service.LoadedModel(_Ref, scaling.estimator, "", 0, 0.0)
     assert scaling.native.prepare(holes) is None
-    with pytest.raises(service.BadRequest) as with_native:
-        scaling.call("predict", holes)
-    with pytest.raises(service.BadRequest) as without:
-        plain.call("predict", holes)
-    assert str(with_native.value) == str(without.value)
+    assert_same_refusal(scaling, plain, holes)
 
 
 def test_a_pipeline_whose_final_step_is_unknown_says_so():
@@ -301,17 +297,23 @@ def test_a_compiler_that_raises_falls_back(monkeypatch):
     assert model.native is None and model.predictors["predict"][1] == "compiling failed: KeyError: 'coef_'"
 
 
+
+def assert_same_refusal(native, plain, rows):
+    """A model with its native predictor refuses `rows` exactly as the same model without one."""
+    with pytest.raises(service.BadRequest) as with_native:
+        native.call("predict", rows)
+    with pytest.raises(service.BadRequest) as without:
+        plain.call("predict", rows)
+    assert str(with_native.value) == str(without.value)
+
+
 @pytest.mark.parametrize("rows", [
     np.array([[1.0, np.nan, 3.0, 4.0]]), np.array([[1.0, 2.0, 3.0]]), np.array([[1.0, 2.0, 3.0, np.inf]]),
     np.array([["a", 2.0, 3.0, 4.0]], dtype=object)], ids=["nan", "width", "inf", "object"])
 def test_what_the_native_check_refuses_gets_scikit_learns_refusal(rows):
     native, plain = family("logistic_multinomial")[0], service.LoadedModel(_Ref, family(
         "logistic_multinomial")[0].estimator, "", 0, 0.0)
-    with pytest.raises(service.BadRequest) as with_native:
-        native.call("predict", rows)
-    with pytest.raises(service.BadRequest) as without:
-        plain.call("predict", rows)
-    assert str(with_native.value) == str(without.value)
+    assert_same_refusal(native, plain, rows)
 
 
 def test_other_layouts_and_dtypes_go_to_scikit_learn():

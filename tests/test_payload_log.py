@@ -116,8 +116,8 @@ def test_a_failing_log_counts_its_drops_logs_once_and_never_fails_a_request(tmp_
 
 
 def test_waiting_records_hold_a_bounded_share_of_memory(tmp_path, iris_classifier, make_app, monkeypatch):
-    """Records wait with their requests' inputs: past QUEUE_BYTES of bodies waiting, new ones are dropped."""
-    monkeypatch.setattr(service.PayloadLog, "QUEUE_BYTES", 3000)
+    """Records wait with their requests' inputs: past Backlog.BYTES of bodies waiting, new ones are dropped."""
+    monkeypatch.setattr(service.Backlog, "BYTES", 3000)
     writing, release = [], threading.Event()
     original = service.PayloadLog._write
 

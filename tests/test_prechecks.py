@@ -30,7 +30,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 import service
 from conftest import write_artifact
-from families import CASES, diabetes_data, iris_data
+from families import CASES, diabetes_data, fit, iris_data
 
 
 def nan_training_data(data):
@@ -114,13 +114,7 @@ ROW_KINDS = {"finite": None, "nan": math.nan, "+inf": math.inf, "-inf": -math.in
 
 
 def fitted(name):
-    factory, data = FAMILIES[name]
-    x, y = data()
-    estimator = factory()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")          # convergence warnings of tiny fits say nothing here
-        estimator.fit(x) if y is None else estimator.fit(x, y)
-    return estimator, x
+    return fit(name, FAMILIES)
 
 
 def json_rows(x, kind):

@@ -75,7 +75,7 @@ def test_a_failing_shadow_is_counted_and_the_client_never_sees_it(tmp_path, iris
 
 
 def test_a_full_shadow_queue_drops_and_counts(tmp_path, iris_classifier, weak_classifier, make_app, monkeypatch):
-    monkeypatch.setattr(service.Shadow, "QUEUE_SIZE", 1)
+    monkeypatch.setattr(service.Backlog, "ITEMS", 1)
     comparing, release = [], threading.Event()
     original = service.Shadow._compare
 

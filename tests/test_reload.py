@@ -158,15 +158,10 @@ def test_swaps_under_load_fail_no_request_and_versions_only_move_forward(tmp_pat
         answered = [0] * 4                 # answers each client has had so far
 
         def client(index):
-            seen, failures, session = [], [], requests.Session()
-            while not stop.is_set():
-                response = session.post(base + "/models/m/predict", json={"instances": PAIR.tolist()}, timeout=30)
-                if response.status_code != 200:
-                    failures.append((response.status_code, response.text))
-                else:
-                    seen.append(int(response.json()["version"]))
+            def count(version):
                 answered[index] += 1
-            return seen, failures
+                return version
+            return poll(base, stop, count)
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             clients = [pool.submit(client, index) for index in range(4)]
@@ -203,6 +198,18 @@ def test_swaps_under_load_fail_no_request_and_versions_only_move_forward(tmp_pat
 
 
 # -- a serving version's folder renamed: availability is kept, and no route moves backwards ------------------
+
+def poll(base, stop, seen_as):
+    """A client posting PAIR until `stop` is set: (seen_as(version) of each answer, the failures)."""
+    seen, failures, session = [], [], requests.Session()
+    while not stop.is_set():
+        response = session.post(base + "/models/m/predict", json={"instances": PAIR.tolist()}, timeout=30)
+        if response.status_code != 200:
+            failures.append((response.status_code, response.text))
+        else:
+            seen.append(seen_as(int(response.json()["version"])))
+    return seen, failures
+
 
 def rename_version(root, old, new):
     os.rename(root / "m" / str(old), root / "m" / str(new))
@@ -263,14 +270,7 @@ def test_clients_polling_through_a_rename_see_no_failure_and_no_older_version(tm
         stop, renamed = threading.Event(), threading.Event()
 
         def client():
-            seen, failures, session = [], [], requests.Session()
-            while not stop.is_set():
-                response = session.post(base + "/models/m/predict", json={"instances": PAIR.tolist()}, timeout=30)
-                if response.status_code != 200:
-                    failures.append((response.status_code, response.text))
-                else:
-                    seen.append((int(response.json()["version"]), renamed.is_set()))
-            return seen, failures
+            return poll(base, stop, lambda version: (version, renamed.is_set()))
 
         def latest():
             return requests.get(base + "/models/m", timeout=30).json()["latest_version"]

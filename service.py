@@ -1825,10 +1825,10 @@ def _build_model(ref, options=None, native=True, metrics=None):
 # the same argmax and the same class labels; a pipeline of known scalers and imputers
 # runs their arithmetic first.  Nothing here is trusted on its reading of
 # scikit-learn's code: every compiled method is PROVED on probe rows built from the model
-# (random rows, every tree threshold with its float32 neighbours, NaN and infinities)
-# against the estimator's own method, bit for bit in values, dtype and shape, one row at
-# a time and in batches; a method that differs, fails or is not compiled is answered by
-# scikit-learn, with the reason in the model's status.  At request time the native path
+# (random rows, every tree threshold with its neighbours in the precision the model compares
+# in, NaN and infinities) against the estimator's own method, bit for bit in values, dtype
+# and shape, one row at a time and in batches; a method that differs, fails or is not
+# compiled is answered by scikit-learn, with the reason in the model's status.  At request time the native path
 # takes only inputs it can prove it treats exactly as scikit-learn would (a C-contiguous
 # float64 matrix of the right width, values the model accepts); everything else (a
 # DataFrame, another dtype or width, values scikit-learn refuses) goes to scikit-learn,
@@ -1856,14 +1856,17 @@ class NativePredictor:
     model refuses it, and then scikit-learn gives the refusal).
     """
 
-    def __init__(self, methods, n_features, allow_nan, float32=False, steps=(), final=None):
+    def __init__(self, methods, n_features, allow_nan, allow_inf=False, float32=False, steps=(), final=None):
         import numpy as np
 
         self.methods = methods                      # {method: function of the prepared array}
-        self._n_features, self._allow_nan, self._float32 = n_features, allow_nan, float32
+        self._n_features, self._allow_nan, self._allow_inf, self._float32 = n_features, allow_nan, allow_inf, \
+            float32
         self._steps, self._final = steps, final
-        self._ndarray, self._float64, self._isfinite, self._isinf = np.ndarray, np.dtype(np.float64), \
-            np.isfinite, np.isinf
+        self._ndarray, self._float64 = np.ndarray, np.dtype(np.float64)
+        refuses = {(False, False): lambda X: not np.isfinite(X).all(), (True, False): lambda X: np.isinf(X).any(),
+                   (False, True): lambda X: np.isnan(X).any(), (True, True): lambda X: False}
+        self._refuses = refuses[bool(allow_nan), bool(allow_inf)]     # whether X holds what the model refuses
 
     def prepare(self, inputs):
         if type(inputs) is not self._ndarray or inputs.dtype != self._float64 or inputs.ndim != 2 \
@@ -1871,7 +1874,7 @@ class NativePredictor:
             return None
         if self._float32:       # values past float32's range become infinities, which scikit-learn refuses
             inputs = inputs.astype("float32")
-        if self._isinf(inputs).any() if self._allow_nan else not self._isfinite(inputs).all():
+        if self._refuses(inputs):
             return None
         if self._final is None:
             return inputs
@@ -1894,6 +1897,7 @@ def _native_compilers():
                       tree.ExtraTreeRegressor, ensemble.RandomForestClassifier, ensemble.RandomForestRegressor,
                       ensemble.ExtraTreesClassifier, ensemble.ExtraTreesRegressor),
         _gradient_boosting: (ensemble.GradientBoostingClassifier, ensemble.GradientBoostingRegressor),
+        _hist_gradient_boosting: (ensemble.HistGradientBoostingClassifier, ensemble.HistGradientBoostingRegressor),
     }
     return {cls: compiler for compiler, classes in families.items() for cls in classes}
 
@@ -1977,7 +1981,7 @@ def _tree_model(estimator):
         raise _NotNative("its trees are not all of the class it builds")
     if getattr(estimator, "n_outputs_", 1) > 1 and hasattr(estimator, "classes_"):
         raise _NotNative("a multi-output classifier answers one array per output")
-    walk, values, thresholds = _tree_walker(members, estimator.n_features_in_)
+    walk, values, splits = _tree_walker([member.tree_ for member in members], estimator.n_features_in_, np.float32)
     classifier = hasattr(estimator, "classes_")
     values = values[:, 0, :len(estimator.classes_)] if classifier else \
         values[:, :, 0] if estimator.n_outputs_ > 1 else values[:, 0, 0]
@@ -1993,10 +1997,10 @@ def _tree_model(estimator):
         return np.cumsum(np.concatenate([zero, leaves], axis=1), axis=1)[:, -1] / count
 
     if not classifier:
-        return {"predict": combined}, thresholds
+        return {"predict": combined}, splits
     classes = estimator.classes_
     return {"predict_proba": combined, "predict_log_proba": lambda X: np.log(combined(X)),
-            "predict": lambda X: classes.take(combined(X).argmax(axis=1), axis=0)}, thresholds
+            "predict": lambda X: classes.take(combined(X).argmax(axis=1), axis=0)}, splits
 
 
 def _gradient_boosting(estimator):
@@ -2018,7 +2022,8 @@ def _gradient_boosting(estimator):
     stages = estimator.estimators_
     if {type(member) for member in stages.ravel()} != {tree.DecisionTreeRegressor}:
         raise _NotNative("its stages are not all DecisionTreeRegressor")
-    walk, values, thresholds = _tree_walker(list(stages.ravel()), estimator.n_features_in_)
+    walk, values, splits = _tree_walker([stage.tree_ for stage in stages.ravel()], estimator.n_features_in_,
+                                        np.float32)
     start = estimator._raw_predict_init(np.zeros((1, estimator.n_features_in_), dtype=np.float32))
     steps = estimator.learning_rate * values[:, 0, 0]
     n_stages, n_outputs = stages.shape
@@ -2029,7 +2034,20 @@ def _gradient_boosting(estimator):
         return np.cumsum(np.concatenate([first, added], axis=1), axis=1)[:, -1]
 
     if not hasattr(estimator, "classes_"):
-        return {"predict": lambda X: raw(X).ravel()}, thresholds
+        return {"predict": lambda X: raw(X).ravel()}, splits
+    return _boosted_classifier(raw, estimator, np.greater_equal), splits
+
+
+def _boosted_classifier(raw, estimator, positive):
+    """A boosting classifier's methods from its raw predictions, as both gradient boostings derive them.
+
+    decision_function is the raw predictions (one column raveled), probabilities come from the
+    model's own loss object (arithmetic only, without the input checks), predict is the argmax,
+    or for one column `positive(raw, 0)`: GradientBoosting counts a raw 0 as the second class
+    (>= 0), HistGradientBoosting as the first (> 0, as argmax breaks ties).
+    """
+    import numpy as np
+
     classes, loss = estimator.classes_, estimator._loss
 
     def decision_function(X):
@@ -2038,25 +2056,70 @@ def _gradient_boosting(estimator):
 
     def predict(X):
         found = decision_function(X)
-        return classes[(found >= 0).astype(int) if found.ndim == 1 else found.argmax(axis=1)]
+        return classes[positive(found, 0).astype(int) if found.ndim == 1 else found.argmax(axis=1)]
 
-    methods = {"decision_function": decision_function, "predict": predict,
-               "predict_proba": lambda X: loss.predict_proba(decision_function(X)),
-               "predict_log_proba": lambda X: np.log(loss.predict_proba(decision_function(X)))}
-    return methods, thresholds
+    return {"decision_function": decision_function, "predict": predict,
+            "predict_proba": lambda X: loss.predict_proba(decision_function(X)),
+            "predict_log_proba": lambda X: np.log(loss.predict_proba(decision_function(X)))}
 
 
-def _tree_walker(members, n_features):
-    """(walk, values, thresholds): walk(X32) -> leaf of every row in every tree, as Tree._apply_dense finds it.
+def _hist_gradient_boosting(estimator):
+    """HistGradientBoosting on numeric features: the baseline, plus each iteration's leaf, in order.
 
-    All trees' nodes go into one set of flat arrays; a leaf points to itself, so every row
-    takes max_depth steps and stays on its leaf.  A step compares the row's float32 value
-    with the node's float64 threshold (NaN goes where missing_go_to_left says), as the
-    Cython does.  `thresholds` lists each feature's split thresholds, for the proof.
+    _raw_predict starts from zeros, adds `_baseline_prediction`, then each predictor's leaf
+    value into its class's column, iteration after iteration (threads split the rows, never a
+    row's sum); a cumulative sum after the baseline repeats that order.  A predictor's node
+    sends NaN where missing_go_to_left says and otherwise compares the float64 value with its
+    float64 `num_threshold`, which is the tree walk on float64 rows.  Categorical features go
+    through scikit-learn's own ColumnTransformer and ordinal encoding first, which is not
+    compiled.  Regression applies the loss's inverse link, as predict does.
+    """
+    import types
+
+    import numpy as np
+
+    if estimator.is_categorical_ is not None or estimator._preprocessor is not None:
+        raise _NotNative("categorical features are encoded by scikit-learn's ColumnTransformer first")
+    iterations = estimator._predictors
+    if not iterations:
+        raise _NotNative("no fitted iterations")
+    n_classes = len(iterations[0])
+    nodes = [predictor.nodes for iteration in iterations for predictor in iteration]
+    if any(n["is_categorical"].any() for n in nodes):
+        raise _NotNative("a predictor splits on a category")
+    trees = [types.SimpleNamespace(
+        children_left=np.where(n["is_leaf"] == 1, -1, n["left"].astype(np.intp)),
+        children_right=np.where(n["is_leaf"] == 1, -1, n["right"].astype(np.intp)),
+        feature=n["feature_idx"].astype(np.intp), threshold=n["num_threshold"],
+        missing_go_to_left=n["missing_go_to_left"], value=n["value"], node_count=len(n),
+        max_depth=int(n["depth"].max())) for n in nodes]
+    walk, values, splits = _tree_walker(trees, estimator.n_features_in_, np.float64)
+    start = np.zeros((1, n_classes), dtype=estimator._baseline_prediction.dtype)
+    start += estimator._baseline_prediction
+
+    def raw(X):
+        added = values[walk(X)].reshape(len(X), len(iterations), n_classes)
+        first = np.broadcast_to(start[:, np.newaxis, :], (len(X), 1, n_classes))
+        return np.cumsum(np.concatenate([first, added], axis=1), axis=1)[:, -1]
+
+    if not hasattr(estimator, "classes_"):
+        inverse = estimator._loss.link.inverse
+        return {"predict": lambda X: inverse(raw(X).ravel())}, splits
+    return _boosted_classifier(raw, estimator, np.greater), splits
+
+
+def _tree_walker(trees, n_features, dtype):
+    """(walk, values, splits): walk(X) -> leaf of every row in every tree, as Tree._apply_dense finds it.
+
+    `trees` are scikit-learn's Tree objects, or anything holding the same arrays.  All trees'
+    nodes go into one set of flat arrays; a leaf points to itself, so every row takes
+    max_depth steps and stays on its leaf.  A step compares the row's value (of `dtype`, float32
+    for scikit-learn's trees) with the node's float64 threshold, NaN going where
+    missing_go_to_left says, as the Cython does.  `splits` is each feature's split thresholds
+    and `dtype`, for the proof.
     """
     import numpy as np
 
-    trees = [member.tree_ for member in members]
     offsets = np.cumsum([0] + [tree.node_count for tree in trees])
     own = np.arange(offsets[-1])
     leaf = np.concatenate([tree.children_left for tree in trees]) == -1
@@ -2078,7 +2141,7 @@ def _tree_walker(members, n_features):
         return node
 
     thresholds = [np.unique(threshold[~leaf & (feature == f)]) for f in range(n_features)]
-    return walk, values, thresholds
+    return walk, values, (thresholds, dtype)
 
 
 @functools.cache
@@ -2152,28 +2215,30 @@ def _compile_pipeline(pipeline, wanted, n_features):
             raise _NotNative(next(iter(reasons.values())))
     except _NotNative as error:
         raise _NotNative(f"its final step: {error}") from None
-    return _proved(pipeline, dict(inner.methods), None, lambda allow_nan: NativePredictor(
-        {}, n_features, allow_nan, steps=tuple(transforms), final=inner))
+    return _proved(pipeline, dict(inner.methods), None, lambda allow_nan, allow_inf: NativePredictor(
+        {}, n_features, allow_nan, allow_inf, steps=tuple(transforms), final=inner))
 
 
-def _probe_rows(n_features, thresholds, rng):
+def _probe_rows(n_features, splits, rng):
     """Finite rows to prove on: random ones at many scales, and for trees every threshold and its neighbours.
 
-    A threshold t is probed at t itself, at float32(t) and at the float32 values on either side
-    of it, which is where a comparison after the float32 conversion could go either way.  Each
-    row carries one probe per feature, so every probe appears in some row.
+    A threshold t is probed at t itself, at t in the dtype the model compares in (float32 for
+    scikit-learn's trees, float64 for histogram boosting) and at the values of that dtype on
+    either side of it, which is where a comparison could go either way.  Each row carries one
+    probe per feature, so every probe appears in some row.
     """
     import numpy as np
 
     scale = 10.0 ** rng.integers(-3, 4, size=(_RANDOM_PROBES, 1))
     rows = [rng.standard_normal((_RANDOM_PROBES, n_features)) * scale, np.zeros((1, n_features))]
-    if thresholds is not None:
+    if splits is not None:
+        thresholds, dtype = splits
         columns = []
         for found in thresholds:
-            near = found.astype(np.float32)
-            values = np.concatenate([found, near, np.nextafter(near, np.float32(-np.inf)),
-                                     np.nextafter(near, np.float32(np.inf))]).astype(np.float64)
-            values = values[np.abs(values) <= np.finfo(np.float32).max]    # a split on NaN alone is at +inf
+            near = found.astype(dtype)
+            values = np.concatenate([found, near, np.nextafter(near, dtype(-np.inf)),
+                                     np.nextafter(near, dtype(np.inf))]).astype(np.float64)
+            values = values[np.abs(values) <= np.finfo(dtype).max]    # a split on NaN alone is at +inf
             columns.append(values if len(values) else rng.standard_normal(1))
         height = max(len(column) for column in columns)
         rows.append(np.stack([rng.permutation(np.resize(column, height)) for column in columns], axis=1))
@@ -2205,14 +2270,14 @@ def _answer(function, X):
 def _prove(estimator, methods, make, batch, rng):
     """The NativePredictor of the methods that answer every probe exactly as scikit-learn does, and why others don't.
 
-    First the input check: NaN is let through natively only if scikit-learn accepts it, and
+    First the input check: NaN, and infinities, are let through natively only if scikit-learn accepts them, and
     an edge row the check lets through must be one scikit-learn answers.  Then each method on
     the probe batch, on single rows of it, and on the edge rows the check lets through.
-    `make(allow_nan)` builds the predictor that holds the proved methods.
+    `make(allow_nan, allow_inf)` builds the predictor that holds the proved methods.
     """
     first = getattr(estimator, next(iter(methods)))
-    edges = _edge_rows(batch, rng)
-    predictor = make(_answer(first, edges[0])[0])       # NaN is allowed where scikit-learn takes it
+    edges = _edge_rows(batch, rng)      # NaN, then infinities: each allowed where scikit-learn takes it
+    predictor = make(_answer(first, edges[0])[0], _answer(first, edges[1])[0] and _answer(first, edges[2])[0])
     probes = [batch] + [batch[i:i + 1] for i in rng.choice(len(batch), _SINGLE_PROBES)]
     for row in edges:
         if predictor.prepare(row) is not None:
@@ -2239,7 +2304,13 @@ def _prove(estimator, methods, make, batch, rng):
 
 
 def _compile(estimator, wanted, n_features):
-    """(NativePredictor, {method: why not}) for the `wanted` methods of one estimator; _NotNative says why none."""
+    """(NativePredictor, {method: why not}) for the `wanted` methods of one estimator; _NotNative says why none.
+
+    A compiler returns its methods and its `splits`: None, or (each feature's thresholds, the
+    dtype its inputs are compared in), float32 for scikit-learn's trees, float64 for histogram
+    boosting.
+    """
+    import numpy as np
     from sklearn.pipeline import Pipeline
 
     shadowed = [m for m in wanted if m in vars(estimator)]
@@ -2250,19 +2321,20 @@ def _compile(estimator, wanted, n_features):
     compiler = _native_compilers().get(type(estimator))
     if compiler is None:
         raise _NotNative(f"no native compiler for {type(estimator).__name__} (exact classes only)")
-    compiled, thresholds = compiler(estimator)
-    return _proved(estimator, {m: f for m, f in compiled.items() if m in wanted}, thresholds,
-                   lambda allow_nan: NativePredictor({}, n_features, allow_nan, float32=thresholds is not None))
+    compiled, splits = compiler(estimator)
+    float32 = splits is not None and splits[1] is np.float32
+    return _proved(estimator, {m: f for m, f in compiled.items() if m in wanted}, splits,
+                   lambda allow_nan, allow_inf: NativePredictor({}, n_features, allow_nan, allow_inf, float32=float32))
 
 
-def _proved(estimator, compiled, thresholds, make):
+def _proved(estimator, compiled, splits, make):
     """_prove on the probe rows of this estimator (the same at every load)."""
     import numpy as np
 
     if not compiled:
         raise _NotNative("no native version of its methods")
     rng = np.random.default_rng(NATIVE_PROBE_SEED)
-    batch = _probe_rows(estimator.n_features_in_, thresholds, rng)
+    batch = _probe_rows(estimator.n_features_in_, splits, rng)
     with np.errstate(all="ignore"):     # log(0) and the like warn alike on both sides: not a difference
         return _prove(estimator, compiled, make, batch, rng)
 

@@ -1,7 +1,8 @@
 """The native predictors against scikit-learn, bit for bit: a differential suite, and the service around it.
 
 Every covered family and method is fed random rows, threshold-edge rows (each tree threshold, its
-float32 neighbours) and, where the model takes them, rows with NaN, in one-row calls and in batches of
+neighbours in the dtype the model compares in: float32 for trees, float64 for histogram boosting) and,
+where the model takes them, rows with NaN and infinities, in one-row calls and in batches of
 many sizes; the native answer must equal scikit-learn's on the same array in values, dtype and shape.
 CI runs a bounded sample.  The long run is this file as a program:
 
@@ -23,7 +24,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_wine, make_classification
 from sklearn.ensemble import (ExtraTreesClassifier, ExtraTreesRegressor, GradientBoostingClassifier,
-                              GradientBoostingRegressor, RandomForestClassifier, RandomForestRegressor)
+                              GradientBoostingRegressor, HistGradientBoostingClassifier,
+                              HistGradientBoostingRegressor, RandomForestClassifier, RandomForestRegressor)
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import (ElasticNet, Lasso, LinearRegression, LogisticRegression, Perceptron, Ridge,
@@ -57,7 +59,10 @@ def _data():
     return {"iris": iris, "wine": wine, "cancer": (_standard(cancer[0]), cancer[1]),
             "diabetes": diabetes, "wide": wide, "iris_std": (_standard(iris[0]), iris[1]),
             "iris_holes": (_with_holes(iris[0]), iris[1]), "diabetes_holes": (_with_holes(diabetes[0]), diabetes[1]),
-            "diabetes_2": (diabetes[0], np.c_[diabetes[1], diabetes[1] ** 0.5])}
+            "diabetes_2": (diabetes[0], np.c_[diabetes[1], diabetes[1] ** 0.5]),
+            "cancer_holes": (_with_holes(_standard(cancer[0])), cancer[1]),
+            "wine_holes": (_with_holes(wine[0]), wine[1]),
+            "iris_categorical": (np.c_[np.floor(iris[0][:, :1]), iris[0][:, 1:]], iris[1])}
 
 
 # family id -> (estimator, data set): every class the native compiler covers, binary and multiclass,
@@ -91,6 +96,14 @@ FAMILIES = {
     "gradient_boosting_exponential_zero_init": (lambda: GradientBoostingClassifier(
         n_estimators=30, loss="exponential", init="zero", random_state=0), "cancer"),
     "gradient_boosting_regressor": (lambda: GradientBoostingRegressor(n_estimators=50, random_state=0), "diabetes"),
+    "hist_gradient_boosting_binary_nan": (lambda: HistGradientBoostingClassifier(max_iter=50, random_state=0),
+                                          "cancer_holes"),
+    "hist_gradient_boosting_multiclass_nan": (lambda: HistGradientBoostingClassifier(max_iter=30, random_state=0),
+                                              "wine_holes"),
+    "hist_gradient_boosting_regressor_nan": (lambda: HistGradientBoostingRegressor(max_iter=50, random_state=0),
+                                             "diabetes_holes"),
+    "hist_gradient_boosting_poisson": (lambda: HistGradientBoostingRegressor(loss="poisson", max_iter=30,
+                                                                             random_state=0), "diabetes"),
     "pipeline_scaler_logistic": (lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
                                  "iris"),
     "pipeline_imputer_minmax_forest": (lambda: make_pipeline(SimpleImputer(), MinMaxScaler(clip=True),
@@ -126,25 +139,32 @@ def family(name):
     return _MODELS[name]
 
 
+def _splits(estimator):
+    """([(features, thresholds)] of every tree's finite splits, the dtype the model compares in)."""
+    if hasattr(estimator, "_predictors"):         # histogram boosting: float64 rows against float64 thresholds
+        nodes = [predictor.nodes for iteration in estimator._predictors for predictor in iteration]
+        inner = [(n["is_leaf"] == 0) & np.isfinite(n["num_threshold"]) for n in nodes]
+        return [(n["feature_idx"][i], n["num_threshold"][i]) for n, i in zip(nodes, inner)], np.float64
+    trees = [part.tree_ for part in getattr(estimator, "estimators_", [estimator]) if hasattr(part, "tree_")]
+    finite = [(tree.children_left != -1) & np.isfinite(tree.threshold) for tree in trees]   # NaN alone: +inf
+    return [(tree.feature[f], tree.threshold[f]) for tree, f in zip(trees, finite)], np.float32
+
+
 def differential_rows(model, X, count, rng):
     """`count` rows: a third random within (and a little past) the fitted range, a third at tree thresholds
-    and their float32 neighbours (training rows, jittered, for linear models), a third with NaN where the
-    model takes it (else random)."""
+    and their neighbours (training rows, jittered, for linear models), a third with NaN and infinities where
+    the model takes them (else random)."""
     low, high = np.nanmin(X, axis=0), np.nanmax(X, axis=0)
     span = high - low
     third = count // 3
     rows = [rng.uniform(low - span / 2, high + span / 2, size=(count - 2 * third, X.shape[1]))]
-    estimator = model.estimator
-    trees = [part.tree_ for part in getattr(estimator, "estimators_", [estimator]) if hasattr(part, "tree_")]
-    if trees:
+    splits, dtype = _splits(model.estimator)
+    if splits:
         edges = rng.uniform(low, high, size=(third, X.shape[1]))
-        for tree in trees:
-            inner = tree.children_left != -1
-            finite = inner & np.isfinite(tree.threshold)        # a split on NaN alone is at +inf
-            for node_feature, threshold in zip(tree.feature[finite], tree.threshold[finite]):
-                near = np.float32(threshold)
-                choices = (threshold, near, np.nextafter(near, np.float32(-np.inf)),
-                           np.nextafter(near, np.float32(np.inf)))
+        for features, thresholds in splits:
+            for node_feature, threshold in zip(features, thresholds):
+                near = dtype(threshold)
+                choices = (threshold, near, np.nextafter(near, dtype(-np.inf)), np.nextafter(near, dtype(np.inf)))
                 rows_hit = rng.integers(third, size=2)
                 edges[rows_hit, node_feature] = [float(rng.choice(choices)) for _ in rows_hit]
     else:
@@ -154,6 +174,9 @@ def differential_rows(model, X, count, rng):
     holes = rng.uniform(low, high, size=(third, X.shape[1]))
     if model.native._allow_nan:
         holes[rng.random(holes.shape) < 0.25] = np.nan
+    if model.native._allow_inf:
+        holes[rng.random(holes.shape) < 0.05] = np.inf
+        holes[rng.random(holes.shape) < 0.05] = -np.inf
     rows.append(holes)
     return np.ascontiguousarray(rng.permutation(np.concatenate(rows)))
 
@@ -185,6 +208,8 @@ def _methods(name):
     estimator = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
     if isinstance(estimator, SGDClassifier):      # hinge loss: no probabilities
         return ("predict", "decision_function")
+    if isinstance(estimator, HistGradientBoostingClassifier):     # it has no predict_log_proba
+        return ("predict", "predict_proba", "decision_function")
     if isinstance(estimator, (LogisticRegression, GradientBoostingClassifier)):
         return ("predict", "predict_proba", "predict_log_proba", "decision_function")
     if hasattr(estimator, "decision_function"):
@@ -210,6 +235,17 @@ def test_nan_rows_are_served_natively_where_the_trees_take_them():
     assert service._same_outputs(model.estimator.predict_proba(holes), model.call("predict_proba", holes))
     linear, _ = family("logistic_multinomial")
     assert not linear.native._allow_nan and linear.native.prepare(holes) is None
+
+
+def test_histogram_boosting_takes_nan_and_infinities_natively_as_scikit_learn_does():
+    model, X = family("hist_gradient_boosting_multiclass_nan")
+    rows = np.ascontiguousarray(X[:40])
+    rows[0, 0], rows[1, 1], rows[2, :] = np.inf, -np.inf, 1e300      # float64 only: no float32 conversion
+    assert np.isnan(rows).any() and model.native.prepare(rows) is rows
+    for method in ("predict", "predict_proba", "decision_function"):
+        assert service._same_outputs(getattr(model.estimator, method)(rows), model.call(method, rows))
+    forest, _ = family("random_forest_classifier_nan")
+    assert forest.native.prepare(rows) is None
 
 
 def test_a_pipeline_takes_nan_natively_only_where_its_steps_impute_it():
@@ -241,8 +277,10 @@ def test_native_batches_equal_one_row_scikit_learn_calls_for_forests():
     (KNeighborsClassifier(), "iris"), (SVC(), "iris"),
     (make_pipeline(Normalizer(), LogisticRegression(max_iter=1000)), "iris"),
     (make_pipeline(StandardScaler(), KNeighborsClassifier()), "iris"),
-    (RandomForestClassifier(n_estimators=3, n_jobs=2, random_state=0), "iris")],
-    ids=["knn", "svc-rbf", "pipeline-normalizer", "pipeline-knn", "forest-n_jobs"])
+    (RandomForestClassifier(n_estimators=3, n_jobs=2, random_state=0), "iris"),
+    (HistGradientBoostingClassifier(max_iter=5, categorical_features=[0], random_state=0), "iris_categorical")],
+    ids=["knn", "svc-rbf", "pipeline-normalizer", "pipeline-knn", "forest-n_jobs",
+         "hist-gradient-boosting-categorical"])
 def test_other_families_stay_with_scikit_learn(estimator, data):
     model = loaded(estimator.fit(*_data()[data]))
     assert model.native is None

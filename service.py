@@ -37,6 +37,7 @@ Sections, in the order data flows (``grep -n '^# .*####' service.py``)::
     Serving                 waitress (drained on exit) or gunicorn workers
     JSON model format       models as data (only its loader and export use it)
     Export                  ``python service.py export``
+    Replay                  ``python service.py replay``: a payload log scored again
     Command line            ``python service.py``
     WSGI entry points       ``service:app``
 
@@ -2469,6 +2470,103 @@ def _labels(pairs):
         return ""
     escaped = (str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, value in pairs)
     return "{" + ",".join(f'{key}="{value}"' for (key, _), value in zip(pairs, escaped)) + "}"
+
+
+# How two versions' answers compare: a shadow's running counts (registry, HTTP application) and a
+# replay's report (Replay).
+
+REPLAY_WORST = 5        # examples kept, the most different first
+
+
+class Agreement:
+    """How two versions' answers to the same requests compare, request by request: a replay's report, and
+    a shadow's running counts.  Its memory stays bounded however many requests it sees (sums, not lists;
+    only the REPLAY_WORST most different examples), so a shadow can count for the life of the process."""
+
+    def __init__(self):
+        self.skipped = collections.Counter()    # reason -> lines not replayed
+        self.replayed = self.identical = 0
+        self.classes = collections.Counter()    # (logged, replayed) -> rows whose class changed
+        self.gap_sum, self.gap_count, self.gap_max = 0.0, 0, 0.0   # absolute differences of numeric outputs
+        self.errors = collections.Counter()     # message -> requests the version failed on
+        self.dropped = 0                        # shadow requests dropped: its queue was full
+        self._worst = []                        # heap of (rows differing, max abs difference, request id, methods)
+
+    def compare(self, model, request_id, logged, replayed):
+        """Count one request: `logged` and `replayed` map each method to its JSON outputs; returns the
+        numeric differences seen."""
+        self.replayed += 1
+        if logged == replayed:
+            self.identical += 1
+            return []
+        changed, largest, differences = 0, 0.0, []
+        for method, before in logged.items():
+            after = replayed[method]
+            if method == "predict" and model.classes is not None and len(before) == len(after):
+                pairs = [(old, new) for old, new in zip(before, after) if old != new]
+                self.classes.update((_comparable_text(old), _comparable_text(new)) for old, new in pairs)
+                changed += len(pairs)
+                continue
+            numbers = _comparable_numbers(before), _comparable_numbers(after)
+            if None in numbers or len(numbers[0]) != len(numbers[1]):
+                changed += 1                    # not comparable number by number: differs as a whole
+                continue
+            differences += [abs(old - new) for old, new in zip(*numbers)]
+        if differences:
+            self.gap_sum, self.gap_count = self.gap_sum + sum(differences), self.gap_count + len(differences)
+            largest = max(differences)
+            self.gap_max = max(self.gap_max, largest)
+        self.example(changed, largest, request_id, logged)
+        return differences
+
+    def fail(self, request_id, methods, message):
+        """Count a request the version failed on; it ranks above every difference among the examples."""
+        self.errors[message] += 1
+        self.example(math.inf, math.inf, request_id, methods)
+
+    def example(self, changed, largest, request_id, methods):
+        entry = (changed, largest, request_id, sorted(methods))
+        (heapq.heappush if len(self._worst) < REPLAY_WORST else heapq.heappushpop)(self._worst, entry)
+
+    def share(self):
+        return self.identical / self.replayed if self.replayed else 1.0
+
+    def lines(self, name, version):
+        """The printed report."""
+        out = [f"replayed {self.replayed} request(s) on model {name!r} version {version}"]
+        if self.skipped:
+            out.append("skipped " + ", ".join(f"{count} {why}" for why, count in sorted(self.skipped.items())))
+        out.append(f"identical predictions: {self.identical} of {self.replayed} ({self.share():.1%})")
+        for (old, new), count in self.classes.most_common():
+            out.append(f"class {old} -> {new}: {count} row(s)")
+        if self.gap_count:
+            out.append(f"numeric outputs: mean abs difference {self.gap_sum / self.gap_count:.6g}, "
+                       f"max {self.gap_max:.6g} over {self.gap_count} value(s)")
+        out.append(f"errors: {sum(self.errors.values())}")
+        out += [f"  {count} x {message}" for message, count in self.errors.most_common(REPLAY_WORST)]
+        worst = sorted(self._worst, reverse=True)
+        if worst:
+            out.append("worst examples:")
+            out += [f"  {request_id} ({','.join(methods)}): {changed} row(s) differ, max abs difference {gap:.6g}"
+                    for changed, gap, request_id, methods in worst]
+        return out
+
+
+def _comparable_text(value):
+    return value if isinstance(value, str) else dumps(value)
+
+
+def _comparable_numbers(outputs):
+    """Every number in nested JSON outputs, in order; None if any value is not a number."""
+    if isinstance(outputs, list):
+        flat = []
+        for item in outputs:
+            numbers = _comparable_numbers(item)
+            if numbers is None:
+                return None
+            flat += numbers
+        return flat
+    return [outputs] if type(outputs) in (int, float) else None
 
 
 ###############################################################################
@@ -6468,100 +6566,6 @@ def _read_artifact(path):
 # `python service.py replay LOG... --model NAME [--version V | --label L]`: score the requests a
 # payload log recorded again, in-process, on one version of the store, and report how the answers
 # compare: the check before promoting a version, runnable in CI with --fail-under.
-
-REPLAY_WORST = 5        # examples shown, the most different first
-
-
-class Agreement:
-    """How two versions' answers to the same requests compare, request by request: a replay's report, and
-    a shadow's running counts.  Its memory stays bounded however many requests it sees (sums, not lists;
-    only the REPLAY_WORST most different examples), so a shadow can count for the life of the process."""
-
-    def __init__(self):
-        self.skipped = collections.Counter()    # reason -> lines not replayed
-        self.replayed = self.identical = 0
-        self.classes = collections.Counter()    # (logged, replayed) -> rows whose class changed
-        self.gap_sum, self.gap_count, self.gap_max = 0.0, 0, 0.0   # absolute differences of numeric outputs
-        self.errors = collections.Counter()     # message -> requests the version failed on
-        self.dropped = 0                        # shadow requests dropped: its queue was full
-        self._worst = []                        # heap of (rows differing, max abs difference, request id, methods)
-
-    def compare(self, model, request_id, logged, replayed):
-        """Count one request: `logged` and `replayed` map each method to its JSON outputs; returns the
-        numeric differences seen."""
-        self.replayed += 1
-        if logged == replayed:
-            self.identical += 1
-            return []
-        changed, largest, differences = 0, 0.0, []
-        for method, before in logged.items():
-            after = replayed[method]
-            if method == "predict" and model.classes is not None and len(before) == len(after):
-                pairs = [(old, new) for old, new in zip(before, after) if old != new]
-                self.classes.update((_replay_text(old), _replay_text(new)) for old, new in pairs)
-                changed += len(pairs)
-                continue
-            numbers = _replay_numbers(before), _replay_numbers(after)
-            if None in numbers or len(numbers[0]) != len(numbers[1]):
-                changed += 1                    # not comparable number by number: differs as a whole
-                continue
-            differences += [abs(old - new) for old, new in zip(*numbers)]
-        if differences:
-            self.gap_sum, self.gap_count = self.gap_sum + sum(differences), self.gap_count + len(differences)
-            largest = max(differences)
-            self.gap_max = max(self.gap_max, largest)
-        self.example(changed, largest, request_id, logged)
-        return differences
-
-    def fail(self, request_id, methods, message):
-        """Count a request the version failed on; it ranks above every difference among the examples."""
-        self.errors[message] += 1
-        self.example(math.inf, math.inf, request_id, methods)
-
-    def example(self, changed, largest, request_id, methods):
-        entry = (changed, largest, request_id, sorted(methods))
-        (heapq.heappush if len(self._worst) < REPLAY_WORST else heapq.heappushpop)(self._worst, entry)
-
-    def share(self):
-        return self.identical / self.replayed if self.replayed else 1.0
-
-    def lines(self, name, version):
-        """The printed report."""
-        out = [f"replayed {self.replayed} request(s) on model {name!r} version {version}"]
-        if self.skipped:
-            out.append("skipped " + ", ".join(f"{count} {why}" for why, count in sorted(self.skipped.items())))
-        out.append(f"identical predictions: {self.identical} of {self.replayed} ({self.share():.1%})")
-        for (old, new), count in self.classes.most_common():
-            out.append(f"class {old} -> {new}: {count} row(s)")
-        if self.gap_count:
-            out.append(f"numeric outputs: mean abs difference {self.gap_sum / self.gap_count:.6g}, "
-                       f"max {self.gap_max:.6g} over {self.gap_count} value(s)")
-        out.append(f"errors: {sum(self.errors.values())}")
-        out += [f"  {count} x {message}" for message, count in self.errors.most_common(REPLAY_WORST)]
-        worst = sorted(self._worst, reverse=True)
-        if worst:
-            out.append("worst examples:")
-            out += [f"  {request_id} ({','.join(methods)}): {changed} row(s) differ, max abs difference {gap:.6g}"
-                    for changed, gap, request_id, methods in worst]
-        return out
-
-
-def _replay_text(value):
-    return value if isinstance(value, str) else dumps(value)
-
-
-def _replay_numbers(outputs):
-    """Every number in nested JSON outputs, in order; None if any value is not a number."""
-    if isinstance(outputs, list):
-        flat = []
-        for item in outputs:
-            numbers = _replay_numbers(item)
-            if numbers is None:
-                return None
-            flat += numbers
-        return flat
-    return [outputs] if type(outputs) in (int, float) else None
-
 
 def _payload_lines(paths, report):
     """(line number, record) of every readable line of the logs; a folder stands for its payload files."""

@@ -3549,8 +3549,10 @@ def _nested_deeper_than(limit, text, strings=JSON_STRING, pairs=JSON_PAIRS):
     each round removes the innermost pairs (marked first, so a pair they uncover waits for the
     next round): the rounds needed are the depth.  Brackets that never pair up count as deep.
     """
-    opening = bytes(pair[0] for pair in pairs)
-    if sum(text.count(bytes([o])) for o in opening) <= limit:
+    opened = 0
+    for pair in pairs:                          # the common case, a shallow body, ends here
+        opened += text.count(pair[:1])
+    if opened <= limit:
         return False
     keep = b"".join(pairs)
     brackets = strings.sub(b"", text).translate(None, bytes(c for c in range(256) if c not in keep))
@@ -4311,6 +4313,7 @@ PROTOCOLS = {codec: name for name, codec in CODECS.items()}      # the payload l
 JSON_TYPE = "application/json"
 OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
 UNRESOLVED = "(unknown)"                         # the metrics' model and version of a request that named none
+UNRESOLVED_LABELS = (("model", UNRESOLVED), ("version", UNRESOLVED), ("method", ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4562,21 +4565,23 @@ class ServiceApp(bottle.Bottle):
 
     def _endpoint(self, route):
         """The callback of one route: its access rule, its codec for refusals, then its handler."""
-        handler, args = getattr(self, route.handler), dict(route.args)
+        args = dict(route.args)
         codec = CODECS.get(args.pop("codec", None))
-        config = self.service_config
+        if codec is not None:
+            args["codec"] = codec
+        handler, config = functools.partial(getattr(self, route.handler), **args), self.service_config
+        admin = route.access == ADMIN
 
         def endpoint(**parameters):
             if codec is not None:
                 bottle.request.environ["service.codec"] = codec
-                parameters["codec"] = codec
-            if route.access == ADMIN:
+            if admin:
                 if not config.admin_token:
                     raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) "
                                     "to enable it")
                 _require_token(bottle.request.environ, (config.admin_token,), "model-service admin",
                                "this route needs the admin token: Authorization: Bearer <token>")
-            return handler(**args, **parameters)
+            return handler(**parameters)
 
         return endpoint
 
@@ -4630,11 +4635,12 @@ class ServiceApp(bottle.Bottle):
 
         The request is labelled for the metrics only with what exists: the model and version
         once resolved (UNRESOLVED before), the methods once the model has them."""
-        environ, registry, config = bottle.request.environ, self.registry, self.service_config
-        environ["service.labels"] = (("model", UNRESOLVED), ("version", UNRESOLVED), ("method", ""))
+        request, registry, config = bottle.request, self.registry, self.service_config
+        environ = request.environ
+        environ["service.labels"] = UNRESOLVED_LABELS
         if name is None:
             name = registry.default_model_name()
-        asked = codec.read(bottle.request, config, **route)
+        asked = codec.read(request, config, **route)
         held = []                                   # what the prediction holds, released when it is over
         try:
             if self.admission is not None:

@@ -3157,7 +3157,9 @@ class ModelRegistry:
                 return model
             if not slot.gone:
                 self._load(slot)
-            last, slot = slot, None                      # resolved again: a rescan may have replaced it
+            last = slot
+            if slot.gone:       # a rescan replaced it: look the request up again (a split may pick anew)
+                slot = None
         if last.gone:          # held by _holds while its successor settles: never an older version instead
             raise ModelUnavailable(f"model {name!r} version {last.ref.version} left the store and the version "
                                    "that follows it is not ready yet", retry_after=1, model=name)

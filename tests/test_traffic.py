@@ -12,6 +12,8 @@ import threading
 import pytest
 import requests
 
+import service
+
 from conftest import (ROWS, assert_error, clocked_registry, strict_json, versioned_store, wait_until,
                       write_settings)
 
@@ -174,3 +176,14 @@ def test_a_label_in_the_split_follows_the_label_when_it_moves(tmp_path, iris_cla
     registry.poll()
     assert registry.slot("m", routing_key="a").ref.version == 2
     assert registry.describe("m")["traffic"] == [{"target": "stable", "version": "2", "share": 1.0}]
+
+
+def test_a_first_request_loads_the_version_its_split_picked_however_the_next_pick_falls(three_versions, make_client,
+                                                                                        monkeypatch):
+    """Loading on demand must not pick again: three picks of three unloaded versions once answered 503."""
+    points = iter([0.05, 0.65, 0.95] * 10)                  # one pick of each version, in turn
+    monkeypatch.setattr(service.random, "random", lambda: next(points))
+    client = make_client(three_versions, poll_interval=0)
+    answer = strict_json(client.post_json("/models/m/predict", {"instances": ROWS[:1]}))
+    assert answer["version"] == "1"
+    assert [v["state"] for v in strict_json(client.get("/models/m"))["versions"]].count("AVAILABLE") == 1

@@ -68,6 +68,7 @@ __all__ = [
 
 import argparse
 import ast
+import atexit
 import base64
 import bisect
 import collections
@@ -4963,8 +4964,9 @@ class PayloadLog:
     to a Backlog: turning them into JSON, redacting and writing happen on its thread, so the log never
     slows an answer, and a full backlog drops the record (counted) rather than wait.  Each file is
     named by its start time and process, so processes and restarts never share one; past FILE_BYTES
-    a file is closed for a new one, and only the newest FILES of the folder stay.  serve() drains it
-    at shutdown.
+    a file is closed for a new one, and only the newest FILES of the folder stay.  What it accepted is
+    written at interpreter exit (within --shutdown-timeout), under serve(), gunicorn's workers or any
+    host that exits normally after its last request.
     """
 
     FILE_BYTES = 64 * 1024 * 1024
@@ -4975,6 +4977,7 @@ class PayloadLog:
         self.folder, self.sample, self.registry, self.metrics = folder, sample, registry, registry.metrics
         self.backlog = Backlog("payload-log", self._write_record)
         self._file, self._written, self._serial, self._failing = None, 0, itertools.count(1), False
+        atexit.register(PayloadLog._drain_at_exit, weakref.ref(self), registry.config.shutdown_timeout)
 
     def offer(self, environ, status, elapsed):
         """Queue one prediction request if it is sampled; never blocks."""
@@ -4988,6 +4991,13 @@ class PayloadLog:
     def drain(self, timeout):
         """Write and flush everything accepted so far (at shutdown); False if it took over `timeout` seconds."""
         return self.backlog.flush(timeout)
+
+    @staticmethod
+    def _drain_at_exit(reference, timeout):
+        """atexit: by reference, so an app dropped earlier (tests build many) is not kept alive for it."""
+        payload_log = reference()
+        if payload_log is not None and not payload_log.drain(timeout):
+            logger.warning("payload log: records still queued after %g s were not written", timeout)
 
     def _write_record(self, record):
         try:
@@ -5457,10 +5467,7 @@ def serve(app, config):
         # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.default_int_handler)
-        try:
-            bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
-        finally:
-            _drain_payload_log(app, config)
+        bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
         return
     import waitress
     from waitress.channel import HTTPChannel
@@ -5518,14 +5525,6 @@ def serve(app, config):
             signal.signal(number, handler)
         server.task_dispatcher.shutdown(timeout=1)
         close_all(sockets)
-        _drain_payload_log(app, config)
-
-
-def _drain_payload_log(app, config):
-    """At shutdown, after the last request: write what the payload log accepted (within --shutdown-timeout)."""
-    payload_log = getattr(app, "payload_log", None)       # serve() runs any WSGI app; only ours logs payloads
-    if payload_log is not None and not payload_log.drain(config.shutdown_timeout):
-        logger.warning("payload log: records still queued after %g s were not written", config.shutdown_timeout)
 
 
 def _serve_workers(config):

@@ -4,6 +4,7 @@ path, redacted, rotated and drained at shutdown.
 Real models from scikit-learn's bundled data in tmp_path stores; the shutdown drain runs a real server.
 """
 
+import concurrent.futures
 import glob
 import json
 import os
@@ -56,6 +57,25 @@ def test_every_protocol_is_logged_and_sigterm_drains_the_log(tmp_path, iris_clas
     assert second["outputs"]["predict"] == iris_classifier.predict([ROWS[0]]).tolist()
     bad = lines["req-bad"]
     assert bad["status"] == 400 and "inputs" not in bad and "outputs" not in bad
+
+
+@pytest.mark.slow
+def test_gunicorn_workers_drain_their_logs_at_sigterm(tmp_path, iris_classifier, serve_store):
+    """Each worker writes its own file and, on the way out, everything it accepted (its atexit drain):
+    large requests, stopped right after the last answer, leave records queued at the signal."""
+    store = versioned_store(tmp_path / "store", [iris_classifier])
+    folder = tmp_path / "log"
+    rows = ROWS * 1500
+
+    def predict(number):                                     # a new connection each: both workers answer
+        return requests.post(base + "/models/m/predict", json={"instances": rows}, timeout=60,
+                             headers={"X-Request-ID": f"req-{number}", "Connection": "close"}).status_code
+
+    with serve_store(store, "--payload-log", str(folder), "--workers", "2") as base:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(predict, range(40))) == {200}
+    assert running.returncode == 0 and "were not written" not in running.output, running.output
+    assert sorted(line["request_id"] for line in log_lines(folder)) == sorted(f"req-{n}" for n in range(40))
 
 
 @pytest.mark.parametrize("redact, expected", [

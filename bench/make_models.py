@@ -9,6 +9,8 @@ versioned store instead of loose files (the MLflow and MLServer folders are writ
 
   OUTDIR/store/iris/1/model.joblib   LogisticRegression on iris, 4 features
   OUTDIR/store/rf/1/model.joblib     RandomForestClassifier, 100 trees, depth 10, 20 features
+  OUTDIR/store-shadow/{iris,rf}/{1,2}/model.joblib   the same model as two versions: version 2 answers,
+                                     and model-settings.json names version 1 its shadow
   OUTDIR/bodies/{iris,rf}_{1,64}.json  {"instances": [...]}: the first row, the first 64 rows
   OUTDIR/bodies/{iris,rf}_{1,64}_v2.json  the same rows as one V2 (Open Inference Protocol) FP64 tensor
 """
@@ -44,7 +46,8 @@ def build(out):
     out = os.path.abspath(out)
     store, bodies = os.path.join(out, "store"), os.path.join(out, "bodies")
     os.makedirs(bodies, exist_ok=True)
-    result = {"store": store, "bodies": {}, "bodies_v2": {}, "artifacts": {}, "expected": {}}
+    shadowed = os.path.join(out, "store-shadow")
+    result = {"store": store, "store_shadow": shadowed, "bodies": {}, "bodies_v2": {}, "artifacts": {}, "expected": {}}
     for name, (model, X) in train().items():
         folder = os.path.join(store, name, "1")
         os.makedirs(folder, exist_ok=True)
@@ -63,6 +66,11 @@ def build(out):
                     json.dump(body, f, separators=(",", ":"))
                 result[key][(name, rows)] = bpath
             result["expected"][(name, rows)] = model.predict(instances).tolist()
+        for version in ("1", "2"):
+            os.makedirs(os.path.join(shadowed, name, version), exist_ok=True)
+            os.link(path, os.path.join(shadowed, name, version, "model.joblib"))
+        with open(os.path.join(shadowed, name, "model-settings.json"), "w") as f:
+            json.dump({"version_policy": "all", "shadow": "1"}, f)
         # sanity: the artifact on disk predicts like the fitted model
         assert (joblib.load(path).predict(X[:64]) == model.predict(X[:64])).all()
     return result

@@ -4895,14 +4895,16 @@ class Backlog:
     the requests' bodies (or URLs), which stand for what an item holds.  A full backlog refuses an
     item at once rather than make a request wait.  The thread runs `work(item)` for each item; it
     starts in the process that uses the backlog (a pre-fork host forks after building the app), and
-    an exception from `work` is logged, never fatal to it.
+    an exception from `work` is logged, never fatal to it.  `rest(cpu_seconds)`, if given, says how
+    long the thread sleeps after an item that took that much of its CPU time: work that must not
+    compete with requests for the interpreter paces itself with it.
     """
 
     ITEMS = 1000
     BYTES = 64 * 1024 * 1024
 
-    def __init__(self, name, work):
-        self.name, self._work = name, work
+    def __init__(self, name, work, rest=None):
+        self.name, self._work, self._rest = name, work, rest
         self._lock = threading.Lock()
         self._pid, self._queue, self._bytes = None, None, 0
 
@@ -4946,6 +4948,7 @@ class Backlog:
     def _run(self):
         while True:
             item, size = self._queue.get()
+            started = time.thread_time()
             try:
                 if isinstance(item, threading.Event):       # flush(): everything before it is done
                     item.set()
@@ -4955,6 +4958,8 @@ class Backlog:
                 logger.exception("%s failed", self.name)
             finally:
                 self._release(size)
+            if self._rest is not None:
+                time.sleep(self._rest(time.thread_time() - started))
 
 
 class PayloadLog:
@@ -5068,11 +5073,22 @@ class Shadow:
     answer is computed; a full backlog drops the offer (counted) rather than wait, so the client's
     answer, status, headers and latency never depend on the shadow.  The shadow's failures are logged
     and counted, never returned.
+
+    The shadow uses spare time: while client requests are in flight, its thread rests after each
+    comparison so that it holds at most SHARE of the interpreter (which the requests' threads need).
+    A busy process therefore shadows a sample of its requests and drops the rest, counted.
     """
+
+    SHARE = 0.02
 
     def __init__(self, registry):
         self.registry, self.metrics = registry, registry.metrics
-        self.backlog = Backlog("shadow", lambda offer: self._compare(*offer))
+        self.backlog = Backlog("shadow", lambda offer: self._compare(*offer), rest=self._rest)
+
+    def _rest(self, cpu_seconds):
+        """Seconds to sleep after a comparison that took `cpu_seconds`: none when no request waits for
+        the interpreter, else enough that comparisons take at most SHARE of it."""
+        return cpu_seconds * (1 / self.SHARE - 1) if self.registry.in_flight() else 0.0
 
     def offer(self, environ, name, model, methods, inputs, results):
         """Hand the request to the model's shadow version, if it has one other than the version that

@@ -98,6 +98,22 @@ def test_a_full_shadow_queue_drops_and_counts(tmp_path, iris_classifier, weak_cl
     assert 'model_service_shadow_dropped_total{model="m",version="2"} 4' in client.get("/metrics").text
 
 
+def test_the_shadow_rests_while_requests_are_in_flight_and_runs_freely_when_none_are(tmp_path, iris_classifier,
+                                                                                      make_app):
+    """Its share of the interpreter is bounded only when client requests need it."""
+    store = versioned_store(tmp_path / "store", [iris_classifier] * 2, {"version_policy": "all", "shadow": "1"})
+    app = make_app(store=store)
+    webtest.TestApp(app).post_json("/models/m/predict", {"instances": ROWS})
+    registry, shadow = app.registry, app.shadow
+    assert shadow._rest(0.001) == 0.0, "nothing in flight: no rest"
+    model = registry.acquire("m")                    # a client request holding its model
+    try:
+        assert shadow._rest(0.001) == pytest.approx(0.001 * (1 / shadow.SHARE - 1))
+    finally:
+        registry.release(model)
+    assert shadow._rest(0.001) == 0.0
+
+
 @pytest.mark.parametrize("shadow, fragment", [
     ("nope", '"shadow": \'nope\' is neither a version nor a defined label'),
     (2, '"shadow" must name a label or a version'),

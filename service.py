@@ -3251,6 +3251,12 @@ class ModelRegistry:
             raise NotFound(f"model {name!r} not found", model=name, models=self.names())
         return entry
 
+    def shadow_slot(self, name):
+        """The VersionSlot of model `name`'s shadow version; None when it has none (or is gone: a request
+        answered before a rescan removed the model is not a 404 for its shadow)."""
+        entry = self._catalogue.get(name)
+        return entry.shadow() if entry is not None else None
+
     def slot(self, name, version=None, label=None, routing_key=None):
         """The VersionSlot that answers for a name and a version string or label; 4xx/503 if none.
 
@@ -5093,8 +5099,7 @@ class Shadow:
     def offer(self, environ, name, model, methods, inputs, results):
         """Hand the request to the model's shadow version, if it has one other than the version that
         answered; never blocks."""
-        entry = self.registry._catalogue.get(name)      # not entry(): a model gone since it answered is no 404
-        slot = entry.shadow() if entry is not None else None
+        slot = self.registry.shadow_slot(name)
         if slot is None or str(slot.ref.version) == model.version:
             return
         if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results), environ):

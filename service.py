@@ -5302,9 +5302,12 @@ def openapi_document(registry):
 # Web console #################################################################
 ###############################################################################
 # The web console GET / serves to browsers: one self-contained page (no CDN, no build step) that
-# lists the models and sends predictions through the JSON API.  Everything it shows from the
-# service goes through textContent, and its Content-Security-Policy admits only its own script
-# and style (by hash) and requests to this origin.
+# lists the models and sends predictions through the JSON API.  What a model takes (methods,
+# n_features_in_, feature_names_in_) it reads from the model's status in GET /models, the one
+# place that says it; a version not loaded yet has none there, so the page first asks for its V2
+# metadata, which loads it.  The table is read again after every prediction.  Everything it shows
+# from the service goes through textContent (names and labels are the store's, not ours), and its
+# Content-Security-Policy admits only its own script and style (by hash) and requests to this origin.
 CONSOLE_HTML = """<!doctype html>
 <html lang="en">
 <head>
@@ -5318,14 +5321,21 @@ CONSOLE_HTML = """<!doctype html>
  label { display: block; margin: .4rem 0 .1rem; font-weight: 600; }
  input, select, textarea { font: inherit; padding: .25rem; } textarea { width: 100%; min-height: 5rem; font-family: monospace; }
  #features { display: grid; grid-template-columns: repeat(auto-fill, minmax(12rem, 1fr)); gap: .3rem 1rem; }
- pre { background: #f6f6f6; padding: .8rem; overflow: auto; } .error { color: #b00020; } .muted { color: #777; }
+ #features input { display: block; width: 100%; box-sizing: border-box; }
+ pre, code { background: #f6f6f6; } pre { padding: .8rem; overflow: auto; } code { word-break: break-all; }
+ .error { color: #b00020; } .muted { color: #777; } .invalid { outline: 2px solid #b00020; background: #fff0f0; }
  button { font: inherit; padding: .35rem 1rem; margin-top: .8rem; }
 </style>
 </head>
 <body>
 <h1>model-service</h1>
 <p class="muted">Models in this service, and a form to try them. <a href="/openapi.json">OpenAPI</a> · <a href="/models">/models</a></p>
+<form id="auth">
+ <label for="token">Token <span class="muted">(only if the service asks for one)</span></label>
+ <input id="token" type="password" autocomplete="off"> <button type="submit">Use token</button>
+</form>
 <table id="models"><thead><tr><th>model</th><th>latest</th><th>served versions</th><th>labels</th><th>states</th></tr></thead><tbody></tbody></table>
+<p id="listing" class="muted"></p>
 <h2>Try a model</h2>
 <form id="try">
  <label for="model">Model</label><select id="model" name="model"></select>
@@ -5333,8 +5343,9 @@ CONSOLE_HTML = """<!doctype html>
  <label for="method">Method</label><select id="method" name="method"></select>
  <p id="described" class="muted"></p>
  <div id="features"></div>
- <label for="raw">Input as JSON (rows, as in {"instances": ...})</label>
- <textarea id="raw" name="raw" placeholder='[[5.1, 3.5, 1.4, 0.2]]'></textarea>
+ <label for="raw">Input as JSON (rows, as in {"instances": ...}; used instead of the fields when given)</label>
+ <textarea id="raw" name="raw"></textarea>
+ <p class="muted">Example request: <code id="example"></code></p>
  <button id="send" type="submit">Predict</button>
 </form>
 <h2>Result</h2>
@@ -5342,19 +5353,41 @@ CONSOLE_HTML = """<!doctype html>
 <pre id="result"></pre>
 <script>
 "use strict";
+// Everything shown from the service (names, labels, features, messages) is untrusted: it goes through
+// textContent and attribute values, never markup.  What a model takes comes from its status in GET /models.
 const $ = (id) => document.getElementById(id);
-let models = [];
+const NUMBER = /^[-+]?([0-9]+[.]?[0-9]*|[.][0-9]+)(e[-+]?[0-9]+)?$/i;
+const MAX_FIELDS = 64;      // a wider model takes its rows as JSON only
+let models = [];            // GET /models: each model with the state and metadata of its versions
+let shown = null;           // the status of the version whose methods and fields the form shows
+let choosing = 0;           // the latest showForm call: an earlier one's late answer is dropped
 
 function option(select, value, text) {
   const item = document.createElement("option");
   item.value = value; item.textContent = text; select.appendChild(item);
 }
 
-async function getJSON(url) {
-  const response = await fetch(url, {headers: {"Accept": "application/json"}});
-  const body = await response.json();
-  if (!response.ok) throw new Error(body.error || response.statusText);
-  return body;
+function say(element, text, isError) {
+  element.className = isError ? "error" : "muted"; element.textContent = text;
+}
+
+async function request(url, body) {
+  const headers = {"Accept": "application/json"};
+  const token = $("token").value.trim();
+  if (token) headers.Authorization = "Bearer " + token;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(url, body === undefined ? {headers} : {method: "POST", headers, body});
+  let answer = null;
+  try { answer = JSON.parse(await response.text()); } catch (error) { /* not the service's: the status tells */ }
+  let line = (response.status + " " + response.statusText).trim();
+  if (!response.ok) line += ": " + (answer && typeof answer.error === "string" ? answer.error : "not a JSON answer");
+  return {ok: response.ok, status: response.status, line, answer};
+}
+
+async function call(url) {
+  const result = await request(url);
+  if (!result.ok) throw Object.assign(new Error(result.line), {status: result.status});
+  return result.answer;
 }
 
 function showModels() {
@@ -5368,91 +5401,186 @@ function showModels() {
       row.insertCell().textContent = text;
     }
   }
+  const before = $("model").value;
   $("model").textContent = "";
   for (const model of models) option($("model"), model.name, model.name);
+  if (models.some((m) => m.name === before)) $("model").value = before;
 }
 
-async function chooseModel() {
+async function refresh() {
+  try {
+    models = (await call("/models")).models;
+    showModels();
+    say($("listing"), models.length ? "" : "The store holds no model yet.");
+    return true;
+  } catch (error) {
+    say($("listing"), "Cannot list the models: " + error.message, true);
+    if (error.status === 401) $("token").focus();
+    return false;
+  }
+}
+
+function chosen() {
   const model = models.find((m) => m.name === $("model").value);
+  const value = $("version").value, cut = value.indexOf("/");
+  const kind = value.slice(0, cut), key = value.slice(cut + 1);       // "", "versions/N" or "labels/L"
+  const number = !model ? null : kind === "versions" ? key :
+                 kind === "labels" ? model.labels[key] : model.latest_version;
+  return {model, version: model && model.versions.find((v) => v.version === number), kind, key};
+}
+
+function predictURL() {
+  const {model, kind, key} = chosen();
+  return "/models/" + encodeURIComponent(model ? model.name : "") +
+         (kind ? "/" + kind + "/" + encodeURIComponent(key) : "") + "/predict";
+}
+
+function showVersions() {       // keeps the choice while it is still offered
+  const {model} = chosen(), before = $("version").value;
   $("version").textContent = "";
-  $("method").textContent = "";
-  $("features").textContent = "";
-  $("described").textContent = "";
   if (!model) return;
   option($("version"), "", "latest (" + (model.latest_version || "none") + ")");
   for (const v of model.served_versions) option($("version"), "versions/" + v, "version " + v);
-  for (const [label, v] of Object.entries(model.labels)) option($("version"), "labels/" + label, label + " (version " + v + ")");
-  try {
-    const meta = await getJSON("/v2/models/" + encodeURIComponent(model.name));
-    for (const output of meta.outputs) option($("method"), output.name, output.name);
-    const named = meta.inputs.length > 1 || meta.inputs[0].shape.length === 1 && meta.inputs[0].datatype !== "BYTES";
-    const width = named ? meta.inputs.length : (meta.inputs[0].shape[1] || 0);
-    for (let i = 0; i < width; i++) {
-      const name = named ? meta.inputs[i].name : "feature " + i;
-      const field = document.createElement("label");
-      field.textContent = name;
-      const input = document.createElement("input");
-      input.type = "number"; input.step = "any"; input.dataset.feature = named ? name : String(i);
-      input.setAttribute("aria-label", name);
-      field.appendChild(input);
-      $("features").appendChild(field);
-    }
-    $("described").textContent = width ? "Fill in one row, or give rows as JSON below." :
-      "This model takes its input as JSON, e.g. [\\"some text\\"].";
-  } catch (error) {
-    $("described").textContent = "Metadata unavailable: " + error.message + ". Give the input as JSON.";
+  for (const [label, v] of Object.entries(model.labels)) {
+    option($("version"), "labels/" + label, label + " (version " + v + ")");
   }
+  $("version").value = before;
+  if ($("version").selectedIndex < 0) $("version").value = "";
+}
+
+function chooseModel() {
+  $("version").textContent = "";
+  showVersions();
+  return showForm();
+}
+
+async function showForm() {
+  const ticket = ++choosing;
+  showInputs(null);
+  let {model, version} = chosen();
+  if (!model) return;
+  if (!version) return say($("described"), "No version of " + model.name + " is served.", true);
+  try {
+    if (!version.methods) {     // not loaded: its status has no methods yet; its V2 metadata loads it
+      say($("described"), "Loading version " + version.version + " …");
+      await call("/v2/models/" + encodeURIComponent(model.name) + "/versions/" + version.version);
+      await refresh();
+      version = chosen().version;
+    }
+  } catch (error) {
+    if (ticket === choosing) say($("described"), "Cannot show its inputs (give them as JSON): " + error.message, true);
+    return;
+  }
+  if (ticket === choosing && version && version.methods) showInputs(version);
+}
+
+function featureNames(info) {
+  return info.feature_names_in_ || Array.from({length: info.n_features_in_ || 0}, (_, i) => "feature " + i);
+}
+
+function row(info, values) {     // Object.fromEntries: a feature named __proto__ stays a feature
+  if (!info.n_features_in_) return values[0];
+  return info.feature_names_in_ ? Object.fromEntries(info.feature_names_in_.map((n, i) => [n, values[i]])) : values;
+}
+
+function example(info) {
+  return info ? [row(info, info.n_features_in_ ? featureNames(info).map(() => 0) : ["some text"])] : [];
+}
+
+function showInputs(info) {
+  shown = info;
+  $("method").textContent = ""; $("features").textContent = ""; say($("described"), "");
+  $("raw").placeholder = info ? JSON.stringify(example(info)) : "";
+  if (info) {
+    for (const method of info.methods) option($("method"), method, method);
+    if (info.methods.includes("predict")) $("method").value = "predict";
+    const names = featureNames(info);
+    if (names.length <= MAX_FIELDS) names.forEach(addField);
+    say($("described"), !names.length ? "This model takes its rows as JSON, e.g. " + $("raw").placeholder + "." :
+        names.length > MAX_FIELDS ? "This model takes " + names.length + " features: give its rows as JSON." :
+        "Fill in one row of " + names.length + " features, or give rows as JSON below.");
+  }
+  showExample();
+}
+
+function addField(name) {
+  const label = document.createElement("label"), input = document.createElement("input");
+  label.textContent = name;
+  input.type = "text"; input.inputMode = "decimal"; input.autocomplete = "off"; input.placeholder = "0";
+  input.dataset.feature = name;
+  label.appendChild(input);
+  $("features").appendChild(label);
+}
+
+function showExample() {
+  const body = {instances: example(shown), method: $("method").value || "predict"};
+  $("example").textContent = shown ? "POST " + predictURL() + " " + JSON.stringify(body) : "";
+}
+
+function invalid(field, message) {
+  field.setAttribute("aria-invalid", "true"); field.setAttribute("aria-describedby", "status");
+  field.classList.add("invalid"); field.focus();
+  return new Error(message);
 }
 
 function instances() {
-  const raw = $("raw").value.trim();
-  if (raw) return JSON.parse(raw);
-  const fields = [...$("features").querySelectorAll("input")];
-  if (!fields.length) throw new Error("give the input as JSON");
-  if (fields.some((f) => f.value === "")) throw new Error("fill in every feature");
-  if (isNaN(Number(fields[0].dataset.feature))) {
-    const row = {};
-    for (const f of fields) row[f.dataset.feature] = Number(f.value);
-    return [row];
+  const raw = $("raw");
+  if (raw.value.trim()) {
+    try {
+      return JSON.parse(raw.value);
+    } catch (error) {
+      throw invalid(raw, "the JSON input is not valid JSON: " + error.message);
+    }
   }
-  return [fields.map((f) => Number(f.value))];
+  const fields = [...$("features").querySelectorAll("input")];
+  if (!fields.length) throw invalid(raw, "the JSON input is empty, and this model has no fields to fill in");
+  for (const field of fields) {
+    const text = field.value.trim(), name = JSON.stringify(field.dataset.feature);
+    if (!NUMBER.test(text)) {
+      throw invalid(field, "feature " + name + (text ? " is not a number: " + JSON.stringify(text) : " is empty"));
+    }
+  }
+  return [row(shown, fields.map((f) => Number(f.value)))];
 }
 
 async function send(event) {
   event.preventDefault();
+  for (const field of document.querySelectorAll("[aria-invalid]")) {
+    field.removeAttribute("aria-invalid"); field.removeAttribute("aria-describedby"); field.classList.remove("invalid");
+  }
   $("result").textContent = "";
-  $("status").className = "";
   let body;
   try {
     body = JSON.stringify({instances: instances(), method: $("method").value || "predict"});
   } catch (error) {
-    $("status").className = "error"; $("status").textContent = "Input error: " + error.message; return;
+    return say($("status"), "Input error: " + error.message, true);
   }
-  const version = $("version").value;
-  const url = "/models/" + encodeURIComponent($("model").value) + (version ? "/" + version : "") + "/predict";
-  $("status").textContent = "Sending to " + url + " …";
+  const url = predictURL();
+  say($("status"), "Sending to " + url + " …");
+  let result;
   try {
-    const response = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"}, body: body});
-    const answer = await response.json();
-    $("status").className = response.ok ? "" : "error";
-    $("status").textContent = response.status + " " + (response.ok ? "OK" : answer.error);
-    $("result").textContent = JSON.stringify(answer, null, 2);
+    result = await request(url, body);
   } catch (error) {
-    $("status").className = "error"; $("status").textContent = "Request failed: " + error.message;
+    result = {ok: false, line: "Request failed: " + error.message, answer: null};
   }
+  const listed = await refresh();       // the prediction may have loaded, replaced or failed a version
+  say($("status"), result.line, !result.ok);      // shown once the table is as the prediction left it
+  $("result").textContent = result.answer === null ? "" : JSON.stringify(result.answer, null, 2);
+  if (!listed) return;
+  showVersions();
+  const {version} = chosen();
+  if (!shown || !version || version.version !== shown.version) await showForm();   // another version answers now
 }
 
-async function start() {
-  try {
-    models = (await getJSON("/models")).models;
-    showModels();
-    await chooseModel();
-  } catch (error) {
-    $("status").className = "error"; $("status").textContent = "Cannot list models: " + error.message;
-  }
+async function start(event) {
+  if (event) event.preventDefault();
+  if (await refresh()) await chooseModel();
 }
 
+$("auth").addEventListener("submit", start);
 $("model").addEventListener("change", chooseModel);
+$("version").addEventListener("change", showForm);
+$("method").addEventListener("change", showExample);
 $("try").addEventListener("submit", send);
 start();
 </script>

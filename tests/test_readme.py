@@ -7,7 +7,7 @@ README writes its examples so that they can be run; the conventions:
   next) each followed by what it prints. Its first line may be `# server: [VAR=value ...] python
   service.py [FLAGS]`: the service its commands talk to, which the reader starts in another terminal.
   The test starts it with exactly those variables and flags, plus `--port` with a free port that
-  replaces 8080 in the commands. A block without that line talks to no service.
+  replaces 8080 in the commands (the only place the service's address may appear). A block without that line talks to no service.
 - A ```python or ```json block right below a line that ends in `` `PATH`: `` is a file the reader
   saves at PATH; the test writes it there (under a temporary name, then renamed) at that point.
 - Everything runs in one scratch folder holding a copy of service.py and of the demo store
@@ -42,7 +42,7 @@ def read(*parts):
 
 
 README = read("README.md")
-README_BASE = "http://127.0.0.1:8080"
+README_ADDRESS = "127.0.0.1:8080"
 SERVER = "# server: "
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 SAVED_AS = re.compile(r"`([\w./-]+)`:$")
@@ -115,7 +115,7 @@ class Session:
         self.folder = folder
         shutil.copy(os.path.join(ROOT, "service.py"), folder)
         shutil.copytree(os.path.join(ROOT, "model_store"), os.path.join(folder, "model_store"))
-        self.server, self.base, self.stack = None, None, contextlib.ExitStack()
+        self.server, self.address, self.stack = None, None, contextlib.ExitStack()
         python = os.path.dirname(sys.executable)
         self.env = dict(os.environ, PATH=python + os.pathsep + os.environ["PATH"])
 
@@ -139,19 +139,19 @@ class Session:
         assert words[:2] == ["python", "service.py"], server
         port = free_port()
         command = [sys.executable, "service.py", *words[2:], "--port", str(port)]
-        self.base = self.stack.enter_context(running(command, port, env=env, cwd=self.folder))
-        self.server = server
+        self.stack.enter_context(running(command, port, env=env, cwd=self.folder))
+        self.server, self.address = server, f"127.0.0.1:{port}"
 
     def stop(self):
         self.stack.close()
-        self.server, self.base = None, None
+        self.server, self.address = None, None
 
     def run(self, command):
         """What `command` prints (stdout, without its last newline), run in bash in the scratch folder."""
-        if self.base:
-            command = command.replace(README_BASE, self.base)
+        if self.address:
+            command = command.replace(README_ADDRESS, self.address)
         else:
-            assert README_BASE not in command, f"a block that calls the service needs a '{SERVER}' line: {command}"
+            assert README_ADDRESS not in command, f"a block that calls the service needs a '{SERVER}' line: {command}"
         done = subprocess.run(["bash", "-c", command], cwd=self.folder, env=self.env, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0, f"{command}\nexit {done.returncode}\n{done.stderr}"
@@ -192,16 +192,25 @@ def test_readme_has_examples_for_every_kind_of_call():
     assert len(EXAMPLES) >= 30
 
 
+def test_an_output_is_shown_exactly_unless_abridged():
+    assert shows('{"a":1,"b":0.1}', '{"a":1,"b":0.1}')
+    assert not shows('{"a":1,"b":0.1}', '{"b":0.1,"a":1}')                # the text itself, key order included
+    assert not shows('{"b":0.1}', '{"b":0.10000000000000002}')             # floats to the last digit
+    assert shows('{"a":1,…}', '{"a":1,"b":2}') and shows('{"a":{…},…}', '{"a":{"c":3},"b":2}')
+    assert not shows('{"a":1,…}', '{"a":1.0,"b":2}') and not shows('{"a":[1,…]}', '{"a":[1,2]}')
+    assert not shows('{"a":[{"c":1,…}],…}', '{"a":[{"c":1},{"c":2}]}')   # lists keep their length
+
+
 def test_every_shell_example_that_calls_the_service_is_run():
     """Examples in ```sh blocks are not run, so none of them may call the service: those belong in ```console."""
     for kind, body in FENCE.findall(README):
         if kind != "console":
-            assert "curl " not in body and README_BASE not in body, body
+            assert "curl " not in body, body
 
 
 def test_every_console_block_that_calls_the_service_names_its_server():
     for _, server, pairs in (step for step in STEPS if step[0] == "console"):
-        if any(README_BASE in command for command, _ in pairs):
+        if any(README_ADDRESS in command for command, _ in pairs):
             assert server, pairs[0][0]
 
 

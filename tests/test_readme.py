@@ -1,17 +1,41 @@
-"""README's examples are part of the product: each `$ curl` example, run against the bundled demo store,
-prints what README shows (objects marked abridged may show a subset of keys; numbers within 1e-9)."""
+"""README's examples are part of the product: this test runs every one of them, in README's order, and
+checks that each prints exactly what README shows.
 
+README writes its examples so that they can be run; the conventions:
+
+- A ```console block holds commands (lines starting with `$ `), each followed by what it prints. Its
+  first line may be `# server: [VAR=value ...] python service.py [FLAGS]`: the service its commands
+  talk to, which the reader starts in another terminal. The test starts it with exactly those
+  variables and flags, plus `--port` with a free port that replaces 8080 in the commands (the only
+  place the service's address may appear). A block without that line talks to no service.
+- A ```python or ```json block right below a line that ends in `` `PATH`: `` is a file the reader
+  saves at PATH; the test writes it there (under a temporary name, then renamed) at that point.
+- Everything runs in one scratch folder holding a copy of service.py and of the demo store
+  (model_store/), in README's order, each command in bash, with `python` the interpreter running the
+  tests. A service keeps running while the blocks that follow name the same command, so an example
+  may depend on what the ones above it did (a trained model, a published version).
+- What a command prints must equal what README shows, character for character, floats included
+  (they are pasted from a real run: `PYTHONPATH=. python tests/test_readme.py` prints what every
+  example prints now).
+  The one exception: an output holding `…` is abridged JSON, whose objects show only some of their
+  keys (`…` stands for the others); the keys shown must be there, with exactly the values shown.
+- A `curl` that does not print what is shown yet is run again until it does, for at most 60 s: the
+  service takes up a published version or a new settings file at its next looks at the store.
+"""
+
+import contextlib
 import json
-import math
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port, running, wait_until
+
 
 def read(*parts):
     with open(os.path.join(ROOT, *parts), encoding="utf-8") as handle:
@@ -19,64 +43,186 @@ def read(*parts):
 
 
 README = read("README.md")
-README_BASE = "http://127.0.0.1:8080"
+README_ADDRESS = "127.0.0.1:8080"
+SERVER = "# server: "
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+SAVED_AS = re.compile(r"`([\w./-]+)`:$")
 
 
-def console_examples():
-    """(command, expected output) pairs from README's ```console blocks."""
-    examples = []
-    for block in re.findall(r"```console\n(.*?)```", README, re.S):
-        command, output = None, []
-        for line in block.splitlines():
-            if line.startswith("$ "):
-                if command:
-                    examples.append((command, "\n".join(output)))
-                command, output = line[2:], []
-            else:
-                output.append(line)
-        if command:
-            examples.append((command, "\n".join(output)))
-    return examples
+def commands(lines):
+    """[(command, expected output)] from a console block's lines."""
+    pairs = []
+    for line in lines:
+        if line.startswith("$ "):
+            pairs.append([line[2:], []])
+        else:
+            assert pairs, f"output before any command: {line!r}"
+            pairs[-1][1].append(line)
+    return [(command, "\n".join(output)) for command, output in pairs]
 
 
-def matches(expected, actual, where="$"):
-    """Objects match on the keys README shows; lists and scalars match exactly (floats to 1e-9)."""
+def steps(text):
+    """README's runnable steps, in order: ("file", path, content) and ("console", server or None, commands)."""
+    found = []
+    for match in FENCE.finditer(text):
+        kind, body = match.groups()
+        above = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        saved = SAVED_AS.search(above)
+        if kind in ("python", "json") and saved:
+            found.append(("file", saved.group(1), body))
+        elif kind == "console":
+            lines = body.splitlines()
+            server = lines.pop(0)[len(SERVER):] if lines and lines[0].startswith(SERVER) else None
+            found.append(("console", server, commands(lines)))
+    return found
+
+
+STEPS = steps(README)
+EXAMPLES = [pair for step in STEPS if step[0] == "console" for pair in step[2]]
+
+
+def holds(expected, actual):
+    """Objects hold at least the keys shown, with exactly the values shown; lists and scalars are equal."""
     if isinstance(expected, dict):
-        assert isinstance(actual, dict), where
-        for key, value in expected.items():
-            assert key in actual, f"{where}.{key} missing"
-            matches(value, actual[key], f"{where}.{key}")
-    elif isinstance(expected, list):
-        assert isinstance(actual, list) and len(actual) == len(expected), where
-        for i, (e, a) in enumerate(zip(expected, actual)):
-            matches(e, a, f"{where}[{i}]")
-    elif isinstance(expected, float):
-        assert math.isclose(expected, actual, rel_tol=1e-9), f"{where}: {actual} != {expected}"
-    else:
-        assert expected == actual, f"{where}: {actual!r} != {expected!r}"
+        return isinstance(actual, dict) and all(key in actual and holds(value, actual[key])
+                                                for key, value in expected.items())
+    if isinstance(expected, list):
+        return isinstance(actual, list) and len(actual) == len(expected) and all(map(holds, expected, actual))
+    return type(actual) is type(expected) and actual == expected
 
 
-EXAMPLES = console_examples()
+def shows(expected, printed):
+    """Whether `printed` is what README shows as `expected` (see the module's docstring)."""
+    if "…" not in expected:
+        return printed == expected
+    try:
+        return holds(json.loads(expected.replace(",…", "").replace("…", "")), json.loads(printed))
+    except ValueError:
+        return False
+
+
+class Session:
+    """The scratch folder the examples run in, and the service the current block talks to."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        shutil.copy(os.path.join(ROOT, "service.py"), folder)
+        shutil.copytree(os.path.join(ROOT, "model_store"), os.path.join(folder, "model_store"))
+        self.server, self.address, self.stack = None, None, contextlib.ExitStack()
+        python = os.path.dirname(sys.executable)
+        self.env = dict(os.environ, PATH=python + os.pathsep + os.environ["PATH"])
+
+    def save(self, path, content):
+        target = os.path.join(self.folder, path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write(content)
+        os.replace(target + ".tmp", target)
+
+    def serve(self, server):
+        """Have `server` (README's command line) running, started with exactly its variables and flags."""
+        if server == self.server:
+            return
+        self.stop()
+        words = shlex.split(server)
+        env = {}
+        while "=" in words[0]:
+            name, value = words.pop(0).split("=", 1)
+            env[name] = value
+        assert words[:2] == ["python", "service.py"], server
+        port = free_port()
+        command = [sys.executable, "service.py", *words[2:], "--port", str(port)]
+        self.stack.enter_context(running(command, port, env=env, cwd=self.folder))
+        self.server, self.address = server, f"127.0.0.1:{port}"
+
+    def stop(self):
+        self.stack.close()
+        self.server, self.address = None, None
+
+    def run(self, command):
+        """What `command` prints (stdout, without its last newline), run in bash in the scratch folder."""
+        if self.address:
+            command = command.replace(README_ADDRESS, self.address)
+        else:
+            assert README_ADDRESS not in command, f"a block that calls the service needs a '{SERVER}' line: {command}"
+        done = subprocess.run(["bash", "-c", command], cwd=self.folder, env=self.env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, f"{command}\nexit {done.returncode}\n{done.stderr}"
+        return done.stdout.removesuffix("\n")
+
+    def check(self, command, expected):
+        """Run `command` and return what it printed, once it prints `expected` (curl: within 60 s)."""
+        printed = [self.run(command)]
+        if command.startswith("curl ") and not shows(expected, printed[0]):
+            def again():
+                printed[0] = self.run(command)
+                return shows(expected, printed[0])
+            with contextlib.suppress(AssertionError):
+                wait_until(again, timeout=60, interval=0.5)
+        return printed[0]
+
+    def play(self, step, report):
+        """Run one step; report(command, expected, printed) for each command."""
+        if step[0] == "file":
+            self.save(step[1], step[2])
+            return
+        _, server, pairs = step
+        if server:
+            self.serve(server)
+        elif self.server:
+            self.stop()
+        for command, expected in pairs:
+            report(command, expected, self.check(command, expected))
 
 
 def test_readme_has_examples_for_every_kind_of_call():
-    commands = " ".join(command for command, _ in EXAMPLES)
+    commands_run = " ".join(command for command, _ in EXAMPLES)
     for path in ("/models/iris/predict", "/versions/1/predict", "/models/diabetes/predict",
                  "/models/sentiment/predict", "/predict/", "-X DELETE", "/labels/stable/predict",
-                 "/admin/rescan"):
-        assert path in commands
-    assert len(EXAMPLES) >= 12
+                 "/admin/rescan", "/v1/models/", "/v2/models/", "/invocations", "python train.py",
+                 "python service.py export"):
+        assert path in commands_run, path
+    assert len(EXAMPLES) >= 30
+
+
+def test_an_output_is_shown_exactly_unless_abridged():
+    assert shows('{"a":1,"b":0.1}', '{"a":1,"b":0.1}')
+    assert not shows('{"a":1,"b":0.1}', '{"b":0.1,"a":1}')                # the text itself, key order included
+    assert not shows('{"b":0.1}', '{"b":0.10000000000000002}')             # floats to the last digit
+    assert shows('{"a":1,…}', '{"a":1,"b":2}') and shows('{"a":{…},…}', '{"a":{"c":3},"b":2}')
+    assert not shows('{"a":1,…}', '{"a":1.0,"b":2}') and not shows('{"a":[1,…]}', '{"a":[1,2]}')
+    assert not shows('{"a":[{"c":1,…}],…}', '{"a":[{"c":1},{"c":2}]}')   # lists keep their length
+
+
+def test_every_shell_example_that_calls_the_service_is_run():
+    """Examples in ```sh blocks are not run, so none of them may call the service: those belong in ```console."""
+    for kind, body in FENCE.findall(README):
+        if kind != "console":
+            assert "curl " not in body, body
+
+
+def test_every_console_block_that_calls_the_service_names_its_server():
+    for _, server, pairs in (step for step in STEPS if step[0] == "console"):
+        if any(README_ADDRESS in command for command, _ in pairs):
+            assert server, pairs[0][0]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)")
 @pytest.mark.slow
-def test_every_curl_example_returns_what_readme_shows(serve_store):
-    with serve_store(os.path.join(ROOT, "model_store"), "--default-model", "iris", "--admin-token", "change-me") as base:
-        for command, expected in EXAMPLES:
-            argv = [arg.replace(README_BASE, base) for arg in shlex.split(command)]
-            assert argv[0] == "curl"
-            printed = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
-            matches(json.loads(expected), json.loads(printed), command)
+def test_every_example_prints_what_readme_shows(tmp_path):
+    session = Session(tmp_path)
+    failures = []
+
+    def report(command, expected, printed):
+        if not shows(expected, printed):
+            failures.append(f"$ {command}\nREADME shows:\n{expected}\nit prints:\n{printed}")
+
+    try:
+        for step in STEPS:
+            session.play(step, report)
+    finally:
+        session.stop()
+    assert not failures, "\n\n".join(failures)
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -89,3 +235,20 @@ def test_readme_configuration_table_lists_every_setting():
     import service
     for setting in service.SETTINGS:
         assert f"`{setting.flag} " in README and f"`{setting.env}`" in README, setting.field
+
+
+if __name__ == "__main__":
+    # PYTHONPATH=. python tests/test_readme.py: run every example and print what it prints now, to paste into README.
+    import tempfile
+
+    def show(command, expected, printed):
+        mark = "" if shows(expected, printed) else "   <-- README shows otherwise"
+        print(f"$ {command}{mark}\n{printed}")
+
+    with tempfile.TemporaryDirectory() as scratch:
+        session = Session(scratch)
+        try:
+            for step in STEPS:
+                session.play(step, show)
+        finally:
+            session.stop()

@@ -262,6 +262,19 @@ class BadRequest(ServiceError):
     status, code = 400, "bad_request"
 
 
+class NotJSON(BadRequest):
+    """A body that is not JSON at all (empty, not UTF-8, no JSON syntax, a multipart form).
+
+    The endpoint of a route that takes a body answers it with that body's example, as a 400,
+    or a 415 when the Content-Type names another format or `media_type` says so (see
+    `not_json_refusal`); anywhere else it is a plain 400.
+    """
+
+    def __init__(self, message, media_type=False, **fields):
+        super().__init__(message, **fields)
+        self.media_type = media_type        # refused for its Content-Type whatever the body holds: a 415
+
+
 class Unauthorized(ServiceError):
     """401, with the challenge (WWW-Authenticate) of the realm whose token was missing."""
 
@@ -2795,6 +2808,11 @@ class Residency:
         return sum(model.inflight for model in list(self._resident))
 
 
+# What a request naming no model, or any model, is told when the store holds none (the log names the folder,
+# which clients are not shown).
+EMPTY_STORE = "the model store has no models: add one as NAME.joblib or NAME/1/model.joblib"
+
+
 class ModelRegistry:
     """Every model in the store, the state of each of its versions, and their lifecycle.
 
@@ -2893,9 +2911,10 @@ class ModelRegistry:
         first = not self._scanned
         self._apply(found, settle and not first)
         self._scan_error, self._scanned = None, True
-        if first:
-            logger.info("model store %s: %d model(s): %s", self.store.root, len(found),
-                        ", ".join(sorted(found)) or "none")
+        if first and not found:
+            logger.warning("model store %s: %s", self.store.root, EMPTY_STORE)
+        elif first:
+            logger.info("model store %s: %d model(s): %s", self.store.root, len(found), ", ".join(sorted(found)))
 
     def _apply(self, found, settle):
         """Make the catalogue match the store: add new versions, replace changed ones, drop removed ones.
@@ -3237,6 +3256,9 @@ class ModelRegistry:
         catalogue = self._catalogue
         if len(catalogue) == 1:
             return next(iter(catalogue))
+        if not catalogue:
+            self.require_store()
+            raise NotFound(EMPTY_STORE, models=[])
         raise NotFound(f"no default model: the store holds {len(catalogue)} models "
                        f"({', '.join(sorted(catalogue)) or 'none'}); start the service with --default-model NAME")
 
@@ -3247,7 +3269,8 @@ class ModelRegistry:
             self.require_store()
             if not valid_model_name(name):
                 raise BadRequest(f"invalid model name {_clip(repr(name), 80)}: names match ^{MODEL_NAME.pattern}$")
-            raise NotFound(f"model {name!r} not found", model=name, models=self.names())
+            raise NotFound(f"model {name!r} not found" + (f": {EMPTY_STORE}" if not self._catalogue else ""),
+                           model=name, models=self.names())
         return entry
 
     def slot(self, name, version=None, label=None, routing_key=None):
@@ -3403,7 +3426,8 @@ class ModelRegistry:
 # Nothing here chooses a decoder from what the client claims: JSON is the only
 # body format, whatever the Content-Type says.  That includes curl -d's default,
 # application/x-www-form-urlencoded (TF Serving's own examples send JSON that
-# way); forms are never decoded, and multipart bodies are refused.
+# way); forms are never decoded, and multipart bodies are refused.  A body that is
+# not JSON is answered with an example of the one its route takes.
 
 
 CHUNK_SIZE_LINE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
@@ -3469,7 +3493,7 @@ def check_content_type(environ):
     """Refuse the body types that cannot be JSON (multipart) or are not UTF-8."""
     content_type = environ.get("CONTENT_TYPE", "").lower()
     if content_type.startswith("multipart/"):
-        raise UnsupportedMediaType(f"send JSON, not {content_type.split(';')[0]}")
+        raise NotJSON(f"a {content_type.split(';')[0]} body is not JSON", media_type=True)
     if "charset=" in content_type:
         charset = content_type.split("charset=", 1)[1].split(";")[0].strip().strip('"')
         if charset not in ("utf-8", "utf8"):
@@ -3487,6 +3511,32 @@ def json_body(environ, config, required=True):
     return parse_json(body, config.max_depth)
 
 
+def not_json_refusal(error, environ, example):
+    """The answer to a NotJSON on a route that takes a body: a 415 or a 400 showing `example`.
+
+    A body that parses as JSON is read whatever its Content-Type says, so this is reached
+    only by a body that does not: curl -d's application/x-www-form-urlencoded around JSON
+    still works, and a real form (``a=1&b=2``), XML or CSV is refused.  It is a 415 when the
+    Content-Type names another format (or the error is one of media type, multipart); a 400
+    when the client claimed JSON or named no format (none, text/plain, octet-stream), as the
+    body is then malformed JSON.  Either way the message shows JSON the route takes.
+    """
+    media_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+    message, refusal = error.message, BadRequest
+    if error.media_type:
+        refusal = UnsupportedMediaType
+    elif not _claims_json(media_type):
+        message, refusal = f"Content-Type {media_type}: {error.message}", UnsupportedMediaType
+    if example is not None:
+        message += f"; send JSON with Content-Type: application/json, for example {json.dumps(example)}"
+    return refusal(message, **error.fields)
+
+
+def _claims_json(media_type):
+    """Whether a Content-Type says JSON, or names no format at all (the body decides)."""
+    return media_type in ("", "text/plain", "application/octet-stream") or media_type.endswith(("/json", "+json"))
+
+
 def parse_json(data, max_depth, what="request body"):
     """Parse JSON text (bytes or str) with a nesting bound; every failure is a 400.
 
@@ -3500,14 +3550,16 @@ def parse_json(data, max_depth, what="request body"):
         try:
             data = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8")
         except UnicodeDecodeError:
-            raise BadRequest(f"{what} is not valid UTF-8") from None
+            raise NotJSON(f"{what} is not valid UTF-8") from None
     if not data.strip():
-        raise BadRequest(f"{what} is empty: send JSON")
+        raise NotJSON(f"{what} is empty: send JSON")
     try:
         value = _strict_json(data)
     except RecursionError:
         raise BadRequest(f"{what} is nested too deeply") from None
-    except ValueError as error:
+    except json.JSONDecodeError as error:
+        raise NotJSON(f"{what} is not valid JSON: {error}") from None
+    except ValueError as error:                 # JSON's syntax, with NaN or a number beyond a float
         raise BadRequest(f"{what} is not valid JSON: {error}") from None
     if _nested_deeper_than(max_depth, raw):
         raise BadRequest(f"{what} is nested deeper than {max_depth} levels")
@@ -4100,7 +4152,8 @@ def mlflow_rows(environ, body, max_depth):
     if content_type == "text/csv":
         return _csv_rows(body)
     if content_type != "application/json":
-        raise UnsupportedMediaType(f"send application/json or text/csv, not {content_type or 'no Content-Type'}")
+        raise NotJSON(f"/invocations takes application/json or text/csv, not {content_type or 'no Content-Type'}",
+                      media_type=True)
     payload = parse_json(body, max_depth)
     keys = [key for key in MLFLOW_KEYS if isinstance(payload, dict) and key in payload]
     if not isinstance(payload, dict) or len(keys) != 1 or set(payload) - {keys[0], "params"}:
@@ -4301,6 +4354,19 @@ class MLflowCodec(Codec):
 
 CODECS = {"native": NativeCodec(), "seed": SeedCodec(), "tf": TFCodec(), "v2": V2Codec(), "mlflow": MLflowCodec()}
 PROTOCOLS = {codec: name for name, codec in CODECS.items()}      # the payload log names a request's protocol
+
+# One request body of each kind a route takes (Route.body names the kind): OpenAPI shows them, and a
+# body that is not JSON is answered with its route's (not_json_refusal).  Iris's rows, as in README.
+BODY_EXAMPLES = {
+    "PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]},
+    "TFPredictRequest": {"signature_name": "serving_default", "instances": [[5.1, 3.5, 1.4, 0.2]]},
+    "TFExamples": {"examples": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4,
+                                 "petal_width": 0.2}]},
+    "V2InferRequest": {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                                   "data": [5.1, 3.5, 1.4, 0.2]}]},
+    "MLflowRequest": {"dataframe_split": {"columns": ["sepal_length", "sepal_width", "petal_length", "petal_width"],
+                                          "data": [[5.1, 3.5, 1.4, 0.2]]}},
+}
 
 
 ###############################################################################
@@ -4566,13 +4632,15 @@ class ServiceApp(bottle.Bottle):
         return bottle.HTTPResponse(status=204, headers=headers)
 
     def _endpoint(self, route):
-        """The callback of one route: its access rule, its codec for refusals, then its handler."""
+        """The callback of one route: its access rule, its codec for refusals, then its handler; a body
+        that is not JSON, on a route that takes one, is answered with the route's example."""
         args = dict(route.args)
         codec = CODECS.get(args.pop("codec", None))
         if codec is not None:
             args["codec"] = codec
         handler, config = functools.partial(getattr(self, route.handler), **args), self.service_config
         admin = route.access == ADMIN
+        takes_body, example = route.body is not None, BODY_EXAMPLES.get(route.body)
 
         def endpoint(**parameters):
             if codec is not None:
@@ -4583,7 +4651,12 @@ class ServiceApp(bottle.Bottle):
                                     "to enable it")
                 _require_token(bottle.request.environ, (config.admin_token,), "model-service admin",
                                "this route needs the admin token: Authorization: Bearer <token>")
-            return handler(**parameters)
+            try:
+                return handler(**parameters)
+            except NotJSON as error:
+                if not takes_body:
+                    raise
+                raise not_json_refusal(error, bottle.request.environ, example) from None
 
         return endpoint
 
@@ -5133,8 +5206,9 @@ def _schema_ref(name):
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _json_body(schema, required=True):
-    return {"required": required, "content": {"application/json": {"schema": schema}}}
+def _json_body(schema, required=True, example=None):
+    media = {"schema": schema} if example is None else {"schema": schema, "example": example}
+    return {"required": required, "content": {JSON_TYPE: media}}
 
 
 def _operation(route, answer, body=None, parameters=(), query=()):
@@ -5232,8 +5306,9 @@ OPENAPI_SCHEMAS = {
 
 OPENAPI_BODIES = {   # Route.body: what each request body may be
     "Optional": {"required": False, "content": {JSON_TYPE: {"schema": _OBJECT}}},
-    "MLflowRequest": {"required": True, "content": {JSON_TYPE: {"schema": _schema_ref("MLflowRequest")},
-                                                    "text/csv": {"schema": {"type": "string"}}}},
+    "MLflowRequest": {"required": True, "content": {
+        JSON_TYPE: {"schema": _schema_ref("MLflowRequest"), "example": BODY_EXAMPLES["MLflowRequest"]},
+        "text/csv": {"schema": {"type": "string"}}}},
 }
 
 
@@ -5243,7 +5318,8 @@ def openapi_document(registry):
     for route in ROUTES:
         answer = {None: _OBJECT, "text": {"type": "string"}, "array": {"type": "array"}}.get(
             route.answer) or _schema_ref(route.answer)
-        body = None if route.body is None else OPENAPI_BODIES.get(route.body) or _json_body(_schema_ref(route.body))
+        body = None if route.body is None else OPENAPI_BODIES.get(route.body) or _json_body(
+            _schema_ref(route.body), example=BODY_EXAMPLES.get(route.body))
         parameters = re.findall(r"\{(\w+)\}", route.path)
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, answer, body, parameters,
                                                                             route.query)

@@ -363,36 +363,51 @@ ENV_PREFIX = "MODEL_SERVICE_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def _integer(text):
+    """int(text), refused in words a reader of --help understands (int's own speak of literals and bases)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"must be a whole number, not {text!r}") from None
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"must be a number, not {text!r}") from None
+
+
 def _positive_int(text):
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise ValueError(f"must be a positive integer, not {text!r}")
     return value
 
 
 def _port(text):
-    value = int(text)
+    value = _integer(text)
     if not 0 <= value <= 65535:
         raise ValueError(f"must be a port number 0-65535, not {text!r}")
     return value
 
 
 def _non_negative_int(text):
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise ValueError(f"must be an integer >= 0, not {text!r}")
     return value
 
 
 def _non_negative_float(text):
-    value = float(text)
+    value = _number(text)
     if not value >= 0 or math.isinf(value):
         raise ValueError(f"must be a finite number >= 0, not {text!r}")
     return value
 
 
 def _fraction(text):
-    value = float(text)
+    value = _number(text)
     if not 0 <= value <= 1:
         raise ValueError(f"must be a number from 0 to 1, not {text!r}")
     return value
@@ -6742,8 +6757,15 @@ def replay_command(argv):
 ###############################################################################
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="model-service",
         description="Serve the scikit-learn models in a folder over HTTP (JSON in, JSON out).",
         epilog=f"Every option can also be set by an environment variable ({ENV_PREFIX}<OPTION>, "
@@ -6758,6 +6780,16 @@ def build_parser():
     return parser
 
 
+def _store_problem(store, flags):
+    """One line on a store that is no folder, naming where its path came from: flag, variable or default."""
+    setting = SETTINGS[0]
+    source = setting.flag if flags.get(setting.field) else setting.env if os.environ.get(setting.env) else None
+    what = "not a folder" if os.path.exists(store) else "no such folder"
+    if source is None:
+        return f"{setting.flag} {store} (the default): {what} here; name the folder of your models with --store DIR"
+    return f"{source} {store}: {what}"
+
+
 def main(argv=None, serve=serve):
     """Command line entry point; returns the exit code.  `serve` is injectable for tests."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -6767,18 +6799,22 @@ def main(argv=None, serve=serve):
         return replay_command(argv[1:])
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
+
+    def refuse(message):                        # a setting's value, not the command's syntax: no usage
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
     try:
         config = Config.load(flags)
     except ValueError as error:
-        parser.error(str(error))
+        refuse(str(error))
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not os.path.isdir(config.store):
-        parser.error(f"model store {config.store!r} is not a folder (set --store or {ENV_PREFIX}STORE)")
+        refuse(_store_problem(config.store, flags))
     if config.payload_log:
         try:
             os.makedirs(config.payload_log, exist_ok=True)
         except OSError as error:
-            parser.error(f"--payload-log {config.payload_log!r}: {error.strerror}")
+            refuse(f"--payload-log {config.payload_log}: {error.strerror}")
     application = create_app(config=config)
     if config.workers == 1:          # under --workers each process scans and preloads for itself
         application.config["service.registry"].refresh()

@@ -4159,9 +4159,14 @@ MLFLOW_ERROR_CODES = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "
                       415: "BAD_REQUEST", 500: "INTERNAL_ERROR", 503: "INTERNAL_ERROR", 504: "INTERNAL_ERROR"}
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
+# A table MLflow would make a pandas DataFrame of (CSV, dataframe_split with columns, dataframe_records):
+# its column names in order, and its rows as lists (CSV, split) or {column: value} objects (records).
+# How a model takes it depends on the model (mlflow_inputs), known only after the body is read.
+MLflowTable = collections.namedtuple("MLflowTable", "columns rows")
+
 
 def mlflow_rows(environ, body, max_depth):
-    """Rows from an /invocations body: MLflow's JSON formats or CSV, chosen by Content-Type."""
+    """Rows or an MLflowTable from an /invocations body: MLflow's JSON formats or CSV, chosen by Content-Type."""
     content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
     check_content_type(environ)
     if content_type == "text/csv":
@@ -4186,10 +4191,13 @@ def mlflow_rows(environ, body, max_depth):
         if not isinstance(columns, list) or not all(isinstance(row, list) and len(row) == len(columns)
                                                     for row in value["data"]):
             raise BadRequest("dataframe_split: every row of data needs one value per column")
-        return [dict(zip(columns, row)) for row in value["data"]]
+        if not (all(isinstance(column, str) for column in columns) or all(type(column) is int for column in columns)):
+            raise BadRequest("dataframe_split: columns are all names (strings) or all positions (integers)")
+        return MLflowTable(columns, value["data"])
     if keys[0] == "dataframe_records":
         if not isinstance(value, list) or not all(isinstance(row, dict) for row in value):
             raise BadRequest("dataframe_records must be a list of {column: value} objects")
+        return MLflowTable(list(dict.fromkeys(key for row in value for key in row)), value)   # pandas' columns
     return value
 
 
@@ -4208,14 +4216,35 @@ def _csv_rows(body):
     if any(len(row) != len(header) for row in rows):
         raise BadRequest("every CSV row needs one value per header column")
     columns = [_csv_column([row[i] for row in rows]) for i in range(len(header))]
-    return [dict(zip(header, values)) for values in zip(*columns)]
+    return MLflowTable(header, [list(values) for values in zip(*columns)])
 
 
 def mlflow_inputs(model, rows, max_rows):
-    """A text model gets the values of a one-column table, others the rows as the native API takes them."""
-    if model.n_features is None and isinstance(rows, list) and rows and \
-            all(isinstance(row, dict) and len(row) == 1 for row in rows):
-        rows = [next(iter(row.values())) for row in rows]
+    """What the estimator takes from /invocations: rows as the native API takes them, a table as MLflow's does.
+
+    MLflow makes a table a pandas DataFrame and hands it to scikit-learn, which matches its
+    columns to a model fitted on named features by name, and gives a model fitted without
+    names (a numpy array) the columns by position, the header only counting them; columns
+    that are numbers (pandas' own, 0, 1, ...) are no names, so every model takes them by
+    position.  So here: a model that knows its feature names takes named columns by name (in
+    any order, as in the other protocols); other tabular models take the columns by position
+    (their number must be the model's number of features); a text model takes the values of
+    a one-column table.  A record without a column has a missing value there, as in pandas.
+    """
+    if not isinstance(rows, MLflowTable):
+        return model_inputs(model, rows, max_rows)
+    columns, rows = rows
+    text_column = model.n_features is None and len(columns) == 1
+    by_position = model.n_features is not None and (model.feature_index is None or
+                                                     not all(isinstance(column, str) for column in columns))
+    if text_column or by_position:
+        rows = [row if isinstance(row, list) else [row.get(column) for column in columns] for row in rows]
+        return model_inputs(model, [row[0] for row in rows] if text_column else rows, max_rows)
+    if rows and isinstance(rows[0], list):
+        repeated = [column for column, count in collections.Counter(columns).items() if count > 1]
+        if repeated:
+            raise BadRequest(f"column {_clip(repr(repeated[0]), 80)} appears twice", model=model.name)
+        rows = [dict(zip(columns, row)) for row in rows]
     return model_inputs(model, rows, max_rows)
 
 

@@ -372,6 +372,7 @@ def _integer(text):
 
 
 def _number(text):
+    """float(text), refused in the same words as _integer."""
     try:
         return float(text)
     except ValueError:
@@ -6811,7 +6812,7 @@ def build_parser():
 
 def _store_problem(store, flags):
     """One line on a store that is no folder, naming where its path came from: flag, variable or default."""
-    setting = SETTINGS[0]
+    setting = next(setting for setting in SETTINGS if setting.field == "store")
     source = setting.flag if flags.get(setting.field) else setting.env if os.environ.get(setting.env) else None
     what = "not a folder" if os.path.exists(store) else "no such folder"
     if source is None:

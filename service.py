@@ -263,6 +263,19 @@ class BadRequest(ServiceError):
     status, code = 400, "bad_request"
 
 
+class NotJSON(BadRequest):
+    """A body that is not JSON at all (empty, not UTF-8, no JSON syntax, a multipart form).
+
+    The endpoint of a route that takes a body answers it with that body's example, as a 400,
+    or a 415 when the Content-Type names another format or `media_type` says so (see
+    `not_json_refusal`); anywhere else it is a plain 400.
+    """
+
+    def __init__(self, message, media_type=False, **fields):
+        super().__init__(message, **fields)
+        self.media_type = media_type        # refused for its Content-Type whatever the body holds: a 415
+
+
 class Unauthorized(ServiceError):
     """401, with the challenge (WWW-Authenticate) of the realm whose token was missing."""
 
@@ -351,36 +364,52 @@ ENV_PREFIX = "MODEL_SERVICE_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def _integer(text):
+    """int(text), refused in words a reader of --help understands (int's own speak of literals and bases)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"must be a whole number, not {text!r}") from None
+
+
+def _number(text):
+    """float(text), refused in the same words as _integer."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"must be a number, not {text!r}") from None
+
+
 def _positive_int(text):
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise ValueError(f"must be a positive integer, not {text!r}")
     return value
 
 
 def _port(text):
-    value = int(text)
+    value = _integer(text)
     if not 0 <= value <= 65535:
         raise ValueError(f"must be a port number 0-65535, not {text!r}")
     return value
 
 
 def _non_negative_int(text):
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise ValueError(f"must be an integer >= 0, not {text!r}")
     return value
 
 
 def _non_negative_float(text):
-    value = float(text)
+    value = _number(text)
     if not value >= 0 or math.isinf(value):
         raise ValueError(f"must be a finite number >= 0, not {text!r}")
     return value
 
 
 def _fraction(text):
-    value = float(text)
+    value = _number(text)
     if not 0 <= value <= 1:
         raise ValueError(f"must be a number from 0 to 1, not {text!r}")
     return value
@@ -2796,6 +2825,11 @@ class Residency:
         return sum(model.inflight for model in list(self._resident))
 
 
+# What a request naming no model, or any model, is told when the store holds none (the log names the folder,
+# which clients are not shown).
+EMPTY_STORE = "the model store has no models: add one as NAME.joblib or NAME/1/model.joblib"
+
+
 class ModelRegistry:
     """Every model in the store, the state of each of its versions, and their lifecycle.
 
@@ -2894,9 +2928,10 @@ class ModelRegistry:
         first = not self._scanned
         self._apply(found, settle and not first)
         self._scan_error, self._scanned = None, True
-        if first:
-            logger.info("model store %s: %d model(s): %s", self.store.root, len(found),
-                        ", ".join(sorted(found)) or "none")
+        if first and not found:
+            logger.warning("model store %s: %s", self.store.root, EMPTY_STORE)
+        elif first:
+            logger.info("model store %s: %d model(s): %s", self.store.root, len(found), ", ".join(sorted(found)))
 
     def _apply(self, found, settle):
         """Make the catalogue match the store: add new versions, replace changed ones, drop removed ones.
@@ -3238,6 +3273,9 @@ class ModelRegistry:
         catalogue = self._catalogue
         if len(catalogue) == 1:
             return next(iter(catalogue))
+        if not catalogue:
+            self.require_store()
+            raise NotFound(EMPTY_STORE, models=[])
         raise NotFound(f"no default model: the store holds {len(catalogue)} models "
                        f"({', '.join(sorted(catalogue)) or 'none'}); start the service with --default-model NAME")
 
@@ -3248,7 +3286,8 @@ class ModelRegistry:
             self.require_store()
             if not valid_model_name(name):
                 raise BadRequest(f"invalid model name {_clip(repr(name), 80)}: names match ^{MODEL_NAME.pattern}$")
-            raise NotFound(f"model {name!r} not found", model=name, models=self.names())
+            raise NotFound(f"model {name!r} not found" + (f": {EMPTY_STORE}" if not self._catalogue else ""),
+                           model=name, models=self.names())
         return entry
 
     def shadow_slot(self, name):
@@ -3410,7 +3449,8 @@ class ModelRegistry:
 # Nothing here chooses a decoder from what the client claims: JSON is the only
 # body format, whatever the Content-Type says.  That includes curl -d's default,
 # application/x-www-form-urlencoded (TF Serving's own examples send JSON that
-# way); forms are never decoded, and multipart bodies are refused.
+# way); forms are never decoded, and multipart bodies are refused.  A body that is
+# not JSON is answered with an example of the one its route takes.
 
 
 CHUNK_SIZE_LINE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
@@ -3476,7 +3516,7 @@ def check_content_type(environ):
     """Refuse the body types that cannot be JSON (multipart) or are not UTF-8."""
     content_type = environ.get("CONTENT_TYPE", "").lower()
     if content_type.startswith("multipart/"):
-        raise UnsupportedMediaType(f"send JSON, not {content_type.split(';')[0]}")
+        raise NotJSON(f"a {content_type.split(';')[0]} body is not JSON", media_type=True)
     if "charset=" in content_type:
         charset = content_type.split("charset=", 1)[1].split(";")[0].strip().strip('"')
         if charset not in ("utf-8", "utf8"):
@@ -3494,6 +3534,32 @@ def json_body(environ, config, required=True):
     return parse_json(body, config.max_depth)
 
 
+def not_json_refusal(error, environ, example):
+    """The answer to a NotJSON on a route that takes a body: a 415 or a 400 showing `example`.
+
+    A body that parses as JSON is read whatever its Content-Type says, so this is reached
+    only by a body that does not: curl -d's application/x-www-form-urlencoded around JSON
+    still works, and a real form (``a=1&b=2``), XML or CSV is refused.  It is a 415 when the
+    Content-Type names another format (or the error is one of media type, multipart); a 400
+    when the client claimed JSON or named no format (none, text/plain, octet-stream), as the
+    body is then malformed JSON.  Either way the message shows JSON the route takes.
+    """
+    media_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+    message, refusal = error.message, BadRequest
+    if error.media_type:
+        refusal = UnsupportedMediaType
+    elif not _claims_json(media_type):
+        message, refusal = f"Content-Type {media_type}: {error.message}", UnsupportedMediaType
+    if example is not None:
+        message += f"; send JSON with Content-Type: application/json, for example {json.dumps(example)}"
+    return refusal(message, **error.fields)
+
+
+def _claims_json(media_type):
+    """Whether a Content-Type says JSON, or names no format at all (the body decides)."""
+    return media_type in ("", "text/plain", "application/octet-stream") or media_type.endswith(("/json", "+json"))
+
+
 def parse_json(data, max_depth, what="request body"):
     """Parse JSON text (bytes or str) with a nesting bound; every failure is a 400.
 
@@ -3507,14 +3573,16 @@ def parse_json(data, max_depth, what="request body"):
         try:
             data = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8")
         except UnicodeDecodeError:
-            raise BadRequest(f"{what} is not valid UTF-8") from None
+            raise NotJSON(f"{what} is not valid UTF-8") from None
     if not data.strip():
-        raise BadRequest(f"{what} is empty: send JSON")
+        raise NotJSON(f"{what} is empty: send JSON")
     try:
         value = _strict_json(data)
     except RecursionError:
         raise BadRequest(f"{what} is nested too deeply") from None
-    except ValueError as error:
+    except json.JSONDecodeError as error:
+        raise NotJSON(f"{what} is not valid JSON: {error}") from None
+    except ValueError as error:                 # JSON's syntax, with NaN or a number beyond a float
         raise BadRequest(f"{what} is not valid JSON: {error}") from None
     if _nested_deeper_than(max_depth, raw):
         raise BadRequest(f"{what} is nested deeper than {max_depth} levels")
@@ -4099,15 +4167,21 @@ MLFLOW_ERROR_CODES = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "
                       415: "BAD_REQUEST", 500: "INTERNAL_ERROR", 503: "INTERNAL_ERROR", 504: "INTERNAL_ERROR"}
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
+# A table MLflow would make a pandas DataFrame of (CSV, dataframe_split with columns, dataframe_records):
+# its column names in order, and its rows as lists (CSV, split) or {column: value} objects (records).
+# How a model takes it depends on the model (mlflow_inputs), known only after the body is read.
+MLflowTable = collections.namedtuple("MLflowTable", "columns rows")
+
 
 def mlflow_rows(environ, body, max_depth):
-    """Rows from an /invocations body: MLflow's JSON formats or CSV, chosen by Content-Type."""
+    """Rows or an MLflowTable from an /invocations body: MLflow's JSON formats or CSV, chosen by Content-Type."""
     content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
     check_content_type(environ)
     if content_type == "text/csv":
         return _csv_rows(body)
     if content_type != "application/json":
-        raise UnsupportedMediaType(f"send application/json or text/csv, not {content_type or 'no Content-Type'}")
+        raise NotJSON(f"/invocations takes application/json or text/csv, not {content_type or 'no Content-Type'}",
+                      media_type=True)
     payload = parse_json(body, max_depth)
     keys = [key for key in MLFLOW_KEYS if isinstance(payload, dict) and key in payload]
     if not isinstance(payload, dict) or len(keys) != 1 or set(payload) - {keys[0], "params"}:
@@ -4125,10 +4199,13 @@ def mlflow_rows(environ, body, max_depth):
         if not isinstance(columns, list) or not all(isinstance(row, list) and len(row) == len(columns)
                                                     for row in value["data"]):
             raise BadRequest("dataframe_split: every row of data needs one value per column")
-        return [dict(zip(columns, row)) for row in value["data"]]
+        if not (all(isinstance(column, str) for column in columns) or all(type(column) is int for column in columns)):
+            raise BadRequest("dataframe_split: columns are all names (strings) or all positions (integers)")
+        return MLflowTable(columns, value["data"])
     if keys[0] == "dataframe_records":
         if not isinstance(value, list) or not all(isinstance(row, dict) for row in value):
             raise BadRequest("dataframe_records must be a list of {column: value} objects")
+        return MLflowTable(list(dict.fromkeys(key for row in value for key in row)), value)   # pandas' columns
     return value
 
 
@@ -4147,14 +4224,35 @@ def _csv_rows(body):
     if any(len(row) != len(header) for row in rows):
         raise BadRequest("every CSV row needs one value per header column")
     columns = [_csv_column([row[i] for row in rows]) for i in range(len(header))]
-    return [dict(zip(header, values)) for values in zip(*columns)]
+    return MLflowTable(header, [list(values) for values in zip(*columns)])
 
 
 def mlflow_inputs(model, rows, max_rows):
-    """A text model gets the values of a one-column table, others the rows as the native API takes them."""
-    if model.n_features is None and isinstance(rows, list) and rows and \
-            all(isinstance(row, dict) and len(row) == 1 for row in rows):
-        rows = [next(iter(row.values())) for row in rows]
+    """What the estimator takes from /invocations: rows as the native API takes them, a table as MLflow's does.
+
+    MLflow makes a table a pandas DataFrame and hands it to scikit-learn, which matches its
+    columns to a model fitted on named features by name, and gives a model fitted without
+    names (a numpy array) the columns by position, the header only counting them; columns
+    that are numbers (pandas' own, 0, 1, ...) are no names, so every model takes them by
+    position.  So here: a model that knows its feature names takes named columns by name (in
+    any order, as in the other protocols); other tabular models take the columns by position
+    (their number must be the model's number of features); a text model takes the values of
+    a one-column table.  A record without a column has a missing value there, as in pandas.
+    """
+    if not isinstance(rows, MLflowTable):
+        return model_inputs(model, rows, max_rows)
+    columns, rows = rows
+    text_column = model.n_features is None and len(columns) == 1
+    by_position = model.n_features is not None and (model.feature_index is None or
+                                                     not all(isinstance(column, str) for column in columns))
+    if text_column or by_position:
+        rows = [row if isinstance(row, list) else [row.get(column) for column in columns] for row in rows]
+        return model_inputs(model, [row[0] for row in rows] if text_column else rows, max_rows)
+    if rows and isinstance(rows[0], list):
+        repeated = [column for column, count in collections.Counter(columns).items() if count > 1]
+        if repeated:
+            raise BadRequest(f"column {_clip(repr(repeated[0]), 80)} appears twice", model=model.name)
+        rows = [dict(zip(columns, row)) for row in rows]
     return model_inputs(model, rows, max_rows)
 
 
@@ -4308,6 +4406,19 @@ class MLflowCodec(Codec):
 
 CODECS = {"native": NativeCodec(), "seed": SeedCodec(), "tf": TFCodec(), "v2": V2Codec(), "mlflow": MLflowCodec()}
 PROTOCOLS = {codec: name for name, codec in CODECS.items()}      # the payload log names a request's protocol
+
+# One request body of each kind a route takes (Route.body names the kind): OpenAPI shows them, and a
+# body that is not JSON is answered with its route's (not_json_refusal).  Iris's rows, as in README.
+BODY_EXAMPLES = {
+    "PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]},
+    "TFPredictRequest": {"signature_name": "serving_default", "instances": [[5.1, 3.5, 1.4, 0.2]]},
+    "TFExamples": {"examples": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4,
+                                 "petal_width": 0.2}]},
+    "V2InferRequest": {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                                   "data": [5.1, 3.5, 1.4, 0.2]}]},
+    "MLflowRequest": {"dataframe_split": {"columns": ["sepal_length", "sepal_width", "petal_length", "petal_width"],
+                                          "data": [[5.1, 3.5, 1.4, 0.2]]}},
+}
 
 
 ###############################################################################
@@ -4573,13 +4684,15 @@ class ServiceApp(bottle.Bottle):
         return bottle.HTTPResponse(status=204, headers=headers)
 
     def _endpoint(self, route):
-        """The callback of one route: its access rule, its codec for refusals, then its handler."""
+        """The callback of one route: its access rule, its codec for refusals, then its handler; a body
+        that is not JSON, on a route that takes one, is answered with the route's example."""
         args = dict(route.args)
         codec = CODECS.get(args.pop("codec", None))
         if codec is not None:
             args["codec"] = codec
         handler, config = functools.partial(getattr(self, route.handler), **args), self.service_config
         admin = route.access == ADMIN
+        takes_body, example = route.body is not None, BODY_EXAMPLES.get(route.body)
 
         def endpoint(**parameters):
             if codec is not None:
@@ -4590,7 +4703,12 @@ class ServiceApp(bottle.Bottle):
                                     "to enable it")
                 _require_token(bottle.request.environ, (config.admin_token,), "model-service admin",
                                "this route needs the admin token: Authorization: Bearer <token>")
-            return handler(**parameters)
+            try:
+                return handler(**parameters)
+            except NotJSON as error:
+                if not takes_body:
+                    raise
+                raise not_json_refusal(error, bottle.request.environ, example) from None
 
         return endpoint
 
@@ -5164,8 +5282,9 @@ def _schema_ref(name):
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _json_body(schema, required=True):
-    return {"required": required, "content": {"application/json": {"schema": schema}}}
+def _json_body(schema, required=True, example=None):
+    media = {"schema": schema} if example is None else {"schema": schema, "example": example}
+    return {"required": required, "content": {JSON_TYPE: media}}
 
 
 def _operation(route, answer, body=None, parameters=(), query=()):
@@ -5263,8 +5382,9 @@ OPENAPI_SCHEMAS = {
 
 OPENAPI_BODIES = {   # Route.body: what each request body may be
     "Optional": {"required": False, "content": {JSON_TYPE: {"schema": _OBJECT}}},
-    "MLflowRequest": {"required": True, "content": {JSON_TYPE: {"schema": _schema_ref("MLflowRequest")},
-                                                    "text/csv": {"schema": {"type": "string"}}}},
+    "MLflowRequest": {"required": True, "content": {
+        JSON_TYPE: {"schema": _schema_ref("MLflowRequest"), "example": BODY_EXAMPLES["MLflowRequest"]},
+        "text/csv": {"schema": {"type": "string"}}}},
 }
 
 
@@ -5274,7 +5394,8 @@ def openapi_document(registry):
     for route in ROUTES:
         answer = {None: _OBJECT, "text": {"type": "string"}, "array": {"type": "array"}}.get(
             route.answer) or _schema_ref(route.answer)
-        body = None if route.body is None else OPENAPI_BODIES.get(route.body) or _json_body(_schema_ref(route.body))
+        body = None if route.body is None else OPENAPI_BODIES.get(route.body) or _json_body(
+            _schema_ref(route.body), example=BODY_EXAMPLES.get(route.body))
         parameters = re.findall(r"\{(\w+)\}", route.path)
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, answer, body, parameters,
                                                                             route.query)
@@ -6814,8 +6935,15 @@ def replay_command(argv):
 ###############################################################################
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="model-service",
         description="Serve the scikit-learn models in a folder over HTTP (JSON in, JSON out).",
         epilog=f"Every option can also be set by an environment variable ({ENV_PREFIX}<OPTION>, "
@@ -6830,6 +6958,16 @@ def build_parser():
     return parser
 
 
+def _store_problem(store, flags):
+    """One line on a store that is no folder, naming where its path came from: flag, variable or default."""
+    setting = next(setting for setting in SETTINGS if setting.field == "store")
+    source = setting.flag if flags.get(setting.field) else setting.env if os.environ.get(setting.env) else None
+    what = "not a folder" if os.path.exists(store) else "no such folder"
+    if source is None:
+        return f"{setting.flag} {store} (the default): {what} here; name the folder of your models with --store DIR"
+    return f"{source} {store}: {what}"
+
+
 def main(argv=None, serve=serve):
     """Command line entry point; returns the exit code.  `serve` is injectable for tests."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -6839,18 +6977,22 @@ def main(argv=None, serve=serve):
         return replay_command(argv[1:])
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
+
+    def refuse(message):                        # a setting's value, not the command's syntax: no usage
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
     try:
         config = Config.load(flags)
     except ValueError as error:
-        parser.error(str(error))
+        refuse(str(error))
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not os.path.isdir(config.store):
-        parser.error(f"model store {config.store!r} is not a folder (set --store or {ENV_PREFIX}STORE)")
+        refuse(_store_problem(config.store, flags))
     if config.payload_log:
         try:
             os.makedirs(config.payload_log, exist_ok=True)
         except OSError as error:
-            parser.error(f"--payload-log {config.payload_log!r}: {error.strerror}")
+            refuse(f"--payload-log {config.payload_log}: {error.strerror}")
     application = create_app(config=config)
     if config.workers == 1:          # under --workers each process scans and preloads for itself
         application.config["service.registry"].refresh()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_diabetes, load_iris
 
+import service
 from conftest import IRIS_FEATURES, ROWS, assert_error, strict_json
 
 IRIS_ROWS = ROWS[:2]             # a setosa and a virginica
@@ -307,6 +308,94 @@ def test_row_limit(store, make_client):
     client = make_client(store, max_rows=2)
     assert_error(client.post_json("/models/iris/predict", {"instances": IRIS_ROWS * 2}, expect_errors=True),
                  400, "over the limit of 2")
+
+
+def body_routes(name):
+    """(path, example) of every route that takes a JSON body with an example, for model `name`, version 1."""
+    return [(route.path.replace("{name}", name).replace("{version}", "1"), service.BODY_EXAMPLES[route.body])
+            for route in service.ROUTES if route.body in service.BODY_EXAMPLES and "{label}" not in route.path]
+
+
+def test_every_body_example_is_a_body_its_route_takes(store, make_client):
+    """The examples refusals show (and OpenAPI documents) are real requests: each one predicts on its route
+    (:regress refuses a classifier for what it is, not for its body)."""
+    client = make_client(store, default_model="flowers")
+    routes = body_routes("flowers")
+    assert {json.dumps(example) for _, example in routes} == {
+        json.dumps(example) for example in service.BODY_EXAMPLES.values()}, "every example has a route"
+    for path, example in routes:
+        response = client.post_json(path, example, expect_errors=True)
+        if path.endswith(":regress"):
+            assert_error(response, 400, "is a classifier")
+        else:
+            assert response.status_int == 200 and strict_json(response), (path, response.text)
+
+
+@pytest.mark.parametrize("body, content_type, status, fragment", [
+    (b"sepal_length=5.1&sepal_width=3.5", "application/x-www-form-urlencoded", 415,
+     "Content-Type application/x-www-form-urlencoded: request body is not valid JSON"),
+    (b"<instances><row>5.1</row></instances>", "application/xml", 415, "Content-Type application/xml: "),
+    (b"5.1,3.5,1.4,0.2", "text/csv", 415, "Content-Type text/csv: "),
+    (b"--x\r\nContent-Disposition: form-data; name=a\r\n\r\n1\r\n--x--", "multipart/form-data; boundary=x", 415,
+     "a multipart/form-data body is not JSON"),
+    (b"{bad json", "application/json", 400, "request body is not valid JSON"),
+    (b"{bad json", "text/plain", 400, "request body is not valid JSON"),
+    (b"{bad json", "", 400, "request body is not valid JSON"),
+    (b"", "application/json", 400, "request body is empty"),
+], ids=["form", "xml", "csv", "multipart", "json", "text-plain", "no-content-type", "empty"])
+def test_a_body_that_is_not_json_is_answered_with_the_route_s_example(store, make_client, body, content_type, status,
+                                                                      fragment):
+    """A form, XML or CSV body (a Content-Type naming another format) is a 415, a malformed body claiming JSON
+    or no format a 400; both show JSON the route takes, in that route's protocol (MLflow says which two
+    Content-Types it takes: a 415 whatever the body)."""
+    client = make_client(store, default_model="flowers")
+    for path, example in body_routes("flowers"):
+        response = client.request(path, method="POST", body=body, expect_errors=True,
+                                  headers={"Content-Type": content_type} if content_type else {})
+        assert content_type or "CONTENT_TYPE" not in response.request.environ
+        if path == "/invocations" and content_type == "text/csv":
+            assert_error(response, 400, "CSV needs a header line")         # MLflow's other body format
+            continue
+        if path == "/invocations" and content_type in ("", "text/plain", "application/xml", "application/x-www-"
+                                                       "form-urlencoded"):
+            error = assert_error(response, 415, "/invocations takes application/json or text/csv")
+        else:
+            error = assert_error(response, status, fragment)
+        assert error["error"].endswith("send JSON with Content-Type: application/json, for example "
+                                       + json.dumps(example)), (path, error)
+        assert error["code"] == {400: "bad_request", 415: "unsupported_media_type"}[response.status_int]
+
+
+def test_json_under_a_form_content_type_is_still_read_as_curl_d_sends_it(store, make_client):
+    """curl -d without -H sends application/x-www-form-urlencoded: a body that is JSON is read all the same."""
+    client = make_client(store, default_model="flowers")
+    for path, example in body_routes("flowers"):
+        if path not in ("/invocations",) and not path.endswith(":regress"):
+            response = client.post(path, json.dumps(example), content_type="application/x-www-form-urlencoded")
+            assert response.status_int == 200 and strict_json(response)
+
+
+def test_a_route_without_a_body_keeps_its_plain_400(client):
+    response = client.get("/models/iris/predict?instances=[[1,2", headers={"Content-Type": "text/csv"},
+                          expect_errors=True)
+    error = assert_error(response, 400, "?instances is not valid JSON")
+    assert "for example" not in error["error"]
+
+
+def test_an_empty_store_says_so_without_its_path(tmp_path, make_client, caplog):
+    """Predicting from an empty store says the store has no models (the log names the folder, clients are not
+    shown it), on the default model's routes and on a named model's."""
+    root = tmp_path / "store"
+    root.mkdir()
+    client = make_client(root)
+    for path in ("/predict", "/invocations", "/models/iris/predict"):
+        error = assert_error(client.post_json(path, {"instances": IRIS_ROWS}, expect_errors=True), 404,
+                             "the model store has no models", store=root)
+        assert "--default-model" not in error["error"] and error["models"] == []
+    assert f"model store {root}: the model store has no models" in caplog.text
+    named = make_client(root, default_model="iris")
+    assert_error(named.post_json("/predict", {"instances": IRIS_ROWS}, expect_errors=True), 404,
+                 "model 'iris' not found: the model store has no models", store=root)
 
 
 @pytest.mark.parametrize("content_type, status", [

@@ -200,7 +200,7 @@ def test_an_os_error_while_serving_returns_1_and_logs_why(empty_store, caplog):
 
 BAD_FLAGS = [
     (["--port", "70000"], ["--port", "0-65535", "70000"]),
-    (["--port", "abc"], ["--port", "'abc'"]),
+    (["--port", "abc"], ["--port", "must be a whole number, not 'abc'"]),
     (["--port", "-1"], ["--port", "-1"]),
     (["--threads", "0"], ["--threads", "positive integer", "'0'"]),
     (["--max-body-bytes", "1e3"], ["--max-body-bytes", "'1e3'"]),
@@ -209,6 +209,7 @@ BAD_FLAGS = [
     (["--load-retry-seconds", "-1"], ["--load-retry-seconds", ">= 0"]),
     (["--load-retry-seconds", "inf"], ["--load-retry-seconds", "finite"]),
     (["--load-retry-seconds", "nan"], ["--load-retry-seconds", "finite"]),
+    (["--poll-interval", "soon"], ["--poll-interval", "must be a number, not 'soon'"]),
     (["--log-level", "LOUD"], ["--log-level", "DEBUG, INFO, WARNING, ERROR, CRITICAL", "'LOUD'"]),
     (["--server", "nosuch"], ["--server", "unknown server 'nosuch'", "waitress"]),
     (["--default-model", "../x"], ["--default-model", "invalid model name '../x'"]),
@@ -217,15 +218,21 @@ BAD_FLAGS = [
     (["--max-loaded", "-1"], ["--max-loaded", ">= 0"]),
     (["--idle-unload", "-5"], ["--idle-unload", ">= 0"]),
     (["--shutdown-timeout", "inf"], ["--shutdown-timeout", "finite"]),
-    (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+    (["--no-such-flag"], ["unrecognized arguments: --no-such-flag", "model-service --help lists the options"]),
 ]
 
 
+def assert_one_line(error):
+    """A refusal at start is its one line: the usage of every option is for --help alone."""
+    assert error.startswith("model-service: error: ") and error.count("\n") == 1, error
+    assert "usage:" not in error
+
+
 @pytest.mark.parametrize("argv, fragments", BAD_FLAGS, ids=[" ".join(argv) for argv, _ in BAD_FLAGS])
-def test_bad_flag_values_exit_2_with_a_message_naming_the_flag(argv, fragments, empty_store, capsys):
+def test_bad_flag_values_exit_2_with_one_line_naming_the_flag(argv, fragments, empty_store, capsys):
     code, error = exit_code_and_error(["--store", str(empty_store), *argv], capsys)
     assert code == 2
-    assert "model-service: error:" in error
+    assert_one_line(error)
     for fragment in fragments:
         assert fragment in error, (fragment, error)
 
@@ -245,23 +252,46 @@ def test_a_bad_environment_value_exits_2_naming_the_variable(variable, value, em
     monkeypatch.setenv(variable, value)
     code, error = exit_code_and_error(["--store", str(empty_store)], capsys)
     assert code == 2
+    assert_one_line(error)
     assert f"model-service: error: {variable}:" in error and repr(value) in error, error
 
 
-def test_a_store_that_is_not_a_folder_exits_2(tmp_path, capsys):
-    for store in (tmp_path / "missing", tmp_path / "file.joblib"):
-        if store.name.endswith(".joblib"):
-            store.write_bytes(b"not a folder")
+def test_a_store_that_is_not_a_folder_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "file.joblib").write_bytes(b"not a folder")
+    for store, what in ((tmp_path / "missing", "no such folder"), (tmp_path / "file.joblib", "not a folder")):
         code, error = exit_code_and_error(["--store", str(store)], capsys)
         assert code == 2
-        assert f"model store {str(store)!r} is not a folder" in error
-        assert "MODEL_SERVICE_STORE" in error
+        assert error == f"model-service: error: --store {store}: {what}\n"
 
 
-def test_a_store_from_the_environment_that_is_not_a_folder_exits_2(tmp_path, monkeypatch, capsys):
+def test_a_store_from_the_environment_or_the_default_that_is_not_a_folder_says_where_it_came_from(
+        tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MODEL_SERVICE_STORE", str(tmp_path / "missing"))
     code, error = exit_code_and_error([], capsys)
-    assert code == 2 and "is not a folder" in error
+    assert code == 2 and error == f"model-service: error: MODEL_SERVICE_STORE {tmp_path / 'missing'}: no such folder\n"
+    monkeypatch.delenv("MODEL_SERVICE_STORE")
+    monkeypatch.chdir(tmp_path)
+    code, error = exit_code_and_error([], capsys)
+    assert code == 2
+    assert_one_line(error)
+    assert "--store model_store (the default): no such folder here" in error and "--store DIR" in error
+
+
+def test_a_payload_log_folder_that_cannot_be_made_exits_2_with_one_line(empty_store, tmp_path, capsys):
+    (tmp_path / "file").write_bytes(b"")
+    code, error = exit_code_and_error(["--store", str(empty_store), "--payload-log", str(tmp_path / "file" / "log")],
+                                      capsys)
+    assert code == 2
+    assert_one_line(error)
+    assert f"--payload-log {tmp_path / 'file' / 'log'}:" in error
+
+
+def test_the_command_line_exits_2_with_one_line_for_a_missing_store(tmp_path):
+    """What a newcomer sees, from a real process: one line on stderr, exit code 2, no usage."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "service.py"), "--store", str(tmp_path / "nope")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"model-service: error: --store {tmp_path / 'nope'}: no such folder\n"
 
 
 def _missing_bottle_adapter():

@@ -76,6 +76,16 @@ def test_a_model_with_known_feature_names_has_its_own_row_schema(app):
     assert "/models/iris/predict" in doc["paths"]
 
 
+def test_each_request_body_shows_the_example_refusals_show(app):
+    """One source for both: a route's documented JSON example is the one a body that is not JSON is answered
+    with (service.BODY_EXAMPLES)."""
+    doc = document(app)
+    for row in service.ROUTES:
+        if row.body in service.BODY_EXAMPLES:
+            media = doc["paths"][row.path][row.method.lower()]["requestBody"]["content"]["application/json"]
+            assert media["example"] == service.BODY_EXAMPLES[row.body], row
+
+
 # :explain is documented as answering 501 by design, which schemathesis counts as a server error
 schema = schemathesis.openapi.from_wsgi("/openapi.json", APP).exclude(path_regex=":explain$")
 

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import types
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -794,6 +795,59 @@ def test_mlflow_csv_text_column_with_a_numeric_looking_review(store, make_client
     response = client.post("/invocations", "review\n1984\nboring and awful\n", content_type="text/csv",
                            expect_errors=True)
     assert strict_json(response) == {"predictions": models.sentiment.predict(texts).tolist()}
+
+
+def as_mlflow_predicts(model, table):
+    """What MLflow's scoring server answers for a table: scikit-learn's predict on the pandas DataFrame it
+    builds (a model fitted without feature names warns, then takes the columns by position)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return model.predict(table).tolist()
+
+
+def test_mlflow_tables_go_by_position_to_a_model_fitted_without_feature_names(store, make_client, models):
+    """A CSV with a header, a dataframe_split with columns and dataframe_records, as an MLflow client writes
+    them from a DataFrame: a model without feature names (plain) takes the columns by position, the header
+    only counting them, exactly as MLflow's server answers; pandas' own column names (0, 1, ...) too."""
+    client = make_client(store, default_model="plain")
+    for columns in (["a", "b", "c", "d"], [0, 1, 2, 3]):
+        table = pd.DataFrame(ROWS, columns=columns)
+        expected = {"predictions": as_mlflow_predicts(models.plain, table)}
+        assert expected["predictions"] == models.plain.predict(np.array(ROWS)).tolist()
+        csv_text = table.to_csv(index=False)
+        assert strict_json(client.post("/invocations", csv_text, content_type="text/csv")) == expected
+        split = {"dataframe_split": json.loads(table.to_json(orient="split", index=False))}
+        assert strict_json(client.post_json("/invocations", split)) == expected
+        records = {"dataframe_records": json.loads(table.to_json(orient="records"))}
+        assert strict_json(client.post_json("/invocations", records)) == expected
+
+
+def test_mlflow_tables_by_position_need_the_model_s_number_of_columns(store, make_client):
+    client = make_client(store, default_model="plain")
+    response = client.post("/invocations", "a,b,c\n5.1,3.5,1.4\n", content_type="text/csv", expect_errors=True)
+    body = assert_error(response, 400, "expected 4 features, got 3")
+    assert body["error_code"] == "BAD_REQUEST" and body["model"] == "plain"
+    split = {"dataframe_split": {"columns": list("abcde"), "data": [row + [1.0] for row in ROWS]}}
+    assert_error(client.post_json("/invocations", split, expect_errors=True), 400, "expected 4 features, got 5")
+
+
+def test_mlflow_tables_go_by_name_to_a_model_fitted_with_feature_names(server, models):
+    """iris knows its feature names: named columns are matched by name (any order), unknown or repeated names
+    are refused; pandas' numbered columns are no names, so they go by position, as scikit-learn takes them."""
+    reordered = ",".join(IRIS_FEATURES[::-1]) + "\n" + "\n".join(",".join(map(str, row[::-1])) for row in ROWS)
+    expected = {"predictions": models.iris_v2.predict(frame(ROWS)).tolist()}
+    csv = {"Content-Type": "text/csv"}
+    assert strict_json(post(server, "/invocations", data=reordered.encode(), headers=csv)) == expected
+    numbered = {"dataframe_split": {"columns": [0, 1, 2, 3], "data": ROWS}}
+    assert strict_json(post(server, "/invocations", numbered)) == {
+        "predictions": as_mlflow_predicts(models.iris_v2, pd.DataFrame(ROWS))} == expected
+    assert_error(post(server, "/invocations", data=b"a,b,c,d\n5.1,3.5,1.4,0.2\n", headers=csv), 400,
+                 "unknown feature 'a'")
+    repeated = ",".join(IRIS_FEATURES[:3] + IRIS_FEATURES[:1]) + "\n5.1,3.5,1.4,0.2\n"
+    assert_error(post(server, "/invocations", data=repeated.encode(), headers=csv), 400,
+                 "column 'sepal_length' appears twice")
+    mixed = {"dataframe_split": {"columns": [0, "sepal_width", 2, 3], "data": ROWS}}
+    assert_error(post(server, "/invocations", mixed), 400, "all names (strings) or all positions (integers)")
 
 
 def test_tf_metadata_of_the_text_model_is_one_dimensional(server, models):

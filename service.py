@@ -74,6 +74,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import heapq
 import hmac
@@ -541,7 +542,8 @@ SETTINGS = (
     Setting("server", _server_name, "waitress", "WSGI server: waitress, wsgiref, gunicorn, ...", "NAME"),
     Setting("threads", _positive_int, 4, "worker threads (waitress; per process under --workers)", "N"),
     Setting("workers", _positive_int, 1,
-            "server processes; above 1 they run under gunicorn (pip install gunicorn), each loading its own models",
+            "server processes; above 1 they run under gunicorn (pip install gunicorn), forked once the --preload "
+            "models are loaded, which they share",
             "N"),
     Setting("default_model", _model_name_setting, None,
             "model behind GET /predict/<sen>, POST /predict and POST /invocations (default: the only model)", "NAME"),
@@ -3127,13 +3129,16 @@ class ModelRegistry:
         """Load, one after another in the background, the preloaded versions not in memory yet."""
         if self._preloading:
             return
-        now = self.clock()
-        pending = [slot for entry in self._catalogue.values() for slot in entry.versions.values()
-                   if slot.pinned and slot.model is None and slot.state != LOADING
-                   and not (slot.state == FAILED and slot.retry_at > now)]
+        pending = self._unloaded_preloads()
         if pending:
             self._preloading = True
             _in_background(self._preload_all, pending)
+
+    def _unloaded_preloads(self):
+        now = self.clock()
+        return [slot for entry in self._catalogue.values() for slot in entry.versions.values()
+                if slot.pinned and slot.model is None and slot.state != LOADING
+                and not (slot.state == FAILED and slot.retry_at > now)]
 
     def _preload_all(self, slots):
         try:
@@ -3145,6 +3150,21 @@ class ModelRegistry:
                         pass                       # shown in the status and in readiness; retried later
         finally:
             self._preloading = False
+
+    def load_before_fork(self):
+        """In a pre-fork host's parent: scan and load the preloaded versions now, in this thread.
+
+        The workers forked next share these models' memory (copy on write) instead of each
+        loading its own.  No thread is started, and none runs at the fork: threads do not
+        survive it, and a lock one of them held would stay held in every worker.  Each worker's
+        first refresh() starts its own watcher, which loads what the store publishes later.
+        """
+        for module in ("numpy", "sklearn", "joblib"):      # imported once, shared by every worker
+            importlib.import_module(module)
+        with self._scan_lock:
+            self._scan(settle=False)
+        if self.config.preload:
+            self._preload_all(self._unloaded_preloads())
 
     # -- requests -----------------------------------------------------------------
     def acquire(self, name, version=None, label=None, slot=None, routing_key=None):
@@ -5451,7 +5471,7 @@ def serve(app, config):
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the service is reachable from other machines", config.host)
     if config.workers > 1:
-        _serve_workers(config)
+        _serve_workers(app, config)
         return
     if config.server != "waitress":
         # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
@@ -5528,16 +5548,24 @@ def _drain_payload_log(app, config):
         logger.warning("payload log: records still queued after %g s were not written", config.shutdown_timeout)
 
 
-def _serve_workers(config):
-    """--workers N: gunicorn's pre-fork server, N processes each with its own app, registry and watcher.
+def _serve_workers(app, config):
+    """--workers N: gunicorn's pre-fork server, N processes serving `app`, forked once its models are loaded.
 
+    The parent imports numpy, scikit-learn and joblib, scans the store and loads the --preload
+    versions before forking, then freezes the garbage collector's generations (gc.freeze): a
+    collection in a worker then never writes to those objects, so their pages stay shared and
+    N workers hold one copy of each model.  After the fork each worker starts its own watcher
+    (and predict threads); versions published later load in each worker that needs them.
     Threads per process are --threads (gthread workers); SIGTERM drains within --shutdown-timeout
-    (gunicorn's graceful timeout).  The processes share nothing but the store and the socket.
+    (gunicorn's graceful timeout).
     """
     try:
         from gunicorn.app.base import BaseApplication
     except ImportError:
         raise ImportError("--workers needs gunicorn: pip install gunicorn") from None
+    registry = app.config["service.registry"]
+    registry.load_before_fork()
+    gc.freeze()
 
     class Workers(BaseApplication):
         def load_config(self):
@@ -5551,10 +5579,9 @@ def _serve_workers(config):
                     self.cfg.set(key, value)
 
         def load(self):
-            """In each worker, after the fork: scan, preload and start the watcher before any request."""
-            application = create_app(config=config)
-            application.config["service.registry"].refresh()
-            return application
+            """In each worker, after the fork: start its watcher and load what the parent could not."""
+            registry.refresh()
+            return app
 
     Workers().run()
 
@@ -6704,7 +6731,7 @@ def main(argv=None, serve=serve):
         except OSError as error:
             parser.error(f"--payload-log {config.payload_log!r}: {error.strerror}")
     application = create_app(config=config)
-    if config.workers == 1:          # under --workers each process scans and preloads for itself
+    if config.workers == 1:          # under --workers the parent loads before forking, without threads
         application.config["service.registry"].refresh()
     try:
         serve(application, config)

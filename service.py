@@ -41,13 +41,15 @@ Sections, in the order data flows (``grep -n '^# .*####' service.py``)::
     Command line            ``python service.py``
     WSGI entry points       ``service:app``
 
-Each section uses only what is above it, with three exceptions, all calls made
+Each section uses only what is above it, with four exceptions, all calls made
 at run time: the JSON loader calls into the JSON model format, kept near the end
 so that the request path reads without it; a loaded model (Servables) gets its
 native predictor from "Native predictors", right after it, which compiles only
-what Servables has loaded; and two of the HTTP application's handlers answer
-with the OpenAPI document and the console page, which come after it because the
-document is built from its route table.
+what Servables has loaded; the registry warms a loaded model through the
+codecs' model_inputs, so that its warm-up rows take the requests' own path; and
+two of the HTTP application's handlers answer with the OpenAPI document and the
+console page, which come after it because the document is built from its route
+table.
 """
 
 __version__ = "0.1.0"
@@ -861,7 +863,8 @@ class ModelSettings:
          "traffic": {"stable": 90, "canary": 10},   requests naming no version split by weight
          "redact": ["ssn", "income"],              features the payload log never writes
          "shadow": "canary",                    each request also runs, in the background, on this label or version
-         "native": false}                       scikit-learn answers everything (see "Native predictors")
+         "native": false,                       scikit-learn answers everything (see "Native predictors")
+         "warmup": [[5.1, 3.5, 1.4, 0.2]]}      rows (lists, records or texts) every method runs once at load
 
     Every key is optional ("latest": only the highest version serves).  Labels must
     name served versions.  Unknown keys are refused, so a typo never passes silently.
@@ -872,7 +875,8 @@ class ModelSettings:
 
     MAX_BYTES = 64 * 1024
     KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact", "shadow",
-            "native")
+            "native", "warmup")
+    MAX_WARMUP_ROWS = 100
 
     def __init__(self, policy="latest", count=1, versions=(), labels=None, safe_pickle=False, sha256=None,
                  batching=None, native=True):
@@ -881,6 +885,7 @@ class ModelSettings:
         self.redact = frozenset()               # feature names kept out of the payload log
         self.shadow = None                      # label (str) or version (int) shadowing every request
         self.native = native                    # False: no native predictor, whatever --native says
+        self.warmup = None                      # rows to warm a loaded version on; None: derived (see _warm)
         self.policy, self.count, self.versions = policy, count, tuple(versions)
         self.labels = dict(labels or {})
         self.safe_pickle = safe_pickle
@@ -949,7 +954,20 @@ class ModelSettings:
         settings.native = document.get("native", True)
         if type(settings.native) is not bool:
             raise ValueError('"native" must be true or false')
+        settings.warmup = cls._warmup(document.get("warmup"))
         return settings
+
+    @classmethod
+    def _warmup(cls, rows):
+        """The "warmup" rows: a request's "instances", 1 to MAX_WARMUP_ROWS rows, each a list, an object
+        (a record by feature name) or a text."""
+        if rows is None:
+            return None
+        if not isinstance(rows, list) or not 1 <= len(rows) <= cls.MAX_WARMUP_ROWS or \
+                not all(isinstance(row, (list, dict, str)) and row for row in rows):
+            raise ValueError(f'"warmup" must list 1 to {cls.MAX_WARMUP_ROWS} rows as a request\'s "instances" '
+                             'would: [[5.1, 3.5, 1.4, 0.2]], [{"feature": value}] or ["a text"]')
+        return rows
 
     def _traffic(self, traffic):
         """{label or version number: weight} from the "traffic" object, checked against the labels and policy."""
@@ -1027,7 +1045,7 @@ class ModelSettings:
                 "traffic": {str(target): weight for target, weight in self.traffic.items()},
                 "redact": sorted(self.redact),
                 "shadow": None if self.shadow is None else str(self.shadow),
-                "native": self.native}
+                "native": self.native, "warmup": self.warmup}
 
 
 DEFAULT_SETTINGS = ModelSettings()
@@ -1516,6 +1534,7 @@ class LoadedModel:
         self.metrics = None             # the registry's Metrics, which count calls by predictor
         self.native = None              # a NativePredictor: the methods proved at load to answer as scikit-learn
         self.predictors = {}            # method -> (NATIVE or SKLEARN, why), for the status
+        self.warmup = "not warmed"      # what warming did, for the load's log line (see _warm)
 
     def predict(self, method, inputs):
         """Answer one method for a request: through the batcher when the model has one, else `call`."""
@@ -1792,10 +1811,10 @@ def _named_parts(estimator):
             if "feature_names_in_" in part.__dict__]
 
 
-def _build_model(ref, options=None, native=True, metrics=None):
+def _build_model(ref, options=None, native=True):
     """Load one artifact into a LoadedModel, with its native predictor unless `native` is false.
 
-    An unexpected failure is logged with its traceback; `metrics` will count its calls.
+    An unexpected failure is logged with its traceback.
     """
     started = time.perf_counter()
     try:
@@ -1811,7 +1830,6 @@ def _build_model(ref, options=None, native=True, metrics=None):
     model = LoadedModel(ref, estimator, digest, size, time.perf_counter() - started, version_skew=skew)
     if model.make_frame is not None and _serve_arrays(estimator, model):
         model.make_frame = None
-    model.metrics = metrics
     attach_native(model, native)        # after _serve_arrays: the names it takes off would refuse it
     return model
 
@@ -2797,6 +2815,39 @@ class Residency:
         return sum(model.inflight for model in list(self._resident))
 
 
+def _warm(model, rows):
+    """Run every method of a freshly loaded model once, before it serves, so no client pays a first call's cost.
+
+    The rows take the requests' own path (model_inputs, then LoadedModel.call: the native
+    predictor where it answers).  They are the model's "warmup" rows when its settings give
+    some; a failure then fails the load, as a bad warm-up record does in TF Serving: the operator
+    said this model takes those rows, so a model that refuses them is not the one they meant.
+    Without them a tabular model is warmed on one row of zeros, and a failure there is only
+    logged (the guess may not suit it: categories, a log transform); a model without a fixed
+    width (text, sequences) is not warmed.  What was done, and how long it took, goes in
+    `model.warmup` for the load's log line.
+    """
+    if rows is None and model.n_features is None:
+        model.warmup = f'not warmed: no fixed-width rows to derive; give "warmup" rows in its {SETTINGS_FILE}'
+        return
+    given = rows is not None
+    rows = rows if given else [[0.0] * model.n_features]
+    started = time.perf_counter()
+    try:
+        inputs = model_inputs(model, rows, len(rows))
+        for method in model.methods:
+            model.call(method, inputs)
+    except Exception as error:
+        if given:
+            raise ArtifactError(f'the "warmup" rows of its {SETTINGS_FILE} failed: {error}') from None
+        model.warmup = f"not warmed: a row of zeros failed: {_clip(str(error), 200)}"
+        logger.warning("model %r version %s %s; its first request pays the first call's cost", model.name,
+                       model.version, model.warmup)
+        return
+    model.warmup = (f"warmed {', '.join(model.methods)} on {len(rows)} row{'s' if len(rows) > 1 else ''} "
+                    f"{'from its settings' if given else 'of zeros'} in {(time.perf_counter() - started) * 1000:.1f} ms")
+
+
 class ModelRegistry:
     """Every model in the store, the state of each of its versions, and their lifecycle.
 
@@ -3117,7 +3168,7 @@ class ModelRegistry:
                     slot.set(AVAILABLE)
                 if slot.gone:
                     self.residency.retire(model, slot)
-            logger.info("model %r version %s reloaded from its artifact", ref.name, ref.version)
+            logger.info("model %r version %s reloaded from its artifact (%s)", ref.name, ref.version, model.warmup)
             return "RELOADED"
         finally:
             slot.replacing = None
@@ -3201,13 +3252,14 @@ class ModelRegistry:
         started = time.perf_counter()
         try:
             settings = self._settings.get(ref.name, (None, None))[1] or DEFAULT_SETTINGS
-            model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native,
-                                 metrics=self.metrics)
+            model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native)
+            _warm(model, settings.warmup)
         except Exception:
             self.metrics.count("model_service_model_loads_total", labels + (("outcome", "failure"),))
             raise
         self.metrics.count("model_service_model_loads_total", labels + (("outcome", "success"),))
         self.metrics.observe("model_service_model_load_duration_seconds", labels, time.perf_counter() - started)
+        model.metrics = self.metrics        # from now on: the warm-up's calls were no client's
         cached = self._settings.get(ref.name)
         batching = cached[1].batching if cached and cached[1] is not None else None
         size, latency = batching if batching else (self.config.max_batch_size, self.config.max_latency_ms)
@@ -3243,8 +3295,8 @@ class ModelRegistry:
                 slot.set(AVAILABLE)
                 if slot.gone:
                     self.residency.retire(model, slot)
-            logger.info("loaded model %r version %s (%s, %.3f s)", ref.name, ref.version, ref.format,
-                        model.load_seconds)
+            logger.info("loaded model %r version %s (%s, %.3f s; %s)", ref.name, ref.version, ref.format,
+                        model.load_seconds, model.warmup)
             return model
 
     # -- lookups ------------------------------------------------------------------

@@ -74,6 +74,7 @@ import base64
 import bisect
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import gc
@@ -103,6 +104,71 @@ import bottle
 logger = logging.getLogger("service")
 
 SERVICE_NAME = "model-service"
+
+# One line format for the service's lines and, under --workers, gunicorn's (--log-format text|json).
+LOG_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+LOG_FIELDS = ("request_id", "model", "version")        # what a line concerns, in its JSON object when known
+_log_fields = contextvars.ContextVar("service_log_fields", default={})
+
+
+@contextlib.contextmanager
+def _logging_about(**fields):
+    """Lines logged in this block (in this thread) concern these LOG_FIELDS (e.g. the model being loaded)."""
+    token = _log_fields.set({**_log_fields.get(), **fields})
+    try:
+        yield
+    finally:
+        _log_fields.reset(token)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """--log-format json: one JSON object per line: time (UTC), level, logger, pid, message, then request_id,
+    model and version when the line concerns them (the record's `extra`, else the _logging_about of its thread)."""
+
+    def format(self, record):
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                 "level": record.levelname, "logger": record.name, "pid": record.process,
+                 "message": record.getMessage()}
+        fields = _log_fields.get()
+        for field in LOG_FIELDS:
+            value = getattr(record, field, None) or fields.get(field)
+            if value is not None:
+                entry[field] = str(value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def log_formatter(log_format="text"):
+    return JsonLogFormatter() if log_format == "json" else logging.Formatter(LOG_TEXT_FORMAT)
+
+
+def log_handler(log_format="text"):
+    """A handler writing the service's line format to stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(log_formatter(log_format))
+    return handler
+
+
+def _share_logs(config):
+    """Make the service's INFO lines appear under any host, overriding none of its logging configuration.
+
+    Run at the first request, once the host has set up its logging (waitress-serve calls
+    logging.basicConfig() only after importing the app).  Only the "service" logger is touched,
+    and only what the host left unset: a level (NOTSET) becomes --log-level, as waitress-serve
+    does for its own logger, so a handler the host gave the root logger prints the lines; and
+    when no handler anywhere would print them (gunicorn and mod_wsgi configure none), the logger
+    gets one of its own, writing --log-format lines to stderr.  A host that configures the
+    "service" logger's level or handlers, or the root's, keeps control.
+    """
+    if logger.level == logging.NOTSET:
+        logger.setLevel(config.log_level)
+    source, handlers = logger, []
+    while source is not None:
+        handlers += source.handlers
+        source = source.parent if source.propagate else None
+    if not any(handler.level <= logging.INFO for handler in handlers):
+        logger.addHandler(log_handler(config.log_format))
 
 
 ###############################################################################
@@ -388,6 +454,12 @@ def _fraction(text):
     return value
 
 
+def _log_format(text):
+    if str(text).lower() not in ("text", "json"):
+        raise ValueError(f"must be text or json, not {text!r}")
+    return str(text).lower()
+
+
 def _log_level(text):
     level = str(text).upper()
     if level not in LOG_LEVELS:
@@ -593,8 +665,11 @@ SETTINGS = (
     Setting("shutdown_timeout", _non_negative_float, 10.0,
             "seconds requests in flight get to finish after SIGTERM/SIGINT", "SECONDS"),
     Setting("log_level", _log_level, "INFO",
-            "logging level of the command line (embedded, the host's logging applies): " + ", ".join(LOG_LEVELS),
+            "logging level (embedded: of the \"service\" logger, unless the host set one): " + ", ".join(LOG_LEVELS),
             "LEVEL"),
+    Setting("log_format", _log_format, "text",
+            "log lines as text, or json: one object per line with time, level, logger, message and, when the line "
+            "concerns them, request_id, model and version (gunicorn's lines too under --workers)", "text|json"),
     Setting("access_log", _boolean, False,
             "log one line per request, with its X-Request-ID (the bare flag: yes); off by default, as it costs "
             "about a tenth of a small model's request", "yes|no", const="yes"),
@@ -3168,7 +3243,8 @@ class ModelRegistry:
                     slot.set(AVAILABLE)
                 if slot.gone:
                     self.residency.retire(model, slot)
-            logger.info("model %r version %s reloaded from its artifact (%s)", ref.name, ref.version, model.warmup)
+            logger.info("model %r version %s reloaded from its artifact (%s)", ref.name, ref.version, model.warmup,
+                        extra={"model": ref.name, "version": ref.version})
             return "RELOADED"
         finally:
             slot.replacing = None
@@ -3252,8 +3328,9 @@ class ModelRegistry:
         started = time.perf_counter()
         try:
             settings = self._settings.get(ref.name, (None, None))[1] or DEFAULT_SETTINGS
-            model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native)
-            _warm(model, settings.warmup)
+            with _logging_about(model=ref.name, version=ref.version):
+                model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native)
+                _warm(model, settings.warmup)
         except Exception:
             self.metrics.count("model_service_model_loads_total", labels + (("outcome", "failure"),))
             raise
@@ -3285,7 +3362,8 @@ class ModelRegistry:
                 self.residency.cancel()
                 slot.set(FAILED, str(error) or type(error).__name__)
                 slot.retry_at = self.clock() + self.config.load_retry_seconds
-                logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error)
+                logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error,
+                             extra={"model": ref.name, "version": ref.version})
                 raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
                                        retry_after=math.ceil(self.config.load_retry_seconds) or None,
                                        model=ref.name, version=str(ref.version)) from None
@@ -3296,7 +3374,7 @@ class ModelRegistry:
                 if slot.gone:
                     self.residency.retire(model, slot)
             logger.info("loaded model %r version %s (%s, %.3f s; %s)", ref.name, ref.version, ref.format,
-                        model.load_seconds, model.warmup)
+                        model.load_seconds, model.warmup, extra={"model": ref.name, "version": ref.version})
             return model
 
     # -- lookups ------------------------------------------------------------------
@@ -4526,6 +4604,7 @@ class ServiceApp(bottle.Bottle):
         self.service_config, self.registry, self.metrics = config, registry, registry.metrics
         self.misconfigured = misconfigured      # why the MODEL_SERVICE_* settings were refused, if they were
         self.misconfigured_logged = threading.Event()  # (Bottle refuses to set an attribute twice)
+        self.logs_shared = threading.Event()            # _share_logs ran, at the first request
         self.config["service.config"] = config
         self.config["service.registry"] = registry
         self.uninstall(bottle.JSONPlugin)       # it would write NaN tokens; every body goes through dumps()
@@ -4574,7 +4653,7 @@ class ServiceApp(bottle.Bottle):
         if config.access_log and access_logger.isEnabledFor(logging.INFO):
             access_logger.info("%s %s %s %s %.2fms id=%s", environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
                                _clip(environ.get("PATH_INFO", ""), 200), status, elapsed * 1000,
-                               _request_id(environ))
+                               _request_id(environ), extra={"request_id": _request_id(environ)})
         return body
 
     def _admit(self):
@@ -4583,6 +4662,9 @@ class ServiceApp(bottle.Bottle):
         A refusal here is answered at once; an OPTIONS request is a CORS preflight, answered here too.
         """
         environ, config = bottle.request.environ, self.service_config
+        if not self.logs_shared.is_set():
+            self.logs_shared.set()
+            _share_logs(config)
         try:
             if self.misconfigured:
                 if not self.misconfigured_logged.is_set():     # once: a line per request would bury it
@@ -4716,6 +4798,7 @@ class ServiceApp(bottle.Bottle):
             name = registry.default_model_name()
         asked = codec.read(request, config, **route)
         held = []                                   # what the prediction holds, released when it is over
+        fields = None
         try:
             if self.admission is not None:
                 if not self.admission.acquire(blocking=False):
@@ -4725,6 +4808,8 @@ class ServiceApp(bottle.Bottle):
             routing_key = _routing_key(environ, codec, asked)
             slot = registry.slot(name, version, label, routing_key)
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
+            fields = _log_fields.set({"request_id": _request_id(environ), "model": name,
+                                      "version": slot.ref.version})          # for the lines logged meanwhile
             model = registry.acquire(name, version, label, slot, routing_key)
             held.append(functools.partial(registry.release, model))
             methods, inputs = codec.inputs(model, asked, config)
@@ -4740,6 +4825,8 @@ class ServiceApp(bottle.Bottle):
         finally:
             for release in reversed(held):
                 release()
+            if fields is not None:
+                _log_fields.reset(fields)
         return codec.encode(model, asked, results)
 
     # -- service ------------------------------------------------------------------------------
@@ -5613,9 +5700,18 @@ def _serve_workers(app, config):
     """
     try:
         from gunicorn.app.base import BaseApplication
+        from gunicorn.glogging import Logger
     except ImportError:
         raise ImportError("--workers needs gunicorn: pip install gunicorn") from None
     registry = app.config["service.registry"]
+
+    class Logs(Logger):
+        """gunicorn's own lines in the service's --log-format (its access log stays off: --access-log is ours)."""
+
+        def setup(self, cfg):
+            super().setup(cfg)
+            for handler in self.error_log.handlers:
+                handler.setFormatter(log_formatter(config.log_format))
     registry.load_before_fork()
     gc.freeze()
 
@@ -5625,7 +5721,7 @@ def _serve_workers(app, config):
                         f"{config.host}:{config.port}",
                         "workers": config.workers, "threads": config.threads, "worker_class": "gthread",
                         "graceful_timeout": math.ceil(config.shutdown_timeout), "timeout": 120, "preload_app": False,
-                        "proc_name": SERVICE_NAME, "control_socket_disable": True}
+                        "proc_name": SERVICE_NAME, "control_socket_disable": True, "logger_class": Logs}
             for key, value in settings.items():
                 if key in self.cfg.settings:
                     self.cfg.set(key, value)
@@ -6774,7 +6870,7 @@ def main(argv=None, serve=serve):
         config = Config.load(flags)
     except ValueError as error:
         parser.error(str(error))
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config.log_level, handlers=[log_handler(config.log_format)])
     if not os.path.isdir(config.store):
         parser.error(f"model store {config.store!r} is not a folder (set --store or {ENV_PREFIX}STORE)")
     if config.payload_log:

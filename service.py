@@ -41,13 +41,15 @@ Sections, in the order data flows (``grep -n '^# .*####' service.py``)::
     Command line            ``python service.py``
     WSGI entry points       ``service:app``
 
-Each section uses only what is above it, with three exceptions, all calls made
+Each section uses only what is above it, with four exceptions, all calls made
 at run time: the JSON loader calls into the JSON model format, kept near the end
 so that the request path reads without it; a loaded model (Servables) gets its
 native predictor from "Native predictors", right after it, which compiles only
-what Servables has loaded; and two of the HTTP application's handlers answer
-with the OpenAPI document and the console page, which come after it because the
-document is built from its route table.
+what Servables has loaded; the registry warms a loaded model through the
+codecs' model_inputs, so that its warm-up rows take the requests' own path; and
+two of the HTTP application's handlers answer with the OpenAPI document and the
+console page, which come after it because the document is built from its route
+table.
 """
 
 __version__ = "0.1.0"
@@ -73,8 +75,10 @@ import base64
 import bisect
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import functools
+import gc
 import hashlib
 import heapq
 import hmac
@@ -101,6 +105,71 @@ import bottle
 logger = logging.getLogger("service")
 
 SERVICE_NAME = "model-service"
+
+# One line format for the service's lines and, under --workers, gunicorn's (--log-format text|json).
+LOG_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+LOG_FIELDS = ("request_id", "model", "version")        # what a line concerns, in its JSON object when known
+_log_fields = contextvars.ContextVar("service_log_fields", default={})
+
+
+@contextlib.contextmanager
+def _logging_about(**fields):
+    """Lines logged in this block (in this thread) concern these LOG_FIELDS (e.g. the model being loaded)."""
+    token = _log_fields.set({**_log_fields.get(), **fields})
+    try:
+        yield
+    finally:
+        _log_fields.reset(token)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """--log-format json: one JSON object per line: time (UTC), level, logger, pid, message, then request_id,
+    model and version when the line concerns them (the record's `extra`, else the _logging_about of its thread)."""
+
+    def format(self, record):
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                 "level": record.levelname, "logger": record.name, "pid": record.process,
+                 "message": record.getMessage()}
+        fields = _log_fields.get()
+        for field in LOG_FIELDS:
+            value = getattr(record, field, None) or fields.get(field)
+            if value is not None:
+                entry[field] = str(value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def log_formatter(log_format="text"):
+    return JsonLogFormatter() if log_format == "json" else logging.Formatter(LOG_TEXT_FORMAT)
+
+
+def log_handler(log_format="text"):
+    """A handler writing the service's line format to stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(log_formatter(log_format))
+    return handler
+
+
+def _share_logs(config):
+    """Make the service's INFO lines appear under any host, overriding none of its logging configuration.
+
+    Run at the first request, once the host has set up its logging (waitress-serve calls
+    logging.basicConfig() only after importing the app).  Only the "service" logger is touched,
+    and only what the host left unset: a level (NOTSET) becomes --log-level, as waitress-serve
+    does for its own logger, so a handler the host gave the root logger prints the lines; and
+    when no handler anywhere would print them (gunicorn and mod_wsgi configure none), the logger
+    gets one of its own, writing --log-format lines to stderr.  A host that configures the
+    "service" logger's level or handlers, or the root's, keeps control.
+    """
+    if logger.level == logging.NOTSET:
+        logger.setLevel(config.log_level)
+    source, handlers = logger, []
+    while source is not None:
+        handlers += source.handlers
+        source = source.parent if source.propagate else None
+    if not any(handler.level <= logging.INFO for handler in handlers):
+        logger.addHandler(log_handler(config.log_format))
 
 
 ###############################################################################
@@ -415,6 +484,12 @@ def _fraction(text):
     return value
 
 
+def _log_format(text):
+    if str(text).lower() not in ("text", "json"):
+        raise ValueError(f"must be text or json, not {text!r}")
+    return str(text).lower()
+
+
 def _log_level(text):
     level = str(text).upper()
     if level not in LOG_LEVELS:
@@ -571,7 +646,8 @@ SETTINGS = (
     Setting("server", _server_name, "waitress", "WSGI server: waitress, wsgiref, gunicorn, ...", "NAME"),
     Setting("threads", _positive_int, 4, "worker threads (waitress; per process under --workers)", "N"),
     Setting("workers", _positive_int, 1,
-            "server processes; above 1 they run under gunicorn (pip install gunicorn), each loading its own models",
+            "server processes; above 1 they run under gunicorn (pip install gunicorn), forked once the --preload "
+            "models are loaded, which they share",
             "N"),
     Setting("default_model", _model_name_setting, None,
             "model behind GET /predict/<sen>, POST /predict and POST /invocations (default: the only model)", "NAME"),
@@ -619,8 +695,11 @@ SETTINGS = (
     Setting("shutdown_timeout", _non_negative_float, 10.0,
             "seconds requests in flight get to finish after SIGTERM/SIGINT", "SECONDS"),
     Setting("log_level", _log_level, "INFO",
-            "logging level of the command line (embedded, the host's logging applies): " + ", ".join(LOG_LEVELS),
+            "logging level (embedded: of the \"service\" logger, unless the host set one): " + ", ".join(LOG_LEVELS),
             "LEVEL"),
+    Setting("log_format", _log_format, "text",
+            "log lines as text, or json: one object per line with time, level, logger, message and, when the line "
+            "concerns them, request_id, model and version (gunicorn's lines too under --workers)", "text|json"),
     Setting("access_log", _boolean, False,
             "log one line per request, with its X-Request-ID (the bare flag: yes); off by default, as it costs "
             "about a tenth of a small model's request", "yes|no", const="yes"),
@@ -889,7 +968,8 @@ class ModelSettings:
          "traffic": {"stable": 90, "canary": 10},   requests naming no version split by weight
          "redact": ["ssn", "income"],              features the payload log never writes
          "shadow": "canary",                    each request also runs, in the background, on this label or version
-         "native": false}                       scikit-learn answers everything (see "Native predictors")
+         "native": false,                       scikit-learn answers everything (see "Native predictors")
+         "warmup": [[5.1, 3.5, 1.4, 0.2]]}      rows (lists, records or texts) every method runs once at load
 
     Every key is optional ("latest": only the highest version serves).  Labels must
     name served versions.  Unknown keys are refused, so a typo never passes silently.
@@ -900,7 +980,8 @@ class ModelSettings:
 
     MAX_BYTES = 64 * 1024
     KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact", "shadow",
-            "native")
+            "native", "warmup")
+    MAX_WARMUP_ROWS = 100
 
     def __init__(self, policy="latest", count=1, versions=(), labels=None, safe_pickle=False, sha256=None,
                  batching=None, native=True):
@@ -909,6 +990,7 @@ class ModelSettings:
         self.redact = frozenset()               # feature names kept out of the payload log
         self.shadow = None                      # label (str) or version (int) shadowing every request
         self.native = native                    # False: no native predictor, whatever --native says
+        self.warmup = None                      # rows to warm a loaded version on; None: derived (see _warm)
         self.policy, self.count, self.versions = policy, count, tuple(versions)
         self.labels = dict(labels or {})
         self.safe_pickle = safe_pickle
@@ -977,7 +1059,20 @@ class ModelSettings:
         settings.native = document.get("native", True)
         if type(settings.native) is not bool:
             raise ValueError('"native" must be true or false')
+        settings.warmup = cls._warmup(document.get("warmup"))
         return settings
+
+    @classmethod
+    def _warmup(cls, rows):
+        """The "warmup" rows: a request's "instances", 1 to MAX_WARMUP_ROWS rows, each a list, an object
+        (a record by feature name) or a text."""
+        if rows is None:
+            return None
+        if not isinstance(rows, list) or not 1 <= len(rows) <= cls.MAX_WARMUP_ROWS or \
+                not all(isinstance(row, (list, dict, str)) and row for row in rows):
+            raise ValueError(f'"warmup" must list 1 to {cls.MAX_WARMUP_ROWS} rows as a request\'s "instances" '
+                             'would: [[5.1, 3.5, 1.4, 0.2]], [{"feature": value}] or ["a text"]')
+        return rows
 
     def _traffic(self, traffic):
         """{label or version number: weight} from the "traffic" object, checked against the labels and policy."""
@@ -1055,7 +1150,7 @@ class ModelSettings:
                 "traffic": {str(target): weight for target, weight in self.traffic.items()},
                 "redact": sorted(self.redact),
                 "shadow": None if self.shadow is None else str(self.shadow),
-                "native": self.native}
+                "native": self.native, "warmup": self.warmup}
 
 
 DEFAULT_SETTINGS = ModelSettings()
@@ -1544,6 +1639,7 @@ class LoadedModel:
         self.metrics = None             # the registry's Metrics, which count calls by predictor
         self.native = None              # a NativePredictor: the methods proved at load to answer as scikit-learn
         self.predictors = {}            # method -> (NATIVE or SKLEARN, why), for the status
+        self.warmup = "not warmed"      # what warming did, for the load's log line (see _warm)
 
     def predict(self, method, inputs):
         """Answer one method for a request: through the batcher when the model has one, else `call`."""
@@ -1820,10 +1916,10 @@ def _named_parts(estimator):
             if "feature_names_in_" in part.__dict__]
 
 
-def _build_model(ref, options=None, native=True, metrics=None):
+def _build_model(ref, options=None, native=True):
     """Load one artifact into a LoadedModel, with its native predictor unless `native` is false.
 
-    An unexpected failure is logged with its traceback; `metrics` will count its calls.
+    An unexpected failure is logged with its traceback.
     """
     started = time.perf_counter()
     try:
@@ -1839,7 +1935,6 @@ def _build_model(ref, options=None, native=True, metrics=None):
     model = LoadedModel(ref, estimator, digest, size, time.perf_counter() - started, version_skew=skew)
     if model.make_frame is not None and _serve_arrays(estimator, model):
         model.make_frame = None
-    model.metrics = metrics
     attach_native(model, native)        # after _serve_arrays: the names it takes off would refuse it
     return model
 
@@ -2830,6 +2925,39 @@ class Residency:
 EMPTY_STORE = "the model store has no models: add one as NAME.joblib or NAME/1/model.joblib"
 
 
+def _warm(model, rows):
+    """Run every method of a freshly loaded model once, before it serves, so no client pays a first call's cost.
+
+    The rows take the requests' own path (model_inputs, then LoadedModel.call: the native
+    predictor where it answers).  They are the model's "warmup" rows when its settings give
+    some; a failure then fails the load, as a bad warm-up record does in TF Serving: the operator
+    said this model takes those rows, so a model that refuses them is not the one they meant.
+    Without them a tabular model is warmed on one row of zeros, and a failure there is only
+    logged (the guess may not suit it: categories, a log transform); a model without a fixed
+    width (text, sequences) is not warmed.  What was done, and how long it took, goes in
+    `model.warmup` for the load's log line.
+    """
+    if rows is None and model.n_features is None:
+        model.warmup = f'not warmed: no fixed-width rows to derive; give "warmup" rows in its {SETTINGS_FILE}'
+        return
+    given = rows is not None
+    rows = rows if given else [[0.0] * model.n_features]
+    started = time.perf_counter()
+    try:
+        inputs = model_inputs(model, rows, len(rows))
+        for method in model.methods:
+            model.call(method, inputs)
+    except Exception as error:
+        if given:
+            raise ArtifactError(f'the "warmup" rows of its {SETTINGS_FILE} failed: {error}') from None
+        model.warmup = f"not warmed: a row of zeros failed: {_clip(str(error), 200)}"
+        logger.warning("model %r version %s %s; its first request pays the first call's cost", model.name,
+                       model.version, model.warmup)
+        return
+    model.warmup = (f"warmed {', '.join(model.methods)} on {len(rows)} row{'s' if len(rows) > 1 else ''} "
+                    f"{'from its settings' if given else 'of zeros'} in {(time.perf_counter() - started) * 1000:.1f} ms")
+
+
 class ModelRegistry:
     """Every model in the store, the state of each of its versions, and their lifecycle.
 
@@ -3151,7 +3279,8 @@ class ModelRegistry:
                     slot.set(AVAILABLE)
                 if slot.gone:
                     self.residency.retire(model, slot)
-            logger.info("model %r version %s reloaded from its artifact", ref.name, ref.version)
+            logger.info("model %r version %s reloaded from its artifact (%s)", ref.name, ref.version, model.warmup,
+                        extra={"model": ref.name, "version": ref.version})
             return "RELOADED"
         finally:
             slot.replacing = None
@@ -3163,13 +3292,16 @@ class ModelRegistry:
         """Load, one after another in the background, the preloaded versions not in memory yet."""
         if self._preloading:
             return
-        now = self.clock()
-        pending = [slot for entry in self._catalogue.values() for slot in entry.versions.values()
-                   if slot.pinned and slot.model is None and slot.state != LOADING
-                   and not (slot.state == FAILED and slot.retry_at > now)]
+        pending = self._unloaded_preloads()
         if pending:
             self._preloading = True
             _in_background(self._preload_all, pending)
+
+    def _unloaded_preloads(self):
+        now = self.clock()
+        return [slot for entry in self._catalogue.values() for slot in entry.versions.values()
+                if slot.pinned and slot.model is None and slot.state != LOADING
+                and not (slot.state == FAILED and slot.retry_at > now)]
 
     def _preload_all(self, slots):
         try:
@@ -3181,6 +3313,21 @@ class ModelRegistry:
                         pass                       # shown in the status and in readiness; retried later
         finally:
             self._preloading = False
+
+    def load_before_fork(self):
+        """In a pre-fork host's parent: scan and load the preloaded versions now, in this thread.
+
+        The workers forked next share these models' memory (copy on write) instead of each
+        loading its own.  No thread is started, and none runs at the fork: threads do not
+        survive it, and a lock one of them held would stay held in every worker.  Each worker's
+        first refresh() starts its own watcher, which loads what the store publishes later.
+        """
+        for module in ("numpy", "sklearn", "joblib"):      # imported once, shared by every worker
+            importlib.import_module(module)
+        with self._scan_lock:
+            self._scan(settle=False)
+        if self.config.preload:
+            self._preload_all(self._unloaded_preloads())
 
     # -- requests -----------------------------------------------------------------
     def acquire(self, name, version=None, label=None, slot=None, routing_key=None):
@@ -3217,13 +3364,15 @@ class ModelRegistry:
         started = time.perf_counter()
         try:
             settings = self._settings.get(ref.name, (None, None))[1] or DEFAULT_SETTINGS
-            model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native,
-                                 metrics=self.metrics)
+            with _logging_about(model=ref.name, version=ref.version):
+                model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native)
+                _warm(model, settings.warmup)
         except Exception:
             self.metrics.count("model_service_model_loads_total", labels + (("outcome", "failure"),))
             raise
         self.metrics.count("model_service_model_loads_total", labels + (("outcome", "success"),))
         self.metrics.observe("model_service_model_load_duration_seconds", labels, time.perf_counter() - started)
+        model.metrics = self.metrics        # from now on: the warm-up's calls were no client's
         cached = self._settings.get(ref.name)
         batching = cached[1].batching if cached and cached[1] is not None else None
         size, latency = batching if batching else (self.config.max_batch_size, self.config.max_latency_ms)
@@ -3249,7 +3398,8 @@ class ModelRegistry:
                 self.residency.cancel()
                 slot.set(FAILED, str(error) or type(error).__name__)
                 slot.retry_at = self.clock() + self.config.load_retry_seconds
-                logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error)
+                logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error,
+                             extra={"model": ref.name, "version": ref.version})
                 raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
                                        retry_after=math.ceil(self.config.load_retry_seconds) or None,
                                        model=ref.name, version=str(ref.version)) from None
@@ -3259,8 +3409,8 @@ class ModelRegistry:
                 slot.set(AVAILABLE)
                 if slot.gone:
                     self.residency.retire(model, slot)
-            logger.info("loaded model %r version %s (%s, %.3f s)", ref.name, ref.version, ref.format,
-                        model.load_seconds)
+            logger.info("loaded model %r version %s (%s, %.3f s; %s)", ref.name, ref.version, ref.format,
+                        model.load_seconds, model.warmup, extra={"model": ref.name, "version": ref.version})
             return model
 
     # -- lookups ------------------------------------------------------------------
@@ -4572,6 +4722,7 @@ class ServiceApp(bottle.Bottle):
         self.service_config, self.registry, self.metrics = config, registry, registry.metrics
         self.misconfigured = misconfigured      # why the MODEL_SERVICE_* settings were refused, if they were
         self.misconfigured_logged = threading.Event()  # (Bottle refuses to set an attribute twice)
+        self.logs_shared = threading.Event()            # _share_logs ran, at the first request
         self.config["service.config"] = config
         self.config["service.registry"] = registry
         self.uninstall(bottle.JSONPlugin)       # it would write NaN tokens; every body goes through dumps()
@@ -4620,7 +4771,7 @@ class ServiceApp(bottle.Bottle):
         if config.access_log and access_logger.isEnabledFor(logging.INFO):
             access_logger.info("%s %s %s %s %.2fms id=%s", environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
                                _clip(environ.get("PATH_INFO", ""), 200), status, elapsed * 1000,
-                               _request_id(environ))
+                               _request_id(environ), extra={"request_id": _request_id(environ)})
         return body
 
     def _admit(self):
@@ -4629,6 +4780,9 @@ class ServiceApp(bottle.Bottle):
         A refusal here is answered at once; an OPTIONS request is a CORS preflight, answered here too.
         """
         environ, config = bottle.request.environ, self.service_config
+        if not self.logs_shared.is_set():
+            self.logs_shared.set()
+            _share_logs(config)
         try:
             if self.misconfigured:
                 if not self.misconfigured_logged.is_set():     # once: a line per request would bury it
@@ -4769,6 +4923,7 @@ class ServiceApp(bottle.Bottle):
             name = registry.default_model_name()
         asked = codec.read(request, config, **route)
         held = []                                   # what the prediction holds, released when it is over
+        fields = None
         try:
             if self.admission is not None:
                 if not self.admission.acquire(blocking=False):
@@ -4778,6 +4933,8 @@ class ServiceApp(bottle.Bottle):
             routing_key = _routing_key(environ, codec, asked)
             slot = registry.slot(name, version, label, routing_key)
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
+            fields = _log_fields.set({"request_id": _request_id(environ), "model": name,
+                                      "version": slot.ref.version})          # for the lines logged meanwhile
             model = registry.acquire(name, version, label, slot, routing_key)
             held.append(functools.partial(registry.release, model))
             methods, inputs = codec.inputs(model, asked, config)
@@ -4793,6 +4950,8 @@ class ServiceApp(bottle.Bottle):
         finally:
             for release in reversed(held):
                 release()
+            if fields is not None:
+                _log_fields.reset(fields)
         return codec.encode(model, asked, results)
 
     # -- service ------------------------------------------------------------------------------
@@ -5731,7 +5890,7 @@ def serve(app, config):
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the service is reachable from other machines", config.host)
     if config.workers > 1:
-        _serve_workers(config)
+        _serve_workers(app, config)
         return
     if config.server != "waitress":
         # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
@@ -5797,16 +5956,33 @@ def serve(app, config):
         close_all(sockets)
 
 
-def _serve_workers(config):
-    """--workers N: gunicorn's pre-fork server, N processes each with its own app, registry and watcher.
+def _serve_workers(app, config):
+    """--workers N: gunicorn's pre-fork server, N processes serving `app`, forked once its models are loaded.
 
+    The parent imports numpy, scikit-learn and joblib, scans the store and loads the --preload
+    versions before forking, then freezes the garbage collector's generations (gc.freeze): a
+    collection in a worker then never writes to those objects, so their pages stay shared and
+    N workers hold one copy of each model.  After the fork each worker starts its own watcher
+    (and predict threads); versions published later load in each worker that needs them.
     Threads per process are --threads (gthread workers); SIGTERM drains within --shutdown-timeout
-    (gunicorn's graceful timeout).  The processes share nothing but the store and the socket.
+    (gunicorn's graceful timeout).
     """
     try:
         from gunicorn.app.base import BaseApplication
+        from gunicorn.glogging import Logger
     except ImportError:
         raise ImportError("--workers needs gunicorn: pip install gunicorn") from None
+    registry = app.config["service.registry"]
+
+    class Logs(Logger):
+        """gunicorn's own lines in the service's --log-format (its access log stays off: --access-log is ours)."""
+
+        def setup(self, cfg):
+            super().setup(cfg)
+            for handler in self.error_log.handlers:
+                handler.setFormatter(log_formatter(config.log_format))
+    registry.load_before_fork()
+    gc.freeze()
 
     class Workers(BaseApplication):
         def load_config(self):
@@ -5814,16 +5990,15 @@ def _serve_workers(config):
                         f"{config.host}:{config.port}",
                         "workers": config.workers, "threads": config.threads, "worker_class": "gthread",
                         "graceful_timeout": math.ceil(config.shutdown_timeout), "timeout": 120, "preload_app": False,
-                        "proc_name": SERVICE_NAME, "control_socket_disable": True}
+                        "proc_name": SERVICE_NAME, "control_socket_disable": True, "logger_class": Logs}
             for key, value in settings.items():
                 if key in self.cfg.settings:
                     self.cfg.set(key, value)
 
         def load(self):
-            """In each worker, after the fork: scan, preload and start the watcher before any request."""
-            application = create_app(config=config)
-            application.config["service.registry"].refresh()
-            return application
+            """In each worker, after the fork: start its watcher and load what the parent could not."""
+            registry.refresh()
+            return app
 
     Workers().run()
 
@@ -6985,7 +7160,7 @@ def main(argv=None, serve=serve):
         config = Config.load(flags)
     except ValueError as error:
         refuse(str(error))
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config.log_level, handlers=[log_handler(config.log_format)])
     if not os.path.isdir(config.store):
         refuse(_store_problem(config.store, flags))
     if config.payload_log:
@@ -6994,7 +7169,7 @@ def main(argv=None, serve=serve):
         except OSError as error:
             refuse(f"--payload-log {config.payload_log}: {error.strerror}")
     application = create_app(config=config)
-    if config.workers == 1:          # under --workers each process scans and preloads for itself
+    if config.workers == 1:          # under --workers the parent loads before forking, without threads
         application.config["service.registry"].refresh()
     try:
         serve(application, config)

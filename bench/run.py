@@ -204,6 +204,15 @@ def vmrss_kib(pid):
     raise Unmeasured(f"no VmRSS for pid {pid}")
 
 
+def pss_kib(pid):
+    """Proportional set size: each page shared by k processes counts 1/k in each (what N workers really cost)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise Unmeasured(f"no Pss for pid {pid}")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -784,6 +793,47 @@ def measure_cold(args, store, bodies, expected, runs):
     return samples
 
 
+WORKERS_MEMORY = (1, 4)        # process counts compared: `--workers 4` should cost at most 1.5x one process
+
+
+def measure_workers_memory(args):
+    """Total PSS of the service's processes (gunicorn's parent and its workers) serving a ~200 MB model
+    preloaded, after 32 predictions: one process, then --workers 4 (which share what the parent loaded)."""
+    import make_models
+    store, body_path, expected = make_models.build_forest(args.tmp)
+    size = os.path.getsize(os.path.join(store, "forest", "1", "model.joblib"))
+    with open(body_path, "rb") as f:
+        body = f.read()
+    totals = {}
+    for workers in WORKERS_MEMORY:
+        port = free_port()
+        logpath = os.path.join(args.tmp, f"memory-w{workers}.log")
+        proc = PROCS.start([PY, SERVICE, "--store", store, "--port", str(port), "--preload", "--workers",
+                            str(workers)], clean_env(), REPO, logpath)
+        try:
+            wait_until(proc, lambda: http_call(port, "GET", "/readyz", timeout=5)[0] == 200, 300,
+                       f"--workers {workers} ready with the forest loaded")
+            for _ in range(32):
+                check_prediction(port, "/models/forest/predict", body, expected)
+            pids = group_pids(proc.pid)
+            totals[workers] = (len(pids), sum(pss_kib(pid) for pid in pids))
+        finally:
+            PROCS.stop(proc)
+    return {"artifact_bytes": size, "totals": totals}
+
+
+def workers_memory_lines(memory):
+    """The report's rows for measure_workers_memory, with the target (4 workers at most 1.5x one process)."""
+    (_, one), (processes, four) = memory["totals"][1], memory["totals"][4]
+    ratio = four / one
+    return ["| service.py processes | processes | total PSS |", "|---|---:|---:|",
+            f"| one process, `--preload` | 1 | {fmt_mib(one)} |",
+            f"| `--workers 4 --preload` (gunicorn's parent and 4 workers) | {processes} | {fmt_mib(four)} |",
+            "",
+            f"The model: ExtraTreesRegressor, 9 trees, a {memory['artifact_bytes'] / 2 ** 20:.0f} MiB artifact. "
+            f"`--workers 4` vs one process: {ratio:.2f}x (target at most 1.5x: {'met' if ratio <= 1.5 else '**NOT met**'})."]
+
+
 ###############################################################################
 # Report ######################################################################
 ###############################################################################
@@ -884,7 +934,7 @@ def spread_line(results, labels):
 
 
 def build_report(args, info, raw, imp, cold, servers, results, notes, failures, peer_failures, load_before,
-                 load_after, elapsed, features_flags=frozenset()):
+                 load_after, elapsed, features_flags=frozenset(), memory=None):
     by = {(r["server"], r["model"], r["rows"], r["c"]): r for r in results}
     labels = {s.key: s.label for s in servers}
     lines = []
@@ -1014,6 +1064,11 @@ def build_report(args, info, raw, imp, cold, servers, results, notes, failures, 
                     f"+{fmt_mib(med([s['rss2'] - s['rss1'] for s in second]))} |")
         out(f"| RSS with both models loaded (median of {n}) | {fmt_mib(med([s['rss2'] for s in cold]))} |")
     out("")
+    if memory:
+        out("## Memory of `--workers` (one copy of a preloaded model, shared)")
+        out("")
+        lines += workers_memory_lines(memory)
+        out("")
 
     # targets
     out("## Targets (issue 6 item 5, tightened by issue 14 item 5; issue 16's traffic costs)")
@@ -1268,6 +1323,9 @@ def parse_args(argv=None):
     p.add_argument("--no-install", action="store_true",
                    help="do not pip-install missing Flask/gunicorn or peers; skip the rows that need them")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (models, bodies, server logs)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the memory of --workers: total PSS with a ~200 MB model, one process vs --workers 4 "
+                        "(a few minutes; no wrk needed; gunicorn must be installed)")
     args = p.parse_args(argv)
     if args.duration is None:
         args.duration = 1 if args.quick else 4
@@ -1289,7 +1347,7 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
     wrk = None
-    if not args.python_load:
+    if not args.python_load and not args.memory_only:
         wrk = wrk_version() if shutil.which("wrk") else None
         if wrk is None:
             log("wrk is not installed: it is the load generator this benchmark uses.\n"
@@ -1312,6 +1370,10 @@ def main(argv=None):
     try:
         load_before = loadavg()
         log(f"temporary folder: {args.tmp}")
+        if args.memory_only:
+            log("memory: a ~200 MB model, one process and --workers 4...")
+            print("\n".join(workers_memory_lines(measure_workers_memory(args))), flush=True)
+            return 0
         features = service_features()
         have_flask = ensure_package("flask", "flask", args, notes, "the seed's Flask baseline")
         have_gunicorn = "--workers" not in features["flags"] or ensure_package(
@@ -1339,6 +1401,15 @@ def main(argv=None):
             failures.append(f"cold start: {error}")
             log(f"  FAILED: cold start: {error}")
 
+        memory = None
+        if have_gunicorn and "--workers" in features["flags"]:
+            log("memory: a ~200 MB model, one process and --workers 4...")
+            try:
+                memory = measure_workers_memory(args)
+            except (Unmeasured, OSError, http.client.HTTPException) as error:
+                failures.append(f"memory of --workers: {error}")
+                log(f"  FAILED: memory of --workers: {error}")
+
         by_protocol = {"v1": bodies, "v2": built["bodies_v2"]}
         running = []
         for server in servers:
@@ -1349,7 +1420,7 @@ def main(argv=None):
         PROCS.stop_all()
         report = build_report(args, machine_info(features, wrk, peer_envs), raw, imp, cold, servers, results,
                               notes, failures, peer_failures, load_before, loadavg(), time.perf_counter() - started,
-                              features["flags"])
+                              features["flags"], memory)
         print(report, flush=True)
         if args.out:
             with open(args.out, "w") as f:

@@ -312,8 +312,8 @@ def wait_until_healthy(process, base, timeout, output):
 def running(command, port, env=None, cwd=ROOT, timeout=30):
     """Start a server process, wait until /healthz answers, yield its base URL, then stop it.
 
-    Its output is read as it comes (a full pipe would block the server at its next log line) and
-    left in running.output, with its exit code in running.returncode.
+    Its output is read as it comes (a full pipe would block the server at its next log line):
+    running.so_far() while it runs, running.output once stopped, with its exit code in running.returncode.
     """
     environment = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
     process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.PIPE,
@@ -322,6 +322,7 @@ def running(command, port, env=None, cwd=ROOT, timeout=30):
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
     base = f"http://127.0.0.1:{port}"
+    running.so_far = lambda: "".join(lines)
     try:
         wait_until_healthy(process, base, timeout, lambda: "".join(lines))
         yield base

@@ -9,9 +9,11 @@ drive a ModelRegistry with a ManualClock (watch=False), sometimes wrapped in cre
 import base64
 import hashlib
 import json
+import logging
 import operator
 import os
 import pickle
+import threading
 import time
 
 import joblib
@@ -563,6 +565,108 @@ def test_preloaded_failed_load_is_retried_after_the_pause(tmp_path, iris_classif
     registry.refresh()
     wait_until(lambda: slot.state == "AVAILABLE")
     assert registry.ready and slot.loads == 2
+
+
+# -- 3. warm start --------------------------------------------------------------------------------------------------
+
+CALLS = []                                  # (method, rows) every RecordingClassifier call saw
+GATED_ROW = [1.0, 2.0, 3.0, 4.0]
+GATE, ENTERED = threading.Event(), threading.Event()
+
+
+class RecordingClassifier(LogisticRegression):
+    """A LogisticRegression that records the rows of each call (a subclass: scikit-learn answers, never native)."""
+
+    def _record(self, method, X):
+        CALLS.append((method, np.asarray(X).tolist()))
+        if np.asarray(X).tolist() == [GATED_ROW]:       # held here until the test opens the gate
+            ENTERED.set()
+            GATE.wait(30)
+        return getattr(super(), method)(X)
+
+    def predict(self, X):
+        return self._record("predict", X)
+
+    def predict_proba(self, X):
+        return self._record("predict_proba", X)
+
+
+def test_warmup_rows_from_the_settings_run_every_method_once_before_the_version_serves(tmp_path, caplog, make_app):
+    data = load_iris()
+    versioned_store(tmp_path, [RecordingClassifier(max_iter=1000).fit(data.data, data.target)],
+                    {"warmup": [[5.9, 3.0, 4.2, 1.5]]})
+    registry = clocked_registry(tmp_path, poll_interval=0)
+    registry.refresh()
+    CALLS.clear()
+    with caplog.at_level(logging.INFO, logger="service"):
+        registry.get("m")
+    assert ("predict", [[5.9, 3.0, 4.2, 1.5]]) in CALLS and ("predict_proba", [[5.9, 3.0, 4.2, 1.5]]) in CALLS
+    assert any("loaded model 'm' version 1" in line and "warmed predict, predict_proba, predict_log_proba, "
+               "decision_function on 1 row from its settings in " in line for line in caplog.messages)
+    client = webtest.TestApp(make_app(config=registry.config, registry=registry))
+    assert "model_service_predict_calls_total{" not in client.get("/metrics").text, "warm-up calls are no client's"
+    predict(client, "/models/m/predict")
+    assert 'model_service_predict_calls_total{model="m",version="1",method="predict",predictor="scikit-learn"} 1' \
+        in client.get("/metrics").text
+
+
+def test_readiness_waits_for_the_warm_up(tmp_path, app_client):
+    data = load_iris()
+    versioned_store(tmp_path, [RecordingClassifier(max_iter=1000).fit(data.data, data.target)],
+                    {"warmup": [GATED_ROW]})
+    GATE.clear()
+    ENTERED.clear()
+    client = app_client(tmp_path, preload=service.ALL_MODELS, poll_interval=0)
+    try:
+        client.get("/healthz")                                    # scans, and starts the preload
+        wait_until(ENTERED.is_set, what="the warm-up to call predict")
+        assert readiness(client) == (503, {"error": "not ready: model 'm' version 1 is LOADING",
+                                           "code": "model_unavailable", "ready": False})
+    finally:
+        GATE.set()
+    wait_until(lambda: readiness(client)[0] == 200)
+    assert version_status(client, "m", 1)["state"] == "AVAILABLE"
+
+
+def test_without_warmup_rows_a_tabular_model_is_warmed_on_zeros_and_a_text_model_is_not(tmp_path, caplog,
+                                                                                        iris_classifier):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+    data = load_iris()
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    write_artifact(tmp_path / "text.joblib", make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(
+        ["good film", "bad film"] * 3, [1, 0] * 3), "joblib")
+    logged = make_pipeline(FunctionTransformer(np.log), LogisticRegression(max_iter=1000)).fit(data.data, data.target)
+    write_artifact(tmp_path / "logged.joblib", logged, "joblib")           # log(0): scikit-learn refuses -inf
+    registry = clocked_registry(tmp_path, poll_interval=0)
+    registry.refresh()
+    with caplog.at_level(logging.INFO, logger="service"):
+        for name in ("iris", "text", "logged"):
+            registry.get(name)
+    lines = "\n".join(caplog.messages)
+    assert "loaded model 'iris' version 1 (joblib, " in lines and " on 1 row of zeros in " in lines
+    assert ("loaded model 'text' version 1 (joblib, " in lines and
+            'not warmed: no fixed-width rows to derive; give "warmup" rows in its model-settings.json' in lines)
+    assert "model 'logged' version 1 not warmed: a row of zeros failed: " in lines
+    assert registry.slot("logged").state == "AVAILABLE", "a derived row that fails only costs the warm-up"
+    assert registry.get("logged").predict("predict", np.array(ROWS)).tolist() == logged.predict(ROWS).tolist()
+
+
+def test_warmup_rows_the_model_refuses_fail_its_load(tmp_path, iris_classifier):
+    versioned_store(tmp_path, [iris_classifier], {"warmup": [[5.1, 3.5, 1.4]]})
+    registry = clocked_registry(tmp_path, poll_interval=0)
+    registry.refresh()
+    with pytest.raises(service.ModelUnavailable, match='the "warmup" rows of its model-settings.json failed: '
+                                                       "expected 4 features, got 3"):
+        registry.get("m")
+    assert registry.slot("m").state == "FAILED"
+
+
+@pytest.mark.parametrize("warmup", ["5.1", [], [5.1], [[]], [None], [[1.0]] * 101, {"a": [1]}])
+def test_bad_warmup_settings_are_refused(warmup):
+    with pytest.raises(ValueError, match='"warmup" must list 1 to 100 rows'):
+        service.ModelSettings.parse({"warmup": warmup})
 
 
 # -- 4. max_loaded ----------------------------------------------------------------------------------------------

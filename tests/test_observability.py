@@ -17,7 +17,7 @@ from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
 import service
-from conftest import ROOT, free_port, running, write_artifact
+from conftest import ROOT, free_port, running, wait_until, write_artifact
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 
@@ -267,18 +267,32 @@ def test_bad_batching_settings_are_refused(batching):
 # -- several processes -----------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_workers_2_serves_from_two_gunicorn_processes(tmp_path, iris_classifier):
+def test_workers_2_share_the_model_the_parent_loaded_before_forking(tmp_path, iris_classifier):
+    """--preload under --workers: the model loads once, in gunicorn's parent before it boots a worker,
+    and both workers answer with that copy, loading nothing themselves (lines carry their pid)."""
+    import re
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     port = free_port()
     command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(tmp_path), "--port", str(port),
-               "--workers", "2", "--preload"]
+               "--workers", "2", "--preload", "--access-log"]
+
+    def answering():
+        return set(re.findall(r"service\.access\[(\d+)\]: \S+ POST /models/iris/predict 200 ", running.so_far()))
     with running(command, port, timeout=60) as base:
-        for _ in range(20):
-            answer = requests.post(base + "/models/iris/predict", json={"instances": ROW}, timeout=30)
+        def predict():
+            answer = requests.post(base + "/models/iris/predict", json={"instances": ROW}, timeout=30,
+                                   headers={"Connection": "close"})
             assert answer.status_code == 200 and answer.json()["predictions"] == iris_classifier.predict(ROW).tolist()
+            return len(answering()) == 2
+        wait_until(predict, 60, "both workers to answer")
     assert running.returncode == 0
-    assert running.output.count("Booting worker") == 2
-    assert running.output.count("loaded model 'iris' version 1") == 2, "each process loads its own models"
+    output = running.output
+    parent, = re.findall(r"gunicorn\.error\[(\d+)\]: Listening at: ", output)
+    workers = set(re.findall(r"Booting worker with pid: (\d+)", output))
+    assert len(workers) == 2 and answering() == workers and parent not in workers
+    loads = re.findall(r"service\[(\d+)\]: loaded model '(\w+)' version (\d+)", output)
+    assert loads == [(parent, "iris", "1")], output
+    assert output.index("loaded model 'iris' version 1") < output.index("Booting worker"), output
 
 
 # -- lean request path -----------------------------------------------------------------------------------

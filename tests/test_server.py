@@ -356,13 +356,18 @@ def test_wsgiref_server_serves_predictions(serve_store, tmp_path, iris, iris_cla
 ###############################################################################
 
 
-def check_embedded(command, port, root, iris, iris_classifier):
-    with running(command, port, env={"MODEL_SERVICE_STORE": str(root)}) as base:
+def check_embedded(command, port, root, iris, iris_classifier, env=None):
+    """The host serves service:app configured from MODEL_SERVICE_*, and prints the service's INFO lines once."""
+    with running(command, port, env={"MODEL_SERVICE_STORE": str(root), **(env or {})}) as base:
         assert requests.get(base + "/readyz", timeout=TIMEOUT).json() == {"ready": True, "models": 1, "loaded": 0}
-        response = post(base, "/models/iris/predict", {"instances": iris[0][::30].tolist()})
+        response = post(base, "/models/iris/predict", {"instances": iris[0][::30].tolist()},
+                        headers={"X-Request-ID": "embedded-1"})
         assert response.status_code == 200, response.text
         assert response.json()["predictions"] == iris_classifier.predict(iris[0][::30]).tolist()
     assert "Traceback" not in running.output
+    assert running.output.count(f"model store {root}: 1 model(s): iris") == 1, running.output
+    assert running.output.count("loaded model 'iris' version 1 (joblib, ") == 1, running.output
+    return running.output
 
 
 @pytest.mark.slow
@@ -381,19 +386,53 @@ def test_waitress_serve_call_create_app(tmp_path, iris, iris_classifier):
     check_embedded(command, port, root, iris, iris_classifier)
 
 
-@pytest.mark.slow
-def test_gunicorn_embeds_service_app(tmp_path, iris, iris_classifier):
+def gunicorn_command(port, *options):
     executable = os.path.join(BIN, "gunicorn")
     if importlib.util.find_spec("gunicorn") is None or not os.path.exists(executable):
         pytest.skip("gunicorn is not installed")
     from gunicorn.config import Config as GunicornConfig
 
-    root = joblib_store(tmp_path / "store", iris=iris_classifier)
-    port = free_port()
-    command = [executable, "-b", f"127.0.0.1:{port}", "-w", "1", "-k", "sync", "--graceful-timeout", "5"]
+    command = [executable, "-b", f"127.0.0.1:{port}", "-w", "1", "-k", "sync", "--graceful-timeout", "5", *options]
     if any("--no-control-socket" in (setting.cli or []) for setting in GunicornConfig().settings.values()):
         command.append("--no-control-socket")     # else newer gunicorn makes ~/.gunicorn/gunicorn.ctl
-    check_embedded(command + ["service:app"], port, root, iris, iris_classifier)
+    return command + ["service:app"]
+
+
+@pytest.mark.slow
+def test_gunicorn_embeds_service_app(tmp_path, iris, iris_classifier):
+    """gunicorn configures no handler the service's lines reach: the service gives its logger one."""
+    root = joblib_store(tmp_path / "store", iris=iris_classifier)
+    port = free_port()
+    output = check_embedded(gunicorn_command(port), port, root, iris, iris_classifier)
+    assert re.search(r"INFO service\[\d+\]: loaded model 'iris' version 1 ", output), output
+
+
+@pytest.mark.slow
+def test_a_host_that_configured_logging_gets_the_lines_in_its_format_once(tmp_path, iris, iris_classifier):
+    root = joblib_store(tmp_path / "store", iris=iris_classifier)
+    settings = tmp_path / "gunicorn_conf.py"
+    settings.write_text("import logging\nlogging.basicConfig(level=logging.INFO, format='HOST %(name)s %(message)s')\n")
+    port = free_port()
+    output = check_embedded(gunicorn_command(port, "-c", str(settings)), port, root, iris, iris_classifier)
+    assert "HOST service loaded model 'iris' version 1 (joblib, " in output, "the host's handler, not a second one"
+
+
+@pytest.mark.slow
+def test_log_format_json_prints_one_object_per_line_with_what_it_concerns(tmp_path, iris, iris_classifier):
+    root = joblib_store(tmp_path / "store", iris=iris_classifier)
+    port = free_port()
+    output = check_embedded(gunicorn_command(port), port, root, iris, iris_classifier,
+                            env={"MODEL_SERVICE_LOG_FORMAT": "json", "MODEL_SERVICE_ACCESS_LOG": "yes"})
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    service_lines = [line for line in lines if line["logger"].startswith("service")]
+    assert all({"time", "level", "logger", "pid", "message"} <= set(line) for line in service_lines)
+    scan, = [line for line in service_lines if line["message"].startswith("model store ")]
+    assert scan["level"] == "INFO" and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", scan["time"])
+    load, = [line for line in service_lines if line["message"].startswith("loaded model 'iris' version 1 ")]
+    assert (load["model"], load["version"], load["request_id"]) == ("iris", "1", "embedded-1"), \
+        "loaded on demand, for the request that asked"
+    access = [line for line in service_lines if line["logger"] == "service.access" and "/predict" in line["message"]]
+    assert [line["request_id"] for line in access] == ["embedded-1"]
 
 
 ###############################################################################

@@ -125,6 +125,7 @@ def test_a_bad_environment_never_breaks_import_and_every_request_says_why(make_a
 # -- codecs -----------------------------------------------------------------------------------------------------------
 
 def test_a_v2_output_named_many_times_is_computed_once(iris_client, monkeypatch):
+    iris_client.post_json("/models/iris/predict", {"instances": ROWS})     # loaded (and warmed) before counting
     calls = []
     original = service.LoadedModel.call
     monkeypatch.setattr(service.LoadedModel, "call", lambda model, method, inputs: calls.append(method) or

@@ -119,6 +119,19 @@ def strict_json(response):
     return json.loads(text, parse_constant=refuse)
 
 
+def metric_value(text, name, **labels):
+    """The value of the sample `name` with exactly these labels in a /metrics text; None if it has none.
+
+    Parsed (prometheus_client's parser), since the exposition orders labels and writes numbers its own way."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for item in family.samples:
+            if item.name == name and item.labels == labels:
+                return item.value
+    return None
+
+
 def assert_error(response, status, *fragments, store=None):
     """The one error envelope: `status`, strict JSON with a non-empty `error` (holding each fragment) and
     `code`, and no HTML, traceback or path (nor the `store` folder or its parent, when given).  -> body."""

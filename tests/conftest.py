@@ -321,12 +321,24 @@ def wait_until_healthy(process, base, timeout, output):
         time.sleep(0.1)
 
 
+def gunicorn_command(port, *options):
+    """`gunicorn service:app` on 127.0.0.1:port with `options`; skips the test where gunicorn is not installed."""
+    pytest.importorskip("gunicorn")
+    from gunicorn.config import Config as GunicornConfig
+
+    command = [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-b", f"127.0.0.1:{port}",
+               "--graceful-timeout", "5", *options]
+    if any("--no-control-socket" in (setting.cli or []) for setting in GunicornConfig().settings.values()):
+        command.append("--no-control-socket")      # else newer gunicorn makes ~/.gunicorn/gunicorn.ctl
+    return command + ["service:app"]
+
+
 @contextlib.contextmanager
 def running(command, port, env=None, cwd=ROOT, timeout=30):
     """Start a server process, wait until /healthz answers, yield its base URL, then stop it.
 
     Its output is read as it comes (a full pipe would block the server at its next log line) and
-    left in running.output, with its exit code in running.returncode.
+    left in running.output, with its exit code in running.returncode; running.pid is its process id.
     """
     environment = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
     process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.PIPE,
@@ -335,6 +347,7 @@ def running(command, port, env=None, cwd=ROOT, timeout=30):
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
     base = f"http://127.0.0.1:{port}"
+    running.pid = process.pid
     try:
         wait_until_healthy(process, base, timeout, lambda: "".join(lines))
         yield base

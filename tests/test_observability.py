@@ -1,11 +1,12 @@
 """Metrics (/metrics, parsed with prometheus_client's parser), X-Request-ID and the access log, adaptive
 batching (identical answers, bad requests failing alone, off where rows are not independent), and
---workers N (gunicorn processes serving the same store)."""
+--workers N (gunicorn processes serving the same store, their metrics summed in one scrape)."""
 
 import concurrent.futures
 import json
 import logging
 import os
+import signal
 import sys
 
 import numpy as np
@@ -17,7 +18,7 @@ from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
 import service
-from conftest import ROOT, free_port, running, write_artifact
+from conftest import ROOT, free_port, gunicorn_command, metric_value, running, wait_until, write_artifact
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 
@@ -279,6 +280,98 @@ def test_workers_2_serves_from_two_gunicorn_processes(tmp_path, iris_classifier)
     assert running.returncode == 0
     assert running.output.count("Booting worker") == 2
     assert running.output.count("loaded model 'iris' version 1") == 2, "each process loads its own models"
+
+
+def summed(text, name):
+    """The sum of every sample `name` in a /metrics text, whatever its labels."""
+    return sum(item.value for family in text_string_to_metric_families(text) for item in family.samples
+               if item.name == name)
+
+
+def predict_until_both_workers_answered(base, count):
+    """`count` predictions, each on a new connection, then more until each of the 2 workers has answered
+    one (each loads the model at its first request: 2 versions in memory over the workers); returns how many
+    were sent."""
+    sent = 0
+
+    def predict():
+        nonlocal sent
+        answer = requests.post(base + "/models/iris/predict", json={"instances": ROW}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        sent += 1
+
+    for _ in range(count):
+        predict()
+    wait_until(lambda: metric_value(requests.get(base + "/metrics", timeout=30).text,
+                                    "model_service_models_loaded") == 2 or predict(),
+               timeout=60, what="a request answered by each worker")
+    return sent
+
+
+def assert_one_scrape_counts(base, sent, loaded):
+    text = requests.get(base + "/metrics", timeout=30).text
+    assert summed(text, "model_service_requests_total") == sent, text
+    assert summed(text, "model_service_request_duration_seconds_count") == sent
+    assert metric_value(text, "model_service_request_duration_seconds_bucket", model="iris", method="predict",
+                        le="+Inf") == sent
+    assert summed(text, "model_service_predict_calls_total") == sent
+    assert metric_value(text, "model_service_model_loads_total", model="iris", version="1", outcome="success") == 2
+    assert metric_value(text, "model_service_models_loaded") == loaded
+    assert metric_value(text, "model_service_requests_in_flight") == 0
+
+
+def children(pid):
+    """The process ids whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue                        # gone meanwhile
+    return found
+
+
+@pytest.mark.slow
+def test_workers_2_one_scrape_sums_the_counts_of_both_workers(tmp_path, iris_classifier):
+    """Whichever worker answers the scrape, it reports every request both answered; a worker that dies takes
+    its gauges with it and leaves its counts; the shared folder is removed at exit."""
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    port = free_port()
+    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(tmp_path), "--port", str(port),
+               "--workers", "2"]
+    with running(command, port, timeout=60) as base:
+        sent = predict_until_both_workers_answered(base, 30)
+        for _ in range(4):                  # new connections: more than one worker answers the scrapes
+            assert_one_scrape_counts(base, sent, loaded=2)
+        workers = children(running.pid)
+        assert len(workers) == 2
+        with open(f"/proc/{workers[0]}/maps") as maps:     # the files it counts into are mapped in memory
+            folder = next(os.path.dirname(line.split()[-1]) for line in maps if line.rstrip().endswith(".db"))
+        assert os.path.basename(folder).startswith("model-service-metrics-")
+        os.kill(workers[0], signal.SIGKILL)     # gunicorn starts another, which has loaded nothing yet
+        wait_until(lambda: workers[0] not in children(running.pid) and len(children(running.pid)) == 2,
+                   timeout=60, what="a new worker")
+        wait_until(lambda: metric_value(requests.get(base + "/metrics", timeout=30).text,
+                                        "model_service_models_loaded") == 1, timeout=30, what="its gauge gone")
+        assert_one_scrape_counts(base, sent, loaded=1)
+    assert running.returncode == 0
+    assert not os.path.exists(folder), "the parent removes the shared folder at exit"
+
+
+@pytest.mark.slow
+def test_a_pre_fork_host_with_prometheus_multiproc_dir_sums_its_workers(tmp_path, iris_classifier):
+    """`gunicorn service:app -w 2` with PROMETHEUS_MULTIPROC_DIR set, as README documents for any pre-fork host."""
+    write_artifact(tmp_path / "store" / "iris.joblib", iris_classifier, "joblib")
+    (tmp_path / "metrics").mkdir()
+    port = free_port()
+    environment = {"MODEL_SERVICE_STORE": str(tmp_path / "store"),
+                   "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    with running(gunicorn_command(port, "-w", "2", "-k", "gthread"), port, env=environment, timeout=60) as base:
+        sent = predict_until_both_workers_answered(base, 30)
+        assert_one_scrape_counts(base, sent, loaded=2)
+    assert running.returncode == 0
 
 
 # -- lean request path -----------------------------------------------------------------------------------

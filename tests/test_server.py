@@ -2,7 +2,6 @@
 bad artifacts, concurrency and the repository's demo store.  Every process binds 127.0.0.1."""
 
 import concurrent.futures
-import importlib.util
 import json
 import os
 import pickle
@@ -20,7 +19,7 @@ import requests
 from sklearn.datasets import load_diabetes
 
 import service
-from conftest import IRIS_FEATURES, ROOT, free_port, running, write_artifact
+from conftest import IRIS_FEATURES, ROOT, free_port, gunicorn_command, running, write_artifact
 
 BIN = os.path.dirname(sys.executable)
 TIMEOUT = 30
@@ -383,17 +382,9 @@ def test_waitress_serve_call_create_app(tmp_path, iris, iris_classifier):
 
 @pytest.mark.slow
 def test_gunicorn_embeds_service_app(tmp_path, iris, iris_classifier):
-    executable = os.path.join(BIN, "gunicorn")
-    if importlib.util.find_spec("gunicorn") is None or not os.path.exists(executable):
-        pytest.skip("gunicorn is not installed")
-    from gunicorn.config import Config as GunicornConfig
-
     root = joblib_store(tmp_path / "store", iris=iris_classifier)
     port = free_port()
-    command = [executable, "-b", f"127.0.0.1:{port}", "-w", "1", "-k", "sync", "--graceful-timeout", "5"]
-    if any("--no-control-socket" in (setting.cli or []) for setting in GunicornConfig().settings.values()):
-        command.append("--no-control-socket")     # else newer gunicorn makes ~/.gunicorn/gunicorn.ctl
-    check_embedded(command + ["service:app"], port, root, iris, iris_classifier)
+    check_embedded(gunicorn_command(port, "-w", "1", "-k", "sync"), port, root, iris, iris_classifier)
 
 
 ###############################################################################

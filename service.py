@@ -2459,6 +2459,8 @@ class Metrics:
         """Models in memory or requests in flight changed: shared, this process writes its gauges.
 
         (A worker forked with models already in memory writes them at its first request.)"""
+        if not self._shared and self._families is not None:
+            return                  # one process: read at scrape time
         families = self._ready()
         if self._shared:
             for name in GAUGES:

@@ -2446,6 +2446,7 @@ class Metrics:
         self._registry = None       # what a scrape collects
         self._shared = False        # counts live in files under $PROMETHEUS_MULTIPROC_DIR
         self._forgotten = set()     # shared: (model, version) whose series a scrape leaves out
+        self._written = (None, {})  # shared: (pid, {gauge: the value it last wrote})
 
     def count(self, name, labels, amount=1):
         child = self._children.get((name, labels))
@@ -2456,15 +2457,21 @@ class Metrics:
         (child if child is not None else self._child(name, labels)).observe(value)
 
     def changed(self):
-        """Models in memory or requests in flight changed: shared, this process writes its gauges.
+        """Models in memory or requests in flight changed: shared, this process writes the gauges that did
+        (each write is a file update; called under the Residency's lock, so in order).
 
         (A worker forked with models already in memory writes them at its first request.)"""
         if not self._shared and self._families is not None:
             return                  # one process: read at scrape time
         families = self._ready()
         if self._shared:
+            if self._written[0] != os.getpid():     # forked: this process's file has none of them yet
+                self._written = (os.getpid(), {})
             for name in GAUGES:
-                families[name].set(self._gauges[name]())
+                value = self._gauges[name]()
+                if self._written[1].get(name) != value:
+                    self._written[1][name] = value
+                    families[name].set(value)
 
     def forget(self, model, version):
         """Drop every series of one model version.  Shared, the files keep its counts (prometheus_client

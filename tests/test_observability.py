@@ -18,7 +18,8 @@ from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
 import service
-from conftest import ROOT, free_port, gunicorn_command, metric_value, running, wait_until, write_artifact
+from conftest import (ROOT, free_port, gunicorn_command, metric_value, running, versioned_store, wait_until,
+                      write_artifact)
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 
@@ -288,7 +289,11 @@ def summed(text, name):
                if item.name == name)
 
 
-def predict_until_both_workers_answered(base, count):
+def scrape(base, name, **labels):
+    return metric_value(requests.get(base + "/metrics", timeout=30).text, name, **labels)
+
+
+def predict_until_both_workers_answered(base, count, path="/models/iris/predict"):
     """`count` predictions, each on a new connection, then more until each of the 2 workers has answered
     one (each loads the model at its first request: 2 versions in memory over the workers); returns how many
     were sent."""
@@ -296,26 +301,25 @@ def predict_until_both_workers_answered(base, count):
 
     def predict():
         nonlocal sent
-        answer = requests.post(base + "/models/iris/predict", json={"instances": ROW}, timeout=30)
+        answer = requests.post(base + path, json={"instances": ROW}, timeout=30)
         assert answer.status_code == 200, answer.text
         sent += 1
 
     for _ in range(count):
         predict()
-    wait_until(lambda: metric_value(requests.get(base + "/metrics", timeout=30).text,
-                                    "model_service_models_loaded") == 2 or predict(),
-               timeout=60, what="a request answered by each worker")
+    wait_until(lambda: scrape(base, "model_service_models_loaded") == 2 or predict(), timeout=60,
+               what="a request answered by each worker")
     return sent
 
 
-def assert_one_scrape_counts(base, sent, loaded):
+def assert_one_scrape_counts(base, sent, loaded, model="iris", version="1"):
     text = requests.get(base + "/metrics", timeout=30).text
     assert summed(text, "model_service_requests_total") == sent, text
     assert summed(text, "model_service_request_duration_seconds_count") == sent
-    assert metric_value(text, "model_service_request_duration_seconds_bucket", model="iris", method="predict",
+    assert metric_value(text, "model_service_request_duration_seconds_bucket", model=model, method="predict",
                         le="+Inf") == sent
     assert summed(text, "model_service_predict_calls_total") == sent
-    assert metric_value(text, "model_service_model_loads_total", model="iris", version="1", outcome="success") == 2
+    assert metric_value(text, "model_service_model_loads_total", model=model, version=version, outcome="success") == 2
     assert metric_value(text, "model_service_models_loaded") == loaded
     assert metric_value(text, "model_service_requests_in_flight") == 0
 
@@ -353,8 +357,7 @@ def test_workers_2_one_scrape_sums_the_counts_of_both_workers(tmp_path, iris_cla
         os.kill(workers[0], signal.SIGKILL)     # gunicorn starts another, which has loaded nothing yet
         wait_until(lambda: workers[0] not in children(running.pid) and len(children(running.pid)) == 2,
                    timeout=60, what="a new worker")
-        wait_until(lambda: metric_value(requests.get(base + "/metrics", timeout=30).text,
-                                        "model_service_models_loaded") == 1, timeout=30, what="its gauge gone")
+        wait_until(lambda: scrape(base, "model_service_models_loaded") == 1, timeout=30, what="its gauge gone")
         assert_one_scrape_counts(base, sent, loaded=1)
     assert running.returncode == 0
     assert not os.path.exists(folder), "the parent removes the shared folder at exit"
@@ -362,15 +365,26 @@ def test_workers_2_one_scrape_sums_the_counts_of_both_workers(tmp_path, iris_cla
 
 @pytest.mark.slow
 def test_a_pre_fork_host_with_prometheus_multiproc_dir_sums_its_workers(tmp_path, iris_classifier):
-    """`gunicorn service:app -w 2` with PROMETHEUS_MULTIPROC_DIR set, as README documents for any pre-fork host."""
-    write_artifact(tmp_path / "store" / "iris.joblib", iris_classifier, "joblib")
+    """`gunicorn service:app -w 2` with PROMETHEUS_MULTIPROC_DIR set, as README documents for any pre-fork
+    host; a version that leaves the store leaves /metrics too, though its counts stay in the shared files."""
+    import shutil
+
+    store = versioned_store(tmp_path / "store", [iris_classifier] * 2, {"version_policy": "all"})
     (tmp_path / "metrics").mkdir()
     port = free_port()
-    environment = {"MODEL_SERVICE_STORE": str(tmp_path / "store"),
+    environment = {"MODEL_SERVICE_STORE": str(store), "MODEL_SERVICE_POLL_INTERVAL": "0.2",
                    "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
     with running(gunicorn_command(port, "-w", "2", "-k", "gthread"), port, env=environment, timeout=60) as base:
-        sent = predict_until_both_workers_answered(base, 30)
-        assert_one_scrape_counts(base, sent, loaded=2)
+        sent = predict_until_both_workers_answered(base, 30, path="/models/m/versions/1/predict")
+        assert_one_scrape_counts(base, sent, loaded=2, model="m")
+        shutil.rmtree(store / "m" / "1")
+        wait_until(lambda: scrape(base, "model_service_models_loaded") == 0, timeout=30,
+                   what="both workers unloading version 1")
+        wait_until(lambda: 'version="1"' not in requests.get(base + "/metrics", timeout=30).text, timeout=10,
+                   what="version 1 forgotten")
+        for _ in range(4):                  # whichever worker answers: both forgot it
+            text = requests.get(base + "/metrics", timeout=30).text
+            assert 'version="1"' not in text and summed(text, "model_service_requests_total") == 0, text
     assert running.returncode == 0
 
 

@@ -2502,99 +2502,181 @@ def attach_native(model, enabled):
 ###############################################################################
 # Metrics #####################################################################
 ###############################################################################
-# What GET /metrics reports, in Prometheus's text format, written here rather than with
-# prometheus_client: no dependency, a few dict updates under one lock per request, and the
-# format is small.  Each process counts its own: under --workers, a scrape sees the worker
-# that answered it (see README, "Metrics").
+# What GET /metrics reports, through prometheus_client (imported at the first count, not with the
+# module).  One process keeps its counts in memory, in a registry of its own (several apps in one
+# process do not mix).  Under --workers, or any pre-fork host with PROMETHEUS_MULTIPROC_DIR set,
+# every process writes its counts to files there and a scrape of any process sums them (README,
+# "Metrics").
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MODEL_VERSION = ("model", "version")
 
-METRICS = {   # name: (type, help, histogram buckets)
-    "model_service_requests_total": ("counter", "Prediction requests by model, version, method and status.", None),
+METRICS = {   # name: (type, help, label names, histogram buckets)
+    "model_service_requests_total": ("counter", "Prediction requests by model, version, method and status.",
+                                     MODEL_VERSION + ("method", "status"), None),
     "model_service_request_duration_seconds": ("histogram", "Time to answer a prediction request.",
-                                               LATENCY_BUCKETS),
-    "model_service_model_loads_total": ("counter", "Model version loads by outcome (success, failure).", None),
-    "model_service_model_load_duration_seconds": ("histogram", "Time to load a model version.", LOAD_BUCKETS),
-    "model_service_batch_size": ("histogram", "Requests stacked into one predict call.", BATCH_BUCKETS),
-    "model_service_payload_log_records_total": ("counter", "Prediction requests written to the payload log.", None),
+                                               ("model", "method"), LATENCY_BUCKETS),
+    "model_service_model_loads_total": ("counter", "Model version loads by outcome (success, failure).",
+                                        MODEL_VERSION + ("outcome",), None),
+    "model_service_model_load_duration_seconds": ("histogram", "Time to load a model version.", MODEL_VERSION,
+                                                  LOAD_BUCKETS),
+    "model_service_batch_size": ("histogram", "Requests stacked into one predict call.", ("model",), BATCH_BUCKETS),
+    "model_service_payload_log_records_total": ("counter", "Prediction requests written to the payload log.", (),
+                                                None),
     "model_service_payload_log_dropped_total": ("counter", "Payload log records dropped: its queue was full or "
-                                                "a write failed.", None),
+                                                "a write failed.", (), None),
     "model_service_predict_calls_total": ("counter", "Predict calls (a stacked batch is one) by model, version, "
-                                          "method and the predictor that answered (native, scikit-learn).", None),
+                                          "method and the predictor that answered (native, scikit-learn).",
+                                          MODEL_VERSION + ("method", "predictor"), None),
     "model_service_shadow_compared_total": ("counter", "Requests compared with the model's shadow version, by "
-                                            "model and shadow version.", None),
-    "model_service_shadow_identical_total": ("counter", "Requests whose shadow predictions were identical.", None),
-    "model_service_shadow_abs_difference_sum": ("counter", "Sum of the absolute differences of numeric shadow "
-                                                "outputs (divide by numeric_values_total for the mean).", None),
+                                            "model and shadow version.", MODEL_VERSION, None),
+    "model_service_shadow_identical_total": ("counter", "Requests whose shadow predictions were identical.",
+                                             MODEL_VERSION, None),
+    "model_service_shadow_abs_difference_total": ("counter", "Sum of the absolute differences of numeric shadow "
+                                                  "outputs (divide by numeric_values_total for the mean).",
+                                                  MODEL_VERSION, None),
     "model_service_shadow_numeric_values_total": ("counter", "Numeric output values compared with the shadow's "
-                                                  "(in requests that were not identical).", None),
-    "model_service_shadow_errors_total": ("counter", "Requests the shadow version failed on.", None),
-    "model_service_shadow_dropped_total": ("counter", "Requests not shadowed: the shadow queue was full.", None),
-    "model_service_models_loaded": ("gauge", "Model versions in memory.", None),
-    "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", None),
+                                                  "(in requests that were not identical).", MODEL_VERSION, None),
+    "model_service_shadow_errors_total": ("counter", "Requests the shadow version failed on.", MODEL_VERSION, None),
+    "model_service_shadow_dropped_total": ("counter", "Requests not shadowed: the shadow queue was full.",
+                                           MODEL_VERSION, None),
+    "model_service_models_loaded": ("gauge", "Model versions in memory.", (), None),
+    "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", (), None),
 }
+GAUGES = [name for name, (kind, *_) in METRICS.items() if kind == "gauge"]
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's: where processes share their counts
 
 
 class Metrics:
-    """Counters and histograms keyed by (metric, labels); gauges are read when rendering."""
+    """The service's metrics: prometheus_client families, and the labelled child of each series cached by
+    its (name, label pairs), so a count costs one dict lookup before prometheus_client's own increment
+    (its labels() lookup costs several µs).  The cache stays bounded because label values do: they are
+    only models, versions and methods that exist (UNRESOLVED for the rest) and forget() drops a version's.
 
-    def __init__(self):
+    The gauges are read from `gauges` ({name: () -> value}) at scrape time in one process.  Shared
+    between processes, a scrape can only read files, so each process writes its own gauges whenever
+    they change (`changed`, called by the registry's Residency) and the scrape sums the live processes'
+    (multiprocess_mode "livesum": versions in memory over the workers, i.e. copies of models, and requests
+    being answered by any of them; a dead worker's are removed by mark_process_dead).
+    """
+
+    def __init__(self, gauges):
+        self._gauges = gauges
         self._lock = threading.Lock()
-        self._values = {}
+        self._children = {}         # (name, label pairs) -> the series' prometheus_client child
+        self._families = None       # name -> prometheus_client metric, made at the first count
+        self._registry = None       # what a scrape collects
+        self._shared = False        # counts live in files under $PROMETHEUS_MULTIPROC_DIR
+        self._forgotten = set()     # shared: (model, version) whose series a scrape leaves out
+        self._written = (None, {})  # shared: (pid, {gauge: the value it last wrote})
 
     def count(self, name, labels, amount=1):
-        with self._lock:
-            self._values[name, labels] = self._values.get((name, labels), 0) + amount
+        child = self._children.get((name, labels))
+        (child if child is not None else self._child(name, labels)).inc(amount)
 
     def observe(self, name, labels, value):
-        """One observation: one bucket counted (the first bound >= value); the exposition cumulates."""
-        buckets = METRICS[name][2]
-        slot = bisect.bisect_left(buckets, value)
-        with self._lock:
-            series = self._values.get((name, labels))
-            if series is None:      # a count per bucket and one over the last bound, then sum and count
-                series = self._values[name, labels] = [0] * (len(buckets) + 3)
-            series[slot] += 1
-            series[-2] += value
-            series[-1] += 1
+        child = self._children.get((name, labels))
+        (child if child is not None else self._child(name, labels)).observe(value)
+
+    def changed(self):
+        """Models in memory or requests in flight changed: shared, this process writes the gauges that did
+        (each write is a file update; called under the Residency's lock, so in order).
+
+        (A worker forked with models already in memory writes them at its first request.)"""
+        if not self._shared and self._families is not None:
+            return                  # one process: read at scrape time
+        families = self._ready()
+        if self._shared:
+            if self._written[0] != os.getpid():     # forked: this process's file has none of them yet
+                self._written = (os.getpid(), {})
+            for name in GAUGES:
+                value = self._gauges[name]()
+                if self._written[1].get(name) != value:
+                    self._written[1][name] = value
+                    families[name].set(value)
 
     def forget(self, model, version):
-        """Drop every series of one model version."""
+        """Drop every series of one model version.  Shared, the files keep its counts (prometheus_client
+        cannot remove them there), so a scrape leaves them out until the version is counted again."""
         pairs = {("model", model), ("version", version)}
         with self._lock:
-            for key in [key for key in self._values if pairs <= set(key[1])]:
-                del self._values[key]
+            for key in [key for key in self._children if pairs <= set(key[1])]:
+                del self._children[key]
+                if not self._shared:
+                    self._families[key[0]].remove(*(value for _, value in key[1]))
+            if self._shared:
+                self._forgotten.add((model, version))
 
-    def render(self, gauges):
-        """The text exposition format: HELP and TYPE, then each series (histograms cumulative, with +Inf)."""
+    def render(self):
+        """The text exposition format, version 0.0.4."""
+        self._ready()
+        return importlib.import_module("prometheus_client").generate_latest(self._registry).decode()
+
+    def _ready(self):
+        if self._families is None:
+            with self._lock:
+                if self._families is None:
+                    self._start()
+        return self._families
+
+    def _child(self, name, labels):
+        family = self._ready()[name]
         with self._lock:
-            values = {key: (list(v) if isinstance(v, list) else v) for key, v in self._values.items()}
-        lines = []
-        for name, (kind, help_text, buckets) in METRICS.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-            if kind == "gauge":
-                lines.append(f"{name} {gauges[name]}")
-                continue
-            for (metric, labels), value in sorted(values.items(), key=lambda item: item[0]):
-                if metric != name:
-                    continue
-                if kind == "counter":
-                    lines.append(f"{name}{_labels(labels)} {value}")
-                    continue
-                for bound, count in zip(buckets, itertools.accumulate(value)):
-                    lines.append(f"{name}_bucket{_labels(labels + (('le', repr(float(bound))),))} {count}")
-                lines.append(f"{name}_bucket{_labels(labels + (('le', '+Inf'),))} {value[-1]}")
-                lines += [f"{name}_sum{_labels(labels)} {value[-2]!r}", f"{name}_count{_labels(labels)} {value[-1]}"]
-        return "\n".join(lines) + "\n"
+            child = self._children.get((name, labels))
+            if child is None:
+                child = self._children[name, labels] = family.labels(*(v for _, v in labels)) if labels else family
+                pairs = dict(labels)
+                self._forgotten.discard((pairs.get("model"), pairs.get("version")))
+            return child
+
+    def _start(self):
+        """Import prometheus_client and make the families: in files if $PROMETHEUS_MULTIPROC_DIR is set now
+        (prometheus_client reads it when first imported), else in this app's own registry."""
+        prometheus = importlib.import_module("prometheus_client")
+        prometheus.disable_created_metrics()     # no *_created series: the output stays the counts alone
+        self._shared = bool(os.environ.get(MULTIPROCESS_DIR))
+        own = None if self._shared else prometheus.CollectorRegistry()
+        kinds = {"counter": prometheus.Counter, "histogram": prometheus.Histogram, "gauge": prometheus.Gauge}
+        families = {}
+        for name, (kind, help_text, label_names, buckets) in METRICS.items():
+            if kind == "gauge" and not self._shared:
+                continue                         # read at scrape time (_ScrapeGauges)
+            options = {"buckets": buckets} if buckets else {"multiprocess_mode": "livesum"} if kind == "gauge" else {}
+            families[name] = kinds[kind](name, help_text, label_names, registry=own, **options)
+        if self._shared:
+            from prometheus_client.multiprocess import MultiProcessCollector
+            self._registry = prometheus.CollectorRegistry()
+            self._registry.register(_Unforgotten(MultiProcessCollector(None), self._forgotten))
+        else:
+            gauge_family = importlib.import_module("prometheus_client.core").GaugeMetricFamily
+            own.register(_ScrapeGauges(gauge_family, self._gauges))
+            self._registry = own
+        self._families = families
 
 
-def _labels(pairs):
-    if not pairs:
-        return ""
-    escaped = (str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, value in pairs)
-    return "{" + ",".join(f'{key}="{value}"' for (key, _), value in zip(pairs, escaped)) + "}"
+class _ScrapeGauges:
+    """A collector: the gauges read when scraped (one process)."""
+
+    def __init__(self, family, gauges):
+        self.family, self.gauges = family, gauges
+
+    def collect(self):
+        return [self.family(name, METRICS[name][1], value=self.gauges[name]()) for name in GAUGES]
+
+
+class _Unforgotten:
+    """A collector: another's series, less those of forgotten model versions."""
+
+    def __init__(self, collector, forgotten):
+        self.collector, self.forgotten = collector, forgotten
+
+    def collect(self):
+        for family in self.collector.collect():
+            family.samples = [item for item in family.samples
+                              if (item.labels.get("model"), item.labels.get("version")) not in self.forgotten]
+            yield family
 
 
 # How two versions' answers compare: a shadow's running counts (registry, HTTP application) and a
@@ -2841,8 +2923,9 @@ class Residency:
     slot at a new model.
     """
 
-    def __init__(self, limit, clock):
+    def __init__(self, limit, clock, changed):
         self.limit, self.clock = limit, clock
+        self.changed = changed          # called after what is in memory or in flight changed (Metrics.changed)
         self.lock = threading.Lock()
         self._resident = {}             # LoadedModel -> its VersionSlot, for every model still in memory
         self._reserved = 0              # loads under way
@@ -2872,6 +2955,7 @@ class Residency:
         self._reserved -= 1
         self._resident[model] = slot
         model.last_used = self.clock()
+        self.changed()
 
     def retire(self, model, slot):
         """Take a model out of service (under `lock`); memory is freed when its last request ends."""
@@ -2882,6 +2966,7 @@ class Residency:
             model.retired = True
         else:
             self._resident.pop(model, None)
+            self.changed()
 
     def use(self, slot):
         """The model in `slot`, counted in flight until release(); None if it holds none."""
@@ -2890,6 +2975,7 @@ class Residency:
             if model is not None:
                 model.inflight += 1
                 model.last_used = self.clock()
+                self.changed()
             return model
 
     def release(self, model):
@@ -2901,6 +2987,7 @@ class Residency:
                     slot.leaving = None
                     if slot.model is None and slot.state == UNLOADING:
                         slot.set(UNLOADED)
+            self.changed()
 
     def unload_idle(self, seconds):
         """Retire the models nobody used for `seconds`, but preloaded ones."""
@@ -2984,8 +3071,9 @@ class ModelRegistry:
         self._next_tick = 0.0
         self._unsettled = {}            # (name, version) -> fingerprint seen once, waiting to be seen again
         self._settings = {}             # name -> (fingerprint, ModelSettings or None, error)
-        self.residency = Residency(config.max_loaded, clock)
-        self.metrics = Metrics()
+        self.metrics = Metrics({"model_service_models_loaded": self.loaded_count,
+                                "model_service_requests_in_flight": self.in_flight})
+        self.residency = Residency(config.max_loaded, clock, self.metrics.changed)
         self.agreements = {}            # (name, shadow version) -> Agreement, filled by the app's Shadow
         self._preloading = False
         self._watcher_pid = None
@@ -4978,8 +5066,7 @@ class ServiceApp(bottle.Bottle):
         return {"ready": True, "models": len(self.registry.names()), "loaded": self.registry.loaded_count()}
 
     def prometheus_metrics(self):
-        text = self.metrics.render({"model_service_models_loaded": self.registry.loaded_count(),
-                                    "model_service_requests_in_flight": self.registry.in_flight()})
+        text = self.metrics.render()
         return bottle.HTTPResponse(text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     def openapi(self):
@@ -5406,7 +5493,7 @@ class Shadow:
         self.metrics.count("model_service_shadow_compared_total", labels)
         self.metrics.count("model_service_shadow_identical_total", labels, agreement.identical - identical)
         if differences:
-            self.metrics.count("model_service_shadow_abs_difference_sum", labels, sum(differences))
+            self.metrics.count("model_service_shadow_abs_difference_total", labels, sum(differences))
             self.metrics.count("model_service_shadow_numeric_values_total", labels, len(differences))
 
 
@@ -5972,6 +6059,7 @@ def _serve_workers(app, config):
         from gunicorn.glogging import Logger
     except ImportError:
         raise ImportError("--workers needs gunicorn: pip install gunicorn") from None
+    metrics_hooks = _metrics_across_workers()      # before anything counts: the workers' shared folder
     registry = app.config["service.registry"]
 
     class Logs(Logger):
@@ -5990,7 +6078,8 @@ def _serve_workers(app, config):
                         f"{config.host}:{config.port}",
                         "workers": config.workers, "threads": config.threads, "worker_class": "gthread",
                         "graceful_timeout": math.ceil(config.shutdown_timeout), "timeout": 120, "preload_app": False,
-                        "proc_name": SERVICE_NAME, "control_socket_disable": True, "logger_class": Logs}
+                        "proc_name": SERVICE_NAME, "control_socket_disable": True, "logger_class": Logs,
+                        **metrics_hooks}
             for key, value in settings.items():
                 if key in self.cfg.settings:
                     self.cfg.set(key, value)
@@ -6001,6 +6090,30 @@ def _serve_workers(app, config):
             return app
 
     Workers().run()
+
+
+def _metrics_across_workers():
+    """--workers: the processes count into one fresh folder (prometheus_client's multiprocess mode), so a
+    scrape of any worker sums them all; returns gunicorn's hooks that keep its gauges to the live workers.
+
+    Made here, in the parent before the fork and before prometheus_client is imported (it reads the
+    variable then), and removed when the parent exits.  A folder the environment already names is not
+    used: counts left there by an earlier run would be added to this one's.
+    """
+    import shutil
+    import tempfile
+
+    folder = os.environ[MULTIPROCESS_DIR] = tempfile.mkdtemp(prefix="model-service-metrics-")
+    parent = os.getpid()
+    atexit.register(lambda: os.getpid() == parent and shutil.rmtree(folder, ignore_errors=True))  # not workers'
+
+    def mark_process_dead(pid):
+        importlib.import_module("prometheus_client.multiprocess").mark_process_dead(pid, folder)
+
+    # when_ready: before the first fork, the parent's gauges go (a parent that loaded models would count
+    # them beside its workers'); child_exit: a dead worker's go.
+    return {"when_ready": lambda arbiter: mark_process_dead(parent),
+            "child_exit": lambda arbiter, worker: mark_process_dead(worker.pid)}
 
 
 ###############################################################################

@@ -119,6 +119,19 @@ def strict_json(response):
     return json.loads(text, parse_constant=refuse)
 
 
+def metric_value(text, name, **labels):
+    """The value of the sample `name` with exactly these labels in a /metrics text; None if it has none.
+
+    Parsed (prometheus_client's parser), since the exposition orders labels and writes numbers its own way."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for item in family.samples:
+            if item.name == name and item.labels == labels:
+                return item.value
+    return None
+
+
 def assert_error(response, status, *fragments, store=None):
     """The one error envelope: `status`, strict JSON with a non-empty `error` (holding each fragment) and
     `code`, and no HTML, traceback or path (nor the `store` folder or its parent, when given).  -> body."""
@@ -308,12 +321,25 @@ def wait_until_healthy(process, base, timeout, output):
         time.sleep(0.1)
 
 
+def gunicorn_command(port, *options):
+    """`gunicorn service:app` on 127.0.0.1:port with `options`; skips the test where gunicorn is not installed."""
+    pytest.importorskip("gunicorn")
+    from gunicorn.config import Config as GunicornConfig
+
+    command = [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-b", f"127.0.0.1:{port}",
+               "--graceful-timeout", "5", *options]
+    if any("--no-control-socket" in (setting.cli or []) for setting in GunicornConfig().settings.values()):
+        command.append("--no-control-socket")      # else newer gunicorn makes ~/.gunicorn/gunicorn.ctl
+    return command + ["service:app"]
+
+
 @contextlib.contextmanager
 def running(command, port, env=None, cwd=ROOT, timeout=30):
     """Start a server process, wait until /healthz answers, yield its base URL, then stop it.
 
     Its output is read as it comes (a full pipe would block the server at its next log line):
-    running.so_far() while it runs, running.output once stopped, with its exit code in running.returncode.
+    running.so_far() while it runs, running.output once stopped, with its exit code in running.returncode;
+    running.pid is its process id.
     """
     environment = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
     process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.PIPE,
@@ -323,6 +349,7 @@ def running(command, port, env=None, cwd=ROOT, timeout=30):
     reader.start()
     base = f"http://127.0.0.1:{port}"
     running.so_far = lambda: "".join(lines)
+    running.pid = process.pid
     try:
         wait_until_healthy(process, base, timeout, lambda: "".join(lines))
         yield base

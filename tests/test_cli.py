@@ -461,7 +461,7 @@ def test_a_symlinked_store_is_resolved_at_the_first_request_not_at_create_app(tm
 
 
 def test_importing_service_loads_no_numeric_stack():
-    heavy = ["sklearn", "numpy", "pandas", "scipy", "joblib"]
+    heavy = ["sklearn", "numpy", "pandas", "scipy", "joblib", "prometheus_client"]
     code = ("import json, sys, service; "
             f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
     env = {key: value for key, value in os.environ.items() if not key.startswith(service.ENV_PREFIX)}

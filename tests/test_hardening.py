@@ -38,12 +38,11 @@ from sklearn.datasets import load_diabetes, load_iris
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-from conftest import ROOT, free_port, running, service_app, stop_process, strict_json, wait_until, wait_until_healthy, write_artifact
+from conftest import ROOT, free_port, gunicorn_command, running, service_app, stop_process, strict_json, wait_until, wait_until_healthy, write_artifact
 
 IRIS_X, IRIS_Y = load_iris(return_X_y=True)
 ROWS = IRIS_X[[0, 60, 120]].tolist()                 # one row of each class
 JSON_HEADERS = {"Content-Type": "application/json"}
-BIN = os.path.dirname(sys.executable)
 
 
 # -- helpers: real estimators with one twist, importable by in-process apps and by server processes ------------
@@ -585,15 +584,6 @@ def test_sixteen_threads_at_a_tiny_switch_interval_answer_bit_identically(tmp_pa
 HOST_LIMIT = 2000          # --max-body-bytes of the host matrix
 GOOD_BODY = json.dumps({"instances": ROWS[:1]}).encode()
 NO_ANSWER_AFTER = 4        # seconds a host may take to answer a table request
-
-
-def gunicorn_command(port, *options):
-    from gunicorn.config import Config as GunicornConfig
-
-    command = [os.path.join(BIN, "gunicorn"), "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", *options]
-    if any("--no-control-socket" in (setting.cli or []) for setting in GunicornConfig().settings.values()):
-        command.append("--no-control-socket")      # else newer gunicorn makes ~/.gunicorn/gunicorn.ctl
-    return command + ["service:app"]
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTre
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import service  # noqa: E402
+from conftest import metric_value  # noqa: E402
 
 
 def _standard(X):
@@ -391,8 +392,8 @@ def test_http_answers_are_scikit_learns_bit_for_bit(make_client, native_store, n
     status = client.get(f"/models/{name}/versions/1").json
     assert status["predictors"][method]["predictor"] == "native"
     metrics = client.get("/metrics").text
-    assert (f'model_service_predict_calls_total{{model="{name}",version="1",method="{method}",'
-            f'predictor="native"}} 1') in metrics
+    assert metric_value(metrics, "model_service_predict_calls_total", model=name, version="1", method=method,
+                        predictor="native") == 1
 
 
 def test_the_flag_turns_it_off(make_client, native_store):
@@ -401,7 +402,8 @@ def test_the_flag_turns_it_off(make_client, native_store):
     status = client.get("/models/iris/versions/1").json
     assert status["predictors"]["predict"] == {"predictor": "scikit-learn",
                                                "reason": "native predictors are switched off"}
-    assert 'method="predict",predictor="scikit-learn"} 1' in client.get("/metrics").text
+    assert metric_value(client.get("/metrics").text, "model_service_predict_calls_total", model="iris", version="1",
+                        method="predict", predictor="scikit-learn") == 1
 
 
 def test_a_models_settings_turn_it_off(make_client, native_store):

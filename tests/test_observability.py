@@ -1,11 +1,12 @@
 """Metrics (/metrics, parsed with prometheus_client's parser), X-Request-ID and the access log, adaptive
 batching (identical answers, bad requests failing alone, off where rows are not independent), and
---workers N (gunicorn processes serving the same store)."""
+--workers N (gunicorn processes serving the same store, their metrics summed in one scrape)."""
 
 import concurrent.futures
 import json
 import logging
 import os
+import signal
 import sys
 
 import numpy as np
@@ -17,7 +18,8 @@ from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
 import service
-from conftest import ROOT, free_port, running, wait_until, write_artifact
+from conftest import (ROOT, free_port, gunicorn_command, metric_value, running, versioned_store, wait_until,
+                      write_artifact)
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 
@@ -293,6 +295,111 @@ def test_workers_2_share_the_model_the_parent_loaded_before_forking(tmp_path, ir
     loads = re.findall(r"service\[(\d+)\]: loaded model '(\w+)' version (\d+)", output)
     assert loads == [(parent, "iris", "1")], output
     assert output.index("loaded model 'iris' version 1") < output.index("Booting worker"), output
+
+
+def summed(text, name):
+    """The sum of every sample `name` in a /metrics text, whatever its labels."""
+    return sum(item.value for family in text_string_to_metric_families(text) for item in family.samples
+               if item.name == name)
+
+
+def scrape(base, name, **labels):
+    return metric_value(requests.get(base + "/metrics", timeout=30).text, name, **labels)
+
+
+def predict_until_both_workers_answered(base, count, path="/models/iris/predict"):
+    """`count` predictions, each on a new connection, then more until each of the 2 workers has answered
+    one (each loads the model at its first request: 2 versions in memory over the workers); returns how many
+    were sent."""
+    sent = 0
+
+    def predict():
+        nonlocal sent
+        answer = requests.post(base + path, json={"instances": ROW}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        sent += 1
+
+    for _ in range(count):
+        predict()
+    wait_until(lambda: scrape(base, "model_service_models_loaded") == 2 or predict(), timeout=60,
+               what="a request answered by each worker")
+    return sent
+
+
+def assert_one_scrape_counts(base, sent, loaded, model="iris", version="1"):
+    text = requests.get(base + "/metrics", timeout=30).text
+    assert summed(text, "model_service_requests_total") == sent, text
+    assert summed(text, "model_service_request_duration_seconds_count") == sent
+    assert metric_value(text, "model_service_request_duration_seconds_bucket", model=model, method="predict",
+                        le="+Inf") == sent
+    assert summed(text, "model_service_predict_calls_total") == sent
+    assert metric_value(text, "model_service_model_loads_total", model=model, version=version, outcome="success") == 2
+    assert metric_value(text, "model_service_models_loaded") == loaded
+    assert metric_value(text, "model_service_requests_in_flight") == 0
+
+
+def children(pid):
+    """The process ids whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue                        # gone meanwhile
+    return found
+
+
+@pytest.mark.slow
+def test_workers_2_one_scrape_sums_the_counts_of_both_workers(tmp_path, iris_classifier):
+    """Whichever worker answers the scrape, it reports every request both answered; a worker that dies takes
+    its gauges with it and leaves its counts; the shared folder is removed at exit."""
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    port = free_port()
+    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(tmp_path), "--port", str(port),
+               "--workers", "2"]
+    with running(command, port, timeout=60) as base:
+        sent = predict_until_both_workers_answered(base, 30)
+        for _ in range(4):                  # new connections: more than one worker answers the scrapes
+            assert_one_scrape_counts(base, sent, loaded=2)
+        workers = children(running.pid)
+        assert len(workers) == 2
+        with open(f"/proc/{workers[0]}/maps") as maps:     # the files it counts into are mapped in memory
+            folder = next(os.path.dirname(line.split()[-1]) for line in maps if line.rstrip().endswith(".db"))
+        assert os.path.basename(folder).startswith("model-service-metrics-")
+        os.kill(workers[0], signal.SIGKILL)     # gunicorn starts another, which has loaded nothing yet
+        wait_until(lambda: workers[0] not in children(running.pid) and len(children(running.pid)) == 2,
+                   timeout=60, what="a new worker")
+        wait_until(lambda: scrape(base, "model_service_models_loaded") == 1, timeout=30, what="its gauge gone")
+        assert_one_scrape_counts(base, sent, loaded=1)
+    assert running.returncode == 0
+    assert not os.path.exists(folder), "the parent removes the shared folder at exit"
+
+
+@pytest.mark.slow
+def test_a_pre_fork_host_with_prometheus_multiproc_dir_sums_its_workers(tmp_path, iris_classifier):
+    """`gunicorn service:app -w 2` with PROMETHEUS_MULTIPROC_DIR set, as README documents for any pre-fork
+    host; a version that leaves the store leaves /metrics too, though its counts stay in the shared files."""
+    import shutil
+
+    store = versioned_store(tmp_path / "store", [iris_classifier] * 2, {"version_policy": "all"})
+    (tmp_path / "metrics").mkdir()
+    port = free_port()
+    environment = {"MODEL_SERVICE_STORE": str(store), "MODEL_SERVICE_POLL_INTERVAL": "0.2",
+                   "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    with running(gunicorn_command(port, "-w", "2", "-k", "gthread"), port, env=environment, timeout=60) as base:
+        sent = predict_until_both_workers_answered(base, 30, path="/models/m/versions/1/predict")
+        assert_one_scrape_counts(base, sent, loaded=2, model="m")
+        shutil.rmtree(store / "m" / "1")
+        wait_until(lambda: scrape(base, "model_service_models_loaded") == 0, timeout=30,
+                   what="both workers unloading version 1")
+        wait_until(lambda: 'version="1"' not in requests.get(base + "/metrics", timeout=30).text, timeout=10,
+                   what="version 1 forgotten")
+        for _ in range(4):                  # whichever worker answers: both forgot it
+            text = requests.get(base + "/metrics", timeout=30).text
+            assert 'version="1"' not in text and summed(text, "model_service_requests_total") == 0, text
+    assert running.returncode == 0
 
 
 # -- lean request path -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import requests
 import webtest
 
 import service
-from conftest import IRIS_FEATURES, ROWS, running, strict_json, versioned_store, wait_until
+from conftest import IRIS_FEATURES, ROWS, metric_value, running, strict_json, versioned_store, wait_until
 
 
 def log_lines(folder):
@@ -27,7 +27,7 @@ def log_lines(folder):
 
 
 def records_written(app):
-    return app.registry.metrics._values.get(("model_service_payload_log_records_total", ()), 0)
+    return metric_value(app.registry.metrics.render(), "model_service_payload_log_records_total")
 
 
 def test_every_protocol_is_logged_and_sigterm_drains_the_log(tmp_path, iris_classifier, serve_store):
@@ -131,7 +131,7 @@ def test_a_failing_log_counts_its_drops_logs_once_and_never_fails_a_request(tmp_
         assert strict_json(client.post_json("/models/m/predict", {"instances": ROWS}))["version"] == "1"
     assert app.payload_log.drain(10)
     metrics = client.get("/metrics").text
-    assert "model_service_payload_log_dropped_total 5" in metrics
+    assert metric_value(metrics, "model_service_payload_log_dropped_total") == 5
     assert sum("payload log: cannot write" in record.getMessage() for record in caplog.records) == 1
 
 
@@ -158,4 +158,4 @@ def test_waiting_records_hold_a_bounded_share_of_memory(tmp_path, iris_classifie
     assert app.payload_log.drain(10)
     metrics = client.get("/metrics").text
     written = len(log_lines(tmp_path / "log"))
-    assert written == 2 and "model_service_payload_log_dropped_total 4" in metrics, (written, metrics)
+    assert written == 2 and metric_value(metrics, "model_service_payload_log_dropped_total") == 4, (written, metrics)

@@ -2,7 +2,6 @@
 bad artifacts, concurrency and the repository's demo store.  Every process binds 127.0.0.1."""
 
 import concurrent.futures
-import importlib.util
 import json
 import os
 import pickle
@@ -20,7 +19,7 @@ import requests
 from sklearn.datasets import load_diabetes
 
 import service
-from conftest import IRIS_FEATURES, ROOT, free_port, running, write_artifact
+from conftest import IRIS_FEATURES, ROOT, free_port, gunicorn_command, running, write_artifact
 
 BIN = os.path.dirname(sys.executable)
 TIMEOUT = 30
@@ -386,24 +385,12 @@ def test_waitress_serve_call_create_app(tmp_path, iris, iris_classifier):
     check_embedded(command, port, root, iris, iris_classifier)
 
 
-def gunicorn_command(port, *options):
-    executable = os.path.join(BIN, "gunicorn")
-    if importlib.util.find_spec("gunicorn") is None or not os.path.exists(executable):
-        pytest.skip("gunicorn is not installed")
-    from gunicorn.config import Config as GunicornConfig
-
-    command = [executable, "-b", f"127.0.0.1:{port}", "-w", "1", "-k", "sync", "--graceful-timeout", "5", *options]
-    if any("--no-control-socket" in (setting.cli or []) for setting in GunicornConfig().settings.values()):
-        command.append("--no-control-socket")     # else newer gunicorn makes ~/.gunicorn/gunicorn.ctl
-    return command + ["service:app"]
-
-
 @pytest.mark.slow
 def test_gunicorn_embeds_service_app(tmp_path, iris, iris_classifier):
     """gunicorn configures no handler the service's lines reach: the service gives its logger one."""
     root = joblib_store(tmp_path / "store", iris=iris_classifier)
     port = free_port()
-    output = check_embedded(gunicorn_command(port), port, root, iris, iris_classifier)
+    output = check_embedded(gunicorn_command(port, "-w", "1", "-k", "sync"), port, root, iris, iris_classifier)
     assert re.search(r"INFO service\[\d+\]: loaded model 'iris' version 1 ", output), output
 
 
@@ -413,7 +400,8 @@ def test_a_host_that_configured_logging_gets_the_lines_in_its_format_once(tmp_pa
     settings = tmp_path / "gunicorn_conf.py"
     settings.write_text("import logging\nlogging.basicConfig(level=logging.INFO, format='HOST %(name)s %(message)s')\n")
     port = free_port()
-    output = check_embedded(gunicorn_command(port, "-c", str(settings)), port, root, iris, iris_classifier)
+    command = gunicorn_command(port, "-w", "1", "-k", "sync", "-c", str(settings))
+    output = check_embedded(command, port, root, iris, iris_classifier)
     assert "HOST service loaded model 'iris' version 1 (joblib, " in output, "the host's handler, not a second one"
 
 
@@ -421,7 +409,7 @@ def test_a_host_that_configured_logging_gets_the_lines_in_its_format_once(tmp_pa
 def test_log_format_json_prints_one_object_per_line_with_what_it_concerns(tmp_path, iris, iris_classifier):
     root = joblib_store(tmp_path / "store", iris=iris_classifier)
     port = free_port()
-    output = check_embedded(gunicorn_command(port), port, root, iris, iris_classifier,
+    output = check_embedded(gunicorn_command(port, "-w", "1", "-k", "sync"), port, root, iris, iris_classifier,
                             env={"MODEL_SERVICE_LOG_FORMAT": "json", "MODEL_SERVICE_ACCESS_LOG": "yes"})
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     service_lines = [line for line in lines if line["logger"].startswith("service")]

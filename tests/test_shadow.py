@@ -11,7 +11,7 @@ import webtest
 from sklearn.linear_model import LogisticRegression
 
 import service
-from conftest import ROWS, assert_error, strict_json, versioned_store, wait_until
+from conftest import ROWS, assert_error, metric_value, strict_json, versioned_store, wait_until
 
 
 def shadow_status(client):
@@ -51,9 +51,9 @@ def test_the_shadow_counts_agreement_and_never_changes_the_answer(tmp_path, iris
                       "mean_abs_diff": pytest.approx(gaps.mean()), "max_abs_diff": pytest.approx(gaps.max()),
                       "errors": 0, "dropped": 0}
     metrics = client.get("/metrics").text
-    assert f'model_service_shadow_compared_total{{model="m",version="2"}} {count}' in metrics
-    assert f'model_service_shadow_identical_total{{model="m",version="2"}} {identical}' in metrics
-    assert 'model_service_shadow_numeric_values_total{model="m",version="2"} 9' in metrics
+    assert metric_value(metrics, "model_service_shadow_compared_total", model="m", version="2") == count
+    assert metric_value(metrics, "model_service_shadow_identical_total", model="m", version="2") == identical
+    assert metric_value(metrics, "model_service_shadow_numeric_values_total", model="m", version="2") == 9
     pinned = client.post_json("/models/m/versions/2/predict", {"instances": ROWS})      # the shadow itself:
     assert strict_json(pinned)["version"] == "2"                                     # nothing to compare
     assert shadow_status(client)["compared"] == count
@@ -70,7 +70,7 @@ def test_a_failing_shadow_is_counted_and_the_client_never_sees_it(tmp_path, iris
         assert answer.status_int == 200 and strict_json(answer)["predictions"] == iris_classifier.predict(ROWS).tolist()
     wait_until(lambda: shadow_status(client)["errors"] == 3, what="three shadow errors")
     assert shadow_status(client)["compared"] == 0
-    assert 'model_service_shadow_errors_total{model="m",version="2"} 3' in client.get("/metrics").text
+    assert metric_value(client.get("/metrics").text, "model_service_shadow_errors_total", model="m", version="2") == 3
     assert any("shadow version 2 of model 'm' failed" in record.getMessage() for record in caplog.records)
 
 
@@ -95,7 +95,8 @@ def test_a_full_shadow_queue_drops_and_counts(tmp_path, iris_classifier, weak_cl
     assert shadow_status(client)["dropped"] == 4
     release.set()
     wait_until(lambda: shadow_status(client)["compared"] == 2, what="the two accepted offers")
-    assert 'model_service_shadow_dropped_total{model="m",version="2"} 4' in client.get("/metrics").text
+    assert metric_value(client.get("/metrics").text, "model_service_shadow_dropped_total", model="m",
+                        version="2") == 4
 
 
 def test_the_shadow_rests_while_requests_are_in_flight_and_runs_freely_when_none_are(tmp_path, iris_classifier,

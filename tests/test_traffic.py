@@ -14,8 +14,8 @@ import requests
 
 import service
 
-from conftest import (ROWS, assert_error, clocked_registry, strict_json, versioned_store, wait_until,
-                      write_settings)
+from conftest import (ROWS, assert_error, clocked_registry, metric_value, strict_json, versioned_store,
+                      wait_until, write_settings)
 
 SPLIT = {"version_policy": "all", "labels": {"stable": 1, "canary": 2}, "traffic": {"stable": 60, "canary": 30, "3": 10}}
 WEIGHTS = {"1": 0.6, "2": 0.3, "3": 0.1}
@@ -87,8 +87,8 @@ def test_without_a_key_routing_is_random_by_weight_and_every_protocol_follows_it
         metrics = session.get(base + "/metrics", timeout=10).text
         status = strict_json(session.get(base + "/models/m", timeout=10))
     for version in WEIGHTS:
-        assert f'model_service_requests_total{{model="m",version="{version}",method="predict",status="200"}}' \
-            in metrics
+        assert metric_value(metrics, "model_service_requests_total", model="m", version=version, method="predict",
+                            status="200")
     assert status["traffic"] == [{"target": "stable", "version": "1", "share": 0.6},
                                  {"target": "canary", "version": "2", "share": 0.3},
                                  {"target": "3", "version": "3", "share": 0.1}]

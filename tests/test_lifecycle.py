@@ -24,8 +24,8 @@ from sklearn.datasets import load_diabetes, load_iris
 from sklearn.linear_model import LogisticRegression
 
 import service
-from conftest import (ROWS, assert_error, clocked_registry, publish, stays_true, strict_json, versioned_store, wait_until,
-                      write_artifact, write_settings)
+from conftest import (ROWS, assert_error, clocked_registry, metric_value, publish, stays_true, strict_json,
+                      versioned_store, wait_until, write_artifact, write_settings)
 
 DIABETES_ROWS = load_diabetes().data[:3].tolist()
 TOKEN = "s3cr3t-admin-token"
@@ -606,8 +606,8 @@ def test_warmup_rows_from_the_settings_run_every_method_once_before_the_version_
     client = webtest.TestApp(make_app(config=registry.config, registry=registry))
     assert "model_service_predict_calls_total{" not in client.get("/metrics").text, "warm-up calls are no client's"
     predict(client, "/models/m/predict")
-    assert 'model_service_predict_calls_total{model="m",version="1",method="predict",predictor="scikit-learn"} 1' \
-        in client.get("/metrics").text
+    assert metric_value(client.get("/metrics").text, "model_service_predict_calls_total", model="m", version="1",
+                        method="predict", predictor="scikit-learn") == 1
 
 
 def test_readiness_waits_for_the_warm_up(tmp_path, app_client):

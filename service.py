@@ -1854,16 +1854,20 @@ class NativePredictor:
     converts to it first), or None when the inputs must go to scikit-learn.  A pipeline's
     predictor runs its steps' arithmetic in `prepare` and hands the result to its final
     estimator's predictor, whose own check then decides (a scaler passes NaN on; a linear
-    model refuses it, and then scikit-learn gives the refusal).
+    model refuses it, and then scikit-learn gives the refusal).  A step answers None for rows
+    it leaves to scikit-learn (an encoder meeting a category it must refuse).  `categories`
+    ({column: values}) are the values an encoder knows in the columns it encodes: probes and
+    tests draw those columns from them, as random numbers would all be unknown.
     """
 
-    def __init__(self, methods, n_features, allow_nan, allow_inf=False, float32=False, steps=(), final=None):
+    def __init__(self, methods, n_features, allow_nan, allow_inf=False, float32=False, steps=None, final=None,
+                 categories=None):
         import numpy as np
 
         self.methods = methods                      # {method: function of the prepared array}
         self._n_features, self._allow_nan, self._allow_inf, self._float32 = n_features, allow_nan, allow_inf, \
             float32
-        self._steps, self._final = steps, final
+        self._steps, self._final, self.categories = steps, final, categories or {}
         self._ndarray, self._float64 = np.ndarray, np.dtype(np.float64)
         refuses = {(False, False): lambda X: not np.isfinite(X).all(), (True, False): lambda X: np.isinf(X).any(),
                    (False, True): lambda X: np.isnan(X).any(), (True, True): lambda X: False}
@@ -1879,9 +1883,8 @@ class NativePredictor:
             return None
         if self._final is None:
             return inputs
-        for step in self._steps:
-            inputs = step(inputs)
-        return self._final.prepare(inputs)
+        inputs = self._steps(inputs)
+        return None if inputs is None else self._final.prepare(inputs)
 
 
 @functools.cache
@@ -2147,11 +2150,163 @@ def _tree_walker(trees, n_features, dtype):
 
 @functools.cache
 def _native_transforms():
-    """{transformer class: compiler of its transform}, exact classes only, for a pipeline's steps."""
-    from sklearn import impute, preprocessing
+    """{transformer class: compiler of its transform}, exact classes only, for a pipeline's steps.
+
+    A compiler answers a function of the float64 rows, or a _Step when the transform encodes
+    categories (the values to probe it on) or answers a sparse matrix in scikit-learn.
+    """
+    from sklearn import compose, impute, pipeline, preprocessing
 
     return {preprocessing.StandardScaler: _standard_scaler, preprocessing.MinMaxScaler: _min_max_scaler,
-            impute.SimpleImputer: _simple_imputer}
+            impute.SimpleImputer: _simple_imputer, preprocessing.FunctionTransformer: _identity,
+            preprocessing.OneHotEncoder: _one_hot_encoder, preprocessing.OrdinalEncoder: _ordinal_encoder,
+            compose.ColumnTransformer: _column_transformer, pipeline.Pipeline: _transform_chain}
+
+
+#: a compiled transform: function(X) -> transformed rows, or None to leave them to scikit-learn;
+#: categories {input column: values to probe it on}; sparse: scikit-learn answers a sparse matrix there
+_Step = collections.namedtuple("_Step", "function categories sparse")
+
+
+def _compile_step(name, step):
+    """The _Step of one transformer; 'passthrough' (or None) is the identity."""
+    if step is None or (isinstance(step, str) and step == "passthrough"):
+        return _Step(lambda X: X, {}, False)
+    compiler = _native_transforms().get(type(step))
+    if compiler is None or "transform" in vars(step):
+        raise _NotNative(f"no native version of its step {name!r} ({type(step).__name__})")
+    compiled = compiler(step)
+    return compiled if isinstance(compiled, _Step) else _Step(compiled, {}, False)
+
+
+def _transform_chain(pipeline, steps=None):
+    """Pipeline.transform (or the steps before a pipeline's final estimator): each step on the last one's output.
+
+    The probe values are the first step's: later steps see transformed columns.
+    """
+    compiled = [_compile_step(name, step) for name, step in (pipeline.steps if steps is None else steps)]
+    functions = tuple(step.function for step in compiled)
+
+    def chain(X):
+        for function in functions:
+            X = function(X)
+            if X is None:
+                return None
+        return X
+
+    return _Step(chain, compiled[0].categories if compiled else {}, any(step.sparse for step in compiled))
+
+
+def _identity(step):
+    """FunctionTransformer without a function and without validation (a ColumnTransformer's passthrough)."""
+    if step.func is not None or step.validate:
+        raise _NotNative("a FunctionTransformer with a function or validation")
+    return lambda X: X
+
+
+def _column_transformer(step):
+    """ColumnTransformer.transform on a float64 array: each transformer on its columns, stacked side by side.
+
+    The columns are the indices scikit-learn resolved at fit (a model fitted on named columns
+    keeps receiving DataFrames and is not compiled).  Dense here even where scikit-learn stacks
+    a sparse matrix: the values are the same, and only a tree may read them (see _compile_pipeline).
+    """
+    import numpy as np
+
+    parts, categories = [], {}
+    for name, transformer, _ in step.transformers_:
+        columns = np.asarray(step._transformer_to_input_indices[name], dtype=np.intp)
+        if (isinstance(transformer, str) and transformer == "drop") or not len(columns):
+            continue
+        compiled = _compile_step(name, transformer)
+        parts.append((columns, compiled.function))
+        categories.update({int(columns[j]): values for j, values in compiled.categories.items()})
+
+    def stacked(X):
+        outputs = [function(X[:, columns]) for columns, function in parts]
+        return None if any(output is None for output in outputs) else np.hstack(outputs)
+
+    return _Step(stacked, categories, bool(step.sparse_output_))
+
+
+def _category_codes(encoder):
+    """codes(X) -> (each value's index in its column's categories, whether it is one), as _BaseEncoder finds them.
+
+    For float64 columns fitted on numbers only (text arrives as objects, which go to
+    scikit-learn): a sorted search, NaN being the last category where it is one.  None where
+    scikit-learn refuses: an infinity, or an unknown value when handle_unknown is 'error'.
+    """
+    import numpy as np
+
+    if encoder._infrequent_enabled:
+        raise _NotNative(f"{type(encoder).__name__} groups infrequent categories")
+    tables = []
+    for column in encoder.categories_:
+        if column.dtype != np.float64 or np.isnan(column[:-1]).any() or len(column) < 2 and np.isnan(column).all():
+            raise _NotNative(f"{type(encoder).__name__} of categories that are not float64 numbers")
+        tables.append((column[:-1], len(column) - 1) if np.isnan(column[-1]) else (column, -1))
+    refuse_unknown = encoder.handle_unknown == "error"
+
+    def codes(X):
+        if np.isinf(X).any():
+            return None
+        index, known = np.empty(X.shape, dtype=np.intp), np.empty(X.shape, dtype=bool)
+        for i, (values, nan_code) in enumerate(tables):
+            x = X[:, i]
+            index[:, i] = np.searchsorted(values, x).clip(max=len(values) - 1)
+            known[:, i] = values[index[:, i]] == x
+            if nan_code >= 0:
+                missing = np.isnan(x)
+                index[missing, i], known[missing, i] = nan_code, True
+        return None if refuse_unknown and not known.all() else (index, known)
+
+    probes = {i: np.asarray(values if refuse_unknown else np.concatenate(
+        [values, np.nextafter(values, -np.inf), np.nextafter(values, np.inf)])) for i, (values, _) in enumerate(tables)}
+    return codes, probes
+
+
+def _one_hot_encoder(step):
+    """OneHotEncoder.transform, without drop: a 1 in each known category's column, unknown ones all zeros."""
+    import numpy as np
+
+    if step.drop is not None or step.handle_unknown not in ("error", "ignore", "infrequent_if_exist"):
+        raise _NotNative(f"a OneHotEncoder with drop={step.drop!r}, handle_unknown={step.handle_unknown!r}")
+    codes, probes = _category_codes(step)
+    offsets, width, dtype = np.cumsum([0] + step._n_features_outs)[:-1], sum(step._n_features_outs), step.dtype
+
+    def one_hot(X):
+        found = codes(X)
+        if found is None:
+            return None
+        index, known = found
+        out = np.zeros((len(X), width), dtype=dtype)
+        rows, columns = np.nonzero(known)
+        out[rows, offsets[columns] + index[rows, columns]] = 1
+        return out
+
+    return _Step(one_hot, probes, bool(step.sparse_output))
+
+
+def _ordinal_encoder(step):
+    """OrdinalEncoder.transform: each category's index, encoded_missing_value for NaN, unknown_value if asked."""
+    import numpy as np
+
+    codes, probes = _category_codes(step)
+    missing, unknown = step._missing_indices, step.handle_unknown == "use_encoded_value"
+
+    def ordinal(X):
+        found = codes(X)
+        if found is None:
+            return None
+        index, known = found
+        out = index.astype(step.dtype)
+        for column in missing:
+            out[np.isnan(X[:, column]), column] = step.encoded_missing_value
+        if unknown:
+            out[~known] = step.unknown_value
+        return out
+
+    return _Step(ordinal, probes, False)
 
 
 def _standard_scaler(step):
@@ -2196,20 +2351,18 @@ def _simple_imputer(step):
 
 
 def _compile_pipeline(pipeline, wanted, n_features):
-    """A Pipeline of known scalers and imputers ending in a known model: its steps, then the final predictor.
+    """A Pipeline of known transforms ending in a known model: its steps, then the final predictor.
 
     The final estimator is compiled and proved alone first (on its own thresholds), then the
-    whole pipeline is proved end to end against Pipeline's own methods.
+    whole pipeline is proved end to end against Pipeline's own methods, on rows whose encoded
+    columns hold the encoders' categories.  Where scikit-learn hands the final step a sparse
+    matrix, only trees are compiled: they read a sparse row's values exactly as a dense row's,
+    while a linear model's sparse product sums in another order than the dense one.
     """
     *steps, (_, final) = pipeline.steps
-    transforms = []
-    for name, step in steps:
-        if step is None or step == "passthrough":
-            continue
-        compiler = _native_transforms().get(type(step))
-        if compiler is None or "transform" in vars(step):
-            raise _NotNative(f"no native version of its step {name!r} ({type(step).__name__})")
-        transforms.append(compiler(step))
+    transforms = _transform_chain(pipeline, steps)
+    if transforms.sparse and _native_compilers().get(type(final)) not in (_tree_model, _gradient_boosting):
+        raise _NotNative("a step answers a sparse matrix, whose products scikit-learn sums in another order")
     try:
         inner, reasons = _compile(final, wanted, final.n_features_in_)
         if not inner.methods:
@@ -2217,16 +2370,18 @@ def _compile_pipeline(pipeline, wanted, n_features):
     except _NotNative as error:
         raise _NotNative(f"its final step: {error}") from None
     return _proved(pipeline, dict(inner.methods), None, lambda allow_nan, allow_inf: NativePredictor(
-        {}, n_features, allow_nan, allow_inf, steps=tuple(transforms), final=inner))
+        {}, n_features, allow_nan, allow_inf, steps=transforms.function, final=inner,
+        categories=transforms.categories), transforms.categories)
 
 
-def _probe_rows(n_features, splits, rng):
+def _probe_rows(n_features, splits, rng, categories):
     """Finite rows to prove on: random ones at many scales, and for trees every threshold and its neighbours.
 
     A threshold t is probed at t itself, at t in the dtype the model compares in (float32 for
     scikit-learn's trees, float64 for histogram boosting) and at the values of that dtype on
     either side of it, which is where a comparison could go either way.  Each row carries one
-    probe per feature, so every probe appears in some row.
+    probe per feature, so every probe appears in some row.  A column an encoder encodes is drawn
+    from its `categories` probe values instead (random numbers would all be unknown categories).
     """
     import numpy as np
 
@@ -2243,7 +2398,10 @@ def _probe_rows(n_features, splits, rng):
             columns.append(values if len(values) else rng.standard_normal(1))
         height = max(len(column) for column in columns)
         rows.append(np.stack([rng.permutation(np.resize(column, height)) for column in columns], axis=1))
-    return np.ascontiguousarray(np.concatenate(rows))
+    rows = np.ascontiguousarray(np.concatenate(rows))
+    for column, values in categories.items():
+        rows[:, column] = rng.choice(values, len(rows))
+    return rows
 
 
 def _edge_rows(batch, rng):
@@ -2328,14 +2486,14 @@ def _compile(estimator, wanted, n_features):
                    lambda allow_nan, allow_inf: NativePredictor({}, n_features, allow_nan, allow_inf, float32=float32))
 
 
-def _proved(estimator, compiled, splits, make):
+def _proved(estimator, compiled, splits, make, categories=None):
     """_prove on the probe rows of this estimator (the same at every load)."""
     import numpy as np
 
     if not compiled:
         raise _NotNative("no native version of its methods")
     rng = np.random.default_rng(NATIVE_PROBE_SEED)
-    batch = _probe_rows(estimator.n_features_in_, splits, rng)
+    batch = _probe_rows(estimator.n_features_in_, splits, rng, categories or {})
     with np.errstate(all="ignore"):     # log(0) and the like warn alike on both sides: not a difference
         return _prove(estimator, compiled, make, batch, rng)
 

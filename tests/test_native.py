@@ -26,19 +26,21 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_
 from sklearn.ensemble import (ExtraTreesClassifier, ExtraTreesRegressor, GradientBoostingClassifier,
                               GradientBoostingRegressor, HistGradientBoostingClassifier,
                               HistGradientBoostingRegressor, RandomForestClassifier, RandomForestRegressor)
+from sklearn.compose import ColumnTransformer
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import (ElasticNet, Lasso, LinearRegression, LogisticRegression, Perceptron, Ridge,
                                   RidgeClassifier, SGDClassifier, SGDRegressor)
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import MinMaxScaler, Normalizer, StandardScaler
+from sklearn.preprocessing import MinMaxScaler, Normalizer, OneHotEncoder, OrdinalEncoder, StandardScaler
 from sklearn.svm import SVC, LinearSVC, LinearSVR
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTreeClassifier
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import service  # noqa: E402
+from families import fit  # noqa: E402
 
 
 def _standard(X):
@@ -62,7 +64,20 @@ def _data():
             "diabetes_2": (diabetes[0], np.c_[diabetes[1], diabetes[1] ** 0.5]),
             "cancer_holes": (_with_holes(_standard(cancer[0])), cancer[1]),
             "wine_holes": (_with_holes(wine[0]), wine[1]),
-            "iris_categorical": (np.c_[np.floor(iris[0][:, :1]), iris[0][:, 1:]], iris[1])}
+            "iris_categorical": (np.c_[np.floor(iris[0][:, :1]), iris[0][:, 1:]], iris[1]),
+            "iris_codes": (np.c_[_with_holes(iris[0]), _codes(iris[0])], iris[1]),
+            "iris_codes_holes": (_with_holes(np.c_[iris[0], _codes(iris[0])], seed=1), iris[1])}
+
+
+def _codes(X):
+    """Two category columns of numbers: whole centimetres of the first feature (4 to 7), and a code."""
+    return np.c_[np.floor(X[:, 0]), (np.arange(len(X)) % 3) * 1.5]
+
+
+def _columns(numbers, codes, remainder="drop"):
+    """A ColumnTransformer of iris's four measures (imputed, scaled) and its two code columns."""
+    return ColumnTransformer([("numbers", make_pipeline(SimpleImputer(), StandardScaler()), [0, 1, 2, 3]),
+                              ("codes", codes, [4, 5])][not numbers:], remainder=remainder)
 
 
 # family id -> (estimator, data set): every class the native compiler covers, binary and multiclass,
@@ -111,6 +126,19 @@ FAMILIES = {
                                        "iris_holes"),
     "pipeline_imputer_scaler_ridge": (lambda: make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
                                                             Ridge()), "diabetes_holes"),
+    "pipeline_one_hot_ignore_logistic": (lambda: make_pipeline(_columns(True, OneHotEncoder(
+        handle_unknown="ignore", sparse_output=False)), LogisticRegression(max_iter=1000)), "iris_codes"),
+    "pipeline_one_hot_error_sparse_forest": (lambda: make_pipeline(_columns(False, OneHotEncoder(), SimpleImputer()),
+                                                                   RandomForestClassifier(n_estimators=10,
+                                                                                          random_state=0)),
+                                             "iris_codes"),
+    "pipeline_ordinal_nan_category_forest": (lambda: make_pipeline(_columns(False, OrdinalEncoder(
+        handle_unknown="use_encoded_value", unknown_value=-1), "passthrough"), ExtraTreesRegressor(
+        n_estimators=10, random_state=0)), "iris_codes_holes"),
+    "pipeline_ordinal_error_gradient_boosting": (lambda: make_pipeline(_columns(True, OrdinalEncoder()),
+                                                                       GradientBoostingClassifier(
+                                                                           n_estimators=10, random_state=0)),
+                                                 "iris_codes"),
 }
 
 
@@ -153,7 +181,8 @@ def _splits(estimator):
 def differential_rows(model, X, count, rng):
     """`count` rows: a third random within (and a little past) the fitted range, a third at tree thresholds
     and their neighbours (training rows, jittered, for linear models), a third with NaN and infinities where
-    the model takes them (else random)."""
+    the model takes them (else random); a column an encoder encodes holds its categories (and unknown values
+    where it takes them)."""
     low, high = np.nanmin(X, axis=0), np.nanmax(X, axis=0)
     span = high - low
     third = count // 3
@@ -178,7 +207,10 @@ def differential_rows(model, X, count, rng):
         holes[rng.random(holes.shape) < 0.05] = np.inf
         holes[rng.random(holes.shape) < 0.05] = -np.inf
     rows.append(holes)
-    return np.ascontiguousarray(rng.permutation(np.concatenate(rows)))
+    rows = np.concatenate(rows)
+    for column, values in model.native.categories.items():     # an encoder's categories, and unknown ones
+        rows[:, column] = rng.choice(values, len(rows))         # where it takes them
+    return np.ascontiguousarray(rng.permutation(rows))
 
 
 def differences(model, method, rows, rng, single):
@@ -259,6 +291,41 @@ def test_a_pipeline_takes_nan_natively_only_where_its_steps_impute_it():
     assert_same_refusal(scaling, plain, holes)
 
 
+def test_an_unknown_category_an_encoder_must_refuse_gets_scikit_learns_refusal():
+    model, X = family("pipeline_one_hot_error_sparse_forest")
+    plain = service.LoadedModel(_Ref, model.estimator, "", 0, 0.0)
+    for column, value in ((4, 8.0), (5, np.nextafter(1.5, 2)), (4, np.nan), (5, np.inf)):
+        rows = np.ascontiguousarray(X[:3])
+        rows[1, column] = value
+        assert model.native.prepare(rows) is None
+        with pytest.raises(service.BadRequest, match="Found unknown categories|Input contains"):
+            model.call("predict", rows)
+        assert_same_refusal(model, plain, rows)
+
+
+def test_unknown_and_missing_categories_an_encoder_takes_are_answered_natively():
+    for name, values in (("pipeline_one_hot_ignore_logistic", (8.0, -0.0, np.nan)),
+                         ("pipeline_ordinal_nan_category_forest", (8.0, np.nan, 1e300))):
+        model, X = family(name)
+        rows = np.ascontiguousarray(np.nan_to_num(X[:40], nan=1.0))
+        rows[:len(values), 4] = rows[len(values):2 * len(values), 5] = values
+        assert model.native.prepare(rows) is not None, name
+        for method in model.native.methods:
+            assert service._same_outputs(getattr(model.estimator, method)(rows), model.call(method, rows)), name
+
+
+def test_encoders_of_text_or_named_columns_stay_with_scikit_learn():
+    """Text categories arrive as object arrays (or DataFrames), which scikit-learn encodes itself."""
+    words = np.array([["red"], ["green"], ["blue"]], dtype=object)[np.arange(150) % 3]
+    X, y = _data()["iris"]
+    text = loaded(make_pipeline(ColumnTransformer([("colour", OneHotEncoder(), [4])], remainder="passthrough"),
+                                LogisticRegression(max_iter=1000)).fit(np.c_[X.astype(object), words], y))
+    assert text.native is None and "OneHotEncoder of categories that are not float64 numbers" in \
+        text.predictors["predict"][1]
+    named = loaded(fit("ColumnTransformer")[0])
+    assert named.native is None and "fitted on named columns" in named.predictors["predict"][1]
+
+
 def test_a_pipeline_whose_final_step_is_unknown_says_so():
     model = loaded(make_pipeline(StandardScaler(), KNeighborsClassifier()).fit(*_data()["iris"]))
     assert model.predictors["predict"] == (service.SKLEARN,
@@ -277,9 +344,10 @@ def test_native_batches_equal_one_row_scikit_learn_calls_for_forests():
     (KNeighborsClassifier(), "iris"), (SVC(), "iris"),
     (make_pipeline(Normalizer(), LogisticRegression(max_iter=1000)), "iris"),
     (make_pipeline(StandardScaler(), KNeighborsClassifier()), "iris"),
+    (make_pipeline(OneHotEncoder(handle_unknown="ignore"), LogisticRegression(max_iter=1000)), "iris"),
     (RandomForestClassifier(n_estimators=3, n_jobs=2, random_state=0), "iris"),
     (HistGradientBoostingClassifier(max_iter=5, categorical_features=[0], random_state=0), "iris_categorical")],
-    ids=["knn", "svc-rbf", "pipeline-normalizer", "pipeline-knn", "forest-n_jobs",
+    ids=["knn", "svc-rbf", "pipeline-normalizer", "pipeline-knn", "pipeline-sparse-one-hot-logistic", "forest-n_jobs",
          "hist-gradient-boosting-categorical"])
 def test_other_families_stay_with_scikit_learn(estimator, data):
     model = loaded(estimator.fit(*_data()[data]))

@@ -1942,6 +1942,8 @@ def _linear_classifier(estimator):
     methods = {"decision_function": decision_function, "predict": predict}
     if type(estimator).__name__ == "LogisticRegression":
         methods.update(_logistic_probabilities(decision_function, len(classes)))
+    elif type(estimator).__name__ == "SGDClassifier" and estimator.loss in ("log_loss", "modified_huber"):
+        methods.update(_sgd_probabilities(decision_function, estimator.loss))
     return methods, None
 
 
@@ -1961,6 +1963,35 @@ def _logistic_probabilities(decision_function, n_classes):
             np.exp(found, out=found)
             found /= found.sum(axis=1).reshape((-1, 1))
             return found
+
+    return {"predict_proba": predict_proba, "predict_log_proba": lambda X: np.log(predict_proba(X))}
+
+
+def _sgd_probabilities(decision_function, loss):
+    """SGDClassifier.predict_proba, step for step: for log_loss expit, and for modified_huber the scores clipped
+    to [-1, 1], plus 1, halved; binary as [1 - p, p], else each row divided by its sum (all zeros: uniform)."""
+    import numpy as np
+    from scipy.special import expit     # scikit-learn's _expit on numpy arrays
+
+    def positive(scores):
+        if loss == "log_loss":
+            return expit(scores, out=scores)
+        np.clip(scores, -1, 1, scores)
+        scores += 1.0
+        scores /= 2.0
+        return scores
+
+    def predict_proba(X):
+        probability = positive(decision_function(X))
+        if probability.ndim == 1:       # log_loss stacks 1 - p; modified_huber subtracts p from ones: the same
+            return np.stack([1 - probability, probability], axis=1)
+        total = probability.sum(axis=1)
+        all_zero = total == 0
+        if all_zero.any():
+            probability[all_zero, :] = 1
+            total[all_zero] = probability.shape[1]
+        probability /= total.reshape((probability.shape[0], -1))
+        return probability
 
     return {"predict_proba": predict_proba, "predict_log_proba": lambda X: np.log(predict_proba(X))}
 

@@ -87,6 +87,11 @@ FAMILIES = {
     "logistic_binary": (lambda: LogisticRegression(max_iter=1000), "cancer"),
     "ridge_classifier": (lambda: RidgeClassifier(), "wine"),
     "sgd_classifier": (lambda: SGDClassifier(random_state=0), "iris_std"),
+    "sgd_classifier_log_loss": (lambda: SGDClassifier(loss="log_loss", random_state=0), "iris_std"),
+    "sgd_classifier_log_loss_binary": (lambda: SGDClassifier(loss="log_loss", random_state=0), "cancer"),
+    "sgd_classifier_modified_huber": (lambda: SGDClassifier(loss="modified_huber", random_state=0), "iris_std"),
+    "sgd_classifier_modified_huber_binary": (lambda: SGDClassifier(loss="modified_huber", random_state=0),
+                                             "cancer"),
     "perceptron": (lambda: Perceptron(random_state=0), "cancer"),
     "linear_svc": (lambda: LinearSVC(random_state=0), "iris_std"),
     "linear_regression_2_outputs": (lambda: LinearRegression(), "diabetes_2"),
@@ -238,11 +243,11 @@ def _methods(name):
     factory, _ = FAMILIES[name]
     estimator = factory()
     estimator = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
-    if isinstance(estimator, SGDClassifier):      # hinge loss: no probabilities
-        return ("predict", "decision_function")
+    if isinstance(estimator, SGDClassifier) and estimator.loss not in ("log_loss", "modified_huber"):
+        return ("predict", "decision_function")     # hinge loss and the like: no probabilities
     if isinstance(estimator, HistGradientBoostingClassifier):     # it has no predict_log_proba
         return ("predict", "predict_proba", "decision_function")
-    if isinstance(estimator, (LogisticRegression, GradientBoostingClassifier)):
+    if isinstance(estimator, (LogisticRegression, GradientBoostingClassifier, SGDClassifier)):
         return ("predict", "predict_proba", "predict_log_proba", "decision_function")
     if hasattr(estimator, "decision_function"):
         return ("predict", "decision_function")

@@ -1612,9 +1612,10 @@ class Batcher:
             stacked = _stack([item.inputs for item in batch])
             outputs = self.model.call(method, stacked)
             start = 0
-            for item in batch:
+            for item in batch:       # a multi-output predict_proba is a list: each output's rows
                 count = len(item.inputs)
-                item.result = outputs[start:start + count]
+                item.result = [output[start:start + count] for output in outputs] if isinstance(outputs, list) \
+                    else outputs[start:start + count]
                 start += count
         except Exception:
             for item in batch:               # one bad request must not fail its batch-mates
@@ -2014,12 +2015,10 @@ def _tree_model(estimator):
     member_classes = {type(estimator.estimator)} if forest else {type(estimator)}
     if {type(member) for member in members} != member_classes:
         raise _NotNative("its trees are not all of the class it builds")
-    if getattr(estimator, "n_outputs_", 1) > 1 and hasattr(estimator, "classes_"):
-        raise _NotNative("a multi-output classifier answers one array per output")
     walk, values, splits = _tree_walker([member.tree_ for member in members], estimator.n_features_in_, np.float32)
-    classifier = hasattr(estimator, "classes_")
-    values = values[:, 0, :len(estimator.classes_)] if classifier else \
-        values[:, :, 0] if estimator.n_outputs_ > 1 else values[:, 0, 0]
+    classifier, several = hasattr(estimator, "classes_"), estimator.n_outputs_ > 1
+    values = values if classifier and several else values[:, 0, :len(estimator.classes_)] if classifier else \
+        values[:, :, 0] if several else values[:, 0, 0]
     count, chunk = len(members), max(1, _TREE_CELLS // len(members))
 
     def combined(X):
@@ -2033,9 +2032,32 @@ def _tree_model(estimator):
 
     if not classifier:
         return {"predict": combined}, splits
+    if several:
+        return _multi_output_classifier(combined, estimator.classes_), splits
     classes = estimator.classes_
     return {"predict_proba": combined, "predict_log_proba": lambda X: np.log(combined(X)),
             "predict": lambda X: classes.take(combined(X).argmax(axis=1), axis=0)}, splits
+
+
+def _multi_output_classifier(combined, classes):
+    """A multi-output tree classifier: a list of probabilities, each output's own classes' columns of the
+    (rows, outputs, most classes) `combined`; predict is a column per output, of the first output's classes' dtype."""
+    import numpy as np
+
+    widths = [len(labels) for labels in classes]
+
+    def predict_proba(X):
+        found = combined(X)
+        return [found[:, k, :width] for k, width in enumerate(widths)]
+
+    def predict(X):
+        found = np.empty((len(X), len(classes)), dtype=classes[0].dtype)
+        for k, probability in enumerate(predict_proba(X)):
+            found[:, k] = classes[k].take(probability.argmax(axis=1), axis=0)
+        return found
+
+    return {"predict_proba": predict_proba, "predict": predict,
+            "predict_log_proba": lambda X: [np.log(probability) for probability in predict_proba(X)]}
 
 
 def _gradient_boosting(estimator):

@@ -65,6 +65,8 @@ def _data():
             "cancer_holes": (_with_holes(_standard(cancer[0])), cancer[1]),
             "wine_holes": (_with_holes(wine[0]), wine[1]),
             "iris_categorical": (np.c_[np.floor(iris[0][:, :1]), iris[0][:, 1:]], iris[1]),
+            "iris_2": (iris[0], np.c_[iris[1], iris[0][:, 1] > 3]),
+            "wine_holes_2": (_with_holes(wine[0]), np.c_[wine[1] + 10, wine[0][:, 0] > 13]),
             "iris_codes": (np.c_[_with_holes(iris[0]), _codes(iris[0])], iris[1]),
             "iris_codes_holes": (_with_holes(np.c_[iris[0], _codes(iris[0])], seed=1), iris[1])}
 
@@ -109,6 +111,10 @@ FAMILIES = {
                                      "iris_holes"),
     "random_forest_regressor": (lambda: RandomForestRegressor(n_estimators=20, random_state=0), "diabetes"),
     "extra_trees_classifier": (lambda: ExtraTreesClassifier(n_estimators=20, random_state=0), "wine"),
+    "decision_tree_classifier_2_outputs": (lambda: DecisionTreeClassifier(random_state=0), "iris_2"),
+    "random_forest_classifier_2_outputs_nan": (lambda: RandomForestClassifier(n_estimators=10, random_state=0),
+                                               "wine_holes_2"),
+    "extra_trees_classifier_2_outputs": (lambda: ExtraTreesClassifier(n_estimators=10, random_state=0), "iris_2"),
     "extra_trees_regressor_2_outputs": (lambda: ExtraTreesRegressor(n_estimators=10, random_state=0),
                                         "diabetes_2"),
     "gradient_boosting_multiclass": (lambda: GradientBoostingClassifier(n_estimators=30, random_state=0), "wine"),
@@ -343,6 +349,15 @@ def test_native_batches_equal_one_row_scikit_learn_calls_for_forests():
     rows = np.ascontiguousarray(X[:50])
     one_by_one = np.concatenate([model.estimator.predict_proba(rows[i:i + 1]) for i in range(len(rows))])
     assert service._same_outputs(one_by_one, model.call("predict_proba", rows))
+
+
+def test_a_batch_of_multi_output_probabilities_gives_each_request_its_rows_of_every_output():
+    model, X = family("random_forest_classifier_2_outputs_nan")
+    batcher = service.Batcher(model, 8, 0.01, service.Metrics())
+    pending = [service._Pending(np.ascontiguousarray(X[i:i + 1 + i])) for i in range(3)]
+    batcher._execute("predict_proba", pending)
+    for item in pending:
+        assert service._same_outputs(model.estimator.predict_proba(item.inputs), item.result)
 
 
 @pytest.mark.parametrize("estimator, data", [

@@ -1824,11 +1824,16 @@ def _build_model(ref, options=None, native=True, metrics=None):
 # is known, the fitted arrays are compiled into plain-numpy closures that repeat
 # scikit-learn's operations exactly: the same matrix product on the same array, float32
 # inputs compared against float64 thresholds, trees summed in order and then divided,
-# the same argmax and the same class labels; a pipeline of known scalers and imputers
-# runs their arithmetic first.  Nothing here is trusted on its reading of
-# scikit-learn's code: every compiled method is PROVED on probe rows built from the model
-# (random rows, every tree threshold with its neighbours in the precision the model compares
-# in, NaN and infinities) against the estimator's own method, bit for bit in values, dtype
+# the same argmax and the same class labels; a pipeline of known scalers, imputers and
+# encoders of numeric categories runs their arithmetic first.  Per family:
+#   linear models           _linear_regressor, _linear_classifier (+ _logistic_probabilities, _sgd_probabilities)
+#   trees and forests       _tree_model (+ _multi_output_classifier), over _tree_walker
+#   gradient boosting       _gradient_boosting, _hist_gradient_boosting (+ _categorical_turns), _boosted_classifier
+#   pipelines               _compile_pipeline over _native_transforms (scalers, imputer, encoders, ColumnTransformer)
+# Nothing here is trusted on its reading of scikit-learn's code: every compiled method is
+# PROVED on probe rows built from the model (random rows, every tree threshold with its
+# neighbours in the precision the model compares in, an encoder's categories and unknown
+# values, NaN and infinities) against the estimator's own method, bit for bit in values, dtype
 # and shape, one row at a time and in batches; a method that differs, fails or is not
 # compiled is answered by scikit-learn, with the reason in the model's status.  At request time the native path
 # takes only inputs it can prove it treats exactly as scikit-learn would (a C-contiguous
@@ -2121,36 +2126,36 @@ def _boosted_classifier(raw, estimator, positive):
 
 
 def _hist_gradient_boosting(estimator):
-    """HistGradientBoosting on numeric features: the baseline, plus each iteration's leaf, in order.
+    """HistGradientBoosting: the baseline, plus each iteration's leaf, in order; categories encoded first.
 
     _raw_predict starts from zeros, adds `_baseline_prediction`, then each predictor's leaf
     value into its class's column, iteration after iteration (threads split the rows, never a
     row's sum); a cumulative sum after the baseline repeats that order.  A predictor's node
     sends NaN where missing_go_to_left says and otherwise compares the float64 value with its
-    float64 `num_threshold`, which is the tree walk on float64 rows.  Categorical features go
-    through scikit-learn's own ColumnTransformer and ordinal encoding first, which is not
-    compiled.  Regression applies the loss's inverse link, as predict does.
+    float64 `num_threshold`, which is the tree walk on float64 rows; a categorical node looks
+    the value up in its bitsets (_categorical_turns).  Categorical features first go through the
+    model's own ColumnTransformer (`_preprocessor`: an OrdinalEncoder of those columns, unknown
+    categories becoming NaN, then the others), compiled as a pipeline's is and run in the
+    predictor's `prepare`.  Regression applies the loss's inverse link, as predict does.
     """
     import types
 
     import numpy as np
 
-    if estimator.is_categorical_ is not None or estimator._preprocessor is not None:
-        raise _NotNative("categorical features are encoded by scikit-learn's ColumnTransformer first")
     iterations = estimator._predictors
     if not iterations:
         raise _NotNative("no fitted iterations")
     n_classes = len(iterations[0])
-    nodes = [predictor.nodes for iteration in iterations for predictor in iteration]
-    if any(n["is_categorical"].any() for n in nodes):
-        raise _NotNative("a predictor splits on a category")
+    known, feature_map = estimator._bin_mapper.make_known_categories_bitsets()
     trees = [types.SimpleNamespace(
         children_left=np.where(n["is_leaf"] == 1, -1, n["left"].astype(np.intp)),
         children_right=np.where(n["is_leaf"] == 1, -1, n["right"].astype(np.intp)),
         feature=n["feature_idx"].astype(np.intp), threshold=n["num_threshold"],
         missing_go_to_left=n["missing_go_to_left"], value=n["value"], node_count=len(n),
-        max_depth=int(n["depth"].max())) for n in nodes]
-    walk, values, splits = _tree_walker(trees, estimator.n_features_in_, np.float64)
+        max_depth=int(n["depth"].max()), is_categorical=n["is_categorical"].astype(bool),
+        left_categories=_left_categories(n, predictor.raw_left_cat_bitsets, known, feature_map))
+        for iteration in iterations for predictor in iteration for n in [predictor.nodes]]
+    walk, values, (thresholds, dtype) = _tree_walker(trees, estimator.n_features_in_, np.float64)
     start = np.zeros((1, n_classes), dtype=estimator._baseline_prediction.dtype)
     start += estimator._baseline_prediction
 
@@ -2159,10 +2164,44 @@ def _hist_gradient_boosting(estimator):
         first = np.broadcast_to(start[:, np.newaxis, :], (len(X), 1, n_classes))
         return np.cumsum(np.concatenate([first, added], axis=1), axis=1)[:, -1]
 
+    if estimator._preprocessor is None:
+        encode = ()
+    else:       # the encoded columns come first: the trees' features are in that order
+        mask = np.asarray(estimator.is_categorical_, dtype=bool)
+        order = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
+        thresholds = [thresholds[position] for position in np.argsort(order)]
+        step = _compile_step("_preprocessor", estimator._preprocessor)    # stacks columns, maybe F-ordered:
+        encode = (step._replace(function=lambda X: _contiguous(step.function(X))),)   # the walk takes any
     if not hasattr(estimator, "classes_"):
         inverse = estimator._loss.link.inverse
-        return {"predict": lambda X: inverse(raw(X).ravel())}, splits
-    return _boosted_classifier(raw, estimator, np.greater), splits
+        return ({"predict": lambda X: inverse(raw(X).ravel())}, (thresholds, dtype)) + encode
+    return (_boosted_classifier(raw, estimator, np.greater), (thresholds, dtype)) + encode
+
+
+def _contiguous(X):
+    import numpy as np
+
+    return None if X is None else np.ascontiguousarray(X)
+
+
+def _left_categories(nodes, raw_left, known, feature_map):
+    """For each categorical node of one HistGradientBoosting predictor, whether each code 0-255 goes left.
+
+    _predict_one_from_raw_data: a code in the node's raw_left_cat_bitsets row goes left; one
+    the bin mapper knows for the feature (known_cat_bitsets) goes right; any other goes where
+    missing values go.  A bitset is 8 uint32 words, code v being bit v % 32 of word v // 32.
+    """
+    import numpy as np
+
+    codes = np.arange(256)
+
+    def bits(words):
+        return ((words[..., codes // 32] >> (codes % 32).astype(np.uint32)) & 1).astype(bool)
+
+    split = nodes[nodes["is_categorical"] == 1]
+    left = bits(raw_left[split["bitset_idx"]]) if len(split) else np.zeros((0, 256), dtype=bool)
+    seen = bits(known[feature_map[split["feature_idx"]]]) if len(split) else left
+    return left | (~seen & split["missing_go_to_left"].astype(bool)[:, np.newaxis])
 
 
 def _tree_walker(trees, n_features, dtype):
@@ -2172,8 +2211,9 @@ def _tree_walker(trees, n_features, dtype):
     nodes go into one set of flat arrays; a leaf points to itself, so every row takes
     max_depth steps and stays on its leaf.  A step compares the row's value (of `dtype`, float32
     for scikit-learn's trees) with the node's float64 threshold, NaN going where
-    missing_go_to_left says, as the Cython does.  `splits` is each feature's split thresholds
-    and `dtype`, for the proof.
+    missing_go_to_left says, as the Cython does; trees with categorical nodes (histogram
+    boosting's) turn there as _categorical_turns says.  `splits` is each feature's split
+    thresholds and `dtype`, for the proof.
     """
     import numpy as np
 
@@ -2187,6 +2227,7 @@ def _tree_walker(trees, n_features, dtype):
     missing_left = np.concatenate([tree.missing_go_to_left for tree in trees]).astype(bool)
     values = np.concatenate([tree.value for tree in trees])
     roots, depth = offsets[:-1], max(tree.max_depth for tree in trees)
+    turns = _categorical_turns(trees, missing_left)
 
     def walk(X):
         node = np.repeat(roots[np.newaxis, :], len(X), axis=0)
@@ -2194,11 +2235,40 @@ def _tree_walker(trees, n_features, dtype):
         for _ in range(depth):
             x = X[rows, feature[node]]
             go_left = (x <= threshold[node]) | (np.isnan(x) & missing_left[node])
-            node = np.where(go_left, left[node], right[node])
+            node = np.where(go_left if turns is None else turns(node, x, go_left), left[node], right[node])
         return node
 
     thresholds = [np.unique(threshold[~leaf & (feature == f)]) for f in range(n_features)]
     return walk, values, (thresholds, dtype)
+
+
+def _categorical_turns(trees, missing_left):
+    """None if no node splits on a category; else turns(node, x, go_left): go_left, where the node is categorical
+    replaced by its choice as _predict_one_from_raw_data makes it.
+
+    NaN and negative values go where missing values go; any other value is cast to uint8, as the
+    Cython casts it, and looked up in the node's row of `left_categories` (_left_categories).
+    """
+    import numpy as np
+
+    if not all(hasattr(tree, "is_categorical") for tree in trees):
+        return None
+    split = np.concatenate([tree.is_categorical for tree in trees])
+    if not split.any():
+        return None
+    table = np.concatenate([np.zeros((1, 256), dtype=bool)] + [tree.left_categories for tree in trees])
+    row = np.zeros(len(split), dtype=np.intp)
+    row[split] = np.arange(1, split.sum() + 1)
+
+    def turns(node, x, go_left):
+        categorical = split[node]
+        if not categorical.any():
+            return go_left
+        valid = x >= 0                              # false for NaN
+        code = np.where(categorical & valid, x, 0).astype(np.uint8)
+        return np.where(categorical, np.where(valid, table[row[node], code], missing_left[node]), go_left)
+
+    return turns
 
 
 @functools.cache
@@ -2251,8 +2321,15 @@ def _transform_chain(pipeline, steps=None):
 
 
 def _identity(step):
-    """FunctionTransformer without a function and without validation (a ColumnTransformer's passthrough)."""
-    if step.func is not None or step.validate:
+    """FunctionTransformer without a function (a ColumnTransformer's passthrough), or with the check_array that
+    histogram boosting's preprocessor gives its numeric columns, which leaves float64 rows as they are."""
+    import numpy as np
+    from sklearn.utils import check_array
+
+    func = step.func
+    checks = isinstance(func, functools.partial) and func.func is check_array and not func.args and \
+        func.keywords == {"dtype": [np.float64], "ensure_all_finite": False}
+    if step.validate or not (func is None or checks):
         raise _NotNative("a FunctionTransformer with a function or validation")
     return lambda X: X
 
@@ -2520,7 +2597,8 @@ def _compile(estimator, wanted, n_features):
 
     A compiler returns its methods and its `splits`: None, or (each feature's thresholds, the
     dtype its inputs are compared in), float32 for scikit-learn's trees, float64 for histogram
-    boosting.
+    boosting; and, where the model transforms its rows itself first (histogram boosting's
+    categories), the _Step that does, which then runs in the predictor's `prepare`.
     """
     import numpy as np
     from sklearn.pipeline import Pipeline
@@ -2533,10 +2611,16 @@ def _compile(estimator, wanted, n_features):
     compiler = _native_compilers().get(type(estimator))
     if compiler is None:
         raise _NotNative(f"no native compiler for {type(estimator).__name__} (exact classes only)")
-    compiled, splits = compiler(estimator)
+    compiled, splits, *own_step = compiler(estimator)
     float32 = splits is not None and splits[1] is np.float32
-    return _proved(estimator, {m: f for m, f in compiled.items() if m in wanted}, splits,
-                   lambda allow_nan, allow_inf: NativePredictor({}, n_features, allow_nan, allow_inf, float32=float32))
+    compiled = {m: f for m, f in compiled.items() if m in wanted}
+    if not own_step:
+        return _proved(estimator, compiled, splits, lambda allow_nan, allow_inf: NativePredictor(
+            {}, n_features, allow_nan, allow_inf, float32=float32))
+    step, takes_all = own_step[0], NativePredictor({}, n_features, True, True)
+    return _proved(estimator, compiled, splits, lambda allow_nan, allow_inf: NativePredictor(
+        {}, n_features, allow_nan, allow_inf, steps=step.function, final=takes_all, categories=step.categories),
+        step.categories)
 
 
 def _proved(estimator, compiled, splits, make, categories=None):

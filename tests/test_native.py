@@ -64,9 +64,10 @@ def _data():
             "diabetes_2": (diabetes[0], np.c_[diabetes[1], diabetes[1] ** 0.5]),
             "cancer_holes": (_with_holes(_standard(cancer[0])), cancer[1]),
             "wine_holes": (_with_holes(wine[0]), wine[1]),
-            "iris_categorical": (np.c_[np.floor(iris[0][:, :1]), iris[0][:, 1:]], iris[1]),
             "iris_2": (iris[0], np.c_[iris[1], iris[0][:, 1] > 3]),
             "wine_holes_2": (_with_holes(wine[0]), np.c_[wine[1] + 10, wine[0][:, 0] > 13]),
+            "wide_codes": (np.c_[np.floor((wide[0][:, :1] + 3) * 10), wide[0][:, 1:3], wide[0][:, 3:4] > 0,
+                                 wide[0][:, 4:]], wide[1]),
             "iris_codes": (np.c_[_with_holes(iris[0]), _codes(iris[0])], iris[1]),
             "iris_codes_holes": (_with_holes(np.c_[iris[0], _codes(iris[0])], seed=1), iris[1])}
 
@@ -128,6 +129,12 @@ FAMILIES = {
                                               "wine_holes"),
     "hist_gradient_boosting_regressor_nan": (lambda: HistGradientBoostingRegressor(max_iter=50, random_state=0),
                                              "diabetes_holes"),
+    "hist_gradient_boosting_categorical_nan": (lambda: HistGradientBoostingClassifier(
+        max_iter=30, categorical_features=[4, 5], random_state=0), "iris_codes_holes"),
+    "hist_gradient_boosting_categorical_binary_60": (lambda: HistGradientBoostingClassifier(
+        max_iter=30, categorical_features=[0, 3], random_state=0), "wide_codes"),
+    "hist_gradient_boosting_categorical_regressor_nan": (lambda: HistGradientBoostingRegressor(
+        max_iter=30, categorical_features=[1], random_state=0), "diabetes_holes"),
     "hist_gradient_boosting_poisson": (lambda: HistGradientBoostingRegressor(loss="poisson", max_iter=30,
                                                                              random_state=0), "diabetes"),
     "pipeline_scaler_logistic": (lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
@@ -182,8 +189,10 @@ def _splits(estimator):
     """([(features, thresholds)] of every tree's finite splits, the dtype the model compares in)."""
     if hasattr(estimator, "_predictors"):         # histogram boosting: float64 rows against float64 thresholds
         nodes = [predictor.nodes for iteration in estimator._predictors for predictor in iteration]
-        inner = [(n["is_leaf"] == 0) & np.isfinite(n["num_threshold"]) for n in nodes]
-        return [(n["feature_idx"][i], n["num_threshold"][i]) for n, i in zip(nodes, inner)], np.float64
+        inner = [(n["is_leaf"] == 0) & (n["is_categorical"] == 0) & np.isfinite(n["num_threshold"]) for n in nodes]
+        columns = np.arange(estimator.n_features_in_) if estimator._preprocessor is None else np.concatenate(
+            [np.flatnonzero(estimator.is_categorical_), np.flatnonzero(~estimator.is_categorical_)])
+        return [(columns[n["feature_idx"][i]], n["num_threshold"][i]) for n, i in zip(nodes, inner)], np.float64
     trees = [part.tree_ for part in getattr(estimator, "estimators_", [estimator]) if hasattr(part, "tree_")]
     finite = [(tree.children_left != -1) & np.isfinite(tree.threshold) for tree in trees]   # NaN alone: +inf
     return [(tree.feature[f], tree.threshold[f]) for tree, f in zip(trees, finite)], np.float32
@@ -291,6 +300,23 @@ def test_histogram_boosting_takes_nan_and_infinities_natively_as_scikit_learn_do
     assert forest.native.prepare(rows) is None
 
 
+def test_histogram_boosting_splits_on_categories_natively_unknown_ones_going_where_missing_values_go():
+    model, X = family("hist_gradient_boosting_categorical_binary_60")
+    encoder = model.estimator._preprocessor.named_transformers_["encoder"]
+    assert len(encoder.categories_[0]) > 32             # codes past the bitsets' first word
+    nodes = [p.nodes for iteration in model.estimator._predictors for p in iteration]
+    assert sum(int(n["is_categorical"].sum()) for n in nodes) > 10
+    rows = np.ascontiguousarray(X[:40])
+    rows[:5, 0] = [-1.0, 99.0, np.nan, 0.5, 1e300]      # unknown, missing, between categories
+    rows[5:8, 3] = [2.0, np.nan, -0.0]
+    assert model.native.prepare(rows) is not None
+    for method in model.native.methods:
+        assert service._same_outputs(getattr(model.estimator, method)(rows), model.call(method, rows))
+    rows[0, 0] = np.inf                                 # the encoder refuses it, not the trees
+    assert model.native.prepare(rows) is None
+    assert_same_refusal(model, service.LoadedModel(_Ref, model.estimator, "", 0, 0.0), rows)
+
+
 def test_a_pipeline_takes_nan_natively_only_where_its_steps_impute_it():
     imputing, X = family("pipeline_imputer_minmax_forest")
     holes = np.ascontiguousarray(X[:40])
@@ -333,8 +359,13 @@ def test_encoders_of_text_or_named_columns_stay_with_scikit_learn():
                                 LogisticRegression(max_iter=1000)).fit(np.c_[X.astype(object), words], y))
     assert text.native is None and "OneHotEncoder of categories that are not float64 numbers" in \
         text.predictors["predict"][1]
-    named = loaded(fit("ColumnTransformer")[0])
-    assert named.native is None and "fitted on named columns" in named.predictors["predict"][1]
+    for name in ("ColumnTransformer", "HistGradientBoostingClassifier (categorical)"):
+        named = loaded(fit(name)[0])
+        assert named.native is None and "fitted on named columns" in named.predictors["predict"][1]
+    boosting = loaded(HistGradientBoostingClassifier(max_iter=5, categorical_features=[4], random_state=0).fit(
+        np.c_[X.astype(object), words], y))
+    assert boosting.native is None and "OrdinalEncoder of categories that are not float64" in \
+        boosting.predictors["predict"][1]
 
 
 def test_a_pipeline_whose_final_step_is_unknown_says_so():
@@ -366,9 +397,9 @@ def test_a_batch_of_multi_output_probabilities_gives_each_request_its_rows_of_ev
     (make_pipeline(StandardScaler(), KNeighborsClassifier()), "iris"),
     (make_pipeline(OneHotEncoder(handle_unknown="ignore"), LogisticRegression(max_iter=1000)), "iris"),
     (RandomForestClassifier(n_estimators=3, n_jobs=2, random_state=0), "iris"),
-    (HistGradientBoostingClassifier(max_iter=5, categorical_features=[0], random_state=0), "iris_categorical")],
-    ids=["knn", "svc-rbf", "pipeline-normalizer", "pipeline-knn", "pipeline-sparse-one-hot-logistic", "forest-n_jobs",
-         "hist-gradient-boosting-categorical"])
+    ],
+    ids=["knn", "svc-rbf", "pipeline-normalizer", "pipeline-knn", "pipeline-sparse-one-hot-logistic",
+         "forest-n_jobs"])
 def test_other_families_stay_with_scikit_learn(estimator, data):
     model = loaded(estimator.fit(*_data()[data]))
     assert model.native is None

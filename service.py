@@ -2170,18 +2170,24 @@ def _hist_gradient_boosting(estimator):
         mask = np.asarray(estimator.is_categorical_, dtype=bool)
         order = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
         thresholds = [thresholds[position] for position in np.argsort(order)]
-        step = _compile_step("_preprocessor", estimator._preprocessor)    # stacks columns, maybe F-ordered:
-        encode = (step._replace(function=lambda X: _contiguous(step.function(X))),)   # the walk takes any
+        step = _compile_step("_preprocessor", estimator._preprocessor)
+        encode = (step._replace(function=_tree_ready(step.function, False)),)
     if not hasattr(estimator, "classes_"):
         inverse = estimator._loss.link.inverse
         return ({"predict": lambda X: inverse(raw(X).ravel())}, (thresholds, dtype)) + encode
     return (_boosted_classifier(raw, estimator, np.greater), (thresholds, dtype)) + encode
 
 
-def _contiguous(X):
+def _tree_ready(transform, sparse):
+    """`transform`, its rows made C-ordered for a tree's predictor (trees read any layout alike), and where
+    scikit-learn would hand the tree a sparse matrix, None for NaN, which trees refuse in one."""
     import numpy as np
 
-    return None if X is None else np.ascontiguousarray(X)
+    def ready(X):
+        X = transform(X)
+        return None if X is None or sparse and np.isnan(X).any() else np.ascontiguousarray(X)
+
+    return ready
 
 
 def _left_categories(nodes, raw_left, known, feature_map):
@@ -2308,6 +2314,8 @@ def _transform_chain(pipeline, steps=None):
     The probe values are the first step's: later steps see transformed columns.
     """
     compiled = [_compile_step(name, step) for name, step in (pipeline.steps if steps is None else steps)]
+    if any(step.sparse for step in compiled[:-1]):
+        raise _NotNative("a step after one that answers a sparse matrix (its sparse arithmetic is its own)")
     functions = tuple(step.function for step in compiled)
 
     def chain(X):
@@ -2491,8 +2499,11 @@ def _compile_pipeline(pipeline, wanted, n_features):
     """
     *steps, (_, final) = pipeline.steps
     transforms = _transform_chain(pipeline, steps)
-    if transforms.sparse and _native_compilers().get(type(final)) not in (_tree_model, _gradient_boosting):
+    trees = _native_compilers().get(type(final)) in (_tree_model, _gradient_boosting, _hist_gradient_boosting)
+    if transforms.sparse and not trees:
         raise _NotNative("a step answers a sparse matrix, whose products scikit-learn sums in another order")
+    if trees:
+        transforms = transforms._replace(function=_tree_ready(transforms.function, transforms.sparse))
     try:
         inner, reasons = _compile(final, wanted, final.n_features_in_)
         if not inner.methods:
@@ -2579,13 +2590,15 @@ def _prove(estimator, methods, make, batch, rng):
         for X in probes:
             ok, expected = _answer(expected_of, X)
             try:
-                same = ok and _same_outputs(expected, function(predictor.prepare(X)))
+                prepared = predictor.prepare(X)
+                same = ok and prepared is not None and _same_outputs(expected, function(prepared))
             except Exception as error:  # the compiled closure failed: that is a reason, not a crash
                 refused[method] = f"the native {method} failed on a probe: {type(error).__name__}: {error}"
                 break
             if not same:
-                refused[method] = (f"differs from scikit-learn on a probe of {len(X)} row(s)" if ok else
-                                   f"scikit-learn refused a probe: {_clip(str(expected), 120)}")
+                refused[method] = (f"scikit-learn refused a probe: {_clip(str(expected), 120)}" if not ok else
+                                   f"its native check leaves a probe of {len(X)} row(s) to scikit-learn"
+                                   if prepared is None else f"differs from scikit-learn on a probe of {len(X)} row(s)")
                 break
         else:
             predictor.methods[method] = function

@@ -340,6 +340,22 @@ def test_an_unknown_category_an_encoder_must_refuse_gets_scikit_learns_refusal()
         assert_same_refusal(model, plain, rows)
 
 
+def test_nan_in_a_sparse_matrix_is_left_to_scikit_learn_whose_trees_refuse_it():
+    """Unknown categories encoded as NaN reach the forest in a sparse matrix: the proof sees scikit-learn refuse
+    them; and NaN that a compiled step makes on the way to a tree in a sparse matrix goes to scikit-learn."""
+    X, y = _data()["iris_codes"]
+    X = np.nan_to_num(X, nan=1.0)
+    columns = ColumnTransformer([("one_hot", OneHotEncoder(handle_unknown="ignore"), [5]), ("ordinal", OrdinalEncoder(
+        handle_unknown="use_encoded_value", unknown_value=np.nan), [4])], remainder="passthrough", sparse_threshold=1)
+    model = loaded(make_pipeline(columns, RandomForestClassifier(n_estimators=5, random_state=0)).fit(X, y))
+    assert model.native is None and "scikit-learn refused a probe: Input X contains NaN" in \
+        model.predictors["predict"][1]
+    holes = np.array([[1.0, np.nan], [2.0, 3.0]])
+    assert service._tree_ready(lambda rows: rows, True)(holes) is None
+    ready = service._tree_ready(lambda rows: rows, False)(np.asfortranarray(holes))
+    assert ready.flags.c_contiguous and np.array_equal(ready, holes, equal_nan=True)
+
+
 def test_unknown_and_missing_categories_an_encoder_takes_are_answered_natively():
     for name, values in (("pipeline_one_hot_ignore_logistic", (8.0, -0.0, np.nan)),
                          ("pipeline_ordinal_nan_category_forest", (8.0, np.nan, 1e300))):

@@ -7,6 +7,7 @@ many sizes; the native answer must equal scikit-learn's on the same array in val
 CI runs a bounded sample.  The long run is this file as a program:
 
     python tests/test_native.py --rows 100000      # rows per family and method; prints the figures
+    python tests/test_native.py --timing 5         # predict's cost, native and scikit-learn, 1 and 64 rows
 
 Then: families that must stay with scikit-learn, a proof that fails on purpose, the switches, the
 status, the metrics, and HTTP answers through the real app.
@@ -593,10 +594,43 @@ def long_run(rows, single, only=""):
     return total_differing == 0
 
 
+def timing(only, passes):
+    """Microseconds per `LoadedModel.call` of predict on 1 and 64 rows, the model's native predictor switched off
+    and on between passes (interleaved, so a neighbour's load hits both alike); medians of `passes`."""
+    import statistics
+
+    print(f"{'family':44} {'rows':>4} {'scikit-learn µs':>15} {'native µs':>9} {'ratio':>7}")
+    for name in [name for name in FAMILIES if only in name]:
+        model, X = family(name)
+        proved, sample = model.native, differential_rows(model, X, 64, np.random.default_rng(0))
+        for count in (1, 64):
+            rows, figures = np.ascontiguousarray(sample[:count]), {False: [], True: []}
+            calls = max(5, int(0.1 / _seconds(lambda: model.call("predict", rows), 3)))
+            for _ in range(passes):
+                for native in (False, True):
+                    model.native = proved if native else None
+                    figures[native].append(_seconds(lambda: model.call("predict", rows), calls) * 1e6)
+            model.native = proved
+            sklearn, native = statistics.median(figures[False]), statistics.median(figures[True])
+            print(f"{name:44} {count:4d} {sklearn:15,.0f} {native:9,.0f} {f'1/{sklearn / native:.1f}':>7}", flush=True)
+
+
+def _seconds(call, count):
+    """Seconds per call of `call()`, over `count` calls."""
+    started = time.perf_counter()
+    for _ in range(count):
+        call()
+    return (time.perf_counter() - started) / count
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="native vs scikit-learn on many rows, every family and method")
     parser.add_argument("--rows", type=int, default=100_000, help="rows per family and method (default 100000)")
     parser.add_argument("--single", type=int, default=500, help="of which one-row calls (default 500)")
     parser.add_argument("--only", default="", metavar="TEXT", help="only the families whose name holds TEXT")
+    parser.add_argument("--timing", type=int, default=0, metavar="PASSES",
+                        help="instead, time predict natively and by scikit-learn on 1 and 64 rows (median of PASSES)")
     arguments = parser.parse_args()
+    if arguments.timing:
+        sys.exit(timing(arguments.only, arguments.timing))
     sys.exit(0 if long_run(arguments.rows, arguments.single, arguments.only) else 1)

@@ -531,6 +531,24 @@ def test_http_answers_are_scikit_learns_bit_for_bit(make_client, native_store, n
             f'predictor="native"}} 1') in metrics
 
 
+def test_http_an_encoded_pipeline_answers_natively_and_refuses_an_unknown_category_as_scikit_learn(
+        make_client, tmp_path):
+    from conftest import write_artifact
+
+    model, X = family("pipeline_one_hot_error_sparse_forest")
+    write_artifact(tmp_path / "codes" / "1" / "model.joblib", model.estimator, "joblib")
+    client = _app(make_client, tmp_path)
+    rows = np.nan_to_num(X[:3], nan=2.5)
+    answer = client.post_json("/models/codes/predict", {"instances": rows.tolist(), "method": "predict_proba"}).json
+    assert json.dumps(answer["predictions"]) == json.dumps(service.to_jsonable(model.estimator.predict_proba(rows)))
+    rows[1, 4] = 9.0
+    refused = client.post_json("/models/codes/predict", {"instances": rows.tolist()}, status=400).json
+    with pytest.raises(ValueError) as expected:
+        model.estimator.predict(rows)
+    assert str(expected.value) in refused["error"]
+    assert 'model="codes",version="1",method="predict_proba",predictor="native"} 1' in client.get("/metrics").text
+
+
 def test_the_flag_turns_it_off(make_client, native_store):
     client = _app(make_client, native_store, native=False)
     client.post_json("/models/iris/predict", {"instances": [[5.1, 3.5, 1.4, 0.2]]})

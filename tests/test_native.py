@@ -292,7 +292,7 @@ def test_nan_rows_are_served_natively_where_the_trees_take_them():
 
 def test_histogram_boosting_takes_nan_and_infinities_natively_as_scikit_learn_does():
     model, X = family("hist_gradient_boosting_multiclass_nan")
-    rows = np.ascontiguousarray(X[:40])
+    rows = X[:40].copy()
     rows[0, 0], rows[1, 1], rows[2, :] = np.inf, -np.inf, 1e300      # float64 only: no float32 conversion
     assert np.isnan(rows).any() and model.native.prepare(rows) is rows
     for method in ("predict", "predict_proba", "decision_function"):
@@ -307,7 +307,7 @@ def test_histogram_boosting_splits_on_categories_natively_unknown_ones_going_whe
     assert len(encoder.categories_[0]) > 32             # codes past the bitsets' first word
     nodes = [p.nodes for iteration in model.estimator._predictors for p in iteration]
     assert sum(int(n["is_categorical"].sum()) for n in nodes) > 10
-    rows = np.ascontiguousarray(X[:40])
+    rows = X[:40].copy()
     rows[:5, 0] = [-1.0, 99.0, np.nan, 0.5, 1e300]      # unknown, missing, between categories
     rows[5:8, 3] = [2.0, np.nan, -0.0]
     assert model.native.prepare(rows) is not None
@@ -333,7 +333,7 @@ def test_an_unknown_category_an_encoder_must_refuse_gets_scikit_learns_refusal()
     model, X = family("pipeline_one_hot_error_sparse_forest")
     plain = service.LoadedModel(_Ref, model.estimator, "", 0, 0.0)
     for column, value in ((4, 8.0), (5, np.nextafter(1.5, 2)), (4, np.nan), (5, np.inf)):
-        rows = np.ascontiguousarray(X[:3])
+        rows = X[:3].copy()
         rows[1, column] = value
         assert model.native.prepare(rows) is None
         with pytest.raises(service.BadRequest, match="Found unknown categories|Input contains"):

@@ -1738,9 +1738,10 @@ class Batcher:
             stacked = _stack([item.inputs for item in batch])
             outputs = self.model.call(method, stacked)
             start = 0
-            for item in batch:
+            for item in batch:       # a multi-output predict_proba is a list: each output's rows
                 count = len(item.inputs)
-                item.result = outputs[start:start + count]
+                item.result = [output[start:start + count] for output in outputs] if isinstance(outputs, list) \
+                    else outputs[start:start + count]
                 start += count
         except Exception:
             for item in batch:               # one bad request must not fail its batch-mates
@@ -1948,11 +1949,16 @@ def _build_model(ref, options=None, native=True):
 # is known, the fitted arrays are compiled into plain-numpy closures that repeat
 # scikit-learn's operations exactly: the same matrix product on the same array, float32
 # inputs compared against float64 thresholds, trees summed in order and then divided,
-# the same argmax and the same class labels; a pipeline of known scalers and imputers
-# runs their arithmetic first.  Nothing here is trusted on its reading of
-# scikit-learn's code: every compiled method is PROVED on probe rows built from the model
-# (random rows, every tree threshold with its neighbours in the precision the model compares
-# in, NaN and infinities) against the estimator's own method, bit for bit in values, dtype
+# the same argmax and the same class labels; a pipeline of known scalers, imputers and
+# encoders of numeric categories runs their arithmetic first.  Per family:
+#   linear models           _linear_regressor, _linear_classifier (+ _logistic_probabilities, _sgd_probabilities)
+#   trees and forests       _tree_model (+ _multi_output_classifier), over _tree_walker
+#   gradient boosting       _gradient_boosting, _hist_gradient_boosting (+ _categorical_turns), _boosted_classifier
+#   pipelines               _compile_pipeline over _native_transforms (scalers, imputer, encoders, ColumnTransformer)
+# Nothing here is trusted on its reading of scikit-learn's code: every compiled method is
+# PROVED on probe rows built from the model (random rows, every tree threshold with its
+# neighbours in the precision the model compares in, an encoder's categories and unknown
+# values, NaN and infinities) against the estimator's own method, bit for bit in values, dtype
 # and shape, one row at a time and in batches; a method that differs, fails or is not
 # compiled is answered by scikit-learn, with the reason in the model's status.  At request time the native path
 # takes only inputs it can prove it treats exactly as scikit-learn would (a C-contiguous
@@ -1979,16 +1985,20 @@ class NativePredictor:
     converts to it first), or None when the inputs must go to scikit-learn.  A pipeline's
     predictor runs its steps' arithmetic in `prepare` and hands the result to its final
     estimator's predictor, whose own check then decides (a scaler passes NaN on; a linear
-    model refuses it, and then scikit-learn gives the refusal).
+    model refuses it, and then scikit-learn gives the refusal).  A step answers None for rows
+    it leaves to scikit-learn (an encoder meeting a category it must refuse).  `categories`
+    ({column: values}) are the values an encoder knows in the columns it encodes: probes and
+    tests draw those columns from them, as random numbers would all be unknown.
     """
 
-    def __init__(self, methods, n_features, allow_nan, allow_inf=False, float32=False, steps=(), final=None):
+    def __init__(self, methods, n_features, allow_nan, allow_inf=False, float32=False, steps=None, final=None,
+                 categories=None):
         import numpy as np
 
         self.methods = methods                      # {method: function of the prepared array}
         self._n_features, self._allow_nan, self._allow_inf, self._float32 = n_features, allow_nan, allow_inf, \
             float32
-        self._steps, self._final = steps, final
+        self._steps, self._final, self.categories = steps, final, categories or {}
         self._ndarray, self._float64 = np.ndarray, np.dtype(np.float64)
         refuses = {(False, False): lambda X: not np.isfinite(X).all(), (True, False): lambda X: np.isinf(X).any(),
                    (False, True): lambda X: np.isnan(X).any(), (True, True): lambda X: False}
@@ -2004,9 +2014,8 @@ class NativePredictor:
             return None
         if self._final is None:
             return inputs
-        for step in self._steps:
-            inputs = step(inputs)
-        return self._final.prepare(inputs)
+        inputs = self._steps(inputs)
+        return None if inputs is None else self._final.prepare(inputs)
 
 
 @functools.cache
@@ -2064,6 +2073,8 @@ def _linear_classifier(estimator):
     methods = {"decision_function": decision_function, "predict": predict}
     if type(estimator).__name__ == "LogisticRegression":
         methods.update(_logistic_probabilities(decision_function, len(classes)))
+    elif type(estimator).__name__ == "SGDClassifier" and estimator.loss in ("log_loss", "modified_huber"):
+        methods.update(_sgd_probabilities(decision_function, estimator.loss))
     return methods, None
 
 
@@ -2087,6 +2098,35 @@ def _logistic_probabilities(decision_function, n_classes):
     return {"predict_proba": predict_proba, "predict_log_proba": lambda X: np.log(predict_proba(X))}
 
 
+def _sgd_probabilities(decision_function, loss):
+    """SGDClassifier.predict_proba, step for step: for log_loss expit, and for modified_huber the scores clipped
+    to [-1, 1], plus 1, halved; binary as [1 - p, p], else each row divided by its sum (all zeros: uniform)."""
+    import numpy as np
+    from scipy.special import expit     # scikit-learn's _expit on numpy arrays
+
+    def positive(scores):
+        if loss == "log_loss":
+            return expit(scores, out=scores)
+        np.clip(scores, -1, 1, scores)
+        scores += 1.0
+        scores /= 2.0
+        return scores
+
+    def predict_proba(X):
+        probability = positive(decision_function(X))
+        if probability.ndim == 1:       # log_loss stacks 1 - p; modified_huber subtracts p from ones: the same
+            return np.stack([1 - probability, probability], axis=1)
+        total = probability.sum(axis=1)
+        all_zero = total == 0
+        if all_zero.any():
+            probability[all_zero, :] = 1
+            total[all_zero] = probability.shape[1]
+        probability /= total.reshape((probability.shape[0], -1))
+        return probability
+
+    return {"predict_proba": predict_proba, "predict_log_proba": lambda X: np.log(predict_proba(X))}
+
+
 def _tree_model(estimator):
     """A tree or a forest of them: every tree walked at once, their leaf values summed in order, then averaged.
 
@@ -2105,12 +2145,10 @@ def _tree_model(estimator):
     member_classes = {type(estimator.estimator)} if forest else {type(estimator)}
     if {type(member) for member in members} != member_classes:
         raise _NotNative("its trees are not all of the class it builds")
-    if getattr(estimator, "n_outputs_", 1) > 1 and hasattr(estimator, "classes_"):
-        raise _NotNative("a multi-output classifier answers one array per output")
     walk, values, splits = _tree_walker([member.tree_ for member in members], estimator.n_features_in_, np.float32)
-    classifier = hasattr(estimator, "classes_")
-    values = values[:, 0, :len(estimator.classes_)] if classifier else \
-        values[:, :, 0] if estimator.n_outputs_ > 1 else values[:, 0, 0]
+    classifier, several = hasattr(estimator, "classes_"), estimator.n_outputs_ > 1
+    values = values if classifier and several else values[:, 0, :len(estimator.classes_)] if classifier else \
+        values[:, :, 0] if several else values[:, 0, 0]
     count, chunk = len(members), max(1, _TREE_CELLS // len(members))
 
     def combined(X):
@@ -2124,9 +2162,32 @@ def _tree_model(estimator):
 
     if not classifier:
         return {"predict": combined}, splits
+    if several:
+        return _multi_output_classifier(combined, estimator.classes_), splits
     classes = estimator.classes_
     return {"predict_proba": combined, "predict_log_proba": lambda X: np.log(combined(X)),
             "predict": lambda X: classes.take(combined(X).argmax(axis=1), axis=0)}, splits
+
+
+def _multi_output_classifier(combined, classes):
+    """A multi-output tree classifier: a list of probabilities, each output's own classes' columns of the
+    (rows, outputs, most classes) `combined`; predict is a column per output, of the first output's classes' dtype."""
+    import numpy as np
+
+    widths = [len(labels) for labels in classes]
+
+    def predict_proba(X):
+        found = combined(X)
+        return [found[:, k, :width] for k, width in enumerate(widths)]
+
+    def predict(X):
+        found = np.empty((len(X), len(classes)), dtype=classes[0].dtype)
+        for k, probability in enumerate(predict_proba(X)):
+            found[:, k] = classes[k].take(probability.argmax(axis=1), axis=0)
+        return found
+
+    return {"predict_proba": predict_proba, "predict": predict,
+            "predict_log_proba": lambda X: [np.log(probability) for probability in predict_proba(X)]}
 
 
 def _gradient_boosting(estimator):
@@ -2190,36 +2251,36 @@ def _boosted_classifier(raw, estimator, positive):
 
 
 def _hist_gradient_boosting(estimator):
-    """HistGradientBoosting on numeric features: the baseline, plus each iteration's leaf, in order.
+    """HistGradientBoosting: the baseline, plus each iteration's leaf, in order; categories encoded first.
 
     _raw_predict starts from zeros, adds `_baseline_prediction`, then each predictor's leaf
     value into its class's column, iteration after iteration (threads split the rows, never a
     row's sum); a cumulative sum after the baseline repeats that order.  A predictor's node
     sends NaN where missing_go_to_left says and otherwise compares the float64 value with its
-    float64 `num_threshold`, which is the tree walk on float64 rows.  Categorical features go
-    through scikit-learn's own ColumnTransformer and ordinal encoding first, which is not
-    compiled.  Regression applies the loss's inverse link, as predict does.
+    float64 `num_threshold`, which is the tree walk on float64 rows; a categorical node looks
+    the value up in its bitsets (_categorical_turns).  Categorical features first go through the
+    model's own ColumnTransformer (`_preprocessor`: an OrdinalEncoder of those columns, unknown
+    categories becoming NaN, then the others), compiled as a pipeline's is and run in the
+    predictor's `prepare`.  Regression applies the loss's inverse link, as predict does.
     """
     import types
 
     import numpy as np
 
-    if estimator.is_categorical_ is not None or estimator._preprocessor is not None:
-        raise _NotNative("categorical features are encoded by scikit-learn's ColumnTransformer first")
     iterations = estimator._predictors
     if not iterations:
         raise _NotNative("no fitted iterations")
     n_classes = len(iterations[0])
-    nodes = [predictor.nodes for iteration in iterations for predictor in iteration]
-    if any(n["is_categorical"].any() for n in nodes):
-        raise _NotNative("a predictor splits on a category")
+    known, feature_map = estimator._bin_mapper.make_known_categories_bitsets()
     trees = [types.SimpleNamespace(
         children_left=np.where(n["is_leaf"] == 1, -1, n["left"].astype(np.intp)),
         children_right=np.where(n["is_leaf"] == 1, -1, n["right"].astype(np.intp)),
         feature=n["feature_idx"].astype(np.intp), threshold=n["num_threshold"],
         missing_go_to_left=n["missing_go_to_left"], value=n["value"], node_count=len(n),
-        max_depth=int(n["depth"].max())) for n in nodes]
-    walk, values, splits = _tree_walker(trees, estimator.n_features_in_, np.float64)
+        max_depth=int(n["depth"].max()), is_categorical=n["is_categorical"].astype(bool),
+        left_categories=_left_categories(n, predictor.raw_left_cat_bitsets, known, feature_map))
+        for iteration in iterations for predictor in iteration for n in [predictor.nodes]]
+    walk, values, (thresholds, dtype) = _tree_walker(trees, estimator.n_features_in_, np.float64)
     start = np.zeros((1, n_classes), dtype=estimator._baseline_prediction.dtype)
     start += estimator._baseline_prediction
 
@@ -2228,10 +2289,50 @@ def _hist_gradient_boosting(estimator):
         first = np.broadcast_to(start[:, np.newaxis, :], (len(X), 1, n_classes))
         return np.cumsum(np.concatenate([first, added], axis=1), axis=1)[:, -1]
 
+    if estimator._preprocessor is None:
+        encode = ()
+    else:       # the encoded columns come first: the trees' features are in that order
+        mask = np.asarray(estimator.is_categorical_, dtype=bool)
+        order = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
+        thresholds = [thresholds[position] for position in np.argsort(order)]
+        step = _compile_step("_preprocessor", estimator._preprocessor)
+        encode = (step._replace(function=_tree_ready(step.function, False)),)
     if not hasattr(estimator, "classes_"):
         inverse = estimator._loss.link.inverse
-        return {"predict": lambda X: inverse(raw(X).ravel())}, splits
-    return _boosted_classifier(raw, estimator, np.greater), splits
+        return ({"predict": lambda X: inverse(raw(X).ravel())}, (thresholds, dtype)) + encode
+    return (_boosted_classifier(raw, estimator, np.greater), (thresholds, dtype)) + encode
+
+
+def _tree_ready(transform, sparse):
+    """`transform`, its rows made C-ordered for a tree's predictor (trees read any layout alike), and where
+    scikit-learn would hand the tree a sparse matrix, None for NaN, which trees refuse in one."""
+    import numpy as np
+
+    def ready(X):
+        X = transform(X)
+        return None if X is None or sparse and np.isnan(X).any() else np.ascontiguousarray(X)
+
+    return ready
+
+
+def _left_categories(nodes, raw_left, known, feature_map):
+    """For each categorical node of one HistGradientBoosting predictor, whether each code 0-255 goes left.
+
+    _predict_one_from_raw_data: a code in the node's raw_left_cat_bitsets row goes left; one
+    the bin mapper knows for the feature (known_cat_bitsets) goes right; any other goes where
+    missing values go.  A bitset is 8 uint32 words, code v being bit v % 32 of word v // 32.
+    """
+    import numpy as np
+
+    codes = np.arange(256)
+
+    def bits(words):
+        return ((words[..., codes // 32] >> (codes % 32).astype(np.uint32)) & 1).astype(bool)
+
+    split = nodes[nodes["is_categorical"] == 1]
+    left = bits(raw_left[split["bitset_idx"]]) if len(split) else np.zeros((0, 256), dtype=bool)
+    seen = bits(known[feature_map[split["feature_idx"]]]) if len(split) else left
+    return left | (~seen & split["missing_go_to_left"].astype(bool)[:, np.newaxis])
 
 
 def _tree_walker(trees, n_features, dtype):
@@ -2241,8 +2342,9 @@ def _tree_walker(trees, n_features, dtype):
     nodes go into one set of flat arrays; a leaf points to itself, so every row takes
     max_depth steps and stays on its leaf.  A step compares the row's value (of `dtype`, float32
     for scikit-learn's trees) with the node's float64 threshold, NaN going where
-    missing_go_to_left says, as the Cython does.  `splits` is each feature's split thresholds
-    and `dtype`, for the proof.
+    missing_go_to_left says, as the Cython does; trees with categorical nodes (histogram
+    boosting's) turn there as _categorical_turns says.  `splits` is each feature's split
+    thresholds and `dtype`, for the proof.
     """
     import numpy as np
 
@@ -2256,6 +2358,7 @@ def _tree_walker(trees, n_features, dtype):
     missing_left = np.concatenate([tree.missing_go_to_left for tree in trees]).astype(bool)
     values = np.concatenate([tree.value for tree in trees])
     roots, depth = offsets[:-1], max(tree.max_depth for tree in trees)
+    turns = _categorical_turns(trees, missing_left)
 
     def walk(X):
         node = np.repeat(roots[np.newaxis, :], len(X), axis=0)
@@ -2263,20 +2366,210 @@ def _tree_walker(trees, n_features, dtype):
         for _ in range(depth):
             x = X[rows, feature[node]]
             go_left = (x <= threshold[node]) | (np.isnan(x) & missing_left[node])
-            node = np.where(go_left, left[node], right[node])
+            node = np.where(go_left if turns is None else turns(node, x, go_left), left[node], right[node])
         return node
 
     thresholds = [np.unique(threshold[~leaf & (feature == f)]) for f in range(n_features)]
     return walk, values, (thresholds, dtype)
 
 
+def _categorical_turns(trees, missing_left):
+    """None if no node splits on a category; else turns(node, x, go_left): go_left, where the node is categorical
+    replaced by its choice as _predict_one_from_raw_data makes it.
+
+    NaN and negative values go where missing values go; any other value is cast to uint8, as the
+    Cython casts it, and looked up in the node's row of `left_categories` (_left_categories).
+    """
+    import numpy as np
+
+    if not all(hasattr(tree, "is_categorical") for tree in trees):
+        return None
+    split = np.concatenate([tree.is_categorical for tree in trees])
+    if not split.any():
+        return None
+    table = np.concatenate([np.zeros((1, 256), dtype=bool)] + [tree.left_categories for tree in trees])
+    row = np.zeros(len(split), dtype=np.intp)
+    row[split] = np.arange(1, split.sum() + 1)
+
+    def turns(node, x, go_left):
+        categorical = split[node]
+        if not categorical.any():
+            return go_left
+        valid = x >= 0                              # false for NaN
+        code = np.where(categorical & valid, x, 0).astype(np.uint8)
+        return np.where(categorical, np.where(valid, table[row[node], code], missing_left[node]), go_left)
+
+    return turns
+
+
 @functools.cache
 def _native_transforms():
-    """{transformer class: compiler of its transform}, exact classes only, for a pipeline's steps."""
-    from sklearn import impute, preprocessing
+    """{transformer class: compiler of its transform}, exact classes only, for a pipeline's steps.
+
+    A compiler answers a function of the float64 rows, or a _Step when the transform encodes
+    categories (the values to probe it on) or answers a sparse matrix in scikit-learn.
+    """
+    from sklearn import compose, impute, pipeline, preprocessing
 
     return {preprocessing.StandardScaler: _standard_scaler, preprocessing.MinMaxScaler: _min_max_scaler,
-            impute.SimpleImputer: _simple_imputer}
+            impute.SimpleImputer: _simple_imputer, preprocessing.FunctionTransformer: _identity,
+            preprocessing.OneHotEncoder: _one_hot_encoder, preprocessing.OrdinalEncoder: _ordinal_encoder,
+            compose.ColumnTransformer: _column_transformer, pipeline.Pipeline: _transform_chain}
+
+
+#: a compiled transform: function(X) -> transformed rows, or None to leave them to scikit-learn;
+#: categories {input column: values to probe it on}; sparse: scikit-learn answers a sparse matrix there
+_Step = collections.namedtuple("_Step", "function categories sparse")
+
+
+def _compile_step(name, step):
+    """The _Step of one transformer; 'passthrough' (or None) is the identity."""
+    if step is None or (isinstance(step, str) and step == "passthrough"):
+        return _Step(lambda X: X, {}, False)
+    compiler = _native_transforms().get(type(step))
+    if compiler is None or "transform" in vars(step):
+        raise _NotNative(f"no native version of its step {name!r} ({type(step).__name__})")
+    compiled = compiler(step)
+    return compiled if isinstance(compiled, _Step) else _Step(compiled, {}, False)
+
+
+def _transform_chain(pipeline, steps=None):
+    """Pipeline.transform (or the steps before a pipeline's final estimator): each step on the last one's output.
+
+    The probe values are the first step's: later steps see transformed columns.
+    """
+    compiled = [_compile_step(name, step) for name, step in (pipeline.steps if steps is None else steps)]
+    if any(step.sparse for step in compiled[:-1]):
+        raise _NotNative("a step after one that answers a sparse matrix (its sparse arithmetic is its own)")
+    functions = tuple(step.function for step in compiled)
+
+    def chain(X):
+        for function in functions:
+            X = function(X)
+            if X is None:
+                return None
+        return X
+
+    return _Step(chain, compiled[0].categories if compiled else {}, any(step.sparse for step in compiled))
+
+
+def _identity(step):
+    """FunctionTransformer without a function (a ColumnTransformer's passthrough), or with the check_array that
+    histogram boosting's preprocessor gives its numeric columns, which leaves float64 rows as they are."""
+    import numpy as np
+    from sklearn.utils import check_array
+
+    func = step.func
+    checks = isinstance(func, functools.partial) and func.func is check_array and not func.args and \
+        func.keywords == {"dtype": [np.float64], "ensure_all_finite": False}
+    if step.validate or not (func is None or checks):
+        raise _NotNative("a FunctionTransformer with a function or validation")
+    return lambda X: X
+
+
+def _column_transformer(step):
+    """ColumnTransformer.transform on a float64 array: each transformer on its columns, stacked side by side.
+
+    The columns are the indices scikit-learn resolved at fit (a model fitted on named columns
+    keeps receiving DataFrames and is not compiled).  Dense here even where scikit-learn stacks
+    a sparse matrix: the values are the same, and only a tree may read them (see _compile_pipeline).
+    """
+    import numpy as np
+
+    parts, categories = [], {}
+    for name, transformer, _ in step.transformers_:
+        columns = np.asarray(step._transformer_to_input_indices[name], dtype=np.intp)
+        if (isinstance(transformer, str) and transformer == "drop") or not len(columns):
+            continue
+        compiled = _compile_step(name, transformer)
+        parts.append((columns, compiled.function))
+        categories.update({int(columns[j]): values for j, values in compiled.categories.items()})
+
+    def stacked(X):
+        outputs = [function(X[:, columns]) for columns, function in parts]
+        return None if any(output is None for output in outputs) else np.hstack(outputs)
+
+    return _Step(stacked, categories, bool(step.sparse_output_))
+
+
+def _category_codes(encoder):
+    """codes(X) -> (each value's index in its column's categories, whether it is one), as _BaseEncoder finds them.
+
+    For float64 columns fitted on numbers only (text arrives as objects, which go to
+    scikit-learn): a sorted search, NaN being the last category where it is one.  None where
+    scikit-learn refuses: an infinity, or an unknown value when handle_unknown is 'error'.
+    """
+    import numpy as np
+
+    if encoder._infrequent_enabled:
+        raise _NotNative(f"{type(encoder).__name__} groups infrequent categories")
+    tables = []
+    for column in encoder.categories_:
+        if column.dtype != np.float64 or np.isnan(column[:-1]).any() or len(column) < 2 and np.isnan(column).all():
+            raise _NotNative(f"{type(encoder).__name__} of categories that are not float64 numbers")
+        tables.append((column[:-1], len(column) - 1) if np.isnan(column[-1]) else (column, -1))
+    refuse_unknown = encoder.handle_unknown == "error"
+
+    def codes(X):
+        if np.isinf(X).any():
+            return None
+        index, known = np.empty(X.shape, dtype=np.intp), np.empty(X.shape, dtype=bool)
+        for i, (values, nan_code) in enumerate(tables):
+            x = X[:, i]
+            index[:, i] = np.searchsorted(values, x).clip(max=len(values) - 1)
+            known[:, i] = values[index[:, i]] == x
+            if nan_code >= 0:
+                missing = np.isnan(x)
+                index[missing, i], known[missing, i] = nan_code, True
+        return None if refuse_unknown and not known.all() else (index, known)
+
+    probes = {i: np.asarray(values if refuse_unknown else np.concatenate(
+        [values, np.nextafter(values, -np.inf), np.nextafter(values, np.inf)])) for i, (values, _) in enumerate(tables)}
+    return codes, probes
+
+
+def _one_hot_encoder(step):
+    """OneHotEncoder.transform, without drop: a 1 in each known category's column, unknown ones all zeros."""
+    import numpy as np
+
+    if step.drop is not None or step.handle_unknown not in ("error", "ignore", "infrequent_if_exist"):
+        raise _NotNative(f"a OneHotEncoder with drop={step.drop!r}, handle_unknown={step.handle_unknown!r}")
+    codes, probes = _category_codes(step)
+    offsets, width, dtype = np.cumsum([0] + step._n_features_outs)[:-1], sum(step._n_features_outs), step.dtype
+
+    def one_hot(X):
+        found = codes(X)
+        if found is None:
+            return None
+        index, known = found
+        out = np.zeros((len(X), width), dtype=dtype)
+        rows, columns = np.nonzero(known)
+        out[rows, offsets[columns] + index[rows, columns]] = 1
+        return out
+
+    return _Step(one_hot, probes, bool(step.sparse_output))
+
+
+def _ordinal_encoder(step):
+    """OrdinalEncoder.transform: each category's index, encoded_missing_value for NaN, unknown_value if asked."""
+    import numpy as np
+
+    codes, probes = _category_codes(step)
+    missing, unknown = step._missing_indices, step.handle_unknown == "use_encoded_value"
+
+    def ordinal(X):
+        found = codes(X)
+        if found is None:
+            return None
+        index, known = found
+        out = index.astype(step.dtype)
+        for column in missing:
+            out[np.isnan(X[:, column]), column] = step.encoded_missing_value
+        if unknown:
+            out[~known] = step.unknown_value
+        return out
+
+    return _Step(ordinal, probes, False)
 
 
 def _standard_scaler(step):
@@ -2321,20 +2614,21 @@ def _simple_imputer(step):
 
 
 def _compile_pipeline(pipeline, wanted, n_features):
-    """A Pipeline of known scalers and imputers ending in a known model: its steps, then the final predictor.
+    """A Pipeline of known transforms ending in a known model: its steps, then the final predictor.
 
     The final estimator is compiled and proved alone first (on its own thresholds), then the
-    whole pipeline is proved end to end against Pipeline's own methods.
+    whole pipeline is proved end to end against Pipeline's own methods, on rows whose encoded
+    columns hold the encoders' categories.  Where scikit-learn hands the final step a sparse
+    matrix, only trees are compiled: they read a sparse row's values exactly as a dense row's,
+    while a linear model's sparse product sums in another order than the dense one.
     """
     *steps, (_, final) = pipeline.steps
-    transforms = []
-    for name, step in steps:
-        if step is None or step == "passthrough":
-            continue
-        compiler = _native_transforms().get(type(step))
-        if compiler is None or "transform" in vars(step):
-            raise _NotNative(f"no native version of its step {name!r} ({type(step).__name__})")
-        transforms.append(compiler(step))
+    transforms = _transform_chain(pipeline, steps)
+    trees = _native_compilers().get(type(final)) in (_tree_model, _gradient_boosting, _hist_gradient_boosting)
+    if transforms.sparse and not trees:
+        raise _NotNative("a step answers a sparse matrix, whose products scikit-learn sums in another order")
+    if trees:
+        transforms = transforms._replace(function=_tree_ready(transforms.function, transforms.sparse))
     try:
         inner, reasons = _compile(final, wanted, final.n_features_in_)
         if not inner.methods:
@@ -2342,16 +2636,18 @@ def _compile_pipeline(pipeline, wanted, n_features):
     except _NotNative as error:
         raise _NotNative(f"its final step: {error}") from None
     return _proved(pipeline, dict(inner.methods), None, lambda allow_nan, allow_inf: NativePredictor(
-        {}, n_features, allow_nan, allow_inf, steps=tuple(transforms), final=inner))
+        {}, n_features, allow_nan, allow_inf, steps=transforms.function, final=inner,
+        categories=transforms.categories), transforms.categories)
 
 
-def _probe_rows(n_features, splits, rng):
+def _probe_rows(n_features, splits, rng, categories):
     """Finite rows to prove on: random ones at many scales, and for trees every threshold and its neighbours.
 
     A threshold t is probed at t itself, at t in the dtype the model compares in (float32 for
     scikit-learn's trees, float64 for histogram boosting) and at the values of that dtype on
     either side of it, which is where a comparison could go either way.  Each row carries one
-    probe per feature, so every probe appears in some row.
+    probe per feature, so every probe appears in some row.  A column an encoder encodes is drawn
+    from its `categories` probe values instead (random numbers would all be unknown categories).
     """
     import numpy as np
 
@@ -2368,7 +2664,10 @@ def _probe_rows(n_features, splits, rng):
             columns.append(values if len(values) else rng.standard_normal(1))
         height = max(len(column) for column in columns)
         rows.append(np.stack([rng.permutation(np.resize(column, height)) for column in columns], axis=1))
-    return np.ascontiguousarray(np.concatenate(rows))
+    rows = np.ascontiguousarray(np.concatenate(rows))
+    for column, values in categories.items():
+        rows[:, column] = rng.choice(values, len(rows))
+    return rows
 
 
 def _edge_rows(batch, rng):
@@ -2416,13 +2715,15 @@ def _prove(estimator, methods, make, batch, rng):
         for X in probes:
             ok, expected = _answer(expected_of, X)
             try:
-                same = ok and _same_outputs(expected, function(predictor.prepare(X)))
+                prepared = predictor.prepare(X)
+                same = ok and prepared is not None and _same_outputs(expected, function(prepared))
             except Exception as error:  # the compiled closure failed: that is a reason, not a crash
                 refused[method] = f"the native {method} failed on a probe: {type(error).__name__}: {error}"
                 break
             if not same:
-                refused[method] = (f"differs from scikit-learn on a probe of {len(X)} row(s)" if ok else
-                                   f"scikit-learn refused a probe: {_clip(str(expected), 120)}")
+                refused[method] = (f"scikit-learn refused a probe: {_clip(str(expected), 120)}" if not ok else
+                                   f"its native check leaves a probe of {len(X)} row(s) to scikit-learn"
+                                   if prepared is None else f"differs from scikit-learn on a probe of {len(X)} row(s)")
                 break
         else:
             predictor.methods[method] = function
@@ -2434,7 +2735,8 @@ def _compile(estimator, wanted, n_features):
 
     A compiler returns its methods and its `splits`: None, or (each feature's thresholds, the
     dtype its inputs are compared in), float32 for scikit-learn's trees, float64 for histogram
-    boosting.
+    boosting; and, where the model transforms its rows itself first (histogram boosting's
+    categories), the _Step that does, which then runs in the predictor's `prepare`.
     """
     import numpy as np
     from sklearn.pipeline import Pipeline
@@ -2447,20 +2749,26 @@ def _compile(estimator, wanted, n_features):
     compiler = _native_compilers().get(type(estimator))
     if compiler is None:
         raise _NotNative(f"no native compiler for {type(estimator).__name__} (exact classes only)")
-    compiled, splits = compiler(estimator)
+    compiled, splits, *own_step = compiler(estimator)
     float32 = splits is not None and splits[1] is np.float32
-    return _proved(estimator, {m: f for m, f in compiled.items() if m in wanted}, splits,
-                   lambda allow_nan, allow_inf: NativePredictor({}, n_features, allow_nan, allow_inf, float32=float32))
+    compiled = {m: f for m, f in compiled.items() if m in wanted}
+    if not own_step:
+        return _proved(estimator, compiled, splits, lambda allow_nan, allow_inf: NativePredictor(
+            {}, n_features, allow_nan, allow_inf, float32=float32))
+    step, takes_all = own_step[0], NativePredictor({}, n_features, True, True)
+    return _proved(estimator, compiled, splits, lambda allow_nan, allow_inf: NativePredictor(
+        {}, n_features, allow_nan, allow_inf, steps=step.function, final=takes_all, categories=step.categories),
+        step.categories)
 
 
-def _proved(estimator, compiled, splits, make):
+def _proved(estimator, compiled, splits, make, categories=None):
     """_prove on the probe rows of this estimator (the same at every load)."""
     import numpy as np
 
     if not compiled:
         raise _NotNative("no native version of its methods")
     rng = np.random.default_rng(NATIVE_PROBE_SEED)
-    batch = _probe_rows(estimator.n_features_in_, splits, rng)
+    batch = _probe_rows(estimator.n_features_in_, splits, rng, categories or {})
     with np.errstate(all="ignore"):     # log(0) and the like warn alike on both sides: not a difference
         return _prove(estimator, compiled, make, batch, rng)
 

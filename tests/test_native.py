@@ -7,6 +7,7 @@ many sizes; the native answer must equal scikit-learn's on the same array in val
 CI runs a bounded sample.  The long run is this file as a program:
 
     python tests/test_native.py --rows 100000      # rows per family and method; prints the figures
+    python tests/test_native.py --timing 5         # predict's cost, native and scikit-learn, 1 and 64 rows
 
 Then: families that must stay with scikit-learn, a proof that fails on purpose, the switches, the
 status, the metrics, and HTTP answers through the real app.
@@ -26,13 +27,14 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_
 from sklearn.ensemble import (ExtraTreesClassifier, ExtraTreesRegressor, GradientBoostingClassifier,
                               GradientBoostingRegressor, HistGradientBoostingClassifier,
                               HistGradientBoostingRegressor, RandomForestClassifier, RandomForestRegressor)
+from sklearn.compose import ColumnTransformer
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import (ElasticNet, Lasso, LinearRegression, LogisticRegression, Perceptron, Ridge,
                                   RidgeClassifier, SGDClassifier, SGDRegressor)
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import MinMaxScaler, Normalizer, StandardScaler
+from sklearn.preprocessing import MinMaxScaler, Normalizer, OneHotEncoder, OrdinalEncoder, StandardScaler
 from sklearn.svm import SVC, LinearSVC, LinearSVR
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTreeClassifier
 
@@ -40,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import service  # noqa: E402
 from conftest import metric_value  # noqa: E402
+from families import fit  # noqa: E402
 
 
 def _standard(X):
@@ -63,7 +66,23 @@ def _data():
             "diabetes_2": (diabetes[0], np.c_[diabetes[1], diabetes[1] ** 0.5]),
             "cancer_holes": (_with_holes(_standard(cancer[0])), cancer[1]),
             "wine_holes": (_with_holes(wine[0]), wine[1]),
-            "iris_categorical": (np.c_[np.floor(iris[0][:, :1]), iris[0][:, 1:]], iris[1])}
+            "iris_2": (iris[0], np.c_[iris[1], iris[0][:, 1] > 3]),
+            "wine_holes_2": (_with_holes(wine[0]), np.c_[wine[1] + 10, wine[0][:, 0] > 13]),
+            "wide_codes": (np.c_[np.floor((wide[0][:, :1] + 3) * 10), wide[0][:, 1:3], wide[0][:, 3:4] > 0,
+                                 wide[0][:, 4:]], wide[1]),
+            "iris_codes": (np.c_[_with_holes(iris[0]), _codes(iris[0])], iris[1]),
+            "iris_codes_holes": (_with_holes(np.c_[iris[0], _codes(iris[0])], seed=1), iris[1])}
+
+
+def _codes(X):
+    """Two category columns of numbers: whole centimetres of the first feature (4 to 7), and a code."""
+    return np.c_[np.floor(X[:, 0]), (np.arange(len(X)) % 3) * 1.5]
+
+
+def _columns(numbers, codes, remainder="drop"):
+    """A ColumnTransformer of iris's four measures (imputed, scaled) and its two code columns."""
+    return ColumnTransformer([("numbers", make_pipeline(SimpleImputer(), StandardScaler()), [0, 1, 2, 3]),
+                              ("codes", codes, [4, 5])][not numbers:], remainder=remainder)
 
 
 # family id -> (estimator, data set): every class the native compiler covers, binary and multiclass,
@@ -73,6 +92,11 @@ FAMILIES = {
     "logistic_binary": (lambda: LogisticRegression(max_iter=1000), "cancer"),
     "ridge_classifier": (lambda: RidgeClassifier(), "wine"),
     "sgd_classifier": (lambda: SGDClassifier(random_state=0), "iris_std"),
+    "sgd_classifier_log_loss": (lambda: SGDClassifier(loss="log_loss", random_state=0), "iris_std"),
+    "sgd_classifier_log_loss_binary": (lambda: SGDClassifier(loss="log_loss", random_state=0), "cancer"),
+    "sgd_classifier_modified_huber": (lambda: SGDClassifier(loss="modified_huber", random_state=0), "iris_std"),
+    "sgd_classifier_modified_huber_binary": (lambda: SGDClassifier(loss="modified_huber", random_state=0),
+                                             "cancer"),
     "perceptron": (lambda: Perceptron(random_state=0), "cancer"),
     "linear_svc": (lambda: LinearSVC(random_state=0), "iris_std"),
     "linear_regression_2_outputs": (lambda: LinearRegression(), "diabetes_2"),
@@ -90,6 +114,10 @@ FAMILIES = {
                                      "iris_holes"),
     "random_forest_regressor": (lambda: RandomForestRegressor(n_estimators=20, random_state=0), "diabetes"),
     "extra_trees_classifier": (lambda: ExtraTreesClassifier(n_estimators=20, random_state=0), "wine"),
+    "decision_tree_classifier_2_outputs": (lambda: DecisionTreeClassifier(random_state=0), "iris_2"),
+    "random_forest_classifier_2_outputs_nan": (lambda: RandomForestClassifier(n_estimators=10, random_state=0),
+                                               "wine_holes_2"),
+    "extra_trees_classifier_2_outputs": (lambda: ExtraTreesClassifier(n_estimators=10, random_state=0), "iris_2"),
     "extra_trees_regressor_2_outputs": (lambda: ExtraTreesRegressor(n_estimators=10, random_state=0),
                                         "diabetes_2"),
     "gradient_boosting_multiclass": (lambda: GradientBoostingClassifier(n_estimators=30, random_state=0), "wine"),
@@ -103,6 +131,12 @@ FAMILIES = {
                                               "wine_holes"),
     "hist_gradient_boosting_regressor_nan": (lambda: HistGradientBoostingRegressor(max_iter=50, random_state=0),
                                              "diabetes_holes"),
+    "hist_gradient_boosting_categorical_nan": (lambda: HistGradientBoostingClassifier(
+        max_iter=30, categorical_features=[4, 5], random_state=0), "iris_codes_holes"),
+    "hist_gradient_boosting_categorical_binary_60": (lambda: HistGradientBoostingClassifier(
+        max_iter=30, categorical_features=[0, 3], random_state=0), "wide_codes"),
+    "hist_gradient_boosting_categorical_regressor_nan": (lambda: HistGradientBoostingRegressor(
+        max_iter=30, categorical_features=[1], random_state=0), "diabetes_holes"),
     "hist_gradient_boosting_poisson": (lambda: HistGradientBoostingRegressor(loss="poisson", max_iter=30,
                                                                              random_state=0), "diabetes"),
     "pipeline_scaler_logistic": (lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
@@ -112,6 +146,19 @@ FAMILIES = {
                                        "iris_holes"),
     "pipeline_imputer_scaler_ridge": (lambda: make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
                                                             Ridge()), "diabetes_holes"),
+    "pipeline_one_hot_ignore_logistic": (lambda: make_pipeline(_columns(True, OneHotEncoder(
+        handle_unknown="ignore", sparse_output=False)), LogisticRegression(max_iter=1000)), "iris_codes"),
+    "pipeline_one_hot_error_sparse_forest": (lambda: make_pipeline(_columns(False, OneHotEncoder(), SimpleImputer()),
+                                                                   RandomForestClassifier(n_estimators=10,
+                                                                                          random_state=0)),
+                                             "iris_codes"),
+    "pipeline_ordinal_nan_category_forest": (lambda: make_pipeline(_columns(False, OrdinalEncoder(
+        handle_unknown="use_encoded_value", unknown_value=-1), "passthrough"), ExtraTreesRegressor(
+        n_estimators=10, random_state=0)), "iris_codes_holes"),
+    "pipeline_ordinal_error_gradient_boosting": (lambda: make_pipeline(_columns(True, OrdinalEncoder()),
+                                                                       GradientBoostingClassifier(
+                                                                           n_estimators=10, random_state=0)),
+                                                 "iris_codes"),
 }
 
 
@@ -144,8 +191,10 @@ def _splits(estimator):
     """([(features, thresholds)] of every tree's finite splits, the dtype the model compares in)."""
     if hasattr(estimator, "_predictors"):         # histogram boosting: float64 rows against float64 thresholds
         nodes = [predictor.nodes for iteration in estimator._predictors for predictor in iteration]
-        inner = [(n["is_leaf"] == 0) & np.isfinite(n["num_threshold"]) for n in nodes]
-        return [(n["feature_idx"][i], n["num_threshold"][i]) for n, i in zip(nodes, inner)], np.float64
+        inner = [(n["is_leaf"] == 0) & (n["is_categorical"] == 0) & np.isfinite(n["num_threshold"]) for n in nodes]
+        columns = np.arange(estimator.n_features_in_) if estimator._preprocessor is None else np.concatenate(
+            [np.flatnonzero(estimator.is_categorical_), np.flatnonzero(~estimator.is_categorical_)])
+        return [(columns[n["feature_idx"][i]], n["num_threshold"][i]) for n, i in zip(nodes, inner)], np.float64
     trees = [part.tree_ for part in getattr(estimator, "estimators_", [estimator]) if hasattr(part, "tree_")]
     finite = [(tree.children_left != -1) & np.isfinite(tree.threshold) for tree in trees]   # NaN alone: +inf
     return [(tree.feature[f], tree.threshold[f]) for tree, f in zip(trees, finite)], np.float32
@@ -154,7 +203,8 @@ def _splits(estimator):
 def differential_rows(model, X, count, rng):
     """`count` rows: a third random within (and a little past) the fitted range, a third at tree thresholds
     and their neighbours (training rows, jittered, for linear models), a third with NaN and infinities where
-    the model takes them (else random)."""
+    the model takes them (else random); a column an encoder encodes holds its categories (and unknown values
+    where it takes them)."""
     low, high = np.nanmin(X, axis=0), np.nanmax(X, axis=0)
     span = high - low
     third = count // 3
@@ -179,7 +229,10 @@ def differential_rows(model, X, count, rng):
         holes[rng.random(holes.shape) < 0.05] = np.inf
         holes[rng.random(holes.shape) < 0.05] = -np.inf
     rows.append(holes)
-    return np.ascontiguousarray(rng.permutation(np.concatenate(rows)))
+    rows = np.concatenate(rows)
+    for column, values in model.native.categories.items():     # an encoder's categories, and unknown ones
+        rows[:, column] = rng.choice(values, len(rows))         # where it takes them
+    return np.ascontiguousarray(rng.permutation(rows))
 
 
 def differences(model, method, rows, rng, single):
@@ -207,11 +260,11 @@ def _methods(name):
     factory, _ = FAMILIES[name]
     estimator = factory()
     estimator = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
-    if isinstance(estimator, SGDClassifier):      # hinge loss: no probabilities
-        return ("predict", "decision_function")
+    if isinstance(estimator, SGDClassifier) and estimator.loss not in ("log_loss", "modified_huber"):
+        return ("predict", "decision_function")     # hinge loss and the like: no probabilities
     if isinstance(estimator, HistGradientBoostingClassifier):     # it has no predict_log_proba
         return ("predict", "predict_proba", "decision_function")
-    if isinstance(estimator, (LogisticRegression, GradientBoostingClassifier)):
+    if isinstance(estimator, (LogisticRegression, GradientBoostingClassifier, SGDClassifier)):
         return ("predict", "predict_proba", "predict_log_proba", "decision_function")
     if hasattr(estimator, "decision_function"):
         return ("predict", "decision_function")
@@ -240,13 +293,30 @@ def test_nan_rows_are_served_natively_where_the_trees_take_them():
 
 def test_histogram_boosting_takes_nan_and_infinities_natively_as_scikit_learn_does():
     model, X = family("hist_gradient_boosting_multiclass_nan")
-    rows = np.ascontiguousarray(X[:40])
+    rows = X[:40].copy()
     rows[0, 0], rows[1, 1], rows[2, :] = np.inf, -np.inf, 1e300      # float64 only: no float32 conversion
     assert np.isnan(rows).any() and model.native.prepare(rows) is rows
     for method in ("predict", "predict_proba", "decision_function"):
         assert service._same_outputs(getattr(model.estimator, method)(rows), model.call(method, rows))
     forest, _ = family("random_forest_classifier_nan")
     assert forest.native.prepare(rows) is None
+
+
+def test_histogram_boosting_splits_on_categories_natively_unknown_ones_going_where_missing_values_go():
+    model, X = family("hist_gradient_boosting_categorical_binary_60")
+    encoder = model.estimator._preprocessor.named_transformers_["encoder"]
+    assert len(encoder.categories_[0]) > 32             # codes past the bitsets' first word
+    nodes = [p.nodes for iteration in model.estimator._predictors for p in iteration]
+    assert sum(int(n["is_categorical"].sum()) for n in nodes) > 10
+    rows = X[:40].copy()
+    rows[:5, 0] = [-1.0, 99.0, np.nan, 0.5, 1e300]      # unknown, missing, between categories
+    rows[5:8, 3] = [2.0, np.nan, -0.0]
+    assert model.native.prepare(rows) is not None
+    for method in model.native.methods:
+        assert service._same_outputs(getattr(model.estimator, method)(rows), model.call(method, rows))
+    rows[0, 0] = np.inf                                 # the encoder refuses it, not the trees
+    assert model.native.prepare(rows) is None
+    assert_same_refusal(model, service.LoadedModel(_Ref, model.estimator, "", 0, 0.0), rows)
 
 
 def test_a_pipeline_takes_nan_natively_only_where_its_steps_impute_it():
@@ -258,6 +328,62 @@ def test_a_pipeline_takes_nan_natively_only_where_its_steps_impute_it():
     plain = service.LoadedModel(_Ref, scaling.estimator, "", 0, 0.0)
     assert scaling.native.prepare(holes) is None
     assert_same_refusal(scaling, plain, holes)
+
+
+def test_an_unknown_category_an_encoder_must_refuse_gets_scikit_learns_refusal():
+    model, X = family("pipeline_one_hot_error_sparse_forest")
+    plain = service.LoadedModel(_Ref, model.estimator, "", 0, 0.0)
+    for column, value in ((4, 8.0), (5, np.nextafter(1.5, 2)), (4, np.nan), (5, np.inf)):
+        rows = X[:3].copy()
+        rows[1, column] = value
+        assert model.native.prepare(rows) is None
+        with pytest.raises(service.BadRequest, match="Found unknown categories|Input contains"):
+            model.call("predict", rows)
+        assert_same_refusal(model, plain, rows)
+
+
+def test_nan_in_a_sparse_matrix_is_left_to_scikit_learn_whose_trees_refuse_it():
+    """Unknown categories encoded as NaN reach the forest in a sparse matrix: the proof sees scikit-learn refuse
+    them; and NaN that a compiled step makes on the way to a tree in a sparse matrix goes to scikit-learn."""
+    X, y = _data()["iris_codes"]
+    X = np.nan_to_num(X, nan=1.0)
+    columns = ColumnTransformer([("one_hot", OneHotEncoder(handle_unknown="ignore"), [5]), ("ordinal", OrdinalEncoder(
+        handle_unknown="use_encoded_value", unknown_value=np.nan), [4])], remainder="passthrough", sparse_threshold=1)
+    model = loaded(make_pipeline(columns, RandomForestClassifier(n_estimators=5, random_state=0)).fit(X, y))
+    assert model.native is None and "scikit-learn refused a probe: Input X contains NaN" in \
+        model.predictors["predict"][1]
+    holes = np.array([[1.0, np.nan], [2.0, 3.0]])
+    assert service._tree_ready(lambda rows: rows, True)(holes) is None
+    ready = service._tree_ready(lambda rows: rows, False)(np.asfortranarray(holes))
+    assert ready.flags.c_contiguous and np.array_equal(ready, holes, equal_nan=True)
+
+
+def test_unknown_and_missing_categories_an_encoder_takes_are_answered_natively():
+    for name, values in (("pipeline_one_hot_ignore_logistic", (8.0, -0.0, np.nan)),
+                         ("pipeline_ordinal_nan_category_forest", (8.0, np.nan, 1e300))):
+        model, X = family(name)
+        rows = np.ascontiguousarray(np.nan_to_num(X[:40], nan=1.0))
+        rows[:len(values), 4] = rows[len(values):2 * len(values), 5] = values
+        assert model.native.prepare(rows) is not None, name
+        for method in model.native.methods:
+            assert service._same_outputs(getattr(model.estimator, method)(rows), model.call(method, rows)), name
+
+
+def test_encoders_of_text_or_named_columns_stay_with_scikit_learn():
+    """Text categories arrive as object arrays (or DataFrames), which scikit-learn encodes itself."""
+    words = np.array([["red"], ["green"], ["blue"]], dtype=object)[np.arange(150) % 3]
+    X, y = _data()["iris"]
+    text = loaded(make_pipeline(ColumnTransformer([("colour", OneHotEncoder(), [4])], remainder="passthrough"),
+                                LogisticRegression(max_iter=1000)).fit(np.c_[X.astype(object), words], y))
+    assert text.native is None and "OneHotEncoder of categories that are not float64 numbers" in \
+        text.predictors["predict"][1]
+    for name in ("ColumnTransformer", "HistGradientBoostingClassifier (categorical)"):
+        named = loaded(fit(name)[0])
+        assert named.native is None and "fitted on named columns" in named.predictors["predict"][1]
+    boosting = loaded(HistGradientBoostingClassifier(max_iter=5, categorical_features=[4], random_state=0).fit(
+        np.c_[X.astype(object), words], y))
+    assert boosting.native is None and "OrdinalEncoder of categories that are not float64" in \
+        boosting.predictors["predict"][1]
 
 
 def test_a_pipeline_whose_final_step_is_unknown_says_so():
@@ -274,14 +400,24 @@ def test_native_batches_equal_one_row_scikit_learn_calls_for_forests():
     assert service._same_outputs(one_by_one, model.call("predict_proba", rows))
 
 
+def test_a_batch_of_multi_output_probabilities_gives_each_request_its_rows_of_every_output():
+    model, X = family("random_forest_classifier_2_outputs_nan")
+    batcher = service.Batcher(model, 8, 0.01, service.Metrics())
+    pending = [service._Pending(np.ascontiguousarray(X[i:i + 1 + i])) for i in range(3)]
+    batcher._execute("predict_proba", pending)
+    for item in pending:
+        assert service._same_outputs(model.estimator.predict_proba(item.inputs), item.result)
+
+
 @pytest.mark.parametrize("estimator, data", [
     (KNeighborsClassifier(), "iris"), (SVC(), "iris"),
     (make_pipeline(Normalizer(), LogisticRegression(max_iter=1000)), "iris"),
     (make_pipeline(StandardScaler(), KNeighborsClassifier()), "iris"),
+    (make_pipeline(OneHotEncoder(handle_unknown="ignore"), LogisticRegression(max_iter=1000)), "iris"),
     (RandomForestClassifier(n_estimators=3, n_jobs=2, random_state=0), "iris"),
-    (HistGradientBoostingClassifier(max_iter=5, categorical_features=[0], random_state=0), "iris_categorical")],
-    ids=["knn", "svc-rbf", "pipeline-normalizer", "pipeline-knn", "forest-n_jobs",
-         "hist-gradient-boosting-categorical"])
+    ],
+    ids=["knn", "svc-rbf", "pipeline-normalizer", "pipeline-knn", "pipeline-sparse-one-hot-logistic",
+         "forest-n_jobs"])
 def test_other_families_stay_with_scikit_learn(estimator, data):
     model = loaded(estimator.fit(*_data()[data]))
     assert model.native is None
@@ -396,6 +532,25 @@ def test_http_answers_are_scikit_learns_bit_for_bit(make_client, native_store, n
                         predictor="native") == 1
 
 
+def test_http_an_encoded_pipeline_answers_natively_and_refuses_an_unknown_category_as_scikit_learn(
+        make_client, tmp_path):
+    from conftest import write_artifact
+
+    model, X = family("pipeline_one_hot_error_sparse_forest")
+    write_artifact(tmp_path / "codes" / "1" / "model.joblib", model.estimator, "joblib")
+    client = _app(make_client, tmp_path)
+    rows = np.nan_to_num(X[:3], nan=2.5)
+    answer = client.post_json("/models/codes/predict", {"instances": rows.tolist(), "method": "predict_proba"}).json
+    assert json.dumps(answer["predictions"]) == json.dumps(service.to_jsonable(model.estimator.predict_proba(rows)))
+    rows[1, 4] = 9.0
+    refused = client.post_json("/models/codes/predict", {"instances": rows.tolist()}, status=400).json
+    with pytest.raises(ValueError) as expected:
+        model.estimator.predict(rows)
+    assert str(expected.value) in refused["error"]
+    assert metric_value(client.get("/metrics").text, "model_service_predict_calls_total", model="codes",
+                        version="1", method="predict_proba", predictor="native") == 1
+
+
 def test_the_flag_turns_it_off(make_client, native_store):
     client = _app(make_client, native_store, native=False)
     client.post_json("/models/iris/predict", {"instances": [[5.1, 3.5, 1.4, 0.2]]})
@@ -460,10 +615,43 @@ def long_run(rows, single, only=""):
     return total_differing == 0
 
 
+def timing(only, passes):
+    """Microseconds per `LoadedModel.call` of predict on 1 and 64 rows, the model's native predictor switched off
+    and on between passes (interleaved, so a neighbour's load hits both alike); medians of `passes`."""
+    import statistics
+
+    print(f"{'family':44} {'rows':>4} {'scikit-learn µs':>15} {'native µs':>9} {'ratio':>7}")
+    for name in [name for name in FAMILIES if only in name]:
+        model, X = family(name)
+        proved, sample = model.native, differential_rows(model, X, 64, np.random.default_rng(0))
+        for count in (1, 64):
+            rows, figures = np.ascontiguousarray(sample[:count]), {False: [], True: []}
+            calls = max(5, int(0.1 / _seconds(lambda: model.call("predict", rows), 3)))
+            for _ in range(passes):
+                for native in (False, True):
+                    model.native = proved if native else None
+                    figures[native].append(_seconds(lambda: model.call("predict", rows), calls) * 1e6)
+            model.native = proved
+            sklearn, native = statistics.median(figures[False]), statistics.median(figures[True])
+            print(f"{name:44} {count:4d} {sklearn:15,.0f} {native:9,.0f} {f'1/{sklearn / native:.1f}':>7}", flush=True)
+
+
+def _seconds(call, count):
+    """Seconds per call of `call()`, over `count` calls."""
+    started = time.perf_counter()
+    for _ in range(count):
+        call()
+    return (time.perf_counter() - started) / count
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="native vs scikit-learn on many rows, every family and method")
     parser.add_argument("--rows", type=int, default=100_000, help="rows per family and method (default 100000)")
     parser.add_argument("--single", type=int, default=500, help="of which one-row calls (default 500)")
     parser.add_argument("--only", default="", metavar="TEXT", help="only the families whose name holds TEXT")
+    parser.add_argument("--timing", type=int, default=0, metavar="PASSES",
+                        help="instead, time predict natively and by scikit-learn on 1 and 64 rows (median of PASSES)")
     arguments = parser.parse_args()
+    if arguments.timing:
+        sys.exit(timing(arguments.only, arguments.timing))
     sys.exit(0 if long_run(arguments.rows, arguments.single, arguments.only) else 1)

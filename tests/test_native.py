@@ -402,7 +402,7 @@ def test_native_batches_equal_one_row_scikit_learn_calls_for_forests():
 
 def test_a_batch_of_multi_output_probabilities_gives_each_request_its_rows_of_every_output():
     model, X = family("random_forest_classifier_2_outputs_nan")
-    batcher = service.Batcher(model, 8, 0.01, service.Metrics())
+    batcher = service.Batcher(model, 8, 0.01, service.Metrics({}))
     pending = [service._Pending(np.ascontiguousarray(X[i:i + 1 + i])) for i in range(3)]
     batcher._execute("predict_proba", pending)
     for item in pending:

@@ -5130,7 +5130,8 @@ class ServiceApp(bottle.Bottle):
             else None
         self.payload_log = PayloadLog(config.payload_log, config.payload_log_sample, registry) \
             if config.payload_log and config.payload_log_sample else None
-        self.shadow = Shadow(registry)
+        self.predicting = UnderWay()                 # predict() calls
+        self.shadow = Shadow(registry, busy=lambda: self.predicting.count > 0)
         for route in ROUTES:
             self.route(route.rule, method=route.method, callback=self._endpoint(route))
 
@@ -5315,6 +5316,12 @@ class ServiceApp(bottle.Bottle):
         request, registry, config = bottle.request, self.registry, self.service_config
         environ = request.environ
         environ["service.labels"] = UNRESOLVED_LABELS
+        with self.predicting:
+            return self._predict(request, codec, name, version, label, route)
+
+    def _predict(self, request, codec, name, version, label, route):
+        """predict(), counted in `predicting` (the shadow rests while it is not 0)."""
+        registry, config, environ = self.registry, self.service_config, request.environ
         if name is None:
             name = registry.default_model_name()
         asked = codec.read(request, config, **route)
@@ -5566,23 +5573,39 @@ class TimeLimit:
             self._tasks.get()()
 
 
+class UnderWay:
+    """How many of something are under way, as a `with` block: counted under a lock, read without one."""
+
+    def __init__(self):
+        self.count, self._lock = 0, threading.Lock()
+
+    def __enter__(self):
+        with self._lock:
+            self.count += 1
+
+    def __exit__(self, *failure):
+        with self._lock:
+            self.count -= 1
+
+
 class Backlog:
     """Work for one daemon thread, off the request path: what a request hands over after its answer.
 
     Bounded twice, as what waits holds requests' inputs and outputs: by count, and by the bytes of
     the requests' bodies (or URLs), which stand for what an item holds.  A full backlog refuses an
-    item at once rather than make a request wait.  The thread runs `work(item)` for each item; it
-    starts in the process that uses the backlog (a pre-fork host forks after building the app), and
-    an exception from `work` is logged, never fatal to it.  `rest(cpu_seconds)`, if given, says how
-    long the thread sleeps after an item that took that much of its CPU time: work that must not
-    compete with requests for the interpreter paces itself with it.
+    item at once rather than make a request wait.  The thread runs `work(items)` on what waits: the
+    oldest item and up to `burst` - 1 more, taken at one wake-up; it starts in the process that uses
+    the backlog (a pre-fork host forks after building the app), and an exception from `work` is
+    logged, never fatal to it.  Then it sleeps `rest(cpu_seconds)`, given the CPU time that took:
+    waking once per item would cost requests the interpreter more than the work itself, and work
+    that must not compete with them paces itself.
     """
 
     ITEMS = 1000
     BYTES = 64 * 1024 * 1024
 
-    def __init__(self, name, work, rest=None):
-        self.name, self._work, self._rest = name, work, rest
+    def __init__(self, name, work, rest, burst=1):
+        self.name, self._work, self._rest, self._burst = name, work, rest, burst
         self._lock = threading.Lock()
         self._pid, self._queue, self._bytes = None, None, 0
 
@@ -5625,19 +5648,21 @@ class Backlog:
 
     def _run(self):
         while True:
-            item, size = self._queue.get()
+            taken = [self._queue.get()]
             started = time.thread_time()
+            with contextlib.suppress(queue.Empty):
+                while len(taken) < self._burst:
+                    taken.append(self._queue.get_nowait())
+            flushes = [item for item, _ in taken if isinstance(item, threading.Event)]
             try:
-                if isinstance(item, threading.Event):       # flush(): everything before it is done
-                    item.set()
-                else:
-                    self._work(item)
+                self._work([item for item, _ in taken if not isinstance(item, threading.Event)])
             except Exception:  # never let the thread die: the next items still need it
                 logger.exception("%s failed", self.name)
             finally:
-                self._release(size)
-            if self._rest is not None:
-                time.sleep(self._rest(time.thread_time() - started))
+                self._release(sum(size for _, size in taken))
+            for done in flushes:                         # flush(): everything offered before it is done
+                done.set()
+            time.sleep(self._rest(time.thread_time() - started))
 
 
 class PayloadLog:
@@ -5654,11 +5679,13 @@ class PayloadLog:
 
     FILE_BYTES = 64 * 1024 * 1024
     FILES = 20
+    INTERVAL = 0.05         # seconds between writes: what waits is written, and flushed, together
     FILE_NAME = re.compile(r"payload-[0-9]{8}T[0-9]{6}-[0-9]+-[0-9]{6}\.jsonl")
 
     def __init__(self, folder, sample, registry):
         self.folder, self.sample, self.registry, self.metrics = folder, sample, registry, registry.metrics
-        self.backlog = Backlog("payload-log", self._write_record)
+        self.backlog = Backlog("payload-log", self._write_records, rest=lambda cpu_seconds: self.INTERVAL,
+                               burst=Backlog.ITEMS)
         self._file, self._written, self._serial, self._failing = None, 0, itertools.count(1), False
         atexit.register(PayloadLog._drain_at_exit, weakref.ref(self), registry.config.shutdown_timeout)
 
@@ -5682,18 +5709,21 @@ class PayloadLog:
         if payload_log is not None and not payload_log.drain(timeout):
             logger.warning("payload log: records still queued after %g s were not written", timeout)
 
-    def _write_record(self, record):
+    def _write_records(self, records):
+        if not records:
+            return
         try:
-            self._write(self._line(record))
+            for record in records:
+                self._write(self._line(record))
             self._file.flush()           # whole lines on disk: a reader, or a drain at shutdown, sees them
         except Exception as error:   # a full disk, an unwritable folder: logged once, counted each time
-            self.metrics.count("model_service_payload_log_dropped_total", ())
+            self.metrics.count("model_service_payload_log_dropped_total", (), len(records))
             if not self._failing:
                 logger.error("payload log: cannot write to %s: %s", self.folder, error)
             self._failing = True
             return
         self._failing = False
-        self.metrics.count("model_service_payload_log_records_total", ())
+        self.metrics.count("model_service_payload_log_records_total", (), len(records))
 
     def _write(self, line):
         data = line.encode("utf-8", "backslashreplace")
@@ -5752,21 +5782,23 @@ class Shadow:
     answer, status, headers and latency never depend on the shadow.  The shadow's failures are logged
     and counted, never returned.
 
-    The shadow uses spare time: while client requests are in flight, its thread rests after each
-    comparison so that it holds at most SHARE of the interpreter (which the requests' threads need).
-    A busy process therefore shadows a sample of its requests and drops the rest, counted.
+    The shadow uses spare time: while predictions are being answered (`busy()`), its thread rests
+    after each comparison so that it holds at most SHARE of the interpreter, which the requests'
+    threads need.  A busy process therefore shadows a sample of its requests and drops the rest,
+    counted; an idle one shadows them all.
     """
 
     SHARE = 0.02
 
-    def __init__(self, registry):
-        self.registry, self.metrics = registry, registry.metrics
-        self.backlog = Backlog("shadow", lambda offer: self._compare(*offer), rest=self._rest)
+    def __init__(self, registry, busy):
+        self.registry, self.metrics, self.busy = registry, registry.metrics, busy
+        self.backlog = Backlog("shadow", lambda offers: [self._compare(*offer) for offer in offers],
+                               rest=self._rest)
 
     def _rest(self, cpu_seconds):
-        """Seconds to sleep after a comparison that took `cpu_seconds`: none when no request waits for
-        the interpreter, else enough that comparisons take at most SHARE of it."""
-        return cpu_seconds * (1 / self.SHARE - 1) if self.registry.in_flight() else 0.0
+        """Seconds to sleep after a comparison that took `cpu_seconds`: none when no prediction is being
+        answered, else enough that comparisons take at most SHARE of the interpreter."""
+        return cpu_seconds * (1 / self.SHARE - 1) if self.busy() else 0.0
 
     def offer(self, environ, name, model, methods, inputs, results):
         """Hand the request to the model's shadow version, if it has one other than the version that
@@ -6308,6 +6340,9 @@ def serve(app, config):
                                     channel_timeout=30, connection_limit=256, cleanup_interval=10,
                                     max_request_header_size=config.max_url_bytes + 65536)
     sockets = server.map if hasattr(server, "map") else server._map
+    # waitress warns "Task queue depth is N" for every request that waits for a thread: under load a
+    # line per request, costing the requests' own interpreter time, about what the in-flight gauge shows
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     server.print_listen("Serving on http://{}:{}")
     deadline = []
 

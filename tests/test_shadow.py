@@ -99,20 +99,33 @@ def test_a_full_shadow_queue_drops_and_counts(tmp_path, iris_classifier, weak_cl
                         version="2") == 4
 
 
-def test_the_shadow_rests_while_requests_are_in_flight_and_runs_freely_when_none_are(tmp_path, iris_classifier,
+def test_the_shadow_rests_while_predictions_are_answered_and_runs_freely_when_none_are(tmp_path, iris_classifier,
                                                                                       make_app):
     """Its share of the interpreter is bounded only when client requests need it."""
     store = versioned_store(tmp_path / "store", [iris_classifier] * 2, {"version_policy": "all", "shadow": "1"})
     app = make_app(store=store)
-    webtest.TestApp(app).post_json("/models/m/predict", {"instances": ROWS})
-    registry, shadow = app.registry, app.shadow
-    assert shadow._rest(0.001) == 0.0, "nothing in flight: no rest"
-    model = registry.acquire("m")                    # a client request holding its model
+    holding, release = threading.Event(), threading.Event()
+    original = service.LoadedModel.call
+
+    def held_call(model, method, inputs):            # the client request stays in predict() until released
+        holding.set()
+        release.wait(30)
+        return original(model, method, inputs)
+    client = webtest.TestApp(app)
+    client.post_json("/models/m/predict", {"instances": ROWS})          # loaded: warm-up calls are over
+    assert app.shadow._rest(0.001) == 0.0, "nothing being answered: no rest"
+    service.LoadedModel.call = held_call
     try:
-        assert shadow._rest(0.001) == pytest.approx(0.001 * (1 / shadow.SHARE - 1))
+        request = threading.Thread(target=client.post_json, args=("/models/m/predict", {"instances": ROWS}))
+        request.start()
+        assert holding.wait(30)
+        assert app.shadow._rest(0.001) == pytest.approx(0.001 * (1 / app.shadow.SHARE - 1))
     finally:
-        registry.release(model)
-    assert shadow._rest(0.001) == 0.0
+        service.LoadedModel.call = original
+        release.set()
+        request.join(30)
+    wait_until(lambda: app.predicting.count == 0, what="the request to end")
+    assert app.shadow._rest(0.001) == 0.0
 
 
 @pytest.mark.parametrize("shadow, fragment", [

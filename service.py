@@ -1065,13 +1065,14 @@ class ModelSettings:
     @classmethod
     def _warmup(cls, rows):
         """The "warmup" rows: a request's "instances", 1 to MAX_WARMUP_ROWS rows, each a list, an object
-        (a record by feature name) or a text."""
-        if rows is None:
-            return None
+        (a record by feature name) or a text; or false, for a model whose calls are too costly to spend
+        at load."""
+        if rows is None or rows is False:
+            return rows
         if not isinstance(rows, list) or not 1 <= len(rows) <= cls.MAX_WARMUP_ROWS or \
                 not all(isinstance(row, (list, dict, str)) and row for row in rows):
             raise ValueError(f'"warmup" must list 1 to {cls.MAX_WARMUP_ROWS} rows as a request\'s "instances" '
-                             'would: [[5.1, 3.5, 1.4, 0.2]], [{"feature": value}] or ["a text"]')
+                             'would: [[5.1, 3.5, 1.4, 0.2]], [{"feature": value}] or ["a text"]; or false')
         return rows
 
     def _traffic(self, traffic):
@@ -3329,9 +3330,12 @@ def _warm(model, rows):
     said this model takes those rows, so a model that refuses them is not the one they meant.
     Without them a tabular model is warmed on one row of zeros, and a failure there is only
     logged (the guess may not suit it: categories, a log transform); a model without a fixed
-    width (text, sequences) is not warmed.  What was done, and how long it took, goes in
-    `model.warmup` for the load's log line.
+    width (text, sequences) is not warmed, nor one whose settings say "warmup": false.  What was
+    done, and how long it took, goes in `model.warmup` for the load's log line.
     """
+    if rows is False:
+        model.warmup = f'not warmed: its {SETTINGS_FILE} says "warmup": false'
+        return
     if rows is None and model.n_features is None:
         model.warmup = f'not warmed: no fixed-width rows to derive; give "warmup" rows in its {SETTINGS_FILE}'
         return
@@ -3599,7 +3603,7 @@ class ModelRegistry:
     def _promote(self, name, key, slot):
         """Load a route's new target in the background, then point the route at it."""
         try:
-            self._load(slot)
+            self._load(slot, warm=True)
         except ServiceError:
             return                     # recorded in the slot's status; the previous version keeps answering
         with self._scan_lock:
@@ -3655,7 +3659,7 @@ class ModelRegistry:
             slot.replacing = None
             return "DEFERRED"
         try:
-            model = self._build(ref)
+            model = self._build(ref, warm=True)
         except Exception as error:
             self.residency.cancel()
             slot.rejected = ref.fingerprint
@@ -3704,7 +3708,7 @@ class ModelRegistry:
             for slot in slots:
                 if not slot.gone:
                     try:
-                        self._load(slot)
+                        self._load(slot, warm=True)
                     except ServiceError:
                         pass                       # shown in the status and in readiness; retried later
         finally:
@@ -3749,20 +3753,25 @@ class ModelRegistry:
         self.residency.release(model)
 
     def get(self, name, version=None, label=None):
-        """The loaded model, loading it on first use (one load however many callers wait)."""
+        """The loaded model, loading (and warming) it on first use (one load however many callers wait)."""
         slot = self.slot(name, version, label)
         model = slot.model
-        return model if model is not None else self._load(slot)
+        return model if model is not None else self._load(slot, warm=True)
 
-    def _build(self, ref):
-        """_build_model with this registry's load options, counted in the metrics."""
+    def _build(self, ref, warm):
+        """_build_model with this registry's load options, counted in the metrics; warmed (_warm) when no
+        request waits for it: a request that loads a model is its first call, and would only pay for
+        every other method's too."""
         labels = (("model", ref.name), ("version", str(ref.version)))
         started = time.perf_counter()
         try:
             settings = self._settings.get(ref.name, (None, None))[1] or DEFAULT_SETTINGS
             with _logging_about(model=ref.name, version=ref.version):
                 model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native)
-                _warm(model, settings.warmup)
+                if warm:
+                    _warm(model, settings.warmup)
+                else:
+                    model.warmup = "not warmed: loaded for a request, which is its first call"
         except Exception:
             self.metrics.count("model_service_model_loads_total", labels + (("outcome", "failure"),))
             raise
@@ -3776,7 +3785,7 @@ class ModelRegistry:
             model.batcher = Batcher(model, size, latency / 1000, self.metrics)
         return model
 
-    def _load(self, slot):
+    def _load(self, slot, warm=False):
         with slot.lock:
             if slot.model is not None:
                 return slot.model
@@ -3789,7 +3798,7 @@ class ModelRegistry:
             slot.set(LOADING)
             slot.loads += 1
             try:
-                model = self._build(ref)
+                model = self._build(ref, warm)
             except Exception as error:
                 self.residency.cancel()
                 slot.set(FAILED, str(error) or type(error).__name__)

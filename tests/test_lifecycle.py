@@ -663,7 +663,17 @@ def test_warmup_rows_the_model_refuses_fail_its_load(tmp_path, iris_classifier):
     assert registry.slot("m").state == "FAILED"
 
 
-@pytest.mark.parametrize("warmup", ["5.1", [], [5.1], [[]], [None], [[1.0]] * 101, {"a": [1]}])
+def test_warmup_false_leaves_a_model_cold(tmp_path, caplog, iris_classifier):
+    versioned_store(tmp_path, [iris_classifier], {"warmup": False})
+    registry = clocked_registry(tmp_path, poll_interval=0)
+    registry.refresh()
+    with caplog.at_level(logging.INFO, logger="service"):
+        registry.get("m")
+    assert 'not warmed: its model-settings.json says "warmup": false' in "\n".join(caplog.messages)
+    assert registry.slot("m").state == "AVAILABLE"
+
+
+@pytest.mark.parametrize("warmup", ["5.1", [], [5.1], [[]], [None], [[1.0]] * 101, {"a": [1]}, True])
 def test_bad_warmup_settings_are_refused(warmup):
     with pytest.raises(ValueError, match='"warmup" must list 1 to 100 rows'):
         service.ModelSettings.parse({"warmup": warmup})

@@ -41,8 +41,8 @@ import time
 
 
 class SlowModel:
-    """Predicts class 0 for every row, after sleeping `seconds`."""
-    n_features_in_ = 4
+    """Predicts class 0 for every row, after sleeping `seconds`.  No n_features_in_: a model of no fixed
+    width is not warmed at load, so only the tests' requests sleep."""
 
     def __init__(self, seconds):
         self.seconds = seconds

@@ -816,6 +816,8 @@ def measure_workers_memory(args):
                        f"--workers {workers} ready with the forest loaded")
             for _ in range(32):
                 check_prediction(port, "/models/forest/predict", body, expected)
+            processes = 1 if workers == 1 else workers + 1          # gunicorn's parent and every worker
+            wait_until(proc, lambda: len(group_pids(proc.pid)) == processes, 60, f"{processes} processes")
             pids = group_pids(proc.pid)
             totals[workers] = (len(pids), sum(pss_kib(pid) for pid in pids))
         finally:

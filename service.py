@@ -5322,9 +5322,8 @@ class ServiceApp(bottle.Bottle):
 
         The request is labelled for the metrics only with what exists: the model and version
         once resolved (UNRESOLVED before), the methods once the model has them."""
-        request, registry, config = bottle.request, self.registry, self.service_config
-        environ = request.environ
-        environ["service.labels"] = UNRESOLVED_LABELS
+        request = bottle.request
+        request.environ["service.labels"] = UNRESOLVED_LABELS
         with self.predicting:
             return self._predict(request, codec, name, version, label, route)
 

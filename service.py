@@ -16,40 +16,39 @@ Store layout (found automatically, both side by side)::
 artifacts you trust in the store, or load them with ``--safe-pickle`` (a restricted
 unpickler, see "Restricted unpickling").
 
-Sections, in the order data flows (``grep -n '^# .*####' service.py``)::
+Sections (``grep -n '^# .*####' service.py``), in two parts.  Part I is the request
+path in the order data flows; each of its sections uses only what is above it::
 
     Imports and logging     the standard library and bottle only
     Small utilities         clipping, names, strict JSON, output comparison
     Errors                  ServiceError and its statuses: the one error path
     Configuration           one table of settings: flag, variable, default, help
-    Model store             find: artifacts and settings on disk
+    Model store             find: artifacts and settings (model-settings.json) on disk
     Restricted unpickling   --safe-pickle: only the types a model is made of
     Artifact loaders        load: bytes to an estimator, by format
     Servables               a loaded model, its batcher and its input checks
-    Native predictors       plain-numpy answers, proved bit-identical to scikit-learn's at load
     Metrics                 what GET /metrics counts
+    Agreement               how two versions' answers compare (shadow, replay)
     Model registry          hold: versions, lifecycle, residency
-    Request bodies          read and parse a body within its bounds
+    Request bodies          read and parse a body within its bounds; request ids
     Protocol codecs         native, TF Serving/KServe V1, V2, MLflow, the seed's routes
+    Background work         time limits, and the payload log and shadow off the request path
     HTTP application        the route table, the predict core, the error responder
     OpenAPI                 /openapi.json from the route table
-    Web console             the page GET / serves to browsers
     Serving                 waitress (drained on exit) or gunicorn workers
-    JSON model format       models as data (only its loader and export use it)
-    Export                  ``python service.py export``
     Replay                  ``python service.py replay``: a payload log scored again
     Command line            ``python service.py``
-    WSGI entry points       ``service:app``
 
-Each section uses only what is above it, with four exceptions, all calls made
-at run time: the JSON loader calls into the JSON model format, kept near the end
-so that the request path reads without it; a loaded model (Servables) gets its
-native predictor from "Native predictors", right after it, which compiles only
-what Servables has loaded; the registry warms a loaded model through the
-codecs' model_inputs, so that its warm-up rows take the requests' own path; and
-two of the HTTP application's handlers answer with the OpenAPI document and the
-console page, which come after it because the document is built from its route
-table.
+Part II holds the appendices, which Part I reaches only through the entry points
+listed here, and only at run time (tests/test_cli.py checks both rules)::
+
+    Part II: appendices
+    Native predictors       plain-numpy answers, proved bit-identical at load: attach_native
+    JSON model format       models as data, and export: load_json_model, dump_json_model,
+                            save_json_model, export_json_model, export_command
+    Web console             the page GET / serves to browsers: CONSOLE_HTML, CONSOLE_CSP
+
+    WSGI entry points       ``service:app``, and ``python service.py`` (after everything it needs)
 """
 
 __version__ = "0.1.0"
@@ -1607,6 +1606,10 @@ def _version_skew(written):
 ###############################################################################
 
 
+# Which predictor answered a call: the status and the predict_calls metric name it.
+NATIVE, SKLEARN = "native", "scikit-learn"
+
+
 class LoadedModel:
     """A deserialised estimator with the facts about it computed once, at load."""
 
@@ -1942,873 +1945,6 @@ def _build_model(ref, options=None, native=True):
 
 
 ###############################################################################
-# Native predictors ###########################################################
-###############################################################################
-# For one row, almost all of scikit-learn's `predict` is bookkeeping (validation,
-# configuration contexts, joblib dispatch): a 100-tree forest spends about 12 ms on a
-# row its trees walk in well under one.  So at load, for the families whose arithmetic
-# is known, the fitted arrays are compiled into plain-numpy closures that repeat
-# scikit-learn's operations exactly: the same matrix product on the same array, float32
-# inputs compared against float64 thresholds, trees summed in order and then divided,
-# the same argmax and the same class labels; a pipeline of known scalers, imputers and
-# encoders of numeric categories runs their arithmetic first.  Per family:
-#   linear models           _linear_regressor, _linear_classifier (+ _logistic_probabilities, _sgd_probabilities)
-#   trees and forests       _tree_model (+ _multi_output_classifier), over _tree_walker
-#   gradient boosting       _gradient_boosting, _hist_gradient_boosting (+ _categorical_turns), _boosted_classifier
-#   pipelines               _compile_pipeline over _native_transforms (scalers, imputer, encoders, ColumnTransformer)
-# Nothing here is trusted on its reading of scikit-learn's code: every compiled method is
-# PROVED on probe rows built from the model (random rows, every tree threshold with its
-# neighbours in the precision the model compares in, an encoder's categories and unknown
-# values, NaN and infinities) against the estimator's own method, bit for bit in values, dtype
-# and shape, one row at a time and in batches; a method that differs, fails or is not
-# compiled is answered by scikit-learn, with the reason in the model's status.  At request time the native path
-# takes only inputs it can prove it treats exactly as scikit-learn would (a C-contiguous
-# float64 matrix of the right width, values the model accepts); everything else (a
-# DataFrame, another dtype or width, values scikit-learn refuses) goes to scikit-learn,
-# so its refusals and their messages are unchanged.
-
-NATIVE, SKLEARN = "native", "scikit-learn"
-NATIVE_PROBE_SEED = 14          # probes are random but the same at every load: a proof can be rerun
-_RANDOM_PROBES = 512            # random rows in every proof, besides the threshold rows of trees
-_SINGLE_PROBES = 4              # rows of the probe batch also proved one at a time (each costs a forest
-                                # ~12 ms in scikit-learn: the proof of a 100-tree forest stays under 1 s)
-_TREE_CELLS = 1 << 20           # (row, tree) pairs a forest walks at once: bounds its temporaries
-
-
-class _NotNative(Exception):
-    """Why a model (or one of its methods) is left to scikit-learn."""
-
-
-class NativePredictor:
-    """A model's proved native methods and the input check that keeps them on proved ground.
-
-    `prepare(inputs)` is the array the methods take (float32 for trees, whose scikit-learn
-    converts to it first), or None when the inputs must go to scikit-learn.  A pipeline's
-    predictor runs its steps' arithmetic in `prepare` and hands the result to its final
-    estimator's predictor, whose own check then decides (a scaler passes NaN on; a linear
-    model refuses it, and then scikit-learn gives the refusal).  A step answers None for rows
-    it leaves to scikit-learn (an encoder meeting a category it must refuse).  `categories`
-    ({column: values}) are the values an encoder knows in the columns it encodes: probes and
-    tests draw those columns from them, as random numbers would all be unknown.
-    """
-
-    def __init__(self, methods, n_features, allow_nan, allow_inf=False, float32=False, steps=None, final=None,
-                 categories=None):
-        import numpy as np
-
-        self.methods = methods                      # {method: function of the prepared array}
-        self._n_features, self._allow_nan, self._allow_inf, self._float32 = n_features, allow_nan, allow_inf, \
-            float32
-        self._steps, self._final, self.categories = steps, final, categories or {}
-        self._ndarray, self._float64 = np.ndarray, np.dtype(np.float64)
-        refuses = {(False, False): lambda X: not np.isfinite(X).all(), (True, False): lambda X: np.isinf(X).any(),
-                   (False, True): lambda X: np.isnan(X).any(), (True, True): lambda X: False}
-        self._refuses = refuses[bool(allow_nan), bool(allow_inf)]     # whether X holds what the model refuses
-
-    def prepare(self, inputs):
-        if type(inputs) is not self._ndarray or inputs.dtype != self._float64 or inputs.ndim != 2 \
-                or inputs.shape[1] != self._n_features or not inputs.shape[0] or not inputs.flags.c_contiguous:
-            return None
-        if self._float32:       # values past float32's range become infinities, which scikit-learn refuses
-            inputs = inputs.astype("float32")
-        if self._refuses(inputs):
-            return None
-        if self._final is None:
-            return inputs
-        inputs = self._steps(inputs)
-        return None if inputs is None else self._final.prepare(inputs)
-
-
-@functools.cache
-def _native_compilers():
-    """{estimator class: compiler}: exact classes only, so a subclass's own predict is never bypassed."""
-    from sklearn import ensemble, linear_model, svm, tree
-
-    families = {
-        _linear_regressor: (linear_model.LinearRegression, linear_model.Ridge, linear_model.Lasso,
-                            linear_model.ElasticNet, linear_model.SGDRegressor, svm.LinearSVR),
-        _linear_classifier: (linear_model.LogisticRegression, linear_model.RidgeClassifier,
-                             linear_model.SGDClassifier, linear_model.Perceptron, svm.LinearSVC),
-        _tree_model: (tree.DecisionTreeClassifier, tree.DecisionTreeRegressor, tree.ExtraTreeClassifier,
-                      tree.ExtraTreeRegressor, ensemble.RandomForestClassifier, ensemble.RandomForestRegressor,
-                      ensemble.ExtraTreesClassifier, ensemble.ExtraTreesRegressor),
-        _gradient_boosting: (ensemble.GradientBoostingClassifier, ensemble.GradientBoostingRegressor),
-        _hist_gradient_boosting: (ensemble.HistGradientBoostingClassifier, ensemble.HistGradientBoostingRegressor),
-    }
-    return {cls: compiler for compiler, classes in families.items() for cls in classes}
-
-
-def _linear_scores(estimator):
-    """`X @ coef_.T + intercept_`, the product scikit-learn's linear models compute, on the same arrays."""
-    import numpy as np
-
-    coef, intercept = estimator.coef_, estimator.intercept_
-    if type(coef) is not np.ndarray or coef.dtype != np.float64:
-        raise _NotNative(f"coef_ is a {type(coef).__name__} of {getattr(coef, 'dtype', '?')}, not float64 numbers")
-    coef_t = coef.T if coef.ndim == 2 else coef
-    return lambda X: X @ coef_t + intercept
-
-
-def _linear_regressor(estimator):
-    """predict is the scores themselves (LinearModel._decision_function, SGDRegressor's ravel of a 1-D)."""
-    return {"predict": _linear_scores(estimator)}, None
-
-
-def _linear_classifier(estimator):
-    """LinearClassifierMixin: decision_function, predict by sign or argmax; LogisticRegression's probabilities."""
-    import numpy as np
-
-    binarizer = getattr(estimator, "_label_binarizer", None)
-    if binarizer is not None and binarizer.y_type_.startswith("multilabel"):
-        raise _NotNative("a multilabel RidgeClassifier predicts through its label binarizer")
-    scores, classes, intp = _linear_scores(estimator), estimator.classes_, np.intp
-
-    def decision_function(X):
-        found = scores(X)
-        return found.reshape(-1) if found.ndim > 1 and found.shape[1] == 1 else found
-
-    def predict(X):
-        found = decision_function(X)
-        return classes.take((found > 0).astype(intp) if found.ndim == 1 else found.argmax(axis=1), axis=0)
-
-    methods = {"decision_function": decision_function, "predict": predict}
-    if type(estimator).__name__ == "LogisticRegression":
-        methods.update(_logistic_probabilities(decision_function, len(classes)))
-    elif type(estimator).__name__ == "SGDClassifier" and estimator.loss in ("log_loss", "modified_huber"):
-        methods.update(_sgd_probabilities(decision_function, estimator.loss))
-    return methods, None
-
-
-def _logistic_probabilities(decision_function, n_classes):
-    """LogisticRegression.predict_proba: expit (scipy's, as scikit-learn calls it) when binary, else softmax."""
-    import numpy as np
-    from scipy.special import expit     # scikit-learn's own dependency, the function it uses
-
-    if n_classes <= 2:
-        def predict_proba(X):
-            probability = expit(decision_function(X))
-            return np.stack([1 - probability, probability], axis=1)
-    else:
-        def predict_proba(X):           # sklearn.utils.extmath.softmax, in place on a fresh array
-            found = decision_function(X)
-            found -= found.max(axis=1).reshape((-1, 1))
-            np.exp(found, out=found)
-            found /= found.sum(axis=1).reshape((-1, 1))
-            return found
-
-    return {"predict_proba": predict_proba, "predict_log_proba": lambda X: np.log(predict_proba(X))}
-
-
-def _sgd_probabilities(decision_function, loss):
-    """SGDClassifier.predict_proba, step for step: for log_loss expit, and for modified_huber the scores clipped
-    to [-1, 1], plus 1, halved; binary as [1 - p, p], else each row divided by its sum (all zeros: uniform)."""
-    import numpy as np
-    from scipy.special import expit     # scikit-learn's _expit on numpy arrays
-
-    def positive(scores):
-        if loss == "log_loss":
-            return expit(scores, out=scores)
-        np.clip(scores, -1, 1, scores)
-        scores += 1.0
-        scores /= 2.0
-        return scores
-
-    def predict_proba(X):
-        probability = positive(decision_function(X))
-        if probability.ndim == 1:       # log_loss stacks 1 - p; modified_huber subtracts p from ones: the same
-            return np.stack([1 - probability, probability], axis=1)
-        total = probability.sum(axis=1)
-        all_zero = total == 0
-        if all_zero.any():
-            probability[all_zero, :] = 1
-            total[all_zero] = probability.shape[1]
-        probability /= total.reshape((probability.shape[0], -1))
-        return probability
-
-    return {"predict_proba": predict_proba, "predict_log_proba": lambda X: np.log(predict_proba(X))}
-
-
-def _tree_model(estimator):
-    """A tree or a forest of them: every tree walked at once, their leaf values summed in order, then averaged.
-
-    A forest adds each tree's prediction into a zeroed float64 accumulator in the order of
-    `estimators_` and divides by their count (ForestClassifier.predict_proba,
-    ForestRegressor.predict); a cumulative sum along the trees repeats that order exactly.
-    Only forests predicting in one thread: with n_jobs, scikit-learn adds the trees in the
-    order its threads finish, and its own answers vary in the last bit.
-    """
-    import numpy as np
-
-    forest = hasattr(estimator, "estimators_")
-    members = list(estimator.estimators_) if forest else [estimator]
-    if forest and estimator.n_jobs not in (None, 1):
-        raise _NotNative(f"n_jobs={estimator.n_jobs}: scikit-learn sums the trees in the order its threads finish")
-    member_classes = {type(estimator.estimator)} if forest else {type(estimator)}
-    if {type(member) for member in members} != member_classes:
-        raise _NotNative("its trees are not all of the class it builds")
-    walk, values, splits = _tree_walker([member.tree_ for member in members], estimator.n_features_in_, np.float32)
-    classifier, several = hasattr(estimator, "classes_"), estimator.n_outputs_ > 1
-    values = values if classifier and several else values[:, 0, :len(estimator.classes_)] if classifier else \
-        values[:, :, 0] if several else values[:, 0, 0]
-    count, chunk = len(members), max(1, _TREE_CELLS // len(members))
-
-    def combined(X):
-        if len(X) > chunk:                        # rows are independent: bound the (rows, trees) temporaries
-            return np.concatenate([combined(X[start:start + chunk]) for start in range(0, len(X), chunk)])
-        leaves = values[walk(X)]                  # (rows, trees, ...): each tree's prediction
-        if not forest:
-            return leaves[:, 0]
-        zero = np.zeros_like(leaves[:, :1])
-        return np.cumsum(np.concatenate([zero, leaves], axis=1), axis=1)[:, -1] / count
-
-    if not classifier:
-        return {"predict": combined}, splits
-    if several:
-        return _multi_output_classifier(combined, estimator.classes_), splits
-    classes = estimator.classes_
-    return {"predict_proba": combined, "predict_log_proba": lambda X: np.log(combined(X)),
-            "predict": lambda X: classes.take(combined(X).argmax(axis=1), axis=0)}, splits
-
-
-def _multi_output_classifier(combined, classes):
-    """A multi-output tree classifier: a list of probabilities, each output's own classes' columns of the
-    (rows, outputs, most classes) `combined`; predict is a column per output, of the first output's classes' dtype."""
-    import numpy as np
-
-    widths = [len(labels) for labels in classes]
-
-    def predict_proba(X):
-        found = combined(X)
-        return [found[:, k, :width] for k, width in enumerate(widths)]
-
-    def predict(X):
-        found = np.empty((len(X), len(classes)), dtype=classes[0].dtype)
-        for k, probability in enumerate(predict_proba(X)):
-            found[:, k] = classes[k].take(probability.argmax(axis=1), axis=0)
-        return found
-
-    return {"predict_proba": predict_proba, "predict": predict,
-            "predict_log_proba": lambda X: [np.log(probability) for probability in predict_proba(X)]}
-
-
-def _gradient_boosting(estimator):
-    """GradientBoosting: the init estimator's constant, plus learning_rate times each stage's leaf, in order.
-
-    predict_stages adds `scale * value[leaf]` into each row's raw prediction stage after stage
-    (and class after class within a stage); a cumulative sum after the constant repeats that
-    order.  The constant is the init estimator's answer for any row, so only the "zero" init and
-    scikit-learn's dummy estimators, which ignore the rows, are compiled.  Probabilities come from
-    the model's own loss object (`_loss.predict_proba`): arithmetic on the raw predictions, without
-    the input checks that cost the time.
-    """
-    import numpy as np
-    from sklearn import dummy, tree
-
-    if not (isinstance(estimator.init_, str) and estimator.init_ == "zero") and \
-            type(estimator.init_) not in (dummy.DummyClassifier, dummy.DummyRegressor):
-        raise _NotNative(f"its init estimator {type(estimator.init_).__name__} may depend on the rows")
-    stages = estimator.estimators_
-    if {type(member) for member in stages.ravel()} != {tree.DecisionTreeRegressor}:
-        raise _NotNative("its stages are not all DecisionTreeRegressor")
-    walk, values, splits = _tree_walker([stage.tree_ for stage in stages.ravel()], estimator.n_features_in_,
-                                        np.float32)
-    start = estimator._raw_predict_init(np.zeros((1, estimator.n_features_in_), dtype=np.float32))
-    steps = estimator.learning_rate * values[:, 0, 0]
-    n_stages, n_outputs = stages.shape
-
-    def raw(X):
-        added = steps[walk(X)].reshape(len(X), n_stages, n_outputs)
-        first = np.broadcast_to(start[:, np.newaxis, :], (len(X), 1, n_outputs))
-        return np.cumsum(np.concatenate([first, added], axis=1), axis=1)[:, -1]
-
-    if not hasattr(estimator, "classes_"):
-        return {"predict": lambda X: raw(X).ravel()}, splits
-    return _boosted_classifier(raw, estimator, np.greater_equal), splits
-
-
-def _boosted_classifier(raw, estimator, positive):
-    """A boosting classifier's methods from its raw predictions, as both gradient boostings derive them.
-
-    decision_function is the raw predictions (one column raveled), probabilities come from the
-    model's own loss object (arithmetic only, without the input checks), predict is the argmax,
-    or for one column `positive(raw, 0)`: GradientBoosting counts a raw 0 as the second class
-    (>= 0), HistGradientBoosting as the first (> 0, as argmax breaks ties).
-    """
-    import numpy as np
-
-    classes, loss = estimator.classes_, estimator._loss
-
-    def decision_function(X):
-        found = raw(X)
-        return found.ravel() if found.shape[1] == 1 else found
-
-    def predict(X):
-        found = decision_function(X)
-        return classes[positive(found, 0).astype(int) if found.ndim == 1 else found.argmax(axis=1)]
-
-    return {"decision_function": decision_function, "predict": predict,
-            "predict_proba": lambda X: loss.predict_proba(decision_function(X)),
-            "predict_log_proba": lambda X: np.log(loss.predict_proba(decision_function(X)))}
-
-
-def _hist_gradient_boosting(estimator):
-    """HistGradientBoosting: the baseline, plus each iteration's leaf, in order; categories encoded first.
-
-    _raw_predict starts from zeros, adds `_baseline_prediction`, then each predictor's leaf
-    value into its class's column, iteration after iteration (threads split the rows, never a
-    row's sum); a cumulative sum after the baseline repeats that order.  A predictor's node
-    sends NaN where missing_go_to_left says and otherwise compares the float64 value with its
-    float64 `num_threshold`, which is the tree walk on float64 rows; a categorical node looks
-    the value up in its bitsets (_categorical_turns).  Categorical features first go through the
-    model's own ColumnTransformer (`_preprocessor`: an OrdinalEncoder of those columns, unknown
-    categories becoming NaN, then the others), compiled as a pipeline's is and run in the
-    predictor's `prepare`.  Regression applies the loss's inverse link, as predict does.
-    """
-    import types
-
-    import numpy as np
-
-    iterations = estimator._predictors
-    if not iterations:
-        raise _NotNative("no fitted iterations")
-    n_classes = len(iterations[0])
-    known, feature_map = estimator._bin_mapper.make_known_categories_bitsets()
-    trees = [types.SimpleNamespace(
-        children_left=np.where(n["is_leaf"] == 1, -1, n["left"].astype(np.intp)),
-        children_right=np.where(n["is_leaf"] == 1, -1, n["right"].astype(np.intp)),
-        feature=n["feature_idx"].astype(np.intp), threshold=n["num_threshold"],
-        missing_go_to_left=n["missing_go_to_left"], value=n["value"], node_count=len(n),
-        max_depth=int(n["depth"].max()), is_categorical=n["is_categorical"].astype(bool),
-        left_categories=_left_categories(n, predictor.raw_left_cat_bitsets, known, feature_map))
-        for iteration in iterations for predictor in iteration for n in [predictor.nodes]]
-    walk, values, (thresholds, dtype) = _tree_walker(trees, estimator.n_features_in_, np.float64)
-    start = np.zeros((1, n_classes), dtype=estimator._baseline_prediction.dtype)
-    start += estimator._baseline_prediction
-
-    def raw(X):
-        added = values[walk(X)].reshape(len(X), len(iterations), n_classes)
-        first = np.broadcast_to(start[:, np.newaxis, :], (len(X), 1, n_classes))
-        return np.cumsum(np.concatenate([first, added], axis=1), axis=1)[:, -1]
-
-    if estimator._preprocessor is None:
-        encode = ()
-    else:       # the encoded columns come first: the trees' features are in that order
-        mask = np.asarray(estimator.is_categorical_, dtype=bool)
-        order = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
-        thresholds = [thresholds[position] for position in np.argsort(order)]
-        step = _compile_step("_preprocessor", estimator._preprocessor)
-        encode = (step._replace(function=_tree_ready(step.function, False)),)
-    if not hasattr(estimator, "classes_"):
-        inverse = estimator._loss.link.inverse
-        return ({"predict": lambda X: inverse(raw(X).ravel())}, (thresholds, dtype)) + encode
-    return (_boosted_classifier(raw, estimator, np.greater), (thresholds, dtype)) + encode
-
-
-def _tree_ready(transform, sparse):
-    """`transform`, its rows made C-ordered for a tree's predictor (trees read any layout alike), and where
-    scikit-learn would hand the tree a sparse matrix, None for NaN, which trees refuse in one."""
-    import numpy as np
-
-    def ready(X):
-        X = transform(X)
-        return None if X is None or sparse and np.isnan(X).any() else np.ascontiguousarray(X)
-
-    return ready
-
-
-def _left_categories(nodes, raw_left, known, feature_map):
-    """For each categorical node of one HistGradientBoosting predictor, whether each code 0-255 goes left.
-
-    _predict_one_from_raw_data: a code in the node's raw_left_cat_bitsets row goes left; one
-    the bin mapper knows for the feature (known_cat_bitsets) goes right; any other goes where
-    missing values go.  A bitset is 8 uint32 words, code v being bit v % 32 of word v // 32.
-    """
-    import numpy as np
-
-    codes = np.arange(256)
-
-    def bits(words):
-        return ((words[..., codes // 32] >> (codes % 32).astype(np.uint32)) & 1).astype(bool)
-
-    split = nodes[nodes["is_categorical"] == 1]
-    left = bits(raw_left[split["bitset_idx"]]) if len(split) else np.zeros((0, 256), dtype=bool)
-    seen = bits(known[feature_map[split["feature_idx"]]]) if len(split) else left
-    return left | (~seen & split["missing_go_to_left"].astype(bool)[:, np.newaxis])
-
-
-def _tree_walker(trees, n_features, dtype):
-    """(walk, values, splits): walk(X) -> leaf of every row in every tree, as Tree._apply_dense finds it.
-
-    `trees` are scikit-learn's Tree objects, or anything holding the same arrays.  All trees'
-    nodes go into one set of flat arrays; a leaf points to itself, so every row takes
-    max_depth steps and stays on its leaf.  A step compares the row's value (of `dtype`, float32
-    for scikit-learn's trees) with the node's float64 threshold, NaN going where
-    missing_go_to_left says, as the Cython does; trees with categorical nodes (histogram
-    boosting's) turn there as _categorical_turns says.  `splits` is each feature's split
-    thresholds and `dtype`, for the proof.
-    """
-    import numpy as np
-
-    offsets = np.cumsum([0] + [tree.node_count for tree in trees])
-    own = np.arange(offsets[-1])
-    leaf = np.concatenate([tree.children_left for tree in trees]) == -1
-    left = np.where(leaf, own, np.concatenate([tree.children_left + o for tree, o in zip(trees, offsets)]))
-    right = np.where(leaf, own, np.concatenate([tree.children_right + o for tree, o in zip(trees, offsets)]))
-    feature = np.where(leaf, 0, np.concatenate([tree.feature for tree in trees]))
-    threshold = np.concatenate([tree.threshold for tree in trees])
-    missing_left = np.concatenate([tree.missing_go_to_left for tree in trees]).astype(bool)
-    values = np.concatenate([tree.value for tree in trees])
-    roots, depth = offsets[:-1], max(tree.max_depth for tree in trees)
-    turns = _categorical_turns(trees, missing_left)
-
-    def walk(X):
-        node = np.repeat(roots[np.newaxis, :], len(X), axis=0)
-        rows = np.arange(len(X))[:, np.newaxis]
-        for _ in range(depth):
-            x = X[rows, feature[node]]
-            go_left = (x <= threshold[node]) | (np.isnan(x) & missing_left[node])
-            node = np.where(go_left if turns is None else turns(node, x, go_left), left[node], right[node])
-        return node
-
-    thresholds = [np.unique(threshold[~leaf & (feature == f)]) for f in range(n_features)]
-    return walk, values, (thresholds, dtype)
-
-
-def _categorical_turns(trees, missing_left):
-    """None if no node splits on a category; else turns(node, x, go_left): go_left, where the node is categorical
-    replaced by its choice as _predict_one_from_raw_data makes it.
-
-    NaN and negative values go where missing values go; any other value is cast to uint8, as the
-    Cython casts it, and looked up in the node's row of `left_categories` (_left_categories).
-    """
-    import numpy as np
-
-    if not all(hasattr(tree, "is_categorical") for tree in trees):
-        return None
-    split = np.concatenate([tree.is_categorical for tree in trees])
-    if not split.any():
-        return None
-    table = np.concatenate([np.zeros((1, 256), dtype=bool)] + [tree.left_categories for tree in trees])
-    row = np.zeros(len(split), dtype=np.intp)
-    row[split] = np.arange(1, split.sum() + 1)
-
-    def turns(node, x, go_left):
-        categorical = split[node]
-        if not categorical.any():
-            return go_left
-        valid = x >= 0                              # false for NaN
-        code = np.where(categorical & valid, x, 0).astype(np.uint8)
-        return np.where(categorical, np.where(valid, table[row[node], code], missing_left[node]), go_left)
-
-    return turns
-
-
-@functools.cache
-def _native_transforms():
-    """{transformer class: compiler of its transform}, exact classes only, for a pipeline's steps.
-
-    A compiler answers a function of the float64 rows, or a _Step when the transform encodes
-    categories (the values to probe it on) or answers a sparse matrix in scikit-learn.
-    """
-    from sklearn import compose, impute, pipeline, preprocessing
-
-    return {preprocessing.StandardScaler: _standard_scaler, preprocessing.MinMaxScaler: _min_max_scaler,
-            impute.SimpleImputer: _simple_imputer, preprocessing.FunctionTransformer: _identity,
-            preprocessing.OneHotEncoder: _one_hot_encoder, preprocessing.OrdinalEncoder: _ordinal_encoder,
-            compose.ColumnTransformer: _column_transformer, pipeline.Pipeline: _transform_chain}
-
-
-#: a compiled transform: function(X) -> transformed rows, or None to leave them to scikit-learn;
-#: categories {input column: values to probe it on}; sparse: scikit-learn answers a sparse matrix there
-_Step = collections.namedtuple("_Step", "function categories sparse")
-
-
-def _compile_step(name, step):
-    """The _Step of one transformer; 'passthrough' (or None) is the identity."""
-    if step is None or (isinstance(step, str) and step == "passthrough"):
-        return _Step(lambda X: X, {}, False)
-    compiler = _native_transforms().get(type(step))
-    if compiler is None or "transform" in vars(step):
-        raise _NotNative(f"no native version of its step {name!r} ({type(step).__name__})")
-    compiled = compiler(step)
-    return compiled if isinstance(compiled, _Step) else _Step(compiled, {}, False)
-
-
-def _transform_chain(pipeline, steps=None):
-    """Pipeline.transform (or the steps before a pipeline's final estimator): each step on the last one's output.
-
-    The probe values are the first step's: later steps see transformed columns.
-    """
-    compiled = [_compile_step(name, step) for name, step in (pipeline.steps if steps is None else steps)]
-    if any(step.sparse for step in compiled[:-1]):
-        raise _NotNative("a step after one that answers a sparse matrix (its sparse arithmetic is its own)")
-    functions = tuple(step.function for step in compiled)
-
-    def chain(X):
-        for function in functions:
-            X = function(X)
-            if X is None:
-                return None
-        return X
-
-    return _Step(chain, compiled[0].categories if compiled else {}, any(step.sparse for step in compiled))
-
-
-def _identity(step):
-    """FunctionTransformer without a function (a ColumnTransformer's passthrough), or with the check_array that
-    histogram boosting's preprocessor gives its numeric columns, which leaves float64 rows as they are."""
-    import numpy as np
-    from sklearn.utils import check_array
-
-    func = step.func
-    checks = isinstance(func, functools.partial) and func.func is check_array and not func.args and \
-        func.keywords == {"dtype": [np.float64], "ensure_all_finite": False}
-    if step.validate or not (func is None or checks):
-        raise _NotNative("a FunctionTransformer with a function or validation")
-    return lambda X: X
-
-
-def _column_transformer(step):
-    """ColumnTransformer.transform on a float64 array: each transformer on its columns, stacked side by side.
-
-    The columns are the indices scikit-learn resolved at fit (a model fitted on named columns
-    keeps receiving DataFrames and is not compiled).  Dense here even where scikit-learn stacks
-    a sparse matrix: the values are the same, and only a tree may read them (see _compile_pipeline).
-    """
-    import numpy as np
-
-    parts, categories = [], {}
-    for name, transformer, _ in step.transformers_:
-        columns = np.asarray(step._transformer_to_input_indices[name], dtype=np.intp)
-        if (isinstance(transformer, str) and transformer == "drop") or not len(columns):
-            continue
-        compiled = _compile_step(name, transformer)
-        parts.append((columns, compiled.function))
-        categories.update({int(columns[j]): values for j, values in compiled.categories.items()})
-
-    def stacked(X):
-        outputs = [function(X[:, columns]) for columns, function in parts]
-        return None if any(output is None for output in outputs) else np.hstack(outputs)
-
-    return _Step(stacked, categories, bool(step.sparse_output_))
-
-
-def _category_codes(encoder):
-    """codes(X) -> (each value's index in its column's categories, whether it is one), as _BaseEncoder finds them.
-
-    For float64 columns fitted on numbers only (text arrives as objects, which go to
-    scikit-learn): a sorted search, NaN being the last category where it is one.  None where
-    scikit-learn refuses: an infinity, or an unknown value when handle_unknown is 'error'.
-    """
-    import numpy as np
-
-    if encoder._infrequent_enabled:
-        raise _NotNative(f"{type(encoder).__name__} groups infrequent categories")
-    tables = []
-    for column in encoder.categories_:
-        if column.dtype != np.float64 or np.isnan(column[:-1]).any() or len(column) < 2 and np.isnan(column).all():
-            raise _NotNative(f"{type(encoder).__name__} of categories that are not float64 numbers")
-        tables.append((column[:-1], len(column) - 1) if np.isnan(column[-1]) else (column, -1))
-    refuse_unknown = encoder.handle_unknown == "error"
-
-    def codes(X):
-        if np.isinf(X).any():
-            return None
-        index, known = np.empty(X.shape, dtype=np.intp), np.empty(X.shape, dtype=bool)
-        for i, (values, nan_code) in enumerate(tables):
-            x = X[:, i]
-            index[:, i] = np.searchsorted(values, x).clip(max=len(values) - 1)
-            known[:, i] = values[index[:, i]] == x
-            if nan_code >= 0:
-                missing = np.isnan(x)
-                index[missing, i], known[missing, i] = nan_code, True
-        return None if refuse_unknown and not known.all() else (index, known)
-
-    probes = {i: np.asarray(values if refuse_unknown else np.concatenate(
-        [values, np.nextafter(values, -np.inf), np.nextafter(values, np.inf)])) for i, (values, _) in enumerate(tables)}
-    return codes, probes
-
-
-def _one_hot_encoder(step):
-    """OneHotEncoder.transform, without drop: a 1 in each known category's column, unknown ones all zeros."""
-    import numpy as np
-
-    if step.drop is not None or step.handle_unknown not in ("error", "ignore", "infrequent_if_exist"):
-        raise _NotNative(f"a OneHotEncoder with drop={step.drop!r}, handle_unknown={step.handle_unknown!r}")
-    codes, probes = _category_codes(step)
-    offsets, width, dtype = np.cumsum([0] + step._n_features_outs)[:-1], sum(step._n_features_outs), step.dtype
-
-    def one_hot(X):
-        found = codes(X)
-        if found is None:
-            return None
-        index, known = found
-        out = np.zeros((len(X), width), dtype=dtype)
-        rows, columns = np.nonzero(known)
-        out[rows, offsets[columns] + index[rows, columns]] = 1
-        return out
-
-    return _Step(one_hot, probes, bool(step.sparse_output))
-
-
-def _ordinal_encoder(step):
-    """OrdinalEncoder.transform: each category's index, encoded_missing_value for NaN, unknown_value if asked."""
-    import numpy as np
-
-    codes, probes = _category_codes(step)
-    missing, unknown = step._missing_indices, step.handle_unknown == "use_encoded_value"
-
-    def ordinal(X):
-        found = codes(X)
-        if found is None:
-            return None
-        index, known = found
-        out = index.astype(step.dtype)
-        for column in missing:
-            out[np.isnan(X[:, column]), column] = step.encoded_missing_value
-        if unknown:
-            out[~known] = step.unknown_value
-        return out
-
-    return _Step(ordinal, probes, False)
-
-
-def _standard_scaler(step):
-    """StandardScaler.transform on a float64 array: subtract mean_, divide by scale_ (on a copy)."""
-    if not step.copy:
-        raise _NotNative("a StandardScaler with copy=False scales the caller's own rows")
-    mean, scale = (step.mean_ if step.with_mean else None), (step.scale_ if step.with_std else None)
-
-    def standard(X):
-        X = X if mean is None else X - mean
-        return X if scale is None else X / scale
-
-    return standard
-
-
-def _min_max_scaler(step):
-    """MinMaxScaler.transform: times scale_, plus min_, clipped to feature_range when asked (on a copy)."""
-    import numpy as np
-
-    if not step.copy:
-        raise _NotNative("a MinMaxScaler with copy=False scales the caller's own rows")
-    scale, low, (bottom, top), clip = step.scale_, step.min_, step.feature_range, step.clip
-
-    def min_max(X):
-        X = X * scale
-        X += low
-        return np.clip(X, np.float64(bottom), np.float64(top), out=X) if clip else X
-
-    return min_max
-
-
-def _simple_imputer(step):
-    """SimpleImputer.transform for a mean or median of NaN in every column: each NaN becomes its column's."""
-    import numpy as np
-
-    statistics, missing = step.statistics_, step.missing_values
-    if step.strategy not in ("mean", "median") or step.add_indicator or not step.copy or not (
-            isinstance(missing, float) and np.isnan(missing)) or not np.isfinite(statistics).all():
-        raise _NotNative("only a SimpleImputer of NaN by mean or median, copying, without indicator or empty "
-                         "columns")
-    return lambda X: np.where(np.isnan(X), statistics, X)
-
-
-def _compile_pipeline(pipeline, wanted, n_features):
-    """A Pipeline of known transforms ending in a known model: its steps, then the final predictor.
-
-    The final estimator is compiled and proved alone first (on its own thresholds), then the
-    whole pipeline is proved end to end against Pipeline's own methods, on rows whose encoded
-    columns hold the encoders' categories.  Where scikit-learn hands the final step a sparse
-    matrix, only trees are compiled: they read a sparse row's values exactly as a dense row's,
-    while a linear model's sparse product sums in another order than the dense one.
-    """
-    *steps, (_, final) = pipeline.steps
-    transforms = _transform_chain(pipeline, steps)
-    trees = _native_compilers().get(type(final)) in (_tree_model, _gradient_boosting, _hist_gradient_boosting)
-    if transforms.sparse and not trees:
-        raise _NotNative("a step answers a sparse matrix, whose products scikit-learn sums in another order")
-    if trees:
-        transforms = transforms._replace(function=_tree_ready(transforms.function, transforms.sparse))
-    try:
-        inner, reasons = _compile(final, wanted, final.n_features_in_)
-        if not inner.methods:
-            raise _NotNative(next(iter(reasons.values())))
-    except _NotNative as error:
-        raise _NotNative(f"its final step: {error}") from None
-    return _proved(pipeline, dict(inner.methods), None, lambda allow_nan, allow_inf: NativePredictor(
-        {}, n_features, allow_nan, allow_inf, steps=transforms.function, final=inner,
-        categories=transforms.categories), transforms.categories)
-
-
-def _probe_rows(n_features, splits, rng, categories):
-    """Finite rows to prove on: random ones at many scales, and for trees every threshold and its neighbours.
-
-    A threshold t is probed at t itself, at t in the dtype the model compares in (float32 for
-    scikit-learn's trees, float64 for histogram boosting) and at the values of that dtype on
-    either side of it, which is where a comparison could go either way.  Each row carries one
-    probe per feature, so every probe appears in some row.  A column an encoder encodes is drawn
-    from its `categories` probe values instead (random numbers would all be unknown categories).
-    """
-    import numpy as np
-
-    scale = 10.0 ** rng.integers(-3, 4, size=(_RANDOM_PROBES, 1))
-    rows = [rng.standard_normal((_RANDOM_PROBES, n_features)) * scale, np.zeros((1, n_features))]
-    if splits is not None:
-        thresholds, dtype = splits
-        columns = []
-        for found in thresholds:
-            near = found.astype(dtype)
-            values = np.concatenate([found, near, np.nextafter(near, dtype(-np.inf)),
-                                     np.nextafter(near, dtype(np.inf))]).astype(np.float64)
-            values = values[np.abs(values) <= np.finfo(dtype).max]    # a split on NaN alone is at +inf
-            columns.append(values if len(values) else rng.standard_normal(1))
-        height = max(len(column) for column in columns)
-        rows.append(np.stack([rng.permutation(np.resize(column, height)) for column in columns], axis=1))
-    rows = np.ascontiguousarray(np.concatenate(rows))
-    for column, values in categories.items():
-        rows[:, column] = rng.choice(values, len(rows))
-    return rows
-
-
-def _edge_rows(batch, rng):
-    """Rows holding what scikit-learn may refuse: NaN, infinities, a float64 past float32's range."""
-    import numpy as np
-
-    edges = []
-    for value in (np.nan, np.inf, -np.inf, 1e39):
-        row = batch[:1].copy()
-        row[0, rng.integers(row.shape[1])] = value
-        edges.append(row)
-    holes = batch[:64].copy()
-    holes[rng.random(holes.shape) < 0.2] = np.nan
-    return edges + [holes]
-
-
-def _answer(function, X):
-    """(True, outputs) or (False, the exception): scikit-learn's refusals are facts the proof compares."""
-    try:
-        return True, function(X)
-    except Exception as error:  # its refusal of the probe, whatever the estimator raises
-        return False, error
-
-
-def _prove(estimator, methods, make, batch, rng):
-    """The NativePredictor of the methods that answer every probe exactly as scikit-learn does, and why others don't.
-
-    First the input check: NaN, and infinities, are let through natively only if scikit-learn accepts them, and
-    an edge row the check lets through must be one scikit-learn answers.  Then each method on
-    the probe batch, on single rows of it, and on the edge rows the check lets through.
-    `make(allow_nan, allow_inf)` builds the predictor that holds the proved methods.
-    """
-    first = getattr(estimator, next(iter(methods)))
-    edges = _edge_rows(batch, rng)      # NaN, then infinities: each allowed where scikit-learn takes it
-    predictor = make(_answer(first, edges[0])[0], _answer(first, edges[1])[0] and _answer(first, edges[2])[0])
-    probes = [batch] + [batch[i:i + 1] for i in rng.choice(len(batch), _SINGLE_PROBES)]
-    for row in edges:
-        if predictor.prepare(row) is not None:
-            if not _answer(first, row)[0]:
-                return predictor, dict.fromkeys(methods, "scikit-learn refuses an input the native check lets by")
-            probes.append(row)
-    refused = {}
-    for method, function in methods.items():
-        expected_of = getattr(estimator, method)
-        for X in probes:
-            ok, expected = _answer(expected_of, X)
-            try:
-                prepared = predictor.prepare(X)
-                same = ok and prepared is not None and _same_outputs(expected, function(prepared))
-            except Exception as error:  # the compiled closure failed: that is a reason, not a crash
-                refused[method] = f"the native {method} failed on a probe: {type(error).__name__}: {error}"
-                break
-            if not same:
-                refused[method] = (f"scikit-learn refused a probe: {_clip(str(expected), 120)}" if not ok else
-                                   f"its native check leaves a probe of {len(X)} row(s) to scikit-learn"
-                                   if prepared is None else f"differs from scikit-learn on a probe of {len(X)} row(s)")
-                break
-        else:
-            predictor.methods[method] = function
-    return predictor, refused
-
-
-def _compile(estimator, wanted, n_features):
-    """(NativePredictor, {method: why not}) for the `wanted` methods of one estimator; _NotNative says why none.
-
-    A compiler returns its methods and its `splits`: None, or (each feature's thresholds, the
-    dtype its inputs are compared in), float32 for scikit-learn's trees, float64 for histogram
-    boosting; and, where the model transforms its rows itself first (histogram boosting's
-    categories), the _Step that does, which then runs in the predictor's `prepare`.
-    """
-    import numpy as np
-    from sklearn.pipeline import Pipeline
-
-    shadowed = [m for m in wanted if m in vars(estimator)]
-    if shadowed:
-        raise _NotNative(f"{', '.join(shadowed)} replaced on the instance")
-    if type(estimator) is Pipeline:
-        return _compile_pipeline(estimator, wanted, n_features)
-    compiler = _native_compilers().get(type(estimator))
-    if compiler is None:
-        raise _NotNative(f"no native compiler for {type(estimator).__name__} (exact classes only)")
-    compiled, splits, *own_step = compiler(estimator)
-    float32 = splits is not None and splits[1] is np.float32
-    compiled = {m: f for m, f in compiled.items() if m in wanted}
-    if not own_step:
-        return _proved(estimator, compiled, splits, lambda allow_nan, allow_inf: NativePredictor(
-            {}, n_features, allow_nan, allow_inf, float32=float32))
-    step, takes_all = own_step[0], NativePredictor({}, n_features, True, True)
-    return _proved(estimator, compiled, splits, lambda allow_nan, allow_inf: NativePredictor(
-        {}, n_features, allow_nan, allow_inf, steps=step.function, final=takes_all, categories=step.categories),
-        step.categories)
-
-
-def _proved(estimator, compiled, splits, make, categories=None):
-    """_prove on the probe rows of this estimator (the same at every load)."""
-    import numpy as np
-
-    if not compiled:
-        raise _NotNative("no native version of its methods")
-    rng = np.random.default_rng(NATIVE_PROBE_SEED)
-    batch = _probe_rows(estimator.n_features_in_, splits, rng, categories or {})
-    with np.errstate(all="ignore"):     # log(0) and the like warn alike on both sides: not a difference
-        return _prove(estimator, compiled, make, batch, rng)
-
-
-def compile_native(estimator, model):
-    """(NativePredictor or None, {method: (predictor, reason)}) for a freshly loaded model.
-
-    None when no method is proved.  Every failure here, expected or not, only means that
-    scikit-learn answers: loading never fails because of the native predictor.
-    """
-    try:
-        if _named_parts(estimator):
-            raise _NotNative("fitted on named columns: scikit-learn checks the names of what it is given")
-        predictor, reasons = _compile(estimator, model.methods, model.n_features)
-    except Exception as error:  # a compiler meeting an estimator it misreads: scikit-learn answers
-        reason = str(error) if isinstance(error, _NotNative) else \
-            f"compiling failed: {type(error).__name__}: {_clip(str(error), 120)}"
-        return None, {m: (SKLEARN, reason) for m in model.methods}
-    status = {m: (NATIVE, "proved bit-identical to scikit-learn on probe rows at load") if m in predictor.methods
-              else (SKLEARN, reasons.get(m, "no native version of this method")) for m in model.methods}
-    return (predictor if predictor.methods else None), status
-
-
-def attach_native(model, enabled):
-    """Give `model` its native predictor (or say why not), timing compile and proof into its load time."""
-    if not enabled:
-        model.predictors = {m: (SKLEARN, "native predictors are switched off") for m in model.methods}
-        return
-    started = time.perf_counter()
-    model.native, model.predictors = compile_native(model.estimator, model)
-    seconds = time.perf_counter() - started
-    model.load_seconds += seconds
-    native = [m for m, (predictor, _) in model.predictors.items() if predictor == NATIVE]
-    logger.info("model %r version %s: native predictor for %s (compiled and proved in %.3f s)%s", model.name,
-                model.version, ", ".join(native) or "no method", seconds,
-                "".join(f"; {m} by scikit-learn: {why}" for m, (p, why) in model.predictors.items() if p == SKLEARN))
-
-
-###############################################################################
 # Metrics #####################################################################
 ###############################################################################
 # What GET /metrics reports, through prometheus_client (imported at the first count, not with the
@@ -2988,6 +2124,9 @@ class _Unforgotten:
             yield family
 
 
+###############################################################################
+# Agreement ###################################################################
+###############################################################################
 # How two versions' answers compare: a shadow's running counts (registry, HTTP application) and a
 # replay's report (Replay).
 
@@ -4244,6 +3383,20 @@ def _tuples_to_lists(value):
     return value
 
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _request_id(environ):
+    """The client's X-Request-ID if it is a plain token, else a new one; kept in the environ."""
+    request_id = environ.get("service.request_id")
+    if request_id is None:
+        request_id = environ.get("HTTP_X_REQUEST_ID", "")
+        if not REQUEST_ID.fullmatch(request_id):
+            request_id = os.urandom(16).hex()       # uuid4's randomness, without building a UUID
+        environ["service.request_id"] = request_id
+    return request_id
+
+
 ###############################################################################
 # Protocol codecs #############################################################
 ###############################################################################
@@ -4977,6 +4130,334 @@ BODY_EXAMPLES = {
 
 
 ###############################################################################
+# Background work #############################################################
+###############################################################################
+# What runs beside the requests, off their path: predictions bounded in time (TimeLimit), and what a
+# request hands over after its answer (a Backlog each for the payload log and the shadow).
+
+
+class TimeLimit:
+    """--max-predict-seconds: predictions run on daemon threads and are awaited at most the limit (504 past it).
+
+    A Python thread cannot be stopped, so work past its time finishes in the background; what the
+    request held (its model, its --max-inflight slot) passes to that work and is released when it
+    ends, so abandoned computations stay counted and cannot pile up unseen.  Work that waited past
+    its deadline for a thread is not started at all.  The threads are daemons, started in the
+    process that serves (a pre-fork host forks after building the app): an abandoned computation
+    never keeps the process alive after its shutdown.
+    """
+
+    def __init__(self, seconds, threads):
+        self.seconds, self.threads = seconds, threads
+        self._tasks = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pid = None
+
+    def run(self, compute, held):
+        """compute() on a predict thread; `held` (releases) passes to it."""
+        import concurrent.futures
+
+        if self._pid != os.getpid():
+            self._start()
+        deadline = time.monotonic() + self.seconds
+        future, handed = concurrent.futures.Future(), held[:]
+        held.clear()
+
+        def task():
+            try:
+                if time.monotonic() >= deadline:
+                    raise PredictionTimeout("not started: the predict threads were busy past the time limit")
+                future.set_result(compute())
+            except BaseException as error:   # handed to the request that waits for it
+                future.set_exception(error)
+            finally:
+                for release in reversed(handed):
+                    release()
+
+        self._tasks.put(task)
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            raise PredictionTimeout(f"the prediction took longer than {self.seconds:g} s (--max-predict-seconds); "
+                                    "try fewer rows") from None
+
+    def _start(self):
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                for number in range(self.threads):
+                    threading.Thread(target=self._work, name=f"predict-{number}", daemon=True).start()
+
+    def _work(self):
+        while True:
+            self._tasks.get()()
+
+
+class UnderWay:
+    """How many of something are under way, as a `with` block: counted under a lock, read without one."""
+
+    def __init__(self):
+        self.count, self._lock = 0, threading.Lock()
+
+    def __enter__(self):
+        with self._lock:
+            self.count += 1
+
+    def __exit__(self, *failure):
+        with self._lock:
+            self.count -= 1
+
+
+class Backlog:
+    """Work for one daemon thread, off the request path: what a request hands over after its answer.
+
+    Bounded twice, as what waits holds requests' inputs and outputs: by count, and by the bytes of
+    the requests' bodies (or URLs), which stand for what an item holds.  A full backlog refuses an
+    item at once rather than make a request wait.  The thread runs `work(items)` on what waits: the
+    oldest item and up to `burst` - 1 more, taken at one wake-up; it starts in the process that uses
+    the backlog (a pre-fork host forks after building the app), and an exception from `work` is
+    logged, never fatal to it.  Then it sleeps `rest(cpu_seconds)`, given the CPU time that took:
+    waking once per item would cost requests the interpreter more than the work itself, and work
+    that must not compete with them paces itself.
+    """
+
+    ITEMS = 1000
+    BYTES = 64 * 1024 * 1024
+
+    def __init__(self, name, work, rest, burst=1):
+        self.name, self._work, self._rest, self._burst = name, work, rest, burst
+        self._lock = threading.Lock()
+        self._pid, self._queue, self._bytes = None, None, 0
+
+    def offer(self, item, environ):
+        """Hand `item` (of the request behind `environ`) to the thread; False when the backlog is full."""
+        if self._pid != os.getpid():
+            self._start()
+        size = int(environ.get("CONTENT_LENGTH") or 0) or len(environ.get("QUERY_STRING", "")) + 4096
+        with self._lock:
+            if self._bytes + size > self.BYTES:
+                return False
+            self._bytes += size
+        try:
+            self._queue.put_nowait((item, size))
+            return True
+        except queue.Full:
+            self._release(size)
+            return False
+
+    def flush(self, timeout):
+        """Wait until what was offered so far is done; False if that took over `timeout` seconds."""
+        if self._pid != os.getpid():
+            return True
+        done, deadline = threading.Event(), time.monotonic() + timeout
+        try:
+            self._queue.put((done, 0), timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(max(0.0, deadline - time.monotonic()))
+
+    def _release(self, size):
+        with self._lock:
+            self._bytes -= size
+
+    def _start(self):
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._queue, self._bytes = os.getpid(), queue.Queue(self.ITEMS), 0
+                threading.Thread(target=self._run, name=self.name, daemon=True).start()
+
+    def _run(self):
+        while True:
+            taken = [self._queue.get()]
+            started = time.thread_time()
+            with contextlib.suppress(queue.Empty):
+                while len(taken) < self._burst:
+                    taken.append(self._queue.get_nowait())
+            flushes = [item for item, _ in taken if isinstance(item, threading.Event)]
+            try:
+                self._work([item for item, _ in taken if not isinstance(item, threading.Event)])
+            except Exception:  # never let the thread die: the next items still need it
+                logger.exception("%s failed", self.name)
+            finally:
+                self._release(sum(size for _, size in taken))
+            for done in flushes:                         # flush(): everything offered before it is done
+                done.set()
+            time.sleep(self._rest(time.thread_time() - started))
+
+
+class PayloadLog:
+    """--payload-log DIR: one JSON line per sampled prediction request, written by a background thread.
+
+    A request only hands over what it already holds (its model, inputs, outputs, status and latency)
+    to a Backlog: turning them into JSON, redacting and writing happen on its thread, so the log never
+    slows an answer, and a full backlog drops the record (counted) rather than wait.  Each file is
+    named by its start time and process, so processes and restarts never share one; past FILE_BYTES
+    a file is closed for a new one, and only the newest FILES of the folder stay.  What it accepted is
+    written at interpreter exit (within --shutdown-timeout), under serve(), gunicorn's workers or any
+    host that exits normally after its last request.
+    """
+
+    FILE_BYTES = 64 * 1024 * 1024
+    FILES = 20
+    INTERVAL = 0.05         # seconds between writes: what waits is written, and flushed, together
+    FILE_NAME = re.compile(r"payload-[0-9]{8}T[0-9]{6}-[0-9]+-[0-9]{6}\.jsonl")
+
+    def __init__(self, folder, sample, registry):
+        self.folder, self.sample, self.registry, self.metrics = folder, sample, registry, registry.metrics
+        self.backlog = Backlog("payload-log", self._write_records, rest=lambda cpu_seconds: self.INTERVAL,
+                               burst=Backlog.ITEMS)
+        self._file, self._written, self._serial, self._failing = None, 0, itertools.count(1), False
+        atexit.register(PayloadLog._drain_at_exit, weakref.ref(self), registry.config.shutdown_timeout)
+
+    def offer(self, environ, status, elapsed):
+        """Queue one prediction request if it is sampled; never blocks."""
+        if self.sample < 1 and random.random() >= self.sample:
+            return
+        record = (time.time(), _request_id(environ), environ["service.labels"], environ.get("service.payload"),
+                  PROTOCOLS[environ["service.codec"]], int(status), elapsed)
+        if not self.backlog.offer(record, environ):
+            self.metrics.count("model_service_payload_log_dropped_total", ())
+
+    def drain(self, timeout):
+        """Write and flush everything accepted so far (at shutdown); False if it took over `timeout` seconds."""
+        return self.backlog.flush(timeout)
+
+    @staticmethod
+    def _drain_at_exit(reference, timeout):
+        """atexit: by reference, so an app dropped earlier (tests build many) is not kept alive for it."""
+        payload_log = reference()
+        if payload_log is not None and not payload_log.drain(timeout):
+            logger.warning("payload log: records still queued after %g s were not written", timeout)
+
+    def _write_records(self, records):
+        if not records:
+            return
+        try:
+            for record in records:
+                self._write(self._line(record))
+            self._file.flush()           # whole lines on disk: a reader, or a drain at shutdown, sees them
+        except Exception as error:   # a full disk, an unwritable folder: logged once, counted each time
+            self.metrics.count("model_service_payload_log_dropped_total", (), len(records))
+            if not self._failing:
+                logger.error("payload log: cannot write to %s: %s", self.folder, error)
+            self._failing = True
+            return
+        self._failing = False
+        self.metrics.count("model_service_payload_log_records_total", (), len(records))
+
+    def _write(self, line):
+        data = line.encode("utf-8", "backslashreplace")
+        if self._file is None or self._written + len(data) > self.FILE_BYTES:
+            self._rotate()
+        self._file.write(data)
+        self._written += len(data)
+
+    def _rotate(self):
+        """Start a new file, then remove the oldest beyond FILES (any process's: names sort by time)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        os.makedirs(self.folder, exist_ok=True)
+        name = f"payload-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{next(self._serial):06d}.jsonl"
+        self._file, self._written = open(os.path.join(self.folder, name), "ab"), 0
+        names = sorted(entry.name for entry in os.scandir(self.folder) if self.FILE_NAME.fullmatch(entry.name))
+        for old in names[:-self.FILES]:
+            with contextlib.suppress(FileNotFoundError):      # another process removed it first
+                os.remove(os.path.join(self.folder, old))
+
+    def _line(self, record):
+        at, request_id, labels, payload, protocol, status, elapsed = record
+        (_, name), (_, version), (_, method) = labels
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
+                "request_id": request_id, "model": name, "version": version, "method": method,
+                "protocol": protocol, "status": status, "latency_ms": round(elapsed * 1000, 3)}
+        if payload is not None:
+            model, inputs, results = payload
+            line["features"] = model.feature_names
+            line["inputs"], line["redacted"] = self._redacted(model, to_jsonable(inputs))
+            line["outputs"] = {method: to_jsonable(outputs) for method, outputs in results.items()}
+        return dumps(line) + "\n"
+
+    def _redacted(self, model, rows):
+        """(rows with the model's "redact" features nulled, the names redacted); all rows withheld (None)
+        when a listed name is not one of the model's features: a redaction that cannot be placed fails closed."""
+        hidden = self.registry.model_settings(model.name).redact
+        if not hidden:
+            return rows, None
+        if not hidden <= set(model.feature_names or ()):
+            return None, "all"
+        columns = [index for index, feature in enumerate(model.feature_names) if feature in hidden]
+        for row in rows:
+            for index in columns:
+                row[index] = None
+        return rows, sorted(hidden)
+
+
+class Shadow:
+    """A model's "shadow" version: each request it answers runs again there, off the request path, and the
+    two answers are compared (the registry's `agreements`, the model's status and /metrics).
+
+    A request only offers what it already holds (its inputs and outputs) to a Backlog, after its own
+    answer is computed; a full backlog drops the offer (counted) rather than wait, so the client's
+    answer, status, headers and latency never depend on the shadow.  The shadow's failures are logged
+    and counted, never returned.
+
+    The shadow uses spare time: while predictions are being answered (`busy()`), its thread rests
+    after each comparison so that it holds at most SHARE of the interpreter, which the requests'
+    threads need.  A busy process therefore shadows a sample of its requests and drops the rest,
+    counted; an idle one shadows them all.
+    """
+
+    SHARE = 0.02
+
+    def __init__(self, registry, busy):
+        self.registry, self.metrics, self.busy = registry, registry.metrics, busy
+        self.backlog = Backlog("shadow", lambda offers: [self._compare(*offer) for offer in offers],
+                               rest=self._rest)
+
+    def _rest(self, cpu_seconds):
+        """Seconds to sleep after a comparison that took `cpu_seconds`: none when no prediction is being
+        answered, else enough that comparisons take at most SHARE of the interpreter."""
+        return cpu_seconds * (1 / self.SHARE - 1) if self.busy() else 0.0
+
+    def offer(self, environ, name, model, methods, inputs, results):
+        """Hand the request to the model's shadow version, if it has one other than the version that
+        answered; never blocks."""
+        slot = self.registry.shadow_slot(name)
+        if slot is None or str(slot.ref.version) == model.version:
+            return
+        if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results), environ):
+            self.registry.agreement(name, str(slot.ref.version)).dropped += 1
+            self.metrics.count("model_service_shadow_dropped_total",
+                               (("model", name), ("version", str(slot.ref.version))))
+
+    def _compare(self, name, slot, request_id, methods, inputs, results):
+        """Run the methods on the shadow version and count how its outputs compare with the client's."""
+        version = str(slot.ref.version)
+        labels = (("model", name), ("version", version))
+        agreement = self.registry.agreement(name, version)
+        try:
+            model = self.registry.acquire(name, version, slot=slot)     # (re-resolved by version, not split)
+            try:
+                shadowed = {method: to_jsonable(model.call(method, inputs)) for method in methods}
+            finally:
+                self.registry.release(model)
+        except Exception as failure:  # it cannot load, or refuses the inputs: counted and logged, never returned
+            agreement.fail(request_id, methods, type(failure).__name__)
+            self.metrics.count("model_service_shadow_errors_total", labels)
+            logger.warning("shadow version %s of model %r failed on request %s: %s", version, name, request_id,
+                           _clip(getattr(failure, "message", None) or str(failure)))
+            return
+        identical = agreement.identical
+        differences = agreement.compare(model, request_id, {m: to_jsonable(r) for m, r in results.items()}, shadowed)
+        self.metrics.count("model_service_shadow_compared_total", labels)
+        self.metrics.count("model_service_shadow_identical_total", labels, agreement.identical - identical)
+        if differences:
+            self.metrics.count("model_service_shadow_abs_difference_total", labels, sum(differences))
+            self.metrics.count("model_service_shadow_numeric_values_total", labels, len(differences))
+
+
+###############################################################################
 # HTTP application ############################################################
 ###############################################################################
 # One table, ROUTES, names every route: its path, the ServiceApp method that
@@ -5098,19 +4579,7 @@ OPEN_PATHS = frozenset(route.path for route in ROUTES if route.access == OPEN)
 ADMIN_PATHS = re.compile("|".join(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(route.path))
                                   for route in ROUTES if route.access == ADMIN))
 
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 access_logger = logging.getLogger("service.access")
-
-
-def _request_id(environ):
-    """The client's X-Request-ID if it is a plain token, else a new one; kept in the environ."""
-    request_id = environ.get("service.request_id")
-    if request_id is None:
-        request_id = environ.get("HTTP_X_REQUEST_ID", "")
-        if not REQUEST_ID.fullmatch(request_id):
-            request_id = os.urandom(16).hex()       # uuid4's randomness, without building a UUID
-        environ["service.request_id"] = request_id
-    return request_id
 
 
 class ServiceApp(bottle.Bottle):
@@ -5524,327 +4993,6 @@ def _internal_error(where, detail):
     return ServiceError("internal server error", error_id=error_id)
 
 
-class TimeLimit:
-    """--max-predict-seconds: predictions run on daemon threads and are awaited at most the limit (504 past it).
-
-    A Python thread cannot be stopped, so work past its time finishes in the background; what the
-    request held (its model, its --max-inflight slot) passes to that work and is released when it
-    ends, so abandoned computations stay counted and cannot pile up unseen.  Work that waited past
-    its deadline for a thread is not started at all.  The threads are daemons, started in the
-    process that serves (a pre-fork host forks after building the app): an abandoned computation
-    never keeps the process alive after its shutdown.
-    """
-
-    def __init__(self, seconds, threads):
-        self.seconds, self.threads = seconds, threads
-        self._tasks = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._pid = None
-
-    def run(self, compute, held):
-        """compute() on a predict thread; `held` (releases) passes to it."""
-        import concurrent.futures
-
-        if self._pid != os.getpid():
-            self._start()
-        deadline = time.monotonic() + self.seconds
-        future, handed = concurrent.futures.Future(), held[:]
-        held.clear()
-
-        def task():
-            try:
-                if time.monotonic() >= deadline:
-                    raise PredictionTimeout("not started: the predict threads were busy past the time limit")
-                future.set_result(compute())
-            except BaseException as error:   # handed to the request that waits for it
-                future.set_exception(error)
-            finally:
-                for release in reversed(handed):
-                    release()
-
-        self._tasks.put(task)
-        try:
-            return future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except concurrent.futures.TimeoutError:
-            raise PredictionTimeout(f"the prediction took longer than {self.seconds:g} s (--max-predict-seconds); "
-                                    "try fewer rows") from None
-
-    def _start(self):
-        with self._lock:
-            if self._pid != os.getpid():
-                self._pid = os.getpid()
-                for number in range(self.threads):
-                    threading.Thread(target=self._work, name=f"predict-{number}", daemon=True).start()
-
-    def _work(self):
-        while True:
-            self._tasks.get()()
-
-
-class UnderWay:
-    """How many of something are under way, as a `with` block: counted under a lock, read without one."""
-
-    def __init__(self):
-        self.count, self._lock = 0, threading.Lock()
-
-    def __enter__(self):
-        with self._lock:
-            self.count += 1
-
-    def __exit__(self, *failure):
-        with self._lock:
-            self.count -= 1
-
-
-class Backlog:
-    """Work for one daemon thread, off the request path: what a request hands over after its answer.
-
-    Bounded twice, as what waits holds requests' inputs and outputs: by count, and by the bytes of
-    the requests' bodies (or URLs), which stand for what an item holds.  A full backlog refuses an
-    item at once rather than make a request wait.  The thread runs `work(items)` on what waits: the
-    oldest item and up to `burst` - 1 more, taken at one wake-up; it starts in the process that uses
-    the backlog (a pre-fork host forks after building the app), and an exception from `work` is
-    logged, never fatal to it.  Then it sleeps `rest(cpu_seconds)`, given the CPU time that took:
-    waking once per item would cost requests the interpreter more than the work itself, and work
-    that must not compete with them paces itself.
-    """
-
-    ITEMS = 1000
-    BYTES = 64 * 1024 * 1024
-
-    def __init__(self, name, work, rest, burst=1):
-        self.name, self._work, self._rest, self._burst = name, work, rest, burst
-        self._lock = threading.Lock()
-        self._pid, self._queue, self._bytes = None, None, 0
-
-    def offer(self, item, environ):
-        """Hand `item` (of the request behind `environ`) to the thread; False when the backlog is full."""
-        if self._pid != os.getpid():
-            self._start()
-        size = int(environ.get("CONTENT_LENGTH") or 0) or len(environ.get("QUERY_STRING", "")) + 4096
-        with self._lock:
-            if self._bytes + size > self.BYTES:
-                return False
-            self._bytes += size
-        try:
-            self._queue.put_nowait((item, size))
-            return True
-        except queue.Full:
-            self._release(size)
-            return False
-
-    def flush(self, timeout):
-        """Wait until what was offered so far is done; False if that took over `timeout` seconds."""
-        if self._pid != os.getpid():
-            return True
-        done, deadline = threading.Event(), time.monotonic() + timeout
-        try:
-            self._queue.put((done, 0), timeout=timeout)
-        except queue.Full:
-            return False
-        return done.wait(max(0.0, deadline - time.monotonic()))
-
-    def _release(self, size):
-        with self._lock:
-            self._bytes -= size
-
-    def _start(self):
-        with self._lock:
-            if self._pid != os.getpid():
-                self._pid, self._queue, self._bytes = os.getpid(), queue.Queue(self.ITEMS), 0
-                threading.Thread(target=self._run, name=self.name, daemon=True).start()
-
-    def _run(self):
-        while True:
-            taken = [self._queue.get()]
-            started = time.thread_time()
-            with contextlib.suppress(queue.Empty):
-                while len(taken) < self._burst:
-                    taken.append(self._queue.get_nowait())
-            flushes = [item for item, _ in taken if isinstance(item, threading.Event)]
-            try:
-                self._work([item for item, _ in taken if not isinstance(item, threading.Event)])
-            except Exception:  # never let the thread die: the next items still need it
-                logger.exception("%s failed", self.name)
-            finally:
-                self._release(sum(size for _, size in taken))
-            for done in flushes:                         # flush(): everything offered before it is done
-                done.set()
-            time.sleep(self._rest(time.thread_time() - started))
-
-
-class PayloadLog:
-    """--payload-log DIR: one JSON line per sampled prediction request, written by a background thread.
-
-    A request only hands over what it already holds (its model, inputs, outputs, status and latency)
-    to a Backlog: turning them into JSON, redacting and writing happen on its thread, so the log never
-    slows an answer, and a full backlog drops the record (counted) rather than wait.  Each file is
-    named by its start time and process, so processes and restarts never share one; past FILE_BYTES
-    a file is closed for a new one, and only the newest FILES of the folder stay.  What it accepted is
-    written at interpreter exit (within --shutdown-timeout), under serve(), gunicorn's workers or any
-    host that exits normally after its last request.
-    """
-
-    FILE_BYTES = 64 * 1024 * 1024
-    FILES = 20
-    INTERVAL = 0.05         # seconds between writes: what waits is written, and flushed, together
-    FILE_NAME = re.compile(r"payload-[0-9]{8}T[0-9]{6}-[0-9]+-[0-9]{6}\.jsonl")
-
-    def __init__(self, folder, sample, registry):
-        self.folder, self.sample, self.registry, self.metrics = folder, sample, registry, registry.metrics
-        self.backlog = Backlog("payload-log", self._write_records, rest=lambda cpu_seconds: self.INTERVAL,
-                               burst=Backlog.ITEMS)
-        self._file, self._written, self._serial, self._failing = None, 0, itertools.count(1), False
-        atexit.register(PayloadLog._drain_at_exit, weakref.ref(self), registry.config.shutdown_timeout)
-
-    def offer(self, environ, status, elapsed):
-        """Queue one prediction request if it is sampled; never blocks."""
-        if self.sample < 1 and random.random() >= self.sample:
-            return
-        record = (time.time(), _request_id(environ), environ["service.labels"], environ.get("service.payload"),
-                  PROTOCOLS[environ["service.codec"]], int(status), elapsed)
-        if not self.backlog.offer(record, environ):
-            self.metrics.count("model_service_payload_log_dropped_total", ())
-
-    def drain(self, timeout):
-        """Write and flush everything accepted so far (at shutdown); False if it took over `timeout` seconds."""
-        return self.backlog.flush(timeout)
-
-    @staticmethod
-    def _drain_at_exit(reference, timeout):
-        """atexit: by reference, so an app dropped earlier (tests build many) is not kept alive for it."""
-        payload_log = reference()
-        if payload_log is not None and not payload_log.drain(timeout):
-            logger.warning("payload log: records still queued after %g s were not written", timeout)
-
-    def _write_records(self, records):
-        if not records:
-            return
-        try:
-            for record in records:
-                self._write(self._line(record))
-            self._file.flush()           # whole lines on disk: a reader, or a drain at shutdown, sees them
-        except Exception as error:   # a full disk, an unwritable folder: logged once, counted each time
-            self.metrics.count("model_service_payload_log_dropped_total", (), len(records))
-            if not self._failing:
-                logger.error("payload log: cannot write to %s: %s", self.folder, error)
-            self._failing = True
-            return
-        self._failing = False
-        self.metrics.count("model_service_payload_log_records_total", (), len(records))
-
-    def _write(self, line):
-        data = line.encode("utf-8", "backslashreplace")
-        if self._file is None or self._written + len(data) > self.FILE_BYTES:
-            self._rotate()
-        self._file.write(data)
-        self._written += len(data)
-
-    def _rotate(self):
-        """Start a new file, then remove the oldest beyond FILES (any process's: names sort by time)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        os.makedirs(self.folder, exist_ok=True)
-        name = f"payload-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{next(self._serial):06d}.jsonl"
-        self._file, self._written = open(os.path.join(self.folder, name), "ab"), 0
-        names = sorted(entry.name for entry in os.scandir(self.folder) if self.FILE_NAME.fullmatch(entry.name))
-        for old in names[:-self.FILES]:
-            with contextlib.suppress(FileNotFoundError):      # another process removed it first
-                os.remove(os.path.join(self.folder, old))
-
-    def _line(self, record):
-        at, request_id, labels, payload, protocol, status, elapsed = record
-        (_, name), (_, version), (_, method) = labels
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
-                "request_id": request_id, "model": name, "version": version, "method": method,
-                "protocol": protocol, "status": status, "latency_ms": round(elapsed * 1000, 3)}
-        if payload is not None:
-            model, inputs, results = payload
-            line["features"] = model.feature_names
-            line["inputs"], line["redacted"] = self._redacted(model, to_jsonable(inputs))
-            line["outputs"] = {method: to_jsonable(outputs) for method, outputs in results.items()}
-        return dumps(line) + "\n"
-
-    def _redacted(self, model, rows):
-        """(rows with the model's "redact" features nulled, the names redacted); all rows withheld (None)
-        when a listed name is not one of the model's features: a redaction that cannot be placed fails closed."""
-        hidden = self.registry.model_settings(model.name).redact
-        if not hidden:
-            return rows, None
-        if not hidden <= set(model.feature_names or ()):
-            return None, "all"
-        columns = [index for index, feature in enumerate(model.feature_names) if feature in hidden]
-        for row in rows:
-            for index in columns:
-                row[index] = None
-        return rows, sorted(hidden)
-
-
-class Shadow:
-    """A model's "shadow" version: each request it answers runs again there, off the request path, and the
-    two answers are compared (the registry's `agreements`, the model's status and /metrics).
-
-    A request only offers what it already holds (its inputs and outputs) to a Backlog, after its own
-    answer is computed; a full backlog drops the offer (counted) rather than wait, so the client's
-    answer, status, headers and latency never depend on the shadow.  The shadow's failures are logged
-    and counted, never returned.
-
-    The shadow uses spare time: while predictions are being answered (`busy()`), its thread rests
-    after each comparison so that it holds at most SHARE of the interpreter, which the requests'
-    threads need.  A busy process therefore shadows a sample of its requests and drops the rest,
-    counted; an idle one shadows them all.
-    """
-
-    SHARE = 0.02
-
-    def __init__(self, registry, busy):
-        self.registry, self.metrics, self.busy = registry, registry.metrics, busy
-        self.backlog = Backlog("shadow", lambda offers: [self._compare(*offer) for offer in offers],
-                               rest=self._rest)
-
-    def _rest(self, cpu_seconds):
-        """Seconds to sleep after a comparison that took `cpu_seconds`: none when no prediction is being
-        answered, else enough that comparisons take at most SHARE of the interpreter."""
-        return cpu_seconds * (1 / self.SHARE - 1) if self.busy() else 0.0
-
-    def offer(self, environ, name, model, methods, inputs, results):
-        """Hand the request to the model's shadow version, if it has one other than the version that
-        answered; never blocks."""
-        slot = self.registry.shadow_slot(name)
-        if slot is None or str(slot.ref.version) == model.version:
-            return
-        if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results), environ):
-            self.registry.agreement(name, str(slot.ref.version)).dropped += 1
-            self.metrics.count("model_service_shadow_dropped_total",
-                               (("model", name), ("version", str(slot.ref.version))))
-
-    def _compare(self, name, slot, request_id, methods, inputs, results):
-        """Run the methods on the shadow version and count how its outputs compare with the client's."""
-        version = str(slot.ref.version)
-        labels = (("model", name), ("version", version))
-        agreement = self.registry.agreement(name, version)
-        try:
-            model = self.registry.acquire(name, version, slot=slot)     # (re-resolved by version, not split)
-            try:
-                shadowed = {method: to_jsonable(model.call(method, inputs)) for method in methods}
-            finally:
-                self.registry.release(model)
-        except Exception as failure:  # it cannot load, or refuses the inputs: counted and logged, never returned
-            agreement.fail(request_id, methods, type(failure).__name__)
-            self.metrics.count("model_service_shadow_errors_total", labels)
-            logger.warning("shadow version %s of model %r failed on request %s: %s", version, name, request_id,
-                           _clip(getattr(failure, "message", None) or str(failure)))
-            return
-        identical = agreement.identical
-        differences = agreement.compare(model, request_id, {m: to_jsonable(r) for m, r in results.items()}, shadowed)
-        self.metrics.count("model_service_shadow_compared_total", labels)
-        self.metrics.count("model_service_shadow_identical_total", labels, agreement.identical - identical)
-        if differences:
-            self.metrics.count("model_service_shadow_abs_difference_total", labels, sum(differences))
-            self.metrics.count("model_service_shadow_numeric_values_total", labels, len(differences))
-
-
 def create_app(store=None, config=None, registry=None, **options):
     """The WSGI application: a ServiceApp over one ModelRegistry.
 
@@ -6014,308 +5162,6 @@ def openapi_document(registry):
 
 
 ###############################################################################
-# Web console #################################################################
-###############################################################################
-# The web console GET / serves to browsers: one self-contained page (no CDN, no build step) that
-# lists the models and sends predictions through the JSON API.  What a model takes (methods,
-# n_features_in_, feature_names_in_) it reads from the model's status in GET /models, the one
-# place that says it; a version not loaded yet has none there, so the page first asks for its V2
-# metadata, which loads it.  The table is read again after every prediction.  Everything it shows
-# from the service goes through textContent (names and labels are the store's, not ours), and its
-# Content-Security-Policy admits only its own script and style (by hash) and requests to this origin.
-CONSOLE_HTML = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>model-service</title>
-<style>
- body { font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }
- h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
- table { border-collapse: collapse; width: 100%; } th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #ddd; }
- label { display: block; margin: .4rem 0 .1rem; font-weight: 600; }
- input, select, textarea { font: inherit; padding: .25rem; } textarea { width: 100%; min-height: 5rem; font-family: monospace; }
- #features { display: grid; grid-template-columns: repeat(auto-fill, minmax(12rem, 1fr)); gap: .3rem 1rem; }
- #features input { display: block; width: 100%; box-sizing: border-box; }
- pre, code { background: #f6f6f6; } pre { padding: .8rem; overflow: auto; } code { word-break: break-all; }
- .error { color: #b00020; } .muted { color: #777; } .invalid { outline: 2px solid #b00020; background: #fff0f0; }
- button { font: inherit; padding: .35rem 1rem; margin-top: .8rem; }
-</style>
-</head>
-<body>
-<h1>model-service</h1>
-<p class="muted">Models in this service, and a form to try them. <a href="/openapi.json">OpenAPI</a> · <a href="/models">/models</a></p>
-<form id="auth">
- <label for="token">Token <span class="muted">(only if the service asks for one)</span></label>
- <input id="token" type="password" autocomplete="off"> <button type="submit">Use token</button>
-</form>
-<table id="models"><thead><tr><th>model</th><th>latest</th><th>served versions</th><th>labels</th><th>states</th></tr></thead><tbody></tbody></table>
-<p id="listing" class="muted"></p>
-<h2>Try a model</h2>
-<form id="try">
- <label for="model">Model</label><select id="model" name="model"></select>
- <label for="version">Version</label><select id="version" name="version"></select>
- <label for="method">Method</label><select id="method" name="method"></select>
- <p id="described" class="muted"></p>
- <div id="features"></div>
- <label for="raw">Input as JSON (rows, as in {"instances": ...}; used instead of the fields when given)</label>
- <textarea id="raw" name="raw"></textarea>
- <p class="muted">Example request: <code id="example"></code></p>
- <button id="send" type="submit">Predict</button>
-</form>
-<h2>Result</h2>
-<p id="status" class="muted">No request sent yet.</p>
-<pre id="result"></pre>
-<script>
-"use strict";
-// Everything shown from the service (names, labels, features, messages) is untrusted: it goes through
-// textContent and attribute values, never markup.  What a model takes comes from its status in GET /models.
-const $ = (id) => document.getElementById(id);
-const NUMBER = /^[-+]?([0-9]+[.]?[0-9]*|[.][0-9]+)(e[-+]?[0-9]+)?$/i;
-const MAX_FIELDS = 64;      // a wider model takes its rows as JSON only
-let models = [];            // GET /models: each model with the state and metadata of its versions
-let shown = null;           // the status of the version whose methods and fields the form shows
-let choosing = 0;           // the latest showForm call: an earlier one's late answer is dropped
-
-function option(select, value, text) {
-  const item = document.createElement("option");
-  item.value = value; item.textContent = text; select.appendChild(item);
-}
-
-function say(element, text, isError) {
-  element.className = isError ? "error" : "muted"; element.textContent = text;
-}
-
-async function request(url, body) {
-  const headers = {"Accept": "application/json"};
-  const token = $("token").value.trim();
-  if (token) headers.Authorization = "Bearer " + token;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(url, body === undefined ? {headers} : {method: "POST", headers, body});
-  let answer = null;
-  try { answer = JSON.parse(await response.text()); } catch (error) { /* not the service's: the status tells */ }
-  let line = (response.status + " " + response.statusText).trim();
-  if (!response.ok) line += ": " + (answer && typeof answer.error === "string" ? answer.error : "not a JSON answer");
-  return {ok: response.ok, status: response.status, line, answer};
-}
-
-async function call(url) {
-  const result = await request(url);
-  if (!result.ok) throw Object.assign(new Error(result.line), {status: result.status});
-  return result.answer;
-}
-
-function showModels() {
-  const rows = $("models").tBodies[0];
-  rows.textContent = "";
-  for (const model of models) {
-    const row = rows.insertRow();
-    const states = model.versions.map((v) => v.version + ": " + v.state).join(", ");
-    const labels = Object.entries(model.labels).map(([l, v]) => l + " → " + v).join(", ");
-    for (const text of [model.name, model.latest_version || "none", model.served_versions.join(", "), labels, states]) {
-      row.insertCell().textContent = text;
-    }
-  }
-  const before = $("model").value;
-  $("model").textContent = "";
-  for (const model of models) option($("model"), model.name, model.name);
-  if (models.some((m) => m.name === before)) $("model").value = before;
-}
-
-async function refresh() {
-  try {
-    models = (await call("/models")).models;
-    showModels();
-    say($("listing"), models.length ? "" : "The store holds no model yet.");
-    return true;
-  } catch (error) {
-    say($("listing"), "Cannot list the models: " + error.message, true);
-    if (error.status === 401) $("token").focus();
-    return false;
-  }
-}
-
-function chosen() {
-  const model = models.find((m) => m.name === $("model").value);
-  const value = $("version").value, cut = value.indexOf("/");
-  const kind = value.slice(0, cut), key = value.slice(cut + 1);       // "", "versions/N" or "labels/L"
-  const number = !model ? null : kind === "versions" ? key :
-                 kind === "labels" ? model.labels[key] : model.latest_version;
-  return {model, version: model && model.versions.find((v) => v.version === number), kind, key};
-}
-
-function predictURL() {
-  const {model, kind, key} = chosen();
-  return "/models/" + encodeURIComponent(model ? model.name : "") +
-         (kind ? "/" + kind + "/" + encodeURIComponent(key) : "") + "/predict";
-}
-
-function showVersions() {       // keeps the choice while it is still offered
-  const {model} = chosen(), before = $("version").value;
-  $("version").textContent = "";
-  if (!model) return;
-  option($("version"), "", "latest (" + (model.latest_version || "none") + ")");
-  for (const v of model.served_versions) option($("version"), "versions/" + v, "version " + v);
-  for (const [label, v] of Object.entries(model.labels)) {
-    option($("version"), "labels/" + label, label + " (version " + v + ")");
-  }
-  $("version").value = before;
-  if ($("version").selectedIndex < 0) $("version").value = "";
-}
-
-function chooseModel() {
-  $("version").textContent = "";
-  showVersions();
-  return showForm();
-}
-
-async function showForm() {
-  const ticket = ++choosing;
-  showInputs(null);
-  let {model, version} = chosen();
-  if (!model) return;
-  if (!version) return say($("described"), "No version of " + model.name + " is served.", true);
-  try {
-    if (!version.methods) {     // not loaded: its status has no methods yet; its V2 metadata loads it
-      say($("described"), "Loading version " + version.version + " …");
-      await call("/v2/models/" + encodeURIComponent(model.name) + "/versions/" + version.version);
-      await refresh();
-      version = chosen().version;
-    }
-  } catch (error) {
-    if (ticket === choosing) say($("described"), "Cannot show its inputs (give them as JSON): " + error.message, true);
-    return;
-  }
-  if (ticket === choosing && version && version.methods) showInputs(version);
-}
-
-function featureNames(info) {
-  return info.feature_names_in_ || Array.from({length: info.n_features_in_ || 0}, (_, i) => "feature " + i);
-}
-
-function row(info, values) {     // Object.fromEntries: a feature named __proto__ stays a feature
-  if (!info.n_features_in_) return values[0];
-  return info.feature_names_in_ ? Object.fromEntries(info.feature_names_in_.map((n, i) => [n, values[i]])) : values;
-}
-
-function example(info) {
-  return info ? [row(info, info.n_features_in_ ? featureNames(info).map(() => 0) : ["some text"])] : [];
-}
-
-function showInputs(info) {
-  shown = info;
-  $("method").textContent = ""; $("features").textContent = ""; say($("described"), "");
-  $("raw").placeholder = info ? JSON.stringify(example(info)) : "";
-  if (info) {
-    for (const method of info.methods) option($("method"), method, method);
-    if (info.methods.includes("predict")) $("method").value = "predict";
-    const names = featureNames(info);
-    if (names.length <= MAX_FIELDS) names.forEach(addField);
-    say($("described"), !names.length ? "This model takes its rows as JSON, e.g. " + $("raw").placeholder + "." :
-        names.length > MAX_FIELDS ? "This model takes " + names.length + " features: give its rows as JSON." :
-        "Fill in one row of " + names.length + " features, or give rows as JSON below.");
-  }
-  showExample();
-}
-
-function addField(name) {
-  const label = document.createElement("label"), input = document.createElement("input");
-  label.textContent = name;
-  input.type = "text"; input.inputMode = "decimal"; input.autocomplete = "off"; input.placeholder = "0";
-  input.dataset.feature = name;
-  label.appendChild(input);
-  $("features").appendChild(label);
-}
-
-function showExample() {
-  const body = {instances: example(shown), method: $("method").value || "predict"};
-  $("example").textContent = shown ? "POST " + predictURL() + " " + JSON.stringify(body) : "";
-}
-
-function invalid(field, message) {
-  field.setAttribute("aria-invalid", "true"); field.setAttribute("aria-describedby", "status");
-  field.classList.add("invalid"); field.focus();
-  return new Error(message);
-}
-
-function instances() {
-  const raw = $("raw");
-  if (raw.value.trim()) {
-    try {
-      return JSON.parse(raw.value);
-    } catch (error) {
-      throw invalid(raw, "the JSON input is not valid JSON: " + error.message);
-    }
-  }
-  const fields = [...$("features").querySelectorAll("input")];
-  if (!fields.length) throw invalid(raw, "the JSON input is empty, and this model has no fields to fill in");
-  for (const field of fields) {
-    const text = field.value.trim(), name = JSON.stringify(field.dataset.feature);
-    if (!NUMBER.test(text)) {
-      throw invalid(field, "feature " + name + (text ? " is not a number: " + JSON.stringify(text) : " is empty"));
-    }
-  }
-  return [row(shown, fields.map((f) => Number(f.value)))];
-}
-
-async function send(event) {
-  event.preventDefault();
-  for (const field of document.querySelectorAll("[aria-invalid]")) {
-    field.removeAttribute("aria-invalid"); field.removeAttribute("aria-describedby"); field.classList.remove("invalid");
-  }
-  $("result").textContent = "";
-  let body;
-  try {
-    body = JSON.stringify({instances: instances(), method: $("method").value || "predict"});
-  } catch (error) {
-    return say($("status"), "Input error: " + error.message, true);
-  }
-  const url = predictURL();
-  say($("status"), "Sending to " + url + " …");
-  let result;
-  try {
-    result = await request(url, body);
-  } catch (error) {
-    result = {ok: false, line: "Request failed: " + error.message, answer: null};
-  }
-  const listed = await refresh();       // the prediction may have loaded, replaced or failed a version
-  say($("status"), result.line, !result.ok);      // shown once the table is as the prediction left it
-  $("result").textContent = result.answer === null ? "" : JSON.stringify(result.answer, null, 2);
-  if (!listed) return;
-  showVersions();
-  const {version} = chosen();
-  if (!shown || !version || version.version !== shown.version) await showForm();   // another version answers now
-}
-
-async function start(event) {
-  if (event) event.preventDefault();
-  if (await refresh()) await chooseModel();
-}
-
-$("auth").addEventListener("submit", start);
-$("model").addEventListener("change", chooseModel);
-$("version").addEventListener("change", showForm);
-$("method").addEventListener("change", showExample);
-$("try").addEventListener("submit", send);
-start();
-</script>
-</body>
-</html>
-"""
-
-
-def _content_security_policy(page):
-    def digest(tag):
-        text = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
-        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
-    return (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
-            "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-
-
-CONSOLE_CSP = _content_security_policy(CONSOLE_HTML)
-
-
-###############################################################################
 # Serving #####################################################################
 ###############################################################################
 
@@ -6465,6 +5311,1051 @@ def _metrics_across_workers():
     # them beside its workers'); child_exit: a dead worker's go.
     return {"when_ready": lambda arbiter: mark_process_dead(parent),
             "child_exit": lambda arbiter, worker: mark_process_dead(worker.pid)}
+
+
+###############################################################################
+# Replay ######################################################################
+###############################################################################
+# `python service.py replay LOG... --model NAME [--version V | --label L]`: score the requests a
+# payload log recorded again, in-process, on one version of the store, and report how the answers
+# compare: the check before promoting a version, runnable in CI with --fail-under.
+
+def _payload_lines(paths, report):
+    """(line number, record) of every readable line of the logs; a folder stands for its payload files."""
+    for path in paths:
+        files = sorted(os.path.join(path, entry) for entry in os.listdir(path)
+                       if PayloadLog.FILE_NAME.fullmatch(entry)) if os.path.isdir(path) else [path]
+        for file in files:
+            with open(file, "rb") as handle:
+                for number, line in enumerate(handle, start=1):
+                    try:
+                        record = parse_json(line, max_depth=64, what=f"{file}:{number}")
+                    except ServiceError:
+                        record = None
+                    if not isinstance(record, dict):
+                        report.skipped["unreadable line(s)"] += 1
+                        continue
+                    yield record
+
+
+def replay(registry, name, paths, version=None, label=None):
+    """Replay the logged requests of model `name` on one of its versions; (report, version replayed on)."""
+    if version is None and label is None:
+        served = registry.entry(name).served
+        version = str(served[0]) if served else None     # the highest served: never the split's random pick
+    model = registry.acquire(name, version, label)
+    report = Agreement()
+    try:
+        for record in _payload_lines(paths, report):
+            logged = record.get("outputs")
+            if record.get("model") != name:
+                report.skipped["for other models"] += 1
+            elif record.get("status") != 200:
+                report.skipped["not answered 200"] += 1
+            elif record.get("inputs") is None or record.get("redacted") or not isinstance(logged, dict) \
+                    or not logged:
+                report.skipped["without (complete) inputs"] += 1
+            else:
+                _replay_request(model, registry.config, record, report)
+    finally:
+        registry.release(model)
+    return report, model.version
+
+
+def _replay_request(model, config, record, report):
+    """Score one logged request's inputs with every method it logged, and count how the outputs compare."""
+    try:
+        inputs = model_inputs(model, record["inputs"], config.max_rows)
+        replayed = {method: to_jsonable(model.call(choose_method(model, method), inputs))
+                    for method in record["outputs"]}
+    except Exception as error:  # the version fails where the logged one answered: the report says how
+        report.fail(str(record.get("request_id")), record["outputs"],
+                    _clip(getattr(error, "message", None) or f"{type(error).__name__}: {error}", 160))
+        return
+    report.compare(model, str(record.get("request_id")), record["outputs"], replayed)
+
+
+def replay_command(argv):
+    """`model-service replay LOG... --model NAME [--version V | --label L]`; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="model-service replay",
+        description="Score the requests of payload logs (--payload-log) again on one version of a model, "
+                    "in-process, and report how its predictions compare with the logged ones.")
+    parser.add_argument("logs", metavar="LOG", nargs="+", help="payload log file, or a folder of them")
+    parser.add_argument("--model", required=True, metavar="NAME", help="the model whose requests are replayed")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--version", metavar="V", help="version to replay on (default: the highest served)")
+    which.add_argument("--label", metavar="L", help="label naming the version to replay on")
+    parser.add_argument("--store", metavar="DIR", help=f"model store (env {ENV_PREFIX}STORE; default: model_store)")
+    parser.add_argument("--fail-under", metavar="FRACTION", type=_fraction,
+                        help="exit 1 when the share of identical predictions is below FRACTION (for CI)")
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = dataclasses.replace(Config.load({"store": arguments.store}), poll_interval=0.0)
+        registry = ModelRegistry(config, watch=False)
+        registry.refresh()
+        report, version = replay(registry, arguments.model, arguments.logs, arguments.version, arguments.label)
+    except (ServiceError, OSError, ValueError) as error:
+        print(f"model-service replay: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines(arguments.model, version)))
+    if arguments.fail_under is not None and report.share() < arguments.fail_under:
+        print(f"identical share {report.share():.1%} is below --fail-under {arguments.fail_under:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
+def build_parser():
+    parser = _OneLineErrors(
+        prog="model-service",
+        description="Serve the scikit-learn models in a folder over HTTP (JSON in, JSON out).",
+        epilog=f"Every option can also be set by an environment variable ({ENV_PREFIX}<OPTION>, "
+               "for example MODEL_SERVICE_PORT=9000); a flag beats the environment, which beats the default.")
+    for setting in SETTINGS:
+        default = setting.default
+        shown = "none" if default in (None, ()) else ("yes" if default else "no") if type(default) is bool else default
+        optional = {"nargs": "?", "const": setting.const} if setting.const else {}
+        parser.add_argument(setting.flag, dest=setting.field, metavar=setting.metavar, default=None,
+                            help=f"{setting.help} (env {setting.env}; default: {shown})", **optional)
+    parser.add_argument("--version", action="version", version=f"{SERVICE_NAME} {__version__}")
+    return parser
+
+
+def _store_problem(store, flags):
+    """One line on a store that is no folder, naming where its path came from: flag, variable or default."""
+    setting = next(setting for setting in SETTINGS if setting.field == "store")
+    source = setting.flag if flags.get(setting.field) else setting.env if os.environ.get(setting.env) else None
+    what = "not a folder" if os.path.exists(store) else "no such folder"
+    if source is None:
+        return f"{setting.flag} {store} (the default): {what} here; name the folder of your models with --store DIR"
+    return f"{source} {store}: {what}"
+
+
+def main(argv=None, serve=serve):
+    """Command line entry point; returns the exit code.  `serve` is injectable for tests."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        return export_command(argv[1:])
+    if argv[:1] == ["replay"]:
+        return replay_command(argv[1:])
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
+
+    def refuse(message):                        # a setting's value, not the command's syntax: no usage
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    try:
+        config = Config.load(flags)
+    except ValueError as error:
+        refuse(str(error))
+    logging.basicConfig(level=config.log_level, handlers=[log_handler(config.log_format)])
+    if not os.path.isdir(config.store):
+        refuse(_store_problem(config.store, flags))
+    if config.payload_log:
+        try:
+            os.makedirs(config.payload_log, exist_ok=True)
+        except OSError as error:
+            refuse(f"--payload-log {config.payload_log}: {error.strerror}")
+    application = create_app(config=config)
+    if config.workers == 1:          # under --workers the parent loads before forking, without threads
+        application.config["service.registry"].refresh()
+    try:
+        serve(application, config)
+    except KeyboardInterrupt:
+        logger.info("stopped")
+    except ImportError as error:
+        logger.error("server %r is not installed: %s", config.server, error)
+        return 2
+    except OSError as error:
+        logger.error("cannot serve on %s:%s: %s", config.host, config.port, error)
+        return 1
+    return 0
+
+
+###############################################################################
+# Part II: appendices #########################################################
+###############################################################################
+# What the request path reaches only through the entry points each appendix's banner names, at run
+# time: a request-path change never needs to read below this line.
+
+
+###############################################################################
+# Native predictors ###########################################################
+###############################################################################
+# For one row, almost all of scikit-learn's `predict` is bookkeeping (validation,
+# configuration contexts, joblib dispatch): a 100-tree forest spends about 12 ms on a
+# row its trees walk in well under one.  So at load, for the families whose arithmetic
+# is known, the fitted arrays are compiled into plain-numpy closures that repeat
+# scikit-learn's operations exactly: the same matrix product on the same array, float32
+# inputs compared against float64 thresholds, trees summed in order and then divided,
+# the same argmax and the same class labels; a pipeline of known scalers, imputers and
+# encoders of numeric categories runs their arithmetic first.  Per family:
+#   linear models           _linear_regressor, _linear_classifier (+ _logistic_probabilities, _sgd_probabilities)
+#   trees and forests       _tree_model (+ _multi_output_classifier), over _tree_walker
+#   gradient boosting       _gradient_boosting, _hist_gradient_boosting (+ _categorical_turns), _boosted_classifier
+#   pipelines               _compile_pipeline over _native_transforms (scalers, imputer, encoders, ColumnTransformer)
+# Nothing here is trusted on its reading of scikit-learn's code: every compiled method is
+# PROVED on probe rows built from the model (random rows, every tree threshold with its
+# neighbours in the precision the model compares in, an encoder's categories and unknown
+# values, NaN and infinities) against the estimator's own method, bit for bit in values, dtype
+# and shape, one row at a time and in batches; a method that differs, fails or is not
+# compiled is answered by scikit-learn, with the reason in the model's status.  At request time the native path
+# takes only inputs it can prove it treats exactly as scikit-learn would (a C-contiguous
+# float64 matrix of the right width, values the model accepts); everything else (a
+# DataFrame, another dtype or width, values scikit-learn refuses) goes to scikit-learn,
+# so its refusals and their messages are unchanged.
+
+NATIVE_PROBE_SEED = 14          # probes are random but the same at every load: a proof can be rerun
+_RANDOM_PROBES = 512            # random rows in every proof, besides the threshold rows of trees
+_SINGLE_PROBES = 4              # rows of the probe batch also proved one at a time (each costs a forest
+                                # ~12 ms in scikit-learn: the proof of a 100-tree forest stays under 1 s)
+_TREE_CELLS = 1 << 20           # (row, tree) pairs a forest walks at once: bounds its temporaries
+
+
+class _NotNative(Exception):
+    """Why a model (or one of its methods) is left to scikit-learn."""
+
+
+class NativePredictor:
+    """A model's proved native methods and the input check that keeps them on proved ground.
+
+    `prepare(inputs)` is the array the methods take (float32 for trees, whose scikit-learn
+    converts to it first), or None when the inputs must go to scikit-learn.  A pipeline's
+    predictor runs its steps' arithmetic in `prepare` and hands the result to its final
+    estimator's predictor, whose own check then decides (a scaler passes NaN on; a linear
+    model refuses it, and then scikit-learn gives the refusal).  A step answers None for rows
+    it leaves to scikit-learn (an encoder meeting a category it must refuse).  `categories`
+    ({column: values}) are the values an encoder knows in the columns it encodes: probes and
+    tests draw those columns from them, as random numbers would all be unknown.
+    """
+
+    def __init__(self, methods, n_features, allow_nan, allow_inf=False, float32=False, steps=None, final=None,
+                 categories=None):
+        import numpy as np
+
+        self.methods = methods                      # {method: function of the prepared array}
+        self._n_features, self._allow_nan, self._allow_inf, self._float32 = n_features, allow_nan, allow_inf, \
+            float32
+        self._steps, self._final, self.categories = steps, final, categories or {}
+        self._ndarray, self._float64 = np.ndarray, np.dtype(np.float64)
+        refuses = {(False, False): lambda X: not np.isfinite(X).all(), (True, False): lambda X: np.isinf(X).any(),
+                   (False, True): lambda X: np.isnan(X).any(), (True, True): lambda X: False}
+        self._refuses = refuses[bool(allow_nan), bool(allow_inf)]     # whether X holds what the model refuses
+
+    def prepare(self, inputs):
+        if type(inputs) is not self._ndarray or inputs.dtype != self._float64 or inputs.ndim != 2 \
+                or inputs.shape[1] != self._n_features or not inputs.shape[0] or not inputs.flags.c_contiguous:
+            return None
+        if self._float32:       # values past float32's range become infinities, which scikit-learn refuses
+            inputs = inputs.astype("float32")
+        if self._refuses(inputs):
+            return None
+        if self._final is None:
+            return inputs
+        inputs = self._steps(inputs)
+        return None if inputs is None else self._final.prepare(inputs)
+
+
+@functools.cache
+def _native_compilers():
+    """{estimator class: compiler}: exact classes only, so a subclass's own predict is never bypassed."""
+    from sklearn import ensemble, linear_model, svm, tree
+
+    families = {
+        _linear_regressor: (linear_model.LinearRegression, linear_model.Ridge, linear_model.Lasso,
+                            linear_model.ElasticNet, linear_model.SGDRegressor, svm.LinearSVR),
+        _linear_classifier: (linear_model.LogisticRegression, linear_model.RidgeClassifier,
+                             linear_model.SGDClassifier, linear_model.Perceptron, svm.LinearSVC),
+        _tree_model: (tree.DecisionTreeClassifier, tree.DecisionTreeRegressor, tree.ExtraTreeClassifier,
+                      tree.ExtraTreeRegressor, ensemble.RandomForestClassifier, ensemble.RandomForestRegressor,
+                      ensemble.ExtraTreesClassifier, ensemble.ExtraTreesRegressor),
+        _gradient_boosting: (ensemble.GradientBoostingClassifier, ensemble.GradientBoostingRegressor),
+        _hist_gradient_boosting: (ensemble.HistGradientBoostingClassifier, ensemble.HistGradientBoostingRegressor),
+    }
+    return {cls: compiler for compiler, classes in families.items() for cls in classes}
+
+
+def _linear_scores(estimator):
+    """`X @ coef_.T + intercept_`, the product scikit-learn's linear models compute, on the same arrays."""
+    import numpy as np
+
+    coef, intercept = estimator.coef_, estimator.intercept_
+    if type(coef) is not np.ndarray or coef.dtype != np.float64:
+        raise _NotNative(f"coef_ is a {type(coef).__name__} of {getattr(coef, 'dtype', '?')}, not float64 numbers")
+    coef_t = coef.T if coef.ndim == 2 else coef
+    return lambda X: X @ coef_t + intercept
+
+
+def _linear_regressor(estimator):
+    """predict is the scores themselves (LinearModel._decision_function, SGDRegressor's ravel of a 1-D)."""
+    return {"predict": _linear_scores(estimator)}, None
+
+
+def _linear_classifier(estimator):
+    """LinearClassifierMixin: decision_function, predict by sign or argmax; LogisticRegression's probabilities."""
+    import numpy as np
+
+    binarizer = getattr(estimator, "_label_binarizer", None)
+    if binarizer is not None and binarizer.y_type_.startswith("multilabel"):
+        raise _NotNative("a multilabel RidgeClassifier predicts through its label binarizer")
+    scores, classes, intp = _linear_scores(estimator), estimator.classes_, np.intp
+
+    def decision_function(X):
+        found = scores(X)
+        return found.reshape(-1) if found.ndim > 1 and found.shape[1] == 1 else found
+
+    def predict(X):
+        found = decision_function(X)
+        return classes.take((found > 0).astype(intp) if found.ndim == 1 else found.argmax(axis=1), axis=0)
+
+    methods = {"decision_function": decision_function, "predict": predict}
+    if type(estimator).__name__ == "LogisticRegression":
+        methods.update(_logistic_probabilities(decision_function, len(classes)))
+    elif type(estimator).__name__ == "SGDClassifier" and estimator.loss in ("log_loss", "modified_huber"):
+        methods.update(_sgd_probabilities(decision_function, estimator.loss))
+    return methods, None
+
+
+def _logistic_probabilities(decision_function, n_classes):
+    """LogisticRegression.predict_proba: expit (scipy's, as scikit-learn calls it) when binary, else softmax."""
+    import numpy as np
+    from scipy.special import expit     # scikit-learn's own dependency, the function it uses
+
+    if n_classes <= 2:
+        def predict_proba(X):
+            probability = expit(decision_function(X))
+            return np.stack([1 - probability, probability], axis=1)
+    else:
+        def predict_proba(X):           # sklearn.utils.extmath.softmax, in place on a fresh array
+            found = decision_function(X)
+            found -= found.max(axis=1).reshape((-1, 1))
+            np.exp(found, out=found)
+            found /= found.sum(axis=1).reshape((-1, 1))
+            return found
+
+    return {"predict_proba": predict_proba, "predict_log_proba": lambda X: np.log(predict_proba(X))}
+
+
+def _sgd_probabilities(decision_function, loss):
+    """SGDClassifier.predict_proba, step for step: for log_loss expit, and for modified_huber the scores clipped
+    to [-1, 1], plus 1, halved; binary as [1 - p, p], else each row divided by its sum (all zeros: uniform)."""
+    import numpy as np
+    from scipy.special import expit     # scikit-learn's _expit on numpy arrays
+
+    def positive(scores):
+        if loss == "log_loss":
+            return expit(scores, out=scores)
+        np.clip(scores, -1, 1, scores)
+        scores += 1.0
+        scores /= 2.0
+        return scores
+
+    def predict_proba(X):
+        probability = positive(decision_function(X))
+        if probability.ndim == 1:       # log_loss stacks 1 - p; modified_huber subtracts p from ones: the same
+            return np.stack([1 - probability, probability], axis=1)
+        total = probability.sum(axis=1)
+        all_zero = total == 0
+        if all_zero.any():
+            probability[all_zero, :] = 1
+            total[all_zero] = probability.shape[1]
+        probability /= total.reshape((probability.shape[0], -1))
+        return probability
+
+    return {"predict_proba": predict_proba, "predict_log_proba": lambda X: np.log(predict_proba(X))}
+
+
+def _tree_model(estimator):
+    """A tree or a forest of them: every tree walked at once, their leaf values summed in order, then averaged.
+
+    A forest adds each tree's prediction into a zeroed float64 accumulator in the order of
+    `estimators_` and divides by their count (ForestClassifier.predict_proba,
+    ForestRegressor.predict); a cumulative sum along the trees repeats that order exactly.
+    Only forests predicting in one thread: with n_jobs, scikit-learn adds the trees in the
+    order its threads finish, and its own answers vary in the last bit.
+    """
+    import numpy as np
+
+    forest = hasattr(estimator, "estimators_")
+    members = list(estimator.estimators_) if forest else [estimator]
+    if forest and estimator.n_jobs not in (None, 1):
+        raise _NotNative(f"n_jobs={estimator.n_jobs}: scikit-learn sums the trees in the order its threads finish")
+    member_classes = {type(estimator.estimator)} if forest else {type(estimator)}
+    if {type(member) for member in members} != member_classes:
+        raise _NotNative("its trees are not all of the class it builds")
+    walk, values, splits = _tree_walker([member.tree_ for member in members], estimator.n_features_in_, np.float32)
+    classifier, several = hasattr(estimator, "classes_"), estimator.n_outputs_ > 1
+    values = values if classifier and several else values[:, 0, :len(estimator.classes_)] if classifier else \
+        values[:, :, 0] if several else values[:, 0, 0]
+    count, chunk = len(members), max(1, _TREE_CELLS // len(members))
+
+    def combined(X):
+        if len(X) > chunk:                        # rows are independent: bound the (rows, trees) temporaries
+            return np.concatenate([combined(X[start:start + chunk]) for start in range(0, len(X), chunk)])
+        leaves = values[walk(X)]                  # (rows, trees, ...): each tree's prediction
+        if not forest:
+            return leaves[:, 0]
+        zero = np.zeros_like(leaves[:, :1])
+        return np.cumsum(np.concatenate([zero, leaves], axis=1), axis=1)[:, -1] / count
+
+    if not classifier:
+        return {"predict": combined}, splits
+    if several:
+        return _multi_output_classifier(combined, estimator.classes_), splits
+    classes = estimator.classes_
+    return {"predict_proba": combined, "predict_log_proba": lambda X: np.log(combined(X)),
+            "predict": lambda X: classes.take(combined(X).argmax(axis=1), axis=0)}, splits
+
+
+def _multi_output_classifier(combined, classes):
+    """A multi-output tree classifier: a list of probabilities, each output's own classes' columns of the
+    (rows, outputs, most classes) `combined`; predict is a column per output, of the first output's classes' dtype."""
+    import numpy as np
+
+    widths = [len(labels) for labels in classes]
+
+    def predict_proba(X):
+        found = combined(X)
+        return [found[:, k, :width] for k, width in enumerate(widths)]
+
+    def predict(X):
+        found = np.empty((len(X), len(classes)), dtype=classes[0].dtype)
+        for k, probability in enumerate(predict_proba(X)):
+            found[:, k] = classes[k].take(probability.argmax(axis=1), axis=0)
+        return found
+
+    return {"predict_proba": predict_proba, "predict": predict,
+            "predict_log_proba": lambda X: [np.log(probability) for probability in predict_proba(X)]}
+
+
+def _gradient_boosting(estimator):
+    """GradientBoosting: the init estimator's constant, plus learning_rate times each stage's leaf, in order.
+
+    predict_stages adds `scale * value[leaf]` into each row's raw prediction stage after stage
+    (and class after class within a stage); a cumulative sum after the constant repeats that
+    order.  The constant is the init estimator's answer for any row, so only the "zero" init and
+    scikit-learn's dummy estimators, which ignore the rows, are compiled.  Probabilities come from
+    the model's own loss object (`_loss.predict_proba`): arithmetic on the raw predictions, without
+    the input checks that cost the time.
+    """
+    import numpy as np
+    from sklearn import dummy, tree
+
+    if not (isinstance(estimator.init_, str) and estimator.init_ == "zero") and \
+            type(estimator.init_) not in (dummy.DummyClassifier, dummy.DummyRegressor):
+        raise _NotNative(f"its init estimator {type(estimator.init_).__name__} may depend on the rows")
+    stages = estimator.estimators_
+    if {type(member) for member in stages.ravel()} != {tree.DecisionTreeRegressor}:
+        raise _NotNative("its stages are not all DecisionTreeRegressor")
+    walk, values, splits = _tree_walker([stage.tree_ for stage in stages.ravel()], estimator.n_features_in_,
+                                        np.float32)
+    start = estimator._raw_predict_init(np.zeros((1, estimator.n_features_in_), dtype=np.float32))
+    steps = estimator.learning_rate * values[:, 0, 0]
+    n_stages, n_outputs = stages.shape
+
+    def raw(X):
+        added = steps[walk(X)].reshape(len(X), n_stages, n_outputs)
+        first = np.broadcast_to(start[:, np.newaxis, :], (len(X), 1, n_outputs))
+        return np.cumsum(np.concatenate([first, added], axis=1), axis=1)[:, -1]
+
+    if not hasattr(estimator, "classes_"):
+        return {"predict": lambda X: raw(X).ravel()}, splits
+    return _boosted_classifier(raw, estimator, np.greater_equal), splits
+
+
+def _boosted_classifier(raw, estimator, positive):
+    """A boosting classifier's methods from its raw predictions, as both gradient boostings derive them.
+
+    decision_function is the raw predictions (one column raveled), probabilities come from the
+    model's own loss object (arithmetic only, without the input checks), predict is the argmax,
+    or for one column `positive(raw, 0)`: GradientBoosting counts a raw 0 as the second class
+    (>= 0), HistGradientBoosting as the first (> 0, as argmax breaks ties).
+    """
+    import numpy as np
+
+    classes, loss = estimator.classes_, estimator._loss
+
+    def decision_function(X):
+        found = raw(X)
+        return found.ravel() if found.shape[1] == 1 else found
+
+    def predict(X):
+        found = decision_function(X)
+        return classes[positive(found, 0).astype(int) if found.ndim == 1 else found.argmax(axis=1)]
+
+    return {"decision_function": decision_function, "predict": predict,
+            "predict_proba": lambda X: loss.predict_proba(decision_function(X)),
+            "predict_log_proba": lambda X: np.log(loss.predict_proba(decision_function(X)))}
+
+
+def _hist_gradient_boosting(estimator):
+    """HistGradientBoosting: the baseline, plus each iteration's leaf, in order; categories encoded first.
+
+    _raw_predict starts from zeros, adds `_baseline_prediction`, then each predictor's leaf
+    value into its class's column, iteration after iteration (threads split the rows, never a
+    row's sum); a cumulative sum after the baseline repeats that order.  A predictor's node
+    sends NaN where missing_go_to_left says and otherwise compares the float64 value with its
+    float64 `num_threshold`, which is the tree walk on float64 rows; a categorical node looks
+    the value up in its bitsets (_categorical_turns).  Categorical features first go through the
+    model's own ColumnTransformer (`_preprocessor`: an OrdinalEncoder of those columns, unknown
+    categories becoming NaN, then the others), compiled as a pipeline's is and run in the
+    predictor's `prepare`.  Regression applies the loss's inverse link, as predict does.
+    """
+    import types
+
+    import numpy as np
+
+    iterations = estimator._predictors
+    if not iterations:
+        raise _NotNative("no fitted iterations")
+    n_classes = len(iterations[0])
+    known, feature_map = estimator._bin_mapper.make_known_categories_bitsets()
+    trees = [types.SimpleNamespace(
+        children_left=np.where(n["is_leaf"] == 1, -1, n["left"].astype(np.intp)),
+        children_right=np.where(n["is_leaf"] == 1, -1, n["right"].astype(np.intp)),
+        feature=n["feature_idx"].astype(np.intp), threshold=n["num_threshold"],
+        missing_go_to_left=n["missing_go_to_left"], value=n["value"], node_count=len(n),
+        max_depth=int(n["depth"].max()), is_categorical=n["is_categorical"].astype(bool),
+        left_categories=_left_categories(n, predictor.raw_left_cat_bitsets, known, feature_map))
+        for iteration in iterations for predictor in iteration for n in [predictor.nodes]]
+    walk, values, (thresholds, dtype) = _tree_walker(trees, estimator.n_features_in_, np.float64)
+    start = np.zeros((1, n_classes), dtype=estimator._baseline_prediction.dtype)
+    start += estimator._baseline_prediction
+
+    def raw(X):
+        added = values[walk(X)].reshape(len(X), len(iterations), n_classes)
+        first = np.broadcast_to(start[:, np.newaxis, :], (len(X), 1, n_classes))
+        return np.cumsum(np.concatenate([first, added], axis=1), axis=1)[:, -1]
+
+    if estimator._preprocessor is None:
+        encode = ()
+    else:       # the encoded columns come first: the trees' features are in that order
+        mask = np.asarray(estimator.is_categorical_, dtype=bool)
+        order = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
+        thresholds = [thresholds[position] for position in np.argsort(order)]
+        step = _compile_step("_preprocessor", estimator._preprocessor)
+        encode = (step._replace(function=_tree_ready(step.function, False)),)
+    if not hasattr(estimator, "classes_"):
+        inverse = estimator._loss.link.inverse
+        return ({"predict": lambda X: inverse(raw(X).ravel())}, (thresholds, dtype)) + encode
+    return (_boosted_classifier(raw, estimator, np.greater), (thresholds, dtype)) + encode
+
+
+def _tree_ready(transform, sparse):
+    """`transform`, its rows made C-ordered for a tree's predictor (trees read any layout alike), and where
+    scikit-learn would hand the tree a sparse matrix, None for NaN, which trees refuse in one."""
+    import numpy as np
+
+    def ready(X):
+        X = transform(X)
+        return None if X is None or sparse and np.isnan(X).any() else np.ascontiguousarray(X)
+
+    return ready
+
+
+def _left_categories(nodes, raw_left, known, feature_map):
+    """For each categorical node of one HistGradientBoosting predictor, whether each code 0-255 goes left.
+
+    _predict_one_from_raw_data: a code in the node's raw_left_cat_bitsets row goes left; one
+    the bin mapper knows for the feature (known_cat_bitsets) goes right; any other goes where
+    missing values go.  A bitset is 8 uint32 words, code v being bit v % 32 of word v // 32.
+    """
+    import numpy as np
+
+    codes = np.arange(256)
+
+    def bits(words):
+        return ((words[..., codes // 32] >> (codes % 32).astype(np.uint32)) & 1).astype(bool)
+
+    split = nodes[nodes["is_categorical"] == 1]
+    left = bits(raw_left[split["bitset_idx"]]) if len(split) else np.zeros((0, 256), dtype=bool)
+    seen = bits(known[feature_map[split["feature_idx"]]]) if len(split) else left
+    return left | (~seen & split["missing_go_to_left"].astype(bool)[:, np.newaxis])
+
+
+def _tree_walker(trees, n_features, dtype):
+    """(walk, values, splits): walk(X) -> leaf of every row in every tree, as Tree._apply_dense finds it.
+
+    `trees` are scikit-learn's Tree objects, or anything holding the same arrays.  All trees'
+    nodes go into one set of flat arrays; a leaf points to itself, so every row takes
+    max_depth steps and stays on its leaf.  A step compares the row's value (of `dtype`, float32
+    for scikit-learn's trees) with the node's float64 threshold, NaN going where
+    missing_go_to_left says, as the Cython does; trees with categorical nodes (histogram
+    boosting's) turn there as _categorical_turns says.  `splits` is each feature's split
+    thresholds and `dtype`, for the proof.
+    """
+    import numpy as np
+
+    offsets = np.cumsum([0] + [tree.node_count for tree in trees])
+    own = np.arange(offsets[-1])
+    leaf = np.concatenate([tree.children_left for tree in trees]) == -1
+    left = np.where(leaf, own, np.concatenate([tree.children_left + o for tree, o in zip(trees, offsets)]))
+    right = np.where(leaf, own, np.concatenate([tree.children_right + o for tree, o in zip(trees, offsets)]))
+    feature = np.where(leaf, 0, np.concatenate([tree.feature for tree in trees]))
+    threshold = np.concatenate([tree.threshold for tree in trees])
+    missing_left = np.concatenate([tree.missing_go_to_left for tree in trees]).astype(bool)
+    values = np.concatenate([tree.value for tree in trees])
+    roots, depth = offsets[:-1], max(tree.max_depth for tree in trees)
+    turns = _categorical_turns(trees, missing_left)
+
+    def walk(X):
+        node = np.repeat(roots[np.newaxis, :], len(X), axis=0)
+        rows = np.arange(len(X))[:, np.newaxis]
+        for _ in range(depth):
+            x = X[rows, feature[node]]
+            go_left = (x <= threshold[node]) | (np.isnan(x) & missing_left[node])
+            node = np.where(go_left if turns is None else turns(node, x, go_left), left[node], right[node])
+        return node
+
+    thresholds = [np.unique(threshold[~leaf & (feature == f)]) for f in range(n_features)]
+    return walk, values, (thresholds, dtype)
+
+
+def _categorical_turns(trees, missing_left):
+    """None if no node splits on a category; else turns(node, x, go_left): go_left, where the node is categorical
+    replaced by its choice as _predict_one_from_raw_data makes it.
+
+    NaN and negative values go where missing values go; any other value is cast to uint8, as the
+    Cython casts it, and looked up in the node's row of `left_categories` (_left_categories).
+    """
+    import numpy as np
+
+    if not all(hasattr(tree, "is_categorical") for tree in trees):
+        return None
+    split = np.concatenate([tree.is_categorical for tree in trees])
+    if not split.any():
+        return None
+    table = np.concatenate([np.zeros((1, 256), dtype=bool)] + [tree.left_categories for tree in trees])
+    row = np.zeros(len(split), dtype=np.intp)
+    row[split] = np.arange(1, split.sum() + 1)
+
+    def turns(node, x, go_left):
+        categorical = split[node]
+        if not categorical.any():
+            return go_left
+        valid = x >= 0                              # false for NaN
+        code = np.where(categorical & valid, x, 0).astype(np.uint8)
+        return np.where(categorical, np.where(valid, table[row[node], code], missing_left[node]), go_left)
+
+    return turns
+
+
+@functools.cache
+def _native_transforms():
+    """{transformer class: compiler of its transform}, exact classes only, for a pipeline's steps.
+
+    A compiler answers a function of the float64 rows, or a _Step when the transform encodes
+    categories (the values to probe it on) or answers a sparse matrix in scikit-learn.
+    """
+    from sklearn import compose, impute, pipeline, preprocessing
+
+    return {preprocessing.StandardScaler: _standard_scaler, preprocessing.MinMaxScaler: _min_max_scaler,
+            impute.SimpleImputer: _simple_imputer, preprocessing.FunctionTransformer: _identity,
+            preprocessing.OneHotEncoder: _one_hot_encoder, preprocessing.OrdinalEncoder: _ordinal_encoder,
+            compose.ColumnTransformer: _column_transformer, pipeline.Pipeline: _transform_chain}
+
+
+#: a compiled transform: function(X) -> transformed rows, or None to leave them to scikit-learn;
+#: categories {input column: values to probe it on}; sparse: scikit-learn answers a sparse matrix there
+_Step = collections.namedtuple("_Step", "function categories sparse")
+
+
+def _compile_step(name, step):
+    """The _Step of one transformer; 'passthrough' (or None) is the identity."""
+    if step is None or (isinstance(step, str) and step == "passthrough"):
+        return _Step(lambda X: X, {}, False)
+    compiler = _native_transforms().get(type(step))
+    if compiler is None or "transform" in vars(step):
+        raise _NotNative(f"no native version of its step {name!r} ({type(step).__name__})")
+    compiled = compiler(step)
+    return compiled if isinstance(compiled, _Step) else _Step(compiled, {}, False)
+
+
+def _transform_chain(pipeline, steps=None):
+    """Pipeline.transform (or the steps before a pipeline's final estimator): each step on the last one's output.
+
+    The probe values are the first step's: later steps see transformed columns.
+    """
+    compiled = [_compile_step(name, step) for name, step in (pipeline.steps if steps is None else steps)]
+    if any(step.sparse for step in compiled[:-1]):
+        raise _NotNative("a step after one that answers a sparse matrix (its sparse arithmetic is its own)")
+    functions = tuple(step.function for step in compiled)
+
+    def chain(X):
+        for function in functions:
+            X = function(X)
+            if X is None:
+                return None
+        return X
+
+    return _Step(chain, compiled[0].categories if compiled else {}, any(step.sparse for step in compiled))
+
+
+def _identity(step):
+    """FunctionTransformer without a function (a ColumnTransformer's passthrough), or with the check_array that
+    histogram boosting's preprocessor gives its numeric columns, which leaves float64 rows as they are."""
+    import numpy as np
+    from sklearn.utils import check_array
+
+    func = step.func
+    checks = isinstance(func, functools.partial) and func.func is check_array and not func.args and \
+        func.keywords == {"dtype": [np.float64], "ensure_all_finite": False}
+    if step.validate or not (func is None or checks):
+        raise _NotNative("a FunctionTransformer with a function or validation")
+    return lambda X: X
+
+
+def _column_transformer(step):
+    """ColumnTransformer.transform on a float64 array: each transformer on its columns, stacked side by side.
+
+    The columns are the indices scikit-learn resolved at fit (a model fitted on named columns
+    keeps receiving DataFrames and is not compiled).  Dense here even where scikit-learn stacks
+    a sparse matrix: the values are the same, and only a tree may read them (see _compile_pipeline).
+    """
+    import numpy as np
+
+    parts, categories = [], {}
+    for name, transformer, _ in step.transformers_:
+        columns = np.asarray(step._transformer_to_input_indices[name], dtype=np.intp)
+        if (isinstance(transformer, str) and transformer == "drop") or not len(columns):
+            continue
+        compiled = _compile_step(name, transformer)
+        parts.append((columns, compiled.function))
+        categories.update({int(columns[j]): values for j, values in compiled.categories.items()})
+
+    def stacked(X):
+        outputs = [function(X[:, columns]) for columns, function in parts]
+        return None if any(output is None for output in outputs) else np.hstack(outputs)
+
+    return _Step(stacked, categories, bool(step.sparse_output_))
+
+
+def _category_codes(encoder):
+    """codes(X) -> (each value's index in its column's categories, whether it is one), as _BaseEncoder finds them.
+
+    For float64 columns fitted on numbers only (text arrives as objects, which go to
+    scikit-learn): a sorted search, NaN being the last category where it is one.  None where
+    scikit-learn refuses: an infinity, or an unknown value when handle_unknown is 'error'.
+    """
+    import numpy as np
+
+    if encoder._infrequent_enabled:
+        raise _NotNative(f"{type(encoder).__name__} groups infrequent categories")
+    tables = []
+    for column in encoder.categories_:
+        if column.dtype != np.float64 or np.isnan(column[:-1]).any() or len(column) < 2 and np.isnan(column).all():
+            raise _NotNative(f"{type(encoder).__name__} of categories that are not float64 numbers")
+        tables.append((column[:-1], len(column) - 1) if np.isnan(column[-1]) else (column, -1))
+    refuse_unknown = encoder.handle_unknown == "error"
+
+    def codes(X):
+        if np.isinf(X).any():
+            return None
+        index, known = np.empty(X.shape, dtype=np.intp), np.empty(X.shape, dtype=bool)
+        for i, (values, nan_code) in enumerate(tables):
+            x = X[:, i]
+            index[:, i] = np.searchsorted(values, x).clip(max=len(values) - 1)
+            known[:, i] = values[index[:, i]] == x
+            if nan_code >= 0:
+                missing = np.isnan(x)
+                index[missing, i], known[missing, i] = nan_code, True
+        return None if refuse_unknown and not known.all() else (index, known)
+
+    probes = {i: np.asarray(values if refuse_unknown else np.concatenate(
+        [values, np.nextafter(values, -np.inf), np.nextafter(values, np.inf)])) for i, (values, _) in enumerate(tables)}
+    return codes, probes
+
+
+def _one_hot_encoder(step):
+    """OneHotEncoder.transform, without drop: a 1 in each known category's column, unknown ones all zeros."""
+    import numpy as np
+
+    if step.drop is not None or step.handle_unknown not in ("error", "ignore", "infrequent_if_exist"):
+        raise _NotNative(f"a OneHotEncoder with drop={step.drop!r}, handle_unknown={step.handle_unknown!r}")
+    codes, probes = _category_codes(step)
+    offsets, width, dtype = np.cumsum([0] + step._n_features_outs)[:-1], sum(step._n_features_outs), step.dtype
+
+    def one_hot(X):
+        found = codes(X)
+        if found is None:
+            return None
+        index, known = found
+        out = np.zeros((len(X), width), dtype=dtype)
+        rows, columns = np.nonzero(known)
+        out[rows, offsets[columns] + index[rows, columns]] = 1
+        return out
+
+    return _Step(one_hot, probes, bool(step.sparse_output))
+
+
+def _ordinal_encoder(step):
+    """OrdinalEncoder.transform: each category's index, encoded_missing_value for NaN, unknown_value if asked."""
+    import numpy as np
+
+    codes, probes = _category_codes(step)
+    missing, unknown = step._missing_indices, step.handle_unknown == "use_encoded_value"
+
+    def ordinal(X):
+        found = codes(X)
+        if found is None:
+            return None
+        index, known = found
+        out = index.astype(step.dtype)
+        for column in missing:
+            out[np.isnan(X[:, column]), column] = step.encoded_missing_value
+        if unknown:
+            out[~known] = step.unknown_value
+        return out
+
+    return _Step(ordinal, probes, False)
+
+
+def _standard_scaler(step):
+    """StandardScaler.transform on a float64 array: subtract mean_, divide by scale_ (on a copy)."""
+    if not step.copy:
+        raise _NotNative("a StandardScaler with copy=False scales the caller's own rows")
+    mean, scale = (step.mean_ if step.with_mean else None), (step.scale_ if step.with_std else None)
+
+    def standard(X):
+        X = X if mean is None else X - mean
+        return X if scale is None else X / scale
+
+    return standard
+
+
+def _min_max_scaler(step):
+    """MinMaxScaler.transform: times scale_, plus min_, clipped to feature_range when asked (on a copy)."""
+    import numpy as np
+
+    if not step.copy:
+        raise _NotNative("a MinMaxScaler with copy=False scales the caller's own rows")
+    scale, low, (bottom, top), clip = step.scale_, step.min_, step.feature_range, step.clip
+
+    def min_max(X):
+        X = X * scale
+        X += low
+        return np.clip(X, np.float64(bottom), np.float64(top), out=X) if clip else X
+
+    return min_max
+
+
+def _simple_imputer(step):
+    """SimpleImputer.transform for a mean or median of NaN in every column: each NaN becomes its column's."""
+    import numpy as np
+
+    statistics, missing = step.statistics_, step.missing_values
+    if step.strategy not in ("mean", "median") or step.add_indicator or not step.copy or not (
+            isinstance(missing, float) and np.isnan(missing)) or not np.isfinite(statistics).all():
+        raise _NotNative("only a SimpleImputer of NaN by mean or median, copying, without indicator or empty "
+                         "columns")
+    return lambda X: np.where(np.isnan(X), statistics, X)
+
+
+def _compile_pipeline(pipeline, wanted, n_features):
+    """A Pipeline of known transforms ending in a known model: its steps, then the final predictor.
+
+    The final estimator is compiled and proved alone first (on its own thresholds), then the
+    whole pipeline is proved end to end against Pipeline's own methods, on rows whose encoded
+    columns hold the encoders' categories.  Where scikit-learn hands the final step a sparse
+    matrix, only trees are compiled: they read a sparse row's values exactly as a dense row's,
+    while a linear model's sparse product sums in another order than the dense one.
+    """
+    *steps, (_, final) = pipeline.steps
+    transforms = _transform_chain(pipeline, steps)
+    trees = _native_compilers().get(type(final)) in (_tree_model, _gradient_boosting, _hist_gradient_boosting)
+    if transforms.sparse and not trees:
+        raise _NotNative("a step answers a sparse matrix, whose products scikit-learn sums in another order")
+    if trees:
+        transforms = transforms._replace(function=_tree_ready(transforms.function, transforms.sparse))
+    try:
+        inner, reasons = _compile(final, wanted, final.n_features_in_)
+        if not inner.methods:
+            raise _NotNative(next(iter(reasons.values())))
+    except _NotNative as error:
+        raise _NotNative(f"its final step: {error}") from None
+    return _proved(pipeline, dict(inner.methods), None, lambda allow_nan, allow_inf: NativePredictor(
+        {}, n_features, allow_nan, allow_inf, steps=transforms.function, final=inner,
+        categories=transforms.categories), transforms.categories)
+
+
+def _probe_rows(n_features, splits, rng, categories):
+    """Finite rows to prove on: random ones at many scales, and for trees every threshold and its neighbours.
+
+    A threshold t is probed at t itself, at t in the dtype the model compares in (float32 for
+    scikit-learn's trees, float64 for histogram boosting) and at the values of that dtype on
+    either side of it, which is where a comparison could go either way.  Each row carries one
+    probe per feature, so every probe appears in some row.  A column an encoder encodes is drawn
+    from its `categories` probe values instead (random numbers would all be unknown categories).
+    """
+    import numpy as np
+
+    scale = 10.0 ** rng.integers(-3, 4, size=(_RANDOM_PROBES, 1))
+    rows = [rng.standard_normal((_RANDOM_PROBES, n_features)) * scale, np.zeros((1, n_features))]
+    if splits is not None:
+        thresholds, dtype = splits
+        columns = []
+        for found in thresholds:
+            near = found.astype(dtype)
+            values = np.concatenate([found, near, np.nextafter(near, dtype(-np.inf)),
+                                     np.nextafter(near, dtype(np.inf))]).astype(np.float64)
+            values = values[np.abs(values) <= np.finfo(dtype).max]    # a split on NaN alone is at +inf
+            columns.append(values if len(values) else rng.standard_normal(1))
+        height = max(len(column) for column in columns)
+        rows.append(np.stack([rng.permutation(np.resize(column, height)) for column in columns], axis=1))
+    rows = np.ascontiguousarray(np.concatenate(rows))
+    for column, values in categories.items():
+        rows[:, column] = rng.choice(values, len(rows))
+    return rows
+
+
+def _edge_rows(batch, rng):
+    """Rows holding what scikit-learn may refuse: NaN, infinities, a float64 past float32's range."""
+    import numpy as np
+
+    edges = []
+    for value in (np.nan, np.inf, -np.inf, 1e39):
+        row = batch[:1].copy()
+        row[0, rng.integers(row.shape[1])] = value
+        edges.append(row)
+    holes = batch[:64].copy()
+    holes[rng.random(holes.shape) < 0.2] = np.nan
+    return edges + [holes]
+
+
+def _answer(function, X):
+    """(True, outputs) or (False, the exception): scikit-learn's refusals are facts the proof compares."""
+    try:
+        return True, function(X)
+    except Exception as error:  # its refusal of the probe, whatever the estimator raises
+        return False, error
+
+
+def _prove(estimator, methods, make, batch, rng):
+    """The NativePredictor of the methods that answer every probe exactly as scikit-learn does, and why others don't.
+
+    First the input check: NaN, and infinities, are let through natively only if scikit-learn accepts them, and
+    an edge row the check lets through must be one scikit-learn answers.  Then each method on
+    the probe batch, on single rows of it, and on the edge rows the check lets through.
+    `make(allow_nan, allow_inf)` builds the predictor that holds the proved methods.
+    """
+    first = getattr(estimator, next(iter(methods)))
+    edges = _edge_rows(batch, rng)      # NaN, then infinities: each allowed where scikit-learn takes it
+    predictor = make(_answer(first, edges[0])[0], _answer(first, edges[1])[0] and _answer(first, edges[2])[0])
+    probes = [batch] + [batch[i:i + 1] for i in rng.choice(len(batch), _SINGLE_PROBES)]
+    for row in edges:
+        if predictor.prepare(row) is not None:
+            if not _answer(first, row)[0]:
+                return predictor, dict.fromkeys(methods, "scikit-learn refuses an input the native check lets by")
+            probes.append(row)
+    refused = {}
+    for method, function in methods.items():
+        expected_of = getattr(estimator, method)
+        for X in probes:
+            ok, expected = _answer(expected_of, X)
+            try:
+                prepared = predictor.prepare(X)
+                same = ok and prepared is not None and _same_outputs(expected, function(prepared))
+            except Exception as error:  # the compiled closure failed: that is a reason, not a crash
+                refused[method] = f"the native {method} failed on a probe: {type(error).__name__}: {error}"
+                break
+            if not same:
+                refused[method] = (f"scikit-learn refused a probe: {_clip(str(expected), 120)}" if not ok else
+                                   f"its native check leaves a probe of {len(X)} row(s) to scikit-learn"
+                                   if prepared is None else f"differs from scikit-learn on a probe of {len(X)} row(s)")
+                break
+        else:
+            predictor.methods[method] = function
+    return predictor, refused
+
+
+def _compile(estimator, wanted, n_features):
+    """(NativePredictor, {method: why not}) for the `wanted` methods of one estimator; _NotNative says why none.
+
+    A compiler returns its methods and its `splits`: None, or (each feature's thresholds, the
+    dtype its inputs are compared in), float32 for scikit-learn's trees, float64 for histogram
+    boosting; and, where the model transforms its rows itself first (histogram boosting's
+    categories), the _Step that does, which then runs in the predictor's `prepare`.
+    """
+    import numpy as np
+    from sklearn.pipeline import Pipeline
+
+    shadowed = [m for m in wanted if m in vars(estimator)]
+    if shadowed:
+        raise _NotNative(f"{', '.join(shadowed)} replaced on the instance")
+    if type(estimator) is Pipeline:
+        return _compile_pipeline(estimator, wanted, n_features)
+    compiler = _native_compilers().get(type(estimator))
+    if compiler is None:
+        raise _NotNative(f"no native compiler for {type(estimator).__name__} (exact classes only)")
+    compiled, splits, *own_step = compiler(estimator)
+    float32 = splits is not None and splits[1] is np.float32
+    compiled = {m: f for m, f in compiled.items() if m in wanted}
+    if not own_step:
+        return _proved(estimator, compiled, splits, lambda allow_nan, allow_inf: NativePredictor(
+            {}, n_features, allow_nan, allow_inf, float32=float32))
+    step, takes_all = own_step[0], NativePredictor({}, n_features, True, True)
+    return _proved(estimator, compiled, splits, lambda allow_nan, allow_inf: NativePredictor(
+        {}, n_features, allow_nan, allow_inf, steps=step.function, final=takes_all, categories=step.categories),
+        step.categories)
+
+
+def _proved(estimator, compiled, splits, make, categories=None):
+    """_prove on the probe rows of this estimator (the same at every load)."""
+    import numpy as np
+
+    if not compiled:
+        raise _NotNative("no native version of its methods")
+    rng = np.random.default_rng(NATIVE_PROBE_SEED)
+    batch = _probe_rows(estimator.n_features_in_, splits, rng, categories or {})
+    with np.errstate(all="ignore"):     # log(0) and the like warn alike on both sides: not a difference
+        return _prove(estimator, compiled, make, batch, rng)
+
+
+def compile_native(estimator, model):
+    """(NativePredictor or None, {method: (predictor, reason)}) for a freshly loaded model.
+
+    None when no method is proved.  Every failure here, expected or not, only means that
+    scikit-learn answers: loading never fails because of the native predictor.
+    """
+    try:
+        if _named_parts(estimator):
+            raise _NotNative("fitted on named columns: scikit-learn checks the names of what it is given")
+        predictor, reasons = _compile(estimator, model.methods, model.n_features)
+    except Exception as error:  # a compiler meeting an estimator it misreads: scikit-learn answers
+        reason = str(error) if isinstance(error, _NotNative) else \
+            f"compiling failed: {type(error).__name__}: {_clip(str(error), 120)}"
+        return None, {m: (SKLEARN, reason) for m in model.methods}
+    status = {m: (NATIVE, "proved bit-identical to scikit-learn on probe rows at load") if m in predictor.methods
+              else (SKLEARN, reasons.get(m, "no native version of this method")) for m in model.methods}
+    return (predictor if predictor.methods else None), status
+
+
+def attach_native(model, enabled):
+    """Give `model` its native predictor (or say why not), timing compile and proof into its load time."""
+    if not enabled:
+        model.predictors = {m: (SKLEARN, "native predictors are switched off") for m in model.methods}
+        return
+    started = time.perf_counter()
+    model.native, model.predictors = compile_native(model.estimator, model)
+    seconds = time.perf_counter() - started
+    model.load_seconds += seconds
+    native = [m for m, (predictor, _) in model.predictors.items() if predictor == NATIVE]
+    logger.info("model %r version %s: native predictor for %s (compiled and proved in %.3f s)%s", model.name,
+                model.version, ", ".join(native) or "no method", seconds,
+                "".join(f"; {m} by scikit-learn: {why}" for m, (p, why) in model.predictors.items() if p == SKLEARN))
 
 
 ###############################################################################
@@ -7377,9 +7268,7 @@ def _check_libsvm(svm, where):
         raise ArtifactError(f"{where}: the SVM's support vectors, coefficients and intercepts do not agree")
 
 
-###############################################################################
-# Export ######################################################################
-###############################################################################
+# -- Export --------------------------------------------------------------------
 # `python service.py export SRC DST.json`: turn a pickle or joblib artifact into a
 # JSON model, and prove the copy predicts exactly like the original before writing it.
 
@@ -7477,175 +7366,305 @@ def _read_artifact(path):
 
 
 ###############################################################################
-# Replay ######################################################################
+# Web console #################################################################
 ###############################################################################
-# `python service.py replay LOG... --model NAME [--version V | --label L]`: score the requests a
-# payload log recorded again, in-process, on one version of the store, and report how the answers
-# compare: the check before promoting a version, runnable in CI with --fail-under.
+# The web console GET / serves to browsers: one self-contained page (no CDN, no build step) that
+# lists the models and sends predictions through the JSON API.  What a model takes (methods,
+# n_features_in_, feature_names_in_) it reads from the model's status in GET /models, the one
+# place that says it; a version not loaded yet has none there, so the page first asks for its V2
+# metadata, which loads it.  The table is read again after every prediction.  Everything it shows
+# from the service goes through textContent (names and labels are the store's, not ours), and its
+# Content-Security-Policy admits only its own script and style (by hash) and requests to this origin.
+CONSOLE_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>model-service</title>
+<style>
+ body { font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }
+ h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
+ table { border-collapse: collapse; width: 100%; } th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #ddd; }
+ label { display: block; margin: .4rem 0 .1rem; font-weight: 600; }
+ input, select, textarea { font: inherit; padding: .25rem; } textarea { width: 100%; min-height: 5rem; font-family: monospace; }
+ #features { display: grid; grid-template-columns: repeat(auto-fill, minmax(12rem, 1fr)); gap: .3rem 1rem; }
+ #features input { display: block; width: 100%; box-sizing: border-box; }
+ pre, code { background: #f6f6f6; } pre { padding: .8rem; overflow: auto; } code { word-break: break-all; }
+ .error { color: #b00020; } .muted { color: #777; } .invalid { outline: 2px solid #b00020; background: #fff0f0; }
+ button { font: inherit; padding: .35rem 1rem; margin-top: .8rem; }
+</style>
+</head>
+<body>
+<h1>model-service</h1>
+<p class="muted">Models in this service, and a form to try them. <a href="/openapi.json">OpenAPI</a> · <a href="/models">/models</a></p>
+<form id="auth">
+ <label for="token">Token <span class="muted">(only if the service asks for one)</span></label>
+ <input id="token" type="password" autocomplete="off"> <button type="submit">Use token</button>
+</form>
+<table id="models"><thead><tr><th>model</th><th>latest</th><th>served versions</th><th>labels</th><th>states</th></tr></thead><tbody></tbody></table>
+<p id="listing" class="muted"></p>
+<h2>Try a model</h2>
+<form id="try">
+ <label for="model">Model</label><select id="model" name="model"></select>
+ <label for="version">Version</label><select id="version" name="version"></select>
+ <label for="method">Method</label><select id="method" name="method"></select>
+ <p id="described" class="muted"></p>
+ <div id="features"></div>
+ <label for="raw">Input as JSON (rows, as in {"instances": ...}; used instead of the fields when given)</label>
+ <textarea id="raw" name="raw"></textarea>
+ <p class="muted">Example request: <code id="example"></code></p>
+ <button id="send" type="submit">Predict</button>
+</form>
+<h2>Result</h2>
+<p id="status" class="muted">No request sent yet.</p>
+<pre id="result"></pre>
+<script>
+"use strict";
+// Everything shown from the service (names, labels, features, messages) is untrusted: it goes through
+// textContent and attribute values, never markup.  What a model takes comes from its status in GET /models.
+const $ = (id) => document.getElementById(id);
+const NUMBER = /^[-+]?([0-9]+[.]?[0-9]*|[.][0-9]+)(e[-+]?[0-9]+)?$/i;
+const MAX_FIELDS = 64;      // a wider model takes its rows as JSON only
+let models = [];            // GET /models: each model with the state and metadata of its versions
+let shown = null;           // the status of the version whose methods and fields the form shows
+let choosing = 0;           // the latest showForm call: an earlier one's late answer is dropped
 
-def _payload_lines(paths, report):
-    """(line number, record) of every readable line of the logs; a folder stands for its payload files."""
-    for path in paths:
-        files = sorted(os.path.join(path, entry) for entry in os.listdir(path)
-                       if PayloadLog.FILE_NAME.fullmatch(entry)) if os.path.isdir(path) else [path]
-        for file in files:
-            with open(file, "rb") as handle:
-                for number, line in enumerate(handle, start=1):
-                    try:
-                        record = parse_json(line, max_depth=64, what=f"{file}:{number}")
-                    except ServiceError:
-                        record = None
-                    if not isinstance(record, dict):
-                        report.skipped["unreadable line(s)"] += 1
-                        continue
-                    yield record
+function option(select, value, text) {
+  const item = document.createElement("option");
+  item.value = value; item.textContent = text; select.appendChild(item);
+}
+
+function say(element, text, isError) {
+  element.className = isError ? "error" : "muted"; element.textContent = text;
+}
+
+async function request(url, body) {
+  const headers = {"Accept": "application/json"};
+  const token = $("token").value.trim();
+  if (token) headers.Authorization = "Bearer " + token;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(url, body === undefined ? {headers} : {method: "POST", headers, body});
+  let answer = null;
+  try { answer = JSON.parse(await response.text()); } catch (error) { /* not the service's: the status tells */ }
+  let line = (response.status + " " + response.statusText).trim();
+  if (!response.ok) line += ": " + (answer && typeof answer.error === "string" ? answer.error : "not a JSON answer");
+  return {ok: response.ok, status: response.status, line, answer};
+}
+
+async function call(url) {
+  const result = await request(url);
+  if (!result.ok) throw Object.assign(new Error(result.line), {status: result.status});
+  return result.answer;
+}
+
+function showModels() {
+  const rows = $("models").tBodies[0];
+  rows.textContent = "";
+  for (const model of models) {
+    const row = rows.insertRow();
+    const states = model.versions.map((v) => v.version + ": " + v.state).join(", ");
+    const labels = Object.entries(model.labels).map(([l, v]) => l + " → " + v).join(", ");
+    for (const text of [model.name, model.latest_version || "none", model.served_versions.join(", "), labels, states]) {
+      row.insertCell().textContent = text;
+    }
+  }
+  const before = $("model").value;
+  $("model").textContent = "";
+  for (const model of models) option($("model"), model.name, model.name);
+  if (models.some((m) => m.name === before)) $("model").value = before;
+}
+
+async function refresh() {
+  try {
+    models = (await call("/models")).models;
+    showModels();
+    say($("listing"), models.length ? "" : "The store holds no model yet.");
+    return true;
+  } catch (error) {
+    say($("listing"), "Cannot list the models: " + error.message, true);
+    if (error.status === 401) $("token").focus();
+    return false;
+  }
+}
+
+function chosen() {
+  const model = models.find((m) => m.name === $("model").value);
+  const value = $("version").value, cut = value.indexOf("/");
+  const kind = value.slice(0, cut), key = value.slice(cut + 1);       // "", "versions/N" or "labels/L"
+  const number = !model ? null : kind === "versions" ? key :
+                 kind === "labels" ? model.labels[key] : model.latest_version;
+  return {model, version: model && model.versions.find((v) => v.version === number), kind, key};
+}
+
+function predictURL() {
+  const {model, kind, key} = chosen();
+  return "/models/" + encodeURIComponent(model ? model.name : "") +
+         (kind ? "/" + kind + "/" + encodeURIComponent(key) : "") + "/predict";
+}
+
+function showVersions() {       // keeps the choice while it is still offered
+  const {model} = chosen(), before = $("version").value;
+  $("version").textContent = "";
+  if (!model) return;
+  option($("version"), "", "latest (" + (model.latest_version || "none") + ")");
+  for (const v of model.served_versions) option($("version"), "versions/" + v, "version " + v);
+  for (const [label, v] of Object.entries(model.labels)) {
+    option($("version"), "labels/" + label, label + " (version " + v + ")");
+  }
+  $("version").value = before;
+  if ($("version").selectedIndex < 0) $("version").value = "";
+}
+
+function chooseModel() {
+  $("version").textContent = "";
+  showVersions();
+  return showForm();
+}
+
+async function showForm() {
+  const ticket = ++choosing;
+  showInputs(null);
+  let {model, version} = chosen();
+  if (!model) return;
+  if (!version) return say($("described"), "No version of " + model.name + " is served.", true);
+  try {
+    if (!version.methods) {     // not loaded: its status has no methods yet; its V2 metadata loads it
+      say($("described"), "Loading version " + version.version + " …");
+      await call("/v2/models/" + encodeURIComponent(model.name) + "/versions/" + version.version);
+      await refresh();
+      version = chosen().version;
+    }
+  } catch (error) {
+    if (ticket === choosing) say($("described"), "Cannot show its inputs (give them as JSON): " + error.message, true);
+    return;
+  }
+  if (ticket === choosing && version && version.methods) showInputs(version);
+}
+
+function featureNames(info) {
+  return info.feature_names_in_ || Array.from({length: info.n_features_in_ || 0}, (_, i) => "feature " + i);
+}
+
+function row(info, values) {     // Object.fromEntries: a feature named __proto__ stays a feature
+  if (!info.n_features_in_) return values[0];
+  return info.feature_names_in_ ? Object.fromEntries(info.feature_names_in_.map((n, i) => [n, values[i]])) : values;
+}
+
+function example(info) {
+  return info ? [row(info, info.n_features_in_ ? featureNames(info).map(() => 0) : ["some text"])] : [];
+}
+
+function showInputs(info) {
+  shown = info;
+  $("method").textContent = ""; $("features").textContent = ""; say($("described"), "");
+  $("raw").placeholder = info ? JSON.stringify(example(info)) : "";
+  if (info) {
+    for (const method of info.methods) option($("method"), method, method);
+    if (info.methods.includes("predict")) $("method").value = "predict";
+    const names = featureNames(info);
+    if (names.length <= MAX_FIELDS) names.forEach(addField);
+    say($("described"), !names.length ? "This model takes its rows as JSON, e.g. " + $("raw").placeholder + "." :
+        names.length > MAX_FIELDS ? "This model takes " + names.length + " features: give its rows as JSON." :
+        "Fill in one row of " + names.length + " features, or give rows as JSON below.");
+  }
+  showExample();
+}
+
+function addField(name) {
+  const label = document.createElement("label"), input = document.createElement("input");
+  label.textContent = name;
+  input.type = "text"; input.inputMode = "decimal"; input.autocomplete = "off"; input.placeholder = "0";
+  input.dataset.feature = name;
+  label.appendChild(input);
+  $("features").appendChild(label);
+}
+
+function showExample() {
+  const body = {instances: example(shown), method: $("method").value || "predict"};
+  $("example").textContent = shown ? "POST " + predictURL() + " " + JSON.stringify(body) : "";
+}
+
+function invalid(field, message) {
+  field.setAttribute("aria-invalid", "true"); field.setAttribute("aria-describedby", "status");
+  field.classList.add("invalid"); field.focus();
+  return new Error(message);
+}
+
+function instances() {
+  const raw = $("raw");
+  if (raw.value.trim()) {
+    try {
+      return JSON.parse(raw.value);
+    } catch (error) {
+      throw invalid(raw, "the JSON input is not valid JSON: " + error.message);
+    }
+  }
+  const fields = [...$("features").querySelectorAll("input")];
+  if (!fields.length) throw invalid(raw, "the JSON input is empty, and this model has no fields to fill in");
+  for (const field of fields) {
+    const text = field.value.trim(), name = JSON.stringify(field.dataset.feature);
+    if (!NUMBER.test(text)) {
+      throw invalid(field, "feature " + name + (text ? " is not a number: " + JSON.stringify(text) : " is empty"));
+    }
+  }
+  return [row(shown, fields.map((f) => Number(f.value)))];
+}
+
+async function send(event) {
+  event.preventDefault();
+  for (const field of document.querySelectorAll("[aria-invalid]")) {
+    field.removeAttribute("aria-invalid"); field.removeAttribute("aria-describedby"); field.classList.remove("invalid");
+  }
+  $("result").textContent = "";
+  let body;
+  try {
+    body = JSON.stringify({instances: instances(), method: $("method").value || "predict"});
+  } catch (error) {
+    return say($("status"), "Input error: " + error.message, true);
+  }
+  const url = predictURL();
+  say($("status"), "Sending to " + url + " …");
+  let result;
+  try {
+    result = await request(url, body);
+  } catch (error) {
+    result = {ok: false, line: "Request failed: " + error.message, answer: null};
+  }
+  const listed = await refresh();       // the prediction may have loaded, replaced or failed a version
+  say($("status"), result.line, !result.ok);      // shown once the table is as the prediction left it
+  $("result").textContent = result.answer === null ? "" : JSON.stringify(result.answer, null, 2);
+  if (!listed) return;
+  showVersions();
+  const {version} = chosen();
+  if (!shown || !version || version.version !== shown.version) await showForm();   // another version answers now
+}
+
+async function start(event) {
+  if (event) event.preventDefault();
+  if (await refresh()) await chooseModel();
+}
+
+$("auth").addEventListener("submit", start);
+$("model").addEventListener("change", chooseModel);
+$("version").addEventListener("change", showForm);
+$("method").addEventListener("change", showExample);
+$("try").addEventListener("submit", send);
+start();
+</script>
+</body>
+</html>
+"""
 
 
-def replay(registry, name, paths, version=None, label=None):
-    """Replay the logged requests of model `name` on one of its versions; (report, version replayed on)."""
-    if version is None and label is None:
-        served = registry.entry(name).served
-        version = str(served[0]) if served else None     # the highest served: never the split's random pick
-    model = registry.acquire(name, version, label)
-    report = Agreement()
-    try:
-        for record in _payload_lines(paths, report):
-            logged = record.get("outputs")
-            if record.get("model") != name:
-                report.skipped["for other models"] += 1
-            elif record.get("status") != 200:
-                report.skipped["not answered 200"] += 1
-            elif record.get("inputs") is None or record.get("redacted") or not isinstance(logged, dict) \
-                    or not logged:
-                report.skipped["without (complete) inputs"] += 1
-            else:
-                _replay_request(model, registry.config, record, report)
-    finally:
-        registry.release(model)
-    return report, model.version
+def _content_security_policy(page):
+    def digest(tag):
+        text = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+    return (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
+            "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def _replay_request(model, config, record, report):
-    """Score one logged request's inputs with every method it logged, and count how the outputs compare."""
-    try:
-        inputs = model_inputs(model, record["inputs"], config.max_rows)
-        replayed = {method: to_jsonable(model.call(choose_method(model, method), inputs))
-                    for method in record["outputs"]}
-    except Exception as error:  # the version fails where the logged one answered: the report says how
-        report.fail(str(record.get("request_id")), record["outputs"],
-                    _clip(getattr(error, "message", None) or f"{type(error).__name__}: {error}", 160))
-        return
-    report.compare(model, str(record.get("request_id")), record["outputs"], replayed)
-
-
-def replay_command(argv):
-    """`model-service replay LOG... --model NAME [--version V | --label L]`; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="model-service replay",
-        description="Score the requests of payload logs (--payload-log) again on one version of a model, "
-                    "in-process, and report how its predictions compare with the logged ones.")
-    parser.add_argument("logs", metavar="LOG", nargs="+", help="payload log file, or a folder of them")
-    parser.add_argument("--model", required=True, metavar="NAME", help="the model whose requests are replayed")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--version", metavar="V", help="version to replay on (default: the highest served)")
-    which.add_argument("--label", metavar="L", help="label naming the version to replay on")
-    parser.add_argument("--store", metavar="DIR", help=f"model store (env {ENV_PREFIX}STORE; default: model_store)")
-    parser.add_argument("--fail-under", metavar="FRACTION", type=_fraction,
-                        help="exit 1 when the share of identical predictions is below FRACTION (for CI)")
-    arguments = parser.parse_args(argv)
-    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = dataclasses.replace(Config.load({"store": arguments.store}), poll_interval=0.0)
-        registry = ModelRegistry(config, watch=False)
-        registry.refresh()
-        report, version = replay(registry, arguments.model, arguments.logs, arguments.version, arguments.label)
-    except (ServiceError, OSError, ValueError) as error:
-        print(f"model-service replay: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
-        return 2
-    print("\n".join(report.lines(arguments.model, version)))
-    if arguments.fail_under is not None and report.share() < arguments.fail_under:
-        print(f"identical share {report.share():.1%} is below --fail-under {arguments.fail_under:g}", file=sys.stderr)
-        return 1
-    return 0
-
-
-###############################################################################
-# Command line ################################################################
-###############################################################################
-
-
-class _OneLineErrors(argparse.ArgumentParser):
-    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
-
-
-def build_parser():
-    parser = _OneLineErrors(
-        prog="model-service",
-        description="Serve the scikit-learn models in a folder over HTTP (JSON in, JSON out).",
-        epilog=f"Every option can also be set by an environment variable ({ENV_PREFIX}<OPTION>, "
-               "for example MODEL_SERVICE_PORT=9000); a flag beats the environment, which beats the default.")
-    for setting in SETTINGS:
-        default = setting.default
-        shown = "none" if default in (None, ()) else ("yes" if default else "no") if type(default) is bool else default
-        optional = {"nargs": "?", "const": setting.const} if setting.const else {}
-        parser.add_argument(setting.flag, dest=setting.field, metavar=setting.metavar, default=None,
-                            help=f"{setting.help} (env {setting.env}; default: {shown})", **optional)
-    parser.add_argument("--version", action="version", version=f"{SERVICE_NAME} {__version__}")
-    return parser
-
-
-def _store_problem(store, flags):
-    """One line on a store that is no folder, naming where its path came from: flag, variable or default."""
-    setting = next(setting for setting in SETTINGS if setting.field == "store")
-    source = setting.flag if flags.get(setting.field) else setting.env if os.environ.get(setting.env) else None
-    what = "not a folder" if os.path.exists(store) else "no such folder"
-    if source is None:
-        return f"{setting.flag} {store} (the default): {what} here; name the folder of your models with --store DIR"
-    return f"{source} {store}: {what}"
-
-
-def main(argv=None, serve=serve):
-    """Command line entry point; returns the exit code.  `serve` is injectable for tests."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["export"]:
-        return export_command(argv[1:])
-    if argv[:1] == ["replay"]:
-        return replay_command(argv[1:])
-    parser = build_parser()
-    flags = vars(parser.parse_args(argv))
-
-    def refuse(message):                        # a setting's value, not the command's syntax: no usage
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-    try:
-        config = Config.load(flags)
-    except ValueError as error:
-        refuse(str(error))
-    logging.basicConfig(level=config.log_level, handlers=[log_handler(config.log_format)])
-    if not os.path.isdir(config.store):
-        refuse(_store_problem(config.store, flags))
-    if config.payload_log:
-        try:
-            os.makedirs(config.payload_log, exist_ok=True)
-        except OSError as error:
-            refuse(f"--payload-log {config.payload_log}: {error.strerror}")
-    application = create_app(config=config)
-    if config.workers == 1:          # under --workers the parent loads before forking, without threads
-        application.config["service.registry"].refresh()
-    try:
-        serve(application, config)
-    except KeyboardInterrupt:
-        logger.info("stopped")
-    except ImportError as error:
-        logger.error("server %r is not installed: %s", config.server, error)
-        return 2
-    except OSError as error:
-        logger.error("cannot serve on %s:%s: %s", config.host, config.port, error)
-        return 1
-    return 0
+CONSOLE_CSP = _content_security_policy(CONSOLE_HTML)
 
 
 ###############################################################################
@@ -7654,7 +7673,7 @@ def main(argv=None, serve=serve):
 # `waitress-serve service:app`, `gunicorn service:app`, mod_wsgi's
 # `application`: the same object, configured from the environment.
 
+app = application = create_app()
+
 if __name__ == "__main__":
     sys.exit(main())
-
-app = application = create_app()

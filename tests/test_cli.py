@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -488,3 +489,53 @@ def test_setup_cfg_declares_the_model_service_console_script():
     assert entry.load() is service.main
     assert parser["options"]["py_modules"].strip() == "service"
     assert parser["metadata"]["version"].strip() == "attr: service.__version__"
+
+
+def _source_layout():
+    """(banner titles in order, {top-level name: line}, the line of Part II's banner, of the entry points', tree)."""
+    import ast
+    import re
+
+    with open(os.path.join(ROOT, "service.py"), encoding="utf-8") as handle:
+        source = handle.read()
+    lines = source.split("\n")
+    banners = [(number, match[1]) for number, line in enumerate(lines, 1)
+               for match in [re.fullmatch(r"# (.+?) #+", line)] if match and lines[number - 2] == "#" * 79]
+    tree = ast.parse(source)
+    defined = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [name for target in getattr(node, "targets", ()) for name in ast.walk(target)]
+        for target in targets:
+            name = getattr(target, "name", None) or getattr(target, "id", None)
+            if name:
+                defined.setdefault(name, node.lineno)
+    return banners, defined, tree
+
+
+def test_the_banners_are_the_docstrings_table_of_contents_in_order():
+    banners, _, _ = _source_layout()
+    listed = [line[4:28].strip() for line in service.__doc__.split("\n")
+              if line.startswith("    ") and not line.startswith("     ") and line[4:5].isupper()]
+    assert [title for _, title in banners] == listed
+
+
+def test_part_one_reaches_the_appendices_only_through_their_entry_points_at_run_time():
+    """Part I (the request path) names nothing of Part II but the entry points the docstring lists, and only
+    inside functions, so it reads, and imports, without them."""
+    import ast
+
+    banners, defined, tree = _source_layout()
+    part_two = next(number for number, title in banners if title.startswith("Part II"))
+    end = next(number for number, title in banners if title == "WSGI entry points")
+    entries = service.__doc__.split("Part II: appendices", 1)[1].split("WSGI entry points", 1)[0]
+    allowed = set(re.findall(r"\b[A-Za-z_]\w*\b", entries.split("\n", 1)[1].replace(":", " : ")))
+    appendix = {name for name, line in defined.items() if part_two < line < end}
+    for node in tree.body:
+        if node.lineno > part_two:
+            break
+        at_import = node if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else None
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name) and sub.id in appendix:
+                assert sub.id in allowed, f"line {sub.lineno}: Part I uses {sub.id}, not an appendix's entry point"
+                assert at_import is None, f"line {sub.lineno}: {sub.id} is used at import, before it is defined"

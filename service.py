@@ -5504,8 +5504,9 @@ def main(argv=None, serve=serve):
 # the same argmax and the same class labels; a pipeline of known scalers, imputers and
 # encoders of numeric categories runs their arithmetic first.  Per family:
 #   linear models           _linear_regressor, _linear_classifier (+ _logistic_probabilities, _sgd_probabilities)
-#   trees and forests       _tree_model (+ _multi_output_classifier), over _tree_walker
-#   gradient boosting       _gradient_boosting, _hist_gradient_boosting (+ _categorical_turns), _boosted_classifier
+#   trees and forests       _tree_model (+ _multi_output_classifier), over _leaf_walker (one merged Tree)
+#   gradient boosting       _gradient_boosting (predict_stages), _hist_gradient_boosting over _hist_walker,
+#                           _boosted_classifier
 #   pipelines               _compile_pipeline over _native_transforms (scalers, imputer, encoders, ColumnTransformer)
 # Nothing here is trusted on its reading of scikit-learn's code: every compiled method is
 # PROVED on probe rows built from the model (random rows, every tree threshold with its
@@ -5522,7 +5523,9 @@ NATIVE_PROBE_SEED = 14          # probes are random but the same at every load: 
 _RANDOM_PROBES = 512            # random rows in every proof, besides the threshold rows of trees
 _SINGLE_PROBES = 4              # rows of the probe batch also proved one at a time (each costs a forest
                                 # ~12 ms in scikit-learn: the proof of a 100-tree forest stays under 1 s)
-_TREE_CELLS = 1 << 20           # (row, tree) pairs a forest walks at once: bounds its temporaries
+_PAIR_VALUES = 1 << 22          # values one walk of (tree, row) pairs copies (16 MiB of float32, 32 of float64):
+                                # bounds the temporaries of a large forest or batch
+_ROWS_PER_TREE = 128            # from this many rows, histogram boosting walks one predictor at a time
 
 
 class _NotNative(Exception):
@@ -5679,13 +5682,14 @@ def _sgd_probabilities(decision_function, loss):
 
 
 def _tree_model(estimator):
-    """A tree or a forest of them: every tree walked at once, their leaf values summed in order, then averaged.
+    """A tree or a forest of them: the leaf of every (tree, row) pair found in one walk, the leaf values summed in
+    order, then averaged.
 
     A forest adds each tree's prediction into a zeroed float64 accumulator in the order of
     `estimators_` and divides by their count (ForestClassifier.predict_proba,
-    ForestRegressor.predict); a cumulative sum along the trees repeats that order exactly.
-    Only forests predicting in one thread: with n_jobs, scikit-learn adds the trees in the
-    order its threads finish, and its own answers vary in the last bit.
+    ForestRegressor.predict); _sum_in_order adds in that order.  A lone tree's answer is its
+    leaf's value.  Only forests predicting in one thread: with n_jobs, scikit-learn adds the trees
+    in the order its threads finish, and its own answers vary in the last bit.
     """
     import numpy as np
 
@@ -5696,20 +5700,26 @@ def _tree_model(estimator):
     member_classes = {type(estimator.estimator)} if forest else {type(estimator)}
     if {type(member) for member in members} != member_classes:
         raise _NotNative("its trees are not all of the class it builds")
-    walk, values, splits = _tree_walker([member.tree_ for member in members], estimator.n_features_in_, np.float32)
+    trees = [member.tree_ for member in members]
     classifier, several = hasattr(estimator, "classes_"), estimator.n_outputs_ > 1
+    values = np.concatenate([tree.value for tree in trees])      # (nodes, outputs, most classes)
     values = values if classifier and several else values[:, 0, :len(estimator.classes_)] if classifier else \
         values[:, :, 0] if several else values[:, 0, 0]
-    count, chunk = len(members), max(1, _TREE_CELLS // len(members))
+    shape, count = values.shape[1:], len(trees)
+    # each node's values as one row, and a row of zeros after them: where a forest's sum starts
+    table = np.concatenate([values.reshape(len(values), -1), np.zeros((1, int(np.prod(shape))))])
+    leaves, splits, chunk = _leaf_walker(trees, estimator.n_features_in_, table.shape[1])
 
     def combined(X):
-        if len(X) > chunk:                        # rows are independent: bound the (rows, trees) temporaries
+        if len(X) > chunk:                        # rows are independent: bound the (tree, row) temporaries
             return np.concatenate([combined(X[start:start + chunk]) for start in range(0, len(X), chunk)])
-        leaves = values[walk(X)]                  # (rows, trees, ...): each tree's prediction
+        found = leaves(X)                         # (trees, rows): the row of `table` each pair ends on
         if not forest:
-            return leaves[:, 0]
-        zero = np.zeros_like(leaves[:, :1])
-        return np.cumsum(np.concatenate([zero, leaves], axis=1), axis=1)[:, -1] / count
+            return table.take(found[0], axis=0).reshape(len(X), *shape)
+        index = np.empty((count + 1, len(X)), dtype=np.intp)
+        index[0], index[1:] = len(table) - 1, found
+        return _sum_in_order(table.take(index.reshape(-1), axis=0).reshape(count + 1, -1)).reshape(
+            len(X), *shape) / count
 
     if not classifier:
         return {"predict": combined}, splits
@@ -5741,39 +5751,172 @@ def _multi_output_classifier(combined, classes):
             "predict_log_proba": lambda X: [np.log(probability) for probability in predict_proba(X)]}
 
 
-def _gradient_boosting(estimator):
-    """GradientBoosting: the init estimator's constant, plus learning_rate times each stage's leaf, in order.
+def _sum_in_order(stack):
+    """stack[0] + stack[1] + ... + stack[-1] for each column of a 2-D `stack`, added one after the other as
+    scikit-learn's loops add (a forest's trees, boosting's iterations).
 
-    predict_stages adds `scale * value[leaf]` into each row's raw prediction stage after stage
-    (and class after class within a stage); a cumulative sum after the constant repeats that
-    order.  The constant is the init estimator's answer for any row, so only the "zero" init and
-    scikit-learn's dummy estimators, which ignore the rows, are compiled.  Probabilities come from
-    the model's own loss object (`_loss.predict_proba`): arithmetic on the raw predictions, without
-    the input checks that cost the time.
+    numpy reduces a leading axis one row after the other, column by column; only a single
+    column, which it reduces as a contiguous run, would be summed pairwise: so a lone column is
+    summed beside a copy of itself.
+    """
+    import numpy as np
+
+    if stack.shape[1] == 1:
+        return np.add.reduce(np.repeat(stack, 2, axis=1), axis=0)[:1]
+    return np.add.reduce(stack, axis=0)
+
+
+def _leaf_walker(trees, n_features, value_width):
+    """(leaves, splits, chunk): leaves(X) -> the leaf of every (tree, row) pair of float32 rows X, as an index into
+    the trees' nodes laid end to end ((trees, rows) intp), found by ONE call of scikit-learn's own tree walk.
+
+    The trees are merged into one scikit-learn Tree (_merged_tree) whose first levels send a row
+    to tree k when an extra column holds k; every row is copied once per tree beside its number,
+    and Tree.apply walks all of them in C, as each tree's own apply would: the number of calls
+    does not grow with depth.  `chunk` is the most rows one call takes, which bounds the copies
+    to _PAIR_VALUES values; `splits` is each feature's thresholds and float32, for the proof.
+    """
+    import numpy as np
+
+    merged, first = _merged_tree(trees, n_features)
+    count, width = len(trees), n_features + 1
+    if count * (width + value_width) > 16 * _PAIR_VALUES:
+        raise _NotNative(f"{count} trees of {n_features} features are too many to walk a row at once")
+    numbers = np.arange(count, dtype=np.float32)
+
+    def leaves(X):
+        pairs = np.empty((count, len(X), width), dtype=np.float32)
+        pairs[:, :, :-1] = X
+        pairs[:, :, -1] = numbers[:, np.newaxis]
+        found = merged.apply(pairs.reshape(-1, width))
+        found -= first
+        return found.reshape(count, len(X))
+
+    nodes = [tree.__getstate__()["nodes"] for tree in trees]
+    splits = _split_thresholds(np.concatenate([n["feature"] for n in nodes]),
+                               np.concatenate([n["threshold"] for n in nodes]),
+                               np.concatenate([n["left_child"] for n in nodes]) != -1, n_features)
+    return leaves, (splits, np.float32), max(1, _PAIR_VALUES // (count * (width + value_width)))
+
+
+def _merged_tree(trees, n_features):
+    """(tree, first): one scikit-learn Tree holding every tree's nodes, in order from index `first` on, behind
+    len(trees) - 1 nodes on an extra column (number n_features) that send a row to tree k's root when it holds k.
+
+    Each tree's nodes are copied as they are (children moved by the tree's offset), so a row
+    beside k walks tree k exactly as tree k's own apply walks it: its float32 values against the
+    float64 thresholds, NaN where missing_go_to_left says.  The nodes come from the artifact and
+    the compiled walk follows them unchecked, so they are checked first (_checked_nodes).
+    """
+    import numpy as np
+    from sklearn.tree._tree import NODE_DTYPE, Tree
+
+    nodes = [tree.__getstate__()["nodes"] for tree in trees]
+    if any(part.dtype != NODE_DTYPE for part in nodes):
+        raise _NotNative("its trees' nodes are not of this scikit-learn's layout")
+    for part in nodes:
+        _checked_nodes(part["left_child"], part["right_child"], part["feature"], part["left_child"] == -1,
+                       n_features)
+    first = len(trees) - 1
+    starts = first + np.cumsum([0] + [len(part) for part in nodes])
+    merged, roots = np.zeros(starts[-1], dtype=NODE_DTYPE), starts[:-1]
+    merged["left_child"][:first], merged["right_child"][:first], merged["threshold"][:first] = _dispatch(roots)
+    merged["feature"][:first] = n_features
+    for part, start in zip(nodes, roots):
+        placed = merged[start:start + len(part)]
+        placed[...] = part
+        inner = part["left_child"] != -1
+        placed["left_child"][inner] += start
+        placed["right_child"][inner] += start
+        placed["right_child"][~inner] = -1
+    tree = Tree(n_features + 1, np.ones(1, dtype=np.intp), 1)
+    tree.__setstate__({"max_depth": max(t.max_depth for t in trees) + len(trees).bit_length(),
+                       "node_count": len(merged), "nodes": merged, "values": np.zeros((len(merged), 1, 1))})
+    return tree, first
+
+
+def _dispatch(roots):
+    """(left, right, threshold) of the len(roots) - 1 nodes, numbered from 0, of a balanced search for a tree number k
+    (0 <= k < len(roots)): node i sends k <= threshold[i] to left[i], else to right[i]; each tree k is found at
+    roots[k]."""
+    left, right, threshold = [], [], []
+
+    def node(low, high):                # the trees numbered low to high - 1, at least two
+        index, middle = len(left), (low + high) // 2
+        left.append(roots[low])
+        right.append(roots[middle])
+        threshold.append(middle - 0.5)
+        if middle - low > 1:
+            left[index] = node(low, middle)
+        if high - middle > 1:
+            right[index] = node(middle, high)
+        return index
+
+    if len(roots) > 1:
+        node(0, len(roots))
+    return left, right, threshold
+
+
+def _checked_nodes(left, right, feature, leaf, n_features):
+    """Refuse nodes that compiled code would follow out of their array or round a loop: every inner node's children
+    come after it, as scikit-learn's builders add them, and inside the array, and it splits on one of the features."""
+    import numpy as np
+
+    own, inner = np.arange(len(left)), ~leaf
+    if not len(left) or not ((left[inner] > own[inner]) & (right[inner] > own[inner]) & (left[inner] < len(left))
+                             & (right[inner] < len(left)) & (feature[inner] >= 0)
+                             & (feature[inner] < n_features)).all():
+        raise _NotNative("a tree's nodes do not form a tree over its features")
+
+
+def _split_thresholds(feature, threshold, inner, n_features):
+    """Each feature's distinct split thresholds, for the probe rows."""
+    import numpy as np
+
+    feature, threshold = feature[inner], threshold[inner]
+    order = np.lexsort((threshold, feature))
+    bounds = np.searchsorted(feature[order], np.arange(n_features + 1))
+    return [np.unique(threshold[order[bounds[f]:bounds[f + 1]]]) for f in range(n_features)]
+
+
+def _gradient_boosting(estimator):
+    """GradientBoosting: the init estimator's constant, then scikit-learn's own predict_stages.
+
+    _raw_predict starts from the init estimator's answer and lets predict_stages (compiled) add
+    `learning_rate * value[leaf]` of every stage, in order; the native predictor makes the same
+    call on the same float32 rows, only without the input checks.  The constant is the init
+    estimator's answer for any row, so only the "zero" init and scikit-learn's dummy estimators,
+    which ignore the rows, are compiled.  The stages' nodes are checked first, as predict_stages
+    follows them unchecked.
     """
     import numpy as np
     from sklearn import dummy, tree
+    from sklearn.ensemble._gradient_boosting import predict_stages
 
     if not (isinstance(estimator.init_, str) and estimator.init_ == "zero") and \
             type(estimator.init_) not in (dummy.DummyClassifier, dummy.DummyRegressor):
         raise _NotNative(f"its init estimator {type(estimator.init_).__name__} may depend on the rows")
-    stages = estimator.estimators_
+    stages, n_features = estimator.estimators_, estimator.n_features_in_
     if {type(member) for member in stages.ravel()} != {tree.DecisionTreeRegressor}:
         raise _NotNative("its stages are not all DecisionTreeRegressor")
-    walk, values, splits = _tree_walker([stage.tree_ for stage in stages.ravel()], estimator.n_features_in_,
-                                        np.float32)
-    start = estimator._raw_predict_init(np.zeros((1, estimator.n_features_in_), dtype=np.float32))
-    steps = estimator.learning_rate * values[:, 0, 0]
-    n_stages, n_outputs = stages.shape
+    nodes = [stage.tree_.__getstate__()["nodes"] for stage in stages.ravel()]
+    for part in nodes:
+        _checked_nodes(part["left_child"], part["right_child"], part["feature"], part["left_child"] == -1,
+                       n_features)
+    start = estimator._raw_predict_init(np.zeros((1, n_features), dtype=np.float32))
+    scale = estimator.learning_rate
 
     def raw(X):
-        added = steps[walk(X)].reshape(len(X), n_stages, n_outputs)
-        first = np.broadcast_to(start[:, np.newaxis, :], (len(X), 1, n_outputs))
-        return np.cumsum(np.concatenate([first, added], axis=1), axis=1)[:, -1]
+        found = np.repeat(start, len(X), axis=0)
+        predict_stages(stages, X, scale, found)
+        return found
 
+    splits = _split_thresholds(np.concatenate([n["feature"] for n in nodes]),
+                               np.concatenate([n["threshold"] for n in nodes]),
+                               np.concatenate([n["left_child"] for n in nodes]) != -1, n_features)
     if not hasattr(estimator, "classes_"):
-        return {"predict": lambda X: raw(X).ravel()}, splits
-    return _boosted_classifier(raw, estimator, np.greater_equal), splits
+        return {"predict": lambda X: raw(X).ravel()}, (splits, np.float32)
+    return _boosted_classifier(raw, estimator, np.greater_equal), (splits, np.float32)
 
 
 def _boosted_classifier(raw, estimator, positive):
@@ -5806,39 +5949,32 @@ def _hist_gradient_boosting(estimator):
 
     _raw_predict starts from zeros, adds `_baseline_prediction`, then each predictor's leaf
     value into its class's column, iteration after iteration (threads split the rows, never a
-    row's sum); a cumulative sum after the baseline repeats that order.  A predictor's node
-    sends NaN where missing_go_to_left says and otherwise compares the float64 value with its
-    float64 `num_threshold`, which is the tree walk on float64 rows; a categorical node looks
-    the value up in its bitsets (_categorical_turns).  Categorical features first go through the
-    model's own ColumnTransformer (`_preprocessor`: an OrdinalEncoder of those columns, unknown
-    categories becoming NaN, then the others), compiled as a pipeline's is and run in the
-    predictor's `prepare`.  Regression applies the loss's inverse link, as predict does.
+    row's sum); _sum_in_order adds in that order, into the same Fortran-ordered (rows, classes)
+    array.  The leaves are found by scikit-learn's own compiled walk (_hist_walker), float64
+    values against float64 thresholds, NaN and categories as its bitsets say.  Categorical
+    features first go through the model's own ColumnTransformer (`_preprocessor`: an
+    OrdinalEncoder of those columns, unknown categories becoming NaN, then the others), compiled
+    as a pipeline's is and run in the predictor's `prepare`.  Regression applies the loss's
+    inverse link, as predict does.
     """
-    import types
-
     import numpy as np
 
     iterations = estimator._predictors
-    if not iterations:
-        raise _NotNative("no fitted iterations")
-    n_classes = len(iterations[0])
-    known, feature_map = estimator._bin_mapper.make_known_categories_bitsets()
-    trees = [types.SimpleNamespace(
-        children_left=np.where(n["is_leaf"] == 1, -1, n["left"].astype(np.intp)),
-        children_right=np.where(n["is_leaf"] == 1, -1, n["right"].astype(np.intp)),
-        feature=n["feature_idx"].astype(np.intp), threshold=n["num_threshold"],
-        missing_go_to_left=n["missing_go_to_left"], value=n["value"], node_count=len(n),
-        max_depth=int(n["depth"].max()), is_categorical=n["is_categorical"].astype(bool),
-        left_categories=_left_categories(n, predictor.raw_left_cat_bitsets, known, feature_map))
-        for iteration in iterations for predictor in iteration for n in [predictor.nodes]]
-    walk, values, (thresholds, dtype) = _tree_walker(trees, estimator.n_features_in_, np.float64)
-    start = np.zeros((1, n_classes), dtype=estimator._baseline_prediction.dtype)
-    start += estimator._baseline_prediction
+    if not iterations or len({len(iteration) for iteration in iterations}) != 1:
+        raise _NotNative("no fitted iterations, or iterations of different sizes")
+    n_iterations, n_classes = len(iterations), len(iterations[0])
+    walk, thresholds, chunk = _hist_walker([predictor for iteration in iterations for predictor in iteration],
+                                           estimator.n_features_in_, *estimator._bin_mapper.make_known_categories_bitsets())
+    start = np.zeros((n_classes, 1), dtype=estimator._baseline_prediction.dtype)
+    start += estimator._baseline_prediction.T
 
     def raw(X):
-        added = values[walk(X)].reshape(len(X), len(iterations), n_classes)
-        first = np.broadcast_to(start[:, np.newaxis, :], (len(X), 1, n_classes))
-        return np.cumsum(np.concatenate([first, added], axis=1), axis=1)[:, -1]
+        if len(X) > chunk:
+            return np.asfortranarray(np.concatenate([raw(X[at:at + chunk]) for at in range(0, len(X), chunk)]))
+        stack = np.empty((n_iterations + 1, n_classes, len(X)))
+        stack[0] = start
+        walk(X, stack[1:].reshape(-1))
+        return _sum_in_order(stack.reshape(n_iterations + 1, -1)).reshape(n_classes, len(X)).T
 
     if estimator._preprocessor is None:
         encode = ()
@@ -5850,8 +5986,75 @@ def _hist_gradient_boosting(estimator):
         encode = (step._replace(function=_tree_ready(step.function, False)),)
     if not hasattr(estimator, "classes_"):
         inverse = estimator._loss.link.inverse
-        return ({"predict": lambda X: inverse(raw(X).ravel())}, (thresholds, dtype)) + encode
-    return (_boosted_classifier(raw, estimator, np.greater), (thresholds, dtype)) + encode
+        return ({"predict": lambda X: inverse(raw(X).ravel())}, (thresholds, np.float64)) + encode
+    return (_boosted_classifier(raw, estimator, np.greater), (thresholds, np.float64)) + encode
+
+
+def _hist_walker(predictors, n_features, known, feature_map):
+    """(walk, thresholds, chunk): walk(X, out) writes into `out` the leaf value of every (predictor, row) pair of the
+    float64 rows X, predictor after predictor, by ONE call of scikit-learn's own _predict_from_raw_data.
+
+    As _merged_tree does for trees, the predictors' nodes are laid end to end behind
+    len(predictors) - 1 nodes on an extra column that send a row beside k to predictor k's
+    root, categorical nodes pointing into the predictors' bitsets laid end to end; the rows are
+    copied once per predictor beside its number.  From _ROWS_PER_TREE rows on, one call per
+    predictor on the rows themselves costs less than the copies and the extra levels.  `known` and `feature_map` are the bin mapper's
+    bitsets of known categories, which _predict_iterations passes.  The nodes come from the
+    artifact and the walk follows them unchecked: checked first, bitset indices included.
+    `chunk` bounds the copies as _leaf_walker's does; `thresholds` are each feature's numeric splits.
+    """
+    import numpy as np
+    from sklearn.ensemble._hist_gradient_boosting._predictor import _predict_from_raw_data
+    from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
+
+    count, width = len(predictors), n_features + 1
+    if count * width > 16 * _PAIR_VALUES:
+        raise _NotNative(f"{count} trees of {n_features} features are too many to walk a row at once")
+    first = count - 1
+    starts = first + np.cumsum([0] + [len(predictor.nodes) for predictor in predictors])
+    nodes, roots = np.zeros(starts[-1], dtype=PREDICTOR_RECORD_DTYPE), starts[:-1]
+    nodes["left"][:first], nodes["right"][:first], nodes["num_threshold"][:first] = _dispatch(roots)
+    nodes["feature_idx"][:first] = n_features
+    bitsets, used = [np.zeros((0, 8), dtype=np.uint32)], 0
+    for predictor, start in zip(predictors, roots):
+        part, own_bitsets = predictor.nodes, predictor.raw_left_cat_bitsets
+        if part.dtype != PREDICTOR_RECORD_DTYPE or own_bitsets.dtype != np.uint32 or own_bitsets.shape[1:] != (8,):
+            raise _NotNative("its predictors are not of this scikit-learn's layout")
+        leaf, categorical = part["is_leaf"] != 0, (part["is_leaf"] == 0) & (part["is_categorical"] != 0)
+        _checked_nodes(part["left"].astype(np.intp), part["right"].astype(np.intp), part["feature_idx"], leaf,
+                       n_features)
+        if not ((part["bitset_idx"][categorical] < len(own_bitsets)).all()
+                and (feature_map[part["feature_idx"][categorical]] < len(known)).all()):
+            raise _NotNative("a categorical split points past its bitsets")
+        placed = nodes[start:start + len(part)]
+        placed[...] = part
+        placed["left"][~leaf] += np.uint32(start)
+        placed["right"][~leaf] += np.uint32(start)
+        placed["bitset_idx"][categorical] += np.uint32(used)
+        bitsets.append(own_bitsets)
+        used += len(own_bitsets)
+    bitsets = np.ascontiguousarray(np.concatenate(bitsets))
+    known, feature_map = np.ascontiguousarray(known, dtype=np.uint32), np.ascontiguousarray(feature_map,
+                                                                                            dtype=np.uint32)
+    if len(feature_map) != n_features:
+        raise _NotNative("its bin mapper does not map every feature")
+    numbers = np.arange(count, dtype=np.float64)
+    own = [(predictor.nodes, predictor.raw_left_cat_bitsets) for predictor in predictors]
+
+    def walk(X, out):
+        if len(X) >= _ROWS_PER_TREE:        # each predictor on the rows themselves: no copies, no search
+            for (part, own_bitsets), into in zip(own, out.reshape(count, len(X))):
+                _predict_from_raw_data(part, X, own_bitsets, known, feature_map, 1, into)
+            return
+        pairs = np.empty((count, len(X), width))
+        pairs[:, :, :-1] = X
+        pairs[:, :, -1] = numbers[:, np.newaxis]
+        _predict_from_raw_data(nodes, pairs.reshape(-1, width), bitsets, known, feature_map, 1, out)
+
+    numeric = (nodes["is_leaf"] == 0) & (nodes["is_categorical"] == 0)
+    numeric[:first] = False
+    return walk, _split_thresholds(nodes["feature_idx"], nodes["num_threshold"], numeric, n_features), \
+        max(1, _PAIR_VALUES // (count * width))
 
 
 def _tree_ready(transform, sparse):
@@ -5864,93 +6067,6 @@ def _tree_ready(transform, sparse):
         return None if X is None or sparse and np.isnan(X).any() else np.ascontiguousarray(X)
 
     return ready
-
-
-def _left_categories(nodes, raw_left, known, feature_map):
-    """For each categorical node of one HistGradientBoosting predictor, whether each code 0-255 goes left.
-
-    _predict_one_from_raw_data: a code in the node's raw_left_cat_bitsets row goes left; one
-    the bin mapper knows for the feature (known_cat_bitsets) goes right; any other goes where
-    missing values go.  A bitset is 8 uint32 words, code v being bit v % 32 of word v // 32.
-    """
-    import numpy as np
-
-    codes = np.arange(256)
-
-    def bits(words):
-        return ((words[..., codes // 32] >> (codes % 32).astype(np.uint32)) & 1).astype(bool)
-
-    split = nodes[nodes["is_categorical"] == 1]
-    left = bits(raw_left[split["bitset_idx"]]) if len(split) else np.zeros((0, 256), dtype=bool)
-    seen = bits(known[feature_map[split["feature_idx"]]]) if len(split) else left
-    return left | (~seen & split["missing_go_to_left"].astype(bool)[:, np.newaxis])
-
-
-def _tree_walker(trees, n_features, dtype):
-    """(walk, values, splits): walk(X) -> leaf of every row in every tree, as Tree._apply_dense finds it.
-
-    `trees` are scikit-learn's Tree objects, or anything holding the same arrays.  All trees'
-    nodes go into one set of flat arrays; a leaf points to itself, so every row takes
-    max_depth steps and stays on its leaf.  A step compares the row's value (of `dtype`, float32
-    for scikit-learn's trees) with the node's float64 threshold, NaN going where
-    missing_go_to_left says, as the Cython does; trees with categorical nodes (histogram
-    boosting's) turn there as _categorical_turns says.  `splits` is each feature's split
-    thresholds and `dtype`, for the proof.
-    """
-    import numpy as np
-
-    offsets = np.cumsum([0] + [tree.node_count for tree in trees])
-    own = np.arange(offsets[-1])
-    leaf = np.concatenate([tree.children_left for tree in trees]) == -1
-    left = np.where(leaf, own, np.concatenate([tree.children_left + o for tree, o in zip(trees, offsets)]))
-    right = np.where(leaf, own, np.concatenate([tree.children_right + o for tree, o in zip(trees, offsets)]))
-    feature = np.where(leaf, 0, np.concatenate([tree.feature for tree in trees]))
-    threshold = np.concatenate([tree.threshold for tree in trees])
-    missing_left = np.concatenate([tree.missing_go_to_left for tree in trees]).astype(bool)
-    values = np.concatenate([tree.value for tree in trees])
-    roots, depth = offsets[:-1], max(tree.max_depth for tree in trees)
-    turns = _categorical_turns(trees, missing_left)
-
-    def walk(X):
-        node = np.repeat(roots[np.newaxis, :], len(X), axis=0)
-        rows = np.arange(len(X))[:, np.newaxis]
-        for _ in range(depth):
-            x = X[rows, feature[node]]
-            go_left = (x <= threshold[node]) | (np.isnan(x) & missing_left[node])
-            node = np.where(go_left if turns is None else turns(node, x, go_left), left[node], right[node])
-        return node
-
-    thresholds = [np.unique(threshold[~leaf & (feature == f)]) for f in range(n_features)]
-    return walk, values, (thresholds, dtype)
-
-
-def _categorical_turns(trees, missing_left):
-    """None if no node splits on a category; else turns(node, x, go_left): go_left, where the node is categorical
-    replaced by its choice as _predict_one_from_raw_data makes it.
-
-    NaN and negative values go where missing values go; any other value is cast to uint8, as the
-    Cython casts it, and looked up in the node's row of `left_categories` (_left_categories).
-    """
-    import numpy as np
-
-    if not all(hasattr(tree, "is_categorical") for tree in trees):
-        return None
-    split = np.concatenate([tree.is_categorical for tree in trees])
-    if not split.any():
-        return None
-    table = np.concatenate([np.zeros((1, 256), dtype=bool)] + [tree.left_categories for tree in trees])
-    row = np.zeros(len(split), dtype=np.intp)
-    row[split] = np.arange(1, split.sum() + 1)
-
-    def turns(node, x, go_left):
-        categorical = split[node]
-        if not categorical.any():
-            return go_left
-        valid = x >= 0                              # false for NaN
-        code = np.where(categorical & valid, x, 0).astype(np.uint8)
-        return np.where(categorical, np.where(valid, table[row[node], code], missing_left[node]), go_left)
-
-    return turns
 
 
 @functools.cache

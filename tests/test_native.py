@@ -472,6 +472,56 @@ def test_a_compiler_that_raises_falls_back(monkeypatch):
     assert model.native is None and model.predictors["predict"][1] == "compiling failed: KeyError: 'coef_'"
 
 
+@pytest.mark.parametrize("columns", [1, 2, 5])
+def test_sums_add_one_row_after_the_other_as_scikit_learns_loops_do(columns):
+    """Values whose pairwise sum differs from the running one: the running sum is what forests and boosting
+    compute, for a single column too (which numpy would otherwise sum pairwise)."""
+    rng = np.random.default_rng(columns)
+    stack = rng.standard_normal((301, columns)) * 10.0 ** rng.integers(-8, 9, size=(301, 1))
+    running = np.zeros(columns)
+    for row in stack:
+        running = running + row
+    assert np.array_equal(service._sum_in_order(stack), running)
+    assert columns > 1 or not np.array_equal(np.add.reduce(stack[:, 0]), running[0])
+
+
+def _corrupted(estimator, field, node, value):
+    """A copy of a fitted tree model whose first tree has one node field changed, as a hostile artifact could."""
+    import copy
+
+    estimator = copy.deepcopy(estimator)
+    tree = (estimator.estimators_[0] if hasattr(estimator, "estimators_") else estimator).tree_
+    state = tree.__getstate__()
+    nodes = state["nodes"].copy()
+    nodes[field][node] = value
+    tree.__setstate__({**state, "nodes": nodes})
+    return estimator
+
+
+@pytest.mark.parametrize("field, value", [("left_child", 0), ("right_child", 10**9), ("feature", 99)],
+                         ids=["loop", "outside", "no-such-feature"])
+def test_tree_nodes_that_loop_or_point_outside_are_never_walked_natively(field, value):
+    forest, _ = family("random_forest_classifier_nan")
+    model = loaded(_corrupted(forest.estimator, field, 0, value))
+    assert model.native is None and "nodes do not form a tree" in model.predictors["predict"][1]
+
+
+def test_histogram_boosting_nodes_that_point_outside_are_never_walked_natively():
+    import copy
+
+    boosting, _ = family("hist_gradient_boosting_categorical_nan")
+    for field, value in (("left", 0), ("right", 10**6), ("bitset_idx", 10**6)):
+        estimator = copy.deepcopy(boosting.estimator)
+        wanted = [(predictor.nodes, np.flatnonzero((predictor.nodes["is_leaf"] == 0) & (
+            predictor.nodes["is_categorical"] == (field == "bitset_idx")))) for iteration in estimator._predictors
+            for predictor in iteration]
+        nodes, splits = next((nodes, splits) for nodes, splits in wanted if len(splits))
+        nodes[field][splits[0]] = value
+        model = loaded(estimator)
+        assert model.native is None and ("nodes do not form a tree" in model.predictors["predict"][1]
+                                         or "points past its bitsets" in model.predictors["predict"][1]), field
+
+
 
 def assert_same_refusal(native, plain, rows):
     """A model with its native predictor refuses `rows` exactly as the same model without one."""

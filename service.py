@@ -43,7 +43,8 @@ Part II holds the appendices, which Part I reaches only through the entry points
 listed here, and only at run time (tests/test_cli.py checks both rules)::
 
     Part II: appendices
-    Native predictors       plain-numpy answers, proved bit-identical at load: attach_native
+    Native predictors       answers without scikit-learn's overhead, proved bit-identical at load:
+                            attach_native
     JSON model format       models as data, and export: load_json_model, dump_json_model,
                             save_json_model, export_json_model, export_command
     Web console             the page GET / serves to browsers: CONSOLE_HTML, CONSOLE_CSP
@@ -1634,7 +1635,10 @@ class LoadedModel:
         self.output_classes = self.classes if isinstance(classes, list) else None
         self.n_outputs = len(classes) if self.output_classes else _attribute(estimator, "n_outputs_") or 1
         self.estimator_class = f"{type(estimator).__module__}.{type(estimator).__qualname__}"
-        self.make_frame = _frame_maker() if names is not None else None
+        #: input columns that hold text categories (an encoder fitted on text takes them): Python objects, others numbers
+        self.text_columns = _text_columns(estimator) if self.n_features is not None else frozenset()
+        #: rows -> the DataFrame scikit-learn is given, for a model fitted on named columns; None: it takes the rows
+        self.make_frame = _frame_maker(self.feature_names, self.text_columns) if names is not None else None
         self.inflight = 0               # requests using it now (under the registry's Residency lock)
         self.last_used = 0.0            # registry clock at the last request, for LRU and idle unloads
         self.retired = False            # out of service; freed when its last request ends
@@ -1664,12 +1668,22 @@ class LoadedModel:
                                                                      ("method", method), ("predictor", predictor)))
         return outputs
 
+    def sklearn_inputs(self, inputs):
+        """What scikit-learn is given for `inputs` (rows in feature order, as model_inputs makes them): a DataFrame
+        for a model fitted on named columns (make_frame), else the rows themselves, as Python objects if the model
+        has text columns (numbers sent alone included: a text column's null is then a missing category)."""
+        if not hasattr(inputs, "dtype"):
+            return inputs
+        if self.make_frame is not None:
+            return self.make_frame(inputs)
+        return inputs.astype(object) if self.text_columns and inputs.dtype != object else inputs
+
     def _sklearn_call(self, method, inputs):
         """The estimator's own answer; its complaints about the input are the caller's 400."""
         try:
             if self.checked_call is not None:
-                return self.checked_call(getattr(self.estimator, method), inputs)
-            return getattr(self.estimator, method)(inputs)
+                return self.checked_call(getattr(self.estimator, method), self.sklearn_inputs(inputs))
+            return getattr(self.estimator, method)(self.sklearn_inputs(inputs))
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
             # e.g. a text pipeline given numbers: 'int' object has no attribute 'lower'
             raise BadRequest(f"{method} failed: {_clip(str(error))}", model=self.name) from None
@@ -1776,11 +1790,7 @@ class _Pending:
 
 
 def _stack(inputs):
-    """Rows of several requests as one input: arrays stacked, DataFrames concatenated."""
-    if hasattr(inputs[0], "iloc"):
-        import pandas
-
-        return pandas.concat(inputs, ignore_index=True)
+    """Rows of several requests as one input (numbers and objects stack as objects)."""
     import numpy as np
 
     return np.concatenate(inputs)
@@ -1871,18 +1881,77 @@ def _allows_nan(estimator):
         return None
 
 
-def _frame_maker():
-    """pandas.DataFrame if pandas is installed: a model fitted on named columns wants them back.
+def _frame_maker(names, text_columns):
+    """rows -> a pandas DataFrame of columns `names`, as a model fitted on named columns wants them; None without pandas.
 
-    Without pandas the rows go in as an array, already in `feature_names_in_` order, so
-    scikit-learn's warning that the array has no column names says nothing: silence it.
+    The columns are made the way the model was fitted, whatever a batch holds: `text_columns` as
+    Python objects (null being NaN, as pandas reads a missing value), the others as float64
+    numbers; a number column holding text stays as sent, for scikit-learn to refuse in its own
+    words.  (pandas would otherwise guess per batch: a text column of nulls alone made numbers.)
     """
     try:
         import pandas
     except ImportError:
-        warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
         return None
-    return pandas.DataFrame
+    import numpy as np
+
+    def make_frame(matrix):
+        if matrix.dtype != object and not text_columns:
+            return pandas.DataFrame(matrix, columns=names)
+        columns = {}
+        for position, name in enumerate(names):
+            values = matrix[:, position]
+            if position in text_columns:
+                values = values.astype(object)
+            else:
+                with contextlib.suppress(TypeError, ValueError):
+                    values = values.astype(np.float64)
+            columns[name] = pandas.Series(values, dtype=values.dtype, copy=False)
+        return pandas.DataFrame(columns)
+
+    return make_frame
+
+
+def _text_columns(estimator):
+    """The input columns (positions) that hold text categories: those a ColumnTransformer hands to a part holding an
+    encoder fitted on text, and those an encoder that takes the rows as they come fitted on text."""
+    parts = _estimator_parts(estimator, [], set())
+    selectors = [part for part in parts if hasattr(part, "_transformer_to_input_indices")]
+    inside = {id(inner) for selector in selectors for _, transformer, _ in selector.transformers_
+              for inner in _estimator_parts(transformer, [], set())}
+    text, covered = set(), set()
+    for selector in (part for part in selectors if id(part) not in inside):     # the outermost ones
+        for name, transformer, _ in selector.transformers_:
+            inner = _estimator_parts(transformer, [], set())
+            covered.update(map(id, inner))
+            if any(_text_categories(part) for part in inner):
+                text.update(int(i) for i in selector._transformer_to_input_indices.get(name, ()))
+    for part in parts:
+        if id(part) not in covered:
+            text.update(_text_categories(part))
+    return frozenset(text)
+
+
+def _text_categories(part):
+    """The columns of an encoder fitted on text (its categories hold strings); none for anything else."""
+    categories = part.__dict__.get("categories_")
+    if not isinstance(categories, list):
+        return []
+    return [position for position, values in enumerate(categories)
+            if getattr(values, "dtype", None) == object and any(isinstance(value, str) for value in values)]
+
+
+def _selects_by_name(estimator):
+    """Whether a ColumnTransformer inside `estimator` selects its columns by name, which scikit-learn does only in a
+    DataFrame."""
+    def named(columns):
+        if isinstance(columns, slice):
+            return isinstance(columns.start, str) or isinstance(columns.stop, str)
+        return isinstance(columns, str) or isinstance(columns, (list, tuple)) and any(
+            isinstance(column, str) for column in columns) or getattr(columns, "dtype", None) == object
+
+    return any(named(columns) for part in _estimator_parts(estimator, [], set())
+               if hasattr(part, "_transformer_to_input_indices") for _, _, columns in part.transformers_)
 
 
 def _serve_arrays(estimator, model):
@@ -1899,7 +1968,7 @@ def _serve_arrays(estimator, model):
     method = model.methods[0]
     probe = np.zeros((1, model.n_features))
     try:
-        expected = getattr(estimator, method)(model.make_frame(probe, columns=model.feature_names))
+        expected = getattr(estimator, method)(model.make_frame(probe))
     except Exception:
         return False
     named = _named_parts(estimator)
@@ -1938,9 +2007,15 @@ def _build_model(ref, options=None, native=True):
         logger.warning("model %r version %s was %s: its predictions may differ (--strict-versions refuses "
                        "such artifacts)", ref.name, ref.version, skew)
     model = LoadedModel(ref, estimator, digest, size, time.perf_counter() - started, version_skew=skew)
-    if model.make_frame is not None and _serve_arrays(estimator, model):
+    if model.feature_names is not None and model.make_frame is None:    # no pandas: scikit-learn gets arrays
+        if _selects_by_name(estimator):
+            raise ArtifactError(f"{ref.file}: its ColumnTransformer selects columns by name, which scikit-learn "
+                                "does only in a pandas DataFrame: install pandas (pip install pandas) to serve it")
+        for part, _ in _named_parts(estimator):     # which the names' check would only warn about
+            del part.feature_names_in_
+    elif model.make_frame is not None and _serve_arrays(estimator, model):
         model.make_frame = None
-    attach_native(model, native)        # after _serve_arrays: the names it takes off would refuse it
+    attach_native(model, native)
     return model
 
 
@@ -3444,9 +3519,10 @@ def decode_payload(payload, query_method):
 def model_inputs(model, rows, max_rows):
     """Turn decoded JSON into what the estimator takes.
 
-    Tabular models (those that know `n_features_in_`) get a 2-D array, or a
-    DataFrame when fitted on named columns; rows may be lists or objects keyed by
-    feature name, and columns may come as {feature: [values]}.  Every other model
+    Tabular models (those that know `n_features_in_`) get a 2-D array of their columns
+    in feature order (LoadedModel makes it a DataFrame for scikit-learn where the model
+    wants one); rows may be lists or objects keyed by feature name, and columns may
+    come as {feature: [values]}.  Every other model
     (text pipelines, sequence models) gets the JSON value unchanged.
 
     A tabular value is a JSON number, null (a missing value: NaN) or a string that is
@@ -3479,12 +3555,12 @@ def model_inputs(model, rows, max_rows):
             matrix = np.asarray(rows, dtype=object)
         except ValueError:
             matrix = None
+        else:
+            matrix[np.equal(matrix, None)] = math.nan        # null is a missing value, as in rows of numbers
     if matrix is None or matrix.ndim != 2:
         raise BadRequest(f"each instance must be a list of {model.n_features} feature values", model=model.name)
     if matrix.shape[1] != model.n_features:
         raise BadRequest(f"expected {model.n_features} features, got {matrix.shape[1]}", model=model.name)
-    if model.make_frame is not None:
-        return model.make_frame(matrix, columns=model.feature_names)
     return matrix
 
 
@@ -3835,8 +3911,7 @@ def v2_inputs(model, arrays, max_rows):
     if array.ndim != 2 or array.shape[1] != model.n_features:
         raise BadRequest(f"the input tensor must have shape [rows, {model.n_features}], not {list(array.shape)}",
                          model=model.name)
-    matrix = array.astype(np.float64)
-    return model.make_frame(matrix, columns=model.feature_names) if model.make_frame is not None else matrix
+    return array.astype(np.float64)
 
 
 def v2_outputs(model, results, binary_outputs):
@@ -5496,28 +5571,34 @@ def main(argv=None, serve=serve):
 # Native predictors ###########################################################
 ###############################################################################
 # For one row, almost all of scikit-learn's `predict` is bookkeeping (validation,
-# configuration contexts, joblib dispatch): a 100-tree forest spends about 12 ms on a
-# row its trees walk in well under one.  So at load, for the families whose arithmetic
-# is known, the fitted arrays are compiled into plain-numpy closures that repeat
-# scikit-learn's operations exactly: the same matrix product on the same array, float32
-# inputs compared against float64 thresholds, trees summed in order and then divided,
-# the same argmax and the same class labels; a pipeline of known scalers, imputers and
-# encoders of numeric categories runs their arithmetic first.  Per family:
-#   linear models           _linear_regressor, _linear_classifier (+ _logistic_probabilities, _sgd_probabilities)
-#   trees and forests       _tree_model (+ _multi_output_classifier), over _leaf_walker (one merged Tree)
-#   gradient boosting       _gradient_boosting (predict_stages), _hist_gradient_boosting over _hist_walker,
-#                           _boosted_classifier
-#   pipelines               _compile_pipeline over _native_transforms (scalers, imputer, encoders, ColumnTransformer)
+# configuration contexts, joblib dispatch, a DataFrame's column checks): a 100-tree forest
+# spends milliseconds on a row its trees walk in microseconds, a typical tabular pipeline
+# (named columns, text categories one-hot encoded, a linear model) about 3 ms on 20 µs of
+# arithmetic.  So at load, for the families whose arithmetic is known, the fitted arrays are
+# compiled into closures that repeat scikit-learn's operations exactly, calling its own
+# compiled code where it has it: the same matrix product on the same array, float32 inputs
+# compared against float64 thresholds by its own tree walk, trees summed in order and then
+# divided, the same argmax and the same class labels; a pipeline's transforms (columns chosen
+# by name or position, imputers, scalers, numpy ufuncs, encoders of text or number categories
+# with their dropped and infrequent categories) run their arithmetic first.  One sub-section per
+# family, in this order:
+#   Linear models             _linear_regressor, _linear_classifier (dense or sparse products, probabilities)
+#   Trees and forests         _tree_model over _leaf_walker: all trees merged into one scikit-learn Tree
+#   Gradient boosting         _gradient_boosting (predict_stages), _hist_gradient_boosting over _hist_walker
+#   Pipelines: column selection, encoders, scalers     _compile_pipeline over _native_transforms
+#   Proof at load             _compile, _prove: compile_native and attach_native, the entry point
 # Nothing here is trusted on its reading of scikit-learn's code: every compiled method is
 # PROVED on probe rows built from the model (random rows, every tree threshold with its
 # neighbours in the precision the model compares in, an encoder's categories and unknown
-# values, NaN and infinities) against the estimator's own method, bit for bit in values, dtype
-# and shape, one row at a time and in batches; a method that differs, fails or is not
-# compiled is answered by scikit-learn, with the reason in the model's status.  At request time the native path
-# takes only inputs it can prove it treats exactly as scikit-learn would (a C-contiguous
-# float64 matrix of the right width, values the model accepts); everything else (a
-# DataFrame, another dtype or width, values scikit-learn refuses) goes to scikit-learn,
-# so its refusals and their messages are unchanged.
+# values, whole numbers, NaN and infinities) against the estimator's own method given what the
+# service would give it (LoadedModel.sklearn_inputs: the rows, or their DataFrame), bit for bit in
+# values, dtype and shape, one row at a time and in batches; a method that differs, fails or is
+# not compiled is answered by scikit-learn, with the reason in the model's status.  At request
+# time the native path takes only inputs it can prove it treats exactly as scikit-learn would
+# (NativePredictor.prepare: rows of the right width, numbers where numbers go, values the model
+# accepts); everything else goes to scikit-learn, so its refusals and their messages are unchanged.
+# Nothing from the artifact is trusted either: tree nodes are checked before compiled code
+# follows them, and every temporary is bounded (_PAIR_VALUES).
 
 NATIVE_PROBE_SEED = 14          # probes are random but the same at every load: a proof can be rerun
 _RANDOM_PROBES = 512            # random rows in every proof, besides the threshold rows of trees
@@ -5532,40 +5613,66 @@ class _NotNative(Exception):
     """Why a model (or one of its methods) is left to scikit-learn."""
 
 
+#: what an estimator is given: `text`, the positions of columns holding text categories (Python objects); `sparse`,
+#: whether scikit-learn hands it a sparse matrix (a ColumnTransformer's one-hot before it)
+_Given = collections.namedtuple("_Given", "text sparse", defaults=(frozenset(), False))
+
+
 class NativePredictor:
     """A model's proved native methods and the input check that keeps them on proved ground.
 
     `prepare(inputs)` is the array the methods take (float32 for trees, whose scikit-learn
-    converts to it first), or None when the inputs must go to scikit-learn.  A pipeline's
-    predictor runs its steps' arithmetic in `prepare` and hands the result to its final
-    estimator's predictor, whose own check then decides (a scaler passes NaN on; a linear
-    model refuses it, and then scikit-learn gives the refusal).  A step answers None for rows
-    it leaves to scikit-learn (an encoder meeting a category it must refuse).  `categories`
-    ({column: values}) are the values an encoder knows in the columns it encodes: probes and
-    tests draw those columns from them, as random numbers would all be unknown.
+    converts to it first), or None when the inputs must go to scikit-learn.  Inputs are rows in
+    feature order as model_inputs makes them: float64 numbers, or Python objects when a cell is
+    text.  A model with `text` columns takes both (numbers are made objects, as the DataFrame
+    scikit-learn gets holds them), its other columns having to read as numbers the model
+    accepts; any other model takes C-ordered float64 only.  A pipeline's predictor runs its
+    steps' arithmetic in `prepare` and hands the result to its final estimator's predictor,
+    whose own check then decides (a scaler passes NaN on; a linear model refuses it, and then
+    scikit-learn gives the refusal).  A step answers None for rows it leaves to scikit-learn (an
+    encoder meeting a category it must refuse).  `categories` ({column: values}) are the values
+    an encoder knows in the columns it encodes: probes and tests draw those columns from them,
+    as random numbers would all be unknown.
     """
 
     def __init__(self, methods, n_features, allow_nan, allow_inf=False, float32=False, steps=None, final=None,
-                 categories=None):
+                 categories=None, text=frozenset()):
         import numpy as np
 
         self.methods = methods                      # {method: function of the prepared array}
         self._n_features, self._allow_nan, self._allow_inf, self._float32 = n_features, allow_nan, allow_inf, \
             float32
-        self._steps, self._final, self.categories = steps, final, categories or {}
+        self._steps, self._final, self.categories, self.text = steps, final, categories or {}, text
+        self._numbers = np.array([column for column in range(n_features) if column not in text], dtype=np.intp)
         self._ndarray, self._float64 = np.ndarray, np.dtype(np.float64)
         refuses = {(False, False): lambda X: not np.isfinite(X).all(), (True, False): lambda X: np.isinf(X).any(),
                    (False, True): lambda X: np.isnan(X).any(), (True, True): lambda X: False}
         self._refuses = refuses[bool(allow_nan), bool(allow_inf)]     # whether X holds what the model refuses
 
     def prepare(self, inputs):
-        if type(inputs) is not self._ndarray or inputs.dtype != self._float64 or inputs.ndim != 2 \
-                or inputs.shape[1] != self._n_features or not inputs.shape[0] or not inputs.flags.c_contiguous:
+        if type(inputs) is not self._ndarray or inputs.ndim != 2 or inputs.shape[1] != self._n_features \
+                or not inputs.shape[0]:
+            return None
+        if self.text:
+            return self._prepare_text(inputs)
+        if inputs.dtype != self._float64 or not inputs.flags.c_contiguous:
             return None
         if self._float32:       # values past float32's range become infinities, which scikit-learn refuses
             inputs = inputs.astype("float32")
-        if self._refuses(inputs):
+        return None if self._refuses(inputs) else self._then(inputs)
+
+    def _prepare_text(self, inputs):
+        if inputs.dtype == self._float64:
+            inputs = inputs.astype(object)
+        elif inputs.dtype != object:
             return None
+        try:
+            numbers = inputs[:, self._numbers].astype(self._float64)
+        except (TypeError, ValueError):     # text where numbers go: scikit-learn's refusal
+            return None
+        return None if self._refuses(numbers) else self._then(inputs)
+
+    def _then(self, inputs):
         if self._final is None:
             return inputs
         inputs = self._steps(inputs)
@@ -5574,7 +5681,13 @@ class NativePredictor:
 
 @functools.cache
 def _native_compilers():
-    """{estimator class: compiler}: exact classes only, so a subclass's own predict is never bypassed."""
+    """{estimator class: compiler}: exact classes only, so a subclass's own predict is never bypassed.
+
+    A compiler takes the estimator and what it is given (_Given) and returns its methods, the
+    `splits` of its trees (None, or each feature's thresholds and the dtype its inputs are
+    compared in) and, where the model transforms its rows itself first (histogram boosting's
+    categories), the _Step that does.
+    """
     from sklearn import ensemble, linear_model, svm, tree
 
     families = {
@@ -5591,30 +5704,58 @@ def _native_compilers():
     return {cls: compiler for compiler, classes in families.items() for cls in classes}
 
 
-def _linear_scores(estimator):
-    """`X @ coef_.T + intercept_`, the product scikit-learn's linear models compute, on the same arrays."""
+# -- Linear models -------------------------------------------------------------
+
+def _linear_scores(estimator, sparse):
+    """`X @ coef_.T + intercept_`, the product scikit-learn's linear models compute: on the same dense array (the
+    same BLAS call), or for rows scikit-learn holds as a sparse matrix, as scipy sums it (_sparse_product)."""
     import numpy as np
 
     coef, intercept = estimator.coef_, estimator.intercept_
     if type(coef) is not np.ndarray or coef.dtype != np.float64:
         raise _NotNative(f"coef_ is a {type(coef).__name__} of {getattr(coef, 'dtype', '?')}, not float64 numbers")
     coef_t = coef.T if coef.ndim == 2 else coef
-    return lambda X: X @ coef_t + intercept
+    if not sparse:
+        return lambda X: X @ coef_t + intercept
+    if not np.isfinite(coef).all():
+        raise _NotNative("coefficients that are not finite, times the zeros a sparse matrix leaves out")
+    return _sparse_product(coef_t, intercept)
 
 
-def _linear_regressor(estimator):
+def _sparse_product(coef_t, intercept):
+    """X @ coef_t + intercept as scipy multiplies a CSR matrix by dense columns (csr_matvec, csr_matvecs), X being
+    the matrix's rows made dense: each row's values times their coefficients, added into zero one after the other in
+    column order.  A zero the sparse matrix leaves out adds a signed zero here, which changes no sum."""
+    import numpy as np
+
+    columns = coef_t.reshape(len(coef_t), -1)                   # (features, outputs)
+    chunk = max(1, _PAIR_VALUES // columns.size)
+
+    def scores(X):
+        if len(X) > chunk:
+            return np.concatenate([scores(X[at:at + chunk]) for at in range(0, len(X), chunk)])
+        products = np.empty((len(columns) + 1, len(X), columns.shape[1]))
+        products[0] = 0.0
+        np.multiply(X.T[:, :, np.newaxis], columns[:, np.newaxis, :], out=products[1:])
+        found = _sum_in_order(products.reshape(len(products), -1)).reshape(len(X), columns.shape[1])
+        return (found if coef_t.ndim == 2 else found[:, 0]) + intercept
+
+    return scores
+
+
+def _linear_regressor(estimator, given):
     """predict is the scores themselves (LinearModel._decision_function, SGDRegressor's ravel of a 1-D)."""
-    return {"predict": _linear_scores(estimator)}, None
+    return {"predict": _linear_scores(estimator, given.sparse)}, None
 
 
-def _linear_classifier(estimator):
+def _linear_classifier(estimator, given):
     """LinearClassifierMixin: decision_function, predict by sign or argmax; LogisticRegression's probabilities."""
     import numpy as np
 
     binarizer = getattr(estimator, "_label_binarizer", None)
     if binarizer is not None and binarizer.y_type_.startswith("multilabel"):
         raise _NotNative("a multilabel RidgeClassifier predicts through its label binarizer")
-    scores, classes, intp = _linear_scores(estimator), estimator.classes_, np.intp
+    scores, classes, intp = _linear_scores(estimator, given.sparse), estimator.classes_, np.intp
 
     def decision_function(X):
         found = scores(X)
@@ -5681,7 +5822,9 @@ def _sgd_probabilities(decision_function, loss):
     return {"predict_proba": predict_proba, "predict_log_proba": lambda X: np.log(predict_proba(X))}
 
 
-def _tree_model(estimator):
+# -- Trees and forests ---------------------------------------------------------
+
+def _tree_model(estimator, given):
     """A tree or a forest of them: the leaf of every (tree, row) pair found in one walk, the leaf values summed in
     order, then averaged.
 
@@ -5879,7 +6022,9 @@ def _split_thresholds(feature, threshold, inner, n_features):
     return [np.unique(threshold[order[bounds[f]:bounds[f + 1]]]) for f in range(n_features)]
 
 
-def _gradient_boosting(estimator):
+# -- Gradient boosting ---------------------------------------------------------
+
+def _gradient_boosting(estimator, given):
     """GradientBoosting: the init estimator's constant, then scikit-learn's own predict_stages.
 
     _raw_predict starts from the init estimator's answer and lets predict_stages (compiled) add
@@ -5944,7 +6089,7 @@ def _boosted_classifier(raw, estimator, positive):
             "predict_log_proba": lambda X: np.log(loss.predict_proba(decision_function(X)))}
 
 
-def _hist_gradient_boosting(estimator):
+def _hist_gradient_boosting(estimator, given):
     """HistGradientBoosting: the baseline, plus each iteration's leaf, in order; categories encoded first.
 
     _raw_predict starts from zeros, adds `_baseline_prediction`, then each predictor's leaf
@@ -5982,7 +6127,7 @@ def _hist_gradient_boosting(estimator):
         mask = np.asarray(estimator.is_categorical_, dtype=bool)
         order = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
         thresholds = [thresholds[position] for position in np.argsort(order)]
-        step = _compile_step("_preprocessor", estimator._preprocessor)
+        step = _compile_step("_preprocessor", estimator._preprocessor, given.text)
         encode = (step._replace(function=_tree_ready(step.function, False)),)
     if not hasattr(estimator, "classes_"):
         inverse = estimator._loss.link.inverse
@@ -6057,6 +6202,8 @@ def _hist_walker(predictors, n_features, known, feature_map):
         max(1, _PAIR_VALUES // (count * width))
 
 
+# -- Pipelines: column selection, encoders, scalers ----------------------------
+
 def _tree_ready(transform, sparse):
     """`transform`, its rows made C-ordered for a tree's predictor (trees read any layout alike), and where
     scikit-learn would hand the tree a sparse matrix, None for NaN, which trees refuse in one."""
@@ -6073,39 +6220,60 @@ def _tree_ready(transform, sparse):
 def _native_transforms():
     """{transformer class: compiler of its transform}, exact classes only, for a pipeline's steps.
 
-    A compiler answers a function of the float64 rows, or a _Step when the transform encodes
-    categories (the values to probe it on) or answers a sparse matrix in scikit-learn.
+    A compiler takes the step and the positions of its input columns that hold text (Python
+    objects), and returns a _Step.
     """
     from sklearn import compose, impute, pipeline, preprocessing
 
     return {preprocessing.StandardScaler: _standard_scaler, preprocessing.MinMaxScaler: _min_max_scaler,
-            impute.SimpleImputer: _simple_imputer, preprocessing.FunctionTransformer: _identity,
+            impute.SimpleImputer: _simple_imputer, preprocessing.FunctionTransformer: _function_transformer,
             preprocessing.OneHotEncoder: _one_hot_encoder, preprocessing.OrdinalEncoder: _ordinal_encoder,
             compose.ColumnTransformer: _column_transformer, pipeline.Pipeline: _transform_chain}
 
 
 #: a compiled transform: function(X) -> transformed rows, or None to leave them to scikit-learn;
-#: categories {input column: values to probe it on}; sparse: scikit-learn answers a sparse matrix there
-_Step = collections.namedtuple("_Step", "function categories sparse")
+#: categories {input column: values to probe it on}; sparse: scikit-learn answers a sparse matrix there;
+#: text: it answers text (Python objects), not numbers
+_Step = collections.namedtuple("_Step", "function categories sparse text")
 
 
-def _compile_step(name, step):
-    """The _Step of one transformer; 'passthrough' (or None) is the identity."""
+def _compile_step(name, step, text):
+    """The _Step of one transformer whose input columns `text` (positions) hold text; 'passthrough' (or None) is the
+    identity."""
     if step is None or (isinstance(step, str) and step == "passthrough"):
-        return _Step(lambda X: X, {}, False)
+        return _Step(lambda X: X, {}, False, bool(text))
     compiler = _native_transforms().get(type(step))
     if compiler is None or "transform" in vars(step):
         raise _NotNative(f"no native version of its step {name!r} ({type(step).__name__})")
-    compiled = compiler(step)
-    return compiled if isinstance(compiled, _Step) else _Step(compiled, {}, False)
+    return compiler(step, text)
 
 
-def _transform_chain(pipeline, steps=None):
+def _numbers_only(step, text):
+    """Refuse a step that computes on numbers when its columns hold text."""
+    if text:
+        raise _NotNative(f"its {type(step).__name__} is given text columns")
+
+
+def _all_text(step, text):
+    """Whether the columns of an encoder or imputer all hold text (True) or all numbers (False); a mix, which
+    scikit-learn treats column by column, is left to it."""
+    if not text:
+        return False
+    if text == frozenset(range(step.n_features_in_)):
+        return True
+    raise _NotNative(f"its {type(step).__name__} takes text and number columns together")
+
+
+def _transform_chain(pipeline, text, steps=None):
     """Pipeline.transform (or the steps before a pipeline's final estimator): each step on the last one's output.
 
-    The probe values are the first step's: later steps see transformed columns.
+    The probe values are the first step's: later steps see transformed columns.  A step that
+    answers text hands the next one text in every column.
     """
-    compiled = [_compile_step(name, step) for name, step in (pipeline.steps if steps is None else steps)]
+    compiled = []
+    for name, step in (pipeline.steps if steps is None else steps):
+        compiled.append(_compile_step(name, step, text))
+        text = text if compiled[-1].text else frozenset()
     if any(step.sparse for step in compiled[:-1]):
         raise _NotNative("a step after one that answers a sparse matrix (its sparse arithmetic is its own)")
     functions = tuple(step.function for step in compiled)
@@ -6117,29 +6285,43 @@ def _transform_chain(pipeline, steps=None):
                 return None
         return X
 
-    return _Step(chain, compiled[0].categories if compiled else {}, any(step.sparse for step in compiled))
+    return _Step(chain, compiled[0].categories if compiled else {}, any(step.sparse for step in compiled),
+                 bool(text))
 
 
-def _identity(step):
-    """FunctionTransformer without a function (a ColumnTransformer's passthrough), or with the check_array that
-    histogram boosting's preprocessor gives its numeric columns, which leaves float64 rows as they are."""
+#: numpy functions a FunctionTransformer may apply natively: the same ufunc on the same values
+_UFUNCS = ("abs", "absolute", "cbrt", "exp", "exp2", "expm1", "log", "log10", "log1p", "log2", "negative", "sqrt",
+           "square")
+
+
+def _function_transformer(step, text):
+    """FunctionTransformer without validation: no function (a ColumnTransformer's passthrough, which hands text on
+    as it came), a numpy ufunc of _UFUNCS on numbers, or the check_array that histogram boosting's preprocessor
+    gives its numeric columns, which leaves float64 rows as they are (its ColumnTransformer makes them numbers)."""
     import numpy as np
     from sklearn.utils import check_array
 
     func = step.func
     checks = isinstance(func, functools.partial) and func.func is check_array and not func.args and \
         func.keywords == {"dtype": [np.float64], "ensure_all_finite": False}
-    if step.validate or not (func is None or checks):
-        raise _NotNative("a FunctionTransformer with a function or validation")
-    return lambda X: X
+    ufunc = any(func is getattr(np, name) for name in _UFUNCS)
+    if step.validate or step.kw_args or not (func is None or checks or ufunc):
+        raise _NotNative("a FunctionTransformer with validation, arguments or a function not among numpy's ufuncs")
+    if func is None:
+        return _Step(lambda X: X, {}, False, bool(text))
+    _numbers_only(step, text)
+    return _Step(func if ufunc else (lambda X: X), {}, False, False)
 
 
-def _column_transformer(step):
-    """ColumnTransformer.transform on a float64 array: each transformer on its columns, stacked side by side.
+def _column_transformer(step, text):
+    """ColumnTransformer.transform: each transformer on its columns, stacked side by side.
 
-    The columns are the indices scikit-learn resolved at fit (a model fitted on named columns
-    keeps receiving DataFrames and is not compiled).  Dense here even where scikit-learn stacks
-    a sparse matrix: the values are the same, and only a tree may read them (see _compile_pipeline).
+    The columns are the indices scikit-learn resolved at fit (by name, position, mask or
+    callable), which are the positions of the features in the rows the service makes.  A part
+    of text columns gets them as objects; a part of number columns gets them as float64, as
+    scikit-learn's own check makes the DataFrame's columns (text there: scikit-learn refuses).
+    Dense here even where scikit-learn stacks a sparse matrix: the values are the same, and
+    only trees and _sparse_product read them (see _compile_pipeline).
     """
     import numpy as np
 
@@ -6148,99 +6330,174 @@ def _column_transformer(step):
         columns = np.asarray(step._transformer_to_input_indices[name], dtype=np.intp)
         if (isinstance(transformer, str) and transformer == "drop") or not len(columns):
             continue
-        compiled = _compile_step(name, transformer)
-        parts.append((columns, compiled.function))
+        inner = frozenset(position for position, column in enumerate(columns) if column in text)
+        if inner and len(inner) != len(columns):
+            raise _NotNative(f"its part {name!r} takes text and number columns together")
+        compiled = _compile_step(name, transformer, inner)
+        if compiled.text:
+            raise _NotNative(f"its part {name!r} hands text on, which no model computes with")
+        parts.append((columns, compiled.function, bool(inner)))
         categories.update({int(columns[j]): values for j, values in compiled.categories.items()})
 
     def stacked(X):
-        outputs = [function(X[:, columns]) for columns, function in parts]
-        return None if any(output is None for output in outputs) else np.hstack(outputs)
+        outputs = []
+        for columns, function, takes_text in parts:
+            part = X[:, columns]
+            if part.dtype == object and not takes_text:
+                try:
+                    part = part.astype(np.float64)
+                except (TypeError, ValueError):
+                    return None
+            outputs.append(function(part))
+            if outputs[-1] is None:
+                return None
+        return np.hstack(outputs)
 
-    return _Step(stacked, categories, bool(step.sparse_output_))
+    return _Step(stacked, categories, bool(step.sparse_output_), False)
 
 
-def _category_codes(encoder):
-    """codes(X) -> (each value's index in its column's categories, whether it is one), as _BaseEncoder finds them.
+def _encoder_codes(encoder, text, ignore):
+    """(codes, probes): codes(X) -> (X_int, X_mask) as _BaseEncoder._transform makes them, or None where
+    scikit-learn refuses (an unknown value when handle_unknown is 'error', an infinity among numbers).
 
-    For float64 columns fitted on numbers only (text arrives as objects, which go to
-    scikit-learn): a sorted search, NaN being the last category where it is one.  None where
-    scikit-learn refuses: an infinity, or an unknown value when handle_unknown is 'error'.
+    Each column is looked up as _check_unknown and _encode look it up: text columns (objects)
+    by hash and equality, None and NaN by kind (_text_lookup); number columns by a sorted
+    search (_number_lookup).  An unknown value is coded 0 and masked, as _transform codes it;
+    then the encoder's own _map_infrequent_categories groups infrequent categories (`ignore`:
+    OrdinalEncoder's missing categories, which it leaves out).  `probes` {column: values} are
+    its categories and, where it takes them, unknown values.
     """
     import numpy as np
 
-    if encoder._infrequent_enabled:
-        raise _NotNative(f"{type(encoder).__name__} groups infrequent categories")
-    tables = []
-    for column in encoder.categories_:
-        if column.dtype != np.float64 or np.isnan(column[:-1]).any() or len(column) < 2 and np.isnan(column).all():
-            raise _NotNative(f"{type(encoder).__name__} of categories that are not float64 numbers")
-        tables.append((column[:-1], len(column) - 1) if np.isnan(column[-1]) else (column, -1))
+    lookup = _text_lookup if _all_text(encoder, text) else _number_lookup
     refuse_unknown = encoder.handle_unknown == "error"
+    found = [lookup(values, refuse_unknown) for values in encoder.categories_]
+    lookups = [function for function, _ in found]
 
     def codes(X):
-        if np.isinf(X).any():
+        X_int, X_mask = np.zeros(X.shape, dtype=int), np.ones(X.shape, dtype=bool)
+        for i, function in enumerate(lookups):
+            column = function(X[:, i])
+            if column is None:
+                return None
+            X_int[:, i], X_mask[:, i] = column
+        if refuse_unknown and not X_mask.all():
             return None
-        index, known = np.empty(X.shape, dtype=np.intp), np.empty(X.shape, dtype=bool)
-        for i, (values, nan_code) in enumerate(tables):
-            x = X[:, i]
-            index[:, i] = np.searchsorted(values, x).clip(max=len(values) - 1)
-            known[:, i] = values[index[:, i]] == x
-            if nan_code >= 0:
-                missing = np.isnan(x)
-                index[missing, i], known[missing, i] = nan_code, True
-        return None if refuse_unknown and not known.all() else (index, known)
+        encoder._map_infrequent_categories(X_int, X_mask, ignore)
+        return X_int, X_mask
 
-    probes = {i: np.asarray(values if refuse_unknown else np.concatenate(
-        [values, np.nextafter(values, -np.inf), np.nextafter(values, np.inf)])) for i, (values, _) in enumerate(tables)}
-    return codes, probes
+    return codes, {i: probes for i, (_, probes) in enumerate(found)}
 
 
-def _one_hot_encoder(step):
-    """OneHotEncoder.transform, without drop: a 1 in each known category's column, unknown ones all zeros."""
+def _number_lookup(categories, refuse_unknown):
+    """(lookup, probes) for a float64 column: searchsorted in the categories, NaN being the last one where it is one;
+    an infinity is refused, as the encoder's finiteness check refuses it."""
     import numpy as np
 
-    if step.drop is not None or step.handle_unknown not in ("error", "ignore", "infrequent_if_exist"):
-        raise _NotNative(f"a OneHotEncoder with drop={step.drop!r}, handle_unknown={step.handle_unknown!r}")
-    codes, probes = _category_codes(step)
+    if categories.dtype != np.float64 or np.isnan(categories[:-1]).any() or np.isnan(categories).all():
+        raise _NotNative("an encoder of number columns whose categories are not float64 numbers")
+    known, nan_code = (categories[:-1], len(categories) - 1) if np.isnan(categories[-1]) else (categories, -1)
+
+    def lookup(x):
+        if np.isinf(x).any():
+            return None
+        index = np.searchsorted(known, x).clip(max=len(known) - 1)
+        valid = known[index] == x
+        if nan_code >= 0:
+            missing = np.isnan(x)
+            index[missing], valid[missing] = nan_code, True
+        index[~valid] = 0
+        return index, valid
+
+    near = np.concatenate([known, np.nextafter(known, -np.inf), np.nextafter(known, np.inf)])
+    return lookup, (known if refuse_unknown else near)
+
+
+def _text_lookup(categories, refuse_unknown):
+    """(lookup, probes) for a column of objects: a dictionary of the categories (as _map_to_integer's), None and NaN
+    found by kind (is_scalar_nan), as _check_unknown finds them; an unhashable cell goes to scikit-learn."""
+    import numpy as np
+    from sklearn.utils._missing import is_scalar_nan
+
+    table, missing = {}, {}
+    for code, value in enumerate(categories):
+        if value is None or is_scalar_nan(value):
+            missing["none" if value is None else "nan"] = code
+        else:
+            table[value] = code
+    get = np.frompyfunc(table.get, 2, 1)
+
+    def lookup(column):
+        try:
+            index = get(column, -1).astype(np.intp)
+        except TypeError:
+            return None
+        valid = index >= 0
+        for row in np.flatnonzero(~valid):          # a missing value, or an unknown one
+            value = column[row]
+            code = missing.get("none" if value is None else "nan" if is_scalar_nan(value) else "")
+            if code is not None:
+                index[row], valid[row] = code, True
+        index[~valid] = 0
+        return index, valid
+
+    probes = list(table) + ([math.nan] if "nan" in missing else []) + ([] if refuse_unknown else ["\x00unknown", 1.5])
+    return lookup, probes
+
+
+def _one_hot_encoder(step, text):
+    """OneHotEncoder.transform, step for step: codes, the dropped categories taken out, a 1 in each coded column."""
+    import numpy as np
+
+    if step.handle_unknown not in ("error", "ignore", "infrequent_if_exist", "warn"):
+        raise _NotNative(f"a OneHotEncoder with handle_unknown={step.handle_unknown!r}")
+    codes, probes = _encoder_codes(step, text, None)
     offsets, width, dtype = np.cumsum([0] + step._n_features_outs)[:-1], sum(step._n_features_outs), step.dtype
+    drop = step._drop_idx_after_grouping       # None, or per column the code to drop (None: none; its width then)
+    to_drop = None if drop is None else np.array(
+        [len(values) if code is None else int(code) for code, values in zip(drop, step.categories_)])
 
     def one_hot(X):
         found = codes(X)
         if found is None:
             return None
-        index, known = found
+        X_int, X_mask = found
+        if to_drop is not None:
+            keep = X_int != to_drop
+            X_int[X_int > to_drop] -= 1
+            X_mask &= keep
         out = np.zeros((len(X), width), dtype=dtype)
-        rows, columns = np.nonzero(known)
-        out[rows, offsets[columns] + index[rows, columns]] = 1
+        rows, columns = np.nonzero(X_mask)
+        out[rows, offsets[columns] + X_int[rows, columns]] = 1
         return out
 
-    return _Step(one_hot, probes, bool(step.sparse_output))
+    return _Step(one_hot, probes, bool(step.sparse_output), False)
 
 
-def _ordinal_encoder(step):
-    """OrdinalEncoder.transform: each category's index, encoded_missing_value for NaN, unknown_value if asked."""
-    import numpy as np
-
-    codes, probes = _category_codes(step)
+def _ordinal_encoder(step, text):
+    """OrdinalEncoder.transform: each value's code, encoded_missing_value for a missing category, unknown_value if
+    asked."""
+    codes, probes = _encoder_codes(step, text, step._missing_indices)
     missing, unknown = step._missing_indices, step.handle_unknown == "use_encoded_value"
 
     def ordinal(X):
         found = codes(X)
         if found is None:
             return None
-        index, known = found
-        out = index.astype(step.dtype)
-        for column in missing:
-            out[np.isnan(X[:, column]), column] = step.encoded_missing_value
+        X_int, X_mask = found
+        out = X_int.astype(step.dtype)
+        for column, code in missing.items():
+            out[X_int[:, column] == code, column] = step.encoded_missing_value
         if unknown:
-            out[~known] = step.unknown_value
+            out[~X_mask] = step.unknown_value
         return out
 
-    return _Step(ordinal, probes, False)
+    return _Step(ordinal, probes, False, False)
 
 
-def _standard_scaler(step):
+def _standard_scaler(step, text):
     """StandardScaler.transform on a float64 array: subtract mean_, divide by scale_ (on a copy)."""
+    _numbers_only(step, text)
     if not step.copy:
         raise _NotNative("a StandardScaler with copy=False scales the caller's own rows")
     mean, scale = (step.mean_ if step.with_mean else None), (step.scale_ if step.with_std else None)
@@ -6249,13 +6506,14 @@ def _standard_scaler(step):
         X = X if mean is None else X - mean
         return X if scale is None else X / scale
 
-    return standard
+    return _Step(standard, {}, False, False)
 
 
-def _min_max_scaler(step):
+def _min_max_scaler(step, text):
     """MinMaxScaler.transform: times scale_, plus min_, clipped to feature_range when asked (on a copy)."""
     import numpy as np
 
+    _numbers_only(step, text)
     if not step.copy:
         raise _NotNative("a MinMaxScaler with copy=False scales the caller's own rows")
     scale, low, (bottom, top), clip = step.scale_, step.min_, step.feature_range, step.clip
@@ -6265,49 +6523,69 @@ def _min_max_scaler(step):
         X += low
         return np.clip(X, np.float64(bottom), np.float64(top), out=X) if clip else X
 
-    return min_max
+    return _Step(min_max, {}, False, False)
 
 
-def _simple_imputer(step):
-    """SimpleImputer.transform for a mean or median of NaN in every column: each NaN becomes its column's."""
+def _simple_imputer(step, text):
+    """SimpleImputer.transform of NaN: each missing value becomes its column's statistic.
+
+    Numbers (mean, median, most frequent or a constant): where np.isnan.  Text (most frequent or
+    a constant, fitted on objects): where the value is not itself, as _get_mask finds NaN among
+    objects.  Only without an indicator, copying, and with every column's statistic present.
+    """
     import numpy as np
 
-    statistics, missing = step.statistics_, step.missing_values
-    if step.strategy not in ("mean", "median") or step.add_indicator or not step.copy or not (
-            isinstance(missing, float) and np.isnan(missing)) or not np.isfinite(statistics).all():
-        raise _NotNative("only a SimpleImputer of NaN by mean or median, copying, without indicator or empty "
-                         "columns")
-    return lambda X: np.where(np.isnan(X), statistics, X)
+    statistics, missing, strategies = step.statistics_, step.missing_values, ("most_frequent", "constant")
+    if step.add_indicator or not step.copy or not (isinstance(missing, float) and np.isnan(missing)):
+        raise _NotNative("only a SimpleImputer of NaN, copying, without indicator")
+    if _all_text(step, text):
+        if step.strategy not in strategies or step._fit_dtype.kind != "O" or (statistics != statistics).any():
+            raise _NotNative("a SimpleImputer of text columns that is not fitted on objects, or misses a statistic")
+        return _Step(lambda X: np.where(X != X, statistics, X), {}, False, True)
+    if step.strategy not in ("mean", "median") + strategies or statistics.dtype != np.float64 or \
+            not np.isfinite(statistics).all():
+        raise _NotNative("a SimpleImputer of numbers with a statistic that is not a finite float64 number")
+    return _Step(lambda X: np.where(np.isnan(X), statistics, X), {}, False, False)
 
 
-def _compile_pipeline(pipeline, wanted, n_features):
+def _compile_pipeline(pipeline, wanted, n_features, text, frame):
     """A Pipeline of known transforms ending in a known model: its steps, then the final predictor.
 
     The final estimator is compiled and proved alone first (on its own thresholds), then the
-    whole pipeline is proved end to end against Pipeline's own methods, on rows whose encoded
-    columns hold the encoders' categories.  Where scikit-learn hands the final step a sparse
-    matrix, only trees are compiled: they read a sparse row's values exactly as a dense row's,
-    while a linear model's sparse product sums in another order than the dense one.
+    whole pipeline is proved end to end against Pipeline's own methods on what the service
+    hands scikit-learn (`frame`), on rows whose encoded columns hold the encoders' categories.
+    Where scikit-learn hands the final step a sparse matrix, trees read a sparse row's values
+    exactly as a dense row's, and linear models sum it as scipy does (_sparse_product).
     """
     *steps, (_, final) = pipeline.steps
-    transforms = _transform_chain(pipeline, steps)
-    trees = _native_compilers().get(type(final)) in (_tree_model, _gradient_boosting, _hist_gradient_boosting)
-    if transforms.sparse and not trees:
-        raise _NotNative("a step answers a sparse matrix, whose products scikit-learn sums in another order")
-    if trees:
+    transforms = _transform_chain(pipeline, text, steps)
+    if transforms.text:
+        raise _NotNative("its steps hand text to its final step, which computes with numbers")
+    family = _native_compilers().get(type(final))
+    if family in (_tree_model, _gradient_boosting, _hist_gradient_boosting):
         transforms = transforms._replace(function=_tree_ready(transforms.function, transforms.sparse))
-    try:
-        inner, reasons = _compile(final, wanted, final.n_features_in_)
+    try:       # proved alone on what it is given: a sparse matrix where scikit-learn stacks one
+        inner, reasons = _compile(final, wanted, final.n_features_in_, _Given(sparse=transforms.sparse),
+                                  _csr_rows if transforms.sparse else None)
         if not inner.methods:
             raise _NotNative(next(iter(reasons.values())))
     except _NotNative as error:
         raise _NotNative(f"its final step: {error}") from None
     return _proved(pipeline, dict(inner.methods), None, lambda allow_nan, allow_inf: NativePredictor(
         {}, n_features, allow_nan, allow_inf, steps=transforms.function, final=inner,
-        categories=transforms.categories), transforms.categories)
+        categories=transforms.categories, text=text), transforms.categories, frame, text)
 
 
-def _probe_rows(n_features, splits, rng, categories):
+def _csr_rows(X):
+    """Rows as the sparse matrix a ColumnTransformer stacks (zeros left out, columns in order)."""
+    from scipy import sparse
+
+    return sparse.csr_array(X)
+
+
+# -- Proof at load -------------------------------------------------------------
+
+def _probe_rows(n_features, splits, rng, categories, text):
     """Finite rows to prove on: random ones at many scales, and for trees every threshold and its neighbours.
 
     A threshold t is probed at t itself, at t in the dtype the model compares in (float32 for
@@ -6315,6 +6593,8 @@ def _probe_rows(n_features, splits, rng, categories):
     either side of it, which is where a comparison could go either way.  Each row carries one
     probe per feature, so every probe appears in some row.  A column an encoder encodes is drawn
     from its `categories` probe values instead (random numbers would all be unknown categories).
+    A model with `text` columns gets the rows as objects, as requests holding text send them,
+    a quarter of the numbers whole (JSON integers).
     """
     import numpy as np
 
@@ -6332,23 +6612,35 @@ def _probe_rows(n_features, splits, rng, categories):
         height = max(len(column) for column in columns)
         rows.append(np.stack([rng.permutation(np.resize(column, height)) for column in columns], axis=1))
     rows = np.ascontiguousarray(np.concatenate(rows))
+    if text:
+        whole = rows[::4].round().astype(np.int64).astype(object)
+        rows = rows.astype(object)
+        rows[::4] = whole
     for column, values in categories.items():
-        rows[:, column] = rng.choice(values, len(rows))
+        values = np.asarray(values, dtype=rows.dtype)
+        rows[:, column] = values[rng.integers(len(values), size=len(rows))]
     return rows
 
 
-def _edge_rows(batch, rng):
-    """Rows holding what scikit-learn may refuse: NaN, infinities, a float64 past float32's range."""
+def _edge_rows(batch, rng, text):
+    """Rows holding what scikit-learn may refuse: NaN, infinities, a float64 past float32's range (in a number
+    column), a tenth of the values missing; and for a model with text columns, a row of numbers alone (text missing)."""
     import numpy as np
 
+    numbers = [column for column in range(batch.shape[1]) if column not in text] or list(range(batch.shape[1]))
     edges = []
     for value in (np.nan, np.inf, -np.inf, 1e39):
         row = batch[:1].copy()
-        row[0, rng.integers(row.shape[1])] = value
+        row[0, rng.choice(numbers)] = value
         edges.append(row)
     holes = batch[:64].copy()
     holes[rng.random(holes.shape) < 0.2] = np.nan
-    return edges + [holes]
+    edges.append(holes)
+    if text:
+        row = batch[1:2].copy()
+        row[0, sorted(text)] = np.nan
+        edges.append(row.astype(np.float64))
+    return edges
 
 
 def _answer(function, X):
@@ -6359,16 +6651,17 @@ def _answer(function, X):
         return False, error
 
 
-def _prove(estimator, methods, make, batch, rng):
+def _prove(reference, methods, make, batch, rng, text):
     """The NativePredictor of the methods that answer every probe exactly as scikit-learn does, and why others don't.
 
-    First the input check: NaN, and infinities, are let through natively only if scikit-learn accepts them, and
+    `reference(method)` is scikit-learn's method as the service calls it.  First the input
+    check: NaN, and infinities, are let through natively only if scikit-learn accepts them, and
     an edge row the check lets through must be one scikit-learn answers.  Then each method on
     the probe batch, on single rows of it, and on the edge rows the check lets through.
     `make(allow_nan, allow_inf)` builds the predictor that holds the proved methods.
     """
-    first = getattr(estimator, next(iter(methods)))
-    edges = _edge_rows(batch, rng)      # NaN, then infinities: each allowed where scikit-learn takes it
+    first = reference(next(iter(methods)))
+    edges = _edge_rows(batch, rng, text)    # NaN, then infinities: each allowed where scikit-learn takes it
     predictor = make(_answer(first, edges[0])[0], _answer(first, edges[1])[0] and _answer(first, edges[2])[0])
     probes = [batch] + [batch[i:i + 1] for i in rng.choice(len(batch), _SINGLE_PROBES)]
     for row in edges:
@@ -6378,7 +6671,7 @@ def _prove(estimator, methods, make, batch, rng):
             probes.append(row)
     refused = {}
     for method, function in methods.items():
-        expected_of = getattr(estimator, method)
+        expected_of = reference(method)
         for X in probes:
             ok, expected = _answer(expected_of, X)
             try:
@@ -6397,13 +6690,13 @@ def _prove(estimator, methods, make, batch, rng):
     return predictor, refused
 
 
-def _compile(estimator, wanted, n_features):
+def _compile(estimator, wanted, n_features, given=_Given(), frame=None):
     """(NativePredictor, {method: why not}) for the `wanted` methods of one estimator; _NotNative says why none.
 
-    A compiler returns its methods and its `splits`: None, or (each feature's thresholds, the
-    dtype its inputs are compared in), float32 for scikit-learn's trees, float64 for histogram
-    boosting; and, where the model transforms its rows itself first (histogram boosting's
-    categories), the _Step that does, which then runs in the predictor's `prepare`.
+    `given` is what the estimator is given (_Given), `frame` what the service hands scikit-learn
+    for rows (None: the rows themselves).  Where the compiler returns the _Step by which the
+    model transforms its rows first (histogram boosting's categories), it runs in the
+    predictor's `prepare`.
     """
     import numpy as np
     from sklearn.pipeline import Pipeline
@@ -6412,32 +6705,39 @@ def _compile(estimator, wanted, n_features):
     if shadowed:
         raise _NotNative(f"{', '.join(shadowed)} replaced on the instance")
     if type(estimator) is Pipeline:
-        return _compile_pipeline(estimator, wanted, n_features)
+        return _compile_pipeline(estimator, wanted, n_features, given.text, frame)
     compiler = _native_compilers().get(type(estimator))
     if compiler is None:
         raise _NotNative(f"no native compiler for {type(estimator).__name__} (exact classes only)")
-    compiled, splits, *own_step = compiler(estimator)
+    compiled, splits, *own_step = compiler(estimator, given)
     float32 = splits is not None and splits[1] is np.float32
     compiled = {m: f for m, f in compiled.items() if m in wanted}
     if not own_step:
         return _proved(estimator, compiled, splits, lambda allow_nan, allow_inf: NativePredictor(
-            {}, n_features, allow_nan, allow_inf, float32=float32))
+            {}, n_features, allow_nan, allow_inf, float32=float32), None, frame)
     step, takes_all = own_step[0], NativePredictor({}, n_features, True, True)
     return _proved(estimator, compiled, splits, lambda allow_nan, allow_inf: NativePredictor(
-        {}, n_features, allow_nan, allow_inf, steps=step.function, final=takes_all, categories=step.categories),
-        step.categories)
+        {}, n_features, allow_nan, allow_inf, steps=step.function, final=takes_all, categories=step.categories,
+        text=given.text), step.categories, frame, given.text)
 
 
-def _proved(estimator, compiled, splits, make, categories=None):
-    """_prove on the probe rows of this estimator (the same at every load)."""
+def _proved(estimator, compiled, splits, make, categories=None, frame=None, text=frozenset()):
+    """_prove on the probe rows of this estimator (the same at every load), against its methods called on what the
+    service hands it (`frame`)."""
     import numpy as np
 
     if not compiled:
         raise _NotNative("no native version of its methods")
     rng = np.random.default_rng(NATIVE_PROBE_SEED)
-    batch = _probe_rows(estimator.n_features_in_, splits, rng, categories or {})
+    batch = _probe_rows(estimator.n_features_in_, splits, rng, categories or {}, text)
+    frame = frame or (lambda X: X)
+
+    def reference(method):
+        function = getattr(estimator, method)
+        return lambda X: function(frame(X))
+
     with np.errstate(all="ignore"):     # log(0) and the like warn alike on both sides: not a difference
-        return _prove(estimator, compiled, make, batch, rng)
+        return _prove(reference, compiled, make, batch, rng, text)
 
 
 def compile_native(estimator, model):
@@ -6447,9 +6747,8 @@ def compile_native(estimator, model):
     scikit-learn answers: loading never fails because of the native predictor.
     """
     try:
-        if _named_parts(estimator):
-            raise _NotNative("fitted on named columns: scikit-learn checks the names of what it is given")
-        predictor, reasons = _compile(estimator, model.methods, model.n_features)
+        predictor, reasons = _compile(estimator, model.methods, model.n_features, _Given(model.text_columns),
+                                      model.sklearn_inputs)
     except Exception as error:  # a compiler meeting an estimator it misreads: scikit-learn answers
         reason = str(error) if isinstance(error, _NotNative) else \
             f"compiling failed: {type(error).__name__}: {_clip(str(error), 120)}"
@@ -7432,14 +7731,11 @@ def _check_inputs(estimator, sample, rows):
             inputs = model_inputs(model, instances, max_rows=10**6)
         except ServiceError as error:
             raise ArtifactError(f"the sample does not fit the model: {error.message}") from None
-        return inputs, len(inputs)
+        return model.sklearn_inputs(inputs), len(inputs)
     if model.n_features is None:
         raise ArtifactError("the model does not say how many features it takes (a text pipeline?): "
                             "give a sample of real inputs (--check SAMPLE.json)")
-    matrix = np.random.default_rng(0).normal(size=(rows, model.n_features))
-    if model.make_frame is not None:
-        return model.make_frame(matrix, columns=model.feature_names), rows
-    return matrix, rows
+    return model.sklearn_inputs(np.random.default_rng(0).normal(size=(rows, model.n_features))), rows
 
 
 def export_command(argv):

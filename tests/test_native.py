@@ -27,14 +27,15 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_
 from sklearn.ensemble import (ExtraTreesClassifier, ExtraTreesRegressor, GradientBoostingClassifier,
                               GradientBoostingRegressor, HistGradientBoostingClassifier,
                               HistGradientBoostingRegressor, RandomForestClassifier, RandomForestRegressor)
-from sklearn.compose import ColumnTransformer
+from sklearn.compose import ColumnTransformer, make_column_selector
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import (ElasticNet, Lasso, LinearRegression, LogisticRegression, Perceptron, Ridge,
                                   RidgeClassifier, SGDClassifier, SGDRegressor)
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import MinMaxScaler, Normalizer, OneHotEncoder, OrdinalEncoder, StandardScaler
+from sklearn.preprocessing import (FunctionTransformer, MinMaxScaler, Normalizer, OneHotEncoder, OrdinalEncoder,
+                                   StandardScaler)
 from sklearn.svm import SVC, LinearSVC, LinearSVR
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTreeClassifier
 
@@ -43,6 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import service  # noqa: E402
 from conftest import metric_value  # noqa: E402
 from families import fit  # noqa: E402
+
+# An encoder that drops a category warns when it meets an unknown one (it encodes it as zeros): an answer, not an error
+pytestmark = pytest.mark.filterwarnings("ignore:Found unknown categories in columns:UserWarning")
 
 
 def _standard(X):
@@ -71,7 +75,38 @@ def _data():
             "wide_codes": (np.c_[np.floor((wide[0][:, :1] + 3) * 10), wide[0][:, 1:3], wide[0][:, 3:4] > 0,
                                  wide[0][:, 4:]], wide[1]),
             "iris_codes": (np.c_[_with_holes(iris[0]), _codes(iris[0])], iris[1]),
-            "iris_codes_holes": (_with_holes(np.c_[iris[0], _codes(iris[0])], seed=1), iris[1])}
+            "iris_codes_holes": (_with_holes(np.c_[iris[0], _codes(iris[0])], seed=1), iris[1]),
+            "tabular": _tabular(), "tabular_regression": _tabular(regression=True),
+            "tabular_categorical": (_tabular()[0].astype({"colour": "category", "size": "category"}), _tabular()[1]),
+            "tabular_positions": (np.asarray(_tabular()[0], dtype=object), _tabular()[1])}
+
+
+def _tabular(regression=False):
+    """A DataFrame as tabular data usually is: numbers (some missing) and text categories, one of them with a rare
+    value (an infrequent category) and missing values."""
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    X, y = make_classification(n_samples=600, n_features=4, n_informative=3, n_redundant=0, random_state=3)
+    frame = pd.DataFrame(X * [1, 10, 100, 0.1] + [40, 50, 500, 1], columns=["age", "income", "height", "ratio"])
+    frame["ratio"] = frame["ratio"].abs()
+    frame.loc[rng.random(len(frame)) < 0.08, "income"] = np.nan
+    colour = np.array(["red", "green", "blue"], dtype=object)[(X[:, 0] > 0).astype(int) + (X[:, 1] > 1)]
+    colour[rng.random(len(frame)) < 0.05] = None
+    frame["colour"] = colour
+    frame["size"] = rng.choice(np.array(["S", "M", "L", "XL"], dtype=object), p=[0.4, 0.35, 0.245, 0.005],
+                               size=len(frame))
+    return frame, (X @ [1.0, -2.0, 0.5, 3.0] if regression else y)
+
+
+_NUMBERS, _TEXT = ["age", "income", "height", "ratio"], ["colour", "size"]
+
+
+def _tabular_columns(text, numbers=None, **options):
+    """A ColumnTransformer selecting by name: the numbers imputed and scaled (or `numbers`), `text` on the rest."""
+    return ColumnTransformer([("numbers", numbers or make_pipeline(SimpleImputer(strategy="median"),
+                                                                   StandardScaler()), _NUMBERS),
+                              ("text", text, _TEXT)], **options)
 
 
 def _codes(X):
@@ -159,6 +194,33 @@ FAMILIES = {
                                                                        GradientBoostingClassifier(
                                                                            n_estimators=10, random_state=0)),
                                                  "iris_codes"),
+    "pipeline_sparse_one_hot_logistic": (lambda: make_pipeline(OneHotEncoder(handle_unknown="ignore"),
+                                                               LogisticRegression(max_iter=1000)), "iris"),
+    "tabular_one_hot_logistic": (lambda: make_pipeline(_tabular_columns(make_pipeline(
+        SimpleImputer(strategy="most_frequent"), OneHotEncoder(handle_unknown="ignore", sparse_output=False))),
+        LogisticRegression(max_iter=1000)), "tabular"),
+    "tabular_one_hot_drop_first_ridge": (lambda: make_pipeline(_tabular_columns(OneHotEncoder(
+        drop="first", handle_unknown="ignore", sparse_output=False)), Ridge()), "tabular_regression"),
+    "tabular_infrequent_sparse_logistic": (lambda: make_pipeline(_tabular_columns(OneHotEncoder(
+        handle_unknown="infrequent_if_exist", min_frequency=5), sparse_threshold=1.0),
+        LogisticRegression(max_iter=1000)), "tabular"),
+    "tabular_ordinal_infrequent_forest": (lambda: make_pipeline(ColumnTransformer([("text", OrdinalEncoder(
+        handle_unknown="use_encoded_value", unknown_value=-1, min_frequency=5), _TEXT)], remainder="passthrough"),
+        RandomForestClassifier(n_estimators=20, random_state=0)), "tabular"),
+    "tabular_log1p_if_binary_hist_gradient_boosting": (lambda: make_pipeline(_tabular_columns(
+        OneHotEncoder(drop="if_binary", handle_unknown="ignore", sparse_output=False),
+        ColumnTransformer([("log", FunctionTransformer(np.log1p), [1, 3])], remainder="passthrough")),
+        HistGradientBoostingRegressor(max_iter=30, random_state=0)), "tabular_regression"),
+    "tabular_hist_gradient_boosting_from_dtype": (lambda: HistGradientBoostingClassifier(
+        max_iter=30, categorical_features="from_dtype", random_state=0), "tabular_categorical"),
+    "tabular_selected_by_dtype_gradient_boosting": (lambda: make_pipeline(ColumnTransformer([
+        ("numbers", SimpleImputer(), make_column_selector(dtype_include="number")),
+        ("text", OneHotEncoder(handle_unknown="ignore"), make_column_selector(dtype_exclude="number"))]),
+        GradientBoostingClassifier(n_estimators=20, random_state=0)), "tabular"),
+    "tabular_positions_one_hot_logistic": (lambda: make_pipeline(ColumnTransformer([
+        ("numbers", make_pipeline(SimpleImputer(), StandardScaler()), [0, 1, 2, 3]),
+        ("text", make_pipeline(SimpleImputer(strategy="constant", fill_value="none"), OneHotEncoder(
+            handle_unknown="ignore")), [4, 5])]), LogisticRegression(max_iter=1000)), "tabular_positions"),
 }
 
 
@@ -205,6 +267,7 @@ def differential_rows(model, X, count, rng):
     and their neighbours (training rows, jittered, for linear models), a third with NaN and infinities where
     the model takes them (else random); a column an encoder encodes holds its categories (and unknown values
     where it takes them)."""
+    X = _numbers(model, X)
     low, high = np.nanmin(X, axis=0), np.nanmax(X, axis=0)
     span = high - low
     third = count // 3
@@ -230,14 +293,30 @@ def differential_rows(model, X, count, rng):
         holes[rng.random(holes.shape) < 0.05] = -np.inf
     rows.append(holes)
     rows = np.concatenate(rows)
+    if model.native.text:                                       # objects, as requests holding text send them,
+        whole = rows[::5].round()                               # some numbers whole (JSON integers)
+        rows = rows.astype(object)
+        finite = np.isfinite(whole)
+        whole = whole.astype(object)
+        whole[finite] = [int(value) for value in whole[finite]]
+        rows[::5] = whole
     for column, values in model.native.categories.items():     # an encoder's categories, and unknown ones
-        rows[:, column] = rng.choice(values, len(rows))         # where it takes them
+        values = np.asarray(values, dtype=rows.dtype)           # where it takes them
+        rows[:, column] = values[rng.integers(len(values), size=len(rows))]
     return np.ascontiguousarray(rng.permutation(rows))
+
+
+def _numbers(model, X):
+    """The training rows as float64, text columns 0 (their values come from the encoders' categories)."""
+    X = np.asarray(X, dtype=object)
+    X[:, sorted(model.native.text)] = 0.0
+    return X.astype(np.float64)
 
 
 def differences(model, method, rows, rng, single):
     """(rows compared, calls, differing calls): `single` one-row calls, then the rest in batches of 2 to 512."""
-    native, reference = model.native.methods[method], getattr(model.estimator, method)
+    native, method_of = model.native.methods[method], getattr(model.estimator, method)
+    reference = lambda X: method_of(model.sklearn_inputs(X))     # noqa: E731  (what the service hands it)
     calls = differing = 0
     start = 0
     with np.errstate(all="ignore"):
@@ -369,21 +448,36 @@ def test_unknown_and_missing_categories_an_encoder_takes_are_answered_natively()
             assert service._same_outputs(getattr(model.estimator, method)(rows), model.call(method, rows)), name
 
 
-def test_encoders_of_text_or_named_columns_stay_with_scikit_learn():
-    """Text categories arrive as object arrays (or DataFrames), which scikit-learn encodes itself."""
-    words = np.array([["red"], ["green"], ["blue"]], dtype=object)[np.arange(150) % 3]
-    X, y = _data()["iris"]
-    text = loaded(make_pipeline(ColumnTransformer([("colour", OneHotEncoder(), [4])], remainder="passthrough"),
-                                LogisticRegression(max_iter=1000)).fit(np.c_[X.astype(object), words], y))
-    assert text.native is None and "OneHotEncoder of categories that are not float64 numbers" in \
-        text.predictors["predict"][1]
-    for name in ("ColumnTransformer", "HistGradientBoostingClassifier (categorical)"):
-        named = loaded(fit(name)[0])
-        assert named.native is None and "fitted on named columns" in named.predictors["predict"][1]
-    boosting = loaded(HistGradientBoostingClassifier(max_iter=5, categorical_features=[4], random_state=0).fit(
-        np.c_[X.astype(object), words], y))
-    assert boosting.native is None and "OrdinalEncoder of categories that are not float64" in \
-        boosting.predictors["predict"][1]
+def test_text_and_named_columns_are_answered_natively_from_rows_objects_or_numbers():
+    """Rows with text are Python objects; rows of numbers alone (text missing) too are answered natively, as
+    scikit-learn answers the DataFrame the service makes of them."""
+    model, X = family("tabular_one_hot_logistic")
+    assert model.text_columns == {4, 5} and model.make_frame is not None
+    rows = np.asarray(X[:6], dtype=object)
+    rows[0, 4], rows[1, 5], rows[2, 0] = "purple", np.nan, 30        # unknown, missing, a whole number
+    numbers = rows[3:4].copy()
+    numbers[0, 4:] = np.nan
+    for X in (rows, numbers.astype(np.float64)):
+        assert model.native.prepare(X) is not None
+        for method in model.native.methods:
+            assert service._same_outputs(getattr(model.estimator, method)(model.sklearn_inputs(X)),
+                                         model.call(method, X))
+
+
+def test_text_where_numbers_go_gets_scikit_learns_refusal():
+    model, X = family("tabular_one_hot_logistic")
+    rows = np.asarray(X[:3], dtype=object)
+    rows[1, 0] = "old"
+    assert model.native.prepare(rows) is None
+    assert_same_refusal(model, service.LoadedModel(_Ref, model.estimator, "", 0, 0.0), rows)
+
+
+def test_an_encoder_of_text_and_numbers_together_stays_with_scikit_learn():
+    X, y = _data()["tabular"]
+    model = loaded(make_pipeline(OrdinalEncoder(), RandomForestClassifier(n_estimators=3, random_state=0)).fit(
+        X[["colour", "age"]], y))
+    assert model.text_columns == {0}
+    assert model.native is None and "takes text and number columns together" in model.predictors["predict"][1]
 
 
 def test_a_pipeline_whose_final_step_is_unknown_says_so():
@@ -413,11 +507,9 @@ def test_a_batch_of_multi_output_probabilities_gives_each_request_its_rows_of_ev
     (KNeighborsClassifier(), "iris"), (SVC(), "iris"),
     (make_pipeline(Normalizer(), LogisticRegression(max_iter=1000)), "iris"),
     (make_pipeline(StandardScaler(), KNeighborsClassifier()), "iris"),
-    (make_pipeline(OneHotEncoder(handle_unknown="ignore"), LogisticRegression(max_iter=1000)), "iris"),
     (RandomForestClassifier(n_estimators=3, n_jobs=2, random_state=0), "iris"),
     ],
-    ids=["knn", "svc-rbf", "pipeline-normalizer", "pipeline-knn", "pipeline-sparse-one-hot-logistic",
-         "forest-n_jobs"])
+    ids=["knn", "svc-rbf", "pipeline-normalizer", "pipeline-knn", "forest-n_jobs"])
 def test_other_families_stay_with_scikit_learn(estimator, data):
     model = loaded(estimator.fit(*_data()[data]))
     assert model.native is None
@@ -446,8 +538,8 @@ def test_a_proof_that_fails_falls_back_with_the_reason(monkeypatch):
     compilers = service._native_compilers()
     original = compilers[LogisticRegression]
 
-    def off_by_one_bit(estimator):
-        methods, thresholds = original(estimator)
+    def off_by_one_bit(estimator, given):
+        methods, thresholds = original(estimator, given)
         proba = methods["predict_proba"]
         methods["predict_proba"] = lambda X: np.nextafter(proba(X), 2.0) if len(X) == 1 else proba(X)
         return methods, thresholds
@@ -464,7 +556,7 @@ def test_a_proof_that_fails_falls_back_with_the_reason(monkeypatch):
 
 
 def test_a_compiler_that_raises_falls_back(monkeypatch):
-    def broken(estimator):
+    def broken(estimator, given):
         raise KeyError("coef_")
 
     monkeypatch.setitem(service._native_compilers(), Ridge, broken)
@@ -582,6 +674,113 @@ def test_http_answers_are_scikit_learns_bit_for_bit(make_client, native_store, n
                         predictor="native") == 1
 
 
+def _records(count):
+    """The first `count` rows of the tabular data as JSON records: text, numbers, nulls for missing values."""
+    frame, _ = _data()["tabular"]
+    return [{name: (None if isinstance(value, float) and np.isnan(value) else value) for name, value in row.items()}
+            for row in frame.head(count).to_dict("records")]
+
+
+def test_http_named_records_with_text_are_answered_natively_in_every_protocol(make_client, tmp_path):
+    """The pipeline people deploy, fitted on a DataFrame, asked as each protocol asks: its answers are those of
+    scikit-learn given a DataFrame of the same records, and the native predictor gave them."""
+    import pandas as pd
+    from conftest import write_artifact
+
+    model, _ = family("tabular_one_hot_logistic")
+    write_artifact(tmp_path / "tabular" / "1" / "model.joblib", model.estimator, "joblib")
+    client = _app(make_client, tmp_path)
+    records = _records(5)
+    records[1]["colour"], records[2]["size"], records[3]["age"] = None, "XXL", 41      # missing, unknown, integer
+    expected = model.estimator.predict_proba(pd.DataFrame(records)).tolist()
+    labels = model.estimator.predict(pd.DataFrame(records)).tolist()
+    names = list(records[0])
+    assert json.dumps(client.post_json("/models/tabular/predict", {"instances": records, "method": "predict_proba"})
+                      .json["predictions"]) == json.dumps(expected)
+    for path, body in {"/v1/models/tabular:predict": {"instances": records},     # these answer predict
+                       "/invocations": {"dataframe_split": {"columns": names,
+                                                            "data": [list(r.values()) for r in records]}},
+                       "/invocations?records": {"dataframe_records": records}}.items():
+        assert client.post_json(path.split("?")[0], body).json["predictions"] == labels, path
+    complete = [record for record in records if None not in record.values()]
+    v2 = {"inputs": [{"name": name, "shape": [len(complete)], "datatype": "BYTES" if name in _TEXT else "FP64",
+                      "data": [record[name] for record in complete]} for name in names],
+          "outputs": [{"name": "predict_proba"}]}
+    answer = client.post_json("/v2/models/tabular/infer", v2).json
+    assert answer["outputs"][0]["data"] == np.ravel(model.estimator.predict_proba(pd.DataFrame(complete))).tolist()
+    calls = client.get("/metrics").text
+    for method, count in (("predict_proba", 2), ("predict", 3)):
+        assert metric_value(calls, "model_service_predict_calls_total", model="tabular", version="1",
+                            method=method, predictor="native") == count
+        assert not metric_value(calls, "model_service_predict_calls_total", model="tabular", version="1",
+                                method=method, predictor="scikit-learn")
+    status = client.get("/models/tabular/versions/1").json
+    assert status["predictors"]["predict_proba"]["predictor"] == "native"
+
+
+_WITHOUT_PANDAS = """
+import importlib.abc, json, sys, warnings
+class NoPandas(importlib.abc.MetaPathFinder):         # as where pandas is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("No module named 'pandas'")
+sys.meta_path.insert(0, NoPandas())
+import webtest, service
+client = webtest.TestApp(service.create_app(store=sys.argv[1], poll_interval=0.0))
+answer = client.post_json("/models/scaled/predict", {"instances": json.loads(sys.argv[2]), "method": "predict_proba"})
+refused = client.post_json("/models/tabular/predict", {"instances": json.loads(sys.argv[3])}, expect_errors=True)
+silenced = [f for f in warnings.filters if f[1] is not None and "feature names" in f[1].pattern]
+print(json.dumps({"answer": answer.json["predictions"], "filters": not silenced,
+                  "scaled": client.get("/models/scaled/versions/1").json, "refused": refused.status_int,
+                  "tabular": client.get("/models/tabular/versions/1").json, "pandas": "pandas" in sys.modules}))
+"""
+
+
+def test_without_pandas_named_columns_are_answered_natively_and_selection_by_name_fails_the_load_saying_why(
+        tmp_path):
+    """pandas is optional: a model fitted on named columns that only checks the names is answered natively from
+    arrays, with no warning filter left behind (the names are taken off it); one whose ColumnTransformer selects columns by name (scikit-learn
+    does that only in a DataFrame) fails to load, and its status says to install pandas."""
+    import subprocess
+
+    from conftest import ROOT, write_artifact
+
+    frame, y = _data()["tabular"]
+    numbers = frame[_NUMBERS].fillna(0.0)
+    scaled = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(numbers, y)
+    write_artifact(tmp_path / "store" / "scaled" / "1" / "model.joblib", scaled, "joblib")
+    write_artifact(tmp_path / "store" / "tabular" / "1" / "model.joblib",
+                   family("tabular_one_hot_logistic")[0].estimator, "joblib")
+    records = numbers.head(3).to_dict("records")
+    found = subprocess.run([sys.executable, "-c", _WITHOUT_PANDAS, str(tmp_path / "store"), json.dumps(records),
+                            json.dumps(_records(1))], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=ROOT))
+    assert found.returncode == 0, found.stderr
+    result = json.loads(found.stdout.splitlines()[-1])
+    assert not result["pandas"] and result["filters"]
+    with warnings.catch_warnings():     # the rows the service made, without their names
+        warnings.simplefilter("ignore", UserWarning)
+        assert result["answer"] == scaled.predict_proba(np.array([list(r.values()) for r in records])).tolist()
+    assert result["scaled"]["predictors"]["predict_proba"]["predictor"] == "native"
+    assert result["scaled"]["feature_names_in_"] == _NUMBERS
+    assert result["refused"] == 503 and "install pandas" in json.dumps(result["tabular"])
+
+
+def test_a_text_column_of_nulls_alone_is_a_missing_category_whatever_the_batch(make_client, tmp_path):
+    """A request whose text values are all null (so its rows are numbers alone) is answered as the same rows
+    within a batch holding text: null is a missing category, never a number."""
+    from conftest import write_artifact
+
+    model, _ = family("tabular_one_hot_logistic")
+    write_artifact(tmp_path / "tabular" / "1" / "model.joblib", model.estimator, "joblib")
+    client = _app(make_client, tmp_path)
+    records = _records(2)
+    records[0]["colour"] = records[0]["size"] = None
+    alone = client.post_json("/models/tabular/predict", {"instances": records[:1], "method": "predict_proba"}).json
+    together = client.post_json("/models/tabular/predict", {"instances": records, "method": "predict_proba"}).json
+    assert alone["predictions"] == together["predictions"][:1]
+
+
 def test_http_an_encoded_pipeline_answers_natively_and_refuses_an_unknown_category_as_scikit_learn(
         make_client, tmp_path):
     from conftest import write_artifact
@@ -636,6 +835,18 @@ def test_the_load_log_says_what_is_native_and_how_long_the_proof_took(caplog):
     assert any("native predictor for no method" in line and "no native compiler for SVC" in line for line in lines)
     assert any("native predictor for predict, predict_proba, predict_log_proba, decision_function (compiled and "
                "proved in " in line for line in lines)
+
+
+def test_the_native_appendix_has_one_sub_section_per_family_its_header_lists_in_order():
+    import re
+
+    with open(service.__file__, encoding="utf-8") as handle:
+        source = handle.read()
+    appendix = source.split("# Native predictors #", 1)[1].split("\n###", 2)[1].split("\n###")[0]
+    header = appendix.split("\n\n", 1)[0]
+    listed = [re.split(r"\s{2,}", line[4:])[0] for line in header.splitlines() if line.startswith("#   ")]
+    banners = re.findall(r"^# -- (.+?) -+$", appendix, flags=re.MULTILINE)
+    assert listed == banners and len(banners) == 5
 
 
 # -- the long run -------------------------------------------------------------------------------------------
@@ -702,6 +913,7 @@ if __name__ == "__main__":
     parser.add_argument("--timing", type=int, default=0, metavar="PASSES",
                         help="instead, time predict natively and by scikit-learn on 1 and 64 rows (median of PASSES)")
     arguments = parser.parse_args()
+    warnings.filterwarnings("ignore", "Found unknown categories in columns", UserWarning)     # as pytestmark
     if arguments.timing:
         sys.exit(timing(arguments.only, arguments.timing))
     sys.exit(0 if long_run(arguments.rows, arguments.single, arguments.only) else 1)

@@ -714,9 +714,13 @@ SETTINGS = (
     Setting("payload_log_sample", _fraction, 1.0, "share of prediction requests the payload log records, 0-1",
             "FRACTION"),
     Setting("native", _boolean, True,
-            "answer with plain-numpy predictors compiled at load, each proved bit-identical to scikit-learn on "
-            "probe rows (other methods and inputs: scikit-learn); a model's settings may turn them off",
-            "yes|no", const="yes"),
+            "answer with predictors compiled at load, without scikit-learn's overhead, each proved bit-identical "
+            "to scikit-learn on probe rows (other methods and inputs: scikit-learn); a model's settings may turn "
+            "them off", "yes|no", const="yes"),
+    Setting("sklearn_threads", _non_negative_int, 1,
+            "OpenMP and BLAS threads one scikit-learn call may start (histogram boosting, matrix products), in "
+            "each server thread: calls in --threads x --workers threads then share the cores instead of fighting "
+            "over them (0: the libraries' own default, every core per call)", "N"),
 )
 
 
@@ -1648,6 +1652,7 @@ class LoadedModel:
         self.native = None              # a NativePredictor: the methods proved at load to answer as scikit-learn
         self.predictors = {}            # method -> (NATIVE or SKLEARN, why), for the status
         self.warmup = "not warmed"      # what warming did, for the load's log line (see _warm)
+        self.sklearn_threads = 0        # OpenMP and BLAS threads a scikit-learn call may start (0: unbounded)
 
     def predict(self, method, inputs):
         """Answer one method for a request: through the batcher when the model has one, else `call`."""
@@ -1680,6 +1685,7 @@ class LoadedModel:
 
     def _sklearn_call(self, method, inputs):
         """The estimator's own answer; its complaints about the input are the caller's 400."""
+        _bound_threads(self.sklearn_threads)
         try:
             if self.checked_call is not None:
                 return self.checked_call(getattr(self.estimator, method), self.sklearn_inputs(inputs))
@@ -1881,6 +1887,33 @@ def _allows_nan(estimator):
         return None
 
 
+_thread_bound = threading.local()       # .count: the bound _bound_threads set in this thread
+
+
+def _bound_threads(count):
+    """Bound the threads scikit-learn's compiled code may start, for calls from this thread, to `count` (0: leave
+    them be): OpenMP's limit, which is each thread's own, and BLAS's, which is the process's.
+
+    Set once per thread and left set: threadpoolctl's context manager would cost about 20 µs a
+    call (4 for OpenMP alone) and restore BLAS's process-wide limit under other threads' feet.
+    The native predictors start no threads of their own (histogram boosting's walk is told 1).
+    """
+    if not count or getattr(_thread_bound, "count", None) == count:
+        return
+    _threadpools().limit(limits=count)
+    _thread_bound.count = count
+
+
+@functools.cache
+def _threadpools():
+    """threadpoolctl's view of the OpenMP and BLAS libraries loaded (scikit-learn's, numpy's, scipy's): looking costs
+    milliseconds, so once, with scikit-learn imported (which loads its OpenMP and numpy's and scipy's BLAS)."""
+    import sklearn.base  # noqa: F401  (loads the libraries to see)
+    import threadpoolctl
+
+    return threadpoolctl.ThreadpoolController()
+
+
 def _frame_maker(names, text_columns):
     """rows -> a pandas DataFrame of columns `names`, as a model fitted on named columns wants them; None without pandas.
 
@@ -1990,8 +2023,9 @@ def _named_parts(estimator):
             if "feature_names_in_" in part.__dict__]
 
 
-def _build_model(ref, options=None, native=True):
-    """Load one artifact into a LoadedModel, with its native predictor unless `native` is false.
+def _build_model(ref, options=None, native=True, sklearn_threads=0):
+    """Load one artifact into a LoadedModel, with its native predictor unless `native` is false, its calls of
+    scikit-learn bounded to `sklearn_threads` threads (_bound_threads; 0: unbounded).
 
     An unexpected failure is logged with its traceback.
     """
@@ -2007,6 +2041,8 @@ def _build_model(ref, options=None, native=True):
         logger.warning("model %r version %s was %s: its predictions may differ (--strict-versions refuses "
                        "such artifacts)", ref.name, ref.version, skew)
     model = LoadedModel(ref, estimator, digest, size, time.perf_counter() - started, version_skew=skew)
+    model.sklearn_threads = sklearn_threads
+    _bound_threads(sklearn_threads)       # the proof's calls too
     if model.feature_names is not None and model.make_frame is None:    # no pandas: scikit-learn gets arrays
         if _selects_by_name(estimator):
             raise ArtifactError(f"{ref.file}: its ColumnTransformer selects columns by name, which scikit-learn "
@@ -2981,7 +3017,8 @@ class ModelRegistry:
         try:
             settings = self._settings.get(ref.name, (None, None))[1] or DEFAULT_SETTINGS
             with _logging_about(model=ref.name, version=ref.version):
-                model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native)
+                model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native,
+                                     sklearn_threads=self.config.sklearn_threads)
                 if warm:
                     _warm(model, settings.warmup)
                 else:
@@ -5928,10 +5965,7 @@ def _leaf_walker(trees, n_features, value_width):
     numbers = np.arange(count, dtype=np.float32)
 
     def leaves(X):
-        pairs = np.empty((count, len(X), width), dtype=np.float32)
-        pairs[:, :, :-1] = X
-        pairs[:, :, -1] = numbers[:, np.newaxis]
-        found = merged.apply(pairs.reshape(-1, width))
+        found = merged.apply(_pairs(X, numbers))
         found -= first
         return found.reshape(count, len(X))
 
@@ -5940,6 +5974,23 @@ def _leaf_walker(trees, n_features, value_width):
                                np.concatenate([n["threshold"] for n in nodes]),
                                np.concatenate([n["left_child"] for n in nodes]) != -1, n_features)
     return leaves, (splits, np.float32), max(1, _PAIR_VALUES // (count * (width + value_width)))
+
+
+def _pairs(X, numbers):
+    """Every row of X beside every tree number, tree after tree: (len(numbers) * len(X), width + 1) of X's dtype (a
+    broadcast for a few rows, copies of whole blocks beyond, which cost a quarter as much)."""
+    import numpy as np
+
+    count, (rows, width) = len(numbers), X.shape
+    if rows < 8:
+        pairs = np.empty((count, rows, width + 1), dtype=X.dtype)
+        pairs[:, :, :-1] = X
+    else:
+        beside = np.empty((rows, width + 1), dtype=X.dtype)
+        beside[:, :-1] = X
+        pairs = np.tile(beside, (count, 1)).reshape(count, rows, width + 1)
+    pairs[:, :, -1] = numbers[:, np.newaxis]
+    return pairs.reshape(-1, width + 1)
 
 
 def _merged_tree(trees, n_features):
@@ -6191,10 +6242,7 @@ def _hist_walker(predictors, n_features, known, feature_map):
             for (part, own_bitsets), into in zip(own, out.reshape(count, len(X))):
                 _predict_from_raw_data(part, X, own_bitsets, known, feature_map, 1, into)
             return
-        pairs = np.empty((count, len(X), width))
-        pairs[:, :, :-1] = X
-        pairs[:, :, -1] = numbers[:, np.newaxis]
-        _predict_from_raw_data(nodes, pairs.reshape(-1, width), bitsets, known, feature_map, 1, out)
+        _predict_from_raw_data(nodes, _pairs(X, numbers), bitsets, known, feature_map, 1, out)
 
     numeric = (nodes["is_leaf"] == 0) & (nodes["is_categorical"] == 0)
     numeric[:first] = False

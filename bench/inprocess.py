@@ -14,12 +14,25 @@ server sharing the machine.
 same loaded model (its proved predictor switched off and on between passes, the two interleaved so that
 a neighbour's load hits both alike): per request through the app, and per `LoadedModel.call` alone, for
 the iris LogisticRegression (1 row) and the forest (1 and 64 rows); each figure is the median of the passes.
+
+`--anchors DIR` then measures against the limit: `predict_proba` of a 100-tree forest grown to full depth,
+a 100-iteration histogram gradient boosting and a typical tabular pipeline (make_models.train_limits), on 1
+and 64 rows, by scikit-learn (one OpenMP and BLAS thread), by the service's native predictor
+(LoadedModel.call, from the rows the service makes of a request), and by ONNX Runtime (skl2onnx, one thread,
+float32 and float64 inputs) and Treelite's GTIL (one thread), with each contender's fidelity to
+scikit-learn (bit-exact, or the largest difference).  The anchors are benchmark-only: they run in their own
+virtual environment DIR (created on first use with `python -m venv` and pip: onnxruntime, skl2onnx,
+treelite and this run's scikit-learn, numpy and scipy), through bench/anchors.py; `--no-install` skips
+the install.  Interleaved: every pass measures each contender once, in turn; medians of `--native-passes`.
 """
 import argparse
 import cProfile
 import io
+import json
 import os
 import pstats
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -87,6 +100,87 @@ def native_versus_sklearn(app, registry, built, passes, count):
                   f"1/{sklearn / native:.1f} |", flush=True)
 
 
+ANCHOR_PACKAGES = ("onnxruntime", "skl2onnx", "treelite")
+
+
+def anchor_environment(folder, install):
+    """The python of the anchors' virtual environment in `folder`, made (with a message) if needed; None if it
+    cannot be had."""
+    import numpy
+    import scipy
+    import sklearn
+
+    python = os.path.join(folder, "bin", "python")
+    if os.path.exists(python):
+        return python
+    if not install:
+        print(f"(anchors: {folder} holds no environment, and --no-install)", file=sys.stderr)
+        return None
+    requirements = list(ANCHOR_PACKAGES) + [f"scikit-learn=={sklearn.__version__}", f"numpy=={numpy.__version__}",
+                                            f"scipy=={scipy.__version__}"]
+    print(f"anchors: creating {folder} and installing {' '.join(requirements)} (a few minutes)", file=sys.stderr)
+    for argv in ([sys.executable, "-m", "venv", folder], [python, "-m", "pip", "install", "-q"] + requirements):
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode:
+            print(f"(anchors not installed: {done.stderr.strip()[-300:]})", file=sys.stderr)
+            return None
+    return python
+
+
+def against_the_limit(folder, python, passes):
+    """The --anchors table: scikit-learn, the native predictor and the anchors on the same rows, interleaved."""
+    import joblib
+    import numpy as np
+    import threadpoolctl
+
+    import service
+
+    anchors = None if python is None else subprocess.Popen(
+        [python, os.path.join(HERE, "anchors.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    names = ("ONNX Runtime float32", "ONNX Runtime float64", "Treelite GTIL")
+    print("\n| model | rows | scikit-learn µs | native µs | native ÷ scikit-learn | " +
+          " | ".join(f"{name} µs (fidelity)" for name in names) + " | native ÷ ONNX Runtime float32 |")
+    print("|---|---:|---:|---:|---:|" + "---|" * len(names) + "---:|")
+    for name, (estimator, rows) in make_models.train_limits().items():
+        path = os.path.join(folder, f"{name}.joblib")
+        joblib.dump(estimator, path)
+        model = service.LoadedModel(service.ArtifactRef(name, 1, path, name, ".joblib", 0, 0), estimator, "", 0, 0.0)
+        service.attach_native(model, True)
+        for count in (1, 64):
+            inputs = service.model_inputs(model, rows[:count] if name == "tabular" else rows[:count].tolist(), 64)
+            given = model.sklearn_inputs(inputs)
+            with threadpoolctl.threadpool_limits(1):
+                expected = estimator.predict_proba(given)
+            assert service._same_outputs(expected, model.call("predict_proba", inputs))
+            np.save(os.path.join(folder, "rows.npy"), inputs)
+            np.save(os.path.join(folder, "expected.npy"), expected)
+            figures = {"scikit-learn": [], "native": []}
+            found = {}
+            for _ in range(passes):
+                with threadpoolctl.threadpool_limits(1):
+                    figures["scikit-learn"].append(microseconds(lambda: estimator.predict_proba(given), 20))
+                figures["native"].append(microseconds(lambda: model.call("predict_proba", inputs), 400))
+                if anchors is not None and name != "tabular":       # skl2onnx and Treelite take numbers only
+                    anchors.stdin.write(json.dumps({"model": path, "rows": os.path.join(folder, "rows.npy"),
+                                                    "expected": os.path.join(folder, "expected.npy"),
+                                                    "calls": 400}) + "\n")
+                    anchors.stdin.flush()
+                    for anchor, result in json.loads(anchors.stdout.readline()).items():
+                        found[anchor] = result
+                        figures.setdefault(anchor, []).append(result.get("us"))
+            median = {key: statistics.median(values) for key, values in figures.items() if None not in values}
+            cells = [f"{median[anchor]:,.1f} ({found[anchor]['fidelity']})" if anchor in median else
+                     ("not measured" if anchor not in found else f"n/a: {found[anchor]['error'][:60]}")
+                     for anchor in names]
+            versus = f"{median['native'] / median[names[0]]:.2f}×" if names[0] in median else "–"
+            print(f"| {name} | {count} | {median['scikit-learn']:,.1f} | {median['native']:,.1f} | "
+                  f"{median['native'] / median['scikit-learn']:.3f}× | " + " | ".join(cells) + f" | {versus} |",
+                  flush=True)
+    if anchors is not None:
+        anchors.stdin.close()
+        anchors.wait()
+
+
 def do_nothing(estimator):
     """The fitted model with predict answering zeros: what remains is the app's own cost."""
     import numpy as np
@@ -102,7 +196,17 @@ def main(argv=None):
                         help="passes of the native vs scikit-learn comparison (0: skip it)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N most expensive functions of service.py's own request path")
+    parser.add_argument("--anchors", metavar="DIR",
+                        help="also measure against ONNX Runtime and Treelite, installed into the virtual "
+                             "environment DIR (created on first use)")
+    parser.add_argument("--only-anchors", action="store_true", help="with --anchors, only that table")
+    parser.add_argument("--no-install", action="store_true", help="do not create the anchors' environment")
     args = parser.parse_args(argv)
+    if args.anchors and args.only_anchors:
+        with tempfile.TemporaryDirectory() as folder:
+            against_the_limit(folder, anchor_environment(os.path.abspath(args.anchors), not args.no_install),
+                              args.native_passes)
+        return
 
     with tempfile.TemporaryDirectory() as folder:
         built = make_models.build(folder)
@@ -147,6 +251,9 @@ def main(argv=None):
             print(f"\nservice.py, do-nothing model, {args.requests} requests, by own time (cProfile):\n")
             pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
         registry.stop_watching()
+        if args.anchors:
+            against_the_limit(folder, anchor_environment(os.path.abspath(args.anchors), not args.no_install),
+                              args.native_passes)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,42 @@ def build_forest(out):
     return store, body, model.predict(X[:1]).tolist()
 
 
+def train_limits():
+    """The models `inprocess.py --anchors` measures against the limit: {name: (model, rows)}, rows being the 64 rows
+    it predicts (an array; for the tabular pipeline, JSON records with text and nulls).
+
+    A 100-tree random forest grown to full depth and a 100-iteration histogram gradient boosting on
+    the benchmark's `make_classification` data, and the pipeline tabular data is usually served with:
+    fitted on a DataFrame, a ColumnTransformer selecting by name, numbers imputed and scaled, text
+    categories imputed and one-hot encoded, a LogisticRegression."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.datasets import make_classification
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    X, y = make_classification(n_samples=5000, n_features=20, random_state=0)
+    forest = RandomForestClassifier(n_estimators=100, random_state=0).fit(X, y)
+    boosting = HistGradientBoostingClassifier(max_iter=100, early_stopping=False, random_state=0).fit(X, y)
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(X[:, :4] * [10, 1000, 1, 5] + [40, 50000, 0, 20], columns=["age", "income", "score", "tenure"])
+    frame.loc[rng.random(len(frame)) < 0.05, "income"] = np.nan
+    frame["plan"] = np.array(["basic", "plus", "pro"], dtype=object)[(X[:, 4] > 0).astype(int) + (X[:, 5] > 1)]
+    frame["region"] = rng.choice(np.array(["north", "south", "east", "west", None], dtype=object), size=len(frame))
+    numbers, text = ["age", "income", "score", "tenure"], ["plan", "region"]
+    tabular = make_pipeline(ColumnTransformer([
+        ("numbers", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numbers),
+        ("text", make_pipeline(SimpleImputer(strategy="most_frequent"), OneHotEncoder(handle_unknown="ignore")),
+         text)]), LogisticRegression(max_iter=1000)).fit(frame, y)
+    records = [{name: (None if isinstance(value, float) and value != value else value) for name, value in row.items()}
+               for row in frame.head(64).to_dict("records")]
+    return {"forest": (forest, X[:64]), "boosting": (boosting, X[:64]), "tabular": (tabular, records)}
+
+
 if __name__ == "__main__":
     built = build(sys.argv[1] if len(sys.argv) > 1 else "./bench-models")
     for name, path in built["artifacts"].items():

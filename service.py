@@ -6417,12 +6417,15 @@ def _encoder_codes(encoder, text, ignore):
     """
     import numpy as np
 
-    lookup = _text_lookup if _all_text(encoder, text) else _number_lookup
+    numbers = not _all_text(encoder, text)
     refuse_unknown = encoder.handle_unknown == "error"
-    found = [lookup(values, refuse_unknown) for values in encoder.categories_]
+    found = [(_number_lookup if numbers else _text_lookup)(values, refuse_unknown) for values in encoder.categories_]
     lookups = [function for function, _ in found]
+    grouped = encoder._infrequent_enabled
 
     def codes(X):
+        if numbers and np.isinf(X).any():
+            return None
         X_int, X_mask = np.zeros(X.shape, dtype=int), np.ones(X.shape, dtype=bool)
         for i, function in enumerate(lookups):
             column = function(X[:, i])
@@ -6431,25 +6434,27 @@ def _encoder_codes(encoder, text, ignore):
             X_int[:, i], X_mask[:, i] = column
         if refuse_unknown and not X_mask.all():
             return None
-        encoder._map_infrequent_categories(X_int, X_mask, ignore)
+        if grouped:
+            encoder._map_infrequent_categories(X_int, X_mask, ignore)
         return X_int, X_mask
 
     return codes, {i: probes for i, (_, probes) in enumerate(found)}
 
 
 def _number_lookup(categories, refuse_unknown):
-    """(lookup, probes) for a float64 column: searchsorted in the categories, NaN being the last one where it is one;
-    an infinity is refused, as the encoder's finiteness check refuses it."""
+    """(lookup, probes) for a float64 column: searchsorted in the categories, NaN being the last one where it is one
+    (an infinity, which the encoder's finiteness check refuses, never comes: _encoder_codes refuses it first)."""
     import numpy as np
 
     if categories.dtype != np.float64 or np.isnan(categories[:-1]).any() or np.isnan(categories).all():
         raise _NotNative("an encoder of number columns whose categories are not float64 numbers")
     known, nan_code = (categories[:-1], len(categories) - 1) if np.isnan(categories[-1]) else (categories, -1)
 
+    last = len(known) - 1
+
     def lookup(x):
-        if np.isinf(x).any():
-            return None
-        index = np.searchsorted(known, x).clip(max=len(known) - 1)
+        index = np.searchsorted(known, x)
+        np.minimum(index, last, out=index)
         valid = known[index] == x
         if nan_code >= 0:
             missing = np.isnan(x)

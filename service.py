@@ -706,7 +706,7 @@ SETTINGS = (
     Setting("max_batch_size", _positive_int, 1,
             "stack up to N concurrent requests of a tabular model into one predict call (1: no batching)", "N"),
     Setting("max_latency_ms", _non_negative_float, 2.0,
-            "longest a batch waits for its next request to join (it closes when full or after such a lull)", "MS"),
+            "longest a batch waits for company after its first request (it closes then, or when full)", "MS"),
     Setting("payload_log", str, None,
             "folder of the payload log: one JSON line per sampled prediction request (inputs, outputs, status, "
             "latency), written off the request path (default: off)",
@@ -1709,9 +1709,10 @@ class Batcher:
     for 32), and threads predicting at once fight over the GIL; one call for many rows serves
     them all for the price of one.  No thread of its own: the first request of a batch leads it
     and waits for others only while other requests of this model are in flight (alone, it runs
-    at once), until the batch is full or `max_latency` passes with no one joining.  One stacked
-    call per model runs at a time, and the next batch gathers meanwhile: two at once would only
-    take turns on the GIL.  Rows are stacked in order and each request gets its own slice back.
+    at once), until the batch is full or `max_latency` has passed.  One stacked call per model
+    runs at a time, and the next batch gathers meanwhile: two at once would only take turns on
+    the GIL.  (Waiting on while requests kept coming let a batch wait max_size × max_latency,
+    which became the tail once native predictors made calls cheap: p99 155 ms at c=32.)  Rows are stacked in order and each request gets its own slice back.
     If the stacked call fails, each request is run alone, so a bad one fails alone.  Only tabular
     models get a batcher: their rows are independent (a sequence model's are not, and a model's
     settings can turn batching off).
@@ -1736,10 +1737,8 @@ class Batcher:
             mine.done.wait()                 # until answered, or made the leader of what waits behind
             if not mine.leads:
                 return mine.answer()
-        if self.model.inflight > 1:          # someone may join: wait while they keep coming
-            queue, joined = self._waiting[method], 1
-            while not mine.full.wait(self.max_latency) and len(queue) > joined:
-                joined = len(queue)
+        if self.model.inflight > 1:          # someone may join: wait for them, max_latency at most
+            mine.full.wait(self.max_latency)
         with self._turn:                     # while a stacked call runs, the next batch gathers
             with self._lock:
                 queue = self._waiting[method]

@@ -9,6 +9,7 @@ versioned store instead of loose files (the MLflow and MLServer folders are writ
 
   OUTDIR/store/iris/1/model.joblib   LogisticRegression on iris, 4 features
   OUTDIR/store/rf/1/model.joblib     RandomForestClassifier, 100 trees, depth 10, 20 features
+  OUTDIR/store/tabular/1/model.joblib  the tabular pipeline (train_tabular), served by the service alone
   OUTDIR/store-shadow/{iris,rf}/{1,2}/model.joblib   the same model as two versions: version 2 answers,
                                      and model-settings.json names version 1 its shadow
   OUTDIR/bodies/{iris,rf}_{1,64}.json  {"instances": [...]}: the first row, the first 64 rows
@@ -73,6 +74,20 @@ def build(out):
             json.dump({"version_policy": "all", "shadow": "1"}, f)
         # sanity: the artifact on disk predicts like the fitted model
         assert (joblib.load(path).predict(X[:64]) == model.predict(X[:64])).all()
+    # the tabular pipeline, for the service alone (its requests are named records with text): not an artifact of
+    # the in-process or peer figures
+    import pandas as pd
+
+    model, records = train_tabular()
+    folder = os.path.join(store, "tabular", "1")
+    os.makedirs(folder, exist_ok=True)
+    joblib.dump(model, os.path.join(folder, "model.joblib"))
+    for rows in (1, 64):
+        bpath = os.path.join(bodies, f"tabular_{rows}.json")
+        with open(bpath, "w") as f:
+            json.dump({"instances": records[:rows]}, f, separators=(",", ":"))
+        result["bodies"][("tabular", rows)] = bpath
+        result["expected"][("tabular", rows)] = model.predict(pd.DataFrame(records[:rows])).tolist()
     return result
 
 
@@ -99,38 +114,45 @@ def build_forest(out):
 
 def train_limits():
     """The models `inprocess.py --anchors` measures against the limit: {name: (model, rows)}, rows being the 64 rows
-    it predicts (an array; for the tabular pipeline, JSON records with text and nulls).
+    it predicts (an array; for the tabular pipeline, JSON records with text and nulls): a 100-tree random forest
+    grown to full depth and a 100-iteration histogram gradient boosting on the benchmark's `make_classification`
+    data, and the tabular pipeline (train_tabular)."""
+    from sklearn.datasets import make_classification
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 
-    A 100-tree random forest grown to full depth and a 100-iteration histogram gradient boosting on
-    the benchmark's `make_classification` data, and the pipeline tabular data is usually served with:
-    fitted on a DataFrame, a ColumnTransformer selecting by name, numbers imputed and scaled, text
-    categories imputed and one-hot encoded, a LogisticRegression."""
+    X, y = make_classification(n_samples=5000, n_features=20, random_state=0)
+    forest = RandomForestClassifier(n_estimators=100, random_state=0).fit(X, y)
+    boosting = HistGradientBoostingClassifier(max_iter=100, early_stopping=False, random_state=0).fit(X, y)
+    return {"forest": (forest, X[:64]), "boosting": (boosting, X[:64]), "tabular": train_tabular()}
+
+
+def train_tabular():
+    """(model, 64 JSON records): the pipeline tabular data is usually served with, fitted on a DataFrame of numbers
+    (some missing) and text categories (some missing): a ColumnTransformer selecting by name, numbers imputed and
+    scaled, text imputed and one-hot encoded, a LogisticRegression."""
     import numpy as np
     import pandas as pd
     from sklearn.compose import ColumnTransformer
     from sklearn.datasets import make_classification
-    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
     X, y = make_classification(n_samples=5000, n_features=20, random_state=0)
-    forest = RandomForestClassifier(n_estimators=100, random_state=0).fit(X, y)
-    boosting = HistGradientBoostingClassifier(max_iter=100, early_stopping=False, random_state=0).fit(X, y)
     rng = np.random.default_rng(0)
     frame = pd.DataFrame(X[:, :4] * [10, 1000, 1, 5] + [40, 50000, 0, 20], columns=["age", "income", "score", "tenure"])
     frame.loc[rng.random(len(frame)) < 0.05, "income"] = np.nan
     frame["plan"] = np.array(["basic", "plus", "pro"], dtype=object)[(X[:, 4] > 0).astype(int) + (X[:, 5] > 1)]
     frame["region"] = rng.choice(np.array(["north", "south", "east", "west", None], dtype=object), size=len(frame))
     numbers, text = ["age", "income", "score", "tenure"], ["plan", "region"]
-    tabular = make_pipeline(ColumnTransformer([
+    model = make_pipeline(ColumnTransformer([
         ("numbers", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numbers),
         ("text", make_pipeline(SimpleImputer(strategy="most_frequent"), OneHotEncoder(handle_unknown="ignore")),
          text)]), LogisticRegression(max_iter=1000)).fit(frame, y)
     records = [{name: (None if isinstance(value, float) and value != value else value) for name, value in row.items()}
                for row in frame.head(64).to_dict("records")]
-    return {"forest": (forest, X[:64]), "boosting": (boosting, X[:64]), "tabular": (tabular, records)}
+    return model, records
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ LUA = os.path.join(HERE, "post.lua")
 PY = sys.executable
 HOST = "127.0.0.1"                     # the only address load is ever sent to
 MODELS = ("iris", "rf")
+#: the pipeline tabular data is usually served with (named records with text categories): only the service takes
+#: records, so only its default configuration is measured on it (make_models.build writes it and its bodies)
+TABULAR = "tabular"
 CONCURRENCY = (1, 8, 32)
 BULK_ROWS, BULK_CONCURRENCY = 64, 8
 POINTS = [(1, c) for c in CONCURRENCY] + [(BULK_ROWS, BULK_CONCURRENCY)]    # (rows per request, concurrency)
@@ -580,12 +583,13 @@ def build_servers(args, features, built, notes, have_flask, have_gunicorn, peers
                    lambda m, p: [PY, SERVICE, "--store", store, "--port", str(p)] + extra, models=models))
         if key + "-v2" in versus:           # the same configuration answering the V2 body, beside MLServer
             add(Server(key + "-v2", label + ", V2 body", "service",
-                       lambda m, p: [PY, SERVICE, "--store", store, "--port", str(p)] + extra, models=models,
+                       lambda m, p: [PY, SERVICE, "--store", store, "--port", str(p)] + extra,
+                       models=tuple(m for m in models if m != TABULAR),
                        path="/v2/models/{model}/infer", protocol="v2"))
 
     default_threads = features["default_threads"]
     shown = f"{default_threads} threads" if default_threads else "default threads"
-    service("service", f"model-service, defaults ({shown})", [])
+    service("service", f"model-service, defaults ({shown})", [], models=MODELS + (TABULAR,))
     for threads in (1, 8):
         if threads != default_threads:
             service(f"service-t{threads}", f"model-service --threads {threads}", ["--threads", str(threads)])
@@ -669,7 +673,7 @@ def measure_rounds(args, load, running, bodies, expected, results, lost):
     samples, dropped = {}, set()
     total, done = args.rounds * len(running) * len(POINTS), 0
     for round_ in range(args.rounds):
-        for model in MODELS:
+        for model in MODELS + (TABULAR,):
             here = [r for r in running if r[1] == model]
             here = here[round_ % len(here):] + here[:round_ % len(here)] if here else here
             for rows, c in POINTS:
@@ -1000,6 +1004,19 @@ def build_report(args, info, raw, imp, cold, servers, results, notes, failures, 
                  for m in MODELS]
         out(f"| {s.label} | " + " | ".join(cells) + " |")
     out("")
+
+    # the tabular pipeline, on the service alone
+    tabular = [(key, by[key]) for key in sorted(by) if key[1] == TABULAR]
+    if tabular:
+        out("## The tabular pipeline (named records with text categories): req/s (p50 / p99 ms)")
+        out("")
+        out("| server | rows | c | req/s (p50 / p99 ms) | rows/s |")
+        out("|---|---:|---:|---:|---:|")
+        labels = {s.key: s.label for s in servers}
+        for (key, _, rows, c), r in tabular:
+            out(f"| {labels.get(key, key)} | {rows} | {c} | {fmt_rate(r['rps'])} ({fmt_ms(r['p50'])} / "
+                f"{fmt_ms(r['p99'])}) | {fmt_rate(r['rows_s'])} |")
+        out("")
 
     # the peers, like for like
     peers = [s for s in servers if s.group == "peer"]

@@ -822,8 +822,12 @@ def test_a_models_settings_turn_it_off(make_client, native_store):
 def test_scikit_learn_calls_start_at_most_the_threads_the_setting_allows(make_client, native_store):
     """--sklearn-threads bounds OpenMP in each thread that calls scikit-learn (its limit is per thread) and BLAS
     in the process (whose limit other threads of other apps in this process may set since); the default is 1."""
-    threads = 1                             # the libraries' own default here is one per core (2 or more)
+    threads = 1
     client = _app(make_client, native_store, native=False, sklearn_threads=threads)
+    client.post_json("/models/iris/predict", {"instances": [[0.0] * 4]})        # loaded
+    service._threadpools().limit(limits=2)                                      # more than the bound, then
+    service._thread_bound.count = None                                          # a thread not bounded yet
+    assert max(info["num_threads"] for info in service._threadpools().select(user_api="openmp").info()) == 2
     client.post_json("/models/rf/predict", {"instances": [[0.0] * 20]})         # a call of scikit-learn's
     assert max(info["num_threads"] for info in service._threadpools().select(user_api="openmp").info()) <= threads
     service._thread_bound.count = None

@@ -2,7 +2,7 @@
 #   docker build -t model-service:0.1.0 .
 #   docker run --rm -p 8080:8080 model-service:0.1.0          # the bundled demo store
 #   docker run --rm -p 8080:8080 -v /srv/models:/models:ro -e MODEL_SERVICE_STORE=/models model-service:0.1.0
-# BASE_IMAGE: any Debian-like image with python3 (3.9 or newer) and its venv module; the default is the official
+# BASE_IMAGE: any Debian-like image with python3 (3.11 or newer) and its venv module; the default is the official
 # Python image.  tests/test_deploy.py builds on a base it makes locally with mmdebstrap.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}

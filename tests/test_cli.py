@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -490,6 +491,37 @@ def test_setup_cfg_declares_the_model_service_console_script():
     assert parser["options"]["py_modules"].strip() == "service"
     assert parser["metadata"]["version"].strip() == "attr: service.__version__"
 
+
+
+def test_the_python_readme_names_is_what_setup_cfg_requires_and_what_the_demos_scikit_learn_needs():
+    """The quick start works on every Python README names: the demo's pickles answer only under the scikit-learn
+    that wrote them, and that release installs only on the Pythons its Requires-Python admits."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        named = re.search(r"\(Python (\d+\.\d+) or newer", handle.read()).group(1)
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(os.path.join(ROOT, "setup.cfg"))
+    assert parser["options"]["python_requires"].strip() == f">={named}"
+    with open(os.path.join(ROOT, "model_store", "diabetes.json"), encoding="utf-8") as handle:
+        written_by = json.load(handle)["sklearn_version"]
+    import sklearn
+
+    if sklearn.__version__ != written_by:
+        pytest.skip(f"the demo store was written by scikit-learn {written_by}, this is {sklearn.__version__}")
+    assert importlib.metadata.metadata("scikit-learn")["Requires-Python"] == f">={named}"
+
+
+@pytest.mark.slow
+def test_the_demo_store_is_rebuilt_byte_for_byte(tmp_path):
+    """scripts/build_demo_store.py writes the same bytes at every run on one machine (README says so)."""
+    trees = []
+    for run in ("first", "second"):
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_demo_store.py"), str(tmp_path / run)],
+                       check=True, capture_output=True, timeout=300)
+        paths = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path / run) for name in names]
+        trees.append({os.path.relpath(path, tmp_path / run): pathlib.Path(path).read_bytes() for path in paths})
+    assert sorted(trees[0]) == ["diabetes.json", "iris/1/model.joblib", "iris/2/model.joblib",
+                                "iris/model-settings.json", "sentiment.pkl"]
+    assert trees[0] == trees[1]
 
 def _source_layout():
     """(banner titles in order, {top-level name: line}, the line of Part II's banner, of the entry points', tree)."""

@@ -11,8 +11,9 @@ Store layout (found automatically, both side by side)::
     model_store/<name>.<ext>                    one version, "1"
     model_store/<name>/<version>/<file>.<ext>   versions are positive integers; the highest serves
 
-``<ext>`` is ``.joblib``, ``.pkl``/``.pickle`` or ``.json`` (models as data, see
-"JSON model format").  pickle and joblib artifacts run code when loaded: only put
+``<ext>`` is ``.joblib``, ``.pkl``/``.pickle``, ``.json`` (models as data, see
+"JSON model format") or ``.skops`` (skops.io, loading only trusted types).
+pickle and joblib artifacts run code when loaded: only put
 artifacts you trust in the store, or load them with ``--safe-pickle`` (a restricted
 unpickler, see "Restricted unpickling").
 
@@ -756,7 +757,7 @@ SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _SHA256SUMS_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")      # "<hex>  <path>", or "<hex> *<path>" (binary)
 # An artifact's format comes from its file's extension, decided by the operator who put it in the
 # store, never from a request or from the artifact's own contents.
-ARTIFACT_FORMATS = {".joblib": "joblib", ".pkl": "pickle", ".pickle": "pickle", ".json": "json"}
+ARTIFACT_FORMATS = {".joblib": "joblib", ".pkl": "pickle", ".pickle": "pickle", ".json": "json", ".skops": "skops"}
 _TEMPORARY_SUFFIXES = ("~", ".tmp", ".temp", ".part", ".partial", ".swp", ".crdownload")
 
 
@@ -1288,6 +1289,16 @@ def _refusal(where, why, module):
     return f"refused global {where!r}: {why}; {hint}"
 
 
+def _admits_by_name(allowlist, path):
+    """Whether `allowlist` admits what the dotted `path` a file names resolves to; nothing is imported from a
+    module the allow-list does not import from (importing runs a module's code)."""
+    module, _, name = path.rpartition(".")
+    if not (PYTHON_MODULE.fullmatch(module) and PYTHON_MODULE.fullmatch(name)) or "__" in path \
+            or not allowlist.importable(module):
+        return False
+    return allowlist.admits(_lookup(path))
+
+
 class _Allowlist:
     """What one restricted load admits: the defaults, the --trust modules and a loader's extras."""
 
@@ -1502,7 +1513,29 @@ def _load_json(data, options):
     return estimator
 
 
-ARTIFACT_LOADERS = {"joblib": _load_joblib, "pickle": _load_pickle, "json": _load_json}   # by ArtifactRef.format
+def _load_skops(data, options):
+    """A .skops file (skops.io): a zip of a JSON schema and arrays that skops rebuilds, creating only the types
+    it is told to trust.  Trusted: what skops trusts by default, what --safe-pickle's allow-list admits
+    (scikit-learn's estimators and internal types such as its trees, numpy, scipy.sparse) and --trust modules.
+    Anything else refuses the load, naming each type, before any object is made."""
+    try:
+        import skops.io
+    except ImportError:
+        raise ArtifactError("the skops package is not installed: pip install '.[skops]' (the skops extra) to "
+                            "load .skops artifacts") from None
+    untrusted = skops.io.get_untrusted_types(data=data)
+    allowlist = _Allowlist(options.trust)
+    refused = [name for name in untrusted if not _admits_by_name(allowlist, name)]
+    if refused:
+        module = refused[0].rpartition(".")[0]
+        why = "neither skops nor --safe-pickle's allow-list trusts " + ("it" if len(refused) == 1 else
+                                                                         "them: " + ", ".join(refused))
+        raise ArtifactError(_refusal(_clip(", ".join(refused), 200), why, module))
+    return skops.io.loads(data, trusted=untrusted)
+
+
+ARTIFACT_LOADERS = {"joblib": _load_joblib, "pickle": _load_pickle, "json": _load_json,    # by ArtifactRef.format
+                    "skops": _load_skops}
 
 PREDICT_METHODS = ("predict", "predict_proba", "predict_log_proba", "decision_function",
                    "transform", "score_samples")

@@ -1616,7 +1616,8 @@ class LoadedModel:
     def __init__(self, ref, estimator, sha256, size, load_seconds, version_skew=None):
         self.ref = ref
         self.name = ref.name
-        self.version = str(ref.version)
+        self.version = ref.version
+        self.labels = (("model", ref.name), ("version", str(ref.version)))     # its metrics' labels
         self.estimator = estimator
         self.sha256 = sha256
         self.size = size
@@ -1660,8 +1661,8 @@ class LoadedModel:
         else:
             outputs, predictor = self._sklearn_call(method, inputs), SKLEARN
         if self.metrics is not None:
-            self.metrics.count("model_service_predict_calls_total", (("model", self.name), ("version", self.version),
-                                                                     ("method", method), ("predictor", predictor)))
+            self.metrics.count("model_service_predict_calls_total",
+                               self.labels + (("method", method), ("predictor", predictor)))
         return outputs
 
     def _sklearn_call(self, method, inputs):
@@ -2043,8 +2044,10 @@ class Metrics:
                     families[name].set(value)
 
     def forget(self, model, version):
-        """Drop every series of one model version.  Shared, the files keep its counts (prometheus_client
-        cannot remove them there), so a scrape leaves them out until the version is counted again."""
+        """Drop every series of one model version (its number).  Shared, the files keep its counts
+        (prometheus_client cannot remove them there), so a scrape leaves them out until the version is
+        counted again."""
+        version = str(version)
         pairs = {("model", model), ("version", version)}
         with self._lock:
             for key in [key for key in self._children if pairs <= set(key[1])]:
@@ -2227,12 +2230,20 @@ def _comparable_numbers(outputs):
 ###############################################################################
 # Model registry ##############################################################
 ###############################################################################
-# Holds the catalogue: for each model name a CatalogueEntry, for each of its versions a
-# VersionSlot with its state and its LoadedModel.  Loads are lazy and single-flight per
-# version; a failed load is retried only after a pause.  A request keeps the LoadedModel
-# it got, so later swaps never disturb it.  Residency keeps the count of what is in memory.
+# Holds the catalogue: for each model name a CatalogueEntry (its versions, those served, where each
+# route points), for each version a VersionSlot with its state and its LoadedModel.  Four parts, each
+# using those above it: the entries and what is in memory (Residency); the plan, a pure function from
+# a store scan and the models' settings to the catalogue to serve and the loads that gets there; the
+# Loader, which does every load (lazy and single-flight per version, a failed one retried only after
+# a pause); and ModelRegistry, the facade the app uses, which scans, plans, hands the loads to the
+# Loader and houses the watcher.  A request keeps the LoadedModel it got, so later swaps never
+# disturb it.  A version is its number (an int) everywhere here; text only in what describe() returns.
 
 UNLOADED, LOADING, AVAILABLE, UNLOADING, FAILED = "UNLOADED", "LOADING", "AVAILABLE", "UNLOADING", "FAILED"
+RELOADED, DEFERRED = "RELOADED", "DEFERRED"     # how a replacement ended, besides FAILED
+
+
+# -- versions, names, memory and settings -------------------------------------------------------------
 
 
 class VersionSlot:
@@ -2240,7 +2251,8 @@ class VersionSlot:
 
     `model` (a LoadedModel, or None) is what serves; a request that got it keeps it, so a
     swap or an unload never disturbs a request in flight.  `model` changes only under the
-    registry's Residency lock.
+    registry's Residency lock.  While a changed artifact loads beside it, `replacing` is that
+    artifact and `replaced` is clear; when it is set again, `replacement` says how it ended.
     """
 
     def __init__(self, ref):
@@ -2253,6 +2265,9 @@ class VersionSlot:
         self.loads = 0
         self.lock = threading.Lock()   # one load at a time
         self.replacing = None          # ArtifactRef of a changed artifact loading beside the model that serves
+        self.replaced = threading.Event()   # set while no replacement is under way
+        self.replaced.set()
+        self.replacement = None        # how the last replacement ended: RELOADED, FAILED or DEFERRED
         self.rejected = None           # fingerprint of a changed artifact that failed to load (not retried)
         self.pinned = False            # preloaded: loaded eagerly, never evicted or unloaded for idleness
         self.gone = False              # left the store or the version policy; never loaded again
@@ -2262,6 +2277,19 @@ class VersionSlot:
         self.state, self.since = state, time.time()
         if error:
             self.error, self.error_at = error, self.since
+
+    def begin_replacing(self, ref):
+        self.replacing = ref
+        self.replaced.clear()
+
+    def end_replacing(self, outcome):
+        self.replacement, self.replacing = outcome, None
+        self.replaced.set()
+
+    def load_failure(self, retry_after=None, **fields):
+        """The 503 of a version whose last load failed."""
+        return ModelUnavailable(f"model {self.ref.name!r} version {self.ref.version} failed to load: {self.error}",
+                                retry_after=retry_after, **fields)
 
     def describe(self, clock):
         model = self.model
@@ -2282,24 +2310,70 @@ class VersionSlot:
         return info
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class CatalogueEntry:
-    """One name of the catalogue, as a scan left it: its versions' slots, those served, and where requests go.
+    """One name of the catalogue, as a plan left it: its versions' slots, those served, and where requests go.
 
-    `routes` maps None (no version named) and each label to the VersionSlot that
-    answers; `wanted` maps them to the version number the settings ask for.  The two
-    differ while a new target loads: the old one keeps answering until it is ready.
-    `split`, when the settings name a traffic split, is (cumulative shares, targets): a
-    request naming no version goes to the target whose share covers its point in [0, 1).
+    `routes` maps None (no version named) and each label to the VersionSlot that answers;
+    `wanted` maps them to the version the settings ask for.  The two differ while a new target
+    loads: the old one keeps answering until it is ready.  `split`, when the settings name a
+    traffic split, is (cumulative shares, targets): a request naming no version goes to the
+    target whose share covers its point in [0, 1).  An entry never changes: a scan, or a route
+    pointed at its loaded target, makes a new one.
     """
 
-    def __init__(self, name, versions, served, settings, settings_error, wanted, routes, split=None):
-        self.name, self.versions, self.served = name, versions, served
-        self.settings, self.settings_error = settings, settings_error
-        self.wanted, self.routes, self.split = wanted, routes, split
+    name: str
+    versions: dict              # {version: VersionSlot}: every version on disk
+    served: tuple               # the versions its policy serves, highest first
+    settings: object            # the ModelSettings in force; None when none is valid (nothing serves)
+    settings_error: str         # why its settings file was refused, or None
+    wanted: dict                # {None or label: version}
+    routes: dict                # {None or label: VersionSlot}
+    split: tuple = None
+    preloaded: bool = False     # named by --preload: its served versions load ahead and stay
 
     def with_route(self, key, slot):
-        return CatalogueEntry(self.name, self.versions, self.served, self.settings, self.settings_error,
-                              self.wanted, {**self.routes, key: slot}, self.split)
+        return dataclasses.replace(self, routes={**self.routes, key: slot})
+
+    def pin(self):
+        """Mark its versions pinned (loaded ahead, never evicted nor unloaded for idleness) when preloaded and
+        served; an entry whose settings were refused leaves them as they were."""
+        if self.settings is not None:
+            for number, slot in self.versions.items():
+                slot.pinned = self.preloaded and number in self.served
+
+    def lookup(self, version=None, label=None, routing_key=None):
+        """The VersionSlot that answers for a version or a label; 404 or 503 if none.
+
+        Naming neither, the traffic split decides, by `routing_key` when there is one."""
+        name, settings = self.name, self.settings
+        if settings is None:
+            raise ModelUnavailable(f"model {name!r} is not served: {self.settings_error}", model=name)
+        if label is not None:
+            slot = self.routes.get(label)
+            if slot is None:
+                known = label in settings.labels
+                raise NotFound(f"label {_clip(repr(label), 80)} of model {name!r} "
+                               + (f"names version {settings.labels[label]}, which is not served"
+                                  if known else "is not defined"),
+                               model=name, labels={k: str(v) for k, v in self.wanted.items() if k},
+                               served_versions=self.served_versions())
+            return slot
+        if version is None:
+            if self.split is not None:
+                return self.routed(routing_key)
+            slot = self.routes.get(None)
+            if slot is None:
+                raise NotFound(f"model {name!r} serves no version: none of "
+                               f"{', '.join(map(str, sorted(self.versions)))} is in its version policy",
+                               model=name, served_versions=self.served_versions())
+            return slot
+        slot = self.versions.get(version)
+        if slot is None or version not in self.served:
+            raise NotFound(f"model {name!r} " + (f"has no version {version}" if slot is None else
+                                                 f"does not serve version {version} (see its version policy)"),
+                           model=name, served_versions=self.served_versions())
+        return slot
 
     def routed(self, routing_key):
         """The slot a request naming no version goes to under the split: sticky for a routing key (its
@@ -2343,7 +2417,7 @@ class CatalogueEntry:
         slot = self.shadow()
         if slot is None:
             return None
-        agreement = agreements.get((self.name, str(slot.ref.version))) or Agreement()
+        agreement = agreements.get((self.name, slot.ref.version)) or Agreement()
         return {"target": str(self.settings.shadow), "version": str(slot.ref.version),
                 "compared": agreement.replayed, "identical": agreement.identical,
                 "identical_share": round(agreement.share(), 6) if agreement.replayed else None,
@@ -2455,9 +2529,206 @@ class Residency:
         return sum(model.inflight for model in list(self._resident))
 
 
-# What a request naming no model, or any model, is told when the store holds none (the log names the folder,
-# which clients are not shown).
-EMPTY_STORE = "the model store has no models: add one as NAME.joblib or NAME/1/model.joblib"
+# A model's settings file as last read: its fingerprint (the file's and the versions on disk), the
+# ModelSettings in force (None when no valid one was ever read) and why the file was refused (or None).
+SettingsRecord = collections.namedtuple("SettingsRecord", "fingerprint settings error")
+
+
+class SettingsFiles:
+    """The models' settings files (model-settings.json) as last read: {name: SettingsRecord}.
+
+    A file is read again only when it or the versions on disk change (a traffic split is valid
+    only while the versions it names are served); a broken file keeps the last good settings
+    in force, and shows why.
+    """
+
+    def __init__(self, store):
+        self.store, self._records = store, {}
+
+    def read(self, name, numbers):
+        """The SettingsRecord of model `name`, with versions `numbers` on disk (after the store's scan)."""
+        ref = self.store.settings_files.get(name)
+        fingerprint = (ref.fingerprint if ref else None, tuple(sorted(numbers)))
+        cached = self._records.get(name)
+        if cached and cached.fingerprint == fingerprint:
+            return cached
+        if ref is None:
+            settings, error = DEFAULT_SETTINGS, None
+        else:
+            try:
+                settings, error = ModelSettings.read(ref), None
+                settings.check_served(numbers)
+            except ValueError as problem:
+                error = f"{ref.file}: {problem}"
+                settings = cached.settings if cached else None
+                logger.error("model %r: %s%s", name, error,
+                             "; the previous settings stay" if settings else "; the model is not served")
+        self._records[name] = record = SettingsRecord(fingerprint, settings, error)
+        return record
+
+    def settings_for(self, name):
+        """The settings in force for `name`: the defaults when it has none (or none valid)."""
+        record = self._records.get(name)
+        return record.settings if record is not None and record.settings is not None else DEFAULT_SETTINGS
+
+
+# -- planning: the catalogue a scan asks for --------------------------------------------------------
+
+@dataclasses.dataclass
+class Departures:
+    """What leaves service when one catalogue replaces another (see `departures`)."""
+
+    gone: list                  # slots no longer in the catalogue: never loaded again
+    unserved: list              # [(name, version, slot, left the store?)]: their models leave memory
+    forgotten: list             # [(name, version)]: gone for good, with their metrics and agreements
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a scan asks for (see `plan_catalogue`): the catalogue to serve, and the loads that get there."""
+
+    catalogue: dict             # {name: CatalogueEntry}
+    unsettled: dict             # {(name, version): fingerprint} seen once, to be seen again before use
+    replace: list               # [(slot, ArtifactRef)]: a changed artifact to load beside the model that serves
+    promote: list               # [(name, route key, slot)]: a route's new target, to load before it answers
+    departures: Departures
+
+
+def plan_catalogue(found, old_catalogue, records, unsettled, settle, preloaded):
+    """The catalogue a scan asks for, and the loads that get there, from what is given alone.
+
+    `found` is the store's scan ({name: {version: ArtifactRef}}), `records` each found name's
+    SettingsRecord, `unsettled` what the previous plan left unsettled, and `preloaded(name)` says
+    whether --preload names a model.  With `settle`, a new or changed artifact is used only once
+    two scans in a row saw the same size and mtime (a file still being written changes between
+    them).  A version in use is replaced only after its new artifact has loaded, and a model whose
+    versions all left the store stays while a new one settles (`mv m/1 m/2`).  It reads the slots'
+    states and makes slots for new artifacts; it takes no lock, starts no thread, reads no file
+    and no clock: ModelRegistry carries the plan out.
+    """
+    catalogue, settling, replace, promote = {}, {}, [], []
+    for name, refs in found.items():
+        previous = old_catalogue.get(name)
+        slots, pending = {}, set()
+        for number, ref in refs.items():
+            slot = previous.versions.get(number) if previous else None
+            if slot is not None and slot.ref.fingerprint == ref.fingerprint:
+                slots[number] = slot
+            elif settle and unsettled.get((name, number)) != ref.fingerprint:
+                settling[(name, number)] = ref.fingerprint
+                if slot is not None:
+                    slots[number] = slot        # the old artifact serves until the new one settles
+                else:
+                    pending.add(number)
+            elif slot is None or slot.model is None:
+                slots[number] = VersionSlot(ref)
+            else:
+                slots[number] = slot
+                if slot.replacing is None and slot.rejected != ref.fingerprint:
+                    replace.append((slot, ref))
+        if slots or (previous and pending):
+            catalogue[name], promotions = _plan_entry(name, slots, previous, records[name], pending,
+                                                      preloaded(name))
+            promote += promotions
+    return Plan(catalogue, settling, replace, promote, departures(old_catalogue, catalogue))
+
+
+def _plan_entry(name, slots, previous, record, pending, preloaded):
+    """(CatalogueEntry, promotions) of one model: its settings applied to its versions, what is served, and where
+    each route points.  `pending` are the version numbers whose new artifacts have not settled yet."""
+    settings = record.settings
+    if settings is None:
+        return CatalogueEntry(name, slots, (), None, record.error, {}, {}, preloaded=preloaded), []
+    served = settings.select(slots)
+    wanted = {None: served[0]} if served else {}
+    wanted.update({label: n for label, n in settings.labels.items() if n in served})
+    routes, promotions = {}, []
+    for key, current in (previous.routes.items() if previous else ()):
+        if key not in wanted and _holds(current, slots, pending):
+            routes[key] = current
+    for key, number in wanted.items():
+        current = previous.routes.get(key) if previous else None
+        routes[key], waits = _route_target(current, slots[number], slots, pending)
+        if waits and slots[number].state != LOADING:       # else a load of it is under way already
+            promotions.append((name, key, slots[number]))
+    return CatalogueEntry(name, slots, served, settings, record.error, wanted, routes,
+                          _traffic_split(settings, served), preloaded), promotions
+
+
+def _route_target(current, wanted, slots, pending):
+    """(the slot a route answers with now, whether it waits for `wanted` to load): `wanted`, unless it must
+    load first.
+
+    TF Serving's availability-preserving rule: what answers keeps answering until its
+    successor has loaded, even after its artifact left the store (its model is still in
+    memory), and a route never falls back to an older version because its own version's
+    successor has not settled yet.
+    """
+    if wanted is current or current is None:
+        return wanted, False
+    if _holds(current, slots, pending):
+        return current, False
+    if wanted.model is not None:
+        return wanted, False
+    departed = slots.get(current.ref.version) is not current
+    if current.model is None and (departed or wanted.state != FAILED):
+        return wanted, False       # nothing in memory to protect: its next request loads the new one
+    return current, True
+
+
+def _holds(current, slots, pending):
+    """Whether a route stays on `current`, which left the store, while a version as high is settling.
+
+    Renaming the serving version's folder to a higher number (`mv m/5 m/6`) is, for one
+    scan, a removal of 5 and an unsettled 6: the route keeps answering with 5 from memory
+    (or 503 with Retry-After if 5 is not loaded), never with 4.
+    """
+    return current is not None and slots.get(current.ref.version) is not current and \
+        any(number >= current.ref.version for number in pending)
+
+
+def _traffic_split(settings, served):
+    """The traffic split, resolved once per scan: (cumulative shares, targets), over the targets served now.
+
+    A target can stop being served only while previous settings stay in force (the file
+    that would serve it was refused): its share then goes to the others, never to a 404.
+    """
+    split = [(target, weight) for target, weight in settings.traffic.items() if weight > 0 and
+             (settings.labels[target] if isinstance(target, str) else target) in served]
+    total = sum(weight for _, weight in split)
+    if not total:
+        return None
+    return tuple(itertools.accumulate(weight / total for _, weight in split)), tuple(t for t, _ in split)
+
+
+def departures(old_catalogue, catalogue):
+    """What left the store, left the policy or stopped being a route's target when `catalogue` replaced
+    `old_catalogue`.
+
+    A version that left the store while a route still answers with it (see _holds) is gone
+    but not unserved: it stays in memory until no route points at it.
+    """
+    keep = set()
+    for entry in catalogue.values():
+        keep |= entry.targets()
+        keep.update(id(entry.versions[n]) for n in entry.served)
+    gone, unserved, forgotten = [], [], []
+    for name, entry in old_catalogue.items():
+        current = catalogue.get(name)
+        slots = {id(slot): (slot.ref.version, slot) for slot in entry.routes.values()}
+        slots.update((id(slot), (number, slot)) for number, slot in entry.versions.items())
+        for number, slot in slots.values():
+            removed = current is None or current.versions.get(number) is not slot
+            if removed:
+                gone.append(slot)
+                if id(slot) not in keep and (current is None or number not in current.versions):
+                    forgotten.append((name, number))
+            if id(slot) not in keep:
+                unserved.append((name, number, slot, removed))
+    return Departures(gone, unserved, forgotten)
+
+
+# -- loading ---------------------------------------------------------------------------------------------
 
 
 def _warm(model, rows):
@@ -2496,17 +2767,206 @@ def _warm(model, rows):
                     f"{'from its settings' if given else 'of zeros'} in {(time.perf_counter() - started) * 1000:.1f} ms")
 
 
-class ModelRegistry:
-    """Every model in the store, the state of each of its versions, and their lifecycle.
+class Loader:
+    """Every load of a model version: on demand, for a request (`load`, single-flight per version: the
+    other requests wait on the slot's lock; a failed load is tried again only after
+    --load-retry-seconds), a changed artifact beside the model that serves (`replace`), a route's new
+    target before the route turns to it (`promote`), the preloaded versions one after another
+    (`preload`), and all of them before a pre-fork host forks (`load_before_fork`).
 
-    The catalogue ({name: CatalogueEntry}) is replaced whole by each rescan, so a
-    request reads a consistent view without a lock.  Housekeeping (rescans every
-    `poll_interval`, idle unloads, preloads) runs in `refresh()`, which both requests
-    and a watcher thread call.  The watcher is started lazily, in the process that
-    serves: one started before a pre-fork host forks would not survive the fork.
-    Loads run in background threads beside the requests, except a first load on
-    demand, which its requests wait for.
+    A load counts against --max-loaded (Residency), follows the flags and the model's settings in
+    force (`settings_for(name)`), and is counted in the metrics.  A model loaded ahead of its
+    requests is warmed first (_warm); what runs beside the requests runs on a thread of its own.
     """
+
+    def __init__(self, config, store, clock, residency, metrics, settings_for):
+        self.config, self.store, self.clock = config, store, clock
+        self.residency, self.metrics, self.settings_for = residency, metrics, settings_for
+        self.preloading = False             # a preload pass is under way (one at a time)
+
+    def options_for(self, ref):
+        """How to load `ref` now: the service's flags, its model's settings and the digests listed for it."""
+        settings = self.settings_for(ref.name)
+        digests = []
+        if ref.version in settings.sha256:
+            digests.append((settings.sha256[ref.version], f"{ref.name}/{SETTINGS_FILE}"))
+        if ref.file in self.store.sha256sums:
+            digests.append((self.store.sha256sums[ref.file], SHA256SUMS_FILE))
+        return LoadOptions(safe_pickle=self.config.safe_pickle or settings.safe_pickle, trust=self.config.trust,
+                           sha256=tuple(digests), strict_versions=self.config.strict_versions)
+
+    def build(self, ref, warm):
+        """_build_model with these load options, counted in the metrics; warmed (_warm) when no request waits
+        for it: a request that loads a model is its first call, and would only pay for every other method's
+        too."""
+        labels = (("model", ref.name), ("version", str(ref.version)))
+        started = time.perf_counter()
+        settings = self.settings_for(ref.name)
+        try:
+            with _logging_about(model=ref.name, version=ref.version):
+                model = _build_model(ref, self.options_for(ref), native=self.config.native and settings.native)
+                if warm:
+                    _warm(model, settings.warmup)
+                else:
+                    model.warmup = "not warmed: loaded for a request, which is its first call"
+        except Exception:
+            self.metrics.count("model_service_model_loads_total", labels + (("outcome", "failure"),))
+            raise
+        self.metrics.count("model_service_model_loads_total", labels + (("outcome", "success"),))
+        self.metrics.observe("model_service_model_load_duration_seconds", labels, time.perf_counter() - started)
+        model.metrics = self.metrics        # from now on: the warm-up's calls were no client's
+        batching = settings.batching
+        size, latency = batching if batching else (self.config.max_batch_size, self.config.max_latency_ms)
+        if batching is not False and size > 1 and model.n_features is not None:
+            model.batcher = Batcher(model, size, latency / 1000, self.metrics)
+        return model
+
+    def load(self, slot, warm=False):
+        """The slot's model, loaded now if it holds none; 503 when the load fails (or failed lately)."""
+        with slot.lock:
+            if slot.model is not None:
+                return slot.model
+            ref = slot.ref
+            wait = slot.retry_at - self.clock()
+            if slot.state == FAILED and wait > 0:
+                raise slot.load_failure(math.ceil(wait), model=ref.name, version=str(ref.version))
+            self.residency.reserve()
+            slot.set(LOADING)
+            slot.loads += 1
+            try:
+                model = self.build(ref, warm)
+            except Exception as error:
+                self.residency.cancel()
+                slot.set(FAILED, str(error) or type(error).__name__)
+                slot.retry_at = self.clock() + self.config.load_retry_seconds
+                logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error,
+                             extra={"model": ref.name, "version": ref.version})
+                raise slot.load_failure(math.ceil(self.config.load_retry_seconds) or None,
+                                        model=ref.name, version=str(ref.version)) from None
+            with self.residency.lock:
+                self.residency.admit(model, slot)
+                slot.model, slot.error = model, None
+                slot.set(AVAILABLE)
+                if slot.gone:
+                    self.residency.retire(model, slot)
+            logger.info("loaded model %r version %s (%s, %.3f s; %s)", ref.name, ref.version, ref.format,
+                        model.load_seconds, model.warmup, extra={"model": ref.name, "version": ref.version})
+            return model
+
+    def replace(self, slot, ref, background=False):
+        """Load `ref`, a changed artifact of `slot`, beside the model that serves, then swap; a failure keeps
+        the old one.  Returns RELOADED, FAILED or DEFERRED (no room under --max-loaded now; the next rescan
+        tries again); in the background, None: `slot.replacement` says once `slot.replaced` is set."""
+        slot.begin_replacing(ref)
+        if background:
+            _in_background(self._replacing, slot, ref)
+            return None
+        return self._replacing(slot, ref)
+
+    def _replacing(self, slot, ref):
+        outcome = FAILED
+        try:
+            outcome = self._replace(slot, ref)
+        finally:
+            slot.end_replacing(outcome)
+        return outcome
+
+    def _replace(self, slot, ref):
+        try:
+            self.residency.reserve()
+        except ModelUnavailable:
+            return DEFERRED
+        try:
+            model = self.build(ref, warm=True)
+        except Exception as error:
+            self.residency.cancel()
+            slot.rejected = ref.fingerprint
+            slot.error = f"changed artifact not loaded, the previous one still serves: {error}"
+            slot.error_at = time.time()
+            logger.error("model %r version %s: %s", ref.name, ref.version, slot.error)
+            return FAILED
+        with self.residency.lock:
+            self.residency.admit(model, slot)
+            old, slot.ref, slot.model = slot.model, ref, model
+            slot.error, slot.rejected = None, None
+            slot.loads += 1
+            if old is not None:
+                self.residency.retire(old, slot)
+            if slot.state != AVAILABLE:       # --max-loaded may have evicted the old one to make room
+                slot.set(AVAILABLE)
+            if slot.gone:
+                self.residency.retire(model, slot)
+        logger.info("model %r version %s reloaded from its artifact (%s)", ref.name, ref.version, model.warmup,
+                    extra={"model": ref.name, "version": ref.version})
+        return RELOADED
+
+    def promote(self, slot, then):
+        """Load a route's new target in the background, then call `then()` (which points the route at it); a
+        failure is recorded in the slot's status, and the route's previous version keeps answering."""
+        _in_background(self._promote, slot, then)
+
+    def _promote(self, slot, then):
+        try:
+            self.load(slot, warm=True)
+        except ServiceError:
+            return
+        then()
+
+    def preload(self, slots):
+        """Load `slots` one after another in the background, unless a preload pass is under way already."""
+        if slots and not self.preloading:
+            self.preloading = True
+            _in_background(self._preload, slots)
+
+    def _preload(self, slots):
+        try:
+            self.load_all(slots)
+        finally:
+            self.preloading = False
+
+    def load_all(self, slots):
+        """Load (and warm) each of `slots` still in the catalogue, in this thread; a failure shows in its status
+        and in readiness, and is tried again later."""
+        for slot in slots:
+            if not slot.gone:
+                with contextlib.suppress(ServiceError):
+                    self.load(slot, warm=True)
+
+    def load_before_fork(self, slots):
+        """In a pre-fork host's parent: import the numeric stack and load `slots` now, in this thread.
+
+        The workers forked next share these modules' and models' memory (copy on write) instead of
+        each loading its own.  No thread is started, and none runs at the fork: threads do not
+        survive it, and a lock one of them held would stay held in every worker.
+        """
+        for module in ("numpy", "sklearn", "joblib"):      # imported once, shared by every worker
+            importlib.import_module(module)
+        self.load_all(slots)
+
+
+# -- the registry: what the app uses ------------------------------------------------------------------
+
+# What a request naming no model, or any model, is told when the store holds none (the log names the folder,
+# which clients are not shown).
+EMPTY_STORE = "the model store has no models: add one as NAME.joblib or NAME/1/model.joblib"
+
+
+class ModelRegistry:
+    """Every model in the store, the state of each of its versions, and their lifecycle: the app's one handle.
+
+    Each scan of the store is planned (plan_catalogue) and carried out here: the catalogue
+    ({name: CatalogueEntry}) is replaced whole, so a request reads a consistent view without a
+    lock, and the loads the plan asks for go to the Loader.  Housekeeping (rescans every
+    `poll_interval`, idle unloads, preloads) runs in `refresh()`, which both requests and a
+    watcher thread call.  The watcher is started lazily, in the process that serves: one started
+    before a pre-fork host forks would not survive the fork.  Loads run in background threads
+    beside the requests, except a first load on demand, which its requests wait for.  A request
+    gets its model with `using` (acquire and release, paired).
+    """
+
+    # A rescan may replace a request's slot, or --max-loaded evict its model, between the lookup and its use:
+    # the request looks again, this many times in all, before it says which of the two kept happening.
+    ACQUIRE_TRIES = 3
 
     def __init__(self, config, clock=time.monotonic, watch=True):
         self.config = config
@@ -2521,16 +2981,16 @@ class ModelRegistry:
         self._last_scan = None
         self._next_tick = 0.0
         self._unsettled = {}            # (name, version) -> fingerprint seen once, waiting to be seen again
-        self._settings = {}             # name -> (fingerprint, ModelSettings or None, error)
+        self.settings = SettingsFiles(self.store)
+        self.settings_for = self.settings.settings_for     # the settings in force for a model name
         self.metrics = Metrics({"model_service_models_loaded": self.loaded_count,
                                 "model_service_requests_in_flight": self.in_flight})
         self.residency = Residency(config.max_loaded, clock, self.metrics.changed)
+        self.loader = Loader(config, self.store, clock, self.residency, self.metrics, self.settings.settings_for)
         self.agreements = {}            # (name, shadow version) -> Agreement, filled by the app's Shadow
-        self._preloading = False
         self._watcher_pid = None
-        tick = min(config.poll_interval or math.inf,
-                   1.0 if config.idle_unload or config.preload else math.inf)
-        self._tick_seconds = tick
+        self._tick_seconds = min(config.poll_interval or math.inf,
+                                 1.0 if config.idle_unload or config.preload else math.inf)
 
     # -- housekeeping ---------------------------------------------------------
     def refresh(self):
@@ -2556,34 +3016,18 @@ class ModelRegistry:
         self._next_tick = self.clock() + self._tick_seconds
         if self.config.idle_unload:
             self.residency.unload_idle(self.config.idle_unload)
-        if self.config.preload:
-            self._preload()
+        if self.config.preload and not self.loader.preloading:
+            self.loader.preload(self._unloaded_preloads())
         if self.watch and self._tick_seconds < math.inf and self._watcher_pid != os.getpid():
             self._watcher_pid = os.getpid()
-            threading.Thread(target=self._watch, args=(weakref.ref(self), os.getpid(), self._tick_seconds),
+            threading.Thread(target=_watch, args=(weakref.ref(self), os.getpid(), self._tick_seconds),
                              name="model-watcher", daemon=True).start()
 
     def stop_watching(self):
         """End this process's watcher thread (requests still refresh); for tests and embedders."""
         self._watcher_pid = None
 
-    @staticmethod
-    def _watch(registry_ref, pid, tick):
-        """Keep housekeeping going while no request comes (idle unloads, new versions preloaded).
-
-        It holds the registry weakly, so a registry nobody uses any more ends its watcher.
-        """
-        while True:
-            time.sleep(tick)
-            registry = registry_ref()
-            if registry is None or registry._watcher_pid != pid:
-                return
-            try:
-                registry.refresh()
-            except Exception:  # never let the watcher die silently
-                logger.exception("model store housekeeping failed")
-            del registry
-
+    # -- scanning: scan, plan, carry the plan out -------------------------------
     def _scan(self, settle):
         self._last_scan = self.clock()
         try:
@@ -2601,150 +3045,22 @@ class ModelRegistry:
             logger.info("model store %s: %d model(s): %s", self.store.root, len(found), ", ".join(sorted(found)))
 
     def _apply(self, found, settle):
-        """Make the catalogue match the store: add new versions, replace changed ones, drop removed ones.
+        """Make the catalogue what the store and the models' settings ask for, then start the loads that needs.
 
-        With `settle`, a new or changed artifact is used only once two scans in a row
-        saw the same size and mtime (a file still being written changes between them).
-        A version in use is replaced only after its new artifact has loaded, and a model
-        whose versions all left the store stays while a new one settles (`mv m/1 m/2`).
-        """
-        old_catalogue, catalogue, unsettled = self._catalogue, {}, {}
-        for name, refs in found.items():
-            self._read_settings(name, refs)    # first: a replacement started below loads with these settings
-            previous = old_catalogue.get(name)
-            old, slots = previous.versions if previous else {}, {}
-            for number, ref in refs.items():
-                slot = old.get(number)
-                if slot is not None and slot.ref.fingerprint == ref.fingerprint:
-                    slots[number] = slot
-                elif settle and self._unsettled.get((name, number)) != ref.fingerprint:
-                    unsettled[(name, number)] = ref.fingerprint
-                    if slot is not None:
-                        slots[number] = slot        # the old artifact serves until the new one settles
-                elif slot is None or slot.model is None:
-                    slots[number] = VersionSlot(ref)
-                else:
-                    slots[number] = slot
-                    if slot.replacing is None and slot.rejected != ref.fingerprint:
-                        slot.replacing = ref
-                        _in_background(self._replace, slot, ref)
-            pending = {number for (model, number) in unsettled if model == name and number not in slots}
-            if slots or (previous and pending):
-                catalogue[name] = self._build_entry(name, slots, previous, pending)
-        self._unsettled = unsettled
-        self._catalogue = catalogue
-        self._unload_unserved(old_catalogue, catalogue)
+        The settings are read first: a load the plan starts reads them."""
+        records = {name: self.settings.read(name, refs) for name, refs in found.items()}
+        plan = plan_catalogue(found, self._catalogue, records, self._unsettled, settle, self._preloaded)
+        for entry in plan.catalogue.values():
+            entry.pin()
+        self._unsettled, self._catalogue = plan.unsettled, plan.catalogue
+        self._retire(plan.departures)
+        for slot, ref in plan.replace:
+            self.loader.replace(slot, ref, background=True)
+        for name, key, slot in plan.promote:
+            self.loader.promote(slot, functools.partial(self._point, name, key, slot))
 
-    def _build_entry(self, name, slots, previous, pending=()):
-        """Apply the model's settings to its versions: what is served, and where each route points.
-
-        `pending` are the version numbers whose new artifacts have not settled yet.
-        """
-        _, settings, error = self._settings[name]           # read by _apply just before
-        if settings is None:
-            return CatalogueEntry(name, slots, (), None, error, {}, {})
-        served = settings.select(slots)
-        wanted = {None: served[0]} if served else {}
-        wanted.update({label: n for label, n in settings.labels.items() if n in served})
-        routes = {}
-        for key, current in (previous.routes.items() if previous else ()):
-            if key not in wanted and self._holds(current, slots, pending):
-                routes[key] = current
-        for key, number in wanted.items():
-            current = previous.routes.get(key) if previous else None
-            routes[key] = self._route(name, key, current, slots[number], slots, pending)
-        pinned = self._preloaded(name)
-        for number, slot in slots.items():
-            slot.pinned = pinned and number in served
-        return CatalogueEntry(name, slots, served, settings, error, wanted, routes, self._split(settings, served))
-
-    @staticmethod
-    def _split(settings, served):
-        """The traffic split, resolved once per scan: (cumulative shares, targets), over the targets served now.
-
-        A target can stop being served only while previous settings stay in force (the file
-        that would serve it was refused): its share then goes to the others, never to a 404.
-        """
-        split = [(target, weight) for target, weight in settings.traffic.items() if weight > 0 and
-                 (settings.labels[target] if isinstance(target, str) else target) in served]
-        total = sum(weight for _, weight in split)
-        if not total:
-            return None
-        return tuple(itertools.accumulate(weight / total for _, weight in split)), tuple(t for t, _ in split)
-
-    def _read_settings(self, name, numbers):
-        """(settings, error) for a model with versions `numbers` on disk; a broken file keeps the last good
-        settings and shows why.  Read again when the file or the versions change: a traffic split is valid
-        only while the versions it names are served."""
-        ref = self.store.settings_files.get(name)
-        fingerprint = (ref.fingerprint if ref else None, tuple(sorted(numbers)))
-        cached = self._settings.get(name)
-        if cached and cached[0] == fingerprint:
-            return cached[1], cached[2]
-        if ref is None:
-            settings, error = DEFAULT_SETTINGS, None
-        else:
-            try:
-                settings, error = ModelSettings.read(ref), None
-                settings.check_served(numbers)
-            except ValueError as problem:
-                error = f"{ref.file}: {problem}"
-                settings = cached[1] if cached else None
-                logger.error("model %r: %s%s", name, error,
-                             "; the previous settings stay" if settings else "; the model is not served")
-        self._settings[name] = (fingerprint, settings, error)
-        return settings, error
-
-    def _load_options(self, ref):
-        """How to load `ref` now: the service's flags, its model's settings and the digests listed for it."""
-        cached = self._settings.get(ref.name)
-        settings = cached[1] if cached and cached[1] is not None else DEFAULT_SETTINGS
-        digests = []
-        if ref.version in settings.sha256:
-            digests.append((settings.sha256[ref.version], f"{ref.name}/{SETTINGS_FILE}"))
-        if ref.file in self.store.sha256sums:
-            digests.append((self.store.sha256sums[ref.file], SHA256SUMS_FILE))
-        return LoadOptions(safe_pickle=self.config.safe_pickle or settings.safe_pickle, trust=self.config.trust,
-                           sha256=tuple(digests), strict_versions=self.config.strict_versions)
-
-    def _route(self, name, key, current, wanted, slots, pending):
-        """The version a route should answer with now: `wanted`, unless it must load first.
-
-        TF Serving's availability-preserving rule: what answers keeps answering until its
-        successor has loaded, even after its artifact left the store (its model is still in
-        memory), and a route never falls back to an older version because its own version's
-        successor has not settled yet.
-        """
-        if wanted is current or current is None:
-            return wanted
-        if self._holds(current, slots, pending):
-            return current
-        if wanted.model is not None:
-            return wanted
-        departed = slots.get(current.ref.version) is not current
-        if current.model is None and (departed or wanted.state != FAILED):
-            return wanted              # nothing in memory to protect: its next request loads the new one
-        if wanted.state != LOADING:
-            _in_background(self._promote, name, key, wanted)
-        return current
-
-    @staticmethod
-    def _holds(current, slots, pending):
-        """Whether a route stays on `current`, which left the store, while a version as high is settling.
-
-        Renaming the serving version's folder to a higher number (`mv m/5 m/6`) is, for one
-        scan, a removal of 5 and an unsettled 6: the route keeps answering with 5 from memory
-        (or 503 with Retry-After if 5 is not loaded), never with 4.
-        """
-        return current is not None and slots.get(current.ref.version) is not current and \
-            any(number >= current.ref.version for number in pending)
-
-    def _promote(self, name, key, slot):
-        """Load a route's new target in the background, then point the route at it."""
-        try:
-            self._load(slot, warm=True)
-        except ServiceError:
-            return                     # recorded in the slot's status; the previous version keeps answering
+    def _point(self, name, key, slot):
+        """A promoted target has loaded: point its route at it, if the catalogue still wants that."""
         with self._scan_lock:
             entry = self._catalogue.get(name)
             if entry is None or entry.wanted.get(key) != slot.ref.version or \
@@ -2752,89 +3068,26 @@ class ModelRegistry:
                 return
             previous = self._catalogue
             self._catalogue = {**previous, name: entry.with_route(key, slot)}
-            self._unload_unserved(previous, self._catalogue)
+            self._retire(departures(previous, self._catalogue))
         logger.info("model %r %s now answers with version %s", name,
                     f"label {key!r}" if key else "(latest)", slot.ref.version)
 
-    def _unload_unserved(self, old_catalogue, catalogue):
-        """Unload what left the store, left the policy or stopped being a route's target.
-
-        A version that left the store while a route still answers with it (see _holds) is
-        marked gone but stays in memory until no route points at it.
-        """
-        keep = set()
-        for entry in catalogue.values():
-            keep |= entry.targets()
-            keep.update(id(entry.versions[n]) for n in entry.served)
-        departed = []
+    def _retire(self, departed):
+        """Carry out Departures: mark the gone slots, unload the unserved models, forget the versions that left."""
         with self.residency.lock:
-            for name, entry in old_catalogue.items():
-                current = catalogue.get(name)
-                slots = {id(slot): (slot.ref.version, slot) for slot in entry.routes.values()}
-                slots.update((id(slot), (number, slot)) for number, slot in entry.versions.items())
-                for number, slot in slots.values():
-                    removed = current is None or current.versions.get(number) is not slot
-                    if removed:
-                        slot.gone = True
-                        if id(slot) not in keep and (current is None or number not in current.versions):
-                            departed.append((name, str(number)))
-                    if slot.model is not None and id(slot) not in keep:
-                        logger.info("model %r version %s %s: unloaded", name, number,
-                                    "left the store" if removed else "is no longer served")
-                        self.residency.retire(slot.model, slot)
-        for name, version in departed:       # its series end, so a store that keeps publishing stays bounded
-            self.metrics.forget(name, version)
-            self.agreements.pop((name, version), None)
-
-    def _replace(self, slot, ref):
-        """Load a changed artifact beside the model that serves, then swap; a failure keeps the old one.
-
-        Returns what happened: "RELOADED", "FAILED" or "DEFERRED" (no room under --max-loaded now;
-        the next rescan tries again).
-        """
-        try:
-            self.residency.reserve()
-        except ModelUnavailable:
-            slot.replacing = None
-            return "DEFERRED"
-        try:
-            model = self._build(ref, warm=True)
-        except Exception as error:
-            self.residency.cancel()
-            slot.rejected = ref.fingerprint
-            slot.error = f"changed artifact not loaded, the previous one still serves: {error}"
-            slot.error_at = time.time()
-            logger.error("model %r version %s: %s", ref.name, ref.version, slot.error)
-            return FAILED
-        else:
-            with self.residency.lock:
-                self.residency.admit(model, slot)
-                old, slot.ref, slot.model = slot.model, ref, model
-                slot.error, slot.rejected = None, None
-                slot.loads += 1
-                if old is not None:
-                    self.residency.retire(old, slot)
-                if slot.state != AVAILABLE:       # --max-loaded may have evicted the old one to make room
-                    slot.set(AVAILABLE)
-                if slot.gone:
-                    self.residency.retire(model, slot)
-            logger.info("model %r version %s reloaded from its artifact (%s)", ref.name, ref.version, model.warmup,
-                        extra={"model": ref.name, "version": ref.version})
-            return "RELOADED"
-        finally:
-            slot.replacing = None
+            for slot in departed.gone:
+                slot.gone = True
+            for name, number, slot, removed in departed.unserved:
+                if slot.model is not None:
+                    logger.info("model %r version %s %s: unloaded", name, number,
+                                "left the store" if removed else "is no longer served")
+                    self.residency.retire(slot.model, slot)
+        for name, number in departed.forgotten:   # its series end, so a store that keeps publishing stays bounded
+            self.metrics.forget(name, number)
+            self.agreements.pop((name, number), None)
 
     def _preloaded(self, name):
         return self.config.preload == ALL_MODELS or name in self.config.preload
-
-    def _preload(self):
-        """Load, one after another in the background, the preloaded versions not in memory yet."""
-        if self._preloading:
-            return
-        pending = self._unloaded_preloads()
-        if pending:
-            self._preloading = True
-            _in_background(self._preload_all, pending)
 
     def _unloaded_preloads(self):
         now = self.clock()
@@ -2842,43 +3095,27 @@ class ModelRegistry:
                 if slot.pinned and slot.model is None and slot.state != LOADING
                 and not (slot.state == FAILED and slot.retry_at > now)]
 
-    def _preload_all(self, slots):
-        try:
-            for slot in slots:
-                if not slot.gone:
-                    try:
-                        self._load(slot, warm=True)
-                    except ServiceError:
-                        pass                       # shown in the status and in readiness; retried later
-        finally:
-            self._preloading = False
-
-    def load_before_fork(self):
-        """In a pre-fork host's parent: scan and load the preloaded versions now, in this thread.
-
-        The workers forked next share these models' memory (copy on write) instead of each
-        loading its own.  No thread is started, and none runs at the fork: threads do not
-        survive it, and a lock one of them held would stay held in every worker.  Each worker's
-        first refresh() starts its own watcher, which loads what the store publishes later.
-        """
-        for module in ("numpy", "sklearn", "joblib"):      # imported once, shared by every worker
-            importlib.import_module(module)
-        with self._scan_lock:
-            self._scan(settle=False)
-        if self.config.preload:
-            self._preload_all(self._unloaded_preloads())
-
     # -- requests -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def using(self, name, version=None, label=None, slot=None, routing_key=None):
+        """`with registry.using(name, version, label) as model:` the model that answers a request, loaded if
+        need be and counted in flight for the block (the one way a request gets a model)."""
+        model = self.acquire(name, version, label, slot, routing_key)
+        try:
+            yield model
+        finally:
+            self.release(model)
+
     def acquire(self, name, version=None, label=None, slot=None, routing_key=None):
         """The model that answers a request (in `slot` when the caller resolved it), loaded if need be; pair
         with release()."""
-        for _ in range(3):
+        for _ in range(self.ACQUIRE_TRIES):
             slot = slot or self.slot(name, version, label, routing_key)
             model = self.residency.use(slot)
             if model is not None:
                 return model
             if not slot.gone:
-                self._load(slot)
+                self.loader.load(slot)
             last = slot
             if slot.gone:       # a rescan replaced it: look the request up again (a split may pick anew)
                 slot = None
@@ -2892,70 +3129,12 @@ class ModelRegistry:
         self.residency.release(model)
 
     def get(self, name, version=None, label=None):
-        """The loaded model, loading (and warming) it on first use (one load however many callers wait)."""
+        """The model of a version, loaded (and warmed) now if need be, one load however many callers wait: to
+        load ahead of requests (V2's repository load, embedders).  Not counted in flight: a request uses
+        `using`."""
         slot = self.slot(name, version, label)
         model = slot.model
-        return model if model is not None else self._load(slot, warm=True)
-
-    def _build(self, ref, warm):
-        """_build_model with this registry's load options, counted in the metrics; warmed (_warm) when no
-        request waits for it: a request that loads a model is its first call, and would only pay for
-        every other method's too."""
-        labels = (("model", ref.name), ("version", str(ref.version)))
-        started = time.perf_counter()
-        try:
-            settings = self._settings.get(ref.name, (None, None))[1] or DEFAULT_SETTINGS
-            with _logging_about(model=ref.name, version=ref.version):
-                model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native)
-                if warm:
-                    _warm(model, settings.warmup)
-                else:
-                    model.warmup = "not warmed: loaded for a request, which is its first call"
-        except Exception:
-            self.metrics.count("model_service_model_loads_total", labels + (("outcome", "failure"),))
-            raise
-        self.metrics.count("model_service_model_loads_total", labels + (("outcome", "success"),))
-        self.metrics.observe("model_service_model_load_duration_seconds", labels, time.perf_counter() - started)
-        model.metrics = self.metrics        # from now on: the warm-up's calls were no client's
-        cached = self._settings.get(ref.name)
-        batching = cached[1].batching if cached and cached[1] is not None else None
-        size, latency = batching if batching else (self.config.max_batch_size, self.config.max_latency_ms)
-        if batching is not False and size > 1 and model.n_features is not None:
-            model.batcher = Batcher(model, size, latency / 1000, self.metrics)
-        return model
-
-    def _load(self, slot, warm=False):
-        with slot.lock:
-            if slot.model is not None:
-                return slot.model
-            ref = slot.ref
-            wait = slot.retry_at - self.clock()
-            if slot.state == FAILED and wait > 0:
-                raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
-                                       retry_after=math.ceil(wait), model=ref.name, version=str(ref.version))
-            self.residency.reserve()
-            slot.set(LOADING)
-            slot.loads += 1
-            try:
-                model = self._build(ref, warm)
-            except Exception as error:
-                self.residency.cancel()
-                slot.set(FAILED, str(error) or type(error).__name__)
-                slot.retry_at = self.clock() + self.config.load_retry_seconds
-                logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error,
-                             extra={"model": ref.name, "version": ref.version})
-                raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
-                                       retry_after=math.ceil(self.config.load_retry_seconds) or None,
-                                       model=ref.name, version=str(ref.version)) from None
-            with self.residency.lock:
-                self.residency.admit(model, slot)
-                slot.model, slot.error = model, None
-                slot.set(AVAILABLE)
-                if slot.gone:
-                    self.residency.retire(model, slot)
-            logger.info("loaded model %r version %s (%s, %.3f s; %s)", ref.name, ref.version, ref.format,
-                        model.load_seconds, model.warmup, extra={"model": ref.name, "version": ref.version})
-            return model
+        return model if model is not None else self.loader.load(slot, warm=True)
 
     # -- lookups ------------------------------------------------------------------
     def names(self):
@@ -2984,53 +3163,24 @@ class ModelRegistry:
                            model=name, models=self.names())
         return entry
 
+    def slot(self, name, version=None, label=None, routing_key=None):
+        """The VersionSlot that answers for a name and a version or label (CatalogueEntry.lookup); 4xx/503 if
+        none."""
+        return self.entry(name).lookup(version, label, routing_key)
+
     def shadow_slot(self, name):
         """The VersionSlot of model `name`'s shadow version; None when it has none (or is gone: a request
         answered before a rescan removed the model is not a 404 for its shadow)."""
         entry = self._catalogue.get(name)
         return entry.shadow() if entry is not None else None
 
-    def slot(self, name, version=None, label=None, routing_key=None):
-        """The VersionSlot that answers for a name and a version string or label; 4xx/503 if none.
-
-        Naming neither, the model's traffic split decides, by `routing_key` when there is one."""
-        entry = self.entry(name)
-        if entry.settings is None:
-            raise ModelUnavailable(f"model {name!r} is not served: {entry.settings_error}", model=name)
-        if label is not None:
-            slot = entry.routes.get(label)
-            if slot is None:
-                known = label in entry.settings.labels
-                raise NotFound(f"label {_clip(repr(label), 80)} of model {name!r} "
-                               + (f"names version {entry.settings.labels[label]}, which is not served"
-                                  if known else "is not defined"),
-                               model=name, labels={k: str(v) for k, v in entry.wanted.items() if k},
-                               served_versions=entry.served_versions())
-            return slot
-        if version is None:
-            if entry.split is not None:
-                return entry.routed(routing_key)
-            slot = entry.routes.get(None)
-            if slot is None:
-                raise NotFound(f"model {name!r} serves no version: none of "
-                               f"{', '.join(map(str, sorted(entry.versions)))} is in its version policy",
-                               model=name, served_versions=entry.served_versions())
-            return slot
-        if not VERSION.fullmatch(version):
-            raise BadRequest(f"invalid version {_clip(repr(version), 40)}: versions are positive integers",
-                             model=name)
-        slot = entry.versions.get(int(version))
-        if slot is None or int(version) not in entry.served:
-            raise NotFound(f"model {name!r} " + (f"has no version {version}" if slot is None else
-                                                 f"does not serve version {version} (see its version policy)"),
-                           model=name, served_versions=entry.served_versions())
-        return slot
-
     def require_store(self):
         """503 unless the store has been scanned (it may be missing or unreadable)."""
         if not self._scanned:
-            raise ModelUnavailable("model store unavailable: "
-                                   + (self._scan_error or "it has not been scanned yet"))
+            raise ModelUnavailable(self._store_unavailable())
+
+    def _store_unavailable(self):
+        return "model store unavailable: " + (self._scan_error or "it has not been scanned yet")
 
     @property
     def ready(self):
@@ -3041,14 +3191,14 @@ class ModelRegistry:
         if self.draining:
             return "shutting down"
         if not self._scanned:
-            return "model store unavailable: " + (self._scan_error or "it has not been scanned yet")
+            return self._store_unavailable()
         catalogue, reasons = self._catalogue, []
         if self.config.preload != ALL_MODELS:
             reasons += [f"preloaded model {name!r} is not in the store" for name in self.config.preload
                         if name not in catalogue]
         for name in sorted(catalogue):
             entry = catalogue[name]
-            if not self._preloaded(name):
+            if not entry.preloaded:
                 continue
             if entry.settings is None:
                 reasons.append(f"model {name!r}: {entry.settings_error}")
@@ -3061,6 +3211,10 @@ class ModelRegistry:
     def describe(self, name):
         return self.entry(name).describe(self.clock, self.agreements)
 
+    def describe_all(self):
+        catalogue = self._catalogue
+        return [catalogue[name].describe(self.clock, self.agreements) for name in sorted(catalogue)]
+
     def agreement(self, name, version):
         """The Agreement of model `name`'s shadow version `version` with the versions that answer (made once)."""
         key = (name, version)
@@ -3068,15 +3222,6 @@ class ModelRegistry:
         if agreement is None:
             agreement = self.agreements.setdefault(key, Agreement())
         return agreement
-
-    def model_settings(self, name):
-        """The settings in force for `name` (the defaults when it has none, or left the store)."""
-        entry = self._catalogue.get(name)
-        return entry.settings if entry is not None and entry.settings is not None else DEFAULT_SETTINGS
-
-    def describe_all(self):
-        catalogue = self._catalogue
-        return [catalogue[name].describe(self.clock, self.agreements) for name in sorted(catalogue)]
 
     def known_features(self):
         """{name: feature names} for the models whose default version is loaded and names its features."""
@@ -3109,7 +3254,7 @@ class ModelRegistry:
             self._scan(settle=False)
             self._housekeep()
         if self._scan_error:
-            raise ModelUnavailable(f"model store unavailable: {self._scan_error}")
+            raise ModelUnavailable(self._store_unavailable())
         return self.names()
 
     def reload(self, name):
@@ -3124,16 +3269,38 @@ class ModelRegistry:
         for number in entry.served:
             slot = entry.versions[number]
             if slot.replacing is not None:         # the rescan found it changed and is loading it already
-                while slot.replacing is not None:
-                    time.sleep(0.01)
-                results[str(number)] = FAILED if slot.rejected else "RELOADED"
+                slot.replaced.wait()
+                results[str(number)] = slot.replacement
             elif slot.model is None:
                 slot.retry_at = 0.0
                 results[str(number)] = slot.state
             else:
-                slot.replacing, slot.rejected = slot.ref, None
-                results[str(number)] = self._replace(slot, slot.ref)
+                results[str(number)] = self.loader.replace(slot, slot.ref)
         return results
+
+    def load_before_fork(self):
+        """In a pre-fork host's parent: scan and load the preloaded versions now, in this thread (see
+        Loader.load_before_fork).  Each worker's first refresh() starts its own watcher, which loads what the
+        store publishes later."""
+        with self._scan_lock:
+            self._scan(settle=False)
+        self.loader.load_before_fork(self._unloaded_preloads() if self.config.preload else [])
+
+
+def _watch(registry_ref, pid, tick):
+    """A registry's watcher thread: keep housekeeping going while no request comes (idle unloads, new
+    versions preloaded).  It holds the registry weakly, so a registry nobody uses any more ends its watcher.
+    """
+    while True:
+        time.sleep(tick)
+        registry = registry_ref()
+        if registry is None or registry._watcher_pid != pid:
+            return
+        try:
+            registry.refresh()
+        except Exception:  # never let the watcher die silently
+            logger.exception("model store housekeeping failed")
+        del registry
 
 
 ###############################################################################
@@ -3550,7 +3717,7 @@ def _columns_to_rows(model, columns):
 
 
 def encode_prediction(model, method, outputs):
-    answer = {"model": model.name, "version": model.version, "method": method,
+    answer = {"model": model.name, "version": str(model.version), "method": method,
               "predictions": to_jsonable(outputs)}
     if method in ("predict_proba", "predict_log_proba") and model.classes is not None:
         answer["classes"] = model.classes
@@ -4085,7 +4252,7 @@ class V2Codec(Codec):
     def encode(self, model, asked, results):
         _, _, binary_outputs, payload = asked
         outputs, tail = v2_outputs(model, results, binary_outputs)
-        answer = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
+        answer = {"model_name": model.name, "model_version": str(model.version), "outputs": outputs}
         if "id" in payload:
             answer["id"] = payload["id"]
         if not tail:
@@ -4154,14 +4321,13 @@ class TimeLimit:
         self._pid = None
 
     def run(self, compute, held):
-        """compute() on a predict thread; `held` (releases) passes to it."""
+        """compute() on a predict thread; what the request holds (`held`, an ExitStack) passes to it."""
         import concurrent.futures
 
         if self._pid != os.getpid():
             self._start()
         deadline = time.monotonic() + self.seconds
-        future, handed = concurrent.futures.Future(), held[:]
-        held.clear()
+        future, handed = concurrent.futures.Future(), held.pop_all()
 
         def task():
             try:
@@ -4171,8 +4337,7 @@ class TimeLimit:
             except BaseException as error:   # handed to the request that waits for it
                 future.set_exception(error)
             finally:
-                for release in reversed(handed):
-                    release()
+                handed.close()
 
         self._tasks.put(task)
         try:
@@ -4381,7 +4546,7 @@ class PayloadLog:
     def _redacted(self, model, rows):
         """(rows with the model's "redact" features nulled, the names redacted); all rows withheld (None)
         when a listed name is not one of the model's features: a redaction that cannot be placed fails closed."""
-        hidden = self.registry.model_settings(model.name).redact
+        hidden = self.registry.settings_for(model.name).redact
         if not hidden:
             return rows, None
         if not hidden <= set(model.feature_names or ()):
@@ -4424,24 +4589,21 @@ class Shadow:
         """Hand the request to the model's shadow version, if it has one other than the version that
         answered; never blocks."""
         slot = self.registry.shadow_slot(name)
-        if slot is None or str(slot.ref.version) == model.version:
+        if slot is None or slot.ref.version == model.version:
             return
         if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results), environ):
-            self.registry.agreement(name, str(slot.ref.version)).dropped += 1
+            self.registry.agreement(name, slot.ref.version).dropped += 1
             self.metrics.count("model_service_shadow_dropped_total",
                                (("model", name), ("version", str(slot.ref.version))))
 
     def _compare(self, name, slot, request_id, methods, inputs, results):
         """Run the methods on the shadow version and count how its outputs compare with the client's."""
-        version = str(slot.ref.version)
-        labels = (("model", name), ("version", version))
+        version = slot.ref.version
+        labels = (("model", name), ("version", str(version)))
         agreement = self.registry.agreement(name, version)
         try:
-            model = self.registry.acquire(name, version, slot=slot)     # (re-resolved by version, not split)
-            try:
+            with self.registry.using(name, version, slot=slot) as model:     # (re-resolved by version, not split)
                 shadowed = {method: to_jsonable(model.call(method, inputs)) for method in methods}
-            finally:
-                self.registry.release(model)
         except Exception as failure:  # it cannot load, or refuses the inputs: counted and logged, never returned
             agreement.fail(request_id, methods, type(failure).__name__)
             self.metrics.count("model_service_shadow_errors_total", labels)
@@ -4470,6 +4632,14 @@ JSON_TYPE = "application/json"
 OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
 UNRESOLVED = "(unknown)"                         # the metrics' model and version of a request that named none
 UNRESOLVED_LABELS = (("model", UNRESOLVED), ("version", UNRESOLVED), ("method", ""))
+
+
+def version_number(text, model):
+    """A version of `model` as a URL or a flag writes it, as the number the service uses inside; 400 for any
+    other text."""
+    if not VERSION.fullmatch(text):
+        raise BadRequest(f"invalid version {_clip(repr(text), 40)}: versions are positive integers", model=model)
+    return int(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4726,6 +4896,8 @@ class ServiceApp(bottle.Bottle):
         def endpoint(**parameters):
             if codec is not None:
                 bottle.request.environ["service.codec"] = codec
+            if "version" in parameters:                 # the one place a version is text: the URL
+                parameters["version"] = version_number(parameters["version"], parameters["name"])
             if admin:
                 if not config.admin_token:
                     raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) "
@@ -4802,36 +4974,26 @@ class ServiceApp(bottle.Bottle):
         if name is None:
             name = registry.default_model_name()
         asked = codec.read(request, config, **route)
-        held = []                                   # what the prediction holds, released when it is over
-        fields = None
-        try:
+        with contextlib.ExitStack() as held:        # what the prediction holds, released when it is over
             if self.admission is not None:
                 if not self.admission.acquire(blocking=False):
                     raise ModelUnavailable(f"overloaded: {config.max_inflight} predictions are already being "
                                            "answered (--max-inflight); try again", retry_after=1)
-                held.append(self.admission.release)
+                held.callback(self.admission.release)
             routing_key = _routing_key(environ, codec, asked)
             slot = registry.slot(name, version, label, routing_key)
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
-            fields = _log_fields.set({"request_id": _request_id(environ), "model": name,
-                                      "version": slot.ref.version})          # for the lines logged meanwhile
-            model = registry.acquire(name, version, label, slot, routing_key)
-            held.append(functools.partial(registry.release, model))
-            methods, inputs = codec.inputs(model, asked, config)
-            environ["service.labels"] = (("model", name), ("version", model.version),
-                                         ("method", ",".join(sorted(methods))))
+            with _logging_about(request_id=_request_id(environ), model=name, version=slot.ref.version):
+                model = held.enter_context(registry.using(name, version, label, slot, routing_key))
+                methods, inputs = codec.inputs(model, asked, config)
+                environ["service.labels"] = model.labels + (("method", ",".join(sorted(methods))),)
 
-            def compute():
-                return {method: model.predict(method, inputs) for method in methods}
+                def compute():
+                    return {method: model.predict(method, inputs) for method in methods}
 
-            results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
-            environ["service.payload"] = (model, inputs, results)        # for the payload log, after the answer
-            self.shadow.offer(environ, name, model, methods, inputs, results)
-        finally:
-            for release in reversed(held):
-                release()
-            if fields is not None:
-                _log_fields.reset(fields)
+                results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
+                environ["service.payload"] = (model, inputs, results)    # for the payload log, after the answer
+                self.shadow.offer(environ, name, model, methods, inputs, results)
         return codec.encode(model, asked, results)
 
     # -- service ------------------------------------------------------------------------------
@@ -4878,7 +5040,7 @@ class ServiceApp(bottle.Bottle):
 
     def show_version(self, name, version):
         for info in self.registry.describe(name)["versions"]:
-            if info["version"] == version:
+            if info["version"] == str(version):
                 return {"name": name, **info}
         self.registry.slot(name, version)         # the 400 or 404 that explains why
         raise NotFound(f"model {name!r} has no version {version}", model=name)
@@ -4886,11 +5048,6 @@ class ServiceApp(bottle.Bottle):
     def show_label(self, name, label):
         return {"name": name, "label": label, "version": str(self.registry.slot(name, label=label).ref.version)}
 
-    def _loaded(self, name, version=None, label=None):
-        """The model that answers for a route, loaded if need be (its metadata needs the estimator)."""
-        model = self.registry.acquire(name, version, label)
-        self.registry.release(model)
-        return model
 
     # -- administration: only what is already in the store ----------------------------------
     def reload_model(self, name):
@@ -4904,7 +5061,7 @@ class ServiceApp(bottle.Bottle):
     def v1_status(self, name, version=None, label=None):
         """TF's model_version_status merged with KServe V1's {"name", "ready"}; 503 when nothing can serve."""
         entry = self.registry.entry(name)
-        slots = ([self.registry.slot(name, version, label)] if version or label else
+        slots = ([self.registry.slot(name, version, label)] if version is not None or label is not None else
                  [entry.versions[number] for number in entry.served])
         ready = any(slot.state != FAILED for slot in slots)
         status = {"name": name, "ready": ready, "model_version_status": [tf_version_status(s) for s in slots]}
@@ -4913,9 +5070,9 @@ class ServiceApp(bottle.Bottle):
         return status
 
     def v1_metadata(self, name, version=None, label=None):
-        model = self._loaded(name, version, label)
-        return {"model_spec": {"name": name, "signature_name": "", "version": model.version},
-                "metadata": {"signature_def": {"signature_def": tf_signatures(model)}}}
+        with self.registry.using(name, version, label) as model:       # its metadata needs the estimator
+            return {"model_spec": {"name": name, "signature_name": "", "version": str(model.version)},
+                    "metadata": {"signature_def": {"signature_def": tf_signatures(model)}}}
 
     # -- Open Inference Protocol (V2) -----------------------------------------------------------
     def v2_server(self):
@@ -4927,13 +5084,12 @@ class ServiceApp(bottle.Bottle):
     def v2_model_ready(self, name, version=None):
         slot = self.registry.slot(name, version)
         if slot.state == FAILED:
-            raise ModelUnavailable(f"model {name!r} version {slot.ref.version} failed to load: {slot.error}",
-                                   name=name, ready=False)
+            raise slot.load_failure(name=name, ready=False)
         return {"name": name, "ready": True}
 
     def v2_model_metadata(self, name, version=None):
-        model = self._loaded(name, version)
-        return v2_metadata(model, self.registry.entry(name).served_versions())
+        with self.registry.using(name, version) as model:              # its metadata needs the estimator
+            return v2_metadata(model, self.registry.entry(name).served_versions())
 
     def v2_repository_index(self):
         asked = json_body(bottle.request.environ, self.service_config, required=False)
@@ -4956,7 +5112,7 @@ class ServiceApp(bottle.Bottle):
         if action == "load":
             self.registry.reload(name)
             for number in self.registry.entry(name).served:
-                self.registry.get(name, str(number))
+                self.registry.get(name, number)
         else:
             self.registry.unload(name)
         return {}
@@ -5342,10 +5498,9 @@ def replay(registry, name, paths, version=None, label=None):
     """Replay the logged requests of model `name` on one of its versions; (report, version replayed on)."""
     if version is None and label is None:
         served = registry.entry(name).served
-        version = str(served[0]) if served else None     # the highest served: never the split's random pick
-    model = registry.acquire(name, version, label)
+        version = served[0] if served else None          # the highest served: never the split's random pick
     report = Agreement()
-    try:
+    with registry.using(name, version, label) as model:
         for record in _payload_lines(paths, report):
             logged = record.get("outputs")
             if record.get("model") != name:
@@ -5357,8 +5512,6 @@ def replay(registry, name, paths, version=None, label=None):
                 report.skipped["without (complete) inputs"] += 1
             else:
                 _replay_request(model, registry.config, record, report)
-    finally:
-        registry.release(model)
     return report, model.version
 
 
@@ -5395,7 +5548,8 @@ def replay_command(argv):
         config = dataclasses.replace(Config.load({"store": arguments.store}), poll_interval=0.0)
         registry = ModelRegistry(config, watch=False)
         registry.refresh()
-        report, version = replay(registry, arguments.model, arguments.logs, arguments.version, arguments.label)
+        version = None if arguments.version is None else version_number(arguments.version, arguments.model)
+        report, version = replay(registry, arguments.model, arguments.logs, version, arguments.label)
     except (ServiceError, OSError, ValueError) as error:
         print(f"model-service replay: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
         return 2

@@ -29,11 +29,12 @@ path in the order data flows; each of its sections uses only what is above it::
     Servables               a loaded model, its batcher and its input checks
     Metrics                 what GET /metrics counts
     Agreement               how two versions' answers compare (shadow, replay)
-    Model registry          hold: versions, lifecycle, residency
+    Model registry          hold: versions and residency; a pure plan per scan, a loader, the facade
     Request bodies          read and parse a body within its bounds; request ids
-    Protocol codecs         native, TF Serving/KServe V1, V2, MLflow, the seed's routes
+    Protocols               one block each (routes, handlers, request record, schemas): native, seed, TF
+                            Serving/KServe V1, V2, MLflow
     Background work         time limits, and the payload log and shadow off the request path
-    HTTP application        the route table, the predict core, the error responder
+    HTTP application        the route table, access, the predict core, the error responder
     OpenAPI                 /openapi.json from the route table
     Serving                 waitress (drained on exit) or gunicorn workers
     Replay                  ``python service.py replay``: a payload log scored again
@@ -3565,11 +3566,145 @@ def _request_id(environ):
 
 
 ###############################################################################
-# Protocol codecs #############################################################
+# Protocols ###################################################################
 ###############################################################################
-# Turning parsed bodies into estimator inputs and estimator outputs into each
-# protocol's JSON: the native API, TF Serving REST (KServe V1), the Open Inference
-# Protocol (V2) and MLflow scoring.
+# Each protocol in one block: the native API, the seed course's routes, TF Serving REST (KServe V1),
+# the Open Inference Protocol (V2) and MLflow scoring.  A block holds the protocol's helpers (bodies
+# into estimator inputs, outputs into its JSON), its request record, and its Protocol: route rows,
+# handlers, OpenAPI schemas and examples.  ROUTES (HTTP application) is the service's rows plus every
+# protocol's in PROTOCOLS: adding a protocol is one block here and one entry there.
+
+# -- what every protocol shares: route rows, the Protocol base, rows into estimator inputs ----------
+
+JSON_TYPE = "application/json"
+OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
+
+
+def version_number(text, model):
+    """A version of `model` as a URL or a flag writes it, as the number the service uses inside; 400 for any
+    other text."""
+    if not VERSION.fullmatch(text):
+        raise BadRequest(f"invalid version {_clip(repr(text), 40)}: versions are positive integers", model=model)
+    return int(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One row of ROUTES.
+
+    `path` is OpenAPI's template ({name}, {version}, {label}; a TF verb follows a colon).
+    `handler` names the method that answers, called with the path's parameters and `args`: the
+    `protocol`'s (given the app first) on a protocol's row, else the app's.  `access`: OPEN
+    routes are for probes and load balancers; TOKEN ones need one of --auth-tokens when it is
+    set; ADMIN ones are off without --admin-token and need it.  `answer` and `body` name OpenAPI
+    schemas (see the OpenAPI section); `link` names the route in GET /'s links; a `per_model` row
+    is also documented once per model whose feature names are known, with its own row schema.
+    """
+
+    method: str
+    path: str
+    handler: str
+    access: str
+    summary: str
+    tag: str
+    answer: str = None          # None: a JSON object; "text": text/plain
+    body: str = None
+    query: tuple = ()
+    args: tuple = ()            # (keyword, value) pairs
+    link: str = None
+    per_model: bool = False
+    protocol: object = None     # the Protocol whose row it is (set when PROTOCOLS registers it)
+
+    @property
+    def rule(self):
+        """Bottle's rule: a parameter before a colon or at the end of a TF path admits no colon, and the
+        colon of a TF verb is matched by an anonymous wildcard (Bottle reads a bare ":name" as a wildcard):
+        "/v1/models/{name}:predict" is "/v1/models/<name:re:[^/:]+><:re::predict>"."""
+        path = self.path
+        if path.startswith("/v1/"):
+            path = re.sub(r"\{(\w+)\}(?=:|$)", r"<\1:re:[^/:]+>", path)
+        path = re.sub(r":(\w+)$", r"<:re::\1>", path)
+        return re.sub(r"\{(\w+)\}", lambda m: f"<{m[1]}:path>" if m[1] == "sentence" else f"<{m[1]}>", path)
+
+
+# The ways a model route names a version: none (the latest, or the traffic split), a number, a label.
+VERSION_WAYS = (("", "", None), ("/versions/{version}", " with a version", "version"),
+                ("/labels/{label}", " with a label", "label"))
+
+
+def for_each_version(rows, labels=True):
+    """The rows `rows(suffix, what, way)` makes for each of VERSION_WAYS (without labels: the first two)."""
+    return tuple(row for suffix, what, way in VERSION_WAYS if labels or way != "label"
+                 for row in rows(suffix, what, way))
+
+
+# OpenAPI's building blocks, for the protocols' schemas and the OpenAPI section.
+def _schema_ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_ANY = {}
+_OBJECT = {"type": "object", "additionalProperties": True}
+_ROWS = {"type": "array", "minItems": 1, "items": _ANY}
+
+
+class Protocol:
+    """One protocol, whole: its route rows, how it reads a request, answers and refuses, its handlers, and
+    its OpenAPI schemas and examples.
+
+    Every prediction goes through the app's one core (ServiceApp.predict), which calls `read`
+    (what can be checked before the model is known: the body, the URL) for the protocol's
+    request record, `routing_key`, then `inputs` (what needs the model: the methods to call, the
+    estimator's inputs), then `encode`; resolving the model, admission, batching, the time limit
+    and the metrics are done there once for every protocol.  An explanation is one more method
+    for `inputs` to name and `encode` to shape.  A protocol that is not HTTP (V2 over gRPC) reads
+    its own messages into its record and calls the core's `ServiceApp.answer`.  A protocol's other
+    rows name its own handlers, called with the app first, or the service's answers every
+    protocol shares (below).
+    """
+
+    name = None         # how the payload log names it
+    routes = ()         # its Route rows, bound to it by registered_routes()
+    schemas = {}        # its OpenAPI component schemas
+    examples = {}       # a request body of each kind its rows take (Route.body): OpenAPI shows them, and a
+    #                     body that is not JSON is answered with its route's (not_json_refusal)
+    bodies = {}         # OpenAPI request bodies that are not one JSON schema, by Route.body
+
+    def registered_routes(self):
+        return tuple(dataclasses.replace(route, protocol=self) for route in self.routes)
+
+    def read(self, request, config, **route):
+        """The request record: what the request asks for, as far as it can be checked without the model."""
+        raise NotImplementedError
+
+    def routing_key(self, environ, asked):
+        """The request's routing key for sticky traffic splits: its X-Routing-Key header; None if empty."""
+        return environ.get("HTTP_X_ROUTING_KEY") or None
+
+    def inputs(self, model, asked, config):
+        """(methods to call, estimator inputs)."""
+        raise NotImplementedError
+
+    def encode(self, model, asked, results):
+        """The answer for {method: outputs}: a JSON value, or a bottle.HTTPResponse for other bodies."""
+        raise NotImplementedError
+
+    def error(self, error):
+        """The JSON body of a refusal in this protocol."""
+        return error.to_dict()
+
+    # The service's answers a protocol's rows may name: the same in every protocol.
+    def predict(self, app, **route):
+        return app.predict(self, **route)
+
+    def alive(self, app):
+        return app.alive()
+
+    def ready(self, app):
+        return app.ready()
+
+    def model_names(self, app):
+        return app.model_names()
 
 
 def choose_method(model, requested, unknown=NotFound):
@@ -3590,22 +3725,6 @@ def _instances_or_inputs(payload):
     if not has_instances and not has_inputs:
         raise BadRequest("Missing 'inputs' or 'instances' key")
     return (payload["inputs"], True) if has_inputs else (payload["instances"], False)
-
-
-def decode_payload(payload, query_method):
-    """Split a predict body into (instances or columns, method) per the native API."""
-    if isinstance(payload, list):
-        rows, method = payload, None
-    elif isinstance(payload, dict):
-        rows, _ = _instances_or_inputs(payload)
-        method = payload.get("method")
-        if method is not None and not isinstance(method, str):
-            raise BadRequest("'method' must be a string")
-    else:
-        raise BadRequest("expected a JSON object with 'instances' or 'inputs', or a list of instances")
-    if query_method and method and query_method != method:
-        raise BadRequest(f"method {method!r} in the body disagrees with ?method={query_method}")
-    return rows, method or query_method
 
 
 def model_inputs(model, rows, max_rows):
@@ -3716,12 +3835,113 @@ def _columns_to_rows(model, columns):
     return [dict(zip(keys, values)) for values in zip(*columns.values())]
 
 
+# -- the native API -------------------------------------------------------------------------------------
+
+
+def decode_payload(payload, query_method):
+    """Split a predict body into (instances or columns, method) per the native API."""
+    if isinstance(payload, list):
+        rows, method = payload, None
+    elif isinstance(payload, dict):
+        rows, _ = _instances_or_inputs(payload)
+        method = payload.get("method")
+        if method is not None and not isinstance(method, str):
+            raise BadRequest("'method' must be a string")
+    else:
+        raise BadRequest("expected a JSON object with 'instances' or 'inputs', or a list of instances")
+    if query_method and method and query_method != method:
+        raise BadRequest(f"method {method!r} in the body disagrees with ?method={query_method}")
+    return rows, method or query_method
+
+
 def encode_prediction(model, method, outputs):
     answer = {"model": model.name, "version": str(model.version), "method": method,
               "predictions": to_jsonable(outputs)}
     if method in ("predict_proba", "predict_log_proba") and model.classes is not None:
         answer["classes"] = model.classes
     return answer
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeRequest:
+    """What a native (or seed) predict request asks for: its parsed body, and ?method= (decode_payload reads
+    them once the model is known)."""
+
+    payload: object
+    method: str = None
+
+
+def _native_routes(suffix, what, way):
+    prefix = "/models/{name}" + suffix
+    return (Route("POST", prefix + "/predict", "predict", TOKEN, f"predict (native API){what}", "predict",
+                  "PredictResponse", "PredictRequest", link="predict" + (f"_{way}" if way else ""),
+                  per_model=way is None),
+            Route("GET", prefix + "/predict", "predict", TOKEN, f"predict with ?instances=<JSON>{what}", "predict",
+                  "PredictResponse", query=("instances",), per_model=way is None))
+
+
+class NativeAPI(Protocol):
+    """The native API: {"instances" | "inputs": rows, "method": name}, or ?instances=<JSON> on a GET."""
+
+    name = "native"
+    routes = for_each_version(_native_routes)
+    schemas = {
+        "PredictRequest": {"oneOf": [
+            {"type": "object", "required": ["instances"], "properties": {
+                "instances": _ROWS, "method": {"type": "string"}}},
+            {"type": "object", "required": ["inputs"], "properties": {
+                "inputs": {"oneOf": [_ROWS, {"type": "object"}]}, "method": {"type": "string"}}},
+            _ROWS]},
+        "PredictResponse": {"type": "object", "required": ["model", "version", "method", "predictions"],
+                            "properties": {"model": {"type": "string"}, "version": {"type": "string"},
+                                           "method": {"type": "string"}, "predictions": {"type": "array"},
+                                           "classes": {"type": "array"}}},
+    }
+    examples = {"PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]}}      # iris's rows, as in README
+
+    def read(self, request, config):
+        environ = request.environ
+        if environ["REQUEST_METHOD"] != "GET":
+            return NativeRequest(json_body(environ, config), _query_method(request))
+        text = request.query.get("instances")
+        if text is None:
+            raise BadRequest("GET predict needs ?instances=<JSON list of instances>")
+        return NativeRequest({"instances": parse_json(text, config.max_depth, "?instances")}, _query_method(request))
+
+    def inputs(self, model, asked, config):
+        rows, method = decode_payload(asked.payload, asked.method)
+        return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
+
+    def encode(self, model, asked, results):
+        (method, outputs), = results.items()
+        return encode_prediction(model, method, outputs)
+
+
+def _query_method(request):
+    """?method=NAME, read only when there is a query string (parsing one costs a few microseconds)."""
+    return request.query.get("method") if request.environ.get("QUERY_STRING") else None
+
+
+# -- the seed course's routes -------------------------------------------------------------------------
+
+
+class SeedRoutes(NativeAPI):
+    """The seed course's routes on the default model: GET /predict/<sentence> and POST /predict."""
+
+    name = "seed"
+    routes = (
+        Route("POST", "/predict", "predict", TOKEN, "predict with the default model", "predict", "PredictResponse",
+              "PredictRequest"),
+        Route("GET", "/predict/{sentence}", "predict", TOKEN,
+              "predict with the default model: the seed course's route, instances as JSON or a Python literal",
+              "predict", "PredictResponse"),
+    )
+    schemas, examples = {}, {}          # the native API's
+
+    def read(self, request, config, sentence=None):
+        if sentence is None:
+            return super().read(request, config)
+        return NativeRequest({"instances": parse_literal(sentence, config.max_depth)}, _query_method(request))
 
 
 # -- TensorFlow Serving REST and KServe V1 ------------------------------------------------
@@ -3790,6 +4010,99 @@ def tf_signatures(model):
         signatures[name] = {"inputs": inputs, "outputs": outputs,
                             "method_name": "tensorflow/serving/predict"}
     return signatures
+
+
+@dataclasses.dataclass(frozen=True)
+class TFRequest:
+    """What a TF Serving request asks for: its verb, its rows, whether they came as columns, the method."""
+
+    verb: str
+    rows: object
+    columnar: bool
+    method: str
+
+
+def _tf_routes(suffix, what, way):
+    prefix = "/v1/models/{name}" + suffix
+    rows = [Route("GET", prefix, "v1_status", TOKEN, f"TF Serving status merged with KServe V1 readiness{what}",
+                  "tf-serving", "TFStatus"),
+            Route("GET", prefix + "/metadata", "v1_metadata", TOKEN, f"TF Serving signatures{what}", "tf-serving")]
+    for verb, body, answer in (("predict", "TFPredictRequest", "TFPredictResponse"),
+                               ("classify", "TFExamples", "TFResults"), ("regress", "TFExamples", "TFResults"),
+                               ("explain", None, None)):
+        rows.append(Route("POST", f"{prefix}:{verb}", "predict", TOKEN,
+                          f"TF Serving {verb}{what}" + (" (not implemented: 501)" if verb == "explain" else ""),
+                          "tf-serving", answer, body, args=(("verb", verb),)))
+    return rows
+
+
+class TFServing(Protocol):
+    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples), a model's
+    status and signatures."""
+
+    name = "tf"
+    routes = (Route("GET", "/v1/models", "model_names", TOKEN, "model names (KServe V1)", "tf-serving"),) + \
+        for_each_version(_tf_routes)
+    schemas = {
+        "TFPredictRequest": {"type": "object", "properties": {
+            "signature_name": {"type": "string"}, "instances": _ROWS,
+            "inputs": {"oneOf": [_ROWS, {"type": "object"}]}}},
+        "TFPredictResponse": {"type": "object", "properties": {"predictions": {"type": "array"}, "outputs": _ANY}},
+        "TFExamples": {"type": "object", "required": ["examples"], "properties": {
+            "context": {"type": "object"}, "examples": {"type": "array", "items": {"type": "object"}}}},
+        "TFResults": {"type": "object", "required": ["results"], "properties": {"results": {"type": "array"}}},
+        "TFStatus": {"type": "object", "required": ["name", "ready", "model_version_status"],
+                     "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"},
+                                    "model_version_status": {"type": "array", "items": _OBJECT}}},
+    }
+    examples = {
+        "TFPredictRequest": {"signature_name": "serving_default", "instances": [[5.1, 3.5, 1.4, 0.2]]},
+        "TFExamples": {"examples": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4,
+                                     "petal_width": 0.2}]},
+    }
+
+    def read(self, request, config, verb):
+        if verb == "explain":
+            raise NotImplementedHere("explanations are not implemented")
+        payload = json_body(request.environ, config)
+        if verb == "predict":
+            return TFRequest(verb, *tf_predict_request(payload))
+        return TFRequest(verb, tf_examples(payload), False, "predict_proba" if verb == "classify" else "predict")
+
+    def inputs(self, model, asked, config):
+        verb = asked.verb
+        method = choose_method(model, asked.method, unknown=BadRequest)
+        if verb == "classify" and model.classes is None:
+            raise BadRequest(f"model {model.name!r} does not name its classes, so it cannot classify",
+                             model=model.name)
+        if verb == "regress" and model.classes is not None:
+            raise BadRequest(f"model {model.name!r} is a classifier: use :classify or :predict, not :regress",
+                             model=model.name)
+        return [method], model_inputs(model, asked.rows, config.max_rows)
+
+    def encode(self, model, asked, results):
+        outputs = to_jsonable(results[asked.method])
+        if asked.verb == "predict":
+            return {"outputs" if asked.columnar else "predictions": outputs}
+        if asked.verb == "regress":
+            return {"results": outputs}
+        return {"results": [[[str(label), score] for label, score in zip(model.classes, row)] for row in outputs]}
+
+    def v1_status(self, app, name, version=None, label=None):
+        """TF's model_version_status merged with KServe V1's {"name", "ready"}; 503 when nothing can serve."""
+        entry = app.registry.entry(name)
+        slots = ([app.registry.slot(name, version, label)] if version is not None or label is not None else
+                 [entry.versions[number] for number in entry.served])
+        ready = any(slot.state != FAILED for slot in slots)
+        status = {"name": name, "ready": ready, "model_version_status": [tf_version_status(s) for s in slots]}
+        if not ready:
+            raise ModelUnavailable(f"model {name!r} has no version that can serve", **status)
+        return status
+
+    def v1_metadata(self, app, name, version=None, label=None):
+        with app.registry.using(name, version, label) as model:        # its metadata needs the estimator
+            return {"model_spec": {"name": name, "signature_name": "", "version": str(model.version)},
+                    "metadata": {"signature_def": {"signature_def": tf_signatures(model)}}}
 
 
 # -- Open Inference Protocol (V2) ------------------------------------------------------------
@@ -4036,6 +4349,143 @@ V2_REPOSITORY_STATES = {UNLOADED: "UNAVAILABLE", LOADING: "LOADING", AVAILABLE: 
                         FAILED: "UNAVAILABLE"}
 
 
+@dataclasses.dataclass(frozen=True)
+class V2Request:
+    """What a V2 infer request asks for: its input tensors [(name, array)], the outputs (methods) it wants,
+    those it wants binary, its "id" (None: it sent none) and parameters.routing_key as sent."""
+
+    arrays: list
+    outputs: list
+    binary_outputs: set
+    id: str = None
+    routing_key: object = None
+
+
+def _v2_routes(suffix, what, way):
+    prefix = "/v2/models/{name}" + suffix
+    return (Route("GET", prefix, "v2_model_metadata", TOKEN, f"V2 model metadata{what}", "v2", "V2Metadata"),
+            Route("GET", prefix + "/ready", "v2_model_ready", TOKEN, f"V2 model readiness{what}", "v2"),
+            Route("POST", prefix + "/infer", "predict", TOKEN,
+                  f"V2 inference{what} (JSON; binary tensors with Inference-Header-Content-Length)", "v2",
+                  "V2InferResponse", "V2InferRequest"))
+
+
+class OpenInference(Protocol):
+    """The Open Inference Protocol (KServe V2): JSON tensors, or binary ones after
+    Inference-Header-Content-Length; server and model metadata, readiness, and the model repository."""
+
+    name = "v2"
+    routes = (
+        Route("GET", "/v2", "v2_server", TOKEN, "server metadata", "v2"),
+        Route("GET", "/v2/health/live", "v2_live", OPEN, "liveness", "v2"),
+        Route("GET", "/v2/health/ready", "ready", OPEN, "readiness", "v2"),
+        Route("GET", "/v2/models", "model_names", TOKEN, "model names", "v2"),
+        Route("POST", "/v2/repository/index", "v2_repository_index", TOKEN, "every served version and its state",
+              "v2", "array", "Optional"),
+        Route("POST", "/v2/repository/models/{name}/load", "v2_repository_action", ADMIN,
+              "load a model of the store (admin token)", "v2", body="Optional", args=(("action", "load"),)),
+        Route("POST", "/v2/repository/models/{name}/unload", "v2_repository_action", ADMIN,
+              "unload a model of the store (admin token)", "v2", body="Optional", args=(("action", "unload"),)),
+    ) + for_each_version(_v2_routes, labels=False)
+    schemas = {
+        "V2Tensor": {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+            "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+            "datatype": {"type": "string", "enum": list(V2_DTYPES) + ["BYTES"]},
+            "parameters": {"type": "object"}, "data": {"type": "array"}}},
+        "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": _schema_ref("V2Tensor")},
+            "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                                   "properties": {"name": {"type": "string"},
+                                                                  "parameters": {"type": "object"}}}}}},
+        "V2InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
+            "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+            "outputs": {"type": "array", "items": _schema_ref("V2Tensor")}}},
+        "V2Metadata": {"type": "object", "required": ["name", "inputs", "outputs"], "properties": {
+            "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+            "platform": {"type": "string"}, "inputs": {"type": "array", "items": _OBJECT},
+            "outputs": {"type": "array", "items": _OBJECT}}},
+    }
+    examples = {"V2InferRequest": {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                                               "data": [5.1, 3.5, 1.4, 0.2]}]}}
+
+    def read(self, request, config):
+        environ = request.environ
+        check_content_type(environ)
+        header, binary = v2_split_body(environ, read_body(environ, config.max_body_bytes))
+        payload = parse_json(header, config.max_depth)
+        arrays, outputs, binary_outputs = v2_request(payload, binary, config.max_rows)
+        return V2Request(arrays, outputs, binary_outputs, payload.get("id"),
+                         (payload.get("parameters") or {}).get("routing_key"))
+
+    def routing_key(self, environ, asked):
+        """The X-Routing-Key header, or the request's "parameters": {"routing_key": "..."} (V2's requests
+        carry parameters); None if empty."""
+        key = environ.get("HTTP_X_ROUTING_KEY")
+        if key is None:
+            key = asked.routing_key
+            if key is not None and not isinstance(key, str):
+                raise BadRequest('"parameters": {"routing_key"} must be a string')
+        return key or None
+
+    def inputs(self, model, asked, config):
+        return ([choose_method(model, method, unknown=BadRequest) for method in asked.outputs],
+                v2_inputs(model, asked.arrays, config.max_rows))
+
+    def encode(self, model, asked, results):
+        outputs, tail = v2_outputs(model, results, asked.binary_outputs)
+        answer = {"model_name": model.name, "model_version": str(model.version), "outputs": outputs}
+        if asked.id is not None:
+            answer["id"] = asked.id
+        if not tail:
+            return answer
+        text = dumps(answer).encode("utf-8")
+        return bottle.HTTPResponse(text + tail, headers={"Content-Type": "application/octet-stream",
+                                                         "Inference-Header-Content-Length": str(len(text))})
+
+    def v2_server(self, app):
+        return {"name": SERVICE_NAME, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+
+    def v2_live(self, app):
+        return {"live": True}
+
+    def v2_model_ready(self, app, name, version=None):
+        slot = app.registry.slot(name, version)
+        if slot.state == FAILED:
+            raise slot.load_failure(name=name, ready=False)
+        return {"name": name, "ready": True}
+
+    def v2_model_metadata(self, app, name, version=None):
+        with app.registry.using(name, version) as model:               # its metadata needs the estimator
+            return v2_metadata(model, app.registry.entry(name).served_versions())
+
+    def v2_repository_index(self, app):
+        asked = json_body(bottle.request.environ, app.config, required=False)
+        only_ready = isinstance(asked, dict) and asked.get("ready") is True
+        index = []
+        for info in app.registry.describe_all():
+            for version in info["versions"]:
+                state = V2_REPOSITORY_STATES[version["state"]]
+                if version["served"] and (not only_ready or state == "READY"):
+                    index.append({"name": info["name"], "version": version["version"], "state": state,
+                                  "reason": _clip(version["last_error"] or "", 300)})
+        return index
+
+    def v2_repository_action(self, app, name, action):
+        asked = json_body(bottle.request.environ, app.config, required=False)
+        parameters = asked.get("parameters") if isinstance(asked, dict) else None
+        if parameters and any(key == "config" or key.startswith("file:") for key in parameters):
+            raise BadRequest("models are loaded only from the model store: \"config\" and \"file:\" parameters "
+                             "are refused")
+        if action == "load":
+            app.registry.reload(name)
+            for number in app.registry.entry(name).served:
+                app.registry.get(name, number)
+        else:
+            app.registry.unload(name)
+        return {}
+
+
 # -- MLflow scoring ------------------------------------------------------------------------------
 
 MLFLOW_ERROR_CODES = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "BAD_REQUEST",
@@ -4139,131 +4589,32 @@ def _csv_column(cells):
         return cells
 
 
-# -- Codecs: one per protocol ---------------------------------------------------------------------
+class MLflowScoring(Protocol):
+    """MLflow's scoring server: POST /invocations (JSON or CSV) on the default model, its error fields, and its
+    probes.  The request record is the rows, or an MLflowTable."""
 
-
-class Codec:
-    """One protocol's side of a prediction: what a request asks for, how answers and refusals look.
-
-    The HTTP application's predict core calls `read` (what can be checked before the model is
-    known: the body, the URL), then `inputs` (what needs the model: its methods, its
-    features), then `encode`; resolving the model, admission, batching, the time limit and
-    the metrics are done there once for every protocol.  `asked` is whatever `read` returned.
-    """
-
-    def read(self, request, config, **route):
-        raise NotImplementedError
-
-    def inputs(self, model, asked, config):
-        """(methods to call, estimator inputs)."""
-        raise NotImplementedError
-
-    def encode(self, model, asked, results):
-        """The answer for {method: outputs}: a JSON value, or a bottle.HTTPResponse for other bodies."""
-        raise NotImplementedError
-
-    def error(self, error):
-        """The JSON body of a refusal in this protocol."""
-        return error.to_dict()
-
-
-class NativeCodec(Codec):
-    """The native API: {"instances" | "inputs": rows, "method": name}, or ?instances=<JSON> on a GET."""
-
-    def read(self, request, config):
-        environ = request.environ
-        if environ["REQUEST_METHOD"] != "GET":
-            return json_body(environ, config), _query_method(request)
-        text = request.query.get("instances")
-        if text is None:
-            raise BadRequest("GET predict needs ?instances=<JSON list of instances>")
-        return {"instances": parse_json(text, config.max_depth, "?instances")}, _query_method(request)
-
-    def inputs(self, model, asked, config):
-        rows, method = decode_payload(*asked)
-        return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
-
-    def encode(self, model, asked, results):
-        (method, outputs), = results.items()
-        return encode_prediction(model, method, outputs)
-
-
-def _query_method(request):
-    """?method=NAME, read only when there is a query string (parsing one costs a few microseconds)."""
-    return request.query.get("method") if request.environ.get("QUERY_STRING") else None
-
-
-class SeedCodec(NativeCodec):
-    """The seed course's routes on the default model: GET /predict/<sentence> and POST /predict."""
-
-    def read(self, request, config, sentence=None):
-        if sentence is None:
-            return super().read(request, config)
-        return {"instances": parse_literal(sentence, config.max_depth)}, _query_method(request)
-
-
-class TFCodec(Codec):
-    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples)."""
-
-    def read(self, request, config, verb):
-        if verb == "explain":
-            raise NotImplementedHere("explanations are not implemented")
-        payload = json_body(request.environ, config)
-        if verb == "predict":
-            return (verb,) + tf_predict_request(payload)
-        return verb, tf_examples(payload), False, "predict_proba" if verb == "classify" else "predict"
-
-    def inputs(self, model, asked, config):
-        verb, rows, _, method = asked
-        method = choose_method(model, method, unknown=BadRequest)
-        if verb == "classify" and model.classes is None:
-            raise BadRequest(f"model {model.name!r} does not name its classes, so it cannot classify",
-                             model=model.name)
-        if verb == "regress" and model.classes is not None:
-            raise BadRequest(f"model {model.name!r} is a classifier: use :classify or :predict, not :regress",
-                             model=model.name)
-        return [method], model_inputs(model, rows, config.max_rows)
-
-    def encode(self, model, asked, results):
-        verb, _, columnar, method = asked
-        outputs = to_jsonable(results[method])
-        if verb == "predict":
-            return {"outputs" if columnar else "predictions": outputs}
-        if verb == "regress":
-            return {"results": outputs}
-        return {"results": [[[str(label), score] for label, score in zip(model.classes, row)] for row in outputs]}
-
-
-class V2Codec(Codec):
-    """The Open Inference Protocol: JSON tensors, or binary ones after Inference-Header-Content-Length."""
-
-    def read(self, request, config):
-        environ = request.environ
-        check_content_type(environ)
-        header, binary = v2_split_body(environ, read_body(environ, config.max_body_bytes))
-        payload = parse_json(header, config.max_depth)
-        return v2_request(payload, binary, config.max_rows) + (payload,)
-
-    def inputs(self, model, asked, config):
-        arrays, wanted, _, _ = asked
-        return ([choose_method(model, method, unknown=BadRequest) for method in wanted],
-                v2_inputs(model, arrays, config.max_rows))
-
-    def encode(self, model, asked, results):
-        _, _, binary_outputs, payload = asked
-        outputs, tail = v2_outputs(model, results, binary_outputs)
-        answer = {"model_name": model.name, "model_version": str(model.version), "outputs": outputs}
-        if "id" in payload:
-            answer["id"] = payload["id"]
-        if not tail:
-            return answer
-        text = dumps(answer).encode("utf-8")
-        return bottle.HTTPResponse(text + tail, headers={"Content-Type": "application/octet-stream",
-                                                         "Inference-Header-Content-Length": str(len(text))})
-
-
-class MLflowCodec(Codec):
-    """MLflow's scoring server: POST /invocations (JSON or CSV) on the default model; its error fields."""
+    name = "mlflow"
+    routes = (
+        Route("GET", "/ping", "alive", OPEN, "liveness (MLflow)", "mlflow"),
+        Route("GET", "/health", "alive", OPEN, "liveness (MLflow)", "mlflow"),
+        Route("GET", "/version", "mlflow_version", TOKEN, "the service version (MLflow)", "mlflow", "text"),
+        Route("POST", "/invocations", "predict", TOKEN, "predict with the default model (MLflow scoring)", "mlflow",
+              "Predictions", "MLflowRequest"),
+    )
+    schemas = {
+        "MLflowRequest": {"type": "object", "properties": {
+            "dataframe_split": {"type": "object", "properties": {"columns": {"type": "array"},
+                                                                 "data": {"type": "array"}}},
+            "dataframe_records": {"type": "array", "items": {"type": "object"}},
+            "instances": _ROWS, "inputs": _ANY, "params": {"type": "object"}}},
+        "Predictions": {"type": "object", "required": ["predictions"],
+                        "properties": {"predictions": {"type": "array"}}},
+    }
+    examples = {"MLflowRequest": {"dataframe_split": {
+        "columns": ["sepal_length", "sepal_width", "petal_length", "petal_width"], "data": [[5.1, 3.5, 1.4, 0.2]]}}}
+    bodies = {"MLflowRequest": {"required": True, "content": {
+        JSON_TYPE: {"schema": _schema_ref("MLflowRequest"), "example": examples["MLflowRequest"]},
+        "text/csv": {"schema": {"type": "string"}}}}}
 
     def read(self, request, config):
         return mlflow_rows(request.environ, read_body(request.environ, config.max_body_bytes), config.max_depth)
@@ -4278,22 +4629,14 @@ class MLflowCodec(Codec):
         return {**error.to_dict(), "error_code": MLFLOW_ERROR_CODES.get(error.status, "BAD_REQUEST"),
                 "message": error.message}
 
+    def mlflow_version(self, app):
+        return bottle.HTTPResponse(__version__, headers={"Content-Type": "text/plain; charset=utf-8"})
 
-CODECS = {"native": NativeCodec(), "seed": SeedCodec(), "tf": TFCodec(), "v2": V2Codec(), "mlflow": MLflowCodec()}
-PROTOCOLS = {codec: name for name, codec in CODECS.items()}      # the payload log names a request's protocol
 
-# One request body of each kind a route takes (Route.body names the kind): OpenAPI shows them, and a
-# body that is not JSON is answered with its route's (not_json_refusal).  Iris's rows, as in README.
-BODY_EXAMPLES = {
-    "PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]},
-    "TFPredictRequest": {"signature_name": "serving_default", "instances": [[5.1, 3.5, 1.4, 0.2]]},
-    "TFExamples": {"examples": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4,
-                                 "petal_width": 0.2}]},
-    "V2InferRequest": {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
-                                   "data": [5.1, 3.5, 1.4, 0.2]}]},
-    "MLflowRequest": {"dataframe_split": {"columns": ["sepal_length", "sepal_width", "petal_length", "petal_width"],
-                                          "data": [[5.1, 3.5, 1.4, 0.2]]}},
-}
+# -- registration ---------------------------------------------------------------------------------------
+
+PROTOCOLS = (NativeAPI(), SeedRoutes(), TFServing(), OpenInference(), MLflowScoring())
+BODY_EXAMPLES = {kind: example for protocol in PROTOCOLS for kind, example in protocol.examples.items()}
 
 
 ###############################################################################
@@ -4479,7 +4822,7 @@ class PayloadLog:
         if self.sample < 1 and random.random() >= self.sample:
             return
         record = (time.time(), _request_id(environ), environ["service.labels"], environ.get("service.payload"),
-                  PROTOCOLS[environ["service.codec"]], int(status), elapsed)
+                  environ["service.protocol"].name, int(status), elapsed)
         if not self.backlog.offer(record, environ):
             self.metrics.count("model_service_payload_log_dropped_total", ())
 
@@ -4622,138 +4965,44 @@ class Shadow:
 ###############################################################################
 # HTTP application ############################################################
 ###############################################################################
-# One table, ROUTES, names every route: its path, the ServiceApp method that
-# answers, who may call it, and how OpenAPI documents it.  Every prediction, of
-# every protocol, goes through one core (ServiceApp.predict) with the protocol's
-# codec; every refusal is a ServiceError, turned into an answer in one place
-# (ServiceApp.refusal), Bottle's own 404, 405 and 500 included, so no answer is HTML.
+# One table, ROUTES, names every route: its path, the method that answers (the app's, or its
+# protocol's), who may call it, and how OpenAPI documents it: the service's own rows here, each
+# protocol's in its block.  Every prediction, of every protocol, goes through one core
+# (ServiceApp.predict) with the protocol; every refusal is a ServiceError, turned into an answer in
+# one place (ServiceApp.refusal), Bottle's own 404, 405 and 500 included, so no answer is HTML.
 
-JSON_TYPE = "application/json"
-OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
 UNRESOLVED = "(unknown)"                         # the metrics' model and version of a request that named none
 UNRESOLVED_LABELS = (("model", UNRESOLVED), ("version", UNRESOLVED), ("method", ""))
 
-
-def version_number(text, model):
-    """A version of `model` as a URL or a flag writes it, as the number the service uses inside; 400 for any
-    other text."""
-    if not VERSION.fullmatch(text):
-        raise BadRequest(f"invalid version {_clip(repr(text), 40)}: versions are positive integers", model=model)
-    return int(text)
-
-
-@dataclasses.dataclass(frozen=True)
-class Route:
-    """One row of ROUTES.
-
-    `path` is OpenAPI's template ({name}, {version}, {label}; a TF verb follows a colon);
-    `handler` the ServiceApp method that answers, called with the path's parameters and
-    `args`.  `access`: OPEN routes are for probes and load balancers; TOKEN ones need one of
-    --auth-tokens when it is set; ADMIN ones are off without --admin-token and need it.
-    `answer` and `body` name OpenAPI schemas (see the OpenAPI section).
-    """
-
-    method: str
-    path: str
-    handler: str
-    access: str
-    summary: str
-    tag: str
-    answer: str = None          # None: a JSON object; "text": text/plain
-    body: str = None
-    query: tuple = ()
-    args: tuple = ()            # (keyword, value) pairs
-
-    @property
-    def rule(self):
-        """Bottle's rule: a parameter before a colon or at the end of a TF path admits no colon, and the
-        colon of a TF verb is matched by an anonymous wildcard (Bottle reads a bare ":name" as a wildcard)."""
-        path = self.path
-        if path.startswith("/v1/"):
-            path = re.sub(r"\{(\w+)\}(?=:|$)", r"<\1:re:[^/:]+>", path)
-        path = re.sub(r":(\w+)$", r"<:re::\1>", path)
-        return re.sub(r"\{(\w+)\}", lambda m: f"<{m[1]}:path>" if m[1] == "sentence" else f"<{m[1]}>", path)
-
-
-def _prediction_routes():
-    """The routes that predict, for each way of naming a version: none (the latest), a number, a label."""
-    routes = []
-    for suffix, what in (("", ""), ("/versions/{version}", " with a version"), ("/labels/{label}", " with a label")):
-        native, predict = "/models/{name}" + suffix, (("codec", "native"),)
-        routes += [Route("POST", native + "/predict", "predict", TOKEN, f"predict (native API){what}", "predict",
-                         "PredictResponse", "PredictRequest", args=predict),
-                   Route("GET", native + "/predict", "predict", TOKEN, f"predict with ?instances=<JSON>{what}",
-                         "predict", "PredictResponse", query=("instances",), args=predict)]
-        tf = "/v1/models/{name}" + suffix
-        routes += [Route("GET", tf, "v1_status", TOKEN, f"TF Serving status merged with KServe V1 readiness{what}",
-                         "tf-serving", "TFStatus"),
-                   Route("GET", tf + "/metadata", "v1_metadata", TOKEN, f"TF Serving signatures{what}", "tf-serving")]
-        for verb, body, answer in (("predict", "TFPredictRequest", "TFPredictResponse"),
-                                   ("classify", "TFExamples", "TFResults"), ("regress", "TFExamples", "TFResults"),
-                                   ("explain", None, None)):
-            routes.append(Route("POST", f"{tf}:{verb}", "predict", TOKEN,
-                                f"TF Serving {verb}{what}" + (" (not implemented: 501)" if verb == "explain" else ""),
-                                "tf-serving", answer, body, args=(("codec", "tf"), ("verb", verb))))
-        if suffix != "/labels/{label}":
-            v2 = "/v2/models/{name}" + suffix
-            routes += [Route("GET", v2, "v2_model_metadata", TOKEN, f"V2 model metadata{what}", "v2", "V2Metadata"),
-                       Route("GET", v2 + "/ready", "v2_model_ready", TOKEN, f"V2 model readiness{what}", "v2"),
-                       Route("POST", v2 + "/infer", "predict", TOKEN,
-                             f"V2 inference{what} (JSON; binary tensors with Inference-Header-Content-Length)", "v2",
-                             "V2InferResponse", "V2InferRequest", args=(("codec", "v2"),))]
-    return tuple(routes)
-
-
-ROUTES = (
+SERVICE_ROUTES = (
     Route("GET", "/", "index", OPEN, "service name, version, model names and links (a browser gets the web console)",
           "service"),
-    Route("GET", "/healthz", "alive", OPEN, "liveness", "service"),
+    Route("GET", "/healthz", "alive", OPEN, "liveness", "service", link="health"),
     Route("GET", "/readyz", "ready", OPEN, "readiness: 503 with the reason until ready", "service",
-          args=(("counts", True),)),
+          args=(("counts", True),), link="ready"),
     Route("GET", "/openapi.json", "openapi", TOKEN, "this document", "service"),
     Route("GET", "/metrics", "prometheus_metrics", TOKEN, "Prometheus metrics (text format)", "service", "text"),
-    Route("GET", "/models", "list_models", TOKEN, "every model and the state of its versions", "models"),
+    Route("GET", "/models", "list_models", TOKEN, "every model and the state of its versions", "models",
+          link="models"),
     Route("GET", "/models/{name}", "show_model", TOKEN, "one model's versions, policy and labels", "models",
           "ModelStatus"),
     Route("GET", "/models/{name}/versions/{version}", "show_version", TOKEN, "one version's state and metadata",
           "models"),
     Route("GET", "/models/{name}/labels/{label}", "show_label", TOKEN, "the version a label names", "models"),
-    Route("POST", "/predict", "predict", TOKEN, "predict with the default model", "predict", "PredictResponse",
-          "PredictRequest", args=(("codec", "seed"),)),
-    Route("GET", "/predict/{sentence}", "predict", TOKEN,
-          "predict with the default model: the seed course's route, instances as JSON or a Python literal",
-          "predict", "PredictResponse", args=(("codec", "seed"),)),
     Route("POST", "/models/{name}/reload", "reload_model", ADMIN, "load a model's versions again (admin token)",
           "admin"),
     Route("POST", "/admin/rescan", "rescan", ADMIN, "rescan the store now (admin token)", "admin"),
-    Route("GET", "/v1/models", "model_names", TOKEN, "model names (KServe V1)", "tf-serving"),
-    Route("GET", "/v2", "v2_server", TOKEN, "server metadata", "v2"),
-    Route("GET", "/v2/health/live", "v2_live", OPEN, "liveness", "v2"),
-    Route("GET", "/v2/health/ready", "ready", OPEN, "readiness", "v2"),
-    Route("GET", "/v2/models", "model_names", TOKEN, "model names", "v2"),
-    Route("POST", "/v2/repository/index", "v2_repository_index", TOKEN, "every served version and its state", "v2",
-          "array", "Optional"),
-    Route("POST", "/v2/repository/models/{name}/load", "v2_repository_action", ADMIN,
-          "load a model of the store (admin token)", "v2", body="Optional", args=(("action", "load"),)),
-    Route("POST", "/v2/repository/models/{name}/unload", "v2_repository_action", ADMIN,
-          "unload a model of the store (admin token)", "v2", body="Optional", args=(("action", "unload"),)),
-    Route("GET", "/ping", "alive", OPEN, "liveness (MLflow)", "mlflow"),
-    Route("GET", "/health", "alive", OPEN, "liveness (MLflow)", "mlflow"),
-    Route("GET", "/version", "mlflow_version", TOKEN, "the service version (MLflow)", "mlflow", "text"),
-    Route("POST", "/invocations", "predict", TOKEN, "predict with the default model (MLflow scoring)", "mlflow",
-          "Predictions", "MLflowRequest", args=(("codec", "mlflow"),)),
-) + _prediction_routes()
-
-# Paths open without an --auth-tokens token, and the admin routes' (they check their own token).
-OPEN_PATHS = frozenset(route.path for route in ROUTES if route.access == OPEN)
-ADMIN_PATHS = re.compile("|".join(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(route.path))
-                                  for route in ROUTES if route.access == ADMIN))
+)
+ROUTES = SERVICE_ROUTES + tuple(route for protocol in PROTOCOLS for route in protocol.registered_routes())
 
 access_logger = logging.getLogger("service.access")
 
 
-class ServiceApp(bottle.Bottle):
-    """The WSGI application: Bottle routing ROUTES to its methods, over one ModelRegistry.
+class ServiceApp:
+    """The WSGI application: a Bottle app routing ROUTES to their handlers, over one ModelRegistry.
+
+    `config` is the service's Config and `registry` its one handle on the models; Bottle is held,
+    not extended (`bottle`), so neither competes with Bottle's own attributes.
 
     What every answer gets (nosniff, X-Request-ID, CORS, the request metrics, the access log)
     is added at the WSGI boundary to the plain header list rather than through Bottle's
@@ -4762,17 +5011,16 @@ class ServiceApp(bottle.Bottle):
     """
 
     def __init__(self, config, registry, misconfigured=None):
-        super().__init__()
-        self.service_config, self.registry, self.metrics = config, registry, registry.metrics
+        self.config, self.registry, self.metrics = config, registry, registry.metrics
         self.misconfigured = misconfigured      # why the MODEL_SERVICE_* settings were refused, if they were
-        self.misconfigured_logged = threading.Event()  # (Bottle refuses to set an attribute twice)
-        self.logs_shared = threading.Event()            # _share_logs ran, at the first request
-        self.config["service.config"] = config
-        self.config["service.registry"] = registry
-        self.uninstall(bottle.JSONPlugin)       # it would write NaN tokens; every body goes through dumps()
-        self.install(self._json_answers)
-        self.default_error_handler = self._bottle_error
-        self.add_hook("before_request", self._admit)
+        self._misconfigured_logged = False
+        self._logs_shared = False               # _share_logs ran, at the first request
+        self._first_request = threading.Lock()
+        self.bottle = bottle.Bottle()
+        self.bottle.uninstall(bottle.JSONPlugin)    # it would write NaN tokens; every body goes through dumps()
+        self.bottle.install(self._json_answers)
+        self.bottle.default_error_handler = self._bottle_error
+        self.bottle.add_hook("before_request", self._admit)
         self.admission = threading.BoundedSemaphore(config.max_inflight) if config.max_inflight else None
         self.time_limit = TimeLimit(config.max_predict_seconds, config.threads) if config.max_predict_seconds \
             else None
@@ -4781,15 +5029,18 @@ class ServiceApp(bottle.Bottle):
         self.predicting = UnderWay()                 # predict() calls
         self.shadow = Shadow(registry, busy=lambda: self.predicting.count > 0)
         for route in ROUTES:
-            self.route(route.rule, method=route.method, callback=self._endpoint(route))
+            self.bottle.route(route.rule, method=route.method, callback=self._endpoint(route), service_route=route)
 
     # -- the WSGI boundary ---------------------------------------------------------------
+    def __call__(self, environ, start_response):
+        return self.wsgi(environ, start_response)
+
     def wsgi(self, environ, start_response):
         started = time.perf_counter()
         path = environ.get("PATH_INFO", "")
         if path.startswith("//"):               # waitress and wsgiref merge them, gunicorn does not
             environ["PATH_INFO"] = "/" + path.lstrip("/")
-        config = self.service_config
+        config = self.config
         status_line = []
 
         def respond(status, headers, exc_info=None):
@@ -4804,7 +5055,7 @@ class ServiceApp(bottle.Bottle):
                 headers.append(("Vary", "Origin"))      # every answer: a shared cache must not mix origins
             return start_response(status, headers, exc_info)
 
-        body = super().wsgi(environ, respond)
+        body = self.bottle.wsgi(environ, respond)
         elapsed = time.perf_counter() - started
         status = status_line[-1][:3] if status_line else "500"
         labels = environ.get("service.labels")
@@ -4824,14 +5075,16 @@ class ServiceApp(bottle.Bottle):
 
         A refusal here is answered at once; an OPTIONS request is a CORS preflight, answered here too.
         """
-        environ, config = bottle.request.environ, self.service_config
-        if not self.logs_shared.is_set():
-            self.logs_shared.set()
-            _share_logs(config)
+        environ, config = bottle.request.environ, self.config
+        if not self._logs_shared:
+            with self._first_request:
+                if not self._logs_shared:
+                    _share_logs(config)
+                    self._logs_shared = True
         try:
             if self.misconfigured:
-                if not self.misconfigured_logged.is_set():     # once: a line per request would bury it
-                    self.misconfigured_logged.set()
+                if not self._misconfigured_logged:     # once: a line per request would bury it
+                    self._misconfigured_logged = True
                     logger.error("refusing every request: an environment variable is invalid: %s", self.misconfigured)
                 raise Misconfigured(f"the service is misconfigured: {self.misconfigured}")
             if config.allowed_hosts:
@@ -4845,8 +5098,7 @@ class ServiceApp(bottle.Bottle):
             if len(path) + len(environ.get("QUERY_STRING", "")) > config.max_url_bytes:
                 raise URITooLong(f"the request target is over {config.max_url_bytes} bytes (--max-url-bytes); "
                                  "send the data in a POST body")
-            if config.auth_tokens and path not in OPEN_PATHS and not ADMIN_PATHS.fullmatch(path):
-                _require_token(environ, config.auth_tokens, "model-service")
+            self._check_access(environ)
             raw = environ.get("bottle.raw_path", "")
             if not raw.isascii():
                 try:
@@ -4857,17 +5109,41 @@ class ServiceApp(bottle.Bottle):
             raise self.refusal(error) from None
         self.registry.refresh()
 
+    def _check_access(self, environ):
+        """The one access check, by the request's row of ROUTES: OPEN for anyone; TOKEN, and a path no route
+        has, need one of --auth-tokens when it is set; ADMIN is off without --admin-token and needs it.
+
+        A method the path's route does not take is answered 405 as the row's access allows (an admin
+        route's to anyone: the admin token guards what the route does, not that it exists)."""
+        config, router = self.config, self.bottle.router
+        try:
+            access = router.match(environ)[0].config["service_route"].access
+        except bottle.HTTPError as error:
+            access = TOKEN
+            if error.status_code == 405:
+                other = {"PATH_INFO": environ["PATH_INFO"], "REQUEST_METHOD": error.headers["Allow"].split(",")[0]}
+                access = router.match(other)[0].config["service_route"].access
+                access = OPEN if access == ADMIN else access
+        if access == ADMIN:
+            if not config.admin_token:
+                raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) "
+                                "to enable it")
+            _require_token(environ, (config.admin_token,), "model-service admin",
+                           "this route needs the admin token: Authorization: Bearer <token>")
+        elif access == TOKEN and config.auth_tokens:
+            _require_token(environ, config.auth_tokens, "model-service")
+
     def _preflight(self, environ):
         """A CORS preflight, answered before routing (a catch-all OPTIONS route would turn every unknown
         path's 404 into a 405): allowed origins learn what they may send; others are refused."""
-        config = self.service_config
+        config = self.config
         origin = environ.get("HTTP_ORIGIN")
         if origin and not (config.cors_origins == ("*",) or origin in config.cors_origins):
             raise Forbidden(f"origin {_clip(repr(origin), 80)} may not call this service (--cors-origins)")
         methods = []
         for method in ("GET", "POST"):
             try:
-                self.router.match({"PATH_INFO": environ.get("PATH_INFO", "/"), "REQUEST_METHOD": method})
+                self.bottle.router.match({"PATH_INFO": environ.get("PATH_INFO", "/"), "REQUEST_METHOD": method})
                 methods.append(method)
             except bottle.HTTPError:
                 pass
@@ -4883,41 +5159,35 @@ class ServiceApp(bottle.Bottle):
         return bottle.HTTPResponse(status=204, headers=headers)
 
     def _endpoint(self, route):
-        """The callback of one route: its access rule, its codec for refusals, then its handler; a body
-        that is not JSON, on a route that takes one, is answered with the route's example."""
-        args = dict(route.args)
-        codec = CODECS.get(args.pop("codec", None))
-        if codec is not None:
-            args["codec"] = codec
-        handler, config = functools.partial(getattr(self, route.handler), **args), self.service_config
-        admin = route.access == ADMIN
+        """The callback of one route: its protocol noted for refusals, the URL's version made a number, then its
+        handler (the protocol's, given the app, or the app's); a body that is not JSON, on a route that takes
+        one, is answered with the route's example."""
+        protocol, args = route.protocol, dict(route.args)
+        handler = functools.partial(getattr(protocol, route.handler), self, **args) if protocol is not None \
+            else functools.partial(getattr(self, route.handler), **args)
         takes_body, example = route.body is not None, BODY_EXAMPLES.get(route.body)
 
         def endpoint(**parameters):
-            if codec is not None:
-                bottle.request.environ["service.codec"] = codec
+            environ = bottle.request.environ
+            if protocol is not None:
+                environ["service.protocol"] = protocol
             if "version" in parameters:                 # the one place a version is text: the URL
                 parameters["version"] = version_number(parameters["version"], parameters["name"])
-            if admin:
-                if not config.admin_token:
-                    raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) "
-                                    "to enable it")
-                _require_token(bottle.request.environ, (config.admin_token,), "model-service admin",
-                               "this route needs the admin token: Authorization: Bearer <token>")
             try:
                 return handler(**parameters)
             except NotJSON as error:
                 if not takes_body:
                     raise
-                raise not_json_refusal(error, bottle.request.environ, example) from None
+                raise not_json_refusal(error, environ, example) from None
 
         return endpoint
 
     # -- the one error path ---------------------------------------------------------------
     def refusal(self, error):
         """The answer to a ServiceError: the protocol's JSON body, the error's status and headers."""
-        codec = bottle.request.environ.get("service.codec", CODECS["native"])
-        return bottle.HTTPResponse(_utf8(dumps(codec.error(error))), error.status,
+        protocol = bottle.request.environ.get("service.protocol")
+        body = error.to_dict() if protocol is None else protocol.error(error)
+        return bottle.HTTPResponse(_utf8(dumps(body)), error.status,
                                    {"Content-Type": JSON_TYPE, **error.headers})
 
     def _json_answers(self, callback):
@@ -4958,34 +5228,39 @@ class ServiceApp(bottle.Bottle):
         return answer.body
 
     # -- the predict core -------------------------------------------------------------------
-    def predict(self, codec, name=None, version=None, label=None, **route):
-        """Every protocol's prediction: resolve → read → admit → load → decode → run → encode.
+    def predict(self, protocol, name=None, version=None, label=None, **route):
+        """Every protocol's prediction over HTTP: resolve → read → admit → load → decode → run → encode.
 
         The request is labelled for the metrics only with what exists: the model and version
-        once resolved (UNRESOLVED before), the methods once the model has them."""
+        once resolved (UNRESOLVED before), the methods once the model has them.  It is counted
+        in `predicting` (the shadow rests while that is not 0)."""
         request = bottle.request
         request.environ["service.labels"] = UNRESOLVED_LABELS
         with self.predicting:
-            return self._predict(request, codec, name, version, label, route)
+            if name is None:
+                name = self.registry.default_model_name()
+            asked = protocol.read(request, self.config, **route)
+            model, results = self.answer(protocol, asked, request.environ, name, version, label)
+        return protocol.encode(model, asked, results)
 
-    def _predict(self, request, codec, name, version, label, route):
-        """predict(), counted in `predicting` (the shadow rests while it is not 0)."""
-        registry, config, environ = self.registry, self.service_config, request.environ
-        if name is None:
-            name = registry.default_model_name()
-        asked = codec.read(request, config, **route)
+    def answer(self, protocol, asked, environ, name, version, label):
+        """(model, {method: outputs}) for a request record `asked`: admit → resolve → load → decode → run.
+
+        `environ` is the request's WSGI environ; a protocol that is not HTTP passes a dict of its
+        own, where the metrics' labels, the payload log's record and the request id are noted."""
+        registry, config = self.registry, self.config
         with contextlib.ExitStack() as held:        # what the prediction holds, released when it is over
             if self.admission is not None:
                 if not self.admission.acquire(blocking=False):
                     raise ModelUnavailable(f"overloaded: {config.max_inflight} predictions are already being "
                                            "answered (--max-inflight); try again", retry_after=1)
                 held.callback(self.admission.release)
-            routing_key = _routing_key(environ, codec, asked)
+            routing_key = protocol.routing_key(environ, asked)
             slot = registry.slot(name, version, label, routing_key)
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
             with _logging_about(request_id=_request_id(environ), model=name, version=slot.ref.version):
                 model = held.enter_context(registry.using(name, version, label, slot, routing_key))
-                methods, inputs = codec.inputs(model, asked, config)
+                methods, inputs = protocol.inputs(model, asked, config)
                 environ["service.labels"] = model.labels + (("method", ",".join(sorted(methods))),)
 
                 def compute():
@@ -4994,7 +5269,7 @@ class ServiceApp(bottle.Bottle):
                 results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
                 environ["service.payload"] = (model, inputs, results)    # for the payload log, after the answer
                 self.shadow.offer(environ, name, model, methods, inputs, results)
-        return codec.encode(model, asked, results)
+        return model, results
 
     # -- service ------------------------------------------------------------------------------
     def index(self):
@@ -5003,10 +5278,7 @@ class ServiceApp(bottle.Bottle):
                                                              "Content-Security-Policy": CONSOLE_CSP})
         return {"name": SERVICE_NAME, "version": __version__, "status": "alive",
                 "models": self.registry.names(),
-                "links": {"models": "/models", "health": "/healthz", "ready": "/readyz",
-                          "predict": "/models/{name}/predict",
-                          "predict_version": "/models/{name}/versions/{version}/predict",
-                          "predict_label": "/models/{name}/labels/{label}/predict"}}
+                "links": {route.link: route.path for route in ROUTES if route.link}}
 
     def alive(self):
         return {"status": "alive"}
@@ -5057,81 +5329,6 @@ class ServiceApp(bottle.Bottle):
     def rescan(self):
         return {"models": self.registry.rescan()}
 
-    # -- TensorFlow Serving REST and KServe V1 ------------------------------------------------
-    def v1_status(self, name, version=None, label=None):
-        """TF's model_version_status merged with KServe V1's {"name", "ready"}; 503 when nothing can serve."""
-        entry = self.registry.entry(name)
-        slots = ([self.registry.slot(name, version, label)] if version is not None or label is not None else
-                 [entry.versions[number] for number in entry.served])
-        ready = any(slot.state != FAILED for slot in slots)
-        status = {"name": name, "ready": ready, "model_version_status": [tf_version_status(s) for s in slots]}
-        if not ready:
-            raise ModelUnavailable(f"model {name!r} has no version that can serve", **status)
-        return status
-
-    def v1_metadata(self, name, version=None, label=None):
-        with self.registry.using(name, version, label) as model:       # its metadata needs the estimator
-            return {"model_spec": {"name": name, "signature_name": "", "version": str(model.version)},
-                    "metadata": {"signature_def": {"signature_def": tf_signatures(model)}}}
-
-    # -- Open Inference Protocol (V2) -----------------------------------------------------------
-    def v2_server(self):
-        return {"name": SERVICE_NAME, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
-
-    def v2_live(self):
-        return {"live": True}
-
-    def v2_model_ready(self, name, version=None):
-        slot = self.registry.slot(name, version)
-        if slot.state == FAILED:
-            raise slot.load_failure(name=name, ready=False)
-        return {"name": name, "ready": True}
-
-    def v2_model_metadata(self, name, version=None):
-        with self.registry.using(name, version) as model:              # its metadata needs the estimator
-            return v2_metadata(model, self.registry.entry(name).served_versions())
-
-    def v2_repository_index(self):
-        asked = json_body(bottle.request.environ, self.service_config, required=False)
-        only_ready = isinstance(asked, dict) and asked.get("ready") is True
-        index = []
-        for info in self.registry.describe_all():
-            for version in info["versions"]:
-                state = V2_REPOSITORY_STATES[version["state"]]
-                if version["served"] and (not only_ready or state == "READY"):
-                    index.append({"name": info["name"], "version": version["version"], "state": state,
-                                  "reason": _clip(version["last_error"] or "", 300)})
-        return index
-
-    def v2_repository_action(self, name, action):
-        asked = json_body(bottle.request.environ, self.service_config, required=False)
-        parameters = asked.get("parameters") if isinstance(asked, dict) else None
-        if parameters and any(key == "config" or key.startswith("file:") for key in parameters):
-            raise BadRequest("models are loaded only from the model store: \"config\" and \"file:\" parameters "
-                             "are refused")
-        if action == "load":
-            self.registry.reload(name)
-            for number in self.registry.entry(name).served:
-                self.registry.get(name, number)
-        else:
-            self.registry.unload(name)
-        return {}
-
-    # -- MLflow scoring ---------------------------------------------------------------------------
-    def mlflow_version(self):
-        return bottle.HTTPResponse(__version__, headers={"Content-Type": "text/plain; charset=utf-8"})
-
-
-def _routing_key(environ, codec, asked):
-    """A request's routing key for sticky traffic splits: the X-Routing-Key header, or in a V2 request
-    "parameters": {"routing_key": "..."} (the one protocol whose requests carry parameters); None if empty."""
-    key = environ.get("HTTP_X_ROUTING_KEY")
-    if key is None and codec is CODECS["v2"]:
-        key = (asked[-1].get("parameters") or {}).get("routing_key")
-        if key is not None and not isinstance(key, str):
-            raise BadRequest('"parameters": {"routing_key"} must be a string')
-    return key or None
-
 
 def _require_token(environ, tokens, realm, message="this route needs a valid token: Authorization: Bearer <token>"):
     """401 unless the request carries one of `tokens` as its bearer token (each compared in constant time)."""
@@ -5176,10 +5373,6 @@ def create_app(store=None, config=None, registry=None, **options):
 # GET /openapi.json: every route, request, response and error, for client generators and
 # API explorers; models whose feature names are known get their own row schema.
 
-def _schema_ref(name):
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
 def _json_body(schema, required=True, example=None):
     media = {"schema": schema} if example is None else {"schema": schema, "example": example}
     return {"required": required, "content": {JSON_TYPE: media}}
@@ -5205,11 +5398,11 @@ def _operation(route, answer, body=None, parameters=(), query=()):
 
 _PATH_PARAMETERS = {
     "name": {"name": "name", "in": "path", "required": True, "description": "model name",
-             "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}},
+             "schema": {"type": "string", "pattern": f"^{MODEL_NAME.pattern}$"}},
     "version": {"name": "version", "in": "path", "required": True, "description": "version number",
-                "schema": {"type": "string", "pattern": r"^[1-9][0-9]{0,17}$"}},
+                "schema": {"type": "string", "pattern": f"^{VERSION.pattern}$"}},
     "label": {"name": "label", "in": "path", "required": True, "description": "version label",
-              "schema": {"type": "string", "pattern": r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"}},
+              "schema": {"type": "string", "pattern": f"^{LABEL.pattern}$"}},
     "sentence": {"name": "sentence", "in": "path", "required": True, "schema": {"type": "string"},
                  "description": "the instances, as JSON or a Python literal"},
 }
@@ -5218,71 +5411,22 @@ _QUERY_PARAMETERS = {
                   "description": "a JSON list of instances"},
 }
 
-_ANY = {}
-_OBJECT = {"type": "object", "additionalProperties": True}
 _CELL = {"oneOf": [{"type": "number"}, {"type": "string"}, {"type": "boolean"}, {"type": "null"}]}
-_ROWS = {"type": "array", "minItems": 1, "items": _ANY}
-
 OPENAPI_SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "additionalProperties": True,
               "properties": {"error": {"type": "string"}, "code": {"type": "string"},
                              "model": {"type": "string"}, "error_code": {"type": "string"},
                              "message": {"type": "string"}}},
-    "PredictRequest": {"oneOf": [
-        {"type": "object", "required": ["instances"], "properties": {
-            "instances": _ROWS, "method": {"type": "string"}}},
-        {"type": "object", "required": ["inputs"], "properties": {
-            "inputs": {"oneOf": [_ROWS, {"type": "object"}]}, "method": {"type": "string"}}},
-        _ROWS]},
-    "PredictResponse": {"type": "object", "required": ["model", "version", "method", "predictions"],
-                        "properties": {"model": {"type": "string"}, "version": {"type": "string"},
-                                       "method": {"type": "string"}, "predictions": {"type": "array"},
-                                       "classes": {"type": "array"}}},
     "ModelStatus": {"type": "object", "required": ["name", "versions"], "additionalProperties": True,
                     "properties": {"name": {"type": "string"}, "latest_version": {"type": ["string", "null"]},
                                    "versions": {"type": "array", "items": _OBJECT}}},
-    "TFPredictRequest": {"type": "object", "properties": {
-        "signature_name": {"type": "string"}, "instances": _ROWS,
-        "inputs": {"oneOf": [_ROWS, {"type": "object"}]}}},
-    "TFPredictResponse": {"type": "object", "properties": {"predictions": {"type": "array"}, "outputs": _ANY}},
-    "TFExamples": {"type": "object", "required": ["examples"], "properties": {
-        "context": {"type": "object"}, "examples": {"type": "array", "items": {"type": "object"}}}},
-    "TFResults": {"type": "object", "required": ["results"], "properties": {"results": {"type": "array"}}},
-    "TFStatus": {"type": "object", "required": ["name", "ready", "model_version_status"],
-                 "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"},
-                                "model_version_status": {"type": "array", "items": _OBJECT}}},
-    "V2Tensor": {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
-        "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
-        "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
-                                                "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]},
-        "parameters": {"type": "object"}, "data": {"type": "array"}}},
-    "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
-        "id": {"type": "string"}, "parameters": {"type": "object"},
-        "inputs": {"type": "array", "items": _schema_ref("V2Tensor")},
-        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
-                                               "properties": {"name": {"type": "string"},
-                                                              "parameters": {"type": "object"}}}}}},
-    "V2InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
-        "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
-        "outputs": {"type": "array", "items": _schema_ref("V2Tensor")}}},
-    "V2Metadata": {"type": "object", "required": ["name", "inputs", "outputs"], "properties": {
-        "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
-        "platform": {"type": "string"}, "inputs": {"type": "array", "items": _OBJECT},
-        "outputs": {"type": "array", "items": _OBJECT}}},
-    "MLflowRequest": {"type": "object", "properties": {
-        "dataframe_split": {"type": "object", "properties": {"columns": {"type": "array"},
-                                                             "data": {"type": "array"}}},
-        "dataframe_records": {"type": "array", "items": {"type": "object"}},
-        "instances": _ROWS, "inputs": _ANY, "params": {"type": "object"}}},
-    "Predictions": {"type": "object", "required": ["predictions"], "properties": {"predictions": {"type": "array"}}},
+    **{name: schema for protocol in PROTOCOLS for name, schema in protocol.schemas.items()},
 }
 
 
-OPENAPI_BODIES = {   # Route.body: what each request body may be
+OPENAPI_BODIES = {   # Route.body: what each request body may be, where it is not one JSON schema
     "Optional": {"required": False, "content": {JSON_TYPE: {"schema": _OBJECT}}},
-    "MLflowRequest": {"required": True, "content": {
-        JSON_TYPE: {"schema": _schema_ref("MLflowRequest"), "example": BODY_EXAMPLES["MLflowRequest"]},
-        "text/csv": {"schema": {"type": "string"}}}},
+    **{name: body for protocol in PROTOCOLS for name, body in protocol.bodies.items()},
 }
 
 
@@ -5298,18 +5442,18 @@ def openapi_document(registry):
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, answer, body, parameters,
                                                                             route.query)
     schemas = dict(OPENAPI_SCHEMAS)
-    native = {route.method: route for route in ROUTES if route.path == "/models/{name}/predict"}
     for name, features in registry.known_features().items():
         schemas[f"{name}.row"] = {"type": "object", "required": features, "additionalProperties": False,
                                   "properties": {feature: {"type": ["number", "null"]} for feature in features}}
         rows = {"type": "object", "required": ["instances"], "properties": {
             "instances": {"type": "array", "minItems": 1, "items": _schema_ref(f"{name}.row")},
             "method": {"type": "string"}}}
-        paths[f"/models/{name}/predict"] = {
-            "get": _operation(native["GET"], _schema_ref("PredictResponse"), query=native["GET"].query),
-            "post": _operation(dataclasses.replace(native["POST"], summary=f"predict with {name}: rows keyed by "
-                                                                            "its feature names"),
-                               _schema_ref("PredictResponse"), _json_body(rows))}
+        for route in ROUTES:
+            if route.per_model:
+                own = dataclasses.replace(route, summary=f"predict with {name}: rows keyed by its feature names") \
+                    if route.body else route
+                paths.setdefault(route.path.replace("{name}", name), {})[route.method.lower()] = _operation(
+                    own, _schema_ref(route.answer), _json_body(rows) if route.body else None, query=route.query)
     return {"openapi": "3.1.0",
             "info": {"title": SERVICE_NAME, "version": __version__,
                      "description": "scikit-learn models over HTTP: a native JSON API, TF Serving REST, KServe "
@@ -5364,7 +5508,7 @@ def serve(app, config):
         if deadline:
             raise SystemExit(0)            # a second signal: stop now
         deadline.append(time.monotonic() + config.shutdown_timeout)
-        app.config["service.registry"].draining = True
+        app.registry.draining = True
         logger.info("%s: finishing requests in flight (at most %g s)", signal.Signals(signum).name,
                     config.shutdown_timeout)
 
@@ -5413,7 +5557,7 @@ def _serve_workers(app, config):
     except ImportError:
         raise ImportError("--workers needs gunicorn: pip install gunicorn") from None
     metrics_hooks = _metrics_across_workers()      # before anything counts: the workers' shared folder
-    registry = app.config["service.registry"]
+    registry = app.registry
 
     class Logs(Logger):
         """gunicorn's own lines in the service's --log-format (its access log stays off: --access-log is ours)."""
@@ -5625,7 +5769,7 @@ def main(argv=None, serve=serve):
             refuse(f"--payload-log {config.payload_log}: {error.strerror}")
     application = create_app(config=config)
     if config.workers == 1:          # under --workers the parent loads before forking, without threads
-        application.config["service.registry"].refresh()
+        application.registry.refresh()
     try:
         serve(application, config)
     except KeyboardInterrupt:

@@ -93,7 +93,7 @@ def app_client(make_client):
 
 
 def registry_of(client):
-    return client.app.config["service.registry"]
+    return client.app.registry
 
 
 def predict(client, url, rows=ROWS, **kwargs):

@@ -68,14 +68,17 @@ __all__ = [
 # pandas are imported when the first model is loaded, so `import service` stays
 # fast and a bad store can never break it.
 
+import _compat_pickle
 import argparse
 import ast
 import atexit
 import base64
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import contextvars
+import csv
 import dataclasses
 import functools
 import gc
@@ -83,17 +86,22 @@ import hashlib
 import heapq
 import hmac
 import importlib
+import importlib.util
+import io
 import itertools
 import json
 import logging
 import math
 import os
 import pickle
+import posixpath
 import queue
 import random
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -122,12 +130,20 @@ def _logging_about(**fields):
         _log_fields.reset(token)
 
 
+def _utc_time(seconds, millis=False):
+    """An ISO 8601 UTC time, 2026-12-05T10:00:00Z (with millis: 2026-12-05T10:00:00.123Z); None for None."""
+    if seconds is None:
+        return None
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return text + (f".{int(seconds % 1 * 1000):03d}Z" if millis else "Z")
+
+
 class JsonLogFormatter(logging.Formatter):
     """--log-format json: one JSON object per line: time (UTC), level, logger, pid, message, then request_id,
     model and version when the line concerns them (the record's `extra`, else the _logging_about of its thread)."""
 
     def format(self, record):
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+        entry = {"time": _utc_time(record.created, millis=True),
                  "level": record.levelname, "logger": record.name, "pid": record.process,
                  "message": record.getMessage()}
         fields = _log_fields.get()
@@ -182,10 +198,6 @@ def _share_logs(config):
 
 def _clip(text, limit=300):
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _iso_time(seconds):
-    return None if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _in_background(function, *args):
@@ -867,8 +879,6 @@ class ModelStore:
 
     def _read_sums(self, entry):
         """{relative path: sha256 hex} from SHA256SUMS; lines not as `sha256sum` writes them are warned about."""
-        import posixpath
-
         ref = self._file(SHA256SUMS_FILE, 0, entry, "")
         if ref is None:
             return {}
@@ -1217,8 +1227,6 @@ def _within(module, roots):
 def _numpy_core(module):
     """numpy 2 renamed numpy.core to numpy._core (the old name warns); both name the same objects."""
     if module == "numpy.core" or module.startswith("numpy.core."):
-        import importlib.util
-
         if importlib.util.find_spec("numpy._core") is not None:
             return "numpy._core" + module[len("numpy.core"):]
     return module
@@ -1236,8 +1244,6 @@ def _lookup(path):
 @functools.lru_cache(maxsize=None)
 def _default_admitted():
     """(helper functions by id, scikit-learn internal types, numpy random types, builtin types), found once."""
-    import collections
-
     import numpy as np
 
     functions = {id(function): function for function in map(_lookup, _PICKLE_FUNCTIONS) if function is not None}
@@ -1327,8 +1333,6 @@ class _RestrictedUnpickling:
     allowlist = _Allowlist()
 
     def find_class(self, module, name):
-        import _compat_pickle
-
         sys.audit("pickle.find_class", module, name)
         if self.proto < 3 and self.fix_imports:        # Python 2 names, mapped as pickle maps them
             if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -1434,8 +1438,6 @@ def _load_joblib_restricted(data, trust):
 
     joblib offers no hook for another unpickler: its own (private) compressor detection is used.
     """
-    import io
-
     from joblib.numpy_pickle_utils import _detect_compressor, _validate_fileobject_and_memmap
 
     stream = io.BytesIO(data)
@@ -1473,16 +1475,12 @@ class LoadOptions:
 
 
 def _load_pickle(data, options):
-    import io
-
     if options.safe_pickle:
         return _RestrictedUnpickler(io.BytesIO(data), options.trust).load()
     return pickle.loads(data)
 
 
 def _load_joblib(data, options):
-    import io
-
     import joblib
 
     if options.safe_pickle:
@@ -2294,17 +2292,17 @@ class VersionSlot:
 
     def describe(self, clock):
         model = self.model
-        info = {"version": str(self.ref.version), "state": self.state, "since": _iso_time(self.since),
+        info = {"version": str(self.ref.version), "state": self.state, "since": _utc_time(self.since),
                 "format": self.ref.format,
                 "artifact": {"file": self.ref.file, "size": self.ref.size,
-                             "modified": _iso_time(self.ref.mtime_ns / 1e9),
+                             "modified": _utc_time(self.ref.mtime_ns / 1e9),
                              "sha256": model.sha256 if model else None},
                 "preloaded": self.pinned,
-                "loaded_at": _iso_time(model.loaded_at) if model else None,
+                "loaded_at": _utc_time(model.loaded_at) if model else None,
                 "load_seconds": round(model.load_seconds, 6) if model else None,
                 "idle_seconds": round(clock() - model.last_used, 3) if model else None,
                 "in_flight": (model or self.leaving).inflight if (model or self.leaving) else 0,
-                "loads": self.loads, "last_error": self.error, "last_error_at": _iso_time(self.error_at)}
+                "loads": self.loads, "last_error": self.error, "last_error_at": _utc_time(self.error_at)}
         info.update(model.describe() if model else
                     {"estimator": None, "methods": None, "n_features_in_": None,
                      "feature_names_in_": None, "classes_": None, "sklearn_version_skew": None})
@@ -4535,9 +4533,6 @@ def mlflow_rows(environ, body, max_depth):
 
 
 def _csv_rows(body):
-    import csv
-    import io
-
     try:
         text = body.decode("utf-8-sig")          # Excel writes a byte-order mark
     except UnicodeDecodeError:
@@ -4665,8 +4660,6 @@ class TimeLimit:
 
     def run(self, compute, held):
         """compute() on a predict thread; what the request holds (`held`, an ExitStack) passes to it."""
-        import concurrent.futures
-
         if self._pid != os.getpid():
             self._start()
         deadline = time.monotonic() + self.seconds
@@ -4876,7 +4869,7 @@ class PayloadLog:
     def _line(self, record):
         at, request_id, labels, payload, protocol, status, elapsed = record
         (_, name), (_, version), (_, method) = labels
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
+        line = {"time": _utc_time(at, millis=True),
                 "request_id": request_id, "model": name, "version": version, "method": method,
                 "protocol": protocol, "status": status, "latency_ms": round(elapsed * 1000, 3)}
         if payload is not None:
@@ -5411,7 +5404,6 @@ _QUERY_PARAMETERS = {
                   "description": "a JSON list of instances"},
 }
 
-_CELL = {"oneOf": [{"type": "number"}, {"type": "string"}, {"type": "boolean"}, {"type": "null"}]}
 OPENAPI_SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "additionalProperties": True,
               "properties": {"error": {"type": "string"}, "code": {"type": "string"},
@@ -5467,18 +5459,38 @@ def openapi_document(registry):
 
 
 def serve(app, config):
-    """Run a server until SIGTERM or SIGINT: waitress (tuned, and drained on exit) or any Bottle adapter."""
+    """Run a server until SIGTERM or SIGINT: waitress (tuned, and drained on exit) or any Bottle adapter.
+
+    Whichever it was, SIGTERM's and SIGINT's handlers are the caller's again when it returns."""
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the service is reachable from other machines", config.host)
-    if config.workers > 1:
-        _serve_workers(app, config)
-        return
-    if config.server != "waitress":
-        # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
-        bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
-        return
+    with _signal_handlers_kept():
+        if config.workers > 1:
+            _serve_workers(app, config)
+        elif config.server == "waitress":
+            _serve_waitress(app, config)
+        else:
+            # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
+            bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """Give SIGTERM and SIGINT back the handlers they had (only the main thread may set them, and has)."""
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            if handler is not None:             # None: set outside Python, nothing to give back
+                signal.signal(number, handler)
+
+
+def _serve_waitress(app, config):
+    """waitress, tuned, until SIGTERM or SIGINT; then requests in flight finish within --shutdown-timeout."""
     import waitress
     from waitress.channel import HTTPChannel
     from waitress.server import BaseWSGIServer
@@ -5517,8 +5529,9 @@ def serve(app, config):
         return [c for c in list(sockets.values())
                 if isinstance(c, HTTPChannel) and (c.request is not None or c.requests or c.total_outbufs_len)]
 
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)} \
-        if threading.current_thread() is threading.main_thread() else {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, stop)
     try:
         while not deadline or (busy() and time.monotonic() < deadline[0]):
             if deadline:
@@ -5534,8 +5547,6 @@ def serve(app, config):
     except SystemExit:
         logger.info("stopped at once")
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
         server.task_dispatcher.shutdown(timeout=1)
         close_all(sockets)
 
@@ -5597,9 +5608,6 @@ def _metrics_across_workers():
     variable then), and removed when the parent exits.  A folder the environment already names is not
     used: counts left there by an earlier run would be added to this one's.
     """
-    import shutil
-    import tempfile
-
     folder = os.environ[MULTIPROCESS_DIR] = tempfile.mkdtemp(prefix="model-service-metrics-")
     parent = os.getpid()
     atexit.register(lambda: os.getpid() == parent and shutil.rmtree(folder, ignore_errors=True))  # not workers'

@@ -3098,7 +3098,9 @@ class ModelRegistry:
     @contextlib.contextmanager
     def using(self, name, version=None, label=None, slot=None, routing_key=None):
         """`with registry.using(name, version, label) as model:` the model that answers a request, loaded if
-        need be and counted in flight for the block (the one way a request gets a model)."""
+        need be and counted in flight for the block: how a handler, the shadow and replay get a model.  The
+        predict core pairs acquire() and release() itself: past --max-predict-seconds its releases pass to
+        the computation still running (TimeLimit), and a with block on its path costs the request 3 µs."""
         model = self.acquire(name, version, label, slot, routing_key)
         try:
             yield model
@@ -4659,11 +4661,12 @@ class TimeLimit:
         self._pid = None
 
     def run(self, compute, held):
-        """compute() on a predict thread; what the request holds (`held`, an ExitStack) passes to it."""
+        """compute() on a predict thread; `held` (releases) passes to it."""
         if self._pid != os.getpid():
             self._start()
         deadline = time.monotonic() + self.seconds
-        future, handed = concurrent.futures.Future(), held.pop_all()
+        future, handed = concurrent.futures.Future(), held[:]
+        held.clear()
 
         def task():
             try:
@@ -4673,7 +4676,8 @@ class TimeLimit:
             except BaseException as error:   # handed to the request that waits for it
                 future.set_exception(error)
             finally:
-                handed.close()
+                for release in reversed(handed):
+                    release()
 
         self._tasks.put(task)
         try:
@@ -5064,7 +5068,7 @@ class ServiceApp:
         return body
 
     def _admit(self):
-        """Before routing: the checks every request passes (host, size of the target, token), then housekeeping.
+        """Before routing: the checks every request passes (host, size of the target), then housekeeping.
 
         A refusal here is answered at once; an OPTIONS request is a CORS preflight, answered here too.
         """
@@ -5091,7 +5095,6 @@ class ServiceApp:
             if len(path) + len(environ.get("QUERY_STRING", "")) > config.max_url_bytes:
                 raise URITooLong(f"the request target is over {config.max_url_bytes} bytes (--max-url-bytes); "
                                  "send the data in a POST body")
-            self._check_access(environ)
             raw = environ.get("bottle.raw_path", "")
             if not raw.isascii():
                 try:
@@ -5102,29 +5105,15 @@ class ServiceApp:
             raise self.refusal(error) from None
         self.registry.refresh()
 
-    def _check_access(self, environ):
-        """The one access check, by the request's row of ROUTES: OPEN for anyone; TOKEN, and a path no route
-        has, need one of --auth-tokens when it is set; ADMIN is off without --admin-token and needs it.
-
-        A method the path's route does not take is answered 405 as the row's access allows (an admin
-        route's to anyone: the admin token guards what the route does, not that it exists)."""
-        config, router = self.config, self.bottle.router
-        try:
-            access = router.match(environ)[0].config["service_route"].access
-        except bottle.HTTPError as error:
-            access = TOKEN
-            if error.status_code == 405:
-                other = {"PATH_INFO": environ["PATH_INFO"], "REQUEST_METHOD": error.headers["Allow"].split(",")[0]}
-                access = router.match(other)[0].config["service_route"].access
-                access = OPEN if access == ADMIN else access
-        if access == ADMIN:
-            if not config.admin_token:
-                raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) "
-                                "to enable it")
-            _require_token(environ, (config.admin_token,), "model-service admin",
-                           "this route needs the admin token: Authorization: Bearer <token>")
-        elif access == TOKEN and config.auth_tokens:
-            _require_token(environ, config.auth_tokens, "model-service")
+    def _unrouted_access(self, environ, http_error):
+        """Who may learn that no route answers a request: a path no route has is told with a token (as a model
+        route would be); a method the path's route does not take, as that row's access allows, but an admin
+        route's by anyone (the admin token guards what the route does, not that it exists)."""
+        if http_error.status_code != 405:
+            return TOKEN
+        other = {"PATH_INFO": environ["PATH_INFO"], "REQUEST_METHOD": http_error.headers["Allow"].split(",")[0]}
+        access = self.bottle.router.match(other)[0].config["service_route"].access
+        return OPEN if access == ADMIN else access
 
     def _preflight(self, environ):
         """A CORS preflight, answered before routing (a catch-all OPTIONS route would turn every unknown
@@ -5152,16 +5141,18 @@ class ServiceApp:
         return bottle.HTTPResponse(status=204, headers=headers)
 
     def _endpoint(self, route):
-        """The callback of one route: its protocol noted for refusals, the URL's version made a number, then its
-        handler (the protocol's, given the app, or the app's); a body that is not JSON, on a route that takes
-        one, is answered with the route's example."""
-        protocol, args = route.protocol, dict(route.args)
+        """The callback of one route: its access checked, its protocol noted for refusals, the URL's version
+        made a number, then its handler (the protocol's, given the app, or the app's); a body that is not
+        JSON, on a route that takes one, is answered with the route's example."""
+        protocol, args, access, config = route.protocol, dict(route.args), route.access, self.config
         handler = functools.partial(getattr(protocol, route.handler), self, **args) if protocol is not None \
             else functools.partial(getattr(self, route.handler), **args)
         takes_body, example = route.body is not None, BODY_EXAMPLES.get(route.body)
 
         def endpoint(**parameters):
             environ = bottle.request.environ
+            if access != OPEN:
+                _check_access(environ, access, config)
             if protocol is not None:
                 environ["service.protocol"] = protocol
             if "version" in parameters:                 # the one place a version is text: the URL
@@ -5206,6 +5197,11 @@ class ServiceApp:
     def _bottle_error(self, http_error):
         """Bottle's own errors (no route, wrong method, a fault outside a route) as ServiceErrors."""
         status, request = http_error.status_code, bottle.request
+        if status in (404, 405):
+            try:
+                _check_access(request.environ, self._unrouted_access(request.environ, http_error), self.config)
+            except ServiceError as refused:
+                return self._answer_error(refused)
         if status == 404:
             error = NotFound(f"no route for {request.method} {_clip(request.path, 200)}")
         elif status == 405:
@@ -5216,6 +5212,10 @@ class ServiceApp:
             error = _internal_error("outside a route", http_error.traceback or http_error.body)
         else:
             error = error_for_status(status)(str(http_error.body))
+        return self._answer_error(error)
+
+    def _answer_error(self, error):
+        """A refusal as Bottle's error handler returns it: applied to its response, the body returned."""
         answer = self.refusal(error)
         answer.apply(bottle.response)
         return answer.body
@@ -5242,26 +5242,35 @@ class ServiceApp:
         `environ` is the request's WSGI environ; a protocol that is not HTTP passes a dict of its
         own, where the metrics' labels, the payload log's record and the request id are noted."""
         registry, config = self.registry, self.config
-        with contextlib.ExitStack() as held:        # what the prediction holds, released when it is over
+        held = []                                   # what the prediction holds, released when it is over
+        fields = None
+        try:
             if self.admission is not None:
                 if not self.admission.acquire(blocking=False):
                     raise ModelUnavailable(f"overloaded: {config.max_inflight} predictions are already being "
                                            "answered (--max-inflight); try again", retry_after=1)
-                held.callback(self.admission.release)
+                held.append(self.admission.release)
             routing_key = protocol.routing_key(environ, asked)
             slot = registry.slot(name, version, label, routing_key)
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
-            with _logging_about(request_id=_request_id(environ), model=name, version=slot.ref.version):
-                model = held.enter_context(registry.using(name, version, label, slot, routing_key))
-                methods, inputs = protocol.inputs(model, asked, config)
-                environ["service.labels"] = model.labels + (("method", ",".join(sorted(methods))),)
+            fields = _log_fields.set({"request_id": _request_id(environ), "model": name,
+                                      "version": slot.ref.version})          # for the lines logged meanwhile
+            model = registry.acquire(name, version, label, slot, routing_key)
+            held.append(functools.partial(registry.release, model))
+            methods, inputs = protocol.inputs(model, asked, config)
+            environ["service.labels"] = model.labels + (("method", ",".join(sorted(methods))),)
 
-                def compute():
-                    return {method: model.predict(method, inputs) for method in methods}
+            def compute():
+                return {method: model.predict(method, inputs) for method in methods}
 
-                results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
-                environ["service.payload"] = (model, inputs, results)    # for the payload log, after the answer
-                self.shadow.offer(environ, name, model, methods, inputs, results)
+            results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
+            environ["service.payload"] = (model, inputs, results)        # for the payload log, after the answer
+            self.shadow.offer(environ, name, model, methods, inputs, results)
+        finally:
+            for release in reversed(held):
+                release()
+            if fields is not None:
+                _log_fields.reset(fields)
         return model, results
 
     # -- service ------------------------------------------------------------------------------
@@ -5321,6 +5330,19 @@ class ServiceApp:
 
     def rescan(self):
         return {"models": self.registry.rescan()}
+
+
+def _check_access(environ, access, config):
+    """The one access check, of a request's row of ROUTES (its endpoint's, or its path's when no route
+    answers it): OPEN for anyone; TOKEN needs one of --auth-tokens when it is set; ADMIN is off without
+    --admin-token and needs it."""
+    if access == ADMIN:
+        if not config.admin_token:
+            raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) to enable it")
+        _require_token(environ, (config.admin_token,), "model-service admin",
+                       "this route needs the admin token: Authorization: Bearer <token>")
+    elif access == TOKEN and config.auth_tokens:
+        _require_token(environ, config.auth_tokens, "model-service")
 
 
 def _require_token(environ, tokens, realm, message="this route needs a valid token: Authorization: Bearer <token>"):

@@ -59,6 +59,21 @@ def test_access_comes_from_the_table(tmp_path, make_client, iris_classifier):
             assert answer.json["code"] == "unauthorized"
 
 
+
+def test_requests_no_route_answers_are_told_so_only_as_the_paths_access_allows(tmp_path, make_client,
+                                                                                iris_classifier):
+    """With tokens required, an unknown path or a wrong method on a model route is a 401 (no route enumeration);
+    a wrong method on an open route, or on an admin route, is its 405."""
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    client = make_client(tmp_path, poll_interval=0, auth_tokens=("secret-token-0123456789",))
+    for method, path in (("GET", "/no/such/route"), ("POST", "/models"), ("DELETE", "/models/iris/predict")):
+        assert client.request(path, method=method, expect_errors=True).status_int == 401, (method, path)
+    for method, path in (("POST", "/healthz"), ("GET", "/admin/rescan"), ("GET", "/models/iris/reload")):
+        assert client.request(path, method=method, expect_errors=True).status_int == 405, (method, path)
+    authorised = {"Authorization": "Bearer secret-token-0123456789"}
+    assert client.get("/no/such/route", headers=authorised, expect_errors=True).status_int == 404
+    assert client.post("/models", headers=authorised, expect_errors=True).status_int == 405
+
 # -- the one error path -----------------------------------------------------------------------------------------------
 
 def test_status_codes_come_from_the_error_classes():

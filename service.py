@@ -2242,7 +2242,7 @@ UNLOADED, LOADING, AVAILABLE, UNLOADING, FAILED = "UNLOADED", "LOADING", "AVAILA
 RELOADED, DEFERRED = "RELOADED", "DEFERRED"     # how a replacement ended, besides FAILED
 
 
-# -- versions, names, memory and settings -------------------------------------------------------------
+# -- versions, names, memory and settings ----------------------------------------------------------
 
 
 class VersionSlot:
@@ -2571,7 +2571,7 @@ class SettingsFiles:
         return record.settings if record is not None and record.settings is not None else DEFAULT_SETTINGS
 
 
-# -- planning: the catalogue a scan asks for --------------------------------------------------------
+# -- planning: the catalogue a scan asks for -------------------------------------------------------
 
 @dataclasses.dataclass
 class Departures:
@@ -2727,7 +2727,7 @@ def departures(old_catalogue, catalogue):
     return Departures(gone, unserved, forgotten)
 
 
-# -- loading ---------------------------------------------------------------------------------------------
+# -- loading ---------------------------------------------------------------------------------------
 
 
 def _warm(model, rows):
@@ -2943,7 +2943,7 @@ class Loader:
         self.load_all(slots)
 
 
-# -- the registry: what the app uses ------------------------------------------------------------------
+# -- the registry: what the app uses ---------------------------------------------------------------
 
 # What a request naming no model, or any model, is told when the store holds none (the log names the folder,
 # which clients are not shown).
@@ -2960,7 +2960,7 @@ class ModelRegistry:
     watcher thread call.  The watcher is started lazily, in the process that serves: one started
     before a pre-fork host forks would not survive the fork.  Loads run in background threads
     beside the requests, except a first load on demand, which its requests wait for.  A request
-    gets its model with `using` (acquire and release, paired).
+    gets its model with `using`, or with acquire and release paired (the predict core, see `using`).
     """
 
     # A rescan may replace a request's slot, or --max-loaded evict its model, between the lookup and its use:
@@ -2985,7 +2985,7 @@ class ModelRegistry:
         self.metrics = Metrics({"model_service_models_loaded": self.loaded_count,
                                 "model_service_requests_in_flight": self.in_flight})
         self.residency = Residency(config.max_loaded, clock, self.metrics.changed)
-        self.loader = Loader(config, self.store, clock, self.residency, self.metrics, self.settings.settings_for)
+        self.loader = Loader(config, self.store, clock, self.residency, self.metrics, self.settings_for)
         self.agreements = {}            # (name, shadow version) -> Agreement, filled by the app's Shadow
         self._watcher_pid = None
         self._tick_seconds = min(config.poll_interval or math.inf,
@@ -3574,7 +3574,7 @@ def _request_id(environ):
 # handlers, OpenAPI schemas and examples.  ROUTES (HTTP application) is the service's rows plus every
 # protocol's in PROTOCOLS: adding a protocol is one block here and one entry there.
 
-# -- what every protocol shares: route rows, the Protocol base, rows into estimator inputs ----------
+# -- what every protocol shares: route rows, the Protocol base, rows into estimator inputs ---------
 
 JSON_TYPE = "application/json"
 OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
@@ -3835,7 +3835,7 @@ def _columns_to_rows(model, columns):
     return [dict(zip(keys, values)) for values in zip(*columns.values())]
 
 
-# -- the native API -------------------------------------------------------------------------------------
+# -- the native API --------------------------------------------------------------------------------
 
 
 def decode_payload(payload, query_method):
@@ -3922,7 +3922,7 @@ def _query_method(request):
     return request.query.get("method") if request.environ.get("QUERY_STRING") else None
 
 
-# -- the seed course's routes -------------------------------------------------------------------------
+# -- the seed course's routes ----------------------------------------------------------------------
 
 
 class SeedRoutes(NativeAPI):
@@ -3944,7 +3944,7 @@ class SeedRoutes(NativeAPI):
         return NativeRequest({"instances": parse_literal(sentence, config.max_depth)}, _query_method(request))
 
 
-# -- TensorFlow Serving REST and KServe V1 ------------------------------------------------
+# -- TensorFlow Serving REST and KServe V1 ---------------------------------------------------------
 
 TF_STATES = {UNLOADED: "START", LOADING: "LOADING", AVAILABLE: "AVAILABLE", UNLOADING: "UNLOADING", FAILED: "END"}
 
@@ -4105,7 +4105,7 @@ class TFServing(Protocol):
                     "metadata": {"signature_def": {"signature_def": tf_signatures(model)}}}
 
 
-# -- Open Inference Protocol (V2) ------------------------------------------------------------
+# -- Open Inference Protocol (V2) ------------------------------------------------------------------
 
 V2_DTYPES = {"BOOL": "|b1", "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "|i1",
              "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
@@ -4486,7 +4486,7 @@ class OpenInference(Protocol):
         return {}
 
 
-# -- MLflow scoring ------------------------------------------------------------------------------
+# -- MLflow scoring --------------------------------------------------------------------------------
 
 MLFLOW_ERROR_CODES = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "BAD_REQUEST",
                       415: "BAD_REQUEST", 500: "INTERNAL_ERROR", 503: "INTERNAL_ERROR", 504: "INTERNAL_ERROR"}
@@ -4630,7 +4630,7 @@ class MLflowScoring(Protocol):
         return bottle.HTTPResponse(__version__, headers={"Content-Type": "text/plain; charset=utf-8"})
 
 
-# -- registration ---------------------------------------------------------------------------------------
+# -- registration ----------------------------------------------------------------------------------
 
 PROTOCOLS = (NativeAPI(), SeedRoutes(), TFServing(), OpenInference(), MLflowScoring())
 BODY_EXAMPLES = {kind: example for protocol in PROTOCOLS for kind, example in protocol.examples.items()}

@@ -30,11 +30,12 @@ path in the order data flows; each of its sections uses only what is above it::
     Servables               a loaded model, its batcher and its input checks
     Metrics                 what GET /metrics counts
     Agreement               how two versions' answers compare (shadow, replay)
-    Model registry          hold: versions, lifecycle, residency
+    Model registry          hold: versions and residency; a pure plan per scan, a loader, the facade
     Request bodies          read and parse a body within its bounds; request ids
-    Protocol codecs         native, TF Serving/KServe V1, V2, MLflow, the seed's routes
+    Protocols               one block each (routes, handlers, request record, schemas): native, seed, TF
+                            Serving/KServe V1, V2, MLflow
     Background work         time limits, and the payload log and shadow off the request path
-    HTTP application        the route table, the predict core, the error responder
+    HTTP application        the route table, access, the predict core, the error responder
     OpenAPI                 /openapi.json from the route table
     Serving                 waitress (drained on exit) or gunicorn workers
     Replay                  ``python service.py replay``: a payload log scored again
@@ -68,14 +69,17 @@ __all__ = [
 # pandas are imported when the first model is loaded, so `import service` stays
 # fast and a bad store can never break it.
 
+import _compat_pickle
 import argparse
 import ast
 import atexit
 import base64
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import contextvars
+import csv
 import dataclasses
 import functools
 import gc
@@ -83,17 +87,22 @@ import hashlib
 import heapq
 import hmac
 import importlib
+import importlib.util
+import io
 import itertools
 import json
 import logging
 import math
 import os
 import pickle
+import posixpath
 import queue
 import random
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -122,12 +131,20 @@ def _logging_about(**fields):
         _log_fields.reset(token)
 
 
+def _utc_time(seconds, millis=False):
+    """An ISO 8601 UTC time, 2026-12-05T10:00:00Z (with millis: 2026-12-05T10:00:00.123Z); None for None."""
+    if seconds is None:
+        return None
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return text + (f".{int(seconds % 1 * 1000):03d}Z" if millis else "Z")
+
+
 class JsonLogFormatter(logging.Formatter):
     """--log-format json: one JSON object per line: time (UTC), level, logger, pid, message, then request_id,
     model and version when the line concerns them (the record's `extra`, else the _logging_about of its thread)."""
 
     def format(self, record):
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+        entry = {"time": _utc_time(record.created, millis=True),
                  "level": record.levelname, "logger": record.name, "pid": record.process,
                  "message": record.getMessage()}
         fields = _log_fields.get()
@@ -182,10 +199,6 @@ def _share_logs(config):
 
 def _clip(text, limit=300):
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _iso_time(seconds):
-    return None if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _in_background(function, *args):
@@ -867,8 +880,6 @@ class ModelStore:
 
     def _read_sums(self, entry):
         """{relative path: sha256 hex} from SHA256SUMS; lines not as `sha256sum` writes them are warned about."""
-        import posixpath
-
         ref = self._file(SHA256SUMS_FILE, 0, entry, "")
         if ref is None:
             return {}
@@ -1217,8 +1228,6 @@ def _within(module, roots):
 def _numpy_core(module):
     """numpy 2 renamed numpy.core to numpy._core (the old name warns); both name the same objects."""
     if module == "numpy.core" or module.startswith("numpy.core."):
-        import importlib.util
-
         if importlib.util.find_spec("numpy._core") is not None:
             return "numpy._core" + module[len("numpy.core"):]
     return module
@@ -1236,8 +1245,6 @@ def _lookup(path):
 @functools.lru_cache(maxsize=None)
 def _default_admitted():
     """(helper functions by id, scikit-learn internal types, numpy random types, builtin types), found once."""
-    import collections
-
     import numpy as np
 
     functions = {id(function): function for function in map(_lookup, _PICKLE_FUNCTIONS) if function is not None}
@@ -1337,8 +1344,6 @@ class _RestrictedUnpickling:
     allowlist = _Allowlist()
 
     def find_class(self, module, name):
-        import _compat_pickle
-
         sys.audit("pickle.find_class", module, name)
         if self.proto < 3 and self.fix_imports:        # Python 2 names, mapped as pickle maps them
             if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -1444,8 +1449,6 @@ def _load_joblib_restricted(data, trust):
 
     joblib offers no hook for another unpickler: its own (private) compressor detection is used.
     """
-    import io
-
     from joblib.numpy_pickle_utils import _detect_compressor, _validate_fileobject_and_memmap
 
     stream = io.BytesIO(data)
@@ -1483,16 +1486,12 @@ class LoadOptions:
 
 
 def _load_pickle(data, options):
-    import io
-
     if options.safe_pickle:
         return _RestrictedUnpickler(io.BytesIO(data), options.trust).load()
     return pickle.loads(data)
 
 
 def _load_joblib(data, options):
-    import io
-
     import joblib
 
     if options.safe_pickle:
@@ -1649,7 +1648,8 @@ class LoadedModel:
     def __init__(self, ref, estimator, sha256, size, load_seconds, version_skew=None):
         self.ref = ref
         self.name = ref.name
-        self.version = str(ref.version)
+        self.version = ref.version
+        self.labels = (("model", ref.name), ("version", str(ref.version)))     # its metrics' labels
         self.estimator = estimator
         self.sha256 = sha256
         self.size = size
@@ -1693,8 +1693,8 @@ class LoadedModel:
         else:
             outputs, predictor = self._sklearn_call(method, inputs), SKLEARN
         if self.metrics is not None:
-            self.metrics.count("model_service_predict_calls_total", (("model", self.name), ("version", self.version),
-                                                                     ("method", method), ("predictor", predictor)))
+            self.metrics.count("model_service_predict_calls_total",
+                               self.labels + (("method", method), ("predictor", predictor)))
         return outputs
 
     def _sklearn_call(self, method, inputs):
@@ -2076,8 +2076,10 @@ class Metrics:
                     families[name].set(value)
 
     def forget(self, model, version):
-        """Drop every series of one model version.  Shared, the files keep its counts (prometheus_client
-        cannot remove them there), so a scrape leaves them out until the version is counted again."""
+        """Drop every series of one model version (its number).  Shared, the files keep its counts
+        (prometheus_client cannot remove them there), so a scrape leaves them out until the version is
+        counted again."""
+        version = str(version)
         pairs = {("model", model), ("version", version)}
         with self._lock:
             for key in [key for key in self._children if pairs <= set(key[1])]:
@@ -2260,12 +2262,20 @@ def _comparable_numbers(outputs):
 ###############################################################################
 # Model registry ##############################################################
 ###############################################################################
-# Holds the catalogue: for each model name a CatalogueEntry, for each of its versions a
-# VersionSlot with its state and its LoadedModel.  Loads are lazy and single-flight per
-# version; a failed load is retried only after a pause.  A request keeps the LoadedModel
-# it got, so later swaps never disturb it.  Residency keeps the count of what is in memory.
+# Holds the catalogue: for each model name a CatalogueEntry (its versions, those served, where each
+# route points), for each version a VersionSlot with its state and its LoadedModel.  Four parts, each
+# using those above it: the entries and what is in memory (Residency); the plan, a pure function from
+# a store scan and the models' settings to the catalogue to serve and the loads that gets there; the
+# Loader, which does every load (lazy and single-flight per version, a failed one retried only after
+# a pause); and ModelRegistry, the facade the app uses, which scans, plans, hands the loads to the
+# Loader and houses the watcher.  A request keeps the LoadedModel it got, so later swaps never
+# disturb it.  A version is its number (an int) everywhere here; text only in what describe() returns.
 
 UNLOADED, LOADING, AVAILABLE, UNLOADING, FAILED = "UNLOADED", "LOADING", "AVAILABLE", "UNLOADING", "FAILED"
+RELOADED, DEFERRED = "RELOADED", "DEFERRED"     # how a replacement ended, besides FAILED
+
+
+# -- versions, names, memory and settings ----------------------------------------------------------
 
 
 class VersionSlot:
@@ -2273,7 +2283,8 @@ class VersionSlot:
 
     `model` (a LoadedModel, or None) is what serves; a request that got it keeps it, so a
     swap or an unload never disturbs a request in flight.  `model` changes only under the
-    registry's Residency lock.
+    registry's Residency lock.  While a changed artifact loads beside it, `replacing` is that
+    artifact and `replaced` is clear; when it is set again, `replacement` says how it ended.
     """
 
     def __init__(self, ref):
@@ -2286,6 +2297,9 @@ class VersionSlot:
         self.loads = 0
         self.lock = threading.Lock()   # one load at a time
         self.replacing = None          # ArtifactRef of a changed artifact loading beside the model that serves
+        self.replaced = threading.Event()   # set while no replacement is under way
+        self.replaced.set()
+        self.replacement = None        # how the last replacement ended: RELOADED, FAILED or DEFERRED
         self.rejected = None           # fingerprint of a changed artifact that failed to load (not retried)
         self.pinned = False            # preloaded: loaded eagerly, never evicted or unloaded for idleness
         self.gone = False              # left the store or the version policy; never loaded again
@@ -2296,43 +2310,102 @@ class VersionSlot:
         if error:
             self.error, self.error_at = error, self.since
 
+    def begin_replacing(self, ref):
+        self.replacing = ref
+        self.replaced.clear()
+
+    def end_replacing(self, outcome):
+        self.replacement, self.replacing = outcome, None
+        self.replaced.set()
+
+    def load_failure(self, retry_after=None, **fields):
+        """The 503 of a version whose last load failed."""
+        return ModelUnavailable(f"model {self.ref.name!r} version {self.ref.version} failed to load: {self.error}",
+                                retry_after=retry_after, **fields)
+
     def describe(self, clock):
         model = self.model
-        info = {"version": str(self.ref.version), "state": self.state, "since": _iso_time(self.since),
+        info = {"version": str(self.ref.version), "state": self.state, "since": _utc_time(self.since),
                 "format": self.ref.format,
                 "artifact": {"file": self.ref.file, "size": self.ref.size,
-                             "modified": _iso_time(self.ref.mtime_ns / 1e9),
+                             "modified": _utc_time(self.ref.mtime_ns / 1e9),
                              "sha256": model.sha256 if model else None},
                 "preloaded": self.pinned,
-                "loaded_at": _iso_time(model.loaded_at) if model else None,
+                "loaded_at": _utc_time(model.loaded_at) if model else None,
                 "load_seconds": round(model.load_seconds, 6) if model else None,
                 "idle_seconds": round(clock() - model.last_used, 3) if model else None,
                 "in_flight": (model or self.leaving).inflight if (model or self.leaving) else 0,
-                "loads": self.loads, "last_error": self.error, "last_error_at": _iso_time(self.error_at)}
+                "loads": self.loads, "last_error": self.error, "last_error_at": _utc_time(self.error_at)}
         info.update(model.describe() if model else
                     {"estimator": None, "methods": None, "n_features_in_": None,
                      "feature_names_in_": None, "classes_": None, "sklearn_version_skew": None})
         return info
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class CatalogueEntry:
-    """One name of the catalogue, as a scan left it: its versions' slots, those served, and where requests go.
+    """One name of the catalogue, as a plan left it: its versions' slots, those served, and where requests go.
 
-    `routes` maps None (no version named) and each label to the VersionSlot that
-    answers; `wanted` maps them to the version number the settings ask for.  The two
-    differ while a new target loads: the old one keeps answering until it is ready.
-    `split`, when the settings name a traffic split, is (cumulative shares, targets): a
-    request naming no version goes to the target whose share covers its point in [0, 1).
+    `routes` maps None (no version named) and each label to the VersionSlot that answers;
+    `wanted` maps them to the version the settings ask for.  The two differ while a new target
+    loads: the old one keeps answering until it is ready.  `split`, when the settings name a
+    traffic split, is (cumulative shares, targets): a request naming no version goes to the
+    target whose share covers its point in [0, 1).  An entry never changes: a scan, or a route
+    pointed at its loaded target, makes a new one.
     """
 
-    def __init__(self, name, versions, served, settings, settings_error, wanted, routes, split=None):
-        self.name, self.versions, self.served = name, versions, served
-        self.settings, self.settings_error = settings, settings_error
-        self.wanted, self.routes, self.split = wanted, routes, split
+    name: str
+    versions: dict              # {version: VersionSlot}: every version on disk
+    served: tuple               # the versions its policy serves, highest first
+    settings: object            # the ModelSettings in force; None when none is valid (nothing serves)
+    settings_error: str         # why its settings file was refused, or None
+    wanted: dict                # {None or label: version}
+    routes: dict                # {None or label: VersionSlot}
+    split: tuple = None
+    preloaded: bool = False     # named by --preload: its served versions load ahead and stay
 
     def with_route(self, key, slot):
-        return CatalogueEntry(self.name, self.versions, self.served, self.settings, self.settings_error,
-                              self.wanted, {**self.routes, key: slot}, self.split)
+        return dataclasses.replace(self, routes={**self.routes, key: slot})
+
+    def pin(self):
+        """Mark its versions pinned (loaded ahead, never evicted nor unloaded for idleness) when preloaded and
+        served; an entry whose settings were refused leaves them as they were."""
+        if self.settings is not None:
+            for number, slot in self.versions.items():
+                slot.pinned = self.preloaded and number in self.served
+
+    def lookup(self, version=None, label=None, routing_key=None):
+        """The VersionSlot that answers for a version or a label; 404 or 503 if none.
+
+        Naming neither, the traffic split decides, by `routing_key` when there is one."""
+        name, settings = self.name, self.settings
+        if settings is None:
+            raise ModelUnavailable(f"model {name!r} is not served: {self.settings_error}", model=name)
+        if label is not None:
+            slot = self.routes.get(label)
+            if slot is None:
+                known = label in settings.labels
+                raise NotFound(f"label {_clip(repr(label), 80)} of model {name!r} "
+                               + (f"names version {settings.labels[label]}, which is not served"
+                                  if known else "is not defined"),
+                               model=name, labels={k: str(v) for k, v in self.wanted.items() if k},
+                               served_versions=self.served_versions())
+            return slot
+        if version is None:
+            if self.split is not None:
+                return self.routed(routing_key)
+            slot = self.routes.get(None)
+            if slot is None:
+                raise NotFound(f"model {name!r} serves no version: none of "
+                               f"{', '.join(map(str, sorted(self.versions)))} is in its version policy",
+                               model=name, served_versions=self.served_versions())
+            return slot
+        slot = self.versions.get(version)
+        if slot is None or version not in self.served:
+            raise NotFound(f"model {name!r} " + (f"has no version {version}" if slot is None else
+                                                 f"does not serve version {version} (see its version policy)"),
+                           model=name, served_versions=self.served_versions())
+        return slot
 
     def routed(self, routing_key):
         """The slot a request naming no version goes to under the split: sticky for a routing key (its
@@ -2376,7 +2449,7 @@ class CatalogueEntry:
         slot = self.shadow()
         if slot is None:
             return None
-        agreement = agreements.get((self.name, str(slot.ref.version))) or Agreement()
+        agreement = agreements.get((self.name, slot.ref.version)) or Agreement()
         return {"target": str(self.settings.shadow), "version": str(slot.ref.version),
                 "compared": agreement.replayed, "identical": agreement.identical,
                 "identical_share": round(agreement.share(), 6) if agreement.replayed else None,
@@ -2488,9 +2561,206 @@ class Residency:
         return sum(model.inflight for model in list(self._resident))
 
 
-# What a request naming no model, or any model, is told when the store holds none (the log names the folder,
-# which clients are not shown).
-EMPTY_STORE = "the model store has no models: add one as NAME.joblib or NAME/1/model.joblib"
+# A model's settings file as last read: its fingerprint (the file's and the versions on disk), the
+# ModelSettings in force (None when no valid one was ever read) and why the file was refused (or None).
+SettingsRecord = collections.namedtuple("SettingsRecord", "fingerprint settings error")
+
+
+class SettingsFiles:
+    """The models' settings files (model-settings.json) as last read: {name: SettingsRecord}.
+
+    A file is read again only when it or the versions on disk change (a traffic split is valid
+    only while the versions it names are served); a broken file keeps the last good settings
+    in force, and shows why.
+    """
+
+    def __init__(self, store):
+        self.store, self._records = store, {}
+
+    def read(self, name, numbers):
+        """The SettingsRecord of model `name`, with versions `numbers` on disk (after the store's scan)."""
+        ref = self.store.settings_files.get(name)
+        fingerprint = (ref.fingerprint if ref else None, tuple(sorted(numbers)))
+        cached = self._records.get(name)
+        if cached and cached.fingerprint == fingerprint:
+            return cached
+        if ref is None:
+            settings, error = DEFAULT_SETTINGS, None
+        else:
+            try:
+                settings, error = ModelSettings.read(ref), None
+                settings.check_served(numbers)
+            except ValueError as problem:
+                error = f"{ref.file}: {problem}"
+                settings = cached.settings if cached else None
+                logger.error("model %r: %s%s", name, error,
+                             "; the previous settings stay" if settings else "; the model is not served")
+        self._records[name] = record = SettingsRecord(fingerprint, settings, error)
+        return record
+
+    def settings_for(self, name):
+        """The settings in force for `name`: the defaults when it has none (or none valid)."""
+        record = self._records.get(name)
+        return record.settings if record is not None and record.settings is not None else DEFAULT_SETTINGS
+
+
+# -- planning: the catalogue a scan asks for -------------------------------------------------------
+
+@dataclasses.dataclass
+class Departures:
+    """What leaves service when one catalogue replaces another (see `departures`)."""
+
+    gone: list                  # slots no longer in the catalogue: never loaded again
+    unserved: list              # [(name, version, slot, left the store?)]: their models leave memory
+    forgotten: list             # [(name, version)]: gone for good, with their metrics and agreements
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a scan asks for (see `plan_catalogue`): the catalogue to serve, and the loads that get there."""
+
+    catalogue: dict             # {name: CatalogueEntry}
+    unsettled: dict             # {(name, version): fingerprint} seen once, to be seen again before use
+    replace: list               # [(slot, ArtifactRef)]: a changed artifact to load beside the model that serves
+    promote: list               # [(name, route key, slot)]: a route's new target, to load before it answers
+    departures: Departures
+
+
+def plan_catalogue(found, old_catalogue, records, unsettled, settle, preloaded):
+    """The catalogue a scan asks for, and the loads that get there, from what is given alone.
+
+    `found` is the store's scan ({name: {version: ArtifactRef}}), `records` each found name's
+    SettingsRecord, `unsettled` what the previous plan left unsettled, and `preloaded(name)` says
+    whether --preload names a model.  With `settle`, a new or changed artifact is used only once
+    two scans in a row saw the same size and mtime (a file still being written changes between
+    them).  A version in use is replaced only after its new artifact has loaded, and a model whose
+    versions all left the store stays while a new one settles (`mv m/1 m/2`).  It reads the slots'
+    states and makes slots for new artifacts; it takes no lock, starts no thread, reads no file
+    and no clock: ModelRegistry carries the plan out.
+    """
+    catalogue, settling, replace, promote = {}, {}, [], []
+    for name, refs in found.items():
+        previous = old_catalogue.get(name)
+        slots, pending = {}, set()
+        for number, ref in refs.items():
+            slot = previous.versions.get(number) if previous else None
+            if slot is not None and slot.ref.fingerprint == ref.fingerprint:
+                slots[number] = slot
+            elif settle and unsettled.get((name, number)) != ref.fingerprint:
+                settling[(name, number)] = ref.fingerprint
+                if slot is not None:
+                    slots[number] = slot        # the old artifact serves until the new one settles
+                else:
+                    pending.add(number)
+            elif slot is None or slot.model is None:
+                slots[number] = VersionSlot(ref)
+            else:
+                slots[number] = slot
+                if slot.replacing is None and slot.rejected != ref.fingerprint:
+                    replace.append((slot, ref))
+        if slots or (previous and pending):
+            catalogue[name], promotions = _plan_entry(name, slots, previous, records[name], pending,
+                                                      preloaded(name))
+            promote += promotions
+    return Plan(catalogue, settling, replace, promote, departures(old_catalogue, catalogue))
+
+
+def _plan_entry(name, slots, previous, record, pending, preloaded):
+    """(CatalogueEntry, promotions) of one model: its settings applied to its versions, what is served, and where
+    each route points.  `pending` are the version numbers whose new artifacts have not settled yet."""
+    settings = record.settings
+    if settings is None:
+        return CatalogueEntry(name, slots, (), None, record.error, {}, {}, preloaded=preloaded), []
+    served = settings.select(slots)
+    wanted = {None: served[0]} if served else {}
+    wanted.update({label: n for label, n in settings.labels.items() if n in served})
+    routes, promotions = {}, []
+    for key, current in (previous.routes.items() if previous else ()):
+        if key not in wanted and _holds(current, slots, pending):
+            routes[key] = current
+    for key, number in wanted.items():
+        current = previous.routes.get(key) if previous else None
+        routes[key], waits = _route_target(current, slots[number], slots, pending)
+        if waits and slots[number].state != LOADING:       # else a load of it is under way already
+            promotions.append((name, key, slots[number]))
+    return CatalogueEntry(name, slots, served, settings, record.error, wanted, routes,
+                          _traffic_split(settings, served), preloaded), promotions
+
+
+def _route_target(current, wanted, slots, pending):
+    """(the slot a route answers with now, whether it waits for `wanted` to load): `wanted`, unless it must
+    load first.
+
+    TF Serving's availability-preserving rule: what answers keeps answering until its
+    successor has loaded, even after its artifact left the store (its model is still in
+    memory), and a route never falls back to an older version because its own version's
+    successor has not settled yet.
+    """
+    if wanted is current or current is None:
+        return wanted, False
+    if _holds(current, slots, pending):
+        return current, False
+    if wanted.model is not None:
+        return wanted, False
+    departed = slots.get(current.ref.version) is not current
+    if current.model is None and (departed or wanted.state != FAILED):
+        return wanted, False       # nothing in memory to protect: its next request loads the new one
+    return current, True
+
+
+def _holds(current, slots, pending):
+    """Whether a route stays on `current`, which left the store, while a version as high is settling.
+
+    Renaming the serving version's folder to a higher number (`mv m/5 m/6`) is, for one
+    scan, a removal of 5 and an unsettled 6: the route keeps answering with 5 from memory
+    (or 503 with Retry-After if 5 is not loaded), never with 4.
+    """
+    return current is not None and slots.get(current.ref.version) is not current and \
+        any(number >= current.ref.version for number in pending)
+
+
+def _traffic_split(settings, served):
+    """The traffic split, resolved once per scan: (cumulative shares, targets), over the targets served now.
+
+    A target can stop being served only while previous settings stay in force (the file
+    that would serve it was refused): its share then goes to the others, never to a 404.
+    """
+    split = [(target, weight) for target, weight in settings.traffic.items() if weight > 0 and
+             (settings.labels[target] if isinstance(target, str) else target) in served]
+    total = sum(weight for _, weight in split)
+    if not total:
+        return None
+    return tuple(itertools.accumulate(weight / total for _, weight in split)), tuple(t for t, _ in split)
+
+
+def departures(old_catalogue, catalogue):
+    """What left the store, left the policy or stopped being a route's target when `catalogue` replaced
+    `old_catalogue`.
+
+    A version that left the store while a route still answers with it (see _holds) is gone
+    but not unserved: it stays in memory until no route points at it.
+    """
+    keep = set()
+    for entry in catalogue.values():
+        keep |= entry.targets()
+        keep.update(id(entry.versions[n]) for n in entry.served)
+    gone, unserved, forgotten = [], [], []
+    for name, entry in old_catalogue.items():
+        current = catalogue.get(name)
+        slots = {id(slot): (slot.ref.version, slot) for slot in entry.routes.values()}
+        slots.update((id(slot), (number, slot)) for number, slot in entry.versions.items())
+        for number, slot in slots.values():
+            removed = current is None or current.versions.get(number) is not slot
+            if removed:
+                gone.append(slot)
+                if id(slot) not in keep and (current is None or number not in current.versions):
+                    forgotten.append((name, number))
+            if id(slot) not in keep:
+                unserved.append((name, number, slot, removed))
+    return Departures(gone, unserved, forgotten)
+
+
+# -- loading ---------------------------------------------------------------------------------------
 
 
 def _warm(model, rows):
@@ -2529,17 +2799,206 @@ def _warm(model, rows):
                     f"{'from its settings' if given else 'of zeros'} in {(time.perf_counter() - started) * 1000:.1f} ms")
 
 
-class ModelRegistry:
-    """Every model in the store, the state of each of its versions, and their lifecycle.
+class Loader:
+    """Every load of a model version: on demand, for a request (`load`, single-flight per version: the
+    other requests wait on the slot's lock; a failed load is tried again only after
+    --load-retry-seconds), a changed artifact beside the model that serves (`replace`), a route's new
+    target before the route turns to it (`promote`), the preloaded versions one after another
+    (`preload`), and all of them before a pre-fork host forks (`load_before_fork`).
 
-    The catalogue ({name: CatalogueEntry}) is replaced whole by each rescan, so a
-    request reads a consistent view without a lock.  Housekeeping (rescans every
-    `poll_interval`, idle unloads, preloads) runs in `refresh()`, which both requests
-    and a watcher thread call.  The watcher is started lazily, in the process that
-    serves: one started before a pre-fork host forks would not survive the fork.
-    Loads run in background threads beside the requests, except a first load on
-    demand, which its requests wait for.
+    A load counts against --max-loaded (Residency), follows the flags and the model's settings in
+    force (`settings_for(name)`), and is counted in the metrics.  A model loaded ahead of its
+    requests is warmed first (_warm); what runs beside the requests runs on a thread of its own.
     """
+
+    def __init__(self, config, store, clock, residency, metrics, settings_for):
+        self.config, self.store, self.clock = config, store, clock
+        self.residency, self.metrics, self.settings_for = residency, metrics, settings_for
+        self.preloading = False             # a preload pass is under way (one at a time)
+
+    def options_for(self, ref):
+        """How to load `ref` now: the service's flags, its model's settings and the digests listed for it."""
+        settings = self.settings_for(ref.name)
+        digests = []
+        if ref.version in settings.sha256:
+            digests.append((settings.sha256[ref.version], f"{ref.name}/{SETTINGS_FILE}"))
+        if ref.file in self.store.sha256sums:
+            digests.append((self.store.sha256sums[ref.file], SHA256SUMS_FILE))
+        return LoadOptions(safe_pickle=self.config.safe_pickle or settings.safe_pickle, trust=self.config.trust,
+                           sha256=tuple(digests), strict_versions=self.config.strict_versions)
+
+    def build(self, ref, warm):
+        """_build_model with these load options, counted in the metrics; warmed (_warm) when no request waits
+        for it: a request that loads a model is its first call, and would only pay for every other method's
+        too."""
+        labels = (("model", ref.name), ("version", str(ref.version)))
+        started = time.perf_counter()
+        settings = self.settings_for(ref.name)
+        try:
+            with _logging_about(model=ref.name, version=ref.version):
+                model = _build_model(ref, self.options_for(ref), native=self.config.native and settings.native)
+                if warm:
+                    _warm(model, settings.warmup)
+                else:
+                    model.warmup = "not warmed: loaded for a request, which is its first call"
+        except Exception:
+            self.metrics.count("model_service_model_loads_total", labels + (("outcome", "failure"),))
+            raise
+        self.metrics.count("model_service_model_loads_total", labels + (("outcome", "success"),))
+        self.metrics.observe("model_service_model_load_duration_seconds", labels, time.perf_counter() - started)
+        model.metrics = self.metrics        # from now on: the warm-up's calls were no client's
+        batching = settings.batching
+        size, latency = batching if batching else (self.config.max_batch_size, self.config.max_latency_ms)
+        if batching is not False and size > 1 and model.n_features is not None:
+            model.batcher = Batcher(model, size, latency / 1000, self.metrics)
+        return model
+
+    def load(self, slot, warm=False):
+        """The slot's model, loaded now if it holds none; 503 when the load fails (or failed lately)."""
+        with slot.lock:
+            if slot.model is not None:
+                return slot.model
+            ref = slot.ref
+            wait = slot.retry_at - self.clock()
+            if slot.state == FAILED and wait > 0:
+                raise slot.load_failure(math.ceil(wait), model=ref.name, version=str(ref.version))
+            self.residency.reserve()
+            slot.set(LOADING)
+            slot.loads += 1
+            try:
+                model = self.build(ref, warm)
+            except Exception as error:
+                self.residency.cancel()
+                slot.set(FAILED, str(error) or type(error).__name__)
+                slot.retry_at = self.clock() + self.config.load_retry_seconds
+                logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error,
+                             extra={"model": ref.name, "version": ref.version})
+                raise slot.load_failure(math.ceil(self.config.load_retry_seconds) or None,
+                                        model=ref.name, version=str(ref.version)) from None
+            with self.residency.lock:
+                self.residency.admit(model, slot)
+                slot.model, slot.error = model, None
+                slot.set(AVAILABLE)
+                if slot.gone:
+                    self.residency.retire(model, slot)
+            logger.info("loaded model %r version %s (%s, %.3f s; %s)", ref.name, ref.version, ref.format,
+                        model.load_seconds, model.warmup, extra={"model": ref.name, "version": ref.version})
+            return model
+
+    def replace(self, slot, ref, background=False):
+        """Load `ref`, a changed artifact of `slot`, beside the model that serves, then swap; a failure keeps
+        the old one.  Returns RELOADED, FAILED or DEFERRED (no room under --max-loaded now; the next rescan
+        tries again); in the background, None: `slot.replacement` says once `slot.replaced` is set."""
+        slot.begin_replacing(ref)
+        if background:
+            _in_background(self._replacing, slot, ref)
+            return None
+        return self._replacing(slot, ref)
+
+    def _replacing(self, slot, ref):
+        outcome = FAILED
+        try:
+            outcome = self._replace(slot, ref)
+        finally:
+            slot.end_replacing(outcome)
+        return outcome
+
+    def _replace(self, slot, ref):
+        try:
+            self.residency.reserve()
+        except ModelUnavailable:
+            return DEFERRED
+        try:
+            model = self.build(ref, warm=True)
+        except Exception as error:
+            self.residency.cancel()
+            slot.rejected = ref.fingerprint
+            slot.error = f"changed artifact not loaded, the previous one still serves: {error}"
+            slot.error_at = time.time()
+            logger.error("model %r version %s: %s", ref.name, ref.version, slot.error)
+            return FAILED
+        with self.residency.lock:
+            self.residency.admit(model, slot)
+            old, slot.ref, slot.model = slot.model, ref, model
+            slot.error, slot.rejected = None, None
+            slot.loads += 1
+            if old is not None:
+                self.residency.retire(old, slot)
+            if slot.state != AVAILABLE:       # --max-loaded may have evicted the old one to make room
+                slot.set(AVAILABLE)
+            if slot.gone:
+                self.residency.retire(model, slot)
+        logger.info("model %r version %s reloaded from its artifact (%s)", ref.name, ref.version, model.warmup,
+                    extra={"model": ref.name, "version": ref.version})
+        return RELOADED
+
+    def promote(self, slot, then):
+        """Load a route's new target in the background, then call `then()` (which points the route at it); a
+        failure is recorded in the slot's status, and the route's previous version keeps answering."""
+        _in_background(self._promote, slot, then)
+
+    def _promote(self, slot, then):
+        try:
+            self.load(slot, warm=True)
+        except ServiceError:
+            return
+        then()
+
+    def preload(self, slots):
+        """Load `slots` one after another in the background, unless a preload pass is under way already."""
+        if slots and not self.preloading:
+            self.preloading = True
+            _in_background(self._preload, slots)
+
+    def _preload(self, slots):
+        try:
+            self.load_all(slots)
+        finally:
+            self.preloading = False
+
+    def load_all(self, slots):
+        """Load (and warm) each of `slots` still in the catalogue, in this thread; a failure shows in its status
+        and in readiness, and is tried again later."""
+        for slot in slots:
+            if not slot.gone:
+                with contextlib.suppress(ServiceError):
+                    self.load(slot, warm=True)
+
+    def load_before_fork(self, slots):
+        """In a pre-fork host's parent: import the numeric stack and load `slots` now, in this thread.
+
+        The workers forked next share these modules' and models' memory (copy on write) instead of
+        each loading its own.  No thread is started, and none runs at the fork: threads do not
+        survive it, and a lock one of them held would stay held in every worker.
+        """
+        for module in ("numpy", "sklearn", "joblib"):      # imported once, shared by every worker
+            importlib.import_module(module)
+        self.load_all(slots)
+
+
+# -- the registry: what the app uses ---------------------------------------------------------------
+
+# What a request naming no model, or any model, is told when the store holds none (the log names the folder,
+# which clients are not shown).
+EMPTY_STORE = "the model store has no models: add one as NAME.joblib or NAME/1/model.joblib"
+
+
+class ModelRegistry:
+    """Every model in the store, the state of each of its versions, and their lifecycle: the app's one handle.
+
+    Each scan of the store is planned (plan_catalogue) and carried out here: the catalogue
+    ({name: CatalogueEntry}) is replaced whole, so a request reads a consistent view without a
+    lock, and the loads the plan asks for go to the Loader.  Housekeeping (rescans every
+    `poll_interval`, idle unloads, preloads) runs in `refresh()`, which both requests and a
+    watcher thread call.  The watcher is started lazily, in the process that serves: one started
+    before a pre-fork host forks would not survive the fork.  Loads run in background threads
+    beside the requests, except a first load on demand, which its requests wait for.  A request
+    gets its model with `using`, or with acquire and release paired (the predict core, see `using`).
+    """
+
+    # A rescan may replace a request's slot, or --max-loaded evict its model, between the lookup and its use:
+    # the request looks again, this many times in all, before it says which of the two kept happening.
+    ACQUIRE_TRIES = 3
 
     def __init__(self, config, clock=time.monotonic, watch=True):
         self.config = config
@@ -2554,16 +3013,16 @@ class ModelRegistry:
         self._last_scan = None
         self._next_tick = 0.0
         self._unsettled = {}            # (name, version) -> fingerprint seen once, waiting to be seen again
-        self._settings = {}             # name -> (fingerprint, ModelSettings or None, error)
+        self.settings = SettingsFiles(self.store)
+        self.settings_for = self.settings.settings_for     # the settings in force for a model name
         self.metrics = Metrics({"model_service_models_loaded": self.loaded_count,
                                 "model_service_requests_in_flight": self.in_flight})
         self.residency = Residency(config.max_loaded, clock, self.metrics.changed)
+        self.loader = Loader(config, self.store, clock, self.residency, self.metrics, self.settings_for)
         self.agreements = {}            # (name, shadow version) -> Agreement, filled by the app's Shadow
-        self._preloading = False
         self._watcher_pid = None
-        tick = min(config.poll_interval or math.inf,
-                   1.0 if config.idle_unload or config.preload else math.inf)
-        self._tick_seconds = tick
+        self._tick_seconds = min(config.poll_interval or math.inf,
+                                 1.0 if config.idle_unload or config.preload else math.inf)
 
     # -- housekeeping ---------------------------------------------------------
     def refresh(self):
@@ -2589,34 +3048,18 @@ class ModelRegistry:
         self._next_tick = self.clock() + self._tick_seconds
         if self.config.idle_unload:
             self.residency.unload_idle(self.config.idle_unload)
-        if self.config.preload:
-            self._preload()
+        if self.config.preload and not self.loader.preloading:
+            self.loader.preload(self._unloaded_preloads())
         if self.watch and self._tick_seconds < math.inf and self._watcher_pid != os.getpid():
             self._watcher_pid = os.getpid()
-            threading.Thread(target=self._watch, args=(weakref.ref(self), os.getpid(), self._tick_seconds),
+            threading.Thread(target=_watch, args=(weakref.ref(self), os.getpid(), self._tick_seconds),
                              name="model-watcher", daemon=True).start()
 
     def stop_watching(self):
         """End this process's watcher thread (requests still refresh); for tests and embedders."""
         self._watcher_pid = None
 
-    @staticmethod
-    def _watch(registry_ref, pid, tick):
-        """Keep housekeeping going while no request comes (idle unloads, new versions preloaded).
-
-        It holds the registry weakly, so a registry nobody uses any more ends its watcher.
-        """
-        while True:
-            time.sleep(tick)
-            registry = registry_ref()
-            if registry is None or registry._watcher_pid != pid:
-                return
-            try:
-                registry.refresh()
-            except Exception:  # never let the watcher die silently
-                logger.exception("model store housekeeping failed")
-            del registry
-
+    # -- scanning: scan, plan, carry the plan out -------------------------------
     def _scan(self, settle):
         self._last_scan = self.clock()
         try:
@@ -2634,150 +3077,22 @@ class ModelRegistry:
             logger.info("model store %s: %d model(s): %s", self.store.root, len(found), ", ".join(sorted(found)))
 
     def _apply(self, found, settle):
-        """Make the catalogue match the store: add new versions, replace changed ones, drop removed ones.
+        """Make the catalogue what the store and the models' settings ask for, then start the loads that needs.
 
-        With `settle`, a new or changed artifact is used only once two scans in a row
-        saw the same size and mtime (a file still being written changes between them).
-        A version in use is replaced only after its new artifact has loaded, and a model
-        whose versions all left the store stays while a new one settles (`mv m/1 m/2`).
-        """
-        old_catalogue, catalogue, unsettled = self._catalogue, {}, {}
-        for name, refs in found.items():
-            self._read_settings(name, refs)    # first: a replacement started below loads with these settings
-            previous = old_catalogue.get(name)
-            old, slots = previous.versions if previous else {}, {}
-            for number, ref in refs.items():
-                slot = old.get(number)
-                if slot is not None and slot.ref.fingerprint == ref.fingerprint:
-                    slots[number] = slot
-                elif settle and self._unsettled.get((name, number)) != ref.fingerprint:
-                    unsettled[(name, number)] = ref.fingerprint
-                    if slot is not None:
-                        slots[number] = slot        # the old artifact serves until the new one settles
-                elif slot is None or slot.model is None:
-                    slots[number] = VersionSlot(ref)
-                else:
-                    slots[number] = slot
-                    if slot.replacing is None and slot.rejected != ref.fingerprint:
-                        slot.replacing = ref
-                        _in_background(self._replace, slot, ref)
-            pending = {number for (model, number) in unsettled if model == name and number not in slots}
-            if slots or (previous and pending):
-                catalogue[name] = self._build_entry(name, slots, previous, pending)
-        self._unsettled = unsettled
-        self._catalogue = catalogue
-        self._unload_unserved(old_catalogue, catalogue)
+        The settings are read first: a load the plan starts reads them."""
+        records = {name: self.settings.read(name, refs) for name, refs in found.items()}
+        plan = plan_catalogue(found, self._catalogue, records, self._unsettled, settle, self._preloaded)
+        for entry in plan.catalogue.values():
+            entry.pin()
+        self._unsettled, self._catalogue = plan.unsettled, plan.catalogue
+        self._retire(plan.departures)
+        for slot, ref in plan.replace:
+            self.loader.replace(slot, ref, background=True)
+        for name, key, slot in plan.promote:
+            self.loader.promote(slot, functools.partial(self._point, name, key, slot))
 
-    def _build_entry(self, name, slots, previous, pending=()):
-        """Apply the model's settings to its versions: what is served, and where each route points.
-
-        `pending` are the version numbers whose new artifacts have not settled yet.
-        """
-        _, settings, error = self._settings[name]           # read by _apply just before
-        if settings is None:
-            return CatalogueEntry(name, slots, (), None, error, {}, {})
-        served = settings.select(slots)
-        wanted = {None: served[0]} if served else {}
-        wanted.update({label: n for label, n in settings.labels.items() if n in served})
-        routes = {}
-        for key, current in (previous.routes.items() if previous else ()):
-            if key not in wanted and self._holds(current, slots, pending):
-                routes[key] = current
-        for key, number in wanted.items():
-            current = previous.routes.get(key) if previous else None
-            routes[key] = self._route(name, key, current, slots[number], slots, pending)
-        pinned = self._preloaded(name)
-        for number, slot in slots.items():
-            slot.pinned = pinned and number in served
-        return CatalogueEntry(name, slots, served, settings, error, wanted, routes, self._split(settings, served))
-
-    @staticmethod
-    def _split(settings, served):
-        """The traffic split, resolved once per scan: (cumulative shares, targets), over the targets served now.
-
-        A target can stop being served only while previous settings stay in force (the file
-        that would serve it was refused): its share then goes to the others, never to a 404.
-        """
-        split = [(target, weight) for target, weight in settings.traffic.items() if weight > 0 and
-                 (settings.labels[target] if isinstance(target, str) else target) in served]
-        total = sum(weight for _, weight in split)
-        if not total:
-            return None
-        return tuple(itertools.accumulate(weight / total for _, weight in split)), tuple(t for t, _ in split)
-
-    def _read_settings(self, name, numbers):
-        """(settings, error) for a model with versions `numbers` on disk; a broken file keeps the last good
-        settings and shows why.  Read again when the file or the versions change: a traffic split is valid
-        only while the versions it names are served."""
-        ref = self.store.settings_files.get(name)
-        fingerprint = (ref.fingerprint if ref else None, tuple(sorted(numbers)))
-        cached = self._settings.get(name)
-        if cached and cached[0] == fingerprint:
-            return cached[1], cached[2]
-        if ref is None:
-            settings, error = DEFAULT_SETTINGS, None
-        else:
-            try:
-                settings, error = ModelSettings.read(ref), None
-                settings.check_served(numbers)
-            except ValueError as problem:
-                error = f"{ref.file}: {problem}"
-                settings = cached[1] if cached else None
-                logger.error("model %r: %s%s", name, error,
-                             "; the previous settings stay" if settings else "; the model is not served")
-        self._settings[name] = (fingerprint, settings, error)
-        return settings, error
-
-    def _load_options(self, ref):
-        """How to load `ref` now: the service's flags, its model's settings and the digests listed for it."""
-        cached = self._settings.get(ref.name)
-        settings = cached[1] if cached and cached[1] is not None else DEFAULT_SETTINGS
-        digests = []
-        if ref.version in settings.sha256:
-            digests.append((settings.sha256[ref.version], f"{ref.name}/{SETTINGS_FILE}"))
-        if ref.file in self.store.sha256sums:
-            digests.append((self.store.sha256sums[ref.file], SHA256SUMS_FILE))
-        return LoadOptions(safe_pickle=self.config.safe_pickle or settings.safe_pickle, trust=self.config.trust,
-                           sha256=tuple(digests), strict_versions=self.config.strict_versions)
-
-    def _route(self, name, key, current, wanted, slots, pending):
-        """The version a route should answer with now: `wanted`, unless it must load first.
-
-        TF Serving's availability-preserving rule: what answers keeps answering until its
-        successor has loaded, even after its artifact left the store (its model is still in
-        memory), and a route never falls back to an older version because its own version's
-        successor has not settled yet.
-        """
-        if wanted is current or current is None:
-            return wanted
-        if self._holds(current, slots, pending):
-            return current
-        if wanted.model is not None:
-            return wanted
-        departed = slots.get(current.ref.version) is not current
-        if current.model is None and (departed or wanted.state != FAILED):
-            return wanted              # nothing in memory to protect: its next request loads the new one
-        if wanted.state != LOADING:
-            _in_background(self._promote, name, key, wanted)
-        return current
-
-    @staticmethod
-    def _holds(current, slots, pending):
-        """Whether a route stays on `current`, which left the store, while a version as high is settling.
-
-        Renaming the serving version's folder to a higher number (`mv m/5 m/6`) is, for one
-        scan, a removal of 5 and an unsettled 6: the route keeps answering with 5 from memory
-        (or 503 with Retry-After if 5 is not loaded), never with 4.
-        """
-        return current is not None and slots.get(current.ref.version) is not current and \
-            any(number >= current.ref.version for number in pending)
-
-    def _promote(self, name, key, slot):
-        """Load a route's new target in the background, then point the route at it."""
-        try:
-            self._load(slot, warm=True)
-        except ServiceError:
-            return                     # recorded in the slot's status; the previous version keeps answering
+    def _point(self, name, key, slot):
+        """A promoted target has loaded: point its route at it, if the catalogue still wants that."""
         with self._scan_lock:
             entry = self._catalogue.get(name)
             if entry is None or entry.wanted.get(key) != slot.ref.version or \
@@ -2785,89 +3100,26 @@ class ModelRegistry:
                 return
             previous = self._catalogue
             self._catalogue = {**previous, name: entry.with_route(key, slot)}
-            self._unload_unserved(previous, self._catalogue)
+            self._retire(departures(previous, self._catalogue))
         logger.info("model %r %s now answers with version %s", name,
                     f"label {key!r}" if key else "(latest)", slot.ref.version)
 
-    def _unload_unserved(self, old_catalogue, catalogue):
-        """Unload what left the store, left the policy or stopped being a route's target.
-
-        A version that left the store while a route still answers with it (see _holds) is
-        marked gone but stays in memory until no route points at it.
-        """
-        keep = set()
-        for entry in catalogue.values():
-            keep |= entry.targets()
-            keep.update(id(entry.versions[n]) for n in entry.served)
-        departed = []
+    def _retire(self, departed):
+        """Carry out Departures: mark the gone slots, unload the unserved models, forget the versions that left."""
         with self.residency.lock:
-            for name, entry in old_catalogue.items():
-                current = catalogue.get(name)
-                slots = {id(slot): (slot.ref.version, slot) for slot in entry.routes.values()}
-                slots.update((id(slot), (number, slot)) for number, slot in entry.versions.items())
-                for number, slot in slots.values():
-                    removed = current is None or current.versions.get(number) is not slot
-                    if removed:
-                        slot.gone = True
-                        if id(slot) not in keep and (current is None or number not in current.versions):
-                            departed.append((name, str(number)))
-                    if slot.model is not None and id(slot) not in keep:
-                        logger.info("model %r version %s %s: unloaded", name, number,
-                                    "left the store" if removed else "is no longer served")
-                        self.residency.retire(slot.model, slot)
-        for name, version in departed:       # its series end, so a store that keeps publishing stays bounded
-            self.metrics.forget(name, version)
-            self.agreements.pop((name, version), None)
-
-    def _replace(self, slot, ref):
-        """Load a changed artifact beside the model that serves, then swap; a failure keeps the old one.
-
-        Returns what happened: "RELOADED", "FAILED" or "DEFERRED" (no room under --max-loaded now;
-        the next rescan tries again).
-        """
-        try:
-            self.residency.reserve()
-        except ModelUnavailable:
-            slot.replacing = None
-            return "DEFERRED"
-        try:
-            model = self._build(ref, warm=True)
-        except Exception as error:
-            self.residency.cancel()
-            slot.rejected = ref.fingerprint
-            slot.error = f"changed artifact not loaded, the previous one still serves: {error}"
-            slot.error_at = time.time()
-            logger.error("model %r version %s: %s", ref.name, ref.version, slot.error)
-            return FAILED
-        else:
-            with self.residency.lock:
-                self.residency.admit(model, slot)
-                old, slot.ref, slot.model = slot.model, ref, model
-                slot.error, slot.rejected = None, None
-                slot.loads += 1
-                if old is not None:
-                    self.residency.retire(old, slot)
-                if slot.state != AVAILABLE:       # --max-loaded may have evicted the old one to make room
-                    slot.set(AVAILABLE)
-                if slot.gone:
-                    self.residency.retire(model, slot)
-            logger.info("model %r version %s reloaded from its artifact (%s)", ref.name, ref.version, model.warmup,
-                        extra={"model": ref.name, "version": ref.version})
-            return "RELOADED"
-        finally:
-            slot.replacing = None
+            for slot in departed.gone:
+                slot.gone = True
+            for name, number, slot, removed in departed.unserved:
+                if slot.model is not None:
+                    logger.info("model %r version %s %s: unloaded", name, number,
+                                "left the store" if removed else "is no longer served")
+                    self.residency.retire(slot.model, slot)
+        for name, number in departed.forgotten:   # its series end, so a store that keeps publishing stays bounded
+            self.metrics.forget(name, number)
+            self.agreements.pop((name, number), None)
 
     def _preloaded(self, name):
         return self.config.preload == ALL_MODELS or name in self.config.preload
-
-    def _preload(self):
-        """Load, one after another in the background, the preloaded versions not in memory yet."""
-        if self._preloading:
-            return
-        pending = self._unloaded_preloads()
-        if pending:
-            self._preloading = True
-            _in_background(self._preload_all, pending)
 
     def _unloaded_preloads(self):
         now = self.clock()
@@ -2875,43 +3127,29 @@ class ModelRegistry:
                 if slot.pinned and slot.model is None and slot.state != LOADING
                 and not (slot.state == FAILED and slot.retry_at > now)]
 
-    def _preload_all(self, slots):
-        try:
-            for slot in slots:
-                if not slot.gone:
-                    try:
-                        self._load(slot, warm=True)
-                    except ServiceError:
-                        pass                       # shown in the status and in readiness; retried later
-        finally:
-            self._preloading = False
-
-    def load_before_fork(self):
-        """In a pre-fork host's parent: scan and load the preloaded versions now, in this thread.
-
-        The workers forked next share these models' memory (copy on write) instead of each
-        loading its own.  No thread is started, and none runs at the fork: threads do not
-        survive it, and a lock one of them held would stay held in every worker.  Each worker's
-        first refresh() starts its own watcher, which loads what the store publishes later.
-        """
-        for module in ("numpy", "sklearn", "joblib"):      # imported once, shared by every worker
-            importlib.import_module(module)
-        with self._scan_lock:
-            self._scan(settle=False)
-        if self.config.preload:
-            self._preload_all(self._unloaded_preloads())
-
     # -- requests -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def using(self, name, version=None, label=None, slot=None, routing_key=None):
+        """`with registry.using(name, version, label) as model:` the model that answers a request, loaded if
+        need be and counted in flight for the block: how a handler, the shadow and replay get a model.  The
+        predict core pairs acquire() and release() itself: past --max-predict-seconds its releases pass to
+        the computation still running (TimeLimit), and a with block on its path costs the request 3 µs."""
+        model = self.acquire(name, version, label, slot, routing_key)
+        try:
+            yield model
+        finally:
+            self.release(model)
+
     def acquire(self, name, version=None, label=None, slot=None, routing_key=None):
         """The model that answers a request (in `slot` when the caller resolved it), loaded if need be; pair
         with release()."""
-        for _ in range(3):
+        for _ in range(self.ACQUIRE_TRIES):
             slot = slot or self.slot(name, version, label, routing_key)
             model = self.residency.use(slot)
             if model is not None:
                 return model
             if not slot.gone:
-                self._load(slot)
+                self.loader.load(slot)
             last = slot
             if slot.gone:       # a rescan replaced it: look the request up again (a split may pick anew)
                 slot = None
@@ -2925,70 +3163,12 @@ class ModelRegistry:
         self.residency.release(model)
 
     def get(self, name, version=None, label=None):
-        """The loaded model, loading (and warming) it on first use (one load however many callers wait)."""
+        """The model of a version, loaded (and warmed) now if need be, one load however many callers wait: to
+        load ahead of requests (V2's repository load, embedders).  Not counted in flight: a request uses
+        `using`."""
         slot = self.slot(name, version, label)
         model = slot.model
-        return model if model is not None else self._load(slot, warm=True)
-
-    def _build(self, ref, warm):
-        """_build_model with this registry's load options, counted in the metrics; warmed (_warm) when no
-        request waits for it: a request that loads a model is its first call, and would only pay for
-        every other method's too."""
-        labels = (("model", ref.name), ("version", str(ref.version)))
-        started = time.perf_counter()
-        try:
-            settings = self._settings.get(ref.name, (None, None))[1] or DEFAULT_SETTINGS
-            with _logging_about(model=ref.name, version=ref.version):
-                model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native)
-                if warm:
-                    _warm(model, settings.warmup)
-                else:
-                    model.warmup = "not warmed: loaded for a request, which is its first call"
-        except Exception:
-            self.metrics.count("model_service_model_loads_total", labels + (("outcome", "failure"),))
-            raise
-        self.metrics.count("model_service_model_loads_total", labels + (("outcome", "success"),))
-        self.metrics.observe("model_service_model_load_duration_seconds", labels, time.perf_counter() - started)
-        model.metrics = self.metrics        # from now on: the warm-up's calls were no client's
-        cached = self._settings.get(ref.name)
-        batching = cached[1].batching if cached and cached[1] is not None else None
-        size, latency = batching if batching else (self.config.max_batch_size, self.config.max_latency_ms)
-        if batching is not False and size > 1 and model.n_features is not None:
-            model.batcher = Batcher(model, size, latency / 1000, self.metrics)
-        return model
-
-    def _load(self, slot, warm=False):
-        with slot.lock:
-            if slot.model is not None:
-                return slot.model
-            ref = slot.ref
-            wait = slot.retry_at - self.clock()
-            if slot.state == FAILED and wait > 0:
-                raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
-                                       retry_after=math.ceil(wait), model=ref.name, version=str(ref.version))
-            self.residency.reserve()
-            slot.set(LOADING)
-            slot.loads += 1
-            try:
-                model = self._build(ref, warm)
-            except Exception as error:
-                self.residency.cancel()
-                slot.set(FAILED, str(error) or type(error).__name__)
-                slot.retry_at = self.clock() + self.config.load_retry_seconds
-                logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error,
-                             extra={"model": ref.name, "version": ref.version})
-                raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
-                                       retry_after=math.ceil(self.config.load_retry_seconds) or None,
-                                       model=ref.name, version=str(ref.version)) from None
-            with self.residency.lock:
-                self.residency.admit(model, slot)
-                slot.model, slot.error = model, None
-                slot.set(AVAILABLE)
-                if slot.gone:
-                    self.residency.retire(model, slot)
-            logger.info("loaded model %r version %s (%s, %.3f s; %s)", ref.name, ref.version, ref.format,
-                        model.load_seconds, model.warmup, extra={"model": ref.name, "version": ref.version})
-            return model
+        return model if model is not None else self.loader.load(slot, warm=True)
 
     # -- lookups ------------------------------------------------------------------
     def names(self):
@@ -3017,53 +3197,24 @@ class ModelRegistry:
                            model=name, models=self.names())
         return entry
 
+    def slot(self, name, version=None, label=None, routing_key=None):
+        """The VersionSlot that answers for a name and a version or label (CatalogueEntry.lookup); 4xx/503 if
+        none."""
+        return self.entry(name).lookup(version, label, routing_key)
+
     def shadow_slot(self, name):
         """The VersionSlot of model `name`'s shadow version; None when it has none (or is gone: a request
         answered before a rescan removed the model is not a 404 for its shadow)."""
         entry = self._catalogue.get(name)
         return entry.shadow() if entry is not None else None
 
-    def slot(self, name, version=None, label=None, routing_key=None):
-        """The VersionSlot that answers for a name and a version string or label; 4xx/503 if none.
-
-        Naming neither, the model's traffic split decides, by `routing_key` when there is one."""
-        entry = self.entry(name)
-        if entry.settings is None:
-            raise ModelUnavailable(f"model {name!r} is not served: {entry.settings_error}", model=name)
-        if label is not None:
-            slot = entry.routes.get(label)
-            if slot is None:
-                known = label in entry.settings.labels
-                raise NotFound(f"label {_clip(repr(label), 80)} of model {name!r} "
-                               + (f"names version {entry.settings.labels[label]}, which is not served"
-                                  if known else "is not defined"),
-                               model=name, labels={k: str(v) for k, v in entry.wanted.items() if k},
-                               served_versions=entry.served_versions())
-            return slot
-        if version is None:
-            if entry.split is not None:
-                return entry.routed(routing_key)
-            slot = entry.routes.get(None)
-            if slot is None:
-                raise NotFound(f"model {name!r} serves no version: none of "
-                               f"{', '.join(map(str, sorted(entry.versions)))} is in its version policy",
-                               model=name, served_versions=entry.served_versions())
-            return slot
-        if not VERSION.fullmatch(version):
-            raise BadRequest(f"invalid version {_clip(repr(version), 40)}: versions are positive integers",
-                             model=name)
-        slot = entry.versions.get(int(version))
-        if slot is None or int(version) not in entry.served:
-            raise NotFound(f"model {name!r} " + (f"has no version {version}" if slot is None else
-                                                 f"does not serve version {version} (see its version policy)"),
-                           model=name, served_versions=entry.served_versions())
-        return slot
-
     def require_store(self):
         """503 unless the store has been scanned (it may be missing or unreadable)."""
         if not self._scanned:
-            raise ModelUnavailable("model store unavailable: "
-                                   + (self._scan_error or "it has not been scanned yet"))
+            raise ModelUnavailable(self._store_unavailable())
+
+    def _store_unavailable(self):
+        return "model store unavailable: " + (self._scan_error or "it has not been scanned yet")
 
     @property
     def ready(self):
@@ -3074,14 +3225,14 @@ class ModelRegistry:
         if self.draining:
             return "shutting down"
         if not self._scanned:
-            return "model store unavailable: " + (self._scan_error or "it has not been scanned yet")
+            return self._store_unavailable()
         catalogue, reasons = self._catalogue, []
         if self.config.preload != ALL_MODELS:
             reasons += [f"preloaded model {name!r} is not in the store" for name in self.config.preload
                         if name not in catalogue]
         for name in sorted(catalogue):
             entry = catalogue[name]
-            if not self._preloaded(name):
+            if not entry.preloaded:
                 continue
             if entry.settings is None:
                 reasons.append(f"model {name!r}: {entry.settings_error}")
@@ -3094,6 +3245,10 @@ class ModelRegistry:
     def describe(self, name):
         return self.entry(name).describe(self.clock, self.agreements)
 
+    def describe_all(self):
+        catalogue = self._catalogue
+        return [catalogue[name].describe(self.clock, self.agreements) for name in sorted(catalogue)]
+
     def agreement(self, name, version):
         """The Agreement of model `name`'s shadow version `version` with the versions that answer (made once)."""
         key = (name, version)
@@ -3101,15 +3256,6 @@ class ModelRegistry:
         if agreement is None:
             agreement = self.agreements.setdefault(key, Agreement())
         return agreement
-
-    def model_settings(self, name):
-        """The settings in force for `name` (the defaults when it has none, or left the store)."""
-        entry = self._catalogue.get(name)
-        return entry.settings if entry is not None and entry.settings is not None else DEFAULT_SETTINGS
-
-    def describe_all(self):
-        catalogue = self._catalogue
-        return [catalogue[name].describe(self.clock, self.agreements) for name in sorted(catalogue)]
 
     def known_features(self):
         """{name: feature names} for the models whose default version is loaded and names its features."""
@@ -3142,7 +3288,7 @@ class ModelRegistry:
             self._scan(settle=False)
             self._housekeep()
         if self._scan_error:
-            raise ModelUnavailable(f"model store unavailable: {self._scan_error}")
+            raise ModelUnavailable(self._store_unavailable())
         return self.names()
 
     def reload(self, name):
@@ -3157,16 +3303,38 @@ class ModelRegistry:
         for number in entry.served:
             slot = entry.versions[number]
             if slot.replacing is not None:         # the rescan found it changed and is loading it already
-                while slot.replacing is not None:
-                    time.sleep(0.01)
-                results[str(number)] = FAILED if slot.rejected else "RELOADED"
+                slot.replaced.wait()
+                results[str(number)] = slot.replacement
             elif slot.model is None:
                 slot.retry_at = 0.0
                 results[str(number)] = slot.state
             else:
-                slot.replacing, slot.rejected = slot.ref, None
-                results[str(number)] = self._replace(slot, slot.ref)
+                results[str(number)] = self.loader.replace(slot, slot.ref)
         return results
+
+    def load_before_fork(self):
+        """In a pre-fork host's parent: scan and load the preloaded versions now, in this thread (see
+        Loader.load_before_fork).  Each worker's first refresh() starts its own watcher, which loads what the
+        store publishes later."""
+        with self._scan_lock:
+            self._scan(settle=False)
+        self.loader.load_before_fork(self._unloaded_preloads() if self.config.preload else [])
+
+
+def _watch(registry_ref, pid, tick):
+    """A registry's watcher thread: keep housekeeping going while no request comes (idle unloads, new
+    versions preloaded).  It holds the registry weakly, so a registry nobody uses any more ends its watcher.
+    """
+    while True:
+        time.sleep(tick)
+        registry = registry_ref()
+        if registry is None or registry._watcher_pid != pid:
+            return
+        try:
+            registry.refresh()
+        except Exception:  # never let the watcher die silently
+            logger.exception("model store housekeeping failed")
+        del registry
 
 
 ###############################################################################
@@ -3431,11 +3599,145 @@ def _request_id(environ):
 
 
 ###############################################################################
-# Protocol codecs #############################################################
+# Protocols ###################################################################
 ###############################################################################
-# Turning parsed bodies into estimator inputs and estimator outputs into each
-# protocol's JSON: the native API, TF Serving REST (KServe V1), the Open Inference
-# Protocol (V2) and MLflow scoring.
+# Each protocol in one block: the native API, the seed course's routes, TF Serving REST (KServe V1),
+# the Open Inference Protocol (V2) and MLflow scoring.  A block holds the protocol's helpers (bodies
+# into estimator inputs, outputs into its JSON), its request record, and its Protocol: route rows,
+# handlers, OpenAPI schemas and examples.  ROUTES (HTTP application) is the service's rows plus every
+# protocol's in PROTOCOLS: adding a protocol is one block here and one entry there.
+
+# -- what every protocol shares: route rows, the Protocol base, rows into estimator inputs ---------
+
+JSON_TYPE = "application/json"
+OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
+
+
+def version_number(text, model):
+    """A version of `model` as a URL or a flag writes it, as the number the service uses inside; 400 for any
+    other text."""
+    if not VERSION.fullmatch(text):
+        raise BadRequest(f"invalid version {_clip(repr(text), 40)}: versions are positive integers", model=model)
+    return int(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One row of ROUTES.
+
+    `path` is OpenAPI's template ({name}, {version}, {label}; a TF verb follows a colon).
+    `handler` names the method that answers, called with the path's parameters and `args`: the
+    `protocol`'s (given the app first) on a protocol's row, else the app's.  `access`: OPEN
+    routes are for probes and load balancers; TOKEN ones need one of --auth-tokens when it is
+    set; ADMIN ones are off without --admin-token and need it.  `answer` and `body` name OpenAPI
+    schemas (see the OpenAPI section); `link` names the route in GET /'s links; a `per_model` row
+    is also documented once per model whose feature names are known, with its own row schema.
+    """
+
+    method: str
+    path: str
+    handler: str
+    access: str
+    summary: str
+    tag: str
+    answer: str = None          # None: a JSON object; "text": text/plain
+    body: str = None
+    query: tuple = ()
+    args: tuple = ()            # (keyword, value) pairs
+    link: str = None
+    per_model: bool = False
+    protocol: object = None     # the Protocol whose row it is (set when PROTOCOLS registers it)
+
+    @property
+    def rule(self):
+        """Bottle's rule: a parameter before a colon or at the end of a TF path admits no colon, and the
+        colon of a TF verb is matched by an anonymous wildcard (Bottle reads a bare ":name" as a wildcard):
+        "/v1/models/{name}:predict" is "/v1/models/<name:re:[^/:]+><:re::predict>"."""
+        path = self.path
+        if path.startswith("/v1/"):
+            path = re.sub(r"\{(\w+)\}(?=:|$)", r"<\1:re:[^/:]+>", path)
+        path = re.sub(r":(\w+)$", r"<:re::\1>", path)
+        return re.sub(r"\{(\w+)\}", lambda m: f"<{m[1]}:path>" if m[1] == "sentence" else f"<{m[1]}>", path)
+
+
+# The ways a model route names a version: none (the latest, or the traffic split), a number, a label.
+VERSION_WAYS = (("", "", None), ("/versions/{version}", " with a version", "version"),
+                ("/labels/{label}", " with a label", "label"))
+
+
+def for_each_version(rows, labels=True):
+    """The rows `rows(suffix, what, way)` makes for each of VERSION_WAYS (without labels: the first two)."""
+    return tuple(row for suffix, what, way in VERSION_WAYS if labels or way != "label"
+                 for row in rows(suffix, what, way))
+
+
+# OpenAPI's building blocks, for the protocols' schemas and the OpenAPI section.
+def _schema_ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_ANY = {}
+_OBJECT = {"type": "object", "additionalProperties": True}
+_ROWS = {"type": "array", "minItems": 1, "items": _ANY}
+
+
+class Protocol:
+    """One protocol, whole: its route rows, how it reads a request, answers and refuses, its handlers, and
+    its OpenAPI schemas and examples.
+
+    Every prediction goes through the app's one core (ServiceApp.predict), which calls `read`
+    (what can be checked before the model is known: the body, the URL) for the protocol's
+    request record, `routing_key`, then `inputs` (what needs the model: the methods to call, the
+    estimator's inputs), then `encode`; resolving the model, admission, batching, the time limit
+    and the metrics are done there once for every protocol.  An explanation is one more method
+    for `inputs` to name and `encode` to shape.  A protocol that is not HTTP (V2 over gRPC) reads
+    its own messages into its record and calls the core's `ServiceApp.answer`.  A protocol's other
+    rows name its own handlers, called with the app first, or the service's answers every
+    protocol shares (below).
+    """
+
+    name = None         # how the payload log names it
+    routes = ()         # its Route rows, bound to it by registered_routes()
+    schemas = {}        # its OpenAPI component schemas
+    examples = {}       # a request body of each kind its rows take (Route.body): OpenAPI shows them, and a
+    #                     body that is not JSON is answered with its route's (not_json_refusal)
+    bodies = {}         # OpenAPI request bodies that are not one JSON schema, by Route.body
+
+    def registered_routes(self):
+        return tuple(dataclasses.replace(route, protocol=self) for route in self.routes)
+
+    def read(self, request, config, **route):
+        """The request record: what the request asks for, as far as it can be checked without the model."""
+        raise NotImplementedError
+
+    def routing_key(self, environ, asked):
+        """The request's routing key for sticky traffic splits: its X-Routing-Key header; None if empty."""
+        return environ.get("HTTP_X_ROUTING_KEY") or None
+
+    def inputs(self, model, asked, config):
+        """(methods to call, estimator inputs)."""
+        raise NotImplementedError
+
+    def encode(self, model, asked, results):
+        """The answer for {method: outputs}: a JSON value, or a bottle.HTTPResponse for other bodies."""
+        raise NotImplementedError
+
+    def error(self, error):
+        """The JSON body of a refusal in this protocol."""
+        return error.to_dict()
+
+    # The service's answers a protocol's rows may name: the same in every protocol.
+    def predict(self, app, **route):
+        return app.predict(self, **route)
+
+    def alive(self, app):
+        return app.alive()
+
+    def ready(self, app):
+        return app.ready()
+
+    def model_names(self, app):
+        return app.model_names()
 
 
 def choose_method(model, requested, unknown=NotFound):
@@ -3456,22 +3758,6 @@ def _instances_or_inputs(payload):
     if not has_instances and not has_inputs:
         raise BadRequest("Missing 'inputs' or 'instances' key")
     return (payload["inputs"], True) if has_inputs else (payload["instances"], False)
-
-
-def decode_payload(payload, query_method):
-    """Split a predict body into (instances or columns, method) per the native API."""
-    if isinstance(payload, list):
-        rows, method = payload, None
-    elif isinstance(payload, dict):
-        rows, _ = _instances_or_inputs(payload)
-        method = payload.get("method")
-        if method is not None and not isinstance(method, str):
-            raise BadRequest("'method' must be a string")
-    else:
-        raise BadRequest("expected a JSON object with 'instances' or 'inputs', or a list of instances")
-    if query_method and method and query_method != method:
-        raise BadRequest(f"method {method!r} in the body disagrees with ?method={query_method}")
-    return rows, method or query_method
 
 
 def model_inputs(model, rows, max_rows):
@@ -3582,15 +3868,116 @@ def _columns_to_rows(model, columns):
     return [dict(zip(keys, values)) for values in zip(*columns.values())]
 
 
+# -- the native API --------------------------------------------------------------------------------
+
+
+def decode_payload(payload, query_method):
+    """Split a predict body into (instances or columns, method) per the native API."""
+    if isinstance(payload, list):
+        rows, method = payload, None
+    elif isinstance(payload, dict):
+        rows, _ = _instances_or_inputs(payload)
+        method = payload.get("method")
+        if method is not None and not isinstance(method, str):
+            raise BadRequest("'method' must be a string")
+    else:
+        raise BadRequest("expected a JSON object with 'instances' or 'inputs', or a list of instances")
+    if query_method and method and query_method != method:
+        raise BadRequest(f"method {method!r} in the body disagrees with ?method={query_method}")
+    return rows, method or query_method
+
+
 def encode_prediction(model, method, outputs):
-    answer = {"model": model.name, "version": model.version, "method": method,
+    answer = {"model": model.name, "version": str(model.version), "method": method,
               "predictions": to_jsonable(outputs)}
     if method in ("predict_proba", "predict_log_proba") and model.classes is not None:
         answer["classes"] = model.classes
     return answer
 
 
-# -- TensorFlow Serving REST and KServe V1 ------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NativeRequest:
+    """What a native (or seed) predict request asks for: its parsed body, and ?method= (decode_payload reads
+    them once the model is known)."""
+
+    payload: object
+    method: str = None
+
+
+def _native_routes(suffix, what, way):
+    prefix = "/models/{name}" + suffix
+    return (Route("POST", prefix + "/predict", "predict", TOKEN, f"predict (native API){what}", "predict",
+                  "PredictResponse", "PredictRequest", link="predict" + (f"_{way}" if way else ""),
+                  per_model=way is None),
+            Route("GET", prefix + "/predict", "predict", TOKEN, f"predict with ?instances=<JSON>{what}", "predict",
+                  "PredictResponse", query=("instances",), per_model=way is None))
+
+
+class NativeAPI(Protocol):
+    """The native API: {"instances" | "inputs": rows, "method": name}, or ?instances=<JSON> on a GET."""
+
+    name = "native"
+    routes = for_each_version(_native_routes)
+    schemas = {
+        "PredictRequest": {"oneOf": [
+            {"type": "object", "required": ["instances"], "properties": {
+                "instances": _ROWS, "method": {"type": "string"}}},
+            {"type": "object", "required": ["inputs"], "properties": {
+                "inputs": {"oneOf": [_ROWS, {"type": "object"}]}, "method": {"type": "string"}}},
+            _ROWS]},
+        "PredictResponse": {"type": "object", "required": ["model", "version", "method", "predictions"],
+                            "properties": {"model": {"type": "string"}, "version": {"type": "string"},
+                                           "method": {"type": "string"}, "predictions": {"type": "array"},
+                                           "classes": {"type": "array"}}},
+    }
+    examples = {"PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]}}      # iris's rows, as in README
+
+    def read(self, request, config):
+        environ = request.environ
+        if environ["REQUEST_METHOD"] != "GET":
+            return NativeRequest(json_body(environ, config), _query_method(request))
+        text = request.query.get("instances")
+        if text is None:
+            raise BadRequest("GET predict needs ?instances=<JSON list of instances>")
+        return NativeRequest({"instances": parse_json(text, config.max_depth, "?instances")}, _query_method(request))
+
+    def inputs(self, model, asked, config):
+        rows, method = decode_payload(asked.payload, asked.method)
+        return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
+
+    def encode(self, model, asked, results):
+        (method, outputs), = results.items()
+        return encode_prediction(model, method, outputs)
+
+
+def _query_method(request):
+    """?method=NAME, read only when there is a query string (parsing one costs a few microseconds)."""
+    return request.query.get("method") if request.environ.get("QUERY_STRING") else None
+
+
+# -- the seed course's routes ----------------------------------------------------------------------
+
+
+class SeedRoutes(NativeAPI):
+    """The seed course's routes on the default model: GET /predict/<sentence> and POST /predict."""
+
+    name = "seed"
+    routes = (
+        Route("POST", "/predict", "predict", TOKEN, "predict with the default model", "predict", "PredictResponse",
+              "PredictRequest"),
+        Route("GET", "/predict/{sentence}", "predict", TOKEN,
+              "predict with the default model: the seed course's route, instances as JSON or a Python literal",
+              "predict", "PredictResponse"),
+    )
+    schemas, examples = {}, {}          # the native API's
+
+    def read(self, request, config, sentence=None):
+        if sentence is None:
+            return super().read(request, config)
+        return NativeRequest({"instances": parse_literal(sentence, config.max_depth)}, _query_method(request))
+
+
+# -- TensorFlow Serving REST and KServe V1 ---------------------------------------------------------
 
 TF_STATES = {UNLOADED: "START", LOADING: "LOADING", AVAILABLE: "AVAILABLE", UNLOADING: "UNLOADING", FAILED: "END"}
 
@@ -3658,7 +4045,100 @@ def tf_signatures(model):
     return signatures
 
 
-# -- Open Inference Protocol (V2) ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TFRequest:
+    """What a TF Serving request asks for: its verb, its rows, whether they came as columns, the method."""
+
+    verb: str
+    rows: object
+    columnar: bool
+    method: str
+
+
+def _tf_routes(suffix, what, way):
+    prefix = "/v1/models/{name}" + suffix
+    rows = [Route("GET", prefix, "v1_status", TOKEN, f"TF Serving status merged with KServe V1 readiness{what}",
+                  "tf-serving", "TFStatus"),
+            Route("GET", prefix + "/metadata", "v1_metadata", TOKEN, f"TF Serving signatures{what}", "tf-serving")]
+    for verb, body, answer in (("predict", "TFPredictRequest", "TFPredictResponse"),
+                               ("classify", "TFExamples", "TFResults"), ("regress", "TFExamples", "TFResults"),
+                               ("explain", None, None)):
+        rows.append(Route("POST", f"{prefix}:{verb}", "predict", TOKEN,
+                          f"TF Serving {verb}{what}" + (" (not implemented: 501)" if verb == "explain" else ""),
+                          "tf-serving", answer, body, args=(("verb", verb),)))
+    return rows
+
+
+class TFServing(Protocol):
+    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples), a model's
+    status and signatures."""
+
+    name = "tf"
+    routes = (Route("GET", "/v1/models", "model_names", TOKEN, "model names (KServe V1)", "tf-serving"),) + \
+        for_each_version(_tf_routes)
+    schemas = {
+        "TFPredictRequest": {"type": "object", "properties": {
+            "signature_name": {"type": "string"}, "instances": _ROWS,
+            "inputs": {"oneOf": [_ROWS, {"type": "object"}]}}},
+        "TFPredictResponse": {"type": "object", "properties": {"predictions": {"type": "array"}, "outputs": _ANY}},
+        "TFExamples": {"type": "object", "required": ["examples"], "properties": {
+            "context": {"type": "object"}, "examples": {"type": "array", "items": {"type": "object"}}}},
+        "TFResults": {"type": "object", "required": ["results"], "properties": {"results": {"type": "array"}}},
+        "TFStatus": {"type": "object", "required": ["name", "ready", "model_version_status"],
+                     "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"},
+                                    "model_version_status": {"type": "array", "items": _OBJECT}}},
+    }
+    examples = {
+        "TFPredictRequest": {"signature_name": "serving_default", "instances": [[5.1, 3.5, 1.4, 0.2]]},
+        "TFExamples": {"examples": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4,
+                                     "petal_width": 0.2}]},
+    }
+
+    def read(self, request, config, verb):
+        if verb == "explain":
+            raise NotImplementedHere("explanations are not implemented")
+        payload = json_body(request.environ, config)
+        if verb == "predict":
+            return TFRequest(verb, *tf_predict_request(payload))
+        return TFRequest(verb, tf_examples(payload), False, "predict_proba" if verb == "classify" else "predict")
+
+    def inputs(self, model, asked, config):
+        verb = asked.verb
+        method = choose_method(model, asked.method, unknown=BadRequest)
+        if verb == "classify" and model.classes is None:
+            raise BadRequest(f"model {model.name!r} does not name its classes, so it cannot classify",
+                             model=model.name)
+        if verb == "regress" and model.classes is not None:
+            raise BadRequest(f"model {model.name!r} is a classifier: use :classify or :predict, not :regress",
+                             model=model.name)
+        return [method], model_inputs(model, asked.rows, config.max_rows)
+
+    def encode(self, model, asked, results):
+        outputs = to_jsonable(results[asked.method])
+        if asked.verb == "predict":
+            return {"outputs" if asked.columnar else "predictions": outputs}
+        if asked.verb == "regress":
+            return {"results": outputs}
+        return {"results": [[[str(label), score] for label, score in zip(model.classes, row)] for row in outputs]}
+
+    def v1_status(self, app, name, version=None, label=None):
+        """TF's model_version_status merged with KServe V1's {"name", "ready"}; 503 when nothing can serve."""
+        entry = app.registry.entry(name)
+        slots = ([app.registry.slot(name, version, label)] if version is not None or label is not None else
+                 [entry.versions[number] for number in entry.served])
+        ready = any(slot.state != FAILED for slot in slots)
+        status = {"name": name, "ready": ready, "model_version_status": [tf_version_status(s) for s in slots]}
+        if not ready:
+            raise ModelUnavailable(f"model {name!r} has no version that can serve", **status)
+        return status
+
+    def v1_metadata(self, app, name, version=None, label=None):
+        with app.registry.using(name, version, label) as model:        # its metadata needs the estimator
+            return {"model_spec": {"name": name, "signature_name": "", "version": str(model.version)},
+                    "metadata": {"signature_def": {"signature_def": tf_signatures(model)}}}
+
+
+# -- Open Inference Protocol (V2) ------------------------------------------------------------------
 
 V2_DTYPES = {"BOOL": "|b1", "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "|i1",
              "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
@@ -3902,7 +4382,144 @@ V2_REPOSITORY_STATES = {UNLOADED: "UNAVAILABLE", LOADING: "LOADING", AVAILABLE: 
                         FAILED: "UNAVAILABLE"}
 
 
-# -- MLflow scoring ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class V2Request:
+    """What a V2 infer request asks for: its input tensors [(name, array)], the outputs (methods) it wants,
+    those it wants binary, its "id" (None: it sent none) and parameters.routing_key as sent."""
+
+    arrays: list
+    outputs: list
+    binary_outputs: set
+    id: str = None
+    routing_key: object = None
+
+
+def _v2_routes(suffix, what, way):
+    prefix = "/v2/models/{name}" + suffix
+    return (Route("GET", prefix, "v2_model_metadata", TOKEN, f"V2 model metadata{what}", "v2", "V2Metadata"),
+            Route("GET", prefix + "/ready", "v2_model_ready", TOKEN, f"V2 model readiness{what}", "v2"),
+            Route("POST", prefix + "/infer", "predict", TOKEN,
+                  f"V2 inference{what} (JSON; binary tensors with Inference-Header-Content-Length)", "v2",
+                  "V2InferResponse", "V2InferRequest"))
+
+
+class OpenInference(Protocol):
+    """The Open Inference Protocol (KServe V2): JSON tensors, or binary ones after
+    Inference-Header-Content-Length; server and model metadata, readiness, and the model repository."""
+
+    name = "v2"
+    routes = (
+        Route("GET", "/v2", "v2_server", TOKEN, "server metadata", "v2"),
+        Route("GET", "/v2/health/live", "v2_live", OPEN, "liveness", "v2"),
+        Route("GET", "/v2/health/ready", "ready", OPEN, "readiness", "v2"),
+        Route("GET", "/v2/models", "model_names", TOKEN, "model names", "v2"),
+        Route("POST", "/v2/repository/index", "v2_repository_index", TOKEN, "every served version and its state",
+              "v2", "array", "Optional"),
+        Route("POST", "/v2/repository/models/{name}/load", "v2_repository_action", ADMIN,
+              "load a model of the store (admin token)", "v2", body="Optional", args=(("action", "load"),)),
+        Route("POST", "/v2/repository/models/{name}/unload", "v2_repository_action", ADMIN,
+              "unload a model of the store (admin token)", "v2", body="Optional", args=(("action", "unload"),)),
+    ) + for_each_version(_v2_routes, labels=False)
+    schemas = {
+        "V2Tensor": {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+            "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+            "datatype": {"type": "string", "enum": list(V2_DTYPES) + ["BYTES"]},
+            "parameters": {"type": "object"}, "data": {"type": "array"}}},
+        "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": _schema_ref("V2Tensor")},
+            "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                                   "properties": {"name": {"type": "string"},
+                                                                  "parameters": {"type": "object"}}}}}},
+        "V2InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
+            "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+            "outputs": {"type": "array", "items": _schema_ref("V2Tensor")}}},
+        "V2Metadata": {"type": "object", "required": ["name", "inputs", "outputs"], "properties": {
+            "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+            "platform": {"type": "string"}, "inputs": {"type": "array", "items": _OBJECT},
+            "outputs": {"type": "array", "items": _OBJECT}}},
+    }
+    examples = {"V2InferRequest": {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                                               "data": [5.1, 3.5, 1.4, 0.2]}]}}
+
+    def read(self, request, config):
+        environ = request.environ
+        check_content_type(environ)
+        header, binary = v2_split_body(environ, read_body(environ, config.max_body_bytes))
+        payload = parse_json(header, config.max_depth)
+        arrays, outputs, binary_outputs = v2_request(payload, binary, config.max_rows)
+        return V2Request(arrays, outputs, binary_outputs, payload.get("id"),
+                         (payload.get("parameters") or {}).get("routing_key"))
+
+    def routing_key(self, environ, asked):
+        """The X-Routing-Key header, or the request's "parameters": {"routing_key": "..."} (V2's requests
+        carry parameters); None if empty."""
+        key = environ.get("HTTP_X_ROUTING_KEY")
+        if key is None:
+            key = asked.routing_key
+            if key is not None and not isinstance(key, str):
+                raise BadRequest('"parameters": {"routing_key"} must be a string')
+        return key or None
+
+    def inputs(self, model, asked, config):
+        return ([choose_method(model, method, unknown=BadRequest) for method in asked.outputs],
+                v2_inputs(model, asked.arrays, config.max_rows))
+
+    def encode(self, model, asked, results):
+        outputs, tail = v2_outputs(model, results, asked.binary_outputs)
+        answer = {"model_name": model.name, "model_version": str(model.version), "outputs": outputs}
+        if asked.id is not None:
+            answer["id"] = asked.id
+        if not tail:
+            return answer
+        text = dumps(answer).encode("utf-8")
+        return bottle.HTTPResponse(text + tail, headers={"Content-Type": "application/octet-stream",
+                                                         "Inference-Header-Content-Length": str(len(text))})
+
+    def v2_server(self, app):
+        return {"name": SERVICE_NAME, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+
+    def v2_live(self, app):
+        return {"live": True}
+
+    def v2_model_ready(self, app, name, version=None):
+        slot = app.registry.slot(name, version)
+        if slot.state == FAILED:
+            raise slot.load_failure(name=name, ready=False)
+        return {"name": name, "ready": True}
+
+    def v2_model_metadata(self, app, name, version=None):
+        with app.registry.using(name, version) as model:               # its metadata needs the estimator
+            return v2_metadata(model, app.registry.entry(name).served_versions())
+
+    def v2_repository_index(self, app):
+        asked = json_body(bottle.request.environ, app.config, required=False)
+        only_ready = isinstance(asked, dict) and asked.get("ready") is True
+        index = []
+        for info in app.registry.describe_all():
+            for version in info["versions"]:
+                state = V2_REPOSITORY_STATES[version["state"]]
+                if version["served"] and (not only_ready or state == "READY"):
+                    index.append({"name": info["name"], "version": version["version"], "state": state,
+                                  "reason": _clip(version["last_error"] or "", 300)})
+        return index
+
+    def v2_repository_action(self, app, name, action):
+        asked = json_body(bottle.request.environ, app.config, required=False)
+        parameters = asked.get("parameters") if isinstance(asked, dict) else None
+        if parameters and any(key == "config" or key.startswith("file:") for key in parameters):
+            raise BadRequest("models are loaded only from the model store: \"config\" and \"file:\" parameters "
+                             "are refused")
+        if action == "load":
+            app.registry.reload(name)
+            for number in app.registry.entry(name).served:
+                app.registry.get(name, number)
+        else:
+            app.registry.unload(name)
+        return {}
+
+
+# -- MLflow scoring --------------------------------------------------------------------------------
 
 MLFLOW_ERROR_CODES = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "BAD_REQUEST",
                       415: "BAD_REQUEST", 500: "INTERNAL_ERROR", 503: "INTERNAL_ERROR", 504: "INTERNAL_ERROR"}
@@ -3951,9 +4568,6 @@ def mlflow_rows(environ, body, max_depth):
 
 
 def _csv_rows(body):
-    import csv
-    import io
-
     try:
         text = body.decode("utf-8-sig")          # Excel writes a byte-order mark
     except UnicodeDecodeError:
@@ -4005,131 +4619,32 @@ def _csv_column(cells):
         return cells
 
 
-# -- Codecs: one per protocol ---------------------------------------------------------------------
+class MLflowScoring(Protocol):
+    """MLflow's scoring server: POST /invocations (JSON or CSV) on the default model, its error fields, and its
+    probes.  The request record is the rows, or an MLflowTable."""
 
-
-class Codec:
-    """One protocol's side of a prediction: what a request asks for, how answers and refusals look.
-
-    The HTTP application's predict core calls `read` (what can be checked before the model is
-    known: the body, the URL), then `inputs` (what needs the model: its methods, its
-    features), then `encode`; resolving the model, admission, batching, the time limit and
-    the metrics are done there once for every protocol.  `asked` is whatever `read` returned.
-    """
-
-    def read(self, request, config, **route):
-        raise NotImplementedError
-
-    def inputs(self, model, asked, config):
-        """(methods to call, estimator inputs)."""
-        raise NotImplementedError
-
-    def encode(self, model, asked, results):
-        """The answer for {method: outputs}: a JSON value, or a bottle.HTTPResponse for other bodies."""
-        raise NotImplementedError
-
-    def error(self, error):
-        """The JSON body of a refusal in this protocol."""
-        return error.to_dict()
-
-
-class NativeCodec(Codec):
-    """The native API: {"instances" | "inputs": rows, "method": name}, or ?instances=<JSON> on a GET."""
-
-    def read(self, request, config):
-        environ = request.environ
-        if environ["REQUEST_METHOD"] != "GET":
-            return json_body(environ, config), _query_method(request)
-        text = request.query.get("instances")
-        if text is None:
-            raise BadRequest("GET predict needs ?instances=<JSON list of instances>")
-        return {"instances": parse_json(text, config.max_depth, "?instances")}, _query_method(request)
-
-    def inputs(self, model, asked, config):
-        rows, method = decode_payload(*asked)
-        return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
-
-    def encode(self, model, asked, results):
-        (method, outputs), = results.items()
-        return encode_prediction(model, method, outputs)
-
-
-def _query_method(request):
-    """?method=NAME, read only when there is a query string (parsing one costs a few microseconds)."""
-    return request.query.get("method") if request.environ.get("QUERY_STRING") else None
-
-
-class SeedCodec(NativeCodec):
-    """The seed course's routes on the default model: GET /predict/<sentence> and POST /predict."""
-
-    def read(self, request, config, sentence=None):
-        if sentence is None:
-            return super().read(request, config)
-        return {"instances": parse_literal(sentence, config.max_depth)}, _query_method(request)
-
-
-class TFCodec(Codec):
-    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples)."""
-
-    def read(self, request, config, verb):
-        if verb == "explain":
-            raise NotImplementedHere("explanations are not implemented")
-        payload = json_body(request.environ, config)
-        if verb == "predict":
-            return (verb,) + tf_predict_request(payload)
-        return verb, tf_examples(payload), False, "predict_proba" if verb == "classify" else "predict"
-
-    def inputs(self, model, asked, config):
-        verb, rows, _, method = asked
-        method = choose_method(model, method, unknown=BadRequest)
-        if verb == "classify" and model.classes is None:
-            raise BadRequest(f"model {model.name!r} does not name its classes, so it cannot classify",
-                             model=model.name)
-        if verb == "regress" and model.classes is not None:
-            raise BadRequest(f"model {model.name!r} is a classifier: use :classify or :predict, not :regress",
-                             model=model.name)
-        return [method], model_inputs(model, rows, config.max_rows)
-
-    def encode(self, model, asked, results):
-        verb, _, columnar, method = asked
-        outputs = to_jsonable(results[method])
-        if verb == "predict":
-            return {"outputs" if columnar else "predictions": outputs}
-        if verb == "regress":
-            return {"results": outputs}
-        return {"results": [[[str(label), score] for label, score in zip(model.classes, row)] for row in outputs]}
-
-
-class V2Codec(Codec):
-    """The Open Inference Protocol: JSON tensors, or binary ones after Inference-Header-Content-Length."""
-
-    def read(self, request, config):
-        environ = request.environ
-        check_content_type(environ)
-        header, binary = v2_split_body(environ, read_body(environ, config.max_body_bytes))
-        payload = parse_json(header, config.max_depth)
-        return v2_request(payload, binary, config.max_rows) + (payload,)
-
-    def inputs(self, model, asked, config):
-        arrays, wanted, _, _ = asked
-        return ([choose_method(model, method, unknown=BadRequest) for method in wanted],
-                v2_inputs(model, arrays, config.max_rows))
-
-    def encode(self, model, asked, results):
-        _, _, binary_outputs, payload = asked
-        outputs, tail = v2_outputs(model, results, binary_outputs)
-        answer = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
-        if "id" in payload:
-            answer["id"] = payload["id"]
-        if not tail:
-            return answer
-        text = dumps(answer).encode("utf-8")
-        return bottle.HTTPResponse(text + tail, headers={"Content-Type": "application/octet-stream",
-                                                         "Inference-Header-Content-Length": str(len(text))})
-
-
-class MLflowCodec(Codec):
-    """MLflow's scoring server: POST /invocations (JSON or CSV) on the default model; its error fields."""
+    name = "mlflow"
+    routes = (
+        Route("GET", "/ping", "alive", OPEN, "liveness (MLflow)", "mlflow"),
+        Route("GET", "/health", "alive", OPEN, "liveness (MLflow)", "mlflow"),
+        Route("GET", "/version", "mlflow_version", TOKEN, "the service version (MLflow)", "mlflow", "text"),
+        Route("POST", "/invocations", "predict", TOKEN, "predict with the default model (MLflow scoring)", "mlflow",
+              "Predictions", "MLflowRequest"),
+    )
+    schemas = {
+        "MLflowRequest": {"type": "object", "properties": {
+            "dataframe_split": {"type": "object", "properties": {"columns": {"type": "array"},
+                                                                 "data": {"type": "array"}}},
+            "dataframe_records": {"type": "array", "items": {"type": "object"}},
+            "instances": _ROWS, "inputs": _ANY, "params": {"type": "object"}}},
+        "Predictions": {"type": "object", "required": ["predictions"],
+                        "properties": {"predictions": {"type": "array"}}},
+    }
+    examples = {"MLflowRequest": {"dataframe_split": {
+        "columns": ["sepal_length", "sepal_width", "petal_length", "petal_width"], "data": [[5.1, 3.5, 1.4, 0.2]]}}}
+    bodies = {"MLflowRequest": {"required": True, "content": {
+        JSON_TYPE: {"schema": _schema_ref("MLflowRequest"), "example": examples["MLflowRequest"]},
+        "text/csv": {"schema": {"type": "string"}}}}}
 
     def read(self, request, config):
         return mlflow_rows(request.environ, read_body(request.environ, config.max_body_bytes), config.max_depth)
@@ -4144,22 +4659,14 @@ class MLflowCodec(Codec):
         return {**error.to_dict(), "error_code": MLFLOW_ERROR_CODES.get(error.status, "BAD_REQUEST"),
                 "message": error.message}
 
+    def mlflow_version(self, app):
+        return bottle.HTTPResponse(__version__, headers={"Content-Type": "text/plain; charset=utf-8"})
 
-CODECS = {"native": NativeCodec(), "seed": SeedCodec(), "tf": TFCodec(), "v2": V2Codec(), "mlflow": MLflowCodec()}
-PROTOCOLS = {codec: name for name, codec in CODECS.items()}      # the payload log names a request's protocol
 
-# One request body of each kind a route takes (Route.body names the kind): OpenAPI shows them, and a
-# body that is not JSON is answered with its route's (not_json_refusal).  Iris's rows, as in README.
-BODY_EXAMPLES = {
-    "PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]},
-    "TFPredictRequest": {"signature_name": "serving_default", "instances": [[5.1, 3.5, 1.4, 0.2]]},
-    "TFExamples": {"examples": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4,
-                                 "petal_width": 0.2}]},
-    "V2InferRequest": {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
-                                   "data": [5.1, 3.5, 1.4, 0.2]}]},
-    "MLflowRequest": {"dataframe_split": {"columns": ["sepal_length", "sepal_width", "petal_length", "petal_width"],
-                                          "data": [[5.1, 3.5, 1.4, 0.2]]}},
-}
+# -- registration ----------------------------------------------------------------------------------
+
+PROTOCOLS = (NativeAPI(), SeedRoutes(), TFServing(), OpenInference(), MLflowScoring())
+BODY_EXAMPLES = {kind: example for protocol in PROTOCOLS for kind, example in protocol.examples.items()}
 
 
 ###############################################################################
@@ -4188,8 +4695,6 @@ class TimeLimit:
 
     def run(self, compute, held):
         """compute() on a predict thread; `held` (releases) passes to it."""
-        import concurrent.futures
-
         if self._pid != os.getpid():
             self._start()
         deadline = time.monotonic() + self.seconds
@@ -4347,7 +4852,7 @@ class PayloadLog:
         if self.sample < 1 and random.random() >= self.sample:
             return
         record = (time.time(), _request_id(environ), environ["service.labels"], environ.get("service.payload"),
-                  PROTOCOLS[environ["service.codec"]], int(status), elapsed)
+                  environ["service.protocol"].name, int(status), elapsed)
         if not self.backlog.offer(record, environ):
             self.metrics.count("model_service_payload_log_dropped_total", ())
 
@@ -4401,7 +4906,7 @@ class PayloadLog:
     def _line(self, record):
         at, request_id, labels, payload, protocol, status, elapsed = record
         (_, name), (_, version), (_, method) = labels
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
+        line = {"time": _utc_time(at, millis=True),
                 "request_id": request_id, "model": name, "version": version, "method": method,
                 "protocol": protocol, "status": status, "latency_ms": round(elapsed * 1000, 3)}
         if payload is not None:
@@ -4414,7 +4919,7 @@ class PayloadLog:
     def _redacted(self, model, rows):
         """(rows with the model's "redact" features nulled, the names redacted); all rows withheld (None)
         when a listed name is not one of the model's features: a redaction that cannot be placed fails closed."""
-        hidden = self.registry.model_settings(model.name).redact
+        hidden = self.registry.settings_for(model.name).redact
         if not hidden:
             return rows, None
         if not hidden <= set(model.feature_names or ()):
@@ -4457,24 +4962,21 @@ class Shadow:
         """Hand the request to the model's shadow version, if it has one other than the version that
         answered; never blocks."""
         slot = self.registry.shadow_slot(name)
-        if slot is None or str(slot.ref.version) == model.version:
+        if slot is None or slot.ref.version == model.version:
             return
         if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results), environ):
-            self.registry.agreement(name, str(slot.ref.version)).dropped += 1
+            self.registry.agreement(name, slot.ref.version).dropped += 1
             self.metrics.count("model_service_shadow_dropped_total",
                                (("model", name), ("version", str(slot.ref.version))))
 
     def _compare(self, name, slot, request_id, methods, inputs, results):
         """Run the methods on the shadow version and count how its outputs compare with the client's."""
-        version = str(slot.ref.version)
-        labels = (("model", name), ("version", version))
+        version = slot.ref.version
+        labels = (("model", name), ("version", str(version)))
         agreement = self.registry.agreement(name, version)
         try:
-            model = self.registry.acquire(name, version, slot=slot)     # (re-resolved by version, not split)
-            try:
+            with self.registry.using(name, version, slot=slot) as model:     # (re-resolved by version, not split)
                 shadowed = {method: to_jsonable(model.call(method, inputs)) for method in methods}
-            finally:
-                self.registry.release(model)
         except Exception as failure:  # it cannot load, or refuses the inputs: counted and logged, never returned
             agreement.fail(request_id, methods, type(failure).__name__)
             self.metrics.count("model_service_shadow_errors_total", labels)
@@ -4493,130 +4995,44 @@ class Shadow:
 ###############################################################################
 # HTTP application ############################################################
 ###############################################################################
-# One table, ROUTES, names every route: its path, the ServiceApp method that
-# answers, who may call it, and how OpenAPI documents it.  Every prediction, of
-# every protocol, goes through one core (ServiceApp.predict) with the protocol's
-# codec; every refusal is a ServiceError, turned into an answer in one place
-# (ServiceApp.refusal), Bottle's own 404, 405 and 500 included, so no answer is HTML.
+# One table, ROUTES, names every route: its path, the method that answers (the app's, or its
+# protocol's), who may call it, and how OpenAPI documents it: the service's own rows here, each
+# protocol's in its block.  Every prediction, of every protocol, goes through one core
+# (ServiceApp.predict) with the protocol; every refusal is a ServiceError, turned into an answer in
+# one place (ServiceApp.refusal), Bottle's own 404, 405 and 500 included, so no answer is HTML.
 
-JSON_TYPE = "application/json"
-OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
 UNRESOLVED = "(unknown)"                         # the metrics' model and version of a request that named none
 UNRESOLVED_LABELS = (("model", UNRESOLVED), ("version", UNRESOLVED), ("method", ""))
 
-
-@dataclasses.dataclass(frozen=True)
-class Route:
-    """One row of ROUTES.
-
-    `path` is OpenAPI's template ({name}, {version}, {label}; a TF verb follows a colon);
-    `handler` the ServiceApp method that answers, called with the path's parameters and
-    `args`.  `access`: OPEN routes are for probes and load balancers; TOKEN ones need one of
-    --auth-tokens when it is set; ADMIN ones are off without --admin-token and need it.
-    `answer` and `body` name OpenAPI schemas (see the OpenAPI section).
-    """
-
-    method: str
-    path: str
-    handler: str
-    access: str
-    summary: str
-    tag: str
-    answer: str = None          # None: a JSON object; "text": text/plain
-    body: str = None
-    query: tuple = ()
-    args: tuple = ()            # (keyword, value) pairs
-
-    @property
-    def rule(self):
-        """Bottle's rule: a parameter before a colon or at the end of a TF path admits no colon, and the
-        colon of a TF verb is matched by an anonymous wildcard (Bottle reads a bare ":name" as a wildcard)."""
-        path = self.path
-        if path.startswith("/v1/"):
-            path = re.sub(r"\{(\w+)\}(?=:|$)", r"<\1:re:[^/:]+>", path)
-        path = re.sub(r":(\w+)$", r"<:re::\1>", path)
-        return re.sub(r"\{(\w+)\}", lambda m: f"<{m[1]}:path>" if m[1] == "sentence" else f"<{m[1]}>", path)
-
-
-def _prediction_routes():
-    """The routes that predict, for each way of naming a version: none (the latest), a number, a label."""
-    routes = []
-    for suffix, what in (("", ""), ("/versions/{version}", " with a version"), ("/labels/{label}", " with a label")):
-        native, predict = "/models/{name}" + suffix, (("codec", "native"),)
-        routes += [Route("POST", native + "/predict", "predict", TOKEN, f"predict (native API){what}", "predict",
-                         "PredictResponse", "PredictRequest", args=predict),
-                   Route("GET", native + "/predict", "predict", TOKEN, f"predict with ?instances=<JSON>{what}",
-                         "predict", "PredictResponse", query=("instances",), args=predict)]
-        tf = "/v1/models/{name}" + suffix
-        routes += [Route("GET", tf, "v1_status", TOKEN, f"TF Serving status merged with KServe V1 readiness{what}",
-                         "tf-serving", "TFStatus"),
-                   Route("GET", tf + "/metadata", "v1_metadata", TOKEN, f"TF Serving signatures{what}", "tf-serving")]
-        for verb, body, answer in (("predict", "TFPredictRequest", "TFPredictResponse"),
-                                   ("classify", "TFExamples", "TFResults"), ("regress", "TFExamples", "TFResults"),
-                                   ("explain", None, None)):
-            routes.append(Route("POST", f"{tf}:{verb}", "predict", TOKEN,
-                                f"TF Serving {verb}{what}" + (" (not implemented: 501)" if verb == "explain" else ""),
-                                "tf-serving", answer, body, args=(("codec", "tf"), ("verb", verb))))
-        if suffix != "/labels/{label}":
-            v2 = "/v2/models/{name}" + suffix
-            routes += [Route("GET", v2, "v2_model_metadata", TOKEN, f"V2 model metadata{what}", "v2", "V2Metadata"),
-                       Route("GET", v2 + "/ready", "v2_model_ready", TOKEN, f"V2 model readiness{what}", "v2"),
-                       Route("POST", v2 + "/infer", "predict", TOKEN,
-                             f"V2 inference{what} (JSON; binary tensors with Inference-Header-Content-Length)", "v2",
-                             "V2InferResponse", "V2InferRequest", args=(("codec", "v2"),))]
-    return tuple(routes)
-
-
-ROUTES = (
+SERVICE_ROUTES = (
     Route("GET", "/", "index", OPEN, "service name, version, model names and links (a browser gets the web console)",
           "service"),
-    Route("GET", "/healthz", "alive", OPEN, "liveness", "service"),
+    Route("GET", "/healthz", "alive", OPEN, "liveness", "service", link="health"),
     Route("GET", "/readyz", "ready", OPEN, "readiness: 503 with the reason until ready", "service",
-          args=(("counts", True),)),
+          args=(("counts", True),), link="ready"),
     Route("GET", "/openapi.json", "openapi", TOKEN, "this document", "service"),
     Route("GET", "/metrics", "prometheus_metrics", TOKEN, "Prometheus metrics (text format)", "service", "text"),
-    Route("GET", "/models", "list_models", TOKEN, "every model and the state of its versions", "models"),
+    Route("GET", "/models", "list_models", TOKEN, "every model and the state of its versions", "models",
+          link="models"),
     Route("GET", "/models/{name}", "show_model", TOKEN, "one model's versions, policy and labels", "models",
           "ModelStatus"),
     Route("GET", "/models/{name}/versions/{version}", "show_version", TOKEN, "one version's state and metadata",
           "models"),
     Route("GET", "/models/{name}/labels/{label}", "show_label", TOKEN, "the version a label names", "models"),
-    Route("POST", "/predict", "predict", TOKEN, "predict with the default model", "predict", "PredictResponse",
-          "PredictRequest", args=(("codec", "seed"),)),
-    Route("GET", "/predict/{sentence}", "predict", TOKEN,
-          "predict with the default model: the seed course's route, instances as JSON or a Python literal",
-          "predict", "PredictResponse", args=(("codec", "seed"),)),
     Route("POST", "/models/{name}/reload", "reload_model", ADMIN, "load a model's versions again (admin token)",
           "admin"),
     Route("POST", "/admin/rescan", "rescan", ADMIN, "rescan the store now (admin token)", "admin"),
-    Route("GET", "/v1/models", "model_names", TOKEN, "model names (KServe V1)", "tf-serving"),
-    Route("GET", "/v2", "v2_server", TOKEN, "server metadata", "v2"),
-    Route("GET", "/v2/health/live", "v2_live", OPEN, "liveness", "v2"),
-    Route("GET", "/v2/health/ready", "ready", OPEN, "readiness", "v2"),
-    Route("GET", "/v2/models", "model_names", TOKEN, "model names", "v2"),
-    Route("POST", "/v2/repository/index", "v2_repository_index", TOKEN, "every served version and its state", "v2",
-          "array", "Optional"),
-    Route("POST", "/v2/repository/models/{name}/load", "v2_repository_action", ADMIN,
-          "load a model of the store (admin token)", "v2", body="Optional", args=(("action", "load"),)),
-    Route("POST", "/v2/repository/models/{name}/unload", "v2_repository_action", ADMIN,
-          "unload a model of the store (admin token)", "v2", body="Optional", args=(("action", "unload"),)),
-    Route("GET", "/ping", "alive", OPEN, "liveness (MLflow)", "mlflow"),
-    Route("GET", "/health", "alive", OPEN, "liveness (MLflow)", "mlflow"),
-    Route("GET", "/version", "mlflow_version", TOKEN, "the service version (MLflow)", "mlflow", "text"),
-    Route("POST", "/invocations", "predict", TOKEN, "predict with the default model (MLflow scoring)", "mlflow",
-          "Predictions", "MLflowRequest", args=(("codec", "mlflow"),)),
-) + _prediction_routes()
-
-# Paths open without an --auth-tokens token, and the admin routes' (they check their own token).
-OPEN_PATHS = frozenset(route.path for route in ROUTES if route.access == OPEN)
-ADMIN_PATHS = re.compile("|".join(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(route.path))
-                                  for route in ROUTES if route.access == ADMIN))
+)
+ROUTES = SERVICE_ROUTES + tuple(route for protocol in PROTOCOLS for route in protocol.registered_routes())
 
 access_logger = logging.getLogger("service.access")
 
 
-class ServiceApp(bottle.Bottle):
-    """The WSGI application: Bottle routing ROUTES to its methods, over one ModelRegistry.
+class ServiceApp:
+    """The WSGI application: a Bottle app routing ROUTES to their handlers, over one ModelRegistry.
+
+    `config` is the service's Config and `registry` its one handle on the models; Bottle is held,
+    not extended (`bottle`), so neither competes with Bottle's own attributes.
 
     What every answer gets (nosniff, X-Request-ID, CORS, the request metrics, the access log)
     is added at the WSGI boundary to the plain header list rather than through Bottle's
@@ -4625,17 +5041,16 @@ class ServiceApp(bottle.Bottle):
     """
 
     def __init__(self, config, registry, misconfigured=None):
-        super().__init__()
-        self.service_config, self.registry, self.metrics = config, registry, registry.metrics
+        self.config, self.registry, self.metrics = config, registry, registry.metrics
         self.misconfigured = misconfigured      # why the MODEL_SERVICE_* settings were refused, if they were
-        self.misconfigured_logged = threading.Event()  # (Bottle refuses to set an attribute twice)
-        self.logs_shared = threading.Event()            # _share_logs ran, at the first request
-        self.config["service.config"] = config
-        self.config["service.registry"] = registry
-        self.uninstall(bottle.JSONPlugin)       # it would write NaN tokens; every body goes through dumps()
-        self.install(self._json_answers)
-        self.default_error_handler = self._bottle_error
-        self.add_hook("before_request", self._admit)
+        self._misconfigured_logged = False
+        self._logs_shared = False               # _share_logs ran, at the first request
+        self._first_request = threading.Lock()
+        self.bottle = bottle.Bottle()
+        self.bottle.uninstall(bottle.JSONPlugin)    # it would write NaN tokens; every body goes through dumps()
+        self.bottle.install(self._json_answers)
+        self.bottle.default_error_handler = self._bottle_error
+        self.bottle.add_hook("before_request", self._admit)
         self.admission = threading.BoundedSemaphore(config.max_inflight) if config.max_inflight else None
         self.time_limit = TimeLimit(config.max_predict_seconds, config.threads) if config.max_predict_seconds \
             else None
@@ -4644,15 +5059,18 @@ class ServiceApp(bottle.Bottle):
         self.predicting = UnderWay()                 # predict() calls
         self.shadow = Shadow(registry, busy=lambda: self.predicting.count > 0)
         for route in ROUTES:
-            self.route(route.rule, method=route.method, callback=self._endpoint(route))
+            self.bottle.route(route.rule, method=route.method, callback=self._endpoint(route), service_route=route)
 
     # -- the WSGI boundary ---------------------------------------------------------------
+    def __call__(self, environ, start_response):
+        return self.wsgi(environ, start_response)
+
     def wsgi(self, environ, start_response):
         started = time.perf_counter()
         path = environ.get("PATH_INFO", "")
         if path.startswith("//"):               # waitress and wsgiref merge them, gunicorn does not
             environ["PATH_INFO"] = "/" + path.lstrip("/")
-        config = self.service_config
+        config = self.config
         status_line = []
 
         def respond(status, headers, exc_info=None):
@@ -4667,7 +5085,7 @@ class ServiceApp(bottle.Bottle):
                 headers.append(("Vary", "Origin"))      # every answer: a shared cache must not mix origins
             return start_response(status, headers, exc_info)
 
-        body = super().wsgi(environ, respond)
+        body = self.bottle.wsgi(environ, respond)
         elapsed = time.perf_counter() - started
         status = status_line[-1][:3] if status_line else "500"
         labels = environ.get("service.labels")
@@ -4683,18 +5101,20 @@ class ServiceApp(bottle.Bottle):
         return body
 
     def _admit(self):
-        """Before routing: the checks every request passes (host, size of the target, token), then housekeeping.
+        """Before routing: the checks every request passes (host, size of the target), then housekeeping.
 
         A refusal here is answered at once; an OPTIONS request is a CORS preflight, answered here too.
         """
-        environ, config = bottle.request.environ, self.service_config
-        if not self.logs_shared.is_set():
-            self.logs_shared.set()
-            _share_logs(config)
+        environ, config = bottle.request.environ, self.config
+        if not self._logs_shared:
+            with self._first_request:
+                if not self._logs_shared:
+                    _share_logs(config)
+                    self._logs_shared = True
         try:
             if self.misconfigured:
-                if not self.misconfigured_logged.is_set():     # once: a line per request would bury it
-                    self.misconfigured_logged.set()
+                if not self._misconfigured_logged:     # once: a line per request would bury it
+                    self._misconfigured_logged = True
                     logger.error("refusing every request: an environment variable is invalid: %s", self.misconfigured)
                 raise Misconfigured(f"the service is misconfigured: {self.misconfigured}")
             if config.allowed_hosts:
@@ -4708,8 +5128,6 @@ class ServiceApp(bottle.Bottle):
             if len(path) + len(environ.get("QUERY_STRING", "")) > config.max_url_bytes:
                 raise URITooLong(f"the request target is over {config.max_url_bytes} bytes (--max-url-bytes); "
                                  "send the data in a POST body")
-            if config.auth_tokens and path not in OPEN_PATHS and not ADMIN_PATHS.fullmatch(path):
-                _require_token(environ, config.auth_tokens, "model-service")
             raw = environ.get("bottle.raw_path", "")
             if not raw.isascii():
                 try:
@@ -4720,17 +5138,27 @@ class ServiceApp(bottle.Bottle):
             raise self.refusal(error) from None
         self.registry.refresh()
 
+    def _unrouted_access(self, environ, http_error):
+        """Who may learn that no route answers a request: a path no route has is told with a token (as a model
+        route would be); a method the path's route does not take, as that row's access allows, but an admin
+        route's by anyone (the admin token guards what the route does, not that it exists)."""
+        if http_error.status_code != 405:
+            return TOKEN
+        other = {"PATH_INFO": environ["PATH_INFO"], "REQUEST_METHOD": http_error.headers["Allow"].split(",")[0]}
+        access = self.bottle.router.match(other)[0].config["service_route"].access
+        return OPEN if access == ADMIN else access
+
     def _preflight(self, environ):
         """A CORS preflight, answered before routing (a catch-all OPTIONS route would turn every unknown
         path's 404 into a 405): allowed origins learn what they may send; others are refused."""
-        config = self.service_config
+        config = self.config
         origin = environ.get("HTTP_ORIGIN")
         if origin and not (config.cors_origins == ("*",) or origin in config.cors_origins):
             raise Forbidden(f"origin {_clip(repr(origin), 80)} may not call this service (--cors-origins)")
         methods = []
         for method in ("GET", "POST"):
             try:
-                self.router.match({"PATH_INFO": environ.get("PATH_INFO", "/"), "REQUEST_METHOD": method})
+                self.bottle.router.match({"PATH_INFO": environ.get("PATH_INFO", "/"), "REQUEST_METHOD": method})
                 methods.append(method)
             except bottle.HTTPError:
                 pass
@@ -4746,39 +5174,37 @@ class ServiceApp(bottle.Bottle):
         return bottle.HTTPResponse(status=204, headers=headers)
 
     def _endpoint(self, route):
-        """The callback of one route: its access rule, its codec for refusals, then its handler; a body
-        that is not JSON, on a route that takes one, is answered with the route's example."""
-        args = dict(route.args)
-        codec = CODECS.get(args.pop("codec", None))
-        if codec is not None:
-            args["codec"] = codec
-        handler, config = functools.partial(getattr(self, route.handler), **args), self.service_config
-        admin = route.access == ADMIN
+        """The callback of one route: its access checked, its protocol noted for refusals, the URL's version
+        made a number, then its handler (the protocol's, given the app, or the app's); a body that is not
+        JSON, on a route that takes one, is answered with the route's example."""
+        protocol, args, access, config = route.protocol, dict(route.args), route.access, self.config
+        handler = functools.partial(getattr(protocol, route.handler), self, **args) if protocol is not None \
+            else functools.partial(getattr(self, route.handler), **args)
         takes_body, example = route.body is not None, BODY_EXAMPLES.get(route.body)
 
         def endpoint(**parameters):
-            if codec is not None:
-                bottle.request.environ["service.codec"] = codec
-            if admin:
-                if not config.admin_token:
-                    raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) "
-                                    "to enable it")
-                _require_token(bottle.request.environ, (config.admin_token,), "model-service admin",
-                               "this route needs the admin token: Authorization: Bearer <token>")
+            environ = bottle.request.environ
+            if access != OPEN:
+                _check_access(environ, access, config)
+            if protocol is not None:
+                environ["service.protocol"] = protocol
+            if "version" in parameters:                 # the one place a version is text: the URL
+                parameters["version"] = version_number(parameters["version"], parameters["name"])
             try:
                 return handler(**parameters)
             except NotJSON as error:
                 if not takes_body:
                     raise
-                raise not_json_refusal(error, bottle.request.environ, example) from None
+                raise not_json_refusal(error, environ, example) from None
 
         return endpoint
 
     # -- the one error path ---------------------------------------------------------------
     def refusal(self, error):
         """The answer to a ServiceError: the protocol's JSON body, the error's status and headers."""
-        codec = bottle.request.environ.get("service.codec", CODECS["native"])
-        return bottle.HTTPResponse(_utf8(dumps(codec.error(error))), error.status,
+        protocol = bottle.request.environ.get("service.protocol")
+        body = error.to_dict() if protocol is None else protocol.error(error)
+        return bottle.HTTPResponse(_utf8(dumps(body)), error.status,
                                    {"Content-Type": JSON_TYPE, **error.headers})
 
     def _json_answers(self, callback):
@@ -4804,6 +5230,11 @@ class ServiceApp(bottle.Bottle):
     def _bottle_error(self, http_error):
         """Bottle's own errors (no route, wrong method, a fault outside a route) as ServiceErrors."""
         status, request = http_error.status_code, bottle.request
+        if status in (404, 405):
+            try:
+                _check_access(request.environ, self._unrouted_access(request.environ, http_error), self.config)
+            except ServiceError as refused:
+                return self._answer_error(refused)
         if status == 404:
             error = NotFound(f"no route for {request.method} {_clip(request.path, 200)}")
         elif status == 405:
@@ -4814,27 +5245,36 @@ class ServiceApp(bottle.Bottle):
             error = _internal_error("outside a route", http_error.traceback or http_error.body)
         else:
             error = error_for_status(status)(str(http_error.body))
+        return self._answer_error(error)
+
+    def _answer_error(self, error):
+        """A refusal as Bottle's error handler returns it: applied to its response, the body returned."""
         answer = self.refusal(error)
         answer.apply(bottle.response)
         return answer.body
 
     # -- the predict core -------------------------------------------------------------------
-    def predict(self, codec, name=None, version=None, label=None, **route):
-        """Every protocol's prediction: resolve → read → admit → load → decode → run → encode.
+    def predict(self, protocol, name=None, version=None, label=None, **route):
+        """Every protocol's prediction over HTTP: resolve → read → admit → load → decode → run → encode.
 
         The request is labelled for the metrics only with what exists: the model and version
-        once resolved (UNRESOLVED before), the methods once the model has them."""
+        once resolved (UNRESOLVED before), the methods once the model has them.  It is counted
+        in `predicting` (the shadow rests while that is not 0)."""
         request = bottle.request
         request.environ["service.labels"] = UNRESOLVED_LABELS
         with self.predicting:
-            return self._predict(request, codec, name, version, label, route)
+            if name is None:
+                name = self.registry.default_model_name()
+            asked = protocol.read(request, self.config, **route)
+            model, results = self.answer(protocol, asked, request.environ, name, version, label)
+        return protocol.encode(model, asked, results)
 
-    def _predict(self, request, codec, name, version, label, route):
-        """predict(), counted in `predicting` (the shadow rests while it is not 0)."""
-        registry, config, environ = self.registry, self.service_config, request.environ
-        if name is None:
-            name = registry.default_model_name()
-        asked = codec.read(request, config, **route)
+    def answer(self, protocol, asked, environ, name, version, label):
+        """(model, {method: outputs}) for a request record `asked`: admit → resolve → load → decode → run.
+
+        `environ` is the request's WSGI environ; a protocol that is not HTTP passes a dict of its
+        own, where the metrics' labels, the payload log's record and the request id are noted."""
+        registry, config = self.registry, self.config
         held = []                                   # what the prediction holds, released when it is over
         fields = None
         try:
@@ -4843,16 +5283,15 @@ class ServiceApp(bottle.Bottle):
                     raise ModelUnavailable(f"overloaded: {config.max_inflight} predictions are already being "
                                            "answered (--max-inflight); try again", retry_after=1)
                 held.append(self.admission.release)
-            routing_key = _routing_key(environ, codec, asked)
+            routing_key = protocol.routing_key(environ, asked)
             slot = registry.slot(name, version, label, routing_key)
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
             fields = _log_fields.set({"request_id": _request_id(environ), "model": name,
                                       "version": slot.ref.version})          # for the lines logged meanwhile
             model = registry.acquire(name, version, label, slot, routing_key)
             held.append(functools.partial(registry.release, model))
-            methods, inputs = codec.inputs(model, asked, config)
-            environ["service.labels"] = (("model", name), ("version", model.version),
-                                         ("method", ",".join(sorted(methods))))
+            methods, inputs = protocol.inputs(model, asked, config)
+            environ["service.labels"] = model.labels + (("method", ",".join(sorted(methods))),)
 
             def compute():
                 return {method: model.predict(method, inputs) for method in methods}
@@ -4865,7 +5304,7 @@ class ServiceApp(bottle.Bottle):
                 release()
             if fields is not None:
                 _log_fields.reset(fields)
-        return codec.encode(model, asked, results)
+        return model, results
 
     # -- service ------------------------------------------------------------------------------
     def index(self):
@@ -4874,10 +5313,7 @@ class ServiceApp(bottle.Bottle):
                                                              "Content-Security-Policy": CONSOLE_CSP})
         return {"name": SERVICE_NAME, "version": __version__, "status": "alive",
                 "models": self.registry.names(),
-                "links": {"models": "/models", "health": "/healthz", "ready": "/readyz",
-                          "predict": "/models/{name}/predict",
-                          "predict_version": "/models/{name}/versions/{version}/predict",
-                          "predict_label": "/models/{name}/labels/{label}/predict"}}
+                "links": {route.link: route.path for route in ROUTES if route.link}}
 
     def alive(self):
         return {"status": "alive"}
@@ -4911,7 +5347,7 @@ class ServiceApp(bottle.Bottle):
 
     def show_version(self, name, version):
         for info in self.registry.describe(name)["versions"]:
-            if info["version"] == version:
+            if info["version"] == str(version):
                 return {"name": name, **info}
         self.registry.slot(name, version)         # the 400 or 404 that explains why
         raise NotFound(f"model {name!r} has no version {version}", model=name)
@@ -4919,11 +5355,6 @@ class ServiceApp(bottle.Bottle):
     def show_label(self, name, label):
         return {"name": name, "label": label, "version": str(self.registry.slot(name, label=label).ref.version)}
 
-    def _loaded(self, name, version=None, label=None):
-        """The model that answers for a route, loaded if need be (its metadata needs the estimator)."""
-        model = self.registry.acquire(name, version, label)
-        self.registry.release(model)
-        return model
 
     # -- administration: only what is already in the store ----------------------------------
     def reload_model(self, name):
@@ -4933,81 +5364,18 @@ class ServiceApp(bottle.Bottle):
     def rescan(self):
         return {"models": self.registry.rescan()}
 
-    # -- TensorFlow Serving REST and KServe V1 ------------------------------------------------
-    def v1_status(self, name, version=None, label=None):
-        """TF's model_version_status merged with KServe V1's {"name", "ready"}; 503 when nothing can serve."""
-        entry = self.registry.entry(name)
-        slots = ([self.registry.slot(name, version, label)] if version or label else
-                 [entry.versions[number] for number in entry.served])
-        ready = any(slot.state != FAILED for slot in slots)
-        status = {"name": name, "ready": ready, "model_version_status": [tf_version_status(s) for s in slots]}
-        if not ready:
-            raise ModelUnavailable(f"model {name!r} has no version that can serve", **status)
-        return status
 
-    def v1_metadata(self, name, version=None, label=None):
-        model = self._loaded(name, version, label)
-        return {"model_spec": {"name": name, "signature_name": "", "version": model.version},
-                "metadata": {"signature_def": {"signature_def": tf_signatures(model)}}}
-
-    # -- Open Inference Protocol (V2) -----------------------------------------------------------
-    def v2_server(self):
-        return {"name": SERVICE_NAME, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
-
-    def v2_live(self):
-        return {"live": True}
-
-    def v2_model_ready(self, name, version=None):
-        slot = self.registry.slot(name, version)
-        if slot.state == FAILED:
-            raise ModelUnavailable(f"model {name!r} version {slot.ref.version} failed to load: {slot.error}",
-                                   name=name, ready=False)
-        return {"name": name, "ready": True}
-
-    def v2_model_metadata(self, name, version=None):
-        model = self._loaded(name, version)
-        return v2_metadata(model, self.registry.entry(name).served_versions())
-
-    def v2_repository_index(self):
-        asked = json_body(bottle.request.environ, self.service_config, required=False)
-        only_ready = isinstance(asked, dict) and asked.get("ready") is True
-        index = []
-        for info in self.registry.describe_all():
-            for version in info["versions"]:
-                state = V2_REPOSITORY_STATES[version["state"]]
-                if version["served"] and (not only_ready or state == "READY"):
-                    index.append({"name": info["name"], "version": version["version"], "state": state,
-                                  "reason": _clip(version["last_error"] or "", 300)})
-        return index
-
-    def v2_repository_action(self, name, action):
-        asked = json_body(bottle.request.environ, self.service_config, required=False)
-        parameters = asked.get("parameters") if isinstance(asked, dict) else None
-        if parameters and any(key == "config" or key.startswith("file:") for key in parameters):
-            raise BadRequest("models are loaded only from the model store: \"config\" and \"file:\" parameters "
-                             "are refused")
-        if action == "load":
-            self.registry.reload(name)
-            for number in self.registry.entry(name).served:
-                self.registry.get(name, str(number))
-        else:
-            self.registry.unload(name)
-        return {}
-
-    # -- MLflow scoring ---------------------------------------------------------------------------
-    def mlflow_version(self):
-        return bottle.HTTPResponse(__version__, headers={"Content-Type": "text/plain; charset=utf-8"})
-
-
-def _routing_key(environ, codec, asked):
-    """A request's routing key for sticky traffic splits: the X-Routing-Key header, or in a V2 request
-    "parameters": {"routing_key": "..."} (the one protocol whose requests carry parameters); None if empty."""
-    key = environ.get("HTTP_X_ROUTING_KEY")
-    if key is None and codec is CODECS["v2"]:
-        key = (asked[-1].get("parameters") or {}).get("routing_key")
-        if key is not None and not isinstance(key, str):
-            raise BadRequest('"parameters": {"routing_key"} must be a string')
-    return key or None
+def _check_access(environ, access, config):
+    """The one access check, of a request's row of ROUTES (its endpoint's, or its path's when no route
+    answers it): OPEN for anyone; TOKEN needs one of --auth-tokens when it is set; ADMIN is off without
+    --admin-token and needs it."""
+    if access == ADMIN:
+        if not config.admin_token:
+            raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) to enable it")
+        _require_token(environ, (config.admin_token,), "model-service admin",
+                       "this route needs the admin token: Authorization: Bearer <token>")
+    elif access == TOKEN and config.auth_tokens:
+        _require_token(environ, config.auth_tokens, "model-service")
 
 
 def _require_token(environ, tokens, realm, message="this route needs a valid token: Authorization: Bearer <token>"):
@@ -5053,10 +5421,6 @@ def create_app(store=None, config=None, registry=None, **options):
 # GET /openapi.json: every route, request, response and error, for client generators and
 # API explorers; models whose feature names are known get their own row schema.
 
-def _schema_ref(name):
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
 def _json_body(schema, required=True, example=None):
     media = {"schema": schema} if example is None else {"schema": schema, "example": example}
     return {"required": required, "content": {JSON_TYPE: media}}
@@ -5082,11 +5446,11 @@ def _operation(route, answer, body=None, parameters=(), query=()):
 
 _PATH_PARAMETERS = {
     "name": {"name": "name", "in": "path", "required": True, "description": "model name",
-             "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}},
+             "schema": {"type": "string", "pattern": f"^{MODEL_NAME.pattern}$"}},
     "version": {"name": "version", "in": "path", "required": True, "description": "version number",
-                "schema": {"type": "string", "pattern": r"^[1-9][0-9]{0,17}$"}},
+                "schema": {"type": "string", "pattern": f"^{VERSION.pattern}$"}},
     "label": {"name": "label", "in": "path", "required": True, "description": "version label",
-              "schema": {"type": "string", "pattern": r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"}},
+              "schema": {"type": "string", "pattern": f"^{LABEL.pattern}$"}},
     "sentence": {"name": "sentence", "in": "path", "required": True, "schema": {"type": "string"},
                  "description": "the instances, as JSON or a Python literal"},
 }
@@ -5095,71 +5459,21 @@ _QUERY_PARAMETERS = {
                   "description": "a JSON list of instances"},
 }
 
-_ANY = {}
-_OBJECT = {"type": "object", "additionalProperties": True}
-_CELL = {"oneOf": [{"type": "number"}, {"type": "string"}, {"type": "boolean"}, {"type": "null"}]}
-_ROWS = {"type": "array", "minItems": 1, "items": _ANY}
-
 OPENAPI_SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "additionalProperties": True,
               "properties": {"error": {"type": "string"}, "code": {"type": "string"},
                              "model": {"type": "string"}, "error_code": {"type": "string"},
                              "message": {"type": "string"}}},
-    "PredictRequest": {"oneOf": [
-        {"type": "object", "required": ["instances"], "properties": {
-            "instances": _ROWS, "method": {"type": "string"}}},
-        {"type": "object", "required": ["inputs"], "properties": {
-            "inputs": {"oneOf": [_ROWS, {"type": "object"}]}, "method": {"type": "string"}}},
-        _ROWS]},
-    "PredictResponse": {"type": "object", "required": ["model", "version", "method", "predictions"],
-                        "properties": {"model": {"type": "string"}, "version": {"type": "string"},
-                                       "method": {"type": "string"}, "predictions": {"type": "array"},
-                                       "classes": {"type": "array"}}},
     "ModelStatus": {"type": "object", "required": ["name", "versions"], "additionalProperties": True,
                     "properties": {"name": {"type": "string"}, "latest_version": {"type": ["string", "null"]},
                                    "versions": {"type": "array", "items": _OBJECT}}},
-    "TFPredictRequest": {"type": "object", "properties": {
-        "signature_name": {"type": "string"}, "instances": _ROWS,
-        "inputs": {"oneOf": [_ROWS, {"type": "object"}]}}},
-    "TFPredictResponse": {"type": "object", "properties": {"predictions": {"type": "array"}, "outputs": _ANY}},
-    "TFExamples": {"type": "object", "required": ["examples"], "properties": {
-        "context": {"type": "object"}, "examples": {"type": "array", "items": {"type": "object"}}}},
-    "TFResults": {"type": "object", "required": ["results"], "properties": {"results": {"type": "array"}}},
-    "TFStatus": {"type": "object", "required": ["name", "ready", "model_version_status"],
-                 "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"},
-                                "model_version_status": {"type": "array", "items": _OBJECT}}},
-    "V2Tensor": {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
-        "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
-        "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
-                                                "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]},
-        "parameters": {"type": "object"}, "data": {"type": "array"}}},
-    "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
-        "id": {"type": "string"}, "parameters": {"type": "object"},
-        "inputs": {"type": "array", "items": _schema_ref("V2Tensor")},
-        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
-                                               "properties": {"name": {"type": "string"},
-                                                              "parameters": {"type": "object"}}}}}},
-    "V2InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
-        "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
-        "outputs": {"type": "array", "items": _schema_ref("V2Tensor")}}},
-    "V2Metadata": {"type": "object", "required": ["name", "inputs", "outputs"], "properties": {
-        "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
-        "platform": {"type": "string"}, "inputs": {"type": "array", "items": _OBJECT},
-        "outputs": {"type": "array", "items": _OBJECT}}},
-    "MLflowRequest": {"type": "object", "properties": {
-        "dataframe_split": {"type": "object", "properties": {"columns": {"type": "array"},
-                                                             "data": {"type": "array"}}},
-        "dataframe_records": {"type": "array", "items": {"type": "object"}},
-        "instances": _ROWS, "inputs": _ANY, "params": {"type": "object"}}},
-    "Predictions": {"type": "object", "required": ["predictions"], "properties": {"predictions": {"type": "array"}}},
+    **{name: schema for protocol in PROTOCOLS for name, schema in protocol.schemas.items()},
 }
 
 
-OPENAPI_BODIES = {   # Route.body: what each request body may be
+OPENAPI_BODIES = {   # Route.body: what each request body may be, where it is not one JSON schema
     "Optional": {"required": False, "content": {JSON_TYPE: {"schema": _OBJECT}}},
-    "MLflowRequest": {"required": True, "content": {
-        JSON_TYPE: {"schema": _schema_ref("MLflowRequest"), "example": BODY_EXAMPLES["MLflowRequest"]},
-        "text/csv": {"schema": {"type": "string"}}}},
+    **{name: body for protocol in PROTOCOLS for name, body in protocol.bodies.items()},
 }
 
 
@@ -5175,18 +5489,18 @@ def openapi_document(registry):
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, answer, body, parameters,
                                                                             route.query)
     schemas = dict(OPENAPI_SCHEMAS)
-    native = {route.method: route for route in ROUTES if route.path == "/models/{name}/predict"}
     for name, features in registry.known_features().items():
         schemas[f"{name}.row"] = {"type": "object", "required": features, "additionalProperties": False,
                                   "properties": {feature: {"type": ["number", "null"]} for feature in features}}
         rows = {"type": "object", "required": ["instances"], "properties": {
             "instances": {"type": "array", "minItems": 1, "items": _schema_ref(f"{name}.row")},
             "method": {"type": "string"}}}
-        paths[f"/models/{name}/predict"] = {
-            "get": _operation(native["GET"], _schema_ref("PredictResponse"), query=native["GET"].query),
-            "post": _operation(dataclasses.replace(native["POST"], summary=f"predict with {name}: rows keyed by "
-                                                                            "its feature names"),
-                               _schema_ref("PredictResponse"), _json_body(rows))}
+        for route in ROUTES:
+            if route.per_model:
+                own = dataclasses.replace(route, summary=f"predict with {name}: rows keyed by its feature names") \
+                    if route.body else route
+                paths.setdefault(route.path.replace("{name}", name), {})[route.method.lower()] = _operation(
+                    own, _schema_ref(route.answer), _json_body(rows) if route.body else None, query=route.query)
     return {"openapi": "3.1.0",
             "info": {"title": SERVICE_NAME, "version": __version__,
                      "description": "scikit-learn models over HTTP: a native JSON API, TF Serving REST, KServe "
@@ -5200,18 +5514,38 @@ def openapi_document(registry):
 
 
 def serve(app, config):
-    """Run a server until SIGTERM or SIGINT: waitress (tuned, and drained on exit) or any Bottle adapter."""
+    """Run a server until SIGTERM or SIGINT: waitress (tuned, and drained on exit) or any Bottle adapter.
+
+    Whichever it was, SIGTERM's and SIGINT's handlers are the caller's again when it returns."""
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the service is reachable from other machines", config.host)
-    if config.workers > 1:
-        _serve_workers(app, config)
-        return
-    if config.server != "waitress":
-        # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
-        bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
-        return
+    with _signal_handlers_kept():
+        if config.workers > 1:
+            _serve_workers(app, config)
+        elif config.server == "waitress":
+            _serve_waitress(app, config)
+        else:
+            # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
+            bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """Give SIGTERM and SIGINT back the handlers they had (only the main thread may set them, and has)."""
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            if handler is not None:             # None: set outside Python, nothing to give back
+                signal.signal(number, handler)
+
+
+def _serve_waitress(app, config):
+    """waitress, tuned, until SIGTERM or SIGINT; then requests in flight finish within --shutdown-timeout."""
     import waitress
     from waitress.channel import HTTPChannel
     from waitress.server import BaseWSGIServer
@@ -5241,7 +5575,7 @@ def serve(app, config):
         if deadline:
             raise SystemExit(0)            # a second signal: stop now
         deadline.append(time.monotonic() + config.shutdown_timeout)
-        app.config["service.registry"].draining = True
+        app.registry.draining = True
         logger.info("%s: finishing requests in flight (at most %g s)", signal.Signals(signum).name,
                     config.shutdown_timeout)
 
@@ -5250,8 +5584,9 @@ def serve(app, config):
         return [c for c in list(sockets.values())
                 if isinstance(c, HTTPChannel) and (c.request is not None or c.requests or c.total_outbufs_len)]
 
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)} \
-        if threading.current_thread() is threading.main_thread() else {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, stop)
     try:
         while not deadline or (busy() and time.monotonic() < deadline[0]):
             if deadline:
@@ -5267,8 +5602,6 @@ def serve(app, config):
     except SystemExit:
         logger.info("stopped at once")
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
         server.task_dispatcher.shutdown(timeout=1)
         close_all(sockets)
 
@@ -5290,7 +5623,7 @@ def _serve_workers(app, config):
     except ImportError:
         raise ImportError("--workers needs gunicorn: pip install gunicorn") from None
     metrics_hooks = _metrics_across_workers()      # before anything counts: the workers' shared folder
-    registry = app.config["service.registry"]
+    registry = app.registry
 
     class Logs(Logger):
         """gunicorn's own lines in the service's --log-format (its access log stays off: --access-log is ours)."""
@@ -5330,9 +5663,6 @@ def _metrics_across_workers():
     variable then), and removed when the parent exits.  A folder the environment already names is not
     used: counts left there by an earlier run would be added to this one's.
     """
-    import shutil
-    import tempfile
-
     folder = os.environ[MULTIPROCESS_DIR] = tempfile.mkdtemp(prefix="model-service-metrics-")
     parent = os.getpid()
     atexit.register(lambda: os.getpid() == parent and shutil.rmtree(folder, ignore_errors=True))  # not workers'
@@ -5375,10 +5705,9 @@ def replay(registry, name, paths, version=None, label=None):
     """Replay the logged requests of model `name` on one of its versions; (report, version replayed on)."""
     if version is None and label is None:
         served = registry.entry(name).served
-        version = str(served[0]) if served else None     # the highest served: never the split's random pick
-    model = registry.acquire(name, version, label)
+        version = served[0] if served else None          # the highest served: never the split's random pick
     report = Agreement()
-    try:
+    with registry.using(name, version, label) as model:
         for record in _payload_lines(paths, report):
             logged = record.get("outputs")
             if record.get("model") != name:
@@ -5390,8 +5719,6 @@ def replay(registry, name, paths, version=None, label=None):
                 report.skipped["without (complete) inputs"] += 1
             else:
                 _replay_request(model, registry.config, record, report)
-    finally:
-        registry.release(model)
     return report, model.version
 
 
@@ -5428,7 +5755,8 @@ def replay_command(argv):
         config = dataclasses.replace(Config.load({"store": arguments.store}), poll_interval=0.0)
         registry = ModelRegistry(config, watch=False)
         registry.refresh()
-        report, version = replay(registry, arguments.model, arguments.logs, arguments.version, arguments.label)
+        version = None if arguments.version is None else version_number(arguments.version, arguments.model)
+        report, version = replay(registry, arguments.model, arguments.logs, version, arguments.label)
     except (ServiceError, OSError, ValueError) as error:
         print(f"model-service replay: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
         return 2
@@ -5504,7 +5832,7 @@ def main(argv=None, serve=serve):
             refuse(f"--payload-log {config.payload_log}: {error.strerror}")
     application = create_app(config=config)
     if config.workers == 1:          # under --workers the parent loads before forking, without threads
-        application.config["service.registry"].refresh()
+        application.registry.refresh()
     try:
         serve(application, config)
     except KeyboardInterrupt:

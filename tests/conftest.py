@@ -184,7 +184,7 @@ def service_app(**options):
     try:
         yield app
     finally:
-        app.config["service.registry"].stop_watching()
+        app.registry.stop_watching()
 
 
 @pytest.fixture

@@ -428,7 +428,7 @@ def test_invalid_utf8_path_is_400_not_stripped(client):
 
 def test_internal_faults_are_500_json_without_traceback(store, make_client, caplog):
     client = make_client(store)
-    registry = client.app.config["service.registry"]
+    registry = client.app.registry
     client.get("/models")
     registry.describe = lambda name: 1 / 0      # a fault of ours, not the caller's
     response = client.get("/models/iris", expect_errors=True)

@@ -123,9 +123,9 @@ def test_main_hands_serve_an_app_built_on_that_config_with_the_store_scanned(tmp
     code, serve = run_main(["--store", str(tmp_path / "store"), "--max-rows", "7"])
     assert code == 0
     app, config = serve.calls[0]
-    assert isinstance(app, bottle.Bottle)
-    assert app.config["service.config"] is config and config.max_rows == 7
-    registry = app.config["service.registry"]
+    assert isinstance(app, service.ServiceApp)
+    assert app.config is config and config.max_rows == 7
+    registry = app.registry
     assert registry.ready and registry.names() == ["iris"]
 
 
@@ -398,16 +398,16 @@ def test_config_is_immutable():
 ###############################################################################
 
 
-def test_app_and_application_are_the_same_bottle_app():
+def test_app_and_application_are_the_same_service_app():
     assert service.app is service.application
-    assert isinstance(service.app, bottle.Bottle)
-    assert isinstance(service.app.config["service.config"], service.Config)
+    assert isinstance(service.app, service.ServiceApp)
+    assert isinstance(service.app.config, service.Config)
 
 
 def test_create_app_applies_keyword_options(tmp_path, iris, iris_classifier, make_app):
     write_artifact(tmp_path / "store" / "iris.joblib", iris_classifier, "joblib")
     app = make_app(store=tmp_path / "store", max_rows=5)
-    config = app.config["service.config"]
+    config = app.config
     assert config.max_rows == 5 and config.store == str(tmp_path / "store")
     client = webtest.TestApp(app)
     six = client.post_json("/models/iris/predict", {"instances": iris[0][:6].tolist()}, expect_errors=True)
@@ -420,19 +420,19 @@ def test_create_app_applies_keyword_options(tmp_path, iris, iris_classifier, mak
 def test_create_app_options_override_the_environment(tmp_path, monkeypatch, make_app):
     monkeypatch.setenv("MODEL_SERVICE_MAX_ROWS", "3")
     monkeypatch.setenv("MODEL_SERVICE_MAX_DEPTH", "4")
-    config = make_app(store=tmp_path, max_depth=8).config["service.config"]
+    config = make_app(store=tmp_path, max_depth=8).config
     assert config.max_rows == 3 and config.max_depth == 8 and config.store == str(tmp_path)
 
 
 def test_create_app_with_an_explicit_config_ignores_the_environment(tmp_path, monkeypatch, make_app):
     monkeypatch.setenv("MODEL_SERVICE_MAX_ROWS", "3")
     app = make_app(config=service.Config(store=str(tmp_path)))
-    assert app.config["service.config"].max_rows == 100_000
+    assert app.config.max_rows == 100_000
 
 
 def test_creating_the_app_touches_no_disk_the_first_request_does(make_app):
     app = make_app(store="/nonexistent/model/store")
-    registry = app.config["service.registry"]
+    registry = app.registry
     assert not registry.ready
     client = webtest.TestApp(app)
     assert client.get("/healthz").json == {"status": "alive"}

@@ -37,12 +37,11 @@ def test_every_route_has_one_row_with_its_access_and_documentation():
     for route in service.ROUTES:
         assert route.access in (service.OPEN, service.TOKEN, service.ADMIN), route
         assert route.summary and route.tag, route
-        assert callable(getattr(service.ServiceApp, route.handler)), route
-    assert service.OPEN_PATHS == {"/", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/ping", "/health"}
+        assert callable(getattr(route.protocol or service.ServiceApp, route.handler)), route
+    assert {route.path for route in service.ROUTES if route.access == service.OPEN} == {"/", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/ping", "/health"}
     admin = {route.path for route in service.ROUTES if route.access == service.ADMIN}
     assert admin == {"/admin/rescan", "/models/{name}/reload", "/v2/repository/models/{name}/load",
                      "/v2/repository/models/{name}/unload"}
-    assert service.ADMIN_PATHS.fullmatch("/models/iris/reload") and not service.ADMIN_PATHS.fullmatch("/models/iris")
 
 
 def test_access_comes_from_the_table(tmp_path, make_client, iris_classifier):
@@ -59,6 +58,21 @@ def test_access_comes_from_the_table(tmp_path, make_client, iris_classifier):
             assert answer.headers["WWW-Authenticate"] == f'Bearer realm="{realm}"', route
             assert answer.json["code"] == "unauthorized"
 
+
+
+def test_requests_no_route_answers_are_told_so_only_as_the_paths_access_allows(tmp_path, make_client,
+                                                                                iris_classifier):
+    """With tokens required, an unknown path or a wrong method on a model route is a 401 (no route enumeration);
+    a wrong method on an open route, or on an admin route, is its 405."""
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    client = make_client(tmp_path, poll_interval=0, auth_tokens=("secret-token-0123456789",))
+    for method, path in (("GET", "/no/such/route"), ("POST", "/models"), ("DELETE", "/models/iris/predict")):
+        assert client.request(path, method=method, expect_errors=True).status_int == 401, (method, path)
+    for method, path in (("POST", "/healthz"), ("GET", "/admin/rescan"), ("GET", "/models/iris/reload")):
+        assert client.request(path, method=method, expect_errors=True).status_int == 405, (method, path)
+    authorised = {"Authorization": "Bearer secret-token-0123456789"}
+    assert client.get("/no/such/route", headers=authorised, expect_errors=True).status_int == 404
+    assert client.post("/models", headers=authorised, expect_errors=True).status_int == 405
 
 # -- the one error path -----------------------------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ def app_client(make_client):
 
 
 def registry_of(client):
-    return client.app.config["service.registry"]
+    return client.app.registry
 
 
 def predict(client, url, rows=ROWS, **kwargs):
@@ -267,21 +267,21 @@ def test_while_a_moved_label_loads_its_new_target_the_old_target_keeps_answering
     registry = clocked_registry(tmp_path)
     registry.refresh()
     held = registry.acquire("m", label="stable")
-    assert held.version == "1" and held.predict("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
+    assert held.version == 1 and held.predict("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
     registry.release(held)
 
     write_settings(tmp_path / "m", {"version_policy": "all", "labels": {"stable": 2}})
-    new_target = registry.slot("m", "2")
+    new_target = registry.slot("m", 2)
     for _ in range(2):
         registry.poll()
         assert registry.slot("m", label="stable").ref.version == 1
     wait_until(lambda: new_target.state == "LOADING")
-    assert_answers(registry, "1", iris_classifier, label="stable")      # at once, from version 1
+    assert_answers(registry, 1, iris_classifier, label="stable")      # at once, from version 1
     assert new_target.state == "LOADING"
     wait_until(lambda: registry.slot("m", label="stable") is new_target)
-    assert_answers(registry, "2", named_labels_classifier, label="stable")
+    assert_answers(registry, 2, named_labels_classifier, label="stable")
     assert new_target.loads == 1 and new_target.state == "AVAILABLE"
-    assert registry.slot("m", "1").state == "AVAILABLE", "still served under policy 'all'"
+    assert registry.slot("m", 1).state == "AVAILABLE", "still served under policy 'all'"
 
 
 def test_a_label_in_use_moved_to_a_broken_version_keeps_answering_with_the_old_one(tmp_path, iris_classifier):
@@ -294,11 +294,11 @@ def test_a_label_in_use_moved_to_a_broken_version_keeps_answering_with_the_old_o
     registry.release(registry.acquire("m", label="stable"))
     write_settings(tmp_path / "m", {"version_policy": "all", "labels": {"stable": 2}})
     registry.poll()
-    broken = registry.slot("m", "2")
+    broken = registry.slot("m", 2)
     wait_until(lambda: broken.state == "FAILED")
     for _ in range(3):
         registry.poll()
-        assert_answers(registry, "1", iris_classifier, label="stable")
+        assert_answers(registry, 1, iris_classifier, label="stable")
     assert broken.loads == 1, "not retried before load_retry_seconds"
     assert broken.error.startswith("cannot load m/2/model.joblib as joblib")
 
@@ -447,8 +447,8 @@ def test_a_version_removed_while_held_is_unloading_until_released(tmp_path, iris
     versioned_store(tmp_path, [iris_classifier, iris_classifier], {"version_policy": "all"})
     registry = clocked_registry(tmp_path)
     registry.refresh()
-    slot = registry.slot("m", "1")
-    held = registry.acquire("m", "1")
+    slot = registry.slot("m", 1)
+    held = registry.acquire("m", 1)
     os.remove(tmp_path / "m" / "1" / "model.joblib")
     os.rmdir(tmp_path / "m" / "1")
     registry.poll()
@@ -458,7 +458,7 @@ def test_a_version_removed_while_held_is_unloading_until_released(tmp_path, iris
     registry.release(held)
     assert slot.state == "UNLOADED" and registry.loaded_count() == 0
     with pytest.raises(service.NotFound):
-        registry.acquire("m", "1")
+        registry.acquire("m", 1)
 
 
 def test_a_version_leaving_the_policy_while_held_is_unloading_until_released(tmp_path, clocked_client, iris_classifier,
@@ -466,7 +466,7 @@ def test_a_version_leaving_the_policy_while_held_is_unloading_until_released(tmp
     versioned_store(tmp_path, [iris_classifier, named_labels_classifier], {"version_policy": "all"})
     client, registry = clocked_client(tmp_path)
     client.get("/models")                            # the first request scans
-    held = registry.acquire("m", "1")
+    held = registry.acquire("m", 1)
     write_settings(tmp_path / "m", {"version_policy": "latest"})
     registry.clock_.now += 1.0
     status = version_status(client, "m", 1)

@@ -135,7 +135,7 @@ def test_a_prediction_over_the_time_limit_is_504_and_its_work_stays_counted_unti
     app = webtest.TestApp(application)
     assert app.post_json("/models/iris/predict", {"instances": ROW}).json["predictions"] == \
         iris_classifier.predict(ROW).tolist(), "a prediction within the limit is answered as usual"
-    application.config["service.registry"].get("slow")                  # loading is not prediction time
+    application.registry.get("slow")                  # loading is not prediction time
     began = time.perf_counter()
     answer = app.post_json("/models/slow/predict", {"instances": ROW}, expect_errors=True)
     assert answer.status_int == 504 and answer.json["code"] == "prediction_timeout", answer.text

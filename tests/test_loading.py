@@ -21,7 +21,7 @@ def test_creating_the_app_loads_and_scans_nothing(tmp_path, iris_classifier, mak
     import webtest
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     app = make_app(store=tmp_path)
-    registry = app.config["service.registry"]
+    registry = app.registry
     assert registry.names() == [] and not registry.ready
     client = webtest.TestApp(app)
     assert strict_json(client.get("/models"))["models"][0]["versions"][0]["state"] == "UNLOADED"

@@ -58,14 +58,14 @@ def test_a_removed_version_and_model_disappear(tmp_path, registry, iris_classifi
     publish(tmp_path / "m" / "2" / "model.joblib", iris_classifier)
     publish(tmp_path / "gone.joblib", iris_classifier)
     registry.refresh()
-    held = registry.get("m", "2")
+    held = registry.get("m", 2)
     os.remove(tmp_path / "m" / "2" / "model.joblib")
     os.rmdir(tmp_path / "m" / "2")
     os.remove(tmp_path / "gone.joblib")
     registry.poll()
     assert registry.names() == ["m"]
     with pytest.raises(service.NotFound):
-        registry.get("m", "2")
+        registry.get("m", 2)
     with pytest.raises(service.NotFound):
         registry.get("gone")
     wait_until(lambda: registry.slot("m").ref.version == 1)     # once 1 has loaded: 2 answered till then
@@ -126,7 +126,7 @@ def test_a_new_version_of_a_model_in_use_serves_only_once_loaded(tmp_path, regis
     corrupt(tmp_path / "m" / "2" / "model.joblib")
     registry.poll()
     registry.poll()
-    wait_until(lambda: registry.slot("m", "2").state == "FAILED")
+    wait_until(lambda: registry.slot("m", 2).state == "FAILED")
     assert registry.slot("m").ref.version == 1, "a failed version never replaces a working one"
     publish(tmp_path / "m" / "2" / "model.joblib", named_labels_classifier)
     registry.poll()

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import requests
 from sklearn.datasets import load_diabetes
 
 import service
-from conftest import IRIS_FEATURES, ROOT, free_port, gunicorn_command, running, write_artifact
+from conftest import IRIS_FEATURES, ROOT, free_port, gunicorn_command, running, wait_until, write_artifact
 
 BIN = os.path.dirname(sys.executable)
 TIMEOUT = 30
@@ -548,3 +549,31 @@ def test_python_m_service_on_all_interfaces_warns_and_stops_cleanly_on_sigterm(t
     assert running.returncode == 0
     assert "binding 0.0.0.0: the service is reachable from other machines" in running.output
     assert "SIGTERM" in running.output and "Traceback" not in running.output
+
+
+@pytest.mark.parametrize("server", ["waitress", "wsgiref"])
+def test_serve_gives_sigterm_and_sigint_their_handlers_back_when_it_returns(tmp_path, server):
+    """serve() in this process's main thread: it takes SIGTERM and SIGINT while it runs (SIGTERM stops it) and
+    leaves them as they were, whichever server it ran."""
+    def mine(signum, frame):
+        raise AssertionError("serve() had not taken SIGTERM")
+
+    config = service.Config(store=str(tmp_path), server=server, port=0, shutdown_timeout=1.0)
+    app = service.create_app(config=config)
+    before = signal.signal(signal.SIGTERM, mine), signal.getsignal(signal.SIGINT)
+
+    def stop():
+        try:
+            wait_until(lambda: signal.getsignal(signal.SIGTERM) is not mine, timeout=TIMEOUT, what="serve()")
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    try:
+        service.serve(app, config)
+        stopper.join()
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == (mine, before[1])
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        app.registry.stop_watching()

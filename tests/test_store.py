@@ -532,7 +532,7 @@ def test_model_names_in_urls_never_reach_outside_the_store(tmp_path, make_client
     assert isinstance(body["error"], str) and body["error"] and "predictions" not in body
     if "%FF" in url or "%C0" in url:
         assert "UTF-8" in body["error"] and "'..'" not in body["error"]
-    registry = client.app.config["service.registry"]
+    registry = client.app.registry
     registry.refresh()          # a path refused before routing has not scanned yet
     assert registry.names() == ["inside"]
     assert registry.slot("inside").loads == 0            # nothing was loaded, inside or out

@@ -199,7 +199,7 @@ def test_the_demo_store_loads_under_safe_pickle():
     registry = registry_for(root, safe_pickle=True)
     for name in registry.names():
         for version in registry.entry(name).served:
-            assert registry.get(name, str(version)).estimator is not None
+            assert registry.get(name, version).estimator is not None
 
 
 ###############################################################################

@@ -29,6 +29,7 @@ path in the order data flows; each of its sections uses only what is above it::
     Artifact loaders        load: bytes to an estimator, by format
     Servables               a loaded model, its batcher and its input checks
     Metrics                 what GET /metrics counts
+    Tracing                 OpenTelemetry spans, when the OTEL_* variables ask for them
     Agreement               how two versions' answers compare (shadow, replay)
     Model registry          hold: versions and residency; a pure plan per scan, a loader, the facade
     Request bodies          read and parse a body within its bounds; request ids
@@ -2157,6 +2158,130 @@ class _Unforgotten:
             family.samples = [item for item in family.samples
                               if (item.labels.get("model"), item.labels.get("version")) not in self.forgotten]
             yield family
+
+
+###############################################################################
+# Tracing #####################################################################
+###############################################################################
+# OpenTelemetry traces (the [otel] extra: opentelemetry-sdk and its OTLP/HTTP exporter), off unless the
+# standard OTEL_* variables ask for them, and imported only then.  One server span per request (W3C
+# traceparent/tracestate taken from the caller), child spans for what the request spends its time on, the
+# trace id in the JSON log lines and a traceparent answer header.  Off, every call here costs one attribute
+# test and returns a shared empty context manager.
+
+TRACE_EXPORTERS = ("otlp", "console")
+_NO_SPAN = contextlib.nullcontext()
+
+
+def trace_exporter_wanted(environ):
+    """The exporter the OTEL_* variables ask for ("otlp" or "console"), or None: traces are on when
+    OTEL_TRACES_EXPORTER names one of TRACE_EXPORTERS, or is unset while an OTLP endpoint is; never when
+    OTEL_SDK_DISABLED is true or OTEL_TRACES_EXPORTER is "none".  ValueError for an exporter not supported."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    named = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if not named:
+        endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        return "otlp" if endpoint else None
+    if named == "none":
+        return None
+    if named not in TRACE_EXPORTERS:
+        raise ValueError(f"OTEL_TRACES_EXPORTER={named!r}: this service exports traces with "
+                         f"{' or '.join(TRACE_EXPORTERS)} (OTLP over HTTP), or none")
+    return named
+
+
+def _otel_sdk_missing():
+    """Why traces cannot be exported here, or None when the [otel] extra is installed."""
+    try:
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError as error:
+        return (f"OTEL_* variables ask for traces, but the OpenTelemetry SDK is not installed ({error.name}): "
+                "pip install '.[otel]'")
+    return None
+
+
+class Tracing:
+    """The service's traces: a tracer provider of its own (not the process's global one: an embedding host
+    keeps its own), made in the process that serves at its first span, as a pre-fork host forks after
+    building the app; its batch processor exports off the request path and flushes at exit.
+
+    `exporter` is "otlp", "console" or, for tests, a SpanExporter (exported one span at a time); None: off.
+    """
+
+    def __init__(self, exporter=None):
+        self.exporter, self.enabled = exporter, exporter is not None
+        self._tracer, self._pid, self._lock = None, None, threading.Lock()
+
+    @classmethod
+    def from_environment(cls, environ=None):
+        """Tracing as the OTEL_* variables configure it; off (logged once, with why) when they cannot."""
+        environ = os.environ if environ is None else environ
+        try:
+            exporter = trace_exporter_wanted(environ)
+        except ValueError as error:
+            logger.error("traces are off: %s", error)
+            return cls()
+        missing = exporter and _otel_sdk_missing()
+        if missing:
+            logger.error("traces are off: %s", missing)
+            return cls()
+        return cls(exporter)
+
+    def tracer(self):
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._tracer, self._pid = self._make_tracer(), os.getpid()
+        return self._tracer
+
+    def _make_tracer(self):
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+
+        resource = Resource.create()
+        if resource.attributes.get("service.name", "").startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
+        provider = TracerProvider(resource=resource)       # its sampler: OTEL_TRACES_SAMPLER(_ARG)
+        if self.exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))   # OTEL_EXPORTER_OTLP_*
+        elif self.exporter == "console":
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        else:
+            provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        return provider.get_tracer(SERVICE_NAME, __version__)
+
+    def request(self, name, headers, **attributes):
+        """The server span of one request (a `with` block), child of the caller's `traceparent` and `tracestate`
+        (`headers`: a mapping of lower-case names, as W3C's propagator reads them); the shared empty context
+        when off."""
+        if not self.enabled:
+            return _NO_SPAN
+        from opentelemetry.trace import SpanKind
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        parent = TraceContextTextMapPropagator().extract(headers)
+        return self.tracer().start_as_current_span(name, context=parent, kind=SpanKind.SERVER,
+                                                   attributes=attributes, record_exception=False,
+                                                   set_status_on_exception=False)
+
+    def span(self, name, **attributes):
+        """A child span of the current one, as a `with` block (the shared empty context when off)."""
+        if not self.enabled:
+            return _NO_SPAN
+        return self.tracer().start_as_current_span(name, attributes=attributes)
+
+
+def traceparent(span):
+    """The W3C traceparent header of `span` ("00-<trace id>-<span id>-<flags>"), or None for no span."""
+    if span is None:
+        return None
+    context = span.get_span_context()
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
 
 ###############################################################################

@@ -24,12 +24,12 @@ path in the order data flows; each of its sections uses only what is above it::
     Small utilities         clipping, names, strict JSON, output comparison
     Errors                  ServiceError and its statuses: the one error path
     Configuration           one table of settings: flag, variable, default, help
+    Metrics                 what GET /metrics counts
+    Tracing                 OpenTelemetry spans, when the OTEL_* variables ask for them
     Model store             find: artifacts and settings (model-settings.json) on disk
     Restricted unpickling   --safe-pickle: only the types a model is made of
     Artifact loaders        load: bytes to an estimator, by format
     Servables               a loaded model, its batcher and its input checks
-    Metrics                 what GET /metrics counts
-    Tracing                 OpenTelemetry spans, when the OTEL_* variables ask for them
     Agreement               how two versions' answers compare (shadow, replay)
     Model registry          hold: versions and residency; a pure plan per scan, a loader, the facade
     Request bodies          read and parse a body within its bounds; request ids
@@ -118,7 +118,7 @@ SERVICE_NAME = "model-service"
 
 # One line format for the service's lines and, under --workers, gunicorn's (--log-format text|json).
 LOG_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-LOG_FIELDS = ("request_id", "model", "version")        # what a line concerns, in its JSON object when known
+LOG_FIELDS = ("request_id", "model", "version", "trace_id")    # what a line concerns, in its JSON object when known
 _log_fields = contextvars.ContextVar("service_log_fields", default={})
 
 
@@ -757,6 +757,315 @@ Config = dataclasses.make_dataclass(
     "Config", [(s.field, type(s.default), dataclasses.field(default=s.default, repr=not s.secret)) for s in SETTINGS],
     frozen=True, namespace={"load": classmethod(_load_config), "__module__": __name__,
                             "__doc__": "Everything the service can be told; built by `Config.load` or `create_app`."})
+
+
+###############################################################################
+# Metrics #####################################################################
+###############################################################################
+# What GET /metrics reports, through prometheus_client (imported at the first count, not with the
+# module).  One process keeps its counts in memory, in a registry of its own (several apps in one
+# process do not mix).  Under --workers, or any pre-fork host with PROMETHEUS_MULTIPROC_DIR set,
+# every process writes its counts to files there and a scrape of any process sums them (README,
+# "Metrics").
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MODEL_VERSION = ("model", "version")
+
+METRICS = {   # name: (type, help, label names, histogram buckets)
+    "model_service_requests_total": ("counter", "Prediction requests by model, version, method and status.",
+                                     MODEL_VERSION + ("method", "status"), None),
+    "model_service_request_duration_seconds": ("histogram", "Time to answer a prediction request.",
+                                               ("model", "method"), LATENCY_BUCKETS),
+    "model_service_model_loads_total": ("counter", "Model version loads by outcome (success, failure).",
+                                        MODEL_VERSION + ("outcome",), None),
+    "model_service_model_load_duration_seconds": ("histogram", "Time to load a model version.", MODEL_VERSION,
+                                                  LOAD_BUCKETS),
+    "model_service_batch_size": ("histogram", "Requests stacked into one predict call.", ("model",), BATCH_BUCKETS),
+    "model_service_payload_log_records_total": ("counter", "Prediction requests written to the payload log.", (),
+                                                None),
+    "model_service_payload_log_dropped_total": ("counter", "Payload log records dropped: its queue was full or "
+                                                "a write failed.", (), None),
+    "model_service_predict_calls_total": ("counter", "Predict calls (a stacked batch is one) by model, version, "
+                                          "method and the predictor that answered (native, scikit-learn).",
+                                          MODEL_VERSION + ("method", "predictor"), None),
+    "model_service_shadow_compared_total": ("counter", "Requests compared with the model's shadow version, by "
+                                            "model and shadow version.", MODEL_VERSION, None),
+    "model_service_shadow_identical_total": ("counter", "Requests whose shadow predictions were identical.",
+                                             MODEL_VERSION, None),
+    "model_service_shadow_abs_difference_total": ("counter", "Sum of the absolute differences of numeric shadow "
+                                                  "outputs (divide by numeric_values_total for the mean).",
+                                                  MODEL_VERSION, None),
+    "model_service_shadow_numeric_values_total": ("counter", "Numeric output values compared with the shadow's "
+                                                  "(in requests that were not identical).", MODEL_VERSION, None),
+    "model_service_shadow_errors_total": ("counter", "Requests the shadow version failed on.", MODEL_VERSION, None),
+    "model_service_shadow_dropped_total": ("counter", "Requests not shadowed: the shadow queue was full.",
+                                           MODEL_VERSION, None),
+    "model_service_models_loaded": ("gauge", "Model versions in memory.", (), None),
+    "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", (), None),
+}
+GAUGES = [name for name, (kind, *_) in METRICS.items() if kind == "gauge"]
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's: where processes share their counts
+
+
+class Metrics:
+    """The service's metrics: prometheus_client families, and the labelled child of each series cached by
+    its (name, label pairs), so a count costs one dict lookup before prometheus_client's own increment
+    (its labels() lookup costs several µs).  The cache stays bounded because label values do: they are
+    only models, versions and methods that exist (UNRESOLVED for the rest) and forget() drops a version's.
+
+    The gauges are read from `gauges` ({name: () -> value}) at scrape time in one process.  Shared
+    between processes, a scrape can only read files, so each process writes its own gauges whenever
+    they change (`changed`, called by the registry's Residency) and the scrape sums the live processes'
+    (multiprocess_mode "livesum": versions in memory over the workers, i.e. copies of models, and requests
+    being answered by any of them; a dead worker's are removed by mark_process_dead).
+    """
+
+    def __init__(self, gauges):
+        self._gauges = gauges
+        self._lock = threading.Lock()
+        self._children = {}         # (name, label pairs) -> the series' prometheus_client child
+        self._families = None       # name -> prometheus_client metric, made at the first count
+        self._registry = None       # what a scrape collects
+        self._shared = False        # counts live in files under $PROMETHEUS_MULTIPROC_DIR
+        self._forgotten = set()     # shared: (model, version) whose series a scrape leaves out
+        self._written = (None, {})  # shared: (pid, {gauge: the value it last wrote})
+
+    def count(self, name, labels, amount=1):
+        child = self._children.get((name, labels))
+        (child if child is not None else self._child(name, labels)).inc(amount)
+
+    def observe(self, name, labels, value):
+        child = self._children.get((name, labels))
+        (child if child is not None else self._child(name, labels)).observe(value)
+
+    def changed(self):
+        """Models in memory or requests in flight changed: shared, this process writes the gauges that did
+        (each write is a file update; called under the Residency's lock, so in order).
+
+        (A worker forked with models already in memory writes them at its first request.)"""
+        if not self._shared and self._families is not None:
+            return                  # one process: read at scrape time
+        families = self._ready()
+        if self._shared:
+            if self._written[0] != os.getpid():     # forked: this process's file has none of them yet
+                self._written = (os.getpid(), {})
+            for name in GAUGES:
+                value = self._gauges[name]()
+                if self._written[1].get(name) != value:
+                    self._written[1][name] = value
+                    families[name].set(value)
+
+    def forget(self, model, version):
+        """Drop every series of one model version (its number).  Shared, the files keep its counts
+        (prometheus_client cannot remove them there), so a scrape leaves them out until the version is
+        counted again."""
+        version = str(version)
+        pairs = {("model", model), ("version", version)}
+        with self._lock:
+            for key in [key for key in self._children if pairs <= set(key[1])]:
+                del self._children[key]
+                if not self._shared:
+                    self._families[key[0]].remove(*(value for _, value in key[1]))
+            if self._shared:
+                self._forgotten.add((model, version))
+
+    def render(self):
+        """The text exposition format, version 0.0.4."""
+        self._ready()
+        return importlib.import_module("prometheus_client").generate_latest(self._registry).decode()
+
+    def _ready(self):
+        if self._families is None:
+            with self._lock:
+                if self._families is None:
+                    self._start()
+        return self._families
+
+    def _child(self, name, labels):
+        family = self._ready()[name]
+        with self._lock:
+            child = self._children.get((name, labels))
+            if child is None:
+                child = self._children[name, labels] = family.labels(*(v for _, v in labels)) if labels else family
+                pairs = dict(labels)
+                self._forgotten.discard((pairs.get("model"), pairs.get("version")))
+            return child
+
+    def _start(self):
+        """Import prometheus_client and make the families: in files if $PROMETHEUS_MULTIPROC_DIR is set now
+        (prometheus_client reads it when first imported), else in this app's own registry."""
+        prometheus = importlib.import_module("prometheus_client")
+        prometheus.disable_created_metrics()     # no *_created series: the output stays the counts alone
+        self._shared = bool(os.environ.get(MULTIPROCESS_DIR))
+        own = None if self._shared else prometheus.CollectorRegistry()
+        kinds = {"counter": prometheus.Counter, "histogram": prometheus.Histogram, "gauge": prometheus.Gauge}
+        families = {}
+        for name, (kind, help_text, label_names, buckets) in METRICS.items():
+            if kind == "gauge" and not self._shared:
+                continue                         # read at scrape time (_ScrapeGauges)
+            options = {"buckets": buckets} if buckets else {"multiprocess_mode": "livesum"} if kind == "gauge" else {}
+            families[name] = kinds[kind](name, help_text, label_names, registry=own, **options)
+        if self._shared:
+            from prometheus_client.multiprocess import MultiProcessCollector
+            self._registry = prometheus.CollectorRegistry()
+            self._registry.register(_Unforgotten(MultiProcessCollector(None), self._forgotten))
+        else:
+            gauge_family = importlib.import_module("prometheus_client.core").GaugeMetricFamily
+            own.register(_ScrapeGauges(gauge_family, self._gauges))
+            self._registry = own
+        self._families = families
+
+
+class _ScrapeGauges:
+    """A collector: the gauges read when scraped (one process)."""
+
+    def __init__(self, family, gauges):
+        self.family, self.gauges = family, gauges
+
+    def collect(self):
+        return [self.family(name, METRICS[name][1], value=self.gauges[name]()) for name in GAUGES]
+
+
+class _Unforgotten:
+    """A collector: another's series, less those of forgotten model versions."""
+
+    def __init__(self, collector, forgotten):
+        self.collector, self.forgotten = collector, forgotten
+
+    def collect(self):
+        for family in self.collector.collect():
+            family.samples = [item for item in family.samples
+                              if (item.labels.get("model"), item.labels.get("version")) not in self.forgotten]
+            yield family
+
+
+###############################################################################
+# Tracing #####################################################################
+###############################################################################
+# OpenTelemetry traces (the [otel] extra: opentelemetry-sdk and its OTLP/HTTP exporter), off unless the
+# standard OTEL_* variables ask for them, and imported only then.  One server span per request (W3C
+# traceparent/tracestate taken from the caller), child spans for what the request spends its time on, the
+# trace id in the JSON log lines and a traceparent answer header.  Off, every call here costs one attribute
+# test and returns a shared empty context manager.
+
+TRACE_EXPORTERS = ("otlp", "console")
+_NO_SPAN = contextlib.nullcontext()
+
+
+def trace_exporter_wanted(environ):
+    """The exporter the OTEL_* variables ask for ("otlp" or "console"), or None: traces are on when
+    OTEL_TRACES_EXPORTER names one of TRACE_EXPORTERS, or is unset while an OTLP endpoint is; never when
+    OTEL_SDK_DISABLED is true or OTEL_TRACES_EXPORTER is "none".  ValueError for an exporter not supported."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    named = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if not named:
+        endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        return "otlp" if endpoint else None
+    if named == "none":
+        return None
+    if named not in TRACE_EXPORTERS:
+        raise ValueError(f"OTEL_TRACES_EXPORTER={named!r}: this service exports traces with "
+                         f"{' or '.join(TRACE_EXPORTERS)} (OTLP over HTTP), or none")
+    return named
+
+
+def _otel_sdk_missing():
+    """Why traces cannot be exported here, or None when the [otel] extra is installed."""
+    try:
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError as error:
+        return (f"OTEL_* variables ask for traces, but the OpenTelemetry SDK is not installed ({error.name}): "
+                "pip install '.[otel]'")
+    return None
+
+
+class Tracing:
+    """The service's traces: a tracer provider of its own (not the process's global one: an embedding host
+    keeps its own), made in the process that serves at its first span, as a pre-fork host forks after
+    building the app; its batch processor exports off the request path and flushes at exit.
+
+    `exporter` is "otlp", "console" or, for tests, a SpanExporter (exported one span at a time); None: off.
+    """
+
+    def __init__(self, exporter=None, problem=None):
+        self.exporter, self.enabled = exporter, exporter is not None
+        self.problem = problem          # why the OTEL_* variables could not be followed (the app logs it once)
+        self._tracer, self._pid, self._lock = None, None, threading.Lock()
+
+    @classmethod
+    def from_environment(cls, environ=None):
+        """Tracing as the OTEL_* variables configure it (nothing is imported yet); off, with the `problem`,
+        when they cannot be followed."""
+        environ = os.environ if environ is None else environ
+        try:
+            return cls(trace_exporter_wanted(environ))
+        except ValueError as error:
+            return cls(problem=str(error))
+
+    def tracer(self):
+        """This process's tracer, made at its first span; None, and tracing off, when the SDK is missing."""
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    missing = _otel_sdk_missing() if isinstance(self.exporter, str) else None
+                    if missing:
+                        logger.error("traces are off: %s", missing)
+                        self.enabled = False
+                    self._tracer, self._pid = None if missing else self._make_tracer(), os.getpid()
+        return self._tracer
+
+    def _make_tracer(self):
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+
+        resource = Resource.create()
+        if resource.attributes.get("service.name", "").startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
+        provider = TracerProvider(resource=resource)       # its sampler: OTEL_TRACES_SAMPLER(_ARG)
+        if self.exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))   # OTEL_EXPORTER_OTLP_*
+        elif self.exporter == "console":
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        else:
+            provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        return provider.get_tracer(SERVICE_NAME, __version__)
+
+    def request(self, name, headers, **attributes):
+        """The server span of one request (a `with` block), child of the caller's `traceparent` and `tracestate`
+        (`headers`: a mapping of lower-case names, as W3C's propagator reads them); the shared empty context
+        when off."""
+        tracer = self.tracer() if self.enabled else None
+        if tracer is None:
+            return _NO_SPAN
+        from opentelemetry.trace import SpanKind
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        parent = TraceContextTextMapPropagator().extract(headers)
+        return tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes,
+                                            record_exception=False, set_status_on_exception=False)
+
+    def span(self, name, **attributes):
+        """A child span of the current one, as a `with` block (the shared empty context when off)."""
+        tracer = self.tracer() if self.enabled else None
+        return _NO_SPAN if tracer is None else tracer.start_as_current_span(name, attributes=attributes)
+
+
+TRACING_OFF = Tracing()
+
+
+def traceparent(span):
+    """The W3C traceparent header of `span` ("00-<trace id>-<span id>-<flags>"), or None for no span."""
+    if span is None:
+        return None
+    context = span.get_span_context()
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
 
 ###############################################################################
@@ -1675,6 +1984,7 @@ class LoadedModel:
         self.batcher = None             # a Batcher when concurrent requests are stacked (tabular models only)
         self.checked_call = _finite_checked_call(estimator) if self.n_features is not None else None
         self.metrics = None             # the registry's Metrics, which count calls by predictor
+        self.tracing = TRACING_OFF      # the registry's Tracing: a span per call, saying which predictor answered
         self.native = None              # a NativePredictor: the methods proved at load to answer as scikit-learn
         self.predictors = {}            # method -> (NATIVE or SKLEARN, why), for the status
         self.warmup = "not warmed"      # what warming did, for the load's log line (see _warm)
@@ -1689,10 +1999,9 @@ class LoadedModel:
         """Call one method now: natively where it is proved and takes these inputs, else through scikit-learn."""
         native = self.native.methods.get(method) if self.native is not None else None
         prepared = None if native is None else self.native.prepare(inputs)
-        if prepared is not None:
-            outputs, predictor = native(prepared), NATIVE
-        else:
-            outputs, predictor = self._sklearn_call(method, inputs), SKLEARN
+        predictor = SKLEARN if prepared is None else NATIVE
+        with self.tracing.span("predict", method=method, predictor=predictor) if self.tracing.enabled else _NO_SPAN:
+            outputs = self._sklearn_call(method, inputs) if prepared is None else native(prepared)
         if self.metrics is not None:
             self.metrics.count("model_service_predict_calls_total",
                                self.labels + (("method", method), ("predictor", predictor)))
@@ -1738,8 +2047,18 @@ class Batcher:
         self._turn = threading.Lock()       # held by the batch being computed: one at a time per model
 
     def join(self, method, inputs):
-        """This request's slice of the stacked call it joins (or leads)."""
-        mine = _Pending(inputs)
+        """This request's slice of the stacked call it joins (or leads); traced, in a "batch" span (its wait and
+        the stacked call) that says how many requests the call served."""
+        if not self.model.tracing.enabled:
+            return self._join(method, _Pending(inputs))
+        with self.model.tracing.span("batch", method=method) as span:
+            mine = _Pending(inputs)
+            try:
+                return self._join(method, mine)
+            finally:
+                span.set_attribute("batch_size", mine.batch_size)
+
+    def _join(self, method, mine):
         with self._lock:
             queue = self._waiting.setdefault(method, [])
             queue.append(mine)
@@ -1769,6 +2088,8 @@ class Batcher:
 
     def _execute(self, method, batch):
         self.metrics.observe("model_service_batch_size", (("model", self.model.name),), len(batch))
+        for item in batch:
+            item.batch_size = len(batch)
         if len(batch) == 1:
             self._alone(method, batch[0])
             return
@@ -1797,10 +2118,10 @@ class Batcher:
 
 
 class _Pending:
-    __slots__ = ("inputs", "result", "error", "done", "full", "leads")
+    __slots__ = ("inputs", "result", "error", "done", "full", "leads", "batch_size")
 
     def __init__(self, inputs):
-        self.inputs, self.result, self.error, self.leads = inputs, None, None, False
+        self.inputs, self.result, self.error, self.leads, self.batch_size = inputs, None, None, False, 1
         self.done, self.full = threading.Event(), threading.Event()
 
     def answer(self):
@@ -1976,312 +2297,6 @@ def _build_model(ref, options=None, native=True):
         model.make_frame = None
     attach_native(model, native)        # after _serve_arrays: the names it takes off would refuse it
     return model
-
-
-###############################################################################
-# Metrics #####################################################################
-###############################################################################
-# What GET /metrics reports, through prometheus_client (imported at the first count, not with the
-# module).  One process keeps its counts in memory, in a registry of its own (several apps in one
-# process do not mix).  Under --workers, or any pre-fork host with PROMETHEUS_MULTIPROC_DIR set,
-# every process writes its counts to files there and a scrape of any process sums them (README,
-# "Metrics").
-
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-MODEL_VERSION = ("model", "version")
-
-METRICS = {   # name: (type, help, label names, histogram buckets)
-    "model_service_requests_total": ("counter", "Prediction requests by model, version, method and status.",
-                                     MODEL_VERSION + ("method", "status"), None),
-    "model_service_request_duration_seconds": ("histogram", "Time to answer a prediction request.",
-                                               ("model", "method"), LATENCY_BUCKETS),
-    "model_service_model_loads_total": ("counter", "Model version loads by outcome (success, failure).",
-                                        MODEL_VERSION + ("outcome",), None),
-    "model_service_model_load_duration_seconds": ("histogram", "Time to load a model version.", MODEL_VERSION,
-                                                  LOAD_BUCKETS),
-    "model_service_batch_size": ("histogram", "Requests stacked into one predict call.", ("model",), BATCH_BUCKETS),
-    "model_service_payload_log_records_total": ("counter", "Prediction requests written to the payload log.", (),
-                                                None),
-    "model_service_payload_log_dropped_total": ("counter", "Payload log records dropped: its queue was full or "
-                                                "a write failed.", (), None),
-    "model_service_predict_calls_total": ("counter", "Predict calls (a stacked batch is one) by model, version, "
-                                          "method and the predictor that answered (native, scikit-learn).",
-                                          MODEL_VERSION + ("method", "predictor"), None),
-    "model_service_shadow_compared_total": ("counter", "Requests compared with the model's shadow version, by "
-                                            "model and shadow version.", MODEL_VERSION, None),
-    "model_service_shadow_identical_total": ("counter", "Requests whose shadow predictions were identical.",
-                                             MODEL_VERSION, None),
-    "model_service_shadow_abs_difference_total": ("counter", "Sum of the absolute differences of numeric shadow "
-                                                  "outputs (divide by numeric_values_total for the mean).",
-                                                  MODEL_VERSION, None),
-    "model_service_shadow_numeric_values_total": ("counter", "Numeric output values compared with the shadow's "
-                                                  "(in requests that were not identical).", MODEL_VERSION, None),
-    "model_service_shadow_errors_total": ("counter", "Requests the shadow version failed on.", MODEL_VERSION, None),
-    "model_service_shadow_dropped_total": ("counter", "Requests not shadowed: the shadow queue was full.",
-                                           MODEL_VERSION, None),
-    "model_service_models_loaded": ("gauge", "Model versions in memory.", (), None),
-    "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", (), None),
-}
-GAUGES = [name for name, (kind, *_) in METRICS.items() if kind == "gauge"]
-MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's: where processes share their counts
-
-
-class Metrics:
-    """The service's metrics: prometheus_client families, and the labelled child of each series cached by
-    its (name, label pairs), so a count costs one dict lookup before prometheus_client's own increment
-    (its labels() lookup costs several µs).  The cache stays bounded because label values do: they are
-    only models, versions and methods that exist (UNRESOLVED for the rest) and forget() drops a version's.
-
-    The gauges are read from `gauges` ({name: () -> value}) at scrape time in one process.  Shared
-    between processes, a scrape can only read files, so each process writes its own gauges whenever
-    they change (`changed`, called by the registry's Residency) and the scrape sums the live processes'
-    (multiprocess_mode "livesum": versions in memory over the workers, i.e. copies of models, and requests
-    being answered by any of them; a dead worker's are removed by mark_process_dead).
-    """
-
-    def __init__(self, gauges):
-        self._gauges = gauges
-        self._lock = threading.Lock()
-        self._children = {}         # (name, label pairs) -> the series' prometheus_client child
-        self._families = None       # name -> prometheus_client metric, made at the first count
-        self._registry = None       # what a scrape collects
-        self._shared = False        # counts live in files under $PROMETHEUS_MULTIPROC_DIR
-        self._forgotten = set()     # shared: (model, version) whose series a scrape leaves out
-        self._written = (None, {})  # shared: (pid, {gauge: the value it last wrote})
-
-    def count(self, name, labels, amount=1):
-        child = self._children.get((name, labels))
-        (child if child is not None else self._child(name, labels)).inc(amount)
-
-    def observe(self, name, labels, value):
-        child = self._children.get((name, labels))
-        (child if child is not None else self._child(name, labels)).observe(value)
-
-    def changed(self):
-        """Models in memory or requests in flight changed: shared, this process writes the gauges that did
-        (each write is a file update; called under the Residency's lock, so in order).
-
-        (A worker forked with models already in memory writes them at its first request.)"""
-        if not self._shared and self._families is not None:
-            return                  # one process: read at scrape time
-        families = self._ready()
-        if self._shared:
-            if self._written[0] != os.getpid():     # forked: this process's file has none of them yet
-                self._written = (os.getpid(), {})
-            for name in GAUGES:
-                value = self._gauges[name]()
-                if self._written[1].get(name) != value:
-                    self._written[1][name] = value
-                    families[name].set(value)
-
-    def forget(self, model, version):
-        """Drop every series of one model version (its number).  Shared, the files keep its counts
-        (prometheus_client cannot remove them there), so a scrape leaves them out until the version is
-        counted again."""
-        version = str(version)
-        pairs = {("model", model), ("version", version)}
-        with self._lock:
-            for key in [key for key in self._children if pairs <= set(key[1])]:
-                del self._children[key]
-                if not self._shared:
-                    self._families[key[0]].remove(*(value for _, value in key[1]))
-            if self._shared:
-                self._forgotten.add((model, version))
-
-    def render(self):
-        """The text exposition format, version 0.0.4."""
-        self._ready()
-        return importlib.import_module("prometheus_client").generate_latest(self._registry).decode()
-
-    def _ready(self):
-        if self._families is None:
-            with self._lock:
-                if self._families is None:
-                    self._start()
-        return self._families
-
-    def _child(self, name, labels):
-        family = self._ready()[name]
-        with self._lock:
-            child = self._children.get((name, labels))
-            if child is None:
-                child = self._children[name, labels] = family.labels(*(v for _, v in labels)) if labels else family
-                pairs = dict(labels)
-                self._forgotten.discard((pairs.get("model"), pairs.get("version")))
-            return child
-
-    def _start(self):
-        """Import prometheus_client and make the families: in files if $PROMETHEUS_MULTIPROC_DIR is set now
-        (prometheus_client reads it when first imported), else in this app's own registry."""
-        prometheus = importlib.import_module("prometheus_client")
-        prometheus.disable_created_metrics()     # no *_created series: the output stays the counts alone
-        self._shared = bool(os.environ.get(MULTIPROCESS_DIR))
-        own = None if self._shared else prometheus.CollectorRegistry()
-        kinds = {"counter": prometheus.Counter, "histogram": prometheus.Histogram, "gauge": prometheus.Gauge}
-        families = {}
-        for name, (kind, help_text, label_names, buckets) in METRICS.items():
-            if kind == "gauge" and not self._shared:
-                continue                         # read at scrape time (_ScrapeGauges)
-            options = {"buckets": buckets} if buckets else {"multiprocess_mode": "livesum"} if kind == "gauge" else {}
-            families[name] = kinds[kind](name, help_text, label_names, registry=own, **options)
-        if self._shared:
-            from prometheus_client.multiprocess import MultiProcessCollector
-            self._registry = prometheus.CollectorRegistry()
-            self._registry.register(_Unforgotten(MultiProcessCollector(None), self._forgotten))
-        else:
-            gauge_family = importlib.import_module("prometheus_client.core").GaugeMetricFamily
-            own.register(_ScrapeGauges(gauge_family, self._gauges))
-            self._registry = own
-        self._families = families
-
-
-class _ScrapeGauges:
-    """A collector: the gauges read when scraped (one process)."""
-
-    def __init__(self, family, gauges):
-        self.family, self.gauges = family, gauges
-
-    def collect(self):
-        return [self.family(name, METRICS[name][1], value=self.gauges[name]()) for name in GAUGES]
-
-
-class _Unforgotten:
-    """A collector: another's series, less those of forgotten model versions."""
-
-    def __init__(self, collector, forgotten):
-        self.collector, self.forgotten = collector, forgotten
-
-    def collect(self):
-        for family in self.collector.collect():
-            family.samples = [item for item in family.samples
-                              if (item.labels.get("model"), item.labels.get("version")) not in self.forgotten]
-            yield family
-
-
-###############################################################################
-# Tracing #####################################################################
-###############################################################################
-# OpenTelemetry traces (the [otel] extra: opentelemetry-sdk and its OTLP/HTTP exporter), off unless the
-# standard OTEL_* variables ask for them, and imported only then.  One server span per request (W3C
-# traceparent/tracestate taken from the caller), child spans for what the request spends its time on, the
-# trace id in the JSON log lines and a traceparent answer header.  Off, every call here costs one attribute
-# test and returns a shared empty context manager.
-
-TRACE_EXPORTERS = ("otlp", "console")
-_NO_SPAN = contextlib.nullcontext()
-
-
-def trace_exporter_wanted(environ):
-    """The exporter the OTEL_* variables ask for ("otlp" or "console"), or None: traces are on when
-    OTEL_TRACES_EXPORTER names one of TRACE_EXPORTERS, or is unset while an OTLP endpoint is; never when
-    OTEL_SDK_DISABLED is true or OTEL_TRACES_EXPORTER is "none".  ValueError for an exporter not supported."""
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    named = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if not named:
-        endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        return "otlp" if endpoint else None
-    if named == "none":
-        return None
-    if named not in TRACE_EXPORTERS:
-        raise ValueError(f"OTEL_TRACES_EXPORTER={named!r}: this service exports traces with "
-                         f"{' or '.join(TRACE_EXPORTERS)} (OTLP over HTTP), or none")
-    return named
-
-
-def _otel_sdk_missing():
-    """Why traces cannot be exported here, or None when the [otel] extra is installed."""
-    try:
-        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
-        import opentelemetry.sdk.trace  # noqa: F401
-    except ImportError as error:
-        return (f"OTEL_* variables ask for traces, but the OpenTelemetry SDK is not installed ({error.name}): "
-                "pip install '.[otel]'")
-    return None
-
-
-class Tracing:
-    """The service's traces: a tracer provider of its own (not the process's global one: an embedding host
-    keeps its own), made in the process that serves at its first span, as a pre-fork host forks after
-    building the app; its batch processor exports off the request path and flushes at exit.
-
-    `exporter` is "otlp", "console" or, for tests, a SpanExporter (exported one span at a time); None: off.
-    """
-
-    def __init__(self, exporter=None):
-        self.exporter, self.enabled = exporter, exporter is not None
-        self._tracer, self._pid, self._lock = None, None, threading.Lock()
-
-    @classmethod
-    def from_environment(cls, environ=None):
-        """Tracing as the OTEL_* variables configure it; off (logged once, with why) when they cannot."""
-        environ = os.environ if environ is None else environ
-        try:
-            exporter = trace_exporter_wanted(environ)
-        except ValueError as error:
-            logger.error("traces are off: %s", error)
-            return cls()
-        missing = exporter and _otel_sdk_missing()
-        if missing:
-            logger.error("traces are off: %s", missing)
-            return cls()
-        return cls(exporter)
-
-    def tracer(self):
-        if self._pid != os.getpid():
-            with self._lock:
-                if self._pid != os.getpid():
-                    self._tracer, self._pid = self._make_tracer(), os.getpid()
-        return self._tracer
-
-    def _make_tracer(self):
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
-
-        resource = Resource.create()
-        if resource.attributes.get("service.name", "").startswith("unknown_service"):
-            resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
-        provider = TracerProvider(resource=resource)       # its sampler: OTEL_TRACES_SAMPLER(_ARG)
-        if self.exporter == "otlp":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))   # OTEL_EXPORTER_OTLP_*
-        elif self.exporter == "console":
-            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-        else:
-            provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-        return provider.get_tracer(SERVICE_NAME, __version__)
-
-    def request(self, name, headers, **attributes):
-        """The server span of one request (a `with` block), child of the caller's `traceparent` and `tracestate`
-        (`headers`: a mapping of lower-case names, as W3C's propagator reads them); the shared empty context
-        when off."""
-        if not self.enabled:
-            return _NO_SPAN
-        from opentelemetry.trace import SpanKind
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        parent = TraceContextTextMapPropagator().extract(headers)
-        return self.tracer().start_as_current_span(name, context=parent, kind=SpanKind.SERVER,
-                                                   attributes=attributes, record_exception=False,
-                                                   set_status_on_exception=False)
-
-    def span(self, name, **attributes):
-        """A child span of the current one, as a `with` block (the shared empty context when off)."""
-        if not self.enabled:
-            return _NO_SPAN
-        return self.tracer().start_as_current_span(name, attributes=attributes)
-
-
-def traceparent(span):
-    """The W3C traceparent header of `span` ("00-<trace id>-<span id>-<flags>"), or None for no span."""
-    if span is None:
-        return None
-    context = span.get_span_context()
-    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
 
 ###############################################################################
@@ -2936,9 +2951,9 @@ class Loader:
     requests is warmed first (_warm); what runs beside the requests runs on a thread of its own.
     """
 
-    def __init__(self, config, store, clock, residency, metrics, settings_for):
+    def __init__(self, config, store, clock, residency, metrics, tracing, settings_for):
         self.config, self.store, self.clock = config, store, clock
-        self.residency, self.metrics, self.settings_for = residency, metrics, settings_for
+        self.residency, self.metrics, self.tracing, self.settings_for = residency, metrics, tracing, settings_for
         self.preloading = False             # a preload pass is under way (one at a time)
 
     def options_for(self, ref):
@@ -2971,7 +2986,7 @@ class Loader:
             raise
         self.metrics.count("model_service_model_loads_total", labels + (("outcome", "success"),))
         self.metrics.observe("model_service_model_load_duration_seconds", labels, time.perf_counter() - started)
-        model.metrics = self.metrics        # from now on: the warm-up's calls were no client's
+        model.metrics, model.tracing = self.metrics, self.tracing    # from now on: the warm-up's calls were no client's
         batching = settings.batching
         size, latency = batching if batching else (self.config.max_batch_size, self.config.max_latency_ms)
         if batching is not False and size > 1 and model.n_features is not None:
@@ -3125,7 +3140,7 @@ class ModelRegistry:
     # the request looks again, this many times in all, before it says which of the two kept happening.
     ACQUIRE_TRIES = 3
 
-    def __init__(self, config, clock=time.monotonic, watch=True):
+    def __init__(self, config, clock=time.monotonic, watch=True, tracing=None):
         self.config = config
         self.store = ModelStore(config.store)
         self.clock = clock
@@ -3143,7 +3158,8 @@ class ModelRegistry:
         self.metrics = Metrics({"model_service_models_loaded": self.loaded_count,
                                 "model_service_requests_in_flight": self.in_flight})
         self.residency = Residency(config.max_loaded, clock, self.metrics.changed)
-        self.loader = Loader(config, self.store, clock, self.residency, self.metrics, self.settings_for)
+        self.tracing = Tracing.from_environment() if tracing is None else tracing
+        self.loader = Loader(config, self.store, clock, self.residency, self.metrics, self.tracing, self.settings_for)
         self.agreements = {}            # (name, shadow version) -> Agreement, filled by the app's Shadow
         self._watcher_pid = None
         self._tick_seconds = min(config.poll_interval or math.inf,
@@ -4825,12 +4841,13 @@ class TimeLimit:
         deadline = time.monotonic() + self.seconds
         future, handed = concurrent.futures.Future(), held[:]
         held.clear()
+        context = contextvars.copy_context()        # the request's span and log fields, on the predict thread
 
         def task():
             try:
                 if time.monotonic() >= deadline:
                     raise PredictionTimeout("not started: the predict threads were busy past the time limit")
-                future.set_result(compute())
+                future.set_result(context.run(compute))
             except BaseException as error:   # handed to the request that waits for it
                 future.set_exception(error)
             finally:
@@ -5166,7 +5183,7 @@ class ServiceApp:
     """
 
     def __init__(self, config, registry, misconfigured=None):
-        self.config, self.registry, self.metrics = config, registry, registry.metrics
+        self.config, self.registry, self.metrics, self.tracing = config, registry, registry.metrics, registry.tracing
         self.misconfigured = misconfigured      # why the MODEL_SERVICE_* settings were refused, if they were
         self._misconfigured_logged = False
         self._logs_shared = False               # _share_logs ran, at the first request
@@ -5191,6 +5208,21 @@ class ServiceApp:
         return self.wsgi(environ, start_response)
 
     def wsgi(self, environ, start_response):
+        if not self.tracing.enabled:
+            return self._wsgi(environ, start_response)
+        headers = {name: environ[key] for name, key in (("traceparent", "HTTP_TRACEPARENT"),
+                                                         ("tracestate", "HTTP_TRACESTATE")) if key in environ}
+        with self.tracing.request(environ["REQUEST_METHOD"], headers, **{
+                "http.request.method": environ["REQUEST_METHOD"], "url.path": environ.get("PATH_INFO", "")}) as span:
+            environ["service.span"] = span
+            fields = _log_fields.set({**_log_fields.get(), "trace_id": f"{span.get_span_context().trace_id:032x}"})
+            try:
+                return self._wsgi(environ, start_response)
+            finally:
+                _log_fields.reset(fields)
+
+    def _wsgi(self, environ, start_response):
+        """The request itself (inside its server span when traced)."""
         started = time.perf_counter()
         path = environ.get("PATH_INFO", "")
         if path.startswith("//"):               # waitress and wsgiref merge them, gunicorn does not
@@ -5202,6 +5234,8 @@ class ServiceApp:
             status_line.append(status)
             headers.append(("X-Content-Type-Options", "nosniff"))
             headers.append(("X-Request-ID", _request_id(environ)))
+            if "service.span" in environ:
+                headers.append(("traceparent", traceparent(environ["service.span"])))
             if config.cors_origins:
                 origin = environ.get("HTTP_ORIGIN")
                 if origin and (config.cors_origins == ("*",) or origin in config.cors_origins):
@@ -5213,6 +5247,8 @@ class ServiceApp:
         body = self.bottle.wsgi(environ, respond)
         elapsed = time.perf_counter() - started
         status = status_line[-1][:3] if status_line else "500"
+        if "service.span" in environ:
+            _end_server_span(environ["service.span"], int(status))
         labels = environ.get("service.labels")
         if labels is not None:
             self.metrics.count("model_service_requests_total", labels + (("status", status),))
@@ -5235,6 +5271,8 @@ class ServiceApp:
             with self._first_request:
                 if not self._logs_shared:
                     _share_logs(config)
+                    if self.tracing.problem:
+                        logger.error("traces are off: %s", self.tracing.problem)
                     self._logs_shared = True
         try:
             if self.misconfigured:
@@ -5313,6 +5351,9 @@ class ServiceApp:
                 _check_access(environ, access, config)
             if protocol is not None:
                 environ["service.protocol"] = protocol
+            if "service.span" in environ:
+                environ["service.span"].update_name(f"{route.method} {route.path}")
+                environ["service.span"].set_attribute("http.route", route.path)
             if "version" in parameters:                 # the one place a version is text: the URL
                 parameters["version"] = version_number(parameters["version"], parameters["name"])
             try:
@@ -5390,9 +5431,11 @@ class ServiceApp:
         with self.predicting:
             if name is None:
                 name = self.registry.default_model_name()
-            asked = protocol.read(request, self.config, **route)
+            with self.tracing.span("read") if self.tracing.enabled else _NO_SPAN:
+                asked = protocol.read(request, self.config, **route)
             model, results = self.answer(protocol, asked, request.environ, name, version, label)
-        return protocol.encode(model, asked, results)
+        with self.tracing.span("encode") if self.tracing.enabled else _NO_SPAN:
+            return protocol.encode(model, asked, results)
 
     def answer(self, protocol, asked, environ, name, version, label):
         """(model, {method: outputs}) for a request record `asked`: admit → resolve → load → decode → run.
@@ -5411,12 +5454,17 @@ class ServiceApp:
             routing_key = protocol.routing_key(environ, asked)
             slot = registry.slot(name, version, label, routing_key)
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
-            fields = _log_fields.set({"request_id": _request_id(environ), "model": name,
+            fields = _log_fields.set({**_log_fields.get(), "request_id": _request_id(environ), "model": name,
                                       "version": slot.ref.version})          # for the lines logged meanwhile
             model = registry.acquire(name, version, label, slot, routing_key)
             held.append(functools.partial(registry.release, model))
-            methods, inputs = protocol.inputs(model, asked, config)
+            with self.tracing.span("decode") if self.tracing.enabled else _NO_SPAN:
+                methods, inputs = protocol.inputs(model, asked, config)
             environ["service.labels"] = model.labels + (("method", ",".join(sorted(methods))),)
+            if "service.span" in environ:
+                environ["service.span"].set_attributes({"model": name, "version": str(model.version),
+                                                        "protocol": protocol.name, "method": ",".join(methods),
+                                                        "rows": _row_count(inputs)})
 
             def compute():
                 return {method: model.predict(method, inputs) for method in methods}
@@ -5501,6 +5549,21 @@ def _check_access(environ, access, config):
                        "this route needs the admin token: Authorization: Bearer <token>")
     elif access == TOKEN and config.auth_tokens:
         _require_token(environ, config.auth_tokens, "model-service")
+
+
+def _row_count(inputs):
+    """How many rows an estimator's input holds (a matrix, a DataFrame, a list of texts), for a span."""
+    shape = getattr(inputs, "shape", None)
+    return int(shape[0]) if shape else len(inputs) if isinstance(inputs, list) else 1
+
+
+def _end_server_span(span, status):
+    """The answer's status on its server span; a fault of the service's own (5xx) marks the span an error."""
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR))
 
 
 def _require_token(environ, tokens, realm, message="this route needs a valid token: Authorization: Bearer <token>"):
@@ -5955,6 +6018,12 @@ def main(argv=None, serve=serve):
             os.makedirs(config.payload_log, exist_ok=True)
         except OSError as error:
             refuse(f"--payload-log {config.payload_log}: {error.strerror}")
+    try:
+        traced = trace_exporter_wanted(os.environ) in TRACE_EXPORTERS
+    except ValueError as error:
+        refuse(str(error))
+    if traced and _otel_sdk_missing():
+        refuse(_otel_sdk_missing())
     application = create_app(config=config)
     if config.workers == 1:          # under --workers the parent loads before forking, without threads
         application.registry.refresh()

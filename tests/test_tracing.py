@@ -1,5 +1,6 @@
 """Tracing: OpenTelemetry spans when the OTEL_* variables ask for them, nothing (and no import) otherwise."""
 
+import json
 import subprocess
 import sys
 
@@ -30,7 +31,8 @@ def test_traces_are_on_only_when_the_standard_variables_ask_for_them(environ, wa
 def test_an_exporter_the_service_does_not_have_is_refused_by_name():
     with pytest.raises(ValueError, match="zipkin"):
         service.trace_exporter_wanted({"OTEL_TRACES_EXPORTER": "zipkin"})
-    assert not service.Tracing.from_environment({"OTEL_TRACES_EXPORTER": "zipkin"}).enabled
+    tracing = service.Tracing.from_environment({"OTEL_TRACES_EXPORTER": "zipkin"})
+    assert not tracing.enabled and "zipkin" in tracing.problem
 
 
 def test_off_by_default_and_then_nothing_of_opentelemetry_is_imported():
@@ -65,3 +67,172 @@ def test_without_a_caller_a_request_starts_a_trace_of_its_own():
         pass
     (span,) = exporter.get_finished_spans()
     assert span.parent is None and span.context.trace_id != 0
+
+
+# -- the request path, traced ---------------------------------------------------------------------------------
+
+import contextlib  # noqa: E402
+import http.server  # noqa: E402
+import io  # noqa: E402
+import logging  # noqa: E402
+import threading  # noqa: E402
+
+import requests  # noqa: E402
+import webtest  # noqa: E402
+
+from conftest import ROWS, free_port, running, wait_until, write_artifact  # noqa: E402
+
+CALLER = {"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"}
+
+
+@pytest.fixture
+def traced(tmp_path, iris_classifier):
+    """(a WebTest client of an app whose spans go to an in-memory exporter, the exporter)."""
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    exporter = InMemorySpanExporter()
+    config = service.Config(store=str(tmp_path), poll_interval=0)
+    app = service.create_app(config=config, registry=service.ModelRegistry(config, tracing=service.Tracing(exporter)))
+    try:
+        yield webtest.TestApp(app), exporter
+    finally:
+        app.registry.stop_watching()
+
+
+def by_name(exporter):
+    return {span.name: span for span in exporter.get_finished_spans()}
+
+
+def test_a_prediction_is_one_server_span_with_its_stages_as_children(traced, iris_classifier):
+    client, exporter = traced
+    answer = client.post_json("/models/iris/predict", {"instances": ROWS, "method": "predict_proba"}, headers=CALLER)
+    spans = by_name(exporter)
+    server = spans["POST /models/{name}/predict"]
+    assert f"{server.context.trace_id:032x}" == PARENT_TRACE and f"{server.parent.span_id:016x}" == PARENT_SPAN
+    assert answer.headers["traceparent"] == service.traceparent(server)
+    assert {key: server.attributes[key] for key in ("model", "version", "protocol", "method", "rows",
+                                                     "http.response.status_code", "http.route")} == {
+        "model": "iris", "version": "1", "protocol": "native", "method": "predict_proba", "rows": 3,
+        "http.response.status_code": 200, "http.route": "/models/{name}/predict"}
+    for stage in ("read", "decode", "predict", "encode"):
+        assert spans[stage].parent.span_id == server.context.span_id, stage
+    assert spans["predict"].attributes["predictor"] in (service.NATIVE, service.SKLEARN)
+    assert spans["predict"].attributes["method"] == "predict_proba"
+
+
+def test_every_protocol_names_itself_on_its_span_and_refusals_keep_their_status(traced):
+    client, exporter = traced
+    client.post_json("/v2/models/iris/infer", {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                                                           "data": ROWS[0]}]})
+    client.post_json("/v1/models/iris:predict", {"instances": ROWS})
+    client.post_json("/models/nosuch/predict", {"instances": ROWS}, expect_errors=True)
+    spans = by_name(exporter)
+    assert spans["POST /v2/models/{name}/infer"].attributes["protocol"] == "v2"
+    assert spans["POST /v1/models/{name}:predict"].attributes["protocol"] == "tf"
+    refused = [span for span in exporter.get_finished_spans()
+               if span.attributes.get("http.response.status_code") == 404]
+    assert refused and refused[0].status.is_ok
+
+
+def test_a_batched_request_has_a_batch_span_around_its_call(tmp_path, iris_classifier):
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    exporter = InMemorySpanExporter()
+    config = service.Config(store=str(tmp_path), poll_interval=0, max_batch_size=8)
+    app = service.create_app(config=config, registry=service.ModelRegistry(config, tracing=service.Tracing(exporter)))
+    try:
+        webtest.TestApp(app).post_json("/models/iris/predict", {"instances": ROWS})
+    finally:
+        app.registry.stop_watching()
+    spans = by_name(exporter)
+    assert spans["batch"].attributes["batch_size"] == 1
+    assert spans["predict"].parent.span_id == spans["batch"].context.span_id
+
+
+def test_json_log_lines_written_during_a_request_carry_its_trace_id(traced):
+    client, exporter = traced
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(service.JsonLogFormatter())
+    logger = logging.getLogger("service")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        client.post_json("/models/iris/predict", {"instances": ROWS}, headers=CALLER)   # loads iris: logged
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    loaded = [json.loads(line) for line in lines.getvalue().splitlines() if "loaded model" in line]
+    assert loaded and loaded[0]["trace_id"] == PARENT_TRACE, lines.getvalue()
+
+
+class Collector(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver: each POST /v1/traces body, decoded, into the server's `requests`."""
+
+    def do_POST(self):
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.received.append((self.path, ExportTraceServiceRequest.FromString(body)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def collector():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    server.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def exported_spans(server):
+    return [(resource, span) for _, request in list(server.received) for resource in request.resource_spans
+            for scope in resource.scope_spans for span in scope.spans]
+
+
+@pytest.mark.slow
+def test_a_live_server_exports_its_spans_over_otlp_http_to_a_collector(tmp_path, iris_classifier):
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    port = free_port()
+    with collector() as received:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{received.server_address[1]}",
+               "OTEL_SERVICE_NAME": "iris-service", "OTEL_BSP_SCHEDULE_DELAY": "50"}
+        command = [sys.executable, "service.py", "--store", str(tmp_path), "--port", str(port), "--log-format", "json"]
+        with running(command, port, env=env) as base:
+            answer = requests.post(base + "/models/iris/predict", json={"instances": ROWS}, headers=CALLER, timeout=30)
+            assert answer.status_code == 200
+            wait_until(lambda: any(span.name == "POST /models/{name}/predict" for _, span in exported_spans(received)),
+                       timeout=30, what="the request's span at the collector")
+        spans = exported_spans(received)
+    assert all(path == "/v1/traces" for path, _ in received.received)
+    resource, server = next((r, s) for r, s in spans if s.name == "POST /models/{name}/predict")
+    names = {a.key: a.value.string_value for a in resource.resource.attributes}
+    assert names["service.name"] == "iris-service"
+    assert server.trace_id.hex() == PARENT_TRACE and server.parent_span_id.hex() == PARENT_SPAN
+    assert answer.headers["traceparent"] == f"00-{PARENT_TRACE}-{server.span_id.hex()}-01"
+    children = {s.name for _, s in spans if s.parent_span_id == server.span_id}
+    assert {"read", "decode", "predict", "encode"} <= children
+    logged = [json.loads(line) for line in running.output.splitlines() if line.startswith("{")]
+    assert any(line.get("trace_id") == PARENT_TRACE for line in logged), running.output
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER='zipkin'"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, "pip install '.[otel]'"),
+])
+def test_asked_for_traces_it_cannot_export_the_command_exits_2_with_one_line(tmp_path, environ, message):
+    code = ("import sys; sys.modules['opentelemetry.sdk'] = None; import service; "     # as if the SDK were missing
+            f"sys.exit(service.main(['--store', {str(tmp_path)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**__import__('os').environ, **environ})
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

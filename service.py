@@ -406,6 +406,10 @@ class ModelUnavailable(ServiceError):
         self.retry_after = retry_after
 
 
+class Overloaded(ModelUnavailable):
+    """503 at once: --max-inflight predictions are already being answered (gRPC: RESOURCE_EXHAUSTED)."""
+
+
 class Misconfigured(ServiceError):
     """503 for every request of an app whose MODEL_SERVICE_* settings are invalid (`import service` still works)."""
 
@@ -727,6 +731,9 @@ SETTINGS = (
             "DIR"),
     Setting("payload_log_sample", _fraction, 1.0, "share of prediction requests the payload log records, 0-1",
             "FRACTION"),
+    Setting("grpc_port", _port, None,
+            "also serve the Open Inference Protocol (V2) over gRPC on this port, bound to --host like HTTP (off "
+            "by default; needs the grpc extra: pip install '.[grpc]')", "PORT"),
     Setting("native", _boolean, True,
             "answer with plain-numpy predictors compiled at load, each proved bit-identical to scikit-learn on "
             "probe rows (other methods and inputs: scikit-learn); a model's settings may turn them off",
@@ -774,8 +781,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODEL_VERSION = ("model", "version")
 
 METRICS = {   # name: (type, help, label names, histogram buckets)
-    "model_service_requests_total": ("counter", "Prediction requests by model, version, method and status.",
-                                     MODEL_VERSION + ("method", "status"), None),
+    "model_service_requests_total": ("counter", "Prediction requests by model, version, method, protocol and status.",
+                                     MODEL_VERSION + ("method", "protocol", "status"), None),
     "model_service_request_duration_seconds": ("histogram", "Time to answer a prediction request.",
                                                ("model", "method"), LATENCY_BUCKETS),
     "model_service_model_loads_total": ("counter", "Model version loads by outcome (success, failure).",
@@ -4354,13 +4361,7 @@ def v2_request(request, binary, max_rows):
         if not isinstance(tensor, dict):
             raise BadRequest(f"inputs[{number}] must be an object")
         name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
-        where = f"input {_clip(repr(name), 60)}"
-        if not isinstance(name, str) or not isinstance(shape, list) or \
-                not all(type(d) is int and d >= 0 for d in shape):
-            raise BadRequest(f"inputs[{number}] needs a \"name\" and a \"shape\" of sizes")
-        count = math.prod(shape)
-        if shape and shape[0] > max_rows:
-            raise BadRequest(f"{where}: {shape[0]} rows is over the limit of {max_rows}")
+        where, count = _v2_tensor(number, name, shape, max_rows)
         size = _v2_parameters(tensor, where).get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0 or offset + size > len(binary):
@@ -4392,6 +4393,16 @@ def v2_request(request, binary, max_rows):
         if everything_binary:
             binary_outputs.add("predict")
     return arrays, list(wanted), binary_outputs
+
+
+def _v2_tensor(number, name, shape, max_rows):
+    """(how messages name input `number`, its element count), once its name and shape are checked."""
+    if not isinstance(name, str) or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadRequest(f"inputs[{number}] needs a \"name\" and a \"shape\" of sizes")
+    where = f"input {_clip(repr(name), 60)}"
+    if shape and shape[0] > max_rows:
+        raise BadRequest(f"{where}: {shape[0]} rows is over the limit of {max_rows}")
+    return where, math.prod(shape)
 
 
 def _v2_parameters(holder, where):
@@ -4493,24 +4504,34 @@ def v2_inputs(model, arrays, max_rows):
     return model.make_frame(matrix, columns=model.feature_names) if model.make_frame is not None else matrix
 
 
-def v2_outputs(model, results, binary_outputs):
-    """(JSON outputs, binary tail) for {method: result}; binary for the outputs asked that way."""
+def v2_tensors(results):
+    """(name, method, array, datatype) of each output tensor of {method: result}: one per method, or one per
+    output of a multi-output classifier's list of arrays ("<method>_<output>")."""
     import numpy as np
 
+    for method, result in results.items():
+        for number, part in enumerate(result if isinstance(result, list) else [result]):
+            array = np.asarray(part.toarray() if hasattr(part, "toarray") else part)
+            yield f"{method}_{number}" if isinstance(result, list) else method, method, array, v2_datatype(array)
+
+
+def v2_bytes(array, datatype):
+    """A tensor's binary form: little-endian values, or BYTES as 4-byte lengths each followed by UTF-8 text."""
+    import numpy as np
+
+    if datatype == "BYTES":
+        return b"".join(len(b).to_bytes(4, "little") + b
+                        for b in (str(item).encode("utf-8") for item in array.reshape(-1).tolist()))
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def v2_outputs(model, results, binary_outputs):
+    """(JSON outputs, binary tail) for {method: result}; binary for the outputs asked that way."""
     outputs, chunks = [], []
-    tensors = ((f"{method}_{number}" if isinstance(result, list) else method, method, part)
-               for method, result in results.items()
-               for number, part in enumerate(result if isinstance(result, list) else [result]))
-    for name, method, result in tensors:      # a list: a multi-output classifier's arrays, one per output
-        array = np.asarray(result.toarray() if hasattr(result, "toarray") else result)
-        datatype = v2_datatype(array)
+    for name, method, array, datatype in v2_tensors(results):
         entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if method in binary_outputs:
-            if datatype == "BYTES":
-                data = b"".join(len(b).to_bytes(4, "little") + b
-                                for b in (str(item).encode("utf-8") for item in array.reshape(-1).tolist()))
-            else:
-                data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            data = v2_bytes(array, datatype)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
@@ -4635,29 +4656,377 @@ class OpenInference(Protocol):
 
     def v2_repository_index(self, app):
         asked = json_body(bottle.request.environ, app.config, required=False)
-        only_ready = isinstance(asked, dict) and asked.get("ready") is True
-        index = []
-        for info in app.registry.describe_all():
-            for version in info["versions"]:
-                state = V2_REPOSITORY_STATES[version["state"]]
-                if version["served"] and (not only_ready or state == "READY"):
-                    index.append({"name": info["name"], "version": version["version"], "state": state,
-                                  "reason": _clip(version["last_error"] or "", 300)})
-        return index
+        return v2_repository_index(app.registry, isinstance(asked, dict) and asked.get("ready") is True)
 
     def v2_repository_action(self, app, name, action):
         asked = json_body(bottle.request.environ, app.config, required=False)
         parameters = asked.get("parameters") if isinstance(asked, dict) else None
-        if parameters and any(key == "config" or key.startswith("file:") for key in parameters):
-            raise BadRequest("models are loaded only from the model store: \"config\" and \"file:\" parameters "
-                             "are refused")
-        if action == "load":
-            app.registry.reload(name)
-            for number in app.registry.entry(name).served:
-                app.registry.get(name, number)
-        else:
-            app.registry.unload(name)
+        v2_repository_action(app.registry, name, action, parameters if isinstance(parameters, dict) else ())
         return {}
+
+
+def v2_repository_index(registry, only_ready):
+    """Every served version with its V2 state (and why it cannot serve), or only the READY ones."""
+    index = []
+    for info in registry.describe_all():
+        for version in info["versions"]:
+            state = V2_REPOSITORY_STATES[version["state"]]
+            if version["served"] and (not only_ready or state == "READY"):
+                index.append({"name": info["name"], "version": version["version"], "state": state,
+                              "reason": _clip(version["last_error"] or "", 300)})
+    return index
+
+
+def v2_repository_action(registry, name, action, parameters):
+    """The repository's load (again) or unload of a model already in the store; the parameters with which
+    other servers load a model from elsewhere (a config, files) are refused."""
+    if any(key == "config" or key.startswith("file:") for key in parameters):
+        raise BadRequest("models are loaded only from the model store: \"config\" and \"file:\" parameters "
+                         "are refused")
+    if action == "load":
+        registry.reload(name)
+        for number in registry.entry(name).served:
+            registry.get(name, number)
+    else:
+        registry.unload(name)
+
+
+# -- The Open Inference Protocol over gRPC -------------------------------------------------------
+
+# KServe's grpc_predict_v2.proto (the service and messages of the Open Inference Protocol), with the model
+# repository extension's messages as Triton defines them, which tritonclient.grpc and MLServer's clients use.
+# The descriptor is built from this text when the gRPC server starts (grpc_messages): no generated code
+# to keep beside the one file, and no protoc.  Only the parts the parser reads: messages (nested ones
+# too), scalar, message, repeated, map<string, T> and oneof fields, and one service of unary RPCs.
+GRPC_PROTO = """
+service GRPCInferenceService {
+  rpc ServerLive(ServerLiveRequest) returns (ServerLiveResponse);
+  rpc ServerReady(ServerReadyRequest) returns (ServerReadyResponse);
+  rpc ModelReady(ModelReadyRequest) returns (ModelReadyResponse);
+  rpc ServerMetadata(ServerMetadataRequest) returns (ServerMetadataResponse);
+  rpc ModelMetadata(ModelMetadataRequest) returns (ModelMetadataResponse);
+  rpc ModelInfer(ModelInferRequest) returns (ModelInferResponse);
+  rpc RepositoryIndex(RepositoryIndexRequest) returns (RepositoryIndexResponse);
+  rpc RepositoryModelLoad(RepositoryModelLoadRequest) returns (RepositoryModelLoadResponse);
+  rpc RepositoryModelUnload(RepositoryModelUnloadRequest) returns (RepositoryModelUnloadResponse);
+}
+message ServerLiveRequest {}
+message ServerLiveResponse { bool live = 1; }
+message ServerReadyRequest {}
+message ServerReadyResponse { bool ready = 1; }
+message ModelReadyRequest { string name = 1; string version = 2; }
+message ModelReadyResponse { bool ready = 1; }
+message ServerMetadataRequest {}
+message ServerMetadataResponse { string name = 1; string version = 2; repeated string extensions = 3; }
+message ModelMetadataRequest { string name = 1; string version = 2; }
+message ModelMetadataResponse {
+  message TensorMetadata { string name = 1; string datatype = 2; repeated int64 shape = 3; }
+  string name = 1; repeated string versions = 2; string platform = 3;
+  repeated TensorMetadata inputs = 4; repeated TensorMetadata outputs = 5;
+}
+message ModelInferRequest {
+  message InferInputTensor {
+    string name = 1; string datatype = 2; repeated int64 shape = 3;
+    map<string, InferParameter> parameters = 4; InferTensorContents contents = 5;
+  }
+  message InferRequestedOutputTensor { string name = 1; map<string, InferParameter> parameters = 2; }
+  string model_name = 1; string model_version = 2; string id = 3; map<string, InferParameter> parameters = 4;
+  repeated InferInputTensor inputs = 5; repeated InferRequestedOutputTensor outputs = 6;
+  repeated bytes raw_input_contents = 7;
+}
+message ModelInferResponse {
+  message InferOutputTensor {
+    string name = 1; string datatype = 2; repeated int64 shape = 3;
+    map<string, InferParameter> parameters = 4; InferTensorContents contents = 5;
+  }
+  string model_name = 1; string model_version = 2; string id = 3; map<string, InferParameter> parameters = 4;
+  repeated InferOutputTensor outputs = 5; repeated bytes raw_output_contents = 6;
+}
+message InferParameter {
+  oneof parameter_choice { bool bool_param = 1; int64 int64_param = 2; string string_param = 3;
+                           double double_param = 4; uint64 uint64_param = 5; }
+}
+message InferTensorContents {
+  repeated bool bool_contents = 1; repeated int32 int_contents = 2; repeated int64 int64_contents = 3;
+  repeated uint32 uint_contents = 4; repeated uint64 uint64_contents = 5; repeated float fp32_contents = 6;
+  repeated double fp64_contents = 7; repeated bytes bytes_contents = 8;
+}
+message ModelRepositoryParameter {
+  oneof parameter_choice { bool bool_param = 1; int64 int64_param = 2; string string_param = 3;
+                           bytes bytes_param = 4; }
+}
+message RepositoryIndexRequest { string repository_name = 1; bool ready = 2; }
+message RepositoryIndexResponse {
+  message ModelIndex { string name = 1; string version = 2; string state = 3; string reason = 4; }
+  repeated ModelIndex models = 1;
+}
+message RepositoryModelLoadRequest {
+  string repository_name = 1; string model_name = 2; map<string, ModelRepositoryParameter> parameters = 3;
+}
+message RepositoryModelLoadResponse {}
+message RepositoryModelUnloadRequest {
+  string repository_name = 1; string model_name = 2; map<string, ModelRepositoryParameter> parameters = 3;
+}
+message RepositoryModelUnloadResponse {}
+"""
+GRPC_PACKAGE, GRPC_SERVICE = "inference", "inference.GRPCInferenceService"
+_PROTO_TOKEN = re.compile(r"map<\s*\w+\s*,\s*\w+\s*>|\w+|[{}();=]")
+_PROTO_SCALARS = ("bool", "string", "bytes", "int32", "int64", "uint32", "uint64", "float", "double")
+
+
+@functools.lru_cache(maxsize=None)
+def grpc_messages():
+    """{message name: generated class} and the service's methods {name: (request, response)}, from GRPC_PROTO."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    file = descriptor_pb2.FileDescriptorProto(name="grpc_predict_v2.proto", package=GRPC_PACKAGE, syntax="proto3")
+    methods = _ProtoReader(_PROTO_TOKEN.findall(GRPC_PROTO), descriptor_pb2.FieldDescriptorProto).read(file)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    classes = {message.name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{GRPC_PACKAGE}.{message.name}"))
+               for message in file.message_type}
+    return classes, methods
+
+
+class _ProtoReader:
+    """Reads GRPC_PROTO's tokens into a FileDescriptorProto (message, field and service declarations)."""
+
+    def __init__(self, tokens, field_type):
+        self.tokens, self.position, self.F = tokens, 0, field_type
+
+    def take(self, expected=None):
+        token = self.tokens[self.position]
+        self.position += 1
+        if expected is not None and token != expected:
+            raise ValueError(f"GRPC_PROTO: {expected!r} expected, not {token!r}")
+        return token
+
+    def read(self, file):
+        methods = {}
+        while self.position < len(self.tokens):
+            if self.take() == "message":
+                self.message(file.message_type, f".{GRPC_PACKAGE}")
+                continue
+            service = file.service.add(name=self.take())
+            self.take("{")
+            while self.take() != "}":                   # rpc Name(Request) returns (Response);
+                name = self.take()
+                request = self.take("(") and self.take()
+                response = self.take(")") and self.take("returns") and self.take("(") and self.take()
+                self.take(")"), self.take(";")
+                service.method.add(name=name, input_type=f".{GRPC_PACKAGE}.{request}",
+                                   output_type=f".{GRPC_PACKAGE}.{response}")
+                methods[name] = (request, response)
+        return methods
+
+    def message(self, into, scope):
+        message = into.add(name=self.take())
+        scope = f"{scope}.{message.name}"
+        self.take("{")
+        while (token := self.take()) != "}":
+            if token == "message":
+                self.message(message.nested_type, scope)
+            elif token == "oneof":
+                message.oneof_decl.add(name=self.take())
+                self.take("{")
+                while self.tokens[self.position] != "}":
+                    self.field(message, scope, self.take(), oneof=len(message.oneof_decl) - 1)
+                self.take("}")
+            else:
+                self.field(message, scope, token)
+
+    def field(self, message, scope, kind, oneof=None):
+        F = self.F
+        label = F.LABEL_REPEATED if kind == "repeated" else F.LABEL_OPTIONAL
+        kind = self.take() if kind == "repeated" else kind
+        name = self.take()
+        self.take("=")
+        field = message.field.add(name=name, number=int(self.take()), label=label)
+        self.take(";")
+        if oneof is not None:
+            field.oneof_index = oneof
+        if kind.startswith("map<"):                     # a repeated entry message with map_entry set
+            key, value = re.findall(r"\w+", kind)[1:]
+            entry = message.nested_type.add(name="".join(part.title() for part in name.split("_")) + "Entry")
+            entry.options.map_entry = True
+            self.typed(entry.field.add(name="key", number=1, label=F.LABEL_OPTIONAL), key, scope)
+            self.typed(entry.field.add(name="value", number=2, label=F.LABEL_OPTIONAL), value, scope)
+            field.label, field.type, field.type_name = F.LABEL_REPEATED, F.TYPE_MESSAGE, f"{scope}.{entry.name}"
+        else:
+            self.typed(field, kind, scope, nested={nested.name for nested in message.nested_type})
+
+    def typed(self, field, kind, scope, nested=()):
+        if kind in _PROTO_SCALARS:
+            field.type = getattr(self.F, f"TYPE_{kind.upper()}")
+        else:                                           # a message: nested in this one, or the file's
+            field.type = self.F.TYPE_MESSAGE
+            field.type_name = f"{scope}.{kind}" if kind in nested else f".{GRPC_PACKAGE}.{kind}"
+
+
+# Which InferTensorContents field holds a datatype's values (FP16 travels only raw, as the proto says).
+GRPC_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+                 "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                 "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+                 "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+# A refusal's gRPC status by its HTTP status (an overload is RESOURCE_EXHAUSTED: see grpc_status).
+GRPC_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+               405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 414: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT",
+               501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+def grpc_status(error):
+    """The name of the grpc.StatusCode a refusal is answered with (INTERNAL for the service's own faults)."""
+    return "RESOURCE_EXHAUSTED" if isinstance(error, Overloaded) else GRPC_STATUS.get(error.status, "INTERNAL")
+
+
+def _v2_from_contents(contents, datatype, count, where):
+    """A tensor from its typed InferTensorContents (the field its datatype names), checked against its shape."""
+    import numpy as np
+
+    field = GRPC_CONTENTS.get(datatype)
+    if field is None:
+        _v2_dtype(datatype, where)              # BF16 and unknown names: refused as over HTTP
+        raise BadRequest(f"{where}: {datatype} values travel only in raw_input_contents")
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise BadRequest(f"{where}: {len(values)} values in {field} do not fill its shape ({count} expected)")
+    if datatype == "BYTES":
+        try:
+            items = [value.decode("utf-8") for value in values]
+        except UnicodeDecodeError:
+            raise BadRequest(f"{where}: BYTES elements must be UTF-8 text") from None
+        array = np.empty(count, dtype=object)
+        array[:] = items
+        return array
+    try:
+        return np.array(values, dtype=V2_DTYPES[datatype])
+    except OverflowError:
+        raise BadRequest(f"{where}: a value does not fit datatype {datatype}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpcCall:
+    """One gRPC call as the service sees it: the RPC, its metadata (lower-case keys) and its peer."""
+
+    rpc: str
+    metadata: dict
+    peer: str
+
+    def environ(self, protocol):
+        """A WSGI-like environ for the predict core and the records every request leaves (metrics, payload log,
+        access log): the RPC as the path, the metadata's authorization, request id and routing key as headers."""
+        headers = {f"HTTP_{key.upper().replace('-', '_')}": value for key, value in self.metadata.items()
+                   if key in ("authorization", "x-request-id", "x-routing-key") and isinstance(value, str)}
+        return {"REQUEST_METHOD": "POST", "PATH_INFO": f"/{GRPC_SERVICE}/{self.rpc}", "REMOTE_ADDR": self.peer,
+                "service.protocol": protocol, **headers}
+
+
+class OpenInferenceGrpc(OpenInference):
+    """The Open Inference Protocol over gRPC (inference.GRPCInferenceService, with the repository extension):
+    no HTTP rows, its RPCs served by the gRPC server (Serving: start_grpc_server) on --grpc-port.
+
+    A ModelInfer request becomes the same V2Request the HTTP route reads (typed `contents` or
+    `raw_input_contents`, checked by the same rules and limits) and goes through the same core; its answer
+    carries raw_output_contents when the request sent raw inputs (as Triton answers), else typed contents.
+    Every RPC is (handler, access) in RPCS: access is the HTTP routes' (OPEN, TOKEN, ADMIN), tokens
+    coming from the call's `authorization` metadata."""
+
+    name = "grpc"
+    routes = ()
+    RPCS = {"ServerLive": ("server_live", OPEN), "ServerReady": ("server_ready", OPEN),
+            "ModelReady": ("model_ready", TOKEN), "ServerMetadata": ("server_metadata", TOKEN),
+            "ModelMetadata": ("model_metadata", TOKEN), "ModelInfer": ("model_infer", TOKEN),
+            "RepositoryIndex": ("repository_index", TOKEN), "RepositoryModelLoad": ("repository_load", ADMIN),
+            "RepositoryModelUnload": ("repository_unload", ADMIN)}
+
+    def read_message(self, request, config):
+        """The V2Request of a ModelInferRequest."""
+        raw = list(request.raw_input_contents)
+        if not request.inputs:
+            raise BadRequest("a ModelInferRequest needs inputs")
+        if raw and len(raw) != len(request.inputs):
+            raise BadRequest(f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs")
+        arrays = []
+        for number, tensor in enumerate(request.inputs):
+            shape = list(tensor.shape)
+            where, count = _v2_tensor(number, tensor.name, shape, config.max_rows)
+            array = _v2_from_bytes(raw[number], tensor.datatype, count, where) if raw else \
+                _v2_from_contents(tensor.contents, tensor.datatype, count, where)
+            arrays.append((tensor.name, array.reshape(shape)))
+        outputs = list(dict.fromkeys(output.name for output in request.outputs)) or ["predict"]
+        key = request.parameters["routing_key"] if "routing_key" in request.parameters else None
+        if key is not None and key.WhichOneof("parameter_choice") != "string_param":
+            raise BadRequest('parameters["routing_key"] must be a string_param')
+        return V2Request(arrays, outputs, set(outputs) if raw else set(), request.id or None,
+                         None if key is None else key.string_param)
+
+    def encode_message(self, model, asked, results, response):
+        """Fill a ModelInferResponse with {method: outputs}: raw where the request was raw, else typed."""
+        response.model_name, response.model_version, response.id = model.name, str(model.version), asked.id or ""
+        for name, method, array, datatype in v2_tensors(results):
+            tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            if method in asked.binary_outputs:
+                response.raw_output_contents.append(v2_bytes(array, datatype))
+            elif datatype == "BYTES":
+                tensor.contents.bytes_contents.extend(str(item).encode("utf-8") for item in array.reshape(-1).tolist())
+            else:
+                getattr(tensor.contents, GRPC_CONTENTS[datatype]).extend(array.reshape(-1).tolist())
+        return response
+
+    # -- the RPCs: (app, request message, response message, environ) -> the response -------------------------
+    def server_live(self, app, request, response, environ):
+        response.live = True
+        return response
+
+    def server_ready(self, app, request, response, environ):
+        response.ready = app.registry.not_ready_reason() is None
+        return response
+
+    def model_ready(self, app, request, response, environ):
+        slot = app.registry.slot(request.name, _grpc_version(request.version, request.name))
+        response.ready = slot.state != FAILED
+        return response
+
+    def server_metadata(self, app, request, response, environ):
+        response.name, response.version = SERVICE_NAME, __version__
+        response.extensions.append("model_repository")
+        return response
+
+    def model_metadata(self, app, request, response, environ):
+        with app.registry.using(request.name, _grpc_version(request.version, request.name)) as model:
+            metadata = v2_metadata(model, app.registry.entry(request.name).served_versions())
+        response.name, response.platform = metadata["name"], metadata["platform"]
+        response.versions.extend(metadata["versions"])
+        for spec in metadata["inputs"]:
+            response.inputs.add(**spec)
+        for spec in metadata["outputs"]:
+            response.outputs.add(**spec)
+        return response
+
+    def model_infer(self, app, request, response, environ):
+        model, asked, results = app.predicted(self, lambda: self.read_message(request, app.config), environ,
+                                              request.model_name,
+                                              _grpc_version(request.model_version, request.model_name), None)
+        with app.tracing.span("encode") if app.tracing.enabled else _NO_SPAN:
+            return self.encode_message(model, asked, results, response)
+
+    def repository_index(self, app, request, response, environ):
+        for entry in v2_repository_index(app.registry, request.ready):
+            response.models.add(**entry)
+        return response
+
+    def repository_load(self, app, request, response, environ):
+        v2_repository_action(app.registry, request.model_name, "load", request.parameters)
+        return response
+
+    def repository_unload(self, app, request, response, environ):
+        v2_repository_action(app.registry, request.model_name, "unload", request.parameters)
+        return response
+
+
+def _grpc_version(text, name):
+    """A message's version ("" for none) as the number the service uses inside."""
+    return version_number(text, name) if text else None
 
 
 # -- MLflow scoring --------------------------------------------------------------------------------
@@ -4806,7 +5175,8 @@ class MLflowScoring(Protocol):
 
 # -- registration ----------------------------------------------------------------------------------
 
-PROTOCOLS = (NativeAPI(), SeedRoutes(), TFServing(), OpenInference(), MLflowScoring())
+GRPC = OpenInferenceGrpc()
+PROTOCOLS = (NativeAPI(), SeedRoutes(), TFServing(), OpenInference(), GRPC, MLflowScoring())
 BODY_EXAMPLES = {kind: example for protocol in PROTOCOLS for kind, example in protocol.examples.items()}
 
 
@@ -5245,21 +5615,25 @@ class ServiceApp:
             return start_response(status, headers, exc_info)
 
         body = self.bottle.wsgi(environ, respond)
-        elapsed = time.perf_counter() - started
-        status = status_line[-1][:3] if status_line else "500"
+        self.record(environ, status_line[-1][:3] if status_line else "500", time.perf_counter() - started)
+        return body
+
+    def record(self, environ, status, elapsed):
+        """What every answered request leaves behind, whatever its protocol or transport: its server span's
+        status, the request metrics and the payload log (predictions only), the access log."""
         if "service.span" in environ:
             _end_server_span(environ["service.span"], int(status))
         labels = environ.get("service.labels")
         if labels is not None:
-            self.metrics.count("model_service_requests_total", labels + (("status", status),))
+            protocol = environ["service.protocol"].name
+            self.metrics.count("model_service_requests_total", labels + (("protocol", protocol), ("status", status)))
             self.metrics.observe("model_service_request_duration_seconds", labels[::2], elapsed)
             if self.payload_log is not None:
                 self.payload_log.offer(environ, status, elapsed)
-        if config.access_log and access_logger.isEnabledFor(logging.INFO):
+        if self.config.access_log and access_logger.isEnabledFor(logging.INFO):
             access_logger.info("%s %s %s %s %.2fms id=%s", environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
                                _clip(environ.get("PATH_INFO", ""), 200), status, elapsed * 1000,
                                _request_id(environ), extra={"request_id": _request_id(environ)})
-        return body
 
     def _admit(self):
         """Before routing: the checks every request passes (host, size of the target), then housekeeping.
@@ -5427,15 +5801,23 @@ class ServiceApp:
         once resolved (UNRESOLVED before), the methods once the model has them.  It is counted
         in `predicting` (the shadow rests while that is not 0)."""
         request = bottle.request
-        request.environ["service.labels"] = UNRESOLVED_LABELS
+        model, asked, results = self.predicted(protocol, lambda: protocol.read(request, self.config, **route),
+                                               request.environ, name, version, label)
+        with self.tracing.span("encode") if self.tracing.enabled else _NO_SPAN:
+            return protocol.encode(model, asked, results)
+
+    def predicted(self, protocol, read, environ, name, version, label):
+        """(model, request record, {method: outputs}) of a prediction whose record `read()` gives, over any
+        transport: counted in `predicting` (the shadow rests while that is not 0), labelled for the metrics
+        as unresolved until answer() knows more."""
+        environ["service.labels"] = UNRESOLVED_LABELS
         with self.predicting:
             if name is None:
                 name = self.registry.default_model_name()
             with self.tracing.span("read") if self.tracing.enabled else _NO_SPAN:
-                asked = protocol.read(request, self.config, **route)
-            model, results = self.answer(protocol, asked, request.environ, name, version, label)
-        with self.tracing.span("encode") if self.tracing.enabled else _NO_SPAN:
-            return protocol.encode(model, asked, results)
+                asked = read()
+            model, results = self.answer(protocol, asked, environ, name, version, label)
+        return model, asked, results
 
     def answer(self, protocol, asked, environ, name, version, label):
         """(model, {method: outputs}) for a request record `asked`: admit → resolve → load → decode → run.
@@ -5448,7 +5830,7 @@ class ServiceApp:
         try:
             if self.admission is not None:
                 if not self.admission.acquire(blocking=False):
-                    raise ModelUnavailable(f"overloaded: {config.max_inflight} predictions are already being "
+                    raise Overloaded(f"overloaded: {config.max_inflight} predictions are already being "
                                            "answered (--max-inflight); try again", retry_after=1)
                 held.append(self.admission.release)
             routing_key = protocol.routing_key(environ, asked)
@@ -5709,14 +6091,21 @@ def serve(app, config):
         logger.warning("binding %s: the service is reachable from other machines", config.host)
     with _signal_handlers_kept():
         if config.workers > 1:
-            _serve_workers(app, config)
-        elif config.server == "waitress":
-            _serve_waitress(app, config)
-        else:
-            # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, signal.default_int_handler)
-            bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
+            _serve_workers(app, config)         # each worker serves gRPC too, once forked
+            return
+        grpc_server = start_grpc_server(app, config) if config.grpc_port is not None else None
+        drained = []                            # the gRPC server's drain: an Event set once it has stopped
+        try:
+            if config.server == "waitress":
+                _serve_waitress(app, config, grpc_server, drained)
+            else:
+                # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
+                if threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGTERM, signal.default_int_handler)
+                bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
+        finally:
+            if grpc_server is not None:
+                (drained or [grpc_server.stop(config.shutdown_timeout)])[0].wait(config.shutdown_timeout)
 
 
 @contextlib.contextmanager
@@ -5732,8 +6121,11 @@ def _signal_handlers_kept():
                 signal.signal(number, handler)
 
 
-def _serve_waitress(app, config):
-    """waitress, tuned, until SIGTERM or SIGINT; then requests in flight finish within --shutdown-timeout."""
+def _serve_waitress(app, config, grpc_server=None, drained=None):
+    """waitress, tuned, until SIGTERM or SIGINT; then requests in flight finish within --shutdown-timeout.
+
+    The gRPC server beside it, if any, stops taking calls at the same signal; its drain (the Event its
+    stop() returns) goes into `drained`, for serve() to wait on."""
     import waitress
     from waitress.channel import HTTPChannel
     from waitress.server import BaseWSGIServer
@@ -5764,6 +6156,8 @@ def _serve_waitress(app, config):
             raise SystemExit(0)            # a second signal: stop now
         deadline.append(time.monotonic() + config.shutdown_timeout)
         app.registry.draining = True
+        if grpc_server is not None:
+            drained.append(grpc_server.stop(config.shutdown_timeout))
         logger.info("%s: finishing requests in flight (at most %g s)", signal.Signals(signum).name,
                     config.shutdown_timeout)
 
@@ -5836,11 +6230,84 @@ def _serve_workers(app, config):
                     self.cfg.set(key, value)
 
         def load(self):
-            """In each worker, after the fork: start its watcher and load what the parent could not."""
+            """In each worker, after the fork: start its watcher, load what the parent could not, and serve
+            gRPC on the shared --grpc-port (SO_REUSEPORT), drained from SIGTERM on like the worker's HTTP."""
             registry.refresh()
+            if config.grpc_port is not None:
+                grpc_server, terminate = start_grpc_server(app, config), signal.getsignal(signal.SIGTERM)
+
+                def stop(signum, frame):
+                    grpc_server.stop(config.shutdown_timeout)
+                    terminate(signum, frame)
+                signal.signal(signal.SIGTERM, stop)
+                atexit.register(lambda: grpc_server.stop(config.shutdown_timeout).wait(config.shutdown_timeout))
             return app
 
     Workers().run()
+
+
+def start_grpc_server(app, config):
+    """The Open Inference Protocol over gRPC on --grpc-port (bound to --host, as HTTP), started: each RPC of
+    GRPC_PROTO answered by the GRPC protocol's handler through the app (grpc_call).  Messages over
+    --max-body-bytes are refused by gRPC itself (RESOURCE_EXHAUSTED); --threads threads answer calls.
+    Under --workers every worker binds the same port (SO_REUSEPORT) and the kernel spreads connections."""
+    import grpc
+
+    classes, methods = grpc_messages()
+    handlers = {rpc: grpc.unary_unary_rpc_method_handler(
+                    functools.partial(grpc_call, app, rpc, classes[response]),
+                    request_deserializer=classes[request].FromString,
+                    response_serializer=classes[response].SerializeToString)
+                for rpc, (request, response) in methods.items()}
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(config.threads, thread_name_prefix="grpc"),
+                         handlers=[grpc.method_handlers_generic_handler(GRPC_SERVICE, handlers)],
+                         options=[("grpc.so_reuseport", int(config.workers > 1)),
+                                  ("grpc.max_receive_message_length", config.max_body_bytes),
+                                  ("grpc.max_send_message_length", -1)])
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    port = server.add_insecure_port(f"{host}:{config.grpc_port}")
+    server.start()
+    logger.info("Serving V2 over gRPC on %s:%d", host, port)
+    return server
+
+
+def grpc_call(app, rpc, response_class, request, context):
+    """One gRPC call, as ServiceApp answers an HTTP request: a server span (the caller's traceparent), the
+    service's checks and the RPC's access (its token from the `authorization` metadata), its handler, then
+    the records every request leaves; a refusal is the gRPC status of its HTTP one (grpc_status), with its
+    message; the request id and traceparent go back as initial metadata."""
+    import grpc
+
+    started, metadata = time.perf_counter(), dict(context.invocation_metadata())
+    environ = GrpcCall(rpc, metadata, context.peer()).environ(GRPC)
+    handler, access = GRPC.RPCS[rpc]
+    traced = app.tracing.request(rpc, metadata, **{"rpc.system": "grpc", "rpc.service": GRPC_SERVICE,
+                                                   "rpc.method": rpc}) if app.tracing.enabled else _NO_SPAN
+    with traced as span:
+        if span is not None:
+            environ["service.span"] = span
+        context.send_initial_metadata([("x-request-id", _request_id(environ))] +
+                                      ([("traceparent", traceparent(span))] if span is not None else []))
+        refusal = answer = None
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise PredictionTimeout("the call's deadline passed before it could be answered")
+            if app.misconfigured:
+                raise Misconfigured(f"the service is misconfigured: {app.misconfigured}")
+            _check_access(environ, access, app.config)
+            app.registry.refresh()
+            answer = getattr(GRPC, handler)(app, request, response_class(), environ)
+        except ServiceError as error:
+            refusal = error
+        except Exception:
+            refusal = _internal_error(f"on gRPC {rpc}", traceback.format_exc())
+        app.record(environ, str(refusal.status if refusal else 200), time.perf_counter() - started)
+    if refusal is not None:
+        error_id = refusal.fields.get("error_id")
+        context.abort(getattr(grpc.StatusCode, grpc_status(refusal)),
+                      refusal.message + (f" (error_id {error_id})" if error_id else ""))
+    return answer
 
 
 def _metrics_across_workers():
@@ -5983,6 +6450,16 @@ def build_parser():
     return parser
 
 
+def _grpc_missing():
+    """The module --grpc-port needs and cannot import (grpc, google.protobuf), or None."""
+    for module in ("grpc", "google.protobuf"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return module
+    return None
+
+
 def _store_problem(store, flags):
     """One line on a store that is no folder, naming where its path came from: flag, variable or default."""
     setting = next(setting for setting in SETTINGS if setting.field == "store")
@@ -6018,6 +6495,8 @@ def main(argv=None, serve=serve):
             os.makedirs(config.payload_log, exist_ok=True)
         except OSError as error:
             refuse(f"--payload-log {config.payload_log}: {error.strerror}")
+    if config.grpc_port is not None and _grpc_missing():
+        refuse(f"--grpc-port needs grpcio and protobuf ({_grpc_missing()} is not installed): pip install '.[grpc]'")
     try:
         traced = trace_exporter_wanted(os.environ) in TRACE_EXPORTERS
     except ValueError as error:

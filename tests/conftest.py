@@ -15,6 +15,7 @@ Tests marked `slow` (the soak, the longest live-server and subprocess tests) are
 """
 
 import contextlib
+import http.server
 import itertools
 import json
 import os
@@ -341,7 +342,7 @@ def running(command, port, env=None, cwd=ROOT, timeout=30):
     running.so_far() while it runs, running.output once stopped, with its exit code in running.returncode;
     running.pid is its process id.
     """
-    environment = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    environment = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -370,3 +371,39 @@ def serve_store():
                    "--port", str(port), *flags]
         return running(command, port, env=env)
     return start
+
+
+# -- an OpenTelemetry collector -----------------------------------------------------------------------------
+
+class Collector(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver: each POST /v1/traces body, decoded, into the server's `requests`."""
+
+    def do_POST(self):
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.received.append((self.path, ExportTraceServiceRequest.FromString(body)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def collector():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    server.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def exported_spans(server):
+    return [(resource, span) for _, request in list(server.received) for resource in request.resource_spans
+            for scope in resource.scope_spans for span in scope.spans]

@@ -79,7 +79,13 @@ def test_manifests_use_real_flags_variables_ports_and_open_probe_routes(name):
             assert variable in VARIABLES or name == "kserve.yaml" and variable in KSERVE_VARIABLES, variable
         port = int(environment.get("MODEL_SERVICE_PORT", config.port))
         assert environment.get("MODEL_SERVICE_HOST") == "0.0.0.0", "reachable from the pod network"
-        assert [p["containerPort"] for p in container["ports"]] == [port]
+        ports = {p.get("name"): p["containerPort"] for p in container["ports"]}
+        if "h2c" in ports:              # KServe's one port, for gRPC: probed by TCP, as no HTTP answers there
+            assert ports == {"h2c": config.grpc_port}
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert container[probe] == {"tcpSocket": {"port": config.grpc_port}}, probe
+            continue
+        assert list(ports.values()) == [port] + ([config.grpc_port] if config.grpc_port else [])
         for probe in ("readinessProbe", "livenessProbe"):
             path = container[probe]["httpGet"]["path"]
             assert path in {route.path for route in service.ROUTES if route.access == service.OPEN}, f"{probe} {path} must stay open when tokens are required"
@@ -166,12 +172,13 @@ def check_inference_service(document):
     container = predictor["containers"][0]
     assert container["name"] == "kserve-container", "KServe finds the predictor by this name"
     protocol = [item["value"] for item in container.get("env", []) if item["name"] == "PROTOCOL"]
-    assert protocol == ["v2"], "a custom predictor declares its protocol in PROTOCOL: v1 or v2"
+    grpc = any(port.get("name") == "h2c" for port in container["ports"])
+    assert protocol == (["grpc-v2"] if grpc else ["v2"]), "a custom predictor declares its protocol in PROTOCOL"
 
 
-def test_the_kserve_manifest_is_an_inference_service_whose_predictor_is_a_valid_pod_spec():
-    (document,) = documents("kserve.yaml")
-    check_inference_service(document)
+@pytest.mark.parametrize("index", range(len(documents("kserve.yaml"))))
+def test_the_kserve_manifest_is_an_inference_service_whose_predictor_is_a_valid_pod_spec(index):
+    check_inference_service(documents("kserve.yaml")[index])
 
 
 PREDICTOR = ("spec", "predictor")
@@ -295,16 +302,19 @@ def image_config(tag):
 
 @contextlib.contextmanager
 def manifest_container(tag, container, *options):
-    """Run `container` (a manifest's) in the image with its env, its command resolved as Kubernetes does;
-    yields (name, base URL)."""
+    """Run `container` (a manifest's) in the image with its env, its command resolved as Kubernetes does, and
+    its HTTP port (8080) and declared ports published on free ones; yields (name, HTTP base URL, {container
+    port: the address it is published on})."""
     config = image_config(tag)
     argv = kubernetes_argv(container, config.get("Entrypoint"), config.get("Cmd"))
     environment = [f"--env={item['name']}={item['value']}" for item in container.get("env", [])]
-    port, name = free_port(), f"model-service-test-{uuid.uuid4().hex[:8]}"
-    podman("run", "-d", "--name", name, *ULIMITS, *environment, *options, "-p", f"127.0.0.1:{port}:8080",
+    published = {port: f"127.0.0.1:{free_port()}" for port in {8080} | {p["containerPort"] for p in container["ports"]}}
+    name = f"model-service-test-{uuid.uuid4().hex[:8]}"
+    podman("run", "-d", "--name", name, *ULIMITS, *environment, *options,
+           *(f"--publish={address}:{port}" for port, address in published.items()),
            "--entrypoint", json.dumps(argv[:1]), tag, *argv[1:])
     try:
-        yield name, f"http://127.0.0.1:{port}"
+        yield name, f"http://{published[8080]}", published
     finally:
         podman("rm", "-f", "-t", "0", name, check=False)
 
@@ -333,7 +343,7 @@ def test_the_kubernetes_deployment_serves_swaps_and_drains_in_the_image(image, t
             os.chmod(os.path.join(folder, file), 0o644)
     (container,) = containers("kubernetes.yaml")
     mount = container["volumeMounts"][0]["mountPath"]
-    with manifest_container(image, container, "--read-only", "-v", f"{store}:{mount}:ro") as (name, base):
+    with manifest_container(image, container, "--read-only", "-v", f"{store}:{mount}:ro") as (name, base, _):
         wait_until(lambda: answers(base + "/readyz"), timeout=120, what="the container's readiness")
         answer = requests.post(base + "/models/iris/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}, timeout=30)
         assert answer.status_code == 200 and answer.json()["predictions"] == ["setosa"], answer.text
@@ -360,7 +370,7 @@ def test_the_kserve_inference_service_answers_v2_in_the_image(image):
     """The InferenceService's container with its command and args, on the image's bundled store: KServe's probes
     and a V2 inference on the model it preloads."""
     (container,) = documents("kserve.yaml")[0]["spec"]["predictor"]["containers"]
-    with manifest_container(image, container) as (name, base):
+    with manifest_container(image, container) as (name, base, _):
         wait_until(lambda: answers(base + container["readinessProbe"]["httpGet"]["path"]), timeout=120,
                    what="KServe's readiness probe")
         assert answers(base + container["livenessProbe"]["httpGet"]["path"])
@@ -368,3 +378,25 @@ def test_the_kserve_inference_service_answers_v2_in_the_image(image):
         answer = requests.post(base + "/v2/models/iris/infer", json=body, timeout=30)
         assert answer.status_code == 200, answer.text
         assert answer.json()["outputs"][0]["data"] == ["setosa"]
+
+
+@pytest.mark.slow
+def test_the_kserve_grpc_inference_service_answers_over_its_h2c_port_in_the_image(image):
+    """The gRPC InferenceService's container, as KServe runs it: tritonclient.grpc on its h2c port."""
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    (container,) = documents("kserve.yaml")[1]["spec"]["predictor"]["containers"]
+    (h2c,) = container["ports"]
+    with manifest_container(image, container) as (name, base, published):
+        client = triton.InferenceServerClient(published[h2c["containerPort"]])
+
+        def ready():
+            try:
+                return client.is_model_ready("iris")
+            except Exception:  # not listening yet
+                return False
+        wait_until(ready, timeout=120, what="the model over gRPC")
+        rows = triton.InferInput("input-0", [1, 4], "FP64")
+        rows.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2]]))
+        assert client.infer("iris", [rows]).as_numpy("predict").tolist() == [b"setosa"]

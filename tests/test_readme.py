@@ -44,6 +44,7 @@ def read(*parts):
 
 README = read("README.md")
 README_ADDRESS = "127.0.0.1:8080"
+README_GRPC_PORT = "8081"             # README's --grpc-port: a free port in its place, as for 8080
 SERVER = "# server: "
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 SAVED_AS = re.compile(r"`([\w./-]+)`:$")
@@ -130,8 +131,9 @@ class Session:
             name, value = words.pop(0).split("=", 1)
             env[name] = value
         assert words[:2] == ["python", "service.py"], server
-        port = free_port()
-        command = [sys.executable, "service.py", *words[2:], "--port", str(port)]
+        port, self.grpc_port = free_port(), str(free_port())
+        flags = [self.grpc_port if word == README_GRPC_PORT else word for word in words[2:]]
+        command = [sys.executable, "service.py", *flags, "--port", str(port)]
         self.stack.enter_context(running(command, port, env=env, cwd=self.folder))
         self.server, self.address = server, f"127.0.0.1:{port}"
 
@@ -142,7 +144,8 @@ class Session:
     def run(self, command):
         """What `command` prints (stdout, without its last newline), run in bash in the scratch folder."""
         if self.address:
-            command = command.replace(README_ADDRESS, self.address)
+            command = command.replace(README_ADDRESS, self.address).replace(f"127.0.0.1:{README_GRPC_PORT}",
+                                                                            f"127.0.0.1:{self.grpc_port}")
         else:
             assert README_ADDRESS not in command, f"a block that calls the service needs a '{SERVER}' line: {command}"
         done = subprocess.run(["bash", "-c", command], cwd=self.folder, env=self.env, capture_output=True,

@@ -71,16 +71,13 @@ def test_without_a_caller_a_request_starts_a_trace_of_its_own():
 
 # -- the request path, traced ---------------------------------------------------------------------------------
 
-import contextlib  # noqa: E402
-import http.server  # noqa: E402
 import io  # noqa: E402
 import logging  # noqa: E402
-import threading  # noqa: E402
 
 import requests  # noqa: E402
 import webtest  # noqa: E402
 
-from conftest import ROWS, free_port, running, wait_until, write_artifact  # noqa: E402
+from conftest import ROWS, collector, exported_spans, free_port, running, wait_until, write_artifact  # noqa: E402
 
 CALLER = {"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"}
 
@@ -163,40 +160,6 @@ def test_json_log_lines_written_during_a_request_carry_its_trace_id(traced):
         logger.setLevel(previous)
     loaded = [json.loads(line) for line in lines.getvalue().splitlines() if "loaded model" in line]
     assert loaded and loaded[0]["trace_id"] == PARENT_TRACE, lines.getvalue()
-
-
-class Collector(http.server.BaseHTTPRequestHandler):
-    """An OTLP/HTTP receiver: each POST /v1/traces body, decoded, into the server's `requests`."""
-
-    def do_POST(self):
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.received.append((self.path, ExportTraceServiceRequest.FromString(body)))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@contextlib.contextmanager
-def collector():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    server.received = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def exported_spans(server):
-    return [(resource, span) for _, request in list(server.received) for resource in request.resource_spans
-            for scope in resource.scope_spans for span in scope.spans]
 
 
 @pytest.mark.slow

@@ -88,7 +88,7 @@ def test_without_a_key_routing_is_random_by_weight_and_every_protocol_follows_it
         status = strict_json(session.get(base + "/models/m", timeout=10))
     for version in WEIGHTS:
         assert metric_value(metrics, "model_service_requests_total", model="m", version=version, method="predict",
-                            status="200")
+                            protocol="native", status="200")
     assert status["traffic"] == [{"target": "stable", "version": "1", "share": 0.6},
                                  {"target": "canary", "version": "2", "share": 0.3},
                                  {"target": "3", "version": "3", "share": 0.1}]

@@ -48,7 +48,7 @@ listed here, and only at run time (tests/test_cli.py checks both rules)::
     Part II: appendices
     Native predictors       plain-numpy answers, proved bit-identical at load: attach_native
     JSON model format       models as data, and export: load_json_model, dump_json_model,
-                            save_json_model, export_json_model, export_command
+                            save_json_model, export_json_model, export_skops_model, export_command
     Web console             the page GET / serves to browsers: CONSOLE_HTML, CONSOLE_CSP
 
     WSGI entry points       ``service:app``, and ``python service.py`` (after everything it needs)
@@ -59,7 +59,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "ServiceError", "ArtifactRef", "ModelStore", "LoadedModel",
     "ModelRegistry", "create_app", "serve", "main", "app", "application",
-    "dump_json_model", "save_json_model", "load_json_model", "export_json_model", "to_jsonable",
+    "dump_json_model", "save_json_model", "load_json_model", "export_json_model", "export_skops_model", "to_jsonable",
 ]
 
 
@@ -7704,16 +7704,20 @@ def dump_json_model(estimator):
 
 def save_json_model(estimator, path):
     """Write a fitted estimator as a JSON model file (by write-then-rename, so never half-written)."""
-    _write_json_document(dump_json_model(estimator), path)
+    _write_file(_json_bytes(dump_json_model(estimator)), path)
 
 
-def _write_json_document(text, path):
-    import tempfile
-
+def _json_bytes(text):
     try:
-        data = text.encode("utf-8")
+        return text.encode("utf-8")
     except UnicodeEncodeError as error:
         raise ArtifactError(f"cannot write the model as UTF-8 JSON: {error}") from None
+
+
+def _write_file(data, path):
+    """Write `data` to `path` as publishers should: a hidden temporary name in the same folder, then a rename."""
+    import tempfile
+
     folder, base = os.path.split(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")  # hidden: stores skip it
     try:
@@ -8317,7 +8321,25 @@ def export_json_model(estimator, path, sample=None, rows=20):
     model cannot be written as JSON, no method can be checked, or the copy differs.
     """
     text = dump_json_model(estimator)
-    copy = load_json_model(text)
+    return _export_checked(estimator, path, _json_bytes(text), load_json_model(text), "JSON", sample, rows)
+
+
+def export_skops_model(estimator, path, sample=None, rows=20, trust=()):
+    """Write `estimator` to `path` as a .skops file once its copy, loaded as the store loads .skops files (trusting
+    what skops, --safe-pickle's allow-list and `trust` admit), gives identical outputs; as export_json_model."""
+    try:
+        import skops.io
+    except ImportError:
+        raise ArtifactError("the skops package is not installed: pip install '.[skops]' (the skops extra) to "
+                            "write .skops files") from None
+    data = skops.io.dumps(estimator)
+    copy = _load_skops(data, LoadOptions(trust=tuple(trust)))
+    return _export_checked(estimator, path, data, copy, "skops", sample, rows)
+
+
+def _export_checked(estimator, path, data, copy, kind, sample, rows):
+    """Write `data` (the serialised `estimator`, of which `copy` was loaded back) to `path` once every
+    prediction method the check rows reach answers identically on the copy."""
     inputs, count = _check_inputs(estimator, sample, rows)
     methods = []
     for method in PREDICT_METHODS:
@@ -8328,15 +8350,18 @@ def export_json_model(estimator, path, sample=None, rows=20):
         except Exception:  # the original refuses these rows for this method (e.g. hard voting's proba)
             continue
         if not _same_outputs(expected, getattr(copy, method)(inputs)):
-            raise ArtifactError(f"the JSON copy's {method} differs from the original's: not written")
+            raise ArtifactError(f"the {kind} copy's {method} differs from the original's: not written")
         methods.append(method)
     if not methods:
         raise ArtifactError("no prediction method of the model accepts the check rows: "
                             "give a sample of real inputs (--check SAMPLE.json)")
-    _write_json_document(text, path)
-    data = text.encode("utf-8")
+    _write_file(data, path)
     return {"path": os.fspath(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "rows": count, "methods": methods}
+
+
+# What `export` writes, by the destination's extension.
+EXPORT_FORMATS = {".json": export_json_model, ".skops": export_skops_model}
 
 
 def _check_inputs(estimator, sample, rows):
@@ -8361,13 +8386,14 @@ def _check_inputs(estimator, sample, rows):
 
 
 def export_command(argv):
-    """`model-service export SRC DST.json [--check SAMPLE.json]`; returns the exit code."""
+    """`model-service export SRC DST.json|DST.skops [--check SAMPLE.json]`; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog="model-service export",
-        description="Write a pickle or joblib artifact as a JSON model (loaded without running code), after "
-                    "checking that the JSON copy predicts exactly like the original.")
-    parser.add_argument("source", metavar="SRC", help="artifact to convert (.joblib, .pkl, .pickle or .json)")
-    parser.add_argument("destination", metavar="DST.json", help="JSON model to write (by write-then-rename)")
+        description="Write an artifact as a JSON model or a .skops file (both loaded without running code from "
+                    "the file), after checking that the copy predicts exactly like the original.")
+    parser.add_argument("source", metavar="SRC", help=f"artifact to convert ({', '.join(ARTIFACT_FORMATS)})")
+    parser.add_argument("destination", metavar="DST.json|DST.skops",
+                        help="JSON model or .skops file to write, by its extension (write-then-rename)")
     parser.add_argument("--check", metavar="SAMPLE.json",
                         help="inputs to compare on, as a predict request body (default: 20 made-up rows)")
     arguments = parser.parse_args(argv)
@@ -8377,8 +8403,11 @@ def export_command(argv):
         if arguments.check:
             with open(arguments.check, "rb") as handle:
                 sample = parse_json(handle.read(), max_depth=64, what=arguments.check)
+        export = EXPORT_FORMATS.get(os.path.splitext(arguments.destination)[1])
+        if export is None:
+            raise ArtifactError(f"{arguments.destination}: write .json or .skops")
         estimator = _read_artifact(arguments.source)
-        report = export_json_model(estimator, arguments.destination, sample)
+        report = export(estimator, arguments.destination, sample)
     except (ArtifactError, ServiceError, OSError) as error:
         print(f"model-service export: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
         return 1

@@ -94,3 +94,33 @@ def test_without_skops_installed_the_version_fails_saying_how_to_install_it(tmp_
             "try:\n    service.load_artifact(ref)\nexcept service.ArtifactError as error:\n    print(error)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert "pip install '.[skops]'" in done.stdout, done.stdout + done.stderr
+
+
+def test_export_writes_a_skops_file_that_the_store_serves_identically(tmp_path, iris, forest, make_client):
+    source = tmp_path / "forest.joblib"
+    import joblib
+    joblib.dump(forest, source)
+    os.makedirs(tmp_path / "store")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "service.py"), "export", str(source),
+                           str(tmp_path / "store" / "forest.skops")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "identical to the original" in done.stdout and "forest.skops" in done.stdout
+    answer = strict_json(make_client(tmp_path / "store").post_json("/models/forest/predict",
+                                                                 {"instances": ROWS, "method": "predict_proba"}))
+    assert answer["predictions"] == forest.predict_proba(np.array(ROWS)).tolist()
+
+
+def test_export_to_skops_refuses_a_type_the_store_would_not_load_unless_trusted(tmp_path, iris):
+    estimator = Threshold().fit(*iris)
+    with pytest.raises(service.ArtifactError, match="--trust test_skops_artifacts"):
+        service.export_skops_model(estimator, tmp_path / "mine.skops")
+    assert not (tmp_path / "mine.skops").exists()
+    report = service.export_skops_model(estimator, tmp_path / "mine.skops", trust=(__name__,))
+    assert report["methods"] == ["predict"] and (tmp_path / "mine.skops").exists()
+
+
+def test_export_to_another_extension_is_refused_with_one_line(tmp_path, forest):
+    source = write_skops(tmp_path / "forest.skops", forest)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "service.py"), "export", source,
+                           str(tmp_path / "forest.onnx")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "write .json or .skops" in done.stderr and done.stderr.count("\n") == 1

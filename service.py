@@ -47,6 +47,7 @@ listed here, and only at run time (tests/test_cli.py checks both rules)::
     JSON model format       models as data, and export: load_json_model, dump_json_model,
                             save_json_model, export_json_model, export_command
     Web console             the page GET / serves to browsers: CONSOLE_HTML, CONSOLE_CSP
+    Explanations            exact per-row contributions (TreeSHAP, linear): explain_model
 
     WSGI entry points       ``service:app``, and ``python service.py`` (after everything it needs)
 """
@@ -7665,6 +7666,563 @@ def _content_security_policy(page):
 
 
 CONSOLE_CSP = _content_security_policy(CONSOLE_HTML)
+
+
+###############################################################################
+# Explanations ################################################################
+###############################################################################
+# Per prediction, per model output: one contribution per input feature and an expected (base)
+# value that add up to the output, in the layout of shap's Explanation.values / base_values.
+# Exact, and needing no background data:
+#   trees, forests, extra trees   path-dependent TreeSHAP of predict_proba (classifiers) or predict,
+#   gradient boosting, histogram  the same of the raw margin (decision_function) or predict, computed from
+#     boosting                    the fitted trees' own node weights exactly as shap.TreeExplainer does
+#   linear models                 coef · (x - reference) per feature, of decision_function or predict
+#   pipelines in front of them    scikit-learn's own transform first; each transformed column's share
+#                                 goes to the input feature it came from (a one-hot block sums to its feature)
+# Anything else is a 501 naming the family.  The entry point is `explain_model`; an Explainer is
+# built once per loaded model, proved on probe rows (its expected value and contributions must add
+# up to the estimator's own answer), and each request's rows are checked the same way.
+#
+# TreeSHAP without a per-node Python loop.  For one leaf l, the path-dependent value of a set S of
+# features is v_l * prod_f (o_f if f in S else z_f) over the features f split on along l's path,
+# where o_f says whether the row satisfies every split on f there and z_f is the product of those
+# splits' cover fractions (w_child / w_parent).  Shapley weights are Beta integrals, so feature f
+# gets v_l * integral_0^1 r_f(t) P_l(t) dt, with M_f(t) = z_f + t (o_f - z_f), P_l = prod_f M_f and
+# r_f = (o_f - z_f) / M_f: a polynomial of degree below the depth, which Gauss-Legendre quadrature
+# on ceil(depth / 2) nodes integrates exactly.  Both factors live on the tree's edges: P_l is the
+# product over the path of M_e / M_prev(e) (prev(e): the edge above e splitting on the same feature,
+# so a repeated feature telescopes to its merged o and z), taken top-down one depth at a time; and
+# the sum of v_l P_l over the leaves below an edge, bottom-up.  Each edge e then adds, at every node
+# t_q, w_q (r_e - r_prev(e)) times that sum to its feature.  A row costs a few numpy passes over
+# (quadrature nodes x edges x outputs) for all trees at once; per model, each edge's merged interval
+# (lo, hi] on its feature, where NaN goes, and the factors of its three cases (row satisfies the
+# merged split; fails it here first; failed it above) are computed once.
+
+EXPLAIN_TABLE_CELLS = 1 << 23    # numbers a model's TreeSHAP tables may hold (64 MiB): a bigger ensemble is a 501
+EXPLAIN_CHUNK_CELLS = 1 << 17    # numbers one pass over a chunk of rows may hold (1 MiB: fresh pages cost more)
+EXPLAIN_TOLERANCE = 1e-9         # how closely expected value + contributions must equal the model's output
+_EXPLAIN_PROBES = 8              # random rows an Explainer is proved on when it is built (and again with NaN)
+_EXPLAIN_PROBE_SEED = 25         # the same probes at every build
+
+#: one fitted tree as TreeSHAP reads it; `value` holds each node's outputs, already scaled
+_Tree = collections.namedtuple("_Tree", "left right feature threshold missing_left weight value")
+
+
+class _NotExplained(Exception):
+    """Why a model's predictions cannot be explained exactly (the 501's reason)."""
+
+
+def _tree_layout(trees):
+    """The trees' nodes in one numbering: (columns by name, roots), each tree's nodes after the last's."""
+    import numpy as np
+
+    parts, offset = [], 0
+    for tree in trees:
+        count = len(tree.left)
+        internal = tree.left >= 0
+        inner = np.flatnonzero(internal)
+        parent, is_left = np.full(count, -1), np.zeros(count, dtype=bool)
+        parent[tree.left[inner]], parent[tree.right[inner]], is_left[tree.left[inner]] = inner, inner, True
+        depth, frontier, level = np.zeros(count, dtype=np.intp), np.zeros(1, dtype=np.intp), 0
+        while len(frontier):
+            depth[frontier] = level
+            frontier = frontier[internal[frontier]]
+            frontier, level = np.concatenate([tree.left[frontier], tree.right[frontier]]), level + 1
+        shift = lambda index: np.where(index >= 0, index + offset, -1)
+        parts.append({"parent": shift(parent), "left": shift(np.where(internal, tree.left, -1)),
+                      "right": shift(np.where(internal, tree.right, -1)), "is_left": is_left, "depth": depth,
+                      "internal": internal, "feature": tree.feature, "threshold": tree.threshold,
+                      "missing_left": tree.missing_left, "weight": tree.weight, "value": tree.value,
+                      "root": np.array([offset])})
+        offset += count
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def _edge_conditions(nodes):
+    """Per node, of the edge from its parent: the feature split on, and that feature's merged split along
+    the path down to it: the interval (lo, hi] a row's value must lie in, whether NaN follows it, the
+    product z of its cover fractions, and prev, the nearest edge above on the same feature (-1: none)."""
+    import numpy as np
+
+    parent, depth = nodes["parent"], nodes["depth"]
+    edge = parent >= 0
+    above = np.where(edge, parent, 0)
+    feature = np.where(edge, nodes["feature"][above], 0)
+    threshold = nodes["threshold"][above]
+    lo = np.where(edge & ~nodes["is_left"], threshold, -np.inf)
+    hi = np.where(edge & nodes["is_left"], threshold, np.inf)
+    nan_follows = np.where(edge, nodes["missing_left"][above] == nodes["is_left"], True)
+    weight = nodes["weight"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.nan_to_num(np.where(edge, weight / weight[above], 1.0), nan=0.0)
+    prev, ancestor = np.full(len(parent), -1), parent.copy()
+    for _ in range(int(depth.max())):                # walk up, one level for every node at once
+        found = (ancestor >= 0) & (prev < 0) & edge
+        found &= (parent[np.maximum(ancestor, 0)] >= 0) & (feature[np.maximum(ancestor, 0)] == feature)
+        prev[found] = ancestor[found]
+        ancestor = np.where(ancestor >= 0, parent[np.maximum(ancestor, 0)], -1)
+    for level in range(2, int(depth.max()) + 1):     # merge top-down: prev is always shallower
+        at = np.flatnonzero((depth == level) & (prev >= 0))
+        above = prev[at]
+        lo[at], hi[at] = np.maximum(lo[at], lo[above]), np.minimum(hi[at], hi[above])
+        nan_follows[at] &= nan_follows[above]
+        z[at] *= z[above]
+    return feature, lo, hi, nan_follows, z, prev
+
+
+def _expected_value(nodes):
+    """Each tree's root value as the weighted mean of its leaves (shap's compute_expectations), summed."""
+    import numpy as np
+
+    value, weight, depth = nodes["value"].astype(np.float64), nodes["weight"], nodes["depth"]
+    left, right = nodes["left"], nodes["right"]
+    for level in range(int(depth.max()) - 1, -1, -1):
+        at = np.flatnonzero((depth == level) & nodes["internal"])
+        left_weight, right_weight = weight[left[at]][:, None], weight[right[at]][:, None]
+        total = left_weight + right_weight
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = (left_weight * value[left[at]] + right_weight * value[right[at]]) / total
+        value[at] = np.where(total == 0, 0.0, mean)
+    return value[nodes["root"]].sum(axis=0)
+
+
+class _TreeShap:
+    """Path-dependent TreeSHAP of a group of trees whose leaf values add up to the outputs (see above).
+
+    The nodes are laid out internal ones first, by depth (roots first), then the leaves, so each
+    depth is one slice; an edge is a node other than a root, numbered by its position minus the
+    number of roots.  `float32`: the model compares its inputs as float32 (scikit-learn's trees).
+    """
+
+    def __init__(self, trees, n_features, float32=False, base=0.0):
+        import numpy as np
+        import scipy.sparse
+
+        nodes = _tree_layout(trees)
+        feature, lo, hi, nan_follows, z, prev = _edge_conditions(nodes)
+        depth, internal = nodes["depth"], nodes["internal"]
+        order = np.argsort(np.where(internal, depth, depth.max() + 1), kind="stable")
+        where = np.empty(len(order), dtype=np.intp)
+        where[order] = np.arange(len(order))
+        self.roots, self.internal, self.nodes = len(nodes["root"]), int(internal.sum()), len(order)
+        self.edges = self.nodes - self.roots
+        self.quadrature = max(1, (int(depth.max()) + 1) // 2)
+        if 6 * self.quadrature * self.edges > EXPLAIN_TABLE_CELLS:
+            raise _NotExplained(f"its {len(trees)} trees of {self.nodes} nodes, depth {int(depth.max())}, "
+                                f"are too large to explain within {EXPLAIN_TABLE_CELLS * 8 >> 20} MiB")
+        self.n_features, self.float32 = n_features, float32
+        self.expected = _expected_value(nodes) + base
+        self.width = self.expected.shape[0]
+        edge_nodes = order[self.roots:]
+        self.feature, self.lo, self.hi, self.nan_follows = (feature[edge_nodes], lo[edge_nodes], hi[edge_nodes],
+                                                            nan_follows[edge_nodes])
+        has_prev = prev[edge_nodes] >= 0
+        self.prev = np.where(has_prev, where[np.maximum(prev[edge_nodes], 0)] - self.roots, 0)
+        self.no_prev, self.edge_index = ~has_prev, np.arange(self.edges)
+        self.ratio, self.step = self._tables(z[edge_nodes], np.where(has_prev, z[np.maximum(prev[edge_nodes], 0)],
+                                                                     1.0), has_prev)
+        self.parent = where[np.maximum(nodes["parent"][order], 0)]
+        self.left = where[np.maximum(nodes["left"][order[:self.internal]], 0)]
+        self.right = where[np.maximum(nodes["right"][order[:self.internal]], 0)]
+        starts = list(np.searchsorted(depth[order[:self.internal]], np.arange(int(depth.max()) + 1)))
+        self.levels = [(int(s), int(e)) for s, e in zip(starts, starts[1:] + [self.internal]) if e > s]
+        self.leaf_values = np.ascontiguousarray(nodes["value"][order[self.internal:]].T, dtype=np.float64)
+        self.incidence = scipy.sparse.csr_matrix((np.ones(self.edges), (self.feature, self.edge_index)),
+                                                 shape=(n_features, self.edges))
+
+    def _tables(self, z, z_prev, has_prev):
+        """(ratio, step): per quadrature node, for each edge's three cases (0: the row satisfies its merged
+        split; 1: fails it at this edge; 2: failed it above), M_e / M_prev and w_q (r_e - r_prev)."""
+        import numpy as np
+
+        x, w = np.polynomial.legendre.leggauss(self.quadrature)
+        t, w = (x[:, None] + 1) / 2, w[:, None] / 2
+        hot, cold = lambda zz: t + (1 - t) * zz, lambda zz: (1 - t) * zz
+        with np.errstate(divide="ignore", invalid="ignore"):
+            hot_prev = np.where(has_prev, hot(z_prev), 1.0)
+            ratio = np.stack([hot(z) / hot_prev, cold(z) / hot_prev, cold(z) / cold(z_prev)], axis=1)
+            r_hot, r_cold = lambda zz: (1 - zz) / hot(zz), -1 / (1 - t)
+            r_prev = np.where(has_prev, r_hot(z_prev), 0.0)
+            step = np.stack([r_hot(z) - r_prev, r_cold - r_prev, np.zeros_like(ratio[:, 0])], axis=1) * w[:, None]
+        # 0/0 only below a zero-weight edge the row fails, where the product is already 0
+        ratio = np.nan_to_num(ratio, nan=0.0, posinf=0.0)
+        return ratio.reshape(self.quadrature, -1), step.reshape(self.quadrature, -1)
+
+    def contributions(self, X):
+        """(rows, n_features, outputs) for the float64 rows X, in chunks that bound the temporaries."""
+        import numpy as np
+
+        chunk = max(1, EXPLAIN_CHUNK_CELLS // (self.quadrature * self.nodes * (self.width + 2)))
+        parts = [self._chunk(X[start:start + chunk]) for start in range(0, len(X), chunk)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _chunk(self, X):
+        import numpy as np
+
+        n, roots, internal, edges = len(X), self.roots, self.internal, self.edges
+        if self.float32:       # compared as scikit-learn compares: float32 (1e300 is infinite there) against float64
+            with np.errstate(over="ignore"):
+                X = X.astype(np.float32).astype(np.float64)
+        values = X[:, self.feature]
+        satisfied = (values > self.lo) & (values <= self.hi)
+        missing = np.isnan(values)
+        if missing.any():
+            satisfied |= missing & self.nan_follows
+        satisfied_above = satisfied[:, self.prev] | self.no_prev
+        case = (2 - satisfied - satisfied_above) * edges + self.edge_index          # (rows, edges)
+        ratio = np.take(self.ratio, case, axis=1)                                     # (q, rows, edges)
+        above = np.empty((self.quadrature, n, internal))                # product of the ratios down to each node
+        above[:, :, :roots] = 1.0
+        for start, end in self.levels[1:]:
+            np.multiply(np.take(above, self.parent[start:end], axis=2), ratio[:, :, start - roots:end - roots],
+                        out=above[:, :, start:end])
+        below = np.empty((self.quadrature, self.width, n, self.nodes))   # sum of v_l P_l over the leaves below
+        leaf_products = np.take(above, self.parent[internal:], axis=2) * ratio[:, :, internal - roots:]
+        np.multiply(leaf_products[:, None], self.leaf_values[None, :, None, :], out=below[..., internal:])
+        for start, end in self.levels[::-1]:
+            np.add(np.take(below, self.left[start:end], axis=3), np.take(below, self.right[start:end], axis=3),
+                   out=below[..., start:end])
+        step = np.take(self.step, case, axis=1)
+        per_edge = (step[:, None] * below[..., roots:]).sum(axis=0)                  # (outputs, rows, edges)
+        summed = self.incidence @ per_edge.reshape(self.width * n, edges).T           # (features, outputs * rows)
+        return np.asarray(summed).reshape(self.n_features, self.width, n).transpose(2, 0, 1)
+
+
+def _sklearn_tree(tree, scale, normalize=False):
+    """A scikit-learn Tree as TreeSHAP reads it: values (per class as fractions when `normalize`) times `scale`."""
+    import numpy as np
+
+    value = tree.value.reshape(tree.node_count, -1).astype(np.float64)
+    if normalize:
+        total = value.sum(axis=1, keepdims=True)
+        value = value / np.where(total == 0, 1.0, total)
+    missing_left = getattr(tree, "missing_go_to_left", None)
+    return _Tree(tree.children_left.astype(np.intp), tree.children_right.astype(np.intp),
+                 tree.feature.astype(np.intp), tree.threshold.astype(np.float64),
+                 np.zeros(tree.node_count, dtype=bool) if missing_left is None else missing_left.astype(bool),
+                 tree.weighted_n_node_samples.astype(np.float64), value * scale)
+
+
+def _histogram_tree(predictor):
+    """A histogram boosting predictor's nodes as TreeSHAP reads them: their `count` is the cover (as in shap)."""
+    import numpy as np
+
+    nodes = predictor.nodes
+    if nodes["is_categorical"].any():
+        raise _NotExplained("its categorical features split on sets of categories, which are not explained here")
+    leaf = nodes["is_leaf"].astype(bool)
+    return _Tree(np.where(leaf, -1, nodes["left"].astype(np.intp)), np.where(leaf, -1, nodes["right"].astype(np.intp)),
+                 nodes["feature_idx"].astype(np.intp), nodes["num_threshold"].astype(np.float64),
+                 nodes["missing_go_to_left"].astype(bool), nodes["count"].astype(np.float64),
+                 nodes["value"].astype(np.float64)[:, None])
+
+
+#: what an Explainer explains: the estimator's method, in words, and the names of its outputs
+_Explained = collections.namedtuple("_Explained", "method output output_names")
+
+
+def _class_outputs(estimator, method):
+    """_Explained for a classifier's method: one output per class, or the positive class's margin alone."""
+    classes = [str(label) for label in to_jsonable(estimator.classes_)]
+    if method == "predict_proba":
+        return _Explained(method, "probability", classes)
+    return _Explained(method, "raw margin", classes[1:] if len(classes) == 2 else classes)
+
+
+def _regression_outputs(width):
+    return _Explained("predict", "prediction", ["predict"] if width == 1 else [f"predict[{i}]" for i in
+                                                                                  range(width)])
+
+
+def _forest(estimator, n_features, reference=None):
+    """Trees and forests: ([_TreeShap], _Explained); classifiers' trees give class fractions, averaged."""
+    members = getattr(estimator, "estimators_", None) or [estimator]
+    if getattr(estimator, "n_outputs_", 1) != 1 and hasattr(estimator, "classes_"):
+        raise _NotExplained("it is a multi-output classifier")
+    classifier = hasattr(estimator, "classes_")
+    trees = [_sklearn_tree(member.tree_, 1.0 / len(members), normalize=classifier) for member in members]
+    explained = _class_outputs(estimator, "predict_proba") if classifier else \
+        _regression_outputs(trees[0].value.shape[1])
+    return [_TreeShap(trees, n_features, float32=True)], explained
+
+
+def _gradient_boosting(estimator, n_features, reference=None):
+    """GradientBoosting*: one TreeSHAP per output (the column of estimators_), its init's raw value as base."""
+    import numpy as np
+    from sklearn.dummy import DummyClassifier, DummyRegressor
+
+    init = estimator.init_
+    if not (isinstance(init, str) and init == "zero") and type(init) not in (DummyClassifier, DummyRegressor):
+        raise _NotExplained(f"its init estimator {type(init).__name__} makes the base value depend on the row")
+    base = np.asarray(estimator._raw_predict_init(np.zeros((1, n_features), dtype=np.float32)))[0]
+    groups = [_TreeShap([_sklearn_tree(tree.tree_, estimator.learning_rate) for tree in column], n_features,
+                        float32=True, base=base[k]) for k, column in enumerate(estimator.estimators_.T)]
+    classifier = hasattr(estimator, "classes_")
+    return groups, _class_outputs(estimator, "decision_function") if classifier else _regression_outputs(1)
+
+
+def _hist_gradient_boosting(estimator, n_features, reference=None):
+    """HistGradientBoosting*: one TreeSHAP per output, the baseline prediction as base."""
+    import numpy as np
+
+    if getattr(estimator, "_preprocessor", None) is not None:
+        raise _NotExplained("its categorical features split on sets of categories, which are not explained here")
+    base = np.asarray(estimator._baseline_prediction, dtype=np.float64).reshape(-1)
+    groups = [_TreeShap([_histogram_tree(iteration[k]) for iteration in estimator._predictors], n_features,
+                        base=base[k]) for k in range(estimator.n_trees_per_iteration_)]
+    classifier = hasattr(estimator, "classes_")
+    return groups, _class_outputs(estimator, "decision_function") if classifier else _regression_outputs(1)
+
+
+@functools.cache
+def _explained_families():
+    """{estimator class: builder(estimator, width, reference) -> ([parts], _Explained)}: exact classes only, so a
+    subclass's own predictions are never explained as its parent's.  A part (a _TreeShap or a _Linear) has
+    `expected`, `width` and `contributions(Z)`; the parts' outputs are side by side."""
+    from sklearn import ensemble, linear_model, svm, tree
+
+    families = {
+        _forest: (tree.DecisionTreeClassifier, tree.DecisionTreeRegressor, tree.ExtraTreeClassifier,
+                  tree.ExtraTreeRegressor, ensemble.RandomForestClassifier, ensemble.RandomForestRegressor,
+                  ensemble.ExtraTreesClassifier, ensemble.ExtraTreesRegressor),
+        _gradient_boosting: (ensemble.GradientBoostingClassifier, ensemble.GradientBoostingRegressor),
+        _hist_gradient_boosting: (ensemble.HistGradientBoostingClassifier, ensemble.HistGradientBoostingRegressor),
+        _linear: (linear_model.LinearRegression, linear_model.Ridge, linear_model.RidgeCV, linear_model.Lasso,
+                  linear_model.LassoCV, linear_model.ElasticNet, linear_model.ElasticNetCV, linear_model.Lars,
+                  linear_model.LassoLars, linear_model.BayesianRidge, linear_model.ARDRegression,
+                  linear_model.HuberRegressor, linear_model.QuantileRegressor, linear_model.SGDRegressor,
+                  svm.LinearSVR, linear_model.LogisticRegression, linear_model.LogisticRegressionCV,
+                  linear_model.RidgeClassifier, linear_model.RidgeClassifierCV, linear_model.SGDClassifier,
+                  linear_model.Perceptron, svm.LinearSVC),
+    }
+    return {cls: builder for builder, classes in families.items() for cls in classes}
+
+
+class _Linear:
+    """coef · (z - reference) for the rows z a linear model takes; the expected value is its output at the
+    reference.  Proved: the model's own method must answer z @ coef.T + intercept."""
+
+    def __init__(self, estimator, reference):
+        import numpy as np
+
+        coef = np.asarray(estimator.coef_, dtype=np.float64)
+        self.coef = coef.reshape(-1, coef.shape[-1])                            # (outputs, features)
+        intercept = np.asarray(estimator.intercept_, dtype=np.float64).reshape(-1)
+        self.reference = np.zeros(self.coef.shape[1]) if reference is None else reference
+        self.expected = self.coef @ self.reference + np.broadcast_to(intercept, self.coef.shape[:1])
+        self.width = len(self.expected)
+
+    def contributions(self, Z):
+        return (Z - self.reference)[:, :, None] * self.coef.T[None]
+
+
+def _linear(estimator, n_features, reference=None):
+    explained = _class_outputs(estimator, "decision_function") if hasattr(estimator, "classes_") else \
+        _regression_outputs(1 if getattr(estimator, "coef_").ndim == 1 else estimator.coef_.shape[0])
+    return [_Linear(estimator, reference)], explained
+
+
+def _split_pipeline(estimator, n_features):
+    """(final estimator, the transform of the steps before it or None, owners or None): owners[j] is the input
+    column that column j of the transformed rows comes from."""
+    import numpy as np
+    from sklearn.pipeline import Pipeline
+
+    if type(estimator) is not Pipeline:
+        return estimator, None, None
+    owners = np.arange(n_features)
+    for _, step in estimator.steps[:-1]:
+        owners = owners[_column_owners(step, len(owners))]
+    return estimator.steps[-1][1], estimator[:-1].transform, owners
+
+
+def _column_owners(step, width):
+    """For each column a fitted transformer answers, the index of the input column (of `width`) it comes from."""
+    import numpy as np
+    from sklearn import compose, impute, pipeline, preprocessing
+
+    same, kind = np.arange(width), type(step)
+    if step is None or (isinstance(step, str) and step == "passthrough") or kind in (
+            preprocessing.StandardScaler, preprocessing.MinMaxScaler, preprocessing.MaxAbsScaler,
+            preprocessing.RobustScaler, preprocessing.OrdinalEncoder) or (
+            kind is preprocessing.FunctionTransformer and step.func is None):
+        return same
+    if kind is preprocessing.OneHotEncoder:
+        return np.repeat(same, step._n_features_outs)
+    if kind is preprocessing.KBinsDiscretizer:
+        return same if step.encode == "ordinal" else np.repeat(same, step.n_bins_)
+    if kind is impute.SimpleImputer:
+        dropped = np.array([value != value for value in step.statistics_], dtype=bool)   # NaN: an empty column
+        kept = same if step.keep_empty_features or step.strategy == "constant" else same[~dropped]
+        return np.concatenate([kept, step.indicator_.features_]) if step.add_indicator else kept
+    if kind is pipeline.Pipeline:
+        for _, inner in step.steps:
+            same = same[_column_owners(inner, len(same))]
+        return same
+    if kind is compose.ColumnTransformer:
+        blocks = []
+        for name, transformer, _ in step.transformers_:
+            columns = step.output_indices_[name]
+            if columns.stop > columns.start:
+                inputs = np.asarray(step._transformer_to_input_indices[name], dtype=np.intp)
+                blocks.append((columns.start, inputs[_column_owners(transformer, len(inputs))]))
+        return np.concatenate([owners for _, owners in sorted(blocks, key=lambda block: block[0])] or
+                              [np.zeros(0, dtype=np.intp)])
+    raise _NotExplained(f"its step {kind.__name__} mixes its input columns (each column must come from one)")
+
+
+def _outputs_matrix(outputs):
+    """A method's answer as (rows, outputs) float64: a 1-D answer is one output."""
+    import numpy as np
+
+    outputs = np.asarray(outputs, dtype=np.float64)
+    return outputs[:, None] if outputs.ndim == 1 else outputs
+
+
+def _adds_up(expected, contributions, outputs):
+    """Whether expected value + contributions equal the outputs in every row, to EXPLAIN_TOLERANCE (relative
+    beyond 1)."""
+    import numpy as np
+
+    total = expected + contributions.sum(axis=1)
+    return total.shape == outputs.shape and bool(
+        (np.abs(total - outputs) <= EXPLAIN_TOLERANCE * np.maximum(1.0, np.abs(outputs))).all())
+
+
+class Explainer:
+    """How one fitted estimator's predictions are explained (see "Explanations"); built once per model.
+
+    `n_features`: the width of the rows it takes, named `feature_names` (default x0, x1, ...).
+    `reference`: one row as the model takes it, from which a linear model's contributions are
+    measured; without one, from the zero of its final estimator's inputs, which is the training
+    mean of the features a StandardScaler standardizes.  Trees need none: path-dependent TreeSHAP
+    weighs each split by the training rows that reached it.  Raises _NotExplained, saying why.
+    """
+
+    def __init__(self, estimator, n_features, feature_names=None, reference=None):
+        self.n_features = n_features
+        self.feature_names = [str(name) for name in feature_names] if feature_names is not None else \
+            [f"x{i}" for i in range(n_features)]
+        steps = getattr(estimator, "steps", None)
+        self.family = type(estimator).__name__ if not steps else f"a Pipeline ending in {type(steps[-1][1]).__name__}"
+        try:
+            self._build(estimator, reference)
+        except _NotExplained as why:
+            raise _NotExplained(f"{self.family}: {why}") from None
+
+    def _build(self, estimator, reference):
+        import numpy as np
+
+        final, self._transform, self._owners = _split_pipeline(estimator, self.n_features)
+        builder = _explained_families().get(type(final))
+        if builder is None:
+            raise _NotExplained("not a family explained exactly here (trees, forests, gradient and histogram "
+                                "boosting, linear models, and pipelines of scalers, imputers and encoders in "
+                                "front of them)")
+        width = self.n_features if self._owners is None else len(self._owners)
+        self._parts, self.explained = builder(final, width, None if reference is None else self._rows(reference)[0])
+        self.expected = np.concatenate([part.expected for part in self._parts])
+        self._prove(final, width)
+
+    def explain(self, X):
+        """(expected value per output, contributions (rows, features, outputs)) for the rows X the model takes."""
+        import numpy as np
+
+        contributions = self._contributions(self._rows(X))
+        if self._owners is None:
+            return self.expected, contributions
+        summed = np.zeros((len(contributions), self.n_features, contributions.shape[2]))
+        np.add.at(summed, (slice(None), self._owners), contributions)       # a one-hot block sums to its feature
+        return self.expected, summed
+
+    def _contributions(self, Z):
+        import numpy as np
+
+        return np.concatenate([part.contributions(Z) for part in self._parts], axis=2)
+
+    def _rows(self, X):
+        """The rows the final estimator takes (transformed by the steps before it), as dense float64."""
+        import numpy as np
+
+        Z = X if self._transform is None else self._transform(X)
+        Z = np.asarray(Z.toarray() if hasattr(Z, "toarray") else Z, dtype=np.float64)
+        if self._owners is not None and Z.shape[1] != len(self._owners):
+            raise _NotExplained(f"its steps answer {Z.shape[1]} columns where {len(self._owners)} were traced")
+        return Z
+
+    def _prove(self, final, width):
+        """Refuse unless, on probe rows, expected value + contributions equal the final estimator's own answers."""
+        import numpy as np
+
+        rng = np.random.default_rng(_EXPLAIN_PROBE_SEED)
+        rows = rng.normal(size=(_EXPLAIN_PROBES, width)) * 3
+        trees = [part for part in self._parts if isinstance(part, _TreeShap)]
+        if trees:                             # values at the trees' thresholds, where a path could go either way
+            features = np.concatenate([part.feature for part in trees])
+            splits = np.concatenate([np.where(np.isfinite(part.hi), part.hi, part.lo) for part in trees])
+            for feature in np.unique(features):
+                finite = splits[(features == feature) & np.isfinite(splits)]      # a split on NaN alone is at inf
+                if len(finite):
+                    rows[:, feature] = rng.choice(finite, size=len(rows))
+            rows *= 1 + rng.choice([-1e-7, 0.0, 1e-7], size=rows.shape)
+        missing = np.where(rng.random(rows.shape) < 0.2, np.nan, rows)
+        for probe in (rows, missing):
+            try:
+                outputs = _outputs_matrix(getattr(final, self.explained.method)(probe))
+            except ValueError:                # NaN, which the model refuses: nothing to prove there
+                continue
+            if not _adds_up(self.expected, self._contributions(probe), outputs):
+                raise _NotExplained(f"its explanation does not add up to its own {self.explained.method} on "
+                                    "probe rows")
+
+
+_explainers = weakref.WeakKeyDictionary()     # LoadedModel -> (its reference as JSON, Explainer or _NotExplained)
+_explainers_lock = threading.Lock()
+
+
+def explain_model(model, inputs, reference=None):
+    """The "explanations" of a LoadedModel's answer for `inputs` (rows as model_inputs makes them).
+
+    The rows are answered by the model's own method first, so they are refused exactly as a
+    prediction would be, and the explanation must add up to that answer in every row (else a
+    500: our fault).  `reference`: model-settings.json's "explain" reference row, as a request
+    would send it.  A model that cannot be explained exactly is a 501 naming its family and why.
+    """
+    explainer = _explainer(model, reference)
+    outputs = _outputs_matrix(model.call(explainer.explained.method, inputs))
+    expected, contributions = explainer.explain(inputs)
+    if not _adds_up(expected, contributions, outputs):
+        raise ServiceError("the explanation does not add up to the model's answer", model=model.name)
+    method, output, output_names = explainer.explained
+    return {"method": method, "output": output, "expected_value": to_jsonable(expected),
+            "contributions": to_jsonable(contributions), "feature_names": explainer.feature_names,
+            "output_names": output_names}
+
+
+def _explainer(model, reference):
+    """The model's Explainer, built at its first explanation (and again when its reference changes)."""
+    key = json.dumps(reference, sort_keys=True)
+    with _explainers_lock:
+        cached = _explainers.get(model)
+        if cached is None or cached[0] != key:
+            cached = _explainers[model] = (key, _build_explainer(model, reference))
+    if isinstance(cached[1], _NotExplained):
+        raise NotImplementedHere(f"model {model.name!r} cannot be explained exactly: {cached[1]}", model=model.name)
+    return cached[1]
+
+
+def _build_explainer(model, reference):
+    if model.n_features is None:
+        return _NotExplained(f"{type(model.estimator).__name__} does not take tabular rows")
+    try:
+        rows = None if reference is None else model_inputs(model, [reference], 1)
+    except BadRequest as error:           # the settings file's fault, not the caller's
+        raise ServiceError(f'model-settings.json "explain" reference: {error.message}', model=model.name) from None
+    try:
+        return Explainer(model.estimator, model.n_features, model.feature_names, rows)
+    except _NotExplained as error:
+        return error
 
 
 ###############################################################################

@@ -969,7 +969,9 @@ class ModelSettings:
          "redact": ["ssn", "income"],              features the payload log never writes
          "shadow": "canary",                    each request also runs, in the background, on this label or version
          "native": false,                       scikit-learn answers everything (see "Native predictors")
-         "warmup": [[5.1, 3.5, 1.4, 0.2]]}      rows (lists, records or texts) every method runs once at load
+         "warmup": [[5.1, 3.5, 1.4, 0.2]],      rows (lists, records or texts) every method runs once at load
+         "explain": {"reference": [5.8, 3.0, 4.4, 1.3]}}   the row (or record) a linear model's
+                                                explanations are measured from (see "Explanations")
 
     Every key is optional ("latest": only the highest version serves).  Labels must
     name served versions.  Unknown keys are refused, so a typo never passes silently.
@@ -980,7 +982,7 @@ class ModelSettings:
 
     MAX_BYTES = 64 * 1024
     KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact", "shadow",
-            "native", "warmup")
+            "native", "warmup", "explain")
     MAX_WARMUP_ROWS = 100
 
     def __init__(self, policy="latest", count=1, versions=(), labels=None, safe_pickle=False, sha256=None,
@@ -991,6 +993,7 @@ class ModelSettings:
         self.shadow = None                      # label (str) or version (int) shadowing every request
         self.native = native                    # False: no native predictor, whatever --native says
         self.warmup = None                      # rows to warm a loaded version on; None: derived (see _warm)
+        self.explain_reference = None           # the row linear explanations are measured from; None: see Explainer
         self.policy, self.count, self.versions = policy, count, tuple(versions)
         self.labels = dict(labels or {})
         self.safe_pickle = safe_pickle
@@ -1060,7 +1063,19 @@ class ModelSettings:
         if type(settings.native) is not bool:
             raise ValueError('"native" must be true or false')
         settings.warmup = cls._warmup(document.get("warmup"))
+        settings.explain_reference = cls._explain_reference(document.get("explain"))
         return settings
+
+    @staticmethod
+    def _explain_reference(explain):
+        """The "explain" object's reference row: a list of values or a record by feature name, as a request sends."""
+        if explain is None:
+            return None
+        if not isinstance(explain, dict) or set(explain) != {"reference"} or \
+                not isinstance(explain["reference"], (list, dict)) or not explain["reference"]:
+            raise ValueError('"explain" must be {"reference": row}, the row (or record) linear explanations are '
+                             'measured from, e.g. {"reference": [5.8, 3.0, 4.4, 1.3]}')
+        return explain["reference"]
 
     @classmethod
     def _warmup(cls, rows):
@@ -1151,7 +1166,8 @@ class ModelSettings:
                 "traffic": {str(target): weight for target, weight in self.traffic.items()},
                 "redact": sorted(self.redact),
                 "shadow": None if self.shadow is None else str(self.shadow),
-                "native": self.native, "warmup": self.warmup}
+                "native": self.native, "warmup": self.warmup,
+                "explain": None if self.explain_reference is None else {"reference": self.explain_reference}}
 
 
 DEFAULT_SETTINGS = ModelSettings()

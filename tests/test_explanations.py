@@ -368,3 +368,23 @@ def test_explaining_warns_of_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         service.Explainer(model, 4).explain(np.array([[0.0, np.inf, -1e300, 2.0], [1.0, 2.0, 3.0, 4.0]]))
+
+
+###############################################################################
+# model-settings.json: "explain"
+###############################################################################
+
+
+@pytest.mark.parametrize("reference", [[5.8, 3.0, 4.4, 1.3], {"sepal_length": 5.8, "colour": "red"}])
+def test_settings_name_the_reference_row(reference):
+    settings = service.ModelSettings.parse({"explain": {"reference": reference}})
+    assert settings.explain_reference == reference
+    assert settings.describe()["explain"] == {"reference": reference}
+    assert service.ModelSettings.parse({}).describe()["explain"] is None
+
+
+@pytest.mark.parametrize("explain", [[1, 2], {"reference": []}, {"reference": 5}, {"row": [1, 2]},
+                                     {"reference": [1], "other": 2}])
+def test_settings_refuse_an_explain_that_is_no_reference_row(explain):
+    with pytest.raises(ValueError, match=r'"explain" must be \{"reference": row\}'):
+        service.ModelSettings.parse({"explain": explain})

@@ -37,6 +37,7 @@ path in the order data flows; each of its sections uses only what is above it::
     OpenAPI                 /openapi.json from the route table
     Serving                 waitress (drained on exit) or gunicorn workers
     Replay                  ``python service.py replay``: a payload log scored again
+    Drift                   ``python service.py drift`` and ``profile``: a payload log against training data
     Command line            ``python service.py``
 
 Part II holds the appendices, which Part I reaches only through the entry points
@@ -752,6 +753,7 @@ Config = dataclasses.make_dataclass(
 # the catalogue {name: {version: ArtifactRef}} and logs what it skipped.
 
 SETTINGS_FILE = "model-settings.json"
+PROFILE_FILE = "reference-profile.json"                          # beside the settings: see "Drift"
 SHA256SUMS_FILE = "SHA256SUMS"                                    # at the store root, as `sha256sum` writes it
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _SHA256SUMS_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")      # "<hex>  <path>", or "<hex> *<path>" (binary)
@@ -900,6 +902,8 @@ class ModelStore:
                 settings = self._file(folder.name, 0, entry, ".json")
                 if settings:
                     self.settings_files[folder.name] = settings
+                continue
+            if entry.name == PROFILE_FILE and not _is_dir(entry):
                 continue
             if not _is_dir(entry) or not VERSION.fullmatch(entry.name):
                 self._warn("skipping %s: versions are folders named by a positive integer, "
@@ -5424,6 +5428,541 @@ def replay_command(argv):
 
 
 ###############################################################################
+# Drift #######################################################################
+###############################################################################
+# `python service.py drift LOG... --model NAME`: how the rows a model was asked about (its payload
+# log, read as replay reads it) compare with the rows it was trained on, feature by feature, and how
+# its logged predictions compare with its predictions on those rows.  Numeric features get the
+# two-sample Kolmogorov-Smirnov test and the Wasserstein distance, categorical ones (text values)
+# the chi-squared test of the two samples' counts and the Jensen-Shannon distance; both the
+# population stability index (PSI) over the reference's deciles or categories.  A feature drifts
+# when its p-value is below --p-value divided by the number of tests (Bonferroni, the correction
+# alibi-detect's TabularDrift applies by default).  Missing values (null, NaN, redacted) are counted
+# and left out of the tests.
+#
+# The reference is a training file (CSV, JSON lines, Parquet where pandas and pyarrow are installed)
+# or a profile of one that `python service.py profile TRAIN --model NAME` stores beside the model
+# (PROFILE_FILE in its folder): per numeric feature at most PROFILE_SAMPLE of its sorted values
+# (evenly spaced quantiles of a larger sample, so a test's reference size is at most that), per
+# categorical feature its counts, and the model's predictions on it the same way.
+
+PROFILE_SAMPLE = 2000           # values kept per numeric column of a reference profile
+DRIFT_MAX_ROWS = 100_000        # logged rows compared at most: a uniform sample of them beyond
+DRIFT_SEED = 16                 # the sample of a larger log is the same at every run
+PSI_FLOOR = 1e-4                # a bin's share where it holds nothing, as Evidently's PSI takes it
+
+
+def _cell(text):
+    """A CSV field as JSON would hold it: a number where it spells one, None where empty or NaN, else text."""
+    if text == "":
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return None if math.isnan(number) else number
+
+
+def read_table(path):
+    """(column names or None, rows as lists) of a .csv (with a header), .jsonl (a row or a record per line) or
+    .parquet file (with pandas and pyarrow); ValueError says what is wrong, in one line."""
+    import csv
+
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".parquet":
+        try:
+            import pandas
+
+            frame = pandas.read_parquet(path)
+        except ImportError:
+            raise ValueError(f"{path}: reading Parquet needs pandas and pyarrow (pip install pandas pyarrow); "
+                             "or give the reference as .csv or .jsonl") from None
+        frame = frame.astype(object).where(frame.notna(), None)
+        return [str(name) for name in frame.columns], frame.to_numpy().tolist()
+    if extension == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            lines = list(csv.reader(handle))
+        if not lines:
+            raise ValueError(f"{path}: empty; a CSV reference starts with a header of feature names")
+        return lines[0], [[_cell(text) for text in line] for line in lines[1:] if line]
+    if extension in (".jsonl", ".ndjson"):
+        return _read_json_lines(path)
+    raise ValueError(f"{path}: a reference is a .csv, .jsonl or .parquet file, or a {PROFILE_FILE}")
+
+
+def _read_json_lines(path):
+    names, rows = None, []
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            value = parse_json(line, max_depth=8, what=f"{path}:{number}")
+            if isinstance(value, dict):
+                names = names or list(value)
+                rows.append(value)
+            elif isinstance(value, list):
+                rows.append(value)
+            else:
+                raise ValueError(f"{path}:{number}: each line holds a row (a list) or a record (an object)")
+    if names is not None:
+        rows = [[row.get(name) if isinstance(row, dict) else None for name in names] for row in rows]
+    return names, rows
+
+
+def _model_columns(names, rows, features, n_features, where):
+    """The rows' columns in the model's feature order: by name where the model has names, else the first
+    n_features columns."""
+    if features:
+        missing = [feature for feature in features if feature not in (names or ())]
+        if missing:
+            raise ValueError(f"{where} has no column {missing[0]!r} (the model takes {', '.join(features)})")
+        index = [names.index(feature) for feature in features]
+    else:
+        index = list(range(n_features))
+    if any(len(row) < len(index) for row in rows):
+        raise ValueError(f"{where}: a row has fewer than the model's {len(index)} features")
+    return [[row[i] for row in rows] for i in index]
+
+
+def _missing(value):
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def profile_column(values, kind=None):
+    """A column summarised for drift tests: {"kind", "count", "missing"} with, when numeric, "values" (sorted,
+    at most PROFILE_SAMPLE of them: the column's quantiles) or, when categorical, "counts" by value."""
+    present = [value for value in values if not _missing(value)]
+    if kind is None:
+        kind = "categorical" if any(isinstance(value, (str, bool)) for value in present) else "numeric"
+    column = {"kind": kind, "count": len(values), "missing": len(values) - len(present)}
+    if kind == "categorical":
+        column["counts"] = dict(collections.Counter(str(value) for value in present).most_common())
+        return column
+    present.sort()
+    if len(present) > PROFILE_SAMPLE:
+        last = len(present) - 1
+        present = [present[round(i * last / (PROFILE_SAMPLE - 1))] for i in range(PROFILE_SAMPLE)]
+    column["values"] = [float(value) for value in present]
+    return column
+
+
+def _predictions(model, rows):
+    """The model's `predict` on reference rows (by model_inputs, in batches), or None when it has none."""
+    if "predict" not in model.methods:
+        return None
+    answers = []
+    for start in range(0, len(rows), 10_000):
+        inputs = model_inputs(model, rows[start:start + 10_000], 10_000)
+        answers.extend(to_jsonable(model.call("predict", inputs)))
+    return None if any(isinstance(answer, list) for answer in answers) else answers
+
+
+def build_profile(model, names, rows, source):
+    """The reference profile of training rows for a loaded model (what PROFILE_FILE holds)."""
+    columns = _model_columns(names, rows, model.feature_names, model.n_features, source)
+    predictions = _predictions(model, [list(row) for row in zip(*columns)])
+    kind = "categorical" if model.classes is not None else None
+    return {"model": model.name, "version": model.version, "source": os.path.basename(source), "rows": len(rows),
+            "features": [{"name": name, **profile_column(column)} for name, column in
+                         zip(model.feature_names or [f"x{i}" for i in range(len(columns))], columns)],
+            "prediction": None if predictions is None else profile_column(predictions, kind)}
+
+
+def _served(paths, name, version, since, until, report):
+    """(feature names, columns, logged predictions or None) of one model's logged rows, a uniform sample of
+    DRIFT_MAX_ROWS of them beyond that; the lines left out are counted in report.skipped."""
+    rng, names, kept, seen = random.Random(DRIFT_SEED), None, [], 0
+    for record in _payload_lines(paths, report):
+        inputs, at = record.get("inputs"), _log_time(record.get("time"))
+        if record.get("model") != name or (version is not None and str(record.get("version")) != version):
+            report.skipped["for other models or versions"] += 1
+        elif record.get("status") != 200:
+            report.skipped["not answered 200"] += 1
+        elif at is None or (since is not None and at < since) or (until is not None and at >= until):
+            report.skipped["outside --since/--until (or without a time)"] += 1
+        elif not isinstance(inputs, list) or not all(isinstance(row, list) for row in inputs) or \
+                record.get("redacted") == "all":
+            report.skipped["without tabular inputs"] += 1
+        elif any(len(row) != len((kept[0][0] if kept else inputs[0])) for row in inputs):
+            report.skipped["with rows of another width"] += 1
+        else:
+            names = names or record.get("features")
+            logged = (record.get("outputs") or {}).get("predict")
+            logged = logged if isinstance(logged, list) and len(logged) == len(inputs) else [None] * len(inputs)
+            for pair in zip(inputs, logged):
+                seen += 1
+                if len(kept) < DRIFT_MAX_ROWS:
+                    kept.append(pair)
+                elif (slot := rng.randrange(seen)) < DRIFT_MAX_ROWS:
+                    kept[slot] = pair
+    report.logged_rows = seen
+    columns = [[row[i] for row, _ in kept] for i in range(len(kept[0][0]) if kept else 0)]
+    predictions = [prediction for _, prediction in kept]
+    return names, columns, predictions if any(not _missing(p) for p in predictions) else None
+
+
+def _log_time(text):
+    """A payload log's "time" (or a --since/--until) as seconds since the epoch, UTC unless it says; None if
+    it is no ISO 8601 date or time."""
+    import datetime
+
+    try:
+        moment = datetime.datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def _psi(reference, served):
+    """Population stability index of two distributions over the same bins (shares floored at PSI_FLOOR)."""
+    import numpy as np
+
+    reference, served = np.maximum(reference, PSI_FLOOR), np.maximum(served, PSI_FLOOR)
+    return float(((served - reference) * np.log(served / reference)).sum())
+
+
+def compare_column(reference, values):
+    """One column's test against its reference profile: {"kind", "rows", "missing", "test", "statistic",
+    "p_value", "psi", "distance": (name, value)}, the tests None when either side has no values."""
+    import numpy as np
+    from scipy import stats
+    from scipy.spatial.distance import jensenshannon
+
+    present = [value for value in values if not _missing(value)]
+    result = {"kind": reference["kind"], "rows": len(values), "missing": len(values) - len(present),
+              "test": None, "statistic": None, "p_value": None, "psi": None, "distance": None}
+    if not present or not (reference.get("values") or reference.get("counts")):
+        return result
+    if reference["kind"] == "numeric":
+        if any(isinstance(value, (str, bool)) for value in present):
+            raise ValueError("the log holds text where the reference holds numbers")
+        ref, served = np.asarray(reference["values"], dtype=float), np.asarray(present, dtype=float)
+        test = stats.ks_2samp(ref, served)
+        edges = np.unique(np.quantile(ref, np.linspace(0, 1, 11))[1:-1])           # the reference's deciles
+        shares = [np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1) / len(x)
+                  for x in (ref, served)]
+        return {**result, "test": "KS", "statistic": float(test.statistic), "p_value": float(test.pvalue),
+                "psi": _psi(*shares), "distance": ("wasserstein", float(stats.wasserstein_distance(ref, served)))}
+    counts = collections.Counter(str(value) for value in present)
+    categories = sorted(set(reference["counts"]) | set(counts))
+    table = np.array([[reference["counts"].get(c, 0) for c in categories], [counts.get(c, 0) for c in categories]],
+                     dtype=float)
+    statistic, p_value = (0.0, 1.0) if len(categories) < 2 else stats.chi2_contingency(table)[:2]
+    ref, served = table[0] / table[0].sum(), table[1] / table[1].sum()
+    return {**result, "test": "chi2", "statistic": float(statistic), "p_value": float(p_value),
+            "psi": _psi(ref, served), "distance": ("jensen-shannon", float(jensenshannon(ref, served, base=2)))}
+
+
+class DriftReport:
+    """The tests of one drift run: a line per feature (and the predictions), a summary, and the HTML report.
+
+    `skipped` counts the log lines left out, by why (the payload log reader's convention)."""
+
+    def __init__(self, name, version, reference_name, alpha):
+        self.name, self.version, self.reference_name, self.alpha = name, version, reference_name, alpha
+        self.skipped, self.logged_rows, self.rows = collections.Counter(), 0, []    # (name, profile, values, result)
+
+    def add(self, name, reference, values):
+        try:
+            result = compare_column(reference, values)
+        except ValueError as error:
+            raise ValueError(f"feature {name!r}: {error}") from None
+        self.rows.append((name, reference, values, result))
+
+    @property
+    def threshold(self):
+        """The p-value under which a test says drift: --p-value over the number of tests run (Bonferroni)."""
+        return self.alpha / max(1, sum(result["test"] is not None for *_, result in self.rows))
+
+    def drifted(self, result):
+        return result["p_value"] is not None and result["p_value"] < self.threshold
+
+    @property
+    def found(self):
+        return [name for name, *_, result in self.rows if self.drifted(result)]
+
+    def lines(self):
+        which = "all versions" if self.version is None else f"version {self.version}"
+        width = max([7] + [len(name) for name, *_ in self.rows])
+        out = [f"drift of model {self.name!r} ({which}): {self.logged_rows} logged row(s) against "
+               f"{self.reference_name}",
+               f"{'feature':<{width}}  test  statistic  p-value     PSI  distance                 missing  drift"]
+        for name, _, _, result in self.rows:
+            if result["test"] is None:
+                out.append(f"{name:<{width}}  -     no values on one side{'':<33}{result['missing']:>7}  -")
+                continue
+            distance = f"{result['distance'][0]} {result['distance'][1]:.4g}"
+            out.append(f"{name:<{width}}  {result['test']:<4}  {result['statistic']:>9.4f}  {result['p_value']:<9.3g}"
+                       f"  {result['psi']:>6.3f}  {distance:<23}  {result['missing']:>7}  "
+                       f"{'yes' if self.drifted(result) else 'no'}")
+        tests = sum(result["test"] is not None for *_, result in self.rows)
+        rule = f"p < {self.alpha:g} / {tests} test(s) = {self.threshold:.3g}, Bonferroni"
+        found = self.found
+        out.append(f"drift found in {len(found)} of {tests}: {', '.join(found)} ({rule})" if found else
+                   f"no drift ({rule})")
+        if self.skipped:
+            out.append("skipped: " + ", ".join(f"{count} {why}" for why, count in sorted(self.skipped.items())))
+        return out
+
+
+_REFERENCE_COLOUR, _SERVED_COLOUR = "#7f9cc6", "#e0793a"
+
+
+def _histogram(reference, values):
+    """(bin labels, reference shares, served shares) for a chart: 20 equal bins over both samples' range for a
+    numeric column, the 12 most frequent categories (and "other") for a categorical one."""
+    import numpy as np
+
+    present = [value for value in values if not _missing(value)]
+    if reference["kind"] == "numeric":
+        ref, served = np.asarray(reference["values"], dtype=float), np.asarray(present, dtype=float)
+        both = np.concatenate([ref, served])
+        low, high = (float(both.min()), float(both.max())) if len(both) else (0.0, 1.0)
+        high = high if high > low else low + 1.0
+        edges = np.linspace(low, high, 21)
+        shares = [np.histogram(x, bins=edges)[0] / max(1, len(x)) for x in (ref, served)]
+        return [f"{edge:.4g}" for edge in edges[:-1]] + [f"{high:.4g}"], shares[0], shares[1]
+    ref, served = collections.Counter(reference["counts"]), collections.Counter(str(value) for value in present)
+    ref_total, served_total = max(1, sum(ref.values())), max(1, len(present))
+    top = [category for category, _ in (collections.Counter({c: n / ref_total for c, n in ref.items()}) +
+                                         collections.Counter({c: n / served_total for c, n in served.items()}))
+           .most_common(12)]
+    rest = lambda counts, total: (total - sum(counts[c] for c in top)) / total
+    labels = top + (["other"] if rest(ref, ref_total) or rest(served, served_total) else [])
+    shares = [[counts[c] / total for c in top] + ([rest(counts, total)] if len(labels) > len(top) else [])
+              for counts, total in ((ref, ref_total), (served, served_total))]
+    return labels, np.array(shares[0]), np.array(shares[1])
+
+
+def _histogram_svg(name, reference, values):
+    """An inline SVG bar chart of a column's reference and served shares, side by side per bin."""
+    import html
+
+    labels, ref, served = _histogram(reference, values)
+    bins = len(ref)
+    width, height, left, bottom = 440, 180, 36, 34
+    plot_width, plot_height = width - left - 8, height - bottom - 10
+    top = max(float(max(ref.max(initial=0), served.max(initial=0))), 1e-9)
+    step = plot_width / max(1, bins)
+    bars = []
+    for i in range(bins):
+        for j, (shares, colour) in enumerate(((ref, _REFERENCE_COLOUR), (served, _SERVED_COLOUR))):
+            h = plot_height * float(shares[i]) / top
+            bars.append(f'<rect x="{left + i * step + 1 + j * (step - 2) / 2:.1f}" y="{10 + plot_height - h:.1f}" '
+                        f'width="{max(0.5, (step - 2) / 2):.1f}" height="{h:.1f}" fill="{colour}"/>')
+    if reference["kind"] == "numeric":
+        ticks = [(left, labels[0], "start"), (left + plot_width, labels[-1], "end")]
+    else:
+        ticks = [(left + (i + 0.5) * step, label[:10], "middle") for i, label in enumerate(labels)]
+    axis = "".join(f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="{anchor}">{html.escape(text)}</text>'
+                   for x, text, anchor in ticks)
+    return (f'<svg class="histogram" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(name)}: reference and served shares</title>'
+            f'<line x1="{left}" y1="{10 + plot_height}" x2="{left + plot_width}" y2="{10 + plot_height}" '
+            f'stroke="#999"/><text x="{left - 4}" y="16" text-anchor="end">{top:.0%}</text>'
+            f'{"".join(bars)}{axis}</svg>')
+
+
+def drift_html(report):
+    """The report as one self-contained page: a summary, a table of the tests, one histogram per column."""
+    import html
+
+    found, lines = report.found, report.lines()
+    rows, figures = [], []
+    for name, reference, values, result in report.rows:
+        verdict = "drift" if report.drifted(result) else "no drift" if result["test"] else "not tested"
+        cells = [name, result["test"] or "-"] + (["-"] * 4 if result["test"] is None else [
+            f"{result['statistic']:.4f}", f"{result['p_value']:.3g}", f"{result['psi']:.3f}",
+            f"{result['distance'][0]} {result['distance'][1]:.4g}"]) + [str(result["missing"]), verdict]
+        rows.append(f'<tr class="{verdict.replace(" ", "-")}">' +
+                    "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
+        detail = "" if result["test"] is None else f" · {result['test']} p = {result['p_value']:.3g}, PSI " \
+                                                     f"{result['psi']:.3f}"
+        figures.append(f'<figure class="{verdict.replace(" ", "-")}"><figcaption><b>{html.escape(name)}</b> '
+                       f'{html.escape(verdict + detail)}</figcaption>{_histogram_svg(name, reference, values)}</figure>')
+    summary = (f"Drift in {len(found)} of {len(report.rows)}: {', '.join(found)}." if found else
+               "No drift.")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Drift of {html.escape(report.name)}</title>
+<style>
+ body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 64rem; padding: 0 1rem; color: #222; }}
+ table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #ddd; }}
+ tr.drift td, figure.drift figcaption {{ background: #fde8e4; }} .summary {{ font-size: 1.2rem; }}
+ .grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(450px, 1fr)); gap: 1rem; }}
+ figure {{ margin: 0; border: 1px solid #ddd; padding: .4rem; }} figcaption {{ padding: .1rem .3rem; }}
+ svg text {{ font-size: 11px; fill: #555; }} .key {{ display: inline-block; width: .9rem; height: .9rem; }}
+ pre {{ background: #f6f6f6; padding: .6rem; overflow: auto; }}
+</style></head><body>
+<h1>Drift of model {html.escape(report.name)}</h1>
+<p class="summary">{html.escape(summary)}</p>
+<p>{html.escape(lines[0])}. <span class="key" style="background:{_REFERENCE_COLOUR}"></span> reference
+<span class="key" style="background:{_SERVED_COLOUR}"></span> served (each bar: the share of that side's values)</p>
+<table><thead><tr><th>feature</th><th>test</th><th>statistic</th><th>p-value</th><th>PSI</th><th>distance</th>
+<th>missing</th><th>verdict</th></tr></thead><tbody>{"".join(rows)}</tbody></table>
+<h2>Histograms</h2><div class="grid">{"".join(figures)}</div>
+<h2>Report</h2><pre>{html.escape(chr(10).join(lines))}</pre>
+</body></html>
+"""
+
+
+@contextlib.contextmanager
+def _store_model(store, name, version=None):
+    """One loaded version of a model of the store (the highest served by default), for a command."""
+    config = dataclasses.replace(Config.load({"store": store}), poll_interval=0.0)
+    registry = ModelRegistry(config, watch=False)
+    registry.refresh()
+    model = registry.acquire(name, version, None)
+    try:
+        yield model
+    finally:
+        registry.release(model)
+
+
+def _profile_path(store, name):
+    return os.path.join(Config.load({"store": store}).store, name, PROFILE_FILE)
+
+
+def _read_profile(path):
+    """A stored reference profile, checked enough that a test can read it; ValueError says what is wrong."""
+    with open(path, "rb") as handle:
+        profile = parse_json(handle.read(), max_depth=8, what=path)
+    features = profile.get("features") if isinstance(profile, dict) else None
+    columns = (features or []) + ([profile["prediction"]] if profile.get("prediction") else [])
+    if not features or not all(isinstance(column, dict) and isinstance(column.get("name", ""), str) and (
+            column.get("kind") == "numeric" and isinstance(column.get("values"), list) and
+            all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in column["values"]) or
+            column.get("kind") == "categorical" and isinstance(column.get("counts"), dict) and
+            all(type(count) is int and count >= 0 for count in column["counts"].values())) for column in columns):
+        raise ValueError(f"{path} is not a reference profile (python service.py profile TRAIN --model NAME "
+                         "writes one)")
+    return profile
+
+
+def drift(arguments):
+    """The DriftReport of a `drift` command's arguments; ValueError, OSError or ServiceError when it cannot run."""
+    reference = arguments.reference or _profile_path(arguments.store, arguments.model)
+    if reference.endswith(".json"):
+        if not os.path.exists(reference):
+            raise ValueError(f"no --reference, and no {reference}: store a profile first (python service.py "
+                             f"profile TRAIN.csv --model {arguments.model}) or give --reference TRAIN.csv")
+        profile = _read_profile(reference)
+    else:
+        with _store_model(arguments.store, arguments.model, arguments.version) as model:
+            profile = build_profile(model, *read_table(reference), reference)
+    report = DriftReport(arguments.model, arguments.version, f"{os.path.basename(reference)} "
+                         f"({profile.get('rows', '?')} rows)", arguments.p_value)
+    since, until = (None if text is None else _log_time(text) for text in (arguments.since, arguments.until))
+    names, columns, predictions = _served(arguments.logs, arguments.model, arguments.version, since, until, report)
+    if not columns:
+        raise ValueError(f"no logged rows of model {arguments.model!r} to compare" +
+                         (f" ({', '.join(f'{n} {why}' for why, n in sorted(report.skipped.items()))})"
+                          if report.skipped else ""))
+    features = profile["features"]
+    if len(columns) != len(features):
+        raise ValueError(f"the log's rows have {len(columns)} features, the reference {len(features)}")
+    for feature, column, logged_name in zip(features, columns, names or [None] * len(columns)):
+        report.add(logged_name or feature.get("name"), feature, column)
+    if profile.get("prediction") and predictions is not None:
+        report.add("prediction", profile["prediction"], predictions)
+    return report
+
+
+def _time_argument(text):
+    if _log_time(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or time, e.g. 2026-12-05T14:00")
+    return text
+
+
+def _probability(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def drift_command(argv):
+    """`model-service drift LOG... --model NAME [--reference FILE] ...`; returns the exit code (0 no drift, 1 drift
+    found, 2 could not run)."""
+    parser = argparse.ArgumentParser(
+        prog="model-service drift",
+        description="Compare the rows a model was asked about (payload logs, --payload-log) with its training "
+                    "data, feature by feature (KS or chi-squared, Bonferroni-corrected; PSI; Wasserstein or "
+                    "Jensen-Shannon distance), and its logged predictions with its predictions on that data. "
+                    "Exit status: 0 no drift, 1 drift found, 2 could not run.")
+    parser.add_argument("logs", metavar="LOG", nargs="+", help="payload log file, or a folder of them")
+    parser.add_argument("--model", required=True, metavar="NAME", help="the model whose logged rows are compared")
+    parser.add_argument("--version", metavar="V", help="only rows served by this version (default: all)")
+    parser.add_argument("--reference", metavar="FILE", help=f"training rows (.csv, .jsonl, .parquet) or a profile "
+                        f"(.json); default: the model's stored {PROFILE_FILE}")
+    parser.add_argument("--store", metavar="DIR", help=f"model store (env {ENV_PREFIX}STORE; default: model_store)")
+    parser.add_argument("--since", type=_time_argument, metavar="TIME", help="only rows logged at or after TIME (UTC)")
+    parser.add_argument("--until", type=_time_argument, metavar="TIME", help="only rows logged before TIME (UTC)")
+    parser.add_argument("--p-value", type=_probability, default=0.05, metavar="P",
+                        help="significance over all tests, divided among them (Bonferroni; default 0.05)")
+    parser.add_argument("--html", metavar="REPORT.html", help="also write a self-contained report with histograms")
+    parser.add_argument("--fail-on", choices=("drift", "never"), default="drift",
+                        help="exit 1 when drift is found (default), or never (exit 0 unless it cannot run)")
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = drift(arguments)
+        if arguments.html:
+            _write_text(arguments.html, drift_html(report))
+    except Exception as error:  # any input: one line and status 2, never a traceback
+        print(f"model-service drift: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines()))
+    return 1 if report.found and arguments.fail_on == "drift" else 0
+
+
+def _one_line(error):
+    """Why a command could not run, in one line."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return getattr(error, "message", None) or str(error) or type(error).__name__
+
+
+def _write_text(path, text):
+    """Write a file whole: a reader sees the old one or the new one, never half of it."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def profile_command(argv):
+    """`model-service profile TRAIN --model NAME [--output FILE]`: a reference profile beside the model."""
+    parser = argparse.ArgumentParser(
+        prog="model-service profile",
+        description=f"Summarise a model's training rows once, as {PROFILE_FILE} in its folder of the store, so that "
+                    "`model-service drift` needs no training data at hand.")
+    parser.add_argument("train", metavar="TRAIN", help="training rows: .csv (with a header), .jsonl or .parquet")
+    parser.add_argument("--model", required=True, metavar="NAME", help="the model they trained")
+    parser.add_argument("--version", metavar="V", help="the version whose predictions are profiled (default: the "
+                        "highest served)")
+    parser.add_argument("--store", metavar="DIR", help=f"model store (env {ENV_PREFIX}STORE; default: model_store)")
+    parser.add_argument("--output", metavar="FILE", help=f"where to write it (default: the model's {PROFILE_FILE})")
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with _store_model(arguments.store, arguments.model, arguments.version) as model:
+            if arguments.output is None and "/" not in model.ref.file:
+                raise ValueError(f"model {model.name!r} is one file in the store ({model.ref.file}): give --output "
+                                 f"FILE, or move it to {model.name}/1/ so that its profile sits beside it")
+            profile = build_profile(model, *read_table(arguments.train), arguments.train)
+        output = arguments.output or _profile_path(arguments.store, arguments.model)
+        _write_text(output, dumps(profile) + "\n")
+    except Exception as error:  # any input: one line and status 2, never a traceback
+        print(f"model-service profile: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    print(f"wrote {output}: {profile['rows']} rows, {len(profile['features'])} features"
+          f"{', and the predictions' if profile['prediction'] else ''}")
+    return 0
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -5468,6 +6007,10 @@ def main(argv=None, serve=serve):
         return export_command(argv[1:])
     if argv[:1] == ["replay"]:
         return replay_command(argv[1:])
+    if argv[:1] == ["drift"]:
+        return drift_command(argv[1:])
+    if argv[:1] == ["profile"]:
+        return profile_command(argv[1:])
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
 
@@ -7951,7 +8494,7 @@ def _regression_outputs(width):
                                                                                   range(width)])
 
 
-def _forest(estimator, n_features, reference=None):
+def _forest_shap(estimator, n_features, reference=None):
     """Trees and forests: ([_TreeShap], _Explained); classifiers' trees give class fractions, averaged."""
     members = getattr(estimator, "estimators_", None) or [estimator]
     if getattr(estimator, "n_outputs_", 1) != 1 and hasattr(estimator, "classes_"):
@@ -7963,7 +8506,7 @@ def _forest(estimator, n_features, reference=None):
     return [_TreeShap(trees, n_features, float32=True)], explained
 
 
-def _gradient_boosting(estimator, n_features, reference=None):
+def _boosting_shap(estimator, n_features, reference=None):
     """GradientBoosting*: one TreeSHAP per output (the column of estimators_), its init's raw value as base."""
     import numpy as np
     from sklearn.dummy import DummyClassifier, DummyRegressor
@@ -7978,7 +8521,7 @@ def _gradient_boosting(estimator, n_features, reference=None):
     return groups, _class_outputs(estimator, "decision_function") if classifier else _regression_outputs(1)
 
 
-def _hist_gradient_boosting(estimator, n_features, reference=None):
+def _histogram_boosting_shap(estimator, n_features, reference=None):
     """HistGradientBoosting*: one TreeSHAP per output, the baseline prediction as base."""
     import numpy as np
 
@@ -7999,12 +8542,12 @@ def _explained_families():
     from sklearn import ensemble, linear_model, svm, tree
 
     families = {
-        _forest: (tree.DecisionTreeClassifier, tree.DecisionTreeRegressor, tree.ExtraTreeClassifier,
+        _forest_shap: (tree.DecisionTreeClassifier, tree.DecisionTreeRegressor, tree.ExtraTreeClassifier,
                   tree.ExtraTreeRegressor, ensemble.RandomForestClassifier, ensemble.RandomForestRegressor,
                   ensemble.ExtraTreesClassifier, ensemble.ExtraTreesRegressor),
-        _gradient_boosting: (ensemble.GradientBoostingClassifier, ensemble.GradientBoostingRegressor),
-        _hist_gradient_boosting: (ensemble.HistGradientBoostingClassifier, ensemble.HistGradientBoostingRegressor),
-        _linear: (linear_model.LinearRegression, linear_model.Ridge, linear_model.RidgeCV, linear_model.Lasso,
+        _boosting_shap: (ensemble.GradientBoostingClassifier, ensemble.GradientBoostingRegressor),
+        _histogram_boosting_shap: (ensemble.HistGradientBoostingClassifier, ensemble.HistGradientBoostingRegressor),
+        _linear_shap: (linear_model.LinearRegression, linear_model.Ridge, linear_model.RidgeCV, linear_model.Lasso,
                   linear_model.LassoCV, linear_model.ElasticNet, linear_model.ElasticNetCV, linear_model.Lars,
                   linear_model.LassoLars, linear_model.BayesianRidge, linear_model.ARDRegression,
                   linear_model.HuberRegressor, linear_model.QuantileRegressor, linear_model.SGDRegressor,
@@ -8033,7 +8576,7 @@ class _Linear:
         return (Z - self.reference)[:, :, None] * self.coef.T[None]
 
 
-def _linear(estimator, n_features, reference=None):
+def _linear_shap(estimator, n_features, reference=None):
     explained = _class_outputs(estimator, "decision_function") if hasattr(estimator, "classes_") else \
         _regression_outputs(1 if getattr(estimator, "coef_").ndim == 1 else estimator.coef_.shape[0])
     return [_Linear(estimator, reference)], explained

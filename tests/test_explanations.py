@@ -388,3 +388,16 @@ def test_settings_name_the_reference_row(reference):
 def test_settings_refuse_an_explain_that_is_no_reference_row(explain):
     with pytest.raises(ValueError, match=r'"explain" must be \{"reference": row\}'):
         service.ModelSettings.parse({"explain": explain})
+
+
+def test_no_top_level_name_of_service_py_is_defined_twice():
+    """Appendices share one namespace: a second definition would silently replace the first everywhere (the
+    explanations' builders were once named like the native predictors' compilers)."""
+    import ast
+    import collections
+
+    with open(service.__file__, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    defined = collections.Counter(node.name for node in tree.body if isinstance(node, (ast.FunctionDef,
+                                                                                        ast.ClassDef)))
+    assert [name for name, count in defined.items() if count > 1] == []

@@ -7943,12 +7943,15 @@ CONSOLE_HTML = """<!doctype html>
 <title>model-service</title>
 <style>
  body { font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }
- h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
+ h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 1.4rem; }
+ #auth { display: flex; align-items: baseline; gap: .5rem; margin-bottom: 1rem; } #auth label { display: inline; }
+ #auth button, #auth input { margin-top: 0; } .choices { display: flex; flex-wrap: wrap; gap: 0 1.5rem; }
  table { border-collapse: collapse; width: 100%; } th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #ddd; }
  label { display: block; margin: .4rem 0 .1rem; font-weight: 600; }
  input, select, textarea { font: inherit; padding: .25rem; } textarea { width: 100%; min-height: 5rem; font-family: monospace; }
  #features { display: grid; grid-template-columns: repeat(auto-fill, minmax(12rem, 1fr)); gap: .3rem 1rem; }
- #features input { display: block; width: 100%; box-sizing: border-box; }
+ #features input { display: block; width: 100%; box-sizing: border-box; font-weight: 400; }
+ #features input::placeholder { font-style: italic; }
  pre, code { background: #f6f6f6; } pre { padding: .8rem; overflow: auto; } code { word-break: break-all; }
  .error { color: #b00020; } .muted { color: #777; } .invalid { outline: 2px solid #b00020; background: #fff0f0; }
  button { font: inherit; padding: .35rem 1rem; margin-top: .8rem; }
@@ -7959,21 +7962,23 @@ CONSOLE_HTML = """<!doctype html>
 <p class="muted">Models in this service, and a form to try them. <a href="/openapi.json">OpenAPI</a> · <a href="/models">/models</a></p>
 <form id="auth">
  <label for="token">Token <span class="muted">(only if the service asks for one)</span></label>
- <input id="token" type="password" autocomplete="off"> <button type="submit">Use token</button>
+ <input id="token" type="password" autocomplete="off"><button type="submit">Use token</button>
 </form>
 <table id="models"><thead><tr><th>model</th><th>latest</th><th>served versions</th><th>labels</th><th>states</th></tr></thead><tbody></tbody></table>
 <p id="listing" class="muted"></p>
 <h2>Try a model</h2>
 <form id="try">
- <label for="model">Model</label><select id="model" name="model"></select>
- <label for="version">Version</label><select id="version" name="version"></select>
- <label for="method">Method</label><select id="method" name="method"></select>
+ <div class="choices">
+  <div><label for="model">Model</label><select id="model" name="model"></select></div>
+  <div><label for="version">Version</label><select id="version" name="version"></select></div>
+  <div><label for="method">Method</label><select id="method" name="method"></select></div>
+ </div>
  <p id="described" class="muted"></p>
  <div id="features"></div>
- <label for="raw">Input as JSON (rows, as in {"instances": ...}; used instead of the fields when given)</label>
+ <button id="send" type="submit">Predict</button>
+ <label for="raw">Or rows as JSON (as in {"instances": ...}; used instead of the fields when given)</label>
  <textarea id="raw" name="raw"></textarea>
  <p class="muted">Example request: <code id="example"></code></p>
- <button id="send" type="submit">Predict</button>
 </form>
 <h2>Result</h2>
 <p id="status" class="muted">No request sent yet.</p>
@@ -8022,7 +8027,8 @@ function showModels() {
   rows.textContent = "";
   for (const model of models) {
     const row = rows.insertRow();
-    const states = model.versions.map((v) => v.version + ": " + v.state).join(", ");
+    const states = model.versions.map((v) => v.version + ": " + (v.state === "UNLOADED" ? "loads on first request" :
+                                                                  v.state)).join(", ");
     const labels = Object.entries(model.labels).map(([l, v]) => l + " → " + v).join(", ");
     for (const text of [model.name, model.latest_version || "none", model.served_versions.join(", "), labels, states]) {
       row.insertCell().textContent = text;
@@ -8133,7 +8139,7 @@ function showInputs(info) {
 function addField(name) {
   const label = document.createElement("label"), input = document.createElement("input");
   label.textContent = name;
-  input.type = "text"; input.inputMode = "decimal"; input.autocomplete = "off"; input.placeholder = "0";
+  input.type = "text"; input.inputMode = "decimal"; input.autocomplete = "off"; input.placeholder = "number";
   input.dataset.feature = name;
   label.appendChild(input);
   $("features").appendChild(label);

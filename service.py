@@ -40,6 +40,7 @@ path in the order data flows; each of its sections uses only what is above it::
     OpenAPI                 /openapi.json from the route table
     Serving                 waitress (drained on exit) or gunicorn workers
     Replay                  ``python service.py replay``: a payload log scored again
+    Drift                   ``python service.py drift`` and ``profile``: a payload log against training data
     Command line            ``python service.py``
 
 Part II holds the appendices, which Part I reaches only through the entry points
@@ -50,6 +51,7 @@ listed here, and only at run time (tests/test_cli.py checks both rules)::
     JSON model format       models as data, and export: load_json_model, dump_json_model,
                             save_json_model, export_json_model, export_skops_model, export_command
     Web console             the page GET / serves to browsers: CONSOLE_HTML, CONSOLE_CSP
+    Explanations            exact per-row contributions (TreeSHAP, linear): explain_model
 
     WSGI entry points       ``service:app``, and ``python service.py`` (after everything it needs)
 """
@@ -1082,6 +1084,7 @@ def traceparent(span):
 # the catalogue {name: {version: ArtifactRef}} and logs what it skipped.
 
 SETTINGS_FILE = "model-settings.json"
+PROFILE_FILE = "reference-profile.json"                          # beside the settings: see "Drift"
 SHA256SUMS_FILE = "SHA256SUMS"                                    # at the store root, as `sha256sum` writes it
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _SHA256SUMS_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")      # "<hex>  <path>", or "<hex> *<path>" (binary)
@@ -1229,6 +1232,8 @@ class ModelStore:
                 if settings:
                     self.settings_files[folder.name] = settings
                 continue
+            if entry.name == PROFILE_FILE and not _is_dir(entry):
+                continue
             if not _is_dir(entry) or not VERSION.fullmatch(entry.name):
                 self._warn("skipping %s: versions are folders named by a positive integer, "
                            "beside an optional %s", where, SETTINGS_FILE)
@@ -1297,7 +1302,9 @@ class ModelSettings:
          "redact": ["ssn", "income"],              features the payload log never writes
          "shadow": "canary",                    each request also runs, in the background, on this label or version
          "native": false,                       scikit-learn answers everything (see "Native predictors")
-         "warmup": [[5.1, 3.5, 1.4, 0.2]]}      rows (lists, records or texts) every method runs once at load
+         "warmup": [[5.1, 3.5, 1.4, 0.2]],      rows (lists, records or texts) every method runs once at load
+         "explain": {"reference": [5.8, 3.0, 4.4, 1.3]}}   the row (or record) a linear model's
+                                                explanations are measured from (see "Explanations")
 
     Every key is optional ("latest": only the highest version serves).  Labels must
     name served versions.  Unknown keys are refused, so a typo never passes silently.
@@ -1308,7 +1315,7 @@ class ModelSettings:
 
     MAX_BYTES = 64 * 1024
     KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact", "shadow",
-            "native", "warmup")
+            "native", "warmup", "explain")
     MAX_WARMUP_ROWS = 100
 
     def __init__(self, policy="latest", count=1, versions=(), labels=None, safe_pickle=False, sha256=None,
@@ -1319,6 +1326,7 @@ class ModelSettings:
         self.shadow = None                      # label (str) or version (int) shadowing every request
         self.native = native                    # False: no native predictor, whatever --native says
         self.warmup = None                      # rows to warm a loaded version on; None: derived (see _warm)
+        self.explain_reference = None           # the row linear explanations are measured from; None: see Explainer
         self.policy, self.count, self.versions = policy, count, tuple(versions)
         self.labels = dict(labels or {})
         self.safe_pickle = safe_pickle
@@ -1388,7 +1396,19 @@ class ModelSettings:
         if type(settings.native) is not bool:
             raise ValueError('"native" must be true or false')
         settings.warmup = cls._warmup(document.get("warmup"))
+        settings.explain_reference = cls._explain_reference(document.get("explain"))
         return settings
+
+    @staticmethod
+    def _explain_reference(explain):
+        """The "explain" object's reference row: a list of values or a record by feature name, as a request sends."""
+        if explain is None:
+            return None
+        if not isinstance(explain, dict) or set(explain) != {"reference"} or \
+                not isinstance(explain["reference"], (list, dict)) or not explain["reference"]:
+            raise ValueError('"explain" must be {"reference": row}, the row (or record) linear explanations are '
+                             'measured from, e.g. {"reference": [5.8, 3.0, 4.4, 1.3]}')
+        return explain["reference"]
 
     @classmethod
     def _warmup(cls, rows):
@@ -1479,7 +1499,8 @@ class ModelSettings:
                 "traffic": {str(target): weight for target, weight in self.traffic.items()},
                 "redact": sorted(self.redact),
                 "shadow": None if self.shadow is None else str(self.shadow),
-                "native": self.native, "warmup": self.warmup}
+                "native": self.native, "warmup": self.warmup,
+                "explain": None if self.explain_reference is None else {"reference": self.explain_reference}}
 
 
 DEFAULT_SETTINGS = ModelSettings()
@@ -6423,6 +6444,541 @@ def replay_command(argv):
 
 
 ###############################################################################
+# Drift #######################################################################
+###############################################################################
+# `python service.py drift LOG... --model NAME`: how the rows a model was asked about (its payload
+# log, read as replay reads it) compare with the rows it was trained on, feature by feature, and how
+# its logged predictions compare with its predictions on those rows.  Numeric features get the
+# two-sample Kolmogorov-Smirnov test and the Wasserstein distance, categorical ones (text values)
+# the chi-squared test of the two samples' counts and the Jensen-Shannon distance; both the
+# population stability index (PSI) over the reference's deciles or categories.  A feature drifts
+# when its p-value is below --p-value divided by the number of tests (Bonferroni, the correction
+# alibi-detect's TabularDrift applies by default).  Missing values (null, NaN, redacted) are counted
+# and left out of the tests.
+#
+# The reference is a training file (CSV, JSON lines, Parquet where pandas and pyarrow are installed)
+# or a profile of one that `python service.py profile TRAIN --model NAME` stores beside the model
+# (PROFILE_FILE in its folder): per numeric feature at most PROFILE_SAMPLE of its sorted values
+# (evenly spaced quantiles of a larger sample, so a test's reference size is at most that), per
+# categorical feature its counts, and the model's predictions on it the same way.
+
+PROFILE_SAMPLE = 2000           # values kept per numeric column of a reference profile
+DRIFT_MAX_ROWS = 100_000        # logged rows compared at most: a uniform sample of them beyond
+DRIFT_SEED = 16                 # the sample of a larger log is the same at every run
+PSI_FLOOR = 1e-4                # a bin's share where it holds nothing, as Evidently's PSI takes it
+
+
+def _cell(text):
+    """A CSV field as JSON would hold it: a number where it spells one, None where empty or NaN, else text."""
+    if text == "":
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return None if math.isnan(number) else number
+
+
+def read_table(path):
+    """(column names or None, rows as lists) of a .csv (with a header), .jsonl (a row or a record per line) or
+    .parquet file (with pandas and pyarrow); ValueError says what is wrong, in one line."""
+    import csv
+
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".parquet":
+        try:
+            import pandas
+
+            frame = pandas.read_parquet(path)
+        except ImportError:
+            raise ValueError(f"{path}: reading Parquet needs pandas and pyarrow (pip install pandas pyarrow); "
+                             "or give the reference as .csv or .jsonl") from None
+        frame = frame.astype(object).where(frame.notna(), None)
+        return [str(name) for name in frame.columns], frame.to_numpy().tolist()
+    if extension == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            lines = list(csv.reader(handle))
+        if not lines:
+            raise ValueError(f"{path}: empty; a CSV reference starts with a header of feature names")
+        return lines[0], [[_cell(text) for text in line] for line in lines[1:] if line]
+    if extension in (".jsonl", ".ndjson"):
+        return _read_json_lines(path)
+    raise ValueError(f"{path}: a reference is a .csv, .jsonl or .parquet file, or a {PROFILE_FILE}")
+
+
+def _read_json_lines(path):
+    names, rows = None, []
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            value = parse_json(line, max_depth=8, what=f"{path}:{number}")
+            if isinstance(value, dict):
+                names = names or list(value)
+                rows.append(value)
+            elif isinstance(value, list):
+                rows.append(value)
+            else:
+                raise ValueError(f"{path}:{number}: each line holds a row (a list) or a record (an object)")
+    if names is not None:
+        rows = [[row.get(name) if isinstance(row, dict) else None for name in names] for row in rows]
+    return names, rows
+
+
+def _model_columns(names, rows, features, n_features, where):
+    """The rows' columns in the model's feature order: by name where the model has names, else the first
+    n_features columns."""
+    if features:
+        missing = [feature for feature in features if feature not in (names or ())]
+        if missing:
+            raise ValueError(f"{where} has no column {missing[0]!r} (the model takes {', '.join(features)})")
+        index = [names.index(feature) for feature in features]
+    else:
+        index = list(range(n_features))
+    if any(len(row) < len(index) for row in rows):
+        raise ValueError(f"{where}: a row has fewer than the model's {len(index)} features")
+    return [[row[i] for row in rows] for i in index]
+
+
+def _missing(value):
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def profile_column(values, kind=None):
+    """A column summarised for drift tests: {"kind", "count", "missing"} with, when numeric, "values" (sorted,
+    at most PROFILE_SAMPLE of them: the column's quantiles) or, when categorical, "counts" by value."""
+    present = [value for value in values if not _missing(value)]
+    if kind is None:
+        kind = "categorical" if any(isinstance(value, (str, bool)) for value in present) else "numeric"
+    column = {"kind": kind, "count": len(values), "missing": len(values) - len(present)}
+    if kind == "categorical":
+        column["counts"] = dict(collections.Counter(str(value) for value in present).most_common())
+        return column
+    present.sort()
+    if len(present) > PROFILE_SAMPLE:
+        last = len(present) - 1
+        present = [present[round(i * last / (PROFILE_SAMPLE - 1))] for i in range(PROFILE_SAMPLE)]
+    column["values"] = [float(value) for value in present]
+    return column
+
+
+def _predictions(model, rows):
+    """The model's `predict` on reference rows (by model_inputs, in batches), or None when it has none."""
+    if "predict" not in model.methods:
+        return None
+    answers = []
+    for start in range(0, len(rows), 10_000):
+        inputs = model_inputs(model, rows[start:start + 10_000], 10_000)
+        answers.extend(to_jsonable(model.call("predict", inputs)))
+    return None if any(isinstance(answer, list) for answer in answers) else answers
+
+
+def build_profile(model, names, rows, source):
+    """The reference profile of training rows for a loaded model (what PROFILE_FILE holds)."""
+    columns = _model_columns(names, rows, model.feature_names, model.n_features, source)
+    predictions = _predictions(model, [list(row) for row in zip(*columns)])
+    kind = "categorical" if model.classes is not None else None
+    return {"model": model.name, "version": model.version, "source": os.path.basename(source), "rows": len(rows),
+            "features": [{"name": name, **profile_column(column)} for name, column in
+                         zip(model.feature_names or [f"x{i}" for i in range(len(columns))], columns)],
+            "prediction": None if predictions is None else profile_column(predictions, kind)}
+
+
+def _served(paths, name, version, since, until, report):
+    """(feature names, columns, logged predictions or None) of one model's logged rows, a uniform sample of
+    DRIFT_MAX_ROWS of them beyond that; the lines left out are counted in report.skipped."""
+    rng, names, kept, seen = random.Random(DRIFT_SEED), None, [], 0
+    for record in _payload_lines(paths, report):
+        inputs, at = record.get("inputs"), _log_time(record.get("time"))
+        if record.get("model") != name or (version is not None and str(record.get("version")) != version):
+            report.skipped["for other models or versions"] += 1
+        elif record.get("status") != 200:
+            report.skipped["not answered 200"] += 1
+        elif at is None or (since is not None and at < since) or (until is not None and at >= until):
+            report.skipped["outside --since/--until (or without a time)"] += 1
+        elif not isinstance(inputs, list) or not all(isinstance(row, list) for row in inputs) or \
+                record.get("redacted") == "all":
+            report.skipped["without tabular inputs"] += 1
+        elif any(len(row) != len((kept[0][0] if kept else inputs[0])) for row in inputs):
+            report.skipped["with rows of another width"] += 1
+        else:
+            names = names or record.get("features")
+            logged = (record.get("outputs") or {}).get("predict")
+            logged = logged if isinstance(logged, list) and len(logged) == len(inputs) else [None] * len(inputs)
+            for pair in zip(inputs, logged):
+                seen += 1
+                if len(kept) < DRIFT_MAX_ROWS:
+                    kept.append(pair)
+                elif (slot := rng.randrange(seen)) < DRIFT_MAX_ROWS:
+                    kept[slot] = pair
+    report.logged_rows = seen
+    columns = [[row[i] for row, _ in kept] for i in range(len(kept[0][0]) if kept else 0)]
+    predictions = [prediction for _, prediction in kept]
+    return names, columns, predictions if any(not _missing(p) for p in predictions) else None
+
+
+def _log_time(text):
+    """A payload log's "time" (or a --since/--until) as seconds since the epoch, UTC unless it says; None if
+    it is no ISO 8601 date or time."""
+    import datetime
+
+    try:
+        moment = datetime.datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def _psi(reference, served):
+    """Population stability index of two distributions over the same bins (shares floored at PSI_FLOOR)."""
+    import numpy as np
+
+    reference, served = np.maximum(reference, PSI_FLOOR), np.maximum(served, PSI_FLOOR)
+    return float(((served - reference) * np.log(served / reference)).sum())
+
+
+def compare_column(reference, values):
+    """One column's test against its reference profile: {"kind", "rows", "missing", "test", "statistic",
+    "p_value", "psi", "distance": (name, value)}, the tests None when either side has no values."""
+    import numpy as np
+    from scipy import stats
+    from scipy.spatial.distance import jensenshannon
+
+    present = [value for value in values if not _missing(value)]
+    result = {"kind": reference["kind"], "rows": len(values), "missing": len(values) - len(present),
+              "test": None, "statistic": None, "p_value": None, "psi": None, "distance": None}
+    if not present or not (reference.get("values") or reference.get("counts")):
+        return result
+    if reference["kind"] == "numeric":
+        if any(isinstance(value, (str, bool)) for value in present):
+            raise ValueError("the log holds text where the reference holds numbers")
+        ref, served = np.asarray(reference["values"], dtype=float), np.asarray(present, dtype=float)
+        test = stats.ks_2samp(ref, served)
+        edges = np.unique(np.quantile(ref, np.linspace(0, 1, 11))[1:-1])           # the reference's deciles
+        shares = [np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1) / len(x)
+                  for x in (ref, served)]
+        return {**result, "test": "KS", "statistic": float(test.statistic), "p_value": float(test.pvalue),
+                "psi": _psi(*shares), "distance": ("wasserstein", float(stats.wasserstein_distance(ref, served)))}
+    counts = collections.Counter(str(value) for value in present)
+    categories = sorted(set(reference["counts"]) | set(counts))
+    table = np.array([[reference["counts"].get(c, 0) for c in categories], [counts.get(c, 0) for c in categories]],
+                     dtype=float)
+    statistic, p_value = (0.0, 1.0) if len(categories) < 2 else stats.chi2_contingency(table)[:2]
+    ref, served = table[0] / table[0].sum(), table[1] / table[1].sum()
+    return {**result, "test": "chi2", "statistic": float(statistic), "p_value": float(p_value),
+            "psi": _psi(ref, served), "distance": ("jensen-shannon", float(jensenshannon(ref, served, base=2)))}
+
+
+class DriftReport:
+    """The tests of one drift run: a line per feature (and the predictions), a summary, and the HTML report.
+
+    `skipped` counts the log lines left out, by why (the payload log reader's convention)."""
+
+    def __init__(self, name, version, reference_name, alpha):
+        self.name, self.version, self.reference_name, self.alpha = name, version, reference_name, alpha
+        self.skipped, self.logged_rows, self.rows = collections.Counter(), 0, []    # (name, profile, values, result)
+
+    def add(self, name, reference, values):
+        try:
+            result = compare_column(reference, values)
+        except ValueError as error:
+            raise ValueError(f"feature {name!r}: {error}") from None
+        self.rows.append((name, reference, values, result))
+
+    @property
+    def threshold(self):
+        """The p-value under which a test says drift: --p-value over the number of tests run (Bonferroni)."""
+        return self.alpha / max(1, sum(result["test"] is not None for *_, result in self.rows))
+
+    def drifted(self, result):
+        return result["p_value"] is not None and result["p_value"] < self.threshold
+
+    @property
+    def found(self):
+        return [name for name, *_, result in self.rows if self.drifted(result)]
+
+    def lines(self):
+        which = "all versions" if self.version is None else f"version {self.version}"
+        width = max([7] + [len(name) for name, *_ in self.rows])
+        out = [f"drift of model {self.name!r} ({which}): {self.logged_rows} logged row(s) against "
+               f"{self.reference_name}",
+               f"{'feature':<{width}}  test  statistic  p-value     PSI  distance                 missing  drift"]
+        for name, _, _, result in self.rows:
+            if result["test"] is None:
+                out.append(f"{name:<{width}}  -     no values on one side{'':<33}{result['missing']:>7}  -")
+                continue
+            distance = f"{result['distance'][0]} {result['distance'][1]:.4g}"
+            out.append(f"{name:<{width}}  {result['test']:<4}  {result['statistic']:>9.4f}  {result['p_value']:<9.3g}"
+                       f"  {result['psi']:>6.3f}  {distance:<23}  {result['missing']:>7}  "
+                       f"{'yes' if self.drifted(result) else 'no'}")
+        tests = sum(result["test"] is not None for *_, result in self.rows)
+        rule = f"p < {self.alpha:g} / {tests} test(s) = {self.threshold:.3g}, Bonferroni"
+        found = self.found
+        out.append(f"drift found in {len(found)} of {tests}: {', '.join(found)} ({rule})" if found else
+                   f"no drift ({rule})")
+        if self.skipped:
+            out.append("skipped: " + ", ".join(f"{count} {why}" for why, count in sorted(self.skipped.items())))
+        return out
+
+
+_REFERENCE_COLOUR, _SERVED_COLOUR = "#7f9cc6", "#e0793a"
+
+
+def _histogram(reference, values):
+    """(bin labels, reference shares, served shares) for a chart: 20 equal bins over both samples' range for a
+    numeric column, the 12 most frequent categories (and "other") for a categorical one."""
+    import numpy as np
+
+    present = [value for value in values if not _missing(value)]
+    if reference["kind"] == "numeric":
+        ref, served = np.asarray(reference["values"], dtype=float), np.asarray(present, dtype=float)
+        both = np.concatenate([ref, served])
+        low, high = (float(both.min()), float(both.max())) if len(both) else (0.0, 1.0)
+        high = high if high > low else low + 1.0
+        edges = np.linspace(low, high, 21)
+        shares = [np.histogram(x, bins=edges)[0] / max(1, len(x)) for x in (ref, served)]
+        return [f"{edge:.4g}" for edge in edges[:-1]] + [f"{high:.4g}"], shares[0], shares[1]
+    ref, served = collections.Counter(reference["counts"]), collections.Counter(str(value) for value in present)
+    ref_total, served_total = max(1, sum(ref.values())), max(1, len(present))
+    top = [category for category, _ in (collections.Counter({c: n / ref_total for c, n in ref.items()}) +
+                                         collections.Counter({c: n / served_total for c, n in served.items()}))
+           .most_common(12)]
+    rest = lambda counts, total: (total - sum(counts[c] for c in top)) / total
+    labels = top + (["other"] if rest(ref, ref_total) or rest(served, served_total) else [])
+    shares = [[counts[c] / total for c in top] + ([rest(counts, total)] if len(labels) > len(top) else [])
+              for counts, total in ((ref, ref_total), (served, served_total))]
+    return labels, np.array(shares[0]), np.array(shares[1])
+
+
+def _histogram_svg(name, reference, values):
+    """An inline SVG bar chart of a column's reference and served shares, side by side per bin."""
+    import html
+
+    labels, ref, served = _histogram(reference, values)
+    bins = len(ref)
+    width, height, left, bottom = 440, 180, 36, 34
+    plot_width, plot_height = width - left - 8, height - bottom - 10
+    top = max(float(max(ref.max(initial=0), served.max(initial=0))), 1e-9)
+    step = plot_width / max(1, bins)
+    bars = []
+    for i in range(bins):
+        for j, (shares, colour) in enumerate(((ref, _REFERENCE_COLOUR), (served, _SERVED_COLOUR))):
+            h = plot_height * float(shares[i]) / top
+            bars.append(f'<rect x="{left + i * step + 1 + j * (step - 2) / 2:.1f}" y="{10 + plot_height - h:.1f}" '
+                        f'width="{max(0.5, (step - 2) / 2):.1f}" height="{h:.1f}" fill="{colour}"/>')
+    if reference["kind"] == "numeric":
+        ticks = [(left, labels[0], "start"), (left + plot_width, labels[-1], "end")]
+    else:
+        ticks = [(left + (i + 0.5) * step, label[:10], "middle") for i, label in enumerate(labels)]
+    axis = "".join(f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="{anchor}">{html.escape(text)}</text>'
+                   for x, text, anchor in ticks)
+    return (f'<svg class="histogram" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(name)}: reference and served shares</title>'
+            f'<line x1="{left}" y1="{10 + plot_height}" x2="{left + plot_width}" y2="{10 + plot_height}" '
+            f'stroke="#999"/><text x="{left - 4}" y="16" text-anchor="end">{top:.0%}</text>'
+            f'{"".join(bars)}{axis}</svg>')
+
+
+def drift_html(report):
+    """The report as one self-contained page: a summary, a table of the tests, one histogram per column."""
+    import html
+
+    found, lines = report.found, report.lines()
+    rows, figures = [], []
+    for name, reference, values, result in report.rows:
+        verdict = "drift" if report.drifted(result) else "no drift" if result["test"] else "not tested"
+        cells = [name, result["test"] or "-"] + (["-"] * 4 if result["test"] is None else [
+            f"{result['statistic']:.4f}", f"{result['p_value']:.3g}", f"{result['psi']:.3f}",
+            f"{result['distance'][0]} {result['distance'][1]:.4g}"]) + [str(result["missing"]), verdict]
+        rows.append(f'<tr class="{verdict.replace(" ", "-")}">' +
+                    "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
+        detail = "" if result["test"] is None else f" · {result['test']} p = {result['p_value']:.3g}, PSI " \
+                                                     f"{result['psi']:.3f}"
+        figures.append(f'<figure class="{verdict.replace(" ", "-")}"><figcaption><b>{html.escape(name)}</b> '
+                       f'{html.escape(verdict + detail)}</figcaption>{_histogram_svg(name, reference, values)}</figure>')
+    summary = (f"Drift in {len(found)} of {len(report.rows)}: {', '.join(found)}." if found else
+               "No drift.")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Drift of {html.escape(report.name)}</title>
+<style>
+ body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 64rem; padding: 0 1rem; color: #222; }}
+ table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #ddd; }}
+ tr.drift td, figure.drift figcaption {{ background: #fde8e4; }} .summary {{ font-size: 1.2rem; }}
+ .grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(450px, 1fr)); gap: 1rem; }}
+ figure {{ margin: 0; border: 1px solid #ddd; padding: .4rem; }} figcaption {{ padding: .1rem .3rem; }}
+ svg text {{ font-size: 11px; fill: #555; }} .key {{ display: inline-block; width: .9rem; height: .9rem; }}
+ pre {{ background: #f6f6f6; padding: .6rem; overflow: auto; }}
+</style></head><body>
+<h1>Drift of model {html.escape(report.name)}</h1>
+<p class="summary">{html.escape(summary)}</p>
+<p>{html.escape(lines[0])}. <span class="key" style="background:{_REFERENCE_COLOUR}"></span> reference
+<span class="key" style="background:{_SERVED_COLOUR}"></span> served (each bar: the share of that side's values)</p>
+<table><thead><tr><th>feature</th><th>test</th><th>statistic</th><th>p-value</th><th>PSI</th><th>distance</th>
+<th>missing</th><th>verdict</th></tr></thead><tbody>{"".join(rows)}</tbody></table>
+<h2>Histograms</h2><div class="grid">{"".join(figures)}</div>
+<h2>Report</h2><pre>{html.escape(chr(10).join(lines))}</pre>
+</body></html>
+"""
+
+
+@contextlib.contextmanager
+def _store_model(store, name, version=None):
+    """One loaded version of a model of the store (the highest served by default), for a command."""
+    config = dataclasses.replace(Config.load({"store": store}), poll_interval=0.0)
+    registry = ModelRegistry(config, watch=False)
+    registry.refresh()
+    model = registry.acquire(name, version, None)
+    try:
+        yield model
+    finally:
+        registry.release(model)
+
+
+def _profile_path(store, name):
+    return os.path.join(Config.load({"store": store}).store, name, PROFILE_FILE)
+
+
+def _read_profile(path):
+    """A stored reference profile, checked enough that a test can read it; ValueError says what is wrong."""
+    with open(path, "rb") as handle:
+        profile = parse_json(handle.read(), max_depth=8, what=path)
+    features = profile.get("features") if isinstance(profile, dict) else None
+    columns = (features or []) + ([profile["prediction"]] if profile.get("prediction") else [])
+    if not features or not all(isinstance(column, dict) and isinstance(column.get("name", ""), str) and (
+            column.get("kind") == "numeric" and isinstance(column.get("values"), list) and
+            all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in column["values"]) or
+            column.get("kind") == "categorical" and isinstance(column.get("counts"), dict) and
+            all(type(count) is int and count >= 0 for count in column["counts"].values())) for column in columns):
+        raise ValueError(f"{path} is not a reference profile (python service.py profile TRAIN --model NAME "
+                         "writes one)")
+    return profile
+
+
+def drift(arguments):
+    """The DriftReport of a `drift` command's arguments; ValueError, OSError or ServiceError when it cannot run."""
+    reference = arguments.reference or _profile_path(arguments.store, arguments.model)
+    if reference.endswith(".json"):
+        if not os.path.exists(reference):
+            raise ValueError(f"no --reference, and no {reference}: store a profile first (python service.py "
+                             f"profile TRAIN.csv --model {arguments.model}) or give --reference TRAIN.csv")
+        profile = _read_profile(reference)
+    else:
+        with _store_model(arguments.store, arguments.model, arguments.version) as model:
+            profile = build_profile(model, *read_table(reference), reference)
+    report = DriftReport(arguments.model, arguments.version, f"{os.path.basename(reference)} "
+                         f"({profile.get('rows', '?')} rows)", arguments.p_value)
+    since, until = (None if text is None else _log_time(text) for text in (arguments.since, arguments.until))
+    names, columns, predictions = _served(arguments.logs, arguments.model, arguments.version, since, until, report)
+    if not columns:
+        raise ValueError(f"no logged rows of model {arguments.model!r} to compare" +
+                         (f" ({', '.join(f'{n} {why}' for why, n in sorted(report.skipped.items()))})"
+                          if report.skipped else ""))
+    features = profile["features"]
+    if len(columns) != len(features):
+        raise ValueError(f"the log's rows have {len(columns)} features, the reference {len(features)}")
+    for feature, column, logged_name in zip(features, columns, names or [None] * len(columns)):
+        report.add(logged_name or feature.get("name"), feature, column)
+    if profile.get("prediction") and predictions is not None:
+        report.add("prediction", profile["prediction"], predictions)
+    return report
+
+
+def _time_argument(text):
+    if _log_time(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or time, e.g. 2026-12-05T14:00")
+    return text
+
+
+def _probability(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def drift_command(argv):
+    """`model-service drift LOG... --model NAME [--reference FILE] ...`; returns the exit code (0 no drift, 1 drift
+    found, 2 could not run)."""
+    parser = argparse.ArgumentParser(
+        prog="model-service drift",
+        description="Compare the rows a model was asked about (payload logs, --payload-log) with its training "
+                    "data, feature by feature (KS or chi-squared, Bonferroni-corrected; PSI; Wasserstein or "
+                    "Jensen-Shannon distance), and its logged predictions with its predictions on that data. "
+                    "Exit status: 0 no drift, 1 drift found, 2 could not run.")
+    parser.add_argument("logs", metavar="LOG", nargs="+", help="payload log file, or a folder of them")
+    parser.add_argument("--model", required=True, metavar="NAME", help="the model whose logged rows are compared")
+    parser.add_argument("--version", metavar="V", help="only rows served by this version (default: all)")
+    parser.add_argument("--reference", metavar="FILE", help=f"training rows (.csv, .jsonl, .parquet) or a profile "
+                        f"(.json); default: the model's stored {PROFILE_FILE}")
+    parser.add_argument("--store", metavar="DIR", help=f"model store (env {ENV_PREFIX}STORE; default: model_store)")
+    parser.add_argument("--since", type=_time_argument, metavar="TIME", help="only rows logged at or after TIME (UTC)")
+    parser.add_argument("--until", type=_time_argument, metavar="TIME", help="only rows logged before TIME (UTC)")
+    parser.add_argument("--p-value", type=_probability, default=0.05, metavar="P",
+                        help="significance over all tests, divided among them (Bonferroni; default 0.05)")
+    parser.add_argument("--html", metavar="REPORT.html", help="also write a self-contained report with histograms")
+    parser.add_argument("--fail-on", choices=("drift", "never"), default="drift",
+                        help="exit 1 when drift is found (default), or never (exit 0 unless it cannot run)")
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = drift(arguments)
+        if arguments.html:
+            _write_text(arguments.html, drift_html(report))
+    except Exception as error:  # any input: one line and status 2, never a traceback
+        print(f"model-service drift: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines()))
+    return 1 if report.found and arguments.fail_on == "drift" else 0
+
+
+def _one_line(error):
+    """Why a command could not run, in one line."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return getattr(error, "message", None) or str(error) or type(error).__name__
+
+
+def _write_text(path, text):
+    """Write a file whole: a reader sees the old one or the new one, never half of it."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def profile_command(argv):
+    """`model-service profile TRAIN --model NAME [--output FILE]`: a reference profile beside the model."""
+    parser = argparse.ArgumentParser(
+        prog="model-service profile",
+        description=f"Summarise a model's training rows once, as {PROFILE_FILE} in its folder of the store, so that "
+                    "`model-service drift` needs no training data at hand.")
+    parser.add_argument("train", metavar="TRAIN", help="training rows: .csv (with a header), .jsonl or .parquet")
+    parser.add_argument("--model", required=True, metavar="NAME", help="the model they trained")
+    parser.add_argument("--version", metavar="V", help="the version whose predictions are profiled (default: the "
+                        "highest served)")
+    parser.add_argument("--store", metavar="DIR", help=f"model store (env {ENV_PREFIX}STORE; default: model_store)")
+    parser.add_argument("--output", metavar="FILE", help=f"where to write it (default: the model's {PROFILE_FILE})")
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with _store_model(arguments.store, arguments.model, arguments.version) as model:
+            if arguments.output is None and "/" not in model.ref.file:
+                raise ValueError(f"model {model.name!r} is one file in the store ({model.ref.file}): give --output "
+                                 f"FILE, or move it to {model.name}/1/ so that its profile sits beside it")
+            profile = build_profile(model, *read_table(arguments.train), arguments.train)
+        output = arguments.output or _profile_path(arguments.store, arguments.model)
+        _write_text(output, dumps(profile) + "\n")
+    except Exception as error:  # any input: one line and status 2, never a traceback
+        print(f"model-service profile: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    print(f"wrote {output}: {profile['rows']} rows, {len(profile['features'])} features"
+          f"{', and the predictions' if profile['prediction'] else ''}")
+    return 0
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -6477,6 +7033,10 @@ def main(argv=None, serve=serve):
         return export_command(argv[1:])
     if argv[:1] == ["replay"]:
         return replay_command(argv[1:])
+    if argv[:1] == ["drift"]:
+        return drift_command(argv[1:])
+    if argv[:1] == ["profile"]:
+        return profile_command(argv[1:])
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
 
@@ -8446,12 +9006,15 @@ CONSOLE_HTML = """<!doctype html>
 <title>model-service</title>
 <style>
  body { font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }
- h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
+ h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 1.4rem; }
+ #auth { display: flex; align-items: baseline; gap: .5rem; margin-bottom: 1rem; } #auth label { display: inline; }
+ #auth button, #auth input { margin-top: 0; } .choices { display: flex; flex-wrap: wrap; gap: 0 1.5rem; }
  table { border-collapse: collapse; width: 100%; } th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #ddd; }
  label { display: block; margin: .4rem 0 .1rem; font-weight: 600; }
  input, select, textarea { font: inherit; padding: .25rem; } textarea { width: 100%; min-height: 5rem; font-family: monospace; }
  #features { display: grid; grid-template-columns: repeat(auto-fill, minmax(12rem, 1fr)); gap: .3rem 1rem; }
- #features input { display: block; width: 100%; box-sizing: border-box; }
+ #features input { display: block; width: 100%; box-sizing: border-box; font-weight: 400; }
+ #features input::placeholder { font-style: italic; }
  pre, code { background: #f6f6f6; } pre { padding: .8rem; overflow: auto; } code { word-break: break-all; }
  .error { color: #b00020; } .muted { color: #777; } .invalid { outline: 2px solid #b00020; background: #fff0f0; }
  button { font: inherit; padding: .35rem 1rem; margin-top: .8rem; }
@@ -8462,21 +9025,23 @@ CONSOLE_HTML = """<!doctype html>
 <p class="muted">Models in this service, and a form to try them. <a href="/openapi.json">OpenAPI</a> · <a href="/models">/models</a></p>
 <form id="auth">
  <label for="token">Token <span class="muted">(only if the service asks for one)</span></label>
- <input id="token" type="password" autocomplete="off"> <button type="submit">Use token</button>
+ <input id="token" type="password" autocomplete="off"><button type="submit">Use token</button>
 </form>
 <table id="models"><thead><tr><th>model</th><th>latest</th><th>served versions</th><th>labels</th><th>states</th></tr></thead><tbody></tbody></table>
 <p id="listing" class="muted"></p>
 <h2>Try a model</h2>
 <form id="try">
- <label for="model">Model</label><select id="model" name="model"></select>
- <label for="version">Version</label><select id="version" name="version"></select>
- <label for="method">Method</label><select id="method" name="method"></select>
+ <div class="choices">
+  <div><label for="model">Model</label><select id="model" name="model"></select></div>
+  <div><label for="version">Version</label><select id="version" name="version"></select></div>
+  <div><label for="method">Method</label><select id="method" name="method"></select></div>
+ </div>
  <p id="described" class="muted"></p>
  <div id="features"></div>
- <label for="raw">Input as JSON (rows, as in {"instances": ...}; used instead of the fields when given)</label>
+ <button id="send" type="submit">Predict</button>
+ <label for="raw">Or rows as JSON (as in {"instances": ...}; used instead of the fields when given)</label>
  <textarea id="raw" name="raw"></textarea>
  <p class="muted">Example request: <code id="example"></code></p>
- <button id="send" type="submit">Predict</button>
 </form>
 <h2>Result</h2>
 <p id="status" class="muted">No request sent yet.</p>
@@ -8525,7 +9090,8 @@ function showModels() {
   rows.textContent = "";
   for (const model of models) {
     const row = rows.insertRow();
-    const states = model.versions.map((v) => v.version + ": " + v.state).join(", ");
+    const states = model.versions.map((v) => v.version + ": " + (v.state === "UNLOADED" ? "loads on first request" :
+                                                                  v.state)).join(", ");
     const labels = Object.entries(model.labels).map(([l, v]) => l + " → " + v).join(", ");
     for (const text of [model.name, model.latest_version || "none", model.served_versions.join(", "), labels, states]) {
       row.insertCell().textContent = text;
@@ -8636,7 +9202,7 @@ function showInputs(info) {
 function addField(name) {
   const label = document.createElement("label"), input = document.createElement("input");
   label.textContent = name;
-  input.type = "text"; input.inputMode = "decimal"; input.autocomplete = "off"; input.placeholder = "0";
+  input.type = "text"; input.inputMode = "decimal"; input.autocomplete = "off"; input.placeholder = "number";
   input.dataset.feature = name;
   label.appendChild(input);
   $("features").appendChild(label);
@@ -8728,6 +9294,563 @@ def _content_security_policy(page):
 
 
 CONSOLE_CSP = _content_security_policy(CONSOLE_HTML)
+
+
+###############################################################################
+# Explanations ################################################################
+###############################################################################
+# Per prediction, per model output: one contribution per input feature and an expected (base)
+# value that add up to the output, in the layout of shap's Explanation.values / base_values.
+# Exact, and needing no background data:
+#   trees, forests, extra trees   path-dependent TreeSHAP of predict_proba (classifiers) or predict,
+#   gradient boosting, histogram  the same of the raw margin (decision_function) or predict, computed from
+#     boosting                    the fitted trees' own node weights exactly as shap.TreeExplainer does
+#   linear models                 coef · (x - reference) per feature, of decision_function or predict
+#   pipelines in front of them    scikit-learn's own transform first; each transformed column's share
+#                                 goes to the input feature it came from (a one-hot block sums to its feature)
+# Anything else is a 501 naming the family.  The entry point is `explain_model`; an Explainer is
+# built once per loaded model, proved on probe rows (its expected value and contributions must add
+# up to the estimator's own answer), and each request's rows are checked the same way.
+#
+# TreeSHAP without a per-node Python loop.  For one leaf l, the path-dependent value of a set S of
+# features is v_l * prod_f (o_f if f in S else z_f) over the features f split on along l's path,
+# where o_f says whether the row satisfies every split on f there and z_f is the product of those
+# splits' cover fractions (w_child / w_parent).  Shapley weights are Beta integrals, so feature f
+# gets v_l * integral_0^1 r_f(t) P_l(t) dt, with M_f(t) = z_f + t (o_f - z_f), P_l = prod_f M_f and
+# r_f = (o_f - z_f) / M_f: a polynomial of degree below the depth, which Gauss-Legendre quadrature
+# on ceil(depth / 2) nodes integrates exactly.  Both factors live on the tree's edges: P_l is the
+# product over the path of M_e / M_prev(e) (prev(e): the edge above e splitting on the same feature,
+# so a repeated feature telescopes to its merged o and z), taken top-down one depth at a time; and
+# the sum of v_l P_l over the leaves below an edge, bottom-up.  Each edge e then adds, at every node
+# t_q, w_q (r_e - r_prev(e)) times that sum to its feature.  A row costs a few numpy passes over
+# (quadrature nodes x edges x outputs) for all trees at once; per model, each edge's merged interval
+# (lo, hi] on its feature, where NaN goes, and the factors of its three cases (row satisfies the
+# merged split; fails it here first; failed it above) are computed once.
+
+EXPLAIN_TABLE_CELLS = 1 << 23    # numbers a model's TreeSHAP tables may hold (64 MiB): a bigger ensemble is a 501
+EXPLAIN_CHUNK_CELLS = 1 << 17    # numbers one pass over a chunk of rows may hold (1 MiB: fresh pages cost more)
+EXPLAIN_TOLERANCE = 1e-9         # how closely expected value + contributions must equal the model's output
+_EXPLAIN_PROBES = 8              # random rows an Explainer is proved on when it is built (and again with NaN)
+_EXPLAIN_PROBE_SEED = 25         # the same probes at every build
+
+#: one fitted tree as TreeSHAP reads it; `value` holds each node's outputs, already scaled
+_Tree = collections.namedtuple("_Tree", "left right feature threshold missing_left weight value")
+
+
+class _NotExplained(Exception):
+    """Why a model's predictions cannot be explained exactly (the 501's reason)."""
+
+
+def _tree_layout(trees):
+    """The trees' nodes in one numbering: (columns by name, roots), each tree's nodes after the last's."""
+    import numpy as np
+
+    parts, offset = [], 0
+    for tree in trees:
+        count = len(tree.left)
+        internal = tree.left >= 0
+        inner = np.flatnonzero(internal)
+        parent, is_left = np.full(count, -1), np.zeros(count, dtype=bool)
+        parent[tree.left[inner]], parent[tree.right[inner]], is_left[tree.left[inner]] = inner, inner, True
+        depth, frontier, level = np.zeros(count, dtype=np.intp), np.zeros(1, dtype=np.intp), 0
+        while len(frontier):
+            depth[frontier] = level
+            frontier = frontier[internal[frontier]]
+            frontier, level = np.concatenate([tree.left[frontier], tree.right[frontier]]), level + 1
+        shift = lambda index: np.where(index >= 0, index + offset, -1)
+        parts.append({"parent": shift(parent), "left": shift(np.where(internal, tree.left, -1)),
+                      "right": shift(np.where(internal, tree.right, -1)), "is_left": is_left, "depth": depth,
+                      "internal": internal, "feature": tree.feature, "threshold": tree.threshold,
+                      "missing_left": tree.missing_left, "weight": tree.weight, "value": tree.value,
+                      "root": np.array([offset])})
+        offset += count
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def _edge_conditions(nodes):
+    """Per node, of the edge from its parent: the feature split on, and that feature's merged split along
+    the path down to it: the interval (lo, hi] a row's value must lie in, whether NaN follows it, the
+    product z of its cover fractions, and prev, the nearest edge above on the same feature (-1: none)."""
+    import numpy as np
+
+    parent, depth = nodes["parent"], nodes["depth"]
+    edge = parent >= 0
+    above = np.where(edge, parent, 0)
+    feature = np.where(edge, nodes["feature"][above], 0)
+    threshold = nodes["threshold"][above]
+    lo = np.where(edge & ~nodes["is_left"], threshold, -np.inf)
+    hi = np.where(edge & nodes["is_left"], threshold, np.inf)
+    nan_follows = np.where(edge, nodes["missing_left"][above] == nodes["is_left"], True)
+    weight = nodes["weight"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.nan_to_num(np.where(edge, weight / weight[above], 1.0), nan=0.0)
+    prev, ancestor = np.full(len(parent), -1), parent.copy()
+    for _ in range(int(depth.max())):                # walk up, one level for every node at once
+        found = (ancestor >= 0) & (prev < 0) & edge
+        found &= (parent[np.maximum(ancestor, 0)] >= 0) & (feature[np.maximum(ancestor, 0)] == feature)
+        prev[found] = ancestor[found]
+        ancestor = np.where(ancestor >= 0, parent[np.maximum(ancestor, 0)], -1)
+    for level in range(2, int(depth.max()) + 1):     # merge top-down: prev is always shallower
+        at = np.flatnonzero((depth == level) & (prev >= 0))
+        above = prev[at]
+        lo[at], hi[at] = np.maximum(lo[at], lo[above]), np.minimum(hi[at], hi[above])
+        nan_follows[at] &= nan_follows[above]
+        z[at] *= z[above]
+    return feature, lo, hi, nan_follows, z, prev
+
+
+def _expected_value(nodes):
+    """Each tree's root value as the weighted mean of its leaves (shap's compute_expectations), summed."""
+    import numpy as np
+
+    value, weight, depth = nodes["value"].astype(np.float64), nodes["weight"], nodes["depth"]
+    left, right = nodes["left"], nodes["right"]
+    for level in range(int(depth.max()) - 1, -1, -1):
+        at = np.flatnonzero((depth == level) & nodes["internal"])
+        left_weight, right_weight = weight[left[at]][:, None], weight[right[at]][:, None]
+        total = left_weight + right_weight
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = (left_weight * value[left[at]] + right_weight * value[right[at]]) / total
+        value[at] = np.where(total == 0, 0.0, mean)
+    return value[nodes["root"]].sum(axis=0)
+
+
+class _TreeShap:
+    """Path-dependent TreeSHAP of a group of trees whose leaf values add up to the outputs (see above).
+
+    The nodes are laid out internal ones first, by depth (roots first), then the leaves, so each
+    depth is one slice; an edge is a node other than a root, numbered by its position minus the
+    number of roots.  `float32`: the model compares its inputs as float32 (scikit-learn's trees).
+    """
+
+    def __init__(self, trees, n_features, float32=False, base=0.0):
+        import numpy as np
+        import scipy.sparse
+
+        nodes = _tree_layout(trees)
+        feature, lo, hi, nan_follows, z, prev = _edge_conditions(nodes)
+        depth, internal = nodes["depth"], nodes["internal"]
+        order = np.argsort(np.where(internal, depth, depth.max() + 1), kind="stable")
+        where = np.empty(len(order), dtype=np.intp)
+        where[order] = np.arange(len(order))
+        self.roots, self.internal, self.nodes = len(nodes["root"]), int(internal.sum()), len(order)
+        self.edges = self.nodes - self.roots
+        self.quadrature = max(1, (int(depth.max()) + 1) // 2)
+        if 6 * self.quadrature * self.edges > EXPLAIN_TABLE_CELLS:
+            raise _NotExplained(f"its {len(trees)} trees of {self.nodes} nodes, depth {int(depth.max())}, "
+                                f"are too large to explain within {EXPLAIN_TABLE_CELLS * 8 >> 20} MiB")
+        self.n_features, self.float32 = n_features, float32
+        self.expected = _expected_value(nodes) + base
+        self.width = self.expected.shape[0]
+        edge_nodes = order[self.roots:]
+        self.feature, self.lo, self.hi, self.nan_follows = (feature[edge_nodes], lo[edge_nodes], hi[edge_nodes],
+                                                            nan_follows[edge_nodes])
+        has_prev = prev[edge_nodes] >= 0
+        self.prev = np.where(has_prev, where[np.maximum(prev[edge_nodes], 0)] - self.roots, 0)
+        self.no_prev, self.edge_index = ~has_prev, np.arange(self.edges)
+        self.ratio, self.step = self._tables(z[edge_nodes], np.where(has_prev, z[np.maximum(prev[edge_nodes], 0)],
+                                                                     1.0), has_prev)
+        self.parent = where[np.maximum(nodes["parent"][order], 0)]
+        self.left = where[np.maximum(nodes["left"][order[:self.internal]], 0)]
+        self.right = where[np.maximum(nodes["right"][order[:self.internal]], 0)]
+        starts = list(np.searchsorted(depth[order[:self.internal]], np.arange(int(depth.max()) + 1)))
+        self.levels = [(int(s), int(e)) for s, e in zip(starts, starts[1:] + [self.internal]) if e > s]
+        self.leaf_values = np.ascontiguousarray(nodes["value"][order[self.internal:]].T, dtype=np.float64)
+        self.incidence = scipy.sparse.csr_matrix((np.ones(self.edges), (self.feature, self.edge_index)),
+                                                 shape=(n_features, self.edges))
+
+    def _tables(self, z, z_prev, has_prev):
+        """(ratio, step): per quadrature node, for each edge's three cases (0: the row satisfies its merged
+        split; 1: fails it at this edge; 2: failed it above), M_e / M_prev and w_q (r_e - r_prev)."""
+        import numpy as np
+
+        x, w = np.polynomial.legendre.leggauss(self.quadrature)
+        t, w = (x[:, None] + 1) / 2, w[:, None] / 2
+        hot, cold = lambda zz: t + (1 - t) * zz, lambda zz: (1 - t) * zz
+        with np.errstate(divide="ignore", invalid="ignore"):
+            hot_prev = np.where(has_prev, hot(z_prev), 1.0)
+            ratio = np.stack([hot(z) / hot_prev, cold(z) / hot_prev, cold(z) / cold(z_prev)], axis=1)
+            r_hot, r_cold = lambda zz: (1 - zz) / hot(zz), -1 / (1 - t)
+            r_prev = np.where(has_prev, r_hot(z_prev), 0.0)
+            step = np.stack([r_hot(z) - r_prev, r_cold - r_prev, np.zeros_like(ratio[:, 0])], axis=1) * w[:, None]
+        # 0/0 only below a zero-weight edge the row fails, where the product is already 0
+        ratio = np.nan_to_num(ratio, nan=0.0, posinf=0.0)
+        return ratio.reshape(self.quadrature, -1), step.reshape(self.quadrature, -1)
+
+    def contributions(self, X):
+        """(rows, n_features, outputs) for the float64 rows X, in chunks that bound the temporaries."""
+        import numpy as np
+
+        chunk = max(1, EXPLAIN_CHUNK_CELLS // (self.quadrature * self.nodes * (self.width + 2)))
+        parts = [self._chunk(X[start:start + chunk]) for start in range(0, len(X), chunk)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _chunk(self, X):
+        import numpy as np
+
+        n, roots, internal, edges = len(X), self.roots, self.internal, self.edges
+        if self.float32:       # compared as scikit-learn compares: float32 (1e300 is infinite there) against float64
+            with np.errstate(over="ignore"):
+                X = X.astype(np.float32).astype(np.float64)
+        values = X[:, self.feature]
+        satisfied = (values > self.lo) & (values <= self.hi)
+        missing = np.isnan(values)
+        if missing.any():
+            satisfied |= missing & self.nan_follows
+        satisfied_above = satisfied[:, self.prev] | self.no_prev
+        case = (2 - satisfied - satisfied_above) * edges + self.edge_index          # (rows, edges)
+        ratio = np.take(self.ratio, case, axis=1)                                     # (q, rows, edges)
+        above = np.empty((self.quadrature, n, internal))                # product of the ratios down to each node
+        above[:, :, :roots] = 1.0
+        for start, end in self.levels[1:]:
+            np.multiply(np.take(above, self.parent[start:end], axis=2), ratio[:, :, start - roots:end - roots],
+                        out=above[:, :, start:end])
+        below = np.empty((self.quadrature, self.width, n, self.nodes))   # sum of v_l P_l over the leaves below
+        leaf_products = np.take(above, self.parent[internal:], axis=2) * ratio[:, :, internal - roots:]
+        np.multiply(leaf_products[:, None], self.leaf_values[None, :, None, :], out=below[..., internal:])
+        for start, end in self.levels[::-1]:
+            np.add(np.take(below, self.left[start:end], axis=3), np.take(below, self.right[start:end], axis=3),
+                   out=below[..., start:end])
+        step = np.take(self.step, case, axis=1)
+        per_edge = (step[:, None] * below[..., roots:]).sum(axis=0)                  # (outputs, rows, edges)
+        summed = self.incidence @ per_edge.reshape(self.width * n, edges).T           # (features, outputs * rows)
+        return np.asarray(summed).reshape(self.n_features, self.width, n).transpose(2, 0, 1)
+
+
+def _sklearn_tree(tree, scale, normalize=False):
+    """A scikit-learn Tree as TreeSHAP reads it: values (per class as fractions when `normalize`) times `scale`."""
+    import numpy as np
+
+    value = tree.value.reshape(tree.node_count, -1).astype(np.float64)
+    if normalize:
+        total = value.sum(axis=1, keepdims=True)
+        value = value / np.where(total == 0, 1.0, total)
+    missing_left = getattr(tree, "missing_go_to_left", None)
+    return _Tree(tree.children_left.astype(np.intp), tree.children_right.astype(np.intp),
+                 tree.feature.astype(np.intp), tree.threshold.astype(np.float64),
+                 np.zeros(tree.node_count, dtype=bool) if missing_left is None else missing_left.astype(bool),
+                 tree.weighted_n_node_samples.astype(np.float64), value * scale)
+
+
+def _histogram_tree(predictor):
+    """A histogram boosting predictor's nodes as TreeSHAP reads them: their `count` is the cover (as in shap)."""
+    import numpy as np
+
+    nodes = predictor.nodes
+    if nodes["is_categorical"].any():
+        raise _NotExplained("its categorical features split on sets of categories, which are not explained here")
+    leaf = nodes["is_leaf"].astype(bool)
+    return _Tree(np.where(leaf, -1, nodes["left"].astype(np.intp)), np.where(leaf, -1, nodes["right"].astype(np.intp)),
+                 nodes["feature_idx"].astype(np.intp), nodes["num_threshold"].astype(np.float64),
+                 nodes["missing_go_to_left"].astype(bool), nodes["count"].astype(np.float64),
+                 nodes["value"].astype(np.float64)[:, None])
+
+
+#: what an Explainer explains: the estimator's method, in words, and the names of its outputs
+_Explained = collections.namedtuple("_Explained", "method output output_names")
+
+
+def _class_outputs(estimator, method):
+    """_Explained for a classifier's method: one output per class, or the positive class's margin alone."""
+    classes = [str(label) for label in to_jsonable(estimator.classes_)]
+    if method == "predict_proba":
+        return _Explained(method, "probability", classes)
+    return _Explained(method, "raw margin", classes[1:] if len(classes) == 2 else classes)
+
+
+def _regression_outputs(width):
+    return _Explained("predict", "prediction", ["predict"] if width == 1 else [f"predict[{i}]" for i in
+                                                                                  range(width)])
+
+
+def _forest_shap(estimator, n_features, reference=None):
+    """Trees and forests: ([_TreeShap], _Explained); classifiers' trees give class fractions, averaged."""
+    members = getattr(estimator, "estimators_", None) or [estimator]
+    if getattr(estimator, "n_outputs_", 1) != 1 and hasattr(estimator, "classes_"):
+        raise _NotExplained("it is a multi-output classifier")
+    classifier = hasattr(estimator, "classes_")
+    trees = [_sklearn_tree(member.tree_, 1.0 / len(members), normalize=classifier) for member in members]
+    explained = _class_outputs(estimator, "predict_proba") if classifier else \
+        _regression_outputs(trees[0].value.shape[1])
+    return [_TreeShap(trees, n_features, float32=True)], explained
+
+
+def _boosting_shap(estimator, n_features, reference=None):
+    """GradientBoosting*: one TreeSHAP per output (the column of estimators_), its init's raw value as base."""
+    import numpy as np
+    from sklearn.dummy import DummyClassifier, DummyRegressor
+
+    init = estimator.init_
+    if not (isinstance(init, str) and init == "zero") and type(init) not in (DummyClassifier, DummyRegressor):
+        raise _NotExplained(f"its init estimator {type(init).__name__} makes the base value depend on the row")
+    base = np.asarray(estimator._raw_predict_init(np.zeros((1, n_features), dtype=np.float32)))[0]
+    groups = [_TreeShap([_sklearn_tree(tree.tree_, estimator.learning_rate) for tree in column], n_features,
+                        float32=True, base=base[k]) for k, column in enumerate(estimator.estimators_.T)]
+    classifier = hasattr(estimator, "classes_")
+    return groups, _class_outputs(estimator, "decision_function") if classifier else _regression_outputs(1)
+
+
+def _histogram_boosting_shap(estimator, n_features, reference=None):
+    """HistGradientBoosting*: one TreeSHAP per output, the baseline prediction as base."""
+    import numpy as np
+
+    if getattr(estimator, "_preprocessor", None) is not None:
+        raise _NotExplained("its categorical features split on sets of categories, which are not explained here")
+    base = np.asarray(estimator._baseline_prediction, dtype=np.float64).reshape(-1)
+    groups = [_TreeShap([_histogram_tree(iteration[k]) for iteration in estimator._predictors], n_features,
+                        base=base[k]) for k in range(estimator.n_trees_per_iteration_)]
+    classifier = hasattr(estimator, "classes_")
+    return groups, _class_outputs(estimator, "decision_function") if classifier else _regression_outputs(1)
+
+
+@functools.cache
+def _explained_families():
+    """{estimator class: builder(estimator, width, reference) -> ([parts], _Explained)}: exact classes only, so a
+    subclass's own predictions are never explained as its parent's.  A part (a _TreeShap or a _Linear) has
+    `expected`, `width` and `contributions(Z)`; the parts' outputs are side by side."""
+    from sklearn import ensemble, linear_model, svm, tree
+
+    families = {
+        _forest_shap: (tree.DecisionTreeClassifier, tree.DecisionTreeRegressor, tree.ExtraTreeClassifier,
+                  tree.ExtraTreeRegressor, ensemble.RandomForestClassifier, ensemble.RandomForestRegressor,
+                  ensemble.ExtraTreesClassifier, ensemble.ExtraTreesRegressor),
+        _boosting_shap: (ensemble.GradientBoostingClassifier, ensemble.GradientBoostingRegressor),
+        _histogram_boosting_shap: (ensemble.HistGradientBoostingClassifier, ensemble.HistGradientBoostingRegressor),
+        _linear_shap: (linear_model.LinearRegression, linear_model.Ridge, linear_model.RidgeCV, linear_model.Lasso,
+                  linear_model.LassoCV, linear_model.ElasticNet, linear_model.ElasticNetCV, linear_model.Lars,
+                  linear_model.LassoLars, linear_model.BayesianRidge, linear_model.ARDRegression,
+                  linear_model.HuberRegressor, linear_model.QuantileRegressor, linear_model.SGDRegressor,
+                  svm.LinearSVR, linear_model.LogisticRegression, linear_model.LogisticRegressionCV,
+                  linear_model.RidgeClassifier, linear_model.RidgeClassifierCV, linear_model.SGDClassifier,
+                  linear_model.Perceptron, svm.LinearSVC),
+    }
+    return {cls: builder for builder, classes in families.items() for cls in classes}
+
+
+class _Linear:
+    """coef · (z - reference) for the rows z a linear model takes; the expected value is its output at the
+    reference.  Proved: the model's own method must answer z @ coef.T + intercept."""
+
+    def __init__(self, estimator, reference):
+        import numpy as np
+
+        coef = np.asarray(estimator.coef_, dtype=np.float64)
+        self.coef = coef.reshape(-1, coef.shape[-1])                            # (outputs, features)
+        intercept = np.asarray(estimator.intercept_, dtype=np.float64).reshape(-1)
+        self.reference = np.zeros(self.coef.shape[1]) if reference is None else reference
+        self.expected = self.coef @ self.reference + np.broadcast_to(intercept, self.coef.shape[:1])
+        self.width = len(self.expected)
+
+    def contributions(self, Z):
+        return (Z - self.reference)[:, :, None] * self.coef.T[None]
+
+
+def _linear_shap(estimator, n_features, reference=None):
+    explained = _class_outputs(estimator, "decision_function") if hasattr(estimator, "classes_") else \
+        _regression_outputs(1 if getattr(estimator, "coef_").ndim == 1 else estimator.coef_.shape[0])
+    return [_Linear(estimator, reference)], explained
+
+
+def _split_pipeline(estimator, n_features):
+    """(final estimator, the transform of the steps before it or None, owners or None): owners[j] is the input
+    column that column j of the transformed rows comes from."""
+    import numpy as np
+    from sklearn.pipeline import Pipeline
+
+    if type(estimator) is not Pipeline:
+        return estimator, None, None
+    owners = np.arange(n_features)
+    for _, step in estimator.steps[:-1]:
+        owners = owners[_column_owners(step, len(owners))]
+    return estimator.steps[-1][1], estimator[:-1].transform, owners
+
+
+def _column_owners(step, width):
+    """For each column a fitted transformer answers, the index of the input column (of `width`) it comes from."""
+    import numpy as np
+    from sklearn import compose, impute, pipeline, preprocessing
+
+    same, kind = np.arange(width), type(step)
+    if step is None or (isinstance(step, str) and step == "passthrough") or kind in (
+            preprocessing.StandardScaler, preprocessing.MinMaxScaler, preprocessing.MaxAbsScaler,
+            preprocessing.RobustScaler, preprocessing.OrdinalEncoder) or (
+            kind is preprocessing.FunctionTransformer and step.func is None):
+        return same
+    if kind is preprocessing.OneHotEncoder:
+        return np.repeat(same, step._n_features_outs)
+    if kind is preprocessing.KBinsDiscretizer:
+        return same if step.encode == "ordinal" else np.repeat(same, step.n_bins_)
+    if kind is impute.SimpleImputer:
+        dropped = np.array([value != value for value in step.statistics_], dtype=bool)   # NaN: an empty column
+        kept = same if step.keep_empty_features or step.strategy == "constant" else same[~dropped]
+        return np.concatenate([kept, step.indicator_.features_]) if step.add_indicator else kept
+    if kind is pipeline.Pipeline:
+        for _, inner in step.steps:
+            same = same[_column_owners(inner, len(same))]
+        return same
+    if kind is compose.ColumnTransformer:
+        blocks = []
+        for name, transformer, _ in step.transformers_:
+            columns = step.output_indices_[name]
+            if columns.stop > columns.start:
+                inputs = np.asarray(step._transformer_to_input_indices[name], dtype=np.intp)
+                blocks.append((columns.start, inputs[_column_owners(transformer, len(inputs))]))
+        return np.concatenate([owners for _, owners in sorted(blocks, key=lambda block: block[0])] or
+                              [np.zeros(0, dtype=np.intp)])
+    raise _NotExplained(f"its step {kind.__name__} mixes its input columns (each column must come from one)")
+
+
+def _outputs_matrix(outputs):
+    """A method's answer as (rows, outputs) float64: a 1-D answer is one output."""
+    import numpy as np
+
+    outputs = np.asarray(outputs, dtype=np.float64)
+    return outputs[:, None] if outputs.ndim == 1 else outputs
+
+
+def _adds_up(expected, contributions, outputs):
+    """Whether expected value + contributions equal the outputs in every row, to EXPLAIN_TOLERANCE (relative
+    beyond 1)."""
+    import numpy as np
+
+    total = expected + contributions.sum(axis=1)
+    return total.shape == outputs.shape and bool(
+        (np.abs(total - outputs) <= EXPLAIN_TOLERANCE * np.maximum(1.0, np.abs(outputs))).all())
+
+
+class Explainer:
+    """How one fitted estimator's predictions are explained (see "Explanations"); built once per model.
+
+    `n_features`: the width of the rows it takes, named `feature_names` (default x0, x1, ...).
+    `reference`: one row as the model takes it, from which a linear model's contributions are
+    measured; without one, from the zero of its final estimator's inputs, which is the training
+    mean of the features a StandardScaler standardizes.  Trees need none: path-dependent TreeSHAP
+    weighs each split by the training rows that reached it.  Raises _NotExplained, saying why.
+    """
+
+    def __init__(self, estimator, n_features, feature_names=None, reference=None):
+        self.n_features = n_features
+        self.feature_names = [str(name) for name in feature_names] if feature_names is not None else \
+            [f"x{i}" for i in range(n_features)]
+        steps = getattr(estimator, "steps", None)
+        self.family = type(estimator).__name__ if not steps else f"a Pipeline ending in {type(steps[-1][1]).__name__}"
+        try:
+            self._build(estimator, reference)
+        except _NotExplained as why:
+            raise _NotExplained(f"{self.family}: {why}") from None
+
+    def _build(self, estimator, reference):
+        import numpy as np
+
+        final, self._transform, self._owners = _split_pipeline(estimator, self.n_features)
+        builder = _explained_families().get(type(final))
+        if builder is None:
+            raise _NotExplained("not a family explained exactly here (trees, forests, gradient and histogram "
+                                "boosting, linear models, and pipelines of scalers, imputers and encoders in "
+                                "front of them)")
+        width = self.n_features if self._owners is None else len(self._owners)
+        self._parts, self.explained = builder(final, width, None if reference is None else self._rows(reference)[0])
+        self.expected = np.concatenate([part.expected for part in self._parts])
+        self._prove(final, width)
+
+    def explain(self, X):
+        """(expected value per output, contributions (rows, features, outputs)) for the rows X the model takes."""
+        import numpy as np
+
+        contributions = self._contributions(self._rows(X))
+        if self._owners is None:
+            return self.expected, contributions
+        summed = np.zeros((len(contributions), self.n_features, contributions.shape[2]))
+        np.add.at(summed, (slice(None), self._owners), contributions)       # a one-hot block sums to its feature
+        return self.expected, summed
+
+    def _contributions(self, Z):
+        import numpy as np
+
+        return np.concatenate([part.contributions(Z) for part in self._parts], axis=2)
+
+    def _rows(self, X):
+        """The rows the final estimator takes (transformed by the steps before it), as dense float64."""
+        import numpy as np
+
+        Z = X if self._transform is None else self._transform(X)
+        Z = np.asarray(Z.toarray() if hasattr(Z, "toarray") else Z, dtype=np.float64)
+        if self._owners is not None and Z.shape[1] != len(self._owners):
+            raise _NotExplained(f"its steps answer {Z.shape[1]} columns where {len(self._owners)} were traced")
+        return Z
+
+    def _prove(self, final, width):
+        """Refuse unless, on probe rows, expected value + contributions equal the final estimator's own answers."""
+        import numpy as np
+
+        rng = np.random.default_rng(_EXPLAIN_PROBE_SEED)
+        rows = rng.normal(size=(_EXPLAIN_PROBES, width)) * 3
+        trees = [part for part in self._parts if isinstance(part, _TreeShap)]
+        if trees:                             # values at the trees' thresholds, where a path could go either way
+            features = np.concatenate([part.feature for part in trees])
+            splits = np.concatenate([np.where(np.isfinite(part.hi), part.hi, part.lo) for part in trees])
+            for feature in np.unique(features):
+                finite = splits[(features == feature) & np.isfinite(splits)]      # a split on NaN alone is at inf
+                if len(finite):
+                    rows[:, feature] = rng.choice(finite, size=len(rows))
+            rows *= 1 + rng.choice([-1e-7, 0.0, 1e-7], size=rows.shape)
+        missing = np.where(rng.random(rows.shape) < 0.2, np.nan, rows)
+        for probe in (rows, missing):
+            try:
+                outputs = _outputs_matrix(getattr(final, self.explained.method)(probe))
+            except ValueError:                # NaN, which the model refuses: nothing to prove there
+                continue
+            if not _adds_up(self.expected, self._contributions(probe), outputs):
+                raise _NotExplained(f"its explanation does not add up to its own {self.explained.method} on "
+                                    "probe rows")
+
+
+_explainers = weakref.WeakKeyDictionary()     # LoadedModel -> (its reference as JSON, Explainer or _NotExplained)
+_explainers_lock = threading.Lock()
+
+
+def explain_model(model, inputs, reference=None):
+    """The "explanations" of a LoadedModel's answer for `inputs` (rows as model_inputs makes them).
+
+    The rows are answered by the model's own method first, so they are refused exactly as a
+    prediction would be, and the explanation must add up to that answer in every row (else a
+    500: our fault).  `reference`: model-settings.json's "explain" reference row, as a request
+    would send it.  A model that cannot be explained exactly is a 501 naming its family and why.
+    """
+    explainer = _explainer(model, reference)
+    outputs = _outputs_matrix(model.call(explainer.explained.method, inputs))
+    expected, contributions = explainer.explain(inputs)
+    if not _adds_up(expected, contributions, outputs):
+        raise ServiceError("the explanation does not add up to the model's answer", model=model.name)
+    method, output, output_names = explainer.explained
+    return {"method": method, "output": output, "expected_value": to_jsonable(expected),
+            "contributions": to_jsonable(contributions), "feature_names": explainer.feature_names,
+            "output_names": output_names}
+
+
+def _explainer(model, reference):
+    """The model's Explainer, built at its first explanation (and again when its reference changes)."""
+    key = json.dumps(reference, sort_keys=True)
+    with _explainers_lock:
+        cached = _explainers.get(model)
+        if cached is None or cached[0] != key:
+            cached = _explainers[model] = (key, _build_explainer(model, reference))
+    if isinstance(cached[1], _NotExplained):
+        raise NotImplementedHere(f"model {model.name!r} cannot be explained exactly: {cached[1]}", model=model.name)
+    return cached[1]
+
+
+def _build_explainer(model, reference):
+    if model.n_features is None:
+        return _NotExplained(f"{type(model.estimator).__name__} does not take tabular rows")
+    try:
+        rows = None if reference is None else model_inputs(model, [reference], 1)
+    except BadRequest as error:           # the settings file's fault, not the caller's
+        raise ServiceError(f'model-settings.json "explain" reference: {error.message}', model=model.name) from None
+    try:
+        return Explainer(model.estimator, model.n_features, model.feature_names, rows)
+    except _NotExplained as error:
+        return error
 
 
 ###############################################################################

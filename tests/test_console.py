@@ -238,3 +238,28 @@ def test_the_console_asks_for_the_token_and_sends_it(console_store, serve_store,
         predict(browser, raw="[" + ",".join(["[0,0,0,0,0,0,0,0,0,0]"] * 2) + "]")
         shown = wait_for(browser, lambda state: state["status"].startswith("200"))
         assert '"predictions"' in shown["result"]
+
+
+@needs_browser
+def test_at_1280_by_900_the_first_view_holds_the_predict_button_and_nothing_looks_like_a_value(
+        console_store, serve_store, browser):
+    """Issue 26, item 8: a placeholder is a word, not a grey "0"; the Predict button is on the first screen;
+    the token form keeps its distance from the table; a version not loaded yet says when it will be."""
+    before = browser.get_window_size()
+    browser.set_window_size(1280, 900)
+    try:
+        with serve_store(console_store) as base:
+            browser.get(base + "/")
+            shown = wait_for(browser, lambda state: state["features"] == DIABETES_FIELDS)
+            layout = browser.execute_script("""
+                const box = (id) => document.getElementById(id).getBoundingClientRect();
+                return {height: window.innerHeight, send: box("send").bottom, token: box("auth").bottom,
+                        table: box("models").top,
+                        placeholders: [...document.querySelectorAll("#features input")].map((i) => i.placeholder)};""")
+    finally:
+        browser.set_window_size(before["width"], before["height"])
+    assert layout["send"] <= layout["height"], layout
+    assert layout["table"] - layout["token"] >= 8, layout
+    assert set(layout["placeholders"]) == {"number"}
+    states = {row[0]: row[4] for row in shown["table"]}
+    assert states["iris"] == "1: loads on first request" and states["diabetes"] == "1: AVAILABLE"

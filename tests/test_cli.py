@@ -24,7 +24,7 @@ FLAGS = ["--store", "--host", "--port", "--server", "--threads", "--default-mode
          "--idle-unload", "--safe-pickle", "--trust", "--strict-versions", "--admin-token", "--cors-origins",
          "--allowed-hosts", "--shutdown-timeout", "--log-level", "--workers", "--access-log", "--max-batch-size",
          "--max-latency-ms", "--max-url-bytes", "--max-inflight", "--max-predict-seconds", "--auth-tokens",
-         "--payload-log", "--payload-log-sample", "--native", "--log-format"]
+         "--payload-log", "--payload-log-sample", "--native", "--log-format", "--connection-timeout"]
 
 
 @pytest.fixture(autouse=True)

@@ -10,31 +10,43 @@ from one another.
   instead of sleeping and then asserting;
 - live servers: free_port, running, serve_store, stop_process, wait_until_healthy.
 
+One OpenMP and one BLAS thread per process for the whole session (below).
+
 Tests marked `slow` (the soak, the longest live-server and subprocess tests) are left out by
 `python -m pytest -m "not slow"`, the quick development loop; CI runs everything.
 """
 
-import contextlib
-import itertools
-import json
 import os
-import pickle
-import socket
-import subprocess
-import sys
-import threading
-import time
 
-import joblib
-import pytest
-import requests
-import webtest
-from sklearn.datasets import load_diabetes, load_iris
-from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+# One OpenMP and one BLAS thread per process, set before numpy and scikit-learn load (pytest imports this file
+# first) so that the server processes the tests start inherit it too.  On a small machine the tests and their
+# servers already use every core: more threads per process only make OpenMP's barriers spin against each other
+# (histogram boosting's one-row calls took seconds instead of milliseconds).  Answers do not depend on it: a
+# test that compares with scikit-learn calls it in the same process or with the same setting.  A variable set
+# in the environment beforehand wins, to run the suite under other settings on purpose.
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
-import service
+import contextlib  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import pickle  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import joblib  # noqa: E402
+import pytest  # noqa: E402
+import requests  # noqa: E402
+import webtest  # noqa: E402
+from sklearn.datasets import load_diabetes, load_iris  # noqa: E402
+from sklearn.linear_model import LogisticRegression, Ridge  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+import service  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTENSIONS = {"joblib": ".joblib", "pickle": ".pkl", "json": ".json"}

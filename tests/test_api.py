@@ -7,7 +7,7 @@ import pytest
 from sklearn.datasets import load_diabetes, load_iris
 
 import service
-from conftest import IRIS_FEATURES, ROWS, assert_error, strict_json
+from support import IRIS_FEATURES, ROWS, assert_error, strict_json
 
 IRIS_ROWS = ROWS[:2]             # a setosa and a virginica
 
@@ -100,7 +100,7 @@ def test_other_methods_by_query(client, iris_classifier, method):
 def test_transform_on_a_scaler(tmp_path, make_client, artifact_format):
     from sklearn.preprocessing import StandardScaler
 
-    from conftest import EXTENSIONS, write_artifact
+    from support import EXTENSIONS, write_artifact
     scaler = StandardScaler().fit(load_iris().data)
     write_artifact(tmp_path / f"scaler{EXTENSIONS[artifact_format]}", scaler, artifact_format)
     client = make_client(tmp_path)
@@ -157,7 +157,7 @@ def test_get_predict_with_query(client, iris_classifier):
 def test_null_cells_become_nan_and_non_finite_outputs_become_null(tmp_path, make_client, artifact_format):
     from sklearn.preprocessing import StandardScaler
 
-    from conftest import EXTENSIONS, write_artifact
+    from support import EXTENSIONS, write_artifact
     write_artifact(tmp_path / f"scaler{EXTENSIONS[artifact_format]}", StandardScaler().fit(load_iris().data),
                    artifact_format)
     client = make_client(tmp_path)
@@ -186,7 +186,7 @@ def test_any_content_type_except_multipart_is_read_as_json(client):
 # -- seed compatibility -----------------------------------------------------------------------------------
 
 def test_seed_routes_use_the_only_model(tmp_path, make_client, iris_classifier):
-    from conftest import write_artifact
+    from support import write_artifact
     write_artifact(tmp_path / "only.joblib", iris_classifier, "joblib")
     client = make_client(tmp_path)
     expected = iris_classifier.predict(np.array(IRIS_ROWS)).tolist()

@@ -17,7 +17,7 @@ import pytest
 import webtest
 
 import service
-from conftest import ROOT, write_artifact
+from support import ROOT, write_artifact
 
 FLAGS = ["--store", "--host", "--port", "--server", "--threads", "--default-model", "--max-body-bytes",
          "--max-rows", "--max-depth", "--load-retry-seconds", "--poll-interval", "--preload", "--max-loaded",

@@ -4,7 +4,7 @@
 import pytest
 
 import service
-from conftest import write_artifact
+from support import write_artifact
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 

@@ -17,7 +17,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LinearRegression
 
 import service
-from conftest import ROOT, write_artifact
+from support import ROOT, write_artifact
 
 IRIS_X, IRIS_Y = load_iris(return_X_y=True)
 ROWS = IRIS_X[[0, 60, 120]].tolist()

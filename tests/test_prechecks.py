@@ -29,7 +29,7 @@ from sklearn.svm import LinearSVC, LinearSVR
 from sklearn.tree import DecisionTreeClassifier
 
 import service
-from conftest import write_artifact
+from support import write_artifact
 from families import CASES, diabetes_data, fit, iris_data
 
 

@@ -34,7 +34,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, free_port, running, wait_until
+from support import ROOT, LiveServer, free_port, wait_until
 
 
 def read(*parts):
@@ -132,7 +132,7 @@ class Session:
         assert words[:2] == ["python", "service.py"], server
         port = free_port()
         command = [sys.executable, "service.py", *words[2:], "--port", str(port)]
-        self.stack.enter_context(running(command, port, env=env, cwd=self.folder))
+        self.stack.enter_context(LiveServer(command, port, env=env, cwd=self.folder, pythonpath=()))
         self.server, self.address = server, f"127.0.0.1:{port}"
 
     def stop(self):

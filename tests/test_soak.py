@@ -86,8 +86,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import threading
 import time
 
@@ -97,8 +95,7 @@ import pytest
 from sklearn.datasets import load_iris
 from sklearn.neighbors import KNeighborsClassifier
 
-import service
-from conftest import ROOT, free_port, stop_process, wait_until_healthy
+from support import LiveServer, free_port, service_command
 
 pytestmark = pytest.mark.slow          # minutes of load: `python -m pytest -m "not slow"` leaves it out
 
@@ -318,17 +315,7 @@ def test_soak_memory_descriptors_threads_stay_flat_and_no_request_fails_while_ve
 
     publish_version(1)
     port = free_port()
-    log_path = tmp_path / "server.log"
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(service.ENV_PREFIX)}
-    environment.update(PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", os.fspath(store),
-               "--port", str(port), "--poll-interval", str(POLL_INTERVAL)]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
-
-    def output():
-        return log_path.read_text(errors="replace")
-
+    server = LiveServer(service_command(store, port, "--poll-interval", str(POLL_INTERVAL)), port)
     lines = []
 
     def say(text=""):
@@ -339,58 +326,57 @@ def test_soak_memory_descriptors_threads_stay_flat_and_no_request_fails_while_ve
     newest = [1, threading.Lock()]         # the highest version a client was answered by, and its lock
     clients, sampler, swaps = [], None, []  # swaps: (version, seconds from publishing to its first answer, or None)
     status = ready = metrics_start = metrics_end = None
-    base = f"http://127.0.0.1:{port}"
     say()
-    try:
-        wait_until_healthy(process, base, 60, output)
-        gc.collect()                        # requests' last response holds its connection until collected
-        code, text = call(port, "POST", "/models/iris/predict", BODY, HEADERS)
-        assert code == 200 and json.loads(text)["version"] == "1", text     # loaded: the imports are done
-        metrics_start = len(call(port, "GET", "/metrics")[1].splitlines())
+    with server:
+        process = server.process
+        try:
+            gc.collect()                        # requests' last response holds its connection until collected
+            code, text = call(port, "POST", "/models/iris/predict", BODY, HEADERS)
+            assert code == 200 and json.loads(text)["version"] == "1", text     # loaded: the imports are done
+            metrics_start = len(call(port, "GET", "/metrics")[1].splitlines())
 
-        start = time.monotonic()
-        sampler = Sampler(process.pid, start, stop)
-        sampler.start()
-        clients = [Client(port, start, index / (CLIENT_RATE * CLIENTS), stop, expected, newest)
-                   for index in range(CLIENTS)]
-        for client in clients:
-            client.start()
+            start = time.monotonic()
+            sampler = Sampler(process.pid, start, stop)
+            sampler.start()
+            clients = [Client(port, start, index / (CLIENT_RATE * CLIENTS), stop, expected, newest)
+                       for index in range(CLIENTS)]
+            for client in clients:
+                client.start()
 
-        version = 1
-        while start + version * swap_every <= start + duration - 3 and process.poll() is None:
-            time.sleep(max(0.0, start + version * swap_every - time.monotonic()))
-            version += 1
-            published = time.monotonic()
-            publish_version(version)
-            deadline = published + SWAP_TIMEOUT
-            while newest[0] < version and time.monotonic() < deadline and process.poll() is None:
-                time.sleep(0.02)
-            seen = newest[0] >= version
-            swaps.append((version, time.monotonic() - published if seen else None))
-            say(f"{published - start:6.1f} s: published version {version}, "
-                + (f"answering after {swaps[-1][1]:.2f} s" if seen else f"NOT answering after {SWAP_TIMEOUT:g} s"))
-            if seen:                        # keep the served version and the one before it in the store
-                for old in sorted(int(p.name) for p in (store / "iris").iterdir() if p.name.isdigit()):
-                    if old < version - 1:
-                        os.replace(store / "iris" / str(old), retired / str(old))
-                        shutil.rmtree(retired / str(old))
-        time.sleep(max(0.0, start + duration - time.monotonic()))
-    finally:
-        stop.set()
-        for thread in clients + ([sampler] if sampler else []):
-            thread.join(timeout=REQUEST_TIMEOUT + 10)
-        if process.poll() is None and clients:
-            try:
-                status = json.loads(call(port, "GET", "/models/iris")[1])
-                ready = json.loads(call(port, "GET", "/readyz")[1])
-                metrics_end = len(call(port, "GET", "/metrics")[1].splitlines())
-            except Exception as problem:  # shown below with the figures
-                status = ready = {"error": f"{type(problem).__name__}: {problem}"}
-        alive_at_the_end = process.poll() is None
-        stop_process(process)
+            version = 1
+            while start + version * swap_every <= start + duration - 3 and process.poll() is None:
+                time.sleep(max(0.0, start + version * swap_every - time.monotonic()))
+                version += 1
+                published = time.monotonic()
+                publish_version(version)
+                deadline = published + SWAP_TIMEOUT
+                while newest[0] < version and time.monotonic() < deadline and process.poll() is None:
+                    time.sleep(0.02)
+                seen = newest[0] >= version
+                swaps.append((version, time.monotonic() - published if seen else None))
+                say(f"{published - start:6.1f} s: published version {version}, " + (
+                    f"answering after {swaps[-1][1]:.2f} s" if seen else f"NOT answering after {SWAP_TIMEOUT:g} s"))
+                if seen:                        # keep the served version and the one before it in the store
+                    for old in sorted(int(p.name) for p in (store / "iris").iterdir() if p.name.isdigit()):
+                        if old < version - 1:
+                            os.replace(store / "iris" / str(old), retired / str(old))
+                            shutil.rmtree(retired / str(old))
+            time.sleep(max(0.0, start + duration - time.monotonic()))
+        finally:
+            stop.set()
+            for thread in clients + ([sampler] if sampler else []):
+                thread.join(timeout=REQUEST_TIMEOUT + 10)
+            if process.poll() is None and clients:
+                try:
+                    status = json.loads(call(port, "GET", "/models/iris")[1])
+                    ready = json.loads(call(port, "GET", "/readyz")[1])
+                    metrics_end = len(call(port, "GET", "/metrics")[1].splitlines())
+                except Exception as problem:  # shown below with the figures
+                    status = ready = {"error": f"{type(problem).__name__}: {problem}"}
+            alive_at_the_end = process.poll() is None
     elapsed = time.monotonic() - start
-    returncode = process.returncode
-    server_log = output()
+    returncode = server.returncode
+    server_log = server.output()
 
     # -- figures ------------------------------------------------------------------
     records = sorted((record for client in clients for record in client.records), key=lambda record: record[0])

@@ -13,7 +13,7 @@ from sklearn.datasets import load_diabetes
 from sklearn.linear_model import Ridge
 
 import service
-from conftest import ROWS as IRIS_ROWS, strict_json, write_artifact
+from support import ROWS as IRIS_ROWS, strict_json, write_artifact
 
 DIABETES_ROWS = load_diabetes().data[:3].tolist()
 

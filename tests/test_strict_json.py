@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
-from conftest import IRIS_FEATURES, write_artifact
+from support import IRIS_FEATURES, write_artifact
 
 ROW = [5.1, 3.5, 1.4, 0.2]
 

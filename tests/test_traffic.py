@@ -1,4 +1,4 @@
-"""Traffic management (issue 16): weighted and sticky routing between a model's versions.
+"""Traffic management: weighted and sticky routing between a model's versions.
 
 Every model is a real estimator trained on scikit-learn's bundled data, written into a tmp_path store.
 The shares and the stickiness are measured through a real server (`serve_store`); the settings' checks
@@ -14,7 +14,7 @@ import requests
 
 import service
 
-from conftest import (ROWS, assert_error, clocked_registry, metric_value, strict_json, versioned_store,
+from support import (ROWS, assert_error, clocked_registry, metric_value, strict_json, versioned_store,
                       wait_until, write_settings)
 
 SPLIT = {"version_policy": "all", "labels": {"stable": 1, "canary": 2}, "traffic": {"stable": 60, "canary": 30, "3": 10}}
@@ -56,7 +56,8 @@ def predict_many(base, keys, threads=4):
 def test_ten_thousand_routing_keys_spread_by_the_weights_and_each_sticks_to_its_version(three_versions,
                                                                                        serve_store):
     keys = [f"user-{number}" for number in range(10_000)]
-    with serve_store(three_versions, "--threads", "4") as base:
+    with serve_store(three_versions, "--threads", "4") as server:
+        base = server.base
         first = predict_many(base, keys)
         again = predict_many(base, keys)
     assert first == again                                   # each key reached the same version both times
@@ -66,7 +67,8 @@ def test_ten_thousand_routing_keys_spread_by_the_weights_and_each_sticks_to_its_
 
 
 def test_without_a_key_routing_is_random_by_weight_and_every_protocol_follows_it(three_versions, serve_store):
-    with serve_store(three_versions) as base, requests.Session() as session:
+    with serve_store(three_versions) as server, requests.Session() as session:
+        base = server.base
         versions = [predict_version(session, base) for _ in range(1500)]
         for version, share in shares(versions).items():
             assert abs(share - WEIGHTS[version]) <= 0.05, shares(versions)   # > 5 standard deviations
@@ -104,7 +106,8 @@ def test_a_new_split_takes_effect_at_the_next_poll_without_a_failed_request(tmp_
                 with session.post(base + "/models/m/predict", json={"instances": ROWS}, timeout=10) as response:
                     answers.append((response.status_code, response.json().get("version")))
 
-    with serve_store(root, "--poll-interval", "0.2") as base:
+    with serve_store(root, "--poll-interval", "0.2") as server:
+        base = server.base
         worker = threading.Thread(target=hammer, args=(base,))
         worker.start()
         try:

@@ -106,14 +106,20 @@ def _store(root, artifact_format, iris_classifier, named_iris_classifier, diabet
 
 
 @pytest.fixture
-def store(tmp_path, artifact_format, iris_classifier, named_iris_classifier, diabetes_regressor):
-    """Flat iris (v1), versioned diabetes (v1, v2, both served) and named-feature flowers, in each format."""
-    return _store(tmp_path / "store", artifact_format, iris_classifier, named_iris_classifier, diabetes_regressor)
+def store(tmp_path, iris_classifier, named_iris_classifier, diabetes_regressor):
+    """A joblib store of those models: the artifact format matters only at load."""
+    return _store(tmp_path / "store", "joblib", iris_classifier, named_iris_classifier, diabetes_regressor)
 
 
 @pytest.fixture
 def client(store, make_client):
     return make_client(store)
+
+
+@pytest.fixture
+def store_in_each_format(tmp_path, artifact_format, iris_classifier, named_iris_classifier, diabetes_regressor):
+    """The same store in each artifact format, for the tests whose subject is loading them."""
+    return _store(tmp_path / "store", artifact_format, iris_classifier, named_iris_classifier, diabetes_regressor)
 
 
 # -- live servers --------------------------------------------------------------------------------------------

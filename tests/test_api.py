@@ -1,4 +1,5 @@
-"""Every route and every error of the native JSON API, in-process (WebTest), for each artifact format."""
+"""Every route and every error of the native JSON API, in-process (WebTest); loading and metadata for each
+artifact format."""
 
 import json
 
@@ -33,7 +34,8 @@ def test_nothing_is_loaded_before_a_prediction(client):
                       ("flowers", "1"): "UNLOADED", ("iris", "1"): "UNLOADED"}
 
 
-def test_models_lists_versions_format_and_status(client, artifact_format):
+def test_models_lists_versions_format_and_status(store_in_each_format, artifact_format, make_client):
+    client = make_client(store_in_each_format)
     models = {m["name"]: m for m in strict_json(client.get("/models"))["models"]}
     diabetes = models["diabetes"]
     assert diabetes["latest_version"] == "2"
@@ -41,7 +43,9 @@ def test_models_lists_versions_format_and_status(client, artifact_format):
     assert {v["format"] for m in models.values() for v in m["versions"]} == {artifact_format}
 
 
-def test_model_metadata_after_load(client, artifact_format, store):
+def test_model_metadata_after_load(store_in_each_format, make_client):
+    store = store_in_each_format
+    client = make_client(store)
     client.post_json("/models/flowers/predict", {"instances": IRIS_ROWS})
     body = strict_json(client.get("/models/flowers"))
     version = body["versions"][0]

@@ -220,12 +220,12 @@ def test_malformed_request_does_not_disturb_a_concurrent_good_one(server, iris, 
 
 
 @pytest.mark.slow
-def test_each_artifact_format_serves_predictions_over_http(store, artifact_format, serve_store, iris,
+def test_each_artifact_format_serves_predictions_over_http(store_in_each_format, artifact_format, serve_store, iris,
                                                            iris_classifier, named_iris_classifier,
                                                            diabetes_regressor):
     features = iris[0][::25]
     diabetes = load_diabetes().data[:4]
-    with serve_store(store) as server:
+    with serve_store(store_in_each_format) as server:
         base = server.base
         models = {m["name"]: m for m in requests.get(base + "/models", timeout=TIMEOUT).json()["models"]}
         assert {v["format"] for m in models.values() for v in m["versions"]} == {artifact_format}

@@ -1,6 +1,6 @@
 """Helpers the test modules share, imported `from support import ...` (conftest.py keeps the fixtures).
 
-- example data: ROWS, IRIS_FEATURES, the artifact formats' EXTENSIONS;
+- example data: ROWS (and ROW, the first), DIABETES_ROWS, IRIS_FEATURES, the artifact formats' EXTENSIONS;
 - models and stores: write_artifact, publish, write_settings, versioned_store;
 - answers: strict_json, assert_error, metric_value, for WebTest and requests responses alike;
 - waiting: wait_until (a bounded poll for a condition) and stays_true (a condition that must hold for a while),
@@ -30,6 +30,7 @@ import time
 import joblib
 import pytest
 import requests
+from sklearn.datasets import load_diabetes
 
 import service
 
@@ -39,6 +40,8 @@ TIMEOUT = 30                         # seconds a request to a live server may ta
 EXTENSIONS = {"joblib": ".joblib", "pickle": ".pkl", "json": ".json"}
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]   # a setosa, a virginica, a versicolor
+ROW = ROWS[:1]                       # the instances of a one-row request
+DIABETES_ROWS = load_diabetes().data[:3].tolist()
 
 
 # -- models and stores ---------------------------------------------------------------------------------------

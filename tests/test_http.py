@@ -17,10 +17,9 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LinearRegression
 
 import service
-from support import ROOT, write_artifact
+from support import ROOT, ROWS, write_artifact
 
 IRIS_X, IRIS_Y = load_iris(return_X_y=True)
-ROWS = IRIS_X[[0, 60, 120]].tolist()
 
 
 @pytest.fixture

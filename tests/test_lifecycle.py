@@ -17,15 +17,14 @@ import joblib
 import numpy as np
 import pytest
 import webtest
-from sklearn.datasets import load_diabetes, load_iris
+from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
 import service
 from doubles import SlowToLoad
-from support import (ROWS, assert_error, clocked_registry, metric_value, publish, stays_true, strict_json,
-                      versioned_store, wait_until, write_artifact, write_settings)
+from support import (DIABETES_ROWS, ROWS, assert_error, clocked_registry, metric_value, publish, stays_true,
+                     strict_json, versioned_store, wait_until, write_artifact, write_settings)
 
-DIABETES_ROWS = load_diabetes().data[:3].tolist()
 TOKEN = "s3cr3t-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -11,9 +11,8 @@ import webtest
 
 import service
 from doubles import SlowModel
-from support import ROWS, wait_until, write_artifact
+from support import ROW, wait_until, write_artifact
 
-ROW = ROWS[:1]
 TOKEN, OTHER, ADMIN = "prediction-token-0123456789", "second-token-abcdefghijkl", "admin-token-zyxwvutsrqpo"
 
 

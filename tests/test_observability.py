@@ -17,10 +17,8 @@ from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
 import service
-from support import (LiveServer, free_port, gunicorn_command, metric_value, service_command, versioned_store,
+from support import (ROW, LiveServer, free_port, gunicorn_command, metric_value, service_command, versioned_store,
                      wait_until, write_artifact)
-
-ROW = [[5.1, 3.5, 1.4, 0.2]]
 
 
 @pytest.fixture

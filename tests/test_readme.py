@@ -140,6 +140,10 @@ def shows(expected, printed):
     return match is not None and all(map(close, numbers, map(float, match.groups())))
 
 
+STATE_KEYS = ("latest_version", "served_versions", "labels", "traffic", "shadow")   # what a status example awaits
+STATE_TIMEOUT = 30
+
+
 def awaited_state(command, expected):
     """(model, what it waits for, check(status)) the model's status must pass before `command`, or None."""
     path = re.search(r"127\.0\.0\.1:8080(/[^\s'\"?]*)", command)
@@ -158,10 +162,6 @@ def awaited_state(command, expected):
         shown = {key: answer[key] for key in STATE_KEYS if key in answer}
         return answer["name"], f"its status to show {json.dumps(shown)}", lambda status: holds(shown, status)
     return None
-
-
-STATE_KEYS = ("latest_version", "served_versions", "labels", "traffic", "shadow")
-STATE_TIMEOUT = 30
 
 
 class Session:

@@ -277,6 +277,26 @@ def test_numbers_with_a_fraction_may_differ_by_the_stated_tolerance_only():
     assert not shows('{"n":1}', '{"n":1.0}') and not shows("version 1.9.1", "version 1.9.2")
 
 
+def test_an_answer_naming_its_version_or_a_status_waits_for_that_state_first():
+    """No example races the service's next look at the store: each that names the version answering it (but
+    by its URL) or shows a split or a shadow waits until the model's status says so."""
+    for command, expected in EXAMPLES:
+        answer = abridged_json(expected)
+        if isinstance(answer, dict) and ({"version", "model_version"} & set(answer) and "/versions/" not in command
+                                         or {"traffic", "shadow"} & set(answer)):
+            assert awaited_state(command, expected) is not None, command
+    published = "curl -s http://127.0.0.1:8080/models/wine/predict -d '[[1, 2, 3, 4]]'"
+    _, _, ready = awaited_state(published, '{"model":"wine","version":"2","predictions":["class_0"]}')
+    assert ready({"latest_version": "2", "traffic": None}) and not ready({"latest_version": "1", "traffic": None})
+    assert ready({"latest_version": "1", "traffic": [{"target": "2", "version": "2", "share": 1.0}]})
+    labelled = published.replace("/predict", "/labels/stable/predict")
+    _, _, ready = awaited_state(labelled, '{"model":"wine","version":"2"}')
+    assert ready({"labels": {"stable": "2"}}) and not ready({"labels": {"stable": "1"}})
+    status = "curl -s http://127.0.0.1:8080/models/wine"
+    _, _, ready = awaited_state(status, '{"name":"wine",…,"shadow":{"compared":1,…}}')
+    assert ready({"shadow": {"compared": 1, "identical": 1}}) and not ready({"shadow": {"compared": 0}})
+
+
 def test_every_shell_example_that_calls_the_service_is_run():
     """Examples in ```sh blocks are not run, so none of them may call the service: those belong in ```console."""
     for kind, body in FENCE.findall(README):

@@ -714,6 +714,9 @@ SETTINGS = (
             "Host header names to accept, refusing others (DNS rebinding defence): localhost,127.0.0.1", "HOSTS"),
     Setting("shutdown_timeout", _non_negative_float, 10.0,
             "seconds requests in flight get to finish after SIGTERM/SIGINT", "SECONDS"),
+    Setting("connection_timeout", _positive_int, 30,
+            "seconds a connection may send nothing, within a request or between requests, before it is closed "
+            "(waitress)", "SECONDS"),
     Setting("log_level", _log_level, "INFO",
             "logging level (embedded: of the \"service\" logger, unless the host set one): " + ", ".join(LOG_LEVELS),
             "LEVEL"),
@@ -6154,12 +6157,14 @@ def _serve_waitress(app, config, grpc_server=None, drained=None):
 
     # waitress refuses bodies far over our limit itself (as plain text); below that the
     # service's own check answers 413 in JSON.
-    # Slow clients: a connection idle for channel_timeout is closed, and past connection_limit open
-    # connections waitress stops accepting until some close, so trickling clients cannot exhaust it.
+    # Slow clients: a connection idle for channel_timeout is closed (looked for every cleanup_interval
+    # seconds), and past connection_limit open connections waitress stops accepting until some close,
+    # so trickling clients cannot exhaust it.
     server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
                                     max_request_body_size=2 * config.max_body_bytes, ident=SERVICE_NAME,
                                     expose_tracebacks=False, clear_untrusted_proxy_headers=True,
-                                    channel_timeout=30, connection_limit=256, cleanup_interval=10,
+                                    channel_timeout=config.connection_timeout, connection_limit=256,
+                                    cleanup_interval=min(10, config.connection_timeout),
                                     max_request_header_size=config.max_url_bytes + 65536)
     sockets = server.map if hasattr(server, "map") else server._map
     # waitress warns "Task queue depth is N" for every request that waits for a thread: under load a

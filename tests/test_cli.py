@@ -18,14 +18,15 @@ import pytest
 import webtest
 
 import service
-from conftest import ROOT, write_artifact
+from support import ROOT, write_artifact
 
 FLAGS = ["--store", "--host", "--port", "--server", "--threads", "--default-model", "--max-body-bytes",
          "--max-rows", "--max-depth", "--load-retry-seconds", "--poll-interval", "--preload", "--max-loaded",
          "--idle-unload", "--safe-pickle", "--trust", "--strict-versions", "--admin-token", "--cors-origins",
          "--allowed-hosts", "--shutdown-timeout", "--log-level", "--workers", "--access-log", "--max-batch-size",
          "--max-latency-ms", "--max-url-bytes", "--max-inflight", "--max-predict-seconds", "--auth-tokens",
-         "--payload-log", "--payload-log-sample", "--native", "--log-format", "--grpc-port"]
+         "--payload-log", "--payload-log-sample", "--native", "--log-format", "--connection-timeout",
+         "--grpc-port"]
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ import requests
 import yaml
 
 import service
-from conftest import ROOT, free_port, wait_until
+from support import ROOT, free_port, wait_until
 
 FLAGS = {setting.flag for setting in service.SETTINGS}
 VARIABLES = {setting.env for setting in service.SETTINGS}

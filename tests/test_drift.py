@@ -23,7 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
 import service
-from conftest import IRIS_FEATURES, ROOT, running
+from support import IRIS_FEATURES, ROOT
 from test_console import CHROME, DRIVER, needs_browser
 
 
@@ -287,12 +287,13 @@ def test_the_html_report_shows_one_histogram_per_feature_in_a_browser(capsys, dr
 def test_a_real_servers_payload_log_end_to_end(tmp_path, drift_store, training, serve_store):
     frame, _, model = training
     store = drift_store / "store"
-    with serve_store(store, "--payload-log", str(tmp_path / "log")) as base, requests.Session() as session:
+    with serve_store(store, "--payload-log", str(tmp_path / "log")) as server, requests.Session() as session:
+        base = server.base
         for rows in [shifted(rows, "petal_width", 1.5) for rows in batches(frame, count=20)]:
             answer = session.post(base + "/models/iris/predict",
                                   json={"instances": rows.astype(object).to_dict(orient="records")}, timeout=10)
             assert answer.status_code == 200, answer.text
-    assert running.returncode == 0, running.output
+    assert server.returncode == 0, server.output()
     result = subprocess.run([sys.executable, os.path.join(ROOT, "service.py"), "drift", str(tmp_path / "log"),
                              "--model", "iris", "--store", str(store), "--reference", str(drift_store / "train.csv")],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,

@@ -20,29 +20,16 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 import service
-from conftest import (ROOT, ROWS, collector, exported_spans, free_port, metric_value, running, versioned_store,
-                      wait_until, write_artifact)
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-class SlowClassifier:
-    """Answers class 0 for every row after sleeping `seconds` (served from this module: PYTHONPATH has tests/)."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-
-    def predict(self, rows):
-        time.sleep(self.seconds)
-        return np.zeros(len(rows), dtype=np.int64)
-
+from doubles import SlowModel
+from support import (ROOT, ROWS, LiveServer, collector, exported_spans, free_port, metric_value, versioned_store,
+                     wait_until, write_artifact)
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, iris_classifier, named_iris_classifier):
     root = tmp_path_factory.mktemp("store")
     write_artifact(root / "iris.joblib", iris_classifier, "joblib")
     write_artifact(root / "named.joblib", named_iris_classifier, "joblib")
-    write_artifact(root / "slow.pkl", SlowClassifier(1.5), "pickle")
+    write_artifact(root / "slow.pkl", SlowModel(1.5), "pickle")
     return root
 
 
@@ -52,8 +39,8 @@ def grpc_server(store):
     port, grpc_port = free_port(), free_port()
     command = [sys.executable, "service.py", "--store", str(store), "--port", str(port), "--grpc-port", str(grpc_port),
                "--max-body-bytes", "200000", "--admin-token", "admin-token-0123456789", "--poll-interval", "0"]
-    with running(command, port, env={"PYTHONPATH": os.pathsep.join([ROOT, TESTS])}) as base:
-        yield base, f"127.0.0.1:{grpc_port}"
+    with LiveServer(command, port) as server:
+        yield server.base, f"127.0.0.1:{grpc_port}"
 
 
 def rows_input(rows, datatype="FP64", name="input-0"):
@@ -206,7 +193,7 @@ def test_a_traced_grpc_call_continues_the_callers_trace_and_is_payload_logged(tm
     with collector() as received:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{received.server_address[1]}",
                "OTEL_BSP_SCHEDULE_DELAY": "50"}
-        with running(command, port, env=env):
+        with LiveServer(command, port, env=env):
             client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
             client.infer("iris", [rows_input(ROWS)], headers={"traceparent": parent, "x-request-id": "grpc-42"})
             wait_until(lambda: any(span.name == "ModelInfer" for _, span in exported_spans(received)), timeout=30,
@@ -227,7 +214,7 @@ def test_bearer_tokens_come_from_the_authorization_metadata_and_health_stays_ope
     port, grpc_port = free_port(), free_port()
     command = [sys.executable, "service.py", "--store", str(tmp_path), "--port", str(port), "--grpc-port",
                str(grpc_port)]
-    with running(command, port, env={"MODEL_SERVICE_AUTH_TOKENS": "client-token-0123456789"}):
+    with LiveServer(command, port, env={"MODEL_SERVICE_AUTH_TOKENS": "client-token-0123456789"}):
         client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         assert client.is_server_live() and client.is_server_ready()
         with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
@@ -243,7 +230,8 @@ def test_a_routing_key_parameter_is_sticky_as_over_http(tmp_path, iris_classifie
     port, grpc_port = free_port(), free_port()
     command = [sys.executable, "service.py", "--store", str(tmp_path), "--port", str(port), "--grpc-port",
                str(grpc_port)]
-    with running(command, port) as base:
+    with LiveServer(command, port) as server:
+        base = server.base
         client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         for key in ("a", "b", "c", "d"):
             over_http = requests.post(base + "/models/m/predict", json={"instances": ROWS},
@@ -257,11 +245,11 @@ def test_a_routing_key_parameter_is_sticky_as_over_http(tmp_path, iris_classifie
 
 @pytest.mark.slow
 def test_sigterm_lets_a_grpc_call_in_flight_finish_and_exits_0(tmp_path):
-    write_artifact(tmp_path / "slow.pkl", SlowClassifier(1.5), "pickle")
+    write_artifact(tmp_path / "slow.pkl", SlowModel(1.5), "pickle")
     port, grpc_port = free_port(), free_port()
     command = [sys.executable, "service.py", "--store", str(tmp_path), "--port", str(port), "--grpc-port",
                str(grpc_port), "--preload"]
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(os.path.abspath(__file__))]))
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     try:
@@ -293,7 +281,7 @@ def test_every_worker_serves_grpc_on_the_shared_port(tmp_path, iris_classifier):
     port, grpc_port = free_port(), free_port()
     command = [sys.executable, "service.py", "--store", str(tmp_path), "--port", str(port), "--grpc-port",
                str(grpc_port), "--workers", "2", "--preload", "--access-log", "--log-format", "json"]
-    with running(command, port, timeout=60):
+    with LiveServer(command, port, timeout=60) as server:
         served = set()
 
         def call(_):
@@ -303,9 +291,9 @@ def test_every_worker_serves_grpc_on_the_shared_port(tmp_path, iris_classifier):
         while len(served) < 2 and time.monotonic() < deadline:
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 assert all(answer == iris_classifier.predict(ROWS).tolist() for answer in pool.map(call, range(16)))
-            served = {line.split('"pid": ')[1].split(",")[0] for line in running.so_far().splitlines()
+            served = {line.split('"pid": ')[1].split(",")[0] for line in server.output().splitlines()
                       if "ModelInfer" in line and '"pid": ' in line}
-        assert len(served) == 2, running.so_far()
+        assert len(served) == 2, server.output()
 
 
 def test_grpc_port_without_grpcio_exits_2_with_one_line(tmp_path):

@@ -10,24 +10,21 @@ import base64
 import hashlib
 import json
 import logging
-import operator
 import os
-import pickle
 import threading
-import time
 
 import joblib
 import numpy as np
 import pytest
 import webtest
-from sklearn.datasets import load_diabetes, load_iris
+from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
 import service
-from conftest import (ROWS, assert_error, clocked_registry, metric_value, publish, stays_true, strict_json,
-                      versioned_store, wait_until, write_artifact, write_settings)
+from doubles import SlowToLoad
+from support import (DIABETES_ROWS, ROWS, assert_error, clocked_registry, metric_value, publish, stays_true,
+                     strict_json, versioned_store, wait_until, write_artifact, write_settings)
 
-DIABETES_ROWS = load_diabetes().data[:3].tolist()
 TOKEN = "s3cr3t-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -39,31 +36,6 @@ def weak_classifier():
     """Same shape as iris_classifier (so its artifact has the same size) but other coefficients."""
     data = load_iris()
     return LogisticRegression(max_iter=1000, C=0.01).fit(data.data, data.target)
-
-
-class _Sleep:
-    def __init__(self, seconds):
-        self.seconds = seconds
-
-    def __reduce__(self):
-        return (time.sleep, (self.seconds,))
-
-
-class _SlowToLoad:
-    """Pickles as `(time.sleep(s), estimator)[1]`: a real artifact that takes `s` seconds to load."""
-
-    def __init__(self, estimator, seconds):
-        self.estimator, self.seconds = estimator, seconds
-
-    def __reduce__(self):
-        return (operator.getitem, ((_Sleep(self.seconds), self.estimator), 1))
-
-
-def write_slow_pickle(path, estimator, seconds=0.5):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as handle:
-        pickle.dump(_SlowToLoad(estimator, seconds), handle)
-    return path
 
 
 def assert_answers(registry, version, estimator, name="m", **where):
@@ -262,7 +234,7 @@ def test_moving_a_label_in_use_switches_it_once_the_new_target_has_loaded(tmp_pa
 def test_while_a_moved_label_loads_its_new_target_the_old_target_keeps_answering(tmp_path, iris_classifier,
                                                                                  named_labels_classifier):
     write_artifact(tmp_path / "m" / "1" / "model.joblib", iris_classifier, "joblib")
-    write_slow_pickle(tmp_path / "m" / "2" / "model.pkl", named_labels_classifier, seconds=1.0)
+    write_artifact(tmp_path / "m" / "2" / "model.pkl", SlowToLoad(named_labels_classifier, 1.0), "pickle")
     write_settings(tmp_path / "m", {"version_policy": "all", "labels": {"stable": 1}})
     registry = clocked_registry(tmp_path)
     registry.refresh()
@@ -481,7 +453,7 @@ def test_a_version_leaving_the_policy_while_held_is_unloading_until_released(tmp
 # -- 3. preload and readiness ----------------------------------------------------------------------------------
 
 def test_preload_all_loads_in_the_background_and_readiness_waits_for_it(tmp_path, app_client, iris_classifier):
-    write_slow_pickle(tmp_path / "slow.pkl", iris_classifier, seconds=0.5)
+    write_artifact(tmp_path / "slow.pkl", SlowToLoad(iris_classifier, 0.5), "pickle")
     client = app_client(tmp_path, preload=service.ALL_MODELS, poll_interval=0)
     status, body = readiness(client)                   # the first request scans and starts the preload
     assert status == 503 and body["ready"] is False and body["code"] == "model_unavailable"

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 
 import service
-from conftest import EXTENSIONS, ManualClock, assert_error, strict_json, write_artifact
-
-ROW = [[5.1, 3.5, 1.4, 0.2]]
+from support import EXTENSIONS, ROW, ManualClock, assert_error, strict_json, write_artifact
 
 
 def make_registry(root, clock=None, **options):

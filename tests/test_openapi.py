@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 import service
-from conftest import IRIS_FEATURES, write_artifact
+from support import IRIS_FEATURES, write_artifact
 
 
 def build_app():

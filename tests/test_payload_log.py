@@ -1,4 +1,4 @@
-"""The payload log (issue 16, item 4): one JSON line per sampled prediction request, written off the request
+"""The payload log: one JSON line per sampled prediction request, written off the request
 path, redacted, rotated and drained at shutdown.
 
 Real models from scikit-learn's bundled data in tmp_path stores; the shutdown drain runs a real server.
@@ -15,7 +15,7 @@ import requests
 import webtest
 
 import service
-from conftest import IRIS_FEATURES, ROWS, metric_value, running, strict_json, versioned_store, wait_until
+from support import IRIS_FEATURES, ROWS, metric_value, strict_json, versioned_store, wait_until
 
 
 def log_lines(folder):
@@ -34,7 +34,8 @@ def test_every_protocol_is_logged_and_sigterm_drains_the_log(tmp_path, iris_clas
     store = versioned_store(tmp_path / "store", [iris_classifier] * 2,
                             {"version_policy": "all", "traffic": {"1": 1, "2": 1}})
     folder = tmp_path / "log"
-    with serve_store(store, "--payload-log", str(folder)) as base, requests.Session() as session:
+    with serve_store(store, "--payload-log", str(folder)) as server, requests.Session() as session:
+        base = server.base
         native = session.post(base + "/models/m/predict", json={"instances": ROWS, "method": "predict_proba"},
                               headers={"X-Request-ID": "req-native"}, timeout=10)
         v2 = session.post(base + "/v2/models/m/versions/2/infer", headers={"X-Request-ID": "req-v2"}, timeout=10,
@@ -43,7 +44,7 @@ def test_every_protocol_is_logged_and_sigterm_drains_the_log(tmp_path, iris_clas
                                headers={"X-Request-ID": "req-bad"}, timeout=10)
         session.get(base + "/models/m", timeout=10)                      # not a prediction: not logged
         assert (native.status_code, v2.status_code, refused.status_code) == (200, 200, 400)
-    assert running.returncode == 0 and "were not written" not in running.output, running.output
+    assert server.returncode == 0 and "were not written" not in server.output(), server.output()
     lines = {line["request_id"]: line for line in log_lines(folder)}
     assert set(lines) == {"req-native", "req-v2", "req-bad"}
     first = lines["req-native"]
@@ -71,10 +72,11 @@ def test_gunicorn_workers_drain_their_logs_at_sigterm(tmp_path, iris_classifier,
         return requests.post(base + "/models/m/predict", json={"instances": rows}, timeout=60,
                              headers={"X-Request-ID": f"req-{number}", "Connection": "close"}).status_code
 
-    with serve_store(store, "--payload-log", str(folder), "--workers", "2") as base:
+    with serve_store(store, "--payload-log", str(folder), "--workers", "2") as server:
+        base = server.base
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             assert set(pool.map(predict, range(40))) == {200}
-    assert running.returncode == 0 and "were not written" not in running.output, running.output
+    assert server.returncode == 0 and "were not written" not in server.output(), server.output()
     assert sorted(line["request_id"] for line in log_lines(folder)) == sorted(f"req-{n}" for n in range(40))
 
 

@@ -2,7 +2,7 @@
 
 TensorFlow Serving REST, KServe V1, the Open Inference Protocol V2 (driven by the real
 tritonclient.http client, plus raw requests for what a client never sends) and MLflow scoring,
-as /work/shared/reference/protocols.md describes them.  Every prediction is compared with the
+as their specifications describe them.  Every prediction is compared with the
 estimator's own output: floats exactly (JSON carries Python's repr), binary FP64 bit for bit.
 
 One server serves the whole module (started once, module-scoped); a snapshot of the states
@@ -11,8 +11,6 @@ run in any order.
 """
 
 import json
-import os
-import sys
 import types
 import warnings
 
@@ -28,7 +26,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tritonclient.utils import InferenceServerException
 
-from conftest import IRIS_FEATURES, ROOT, ROWS, assert_error, free_port, running, strict_json, write_artifact
+from support import (IRIS_FEATURES, ROWS, LiveServer, assert_error, free_port, service_command, strict_json,
+                     write_artifact)
 
 TOKEN = "T0ken"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -87,9 +86,8 @@ def store(tmp_path_factory, models):
 def server(store):
     """One live server for the module, plus what it answered before anything was loaded."""
     port = free_port()
-    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", os.fspath(store),
-               "--port", str(port), "--default-model", "iris", "--admin-token", TOKEN]
-    with running(command, port) as base:
+    with LiveServer(service_command(store, port, "--default-model", "iris", "--admin-token", TOKEN), port) as live:
+        base = live.base
         before = {
             "iris": requests.get(base + "/v1/models/iris", timeout=10),
             "broken": requests.get(base + "/v1/models/broken", timeout=10),

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 import service
-from conftest import ROWS, ManualClock, clocked_registry, publish, wait_until
+from support import ROWS, ManualClock, clocked_registry, publish, wait_until
 
 PAIR = np.array(ROWS[:2])       # a setosa and a virginica
 
@@ -153,7 +153,8 @@ def test_swaps_under_load_fail_no_request_and_versions_only_move_forward(tmp_pat
     """Clients predict without pause while v2 is published, a corrupt v3 appears, v3 is fixed, v1 is removed."""
     store = tmp_path / "store"
     publish(store / "m" / "1" / "model.joblib", iris_classifier)
-    with serve_store(store, "--poll-interval", "0.2", "--threads", "8") as base:
+    with serve_store(store, "--poll-interval", "0.2", "--threads", "8") as server:
+        base = server.base
         stop = threading.Event()
         answered = [0] * 4                 # answers each client has had so far
 
@@ -266,7 +267,8 @@ def test_clients_polling_through_a_rename_see_no_failure_and_no_older_version(tm
     store = tmp_path / "store"
     publish(store / "m" / "4" / "model.joblib", iris_classifier)
     publish(store / "m" / "5" / "model.joblib", named_labels_classifier)
-    with serve_store(store, "--poll-interval", "0.1", "--threads", "8") as base:
+    with serve_store(store, "--poll-interval", "0.1", "--threads", "8") as server:
+        base = server.base
         stop, renamed = threading.Event(), threading.Event()
 
         def client():

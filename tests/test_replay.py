@@ -1,4 +1,4 @@
-"""Replay (issue 16, item 5): `python service.py replay` scores a payload log's requests again on another
+"""Replay: `python service.py replay` scores a payload log's requests again on another
 version, in-process, and reports how the answers compare.
 
 End to end: a real server writes the log (SIGTERM drains it), then the command runs as a subprocess.
@@ -12,7 +12,7 @@ import pytest
 import requests
 from sklearn.linear_model import LogisticRegression
 
-from conftest import ROOT, running, versioned_store
+from support import ROOT, versioned_store
 
 
 def replay(*arguments):
@@ -28,14 +28,15 @@ def test_a_logged_version_replayed_on_another_reports_the_differences(tmp_path, 
     other = LogisticRegression(C=0.01, max_iter=1000).fit(features, target)     # disagrees on some flowers
     store = versioned_store(tmp_path / "store", [other, iris_classifier], {"version_policy": "all"})
     batches = [features[start:start + 10].tolist() for start in range(0, 150, 10)]
-    with serve_store(store, "--payload-log", str(tmp_path / "log")) as base, requests.Session() as session:
+    with serve_store(store, "--payload-log", str(tmp_path / "log")) as server, requests.Session() as session:
+        base = server.base
         for number, rows in enumerate(batches):
             method = "predict" if number % 2 == 0 else "predict_proba"
             answer = session.post(base + "/models/m/versions/2/predict", json={"instances": rows, "method": method},
                                   headers={"X-Request-ID": f"req-{number}"}, timeout=10)
             assert answer.status_code == 200
         assert session.post(base + "/models/m/predict", json={"instances": [[1]]}, timeout=10).status_code == 400
-    assert running.returncode == 0, running.output
+    assert server.returncode == 0, server.output()
     log = tmp_path / "log"
 
     same = replay(log, "--model", "m", "--version", "2", "--store", store, "--fail-under", "1")

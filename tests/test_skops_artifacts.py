@@ -15,7 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import service
-from conftest import ROOT, ROWS, assert_error, strict_json
+from support import ROOT, ROWS, assert_error, strict_json
 
 
 class Threshold(ClassifierMixin, BaseEstimator):

@@ -13,9 +13,7 @@ from sklearn.datasets import load_diabetes
 from sklearn.linear_model import Ridge
 
 import service
-from conftest import ROWS as IRIS_ROWS, strict_json, write_artifact
-
-DIABETES_ROWS = load_diabetes().data[:3].tolist()
+from support import DIABETES_ROWS, ROWS as IRIS_ROWS, strict_json, write_artifact
 
 
 # -- helpers ---------------------------------------------------------------------------------------------

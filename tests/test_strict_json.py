@@ -17,9 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
-from conftest import IRIS_FEATURES, write_artifact
-
-ROW = [5.1, 3.5, 1.4, 0.2]
+from support import IRIS_FEATURES, ROWS, write_artifact
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +126,7 @@ def test_csv_numbers_are_read_from_text(nan_client, nan_tolerant):
 
 def test_categorical_strings_still_reach_a_model_that_takes_them(client_for, categorical):
     client = client_for(categorical)
-    row = dict(zip(IRIS_FEATURES, ROW), colour="green")
+    row = dict(zip(IRIS_FEATURES, ROWS[0]), colour="green")
     expected = categorical.predict_proba(pd.DataFrame([row])).tolist()
     answer = client.post_json("/models/m/predict", {"instances": [row], "method": "predict_proba"})
     assert answer.json["predictions"] == expected

@@ -9,7 +9,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 import service
-from conftest import ROOT
+from support import ROOT
 
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
@@ -77,7 +77,7 @@ import logging  # noqa: E402
 import requests  # noqa: E402
 import webtest  # noqa: E402
 
-from conftest import ROWS, collector, exported_spans, free_port, running, wait_until, write_artifact  # noqa: E402
+from support import ROWS, LiveServer, collector, exported_spans, free_port, wait_until, write_artifact  # noqa: E402
 
 CALLER = {"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"}
 
@@ -170,8 +170,8 @@ def test_a_live_server_exports_its_spans_over_otlp_http_to_a_collector(tmp_path,
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{received.server_address[1]}",
                "OTEL_SERVICE_NAME": "iris-service", "OTEL_BSP_SCHEDULE_DELAY": "50"}
         command = [sys.executable, "service.py", "--store", str(tmp_path), "--port", str(port), "--log-format", "json"]
-        with running(command, port, env=env) as base:
-            answer = requests.post(base + "/models/iris/predict", json={"instances": ROWS}, headers=CALLER, timeout=30)
+        with LiveServer(command, port, env=env) as server:
+            answer = requests.post(server.base + "/models/iris/predict", json={"instances": ROWS}, headers=CALLER, timeout=30)
             assert answer.status_code == 200
             wait_until(lambda: any(span.name == "POST /models/{name}/predict" for _, span in exported_spans(received)),
                        timeout=30, what="the request's span at the collector")
@@ -184,8 +184,8 @@ def test_a_live_server_exports_its_spans_over_otlp_http_to_a_collector(tmp_path,
     assert answer.headers["traceparent"] == f"00-{PARENT_TRACE}-{server.span_id.hex()}-01"
     children = {s.name for _, s in spans if s.parent_span_id == server.span_id}
     assert {"read", "decode", "predict", "encode"} <= children
-    logged = [json.loads(line) for line in running.output.splitlines() if line.startswith("{")]
-    assert any(line.get("trace_id") == PARENT_TRACE for line in logged), running.output
+    logged = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+    assert any(line.get("trace_id") == PARENT_TRACE for line in logged), server.output()
 
 
 @pytest.mark.parametrize("environ, message", [

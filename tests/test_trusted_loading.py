@@ -34,7 +34,7 @@ from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
 import service
-from conftest import EXTENSIONS, write_artifact
+from support import EXTENSIONS, write_artifact
 
 SAFE = service.LoadOptions(safe_pickle=True)
 REVIEWS = ["a wonderful moving film", "great story and great cast", "superb direction", "the best film this year",

@@ -190,7 +190,7 @@ def service_app(**options):
     try:
         yield app
     finally:
-        app.config["service.registry"].stop_watching()
+        app.registry.stop_watching()
 
 
 class ManualClock:

@@ -247,13 +247,13 @@ def test_the_console_asks_for_the_token_and_sends_it(console_store, serve_store,
 @needs_browser
 def test_at_1280_by_900_the_first_view_holds_the_predict_button_and_nothing_looks_like_a_value(
         console_store, serve_store, browser):
-    """Issue 26, item 8: a placeholder is a word, not a grey "0"; the Predict button is on the first screen;
+    """A placeholder is a word, not a grey "0"; the Predict button is on the first screen;
     the token form keeps its distance from the table; a version not loaded yet says when it will be."""
     before = browser.get_window_size()
     browser.set_window_size(1280, 900)
     try:
-        with serve_store(console_store) as base:
-            browser.get(base + "/")
+        with serve_store(console_store) as server:
+            browser.get(server.base + "/")
             shown = wait_for(browser, lambda state: state["features"] == DIABETES_FIELDS)
             layout = browser.execute_script("""
                 const box = (id) => document.getElementById(id).getBoundingClientRect();

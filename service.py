@@ -4530,13 +4530,15 @@ def v2_inputs(model, arrays, max_rows):
 
 def v2_tensors(results):
     """(name, method, array, datatype) of each output tensor of {method: result}: one per method, or one per
-    output of a multi-output classifier's list of arrays ("<method>_<output>")."""
+    output of a multi-output classifier's list of arrays ("<method>_<output>"); a list of values (a model of
+    your own may answer so) is one tensor."""
     import numpy as np
 
     for method, result in results.items():
-        for number, part in enumerate(result if isinstance(result, list) else [result]):
+        per_output = isinstance(result, list) and all(hasattr(part, "shape") for part in result)
+        for number, part in enumerate(result if per_output else [result]):
             array = np.asarray(part.toarray() if hasattr(part, "toarray") else part)
-            yield f"{method}_{number}" if isinstance(result, list) else method, method, array, v2_datatype(array)
+            yield f"{method}_{number}" if per_output else method, method, array, v2_datatype(array)
 
 
 def v2_bytes(array, datatype):

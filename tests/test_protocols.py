@@ -885,3 +885,14 @@ def test_error_bodies_are_json_with_nosniff(server, method, path, body, status):
     options = {"data": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
     response = requests.request(method, server.base + path, timeout=30, **options)
     assert_error(response, status, store=server.store)
+
+
+def test_a_v2_answer_of_a_model_that_predicts_a_plain_list_is_one_tensor(tmp_path, make_client):
+    """A model of one's own may answer a list of values: one tensor, not one per value (a multi-output
+    classifier's probabilities are a list of arrays, one tensor each)."""
+    from doubles import SlowModel
+
+    write_artifact(tmp_path / "listed.pkl", SlowModel(0), "pickle")
+    body = {"inputs": [{"name": "input-0", "shape": [3, 4], "datatype": "FP64", "data": [0.0] * 12}]}
+    answer = make_client(tmp_path).post_json("/v2/models/listed/infer", body).json
+    assert answer["outputs"] == [{"name": "predict", "datatype": "INT64", "shape": [3], "data": [0, 0, 0]}]

@@ -170,8 +170,8 @@ def test_a_live_server_exports_its_spans_over_otlp_http_to_a_collector(tmp_path,
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{received.server_address[1]}",
                "OTEL_SERVICE_NAME": "iris-service", "OTEL_BSP_SCHEDULE_DELAY": "50"}
         command = [sys.executable, "service.py", "--store", str(tmp_path), "--port", str(port), "--log-format", "json"]
-        with LiveServer(command, port, env=env) as server:
-            answer = requests.post(server.base + "/models/iris/predict", json={"instances": ROWS}, headers=CALLER, timeout=30)
+        with LiveServer(command, port, env=env) as live:
+            answer = requests.post(live.base + "/models/iris/predict", json={"instances": ROWS}, headers=CALLER, timeout=30)
             assert answer.status_code == 200
             wait_until(lambda: any(span.name == "POST /models/{name}/predict" for _, span in exported_spans(received)),
                        timeout=30, what="the request's span at the collector")
@@ -184,8 +184,8 @@ def test_a_live_server_exports_its_spans_over_otlp_http_to_a_collector(tmp_path,
     assert answer.headers["traceparent"] == f"00-{PARENT_TRACE}-{server.span_id.hex()}-01"
     children = {s.name for _, s in spans if s.parent_span_id == server.span_id}
     assert {"read", "decode", "predict", "encode"} <= children
-    logged = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
-    assert any(line.get("trace_id") == PARENT_TRACE for line in logged), server.output()
+    logged = [json.loads(line) for line in live.output().splitlines() if line.startswith("{")]
+    assert any(line.get("trace_id") == PARENT_TRACE for line in logged), live.output()
 
 
 @pytest.mark.parametrize("environ, message", [

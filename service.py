@@ -175,8 +175,9 @@ def _share_logs(config):
 # Small utilities #############################################################
 ###############################################################################
 # Helpers every later section uses: clipping text for messages, what a model name,
-# version and label may be, strict JSON out of numpy values, bit-for-bit output
-# comparison, and walking an estimator's parts.
+# version and label may be, strict JSON out of numpy values and in from text (what
+# RFC 8259 refuses is refused, nesting measured), bit-for-bit output comparison, and
+# walking an estimator's parts.
 
 
 def _clip(text, limit=300):
@@ -252,6 +253,59 @@ def _utf8(text):
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace")
+
+
+def _strict_json(text):
+    """json.loads as RFC 8259 reads JSON: ValueError for NaN and Infinity, and for a number beyond a float."""
+    if _MAYBE_OUT_OF_RANGE.search(text):        # rare: pay for a hook on every float only then
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
+    return json.loads(text, parse_constant=_not_json)
+
+
+_MAYBE_OUT_OF_RANGE = re.compile(r"[eE]\+?0*[1-9][0-9]{2}|[0-9]{300}")     # an exponent >= 100, or 300 digits
+
+
+def _not_json(token):
+    """parse_constant: NaN, Infinity and -Infinity are JavaScript, not JSON."""
+    raise ValueError(f"{token} is not a JSON value (RFC 8259); send null for a missing value")
+
+
+def _finite_float(text):
+    """parse_float: a number beyond a float's range would silently become infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {_clip(text, 40)} is out of a float's range")
+    return value
+
+
+JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+PYTHON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+JSON_PAIRS, PYTHON_PAIRS = (b"[]", b"{}"), (b"[]", b"{}", b"()")
+
+
+def _nested_deeper_than(limit, text, strings=JSON_STRING, pairs=JSON_PAIRS):
+    """Whether text nests its brackets (JSON's, or a Python literal's with `PYTHON_*`) more than `limit` deep.
+
+    Read from the text, before or instead of walking a parsed value: walking costs one check
+    per number (100 µs for 64 rows), and a Python literal must be measured before
+    `ast.literal_eval` recurses into it.  Strings are dropped, then all but the brackets, and
+    each round removes the innermost pairs (marked first, so a pair they uncover waits for the
+    next round): the rounds needed are the depth.  Brackets that never pair up count as deep.
+    """
+    opened = 0
+    for pair in pairs:                          # the common case, a shallow body, ends here
+        opened += text.count(pair[:1])
+    if opened <= limit:
+        return False
+    keep = b"".join(pairs)
+    brackets = strings.sub(b"", text).translate(None, bytes(c for c in range(256) if c not in keep))
+    for _ in range(limit):
+        for pair in pairs:
+            brackets = brackets.replace(pair, b"\0")
+        brackets = brackets.replace(b"\0", b"")
+        if not brackets:
+            return False
+    return True
 
 
 def _same_outputs(expected, actual):
@@ -3281,59 +3335,6 @@ def parse_json(data, max_depth, what="request body"):
     if _nested_deeper_than(max_depth, raw):
         raise BadRequest(f"{what} is nested deeper than {max_depth} levels")
     return value
-
-
-def _strict_json(text):
-    """json.loads as RFC 8259 reads JSON: ValueError for NaN and Infinity, and for a number beyond a float."""
-    if _MAYBE_OUT_OF_RANGE.search(text):        # rare: pay for a hook on every float only then
-        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
-    return json.loads(text, parse_constant=_not_json)
-
-
-_MAYBE_OUT_OF_RANGE = re.compile(r"[eE]\+?0*[1-9][0-9]{2}|[0-9]{300}")     # an exponent >= 100, or 300 digits
-
-
-def _not_json(token):
-    """parse_constant: NaN, Infinity and -Infinity are JavaScript, not JSON."""
-    raise ValueError(f"{token} is not a JSON value (RFC 8259); send null for a missing value")
-
-
-def _finite_float(text):
-    """parse_float: a number beyond a float's range would silently become infinity."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {_clip(text, 40)} is out of a float's range")
-    return value
-
-
-JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-PYTHON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
-JSON_PAIRS, PYTHON_PAIRS = (b"[]", b"{}"), (b"[]", b"{}", b"()")
-
-
-def _nested_deeper_than(limit, text, strings=JSON_STRING, pairs=JSON_PAIRS):
-    """Whether text nests its brackets (JSON's, or a Python literal's with `PYTHON_*`) more than `limit` deep.
-
-    Read from the text, before or instead of walking a parsed value: walking costs one check
-    per number (100 µs for 64 rows), and a Python literal must be measured before
-    `ast.literal_eval` recurses into it.  Strings are dropped, then all but the brackets, and
-    each round removes the innermost pairs (marked first, so a pair they uncover waits for the
-    next round): the rounds needed are the depth.  Brackets that never pair up count as deep.
-    """
-    opened = 0
-    for pair in pairs:                          # the common case, a shallow body, ends here
-        opened += text.count(pair[:1])
-    if opened <= limit:
-        return False
-    keep = b"".join(pairs)
-    brackets = strings.sub(b"", text).translate(None, bytes(c for c in range(256) if c not in keep))
-    for _ in range(limit):
-        for pair in pairs:
-            brackets = brackets.replace(pair, b"\0")
-        brackets = brackets.replace(b"\0", b"")
-        if not brackets:
-            return False
-    return True
 
 
 def parse_literal(text, max_depth, max_length=100_000):

@@ -256,10 +256,27 @@ def _utf8(text):
 
 
 def _strict_json(text):
-    """json.loads as RFC 8259 reads JSON: ValueError for NaN and Infinity, and for a number beyond a float."""
+    """json.loads as RFC 8259 reads JSON: ValueError for NaN and Infinity, for a number beyond a float, and
+    for an object naming a member twice."""
     if _MAYBE_OUT_OF_RANGE.search(text):        # rare: pay for a hook on every float only then
-        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
-    return json.loads(text, parse_constant=_not_json)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float, object_pairs_hook=_members)
+    return json.loads(text, parse_constant=_not_json, object_pairs_hook=_members)
+
+
+def _members(pairs):
+    """object_pairs_hook: an object's members, each named once.  A name given twice is ambiguous (parsers
+    keep the first, the last or both, so a proxy and the service could read two requests): refused."""
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        names = [name for name, _ in pairs]
+        twice = next(name for number, name in enumerate(names) if name in names[:number])
+        raise DuplicateMember(f"an object names the member {_clip(json.dumps(twice), 60)} twice: "
+                              "name each member once")
+    return members
+
+
+class DuplicateMember(ValueError):
+    """JSON (or a Python literal) naming one member of an object twice."""
 
 
 _MAYBE_OUT_OF_RANGE = re.compile(r"[eE]\+?0*[1-9][0-9]{2}|[0-9]{300}")     # an exponent >= 100, or 300 digits
@@ -3314,7 +3331,8 @@ def parse_json(data, max_depth, what="request body"):
     Strict RFC 8259, in every protocol: Python's json module also reads NaN, Infinity and
     -Infinity, which are not JSON, and turns numbers beyond a float's range (1e400) into
     infinity; both are refused, so no value reaches a model that the client could not have
-    written in JSON.  A missing value is null.
+    written in JSON.  A missing value is null.  An object naming a member twice is refused at any
+    depth: parsers disagree on which one counts.
     """
     raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
     if isinstance(data, bytes):
@@ -3330,6 +3348,8 @@ def parse_json(data, max_depth, what="request body"):
         raise BadRequest(f"{what} is nested too deeply") from None
     except json.JSONDecodeError as error:
         raise NotJSON(f"{what} is not valid JSON: {error}") from None
+    except DuplicateMember as error:
+        raise BadRequest(f"{what} is ambiguous: {error}") from None
     except ValueError as error:                 # JSON's syntax, with NaN or a number beyond a float
         raise BadRequest(f"{what} is not valid JSON: {error}") from None
     if _nested_deeper_than(max_depth, raw):
@@ -3346,6 +3366,8 @@ def parse_literal(text, max_depth, max_length=100_000):
         value = _strict_json(text)
     except (json.JSONDecodeError, RecursionError):
         return _parse_python_literal(text, raw, max_depth)
+    except DuplicateMember as error:
+        raise BadRequest(f"input is ambiguous: {error}") from None
     except ValueError as error:                 # JSON, but NaN or a number beyond a float: as parse_json says
         raise BadRequest(f"input is not valid JSON: {error}") from None
     if _nested_deeper_than(max_depth, raw):
@@ -3354,11 +3376,18 @@ def parse_literal(text, max_depth, max_length=100_000):
 
 
 def _parse_python_literal(text, raw, max_depth):
-    """A Python literal, measured before ast.literal_eval recurses into it; its numbers as JSON's must be."""
+    """A Python literal, measured before ast.literal_eval recurses into it; its numbers as JSON's must be,
+    and its dicts, like JSON's objects, name each key once."""
     if _nested_deeper_than(max_depth, raw, PYTHON_STRING, PYTHON_PAIRS):
         raise BadRequest(f"input is nested deeper than {max_depth} levels")
     try:
-        value = _tuples_to_lists(ast.literal_eval(text))
+        tree = ast.parse(text.lstrip(" \t"), mode="eval")       # as ast.literal_eval(text) parses it
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Dict):
+                _members([(ast.literal_eval(key), None) for key in node.keys if key is not None])
+        value = _tuples_to_lists(ast.literal_eval(tree))
+    except DuplicateMember as error:
+        raise BadRequest(f"input is ambiguous: {error}") from None
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         raise BadRequest("input is neither JSON nor a Python literal") from None
     if not all(map(math.isfinite, _floats(value))):

@@ -910,30 +910,39 @@ class ModelStore:
             raise FileNotFoundError(f"model store {self.root} is not a folder")
         found, sums = {}, {}
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
-            if entry.name == SHA256SUMS_FILE and not _is_dir(entry):
-                sums = self._read_sums(entry)
-                continue
-            if self._skipped(entry.name, entry.name):
-                continue
-            if _is_dir(entry):
-                name = entry.name
-                versions = self._scan_versions(entry)
-            else:
-                name, extension = os.path.splitext(entry.name)
-                ref = self._artifact(name, 1, entry, extension)
-                versions = {1: ref} if ref else {}
-            if not versions:
-                continue
-            if not valid_model_name(name):
-                self._warn("skipping %s: %r is not a valid model name", entry.name, name)
-            elif name in found:
-                self._warn("skipping model %r: more than one artifact or folder has that name", name)
-                found[name] = None
-            else:
-                found[name] = versions
+            try:
+                if entry.name == SHA256SUMS_FILE and not _is_dir(entry):
+                    sums = self._read_sums(entry)
+                else:
+                    self._add_model(entry, found)
+            except Exception as error:  # whatever is wrong with one entry skips it, never the rest of the scan
+                self._warn("skipping %r: it cannot be scanned: %s: %s", entry.name, type(error).__name__,
+                           _clip(str(error), 200))
         self.settings_files = {name: ref for name, ref in self.settings_files.items() if found.get(name)}
         self.sha256sums = sums
         return {name: versions for name, versions in found.items() if versions}
+
+    def _add_model(self, entry, found):
+        """Add the model of one entry of the store's root (a flat artifact or a folder of versions) to
+        `found`; a name found twice is no model (None)."""
+        if self._skipped(entry.name, entry.name):
+            return
+        if _is_dir(entry):
+            name = entry.name
+            versions = self._scan_versions(entry)
+        else:
+            name, extension = os.path.splitext(entry.name)
+            ref = self._artifact(name, 1, entry, extension)
+            versions = {1: ref} if ref else {}
+        if not versions:
+            return
+        if not valid_model_name(name):
+            self._warn("skipping %s: %r is not a valid model name", entry.name, name)
+        elif name in found:
+            self._warn("skipping model %r: more than one artifact or folder has that name", name)
+            found[name] = None
+        else:
+            found[name] = versions
 
     def _read_sums(self, entry):
         """{relative path: sha256 hex} from SHA256SUMS; lines not as `sha256sum` writes them are warned about."""
@@ -1049,6 +1058,7 @@ class ModelSettings:
     """
 
     MAX_BYTES = 64 * 1024
+    MAX_DEPTH = 16
     KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact", "shadow",
             "native", "warmup")
     MAX_WARMUP_ROWS = 100
@@ -1067,8 +1077,28 @@ class ModelSettings:
         self.sha256 = dict(sha256 or {})       # {version: lower-case hex digest}
 
     @classmethod
-    def read(cls, ref):
-        """Parse the settings file behind `ref`; ValueError says what is wrong with it."""
+    def read(cls, ref, numbers):
+        """The settings in the file behind `ref`, checked against the versions `numbers` on disk; whatever
+        the file holds, either settings or a ValueError saying what is wrong with it.
+
+        A settings file is written by whoever can write the store, and one bad file must cost its own
+        model its new settings, never the scan of the store or the server.  So beyond the refusals that
+        say what to fix, anything else the content provokes (a number too large for arithmetic, memory)
+        is that file's refusal too, named by its kind.
+        """
+        try:
+            settings = cls.parse(cls._document(ref))
+            settings.check_served(numbers)
+            return settings
+        except ValueError:
+            raise
+        except Exception as error:  # whatever the file provoked: its refusal, never the scan's failure
+            raise ValueError(f"it cannot be used: {type(error).__name__}: {_clip(str(error), 200)}") from None
+
+    @classmethod
+    def _document(cls, ref):
+        """The file's JSON value, read as request bodies are (strict RFC 8259, each member named once),
+        within MAX_BYTES and MAX_DEPTH."""
         try:
             with open(ref.path, "rb") as handle:
                 data = handle.read(cls.MAX_BYTES + 1)
@@ -1077,10 +1107,14 @@ class ModelSettings:
         if len(data) > cls.MAX_BYTES:
             raise ValueError(f"it is larger than {cls.MAX_BYTES} bytes")
         try:
-            document = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"not valid JSON: {error}") from None
-        return cls.parse(document)
+            document = _strict_json(data.decode("utf-8-sig"))
+        except RecursionError:
+            raise ValueError(f"not valid JSON: nested deeper than {cls.MAX_DEPTH} levels") from None
+        except ValueError as error:         # not UTF-8, not JSON, NaN, a number beyond a float, a member twice
+            raise ValueError(f"not valid JSON: {_clip(str(error), 200)}") from None
+        if _nested_deeper_than(cls.MAX_DEPTH, data):
+            raise ValueError(f"not valid JSON: nested deeper than {cls.MAX_DEPTH} levels")
+        return document
 
     @classmethod
     def parse(cls, document):
@@ -1088,14 +1122,15 @@ class ModelSettings:
             raise ValueError("it must hold a JSON object")
         unknown = sorted(set(document) - set(cls.KEYS))
         if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(cls.KEYS)}")
+            raise ValueError(f"unknown key(s) {_clip(', '.join(map(repr, unknown)), 200)}; "
+                             f"known: {', '.join(cls.KEYS)}")
         settings = cls(**cls._policy(document.get("version_policy", "latest")))
         labels = document.get("labels", {})
         if not isinstance(labels, dict):
             raise ValueError('"labels" must map label names to versions')
         for label, version in labels.items():
             if not LABEL.fullmatch(label):
-                raise ValueError(f"invalid label {label!r}: labels match ^{LABEL.pattern}$")
+                raise ValueError(f"invalid label {_clip(repr(label), 80)}: labels match ^{LABEL.pattern}$")
             settings.labels[label] = cls._version(version, f"label {label!r}")
         settings.safe_pickle = document.get("safe_pickle", False)
         if type(settings.safe_pickle) is not bool:
@@ -1152,11 +1187,11 @@ class ModelSettings:
         split = {}
         for target, weight in traffic.items():
             target = self._target(target, '"traffic"')
-            if type(weight) not in (int, float) or not 0 <= weight < math.inf:
-                raise ValueError(f'"traffic": the weight of {target!r} must be a number >= 0, '
-                                 f'not {_clip(repr(weight), 40)}')
+            if type(weight) not in (int, float) or not 0 <= weight <= sys.float_info.max:
+                raise ValueError(f'"traffic": the weight of {target!r} must be a number >= 0 (at most '
+                                 f'{sys.float_info.max:.4g}), not {_clip(repr(weight), 40)}')
             split[target] = weight
-        if split and not sum(split.values()) > 0:
+        if split and not any(weight > 0 for weight in split.values()):
             raise ValueError('"traffic": every weight is 0; give at least one target a positive weight')
         return split
 
@@ -1200,7 +1235,7 @@ class ModelSettings:
             return value
         if isinstance(value, str) and VERSION.fullmatch(value):
             return int(value)
-        raise ValueError(f"{where}: {value!r} is not a version (a positive integer)")
+        raise ValueError(f"{where}: {_clip(repr(value), 80)} is not a version (a positive integer)")
 
     def select(self, numbers):
         """The served versions among `numbers` (the versions on disk), highest first."""
@@ -2681,30 +2716,39 @@ class ModelRegistry:
         """
         old_catalogue, catalogue, unsettled = self._catalogue, {}, {}
         for name, refs in found.items():
-            self._read_settings(name, refs)    # first: a replacement started below loads with these settings
             previous = old_catalogue.get(name)
-            old, slots = previous.versions if previous else {}, {}
-            for number, ref in refs.items():
-                slot = old.get(number)
-                if slot is not None and slot.ref.fingerprint == ref.fingerprint:
-                    slots[number] = slot
-                elif settle and self._unsettled.get((name, number)) != ref.fingerprint:
-                    unsettled[(name, number)] = ref.fingerprint
-                    if slot is not None:
-                        slots[number] = slot        # the old artifact serves until the new one settles
-                elif slot is None or slot.model is None:
-                    slots[number] = VersionSlot(ref)
-                else:
-                    slots[number] = slot
-                    if slot.replacing is None and slot.rejected != ref.fingerprint:
-                        slot.replacing = ref
-                        _in_background(self._replace, slot, ref)
-            pending = {number for (model, number) in unsettled if model == name and number not in slots}
-            if slots or (previous and pending):
-                catalogue[name] = self._build_entry(name, slots, previous, pending)
+            try:
+                entry = self._apply_model(name, refs, previous, settle, unsettled)
+            except Exception:  # a fault with one model leaves it as it was; the rest of the scan goes on
+                logger.exception("model %r: the store scan failed on it; it stays as it was", name)
+                entry = previous
+            if entry is not None:
+                catalogue[name] = entry
         self._unsettled = unsettled
         self._catalogue = catalogue
         self._unload_unserved(old_catalogue, catalogue)
+
+    def _apply_model(self, name, refs, previous, settle, unsettled):
+        """_apply for one model: its new CatalogueEntry (None: none yet), given its artifacts `refs`."""
+        self._read_settings(name, refs)    # first: a replacement started below loads with these settings
+        old, slots = previous.versions if previous else {}, {}
+        for number, ref in refs.items():
+            slot = old.get(number)
+            if slot is not None and slot.ref.fingerprint == ref.fingerprint:
+                slots[number] = slot
+            elif settle and self._unsettled.get((name, number)) != ref.fingerprint:
+                unsettled[(name, number)] = ref.fingerprint
+                if slot is not None:
+                    slots[number] = slot        # the old artifact serves until the new one settles
+            elif slot is None or slot.model is None:
+                slots[number] = VersionSlot(ref)
+            else:
+                slots[number] = slot
+                if slot.replacing is None and slot.rejected != ref.fingerprint:
+                    slot.replacing = ref
+                    _in_background(self._replace, slot, ref)
+        pending = {number for (model, number) in unsettled if model == name and number not in slots}
+        return self._build_entry(name, slots, previous, pending) if slots or (previous and pending) else None
 
     def _build_entry(self, name, slots, previous, pending=()):
         """Apply the model's settings to its versions: what is served, and where each route points.
@@ -2738,10 +2782,12 @@ class ModelRegistry:
         """
         split = [(target, weight) for target, weight in settings.traffic.items() if weight > 0 and
                  (settings.labels[target] if isinstance(target, str) else target) in served]
-        total = sum(weight for _, weight in split)
-        if not total:
+        if not split:
             return None
-        return tuple(itertools.accumulate(weight / total for _, weight in split)), tuple(t for t, _ in split)
+        largest = max(weight for _, weight in split)        # scaled by it first, no sum overflows (1e308 twice)
+        scaled = [weight / largest for _, weight in split]
+        total = sum(scaled)
+        return tuple(itertools.accumulate(weight / total for weight in scaled)), tuple(t for t, _ in split)
 
     def _read_settings(self, name, numbers):
         """(settings, error) for a model with versions `numbers` on disk; a broken file keeps the last good
@@ -2756,8 +2802,7 @@ class ModelRegistry:
             settings, error = DEFAULT_SETTINGS, None
         else:
             try:
-                settings, error = ModelSettings.read(ref), None
-                settings.check_served(numbers)
+                settings, error = ModelSettings.read(ref, numbers), None
             except ValueError as problem:
                 error = f"{ref.file}: {problem}"
                 settings = cached[1] if cached else None

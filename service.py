@@ -4283,12 +4283,58 @@ class UnderWay:
             self.count -= 1
 
 
+_SCALARS = frozenset((int, float, bool, str, bytes, type(None)))
+
+
+def held_bytes(*values, limit=math.inf):
+    """The bytes of memory `values` hold, counted from the objects themselves, never from what a request
+    claimed (a Content-Length, a shape): a numpy array by its buffer (a view by its base's; an object
+    array's items too), a DataFrame by its columns, other objects by sys.getsizeof and what they hold,
+    each object once.  The walk stops once past `limit`: the caller refuses what is that large."""
+    seen, stack, total = set(), list(values), 0
+    while stack and total <= limit:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        kind = type(value)
+        if kind in (list, tuple):
+            total += sys.getsizeof(value)
+            if set(map(type, value)) <= _SCALARS:        # rows of numbers or texts: one C-speed pass
+                total += sum(map(sys.getsizeof, value))
+            else:
+                stack.extend(value)
+        elif kind is dict:
+            total += sys.getsizeof(value)
+            stack.extend(value)
+            stack.extend(value.values())
+        elif kind in _SCALARS:
+            total += sys.getsizeof(value)
+        elif hasattr(value, "memory_usage"):                # pandas: its columns, object ones item by item
+            usage = value.memory_usage(index=True, deep=True)
+            total += int(usage.sum() if hasattr(usage, "sum") else usage)
+        elif hasattr(value, "nbytes") and hasattr(value, "dtype"):    # numpy arrays and scalars
+            base = value
+            while getattr(base, "base", None) is not None and hasattr(base.base, "nbytes"):
+                base = base.base
+            if base is value or id(base) not in seen:
+                seen.add(id(base))
+                total += base.nbytes
+            if value.dtype.kind == "O":
+                stack.extend(value.ravel().tolist())
+        else:                                               # a sparse matrix's arrays, any other object's parts
+            total += sys.getsizeof(value)
+            stack.extend(getattr(value, "__dict__", {}).values())
+    return total
+
+
 class Backlog:
     """Work for one daemon thread, off the request path: what a request hands over after its answer.
 
-    Bounded twice, as what waits holds requests' inputs and outputs: by count, and by the bytes of
-    the requests' bodies (or URLs), which stand for what an item holds.  A full backlog refuses an
-    item at once rather than make a request wait.  The thread runs `work(items)` on what waits: the
+    Bounded twice, as what waits holds requests' inputs and outputs: by count, and by the bytes the
+    items hold (`held_bytes`: measured, whatever the request's headers said, so a chunked body counts
+    as what was decoded from it).  A full backlog refuses an item at once rather than make a request
+    wait (each refusal is counted by its user).  The thread runs `work(items)` on what waits: the
     oldest item and up to `burst` - 1 more, taken at one wake-up; it starts in the process that uses
     the backlog (a pre-fork host forks after building the app), and an exception from `work` is
     logged, never fatal to it.  Then it sleeps `rest(cpu_seconds)`, given the CPU time that took:
@@ -4298,17 +4344,19 @@ class Backlog:
 
     ITEMS = 1000
     BYTES = 64 * 1024 * 1024
+    ITEM_BYTES = 1024       # an item's own fields (request id, labels, times), beside the inputs and outputs
 
     def __init__(self, name, work, rest, burst=1):
         self.name, self._work, self._rest, self._burst = name, work, rest, burst
         self._lock = threading.Lock()
         self._pid, self._queue, self._bytes = None, None, 0
 
-    def offer(self, item, environ):
-        """Hand `item` (of the request behind `environ`) to the thread; False when the backlog is full."""
+    def offer(self, item, size):
+        """Hand `item`, which holds `size` bytes of inputs and outputs, to the thread; False when the backlog
+        is full."""
         if self._pid != os.getpid():
             self._start()
-        size = int(environ.get("CONTENT_LENGTH") or 0) or len(environ.get("QUERY_STRING", "")) + 4096
+        size += self.ITEM_BYTES
         with self._lock:
             if self._bytes + size > self.BYTES:
                 return False
@@ -4360,6 +4408,16 @@ class Backlog:
             time.sleep(self._rest(time.thread_time() - started))
 
 
+def payload_bytes(environ):
+    """The bytes a prediction request's decoded inputs and outputs hold (its "service.payload"), measured
+    once for every backlog that takes them; 0 for a request refused before it had any."""
+    size = environ.get("service.payload_bytes")
+    if size is None:
+        payload = environ.get("service.payload")
+        size = environ["service.payload_bytes"] = held_bytes(*payload[1:], limit=Backlog.BYTES) if payload else 0
+    return size
+
+
 class PayloadLog:
     """--payload-log DIR: one JSON line per sampled prediction request, written by a background thread.
 
@@ -4390,7 +4448,7 @@ class PayloadLog:
             return
         record = (time.time(), _request_id(environ), environ["service.labels"], environ.get("service.payload"),
                   PROTOCOLS[environ["service.codec"]], int(status), elapsed)
-        if not self.backlog.offer(record, environ):
+        if not self.backlog.offer(record, payload_bytes(environ)):
             self.metrics.count("model_service_payload_log_dropped_total", ())
 
     def drain(self, timeout):
@@ -4501,7 +4559,8 @@ class Shadow:
         slot = self.registry.shadow_slot(name)
         if slot is None or str(slot.ref.version) == model.version:
             return
-        if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results), environ):
+        if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results),
+                                  payload_bytes(environ)):
             self.registry.agreement(name, str(slot.ref.version)).dropped += 1
             self.metrics.count("model_service_shadow_dropped_total",
                                (("model", name), ("version", str(slot.ref.version))))

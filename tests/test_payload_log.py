@@ -8,8 +8,10 @@ import concurrent.futures
 import glob
 import json
 import os
+import re
 import threading
 
+import numpy as np
 import pytest
 import requests
 import webtest
@@ -135,9 +137,24 @@ def test_a_failing_log_counts_its_drops_logs_once_and_never_fails_a_request(tmp_
     assert sum("payload log: cannot write" in record.getMessage() for record in caplog.records) == 1
 
 
-def test_waiting_records_hold_a_bounded_share_of_memory(tmp_path, iris_classifier, make_app, monkeypatch):
-    """Records wait with their requests' inputs: past Backlog.BYTES of bodies waiting, new ones are dropped."""
-    monkeypatch.setattr(service.Backlog, "BYTES", 3000)
+def post_chunked(app, path, body):
+    """POST `body` to the WSGI app as a chunked request arrives from waitress or gunicorn: decoded, with no
+    Content-Length, Transfer-Encoding: chunked and wsgi.input_terminated."""
+    request = webtest.TestRequest.blank(path, method="POST", body=body, content_type="application/json")
+    environ = request.environ
+    del environ["CONTENT_LENGTH"]
+    environ.update({"HTTP_TRANSFER_ENCODING": "chunked", "wsgi.input_terminated": True})
+    return request.get_response(app)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_waiting_records_hold_a_bounded_share_of_memory(tmp_path, iris_classifier, make_app, monkeypatch, framing):
+    """Records wait with their requests' inputs and outputs: past Backlog.BYTES of them waiting, measured in
+    memory whatever the headers said, new ones are dropped and counted.  (Sized by Content-Length, a chunked
+    body, which has none, counted 4 KB: under --workers, 2 MB chunked bodies grew RSS from 469 to 1,431 MiB.)"""
+    rows = ROWS * 300                       # about 30 KB of inputs and outputs in memory, 23 KB of JSON
+    held = service.held_bytes(np.asarray(rows, dtype=float), iris_classifier.predict(rows))
+    monkeypatch.setattr(service.Backlog, "BYTES", int(2.5 * (held + service.Backlog.ITEM_BYTES)))    # room for 2
     writing, release = [], threading.Event()
     original = service.PayloadLog._write
 
@@ -149,13 +166,74 @@ def test_waiting_records_hold_a_bounded_share_of_memory(tmp_path, iris_classifie
     store = versioned_store(tmp_path / "store", [iris_classifier])
     app = make_app(store=store, payload_log=str(tmp_path / "log"))
     client = webtest.TestApp(app)
-    big = {"instances": ROWS * 20}          # about 1.6 KB of body each
-    client.post_json("/models/m/predict", big)
+    body = json.dumps({"instances": rows}).encode()
+
+    def predict():
+        response = client.post("/models/m/predict", body, content_type="application/json") \
+            if framing == "content-length" else post_chunked(app, "/models/m/predict", body)
+        assert response.status_int == 200 and len(strict_json(response.text)["predictions"]) == len(rows)
+    predict()
     wait_until(lambda: writing)             # the first is being written; the next waits in the queue
     for _ in range(5):
-        client.post_json("/models/m/predict", big)
+        predict()
     release.set()
     assert app.payload_log.drain(10)
     metrics = client.get("/metrics").text
     written = len(log_lines(tmp_path / "log"))
     assert written == 2 and metric_value(metrics, "model_service_payload_log_dropped_total") == 4, (written, metrics)
+
+
+def memory_mib(pid, field):
+    """VmRSS or VmHWM (the peak of VmRSS) of a process, in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) // 1024 for line in status if line.startswith(field + ":"))
+
+
+@pytest.mark.slow
+def test_workers_hold_a_bounded_backlog_of_chunked_bodies_and_count_what_they_drop(tmp_path, iris_classifier,
+                                                                                    serve_store):
+    """Under --workers 2, 2 MB chunked bodies (no Content-Length) for a model whose shadow is slower than the
+    traffic: once the first wave has filled each worker's shadow backlog, a larger second wave leaves each
+    worker's peak memory within noise of where it was (kept whole, it would add about 120 MiB each), and what
+    did not fit is dropped and counted: every request is compared or dropped.  Sized by Content-Length, each
+    waiting item had counted 4 KB, and memory grew with every request.  (One thread per worker: the peak of a
+    request in flight is then the same in both waves.)"""
+    from sklearn.datasets import load_iris
+    from sklearn.ensemble import RandomForestClassifier
+
+    slow = RandomForestClassifier(n_estimators=20, random_state=0).fit(*load_iris(return_X_y=True))
+    store = versioned_store(tmp_path / "store", [iris_classifier, slow],
+                            {"version_policy": "all", "labels": {"stable": 1, "canary": 2}, "traffic": {"stable": 1},
+                             "shadow": "canary"})
+    rows = np.round(np.random.default_rng(0).uniform(0, 8, (55_000, 4)), 6).tolist()
+    body = json.dumps({"instances": rows}).encode()
+    assert len(body) > 2_000_000
+    expected = iris_classifier.predict(rows[:5]).tolist()
+    held = (np.asarray(rows).nbytes + iris_classifier.predict(rows).nbytes) / 2 ** 20      # an item's arrays, MiB
+    first, second = 80, 120
+
+    def predict(_):
+        chunks = (body[start:start + 65536] for start in range(0, len(body), 65536))      # no Content-Length
+        with requests.post(base + "/models/m/predict", data=chunks, timeout=120,
+                           headers={"Content-Type": "application/json"}) as response:
+            assert response.status_code == 200, response.text
+            return response.json()["predictions"][:5] == expected
+
+    def counted():
+        metrics = requests.get(base + "/metrics", timeout=30).text
+        return [metric_value(metrics, f"model_service_shadow_{name}_total", model="m", version="2") or 0
+                for name in ("compared", "dropped", "errors")]
+
+    with serve_store(store, "--workers", "2", "--threads", "1", "--preload", "--poll-interval", "0") as base:
+        wait_until(lambda: len(re.findall(r"Booting worker with pid: (\d+)", running.so_far())) == 2, timeout=60,
+                   what="both workers")
+        workers = re.findall(r"Booting worker with pid: (\d+)", running.so_far())
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            assert all(pool.map(predict, range(first)))
+            filled = {pid: memory_mib(pid, "VmHWM") for pid in workers}
+            assert all(pool.map(predict, range(second)))
+            peak = {pid: memory_mib(pid, "VmHWM") for pid in workers}
+        assert all(peak[pid] - filled[pid] < second / 2 * held / 2 for pid in workers), (filled, peak, held)
+        wait_until(lambda: sum(counted()) == first + second, timeout=120, what="every request compared or dropped")
+        compared, dropped, errors = counted()
+        assert dropped > 0 and errors == 0, counted()

@@ -4289,30 +4289,27 @@ _SCALARS = frozenset((int, float, bool, str, bytes, type(None)))
 def held_bytes(*values, limit=math.inf):
     """The bytes of memory `values` hold, counted from the objects themselves, never from what a request
     claimed (a Content-Length, a shape): a numpy array by its buffer (a view by its base's; an object
-    array's items too), a DataFrame by its columns, other objects by sys.getsizeof and what they hold,
-    each object once.  The walk stops once past `limit`: the caller refuses what is that large."""
+    array's items too), a DataFrame by its values, other objects by sys.getsizeof and what they hold.
+    Each container is counted once; the numbers and texts of one list or array are summed at C speed, so
+    one object they repeat counts each time (an estimate from above).  The walk stops once past `limit`:
+    the caller refuses what is that large."""
     seen, stack, total = set(), list(values), 0
     while stack and total <= limit:
         value = stack.pop()
         if id(value) in seen:
             continue
         seen.add(id(value))
-        kind = type(value)
+        kind, items = type(value), ()
         if kind in (list, tuple):
             total += sys.getsizeof(value)
-            if set(map(type, value)) <= _SCALARS:        # rows of numbers or texts: one C-speed pass
-                total += sum(map(sys.getsizeof, value))
-            else:
-                stack.extend(value)
+            items = value
         elif kind is dict:
             total += sys.getsizeof(value)
-            stack.extend(value)
-            stack.extend(value.values())
+            items = [*value, *value.values()]
         elif kind in _SCALARS:
             total += sys.getsizeof(value)
-        elif hasattr(value, "memory_usage"):                # pandas: its columns, object ones item by item
-            usage = value.memory_usage(index=True, deep=True)
-            total += int(usage.sum() if hasattr(usage, "sum") else usage)
+        elif hasattr(value, "memory_usage"):                # pandas: its values (its block's buffer, if one dtype)
+            stack.append(value.to_numpy())                  # (memory_usage(deep=True) costs 0.2 ms a frame)
         elif hasattr(value, "nbytes") and hasattr(value, "dtype"):    # numpy arrays and scalars
             base = value
             while getattr(base, "base", None) is not None and hasattr(base.base, "nbytes"):
@@ -4320,11 +4317,14 @@ def held_bytes(*values, limit=math.inf):
             if base is value or id(base) not in seen:
                 seen.add(id(base))
                 total += base.nbytes
-            if value.dtype.kind == "O":
-                stack.extend(value.ravel().tolist())
+            items = value.ravel().tolist() if value.dtype.kind == "O" else ()
         else:                                               # a sparse matrix's arrays, any other object's parts
             total += sys.getsizeof(value)
-            stack.extend(getattr(value, "__dict__", {}).values())
+            items = list(getattr(value, "__dict__", {}).values())
+        if items and set(map(type, items)) <= _SCALARS:     # rows of numbers or texts: one pass in C
+            total += sum(map(sys.getsizeof, items))
+        else:
+            stack.extend(items)
     return total
 
 

@@ -526,6 +526,15 @@ def _positive_int(text):
     return value
 
 
+def _count_of_threads(text):
+    """A positive number of threads or processes, at most 1024: starting more than a system allows aborts
+    the process (10**20 threads ended in "libgcc_s.so.1 must be installed for pthread_exit to work")."""
+    value = _integer(text)
+    if not 1 <= value <= 1024:
+        raise ValueError(f"must be a whole number from 1 to 1024, not {_clip(repr(text), 40)}")
+    return value
+
+
 def _port(text):
     value = _integer(text)
     if not 0 <= value <= 65535:
@@ -714,8 +723,8 @@ SETTINGS = (
     Setting("host", str, "127.0.0.1", "address to bind (0.0.0.0 exposes the service to the network)", "HOST"),
     Setting("port", _port, 8080, "TCP port (0 picks a free one)", "PORT"),
     Setting("server", _server_name, "waitress", "WSGI server: waitress, wsgiref, gunicorn, ...", "NAME"),
-    Setting("threads", _positive_int, 4, "worker threads (waitress; per process under --workers)", "N"),
-    Setting("workers", _positive_int, 1,
+    Setting("threads", _count_of_threads, 4, "worker threads (waitress; per process under --workers)", "N"),
+    Setting("workers", _count_of_threads, 1,
             "server processes; above 1 they run under gunicorn (pip install gunicorn), forked once the --preload "
             "models are loaded, which they share",
             "N"),
@@ -2237,6 +2246,7 @@ class _Unforgotten:
 # replay's report (Replay).
 
 REPLAY_WORST = 5        # examples kept, the most different first
+REPLAY_REASONS = 10     # reasons shown for the lines of a log that are no logged request, the commonest first
 
 
 class Agreement:
@@ -2246,6 +2256,8 @@ class Agreement:
 
     def __init__(self):
         self.skipped = collections.Counter()    # reason -> lines not replayed
+        self.bad = collections.Counter()        # replay: why -> lines that are no logged request
+        self.bad_at = {}                        # replay: why -> where the first such line is
         self.replayed = self.identical = 0
         self.classes = collections.Counter()    # (logged, replayed) -> rows whose class changed
         self.gap_sum, self.gap_count, self.gap_max = 0.0, 0, 0.0   # absolute differences of numeric outputs
@@ -2263,7 +2275,8 @@ class Agreement:
         changed, largest, differences = 0, 0.0, []
         for method, before in logged.items():
             after = replayed[method]
-            if method == "predict" and model.classes is not None and len(before) == len(after):
+            if method == "predict" and model.classes is not None and isinstance(before, list) and \
+                    isinstance(after, list) and len(before) == len(after):
                 pairs = [(old, new) for old, new in zip(before, after) if old != new]
                 self.classes.update((_comparable_text(old), _comparable_text(new)) for old, new in pairs)
                 changed += len(pairs)
@@ -2289,6 +2302,13 @@ class Agreement:
         entry = (changed, largest, request_id, sorted(methods))
         (heapq.heappush if len(self._worst) < REPLAY_WORST else heapq.heappushpop)(self._worst, entry)
 
+    def bad_line(self, where, why):
+        """Count a line of a replayed log that is no logged request, by why; the report shows the commonest
+        reasons, each with where it was first seen."""
+        why = _clip(why, 200)
+        self.bad[why] += 1
+        self.bad_at.setdefault(why, where)
+
     def share(self):
         return self.identical / self.replayed if self.replayed else 1.0
 
@@ -2297,6 +2317,9 @@ class Agreement:
         out = [f"replayed {self.replayed} request(s) on model {name!r} version {version}"]
         if self.skipped:
             out.append("skipped " + ", ".join(f"{count} {why}" for why, count in sorted(self.skipped.items())))
+        if self.bad:
+            out.append(f"bad lines (no logged request): {sum(self.bad.values())}")
+            out += [f"  {count} x {why} (first: {self.bad_at[why]})" for why, count in self.bad.most_common(REPLAY_REASONS)]
         out.append(f"identical predictions: {self.identical} of {self.replayed} ({self.share():.1%})")
         for (old, new), count in self.classes.most_common():
             out.append(f"class {old} -> {new}: {count} row(s)")
@@ -2308,7 +2331,8 @@ class Agreement:
         worst = sorted(self._worst, reverse=True)
         if worst:
             out.append("worst examples:")
-            out += [f"  {request_id} ({','.join(methods)}): {changed} row(s) differ, max abs difference {gap:.6g}"
+            out += [f"  {request_id} ({','.join(methods)}): " + ("failed" if changed == math.inf else
+                                                                   f"{changed} row(s) differ, max abs difference {gap:.6g}")
                     for changed, gap, request_id, methods in worst]
         return out
 
@@ -2318,16 +2342,18 @@ def _comparable_text(value):
 
 
 def _comparable_numbers(outputs):
-    """Every number in nested JSON outputs, in order; None if any value is not a number."""
-    if isinstance(outputs, list):
-        flat = []
-        for item in outputs:
-            numbers = _comparable_numbers(item)
-            if numbers is None:
-                return None
-            flat += numbers
-        return flat
-    return [outputs] if type(outputs) in (int, float) else None
+    """Every number in nested JSON outputs, in order, as floats; None if any value is not a number, or is an
+    integer beyond a float's range (a logged line may hold anything)."""
+    flat, stack = [], [outputs]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif type(item) in (int, float) and -sys.float_info.max <= item <= sys.float_info.max:
+            flat.append(float(item))
+        else:
+            return None
+    return flat
 
 
 ###############################################################################
@@ -5454,22 +5480,73 @@ def _metrics_across_workers():
 # payload log recorded again, in-process, on one version of the store, and report how the answers
 # compare: the check before promoting a version, runnable in CI with --fail-under.
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
+REPLAY_LINE_BYTES = 64 * 1024 * 1024    # a line longer than a payload file's size is none the service wrote
+REPLAY_RAN, REPLAY_BELOW, REPLAY_FAILED = 0, 1, 2    # its exit codes: ran / under --fail-under / could not run
+
+
 def _payload_lines(paths, report):
-    """(line number, record) of every readable line of the logs; a folder stands for its payload files."""
+    """(where, record) of every line of the logs that holds a JSON object; a folder stands for its payload
+    files.  Other lines are counted in report.bad, by why."""
     for path in paths:
         files = sorted(os.path.join(path, entry) for entry in os.listdir(path)
                        if PayloadLog.FILE_NAME.fullmatch(entry)) if os.path.isdir(path) else [path]
         for file in files:
+            if not os.path.isfile(file):
+                raise OSError(f"{file}: not a file")        # a FIFO or a device would block, or never end
             with open(file, "rb") as handle:
-                for number, line in enumerate(handle, start=1):
+                for number, line in _numbered_lines(handle):
+                    where = f"{file}:{number}"
                     try:
-                        record = parse_json(line, max_depth=64, what=f"{file}:{number}")
-                    except ServiceError:
-                        record = None
-                    if not isinstance(record, dict):
-                        report.skipped["unreadable line(s)"] += 1
+                        if line is None:
+                            raise BadRequest(f"the line is longer than {REPLAY_LINE_BYTES} bytes")
+                        record = parse_json(line, max_depth=64, what="the line")
+                        if not isinstance(record, dict):
+                            raise BadRequest("the line is no JSON object")
+                    except ServiceError as error:
+                        report.bad_line(where, error.message)
                         continue
-                    yield record
+                    yield where, record
+
+
+def _numbered_lines(handle):
+    """(number, line) of a binary file; None for a line over REPLAY_LINE_BYTES, which is skipped unread."""
+    number = 0
+    while True:
+        line = handle.readline(REPLAY_LINE_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > REPLAY_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = handle.readline(1 << 20)
+            line = None
+        yield number, line
+
+
+def _logged_request(record, name):
+    """Why a record is not replayed (a reason for report.skipped), None if it is; BadRequest for a record
+    that is no payload log's (a field of the wrong type)."""
+    if record.get("model") != name:
+        return "for other models"
+    if record.get("status") != 200:
+        return "not answered 200"
+    inputs, outputs = record.get("inputs"), record.get("outputs")
+    if inputs is None or record.get("redacted"):
+        return "without (complete) inputs"
+    if not isinstance(inputs, (list, dict)):
+        raise BadRequest('"inputs" is no list of rows (nor an object of columns)')
+    if not isinstance(outputs, dict) or not outputs or not all(isinstance(v, list) for v in outputs.values()):
+        raise BadRequest('"outputs" does not map the methods called to their outputs')
+    if not isinstance(record.get("request_id", ""), str):
+        raise BadRequest('"request_id" is no string')
+    return None
 
 
 def replay(registry, name, paths, version=None, label=None):
@@ -5480,15 +5557,14 @@ def replay(registry, name, paths, version=None, label=None):
     model = registry.acquire(name, version, label)
     report = Agreement()
     try:
-        for record in _payload_lines(paths, report):
-            logged = record.get("outputs")
-            if record.get("model") != name:
-                report.skipped["for other models"] += 1
-            elif record.get("status") != 200:
-                report.skipped["not answered 200"] += 1
-            elif record.get("inputs") is None or record.get("redacted") or not isinstance(logged, dict) \
-                    or not logged:
-                report.skipped["without (complete) inputs"] += 1
+        for where, record in _payload_lines(paths, report):
+            try:
+                skipped = _logged_request(record, name)
+            except BadRequest as error:
+                report.bad_line(where, error.message)
+                continue
+            if skipped:
+                report.skipped[skipped] += 1
             else:
                 _replay_request(model, registry.config, record, report)
     finally:
@@ -5510,46 +5586,53 @@ def _replay_request(model, config, record, report):
 
 
 def replay_command(argv):
-    """`model-service replay LOG... --model NAME [--version V | --label L]`; returns the exit code."""
-    parser = argparse.ArgumentParser(
+    """`model-service replay LOG... --model NAME [--version V | --label L]`; returns the exit code: REPLAY_RAN
+    once it has run (whatever it found, bad lines included), REPLAY_BELOW under --fail-under, REPLAY_FAILED
+    when it could not run.  Whatever the logs hold, it ends in a report or one line, never a traceback."""
+    parser = _OneLineErrors(
         prog="model-service replay",
         description="Score the requests of payload logs (--payload-log) again on one version of a model, "
-                    "in-process, and report how its predictions compare with the logged ones.")
+                    "in-process, and report how its predictions compare with the logged ones.",
+        epilog=f"Exit status: {REPLAY_RAN} once it has run, whatever it found (lines that are no logged request "
+               f"are counted and the first few shown); {REPLAY_BELOW} with --fail-under when the share of "
+               f"identical predictions is below it; {REPLAY_FAILED} when it could not run (a bad option, no such "
+               "model, version or label, a log that cannot be read).")
     parser.add_argument("logs", metavar="LOG", nargs="+", help="payload log file, or a folder of them")
     parser.add_argument("--model", required=True, metavar="NAME", help="the model whose requests are replayed")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--version", metavar="V", help="version to replay on (default: the highest served)")
     which.add_argument("--label", metavar="L", help="label naming the version to replay on")
     parser.add_argument("--store", metavar="DIR", help=f"model store (env {ENV_PREFIX}STORE; default: model_store)")
-    parser.add_argument("--fail-under", metavar="FRACTION", type=_fraction,
-                        help="exit 1 when the share of identical predictions is below FRACTION (for CI)")
+    parser.add_argument("--fail-under", metavar="FRACTION",
+                        help=f"exit {REPLAY_BELOW} when the share of identical predictions is below FRACTION (for CI)")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     try:
+        fail_under = arguments.fail_under
+        try:
+            fail_under = fail_under if fail_under is None else _fraction(fail_under)
+        except ValueError as error:
+            raise ValueError(f"--fail-under: {error}") from None
         config = dataclasses.replace(Config.load({"store": arguments.store}), poll_interval=0.0)
         registry = ModelRegistry(config, watch=False)
         registry.refresh()
         report, version = replay(registry, arguments.model, arguments.logs, arguments.version, arguments.label)
     except (ServiceError, OSError, ValueError) as error:
         print(f"model-service replay: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
-        return 2
+        return REPLAY_FAILED
+    except Exception as error:  # a fault of the service's own: still one line, and "could not run"
+        print(f"model-service replay: error: unexpected {type(error).__name__}: {_clip(str(error))}", file=sys.stderr)
+        return REPLAY_FAILED
     print("\n".join(report.lines(arguments.model, version)))
-    if arguments.fail_under is not None and report.share() < arguments.fail_under:
-        print(f"identical share {report.share():.1%} is below --fail-under {arguments.fail_under:g}", file=sys.stderr)
-        return 1
-    return 0
+    if fail_under is not None and report.share() < fail_under:
+        print(f"identical share {report.share():.1%} is below --fail-under {fail_under:g}", file=sys.stderr)
+        return REPLAY_BELOW
+    return REPLAY_RAN
 
 
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
-
-
-class _OneLineErrors(argparse.ArgumentParser):
-    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
 
 
 def build_parser():
@@ -5613,7 +5696,7 @@ def main(argv=None, serve=serve):
     except ImportError as error:
         logger.error("server %r is not installed: %s", config.server, error)
         return 2
-    except OSError as error:
+    except (OSError, ValueError) as error:      # waitress: "Invalid host/port specified." for a bad --host
         logger.error("cannot serve on %s:%s: %s", config.host, config.port, error)
         return 1
     return 0

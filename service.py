@@ -3498,6 +3498,51 @@ def _request_id(environ):
     return request_id
 
 
+# -- what a log may quote of a request ------------------------------------------------------------------
+# One rule for every sink that writes a request's features: a model's "redact" setting.  The payload
+# log nulls the redacted features; every other log line about a prediction request of a model that
+# redacts features quotes nothing taken from the request's inputs: its path is written as its route's
+# template with only the model's name, version and label filled in (the seed's GET /predict/{sentence}
+# carries the features in the path), and an error as its kind, without its message (scikit-learn's and
+# numpy's messages quote values: "could not convert string to float: '078-05-1120'").
+
+PATH_NAMES = ("name", "version", "label")      # the path parameters that name what is called, never inputs
+
+
+def mark_redacting(environ, redact):
+    """Note, once the request's model is named, whether it redacts features (`redact`: its feature names)."""
+    environ["service.redacting"] = bool(redact)
+
+
+def logged_path(environ):
+    """The request's path as a log line may write it (see the rule above)."""
+    path = environ.get("PATH_INFO", "")
+    if not environ.get("service.redacting"):
+        return path
+    template, values = environ.get("service.route_path"), environ.get("route.url_args") or {}
+    if template is None:
+        return "(path withheld: its model redacts features)"
+    return re.sub(r"\{(\w+)\}", lambda match: str(values.get(match[1], match[0])) if match[1] in PATH_NAMES
+                  else match[0], template)
+
+
+def logged_error(error, redacting):
+    """An error's message as a log line may write it: for a request of a model that redacts features, its
+    kind alone."""
+    if redacting:
+        return f"{type(error).__name__} (message withheld: the model redacts features)"
+    return _clip(getattr(error, "message", None) or str(error))
+
+
+def logged_traceback(environ):
+    """The exception being handled, as a log line may write it: whole, or for a request of a model that
+    redacts features, its frames (code, no values) and its kind."""
+    if not environ.get("service.redacting"):
+        return traceback.format_exc()
+    error = sys.exc_info()[1]
+    return "".join(traceback.format_tb(error.__traceback__)) + logged_error(error, True)
+
+
 ###############################################################################
 # Protocol codecs #############################################################
 ###############################################################################
@@ -4585,13 +4630,13 @@ class Shadow:
         slot = self.registry.shadow_slot(name)
         if slot is None or str(slot.ref.version) == model.version:
             return
-        if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results),
-                                  payload_bytes(environ)):
+        if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results,
+                                   environ.get("service.redacting", False)), payload_bytes(environ)):
             self.registry.agreement(name, str(slot.ref.version)).dropped += 1
             self.metrics.count("model_service_shadow_dropped_total",
                                (("model", name), ("version", str(slot.ref.version))))
 
-    def _compare(self, name, slot, request_id, methods, inputs, results):
+    def _compare(self, name, slot, request_id, methods, inputs, results, redacting):
         """Run the methods on the shadow version and count how its outputs compare with the client's."""
         version = str(slot.ref.version)
         labels = (("model", name), ("version", version))
@@ -4606,7 +4651,7 @@ class Shadow:
             agreement.fail(request_id, methods, type(failure).__name__)
             self.metrics.count("model_service_shadow_errors_total", labels)
             logger.warning("shadow version %s of model %r failed on request %s: %s", version, name, request_id,
-                           _clip(getattr(failure, "message", None) or str(failure)))
+                           logged_error(failure, redacting))
             return
         identical = agreement.identical
         differences = agreement.compare(model, request_id, {m: to_jsonable(r) for m, r in results.items()}, shadowed)
@@ -4805,7 +4850,7 @@ class ServiceApp(bottle.Bottle):
                 self.payload_log.offer(environ, status, elapsed)
         if config.access_log and access_logger.isEnabledFor(logging.INFO):
             access_logger.info("%s %s %s %s %.2fms id=%s", environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
-                               _clip(environ.get("PATH_INFO", ""), 200), status, elapsed * 1000,
+                               _clip(logged_path(environ), 200), status, elapsed * 1000,
                                _request_id(environ), extra={"request_id": _request_id(environ)})
         return body
 
@@ -4884,6 +4929,7 @@ class ServiceApp(bottle.Bottle):
         takes_body, example = route.body is not None, BODY_EXAMPLES.get(route.body)
 
         def endpoint(**parameters):
+            bottle.request.environ["service.route_path"] = route.path      # what logs write for a redacted path
             if codec is not None:
                 bottle.request.environ["service.codec"] = codec
             if admin:
@@ -4921,8 +4967,9 @@ class ServiceApp(bottle.Bottle):
             except ServiceError as error:
                 return self.refusal(error)
             except Exception:
-                return self.refusal(_internal_error(f"on {bottle.request.method} {bottle.request.path}",
-                                                    traceback.format_exc()))
+                environ = bottle.request.environ
+                return self.refusal(_internal_error(f"on {environ['REQUEST_METHOD']} {logged_path(environ)}",
+                                                    logged_traceback(environ)))
             bottle.response.content_type = JSON_TYPE
             return body
 
@@ -4961,6 +5008,7 @@ class ServiceApp(bottle.Bottle):
         registry, config, environ = self.registry, self.service_config, request.environ
         if name is None:
             name = registry.default_model_name()
+        mark_redacting(environ, registry.model_settings(name).redact)
         asked = codec.read(request, config, **route)
         held = []                                   # what the prediction holds, released when it is over
         fields = None

@@ -7,9 +7,11 @@ Real models from scikit-learn's bundled data in tmp_path stores; the shutdown dr
 import concurrent.futures
 import glob
 import json
+import logging
 import os
 import re
 import threading
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -237,3 +239,66 @@ def test_workers_hold_a_bounded_backlog_of_chunked_bodies_and_count_what_they_dr
         wait_until(lambda: sum(counted()) == first + second, timeout=120, what="every request compared or dropped")
         compared, dropped, errors = counted()
         assert dropped > 0 and errors == 0, counted()
+
+
+# -- redaction in every log: one rule -----------------------------------------------------------------------
+
+SECRET = 7.123456789                        # a redacted feature's value: it must appear in no log line
+
+
+@pytest.mark.parametrize("redact", [["petal_width"], []])
+def test_the_access_log_writes_a_redacting_models_path_as_its_route(tmp_path, named_iris_classifier, caplog,
+                                                                    make_app, redact):
+    """GET /predict/<sentence> carries the features in its path: the access line of a model that redacts one
+    writes the route instead; others keep their paths (the names in them are no inputs)."""
+    store = versioned_store(tmp_path / "store", [named_iris_classifier], {"redact": redact})
+    client = webtest.TestApp(make_app(store=store, access_log=True, default_model="m"))
+    row = dict(zip(IRIS_FEATURES, ROWS[0][:3] + [SECRET]))
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        assert client.get("/predict/" + urllib.parse.quote(json.dumps([row]))).status_int == 200
+        refused = client.get("/predict/" + urllib.parse.quote(json.dumps([{**row, "sepal_length": "x"}])),
+                             expect_errors=True)
+        assert refused.status_int == 400
+        assert client.post_json("/models/m/versions/1/predict", {"instances": [row]}).status_int == 200
+    lines = [record.getMessage() for record in caplog.records if record.name == "service.access"]
+    assert len(lines) == 3
+    if redact:
+        assert all(str(SECRET) not in line for line in lines), lines
+        assert " GET /predict/{sentence} 200 " in lines[0] and " GET /predict/{sentence} 400 " in lines[1]
+    else:
+        assert str(SECRET) in urllib.parse.unquote(lines[0])
+    assert " POST /models/m/versions/1/predict 200 " in lines[2]
+
+
+@pytest.mark.parametrize("redact", [["text"], []])
+def test_error_logs_of_a_redacting_model_give_the_kind_of_error_not_its_message(tmp_path, iris_classifier, caplog,
+                                                                              make_app, monkeypatch, redact):
+    """A shadow that refuses the inputs, and a fault of the service's own, are logged: scikit-learn's and our
+    messages quote the input ("could not convert string to float: 'secret-...'"), so for a model that redacts
+    features they are written as their kind."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    texts = make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(["good day", "bad day", "good", "bad"],
+                                                                       [1, 0, 1, 0])
+    store = versioned_store(tmp_path / "store", [texts, iris_classifier],
+                            {"version_policy": "all", "labels": {"stable": 1, "canary": 2}, "traffic": {"stable": 1},
+                             "shadow": "canary", "redact": redact})
+    app = make_app(store=store)
+    client = webtest.TestApp(app)
+    with caplog.at_level(logging.WARNING, logger="service"):
+        assert client.post_json("/models/m/predict", {"instances": ["secret-078-05-1120"]}).status_int == 200
+        wait_until(lambda: "shadow version 2" in caplog.text, what="the shadow's failure")
+        real_call = service.LoadedModel.call
+
+        def faulty(model, method, inputs):          # a fault of ours whose message quotes the inputs
+            raise RuntimeError(f"cannot handle {inputs!r}")
+        monkeypatch.setattr(service.LoadedModel, "call", faulty)
+        assert client.post_json("/models/m/predict", {"instances": ["secret-078-05-1120"]},
+                                expect_errors=True).status_int == 500
+        monkeypatch.setattr(service.LoadedModel, "call", real_call)
+    assert "internal error" in caplog.text and "RuntimeError" in caplog.text
+    assert ("secret-078-05-1120" in caplog.text) == (not redact), caplog.text
+    if redact:
+        assert "message withheld: the model redacts features" in caplog.text

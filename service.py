@@ -2144,7 +2144,7 @@ class Metrics:
         """Models in memory or requests in flight changed: shared, this process writes the gauges that did
         (each write is a file update; called under the Residency's lock, so in order).
 
-        (A worker forked with models already in memory writes them at its first request.)"""
+        (A worker forked with models already in memory writes them when it starts: Residency.announce.)"""
         if not self._shared and self._families is not None:
             return                  # one process: read at scrape time
         families = self._ready()
@@ -2567,6 +2567,12 @@ class Residency:
                     slot.leaving = None
                     if slot.model is None and slot.state == UNLOADING:
                         slot.set(UNLOADED)
+            self.changed()
+
+    def announce(self):
+        """Report what is in memory now, unasked: a worker forked with its parent's models holds them before
+        anything changes it (under --workers, each worker's gauges are its own, summed by a scrape)."""
+        with self.lock:
             self.changed()
 
     def unload_idle(self, seconds):
@@ -5490,8 +5496,10 @@ def _serve_workers(app, config):
                     self.cfg.set(key, value)
 
         def load(self):
-            """In each worker, after the fork: start its watcher and load what the parent could not."""
+            """In each worker, after the fork: start its watcher, load what the parent could not, and count
+            the models it holds from the start (its gauges were written at its first request)."""
             registry.refresh()
+            registry.residency.announce()
             return app
 
     Workers().run()

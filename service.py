@@ -1099,8 +1099,8 @@ class ModelSettings:
             settings = cls.parse(cls._document(ref))
             settings.check_served(numbers)
             return settings
-        except ValueError:
-            raise
+        except ValueError as error:         # (shown in the status and the log: a few lines at most)
+            raise ValueError(_clip(str(error), 500)) from None
         except Exception as error:  # whatever the file provoked: its refusal, never the scan's failure
             raise ValueError(f"it cannot be used: {type(error).__name__}: {_clip(str(error), 200)}") from None
 
@@ -1240,7 +1240,8 @@ class ModelSettings:
 
     @staticmethod
     def _version(value, where):
-        if type(value) is int and value >= 1:
+        """A version number, as the store's folders spell them (VERSION: at most 18 digits)."""
+        if type(value) is int and 1 <= value < 10 ** 18:
             return value
         if isinstance(value, str) and VERSION.fullmatch(value):
             return int(value)

@@ -196,8 +196,9 @@ def _share_logs(config):
 # Small utilities #############################################################
 ###############################################################################
 # Helpers every later section uses: clipping text for messages, what a model name,
-# version and label may be, strict JSON out of numpy values, bit-for-bit output
-# comparison, and walking an estimator's parts.
+# version and label may be, strict JSON out of numpy values and in from text (what
+# RFC 8259 refuses is refused, nesting measured), bit-for-bit output comparison, and
+# walking an estimator's parts.
 
 
 def _clip(text, limit=300):
@@ -269,6 +270,76 @@ def _utf8(text):
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace")
+
+
+def _strict_json(text):
+    """json.loads as RFC 8259 reads JSON: ValueError for NaN and Infinity, for a number beyond a float, and
+    for an object naming a member twice."""
+    if _MAYBE_OUT_OF_RANGE.search(text):        # rare: pay for a hook on every float only then
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float, object_pairs_hook=_members)
+    return json.loads(text, parse_constant=_not_json, object_pairs_hook=_members)
+
+
+def _members(pairs):
+    """object_pairs_hook: an object's members, each named once.  A name given twice is ambiguous (parsers
+    keep the first, the last or both, so a proxy and the service could read two requests): refused."""
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        names = [name for name, _ in pairs]
+        twice = next(name for number, name in enumerate(names) if name in names[:number])
+        raise DuplicateMember(f"an object names the member {_clip(json.dumps(twice), 60)} twice: "
+                              "name each member once")
+    return members
+
+
+class DuplicateMember(ValueError):
+    """JSON (or a Python literal) naming one member of an object twice."""
+
+
+_MAYBE_OUT_OF_RANGE = re.compile(r"[eE]\+?0*[1-9][0-9]{2}|[0-9]{300}")     # an exponent >= 100, or 300 digits
+
+
+def _not_json(token):
+    """parse_constant: NaN, Infinity and -Infinity are JavaScript, not JSON."""
+    raise ValueError(f"{token} is not a JSON value (RFC 8259); send null for a missing value")
+
+
+def _finite_float(text):
+    """parse_float: a number beyond a float's range would silently become infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {_clip(text, 40)} is out of a float's range")
+    return value
+
+
+JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+PYTHON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+JSON_PAIRS, PYTHON_PAIRS = (b"[]", b"{}"), (b"[]", b"{}", b"()")
+
+
+def _nested_deeper_than(limit, text, strings=JSON_STRING, pairs=JSON_PAIRS):
+    """Whether text nests its brackets (JSON's, or a Python literal's with `PYTHON_*`) more than `limit` deep.
+
+    Read from the text, before or instead of walking a parsed value: walking costs one check
+    per number (100 µs for 64 rows), and a Python literal must be measured before
+    `ast.literal_eval` recurses into it.  Strings are dropped, then all but the brackets, and
+    each round removes the innermost pairs (marked first, so a pair they uncover waits for the
+    next round): the rounds needed are the depth.  Brackets that never pair up count as deep.
+    """
+    opened = 0
+    for pair in pairs:                          # the common case, a shallow body, ends here
+        opened += text.count(pair[:1])
+    if opened <= limit:
+        return False
+    keep = b"".join(pairs)
+    brackets = strings.sub(b"", text).translate(None, bytes(c for c in range(256) if c not in keep))
+    for _ in range(limit):
+        for pair in pairs:
+            brackets = brackets.replace(pair, b"\0")
+        brackets = brackets.replace(b"\0", b"")
+        if not brackets:
+            return False
+    return True
 
 
 def _same_outputs(expected, actual):
@@ -476,6 +547,15 @@ def _positive_int(text):
     return value
 
 
+def _count_of_threads(text):
+    """A positive number of threads or processes, at most 1024: starting more than a system allows aborts
+    the process (10**20 threads ended in "libgcc_s.so.1 must be installed for pthread_exit to work")."""
+    value = _integer(text)
+    if not 1 <= value <= 1024:
+        raise ValueError(f"must be a whole number from 1 to 1024, not {_clip(repr(text), 40)}")
+    return value
+
+
 def _port(text):
     value = _integer(text)
     if not 0 <= value <= 65535:
@@ -664,8 +744,8 @@ SETTINGS = (
     Setting("host", str, "127.0.0.1", "address to bind (0.0.0.0 exposes the service to the network)", "HOST"),
     Setting("port", _port, 8080, "TCP port (0 picks a free one)", "PORT"),
     Setting("server", _server_name, "waitress", "WSGI server: waitress, wsgiref, gunicorn, ...", "NAME"),
-    Setting("threads", _positive_int, 4, "worker threads (waitress; per process under --workers)", "N"),
-    Setting("workers", _positive_int, 1,
+    Setting("threads", _count_of_threads, 4, "worker threads (waitress; per process under --workers)", "N"),
+    Setting("workers", _count_of_threads, 1,
             "server processes; above 1 they run under gunicorn (pip install gunicorn), forked once the --preload "
             "models are loaded, which they share",
             "N"),
@@ -856,7 +936,7 @@ class Metrics:
         """Models in memory or requests in flight changed: shared, this process writes the gauges that did
         (each write is a file update; called under the Residency's lock, so in order).
 
-        (A worker forked with models already in memory writes them at its first request.)"""
+        (A worker forked with models already in memory writes them when it starts: Residency.announce.)"""
         if not self._shared and self._families is not None:
             return                  # one process: read at scrape time
         families = self._ready()
@@ -1176,30 +1256,39 @@ class ModelStore:
             raise FileNotFoundError(f"model store {self.root} is not a folder")
         found, sums = {}, {}
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
-            if entry.name == SHA256SUMS_FILE and not _is_dir(entry):
-                sums = self._read_sums(entry)
-                continue
-            if self._skipped(entry.name, entry.name):
-                continue
-            if _is_dir(entry):
-                name = entry.name
-                versions = self._scan_versions(entry)
-            else:
-                name, extension = os.path.splitext(entry.name)
-                ref = self._artifact(name, 1, entry, extension)
-                versions = {1: ref} if ref else {}
-            if not versions:
-                continue
-            if not valid_model_name(name):
-                self._warn("skipping %s: %r is not a valid model name", entry.name, name)
-            elif name in found:
-                self._warn("skipping model %r: more than one artifact or folder has that name", name)
-                found[name] = None
-            else:
-                found[name] = versions
+            try:
+                if entry.name == SHA256SUMS_FILE and not _is_dir(entry):
+                    sums = self._read_sums(entry)
+                else:
+                    self._add_model(entry, found)
+            except Exception as error:  # whatever is wrong with one entry skips it, never the rest of the scan
+                self._warn("skipping %r: it cannot be scanned: %s: %s", entry.name, type(error).__name__,
+                           _clip(str(error), 200))
         self.settings_files = {name: ref for name, ref in self.settings_files.items() if found.get(name)}
         self.sha256sums = sums
         return {name: versions for name, versions in found.items() if versions}
+
+    def _add_model(self, entry, found):
+        """Add the model of one entry of the store's root (a flat artifact or a folder of versions) to
+        `found`; a name found twice is no model (None)."""
+        if self._skipped(entry.name, entry.name):
+            return
+        if _is_dir(entry):
+            name = entry.name
+            versions = self._scan_versions(entry)
+        else:
+            name, extension = os.path.splitext(entry.name)
+            ref = self._artifact(name, 1, entry, extension)
+            versions = {1: ref} if ref else {}
+        if not versions:
+            return
+        if not valid_model_name(name):
+            self._warn("skipping %s: %r is not a valid model name", entry.name, name)
+        elif name in found:
+            self._warn("skipping model %r: more than one artifact or folder has that name", name)
+            found[name] = None
+        else:
+            found[name] = versions
 
     def _read_sums(self, entry):
         """{relative path: sha256 hex} from SHA256SUMS; lines not as `sha256sum` writes them are warned about."""
@@ -1317,6 +1406,7 @@ class ModelSettings:
     """
 
     MAX_BYTES = 64 * 1024
+    MAX_DEPTH = 16
     KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact", "shadow",
             "native", "warmup", "explain")
     MAX_WARMUP_ROWS = 100
@@ -1336,8 +1426,28 @@ class ModelSettings:
         self.sha256 = dict(sha256 or {})       # {version: lower-case hex digest}
 
     @classmethod
-    def read(cls, ref):
-        """Parse the settings file behind `ref`; ValueError says what is wrong with it."""
+    def read(cls, ref, numbers):
+        """The settings in the file behind `ref`, checked against the versions `numbers` on disk; whatever
+        the file holds, either settings or a ValueError saying what is wrong with it.
+
+        A settings file is written by whoever can write the store, and one bad file must cost its own
+        model its new settings, never the scan of the store or the server.  So beyond the refusals that
+        say what to fix, anything else the content provokes (a number too large for arithmetic, memory)
+        is that file's refusal too, named by its kind.
+        """
+        try:
+            settings = cls.parse(cls._document(ref))
+            settings.check_served(numbers)
+            return settings
+        except ValueError as error:         # (shown in the status and the log: a few lines at most)
+            raise ValueError(_clip(str(error), 500)) from None
+        except Exception as error:  # whatever the file provoked: its refusal, never the scan's failure
+            raise ValueError(f"it cannot be used: {type(error).__name__}: {_clip(str(error), 200)}") from None
+
+    @classmethod
+    def _document(cls, ref):
+        """The file's JSON value, read as request bodies are (strict RFC 8259, each member named once),
+        within MAX_BYTES and MAX_DEPTH."""
         try:
             with open(ref.path, "rb") as handle:
                 data = handle.read(cls.MAX_BYTES + 1)
@@ -1346,10 +1456,14 @@ class ModelSettings:
         if len(data) > cls.MAX_BYTES:
             raise ValueError(f"it is larger than {cls.MAX_BYTES} bytes")
         try:
-            document = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"not valid JSON: {error}") from None
-        return cls.parse(document)
+            document = _strict_json(data.decode("utf-8-sig"))
+        except RecursionError:
+            raise ValueError(f"not valid JSON: nested deeper than {cls.MAX_DEPTH} levels") from None
+        except ValueError as error:         # not UTF-8, not JSON, NaN, a number beyond a float, a member twice
+            raise ValueError(f"not valid JSON: {_clip(str(error), 200)}") from None
+        if _nested_deeper_than(cls.MAX_DEPTH, data):
+            raise ValueError(f"not valid JSON: nested deeper than {cls.MAX_DEPTH} levels")
+        return document
 
     @classmethod
     def parse(cls, document):
@@ -1357,14 +1471,15 @@ class ModelSettings:
             raise ValueError("it must hold a JSON object")
         unknown = sorted(set(document) - set(cls.KEYS))
         if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(cls.KEYS)}")
+            raise ValueError(f"unknown key(s) {_clip(', '.join(map(repr, unknown)), 200)}; "
+                             f"known: {', '.join(cls.KEYS)}")
         settings = cls(**cls._policy(document.get("version_policy", "latest")))
         labels = document.get("labels", {})
         if not isinstance(labels, dict):
             raise ValueError('"labels" must map label names to versions')
         for label, version in labels.items():
             if not LABEL.fullmatch(label):
-                raise ValueError(f"invalid label {label!r}: labels match ^{LABEL.pattern}$")
+                raise ValueError(f"invalid label {_clip(repr(label), 80)}: labels match ^{LABEL.pattern}$")
             settings.labels[label] = cls._version(version, f"label {label!r}")
         settings.safe_pickle = document.get("safe_pickle", False)
         if type(settings.safe_pickle) is not bool:
@@ -1433,11 +1548,11 @@ class ModelSettings:
         split = {}
         for target, weight in traffic.items():
             target = self._target(target, '"traffic"')
-            if type(weight) not in (int, float) or not 0 <= weight < math.inf:
-                raise ValueError(f'"traffic": the weight of {target!r} must be a number >= 0, '
-                                 f'not {_clip(repr(weight), 40)}')
+            if type(weight) not in (int, float) or not 0 <= weight <= sys.float_info.max:
+                raise ValueError(f'"traffic": the weight of {target!r} must be a number >= 0 (at most '
+                                 f'{sys.float_info.max:.4g}), not {_clip(repr(weight), 40)}')
             split[target] = weight
-        if split and not sum(split.values()) > 0:
+        if split and not any(weight > 0 for weight in split.values()):
             raise ValueError('"traffic": every weight is 0; give at least one target a positive weight')
         return split
 
@@ -1477,11 +1592,12 @@ class ModelSettings:
 
     @staticmethod
     def _version(value, where):
-        if type(value) is int and value >= 1:
+        """A version number, as the store's folders spell them (VERSION: at most 18 digits)."""
+        if type(value) is int and 1 <= value < 10 ** 18:
             return value
         if isinstance(value, str) and VERSION.fullmatch(value):
             return int(value)
-        raise ValueError(f"{where}: {value!r} is not a version (a positive integer)")
+        raise ValueError(f"{where}: {_clip(repr(value), 80)} is not a version (a positive integer)")
 
     def select(self, numbers):
         """The served versions among `numbers` (the versions on disk), highest first."""
@@ -2337,6 +2453,7 @@ def _build_model(ref, options=None, native=True):
 # replay's report (Replay).
 
 REPLAY_WORST = 5        # examples kept, the most different first
+REPLAY_REASONS = 10     # reasons shown for the lines of a log that are no logged request, the commonest first
 
 
 class Agreement:
@@ -2346,6 +2463,8 @@ class Agreement:
 
     def __init__(self):
         self.skipped = collections.Counter()    # reason -> lines not replayed
+        self.bad = collections.Counter()        # replay: why -> lines that are no logged request
+        self.bad_at = {}                        # replay: why -> where the first such line is
         self.replayed = self.identical = 0
         self.classes = collections.Counter()    # (logged, replayed) -> rows whose class changed
         self.gap_sum, self.gap_count, self.gap_max = 0.0, 0, 0.0   # absolute differences of numeric outputs
@@ -2363,7 +2482,8 @@ class Agreement:
         changed, largest, differences = 0, 0.0, []
         for method, before in logged.items():
             after = replayed[method]
-            if method == "predict" and model.classes is not None and len(before) == len(after):
+            if method == "predict" and model.classes is not None and isinstance(before, list) and \
+                    isinstance(after, list) and len(before) == len(after):
                 pairs = [(old, new) for old, new in zip(before, after) if old != new]
                 self.classes.update((_comparable_text(old), _comparable_text(new)) for old, new in pairs)
                 changed += len(pairs)
@@ -2389,6 +2509,13 @@ class Agreement:
         entry = (changed, largest, request_id, sorted(methods))
         (heapq.heappush if len(self._worst) < REPLAY_WORST else heapq.heappushpop)(self._worst, entry)
 
+    def bad_line(self, where, why):
+        """Count a line of a replayed log that is no logged request, by why; the report shows the commonest
+        reasons, each with where it was first seen."""
+        why = _clip(why, 200)
+        self.bad[why] += 1
+        self.bad_at.setdefault(why, where)
+
     def share(self):
         return self.identical / self.replayed if self.replayed else 1.0
 
@@ -2397,6 +2524,9 @@ class Agreement:
         out = [f"replayed {self.replayed} request(s) on model {name!r} version {version}"]
         if self.skipped:
             out.append("skipped " + ", ".join(f"{count} {why}" for why, count in sorted(self.skipped.items())))
+        if self.bad:
+            out.append(f"bad lines (no logged request): {sum(self.bad.values())}")
+            out += [f"  {count} x {why} (first: {self.bad_at[why]})" for why, count in self.bad.most_common(REPLAY_REASONS)]
         out.append(f"identical predictions: {self.identical} of {self.replayed} ({self.share():.1%})")
         for (old, new), count in self.classes.most_common():
             out.append(f"class {old} -> {new}: {count} row(s)")
@@ -2408,7 +2538,8 @@ class Agreement:
         worst = sorted(self._worst, reverse=True)
         if worst:
             out.append("worst examples:")
-            out += [f"  {request_id} ({','.join(methods)}): {changed} row(s) differ, max abs difference {gap:.6g}"
+            out += [f"  {request_id} ({','.join(methods)}): " + ("failed" if changed == math.inf else
+                                                                   f"{changed} row(s) differ, max abs difference {gap:.6g}")
                     for changed, gap, request_id, methods in worst]
         return out
 
@@ -2418,16 +2549,18 @@ def _comparable_text(value):
 
 
 def _comparable_numbers(outputs):
-    """Every number in nested JSON outputs, in order; None if any value is not a number."""
-    if isinstance(outputs, list):
-        flat = []
-        for item in outputs:
-            numbers = _comparable_numbers(item)
-            if numbers is None:
-                return None
-            flat += numbers
-        return flat
-    return [outputs] if type(outputs) in (int, float) else None
+    """Every number in nested JSON outputs, in order, as floats; None if any value is not a number, or is an
+    integer beyond a float's range (a logged line may hold anything)."""
+    flat, stack = [], [outputs]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif type(item) in (int, float) and -sys.float_info.max <= item <= sys.float_info.max:
+            flat.append(float(item))
+        else:
+            return None
+    return flat
 
 
 ###############################################################################
@@ -2714,6 +2847,12 @@ class Residency:
                         slot.set(UNLOADED)
             self.changed()
 
+    def announce(self):
+        """Report what is in memory now, unasked: a worker forked with its parent's models holds them before
+        anything changes it (under --workers, each worker's gauges are its own, summed by a scrape)."""
+        with self.lock:
+            self.changed()
+
     def unload_idle(self, seconds):
         """Retire the models nobody used for `seconds`, but preloaded ones."""
         now = self.clock()
@@ -2759,8 +2898,7 @@ class SettingsFiles:
             settings, error = DEFAULT_SETTINGS, None
         else:
             try:
-                settings, error = ModelSettings.read(ref), None
-                settings.check_served(numbers)
+                settings, error = ModelSettings.read(ref, numbers), None
             except ValueError as problem:
                 error = f"{ref.file}: {problem}"
                 settings = cached.settings if cached else None
@@ -2812,28 +2950,44 @@ def plan_catalogue(found, old_catalogue, records, unsettled, settle, preloaded):
     catalogue, settling, replace, promote = {}, {}, [], []
     for name, refs in found.items():
         previous = old_catalogue.get(name)
-        slots, pending = {}, set()
-        for number, ref in refs.items():
-            slot = previous.versions.get(number) if previous else None
-            if slot is not None and slot.ref.fingerprint == ref.fingerprint:
-                slots[number] = slot
-            elif settle and unsettled.get((name, number)) != ref.fingerprint:
-                settling[(name, number)] = ref.fingerprint
-                if slot is not None:
-                    slots[number] = slot        # the old artifact serves until the new one settles
-                else:
-                    pending.add(number)
-            elif slot is None or slot.model is None:
-                slots[number] = VersionSlot(ref)
-            else:
-                slots[number] = slot
-                if slot.replacing is None and slot.rejected != ref.fingerprint:
-                    replace.append((slot, ref))
-        if slots or (previous and pending):
-            catalogue[name], promotions = _plan_entry(name, slots, previous, records[name], pending,
-                                                      preloaded(name))
-            promote += promotions
+        try:
+            planned = _plan_model(name, refs, previous, records[name], unsettled, settle, preloaded(name))
+        except Exception:  # a fault with one model leaves it as it was; the rest of the scan goes on
+            logger.exception("model %r: planning the store's scan failed on it; it stays as it was", name)
+            planned = (previous, {}, [], [])
+        entry, its_settling, its_replace, its_promote = planned
+        if entry is not None:
+            catalogue[name] = entry
+        settling.update(its_settling)
+        replace += its_replace
+        promote += its_promote
     return Plan(catalogue, settling, replace, promote, departures(old_catalogue, catalogue))
+
+
+def _plan_model(name, refs, previous, record, unsettled, settle, preloaded):
+    """plan_catalogue for one model: (its CatalogueEntry or None, its unsettled artifacts, replacements,
+    promotions)."""
+    settling, replace, slots, pending = {}, [], {}, set()
+    for number, ref in refs.items():
+        slot = previous.versions.get(number) if previous else None
+        if slot is not None and slot.ref.fingerprint == ref.fingerprint:
+            slots[number] = slot
+        elif settle and unsettled.get((name, number)) != ref.fingerprint:
+            settling[(name, number)] = ref.fingerprint
+            if slot is not None:
+                slots[number] = slot        # the old artifact serves until the new one settles
+            else:
+                pending.add(number)
+        elif slot is None or slot.model is None:
+            slots[number] = VersionSlot(ref)
+        else:
+            slots[number] = slot
+            if slot.replacing is None and slot.rejected != ref.fingerprint:
+                replace.append((slot, ref))
+    if not (slots or (previous and pending)):
+        return None, settling, replace, []
+    entry, promote = _plan_entry(name, slots, previous, record, pending, preloaded)
+    return entry, settling, replace, promote
 
 
 def _plan_entry(name, slots, previous, record, pending, preloaded):
@@ -2898,10 +3052,12 @@ def _traffic_split(settings, served):
     """
     split = [(target, weight) for target, weight in settings.traffic.items() if weight > 0 and
              (settings.labels[target] if isinstance(target, str) else target) in served]
-    total = sum(weight for _, weight in split)
-    if not total:
+    if not split:
         return None
-    return tuple(itertools.accumulate(weight / total for _, weight in split)), tuple(t for t, _ in split)
+    largest = max(weight for _, weight in split)        # scaled by it first, no sum overflows (1e308 twice)
+    scaled = [weight / largest for _, weight in split]
+    total = sum(scaled)
+    return tuple(itertools.accumulate(weight / total for weight in scaled)), tuple(t for t, _ in split)
 
 
 def departures(old_catalogue, catalogue):
@@ -3633,7 +3789,8 @@ def parse_json(data, max_depth, what="request body"):
     Strict RFC 8259, in every protocol: Python's json module also reads NaN, Infinity and
     -Infinity, which are not JSON, and turns numbers beyond a float's range (1e400) into
     infinity; both are refused, so no value reaches a model that the client could not have
-    written in JSON.  A missing value is null.
+    written in JSON.  A missing value is null.  An object naming a member twice is refused at any
+    depth: parsers disagree on which one counts.
     """
     raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
     if isinstance(data, bytes):
@@ -3649,64 +3806,13 @@ def parse_json(data, max_depth, what="request body"):
         raise BadRequest(f"{what} is nested too deeply") from None
     except json.JSONDecodeError as error:
         raise NotJSON(f"{what} is not valid JSON: {error}") from None
+    except DuplicateMember as error:
+        raise BadRequest(f"{what} is ambiguous: {error}") from None
     except ValueError as error:                 # JSON's syntax, with NaN or a number beyond a float
         raise BadRequest(f"{what} is not valid JSON: {error}") from None
     if _nested_deeper_than(max_depth, raw):
         raise BadRequest(f"{what} is nested deeper than {max_depth} levels")
     return value
-
-
-def _strict_json(text):
-    """json.loads as RFC 8259 reads JSON: ValueError for NaN and Infinity, and for a number beyond a float."""
-    if _MAYBE_OUT_OF_RANGE.search(text):        # rare: pay for a hook on every float only then
-        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
-    return json.loads(text, parse_constant=_not_json)
-
-
-_MAYBE_OUT_OF_RANGE = re.compile(r"[eE]\+?0*[1-9][0-9]{2}|[0-9]{300}")     # an exponent >= 100, or 300 digits
-
-
-def _not_json(token):
-    """parse_constant: NaN, Infinity and -Infinity are JavaScript, not JSON."""
-    raise ValueError(f"{token} is not a JSON value (RFC 8259); send null for a missing value")
-
-
-def _finite_float(text):
-    """parse_float: a number beyond a float's range would silently become infinity."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {_clip(text, 40)} is out of a float's range")
-    return value
-
-
-JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-PYTHON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
-JSON_PAIRS, PYTHON_PAIRS = (b"[]", b"{}"), (b"[]", b"{}", b"()")
-
-
-def _nested_deeper_than(limit, text, strings=JSON_STRING, pairs=JSON_PAIRS):
-    """Whether text nests its brackets (JSON's, or a Python literal's with `PYTHON_*`) more than `limit` deep.
-
-    Read from the text, before or instead of walking a parsed value: walking costs one check
-    per number (100 µs for 64 rows), and a Python literal must be measured before
-    `ast.literal_eval` recurses into it.  Strings are dropped, then all but the brackets, and
-    each round removes the innermost pairs (marked first, so a pair they uncover waits for the
-    next round): the rounds needed are the depth.  Brackets that never pair up count as deep.
-    """
-    opened = 0
-    for pair in pairs:                          # the common case, a shallow body, ends here
-        opened += text.count(pair[:1])
-    if opened <= limit:
-        return False
-    keep = b"".join(pairs)
-    brackets = strings.sub(b"", text).translate(None, bytes(c for c in range(256) if c not in keep))
-    for _ in range(limit):
-        for pair in pairs:
-            brackets = brackets.replace(pair, b"\0")
-        brackets = brackets.replace(b"\0", b"")
-        if not brackets:
-            return False
-    return True
 
 
 def parse_literal(text, max_depth, max_length=100_000):
@@ -3718,6 +3824,8 @@ def parse_literal(text, max_depth, max_length=100_000):
         value = _strict_json(text)
     except (json.JSONDecodeError, RecursionError):
         return _parse_python_literal(text, raw, max_depth)
+    except DuplicateMember as error:
+        raise BadRequest(f"input is ambiguous: {error}") from None
     except ValueError as error:                 # JSON, but NaN or a number beyond a float: as parse_json says
         raise BadRequest(f"input is not valid JSON: {error}") from None
     if _nested_deeper_than(max_depth, raw):
@@ -3726,11 +3834,18 @@ def parse_literal(text, max_depth, max_length=100_000):
 
 
 def _parse_python_literal(text, raw, max_depth):
-    """A Python literal, measured before ast.literal_eval recurses into it; its numbers as JSON's must be."""
+    """A Python literal, measured before ast.literal_eval recurses into it; its numbers as JSON's must be,
+    and its dicts, like JSON's objects, name each key once."""
     if _nested_deeper_than(max_depth, raw, PYTHON_STRING, PYTHON_PAIRS):
         raise BadRequest(f"input is nested deeper than {max_depth} levels")
     try:
-        value = _tuples_to_lists(ast.literal_eval(text))
+        tree = ast.parse(text.lstrip(" \t"), mode="eval")       # as ast.literal_eval(text) parses it
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Dict):
+                _members([(ast.literal_eval(key), None) for key in node.keys if key is not None])
+        value = _tuples_to_lists(ast.literal_eval(tree))
+    except DuplicateMember as error:
+        raise BadRequest(f"input is ambiguous: {error}") from None
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         raise BadRequest("input is neither JSON nor a Python literal") from None
     if not all(map(math.isfinite, _floats(value))):
@@ -3768,6 +3883,51 @@ def _request_id(environ):
             request_id = os.urandom(16).hex()       # uuid4's randomness, without building a UUID
         environ["service.request_id"] = request_id
     return request_id
+
+
+# -- what a log may quote of a request ------------------------------------------------------------------
+# One rule for every sink that writes a request's features: a model's "redact" setting.  The payload
+# log nulls the redacted features; every other log line about a prediction request of a model that
+# redacts features quotes nothing taken from the request's inputs: its path is written as its route's
+# template with only the model's name, version and label filled in (the seed's GET /predict/{sentence}
+# carries the features in the path), and an error as its kind, without its message (scikit-learn's and
+# numpy's messages quote values: "could not convert string to float: '078-05-1120'").
+
+PATH_NAMES = ("name", "version", "label")      # the path parameters that name what is called, never inputs
+
+
+def mark_redacting(environ, redact):
+    """Note, once the request's model is named, whether it redacts features (`redact`: its feature names)."""
+    environ["service.redacting"] = bool(redact)
+
+
+def logged_path(environ):
+    """The request's path as a log line may write it (see the rule above)."""
+    path = environ.get("PATH_INFO", "")
+    if not environ.get("service.redacting"):
+        return path
+    template, values = environ.get("service.route_path"), environ.get("route.url_args") or {}
+    if template is None:
+        return "(path withheld: its model redacts features)"
+    return re.sub(r"\{(\w+)\}", lambda match: str(values.get(match[1], match[0])) if match[1] in PATH_NAMES
+                  else match[0], template)
+
+
+def logged_error(error, redacting):
+    """An error's message as a log line may write it: for a request of a model that redacts features, its
+    kind alone."""
+    if redacting:
+        return f"{type(error).__name__} (message withheld: the model redacts features)"
+    return _clip(getattr(error, "message", None) or str(error))
+
+
+def logged_traceback(environ):
+    """The exception being handled, as a log line may write it: whole, or for a request of a model that
+    redacts features, its frames (code, no values) and its kind."""
+    if not environ.get("service.redacting"):
+        return traceback.format_exc()
+    error = sys.exc_info()[1]
+    return "".join(traceback.format_tb(error.__traceback__)) + logged_error(error, True)
 
 
 ###############################################################################
@@ -5284,12 +5444,58 @@ class UnderWay:
             self.count -= 1
 
 
+_SCALARS = frozenset((int, float, bool, str, bytes, type(None)))
+
+
+def held_bytes(*values, limit=math.inf):
+    """The bytes of memory `values` hold, counted from the objects themselves, never from what a request
+    claimed (a Content-Length, a shape): a numpy array by its buffer (a view by its base's; an object
+    array's items too), a DataFrame by its values, other objects by sys.getsizeof and what they hold.
+    Each container is counted once; the numbers and texts of one list or array are summed at C speed, so
+    one object they repeat counts each time (an estimate from above).  The walk stops once past `limit`:
+    the caller refuses what is that large."""
+    seen, stack, total = set(), list(values), 0
+    while stack and total <= limit:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        kind, items = type(value), ()
+        if kind in (list, tuple):
+            total += sys.getsizeof(value)
+            items = value
+        elif kind is dict:
+            total += sys.getsizeof(value)
+            items = [*value, *value.values()]
+        elif kind in _SCALARS:
+            total += sys.getsizeof(value)
+        elif hasattr(value, "memory_usage"):                # pandas: its values (its block's buffer, if one dtype)
+            stack.append(value.to_numpy())                  # (memory_usage(deep=True) costs 0.2 ms a frame)
+        elif hasattr(value, "nbytes") and hasattr(value, "dtype"):    # numpy arrays and scalars
+            base = value
+            while getattr(base, "base", None) is not None and hasattr(base.base, "nbytes"):
+                base = base.base
+            if base is value or id(base) not in seen:
+                seen.add(id(base))
+                total += base.nbytes
+            items = value.ravel().tolist() if value.dtype.kind == "O" else ()
+        else:                                               # a sparse matrix's arrays, any other object's parts
+            total += sys.getsizeof(value)
+            items = list(getattr(value, "__dict__", {}).values())
+        if items and set(map(type, items)) <= _SCALARS:     # rows of numbers or texts: one pass in C
+            total += sum(map(sys.getsizeof, items))
+        else:
+            stack.extend(items)
+    return total
+
+
 class Backlog:
     """Work for one daemon thread, off the request path: what a request hands over after its answer.
 
-    Bounded twice, as what waits holds requests' inputs and outputs: by count, and by the bytes of
-    the requests' bodies (or URLs), which stand for what an item holds.  A full backlog refuses an
-    item at once rather than make a request wait.  The thread runs `work(items)` on what waits: the
+    Bounded twice, as what waits holds requests' inputs and outputs: by count, and by the bytes the
+    items hold (`held_bytes`: measured, whatever the request's headers said, so a chunked body counts
+    as what was decoded from it).  A full backlog refuses an item at once rather than make a request
+    wait (each refusal is counted by its user).  The thread runs `work(items)` on what waits: the
     oldest item and up to `burst` - 1 more, taken at one wake-up; it starts in the process that uses
     the backlog (a pre-fork host forks after building the app), and an exception from `work` is
     logged, never fatal to it.  Then it sleeps `rest(cpu_seconds)`, given the CPU time that took:
@@ -5299,17 +5505,19 @@ class Backlog:
 
     ITEMS = 1000
     BYTES = 64 * 1024 * 1024
+    ITEM_BYTES = 1024       # an item's own fields (request id, labels, times), beside the inputs and outputs
 
     def __init__(self, name, work, rest, burst=1):
         self.name, self._work, self._rest, self._burst = name, work, rest, burst
         self._lock = threading.Lock()
         self._pid, self._queue, self._bytes = None, None, 0
 
-    def offer(self, item, environ):
-        """Hand `item` (of the request behind `environ`) to the thread; False when the backlog is full."""
+    def offer(self, item, size):
+        """Hand `item`, which holds `size` bytes of inputs and outputs, to the thread; False when the backlog
+        is full."""
         if self._pid != os.getpid():
             self._start()
-        size = int(environ.get("CONTENT_LENGTH") or 0) or len(environ.get("QUERY_STRING", "")) + 4096
+        size += self.ITEM_BYTES
         with self._lock:
             if self._bytes + size > self.BYTES:
                 return False
@@ -5361,6 +5569,16 @@ class Backlog:
             time.sleep(self._rest(time.thread_time() - started))
 
 
+def payload_bytes(environ):
+    """The bytes a prediction request's decoded inputs and outputs hold (its "service.payload"), measured
+    once for every backlog that takes them; 0 for a request refused before it had any."""
+    size = environ.get("service.payload_bytes")
+    if size is None:
+        payload = environ.get("service.payload")
+        size = environ["service.payload_bytes"] = held_bytes(*payload[1:], limit=Backlog.BYTES) if payload else 0
+    return size
+
+
 class PayloadLog:
     """--payload-log DIR: one JSON line per sampled prediction request, written by a background thread.
 
@@ -5391,7 +5609,7 @@ class PayloadLog:
             return
         record = (time.time(), _request_id(environ), environ["service.labels"], environ.get("service.payload"),
                   environ["service.protocol"].name, int(status), elapsed)
-        if not self.backlog.offer(record, environ):
+        if not self.backlog.offer(record, payload_bytes(environ)):
             self.metrics.count("model_service_payload_log_dropped_total", ())
 
     def drain(self, timeout):
@@ -5502,12 +5720,13 @@ class Shadow:
         slot = self.registry.shadow_slot(name)
         if slot is None or slot.ref.version == model.version:
             return
-        if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results), environ):
+        if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results,
+                                   environ.get("service.redacting", False)), payload_bytes(environ)):
             self.registry.agreement(name, slot.ref.version).dropped += 1
             self.metrics.count("model_service_shadow_dropped_total",
                                (("model", name), ("version", str(slot.ref.version))))
 
-    def _compare(self, name, slot, request_id, methods, inputs, results):
+    def _compare(self, name, slot, request_id, methods, inputs, results, redacting):
         """Run the methods on the shadow version and count how its outputs compare with the client's."""
         version = slot.ref.version
         labels = (("model", name), ("version", str(version)))
@@ -5519,7 +5738,7 @@ class Shadow:
             agreement.fail(request_id, methods, type(failure).__name__)
             self.metrics.count("model_service_shadow_errors_total", labels)
             logger.warning("shadow version %s of model %r failed on request %s: %s", version, name, request_id,
-                           _clip(getattr(failure, "message", None) or str(failure)))
+                           logged_error(failure, redacting))
             return
         identical = agreement.identical
         differences = agreement.compare(model, request_id, {m: to_jsonable(r) for m, r in results.items()}, shadowed)
@@ -5658,7 +5877,7 @@ class ServiceApp:
                 self.payload_log.offer(environ, status, elapsed)
         if self.config.access_log and access_logger.isEnabledFor(logging.INFO):
             access_logger.info("%s %s %s %s %.2fms id=%s", environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
-                               _clip(environ.get("PATH_INFO", ""), 200), status, elapsed * 1000,
+                               _clip(logged_path(environ), 200), status, elapsed * 1000,
                                _request_id(environ), extra={"request_id": _request_id(environ)})
 
     def _admit(self):
@@ -5747,6 +5966,7 @@ class ServiceApp:
 
         def endpoint(**parameters):
             environ = bottle.request.environ
+            environ["service.route_path"] = route.path      # what logs write for a redacted path
             if access != OPEN:
                 _check_access(environ, access, config)
             if protocol is not None:
@@ -5786,8 +6006,9 @@ class ServiceApp:
             except ServiceError as error:
                 return self.refusal(error)
             except Exception:
-                return self.refusal(_internal_error(f"on {bottle.request.method} {bottle.request.path}",
-                                                    traceback.format_exc()))
+                environ = bottle.request.environ
+                return self.refusal(_internal_error(f"on {environ['REQUEST_METHOD']} {logged_path(environ)}",
+                                                    logged_traceback(environ)))
             bottle.response.content_type = JSON_TYPE
             return body
 
@@ -5840,6 +6061,7 @@ class ServiceApp:
         with self.predicting:
             if name is None:
                 name = self.registry.default_model_name()
+            mark_redacting(environ, self.registry.settings_for(name).redact)
             with self.tracing.span("read") if self.tracing.enabled else _NO_SPAN:
                 asked = read()
             model, results = self.answer(protocol, asked, environ, name, version, label)
@@ -6258,9 +6480,11 @@ def _serve_workers(app, config):
                     self.cfg.set(key, value)
 
         def load(self):
-            """In each worker, after the fork: start its watcher, load what the parent could not, and serve
-            gRPC on the shared --grpc-port (SO_REUSEPORT), drained from SIGTERM on like the worker's HTTP."""
+            """In each worker, after the fork: start its watcher, load what the parent could not, count the
+            models it holds from the start (else its gauges were written at its first request), and serve gRPC
+            on the shared --grpc-port (SO_REUSEPORT), drained from SIGTERM on like the worker's HTTP."""
             registry.refresh()
+            registry.residency.announce()
             if config.grpc_port is not None:
                 grpc_server, terminate = start_grpc_server(app, config), signal.getsignal(signal.SIGTERM)
 
@@ -6329,7 +6553,7 @@ def grpc_call(app, rpc, response_class, request, context):
         except ServiceError as error:
             refusal = error
         except Exception:
-            refusal = _internal_error(f"on gRPC {rpc}", traceback.format_exc())
+            refusal = _internal_error(f"on gRPC {rpc}", logged_traceback(environ))
         app.record(environ, str(refusal.status if refusal else 200), time.perf_counter() - started)
     if refusal is not None:
         error_id = refusal.fields.get("error_id")
@@ -6366,22 +6590,73 @@ def _metrics_across_workers():
 # payload log recorded again, in-process, on one version of the store, and report how the answers
 # compare: the check before promoting a version, runnable in CI with --fail-under.
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
+REPLAY_LINE_BYTES = 64 * 1024 * 1024    # a line longer than a payload file's size is none the service wrote
+REPLAY_RAN, REPLAY_BELOW, REPLAY_FAILED = 0, 1, 2    # its exit codes: ran / under --fail-under / could not run
+
+
 def _payload_lines(paths, report):
-    """(line number, record) of every readable line of the logs; a folder stands for its payload files."""
+    """(where, record) of every line of the logs that holds a JSON object; a folder stands for its payload
+    files.  Other lines are counted in report.bad, by why."""
     for path in paths:
         files = sorted(os.path.join(path, entry) for entry in os.listdir(path)
                        if PayloadLog.FILE_NAME.fullmatch(entry)) if os.path.isdir(path) else [path]
         for file in files:
+            if not os.path.isfile(file):
+                raise OSError(f"{file}: not a file")        # a FIFO or a device would block, or never end
             with open(file, "rb") as handle:
-                for number, line in enumerate(handle, start=1):
+                for number, line in _numbered_lines(handle):
+                    where = f"{file}:{number}"
                     try:
-                        record = parse_json(line, max_depth=64, what=f"{file}:{number}")
-                    except ServiceError:
-                        record = None
-                    if not isinstance(record, dict):
-                        report.skipped["unreadable line(s)"] += 1
+                        if line is None:
+                            raise BadRequest(f"the line is longer than {REPLAY_LINE_BYTES} bytes")
+                        record = parse_json(line, max_depth=64, what="the line")
+                        if not isinstance(record, dict):
+                            raise BadRequest("the line is no JSON object")
+                    except ServiceError as error:
+                        report.bad_line(where, error.message)
                         continue
-                    yield record
+                    yield where, record
+
+
+def _numbered_lines(handle):
+    """(number, line) of a binary file; None for a line over REPLAY_LINE_BYTES, which is skipped unread."""
+    number = 0
+    while True:
+        line = handle.readline(REPLAY_LINE_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > REPLAY_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = handle.readline(1 << 20)
+            line = None
+        yield number, line
+
+
+def _logged_request(record, name):
+    """Why a record is not replayed (a reason for report.skipped), None if it is; BadRequest for a record
+    that is no payload log's (a field of the wrong type)."""
+    if record.get("model") != name:
+        return "for other models"
+    if record.get("status") != 200:
+        return "not answered 200"
+    inputs, outputs = record.get("inputs"), record.get("outputs")
+    if inputs is None or record.get("redacted"):
+        return "without (complete) inputs"
+    if not isinstance(inputs, (list, dict)):
+        raise BadRequest('"inputs" is no list of rows (nor an object of columns)')
+    if not isinstance(outputs, dict) or not outputs or not all(isinstance(v, list) for v in outputs.values()):
+        raise BadRequest('"outputs" does not map the methods called to their outputs')
+    if not isinstance(record.get("request_id", ""), str):
+        raise BadRequest('"request_id" is no string')
+    return None
 
 
 def replay(registry, name, paths, version=None, label=None):
@@ -6391,15 +6666,14 @@ def replay(registry, name, paths, version=None, label=None):
         version = served[0] if served else None          # the highest served: never the split's random pick
     report = Agreement()
     with registry.using(name, version, label) as model:
-        for record in _payload_lines(paths, report):
-            logged = record.get("outputs")
-            if record.get("model") != name:
-                report.skipped["for other models"] += 1
-            elif record.get("status") != 200:
-                report.skipped["not answered 200"] += 1
-            elif record.get("inputs") is None or record.get("redacted") or not isinstance(logged, dict) \
-                    or not logged:
-                report.skipped["without (complete) inputs"] += 1
+        for where, record in _payload_lines(paths, report):
+            try:
+                skipped = _logged_request(record, name)
+            except BadRequest as error:
+                report.bad_line(where, error.message)
+                continue
+            if skipped:
+                report.skipped[skipped] += 1
             else:
                 _replay_request(model, registry.config, record, report)
     return report, model.version
@@ -6419,22 +6693,33 @@ def _replay_request(model, config, record, report):
 
 
 def replay_command(argv):
-    """`model-service replay LOG... --model NAME [--version V | --label L]`; returns the exit code."""
-    parser = argparse.ArgumentParser(
+    """`model-service replay LOG... --model NAME [--version V | --label L]`; returns the exit code: REPLAY_RAN
+    once it has run (whatever it found, bad lines included), REPLAY_BELOW under --fail-under, REPLAY_FAILED
+    when it could not run.  Whatever the logs hold, it ends in a report or one line, never a traceback."""
+    parser = _OneLineErrors(
         prog="model-service replay",
         description="Score the requests of payload logs (--payload-log) again on one version of a model, "
-                    "in-process, and report how its predictions compare with the logged ones.")
+                    "in-process, and report how its predictions compare with the logged ones.",
+        epilog=f"Exit status: {REPLAY_RAN} once it has run, whatever it found (lines that are no logged request "
+               f"are counted and the first few shown); {REPLAY_BELOW} with --fail-under when the share of "
+               f"identical predictions is below it; {REPLAY_FAILED} when it could not run (a bad option, no such "
+               "model, version or label, a log that cannot be read).")
     parser.add_argument("logs", metavar="LOG", nargs="+", help="payload log file, or a folder of them")
     parser.add_argument("--model", required=True, metavar="NAME", help="the model whose requests are replayed")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--version", metavar="V", help="version to replay on (default: the highest served)")
     which.add_argument("--label", metavar="L", help="label naming the version to replay on")
     parser.add_argument("--store", metavar="DIR", help=f"model store (env {ENV_PREFIX}STORE; default: model_store)")
-    parser.add_argument("--fail-under", metavar="FRACTION", type=_fraction,
-                        help="exit 1 when the share of identical predictions is below FRACTION (for CI)")
+    parser.add_argument("--fail-under", metavar="FRACTION",
+                        help=f"exit {REPLAY_BELOW} when the share of identical predictions is below FRACTION (for CI)")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     try:
+        fail_under = arguments.fail_under
+        try:
+            fail_under = fail_under if fail_under is None else _fraction(fail_under)
+        except ValueError as error:
+            raise ValueError(f"--fail-under: {error}") from None
         config = dataclasses.replace(Config.load({"store": arguments.store}), poll_interval=0.0)
         registry = ModelRegistry(config, watch=False)
         registry.refresh()
@@ -6442,12 +6727,15 @@ def replay_command(argv):
         report, version = replay(registry, arguments.model, arguments.logs, version, arguments.label)
     except (ServiceError, OSError, ValueError) as error:
         print(f"model-service replay: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
-        return 2
+        return REPLAY_FAILED
+    except Exception as error:  # a fault of the service's own: still one line, and "could not run"
+        print(f"model-service replay: error: unexpected {type(error).__name__}: {_clip(str(error))}", file=sys.stderr)
+        return REPLAY_FAILED
     print("\n".join(report.lines(arguments.model, version)))
-    if arguments.fail_under is not None and report.share() < arguments.fail_under:
-        print(f"identical share {report.share():.1%} is below --fail-under {arguments.fail_under:g}", file=sys.stderr)
-        return 1
-    return 0
+    if fail_under is not None and report.share() < fail_under:
+        print(f"identical share {report.share():.1%} is below --fail-under {fail_under:g}", file=sys.stderr)
+        return REPLAY_BELOW
+    return REPLAY_RAN
 
 
 ###############################################################################
@@ -6990,13 +7278,6 @@ def profile_command(argv):
 ###############################################################################
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
-
-
 def build_parser():
     parser = _OneLineErrors(
         prog="model-service",
@@ -7080,7 +7361,7 @@ def main(argv=None, serve=serve):
     except ImportError as error:
         logger.error("server %r is not installed: %s", config.server, error)
         return 2
-    except OSError as error:
+    except (OSError, ValueError) as error:      # waitress: "Invalid host/port specified." for a bad --host
         logger.error("cannot serve on %s:%s: %s", config.host, config.port, error)
         return 1
     return 0

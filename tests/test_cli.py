@@ -196,6 +196,14 @@ def test_an_os_error_while_serving_returns_1_and_logs_why(empty_store, caplog):
     assert "cannot serve on 127.0.0.1:9003" in caplog.text and "Address already in use" in caplog.text
 
 
+def test_an_address_waitress_cannot_bind_returns_1_and_logs_why_not_a_traceback(empty_store, caplog):
+    """waitress refuses an unresolvable --host with a ValueError, which once ended main in a traceback."""
+    with caplog.at_level(logging.ERROR, logger="service"):
+        code = service.main(["--store", str(empty_store), "--host", "not a host", "--port", "0"])
+    assert code == 1
+    assert "cannot serve on not a host:0: Invalid host/port specified" in caplog.text
+
+
 ###############################################################################
 # Bad values: exit 2 with a message naming the setting
 ###############################################################################
@@ -205,7 +213,9 @@ BAD_FLAGS = [
     (["--port", "70000"], ["--port", "0-65535", "70000"]),
     (["--port", "abc"], ["--port", "must be a whole number, not 'abc'"]),
     (["--port", "-1"], ["--port", "-1"]),
-    (["--threads", "0"], ["--threads", "positive integer", "'0'"]),
+    (["--threads", "0"], ["--threads", "from 1 to 1024", "'0'"]),
+    (["--threads", "100000000000000000000"], ["--threads", "from 1 to 1024"]),     # starting them aborted
+    (["--workers", "2000"], ["--workers", "from 1 to 1024"]),
     (["--max-body-bytes", "1e3"], ["--max-body-bytes", "'1e3'"]),
     (["--max-rows", "0"], ["--max-rows", "positive integer"]),
     (["--max-depth", "-3"], ["--max-depth", "positive integer"]),

@@ -322,12 +322,12 @@ CORPUS = [
     case("rows-huge-int", lambda p: wrap(p, "[[%d, 3.5, 1.4, 0.2]]" % 10 ** 400), REFUSED),
     case("rows-5000-digit-int", lambda p: wrap(p, "[[%s, 3.5, 1.4, 0.2]]" % ("9" * 5000)), REFUSED),
     case("rows-deeper-than-max-depth", lambda p: wrap(p, "[" * 100 + "]" * 100), REFUSED),
-    # inputs README accepts: null cells, a byte-order mark, duplicate keys (the last wins)
+    # inputs README accepts: null cells, a byte-order mark; a member named twice is ambiguous: refused
     case("rows-null-cell", lambda p: wrap(p, "[[null, 3.5, 1.4, 0.2]]"), OK),
     case("rows-negative-zero", lambda p: wrap(p, "[[-0.0, 3.5, 1.4, 0.2]]"), OK),
     case("byte-order-mark", lambda p: b"\xef\xbb\xbf" + good(p), OK),
     case("duplicate-keys", lambda p: good(p).replace(b"{", b'{"%s": "x", ' % (b"inputs" if p == "v2" else
-                                                                             b"instances"), 1), OK),
+                                                                             b"instances"), 1), REFUSED),
     # Content-Type: only JSON on JSON routes whatever the type says; MLflow takes JSON or CSV only
     case("no-content-type", good, OK, headers={}, mlflow={415}),
     case("text-plain", good, OK, headers={"Content-Type": "text/plain"}, mlflow={415}),

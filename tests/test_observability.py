@@ -297,6 +297,27 @@ def test_workers_2_share_the_model_the_parent_loaded_before_forking(tmp_path, ir
     assert output.index("loaded model 'iris' version 1") < output.index("Booting worker"), output
 
 
+@pytest.mark.slow
+def test_workers_2_preloaded_count_their_versions_from_the_start_as_readme_says(tmp_path, iris_classifier):
+    """README: models_loaded sums each live worker's versions from the moment it starts.  Forked with the
+    parent's 3 preloaded versions, each worker held 3 but wrote its gauge only at its first request: a scrape
+    showed 0, then 3 once one worker had answered, 6 only once both had."""
+    store = versioned_store(tmp_path, [iris_classifier] * 3, {"version_policy": "all"})
+    port = free_port()
+    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(store), "--port", str(port),
+               "--workers", "2", "--preload", "--poll-interval", "0"]
+    with LiveServer(command, port, timeout=60) as server:
+        base = server.base
+        wait_until(lambda: scrape(base, "model_service_models_loaded") == 6, timeout=30,
+                   what="both workers counting their 3 versions before any prediction")
+        assert summed(requests.get(base + "/metrics", timeout=30).text, "model_service_requests_total") == 0
+        for _ in range(10):
+            assert requests.post(base + "/models/m/predict", json={"instances": ROW}, timeout=30).status_code == 200
+        for _ in range(4):                  # whichever worker answers the scrape
+            assert scrape(base, "model_service_models_loaded") == 6
+    assert server.returncode == 0
+
+
 def summed(text, name):
     """The sum of every sample `name` in a /metrics text, whatever its labels."""
     return sum(item.value for family in text_string_to_metric_families(text) for item in family.samples

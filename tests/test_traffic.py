@@ -149,7 +149,9 @@ INVALID_TRAFFIC = [
     ({"version_policy": "all", "traffic": {"1": -1, "2": 2}}, "the weight of 1 must be a number >= 0"),
     ({"version_policy": "all", "traffic": {"1": True}}, "the weight of 1 must be a number >= 0"),
     ({"version_policy": "all", "traffic": {"1": "10"}}, "the weight of 1 must be a number >= 0"),
-    ('{"version_policy": "all", "traffic": {"1": Infinity}}', "the weight of 1 must be a number >= 0"),
+    ('{"version_policy": "all", "traffic": {"1": Infinity}}', "Infinity is not a JSON value"),   # read strictly
+    ('{"version_policy": "all", "traffic": {"1": 1e308, "2": %d}}' % 10 ** 400, "the weight of 2 must be a number"),
+    ('{"version_policy": "all", "traffic": {"1": 1e308, "2": 1e309}}', "out of a float's range"),
     ({"version_policy": "all", "traffic": {"1": 0, "2": 0.0}}, "every weight is 0"),
     ({"version_policy": "all", "traffic": [1, 2]}, '"traffic" must map labels or versions to weights'),
 ]

@@ -6883,7 +6883,7 @@ def _served(paths, name, version, since, until, report):
     """(feature names, columns, logged predictions or None) of one model's logged rows, a uniform sample of
     DRIFT_MAX_ROWS of them beyond that; the lines left out are counted in report.skipped."""
     rng, names, kept, seen = random.Random(DRIFT_SEED), None, [], 0
-    for record in _payload_lines(paths, report):
+    for _, record in _payload_lines(paths, report):
         inputs, at = record.get("inputs"), _log_time(record.get("time"))
         if record.get("model") != name or (version is not None and str(record.get("version")) != version):
             report.skipped["for other models or versions"] += 1
@@ -6974,6 +6974,10 @@ class DriftReport:
     def __init__(self, name, version, reference_name, alpha):
         self.name, self.version, self.reference_name, self.alpha = name, version, reference_name, alpha
         self.skipped, self.logged_rows, self.rows = collections.Counter(), 0, []    # (name, profile, values, result)
+
+    def bad_line(self, where, why):
+        """A line of the logs that is no logged request: counted with the lines left out."""
+        self.skipped["that are no logged request"] += 1
 
     def add(self, name, reference, values):
         try:

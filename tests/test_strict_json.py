@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
-from support import IRIS_FEATURES, ROWS, write_artifact
+from support import IRIS_FEATURES, ROW, ROWS, write_artifact
 
 
 @pytest.fixture(scope="module")

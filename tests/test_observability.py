@@ -304,8 +304,7 @@ def test_workers_2_preloaded_count_their_versions_from_the_start_as_readme_says(
     showed 0, then 3 once one worker had answered, 6 only once both had."""
     store = versioned_store(tmp_path, [iris_classifier] * 3, {"version_policy": "all"})
     port = free_port()
-    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(store), "--port", str(port),
-               "--workers", "2", "--preload", "--poll-interval", "0"]
+    command = service_command(store, port, "--workers", "2", "--preload", "--poll-interval", "0")
     with LiveServer(command, port, timeout=60) as server:
         base = server.base
         wait_until(lambda: scrape(base, "model_service_models_loaded") == 6, timeout=30,

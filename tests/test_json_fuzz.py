@@ -31,9 +31,9 @@ def test_a_bounded_sample_of_mutants_is_refused_or_served_never_crashes(document
 
 
 def test_the_harness_notices_a_crash_and_a_hang():
-    worker = json_fuzz.Worker(timeout=2.0)
+    worker = json_fuzz.Worker(timeout=30.0)
     try:
         assert worker.ask({"selftest": "crash"})["outcome"] == "crash"
-        assert worker.ask({"selftest": "hang"})["outcome"] == "hang"
+        assert worker.ask({"selftest": "hang"}, timeout=0.5)["outcome"] == "hang"     # a hang costs no 30 s here
     finally:
         worker.stop()

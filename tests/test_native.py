@@ -42,7 +42,7 @@ from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTre
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import service  # noqa: E402
-from conftest import metric_value  # noqa: E402
+from support import metric_value  # noqa: E402
 from families import fit  # noqa: E402
 
 # An encoder that drops a category warns when it meets an unknown one (it encodes it as zeros): an answer, not an error
@@ -646,7 +646,7 @@ def test_other_layouts_and_dtypes_go_to_scikit_learn():
 @pytest.fixture
 def native_store(tmp_path):
     """iris (LogisticRegression) and rf (a 30-tree forest) as joblib artifacts."""
-    from conftest import write_artifact
+    from support import write_artifact
 
     root = tmp_path / "store"
     write_artifact(root / "iris" / "1" / "model.joblib", family("logistic_multinomial")[0].estimator, "joblib")
@@ -685,7 +685,7 @@ def test_http_named_records_with_text_are_answered_natively_in_every_protocol(ma
     """The pipeline people deploy, fitted on a DataFrame, asked as each protocol asks: its answers are those of
     scikit-learn given a DataFrame of the same records, and the native predictor gave them."""
     import pandas as pd
-    from conftest import write_artifact
+    from support import write_artifact
 
     model, _ = family("tabular_one_hot_logistic")
     write_artifact(tmp_path / "tabular" / "1" / "model.joblib", model.estimator, "joblib")
@@ -743,7 +743,7 @@ def test_without_pandas_named_columns_are_answered_natively_and_selection_by_nam
     does that only in a DataFrame) fails to load, and its status says to install pandas."""
     import subprocess
 
-    from conftest import ROOT, write_artifact
+    from support import ROOT, write_artifact
 
     frame, y = _data()["tabular"]
     numbers = frame[_NUMBERS].fillna(0.0)
@@ -769,7 +769,7 @@ def test_without_pandas_named_columns_are_answered_natively_and_selection_by_nam
 def test_a_text_column_of_nulls_alone_is_a_missing_category_whatever_the_batch(make_client, tmp_path):
     """A request whose text values are all null (so its rows are numbers alone) is answered as the same rows
     within a batch holding text: null is a missing category, never a number."""
-    from conftest import write_artifact
+    from support import write_artifact
 
     model, _ = family("tabular_one_hot_logistic")
     write_artifact(tmp_path / "tabular" / "1" / "model.joblib", model.estimator, "joblib")
@@ -783,7 +783,7 @@ def test_a_text_column_of_nulls_alone_is_a_missing_category_whatever_the_batch(m
 
 def test_http_an_encoded_pipeline_answers_natively_and_refuses_an_unknown_category_as_scikit_learn(
         make_client, tmp_path):
-    from conftest import write_artifact
+    from support import write_artifact
 
     model, X = family("pipeline_one_hot_error_sparse_forest")
     write_artifact(tmp_path / "codes" / "1" / "model.joblib", model.estimator, "joblib")

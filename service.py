@@ -2129,7 +2129,8 @@ class LoadedModel:
         self.output_classes = self.classes if isinstance(classes, list) else None
         self.n_outputs = len(classes) if self.output_classes else _attribute(estimator, "n_outputs_") or 1
         self.estimator_class = f"{type(estimator).__module__}.{type(estimator).__qualname__}"
-        #: input columns that hold text categories (an encoder fitted on text takes them): Python objects, others numbers
+        #: input columns that hold text categories (an encoder fitted on text takes them): Python objects; the
+        #: others are numbers
         self.text_columns = _text_columns(estimator) if self.n_features is not None else frozenset()
         #: rows -> the DataFrame scikit-learn is given, for a model fitted on named columns; None: it takes the rows
         self.make_frame = _frame_maker(self.feature_names, self.text_columns) if names is not None else None
@@ -2202,7 +2203,8 @@ class Batcher:
     at once), until the batch is full or `max_latency` has passed.  One stacked call per model
     runs at a time, and the next batch gathers meanwhile: two at once would only take turns on
     the GIL.  (Waiting on while requests kept coming let a batch wait max_size × max_latency,
-    which became the tail once native predictors made calls cheap: p99 155 ms at c=32.)  Rows are stacked in order and each request gets its own slice back.
+    which became the tail once native predictors made calls cheap: p99 155 ms at c=32.)  Rows are
+    stacked in order and each request gets its own slice back.
     If the stacked call fails, each request is run alone, so a bad one fails alone.  Only tabular
     models get a batcher: their rows are independent (a sequence model's are not, and a model's
     settings can turn batching off).
@@ -2416,7 +2418,8 @@ def _threadpools():
 
 
 def _frame_maker(names, text_columns):
-    """rows -> a pandas DataFrame of columns `names`, as a model fitted on named columns wants them; None without pandas.
+    """rows -> a pandas DataFrame of columns `names`, as a model fitted on named columns wants them; None
+    without pandas.
 
     The columns are made the way the model was fitted, whatever a batch holds: `text_columns` as
     Python objects (null being NaN, as pandas reads a missing value), the others as float64
@@ -8044,8 +8047,9 @@ def _hist_gradient_boosting(estimator, given):
     if not iterations or len({len(iteration) for iteration in iterations}) != 1:
         raise _NotNative("no fitted iterations, or iterations of different sizes")
     n_iterations, n_classes = len(iterations), len(iterations[0])
-    walk, thresholds, chunk = _hist_walker([predictor for iteration in iterations for predictor in iteration],
-                                           estimator.n_features_in_, *estimator._bin_mapper.make_known_categories_bitsets())
+    predictors = [predictor for iteration in iterations for predictor in iteration]
+    known, feature_map = estimator._bin_mapper.make_known_categories_bitsets()
+    walk, thresholds, chunk = _hist_walker(predictors, estimator.n_features_in_, known, feature_map)
     start = np.zeros((n_classes, 1), dtype=estimator._baseline_prediction.dtype)
     start += estimator._baseline_prediction.T
 
@@ -8079,8 +8083,8 @@ def _hist_walker(predictors, n_features, known, feature_map):
     len(predictors) - 1 nodes on an extra column that send a row beside k to predictor k's
     root, categorical nodes pointing into the predictors' bitsets laid end to end; the rows are
     copied once per predictor beside its number.  From _ROWS_PER_TREE rows on, one call per
-    predictor on the rows themselves costs less than the copies and the extra levels.  `known` and `feature_map` are the bin mapper's
-    bitsets of known categories, which _predict_iterations passes.  The nodes come from the
+    predictor on the rows themselves costs less than the copies and the extra levels.  `known` and
+    `feature_map` are the bin mapper's bitsets of known categories, which _predict_iterations passes.  The nodes come from the
     artifact and the walk follows them unchecked: checked first, bitset indices included.
     `chunk` bounds the copies as _leaf_walker's does; `thresholds` are each feature's numeric splits.
     """

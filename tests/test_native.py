@@ -739,8 +739,9 @@ print(json.dumps({"answer": answer.json["predictions"], "filters": not silenced,
 def test_without_pandas_named_columns_are_answered_natively_and_selection_by_name_fails_the_load_saying_why(
         tmp_path):
     """pandas is optional: a model fitted on named columns that only checks the names is answered natively from
-    arrays, with no warning filter left behind (the names are taken off it); one whose ColumnTransformer selects columns by name (scikit-learn
-    does that only in a DataFrame) fails to load, and its status says to install pandas."""
+    arrays, with no warning filter left behind (the names are taken off it); one whose ColumnTransformer selects
+    columns by name (scikit-learn does that only in a DataFrame) fails to load, and its status says to install
+    pandas."""
     import subprocess
 
     from support import ROOT, write_artifact

@@ -2199,12 +2199,15 @@ class Batcher:
     scikit-learn pays a large fixed cost per call (a 100-tree forest: 4 to 16 ms for 1 row or
     for 32), and threads predicting at once fight over the GIL; one call for many rows serves
     them all for the price of one.  No thread of its own: the first request of a batch leads it
-    and waits for others only while other requests of this model are in flight (alone, it runs
-    at once), until the batch is full or `max_latency` has passed.  One stacked call per model
-    runs at a time, and the next batch gathers meanwhile: two at once would only take turns on
-    the GIL.  (Waiting on while requests kept coming let a batch wait max_size × max_latency,
-    which became the tail once native predictors made calls cheap: p99 155 ms at c=32.)  Rows are
-    stacked in order and each request gets its own slice back.
+    and waits for others only while requests of this model that have not joined are in flight
+    (alone, it runs at once): the batch closes when it is full, when every request in flight has
+    joined it, or `max_latency` after its first request.  One stacked
+    call per model runs at a time, and the next batch gathers meanwhile: two at once would only
+    take turns on the GIL.  (Waiting on while requests kept coming let a batch wait max_size ×
+    max_latency, which became the tail once native predictors made calls cheap: p99 155 ms at
+    c=32; waiting for a full batch when fewer requests were in flight made every batch at c=8
+    wait max_latency, 8 requests per 5 ms.)  Rows are stacked in order and each request gets its
+    own slice back.
     If the stacked call fails, each request is run alone, so a bad one fails alone.  Only tabular
     models get a batcher: their rows are independent (a sequence model's are not, and a model's
     settings can turn batching off).
@@ -2233,14 +2236,12 @@ class Batcher:
             queue = self._waiting.setdefault(method, [])
             queue.append(mine)
             mine.leads = len(queue) == 1
-            if len(queue) >= self.max_size:
-                queue[0].full.set()
+            self._close_if_complete(queue)
         if not mine.leads:
             mine.done.wait()                 # until answered, or made the leader of what waits behind
             if not mine.leads:
                 return mine.answer()
-        if self.model.inflight > 1:          # someone may join: wait for them, max_latency at most
-            mine.full.wait(self.max_latency)
+        mine.full.wait(self.max_latency)     # for those who may join, max_latency at most
         with self._turn:                     # while a stacked call runs, the next batch gathers
             with self._lock:
                 queue = self._waiting[method]
@@ -2248,11 +2249,19 @@ class Batcher:
                 self._waiting[method] = rest
                 if rest:                     # more than a batch waits: the next one leads them
                     rest[0].leads = True
-                    if len(rest) >= self.max_size:
-                        rest[0].full.set()
+                    self._close_if_complete(rest)
                     rest[0].done.set()
             self._execute(method, batch)
         return mine.answer()
+
+    def _close_if_complete(self, queue):
+        """Tell the leader of `queue` to stop waiting when it is full or every request of this model in flight
+        has joined it.  Those of a running call count as ones that may join: under steady load their clients
+        send again as soon as they are answered, and one call for all of them costs less than two (rf, c=32,
+        2 cores).  A request that leaves without joining (another method's) is not seen: the leader then
+        waits max_latency, as it would."""
+        if len(queue) >= self.max_size or len(queue) >= self.model.inflight:
+            queue[0].full.set()
 
     def _execute(self, method, batch):
         self.metrics.observe("model_service_batch_size", (("model", self.model.name),), len(batch))

@@ -196,6 +196,37 @@ def test_one_stacked_call_runs_at_a_time_and_the_next_batch_gathers_meanwhile(tm
     assert sum(sizes) == 240 and max(sizes) > 8, f"batches gathered while another ran: {sizes}"
 
 
+def test_a_batch_closes_once_every_request_in_flight_has_joined_not_after_max_latency(tmp_path, forest):
+    """Eight requests in flight, a batch of up to 64 and a latency of a minute: the eighth to join closes the
+    batch (no one else can come), so the eight are answered in one stacked call at once, not a minute later."""
+    import threading
+
+    model, x = forest
+    write_artifact(tmp_path / "rf.joblib", model, "joblib")
+    registry = service.ModelRegistry(service.Config(store=str(tmp_path), max_batch_size=64,
+                                                    max_latency_ms=60_000), watch=False)
+    registry.refresh()
+    loaded = registry.get("rf")
+    sizes, real_call = [], loaded.call
+    loaded.call = lambda method, inputs: sizes.append(len(inputs)) or real_call(method, inputs)
+    all_in_flight = threading.Barrier(8)
+
+    def request(i):
+        model_in_use = registry.acquire("rf")
+        try:
+            all_in_flight.wait(timeout=30)
+            return model_in_use.predict("predict", x[i:i + 1])
+        finally:
+            registry.release(model_in_use)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(request, i) for i in range(8)]
+        done, _ = concurrent.futures.wait(futures, timeout=30)
+        assert len(done) == 8, "the batch waited for requests that could not come"
+    assert [f.result().tolist() for f in futures] == [model.predict(x[i:i + 1]).tolist() for i in range(8)]
+    assert sizes == [8]
+
+
 def test_float_inputs_are_checked_once_by_the_service_and_scikit_learn_skips_its_own_check(tmp_path,
                                                                                         iris_classifier, make_app):
     """assume_finite, applied knowingly: only for the plain estimators whose own check the service's

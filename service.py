@@ -810,7 +810,8 @@ SETTINGS = (
     Setting("max_batch_size", _positive_int, 1,
             "stack up to N concurrent requests of a tabular model into one predict call (1: no batching)", "N"),
     Setting("max_latency_ms", _non_negative_float, 2.0,
-            "longest a batch waits for company after its first request (it closes then, or when full)", "MS"),
+            "longest a batch waits for company after its first request (it closes sooner when full or when every "
+            "request in flight has joined)", "MS"),
     Setting("payload_log", str, None,
             "folder of the payload log: one JSON line per sampled prediction request (inputs, outputs, status, "
             "latency), written off the request path (default: off)",

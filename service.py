@@ -3942,6 +3942,7 @@ def logged_traceback(environ):
 # -- what every protocol shares: route rows, the Protocol base, rows into estimator inputs ---------
 
 JSON_TYPE = "application/json"
+EXPLAIN = "explain"     # the method an explanation is asked by: one more for `inputs` to name (see explain_model)
 OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
 
 
@@ -4080,6 +4081,29 @@ def choose_method(model, requested, unknown=NotFound):
         raise error(f"model {model.name!r} has no method {_clip(repr(method), 60)}; it has: "
                     f"{', '.join(model.methods)}", model=model.name, methods=list(model.methods))
     return method
+
+
+def encode_explanation(model, explanations):
+    """The answer every protocol's explanation route gives: the model, its version and explain_model's
+    "explanations" (shap's layout: contributions [rows][features][outputs], expected_value [outputs])."""
+    return {"model": model.name, "version": str(model.version), "explanations": explanations}
+
+
+_EXPLANATION_SCHEMAS = {
+    "Explanations": {"type": "object", "required": ["expected_value", "contributions", "feature_names",
+                                                    "output_names"], "properties": {
+        "method": {"type": "string", "description": "the method explained: predict_proba, decision_function, "
+                                                    "predict"},
+        "output": {"type": "string", "description": "what that method's outputs are"},
+        "expected_value": {"type": "array", "items": {"type": "number"}, "description": "per output"},
+        "contributions": {"type": "array", "description": "[rows][features][outputs]; with expected_value they "
+                                                          "add up to the method's answer for each row",
+                          "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}},
+        "feature_names": {"type": "array", "items": {"type": "string"}},
+        "output_names": {"type": "array", "items": {"type": "string"}}}},
+    "ExplainResponse": {"type": "object", "required": ["model", "version", "explanations"], "properties": {
+        "model": {"type": "string"}, "version": {"type": "string"}, "explanations": _schema_ref("Explanations")}},
+}
 
 
 def _instances_or_inputs(payload):
@@ -4234,6 +4258,7 @@ class NativeRequest:
 
     payload: object
     method: str = None
+    explain: bool = False       # the explain route: the rows' explanations, not a prediction
 
 
 def _native_routes(suffix, what, way):
@@ -4242,7 +4267,10 @@ def _native_routes(suffix, what, way):
                   "PredictResponse", "PredictRequest", link="predict" + (f"_{way}" if way else ""),
                   per_model=way is None),
             Route("GET", prefix + "/predict", "predict", TOKEN, f"predict with ?instances=<JSON>{what}", "predict",
-                  "PredictResponse", query=("instances",), per_model=way is None))
+                  "PredictResponse", query=("instances",), per_model=way is None),
+            Route("POST", prefix + "/explain", "predict", TOKEN, f"explain predictions: each feature's contribution"
+                  f"{what} (501 for a model that cannot be explained exactly)", "predict", "ExplainResponse",
+                  "ExplainRequest", args=(("explain", True),)))
 
 
 class NativeAPI(Protocol):
@@ -4261,11 +4289,20 @@ class NativeAPI(Protocol):
                             "properties": {"model": {"type": "string"}, "version": {"type": "string"},
                                            "method": {"type": "string"}, "predictions": {"type": "array"},
                                            "classes": {"type": "array"}}},
+        "ExplainRequest": {"oneOf": [
+            {"type": "object", "required": ["instances"], "properties": {"instances": _ROWS}},
+            {"type": "object", "required": ["inputs"], "properties": {
+                "inputs": {"oneOf": [_ROWS, {"type": "object"}]}}},
+            _ROWS]},
+        **_EXPLANATION_SCHEMAS,
     }
-    examples = {"PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]}}      # iris's rows, as in README
+    examples = {"PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]},      # iris's rows, as in README
+                "ExplainRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]}}
 
-    def read(self, request, config):
+    def read(self, request, config, explain=False):
         environ = request.environ
+        if explain:
+            return NativeRequest(json_body(environ, config), explain=True)
         if environ["REQUEST_METHOD"] != "GET":
             return NativeRequest(json_body(environ, config), _query_method(request))
         text = request.query.get("instances")
@@ -4275,11 +4312,14 @@ class NativeAPI(Protocol):
 
     def inputs(self, model, asked, config):
         rows, method = decode_payload(asked.payload, asked.method)
-        return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
+        if asked.explain and method is not None:
+            raise BadRequest("an explanation names no method: it explains the method its model's family is "
+                             "explained by (see the answer's \"method\")", model=model.name)
+        return [EXPLAIN if asked.explain else choose_method(model, method)], model_inputs(model, rows, config.max_rows)
 
     def encode(self, model, asked, results):
         (method, outputs), = results.items()
-        return encode_prediction(model, method, outputs)
+        return encode_explanation(model, outputs) if asked.explain else encode_prediction(model, method, outputs)
 
 
 def _query_method(request):
@@ -4394,16 +4434,17 @@ def _tf_routes(suffix, what, way):
             Route("GET", prefix + "/metadata", "v1_metadata", TOKEN, f"TF Serving signatures{what}", "tf-serving")]
     for verb, body, answer in (("predict", "TFPredictRequest", "TFPredictResponse"),
                                ("classify", "TFExamples", "TFResults"), ("regress", "TFExamples", "TFResults"),
-                               ("explain", None, None)):
+                               ("explain", "TFPredictRequest", "ExplainResponse")):
         rows.append(Route("POST", f"{prefix}:{verb}", "predict", TOKEN,
-                          f"TF Serving {verb}{what}" + (" (not implemented: 501)" if verb == "explain" else ""),
+                          f"{'KServe V1' if verb == 'explain' else 'TF Serving'} {verb}{what}" +
+                          (" (501 for a model that cannot be explained exactly)" if verb == "explain" else ""),
                           "tf-serving", answer, body, args=(("verb", verb),)))
     return rows
 
 
 class TFServing(Protocol):
-    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples), a model's
-    status and signatures."""
+    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples), KServe's
+    :explain (a :predict body; its signature_name is not read), a model's status and signatures."""
 
     name = "tf"
     routes = (Route("GET", "/v1/models", "model_names", TOKEN, "model names (KServe V1)", "tf-serving"),) + \
@@ -4427,16 +4468,17 @@ class TFServing(Protocol):
     }
 
     def read(self, request, config, verb):
-        if verb == "explain":
-            raise NotImplementedHere("explanations are not implemented")
         payload = json_body(request.environ, config)
         if verb == "predict":
             return TFRequest(verb, *tf_predict_request(payload))
+        if verb == "explain":
+            rows, columnar, _ = tf_predict_request(payload)
+            return TFRequest(verb, rows, columnar, EXPLAIN)
         return TFRequest(verb, tf_examples(payload), False, "predict_proba" if verb == "classify" else "predict")
 
     def inputs(self, model, asked, config):
         verb = asked.verb
-        method = choose_method(model, asked.method, unknown=BadRequest)
+        method = EXPLAIN if verb == "explain" else choose_method(model, asked.method, unknown=BadRequest)
         if verb == "classify" and model.classes is None:
             raise BadRequest(f"model {model.name!r} does not name its classes, so it cannot classify",
                              model=model.name)
@@ -4446,6 +4488,8 @@ class TFServing(Protocol):
         return [method], model_inputs(model, asked.rows, config.max_rows)
 
     def encode(self, model, asked, results):
+        if asked.verb == "explain":
+            return encode_explanation(model, results[EXPLAIN])
         outputs = to_jsonable(results[asked.method])
         if asked.verb == "predict":
             return {"outputs" if asked.columnar else "predictions": outputs}
@@ -4562,7 +4606,8 @@ def v2_request(request, binary, max_rows):
     if not isinstance(request.get("id", ""), str):
         raise BadRequest("\"id\" must be a string")
     wanted, binary_outputs = {}, set()      # an output named twice is computed and answered once
-    everything_binary = bool(_v2_parameters(request, "the request").get("binary_data_output"))
+    parameters = _v2_parameters(request, "the request")
+    everything_binary = bool(parameters.get("binary_data_output"))
     outputs = request.get("outputs") or []
     if not isinstance(outputs, list):
         raise BadRequest("\"outputs\" must be a list of {\"name\": method}")
@@ -4576,7 +4621,19 @@ def v2_request(request, binary, max_rows):
         wanted = {"predict": True}
         if everything_binary:
             binary_outputs.add("predict")
+    if v2_explain_parameter(parameters.get("explain"), '"parameters": {"explain"}'):
+        wanted[EXPLAIN] = True
+        if everything_binary:
+            binary_outputs.add(EXPLAIN)
     return arrays, list(wanted), binary_outputs
+
+
+def v2_explain_parameter(value, where):
+    """Whether a request's "explain" parameter asks for its rows' explanations (as the "explain" output): a
+    boolean, or absent."""
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{where} must be a boolean")
+    return bool(value)
 
 
 def _v2_tensor(number, name, shape, max_rows):
@@ -4691,10 +4748,16 @@ def v2_inputs(model, arrays, max_rows):
 def v2_tensors(results):
     """(name, method, array, datatype) of each output tensor of {method: result}: one per method, or one per
     output of a multi-output classifier's list of arrays ("<method>_<output>"); a list of values (a model of
-    your own may answer so) is one tensor."""
+    your own may answer so) is one tensor.  An explanation is one BYTES element, its JSON text, as MLServer's
+    explainer runtime answers it (an output named "explain", content type "str")."""
     import numpy as np
 
     for method, result in results.items():
+        if method == EXPLAIN:
+            text = np.empty(1, dtype=object)
+            text[0] = dumps(result)
+            yield EXPLAIN, EXPLAIN, text, "BYTES"
+            continue
         per_output = isinstance(result, list) and all(hasattr(part, "shape") for part in result)
         for number, part in enumerate(result if per_output else [result]):
             array = np.asarray(part.toarray() if hasattr(part, "toarray") else part)
@@ -4716,9 +4779,11 @@ def v2_outputs(model, results, binary_outputs):
     outputs, chunks = [], []
     for name, method, array, datatype in v2_tensors(results):
         entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if method == EXPLAIN:
+            entry["parameters"] = {"content_type": "str"}
         if method in binary_outputs:
             data = v2_bytes(array, datatype)
-            entry["parameters"] = {"binary_data_size": len(data)}
+            entry["parameters"] = {**entry.get("parameters", {}), "binary_data_size": len(data)}
             chunks.append(data)
         else:
             entry["data"] = to_jsonable(array.reshape(-1))
@@ -4810,8 +4875,9 @@ class OpenInference(Protocol):
         return key or None
 
     def inputs(self, model, asked, config):
-        return ([choose_method(model, method, unknown=BadRequest) for method in asked.outputs],
-                v2_inputs(model, asked.arrays, config.max_rows))
+        """The outputs asked are methods, "explain" among them (as an output or a parameter)."""
+        return ([method if method == EXPLAIN else choose_method(model, method, unknown=BadRequest)
+                 for method in asked.outputs], v2_inputs(model, asked.arrays, config.max_rows))
 
     def encode(self, model, asked, results):
         outputs, tail = v2_outputs(model, results, asked.binary_outputs)
@@ -5140,6 +5206,11 @@ class OpenInferenceGrpc(OpenInference):
                 _v2_from_contents(tensor.contents, tensor.datatype, count, where)
             arrays.append((tensor.name, array.reshape(shape)))
         outputs = list(dict.fromkeys(output.name for output in request.outputs)) or ["predict"]
+        explain = request.parameters["explain"] if "explain" in request.parameters else None
+        if explain is not None and explain.WhichOneof("parameter_choice") != "bool_param":
+            raise BadRequest('parameters["explain"] must be a bool_param')
+        if explain is not None and explain.bool_param and EXPLAIN not in outputs:
+            outputs.append(EXPLAIN)
         key = request.parameters["routing_key"] if "routing_key" in request.parameters else None
         if key is not None and key.WhichOneof("parameter_choice") != "string_param":
             raise BadRequest('parameters["routing_key"] must be a string_param')
@@ -5151,6 +5222,8 @@ class OpenInferenceGrpc(OpenInference):
         response.model_name, response.model_version, response.id = model.name, str(model.version), asked.id or ""
         for name, method, array, datatype in v2_tensors(results):
             tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            if method == EXPLAIN:
+                tensor.parameters["content_type"].string_param = "str"
             if method in asked.binary_outputs:
                 response.raw_output_contents.append(v2_bytes(array, datatype))
             elif datatype == "BYTES":
@@ -6097,17 +6170,25 @@ class ServiceApp:
                                                         "rows": _row_count(inputs)})
 
             def compute():
-                return {method: model.predict(method, inputs) for method in methods}
+                return {method: self._explained(model, inputs) if method == EXPLAIN else
+                        model.predict(method, inputs) for method in methods}
 
             results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
-            environ["service.payload"] = (model, inputs, results)        # for the payload log, after the answer
-            self.shadow.offer(environ, name, model, methods, inputs, results)
+            # the payload log and the shadow get the predictions: an explanation is derived from them
+            predictions = {method: outputs for method, outputs in results.items() if method != EXPLAIN}
+            environ["service.payload"] = (model, inputs, predictions)    # for the payload log, after the answer
+            if predictions:
+                self.shadow.offer(environ, name, model, list(predictions), inputs, predictions)
         finally:
             for release in reversed(held):
                 release()
             if fields is not None:
                 _log_fields.reset(fields)
         return model, results
+
+    def _explained(self, model, inputs):
+        """explain_model's answer (Explanations), measured from the reference row of the model's settings."""
+        return explain_model(model, inputs, self.registry.settings_for(model.name).explain_reference)
 
     # -- service ------------------------------------------------------------------------------
     def index(self):
@@ -6652,6 +6733,8 @@ def _logged_request(record, name):
         return "without (complete) inputs"
     if not isinstance(inputs, (list, dict)):
         raise BadRequest('"inputs" is no list of rows (nor an object of columns)')
+    if outputs == {}:
+        return "explained, not predicted"      # an explanation's outputs are not logged: nothing to compare
     if not isinstance(outputs, dict) or not outputs or not all(isinstance(v, list) for v in outputs.values()):
         raise BadRequest('"outputs" does not map the methods called to their outputs')
     if not isinstance(record.get("request_id", ""), str):

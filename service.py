@@ -35,7 +35,7 @@ path in the order data flows; each of its sections uses only what is above it::
     Request bodies          read and parse a body within its bounds; request ids
     Protocols               one block each (routes, handlers, request record, schemas): native, seed, TF
                             Serving/KServe V1, V2, MLflow
-    Background work         time limits, and the payload log and shadow off the request path
+    Background work         time limits, and the payload log (with live drift) and shadow off the request path
     HTTP application        the route table, access, the predict core, the error responder
     OpenAPI                 /openapi.json from the route table
     Serving                 waitress (drained on exit) or gunicorn workers
@@ -865,7 +865,7 @@ LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODEL_VERSION = ("model", "version")
 
-METRICS = {   # name: (type, help, label names, histogram buckets)
+METRICS = {   # name: (type, help, label names, histogram buckets or a gauge's multiprocess mode)
     "model_service_requests_total": ("counter", "Prediction requests by model, version, method, protocol and status.",
                                      MODEL_VERSION + ("method", "protocol", "status"), None),
     "model_service_request_duration_seconds": ("histogram", "Time to answer a prediction request.",
@@ -896,8 +896,17 @@ METRICS = {   # name: (type, help, label names, histogram buckets)
                                            MODEL_VERSION, None),
     "model_service_models_loaded": ("gauge", "Model versions in memory.", (), None),
     "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", (), None),
+    # set by the live drift (see "Background work"); the last field: how a scrape of --workers combines them
+    "model_service_drift_p_value": ("gauge", "p-value of the KS (numbers) or chi-squared (categories) test of a "
+                                    "feature's newest served values against the model's reference profile "
+                                    "(several processes: the lowest).", ("model", "feature"), "livemin"),
+    "model_service_drift_psi": ("gauge", "Population stability index of a feature's newest served values against "
+                                "the model's reference profile (several processes: the highest).",
+                                ("model", "feature"), "livemax"),
+    "model_service_drift_window_rows": ("gauge", "Served rows the drift gauges were scored on (several processes: "
+                                        "their sum).", ("model",), "livesum"),
 }
-GAUGES = [name for name, (kind, *_) in METRICS.items() if kind == "gauge"]
+GAUGES = [name for name, (kind, _, labels, _) in METRICS.items() if kind == "gauge" and not labels]   # read
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's: where processes share their counts
 
 
@@ -907,7 +916,8 @@ class Metrics:
     (its labels() lookup costs several µs).  The cache stays bounded because label values do: they are
     only models, versions and methods that exist (UNRESOLVED for the rest) and forget() drops a version's.
 
-    The gauges are read from `gauges` ({name: () -> value}) at scrape time in one process.  Shared
+    The unlabelled gauges are read from `gauges` ({name: () -> value}) at scrape time in one process;
+    labelled ones are `set` by their owner (the live drift) in every mode.  Shared
     between processes, a scrape can only read files, so each process writes its own gauges whenever
     they change (`changed`, called by the registry's Residency) and the scrape sums the live processes'
     (multiprocess_mode "livesum": versions in memory over the workers, i.e. copies of models, and requests
@@ -931,6 +941,19 @@ class Metrics:
     def observe(self, name, labels, value):
         child = self._children.get((name, labels))
         (child if child is not None else self._child(name, labels)).observe(value)
+
+    def set(self, name, labels, value):
+        child = self._children.get((name, labels))
+        (child if child is not None else self._child(name, labels)).set(value)
+
+    def drop(self, names, model):
+        """Drop one model's series of the families `names` (one process; shared, the files keep them until the
+        process exits)."""
+        with self._lock:
+            for key in [key for key in self._children if key[0] in names and ("model", model) in key[1]]:
+                del self._children[key]
+                if not self._shared:
+                    self._families[key[0]].remove(*(value for _, value in key[1]))
 
     def changed(self):
         """Models in memory or requests in flight changed: shared, this process writes the gauges that did
@@ -994,10 +1017,11 @@ class Metrics:
         own = None if self._shared else prometheus.CollectorRegistry()
         kinds = {"counter": prometheus.Counter, "histogram": prometheus.Histogram, "gauge": prometheus.Gauge}
         families = {}
-        for name, (kind, help_text, label_names, buckets) in METRICS.items():
-            if kind == "gauge" and not self._shared:
+        for name, (kind, help_text, label_names, last) in METRICS.items():
+            if name in GAUGES and not self._shared:
                 continue                         # read at scrape time (_ScrapeGauges)
-            options = {"buckets": buckets} if buckets else {"multiprocess_mode": "livesum"} if kind == "gauge" else {}
+            options = {"buckets": last} if kind == "histogram" else \
+                {"multiprocess_mode": last or "livesum"} if kind == "gauge" else {}
             families[name] = kinds[kind](name, help_text, label_names, registry=own, **options)
         if self._shared:
             from prometheus_client.multiprocess import MultiProcessCollector
@@ -5443,7 +5467,8 @@ BODY_EXAMPLES = {kind: example for protocol in PROTOCOLS for kind, example in pr
 # Background work #############################################################
 ###############################################################################
 # What runs beside the requests, off their path: predictions bounded in time (TimeLimit), and what a
-# request hands over after its answer (a Backlog each for the payload log and the shadow).
+# request hands over after its answer (a Backlog each for the payload log and the shadow); the payload
+# log's rows also feed the live drift gauges (LiveDrift).
 
 
 class TimeLimit:
@@ -5573,15 +5598,16 @@ class Backlog:
     the backlog (a pre-fork host forks after building the app), and an exception from `work` is
     logged, never fatal to it.  Then it sleeps `rest(cpu_seconds)`, given the CPU time that took:
     waking once per item would cost requests the interpreter more than the work itself, and work
-    that must not compete with them paces itself.
+    that must not compete with them paces itself.  With `idle` seconds, it also runs `work([])` after
+    that long with nothing offered (for work its user deferred, such as the live drift's next score).
     """
 
     ITEMS = 1000
     BYTES = 64 * 1024 * 1024
     ITEM_BYTES = 1024       # an item's own fields (request id, labels, times), beside the inputs and outputs
 
-    def __init__(self, name, work, rest, burst=1):
-        self.name, self._work, self._rest, self._burst = name, work, rest, burst
+    def __init__(self, name, work, rest, burst=1, idle=None):
+        self.name, self._work, self._rest, self._burst, self._idle = name, work, rest, burst, idle
         self._lock = threading.Lock()
         self._pid, self._queue, self._bytes = None, None, 0
 
@@ -5625,7 +5651,10 @@ class Backlog:
 
     def _run(self):
         while True:
-            taken = [self._queue.get()]
+            try:
+                taken = [self._queue.get(timeout=self._idle)]
+            except queue.Empty:
+                taken = []
             started = time.thread_time()
             with contextlib.suppress(queue.Empty):
                 while len(taken) < self._burst:
@@ -5652,6 +5681,156 @@ def payload_bytes(environ):
     return size
 
 
+# -- live drift: the payload log's rows against the models' reference profiles ---------------------
+# The statistics of "Drift" (`python service.py drift`) live here, where both it and the live gauges
+# reach them: KS (numbers) or chi-squared (categories) and PSI, one column against its profile.
+
+PSI_FLOOR = 1e-4                # a bin's share where it holds nothing, as Evidently's PSI takes it
+DRIFT_WINDOW_ROWS = 1000        # the served rows per model the live drift gauges score: the newest
+DRIFT_SCORE_SECONDS = 1.0       # a model's gauges are scored again at most this often (and only after new rows)
+
+
+def _missing(value):
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _psi(reference, served):
+    """Population stability index of two distributions over the same bins (shares floored at PSI_FLOOR)."""
+    import numpy as np
+
+    reference, served = np.maximum(reference, PSI_FLOOR), np.maximum(served, PSI_FLOOR)
+    return float(((served - reference) * np.log(served / reference)).sum())
+
+
+def compare_column(reference, values):
+    """One column's test against its reference profile: {"kind", "rows", "missing", "test", "statistic",
+    "p_value", "psi", "distance": (name, value)}, the tests None when either side has no values."""
+    import numpy as np
+    from scipy import stats
+    from scipy.spatial.distance import jensenshannon
+
+    present = [value for value in values if not _missing(value)]
+    result = {"kind": reference["kind"], "rows": len(values), "missing": len(values) - len(present),
+              "test": None, "statistic": None, "p_value": None, "psi": None, "distance": None}
+    if not present or not (reference.get("values") or reference.get("counts")):
+        return result
+    if reference["kind"] == "numeric":
+        if any(isinstance(value, (str, bool)) for value in present):
+            raise ValueError("the log holds text where the reference holds numbers")
+        ref, served = np.asarray(reference["values"], dtype=float), np.asarray(present, dtype=float)
+        test = stats.ks_2samp(ref, served)
+        edges = np.unique(np.quantile(ref, np.linspace(0, 1, 11))[1:-1])           # the reference's deciles
+        shares = [np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1) / len(x)
+                  for x in (ref, served)]
+        return {**result, "test": "KS", "statistic": float(test.statistic), "p_value": float(test.pvalue),
+                "psi": _psi(*shares), "distance": ("wasserstein", float(stats.wasserstein_distance(ref, served)))}
+    counts = collections.Counter(str(value) for value in present)
+    categories = sorted(set(reference["counts"]) | set(counts))
+    table = np.array([[reference["counts"].get(c, 0) for c in categories], [counts.get(c, 0) for c in categories]],
+                     dtype=float)
+    statistic, p_value = (0.0, 1.0) if len(categories) < 2 else stats.chi2_contingency(table)[:2]
+    ref, served = table[0] / table[0].sum(), table[1] / table[1].sum()
+    return {**result, "test": "chi2", "statistic": float(statistic), "p_value": float(p_value),
+            "psi": _psi(ref, served), "distance": ("jensen-shannon", float(jensenshannon(ref, served, base=2)))}
+
+
+def _read_profile(path):
+    """A stored reference profile, checked enough that a test can read it; ValueError says what is wrong."""
+    with open(path, "rb") as handle:
+        profile = parse_json(handle.read(), max_depth=8, what=path)
+    features = profile.get("features") if isinstance(profile, dict) else None
+    columns = (features or []) + ([profile["prediction"]] if profile.get("prediction") else [])
+    if not features or not all(isinstance(column, dict) and isinstance(column.get("name", ""), str) and (
+            column.get("kind") == "numeric" and isinstance(column.get("values"), list) and
+            all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in column["values"]) or
+            column.get("kind") == "categorical" and isinstance(column.get("counts"), dict) and
+            all(type(count) is int and count >= 0 for count in column["counts"].values())) for column in columns):
+        raise ValueError(f"{path} is not a reference profile (python service.py profile TRAIN --model NAME "
+                         "writes one)")
+    return profile
+
+
+@dataclasses.dataclass
+class _Watched:
+    """A model LiveDrift scores: its reference profile (as read at `mtime`), its feature names and newest rows."""
+
+    profile: dict
+    mtime: int
+    names: list
+    rows: collections.deque
+    fresh: bool = False         # rows came since the last score
+    scored: float = -math.inf   # time.monotonic() of the last score
+
+
+class LiveDrift:
+    """Per-feature drift gauges of the rows each model answered lately (--payload-log with a stored reference
+    profile), scored on the payload log's thread, off the request path.
+
+    A model is watched while its folder of the store holds PROFILE_FILE (`python service.py profile`):
+    the newest DRIFT_WINDOW_ROWS rows it answered (with 200; redacted cells count as missing) are tested
+    feature by feature against the profile as the drift command tests them, at most every
+    DRIFT_SCORE_SECONDS and only after new rows.  The gauges are labelled by the model and the profile's
+    feature names, so their labels are bounded by the features of served models that have a profile; a
+    model whose profile goes is forgotten.  Under --workers each process scores the rows it answered (a
+    sample of the same traffic), and a scrape shows the lowest p-value and the highest PSI among them.
+    """
+
+    SERIES = ("model_service_drift_p_value", "model_service_drift_psi", "model_service_drift_window_rows")
+
+    def __init__(self, store, metrics):
+        self.store, self.metrics = store, metrics
+        self._watched = {}          # model name -> _Watched
+        self._looked = {}           # model name -> time.monotonic() its profile was last looked for
+
+    def add(self, name, rows, now):
+        """Keep a logged request's rows (lists of a profile's width) for the model's next score."""
+        watched = self._watch(name, now)
+        if watched is not None and isinstance(rows, list) and rows and all(
+                isinstance(row, list) and len(row) == len(watched.names) for row in rows):
+            watched.rows.extend(rows)
+            watched.fresh = True
+
+    def score(self, now):
+        """Score the models with new rows whose last score is DRIFT_SCORE_SECONDS old, and set their gauges."""
+        for name, watched in list(self._watched.items()):
+            if not watched.fresh or now - watched.scored < DRIFT_SCORE_SECONDS:
+                continue
+            watched.fresh, watched.scored = False, now
+            rows = list(watched.rows)
+            for index, (feature, reference) in enumerate(zip(watched.names, watched.profile["features"])):
+                try:
+                    result = compare_column(reference, [row[index] for row in rows])
+                except ValueError:          # text logged where the profile holds numbers: no score
+                    result = {"p_value": None, "psi": None}
+                labels = (("model", name), ("feature", feature))
+                for series, key in (("model_service_drift_p_value", "p_value"), ("model_service_drift_psi", "psi")):
+                    self.metrics.set(series, labels, math.nan if result[key] is None else result[key])
+            self.metrics.set("model_service_drift_window_rows", (("model", name),), len(rows))
+
+    def _watch(self, name, now):
+        """The model's _Watched while it has a readable profile (looked for at most every DRIFT_SCORE_SECONDS),
+        else None."""
+        watched = self._watched.get(name)
+        if now - self._looked.get(name, -math.inf) < DRIFT_SCORE_SECONDS:
+            return watched
+        self._looked[name] = now
+        path = os.path.join(self.store, name, PROFILE_FILE)
+        try:
+            mtime = os.stat(path).st_mtime_ns
+            if watched is None or watched.mtime != mtime:
+                profile = _read_profile(path)
+                names = [feature.get("name") or f"x{i}" for i, feature in enumerate(profile["features"])]
+                watched = self._watched[name] = _Watched(profile, mtime, names,
+                                                         collections.deque(maxlen=DRIFT_WINDOW_ROWS))
+        except (OSError, ValueError) as error:
+            if watched is not None or not isinstance(error, FileNotFoundError):
+                logger.warning("live drift of model %r: not scored: %s", name, _clip(str(error), 200))
+            if self._watched.pop(name, None) is not None:
+                self.metrics.drop(self.SERIES, name)
+            return None
+        return watched
+
+
 class PayloadLog:
     """--payload-log DIR: one JSON line per sampled prediction request, written by a background thread.
 
@@ -5672,7 +5851,8 @@ class PayloadLog:
     def __init__(self, folder, sample, registry):
         self.folder, self.sample, self.registry, self.metrics = folder, sample, registry, registry.metrics
         self.backlog = Backlog("payload-log", self._write_records, rest=lambda cpu_seconds: self.INTERVAL,
-                               burst=Backlog.ITEMS)
+                               burst=Backlog.ITEMS, idle=DRIFT_SCORE_SECONDS)
+        self.drift = LiveDrift(registry.config.store, self.metrics)
         self._file, self._written, self._serial, self._failing = None, 0, itertools.count(1), False
         atexit.register(PayloadLog._drain_at_exit, weakref.ref(self), registry.config.shutdown_timeout)
 
@@ -5697,20 +5877,31 @@ class PayloadLog:
             logger.warning("payload log: records still queued after %g s were not written", timeout)
 
     def _write_records(self, records):
-        if not records:
-            return
+        """Write the records' lines, hand their rows to the live drift, and let it score what is due (also
+        when the backlog wakes with no records)."""
+        now = time.monotonic()
+        for line in self._write_lines(records) if records else ():
+            if line["status"] == 200 and line.get("inputs") is not None:
+                self.drift.add(line["model"], line["inputs"], now)
+        self.drift.score(now)
+
+    def _write_lines(self, records):
+        """The records' lines, written (a failed write is counted and logged, and its lines still returned)."""
+        lines = []
         try:
-            for record in records:
-                self._write(self._line(record))
+            lines = [self._line(record) for record in records]
+            for line in lines:
+                self._write(dumps(line) + "\n")
             self._file.flush()           # whole lines on disk: a reader, or a drain at shutdown, sees them
         except Exception as error:   # a full disk, an unwritable folder: logged once, counted each time
             self.metrics.count("model_service_payload_log_dropped_total", (), len(records))
             if not self._failing:
                 logger.error("payload log: cannot write to %s: %s", self.folder, error)
             self._failing = True
-            return
+            return lines if len(lines) == len(records) else []
         self._failing = False
         self.metrics.count("model_service_payload_log_records_total", (), len(records))
+        return lines
 
     def _write(self, line):
         data = line.encode("utf-8", "backslashreplace")
@@ -5733,6 +5924,7 @@ class PayloadLog:
                 os.remove(os.path.join(self.folder, old))
 
     def _line(self, record):
+        """A record's line, as the object it is written as."""
         at, request_id, labels, payload, protocol, status, elapsed = record
         (_, name), (_, version), (_, method) = labels
         line = {"time": _utc_time(at, millis=True),
@@ -5743,7 +5935,7 @@ class PayloadLog:
             line["features"] = model.feature_names
             line["inputs"], line["redacted"] = self._redacted(model, to_jsonable(inputs))
             line["outputs"] = {method: to_jsonable(outputs) for method, outputs in results.items()}
-        return dumps(line) + "\n"
+        return line
 
     def _redacted(self, model, rows):
         """(rows with the model's "redact" features nulled, the names redacted); all rows withheld (None)
@@ -6832,7 +7024,8 @@ def replay_command(argv):
 # population stability index (PSI) over the reference's deciles or categories.  A feature drifts
 # when its p-value is below --p-value divided by the number of tests (Bonferroni, the correction
 # alibi-detect's TabularDrift applies by default).  Missing values (null, NaN, redacted) are counted
-# and left out of the tests.
+# and left out of the tests.  The tests themselves (compare_column) are in "Background work", which
+# scores the live drift gauges with them.
 #
 # The reference is a training file (CSV, JSON lines, Parquet where pandas and pyarrow are installed)
 # or a profile of one that `python service.py profile TRAIN --model NAME` stores beside the model
@@ -6843,7 +7036,6 @@ def replay_command(argv):
 PROFILE_SAMPLE = 2000           # values kept per numeric column of a reference profile
 DRIFT_MAX_ROWS = 100_000        # logged rows compared at most: a uniform sample of them beyond
 DRIFT_SEED = 16                 # the sample of a larger log is the same at every run
-PSI_FLOOR = 1e-4                # a bin's share where it holds nothing, as Evidently's PSI takes it
 
 
 def _cell(text):
@@ -6916,10 +7108,6 @@ def _model_columns(names, rows, features, n_features, where):
     if any(len(row) < len(index) for row in rows):
         raise ValueError(f"{where}: a row has fewer than the model's {len(index)} features")
     return [[row[i] for row in rows] for i in index]
-
-
-def _missing(value):
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def profile_column(values, kind=None):
@@ -7007,46 +7195,6 @@ def _log_time(text):
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
-
-
-def _psi(reference, served):
-    """Population stability index of two distributions over the same bins (shares floored at PSI_FLOOR)."""
-    import numpy as np
-
-    reference, served = np.maximum(reference, PSI_FLOOR), np.maximum(served, PSI_FLOOR)
-    return float(((served - reference) * np.log(served / reference)).sum())
-
-
-def compare_column(reference, values):
-    """One column's test against its reference profile: {"kind", "rows", "missing", "test", "statistic",
-    "p_value", "psi", "distance": (name, value)}, the tests None when either side has no values."""
-    import numpy as np
-    from scipy import stats
-    from scipy.spatial.distance import jensenshannon
-
-    present = [value for value in values if not _missing(value)]
-    result = {"kind": reference["kind"], "rows": len(values), "missing": len(values) - len(present),
-              "test": None, "statistic": None, "p_value": None, "psi": None, "distance": None}
-    if not present or not (reference.get("values") or reference.get("counts")):
-        return result
-    if reference["kind"] == "numeric":
-        if any(isinstance(value, (str, bool)) for value in present):
-            raise ValueError("the log holds text where the reference holds numbers")
-        ref, served = np.asarray(reference["values"], dtype=float), np.asarray(present, dtype=float)
-        test = stats.ks_2samp(ref, served)
-        edges = np.unique(np.quantile(ref, np.linspace(0, 1, 11))[1:-1])           # the reference's deciles
-        shares = [np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1) / len(x)
-                  for x in (ref, served)]
-        return {**result, "test": "KS", "statistic": float(test.statistic), "p_value": float(test.pvalue),
-                "psi": _psi(*shares), "distance": ("wasserstein", float(stats.wasserstein_distance(ref, served)))}
-    counts = collections.Counter(str(value) for value in present)
-    categories = sorted(set(reference["counts"]) | set(counts))
-    table = np.array([[reference["counts"].get(c, 0) for c in categories], [counts.get(c, 0) for c in categories]],
-                     dtype=float)
-    statistic, p_value = (0.0, 1.0) if len(categories) < 2 else stats.chi2_contingency(table)[:2]
-    ref, served = table[0] / table[0].sum(), table[1] / table[1].sum()
-    return {**result, "test": "chi2", "statistic": float(statistic), "p_value": float(p_value),
-            "psi": _psi(ref, served), "distance": ("jensen-shannon", float(jensenshannon(ref, served, base=2)))}
 
 
 class DriftReport:
@@ -7220,22 +7368,6 @@ def _store_model(store, name, version=None):
 
 def _profile_path(store, name):
     return os.path.join(Config.load({"store": store}).store, name, PROFILE_FILE)
-
-
-def _read_profile(path):
-    """A stored reference profile, checked enough that a test can read it; ValueError says what is wrong."""
-    with open(path, "rb") as handle:
-        profile = parse_json(handle.read(), max_depth=8, what=path)
-    features = profile.get("features") if isinstance(profile, dict) else None
-    columns = (features or []) + ([profile["prediction"]] if profile.get("prediction") else [])
-    if not features or not all(isinstance(column, dict) and isinstance(column.get("name", ""), str) and (
-            column.get("kind") == "numeric" and isinstance(column.get("values"), list) and
-            all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in column["values"]) or
-            column.get("kind") == "categorical" and isinstance(column.get("counts"), dict) and
-            all(type(count) is int and count >= 0 for count in column["counts"].values())) for column in columns):
-        raise ValueError(f"{path} is not a reference profile (python service.py profile TRAIN --model NAME "
-                         "writes one)")
-    return profile
 
 
 def drift(arguments):

@@ -6361,8 +6361,10 @@ class ServiceApp:
                                                         "protocol": protocol.name, "method": ",".join(methods),
                                                         "rows": _row_count(inputs)})
 
+            reference = registry.settings_for(name).explain_reference      # where an explanation is measured from
+
             def compute():
-                return {method: self._explained(model, inputs) if method == EXPLAIN else
+                return {method: explain_model(model, inputs, reference) if method == EXPLAIN else
                         model.predict(method, inputs) for method in methods}
 
             results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
@@ -6377,10 +6379,6 @@ class ServiceApp:
             if fields is not None:
                 _log_fields.reset(fields)
         return model, results
-
-    def _explained(self, model, inputs):
-        """explain_model's answer (Explanations), measured from the reference row of the model's settings."""
-        return explain_model(model, inputs, self.registry.settings_for(model.name).explain_reference)
 
     # -- service ------------------------------------------------------------------------------
     def index(self):

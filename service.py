@@ -9500,7 +9500,10 @@ def _read_artifact(path):
 # lists the models and sends predictions through the JSON API.  What a model takes (methods,
 # n_features_in_, feature_names_in_) it reads from the model's status in GET /models, the one
 # place that says it; a version not loaded yet has none there, so the page first asks for its V2
-# metadata, which loads it.  The table is read again after every prediction.  Everything it shows
+# metadata, which loads it.  The table is read again after every prediction, and the prediction's
+# rows are sent to the explain route: a model that can explain gets a bar chart (inline SVG, drawn
+# through the DOM) of the first row's largest contributions to the output it scored highest; one that
+# cannot, the 501's message in a line.  Everything it shows
 # from the service goes through textContent (names and labels are the store's, not ours), and its
 # Content-Security-Policy admits only its own script and style (by hash) and requests to this origin.
 CONSOLE_HTML = """<!doctype html>
@@ -9523,6 +9526,8 @@ CONSOLE_HTML = """<!doctype html>
  pre, code { background: #f6f6f6; } pre { padding: .8rem; overflow: auto; } code { word-break: break-all; }
  .error { color: #b00020; } .muted { color: #777; } .invalid { outline: 2px solid #b00020; background: #fff0f0; }
  button { font: inherit; padding: .35rem 1rem; margin-top: .8rem; }
+ #why { margin: 0; } #why figcaption { margin: .6rem 0 .3rem; } #chart text { font-size: 12px; fill: #333; }
+ #chart .up { fill: #3a7d44; } #chart .down { fill: #b3412f; } #chart line { stroke: #999; }
 </style>
 </head>
 <body>
@@ -9551,6 +9556,10 @@ CONSOLE_HTML = """<!doctype html>
 <h2>Result</h2>
 <p id="status" class="muted">No request sent yet.</p>
 <pre id="result"></pre>
+<figure id="why" hidden><figcaption id="why-title"></figcaption>
+ <svg id="chart" role="img" aria-labelledby="why-title" width="640" height="0"></svg>
+</figure>
+<p id="explained" class="muted"></p>
 <script>
 "use strict";
 // Everything shown from the service (names, labels, features, messages) is untrusted: it goes through
@@ -9558,6 +9567,7 @@ CONSOLE_HTML = """<!doctype html>
 const $ = (id) => document.getElementById(id);
 const NUMBER = /^[-+]?([0-9]+[.]?[0-9]*|[.][0-9]+)(e[-+]?[0-9]+)?$/i;
 const MAX_FIELDS = 64;      // a wider model takes its rows as JSON only
+const TOP = 8;              // the contributions a chart shows: the largest
 let models = [];            // GET /models: each model with the state and metadata of its versions
 let shown = null;           // the status of the version whose methods and fields the form shows
 let choosing = 0;           // the latest showForm call: an earlier one's late answer is dropped
@@ -9634,6 +9644,48 @@ function predictURL() {
   const {model, kind, key} = chosen();
   return "/models/" + encodeURIComponent(model ? model.name : "") +
          (kind ? "/" + kind + "/" + encodeURIComponent(key) : "") + "/predict";
+}
+
+async function explain(rows) {    // the first row's top contributions, when the model can explain
+  const url = predictURL().replace(/[/]predict$/, "/explain");
+  let result;
+  try {
+    result = await request(url, JSON.stringify({instances: rows}));
+  } catch (error) {
+    return say($("explained"), "No explanation: " + error.message);
+  }
+  if (!result.ok) return say($("explained"), "No explanation: " + result.line);
+  chart(result.answer.explanations);
+}
+
+function chart(explained) {      // horizontal bars from a zero line: what moved the output up, and down
+  const totals = explained.expected_value.map((base, k) =>
+    explained.contributions[0].reduce((sum, feature) => sum + feature[k], base));
+  const output = totals.indexOf(Math.max(...totals));          // the predicted class, or the one output
+  const bars = explained.contributions[0].map((feature, i) => [explained.feature_names[i], feature[output]])
+    .sort((a, b) => Math.abs(b[1]) - Math.abs(a[1])).slice(0, TOP);
+  const largest = Math.max(...bars.map(([, value]) => Math.abs(value)), 1e-300);
+  const middle = 380, half = 170, height = 22, svg = $("chart");
+  svg.textContent = "";
+  svg.setAttribute("height", bars.length * height + 6);
+  const draw = (tag, attributes, text) => {
+    const element = document.createElementNS(svg.namespaceURI, tag);      // the SVG namespace, named nowhere
+    for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, value);
+    if (text !== undefined) element.textContent = text;
+    return svg.appendChild(element);
+  };
+  bars.forEach(([name, value], i) => {
+    const y = 3 + i * height, size = half * Math.abs(value) / largest;
+    draw("rect", {x: value < 0 ? middle - size : middle, y, width: Math.max(size, 1), height: height - 6,
+                  class: value < 0 ? "down" : "up"}).dataset.feature = name;
+    draw("text", {x: middle - half - 8, y: y + 12, "text-anchor": "end"}, name);
+    draw("text", {x: middle + half + 8, y: y + 12}, (value < 0 ? "" : "+") + value.toPrecision(3));
+  });
+  draw("line", {x1: middle, x2: middle, y1: 0, y2: bars.length * height + 6});
+  $("why-title").textContent = "Why: the largest contributions to " + explained.output_names[output] + " (" +
+    explained.method + "), from " + explained.expected_value[output].toPrecision(4) + " on average to " +
+    totals[output].toPrecision(4) + " for the first row";
+  $("why").hidden = false;
 }
 
 function showVersions() {       // keeps the choice while it is still offered
@@ -9750,9 +9802,11 @@ async function send(event) {
     field.removeAttribute("aria-invalid"); field.removeAttribute("aria-describedby"); field.classList.remove("invalid");
   }
   $("result").textContent = "";
-  let body;
+  $("why").hidden = true; say($("explained"), "");
+  let body, rows;
   try {
-    body = JSON.stringify({instances: instances(), method: $("method").value || "predict"});
+    rows = instances();
+    body = JSON.stringify({instances: rows, method: $("method").value || "predict"});
   } catch (error) {
     return say($("status"), "Input error: " + error.message, true);
   }
@@ -9767,6 +9821,7 @@ async function send(event) {
   const listed = await refresh();       // the prediction may have loaded, replaced or failed a version
   say($("status"), result.line, !result.ok);      // shown once the table is as the prediction left it
   $("result").textContent = result.answer === null ? "" : JSON.stringify(result.answer, null, 2);
+  if (result.ok && shown && shown.n_features_in_) await explain(rows);
   if (!listed) return;
   showVersions();
   const {version} = chosen();

@@ -5791,9 +5791,11 @@ class LiveDrift:
             watched.fresh = True
 
     def score(self, now):
-        """Score the models with new rows whose last score is DRIFT_SCORE_SECONDS old, and set their gauges."""
-        for name, watched in list(self._watched.items()):
-            if not watched.fresh or now - watched.scored < DRIFT_SCORE_SECONDS:
+        """Score the models with new rows whose last score is DRIFT_SCORE_SECONDS old, and set their gauges (a
+        watched model's profile is looked at again here too, so one removed is forgotten without new rows)."""
+        for name in list(self._watched):
+            watched = self._watch(name, now)
+            if watched is None or not watched.fresh or now - watched.scored < DRIFT_SCORE_SECONDS:
                 continue
             watched.fresh, watched.scored = False, now
             rows = list(watched.rows)
@@ -6932,6 +6934,13 @@ def _logged_request(record, name):
     return None
 
 
+def command_registry(store):
+    """A registry of the store for a command that runs once (replay, drift, profile): scanned now, not watched."""
+    registry = ModelRegistry(dataclasses.replace(Config.load({"store": store}), poll_interval=0.0), watch=False)
+    registry.refresh()
+    return registry
+
+
 def replay(registry, name, paths, version=None, label=None):
     """Replay the logged requests of model `name` on one of its versions; (report, version replayed on)."""
     if version is None and label is None:
@@ -6993,9 +7002,7 @@ def replay_command(argv):
             fail_under = fail_under if fail_under is None else _fraction(fail_under)
         except ValueError as error:
             raise ValueError(f"--fail-under: {error}") from None
-        config = dataclasses.replace(Config.load({"store": arguments.store}), poll_interval=0.0)
-        registry = ModelRegistry(config, watch=False)
-        registry.refresh()
+        registry = command_registry(arguments.store)
         version = None if arguments.version is None else version_number(arguments.version, arguments.model)
         report, version = replay(registry, arguments.model, arguments.logs, version, arguments.label)
     except (ServiceError, OSError, ValueError) as error:
@@ -7354,14 +7361,8 @@ def drift_html(report):
 @contextlib.contextmanager
 def _store_model(store, name, version=None):
     """One loaded version of a model of the store (the highest served by default), for a command."""
-    config = dataclasses.replace(Config.load({"store": store}), poll_interval=0.0)
-    registry = ModelRegistry(config, watch=False)
-    registry.refresh()
-    model = registry.acquire(name, version, None)
-    try:
+    with command_registry(store).using(name, version) as model:
         yield model
-    finally:
-        registry.release(model)
 
 
 def _profile_path(store, name):

@@ -4863,7 +4863,10 @@ class OpenInference(Protocol):
             "datatype": {"type": "string", "enum": list(V2_DTYPES) + ["BYTES"]},
             "parameters": {"type": "object"}, "data": {"type": "array"}}},
         "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
-            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "id": {"type": "string"}, "parameters": {"type": "object", "properties": {
+                "explain": {"type": "boolean", "description": "also answer the \"explain\" output: one BYTES "
+                                                             "element, the rows' explanations as JSON text"},
+                "routing_key": {"type": "string"}, "binary_data_output": {"type": "boolean"}}},
             "inputs": {"type": "array", "items": _schema_ref("V2Tensor")},
             "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
                                                    "properties": {"name": {"type": "string"},

@@ -4645,19 +4645,14 @@ def v2_request(request, binary, max_rows):
         wanted = {"predict": True}
         if everything_binary:
             binary_outputs.add("predict")
-    if v2_explain_parameter(parameters.get("explain"), '"parameters": {"explain"}'):
+    explain = parameters.get("explain", False)          # the rows' explanations, as the "explain" output
+    if not isinstance(explain, bool):
+        raise BadRequest('"parameters": {"explain"} must be a boolean')
+    if explain:
         wanted[EXPLAIN] = True
         if everything_binary:
             binary_outputs.add(EXPLAIN)
     return arrays, list(wanted), binary_outputs
-
-
-def v2_explain_parameter(value, where):
-    """Whether a request's "explain" parameter asks for its rows' explanations (as the "explain" output): a
-    boolean, or absent."""
-    if value is not None and not isinstance(value, bool):
-        raise BadRequest(f"{where} must be a boolean")
-    return bool(value)
 
 
 def _v2_tensor(number, name, shape, max_rows):

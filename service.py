@@ -35,7 +35,7 @@ path in the order data flows; each of its sections uses only what is above it::
     Request bodies          read and parse a body within its bounds; request ids
     Protocols               one block each (routes, handlers, request record, schemas): native, seed, TF
                             Serving/KServe V1, V2, MLflow
-    Background work         time limits, and the payload log and shadow off the request path
+    Background work         time limits, and the payload log (with live drift) and shadow off the request path
     HTTP application        the route table, access, the predict core, the error responder
     OpenAPI                 /openapi.json from the route table
     Serving                 waitress (drained on exit) or gunicorn workers
@@ -865,7 +865,7 @@ LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODEL_VERSION = ("model", "version")
 
-METRICS = {   # name: (type, help, label names, histogram buckets)
+METRICS = {   # name: (type, help, label names, histogram buckets or a gauge's multiprocess mode)
     "model_service_requests_total": ("counter", "Prediction requests by model, version, method, protocol and status.",
                                      MODEL_VERSION + ("method", "protocol", "status"), None),
     "model_service_request_duration_seconds": ("histogram", "Time to answer a prediction request.",
@@ -896,8 +896,17 @@ METRICS = {   # name: (type, help, label names, histogram buckets)
                                            MODEL_VERSION, None),
     "model_service_models_loaded": ("gauge", "Model versions in memory.", (), None),
     "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", (), None),
+    # set by the live drift (see "Background work"); the last field: how a scrape of --workers combines them
+    "model_service_drift_p_value": ("gauge", "p-value of the KS (numbers) or chi-squared (categories) test of a "
+                                    "feature's newest served values against the model's reference profile "
+                                    "(several processes: the lowest).", ("model", "feature"), "livemin"),
+    "model_service_drift_psi": ("gauge", "Population stability index of a feature's newest served values against "
+                                "the model's reference profile (several processes: the highest).",
+                                ("model", "feature"), "livemax"),
+    "model_service_drift_window_rows": ("gauge", "Served rows the drift gauges were scored on (several processes: "
+                                        "their sum).", ("model",), "livesum"),
 }
-GAUGES = [name for name, (kind, *_) in METRICS.items() if kind == "gauge"]
+GAUGES = [name for name, (kind, _, labels, _) in METRICS.items() if kind == "gauge" and not labels]   # read
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's: where processes share their counts
 
 
@@ -907,7 +916,8 @@ class Metrics:
     (its labels() lookup costs several µs).  The cache stays bounded because label values do: they are
     only models, versions and methods that exist (UNRESOLVED for the rest) and forget() drops a version's.
 
-    The gauges are read from `gauges` ({name: () -> value}) at scrape time in one process.  Shared
+    The unlabelled gauges are read from `gauges` ({name: () -> value}) at scrape time in one process;
+    labelled ones are `set` by their owner (the live drift) in every mode.  Shared
     between processes, a scrape can only read files, so each process writes its own gauges whenever
     they change (`changed`, called by the registry's Residency) and the scrape sums the live processes'
     (multiprocess_mode "livesum": versions in memory over the workers, i.e. copies of models, and requests
@@ -931,6 +941,19 @@ class Metrics:
     def observe(self, name, labels, value):
         child = self._children.get((name, labels))
         (child if child is not None else self._child(name, labels)).observe(value)
+
+    def set(self, name, labels, value):
+        child = self._children.get((name, labels))
+        (child if child is not None else self._child(name, labels)).set(value)
+
+    def drop(self, names, model):
+        """Drop one model's series of the families `names` (one process; shared, the files keep them until the
+        process exits)."""
+        with self._lock:
+            for key in [key for key in self._children if key[0] in names and ("model", model) in key[1]]:
+                del self._children[key]
+                if not self._shared:
+                    self._families[key[0]].remove(*(value for _, value in key[1]))
 
     def changed(self):
         """Models in memory or requests in flight changed: shared, this process writes the gauges that did
@@ -994,10 +1017,11 @@ class Metrics:
         own = None if self._shared else prometheus.CollectorRegistry()
         kinds = {"counter": prometheus.Counter, "histogram": prometheus.Histogram, "gauge": prometheus.Gauge}
         families = {}
-        for name, (kind, help_text, label_names, buckets) in METRICS.items():
-            if kind == "gauge" and not self._shared:
+        for name, (kind, help_text, label_names, last) in METRICS.items():
+            if name in GAUGES and not self._shared:
                 continue                         # read at scrape time (_ScrapeGauges)
-            options = {"buckets": buckets} if buckets else {"multiprocess_mode": "livesum"} if kind == "gauge" else {}
+            options = {"buckets": last} if kind == "histogram" else \
+                {"multiprocess_mode": last or "livesum"} if kind == "gauge" else {}
             families[name] = kinds[kind](name, help_text, label_names, registry=own, **options)
         if self._shared:
             from prometheus_client.multiprocess import MultiProcessCollector
@@ -3942,6 +3966,7 @@ def logged_traceback(environ):
 # -- what every protocol shares: route rows, the Protocol base, rows into estimator inputs ---------
 
 JSON_TYPE = "application/json"
+EXPLAIN = "explain"     # the method an explanation is asked by: one more for `inputs` to name (see explain_model)
 OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
 
 
@@ -4080,6 +4105,29 @@ def choose_method(model, requested, unknown=NotFound):
         raise error(f"model {model.name!r} has no method {_clip(repr(method), 60)}; it has: "
                     f"{', '.join(model.methods)}", model=model.name, methods=list(model.methods))
     return method
+
+
+def encode_explanation(model, explanations):
+    """The answer every protocol's explanation route gives: the model, its version and explain_model's
+    "explanations" (shap's layout: contributions [rows][features][outputs], expected_value [outputs])."""
+    return {"model": model.name, "version": str(model.version), "explanations": explanations}
+
+
+_EXPLANATION_SCHEMAS = {
+    "Explanations": {"type": "object", "required": ["expected_value", "contributions", "feature_names",
+                                                    "output_names"], "properties": {
+        "method": {"type": "string", "description": "the method explained: predict_proba, decision_function, "
+                                                    "predict"},
+        "output": {"type": "string", "description": "what that method's outputs are"},
+        "expected_value": {"type": "array", "items": {"type": "number"}, "description": "per output"},
+        "contributions": {"type": "array", "description": "[rows][features][outputs]; with expected_value they "
+                                                          "add up to the method's answer for each row",
+                          "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}},
+        "feature_names": {"type": "array", "items": {"type": "string"}},
+        "output_names": {"type": "array", "items": {"type": "string"}}}},
+    "ExplainResponse": {"type": "object", "required": ["model", "version", "explanations"], "properties": {
+        "model": {"type": "string"}, "version": {"type": "string"}, "explanations": _schema_ref("Explanations")}},
+}
 
 
 def _instances_or_inputs(payload):
@@ -4234,6 +4282,7 @@ class NativeRequest:
 
     payload: object
     method: str = None
+    explain: bool = False       # the explain route: the rows' explanations, not a prediction
 
 
 def _native_routes(suffix, what, way):
@@ -4242,7 +4291,10 @@ def _native_routes(suffix, what, way):
                   "PredictResponse", "PredictRequest", link="predict" + (f"_{way}" if way else ""),
                   per_model=way is None),
             Route("GET", prefix + "/predict", "predict", TOKEN, f"predict with ?instances=<JSON>{what}", "predict",
-                  "PredictResponse", query=("instances",), per_model=way is None))
+                  "PredictResponse", query=("instances",), per_model=way is None),
+            Route("POST", prefix + "/explain", "predict", TOKEN, f"explain predictions: each feature's contribution"
+                  f"{what} (501 for a model that cannot be explained exactly)", "predict", "ExplainResponse",
+                  "ExplainRequest", args=(("explain", True),)))
 
 
 class NativeAPI(Protocol):
@@ -4261,11 +4313,20 @@ class NativeAPI(Protocol):
                             "properties": {"model": {"type": "string"}, "version": {"type": "string"},
                                            "method": {"type": "string"}, "predictions": {"type": "array"},
                                            "classes": {"type": "array"}}},
+        "ExplainRequest": {"oneOf": [
+            {"type": "object", "required": ["instances"], "properties": {"instances": _ROWS}},
+            {"type": "object", "required": ["inputs"], "properties": {
+                "inputs": {"oneOf": [_ROWS, {"type": "object"}]}}},
+            _ROWS]},
+        **_EXPLANATION_SCHEMAS,
     }
-    examples = {"PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]}}      # iris's rows, as in README
+    examples = {"PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]},      # iris's rows, as in README
+                "ExplainRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]}}
 
-    def read(self, request, config):
+    def read(self, request, config, explain=False):
         environ = request.environ
+        if explain:
+            return NativeRequest(json_body(environ, config), explain=True)
         if environ["REQUEST_METHOD"] != "GET":
             return NativeRequest(json_body(environ, config), _query_method(request))
         text = request.query.get("instances")
@@ -4275,11 +4336,14 @@ class NativeAPI(Protocol):
 
     def inputs(self, model, asked, config):
         rows, method = decode_payload(asked.payload, asked.method)
-        return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
+        if asked.explain and method is not None:
+            raise BadRequest("an explanation names no method: it explains the method its model's family is "
+                             "explained by (see the answer's \"method\")", model=model.name)
+        return [EXPLAIN if asked.explain else choose_method(model, method)], model_inputs(model, rows, config.max_rows)
 
     def encode(self, model, asked, results):
         (method, outputs), = results.items()
-        return encode_prediction(model, method, outputs)
+        return encode_explanation(model, outputs) if asked.explain else encode_prediction(model, method, outputs)
 
 
 def _query_method(request):
@@ -4394,16 +4458,17 @@ def _tf_routes(suffix, what, way):
             Route("GET", prefix + "/metadata", "v1_metadata", TOKEN, f"TF Serving signatures{what}", "tf-serving")]
     for verb, body, answer in (("predict", "TFPredictRequest", "TFPredictResponse"),
                                ("classify", "TFExamples", "TFResults"), ("regress", "TFExamples", "TFResults"),
-                               ("explain", None, None)):
+                               ("explain", "TFPredictRequest", "ExplainResponse")):
         rows.append(Route("POST", f"{prefix}:{verb}", "predict", TOKEN,
-                          f"TF Serving {verb}{what}" + (" (not implemented: 501)" if verb == "explain" else ""),
+                          f"{'KServe V1' if verb == 'explain' else 'TF Serving'} {verb}{what}" +
+                          (" (501 for a model that cannot be explained exactly)" if verb == "explain" else ""),
                           "tf-serving", answer, body, args=(("verb", verb),)))
     return rows
 
 
 class TFServing(Protocol):
-    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples), a model's
-    status and signatures."""
+    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples), KServe's
+    :explain (a :predict body; its signature_name is not read), a model's status and signatures."""
 
     name = "tf"
     routes = (Route("GET", "/v1/models", "model_names", TOKEN, "model names (KServe V1)", "tf-serving"),) + \
@@ -4427,16 +4492,17 @@ class TFServing(Protocol):
     }
 
     def read(self, request, config, verb):
-        if verb == "explain":
-            raise NotImplementedHere("explanations are not implemented")
         payload = json_body(request.environ, config)
         if verb == "predict":
             return TFRequest(verb, *tf_predict_request(payload))
+        if verb == "explain":
+            rows, columnar, _ = tf_predict_request(payload)
+            return TFRequest(verb, rows, columnar, EXPLAIN)
         return TFRequest(verb, tf_examples(payload), False, "predict_proba" if verb == "classify" else "predict")
 
     def inputs(self, model, asked, config):
         verb = asked.verb
-        method = choose_method(model, asked.method, unknown=BadRequest)
+        method = EXPLAIN if verb == "explain" else choose_method(model, asked.method, unknown=BadRequest)
         if verb == "classify" and model.classes is None:
             raise BadRequest(f"model {model.name!r} does not name its classes, so it cannot classify",
                              model=model.name)
@@ -4446,6 +4512,8 @@ class TFServing(Protocol):
         return [method], model_inputs(model, asked.rows, config.max_rows)
 
     def encode(self, model, asked, results):
+        if asked.verb == "explain":
+            return encode_explanation(model, results[EXPLAIN])
         outputs = to_jsonable(results[asked.method])
         if asked.verb == "predict":
             return {"outputs" if asked.columnar else "predictions": outputs}
@@ -4562,7 +4630,8 @@ def v2_request(request, binary, max_rows):
     if not isinstance(request.get("id", ""), str):
         raise BadRequest("\"id\" must be a string")
     wanted, binary_outputs = {}, set()      # an output named twice is computed and answered once
-    everything_binary = bool(_v2_parameters(request, "the request").get("binary_data_output"))
+    parameters = _v2_parameters(request, "the request")
+    everything_binary = bool(parameters.get("binary_data_output"))
     outputs = request.get("outputs") or []
     if not isinstance(outputs, list):
         raise BadRequest("\"outputs\" must be a list of {\"name\": method}")
@@ -4576,6 +4645,13 @@ def v2_request(request, binary, max_rows):
         wanted = {"predict": True}
         if everything_binary:
             binary_outputs.add("predict")
+    explain = parameters.get("explain", False)          # the rows' explanations, as the "explain" output
+    if not isinstance(explain, bool):
+        raise BadRequest('"parameters": {"explain"} must be a boolean')
+    if explain:
+        wanted[EXPLAIN] = True
+        if everything_binary:
+            binary_outputs.add(EXPLAIN)
     return arrays, list(wanted), binary_outputs
 
 
@@ -4691,10 +4767,16 @@ def v2_inputs(model, arrays, max_rows):
 def v2_tensors(results):
     """(name, method, array, datatype) of each output tensor of {method: result}: one per method, or one per
     output of a multi-output classifier's list of arrays ("<method>_<output>"); a list of values (a model of
-    your own may answer so) is one tensor."""
+    your own may answer so) is one tensor.  An explanation is one BYTES element, its JSON text, as MLServer's
+    explainer runtime answers it (an output named "explain", content type "str")."""
     import numpy as np
 
     for method, result in results.items():
+        if method == EXPLAIN:
+            text = np.empty(1, dtype=object)
+            text[0] = dumps(result)
+            yield EXPLAIN, EXPLAIN, text, "BYTES"
+            continue
         per_output = isinstance(result, list) and all(hasattr(part, "shape") for part in result)
         for number, part in enumerate(result if per_output else [result]):
             array = np.asarray(part.toarray() if hasattr(part, "toarray") else part)
@@ -4716,9 +4798,11 @@ def v2_outputs(model, results, binary_outputs):
     outputs, chunks = [], []
     for name, method, array, datatype in v2_tensors(results):
         entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if method == EXPLAIN:
+            entry["parameters"] = {"content_type": "str"}
         if method in binary_outputs:
             data = v2_bytes(array, datatype)
-            entry["parameters"] = {"binary_data_size": len(data)}
+            entry["parameters"] = {**entry.get("parameters", {}), "binary_data_size": len(data)}
             chunks.append(data)
         else:
             entry["data"] = to_jsonable(array.reshape(-1))
@@ -4774,7 +4858,10 @@ class OpenInference(Protocol):
             "datatype": {"type": "string", "enum": list(V2_DTYPES) + ["BYTES"]},
             "parameters": {"type": "object"}, "data": {"type": "array"}}},
         "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
-            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "id": {"type": "string"}, "parameters": {"type": "object", "properties": {
+                "explain": {"type": "boolean", "description": "also answer the \"explain\" output: one BYTES "
+                                                             "element, the rows' explanations as JSON text"},
+                "routing_key": {"type": "string"}, "binary_data_output": {"type": "boolean"}}},
             "inputs": {"type": "array", "items": _schema_ref("V2Tensor")},
             "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
                                                    "properties": {"name": {"type": "string"},
@@ -4810,8 +4897,9 @@ class OpenInference(Protocol):
         return key or None
 
     def inputs(self, model, asked, config):
-        return ([choose_method(model, method, unknown=BadRequest) for method in asked.outputs],
-                v2_inputs(model, asked.arrays, config.max_rows))
+        """The outputs asked are methods, "explain" among them (as an output or a parameter)."""
+        return ([method if method == EXPLAIN else choose_method(model, method, unknown=BadRequest)
+                 for method in asked.outputs], v2_inputs(model, asked.arrays, config.max_rows))
 
     def encode(self, model, asked, results):
         outputs, tail = v2_outputs(model, results, asked.binary_outputs)
@@ -5140,6 +5228,11 @@ class OpenInferenceGrpc(OpenInference):
                 _v2_from_contents(tensor.contents, tensor.datatype, count, where)
             arrays.append((tensor.name, array.reshape(shape)))
         outputs = list(dict.fromkeys(output.name for output in request.outputs)) or ["predict"]
+        explain = request.parameters["explain"] if "explain" in request.parameters else None
+        if explain is not None and explain.WhichOneof("parameter_choice") != "bool_param":
+            raise BadRequest('parameters["explain"] must be a bool_param')
+        if explain is not None and explain.bool_param and EXPLAIN not in outputs:
+            outputs.append(EXPLAIN)
         key = request.parameters["routing_key"] if "routing_key" in request.parameters else None
         if key is not None and key.WhichOneof("parameter_choice") != "string_param":
             raise BadRequest('parameters["routing_key"] must be a string_param')
@@ -5151,6 +5244,8 @@ class OpenInferenceGrpc(OpenInference):
         response.model_name, response.model_version, response.id = model.name, str(model.version), asked.id or ""
         for name, method, array, datatype in v2_tensors(results):
             tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            if method == EXPLAIN:
+                tensor.parameters["content_type"].string_param = "str"
             if method in asked.binary_outputs:
                 response.raw_output_contents.append(v2_bytes(array, datatype))
             elif datatype == "BYTES":
@@ -5370,7 +5465,8 @@ BODY_EXAMPLES = {kind: example for protocol in PROTOCOLS for kind, example in pr
 # Background work #############################################################
 ###############################################################################
 # What runs beside the requests, off their path: predictions bounded in time (TimeLimit), and what a
-# request hands over after its answer (a Backlog each for the payload log and the shadow).
+# request hands over after its answer (a Backlog each for the payload log and the shadow); the payload
+# log's rows also feed the live drift gauges (LiveDrift).
 
 
 class TimeLimit:
@@ -5500,15 +5596,16 @@ class Backlog:
     the backlog (a pre-fork host forks after building the app), and an exception from `work` is
     logged, never fatal to it.  Then it sleeps `rest(cpu_seconds)`, given the CPU time that took:
     waking once per item would cost requests the interpreter more than the work itself, and work
-    that must not compete with them paces itself.
+    that must not compete with them paces itself.  With `idle` seconds, it also runs `work([])` after
+    that long with nothing offered (for work its user deferred, such as the live drift's next score).
     """
 
     ITEMS = 1000
     BYTES = 64 * 1024 * 1024
     ITEM_BYTES = 1024       # an item's own fields (request id, labels, times), beside the inputs and outputs
 
-    def __init__(self, name, work, rest, burst=1):
-        self.name, self._work, self._rest, self._burst = name, work, rest, burst
+    def __init__(self, name, work, rest, burst=1, idle=None):
+        self.name, self._work, self._rest, self._burst, self._idle = name, work, rest, burst, idle
         self._lock = threading.Lock()
         self._pid, self._queue, self._bytes = None, None, 0
 
@@ -5552,7 +5649,10 @@ class Backlog:
 
     def _run(self):
         while True:
-            taken = [self._queue.get()]
+            try:
+                taken = [self._queue.get(timeout=self._idle)]
+            except queue.Empty:
+                taken = []
             started = time.thread_time()
             with contextlib.suppress(queue.Empty):
                 while len(taken) < self._burst:
@@ -5579,6 +5679,158 @@ def payload_bytes(environ):
     return size
 
 
+# -- live drift: the payload log's rows against the models' reference profiles ---------------------
+# The statistics of "Drift" (`python service.py drift`) live here, where both it and the live gauges
+# reach them: KS (numbers) or chi-squared (categories) and PSI, one column against its profile.
+
+PSI_FLOOR = 1e-4                # a bin's share where it holds nothing, as Evidently's PSI takes it
+DRIFT_WINDOW_ROWS = 1000        # the served rows per model the live drift gauges score: the newest
+DRIFT_SCORE_SECONDS = 1.0       # a model's gauges are scored again at most this often (and only after new rows)
+
+
+def _missing(value):
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _psi(reference, served):
+    """Population stability index of two distributions over the same bins (shares floored at PSI_FLOOR)."""
+    import numpy as np
+
+    reference, served = np.maximum(reference, PSI_FLOOR), np.maximum(served, PSI_FLOOR)
+    return float(((served - reference) * np.log(served / reference)).sum())
+
+
+def compare_column(reference, values):
+    """One column's test against its reference profile: {"kind", "rows", "missing", "test", "statistic",
+    "p_value", "psi", "distance": (name, value)}, the tests None when either side has no values."""
+    import numpy as np
+    from scipy import stats
+    from scipy.spatial.distance import jensenshannon
+
+    present = [value for value in values if not _missing(value)]
+    result = {"kind": reference["kind"], "rows": len(values), "missing": len(values) - len(present),
+              "test": None, "statistic": None, "p_value": None, "psi": None, "distance": None}
+    if not present or not (reference.get("values") or reference.get("counts")):
+        return result
+    if reference["kind"] == "numeric":
+        if any(isinstance(value, (str, bool)) for value in present):
+            raise ValueError("the log holds text where the reference holds numbers")
+        ref, served = np.asarray(reference["values"], dtype=float), np.asarray(present, dtype=float)
+        test = stats.ks_2samp(ref, served)
+        edges = np.unique(np.quantile(ref, np.linspace(0, 1, 11))[1:-1])           # the reference's deciles
+        shares = [np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1) / len(x)
+                  for x in (ref, served)]
+        return {**result, "test": "KS", "statistic": float(test.statistic), "p_value": float(test.pvalue),
+                "psi": _psi(*shares), "distance": ("wasserstein", float(stats.wasserstein_distance(ref, served)))}
+    counts = collections.Counter(str(value) for value in present)
+    categories = sorted(set(reference["counts"]) | set(counts))
+    table = np.array([[reference["counts"].get(c, 0) for c in categories], [counts.get(c, 0) for c in categories]],
+                     dtype=float)
+    statistic, p_value = (0.0, 1.0) if len(categories) < 2 else stats.chi2_contingency(table)[:2]
+    ref, served = table[0] / table[0].sum(), table[1] / table[1].sum()
+    return {**result, "test": "chi2", "statistic": float(statistic), "p_value": float(p_value),
+            "psi": _psi(ref, served), "distance": ("jensen-shannon", float(jensenshannon(ref, served, base=2)))}
+
+
+def _read_profile(path):
+    """A stored reference profile, checked enough that a test can read it; ValueError says what is wrong."""
+    with open(path, "rb") as handle:
+        profile = parse_json(handle.read(), max_depth=8, what=path)
+    features = profile.get("features") if isinstance(profile, dict) else None
+    columns = (features or []) + ([profile["prediction"]] if profile.get("prediction") else [])
+    if not features or not all(isinstance(column, dict) and isinstance(column.get("name", ""), str) and (
+            column.get("kind") == "numeric" and isinstance(column.get("values"), list) and
+            all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in column["values"]) or
+            column.get("kind") == "categorical" and isinstance(column.get("counts"), dict) and
+            all(type(count) is int and count >= 0 for count in column["counts"].values())) for column in columns):
+        raise ValueError(f"{path} is not a reference profile (python service.py profile TRAIN --model NAME "
+                         "writes one)")
+    return profile
+
+
+@dataclasses.dataclass
+class _Watched:
+    """A model LiveDrift scores: its reference profile (as read at `mtime`), its feature names and newest rows."""
+
+    profile: dict
+    mtime: int
+    names: list
+    rows: collections.deque
+    fresh: bool = False         # rows came since the last score
+    scored: float = -math.inf   # time.monotonic() of the last score
+
+
+class LiveDrift:
+    """Per-feature drift gauges of the rows each model answered lately (--payload-log with a stored reference
+    profile), scored on the payload log's thread, off the request path.
+
+    A model is watched while its folder of the store holds PROFILE_FILE (`python service.py profile`):
+    the newest DRIFT_WINDOW_ROWS rows it answered (with 200; redacted cells count as missing) are tested
+    feature by feature against the profile as the drift command tests them, at most every
+    DRIFT_SCORE_SECONDS and only after new rows.  The gauges are labelled by the model and the profile's
+    feature names, so their labels are bounded by the features of served models that have a profile; a
+    model whose profile goes is forgotten.  Under --workers each process scores the rows it answered (a
+    sample of the same traffic), and a scrape shows the lowest p-value and the highest PSI among them.
+    """
+
+    SERIES = ("model_service_drift_p_value", "model_service_drift_psi", "model_service_drift_window_rows")
+
+    def __init__(self, store, metrics):
+        self.store, self.metrics = store, metrics
+        self._watched = {}          # model name -> _Watched
+        self._looked = {}           # model name -> time.monotonic() its profile was last looked for
+
+    def add(self, name, rows, now):
+        """Keep a logged request's rows (lists of a profile's width) for the model's next score."""
+        watched = self._watch(name, now)
+        if watched is not None and isinstance(rows, list) and rows and all(
+                isinstance(row, list) and len(row) == len(watched.names) for row in rows):
+            watched.rows.extend(rows)
+            watched.fresh = True
+
+    def score(self, now):
+        """Score the models with new rows whose last score is DRIFT_SCORE_SECONDS old, and set their gauges (a
+        watched model's profile is looked at again here too, so one removed is forgotten without new rows)."""
+        for name in list(self._watched):
+            watched = self._watch(name, now)
+            if watched is None or not watched.fresh or now - watched.scored < DRIFT_SCORE_SECONDS:
+                continue
+            watched.fresh, watched.scored = False, now
+            rows = list(watched.rows)
+            for index, (feature, reference) in enumerate(zip(watched.names, watched.profile["features"])):
+                try:
+                    result = compare_column(reference, [row[index] for row in rows])
+                except ValueError:          # text logged where the profile holds numbers: no score
+                    result = {"p_value": None, "psi": None}
+                labels = (("model", name), ("feature", feature))
+                for series, key in (("model_service_drift_p_value", "p_value"), ("model_service_drift_psi", "psi")):
+                    self.metrics.set(series, labels, math.nan if result[key] is None else result[key])
+            self.metrics.set("model_service_drift_window_rows", (("model", name),), len(rows))
+
+    def _watch(self, name, now):
+        """The model's _Watched while it has a readable profile (looked for at most every DRIFT_SCORE_SECONDS),
+        else None."""
+        watched = self._watched.get(name)
+        if now - self._looked.get(name, -math.inf) < DRIFT_SCORE_SECONDS:
+            return watched
+        self._looked[name] = now
+        path = os.path.join(self.store, name, PROFILE_FILE)
+        try:
+            mtime = os.stat(path).st_mtime_ns
+            if watched is None or watched.mtime != mtime:
+                profile = _read_profile(path)
+                names = [feature.get("name") or f"x{i}" for i, feature in enumerate(profile["features"])]
+                watched = self._watched[name] = _Watched(profile, mtime, names,
+                                                         collections.deque(maxlen=DRIFT_WINDOW_ROWS))
+        except (OSError, ValueError) as error:
+            if watched is not None or not isinstance(error, FileNotFoundError):
+                logger.warning("live drift of model %r: not scored: %s", name, _clip(str(error), 200))
+            if self._watched.pop(name, None) is not None:
+                self.metrics.drop(self.SERIES, name)
+            return None
+        return watched
+
+
 class PayloadLog:
     """--payload-log DIR: one JSON line per sampled prediction request, written by a background thread.
 
@@ -5599,7 +5851,8 @@ class PayloadLog:
     def __init__(self, folder, sample, registry):
         self.folder, self.sample, self.registry, self.metrics = folder, sample, registry, registry.metrics
         self.backlog = Backlog("payload-log", self._write_records, rest=lambda cpu_seconds: self.INTERVAL,
-                               burst=Backlog.ITEMS)
+                               burst=Backlog.ITEMS, idle=DRIFT_SCORE_SECONDS)
+        self.drift = LiveDrift(registry.config.store, self.metrics)
         self._file, self._written, self._serial, self._failing = None, 0, itertools.count(1), False
         atexit.register(PayloadLog._drain_at_exit, weakref.ref(self), registry.config.shutdown_timeout)
 
@@ -5624,20 +5877,31 @@ class PayloadLog:
             logger.warning("payload log: records still queued after %g s were not written", timeout)
 
     def _write_records(self, records):
-        if not records:
-            return
+        """Write the records' lines, hand their rows to the live drift, and let it score what is due (also
+        when the backlog wakes with no records)."""
+        now = time.monotonic()
+        for line in self._write_lines(records) if records else ():
+            if line["status"] == 200 and line.get("inputs") is not None:
+                self.drift.add(line["model"], line["inputs"], now)
+        self.drift.score(now)
+
+    def _write_lines(self, records):
+        """The records' lines, written (a failed write is counted and logged, and its lines still returned)."""
+        lines = []
         try:
-            for record in records:
-                self._write(self._line(record))
+            lines = [self._line(record) for record in records]
+            for line in lines:
+                self._write(dumps(line) + "\n")
             self._file.flush()           # whole lines on disk: a reader, or a drain at shutdown, sees them
         except Exception as error:   # a full disk, an unwritable folder: logged once, counted each time
             self.metrics.count("model_service_payload_log_dropped_total", (), len(records))
             if not self._failing:
                 logger.error("payload log: cannot write to %s: %s", self.folder, error)
             self._failing = True
-            return
+            return lines if len(lines) == len(records) else []
         self._failing = False
         self.metrics.count("model_service_payload_log_records_total", (), len(records))
+        return lines
 
     def _write(self, line):
         data = line.encode("utf-8", "backslashreplace")
@@ -5660,6 +5924,7 @@ class PayloadLog:
                 os.remove(os.path.join(self.folder, old))
 
     def _line(self, record):
+        """A record's line, as the object it is written as."""
         at, request_id, labels, payload, protocol, status, elapsed = record
         (_, name), (_, version), (_, method) = labels
         line = {"time": _utc_time(at, millis=True),
@@ -5670,7 +5935,7 @@ class PayloadLog:
             line["features"] = model.feature_names
             line["inputs"], line["redacted"] = self._redacted(model, to_jsonable(inputs))
             line["outputs"] = {method: to_jsonable(outputs) for method, outputs in results.items()}
-        return dumps(line) + "\n"
+        return line
 
     def _redacted(self, model, rows):
         """(rows with the model's "redact" features nulled, the names redacted); all rows withheld (None)
@@ -6096,12 +6361,18 @@ class ServiceApp:
                                                         "protocol": protocol.name, "method": ",".join(methods),
                                                         "rows": _row_count(inputs)})
 
+            reference = registry.settings_for(name).explain_reference      # where an explanation is measured from
+
             def compute():
-                return {method: model.predict(method, inputs) for method in methods}
+                return {method: explain_model(model, inputs, reference) if method == EXPLAIN else
+                        model.predict(method, inputs) for method in methods}
 
             results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
-            environ["service.payload"] = (model, inputs, results)        # for the payload log, after the answer
-            self.shadow.offer(environ, name, model, methods, inputs, results)
+            # the payload log and the shadow get the predictions: an explanation is derived from them
+            predictions = {method: outputs for method, outputs in results.items() if method != EXPLAIN}
+            environ["service.payload"] = (model, inputs, predictions)    # for the payload log, after the answer
+            if predictions:
+                self.shadow.offer(environ, name, model, list(predictions), inputs, predictions)
         finally:
             for release in reversed(held):
                 release()
@@ -6652,11 +6923,20 @@ def _logged_request(record, name):
         return "without (complete) inputs"
     if not isinstance(inputs, (list, dict)):
         raise BadRequest('"inputs" is no list of rows (nor an object of columns)')
+    if outputs == {}:
+        return "explained, not predicted"      # an explanation's outputs are not logged: nothing to compare
     if not isinstance(outputs, dict) or not outputs or not all(isinstance(v, list) for v in outputs.values()):
         raise BadRequest('"outputs" does not map the methods called to their outputs')
     if not isinstance(record.get("request_id", ""), str):
         raise BadRequest('"request_id" is no string')
     return None
+
+
+def command_registry(store):
+    """A registry of the store for a command that runs once (replay, drift, profile): scanned now, not watched."""
+    registry = ModelRegistry(dataclasses.replace(Config.load({"store": store}), poll_interval=0.0), watch=False)
+    registry.refresh()
+    return registry
 
 
 def replay(registry, name, paths, version=None, label=None):
@@ -6720,9 +7000,7 @@ def replay_command(argv):
             fail_under = fail_under if fail_under is None else _fraction(fail_under)
         except ValueError as error:
             raise ValueError(f"--fail-under: {error}") from None
-        config = dataclasses.replace(Config.load({"store": arguments.store}), poll_interval=0.0)
-        registry = ModelRegistry(config, watch=False)
-        registry.refresh()
+        registry = command_registry(arguments.store)
         version = None if arguments.version is None else version_number(arguments.version, arguments.model)
         report, version = replay(registry, arguments.model, arguments.logs, version, arguments.label)
     except (ServiceError, OSError, ValueError) as error:
@@ -6749,7 +7027,8 @@ def replay_command(argv):
 # population stability index (PSI) over the reference's deciles or categories.  A feature drifts
 # when its p-value is below --p-value divided by the number of tests (Bonferroni, the correction
 # alibi-detect's TabularDrift applies by default).  Missing values (null, NaN, redacted) are counted
-# and left out of the tests.
+# and left out of the tests.  The tests themselves (compare_column) are in "Background work", which
+# scores the live drift gauges with them.
 #
 # The reference is a training file (CSV, JSON lines, Parquet where pandas and pyarrow are installed)
 # or a profile of one that `python service.py profile TRAIN --model NAME` stores beside the model
@@ -6760,7 +7039,6 @@ def replay_command(argv):
 PROFILE_SAMPLE = 2000           # values kept per numeric column of a reference profile
 DRIFT_MAX_ROWS = 100_000        # logged rows compared at most: a uniform sample of them beyond
 DRIFT_SEED = 16                 # the sample of a larger log is the same at every run
-PSI_FLOOR = 1e-4                # a bin's share where it holds nothing, as Evidently's PSI takes it
 
 
 def _cell(text):
@@ -6833,10 +7111,6 @@ def _model_columns(names, rows, features, n_features, where):
     if any(len(row) < len(index) for row in rows):
         raise ValueError(f"{where}: a row has fewer than the model's {len(index)} features")
     return [[row[i] for row in rows] for i in index]
-
-
-def _missing(value):
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def profile_column(values, kind=None):
@@ -6924,46 +7198,6 @@ def _log_time(text):
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
-
-
-def _psi(reference, served):
-    """Population stability index of two distributions over the same bins (shares floored at PSI_FLOOR)."""
-    import numpy as np
-
-    reference, served = np.maximum(reference, PSI_FLOOR), np.maximum(served, PSI_FLOOR)
-    return float(((served - reference) * np.log(served / reference)).sum())
-
-
-def compare_column(reference, values):
-    """One column's test against its reference profile: {"kind", "rows", "missing", "test", "statistic",
-    "p_value", "psi", "distance": (name, value)}, the tests None when either side has no values."""
-    import numpy as np
-    from scipy import stats
-    from scipy.spatial.distance import jensenshannon
-
-    present = [value for value in values if not _missing(value)]
-    result = {"kind": reference["kind"], "rows": len(values), "missing": len(values) - len(present),
-              "test": None, "statistic": None, "p_value": None, "psi": None, "distance": None}
-    if not present or not (reference.get("values") or reference.get("counts")):
-        return result
-    if reference["kind"] == "numeric":
-        if any(isinstance(value, (str, bool)) for value in present):
-            raise ValueError("the log holds text where the reference holds numbers")
-        ref, served = np.asarray(reference["values"], dtype=float), np.asarray(present, dtype=float)
-        test = stats.ks_2samp(ref, served)
-        edges = np.unique(np.quantile(ref, np.linspace(0, 1, 11))[1:-1])           # the reference's deciles
-        shares = [np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1) / len(x)
-                  for x in (ref, served)]
-        return {**result, "test": "KS", "statistic": float(test.statistic), "p_value": float(test.pvalue),
-                "psi": _psi(*shares), "distance": ("wasserstein", float(stats.wasserstein_distance(ref, served)))}
-    counts = collections.Counter(str(value) for value in present)
-    categories = sorted(set(reference["counts"]) | set(counts))
-    table = np.array([[reference["counts"].get(c, 0) for c in categories], [counts.get(c, 0) for c in categories]],
-                     dtype=float)
-    statistic, p_value = (0.0, 1.0) if len(categories) < 2 else stats.chi2_contingency(table)[:2]
-    ref, served = table[0] / table[0].sum(), table[1] / table[1].sum()
-    return {**result, "test": "chi2", "statistic": float(statistic), "p_value": float(p_value),
-            "psi": _psi(ref, served), "distance": ("jensen-shannon", float(jensenshannon(ref, served, base=2)))}
 
 
 class DriftReport:
@@ -7125,34 +7359,12 @@ def drift_html(report):
 @contextlib.contextmanager
 def _store_model(store, name, version=None):
     """One loaded version of a model of the store (the highest served by default), for a command."""
-    config = dataclasses.replace(Config.load({"store": store}), poll_interval=0.0)
-    registry = ModelRegistry(config, watch=False)
-    registry.refresh()
-    model = registry.acquire(name, version, None)
-    try:
+    with command_registry(store).using(name, version) as model:
         yield model
-    finally:
-        registry.release(model)
 
 
 def _profile_path(store, name):
     return os.path.join(Config.load({"store": store}).store, name, PROFILE_FILE)
-
-
-def _read_profile(path):
-    """A stored reference profile, checked enough that a test can read it; ValueError says what is wrong."""
-    with open(path, "rb") as handle:
-        profile = parse_json(handle.read(), max_depth=8, what=path)
-    features = profile.get("features") if isinstance(profile, dict) else None
-    columns = (features or []) + ([profile["prediction"]] if profile.get("prediction") else [])
-    if not features or not all(isinstance(column, dict) and isinstance(column.get("name", ""), str) and (
-            column.get("kind") == "numeric" and isinstance(column.get("values"), list) and
-            all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in column["values"]) or
-            column.get("kind") == "categorical" and isinstance(column.get("counts"), dict) and
-            all(type(count) is int and count >= 0 for count in column["counts"].values())) for column in columns):
-        raise ValueError(f"{path} is not a reference profile (python service.py profile TRAIN --model NAME "
-                         "writes one)")
-    return profile
 
 
 def drift(arguments):
@@ -9287,7 +9499,10 @@ def _read_artifact(path):
 # lists the models and sends predictions through the JSON API.  What a model takes (methods,
 # n_features_in_, feature_names_in_) it reads from the model's status in GET /models, the one
 # place that says it; a version not loaded yet has none there, so the page first asks for its V2
-# metadata, which loads it.  The table is read again after every prediction.  Everything it shows
+# metadata, which loads it.  The table is read again after every prediction, and the prediction's
+# rows are sent to the explain route: a model that can explain gets a bar chart (inline SVG, drawn
+# through the DOM) of the first row's largest contributions to the output it scored highest; one that
+# cannot, the 501's message in a line.  Everything it shows
 # from the service goes through textContent (names and labels are the store's, not ours), and its
 # Content-Security-Policy admits only its own script and style (by hash) and requests to this origin.
 CONSOLE_HTML = """<!doctype html>
@@ -9310,6 +9525,8 @@ CONSOLE_HTML = """<!doctype html>
  pre, code { background: #f6f6f6; } pre { padding: .8rem; overflow: auto; } code { word-break: break-all; }
  .error { color: #b00020; } .muted { color: #777; } .invalid { outline: 2px solid #b00020; background: #fff0f0; }
  button { font: inherit; padding: .35rem 1rem; margin-top: .8rem; }
+ #why { margin: 0; } #why figcaption { margin: .6rem 0 .3rem; } #chart text { font-size: 12px; fill: #333; }
+ #chart .up { fill: #3a7d44; } #chart .down { fill: #b3412f; } #chart line { stroke: #999; }
 </style>
 </head>
 <body>
@@ -9338,6 +9555,10 @@ CONSOLE_HTML = """<!doctype html>
 <h2>Result</h2>
 <p id="status" class="muted">No request sent yet.</p>
 <pre id="result"></pre>
+<figure id="why" hidden><figcaption id="why-title"></figcaption>
+ <svg id="chart" role="img" aria-labelledby="why-title" width="640" height="0"></svg>
+</figure>
+<p id="explained" class="muted"></p>
 <script>
 "use strict";
 // Everything shown from the service (names, labels, features, messages) is untrusted: it goes through
@@ -9345,6 +9566,7 @@ CONSOLE_HTML = """<!doctype html>
 const $ = (id) => document.getElementById(id);
 const NUMBER = /^[-+]?([0-9]+[.]?[0-9]*|[.][0-9]+)(e[-+]?[0-9]+)?$/i;
 const MAX_FIELDS = 64;      // a wider model takes its rows as JSON only
+const TOP = 8;              // the contributions a chart shows: the largest
 let models = [];            // GET /models: each model with the state and metadata of its versions
 let shown = null;           // the status of the version whose methods and fields the form shows
 let choosing = 0;           // the latest showForm call: an earlier one's late answer is dropped
@@ -9421,6 +9643,48 @@ function predictURL() {
   const {model, kind, key} = chosen();
   return "/models/" + encodeURIComponent(model ? model.name : "") +
          (kind ? "/" + kind + "/" + encodeURIComponent(key) : "") + "/predict";
+}
+
+async function explain(rows) {    // the first row's top contributions, when the model can explain
+  const url = predictURL().replace(/[/]predict$/, "/explain");
+  let result;
+  try {
+    result = await request(url, JSON.stringify({instances: rows}));
+  } catch (error) {
+    return say($("explained"), "No explanation: " + error.message);
+  }
+  if (!result.ok) return say($("explained"), "No explanation: " + result.line);
+  chart(result.answer.explanations);
+}
+
+function chart(explained) {      // horizontal bars from a zero line: what moved the output up, and down
+  const totals = explained.expected_value.map((base, k) =>
+    explained.contributions[0].reduce((sum, feature) => sum + feature[k], base));
+  const output = totals.indexOf(Math.max(...totals));          // the predicted class, or the one output
+  const bars = explained.contributions[0].map((feature, i) => [explained.feature_names[i], feature[output]])
+    .sort((a, b) => Math.abs(b[1]) - Math.abs(a[1])).slice(0, TOP);
+  const largest = Math.max(...bars.map(([, value]) => Math.abs(value)), 1e-300);
+  const middle = 380, half = 170, height = 22, svg = $("chart");
+  svg.textContent = "";
+  svg.setAttribute("height", bars.length * height + 6);
+  const draw = (tag, attributes, text) => {
+    const element = document.createElementNS(svg.namespaceURI, tag);      // the SVG namespace, named nowhere
+    for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, value);
+    if (text !== undefined) element.textContent = text;
+    return svg.appendChild(element);
+  };
+  bars.forEach(([name, value], i) => {
+    const y = 3 + i * height, size = half * Math.abs(value) / largest;
+    draw("rect", {x: value < 0 ? middle - size : middle, y, width: Math.max(size, 1), height: height - 6,
+                  class: value < 0 ? "down" : "up"}).dataset.feature = name;
+    draw("text", {x: middle - half - 8, y: y + 12, "text-anchor": "end"}, name);
+    draw("text", {x: middle + half + 8, y: y + 12}, (value < 0 ? "" : "+") + value.toPrecision(3));
+  });
+  draw("line", {x1: middle, x2: middle, y1: 0, y2: bars.length * height + 6});
+  $("why-title").textContent = "Why: the largest contributions to " + explained.output_names[output] + " (" +
+    explained.method + "), from " + explained.expected_value[output].toPrecision(4) + " on average to " +
+    totals[output].toPrecision(4) + " for the first row";
+  $("why").hidden = false;
 }
 
 function showVersions() {       // keeps the choice while it is still offered
@@ -9537,9 +9801,11 @@ async function send(event) {
     field.removeAttribute("aria-invalid"); field.removeAttribute("aria-describedby"); field.classList.remove("invalid");
   }
   $("result").textContent = "";
-  let body;
+  $("why").hidden = true; say($("explained"), "");
+  let body, rows;
   try {
-    body = JSON.stringify({instances: instances(), method: $("method").value || "predict"});
+    rows = instances();
+    body = JSON.stringify({instances: rows, method: $("method").value || "predict"});
   } catch (error) {
     return say($("status"), "Input error: " + error.message, true);
   }
@@ -9554,6 +9820,7 @@ async function send(event) {
   const listed = await refresh();       // the prediction may have loaded, replaced or failed a version
   say($("status"), result.line, !result.ok);      // shown once the table is as the prediction left it
   $("result").textContent = result.answer === null ? "" : JSON.stringify(result.answer, null, 2);
+  if (result.ok && shown && shown.n_features_in_) await explain(rows);
   if (!listed) return;
   showVersions();
   const {version} = chosen();

@@ -489,6 +489,14 @@ class Misconfigured(ServiceError):
     status, code = 503, "misconfigured"
 
 
+class ModelFault(ServiceError):
+    """500: the model failed on a request through a fault of its artifact, not of the request (see
+    `LoadedModel.model_fault`): never fitted, or pickled by a scikit-learn that gave it other attributes.
+    The answer names the fault and the error_id under which its traceback was logged."""
+
+    code = "model_fault"
+
+
 class PredictionTimeout(ServiceError):
     """504: the prediction took longer than --max-predict-seconds."""
 
@@ -2031,7 +2039,45 @@ def load_artifact(ref, options=None):
         raise ArtifactError(f"{ref.file} holds a {type(estimator).__name__}, which has none of the methods "
                             f"{', '.join(PREDICT_METHODS)}")
     _refuse_file_readers(estimator, ref)
+    _refuse_unfitted(estimator, ref)
     return estimator, digest, len(data), skew
+
+
+def _refuse_unfitted(estimator, ref):
+    """Refuse a scikit-learn model that was never fitted, by scikit-learn's own check_is_fitted.
+
+    Loaded, it would fail every request with NotFittedError: a fault of the artifact that no
+    client can fix, so it is the load that fails, saying why.  The check runs on the model and
+    on the parts fitted in place or kept fitted (a pipeline's steps, a union's transformers, a
+    column transformer's fitted transformers_); a meta-estimator's check covers its fitted
+    copies.  Only scikit-learn's own classes are checked: a class of one's own may keep its
+    fitted state in attributes check_is_fitted cannot know.
+    """
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    for part in _fitted_parts(estimator):
+        if type(part).__module__.partition(".")[0] != "sklearn":
+            continue
+        try:
+            check_is_fitted(part)
+        except NotFittedError as error:
+            raise ArtifactError(f"{ref.file} holds a model that was never fitted: {_clip(str(error), 200)} "
+                                "(fit it, then save it again)") from None
+        except Exception:  # TypeError: not an estimator instance; tags that fail: nothing to say about fitting
+            continue
+
+
+def _fitted_parts(estimator):
+    """`estimator`, then the estimators that must be fitted for it to answer: a pipeline's steps, a union's
+    transformers and a fitted column transformer's, recursively (strings such as "passthrough" skipped)."""
+    yield estimator
+    members = getattr(estimator, "__dict__", {})
+    steps = members.get("steps") or members.get("transformer_list") or members.get("transformers_") or ()
+    for step in steps:
+        part = step[1] if isinstance(step, tuple) and len(step) >= 2 else None
+        if part is not None and not isinstance(part, str):
+            yield from _fitted_parts(part)
 
 
 def _refuse_file_readers(estimator, ref):
@@ -2155,14 +2201,42 @@ class LoadedModel:
         return outputs
 
     def _sklearn_call(self, method, inputs):
-        """The estimator's own answer; its complaints about the input are the caller's 400."""
+        """The estimator's own answer; its complaints about the input are the caller's 400, its own faults
+        (see `model_fault`) the server's 500."""
         try:
             if self.checked_call is not None:
                 return self.checked_call(getattr(self.estimator, method), inputs)
             return getattr(self.estimator, method)(inputs)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+            fault = self.model_fault(method, error)
+            if fault is not None:
+                raise fault from error
             # e.g. a text pipeline given numbers: 'int' object has no attribute 'lower'
             raise BadRequest(f"{method} failed: {_clip(str(error))}", model=self.name) from None
+
+    def model_fault(self, method, error):
+        """A ModelFault when `error` is the artifact's fault, not the input's; logged with its traceback; else None.
+
+        The artifact's faults: NotFittedError (a part never fitted), and an AttributeError raised on
+        the estimator or one of its parts (AttributeError.obj), as a pickle from another scikit-learn
+        lacking an attribute its methods now read ('LogisticRegression' object has no attribute
+        'multi_class').  An AttributeError on anything else is the input's: numbers sent to a text
+        model ('int' object has no attribute 'lower').
+        """
+        from sklearn.exceptions import NotFittedError
+
+        culprit = getattr(error, "obj", None) if isinstance(error, AttributeError) else None
+        if not isinstance(error, NotFittedError) and (culprit is None or not any(
+                part is culprit for part in _estimator_parts(self.estimator, [], set()))):
+            return None
+        error_id = os.urandom(6).hex()
+        logger.error("model %r version %s: %s failed on a fault of its artifact, not of the request (error_id %s)",
+                     self.name, self.version, method, error_id, exc_info=(type(error), error, error.__traceback__),
+                     extra={"model": self.name, "version": self.version})
+        skew = f"; it was {self.version_skew}" if self.version_skew else ""
+        return ModelFault(f"model {self.name!r} version {self.version} cannot answer {method}: its artifact is at "
+                          f"fault, not the request: {type(error).__name__}: {_clip(str(error))}{skew}",
+                          error_id=error_id, model=self.name, version=str(self.version))
 
     def describe(self):
         return {"estimator": self.estimator_class, "methods": list(self.methods),
@@ -3099,8 +3173,10 @@ def _warm(model, rows):
     said this model takes those rows, so a model that refuses them is not the one they meant.
     Without them a tabular model is warmed on one row of zeros, and a failure there is only
     logged (the guess may not suit it: categories, a log transform); a model without a fixed
-    width (text, sequences) is not warmed, nor one whose settings say "warmup": false.  What was
-    done, and how long it took, goes in `model.warmup` for the load's log line.
+    width (text, sequences) is not warmed, nor one whose settings say "warmup": false.  A method that
+    fails on any rows through a fault of the artifact (a ModelFault: never fitted, written by another
+    scikit-learn) fails the load: that version cannot serve it.  What was done, and how long it took,
+    goes in `model.warmup` for the load's log line.
     """
     if rows is False:
         model.warmup = f'not warmed: its {SETTINGS_FILE} says "warmup": false'
@@ -3115,6 +3191,8 @@ def _warm(model, rows):
         inputs = model_inputs(model, rows, len(rows))
         for method in model.methods:
             model.call(method, inputs)
+    except ModelFault as fault:
+        raise ArtifactError(f"warming it up failed: {fault.message}") from None
     except Exception as error:
         if given:
             raise ArtifactError(f'the "warmup" rows of its {SETTINGS_FILE} failed: {error}') from None

@@ -904,6 +904,8 @@ METRICS = {   # name: (type, help, label names, histogram buckets)
                                            MODEL_VERSION, None),
     "model_service_models_loaded": ("gauge", "Model versions in memory.", (), None),
     "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", (), None),
+    "model_service_label_version": ("gauge", "1 for each label of a model and the version it answers with now.",
+                                    ("model", "label", "version"), None),
 }
 GAUGES = [name for name, (kind, *_) in METRICS.items() if kind == "gauge"]
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's: where processes share their counts
@@ -915,11 +917,14 @@ class Metrics:
     (its labels() lookup costs several µs).  The cache stays bounded because label values do: they are
     only models, versions and methods that exist (UNRESOLVED for the rest) and forget() drops a version's.
 
-    The gauges are read from `gauges` ({name: () -> value}) at scrape time in one process.  Shared
-    between processes, a scrape can only read files, so each process writes its own gauges whenever
-    they change (`changed`, called by the registry's Residency) and the scrape sums the live processes'
-    (multiprocess_mode "livesum": versions in memory over the workers, i.e. copies of models, and requests
-    being answered by any of them; a dead worker's are removed by mark_process_dead).
+    The gauges are read from `gauges` ({name: () -> value, or {label values: value} for a gauge with
+    labels}) at scrape time in one process.  Shared between processes, a scrape can only read files, so
+    each process writes its own gauges whenever they change (`changed`, called by the registry's
+    Residency and by a scan that moved a label) and the scrape sums the live processes' (multiprocess_mode
+    "livesum": versions in memory over the workers, i.e. copies of models, and requests being answered by
+    any of them; a dead worker's are removed by mark_process_dead).  A gauge with labels states a fact
+    every worker shares (which version a label answers with): the scrape takes the largest ("livemax"),
+    and a series that stops being true is written as 0.
     """
 
     def __init__(self, gauges):
@@ -941,11 +946,11 @@ class Metrics:
         (child if child is not None else self._child(name, labels)).observe(value)
 
     def changed(self):
-        """Models in memory or requests in flight changed: shared, this process writes the gauges that did
+        """Models in memory, requests in flight or labels changed: shared, this process writes the gauges that did
         (each write is a file update; called under the Residency's lock, so in order).
 
         (A worker forked with models already in memory writes them when it starts: Residency.announce.)"""
-        if not self._shared and self._families is not None:
+        if not self._shared and (self._families is not None or not os.environ.get(MULTIPROCESS_DIR)):
             return                  # one process: read at scrape time
         families = self._ready()
         if self._shared:
@@ -953,9 +958,15 @@ class Metrics:
                 self._written = (os.getpid(), {})
             for name in GAUGES:
                 value = self._gauges[name]()
-                if self._written[1].get(name) != value:
-                    self._written[1][name] = value
+                written = self._written[1].get(name)
+                if written == value:
+                    continue
+                self._written[1][name] = value
+                if not isinstance(value, dict):
                     families[name].set(value)
+                    continue
+                for labels in {**(written or {}), **value}:
+                    families[name].labels(*labels).set(value.get(labels, 0))
 
     def forget(self, model, version):
         """Drop every series of one model version (its number).  Shared, the files keep its counts
@@ -1005,7 +1016,8 @@ class Metrics:
         for name, (kind, help_text, label_names, buckets) in METRICS.items():
             if kind == "gauge" and not self._shared:
                 continue                         # read at scrape time (_ScrapeGauges)
-            options = {"buckets": buckets} if buckets else {"multiprocess_mode": "livesum"} if kind == "gauge" else {}
+            options = {"buckets": buckets} if buckets else \
+                {"multiprocess_mode": "livemax" if label_names else "livesum"} if kind == "gauge" else {}
             families[name] = kinds[kind](name, help_text, label_names, registry=own, **options)
         if self._shared:
             from prometheus_client.multiprocess import MultiProcessCollector
@@ -1025,7 +1037,17 @@ class _ScrapeGauges:
         self.family, self.gauges = family, gauges
 
     def collect(self):
-        return [self.family(name, METRICS[name][1], value=self.gauges[name]()) for name in GAUGES]
+        families = []
+        for name in GAUGES:
+            value, (_, help_text, label_names, _) = self.gauges[name](), METRICS[name]
+            if not isinstance(value, dict):
+                families.append(self.family(name, help_text, value=value))
+                continue
+            family = self.family(name, help_text, labels=label_names)
+            for labels, number in sorted(value.items()):
+                family.add_metric(labels, number)
+            families.append(family)
+        return families
 
 
 class _Unforgotten:
@@ -1406,8 +1428,10 @@ class ModelSettings:
          "explain": {"reference": [5.8, 3.0, 4.4, 1.3]}}   the row (or record) a linear model's
                                                 explanations are measured from (see "Explanations")
 
-    Every key is optional ("latest": only the highest version serves).  Labels must
-    name served versions.  Unknown keys are refused, so a typo never passes silently.
+    Every key is optional ("latest": only the highest version serves).  A label keeps the
+    version it names in service while that version is on disk, even where the version policy
+    alone would drop it (see `kept_by_labels`).  Unknown keys are refused, so a typo never
+    passes silently.
     A traffic split names defined labels or served versions with weights >= 0, not all
     zero: a split that cannot be honoured refuses the file rather than route elsewhere.
     The shadow, like a traffic target, names a defined label or a served version.
@@ -1575,15 +1599,14 @@ class ModelSettings:
         return target
 
     def check_served(self, numbers):
-        """Refuse a traffic split or shadow naming a version the policy does not serve among `numbers` (those
-        on disk)."""
-        served = self.select(numbers)
+        """Refuse a traffic split or shadow naming a version not served among `numbers` (those on disk)."""
+        served = self.served(numbers)
         shadow = {} if self.shadow is None else {self.shadow: '"shadow"'}
         for target, where in {**{target: '"traffic"' for target in self.traffic}, **shadow}.items():
             number = self.labels[target] if isinstance(target, str) else target
             if number not in served:
                 what = f"label {target!r} names version {number}" if isinstance(target, str) else f"version {number}"
-                raise ValueError(f'{where}: {what}, which is not served (the version policy serves '
+                raise ValueError(f'{where}: {what}, which is not served (the version policy and labels serve '
                                  f"{', '.join(map(str, served)) or 'none'})")
 
     @classmethod
@@ -1608,13 +1631,32 @@ class ModelSettings:
         raise ValueError(f"{where}: {_clip(repr(value), 80)} is not a version (a positive integer)")
 
     def select(self, numbers):
-        """The served versions among `numbers` (the versions on disk), highest first."""
+        """The versions the version policy selects among `numbers` (the versions on disk), highest first."""
         numbers = sorted(numbers, reverse=True)
         if self.policy == "all":
             return tuple(numbers)
         if self.policy == "latest":
             return tuple(numbers[:self.count])
         return tuple(n for n in numbers if n in self.versions)
+
+    def kept_by_labels(self, numbers):
+        """{version: [its labels]} of the versions on disk (`numbers`) that the policy does not select but a label
+        names: they stay in service.
+
+        A label is a promise to the clients that use it: publishing version 3 under "latest" must
+        not take away the version 1 that `stable` names (TF Serving's labels, likewise, name only
+        versions it serves).  Moving or removing the label is what lets such a version go.
+        """
+        selected = self.select(numbers)
+        kept = {}
+        for label, number in sorted(self.labels.items()):
+            if number in numbers and number not in selected:
+                kept.setdefault(number, []).append(label)
+        return kept
+
+    def served(self, numbers):
+        """The versions served among `numbers` (those on disk), highest first: the policy's, and those labels keep."""
+        return tuple(sorted({*self.select(numbers), *self.kept_by_labels(numbers)}, reverse=True))
 
     def describe(self):
         policy = ({"specific": list(self.versions)} if self.policy == "specific" else
@@ -2741,6 +2783,7 @@ class CatalogueEntry:
     routes: dict                # {None or label: VersionSlot}
     split: tuple = None
     preloaded: bool = False     # named by --preload: its served versions load ahead and stay
+    kept: dict = dataclasses.field(default_factory=dict)   # {version: [labels]}: served only because labels name it
 
     def with_route(self, key, slot):
         return dataclasses.replace(self, routes={**self.routes, key: slot})
@@ -2763,9 +2806,10 @@ class CatalogueEntry:
             slot = self.routes.get(label)
             if slot is None:
                 known = label in settings.labels
+                where = "which is not served" if settings.labels.get(label) in self.versions else \
+                    "which is not in the store"
                 raise NotFound(f"label {_clip(repr(label), 80)} of model {name!r} "
-                               + (f"names version {settings.labels[label]}, which is not served"
-                                  if known else "is not defined"),
+                               + (f"names version {settings.labels[label]}, {where}" if known else "is not defined"),
                                model=name, labels={k: str(v) for k, v in self.wanted.items() if k},
                                served_versions=self.served_versions())
             return slot
@@ -2819,7 +2863,8 @@ class CatalogueEntry:
         for number in sorted(self.versions, reverse=True):
             slot = self.versions[number]
             info["versions"].append({**slot.describe(clock), "served": number in self.served,
-                                     "labels": sorted(k for k, v in labels.items() if v == str(number))})
+                                     "labels": sorted(k for k, v in labels.items() if v == str(number)),
+                                     "kept_by_labels": self.kept.get(number, [])})
         return info
 
     def _describe_shadow(self, agreements):
@@ -3070,8 +3115,9 @@ def _plan_entry(name, slots, previous, record, pending, preloaded):
     settings = record.settings
     if settings is None:
         return CatalogueEntry(name, slots, (), None, record.error, {}, {}, preloaded=preloaded), []
-    served = settings.select(slots)
-    wanted = {None: served[0]} if served else {}
+    selected, kept = settings.select(slots), settings.kept_by_labels(slots)
+    served = settings.served(slots)
+    wanted = {None: selected[0]} if selected else {}        # a version kept by labels only is never the default
     wanted.update({label: n for label, n in settings.labels.items() if n in served})
     routes, promotions = {}, []
     for key, current in (previous.routes.items() if previous else ()):
@@ -3083,7 +3129,7 @@ def _plan_entry(name, slots, previous, record, pending, preloaded):
         if waits and slots[number].state != LOADING:       # else a load of it is under way already
             promotions.append((name, key, slots[number]))
     return CatalogueEntry(name, slots, served, settings, record.error, wanted, routes,
-                          _traffic_split(settings, served), preloaded), promotions
+                          _traffic_split(settings, served), preloaded, kept), promotions
 
 
 def _route_target(current, wanted, slots, pending):
@@ -3421,7 +3467,8 @@ class ModelRegistry:
         self.settings = SettingsFiles(self.store)
         self.settings_for = self.settings.settings_for     # the settings in force for a model name
         self.metrics = Metrics({"model_service_models_loaded": self.loaded_count,
-                                "model_service_requests_in_flight": self.in_flight})
+                                "model_service_requests_in_flight": self.in_flight,
+                                "model_service_label_version": self.label_versions})
         self.residency = Residency(config.max_loaded, clock, self.metrics.changed)
         self.tracing = Tracing.from_environment() if tracing is None else tracing
         self.loader = Loader(config, self.store, clock, self.residency, self.metrics, self.tracing, self.settings_for)
@@ -3490,8 +3537,12 @@ class ModelRegistry:
         plan = plan_catalogue(found, self._catalogue, records, self._unsettled, settle, self._preloaded)
         for entry in plan.catalogue.values():
             entry.pin()
+        previous, labelled = self._catalogue, self.label_versions()
         self._unsettled, self._catalogue = plan.unsettled, plan.catalogue
+        _log_kept_by_labels(previous, plan.catalogue)
         self._retire(plan.departures)
+        if self.label_versions() != labelled:
+            self.residency.announce()           # shared between workers, the label gauge is written now
         for slot, ref in plan.replace:
             self.loader.replace(slot, ref, background=True)
         for name, key, slot in plan.promote:
@@ -3507,6 +3558,8 @@ class ModelRegistry:
             previous = self._catalogue
             self._catalogue = {**previous, name: entry.with_route(key, slot)}
             self._retire(departures(previous, self._catalogue))
+            if key is not None:
+                self.residency.announce()
         logger.info("model %r %s now answers with version %s", name,
                     f"label {key!r}" if key else "(latest)", slot.ref.version)
 
@@ -3673,6 +3726,11 @@ class ModelRegistry:
                 features[name] = list(model.feature_names)
         return features
 
+    def label_versions(self):
+        """{(model, label, version): 1} for each label and the version it answers with now (a metric)."""
+        return {(name, label, str(slot.ref.version)): 1 for name, entry in self._catalogue.items()
+                for label, slot in entry.routes.items() if label is not None}
+
     def loaded_count(self):
         return self.residency.count()
 
@@ -3725,6 +3783,25 @@ class ModelRegistry:
         with self._scan_lock:
             self._scan(settle=False)
         self.loader.load_before_fork(self._unloaded_preloads() if self.config.preload else [])
+
+
+def _log_kept_by_labels(old_catalogue, catalogue):
+    """Log each version that labels start or stop keeping in service (see ModelSettings.kept_by_labels): a label
+    that held its version against the version policy is worth a warning; one that lets it go, a note why."""
+    for name in sorted(set(old_catalogue) | set(catalogue)):
+        before = old_catalogue[name].kept if name in old_catalogue else {}
+        entry = catalogue.get(name)
+        after = entry.kept if entry is not None else {}
+        for number, labels in sorted(after.items()):
+            if before.get(number) != labels:
+                logger.warning("model %r version %s stays served although its version policy does not select it: "
+                               "label(s) %s name it (move or remove them in its %s to let it go)", name, number,
+                               ", ".join(labels), SETTINGS_FILE, extra={"model": name, "version": number})
+        for number in sorted(set(before) - set(after)):
+            why = ("it left the store" if entry is None or number not in entry.versions else
+                   "its version policy selects it" if number in entry.served else "no label names it now")
+            logger.info("model %r version %s is no longer kept in service by label(s) %s: %s", name, number,
+                        ", ".join(before[number]), why, extra={"model": name, "version": number})
 
 
 def _watch(registry_ref, pid, tick):

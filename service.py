@@ -84,6 +84,7 @@ import contextlib
 import contextvars
 import csv
 import dataclasses
+import difflib
 import functools
 import gc
 import hashlib
@@ -203,6 +204,14 @@ def _share_logs(config):
 
 def _clip(text, limit=300):
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def closest(word, choices):
+    """The one of `choices` closest to `word` (a mistyped name: another case, a letter off), or None."""
+    choices = list(choices)
+    same = [choice for choice in choices if choice.lower() == word.lower()]
+    found = same or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def _in_background(function, *args):
@@ -427,9 +436,10 @@ class NotJSON(BadRequest):
     `not_json_refusal`); anywhere else it is a plain 400.
     """
 
-    def __init__(self, message, media_type=False, **fields):
+    def __init__(self, message, media_type=False, looks_like_json=False, **fields):
         super().__init__(message, **fields)
         self.media_type = media_type        # refused for its Content-Type whatever the body holds: a 415
+        self.looks_like_json = looks_like_json  # malformed JSON ("{" or "[" first): a typo, whatever the header
 
 
 class Unauthorized(ServiceError):
@@ -2254,7 +2264,28 @@ class LoadedModel:
             if fault is not None:
                 raise fault from error
             # e.g. a text pipeline given numbers: 'int' object has no attribute 'lower'
-            raise BadRequest(f"{method} failed: {_clip(str(error))}", model=self.name) from None
+            raise BadRequest(f"{method} failed: {self._unconverted_cell(inputs, error)}{_clip(str(error))}",
+                             model=self.name) from None
+
+    def feature_label(self, position):
+        """How a message names the feature at `position`: its name when the model knows it, else its index."""
+        names = self.feature_names
+        return repr(names[position]) if names and position < len(names) else str(position)
+
+    def _unconverted_cell(self, inputs, error):
+        """"instance 0, feature 'sepal_width': " when `error` is numpy's "could not convert string to float:
+        'big'" (a model taking only numbers, given text), naming where that text was; else ""."""
+        prefix = "could not convert string to float: "
+        text = str(error)
+        values = inputs.to_numpy() if hasattr(inputs, "to_numpy") else inputs
+        if not text.startswith(prefix) or getattr(values, "ndim", 0) != 2:
+            return ""
+        quoted = text[len(prefix):]
+        for number, row in enumerate(values.tolist()):
+            for position, value in enumerate(row):
+                if isinstance(value, str) and repr(value) == quoted:
+                    return f"instance {number}, feature {self.feature_label(position)}: "
+        return ""
 
     def model_fault(self, method, error):
         """A ModelFault when `error` is the artifact's fault, not the input's; logged with its traceback; else None.
@@ -3652,8 +3683,9 @@ class ModelRegistry:
             self.require_store()
             if not valid_model_name(name):
                 raise BadRequest(f"invalid model name {_clip(repr(name), 80)}: names match ^{MODEL_NAME.pattern}$")
-            raise NotFound(f"model {name!r} not found" + (f": {EMPTY_STORE}" if not self._catalogue else ""),
-                           model=name, models=self.names())
+            near = closest(name, self._catalogue)
+            raise NotFound(f"model {name!r} not found" + (f": {EMPTY_STORE}" if not self._catalogue else "") +
+                           (f"; did you mean {near!r}?" if near else ""), model=name, models=self.names())
         return entry
 
     def slot(self, name, version=None, label=None, routing_key=None):
@@ -3920,12 +3952,17 @@ def not_json_refusal(error, environ, example):
     still works, and a real form (``a=1&b=2``), XML or CSV is refused.  It is a 415 when the
     Content-Type names another format (or the error is one of media type, multipart); a 400
     when the client claimed JSON or named no format (none, text/plain, octet-stream), as the
-    body is then malformed JSON.  Either way the message shows JSON the route takes.
+    body is then malformed JSON, and when the body looks like JSON ("{" or "[" first) whatever
+    the header says: a typo sent with plain `curl -d` gets the parse error and its position
+    first, not a complaint about a header that was never the problem.  Either way the message
+    shows JSON the route takes.
     """
     media_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
     message, refusal = error.message, BadRequest
     if error.media_type:
         refusal = UnsupportedMediaType
+    elif error.looks_like_json and not _claims_json(media_type):
+        message += f" (it came as Content-Type {media_type}, as curl -d sends it: the body is read as JSON all the same)"
     elif not _claims_json(media_type):
         message, refusal = f"Content-Type {media_type}: {error.message}", UnsupportedMediaType
     if example is not None:
@@ -3960,7 +3997,8 @@ def parse_json(data, max_depth, what="request body"):
     except RecursionError:
         raise BadRequest(f"{what} is nested too deeply") from None
     except json.JSONDecodeError as error:
-        raise NotJSON(f"{what} is not valid JSON: {error}") from None
+        raise NotJSON(f"{what} is not valid JSON: {error}", looks_like_json=data.lstrip()[:1] in ("{", "[")) \
+            from None
     except DuplicateMember as error:
         raise BadRequest(f"{what} is ambiguous: {error}") from None
     except ValueError as error:                 # JSON's syntax, with NaN or a number beyond a float
@@ -4310,9 +4348,8 @@ def _refuse_coercions(model, rows):
             continue
         for position, value in enumerate(row):
             if value is True or value is False or isinstance(value, str) and _spells_number(value):
-                feature = (repr(model.feature_names[position])
-                           if model.feature_names and position < len(model.feature_names) else position)
-                raise BadRequest(f"instance {number}, feature {feature}: {_clip(json.dumps(value), 40)} is "
+                raise BadRequest(f"instance {number}, feature {model.feature_label(position)}: "
+                                 f"{_clip(json.dumps(value), 40)} is "
                                  f"{'a boolean' if isinstance(value, bool) else 'a string'}, not a number: "
                                  "send numbers as JSON numbers (null for a missing value)", model=model.name)
 
@@ -5937,6 +5974,25 @@ SERVICE_ROUTES = (
 )
 ROUTES = SERVICE_ROUTES + tuple(route for protocol in PROTOCOLS for route in protocol.registered_routes())
 
+
+def nearest_route(method, path):
+    """"POST /models/iris/predict": the route closest to a path no route has, or None when none comes close.
+
+    Each route's template is filled with the request's own path segments where it takes parameters
+    (so /model/iris/predict is compared with /models/iris/predict, not with /models/{name}/predict),
+    and the closest filled path wins, a route of the request's method before another's."""
+    segments = path.strip("/").split("/")
+    best, suggestion = 0.75, None
+    for route in ROUTES:
+        template = route.path.strip("/").split("/")
+        filled = "/" + "/".join(
+            re.sub(r"\{\w+\}", lambda _: segments[index].partition(":")[0], part)
+            if "{" in part and index < len(segments) else part for index, part in enumerate(template))
+        score = difflib.SequenceMatcher(None, path, filled).ratio() + (0.01 if route.method == method else 0)
+        if score > best and filled != path:
+            best, suggestion = score, f"{route.method} {filled}"
+    return suggestion
+
 access_logger = logging.getLogger("service.access")
 
 
@@ -6178,7 +6234,9 @@ class ServiceApp:
             except ServiceError as refused:
                 return self._answer_error(refused)
         if status == 404:
-            error = NotFound(f"no route for {request.method} {_clip(request.path, 200)}")
+            near = nearest_route(request.method, request.path)
+            error = NotFound(f"no route for {request.method} {_clip(request.path, 200)}"
+                             + (f"; did you mean {near}?" if near else "") + " (every route is listed in /openapi.json)")
         elif status == 405:
             allowed = http_error.headers.get("Allow", "")
             error = MethodNotAllowed(f"method {request.method} is not allowed here; allowed: {allowed}",

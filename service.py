@@ -85,6 +85,7 @@ import contextvars
 import csv
 import dataclasses
 import difflib
+import errno
 import functools
 import gc
 import hashlib
@@ -860,6 +861,20 @@ def _load_config(cls, flags=None, environ=None):
         except ValueError as error:
             raise ValueError(f"{source}: {error}") from None
     return cls(**values)
+
+
+def stray_variables(environ):
+    """A warning for each MODEL_SERVICE_* variable that no setting reads, naming the closest setting's: a typo
+    (MODEL_SERVICE_PROT) would otherwise be ignored without a word."""
+    known = [setting.env for setting in SETTINGS]
+    options = [name[len(ENV_PREFIX):] for name in known]        # compared without the prefix all of them share
+    lines = []
+    for name in sorted(variable for variable in environ if variable.startswith(ENV_PREFIX) and variable not in known):
+        near = closest(name[len(ENV_PREFIX):], options)
+        lines.append(f"environment variable {name} is no setting of the service and is ignored"
+                     + (f"; did you mean {ENV_PREFIX}{near}?" if near else
+                        f" (settings are {ENV_PREFIX}<OPTION>: see --help)"))
+    return lines
 
 
 # Everything the service can be told: a frozen dataclass with one field per row of SETTINGS.
@@ -3559,6 +3574,12 @@ class ModelRegistry:
             logger.warning("model store %s: %s", self.store.root, EMPTY_STORE)
         elif first:
             logger.info("model store %s: %d model(s): %s", self.store.root, len(found), ", ".join(sorted(found)))
+        if first and self.config.preload != ALL_MODELS:
+            for name in self.config.preload:
+                if name not in found:
+                    near = closest(name, found)
+                    logger.warning("--preload names %r, which is not in the model store %s%s", name, self.store.root,
+                                   f"; did you mean {near!r}?" if near else "")
 
     def _apply(self, found, settle):
         """Make the catalogue what the store and the models' settings ask for, then start the loads that needs.
@@ -6012,6 +6033,7 @@ class ServiceApp:
         self.config, self.registry, self.metrics, self.tracing = config, registry, registry.metrics, registry.tracing
         self.misconfigured = misconfigured      # why the MODEL_SERVICE_* settings were refused, if they were
         self._misconfigured_logged = False
+        self.stray_variables = stray_variables(os.environ)  # logged at the first request (main: at start, instead)
         self._logs_shared = False               # _share_logs ran, at the first request
         self._first_request = threading.Lock()
         self.bottle = bottle.Bottle()
@@ -6103,6 +6125,8 @@ class ServiceApp:
                     _share_logs(config)
                     if self.tracing.problem:
                         logger.error("traces are off: %s", self.tracing.problem)
+                    for line in self.stray_variables:
+                        logger.warning("%s", line)
                     self._logs_shared = True
         try:
             if self.misconfigured:
@@ -6804,10 +6828,15 @@ def _metrics_across_workers():
 # compare: the check before promoting a version, runnable in CI with --fail-under.
 
 class _OneLineErrors(argparse.ArgumentParser):
-    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
+    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them).
+    An unknown option is answered with the closest one, when one is close."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        flags = [word.partition("=")[0] for word in unknown if word.startswith("--")]
+        near = next(filter(None, (closest(flag, self._option_string_actions) for flag in flags)), None)
+        hint = f"; did you mean {near}?" if near else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} ({self.prog} --help lists the options)\n")
 
 
 REPLAY_LINE_BYTES = 64 * 1024 * 1024    # a line longer than a payload file's size is none the service wrote
@@ -7495,12 +7524,30 @@ def profile_command(argv):
 ###############################################################################
 
 
+def program_name():
+    """The service's command as it was run, for its messages: `python service.py`, or the installed
+    `model-service`."""
+    return "python service.py" if os.path.basename(sys.argv[0]) == "service.py" else SERVICE_NAME
+
+
+def _commands():
+    """{name: (its function, what it does)}: the commands besides serving (`PROGRAM NAME --help` for each).
+    A function, so that export, an appendix's, is named only at run time."""
+    return {"export": (export_command, "write an artifact as a JSON model or a .skops file, proved alike"),
+            "replay": (replay_command, "score a payload log again on one version of a model and compare"),
+            "drift": (drift_command, "compare a payload log's rows and predictions with the training data"),
+            "profile": (profile_command, "summarise a model's training rows for drift, beside the model")}
+
+
 def build_parser():
+    program = program_name()
+    commands = "".join(f"  {program} {name:<8} {what}\n" for name, (_, what) in _commands().items())
     parser = _OneLineErrors(
-        prog="model-service",
-        description="Serve the scikit-learn models in a folder over HTTP (JSON in, JSON out).",
-        epilog=f"Every option can also be set by an environment variable ({ENV_PREFIX}<OPTION>, "
-               "for example MODEL_SERVICE_PORT=9000); a flag beats the environment, which beats the default.")
+        prog=program, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve the scikit-learn models in a folder over HTTP (JSON in, JSON out).\n\n"
+                    f"Other commands (each with its own --help):\n{commands}",
+        epilog=f"Every option can also be set by an environment variable ({ENV_PREFIX}<OPTION>, for example\n"
+               "MODEL_SERVICE_PORT=9000); a flag beats the environment, which beats the default.")
     for setting in SETTINGS:
         default = setting.default
         shown = "none" if default in (None, ()) else ("yes" if default else "no") if type(default) is bool else default
@@ -7534,14 +7581,9 @@ def _store_problem(store, flags):
 def main(argv=None, serve=serve):
     """Command line entry point; returns the exit code.  `serve` is injectable for tests."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["export"]:
-        return export_command(argv[1:])
-    if argv[:1] == ["replay"]:
-        return replay_command(argv[1:])
-    if argv[:1] == ["drift"]:
-        return drift_command(argv[1:])
-    if argv[:1] == ["profile"]:
-        return profile_command(argv[1:])
+    commands = _commands()
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]][0](argv[1:])
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
 
@@ -7569,6 +7611,9 @@ def main(argv=None, serve=serve):
     if traced and _otel_sdk_missing():
         refuse(_otel_sdk_missing())
     application = create_app(config=config)
+    for line in application.stray_variables:    # now, at start, rather than at the first request
+        logger.warning("%s", line)
+    application.stray_variables = []
     if config.workers == 1:          # under --workers the parent loads before forking, without threads
         application.registry.refresh()
     try:
@@ -7579,7 +7624,10 @@ def main(argv=None, serve=serve):
         logger.error("server %r is not installed: %s", config.server, error)
         return 2
     except (OSError, ValueError) as error:      # waitress: "Invalid host/port specified." for a bad --host
-        logger.error("cannot serve on %s:%s: %s", config.host, config.port, error)
+        busy = isinstance(error, OSError) and error.errno == errno.EADDRINUSE
+        logger.error("cannot serve on %s:%s: %s%s", config.host, config.port, error,
+                     "; another process holds the port: stop it, or pick another with --port N (or "
+                     f"{ENV_PREFIX}PORT)" if busy else "")
         return 1
     return 0
 

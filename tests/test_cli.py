@@ -664,3 +664,38 @@ def test_a_port_in_use_says_how_to_pick_another(tmp_path, empty_store):
     assert "another process holds the port: stop it, or pick another with --port N (or MODEL_SERVICE_PORT)" \
         in result.stderr
     assert "Traceback" not in result.stderr
+
+
+###############################################################################
+# README as a whole
+###############################################################################
+
+
+def _readme():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def test_readmes_python_export_snippet_runs_as_written(tmp_path, monkeypatch):
+    """README's ```python block of the export section (the one that exports `fitted_estimator`) defines what it
+    uses and runs."""
+    snippet, = [block for block in re.findall(r"^```python\n(.*?)^```", _readme(), re.M | re.S)
+                if "export_json_model(fitted_estimator" in block]
+    assert "fitted_estimator =" in snippet
+    (tmp_path / "model_store").mkdir()
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert (tmp_path / "model_store" / "mymodel.json").is_file()
+    assert namespace["estimator"].predict([[5.1, 3.5, 1.4, 0.2]]).tolist() == \
+        namespace["fitted_estimator"].predict([[5.1, 3.5, 1.4, 0.2]]).tolist()
+
+
+def test_readmes_links_within_the_page_name_its_headings():
+    """Every [text](#anchor) of README names a heading (GitHub's anchors: lower case, punctuation dropped,
+    spaces as hyphens), so the path and the checklist lead somewhere."""
+    text = _readme()
+    headings = {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+                for title in re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S), re.M)}
+    anchors = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert anchors and anchors <= headings, sorted(anchors - headings)

@@ -2302,8 +2302,8 @@ class LoadedModel:
                     return f"instance {number}, feature {self.feature_label(position)}: "
         return ""
 
-    def model_fault(self, method, error):
-        """A ModelFault when `error` is the artifact's fault, not the input's; logged with its traceback; else None.
+    def artifact_fault(self, error):
+        """Whether `error`, raised by one of the estimator's methods, is the artifact's fault, not the input's.
 
         The artifact's faults: NotFittedError (a part never fitted), and an AttributeError raised on
         the estimator or one of its parts (AttributeError.obj), as a pickle from another scikit-learn
@@ -2313,9 +2313,15 @@ class LoadedModel:
         """
         from sklearn.exceptions import NotFittedError
 
+        if isinstance(error, NotFittedError):
+            return True
         culprit = getattr(error, "obj", None) if isinstance(error, AttributeError) else None
-        if not isinstance(error, NotFittedError) and (culprit is None or not any(
-                part is culprit for part in _estimator_parts(self.estimator, [], set()))):
+        return culprit is not None and any(part is culprit for part in _estimator_parts(self.estimator, [], set()))
+
+    def model_fault(self, method, error):
+        """A ModelFault, logged with its traceback, when `error` is the artifact's fault (`artifact_fault`);
+        else None."""
+        if not self.artifact_fault(error):
             return None
         error_id = os.urandom(6).hex()
         logger.error("model %r version %s: %s failed on a fault of its artifact, not of the request (error_id %s)",
@@ -2602,10 +2608,41 @@ def _build_model(ref, options=None, native=True):
         logger.warning("model %r version %s was %s: its predictions may differ (--strict-versions refuses "
                        "such artifacts)", ref.name, ref.version, skew)
     model = LoadedModel(ref, estimator, digest, size, time.perf_counter() - started, version_skew=skew)
+    _refuse_faulty(model)
     if model.make_frame is not None and _serve_arrays(estimator, model):
         model.make_frame = None
     attach_native(model, native)        # after _serve_arrays: the names it takes off would refuse it
     return model
+
+
+PROBE_FEATURES = 100_000      # the widest model _refuse_faulty probes: a row of 800 KB
+
+
+def _refuse_faulty(model):
+    """Refuse a tabular model whose methods fail on a row of zeros through a fault of the artifact, not of any
+    input (LoadedModel.artifact_fault: a pickle from another scikit-learn lacking an attribute its methods
+    read, a JSON model missing state): it would fail every request, so it is the load that fails, saying why.
+
+    One call of each method on one row, by scikit-learn; any other failure on zeros (a log transform, an
+    unknown category) says nothing about the artifact and is left to the requests.  A model without a fixed
+    width (text, sequences) is checked by its requests, or by its "warmup" rows (see _warm), and so is one
+    wider than PROBE_FEATURES (its row of zeros would cost memory a forged width can make unbounded).
+    """
+    if model.n_features is None or not 0 < model.n_features <= PROBE_FEATURES:
+        return
+    import numpy as np
+
+    probe = np.zeros((1, model.n_features))
+    inputs = probe if model.make_frame is None else model.make_frame(probe, columns=model.feature_names)
+    for method in model.methods:
+        try:
+            getattr(model.estimator, method)(inputs)
+        except Exception as error:  # only the artifact's own faults refuse it
+            if model.artifact_fault(error):
+                skew = f" (it was {model.version_skew})" if model.version_skew else ""
+                raise ArtifactError(f"{model.ref.file}: its {method} fails on a row of zeros through a fault of "
+                                    f"the artifact, not of any input: {type(error).__name__}: "
+                                    f"{_clip(str(error))}{skew}") from None
 
 
 ###############################################################################

@@ -182,13 +182,36 @@ def test_a_pipeline_with_a_step_never_fitted_fails_at_load(tmp_path, make_client
 
 
 @pytest.mark.parametrize("settings", ['{"native": false}', '{}'])
-def test_a_model_faulting_at_predict_time_is_the_servers_500_with_an_error_id(tmp_path, make_client, caplog,
-                                                                               iris_classifier, settings):
+def test_a_version_skew_artifact_fails_at_load_saying_which_method_and_why(tmp_path, make_client, iris_classifier,
+                                                                          settings):
+    """A tabular model is called once per method on a row of zeros at load: a fault of the artifact there (not
+    of the input) fails the load, so no request is ever blamed for it."""
     write_artifact(tmp_path / "skewed" / "1" / "model.joblib", skewed_classifier(iris_classifier), "joblib")
     (tmp_path / "skewed" / "model-settings.json").write_text(settings)
     client = make_client(tmp_path)
+    assert_error(client.post_json("/models/skewed/predict", {"instances": ROW}, expect_errors=True), 503,
+                 "model 'skewed' version 1 failed to load: skewed/1/model.joblib: its predict fails on a row of "
+                 "zeros through a fault of the artifact, not of any input: AttributeError: 'LogisticRegression' "
+                 "object has no attribute 'solver'")
+    assert strict_json(client.get("/models/skewed"))["versions"][0]["state"] == "FAILED"
+
+
+def skewed_text_model():
+    """A text pipeline (no fixed width: nothing to probe at load) whose classifier lacks what predict reads."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    text = make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(["good film", "bad film"] * 3, [1, 0] * 3)
+    del text[-1].solver
+    return text
+
+
+def test_a_model_faulting_at_predict_time_is_the_servers_500_with_an_error_id(tmp_path, make_client, caplog):
+    write_artifact(tmp_path / "skewed.joblib", skewed_text_model(), "joblib")
+    client = make_client(tmp_path)
     with caplog.at_level("ERROR", logger="service"):
-        error = assert_error(client.post_json("/models/skewed/predict", {"instances": ROW}, expect_errors=True), 500,
+        error = assert_error(client.post_json("/models/skewed/predict", {"instances": ["a good film"]},
+                                              expect_errors=True), 500,
                              "model 'skewed' version 1 cannot answer predict: its artifact is at fault, not the "
                              "request: AttributeError: 'LogisticRegression' object has no attribute 'solver'",
                              code="model_fault")
@@ -208,13 +231,14 @@ def test_the_inputs_faults_stay_the_callers_400(tmp_path, make_client):
                  "'int' object has no attribute 'lower'")
 
 
-def test_a_model_faulting_on_its_warm_up_fails_its_load(tmp_path, iris_classifier):
-    """Loaded ahead of its requests (preloaded), a model that faults on the warm-up rows never serves."""
-    write_artifact(tmp_path / "skewed.joblib", skewed_classifier(iris_classifier), "joblib")
+def test_a_model_faulting_on_its_warm_up_fails_its_load(tmp_path):
+    """Loaded ahead of its requests (preloaded), a model that faults on its "warmup" rows never serves."""
+    from support import wait_until
+    write_artifact(tmp_path / "skewed" / "1" / "model.joblib", skewed_text_model(), "joblib")
+    (tmp_path / "skewed" / "model-settings.json").write_text('{"warmup": ["a good film"]}')
     registry = make_registry(tmp_path, preload=("skewed",))
     registry.refresh()
     slot = registry.slot("skewed")
-    from support import wait_until
     wait_until(lambda: slot.state == "FAILED", what="the preload to fail")
     assert slot.error.startswith("warming it up failed: model 'skewed' version 1 cannot answer predict: its artifact "
                                  "is at fault")

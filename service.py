@@ -863,18 +863,22 @@ def _load_config(cls, flags=None, environ=None):
     return cls(**values)
 
 
-def stray_variables(environ):
-    """A warning for each MODEL_SERVICE_* variable that no setting reads, naming the closest setting's: a typo
-    (MODEL_SERVICE_PROT) would otherwise be ignored without a word."""
+_warned_variables = set()       # stray variables this process has warned about: once is enough
+
+
+def warn_of_stray_variables(environ):
+    """Warn, once per process, of each MODEL_SERVICE_* variable that no setting reads, naming the closest
+    setting's: a typo (MODEL_SERVICE_PROT) would otherwise be ignored without a word.  `python service.py` calls
+    it at start; an embedded app at its first request (by then, a no-op after the first)."""
     known = [setting.env for setting in SETTINGS]
     options = [name[len(ENV_PREFIX):] for name in known]        # compared without the prefix all of them share
-    lines = []
-    for name in sorted(variable for variable in environ if variable.startswith(ENV_PREFIX) and variable not in known):
+    for name in sorted(variable for variable in environ if variable.startswith(ENV_PREFIX) and variable not in known
+                       and variable not in _warned_variables):
+        _warned_variables.add(name)
         near = closest(name[len(ENV_PREFIX):], options)
-        lines.append(f"environment variable {name} is no setting of the service and is ignored"
-                     + (f"; did you mean {ENV_PREFIX}{near}?" if near else
-                        f" (settings are {ENV_PREFIX}<OPTION>: see --help)"))
-    return lines
+        logger.warning("environment variable %s is no setting of the service and is ignored%s", name,
+                       f"; did you mean {ENV_PREFIX}{near}?" if near else
+                       f" (settings are {ENV_PREFIX}<OPTION>: see --help)")
 
 
 # Everything the service can be told: a frozen dataclass with one field per row of SETTINGS.
@@ -3551,7 +3555,7 @@ class ModelRegistry:
         self.settings_for = self.settings.settings_for     # the settings in force for a model name
         self.metrics = Metrics({"model_service_models_loaded": self.loaded_count,
                                 "model_service_requests_in_flight": self.in_flight,
-                                "model_service_label_version": self.label_versions})
+                                "model_service_label_version": lambda: label_versions(self._catalogue)})
         self.residency = Residency(config.max_loaded, clock, self.metrics.changed)
         self.tracing = Tracing.from_environment() if tracing is None else tracing
         self.loader = Loader(config, self.store, clock, self.residency, self.metrics, self.tracing, self.settings_for)
@@ -3611,12 +3615,8 @@ class ModelRegistry:
             logger.warning("model store %s: %s", self.store.root, EMPTY_STORE)
         elif first:
             logger.info("model store %s: %d model(s): %s", self.store.root, len(found), ", ".join(sorted(found)))
-        if first and self.config.preload != ALL_MODELS:
-            for name in self.config.preload:
-                if name not in found:
-                    near = closest(name, found)
-                    logger.warning("--preload names %r, which is not in the model store %s%s", name, self.store.root,
-                                   f"; did you mean {near!r}?" if near else "")
+        if first:
+            _warn_of_missing_preloads(self.config.preload, found, self.store.root)
 
     def _apply(self, found, settle):
         """Make the catalogue what the store and the models' settings ask for, then start the loads that needs.
@@ -3626,11 +3626,11 @@ class ModelRegistry:
         plan = plan_catalogue(found, self._catalogue, records, self._unsettled, settle, self._preloaded)
         for entry in plan.catalogue.values():
             entry.pin()
-        previous, labelled = self._catalogue, self.label_versions()
+        previous = self._catalogue
         self._unsettled, self._catalogue = plan.unsettled, plan.catalogue
         _log_kept_by_labels(previous, plan.catalogue)
         self._retire(plan.departures)
-        if self.label_versions() != labelled:
+        if label_versions(plan.catalogue) != label_versions(previous):
             self.residency.announce()           # shared between workers, the label gauge is written now
         for slot, ref in plan.replace:
             self.loader.replace(slot, ref, background=True)
@@ -3816,11 +3816,6 @@ class ModelRegistry:
                 features[name] = list(model.feature_names)
         return features
 
-    def label_versions(self):
-        """{(model, label, version): 1} for each label and the version it answers with now (a metric)."""
-        return {(name, label, str(slot.ref.version)): 1 for name, entry in self._catalogue.items()
-                for label, slot in entry.routes.items() if label is not None}
-
     def loaded_count(self):
         return self.residency.count()
 
@@ -3873,6 +3868,21 @@ class ModelRegistry:
         with self._scan_lock:
             self._scan(settle=False)
         self.loader.load_before_fork(self._unloaded_preloads() if self.config.preload else [])
+
+
+def label_versions(catalogue):
+    """{(model, label, version): 1} for each label and the version it answers with now (a metric's series)."""
+    return {(name, label, str(slot.ref.version)): 1 for name, entry in catalogue.items()
+            for label, slot in entry.routes.items() if label is not None}
+
+
+def _warn_of_missing_preloads(preload, found, root):
+    """A warning for each model --preload names that the store's first scan did not find (a typo: `irs`)."""
+    for name in () if preload == ALL_MODELS else preload:
+        if name not in found:
+            near = closest(name, found)
+            logger.warning("--preload names %r, which is not in the model store %s%s", name, root,
+                           f"; did you mean {near!r}?" if near else "")
 
 
 def _log_kept_by_labels(old_catalogue, catalogue):
@@ -6070,7 +6080,6 @@ class ServiceApp:
         self.config, self.registry, self.metrics, self.tracing = config, registry, registry.metrics, registry.tracing
         self.misconfigured = misconfigured      # why the MODEL_SERVICE_* settings were refused, if they were
         self._misconfigured_logged = False
-        self.stray_variables = stray_variables(os.environ)  # logged at the first request (main: at start, instead)
         self._logs_shared = False               # _share_logs ran, at the first request
         self._first_request = threading.Lock()
         self.bottle = bottle.Bottle()
@@ -6162,8 +6171,7 @@ class ServiceApp:
                     _share_logs(config)
                     if self.tracing.problem:
                         logger.error("traces are off: %s", self.tracing.problem)
-                    for line in self.stray_variables:
-                        logger.warning("%s", line)
+                    warn_of_stray_variables(os.environ)
                     self._logs_shared = True
         try:
             if self.misconfigured:
@@ -7647,10 +7655,8 @@ def main(argv=None, serve=serve):
         refuse(str(error))
     if traced and _otel_sdk_missing():
         refuse(_otel_sdk_missing())
+    warn_of_stray_variables(os.environ)
     application = create_app(config=config)
-    for line in application.stray_variables:    # now, at start, rather than at the first request
-        logger.warning("%s", line)
-    application.stray_variables = []
     if config.workers == 1:          # under --workers the parent loads before forking, without threads
         application.registry.refresh()
     try:

@@ -615,6 +615,7 @@ def test_help_lists_every_other_command_and_each_one_runs(capsys):
 
 
 def test_a_mistyped_variable_is_warned_about_at_start_with_the_closest_setting(empty_store, monkeypatch, caplog):
+    monkeypatch.setattr(service, "_warned_variables", set())       # (warned once per process)
     monkeypatch.setenv("MODEL_SERVICE_PROT", "9000")
     monkeypatch.setenv("MODEL_SERVICE_NOTHING_LIKE_ANY", "1")
     with caplog.at_level(logging.WARNING, logger="service"):
@@ -630,6 +631,7 @@ def test_a_mistyped_variable_is_warned_about_at_start_with_the_closest_setting(e
 def test_embedded_a_mistyped_variable_is_warned_about_at_the_first_request(empty_store, monkeypatch, caplog):
     monkeypatch.setenv("MODEL_SERVICE_STORE", str(empty_store))
     monkeypatch.setenv("MODEL_SERVICE_MAX_ROW", "5")
+    monkeypatch.setattr(service, "_warned_variables", set())
     app = service.create_app()
     try:
         with caplog.at_level(logging.WARNING, logger="service"):

@@ -2640,7 +2640,8 @@ def _refuse_faulty(model):
     inputs = probe if model.make_frame is None else model.make_frame(probe, columns=model.feature_names)
     for method in model.methods:
         try:
-            getattr(model.estimator, method)(inputs)
+            with np.errstate(all="ignore"):     # log(0) of a probability is no news (numpy's state is per thread)
+                getattr(model.estimator, method)(inputs)
         except Exception as error:  # only the artifact's own faults refuse it
             if model.artifact_fault(error):
                 skew = f" (it was {model.version_skew})" if model.version_skew else ""

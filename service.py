@@ -84,6 +84,8 @@ import contextlib
 import contextvars
 import csv
 import dataclasses
+import difflib
+import errno
 import functools
 import gc
 import hashlib
@@ -203,6 +205,14 @@ def _share_logs(config):
 
 def _clip(text, limit=300):
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def closest(word, choices):
+    """The one of `choices` closest to `word` (a mistyped name: another case, a letter off), or None."""
+    choices = list(choices)
+    same = [choice for choice in choices if choice.lower() == word.lower()]
+    found = same or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def _in_background(function, *args):
@@ -427,9 +437,10 @@ class NotJSON(BadRequest):
     `not_json_refusal`); anywhere else it is a plain 400.
     """
 
-    def __init__(self, message, media_type=False, **fields):
+    def __init__(self, message, media_type=False, looks_like_json=False, **fields):
         super().__init__(message, **fields)
         self.media_type = media_type        # refused for its Content-Type whatever the body holds: a 415
+        self.looks_like_json = looks_like_json  # malformed JSON ("{" or "[" first): a typo, whatever the header
 
 
 class Unauthorized(ServiceError):
@@ -487,6 +498,14 @@ class Misconfigured(ServiceError):
     """503 for every request of an app whose MODEL_SERVICE_* settings are invalid (`import service` still works)."""
 
     status, code = 503, "misconfigured"
+
+
+class ModelFault(ServiceError):
+    """500: the model failed on a request through a fault of its artifact, not of the request (see
+    `LoadedModel.model_fault`): never fitted, or pickled by a scikit-learn that gave it other attributes.
+    The answer names the fault and the error_id under which its traceback was logged."""
+
+    code = "model_fault"
 
 
 class PredictionTimeout(ServiceError):
@@ -844,6 +863,24 @@ def _load_config(cls, flags=None, environ=None):
     return cls(**values)
 
 
+_warned_variables = set()       # stray variables this process has warned about: once is enough
+
+
+def warn_of_stray_variables(environ):
+    """Warn, once per process, of each MODEL_SERVICE_* variable that no setting reads, naming the closest
+    setting's: a typo (MODEL_SERVICE_PROT) would otherwise be ignored without a word.  `python service.py` calls
+    it at start; an embedded app at its first request (by then, a no-op after the first)."""
+    known = [setting.env for setting in SETTINGS]
+    options = [name[len(ENV_PREFIX):] for name in known]        # compared without the prefix all of them share
+    for name in sorted(variable for variable in environ if variable.startswith(ENV_PREFIX) and variable not in known
+                       and variable not in _warned_variables):
+        _warned_variables.add(name)
+        near = closest(name[len(ENV_PREFIX):], options)
+        logger.warning("environment variable %s is no setting of the service and is ignored%s", name,
+                       f"; did you mean {ENV_PREFIX}{near}?" if near else
+                       f" (settings are {ENV_PREFIX}<OPTION>: see --help)")
+
+
 # Everything the service can be told: a frozen dataclass with one field per row of SETTINGS.
 Config = dataclasses.make_dataclass(
     "Config", [(s.field, type(s.default), dataclasses.field(default=s.default, repr=not s.secret)) for s in SETTINGS],
@@ -896,6 +933,9 @@ METRICS = {   # name: (type, help, label names, histogram buckets or a gauge's m
                                            MODEL_VERSION, None),
     "model_service_models_loaded": ("gauge", "Model versions in memory.", (), None),
     "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", (), None),
+    # read at scrape time like the two above; several processes: the largest (every worker shares the fact)
+    "model_service_label_version": ("gauge", "1 for each label of a model and the version it answers with now.",
+                                    ("model", "label", "version"), "livemax"),
     # set by the live drift (see "Background work"); the last field: how a scrape of --workers combines them
     "model_service_drift_p_value": ("gauge", "p-value of the KS (numbers) or chi-squared (categories) test of a "
                                     "feature's newest served values against the model's reference profile "
@@ -906,7 +946,6 @@ METRICS = {   # name: (type, help, label names, histogram buckets or a gauge's m
     "model_service_drift_window_rows": ("gauge", "Served rows the drift gauges were scored on (several processes: "
                                         "their sum).", ("model",), "livesum"),
 }
-GAUGES = [name for name, (kind, _, labels, _) in METRICS.items() if kind == "gauge" and not labels]   # read
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's: where processes share their counts
 
 
@@ -916,12 +955,15 @@ class Metrics:
     (its labels() lookup costs several µs).  The cache stays bounded because label values do: they are
     only models, versions and methods that exist (UNRESOLVED for the rest) and forget() drops a version's.
 
-    The unlabelled gauges are read from `gauges` ({name: () -> value}) at scrape time in one process;
-    labelled ones are `set` by their owner (the live drift) in every mode.  Shared
-    between processes, a scrape can only read files, so each process writes its own gauges whenever
-    they change (`changed`, called by the registry's Residency) and the scrape sums the live processes'
-    (multiprocess_mode "livesum": versions in memory over the workers, i.e. copies of models, and requests
-    being answered by any of them; a dead worker's are removed by mark_process_dead).
+    The gauges named in `gauges` ({name: () -> value, or {label values: value} for a gauge with labels})
+    are read at scrape time in one process; the others (the live drift's) are `set` by their owner in
+    every mode.  Shared between processes, a scrape can only read files, so each process writes its own
+    read-at-scrape gauges whenever they change (`changed`, called by the registry's Residency and by a
+    scan that moved a label) and the scrape combines the live processes' by each gauge's multiprocess
+    mode (METRICS' last field; "livesum" by default: versions in memory over the workers, i.e. copies of
+    models, and requests being answered by any of them; a dead worker's are removed by
+    mark_process_dead).  A label's version is a fact every worker shares: the scrape takes the largest
+    ("livemax"), and a series that stops being true is written as 0.
     """
 
     def __init__(self, gauges):
@@ -956,21 +998,27 @@ class Metrics:
                     self._families[key[0]].remove(*(value for _, value in key[1]))
 
     def changed(self):
-        """Models in memory or requests in flight changed: shared, this process writes the gauges that did
+        """Models in memory, requests in flight or labels changed: shared, this process writes the gauges that did
         (each write is a file update; called under the Residency's lock, so in order).
 
         (A worker forked with models already in memory writes them when it starts: Residency.announce.)"""
-        if not self._shared and self._families is not None:
+        if not self._shared and (self._families is not None or not os.environ.get(MULTIPROCESS_DIR)):
             return                  # one process: read at scrape time
         families = self._ready()
         if self._shared:
             if self._written[0] != os.getpid():     # forked: this process's file has none of them yet
                 self._written = (os.getpid(), {})
-            for name in GAUGES:
+            for name in self._gauges:
                 value = self._gauges[name]()
-                if self._written[1].get(name) != value:
-                    self._written[1][name] = value
+                written = self._written[1].get(name)
+                if written == value:
+                    continue
+                self._written[1][name] = value
+                if not isinstance(value, dict):
                     families[name].set(value)
+                    continue
+                for labels in {**(written or {}), **value}:
+                    families[name].labels(*labels).set(value.get(labels, 0))
 
     def forget(self, model, version):
         """Drop every series of one model version (its number).  Shared, the files keep its counts
@@ -1018,7 +1066,7 @@ class Metrics:
         kinds = {"counter": prometheus.Counter, "histogram": prometheus.Histogram, "gauge": prometheus.Gauge}
         families = {}
         for name, (kind, help_text, label_names, last) in METRICS.items():
-            if name in GAUGES and not self._shared:
+            if name in self._gauges and not self._shared:
                 continue                         # read at scrape time (_ScrapeGauges)
             options = {"buckets": last} if kind == "histogram" else \
                 {"multiprocess_mode": last or "livesum"} if kind == "gauge" else {}
@@ -1041,7 +1089,17 @@ class _ScrapeGauges:
         self.family, self.gauges = family, gauges
 
     def collect(self):
-        return [self.family(name, METRICS[name][1], value=self.gauges[name]()) for name in GAUGES]
+        families = []
+        for name, read in self.gauges.items():
+            value, (_, help_text, label_names, _) = read(), METRICS[name]
+            if not isinstance(value, dict):
+                families.append(self.family(name, help_text, value=value))
+                continue
+            family = self.family(name, help_text, labels=label_names)
+            for labels, number in sorted(value.items()):
+                family.add_metric(labels, number)
+            families.append(family)
+        return families
 
 
 class _Unforgotten:
@@ -1422,8 +1480,10 @@ class ModelSettings:
          "explain": {"reference": [5.8, 3.0, 4.4, 1.3]}}   the row (or record) a linear model's
                                                 explanations are measured from (see "Explanations")
 
-    Every key is optional ("latest": only the highest version serves).  Labels must
-    name served versions.  Unknown keys are refused, so a typo never passes silently.
+    Every key is optional ("latest": only the highest version serves).  A label keeps the
+    version it names in service while that version is on disk, even where the version policy
+    alone would drop it (see `kept_by_labels`).  Unknown keys are refused, so a typo never
+    passes silently.
     A traffic split names defined labels or served versions with weights >= 0, not all
     zero: a split that cannot be honoured refuses the file rather than route elsewhere.
     The shadow, like a traffic target, names a defined label or a served version.
@@ -1591,15 +1651,14 @@ class ModelSettings:
         return target
 
     def check_served(self, numbers):
-        """Refuse a traffic split or shadow naming a version the policy does not serve among `numbers` (those
-        on disk)."""
-        served = self.select(numbers)
+        """Refuse a traffic split or shadow naming a version not served among `numbers` (those on disk)."""
+        served = self.served(numbers)
         shadow = {} if self.shadow is None else {self.shadow: '"shadow"'}
         for target, where in {**{target: '"traffic"' for target in self.traffic}, **shadow}.items():
             number = self.labels[target] if isinstance(target, str) else target
             if number not in served:
                 what = f"label {target!r} names version {number}" if isinstance(target, str) else f"version {number}"
-                raise ValueError(f'{where}: {what}, which is not served (the version policy serves '
+                raise ValueError(f'{where}: {what}, which is not served (the version policy and labels serve '
                                  f"{', '.join(map(str, served)) or 'none'})")
 
     @classmethod
@@ -1624,13 +1683,32 @@ class ModelSettings:
         raise ValueError(f"{where}: {_clip(repr(value), 80)} is not a version (a positive integer)")
 
     def select(self, numbers):
-        """The served versions among `numbers` (the versions on disk), highest first."""
+        """The versions the version policy selects among `numbers` (the versions on disk), highest first."""
         numbers = sorted(numbers, reverse=True)
         if self.policy == "all":
             return tuple(numbers)
         if self.policy == "latest":
             return tuple(numbers[:self.count])
         return tuple(n for n in numbers if n in self.versions)
+
+    def kept_by_labels(self, numbers):
+        """{version: [its labels]} of the versions on disk (`numbers`) that the policy does not select but a label
+        names: they stay in service.
+
+        A label is a promise to the clients that use it: publishing version 3 under "latest" must
+        not take away the version 1 that `stable` names (TF Serving's labels, likewise, name only
+        versions it serves).  Moving or removing the label is what lets such a version go.
+        """
+        selected = self.select(numbers)
+        kept = {}
+        for label, number in sorted(self.labels.items()):
+            if number in numbers and number not in selected:
+                kept.setdefault(number, []).append(label)
+        return kept
+
+    def served(self, numbers):
+        """The versions served among `numbers` (those on disk), highest first: the policy's, and those labels keep."""
+        return tuple(sorted({*self.select(numbers), *self.kept_by_labels(numbers)}, reverse=True))
 
     def describe(self):
         policy = ({"specific": list(self.versions)} if self.policy == "specific" else
@@ -2055,7 +2133,45 @@ def load_artifact(ref, options=None):
         raise ArtifactError(f"{ref.file} holds a {type(estimator).__name__}, which has none of the methods "
                             f"{', '.join(PREDICT_METHODS)}")
     _refuse_file_readers(estimator, ref)
+    _refuse_unfitted(estimator, ref)
     return estimator, digest, len(data), skew
+
+
+def _refuse_unfitted(estimator, ref):
+    """Refuse a scikit-learn model that was never fitted, by scikit-learn's own check_is_fitted.
+
+    Loaded, it would fail every request with NotFittedError: a fault of the artifact that no
+    client can fix, so it is the load that fails, saying why.  The check runs on the model and
+    on the parts fitted in place or kept fitted (a pipeline's steps, a union's transformers, a
+    column transformer's fitted transformers_); a meta-estimator's check covers its fitted
+    copies.  Only scikit-learn's own classes are checked: a class of one's own may keep its
+    fitted state in attributes check_is_fitted cannot know.
+    """
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    for part in _fitted_parts(estimator):
+        if type(part).__module__.partition(".")[0] != "sklearn":
+            continue
+        try:
+            check_is_fitted(part)
+        except NotFittedError as error:
+            raise ArtifactError(f"{ref.file} holds a model that was never fitted: {_clip(str(error), 200)} "
+                                "(fit it, then save it again)") from None
+        except Exception:  # TypeError: not an estimator instance; tags that fail: nothing to say about fitting
+            continue
+
+
+def _fitted_parts(estimator):
+    """`estimator`, then the estimators that must be fitted for it to answer: a pipeline's steps, a union's
+    transformers and a fitted column transformer's, recursively (strings such as "passthrough" skipped)."""
+    yield estimator
+    members = getattr(estimator, "__dict__", {})
+    steps = members.get("steps") or members.get("transformer_list") or members.get("transformers_") or ()
+    for step in steps:
+        part = step[1] if isinstance(step, tuple) and len(step) >= 2 else None
+        if part is not None and not isinstance(part, str):
+            yield from _fitted_parts(part)
 
 
 def _refuse_file_readers(estimator, ref):
@@ -2179,14 +2295,69 @@ class LoadedModel:
         return outputs
 
     def _sklearn_call(self, method, inputs):
-        """The estimator's own answer; its complaints about the input are the caller's 400."""
+        """The estimator's own answer; its complaints about the input are the caller's 400, its own faults
+        (see `model_fault`) the server's 500."""
         try:
             if self.checked_call is not None:
                 return self.checked_call(getattr(self.estimator, method), inputs)
             return getattr(self.estimator, method)(inputs)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+            fault = self.model_fault(method, error)
+            if fault is not None:
+                raise fault from error
             # e.g. a text pipeline given numbers: 'int' object has no attribute 'lower'
-            raise BadRequest(f"{method} failed: {_clip(str(error))}", model=self.name) from None
+            raise BadRequest(f"{method} failed: {self._unconverted_cell(inputs, error)}{_clip(str(error))}",
+                             model=self.name) from None
+
+    def feature_label(self, position):
+        """How a message names the feature at `position`: its name when the model knows it, else its index."""
+        names = self.feature_names
+        return repr(names[position]) if names and position < len(names) else str(position)
+
+    def _unconverted_cell(self, inputs, error):
+        """"instance 0, feature 'sepal_width': " when `error` is numpy's "could not convert string to float:
+        'big'" (a model taking only numbers, given text), naming where that text was; else ""."""
+        prefix = "could not convert string to float: "
+        text = str(error)
+        values = inputs.to_numpy() if hasattr(inputs, "to_numpy") else inputs
+        if not text.startswith(prefix) or getattr(values, "ndim", 0) != 2:
+            return ""
+        quoted = text[len(prefix):]
+        for number, row in enumerate(values.tolist()):
+            for position, value in enumerate(row):
+                if isinstance(value, str) and repr(value) == quoted:
+                    return f"instance {number}, feature {self.feature_label(position)}: "
+        return ""
+
+    def artifact_fault(self, error):
+        """Whether `error`, raised by one of the estimator's methods, is the artifact's fault, not the input's.
+
+        The artifact's faults: NotFittedError (a part never fitted), and an AttributeError raised on
+        the estimator or one of its parts (AttributeError.obj), as a pickle from another scikit-learn
+        lacking an attribute its methods now read ('LogisticRegression' object has no attribute
+        'multi_class').  An AttributeError on anything else is the input's: numbers sent to a text
+        model ('int' object has no attribute 'lower').
+        """
+        from sklearn.exceptions import NotFittedError
+
+        if isinstance(error, NotFittedError):
+            return True
+        culprit = getattr(error, "obj", None) if isinstance(error, AttributeError) else None
+        return culprit is not None and any(part is culprit for part in _estimator_parts(self.estimator, [], set()))
+
+    def model_fault(self, method, error):
+        """A ModelFault, logged with its traceback, when `error` is the artifact's fault (`artifact_fault`);
+        else None."""
+        if not self.artifact_fault(error):
+            return None
+        error_id = os.urandom(6).hex()
+        logger.error("model %r version %s: %s failed on a fault of its artifact, not of the request (error_id %s)",
+                     self.name, self.version, method, error_id, exc_info=(type(error), error, error.__traceback__),
+                     extra={"model": self.name, "version": self.version})
+        skew = f"; it was {self.version_skew}" if self.version_skew else ""
+        return ModelFault(f"model {self.name!r} version {self.version} cannot answer {method}: its artifact is at "
+                          f"fault, not the request: {type(error).__name__}: {_clip(str(error))}{skew}",
+                          error_id=error_id, model=self.name, version=str(self.version))
 
     def describe(self):
         return {"estimator": self.estimator_class, "methods": list(self.methods),
@@ -2464,10 +2635,42 @@ def _build_model(ref, options=None, native=True):
         logger.warning("model %r version %s was %s: its predictions may differ (--strict-versions refuses "
                        "such artifacts)", ref.name, ref.version, skew)
     model = LoadedModel(ref, estimator, digest, size, time.perf_counter() - started, version_skew=skew)
+    _refuse_faulty(model)
     if model.make_frame is not None and _serve_arrays(estimator, model):
         model.make_frame = None
     attach_native(model, native)        # after _serve_arrays: the names it takes off would refuse it
     return model
+
+
+PROBE_FEATURES = 100_000      # the widest model _refuse_faulty probes: a row of 800 KB
+
+
+def _refuse_faulty(model):
+    """Refuse a tabular model whose methods fail on a row of zeros through a fault of the artifact, not of any
+    input (LoadedModel.artifact_fault: a pickle from another scikit-learn lacking an attribute its methods
+    read, a JSON model missing state): it would fail every request, so it is the load that fails, saying why.
+
+    One call of each method on one row, by scikit-learn; any other failure on zeros (a log transform, an
+    unknown category) says nothing about the artifact and is left to the requests.  A model without a fixed
+    width (text, sequences) is checked by its requests, or by its "warmup" rows (see _warm), and so is one
+    wider than PROBE_FEATURES (its row of zeros would cost memory a forged width can make unbounded).
+    """
+    if model.n_features is None or not 0 < model.n_features <= PROBE_FEATURES:
+        return
+    import numpy as np
+
+    probe = np.zeros((1, model.n_features))
+    inputs = probe if model.make_frame is None else model.make_frame(probe, columns=model.feature_names)
+    for method in model.methods:
+        try:
+            with np.errstate(all="ignore"):     # log(0) of a probability is no news (numpy's state is per thread)
+                getattr(model.estimator, method)(inputs)
+        except Exception as error:  # only the artifact's own faults refuse it
+            if model.artifact_fault(error):
+                skew = f" (it was {model.version_skew})" if model.version_skew else ""
+                raise ArtifactError(f"{model.ref.file}: its {method} fails on a row of zeros through a fault of "
+                                    f"the artifact, not of any input: {type(error).__name__}: "
+                                    f"{_clip(str(error))}{skew}") from None
 
 
 ###############################################################################
@@ -2691,6 +2894,7 @@ class CatalogueEntry:
     routes: dict                # {None or label: VersionSlot}
     split: tuple = None
     preloaded: bool = False     # named by --preload: its served versions load ahead and stay
+    kept: dict = dataclasses.field(default_factory=dict)   # {version: [labels]}: served only because labels name it
 
     def with_route(self, key, slot):
         return dataclasses.replace(self, routes={**self.routes, key: slot})
@@ -2713,9 +2917,10 @@ class CatalogueEntry:
             slot = self.routes.get(label)
             if slot is None:
                 known = label in settings.labels
+                where = "which is not served" if settings.labels.get(label) in self.versions else \
+                    "which is not in the store"
                 raise NotFound(f"label {_clip(repr(label), 80)} of model {name!r} "
-                               + (f"names version {settings.labels[label]}, which is not served"
-                                  if known else "is not defined"),
+                               + (f"names version {settings.labels[label]}, {where}" if known else "is not defined"),
                                model=name, labels={k: str(v) for k, v in self.wanted.items() if k},
                                served_versions=self.served_versions())
             return slot
@@ -2769,7 +2974,8 @@ class CatalogueEntry:
         for number in sorted(self.versions, reverse=True):
             slot = self.versions[number]
             info["versions"].append({**slot.describe(clock), "served": number in self.served,
-                                     "labels": sorted(k for k, v in labels.items() if v == str(number))})
+                                     "labels": sorted(k for k, v in labels.items() if v == str(number)),
+                                     "kept_by_labels": self.kept.get(number, [])})
         return info
 
     def _describe_shadow(self, agreements):
@@ -3020,8 +3226,9 @@ def _plan_entry(name, slots, previous, record, pending, preloaded):
     settings = record.settings
     if settings is None:
         return CatalogueEntry(name, slots, (), None, record.error, {}, {}, preloaded=preloaded), []
-    served = settings.select(slots)
-    wanted = {None: served[0]} if served else {}
+    selected, kept = settings.select(slots), settings.kept_by_labels(slots)
+    served = settings.served(slots)
+    wanted = {None: selected[0]} if selected else {}        # a version kept by labels only is never the default
     wanted.update({label: n for label, n in settings.labels.items() if n in served})
     routes, promotions = {}, []
     for key, current in (previous.routes.items() if previous else ()):
@@ -3033,7 +3240,7 @@ def _plan_entry(name, slots, previous, record, pending, preloaded):
         if waits and slots[number].state != LOADING:       # else a load of it is under way already
             promotions.append((name, key, slots[number]))
     return CatalogueEntry(name, slots, served, settings, record.error, wanted, routes,
-                          _traffic_split(settings, served), preloaded), promotions
+                          _traffic_split(settings, served), preloaded, kept), promotions
 
 
 def _route_target(current, wanted, slots, pending):
@@ -3123,8 +3330,10 @@ def _warm(model, rows):
     said this model takes those rows, so a model that refuses them is not the one they meant.
     Without them a tabular model is warmed on one row of zeros, and a failure there is only
     logged (the guess may not suit it: categories, a log transform); a model without a fixed
-    width (text, sequences) is not warmed, nor one whose settings say "warmup": false.  What was
-    done, and how long it took, goes in `model.warmup` for the load's log line.
+    width (text, sequences) is not warmed, nor one whose settings say "warmup": false.  A method that
+    fails on any rows through a fault of the artifact (a ModelFault: never fitted, written by another
+    scikit-learn) fails the load: that version cannot serve it.  What was done, and how long it took,
+    goes in `model.warmup` for the load's log line.
     """
     if rows is False:
         model.warmup = f'not warmed: its {SETTINGS_FILE} says "warmup": false'
@@ -3139,6 +3348,8 @@ def _warm(model, rows):
         inputs = model_inputs(model, rows, len(rows))
         for method in model.methods:
             model.call(method, inputs)
+    except ModelFault as fault:
+        raise ArtifactError(f"warming it up failed: {fault.message}") from None
     except Exception as error:
         if given:
             raise ArtifactError(f'the "warmup" rows of its {SETTINGS_FILE} failed: {error}') from None
@@ -3367,7 +3578,8 @@ class ModelRegistry:
         self.settings = SettingsFiles(self.store)
         self.settings_for = self.settings.settings_for     # the settings in force for a model name
         self.metrics = Metrics({"model_service_models_loaded": self.loaded_count,
-                                "model_service_requests_in_flight": self.in_flight})
+                                "model_service_requests_in_flight": self.in_flight,
+                                "model_service_label_version": lambda: label_versions(self._catalogue)})
         self.residency = Residency(config.max_loaded, clock, self.metrics.changed)
         self.tracing = Tracing.from_environment() if tracing is None else tracing
         self.loader = Loader(config, self.store, clock, self.residency, self.metrics, self.tracing, self.settings_for)
@@ -3427,6 +3639,8 @@ class ModelRegistry:
             logger.warning("model store %s: %s", self.store.root, EMPTY_STORE)
         elif first:
             logger.info("model store %s: %d model(s): %s", self.store.root, len(found), ", ".join(sorted(found)))
+        if first:
+            _warn_of_missing_preloads(self.config.preload, found, self.store.root)
 
     def _apply(self, found, settle):
         """Make the catalogue what the store and the models' settings ask for, then start the loads that needs.
@@ -3436,8 +3650,12 @@ class ModelRegistry:
         plan = plan_catalogue(found, self._catalogue, records, self._unsettled, settle, self._preloaded)
         for entry in plan.catalogue.values():
             entry.pin()
+        previous = self._catalogue
         self._unsettled, self._catalogue = plan.unsettled, plan.catalogue
+        _log_kept_by_labels(previous, plan.catalogue)
         self._retire(plan.departures)
+        if label_versions(plan.catalogue) != label_versions(previous):
+            self.residency.announce()           # shared between workers, the label gauge is written now
         for slot, ref in plan.replace:
             self.loader.replace(slot, ref, background=True)
         for name, key, slot in plan.promote:
@@ -3453,6 +3671,8 @@ class ModelRegistry:
             previous = self._catalogue
             self._catalogue = {**previous, name: entry.with_route(key, slot)}
             self._retire(departures(previous, self._catalogue))
+            if key is not None:
+                self.residency.announce()
         logger.info("model %r %s now answers with version %s", name,
                     f"label {key!r}" if key else "(latest)", slot.ref.version)
 
@@ -3545,8 +3765,9 @@ class ModelRegistry:
             self.require_store()
             if not valid_model_name(name):
                 raise BadRequest(f"invalid model name {_clip(repr(name), 80)}: names match ^{MODEL_NAME.pattern}$")
-            raise NotFound(f"model {name!r} not found" + (f": {EMPTY_STORE}" if not self._catalogue else ""),
-                           model=name, models=self.names())
+            near = closest(name, self._catalogue)
+            raise NotFound(f"model {name!r} not found" + (f": {EMPTY_STORE}" if not self._catalogue else "") +
+                           (f"; did you mean {near!r}?" if near else ""), model=name, models=self.names())
         return entry
 
     def slot(self, name, version=None, label=None, routing_key=None):
@@ -3673,6 +3894,40 @@ class ModelRegistry:
         self.loader.load_before_fork(self._unloaded_preloads() if self.config.preload else [])
 
 
+def label_versions(catalogue):
+    """{(model, label, version): 1} for each label and the version it answers with now (a metric's series)."""
+    return {(name, label, str(slot.ref.version)): 1 for name, entry in catalogue.items()
+            for label, slot in entry.routes.items() if label is not None}
+
+
+def _warn_of_missing_preloads(preload, found, root):
+    """A warning for each model --preload names that the store's first scan did not find (a typo: `irs`)."""
+    for name in () if preload == ALL_MODELS else preload:
+        if name not in found:
+            near = closest(name, found)
+            logger.warning("--preload names %r, which is not in the model store %s%s", name, root,
+                           f"; did you mean {near!r}?" if near else "")
+
+
+def _log_kept_by_labels(old_catalogue, catalogue):
+    """Log each version that labels start or stop keeping in service (see ModelSettings.kept_by_labels): a label
+    that held its version against the version policy is worth a warning; one that lets it go, a note why."""
+    for name in sorted(set(old_catalogue) | set(catalogue)):
+        before = old_catalogue[name].kept if name in old_catalogue else {}
+        entry = catalogue.get(name)
+        after = entry.kept if entry is not None else {}
+        for number, labels in sorted(after.items()):
+            if before.get(number) != labels:
+                logger.warning("model %r version %s stays served although its version policy does not select it: "
+                               "label(s) %s name it (move or remove them in its %s to let it go)", name, number,
+                               ", ".join(labels), SETTINGS_FILE, extra={"model": name, "version": number})
+        for number in sorted(set(before) - set(after)):
+            why = ("it left the store" if entry is None or number not in entry.versions else
+                   "its version policy selects it" if number in entry.served else "no label names it now")
+            logger.info("model %r version %s is no longer kept in service by label(s) %s: %s", name, number,
+                        ", ".join(before[number]), why, extra={"model": name, "version": number})
+
+
 def _watch(registry_ref, pid, tick):
     """A registry's watcher thread: keep housekeeping going while no request comes (idle unloads, new
     versions preloaded).  It holds the registry weakly, so a registry nobody uses any more ends its watcher.
@@ -3789,12 +4044,17 @@ def not_json_refusal(error, environ, example):
     still works, and a real form (``a=1&b=2``), XML or CSV is refused.  It is a 415 when the
     Content-Type names another format (or the error is one of media type, multipart); a 400
     when the client claimed JSON or named no format (none, text/plain, octet-stream), as the
-    body is then malformed JSON.  Either way the message shows JSON the route takes.
+    body is then malformed JSON, and when the body looks like JSON ("{" or "[" first) whatever
+    the header says: a typo sent with plain `curl -d` gets the parse error and its position
+    first, not a complaint about a header that was never the problem.  Either way the message
+    shows JSON the route takes.
     """
     media_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
     message, refusal = error.message, BadRequest
     if error.media_type:
         refusal = UnsupportedMediaType
+    elif error.looks_like_json and not _claims_json(media_type):
+        message += f" (it came as Content-Type {media_type}, as curl -d sends it: the body is read as JSON all the same)"
     elif not _claims_json(media_type):
         message, refusal = f"Content-Type {media_type}: {error.message}", UnsupportedMediaType
     if example is not None:
@@ -3829,7 +4089,8 @@ def parse_json(data, max_depth, what="request body"):
     except RecursionError:
         raise BadRequest(f"{what} is nested too deeply") from None
     except json.JSONDecodeError as error:
-        raise NotJSON(f"{what} is not valid JSON: {error}") from None
+        raise NotJSON(f"{what} is not valid JSON: {error}", looks_like_json=data.lstrip()[:1] in ("{", "[")) \
+            from None
     except DuplicateMember as error:
         raise BadRequest(f"{what} is ambiguous: {error}") from None
     except ValueError as error:                 # JSON's syntax, with NaN or a number beyond a float
@@ -4203,9 +4464,8 @@ def _refuse_coercions(model, rows):
             continue
         for position, value in enumerate(row):
             if value is True or value is False or isinstance(value, str) and _spells_number(value):
-                feature = (repr(model.feature_names[position])
-                           if model.feature_names and position < len(model.feature_names) else position)
-                raise BadRequest(f"instance {number}, feature {feature}: {_clip(json.dumps(value), 40)} is "
+                raise BadRequest(f"instance {number}, feature {model.feature_label(position)}: "
+                                 f"{_clip(json.dumps(value), 40)} is "
                                  f"{'a boolean' if isinstance(value, bool) else 'a string'}, not a number: "
                                  "send numbers as JSON numbers (null for a missing value)", model=model.name)
 
@@ -6047,6 +6307,25 @@ SERVICE_ROUTES = (
 )
 ROUTES = SERVICE_ROUTES + tuple(route for protocol in PROTOCOLS for route in protocol.registered_routes())
 
+
+def nearest_route(method, path):
+    """"POST /models/iris/predict": the route closest to a path no route has, or None when none comes close.
+
+    Each route's template is filled with the request's own path segments where it takes parameters
+    (so /model/iris/predict is compared with /models/iris/predict, not with /models/{name}/predict),
+    and the closest filled path wins, a route of the request's method before another's."""
+    segments = path.strip("/").split("/")
+    best, suggestion = 0.75, None
+    for route in ROUTES:
+        template = route.path.strip("/").split("/")
+        filled = "/" + "/".join(
+            re.sub(r"\{\w+\}", lambda _: segments[index].partition(":")[0], part)
+            if "{" in part and index < len(segments) else part for index, part in enumerate(template))
+        score = difflib.SequenceMatcher(None, path, filled).ratio() + (0.01 if route.method == method else 0)
+        if score > best and filled != path:
+            best, suggestion = score, f"{route.method} {filled}"
+    return suggestion
+
 access_logger = logging.getLogger("service.access")
 
 
@@ -6157,6 +6436,7 @@ class ServiceApp:
                     _share_logs(config)
                     if self.tracing.problem:
                         logger.error("traces are off: %s", self.tracing.problem)
+                    warn_of_stray_variables(os.environ)
                     self._logs_shared = True
         try:
             if self.misconfigured:
@@ -6288,7 +6568,9 @@ class ServiceApp:
             except ServiceError as refused:
                 return self._answer_error(refused)
         if status == 404:
-            error = NotFound(f"no route for {request.method} {_clip(request.path, 200)}")
+            near = nearest_route(request.method, request.path)
+            error = NotFound(f"no route for {request.method} {_clip(request.path, 200)}"
+                             + (f"; did you mean {near}?" if near else "") + " (every route is listed in /openapi.json)")
         elif status == 405:
             allowed = http_error.headers.get("Allow", "")
             error = MethodNotAllowed(f"method {request.method} is not allowed here; allowed: {allowed}",
@@ -6862,10 +7144,15 @@ def _metrics_across_workers():
 # compare: the check before promoting a version, runnable in CI with --fail-under.
 
 class _OneLineErrors(argparse.ArgumentParser):
-    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
+    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them).
+    An unknown option is answered with the closest one, when one is close."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        flags = [word.partition("=")[0] for word in unknown if word.startswith("--")]
+        near = next(filter(None, (closest(flag, self._option_string_actions) for flag in flags)), None)
+        hint = f"; did you mean {near}?" if near else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} ({self.prog} --help lists the options)\n")
 
 
 REPLAY_LINE_BYTES = 64 * 1024 * 1024    # a line longer than a payload file's size is none the service wrote
@@ -7494,12 +7781,30 @@ def profile_command(argv):
 ###############################################################################
 
 
+def program_name():
+    """The service's command as it was run, for its messages: `python service.py`, or the installed
+    `model-service`."""
+    return "python service.py" if os.path.basename(sys.argv[0]) == "service.py" else SERVICE_NAME
+
+
+def _commands():
+    """{name: (its function, what it does)}: the commands besides serving (`PROGRAM NAME --help` for each).
+    A function, so that export, an appendix's, is named only at run time."""
+    return {"export": (export_command, "write an artifact as a JSON model or a .skops file, proved alike"),
+            "replay": (replay_command, "score a payload log again on one version of a model and compare"),
+            "drift": (drift_command, "compare a payload log's rows and predictions with the training data"),
+            "profile": (profile_command, "summarise a model's training rows for drift, beside the model")}
+
+
 def build_parser():
+    program = program_name()
+    commands = "".join(f"  {program} {name:<8} {what}\n" for name, (_, what) in _commands().items())
     parser = _OneLineErrors(
-        prog="model-service",
-        description="Serve the scikit-learn models in a folder over HTTP (JSON in, JSON out).",
-        epilog=f"Every option can also be set by an environment variable ({ENV_PREFIX}<OPTION>, "
-               "for example MODEL_SERVICE_PORT=9000); a flag beats the environment, which beats the default.")
+        prog=program, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve the scikit-learn models in a folder over HTTP (JSON in, JSON out).\n\n"
+                    f"Other commands (each with its own --help):\n{commands}",
+        epilog=f"Every option can also be set by an environment variable ({ENV_PREFIX}<OPTION>, for example\n"
+               "MODEL_SERVICE_PORT=9000); a flag beats the environment, which beats the default.")
     for setting in SETTINGS:
         default = setting.default
         shown = "none" if default in (None, ()) else ("yes" if default else "no") if type(default) is bool else default
@@ -7533,14 +7838,9 @@ def _store_problem(store, flags):
 def main(argv=None, serve=serve):
     """Command line entry point; returns the exit code.  `serve` is injectable for tests."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["export"]:
-        return export_command(argv[1:])
-    if argv[:1] == ["replay"]:
-        return replay_command(argv[1:])
-    if argv[:1] == ["drift"]:
-        return drift_command(argv[1:])
-    if argv[:1] == ["profile"]:
-        return profile_command(argv[1:])
+    commands = _commands()
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]][0](argv[1:])
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
 
@@ -7567,6 +7867,7 @@ def main(argv=None, serve=serve):
         refuse(str(error))
     if traced and _otel_sdk_missing():
         refuse(_otel_sdk_missing())
+    warn_of_stray_variables(os.environ)
     application = create_app(config=config)
     if config.workers == 1:          # under --workers the parent loads before forking, without threads
         application.registry.refresh()
@@ -7578,7 +7879,10 @@ def main(argv=None, serve=serve):
         logger.error("server %r is not installed: %s", config.server, error)
         return 2
     except (OSError, ValueError) as error:      # waitress: "Invalid host/port specified." for a bad --host
-        logger.error("cannot serve on %s:%s: %s", config.host, config.port, error)
+        busy = isinstance(error, OSError) and error.errno == errno.EADDRINUSE
+        logger.error("cannot serve on %s:%s: %s%s", config.host, config.port, error,
+                     "; another process holds the port: stop it, or pick another with --port N (or "
+                     f"{ENV_PREFIX}PORT)" if busy else "")
         return 1
     return 0
 

@@ -91,7 +91,7 @@ def test_status_codes_come_from_the_error_classes():
     ("POST", "/models/iris/predict", b"{", 400, "bad_request", None),
     ("POST", "/models/iris/predict", b'{"instances": [[1, 2]]}', 400, "bad_request", None),
     ("POST", "/models/nope/predict", b'{"instances": [[1, 2]]}', 404, "not_found", None),
-    ("POST", "/v1/models/iris:explain", b"{}", 501, "not_implemented", None),
+    ("POST", "/v1/models/iris:explain", b"{}", 400, "bad_request", None),      # a :predict body, without rows
     ("POST", "/admin/rescan", None, 403, "forbidden", None),
 ])
 def test_every_refusal_is_json_with_its_status_code_and_headers(iris_client, method, path, body, status, code,

@@ -4473,13 +4473,13 @@ class Protocol:
         return app.predict(self, **route)
 
     def alive(self, app):
-        return app.alive()
+        return SERVICE_ANSWERS.alive(app)
 
     def ready(self, app):
-        return app.ready()
+        return SERVICE_ANSWERS.ready(app)
 
     def model_names(self, app):
-        return app.model_names()
+        return SERVICE_ANSWERS.model_names(app)
 
 
 def choose_method(model, requested, unknown=NotFound):
@@ -6401,9 +6401,9 @@ class Shadow:
 ###############################################################################
 # HTTP application ############################################################
 ###############################################################################
-# One table, ROUTES, names every route: its path, the method that answers (the app's, or its
-# protocol's), who may call it, and how OpenAPI documents it: the service's own rows here, each
-# protocol's in its block.  Every prediction, of every protocol, goes through one core
+# One table, ROUTES, names every route: its path, the method that answers (the service's own,
+# ServiceAnswers, or its protocol's), who may call it, and how OpenAPI documents it: the service's own
+# rows here, each protocol's in its block.  Every prediction, of every protocol, goes through one core
 # (ServiceApp.predict) with the protocol; every refusal is a ServiceError, turned into an answer in
 # one place (ServiceApp.refusal), Bottle's own 404, 405 and 500 included, so no answer is HTML.
 
@@ -6626,11 +6626,11 @@ class ServiceApp:
 
     def _endpoint(self, route):
         """The callback of one route: its access checked, its protocol noted for refusals, the URL's version
-        made a number, then its handler (the protocol's, given the app, or the app's); a body that is not
+        made a number, then its handler (its protocol's or the service's own, given the app); a body that is not
         JSON, on a route that takes one, is answered with the route's example."""
         protocol, args, access, config = route.protocol, dict(route.args), route.access, self.config
-        handler = functools.partial(getattr(protocol, route.handler), self, **args) if protocol is not None \
-            else functools.partial(getattr(self, route.handler), **args)
+        owner = protocol if protocol is not None else SERVICE_ANSWERS
+        handler = functools.partial(getattr(owner, route.handler), self, **args)
         takes_body, example = route.body is not None, BODY_EXAMPLES.get(route.body)
 
         def endpoint(**parameters):
@@ -6786,63 +6786,71 @@ class ServiceApp:
                 _log_fields.reset(fields)
         return model, results
 
+
+class ServiceAnswers:
+    """The service's own routes (SERVICE_ROUTES): the index, health, metrics, OpenAPI, the catalogue and
+    administration.  Each handler is called with the app first, as a protocol's are, so that the app
+    holds only what every request goes through."""
+
     # -- service ------------------------------------------------------------------------------
-    def index(self):
+    def index(self, app):
         if "text/html" in bottle.request.environ.get("HTTP_ACCEPT", ""):
             return bottle.HTTPResponse(CONSOLE_HTML, headers={"Content-Type": "text/html; charset=utf-8",
                                                              "Content-Security-Policy": CONSOLE_CSP})
         return {"name": SERVICE_NAME, "version": __version__, "status": "alive",
-                "models": self.registry.names(),
+                "models": app.registry.names(),
                 "links": {route.link: route.path for route in ROUTES if route.link}}
 
-    def alive(self):
+    def alive(self, app):
         return {"status": "alive"}
 
-    def ready(self, counts=False):
-        reason = self.registry.not_ready_reason()
+    def ready(self, app, counts=False):
+        reason = app.registry.not_ready_reason()
         if reason:
             raise ModelUnavailable(f"not ready: {reason}", ready=False)
         if not counts:
             return {"ready": True}
-        return {"ready": True, "models": len(self.registry.names()), "loaded": self.registry.loaded_count()}
+        return {"ready": True, "models": len(app.registry.names()), "loaded": app.registry.loaded_count()}
 
-    def prometheus_metrics(self):
-        text = self.metrics.render()
+    def prometheus_metrics(self, app):
+        text = app.metrics.render()
         return bottle.HTTPResponse(text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    def openapi(self):
-        return openapi_document(self.registry)
+    def openapi(self, app):
+        return openapi_document(app.registry)
 
     # -- models -------------------------------------------------------------------------------
-    def model_names(self):
-        self.registry.require_store()
-        return {"models": self.registry.names()}
+    def model_names(self, app):
+        app.registry.require_store()
+        return {"models": app.registry.names()}
 
-    def list_models(self):
-        self.registry.require_store()
-        return {"models": self.registry.describe_all()}
+    def list_models(self, app):
+        app.registry.require_store()
+        return {"models": app.registry.describe_all()}
 
-    def show_model(self, name):
-        return self.registry.describe(name)
+    def show_model(self, app, name):
+        return app.registry.describe(name)
 
-    def show_version(self, name, version):
-        for info in self.registry.describe(name)["versions"]:
+    def show_version(self, app, name, version):
+        for info in app.registry.describe(name)["versions"]:
             if info["version"] == str(version):
                 return {"name": name, **info}
-        self.registry.slot(name, version)         # the 400 or 404 that explains why
+        app.registry.slot(name, version)         # the 400 or 404 that explains why
         raise NotFound(f"model {name!r} has no version {version}", model=name)
 
-    def show_label(self, name, label):
-        return {"name": name, "label": label, "version": str(self.registry.slot(name, label=label).ref.version)}
-
+    def show_label(self, app, name, label):
+        return {"name": name, "label": label, "version": str(app.registry.slot(name, label=label).ref.version)}
 
     # -- administration: only what is already in the store ----------------------------------
-    def reload_model(self, name):
-        outcome = self.registry.reload(name)
-        return {**self.registry.describe(name), "reload": outcome}
+    def reload_model(self, app, name):
+        outcome = app.registry.reload(name)
+        return {**app.registry.describe(name), "reload": outcome}
 
-    def rescan(self):
-        return {"models": self.registry.rescan()}
+    def rescan(self, app):
+        return {"models": app.registry.rescan()}
+
+
+SERVICE_ANSWERS = ServiceAnswers()
 
 
 def _check_access(environ, access, config):

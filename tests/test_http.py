@@ -36,7 +36,7 @@ def test_every_route_has_one_row_with_its_access_and_documentation():
     for route in service.ROUTES:
         assert route.access in (service.OPEN, service.TOKEN, service.ADMIN), route
         assert route.summary and route.tag, route
-        assert callable(getattr(route.protocol or service.ServiceApp, route.handler)), route
+        assert callable(getattr(route.protocol or service.SERVICE_ANSWERS, route.handler)), route
     assert {route.path for route in service.ROUTES if route.access == service.OPEN} == {"/", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/ping", "/health"}
     admin = {route.path for route in service.ROUTES if route.access == service.ADMIN}
     assert admin == {"/admin/rescan", "/models/{name}/reload", "/v2/repository/models/{name}/load",

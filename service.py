@@ -7360,11 +7360,11 @@ def _check_members(estimator, state, where, load):
                                 and m.__dict__.get("n_features_in_") == n_features for m in flat):
         raise ArtifactError(f"{where}: every member must be a tree of the ensemble's {n_features} features")
     if "init_" in state:                     # gradient boosting: stages x trees per stage of regression trees
+        _check_trees_per_iteration(state, where)
         width = state.get("n_trees_per_iteration_")
         if not isinstance(members, np.ndarray) or members.ndim != 2 or members.shape[1] != width or \
                 any(m.tree_.n_outputs != 1 or int(m.tree_.n_classes[0]) != 1 for m in flat):
             raise ArtifactError(f"{where}: estimators_ must be stages of {width} single-output regression trees")
-        _check_trees_per_iteration(state, where)
         if state.get("init_") != "zero":
             _check_init_width(estimator, n_features, width, where)
         return
@@ -7489,16 +7489,18 @@ def _check_libsvm(svm, where):
     """libsvm indexes support vectors, coefficients and intercepts by counts the state holds."""
     vectors, counts = svm.__dict__["support_vectors_"], svm.__dict__["_n_support"]
     dual, intercept = svm.__dict__["_dual_coef_"], svm.__dict__["_intercept_"]
-    n_vectors = len(vectors)
+    precomputed = svm.kernel == "precomputed"          # its support vectors are columns of a request's kernel row
+    n_vectors = len(svm.support_) if precomputed else len(vectors)
     classifier = svm._impl in ("c_svc", "nu_svc")
     n_classes = len(counts) if classifier else 2
     pairs = n_classes * (n_classes - 1) // 2
     probabilities = [svm.__dict__[k] for k in ("_probA", "_probB")]
-    sizes = (pairs,) if svm.__dict__.get("_effective_probability") or svm.__dict__.get("probability") else (0, pairs)
+    probability = svm.__dict__.get("_effective_probability", svm.__dict__.get("probability"))  # "deprecated" in 1.9
+    sizes = (pairs,) if probability is True else (0, pairs)
     if counts.shape != (n_classes,) or n_classes < 2 or counts.min(initial=0) < 0 or \
             (classifier and int(counts.sum()) != n_vectors) or len(svm.support_) != n_vectors or \
             dual.shape != (n_classes - 1, n_vectors) or intercept.shape != (pairs,) or \
-            (svm.kernel != "precomputed" and vectors.shape[1] != svm.__dict__.get("n_features_in_")) or \
+            (vectors.shape != (0, 0) if precomputed else vectors.shape[1] != svm.__dict__.get("n_features_in_")) or \
             not all(p.shape in ((size,) for size in sizes) for p in probabilities):
         raise ArtifactError(f"{where}: the SVM's support vectors, coefficients and intercepts do not agree")
 

@@ -7250,10 +7250,12 @@ def _check_estimator(estimator, where, load):
             estimator._validate_params()      # every hyper-parameter in its documented range
     except (InvalidParameterError, AttributeError, TypeError) as error:
         raise ArtifactError(f"{where}: {_clip(str(error))}") from None
-    for name, lowest in (("n_jobs", -1024), ("_n_threads", 1)):   # become threads or an OpenMP setting
+    for name, lowest in (("n_jobs", -1024), ("_n_threads", 1)):   # become threads, processes or OpenMP's
         value = state.get(name)
-        if value is not None and not (_is_int(value) and lowest <= value <= 1024 and value != 0):
-            raise ArtifactError(f"{where}.{name}: a thread count must be an integer from {lowest} to 1024, not 0")
+        if value is not None and not (_is_int(value) and lowest <= value and value != 0):
+            raise ArtifactError(f"{where}.{name}: a thread count must be an integer from {lowest} up, not 0")
+        if value is not None and value > (os.cpu_count() or 1):   # a file never starts more workers than CPUs
+            state[name] = os.cpu_count() or 1
     n_features = state.get("n_features_in_")
     if n_features is not None and not (_is_int(n_features) and n_features >= 1):
         raise ArtifactError(f"{where}.n_features_in_ must be a positive integer")
@@ -7507,10 +7509,11 @@ def _check_libsvm(svm, where):
 
 # A text vectorizer's work per request is set by its state: its token pattern runs on every text a
 # request sends (a pattern that backtracks, such as (\w+)+$, takes exponential time on a crafted text)
-# and every n-gram length up to max_n is counted.  A JSON model may use the token patterns people use,
-# and n-grams up to MAX_NGRAM: no data-only file can make one request take hours.
+# and every n-gram length up to max_n is counted and held (memory grows with max_n squared per token).
+# A JSON model may use the token patterns people use, and n-grams of up to MAX_NGRAM words or
+# characters: no data-only file can make one request take hours or hold far more than it sends.
 SAFE_TOKEN_PATTERNS = (r"(?u)\b\w\w+\b", r"(?u)\b\w+\b", r"\b\w\w+\b", r"\b\w+\b", r"(?u)\S+", r"\S+", None)
-MAX_NGRAM = 32
+MAX_NGRAM = 8
 
 
 def _check_vectorizer(estimator, state, where, load):

@@ -92,120 +92,185 @@ def strategies():
     return {"nodes": nodes, "integers": integers}
 
 
-def near_tree(draw, count, leaf_child):
-    """(left, right, is_leaf) of `count` nodes laid out depth first, as scikit-learn does, then perhaps broken:
-    a child pointing back, at itself, at another's child or past the end, or one child missing."""
+# What one generated structure gets wrong (at most one thing, so that what follows it is reached too).
+FAULTS = ("none", "none", "children", "children", "empty", "feature", "threshold", "flag", "column", "value",
+          "n_features", "n_classes", "bitsets")
+TREE_FIELDS = {"left_child": "<i8", "right_child": "<i8", "feature": "<i8", "threshold": "<f8", "impurity": "<f8",
+               "n_node_samples": "<i8", "weighted_n_node_samples": "<f8", "missing_go_to_left": "|u1"}
+PREDICTOR_FIELDS = {"value": "<f8", "count": "<u4", "feature_idx": "<i8", "num_threshold": "<f8",
+                    "missing_go_to_left": "|u1", "left": "<u4", "right": "<u4", "gain": "<f8", "is_leaf": "|u1",
+                    "bin_threshold": "|u1", "is_categorical": "|u1", "bitset_idx": "<u4"}
+
+
+def layout(draw, most, leaf_child):
+    """(left, right, is_leaf) of a random tree of at most `most` nodes, laid out depth first as scikit-learn
+    lays trees out."""
     from hypothesis import strategies as st
 
-    left, right, leaf = [leaf_child] * count, [leaf_child] * count, [True] * count
+    left, right, leaf = [leaf_child] * most, [leaf_child] * most, [True] * most
     stack, free = [0], 1
     while stack:
         index = stack.pop()
-        if free + 2 <= count and draw(st.booleans()):
+        if free + 2 <= most and draw(st.integers(0, 3)):
             left[index], right[index], leaf[index] = free, free + 1, False
             stack += [free + 1, free]
             free += 2
-    for _ in range(draw(st.integers(0, 2))):
-        index = draw(st.integers(0, max(count - 1, 0))) if count else 0
-        if not count:
-            break
-        side = draw(st.sampled_from((left, right)))
-        side[index] = draw(st.sampled_from((0, index, max(index - 1, 0), count - 1, count, count + 1, leaf_child,
-                                            2**31 - 1)))
-        leaf[index] = draw(st.booleans()) if draw(st.integers(0, 3)) == 0 else leaf[index]
-    return left, right, leaf
+    return left[:free], right[:free], leaf[:free]
 
 
-def structures(original, columns_whole=False):
-    """A tree or histogram predictor like `original` (its width and classes as hints), generated whole; with
-    `columns_whole`, its node fields all present, of their own dtypes and as long (version 1 records)."""
+def broken_children(draw, left, right, leaf):
+    """One inner node's child pointed back, at itself, at another's child, past the end or nowhere."""
+    from hypothesis import strategies as st
+
+    inner = [index for index, is_leaf in enumerate(leaf) if not is_leaf]
+    index = draw(st.sampled_from(inner or [0]))
+    count = len(left)
+    side = draw(st.sampled_from((left, right)))
+    side[index] = draw(st.sampled_from((0, index, max(index - 1, 0), count - 1, count, count + 1, -1, -2,
+                                        2**31 - 1, 2**32 - 1, left[index], right[index])))
+
+
+def structures(kind, hints, records=False):
+    """A tree or histogram predictor (`kind`) in the current format, generated node by node after `hints`
+    (n_features, n_classes per output), with at most one fault (FAULTS); with `records`, its node fields
+    whole (to be written as version 1 records)."""
     from hypothesis import strategies as st
 
     @st.composite
     def build(draw):
         import numpy as np
 
-        count = draw(st.one_of(st.integers(1, 24), st.just(0)))
-        predictor = original["$type"] == "tree_predictor"
-        left, right, leaf = near_tree(draw, count, 0 if predictor else -1)
-        n_features = original.get("n_features", 4)
-        features = [draw(st.sampled_from((0, 1, n_features - 1, n_features, -1, -2, 2**31)))
-                    if not is_leaf or predictor else -2 for is_leaf in leaf]
-        thresholds = draw(st.lists(st.one_of(st.floats(), st.sampled_from((math.nan, math.inf))),
-                                   min_size=count, max_size=count))
+        predictor = kind == "tree_predictor"
+        fault = draw(st.sampled_from([f for f in FAULTS if not records or f != "column"]))
+        n_features = hints[0]
+        left, right, leaf = layout(draw, draw(st.integers(1, 31)), 0 if predictor else -1)
+        if fault == "children":
+            broken_children(draw, left, right, leaf)
+        finite = st.one_of(st.floats(allow_nan=False), st.sampled_from((0.0, -0.0, 5e-324)))
+        inner = [index for index, is_leaf in enumerate(leaf) if not is_leaf] or [0]
+        columns = {"feature": [draw(st.integers(0, n_features - 1)) if not is_leaf else 0 if predictor else -2
+                               for is_leaf in leaf],
+                   "threshold": [draw(finite) for _ in leaf],
+                   "missing_go_to_left": [draw(st.integers(0, 1)) for _ in leaf]}
+        if fault == "feature":
+            columns["feature"][draw(st.sampled_from(inner))] = draw(st.sampled_from((n_features, -1, -2, 2**31)))
+        if fault == "threshold":
+            columns["threshold"][draw(st.sampled_from(inner))] = math.nan
+        if fault == "flag":
+            columns["missing_go_to_left"][draw(st.sampled_from(inner))] = draw(st.integers(2, 255))
         if predictor:
-            columns = {"value": thresholds, "count": [1] * count, "feature_idx": features, "num_threshold": thresholds,
-                       "missing_go_to_left": draw(st.lists(st.integers(0, 2), min_size=count, max_size=count)),
-                       "left": [v % 2**32 for v in left], "right": [v % 2**32 for v in right], "gain": [0.0] * count,
-                       "is_leaf": [int(v) for v in leaf], "bin_threshold": [0] * count,
-                       "is_categorical": draw(st.lists(st.integers(0, 1), min_size=count, max_size=count)),
-                       "bitset_idx": draw(st.lists(st.integers(0, 3), min_size=count, max_size=count))}
-            types = {"value": "<f8", "count": "<u4", "feature_idx": "<i8", "num_threshold": "<f8",
-                     "missing_go_to_left": "|u1", "left": "<u4", "right": "<u4", "gain": "<f8", "is_leaf": "|u1",
-                     "bin_threshold": "|u1", "is_categorical": "|u1", "bitset_idx": "<u4"}
+            node, types = _predictor(draw, fault, columns, left, right, leaf), dict(PREDICTOR_FIELDS)
         else:
-            columns = {"left_child": left, "right_child": right, "feature": features, "threshold": thresholds,
-                       "impurity": [0.0] * count, "n_node_samples": [1] * count,
-                       "weighted_n_node_samples": [1.0] * count,
-                       "missing_go_to_left": draw(st.lists(st.integers(0, 2), min_size=count, max_size=count))}
-            types = {"left_child": "<i8", "right_child": "<i8", "feature": "<i8", "threshold": "<f8",
-                     "impurity": "<f8", "n_node_samples": "<i8", "weighted_n_node_samples": "<f8",
-                     "missing_go_to_left": "|u1"}
-        broken = "none" if columns_whole else draw(st.sampled_from(("none", "none", "none", "dtype", "length",
-                                                                     "missing", "extra")))
-        name = draw(st.sampled_from(sorted(columns)))
-        if broken == "dtype":
-            types[name] = draw(st.sampled_from(("<f4", "<i4", "|O", ">i8", "<u8")))
-        elif broken == "length":
-            columns[name] = columns[name] + columns[name][:1] + [0]
-        elif broken == "missing":
-            del columns[name], types[name]
-        elif broken == "extra":
-            columns["depth"], types["depth"] = [2**31] * count, "<u4"
-        nodes = {}
-        for key, values in columns.items():
-            with np.errstate(all="ignore"):
-                array = np.array([v if types[key] != "|O" else 0 for v in values]).astype(
-                    types[key] if types[key] != "|O" else "<i8")
-            nodes[key] = json_fuzz.array_node(array) if types[key] != "|O" else \
-                {"$type": "ndarray", "dtype": "|O", "shape": [len(values)], "items": list(values)}
-        node = {"$type": original["$type"], "nodes": nodes}
-        if predictor:
-            for key in ("binned_left_cat_bitsets", "raw_left_cat_bitsets"):
-                node[key] = json_fuzz.array_node(np.zeros((draw(st.integers(0, 3)), draw(st.sampled_from((8, 7)))),
-                                                          dtype=draw(st.sampled_from(("<u4", "<u4", "<i4")))))
-        else:
-            outputs, classes = draw(st.integers(1, 2)), draw(st.integers(1, 3))
-            rows = count + draw(st.sampled_from((0, 0, 0, 1, -1)))
-            node["value"] = json_fuzz.array_node(np.zeros((max(rows, 0), outputs, classes)))
-            node["n_features"] = draw(st.sampled_from((n_features, n_features, n_features + 1, 2**27, 0, -1)))
-            node["n_classes"] = draw(st.sampled_from(([classes] * outputs, [classes + 1] * outputs, [0], [],
-                                                      [classes] * outputs + [1])))
+            node, types = _tree(draw, fault, columns, left, right, hints), dict(TREE_FIELDS)
+        if fault == "empty":
+            node["nodes"] = {key: [] for key in node["nodes"]}
+        if fault == "column":
+            _break_column(draw, node["nodes"], types)
+        with np.errstate(all="ignore"):
+            node["nodes"] = {key: json_fuzz.array_node(np.array(values, dtype=np.float64 if types[key][1] == "f"
+                                                                else np.int64).astype(types[key]))
+                             for key, values in node["nodes"].items()}
         return node
     return build()
 
 
+def _tree(draw, fault, columns, left, right, hints):
+    """A tree node of these columns, its values of the hinted outputs and classes (one fault may change them)."""
+    from hypothesis import strategies as st
+    import numpy as np
+
+    n_features, n_classes = hints
+    count, outputs, widest = len(left), len(n_classes), max(n_classes)
+    rows = max(count + (draw(st.sampled_from((1, -1))) if fault == "value" else 0), 0)
+    values = draw(st.lists(st.floats(0, 100), min_size=rows * outputs * widest, max_size=rows * outputs * widest))
+    node = {"$type": "tree", "n_features": n_features, "n_classes": list(n_classes),
+            "value": json_fuzz.array_node(np.array(values, dtype=np.float64).reshape(rows, outputs, widest)),
+            "nodes": {"left_child": left, "right_child": right, "feature": columns["feature"],
+                      "threshold": columns["threshold"], "impurity": [0.0] * count, "n_node_samples": [1] * count,
+                      "weighted_n_node_samples": [1.0] * count, "missing_go_to_left": columns["missing_go_to_left"]}}
+    if fault == "n_features":
+        node["n_features"] = draw(st.sampled_from((n_features + 1, 2**27, 0, -1, 2**63 - 1)))
+    if fault == "n_classes":
+        node["n_classes"] = draw(st.sampled_from(([widest + 1] * outputs, [0], [], list(n_classes) + [1], [2**62])))
+    return node
+
+
+def _predictor(draw, fault, columns, left, right, leaf):
+    """A predictor node of these columns and its categorical bitsets (one fault may break those)."""
+    from hypothesis import strategies as st
+    import numpy as np
+
+    count = len(left)
+    splits = draw(st.integers(0, 3))
+    nodes = {"value": [draw(st.floats(-10, 10)) for _ in leaf], "count": [1] * count,
+             "feature_idx": columns["feature"], "num_threshold": columns["threshold"],
+             "missing_go_to_left": columns["missing_go_to_left"], "left": [v % 2**32 for v in left],
+             "right": [v % 2**32 for v in right], "gain": [0.0] * count, "is_leaf": [int(v) for v in leaf],
+             "bin_threshold": [0] * count, "is_categorical": [0] * count,
+             "bitset_idx": [draw(st.integers(0, max(splits - 1, 0))) for _ in leaf]}
+    width, dtype = 8, "<u4"
+    if fault == "bitsets":
+        nodes["is_categorical"][draw(st.integers(0, count - 1))] = 1
+        nodes["bitset_idx"] = [draw(st.sampled_from((splits, splits + 1, 2**32 - 1))) for _ in leaf]
+        width, dtype = draw(st.sampled_from((8, 7))), draw(st.sampled_from(("<u4", "<i4")))
+    if fault == "flag":
+        nodes[draw(st.sampled_from(("is_leaf", "is_categorical")))][draw(st.integers(0, count - 1))] = 2
+    node = {"$type": "tree_predictor", "nodes": nodes}
+    for key in ("binned_left_cat_bitsets", "raw_left_cat_bitsets"):
+        node[key] = json_fuzz.array_node(np.zeros((splits, width), dtype=dtype))
+    return node
+
+
+def _break_column(draw, nodes, types):
+    """One node field of another dtype or length, missing, or one the loader computes given too."""
+    from hypothesis import strategies as st
+
+    name = draw(st.sampled_from(sorted(nodes)))
+    broken = draw(st.sampled_from(("dtype", "length", "missing", "extra")))
+    if broken == "dtype":
+        types[name] = draw(st.sampled_from(("<f4", "<i4", ">i8", "<u8", "|u1")))
+    elif broken == "length":
+        nodes[name] = list(nodes[name]) + [0]
+    elif broken == "missing":
+        del nodes[name]
+    else:
+        nodes["depth"], types["depth"] = [2**31] * len(nodes[name]), "<u4"
+
+
+def hints_of(node):
+    """(n_features, n_classes per output) of a structure site, in either format (a predictor's: a guess)."""
+    if node.get("$type") == "tree":
+        return node["n_features"], node["n_classes"]
+    if node.get("args"):
+        return node["args"][0], json_fuzz.read_array(node["args"][1]).tolist()
+    return 4, [1]
+
+
 def documents_to_try(grammar, documents):
-    """Hypothesis's strategy of (document name, what was put where, the document)."""
+    """Hypothesis's strategy of (document name, what was put where, the document): half the time one of the
+    document's trees or predictors generated anew, else any site given a node of the grammar."""
     from hypothesis import strategies as st
     import service
 
     names = sorted(documents)
     places = {name: json_fuzz.sites(documents[name])[1:] for name in names}
+    structures_at = {name: [(path, node) for path, node in places[name] if isinstance(node, dict) and (
+        node.get("$type") in ("tree", "tree_predictor") or node.get("class") in service.JSON_STRUCTURES)]
+        for name in names}
 
     @st.composite
     def document(draw):
         name = draw(st.sampled_from(names))
-        path, node = draw(st.sampled_from(places[name]))
-        if isinstance(node, dict) and node.get("$type") in ("tree", "tree_predictor") and draw(st.booleans()):
-            replacement = draw(structures(node))
-        elif isinstance(node, dict) and node.get("class") in service.JSON_STRUCTURES and draw(st.booleans()):
-            replacement = json_fuzz.as_version_1(draw(structures({"$type": service.JSON_STRUCTURES[node["class"]]},
-                                                                 columns_whole=True)))
-        elif type(node) is int and draw(st.booleans()):
-            replacement = draw(grammar["integers"])
+        if structures_at[name] and draw(st.booleans()):
+            path, node = draw(st.sampled_from(structures_at[name]))
+            version_1 = node.get("$type") == "object"
+            replacement = draw(structures(service.JSON_STRUCTURES[node["class"]] if version_1 else node["$type"],
+                                          hints_of(node), records=version_1))
+            if version_1:
+                replacement = json_fuzz.as_version_1(replacement)
         else:
-            replacement = draw(grammar["nodes"])
+            path, node = draw(st.sampled_from(places[name]))
+            replacement = draw(grammar["integers"] if type(node) is int and draw(st.booleans()) else grammar["nodes"])
         what = ".".join(map(str, path)) + f" = {json_fuzz._clip(replacement, 120)}"
         return name, what, json_fuzz.replaced(documents[name], path, replacement)
     return document()

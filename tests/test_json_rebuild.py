@@ -330,6 +330,28 @@ def test_the_limits_are_settings_the_store_applies(tmp_path, make_client):
     assert service.JsonLimits.of(service.Config()) == service.JsonLimits()
 
 
+def test_a_file_never_makes_a_prediction_start_more_workers_than_the_machine_has_cpus():
+    """A ColumnTransformer with n_jobs=64 forks 64 worker processes at its first transform: 1024 would take
+    the machine's memory."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import MinMaxScaler, StandardScaler
+
+    columns = ColumnTransformer([("a", StandardScaler(), [0, 1]), ("b", MinMaxScaler(), [2, 3])]).fit(X)
+    doc = document(columns)
+    doc["estimator"]["state"]["n_jobs"] = 1024
+    assert service.load_json_model(json.dumps(doc)).n_jobs == os.cpu_count()
+    doc["estimator"]["state"]["n_jobs"] = 0
+    refused(doc, "n_jobs: a thread count must be an integer")
+
+
+def test_a_vectorizer_counts_ngrams_of_at_most_eight_words_or_characters():
+    pipeline = make_pipeline(CountVectorizer(analyzer="char", ngram_range=(2, 8)), MultinomialNB())
+    doc = document(pipeline.fit(["a good film", "a bad film"], [1, 0]))
+    service.load_json_model(json.dumps(doc))
+    doc["estimator"]["state"]["steps"][0]["items"][1]["state"]["ngram_range"]["items"][1] = 9
+    refused(doc, "max_n <= 8")
+
+
 # -- 5. every check is in the decoder: the public API gets them all ------------------------------------------
 
 @pytest.mark.parametrize("mode", ["filename", "file"])

@@ -24,7 +24,8 @@ FLAGS = ["--store", "--host", "--port", "--server", "--threads", "--default-mode
          "--idle-unload", "--safe-pickle", "--trust", "--strict-versions", "--admin-token", "--cors-origins",
          "--allowed-hosts", "--shutdown-timeout", "--log-level", "--workers", "--access-log", "--max-batch-size",
          "--max-latency-ms", "--max-url-bytes", "--max-inflight", "--max-predict-seconds", "--auth-tokens",
-         "--payload-log", "--payload-log-sample", "--native", "--log-format"]
+         "--payload-log", "--payload-log-sample", "--native", "--log-format", "--json-max-nodes", "--json-max-width",
+         "--json-max-categories", "--json-max-array-bytes"]
 
 
 @pytest.fixture(autouse=True)

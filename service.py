@@ -658,7 +658,8 @@ SETTINGS = (
             "most predictions at once; beyond it 503 with Retry-After at once (0: no bound)", "N"),
     Setting("max_predict_seconds", _non_negative_float, 0.0,
             "longest a prediction may take: past it 504, while the computation finishes in the background, "
-            "still counted by --max-inflight (0: no bound)", "SECONDS"),
+            "still counted by --max-inflight; a request waiting as long for its model to load gets 503 (0: no bound)",
+            "SECONDS"),
     Setting("auth_tokens", _token_list, (),
             "bearer tokens required for predictions and model information (health stays open): TOKEN,TOKEN or "
             "@FILE with one per line (prefer the environment variable or a file: flags show in ps)", "TOKENS",
@@ -2285,6 +2286,7 @@ class VersionSlot:
         self.retry_at = 0.0
         self.loads = 0
         self.lock = threading.Lock()   # one load at a time
+        self.loading = None            # the load requests wait on for at most a time (ModelRegistry._load_within)
         self.replacing = None          # ArtifactRef of a changed artifact loading beside the model that serves
         self.rejected = None           # fingerprint of a changed artifact that failed to load (not retried)
         self.pinned = False            # preloaded: loaded eagerly, never evicted or unloaded for idleness
@@ -2903,16 +2905,16 @@ class ModelRegistry:
             self._preload_all(self._unloaded_preloads())
 
     # -- requests -----------------------------------------------------------------
-    def acquire(self, name, version=None, label=None, slot=None, routing_key=None):
-        """The model that answers a request (in `slot` when the caller resolved it), loaded if need be; pair
-        with release()."""
+    def acquire(self, name, version=None, label=None, slot=None, routing_key=None, wait=None):
+        """The model that answers a request (in `slot` when the caller resolved it), loaded if need be, waiting
+        at most `wait` seconds for a load when given; pair with release()."""
         for _ in range(3):
             slot = slot or self.slot(name, version, label, routing_key)
             model = self.residency.use(slot)
             if model is not None:
                 return model
             if not slot.gone:
-                self._load(slot)
+                self._load(slot) if wait is None else self._load_within(slot, wait)
             last = slot
             if slot.gone:       # a rescan replaced it: look the request up again (a split may pick anew)
                 slot = None
@@ -2957,6 +2959,32 @@ class ModelRegistry:
         if batching is not False and size > 1 and model.n_features is not None:
             model.batcher = Batcher(model, size, latency / 1000, self.metrics)
         return model
+
+    _loading = threading.Lock()         # guards VersionSlot.loading
+
+    def _load_within(self, slot, seconds):
+        """_load for a request that may wait at most `seconds` (--max-predict-seconds): the load runs in the
+        background, one per version however many requests wait on it, and goes on past their wait, which
+        ends in a 503 with Retry-After (a load is not a prediction: its successors find the model loaded)."""
+        import concurrent.futures
+
+        with self._loading:
+            if slot.loading is None or slot.loading.done():
+                slot.loading = concurrent.futures.Future()
+                _in_background(self._load_into, slot, slot.loading)
+            loading = slot.loading
+        try:
+            loading.result(timeout=seconds)
+        except concurrent.futures.TimeoutError:
+            raise ModelUnavailable(f"model {slot.ref.name!r} version {slot.ref.version} is still loading after "
+                                   f"{seconds:g} s (--max-predict-seconds); try again", retry_after=1,
+                                   model=slot.ref.name, version=str(slot.ref.version)) from None
+
+    def _load_into(self, slot, future):
+        try:
+            future.set_result(self._load(slot))
+        except BaseException as error:      # handed to the requests that wait on it
+            future.set_exception(error)
 
     def _load(self, slot, warm=False):
         with slot.lock:
@@ -4849,7 +4877,7 @@ class ServiceApp(bottle.Bottle):
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
             fields = _log_fields.set({"request_id": _request_id(environ), "model": name,
                                       "version": slot.ref.version})          # for the lines logged meanwhile
-            model = registry.acquire(name, version, label, slot, routing_key)
+            model = registry.acquire(name, version, label, slot, routing_key, wait=config.max_predict_seconds or None)
             held.append(functools.partial(registry.release, model))
             methods, inputs = codec.inputs(model, asked, config)
             environ["service.labels"] = (("model", name), ("version", model.version),

@@ -62,6 +62,14 @@ class SlowLogisticRegression(LogisticRegression):
         return super().predict(X)
 
 
+class SlowLoadingLogisticRegression(LogisticRegression):
+    """A LogisticRegression whose unpickling first sleeps `load_delay` seconds: a load that takes long."""
+
+    def __setstate__(self, state):
+        time.sleep(state.get("load_delay", 0))
+        super().__setstate__(state)
+
+
 class FaultyLogisticRegression(LogisticRegression):
     """A LogisticRegression whose predict fails the way a bug in the serving stack would."""
 
@@ -812,6 +820,27 @@ def test_sigterm_exits_within_the_shutdown_timeout_while_an_abandoned_prediction
         assert time.monotonic() - stopped < 2 + 2, "exited within --shutdown-timeout (and a margin)"
     finally:
         stop_process(process)
+
+
+@pytest.mark.slow
+def test_a_request_waiting_on_a_slow_load_is_answered_within_the_time_limit(helpers, tmp_path):
+    """The old shutdown repro's request waited for a load that never ended (a forged JSON model spun): under
+    --max-predict-seconds a request that waits on a load gets its 503 at the limit, and the load goes on."""
+    model = helpers.SlowLoadingLogisticRegression(max_iter=1000).fit(IRIS_X, IRIS_Y)
+    model.load_delay = 6
+    write_artifact(tmp_path / "slow.pkl", model, "pickle")
+    with service_app(store=str(tmp_path), max_predict_seconds=0.5, poll_interval=0) as application:
+        client = webtest.TestApp(application)
+        began = time.monotonic()
+        answers = [client.post_json("/models/slow/predict", {"instances": ROWS}, expect_errors=True)
+                   for _ in range(2)]       # the request that starts the load, and one that finds it loading
+        waited = time.monotonic() - began
+        for answer in answers:
+            assert answer.status_int == 503 and answer.headers["Retry-After"] == "1", answer
+            assert "still loading" in answer.json["error"], answer.json
+        assert waited < 2 * 0.5 + 2, f"answered after {waited:.1f} s"
+        wait_until(lambda: client.post_json("/models/slow/predict", {"instances": ROWS},
+                                            expect_errors=True).status_int == 200, timeout=30, what="the load")
 
 
 @pytest.mark.slow

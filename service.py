@@ -6985,10 +6985,20 @@ def _decode_estimator(node, where, load):
     state = node["state"]
     if not isinstance(state, dict):
         raise ArtifactError(f"{where}: estimator state must be an object")
+    _refuse_shadowing(cls, state, where)
     estimator = cls.__new__(cls)
     estimator.__setstate__({key: _decode_node(value, f"{where}.{key}", load) for key, value in state.items()})
     _check_estimator(estimator, where, load)
     return estimator
+
+
+def _refuse_shadowing(cls, state, where):
+    """A state holds values: never an attribute that would hide what the class defines (a method such as
+    predict or _validate_params, a property, or a class attribute such as _parameter_constraints)."""
+    for key in state:
+        if hasattr(cls, key):
+            raise ArtifactError(f"{where}.{_clip(key, 60)}: a state holds values only, and may not replace what "
+                                f"{cls.__name__} defines")
 
 
 def _decode_object(node, where, load):
@@ -7000,6 +7010,7 @@ def _decode_object(node, where, load):
     if JSON_OBJECTS[name] == "new":
         if "args" in node or not isinstance(state, (dict, type(None))):
             raise ArtifactError(f"{where}: {name} is rebuilt from a state object, without args")
+        _refuse_shadowing(cls, state or {}, where)
         value = cls.__new__(cls)
         value.__dict__.update(state or {})
         return value
@@ -7507,8 +7518,8 @@ def _check_svm(estimator, state, where, load):
         if not isinstance(array, np.ndarray) or array.dtype != dtype or array.ndim != rank or \
                 not array.flags.c_contiguous:
             raise ArtifactError(f"{where}.{name} must be a C-ordered {rank}-d {dtype} array (libsvm reads it so)")
-    if state.get("_impl", type(estimator)._impl) != type(estimator)._impl or state.get("_sparse") is not False:
-        raise ArtifactError(f"{where}: an SVM's _impl is its class's ({type(estimator)._impl}), fitted on dense data")
+    if state.get("_sparse") is not False:
+        raise ArtifactError(f"{where}: an SVM is served fitted on dense data (_sparse false)")
     support = state["support_"]
     if state.get("kernel") == "precomputed" and np.any((support < 0) | (support >= n_features)):
         raise ArtifactError(f"{where}.support_ must index the {n_features} columns of a precomputed kernel row")

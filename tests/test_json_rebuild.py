@@ -233,7 +233,8 @@ def test_a_generator_position_outside_its_buffer_is_refused():
      "support_vectors_ must be a C-ordered 2-d float64"),
     (lambda state: state.update(_n_support=array_node(read_array(state["_n_support"]).astype("<i8"))),
      "_n_support must be a C-ordered 1-d int32"),
-    (lambda state: state.update(_impl="epsilon_svr"), "_impl is its class's"),
+    (lambda state: state.update(_impl="epsilon_svr"), "may not replace what SVC defines"),
+    (lambda state: state.update(_sparse=True), "fitted on dense data"),
 ])
 def test_libsvm_arrays_are_of_the_types_its_wrapper_reads(change, fragment):
     doc = document(SVC().fit(X, Y))
@@ -350,6 +351,17 @@ def test_a_vectorizer_counts_ngrams_of_at_most_eight_words_or_characters():
     service.load_json_model(json.dumps(doc))
     doc["estimator"]["state"]["steps"][0]["items"][1]["state"]["ngram_range"]["items"][1] = 9
     refused(doc, "max_n <= 8")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("_parameter_constraints", {"$type": "dict", "items": []}),     # would switch off scikit-learn's validation
+    ("predict_proba", {"$type": "partial", "function": "sklearn.utils.check_array", "args": [], "keywords": []}),
+    ("__module__", "os"),
+])
+def test_a_state_may_not_replace_what_the_class_defines(tree_doc, key, value):
+    doc = copy.deepcopy(tree_doc)
+    doc["estimator"]["state"][key] = value
+    refused(doc, "may not replace what DecisionTreeClassifier defines")
 
 
 # -- 5. every check is in the decoder: the public API gets them all ------------------------------------------

@@ -7030,9 +7030,11 @@ def _decode_neighbors_tree(node, where, load):
     metric, params = node["metric"], _decode_node(node["metric_params"], f"{where}.metric_params", load)
     leaf_size = node["leaf_size"]
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.dtype.kind != "f" or not len(data) or \
-            not isinstance(metric, str) or not isinstance(params, dict) or \
-            not all(isinstance(key, str) for key in params) or type(leaf_size) is not int or leaf_size < 1:
-        raise ArtifactError(f"{where}: a neighbours tree needs 2-d float data, a metric name and a leaf size")
+            not isinstance(metric, str) or metric == "pyfunc" or not isinstance(params, dict) or \
+            not all(isinstance(key, str) and not callable(value) for key, value in params.items()) or \
+            type(leaf_size) is not int or leaf_size < 1:
+        raise ArtifactError(f"{where}: a neighbours tree needs 2-d float data, a metric name with parameters that "
+                            "are values, and a leaf size")
     return cls(data, leaf_size=leaf_size, metric=metric, **params)
 
 

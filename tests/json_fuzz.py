@@ -6,7 +6,7 @@ what a forger could change (deletes attributes; shrinks, grows, transposes and r
 out-of-range, negative and cyclic indices into trees; swaps members and sub-objects between models;
 replaces numbers and strings; names hostile dtypes; sets derived counts that disagree with the arrays;
 writes integers beyond 64 bits; moves a record layout's field offsets; puts a value of another type
-where one was); and hands each mutant to a child process that loads it the way the store does, within
+where one was; adds state that would hide a method or class attribute); and hands each mutant to a child process that loads it the way the store does, within
 small limits (FUZZ_LIMITS), warms it as --preload does and calls every prediction method on a few rows
 (real rows, extreme values, missing values) the way a request does.  A mutant is fine when the load is
 refused (ArtifactError) or each call answers or is refused as a 400.  Anything else is a finding: a crash
@@ -204,6 +204,9 @@ HOSTILE_DTYPES = (">f8", "=f8", "f8", "<f16", "V8", "|V0", "|S4", "<M8[ns]", "O"
                   {"names": ["a"], "formats": ["<f8"], "offsets": [0], "itemsize": 1},
                   {"names": ["a", "b"], "formats": ["<i8", "|O"], "offsets": [0, 8], "itemsize": 16})
 # Counts scikit-learn derives from the fitted arrays, and the format's own; a forger sets them to disagree.
+# Names classes define (methods, properties, class attributes): a state key of one would hide it.
+SHADOWING = ("predict", "predict_proba", "transform", "_validate_params", "_parameter_constraints", "get_params",
+             "_impl", "classes_", "n_features_in_", "__module__", "__class__", "fit", "_more_tags", "loss_functions")
 DERIVED = ("n_features_in_", "n_outputs_", "n_classes_", "n_trees_per_iteration_", "n_features", "n_classes",
            "node_count", "max_depth", "n_samples_fit_", "n_output_features_", "_n_out_full", "n_bins_",
            "n_estimators_", "n_iter_", "n_features_", "_n_features_outs")
@@ -355,6 +358,9 @@ def mutate(document, rng, donors, strings):
             return replaced(document, path, value), f"{what} = {_clip(value)} (huge)"
         if path and path[-1] == "state" and isinstance(node, dict) and node and "$type" not in node:
             key = rng.choice(sorted(node))                                   # an estimator's attribute
+            if rng.random() < 0.15:                                          # one its class defines, added
+                name = rng.choice(SHADOWING)
+                return replaced(document, path + (name,), rng.choice(donors)[1]), f"{what}.{name} added"
             if rng.random() < 0.7:
                 return replaced(document, path + (key,), None, delete=True), f"{what}.{key} deleted"
             return replaced(document, path + (key,), rng.choice(HUGE_INTEGERS + (10**30,))), \

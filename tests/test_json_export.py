@@ -136,6 +136,9 @@ def test_a_neighbours_tree_is_rebuilt_from_data_never_restored_from_state():
     assert np.array_equal(loaded.kneighbors(X)[1], knn.kneighbors(X)[1])
     node["metric"] = {"$type": "object"}
     refused(doc, "a metric name")
+    node["metric"], node["metric_params"] = "pyfunc", {"$type": "dict", "items": [["func", {
+        "$type": "partial", "function": "sklearn.utils.check_array", "args": [], "keywords": []}]]}
+    refused(doc, "parameters that are values")
 
 
 @pytest.fixture(scope="module")

@@ -239,7 +239,9 @@ def mutate_array(node, rng, what):
 
     try:
         array = read_array(node)
-    except (ValueError, TypeError, KeyError):   # a shape or dtype an earlier change made inconsistent
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError):   # an earlier change made it inconsistent
+        return node, f"{what}: unchanged"
+    if not array.dtype.names and array.dtype.kind not in "biufc":   # a hostile dtype an earlier change named
         return node, f"{what}: unchanged"
     op = rng.choice(("shrink", "grow", "transpose", "retype", "reshape", "empty", "poke", "poke", "poke",
                      "order", "dtype", "records"))
@@ -249,7 +251,7 @@ def mutate_array(node, rng, what):
     if op == "dtype":                           # the same bytes, described as something else
         dtype = rng.choice(HOSTILE_DTYPES)
         return dict(node, dtype=dtype), f"{what}: dtype {dtype!r}"
-    if op == "records" and isinstance(node["dtype"], dict):     # a version 1 record layout, moved
+    if op == "records" and isinstance(node["dtype"], dict):       # a version 1 record layout, moved
         return _moved_layout(node, rng, what)
     if op == "shrink" and array.size:
         axis = rng.randrange(array.ndim) if array.ndim else 0
@@ -313,7 +315,10 @@ def _poked(node, array, rng, what):
 def _moved_layout(node, rng, what):
     """A record description whose offsets, size, formats or names say something else about the same bytes."""
     spec = {key: list(value) if isinstance(value, list) else value for key, value in node["dtype"].items()}
-    field = rng.randrange(len(spec["names"]))
+    if not all(isinstance(spec.get(key), list) and spec[key] for key in ("names", "formats", "offsets")) or \
+            type(spec.get("itemsize")) is not int:
+        return node, f"{what}: unchanged"
+    field = rng.randrange(min(len(spec["names"]), len(spec["formats"]), len(spec["offsets"])))
     change = rng.choice(("offset", "itemsize", "format", "name"))
     if change == "offset":
         spec["offsets"][field] = rng.choice((spec["itemsize"], 2**31, 2**40, -8, spec["offsets"][field] + 1))
@@ -368,7 +373,8 @@ def mutate(document, rng, donors, strings):
         if isinstance(node, dict) and node.get("$type") == "ndarray" and "data" in node:
             return (lambda changed: (replaced(document, path, changed[0]), changed[1]))(
                 mutate_array(node, rng, what))
-        if isinstance(node, dict) and node.get("$type") == "ndarray" and node.get("items"):
+        if isinstance(node, dict) and node.get("$type") == "ndarray" and isinstance(node.get("items"), list) \
+                and node["items"]:
             return _mutate_items(document, path, node, rng, what)
         if isinstance(node, dict) and node.get("$type") in ("estimator", "object", "neighbors_tree", "tree",
                                                             "tree_predictor") and path and rng.random() < 0.5:
@@ -384,7 +390,7 @@ def mutate(document, rng, donors, strings):
             value = _number_like(rng)
             return replaced(document, path + ("args", i), value), f"{what}.args[{i}] = {value!r}"
         if isinstance(node, dict) and node.get("$type") in ("tuple", "dict", "bunch", "set", "list") \
-                and node.get("items"):
+                and isinstance(node.get("items"), list) and node["items"]:
             items = list(node["items"])
             if rng.random() < 0.5:
                 items.pop(rng.randrange(len(items)))
@@ -428,7 +434,8 @@ def _mutate_items(document, path, node, rng, what):
         index = rng.randrange(len(items))
         items[index] = rng.choice(HUGE_INTEGERS + (2**63 - 1, 1e308, None, ""))
         return replaced(document, path, dict(node, items=items)), f"{what}[{index}] = {_clip(items[index])}"
-    return replaced(document, path, dict(node, shape=list(reversed(node["shape"])) + [1])), \
+    shape = node["shape"] if isinstance(node.get("shape"), list) else [len(items)]
+    return replaced(document, path, dict(node, shape=list(reversed(shape)) + [1])), \
         f"{what}: shape changed"
 
 

@@ -11,8 +11,9 @@ Store layout (found automatically, both side by side)::
     model_store/<name>.<ext>                    one version, "1"
     model_store/<name>/<version>/<file>.<ext>   versions are positive integers; the highest serves
 
-``<ext>`` is ``.joblib``, ``.pkl``/``.pickle`` or ``.json`` (models as data, see
-"JSON model format").  pickle and joblib artifacts run code when loaded: only put
+``<ext>`` is ``.joblib``, ``.pkl``/``.pickle``, ``.json`` (models as data, see
+"JSON model format") or ``.skops`` (skops.io, loading only trusted types).
+pickle and joblib artifacts run code when loaded: only put
 artifacts you trust in the store, or load them with ``--safe-pickle`` (a restricted
 unpickler, see "Restricted unpickling").
 
@@ -23,20 +24,23 @@ path in the order data flows; each of its sections uses only what is above it::
     Small utilities         clipping, names, strict JSON, output comparison
     Errors                  ServiceError and its statuses: the one error path
     Configuration           one table of settings: flag, variable, default, help
+    Metrics                 what GET /metrics counts
+    Tracing                 OpenTelemetry spans, when the OTEL_* variables ask for them
     Model store             find: artifacts and settings (model-settings.json) on disk
     Restricted unpickling   --safe-pickle: only the types a model is made of
     Artifact loaders        load: bytes to an estimator, by format
     Servables               a loaded model, its batcher and its input checks
-    Metrics                 what GET /metrics counts
     Agreement               how two versions' answers compare (shadow, replay)
-    Model registry          hold: versions, lifecycle, residency
+    Model registry          hold: versions and residency; a pure plan per scan, a loader, the facade
     Request bodies          read and parse a body within its bounds; request ids
-    Protocol codecs         native, TF Serving/KServe V1, V2, MLflow, the seed's routes
+    Protocols               one block each (routes, handlers, request record, schemas): native, seed, TF
+                            Serving/KServe V1, V2, MLflow
     Background work         time limits, and the payload log and shadow off the request path
-    HTTP application        the route table, the predict core, the error responder
+    HTTP application        the route table, access, the predict core, the error responder
     OpenAPI                 /openapi.json from the route table
     Serving                 waitress (drained on exit) or gunicorn workers
     Replay                  ``python service.py replay``: a payload log scored again
+    Drift                   ``python service.py drift`` and ``profile``: a payload log against training data
     Command line            ``python service.py``
 
 Part II holds the appendices, which Part I reaches only through the entry points
@@ -45,8 +49,9 @@ listed here, and only at run time (tests/test_cli.py checks both rules)::
     Part II: appendices
     Native predictors       plain-numpy answers, proved bit-identical at load: attach_native
     JSON model format       models as data, and export: load_json_model, dump_json_model,
-                            save_json_model, export_json_model, export_command
+                            save_json_model, export_json_model, export_skops_model, export_command
     Web console             the page GET / serves to browsers: CONSOLE_HTML, CONSOLE_CSP
+    Explanations            exact per-row contributions (TreeSHAP, linear): explain_model
 
     WSGI entry points       ``service:app``, and ``python service.py`` (after everything it needs)
 """
@@ -56,7 +61,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "ServiceError", "ArtifactRef", "ModelStore", "LoadedModel",
     "ModelRegistry", "create_app", "serve", "main", "app", "application",
-    "dump_json_model", "save_json_model", "load_json_model", "export_json_model", "JsonLimits", "to_jsonable",
+    "dump_json_model", "save_json_model", "load_json_model", "export_json_model", "export_skops_model",
+    "JsonLimits", "to_jsonable",
 ]
 
 
@@ -67,14 +73,17 @@ __all__ = [
 # pandas are imported when the first model is loaded, so `import service` stays
 # fast and a bad store can never break it.
 
+import _compat_pickle
 import argparse
 import ast
 import atexit
 import base64
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import contextvars
+import csv
 import dataclasses
 import functools
 import gc
@@ -82,17 +91,22 @@ import hashlib
 import heapq
 import hmac
 import importlib
+import importlib.util
+import io
 import itertools
 import json
 import logging
 import math
 import os
 import pickle
+import posixpath
 import queue
 import random
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -107,7 +121,7 @@ SERVICE_NAME = "model-service"
 
 # One line format for the service's lines and, under --workers, gunicorn's (--log-format text|json).
 LOG_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-LOG_FIELDS = ("request_id", "model", "version")        # what a line concerns, in its JSON object when known
+LOG_FIELDS = ("request_id", "model", "version", "trace_id")    # what a line concerns, in its JSON object when known
 _log_fields = contextvars.ContextVar("service_log_fields", default={})
 
 
@@ -121,12 +135,20 @@ def _logging_about(**fields):
         _log_fields.reset(token)
 
 
+def _utc_time(seconds, millis=False):
+    """An ISO 8601 UTC time, 2026-12-05T10:00:00Z (with millis: 2026-12-05T10:00:00.123Z); None for None."""
+    if seconds is None:
+        return None
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return text + (f".{int(seconds % 1 * 1000):03d}Z" if millis else "Z")
+
+
 class JsonLogFormatter(logging.Formatter):
     """--log-format json: one JSON object per line: time (UTC), level, logger, pid, message, then request_id,
     model and version when the line concerns them (the record's `extra`, else the _logging_about of its thread)."""
 
     def format(self, record):
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+        entry = {"time": _utc_time(record.created, millis=True),
                  "level": record.levelname, "logger": record.name, "pid": record.process,
                  "message": record.getMessage()}
         fields = _log_fields.get()
@@ -175,16 +197,13 @@ def _share_logs(config):
 # Small utilities #############################################################
 ###############################################################################
 # Helpers every later section uses: clipping text for messages, what a model name,
-# version and label may be, strict JSON out of numpy values, bit-for-bit output
-# comparison, and walking an estimator's parts.
+# version and label may be, strict JSON out of numpy values and in from text (what
+# RFC 8259 refuses is refused, nesting measured), bit-for-bit output comparison, and
+# walking an estimator's parts.
 
 
 def _clip(text, limit=300):
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _iso_time(seconds):
-    return None if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _in_background(function, *args):
@@ -252,6 +271,76 @@ def _utf8(text):
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace")
+
+
+def _strict_json(text):
+    """json.loads as RFC 8259 reads JSON: ValueError for NaN and Infinity, for a number beyond a float, and
+    for an object naming a member twice."""
+    if _MAYBE_OUT_OF_RANGE.search(text):        # rare: pay for a hook on every float only then
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float, object_pairs_hook=_members)
+    return json.loads(text, parse_constant=_not_json, object_pairs_hook=_members)
+
+
+def _members(pairs):
+    """object_pairs_hook: an object's members, each named once.  A name given twice is ambiguous (parsers
+    keep the first, the last or both, so a proxy and the service could read two requests): refused."""
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        names = [name for name, _ in pairs]
+        twice = next(name for number, name in enumerate(names) if name in names[:number])
+        raise DuplicateMember(f"an object names the member {_clip(json.dumps(twice), 60)} twice: "
+                              "name each member once")
+    return members
+
+
+class DuplicateMember(ValueError):
+    """JSON (or a Python literal) naming one member of an object twice."""
+
+
+_MAYBE_OUT_OF_RANGE = re.compile(r"[eE]\+?0*[1-9][0-9]{2}|[0-9]{300}")     # an exponent >= 100, or 300 digits
+
+
+def _not_json(token):
+    """parse_constant: NaN, Infinity and -Infinity are JavaScript, not JSON."""
+    raise ValueError(f"{token} is not a JSON value (RFC 8259); send null for a missing value")
+
+
+def _finite_float(text):
+    """parse_float: a number beyond a float's range would silently become infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {_clip(text, 40)} is out of a float's range")
+    return value
+
+
+JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+PYTHON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+JSON_PAIRS, PYTHON_PAIRS = (b"[]", b"{}"), (b"[]", b"{}", b"()")
+
+
+def _nested_deeper_than(limit, text, strings=JSON_STRING, pairs=JSON_PAIRS):
+    """Whether text nests its brackets (JSON's, or a Python literal's with `PYTHON_*`) more than `limit` deep.
+
+    Read from the text, before or instead of walking a parsed value: walking costs one check
+    per number (100 µs for 64 rows), and a Python literal must be measured before
+    `ast.literal_eval` recurses into it.  Strings are dropped, then all but the brackets, and
+    each round removes the innermost pairs (marked first, so a pair they uncover waits for the
+    next round): the rounds needed are the depth.  Brackets that never pair up count as deep.
+    """
+    opened = 0
+    for pair in pairs:                          # the common case, a shallow body, ends here
+        opened += text.count(pair[:1])
+    if opened <= limit:
+        return False
+    keep = b"".join(pairs)
+    brackets = strings.sub(b"", text).translate(None, bytes(c for c in range(256) if c not in keep))
+    for _ in range(limit):
+        for pair in pairs:
+            brackets = brackets.replace(pair, b"\0")
+        brackets = brackets.replace(b"\0", b"")
+        if not brackets:
+            return False
+    return True
 
 
 def _same_outputs(expected, actual):
@@ -391,6 +480,10 @@ class ModelUnavailable(ServiceError):
         self.retry_after = retry_after
 
 
+class Overloaded(ModelUnavailable):
+    """503 at once: --max-inflight predictions are already being answered (gRPC: RESOURCE_EXHAUSTED)."""
+
+
 class Misconfigured(ServiceError):
     """503 for every request of an app whose MODEL_SERVICE_* settings are invalid (`import service` still works)."""
 
@@ -452,6 +545,15 @@ def _positive_int(text):
     value = _integer(text)
     if value < 1:
         raise ValueError(f"must be a positive integer, not {text!r}")
+    return value
+
+
+def _count_of_threads(text):
+    """A positive number of threads or processes, at most 1024: starting more than a system allows aborts
+    the process (10**20 threads ended in "libgcc_s.so.1 must be installed for pthread_exit to work")."""
+    value = _integer(text)
+    if not 1 <= value <= 1024:
+        raise ValueError(f"must be a whole number from 1 to 1024, not {_clip(repr(text), 40)}")
     return value
 
 
@@ -643,8 +745,8 @@ SETTINGS = (
     Setting("host", str, "127.0.0.1", "address to bind (0.0.0.0 exposes the service to the network)", "HOST"),
     Setting("port", _port, 8080, "TCP port (0 picks a free one)", "PORT"),
     Setting("server", _server_name, "waitress", "WSGI server: waitress, wsgiref, gunicorn, ...", "NAME"),
-    Setting("threads", _positive_int, 4, "worker threads (waitress; per process under --workers)", "N"),
-    Setting("workers", _positive_int, 1,
+    Setting("threads", _count_of_threads, 4, "worker threads (waitress; per process under --workers)", "N"),
+    Setting("workers", _count_of_threads, 1,
             "server processes; above 1 they run under gunicorn (pip install gunicorn), forked once the --preload "
             "models are loaded, which they share",
             "N"),
@@ -704,6 +806,9 @@ SETTINGS = (
             "Host header names to accept, refusing others (DNS rebinding defence): localhost,127.0.0.1", "HOSTS"),
     Setting("shutdown_timeout", _non_negative_float, 10.0,
             "seconds requests in flight get to finish after SIGTERM/SIGINT", "SECONDS"),
+    Setting("connection_timeout", _positive_int, 30,
+            "seconds a connection may send nothing, within a request or between requests, before it is closed "
+            "(waitress)", "SECONDS"),
     Setting("log_level", _log_level, "INFO",
             "logging level (embedded: of the \"service\" logger, unless the host set one): " + ", ".join(LOG_LEVELS),
             "LEVEL"),
@@ -723,6 +828,9 @@ SETTINGS = (
             "DIR"),
     Setting("payload_log_sample", _fraction, 1.0, "share of prediction requests the payload log records, 0-1",
             "FRACTION"),
+    Setting("grpc_port", _port, None,
+            "also serve the Open Inference Protocol (V2) over gRPC on this port, bound to --host like HTTP (off "
+            "by default; needs the grpc extra: pip install '.[grpc]')", "PORT"),
     Setting("native", _boolean, True,
             "answer with plain-numpy predictors compiled at load, each proved bit-identical to scikit-learn on "
             "probe rows (other methods and inputs: scikit-learn); a model's settings may turn them off",
@@ -756,18 +864,328 @@ Config = dataclasses.make_dataclass(
 
 
 ###############################################################################
+# Metrics #####################################################################
+###############################################################################
+# What GET /metrics reports, through prometheus_client (imported at the first count, not with the
+# module).  One process keeps its counts in memory, in a registry of its own (several apps in one
+# process do not mix).  Under --workers, or any pre-fork host with PROMETHEUS_MULTIPROC_DIR set,
+# every process writes its counts to files there and a scrape of any process sums them (README,
+# "Metrics").
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MODEL_VERSION = ("model", "version")
+
+METRICS = {   # name: (type, help, label names, histogram buckets)
+    "model_service_requests_total": ("counter", "Prediction requests by model, version, method, protocol and status.",
+                                     MODEL_VERSION + ("method", "protocol", "status"), None),
+    "model_service_request_duration_seconds": ("histogram", "Time to answer a prediction request.",
+                                               ("model", "method"), LATENCY_BUCKETS),
+    "model_service_model_loads_total": ("counter", "Model version loads by outcome (success, failure).",
+                                        MODEL_VERSION + ("outcome",), None),
+    "model_service_model_load_duration_seconds": ("histogram", "Time to load a model version.", MODEL_VERSION,
+                                                  LOAD_BUCKETS),
+    "model_service_batch_size": ("histogram", "Requests stacked into one predict call.", ("model",), BATCH_BUCKETS),
+    "model_service_payload_log_records_total": ("counter", "Prediction requests written to the payload log.", (),
+                                                None),
+    "model_service_payload_log_dropped_total": ("counter", "Payload log records dropped: its queue was full or "
+                                                "a write failed.", (), None),
+    "model_service_predict_calls_total": ("counter", "Predict calls (a stacked batch is one) by model, version, "
+                                          "method and the predictor that answered (native, scikit-learn).",
+                                          MODEL_VERSION + ("method", "predictor"), None),
+    "model_service_shadow_compared_total": ("counter", "Requests compared with the model's shadow version, by "
+                                            "model and shadow version.", MODEL_VERSION, None),
+    "model_service_shadow_identical_total": ("counter", "Requests whose shadow predictions were identical.",
+                                             MODEL_VERSION, None),
+    "model_service_shadow_abs_difference_total": ("counter", "Sum of the absolute differences of numeric shadow "
+                                                  "outputs (divide by numeric_values_total for the mean).",
+                                                  MODEL_VERSION, None),
+    "model_service_shadow_numeric_values_total": ("counter", "Numeric output values compared with the shadow's "
+                                                  "(in requests that were not identical).", MODEL_VERSION, None),
+    "model_service_shadow_errors_total": ("counter", "Requests the shadow version failed on.", MODEL_VERSION, None),
+    "model_service_shadow_dropped_total": ("counter", "Requests not shadowed: the shadow queue was full.",
+                                           MODEL_VERSION, None),
+    "model_service_models_loaded": ("gauge", "Model versions in memory.", (), None),
+    "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", (), None),
+}
+GAUGES = [name for name, (kind, *_) in METRICS.items() if kind == "gauge"]
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's: where processes share their counts
+
+
+class Metrics:
+    """The service's metrics: prometheus_client families, and the labelled child of each series cached by
+    its (name, label pairs), so a count costs one dict lookup before prometheus_client's own increment
+    (its labels() lookup costs several µs).  The cache stays bounded because label values do: they are
+    only models, versions and methods that exist (UNRESOLVED for the rest) and forget() drops a version's.
+
+    The gauges are read from `gauges` ({name: () -> value}) at scrape time in one process.  Shared
+    between processes, a scrape can only read files, so each process writes its own gauges whenever
+    they change (`changed`, called by the registry's Residency) and the scrape sums the live processes'
+    (multiprocess_mode "livesum": versions in memory over the workers, i.e. copies of models, and requests
+    being answered by any of them; a dead worker's are removed by mark_process_dead).
+    """
+
+    def __init__(self, gauges):
+        self._gauges = gauges
+        self._lock = threading.Lock()
+        self._children = {}         # (name, label pairs) -> the series' prometheus_client child
+        self._families = None       # name -> prometheus_client metric, made at the first count
+        self._registry = None       # what a scrape collects
+        self._shared = False        # counts live in files under $PROMETHEUS_MULTIPROC_DIR
+        self._forgotten = set()     # shared: (model, version) whose series a scrape leaves out
+        self._written = (None, {})  # shared: (pid, {gauge: the value it last wrote})
+
+    def count(self, name, labels, amount=1):
+        child = self._children.get((name, labels))
+        (child if child is not None else self._child(name, labels)).inc(amount)
+
+    def observe(self, name, labels, value):
+        child = self._children.get((name, labels))
+        (child if child is not None else self._child(name, labels)).observe(value)
+
+    def changed(self):
+        """Models in memory or requests in flight changed: shared, this process writes the gauges that did
+        (each write is a file update; called under the Residency's lock, so in order).
+
+        (A worker forked with models already in memory writes them when it starts: Residency.announce.)"""
+        if not self._shared and self._families is not None:
+            return                  # one process: read at scrape time
+        families = self._ready()
+        if self._shared:
+            if self._written[0] != os.getpid():     # forked: this process's file has none of them yet
+                self._written = (os.getpid(), {})
+            for name in GAUGES:
+                value = self._gauges[name]()
+                if self._written[1].get(name) != value:
+                    self._written[1][name] = value
+                    families[name].set(value)
+
+    def forget(self, model, version):
+        """Drop every series of one model version (its number).  Shared, the files keep its counts
+        (prometheus_client cannot remove them there), so a scrape leaves them out until the version is
+        counted again."""
+        version = str(version)
+        pairs = {("model", model), ("version", version)}
+        with self._lock:
+            for key in [key for key in self._children if pairs <= set(key[1])]:
+                del self._children[key]
+                if not self._shared:
+                    self._families[key[0]].remove(*(value for _, value in key[1]))
+            if self._shared:
+                self._forgotten.add((model, version))
+
+    def render(self):
+        """The text exposition format, version 0.0.4."""
+        self._ready()
+        return importlib.import_module("prometheus_client").generate_latest(self._registry).decode()
+
+    def _ready(self):
+        if self._families is None:
+            with self._lock:
+                if self._families is None:
+                    self._start()
+        return self._families
+
+    def _child(self, name, labels):
+        family = self._ready()[name]
+        with self._lock:
+            child = self._children.get((name, labels))
+            if child is None:
+                child = self._children[name, labels] = family.labels(*(v for _, v in labels)) if labels else family
+                pairs = dict(labels)
+                self._forgotten.discard((pairs.get("model"), pairs.get("version")))
+            return child
+
+    def _start(self):
+        """Import prometheus_client and make the families: in files if $PROMETHEUS_MULTIPROC_DIR is set now
+        (prometheus_client reads it when first imported), else in this app's own registry."""
+        prometheus = importlib.import_module("prometheus_client")
+        prometheus.disable_created_metrics()     # no *_created series: the output stays the counts alone
+        self._shared = bool(os.environ.get(MULTIPROCESS_DIR))
+        own = None if self._shared else prometheus.CollectorRegistry()
+        kinds = {"counter": prometheus.Counter, "histogram": prometheus.Histogram, "gauge": prometheus.Gauge}
+        families = {}
+        for name, (kind, help_text, label_names, buckets) in METRICS.items():
+            if kind == "gauge" and not self._shared:
+                continue                         # read at scrape time (_ScrapeGauges)
+            options = {"buckets": buckets} if buckets else {"multiprocess_mode": "livesum"} if kind == "gauge" else {}
+            families[name] = kinds[kind](name, help_text, label_names, registry=own, **options)
+        if self._shared:
+            from prometheus_client.multiprocess import MultiProcessCollector
+            self._registry = prometheus.CollectorRegistry()
+            self._registry.register(_Unforgotten(MultiProcessCollector(None), self._forgotten))
+        else:
+            gauge_family = importlib.import_module("prometheus_client.core").GaugeMetricFamily
+            own.register(_ScrapeGauges(gauge_family, self._gauges))
+            self._registry = own
+        self._families = families
+
+
+class _ScrapeGauges:
+    """A collector: the gauges read when scraped (one process)."""
+
+    def __init__(self, family, gauges):
+        self.family, self.gauges = family, gauges
+
+    def collect(self):
+        return [self.family(name, METRICS[name][1], value=self.gauges[name]()) for name in GAUGES]
+
+
+class _Unforgotten:
+    """A collector: another's series, less those of forgotten model versions."""
+
+    def __init__(self, collector, forgotten):
+        self.collector, self.forgotten = collector, forgotten
+
+    def collect(self):
+        for family in self.collector.collect():
+            family.samples = [item for item in family.samples
+                              if (item.labels.get("model"), item.labels.get("version")) not in self.forgotten]
+            yield family
+
+
+###############################################################################
+# Tracing #####################################################################
+###############################################################################
+# OpenTelemetry traces (the [otel] extra: opentelemetry-sdk and its OTLP/HTTP exporter), off unless the
+# standard OTEL_* variables ask for them, and imported only then.  One server span per request (W3C
+# traceparent/tracestate taken from the caller), child spans for what the request spends its time on, the
+# trace id in the JSON log lines and a traceparent answer header.  Off, every call here costs one attribute
+# test and returns a shared empty context manager.
+
+TRACE_EXPORTERS = ("otlp", "console")
+_NO_SPAN = contextlib.nullcontext()
+
+
+def trace_exporter_wanted(environ):
+    """The exporter the OTEL_* variables ask for ("otlp" or "console"), or None: traces are on when
+    OTEL_TRACES_EXPORTER names one of TRACE_EXPORTERS, or is unset while an OTLP endpoint is; never when
+    OTEL_SDK_DISABLED is true or OTEL_TRACES_EXPORTER is "none".  ValueError for an exporter not supported."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    named = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if not named:
+        endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        return "otlp" if endpoint else None
+    if named == "none":
+        return None
+    if named not in TRACE_EXPORTERS:
+        raise ValueError(f"OTEL_TRACES_EXPORTER={named!r}: this service exports traces with "
+                         f"{' or '.join(TRACE_EXPORTERS)} (OTLP over HTTP), or none")
+    return named
+
+
+def _otel_sdk_missing():
+    """Why traces cannot be exported here, or None when the [otel] extra is installed."""
+    try:
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError as error:
+        return (f"OTEL_* variables ask for traces, but the OpenTelemetry SDK is not installed ({error.name}): "
+                "pip install '.[otel]'")
+    return None
+
+
+class Tracing:
+    """The service's traces: a tracer provider of its own (not the process's global one: an embedding host
+    keeps its own), made in the process that serves at its first span, as a pre-fork host forks after
+    building the app; its batch processor exports off the request path and flushes at exit.
+
+    `exporter` is "otlp", "console" or, for tests, a SpanExporter (exported one span at a time); None: off.
+    """
+
+    def __init__(self, exporter=None, problem=None):
+        self.exporter, self.enabled = exporter, exporter is not None
+        self.problem = problem          # why the OTEL_* variables could not be followed (the app logs it once)
+        self._tracer, self._pid, self._lock = None, None, threading.Lock()
+
+    @classmethod
+    def from_environment(cls, environ=None):
+        """Tracing as the OTEL_* variables configure it (nothing is imported yet); off, with the `problem`,
+        when they cannot be followed."""
+        environ = os.environ if environ is None else environ
+        try:
+            return cls(trace_exporter_wanted(environ))
+        except ValueError as error:
+            return cls(problem=str(error))
+
+    def tracer(self):
+        """This process's tracer, made at its first span; None, and tracing off, when the SDK is missing."""
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    missing = _otel_sdk_missing() if isinstance(self.exporter, str) else None
+                    if missing:
+                        logger.error("traces are off: %s", missing)
+                        self.enabled = False
+                    self._tracer, self._pid = None if missing else self._make_tracer(), os.getpid()
+        return self._tracer
+
+    def _make_tracer(self):
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+
+        resource = Resource.create()
+        if resource.attributes.get("service.name", "").startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
+        provider = TracerProvider(resource=resource)       # its sampler: OTEL_TRACES_SAMPLER(_ARG)
+        if self.exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))   # OTEL_EXPORTER_OTLP_*
+        elif self.exporter == "console":
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        else:
+            provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        return provider.get_tracer(SERVICE_NAME, __version__)
+
+    def request(self, name, headers, **attributes):
+        """The server span of one request (a `with` block), child of the caller's `traceparent` and `tracestate`
+        (`headers`: a mapping of lower-case names, as W3C's propagator reads them); the shared empty context
+        when off."""
+        tracer = self.tracer() if self.enabled else None
+        if tracer is None:
+            return _NO_SPAN
+        from opentelemetry.trace import SpanKind
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        parent = TraceContextTextMapPropagator().extract(headers)
+        return tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes,
+                                            record_exception=False, set_status_on_exception=False)
+
+    def span(self, name, **attributes):
+        """A child span of the current one, as a `with` block (the shared empty context when off)."""
+        tracer = self.tracer() if self.enabled else None
+        return _NO_SPAN if tracer is None else tracer.start_as_current_span(name, attributes=attributes)
+
+
+TRACING_OFF = Tracing()
+
+
+def traceparent(span):
+    """The W3C traceparent header of `span` ("00-<trace id>-<span id>-<flags>"), or None for no span."""
+    if span is None:
+        return None
+    context = span.get_span_context()
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+
+
+###############################################################################
 # Model store #################################################################
 ###############################################################################
 # Finds artifacts on disk.  It knows nothing of loading or HTTP: a scan returns
 # the catalogue {name: {version: ArtifactRef}} and logs what it skipped.
 
 SETTINGS_FILE = "model-settings.json"
+PROFILE_FILE = "reference-profile.json"                          # beside the settings: see "Drift"
 SHA256SUMS_FILE = "SHA256SUMS"                                    # at the store root, as `sha256sum` writes it
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _SHA256SUMS_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")      # "<hex>  <path>", or "<hex> *<path>" (binary)
 # An artifact's format comes from its file's extension, decided by the operator who put it in the
 # store, never from a request or from the artifact's own contents.
-ARTIFACT_FORMATS = {".joblib": "joblib", ".pkl": "pickle", ".pickle": "pickle", ".json": "json"}
+ARTIFACT_FORMATS = {".joblib": "joblib", ".pkl": "pickle", ".pickle": "pickle", ".json": "json", ".skops": "skops"}
 _TEMPORARY_SUFFIXES = ("~", ".tmp", ".temp", ".part", ".partial", ".swp", ".crdownload")
 
 
@@ -850,35 +1268,42 @@ class ModelStore:
             raise FileNotFoundError(f"model store {self.root} is not a folder")
         found, sums = {}, {}
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
-            if entry.name == SHA256SUMS_FILE and not _is_dir(entry):
-                sums = self._read_sums(entry)
-                continue
-            if self._skipped(entry.name, entry.name):
-                continue
-            if _is_dir(entry):
-                name = entry.name
-                versions = self._scan_versions(entry)
-            else:
-                name, extension = os.path.splitext(entry.name)
-                ref = self._artifact(name, 1, entry, extension)
-                versions = {1: ref} if ref else {}
-            if not versions:
-                continue
-            if not valid_model_name(name):
-                self._warn("skipping %s: %r is not a valid model name", entry.name, name)
-            elif name in found:
-                self._warn("skipping model %r: more than one artifact or folder has that name", name)
-                found[name] = None
-            else:
-                found[name] = versions
+            try:
+                if entry.name == SHA256SUMS_FILE and not _is_dir(entry):
+                    sums = self._read_sums(entry)
+                else:
+                    self._add_model(entry, found)
+            except Exception as error:  # whatever is wrong with one entry skips it, never the rest of the scan
+                self._warn("skipping %r: it cannot be scanned: %s: %s", entry.name, type(error).__name__,
+                           _clip(str(error), 200))
         self.settings_files = {name: ref for name, ref in self.settings_files.items() if found.get(name)}
         self.sha256sums = sums
         return {name: versions for name, versions in found.items() if versions}
 
+    def _add_model(self, entry, found):
+        """Add the model of one entry of the store's root (a flat artifact or a folder of versions) to
+        `found`; a name found twice is no model (None)."""
+        if self._skipped(entry.name, entry.name):
+            return
+        if _is_dir(entry):
+            name = entry.name
+            versions = self._scan_versions(entry)
+        else:
+            name, extension = os.path.splitext(entry.name)
+            ref = self._artifact(name, 1, entry, extension)
+            versions = {1: ref} if ref else {}
+        if not versions:
+            return
+        if not valid_model_name(name):
+            self._warn("skipping %s: %r is not a valid model name", entry.name, name)
+        elif name in found:
+            self._warn("skipping model %r: more than one artifact or folder has that name", name)
+            found[name] = None
+        else:
+            found[name] = versions
+
     def _read_sums(self, entry):
         """{relative path: sha256 hex} from SHA256SUMS; lines not as `sha256sum` writes them are warned about."""
-        import posixpath
-
         ref = self._file(SHA256SUMS_FILE, 0, entry, "")
         if ref is None:
             return {}
@@ -910,6 +1335,8 @@ class ModelStore:
                 settings = self._file(folder.name, 0, entry, ".json")
                 if settings:
                     self.settings_files[folder.name] = settings
+                continue
+            if entry.name == PROFILE_FILE and not _is_dir(entry):
                 continue
             if not _is_dir(entry) or not VERSION.fullmatch(entry.name):
                 self._warn("skipping %s: versions are folders named by a positive integer, "
@@ -979,7 +1406,9 @@ class ModelSettings:
          "redact": ["ssn", "income"],              features the payload log never writes
          "shadow": "canary",                    each request also runs, in the background, on this label or version
          "native": false,                       scikit-learn answers everything (see "Native predictors")
-         "warmup": [[5.1, 3.5, 1.4, 0.2]]}      rows (lists, records or texts) every method runs once at load
+         "warmup": [[5.1, 3.5, 1.4, 0.2]],      rows (lists, records or texts) every method runs once at load
+         "explain": {"reference": [5.8, 3.0, 4.4, 1.3]}}   the row (or record) a linear model's
+                                                explanations are measured from (see "Explanations")
 
     Every key is optional ("latest": only the highest version serves).  Labels must
     name served versions.  Unknown keys are refused, so a typo never passes silently.
@@ -989,8 +1418,9 @@ class ModelSettings:
     """
 
     MAX_BYTES = 64 * 1024
+    MAX_DEPTH = 16
     KEYS = ("version_policy", "labels", "safe_pickle", "sha256", "batching", "traffic", "redact", "shadow",
-            "native", "warmup")
+            "native", "warmup", "explain")
     MAX_WARMUP_ROWS = 100
 
     def __init__(self, policy="latest", count=1, versions=(), labels=None, safe_pickle=False, sha256=None,
@@ -1001,14 +1431,35 @@ class ModelSettings:
         self.shadow = None                      # label (str) or version (int) shadowing every request
         self.native = native                    # False: no native predictor, whatever --native says
         self.warmup = None                      # rows to warm a loaded version on; None: derived (see _warm)
+        self.explain_reference = None           # the row linear explanations are measured from; None: see Explainer
         self.policy, self.count, self.versions = policy, count, tuple(versions)
         self.labels = dict(labels or {})
         self.safe_pickle = safe_pickle
         self.sha256 = dict(sha256 or {})       # {version: lower-case hex digest}
 
     @classmethod
-    def read(cls, ref):
-        """Parse the settings file behind `ref`; ValueError says what is wrong with it."""
+    def read(cls, ref, numbers):
+        """The settings in the file behind `ref`, checked against the versions `numbers` on disk; whatever
+        the file holds, either settings or a ValueError saying what is wrong with it.
+
+        A settings file is written by whoever can write the store, and one bad file must cost its own
+        model its new settings, never the scan of the store or the server.  So beyond the refusals that
+        say what to fix, anything else the content provokes (a number too large for arithmetic, memory)
+        is that file's refusal too, named by its kind.
+        """
+        try:
+            settings = cls.parse(cls._document(ref))
+            settings.check_served(numbers)
+            return settings
+        except ValueError as error:         # (shown in the status and the log: a few lines at most)
+            raise ValueError(_clip(str(error), 500)) from None
+        except Exception as error:  # whatever the file provoked: its refusal, never the scan's failure
+            raise ValueError(f"it cannot be used: {type(error).__name__}: {_clip(str(error), 200)}") from None
+
+    @classmethod
+    def _document(cls, ref):
+        """The file's JSON value, read as request bodies are (strict RFC 8259, each member named once),
+        within MAX_BYTES and MAX_DEPTH."""
         try:
             with open(ref.path, "rb") as handle:
                 data = handle.read(cls.MAX_BYTES + 1)
@@ -1017,10 +1468,14 @@ class ModelSettings:
         if len(data) > cls.MAX_BYTES:
             raise ValueError(f"it is larger than {cls.MAX_BYTES} bytes")
         try:
-            document = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"not valid JSON: {error}") from None
-        return cls.parse(document)
+            document = _strict_json(data.decode("utf-8-sig"))
+        except RecursionError:
+            raise ValueError(f"not valid JSON: nested deeper than {cls.MAX_DEPTH} levels") from None
+        except ValueError as error:         # not UTF-8, not JSON, NaN, a number beyond a float, a member twice
+            raise ValueError(f"not valid JSON: {_clip(str(error), 200)}") from None
+        if _nested_deeper_than(cls.MAX_DEPTH, data):
+            raise ValueError(f"not valid JSON: nested deeper than {cls.MAX_DEPTH} levels")
+        return document
 
     @classmethod
     def parse(cls, document):
@@ -1028,14 +1483,15 @@ class ModelSettings:
             raise ValueError("it must hold a JSON object")
         unknown = sorted(set(document) - set(cls.KEYS))
         if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(cls.KEYS)}")
+            raise ValueError(f"unknown key(s) {_clip(', '.join(map(repr, unknown)), 200)}; "
+                             f"known: {', '.join(cls.KEYS)}")
         settings = cls(**cls._policy(document.get("version_policy", "latest")))
         labels = document.get("labels", {})
         if not isinstance(labels, dict):
             raise ValueError('"labels" must map label names to versions')
         for label, version in labels.items():
             if not LABEL.fullmatch(label):
-                raise ValueError(f"invalid label {label!r}: labels match ^{LABEL.pattern}$")
+                raise ValueError(f"invalid label {_clip(repr(label), 80)}: labels match ^{LABEL.pattern}$")
             settings.labels[label] = cls._version(version, f"label {label!r}")
         settings.safe_pickle = document.get("safe_pickle", False)
         if type(settings.safe_pickle) is not bool:
@@ -1070,7 +1526,19 @@ class ModelSettings:
         if type(settings.native) is not bool:
             raise ValueError('"native" must be true or false')
         settings.warmup = cls._warmup(document.get("warmup"))
+        settings.explain_reference = cls._explain_reference(document.get("explain"))
         return settings
+
+    @staticmethod
+    def _explain_reference(explain):
+        """The "explain" object's reference row: a list of values or a record by feature name, as a request sends."""
+        if explain is None:
+            return None
+        if not isinstance(explain, dict) or set(explain) != {"reference"} or \
+                not isinstance(explain["reference"], (list, dict)) or not explain["reference"]:
+            raise ValueError('"explain" must be {"reference": row}, the row (or record) linear explanations are '
+                             'measured from, e.g. {"reference": [5.8, 3.0, 4.4, 1.3]}')
+        return explain["reference"]
 
     @classmethod
     def _warmup(cls, rows):
@@ -1092,11 +1560,11 @@ class ModelSettings:
         split = {}
         for target, weight in traffic.items():
             target = self._target(target, '"traffic"')
-            if type(weight) not in (int, float) or not 0 <= weight < math.inf:
-                raise ValueError(f'"traffic": the weight of {target!r} must be a number >= 0, '
-                                 f'not {_clip(repr(weight), 40)}')
+            if type(weight) not in (int, float) or not 0 <= weight <= sys.float_info.max:
+                raise ValueError(f'"traffic": the weight of {target!r} must be a number >= 0 (at most '
+                                 f'{sys.float_info.max:.4g}), not {_clip(repr(weight), 40)}')
             split[target] = weight
-        if split and not sum(split.values()) > 0:
+        if split and not any(weight > 0 for weight in split.values()):
             raise ValueError('"traffic": every weight is 0; give at least one target a positive weight')
         return split
 
@@ -1136,11 +1604,12 @@ class ModelSettings:
 
     @staticmethod
     def _version(value, where):
-        if type(value) is int and value >= 1:
+        """A version number, as the store's folders spell them (VERSION: at most 18 digits)."""
+        if type(value) is int and 1 <= value < 10 ** 18:
             return value
         if isinstance(value, str) and VERSION.fullmatch(value):
             return int(value)
-        raise ValueError(f"{where}: {value!r} is not a version (a positive integer)")
+        raise ValueError(f"{where}: {_clip(repr(value), 80)} is not a version (a positive integer)")
 
     def select(self, numbers):
         """The served versions among `numbers` (the versions on disk), highest first."""
@@ -1161,7 +1630,8 @@ class ModelSettings:
                 "traffic": {str(target): weight for target, weight in self.traffic.items()},
                 "redact": sorted(self.redact),
                 "shadow": None if self.shadow is None else str(self.shadow),
-                "native": self.native, "warmup": self.warmup}
+                "native": self.native, "warmup": self.warmup,
+                "explain": None if self.explain_reference is None else {"reference": self.explain_reference}}
 
 
 DEFAULT_SETTINGS = ModelSettings()
@@ -1227,8 +1697,6 @@ def _within(module, roots):
 def _numpy_core(module):
     """numpy 2 renamed numpy.core to numpy._core (the old name warns); both name the same objects."""
     if module == "numpy.core" or module.startswith("numpy.core."):
-        import importlib.util
-
         if importlib.util.find_spec("numpy._core") is not None:
             return "numpy._core" + module[len("numpy.core"):]
     return module
@@ -1246,8 +1714,6 @@ def _lookup(path):
 @functools.lru_cache(maxsize=None)
 def _default_admitted():
     """(helper functions by id, scikit-learn internal types, numpy random types, builtin types), found once."""
-    import collections
-
     import numpy as np
 
     functions = {id(function): function for function in map(_lookup, _PICKLE_FUNCTIONS) if function is not None}
@@ -1299,6 +1765,16 @@ def _refusal(where, why, module):
     return f"refused global {where!r}: {why}; {hint}"
 
 
+def _admits_by_name(allowlist, path):
+    """Whether `allowlist` admits what the dotted `path` a file names resolves to; nothing is imported from a
+    module the allow-list does not import from (importing runs a module's code)."""
+    module, _, name = path.rpartition(".")
+    if not (PYTHON_MODULE.fullmatch(module) and PYTHON_MODULE.fullmatch(name)) or "__" in path \
+            or not allowlist.importable(module):
+        return False
+    return allowlist.admits(_lookup(path))
+
+
 class _Allowlist:
     """What one restricted load admits: the defaults, the --trust modules and a loader's extras."""
 
@@ -1337,8 +1813,6 @@ class _RestrictedUnpickling:
     allowlist = _Allowlist()
 
     def find_class(self, module, name):
-        import _compat_pickle
-
         sys.audit("pickle.find_class", module, name)
         if self.proto < 3 and self.fix_imports:        # Python 2 names, mapped as pickle maps them
             if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -1444,8 +1918,6 @@ def _load_joblib_restricted(data, trust):
 
     joblib offers no hook for another unpickler: its own (private) compressor detection is used.
     """
-    import io
-
     from joblib.numpy_pickle_utils import _detect_compressor, _validate_fileobject_and_memmap
 
     stream = io.BytesIO(data)
@@ -1506,16 +1978,12 @@ class LoadOptions:
 
 
 def _load_pickle(data, options):
-    import io
-
     if options.safe_pickle:
         return _RestrictedUnpickler(io.BytesIO(data), options.trust).load()
     return pickle.loads(data)
 
 
 def _load_joblib(data, options):
-    import io
-
     import joblib
 
     if options.safe_pickle:
@@ -1536,7 +2004,29 @@ def _load_json(data, options):
     return estimator
 
 
-ARTIFACT_LOADERS = {"joblib": _load_joblib, "pickle": _load_pickle, "json": _load_json}   # by ArtifactRef.format
+def _load_skops(data, options):
+    """A .skops file (skops.io): a zip of a JSON schema and arrays that skops rebuilds, creating only the types
+    it is told to trust.  Trusted: what skops trusts by default, what --safe-pickle's allow-list admits
+    (scikit-learn's estimators and internal types such as its trees, numpy, scipy.sparse) and --trust modules.
+    Anything else refuses the load, naming each type, before any object is made."""
+    try:
+        import skops.io
+    except ImportError:
+        raise ArtifactError("the skops package is not installed: pip install '.[skops]' (the skops extra) to "
+                            "load .skops artifacts") from None
+    untrusted = skops.io.get_untrusted_types(data=data)
+    allowlist = _Allowlist(options.trust)
+    refused = [name for name in untrusted if not _admits_by_name(allowlist, name)]
+    if refused:
+        module = refused[0].rpartition(".")[0]
+        why = "neither skops nor --safe-pickle's allow-list trusts " + ("it" if len(refused) == 1 else
+                                                                         "them: " + ", ".join(refused))
+        raise ArtifactError(_refusal(_clip(", ".join(refused), 200), why, module))
+    return skops.io.loads(data, trusted=untrusted)
+
+
+ARTIFACT_LOADERS = {"joblib": _load_joblib, "pickle": _load_pickle, "json": _load_json,    # by ArtifactRef.format
+                    "skops": _load_skops}
 
 PREDICT_METHODS = ("predict", "predict_proba", "predict_log_proba", "decision_function",
                    "transform", "score_samples")
@@ -1650,7 +2140,8 @@ class LoadedModel:
     def __init__(self, ref, estimator, sha256, size, load_seconds, version_skew=None):
         self.ref = ref
         self.name = ref.name
-        self.version = str(ref.version)
+        self.version = ref.version
+        self.labels = (("model", ref.name), ("version", str(ref.version)))     # its metrics' labels
         self.estimator = estimator
         self.sha256 = sha256
         self.size = size
@@ -1675,6 +2166,7 @@ class LoadedModel:
         self.batcher = None             # a Batcher when concurrent requests are stacked (tabular models only)
         self.checked_call = _finite_checked_call(estimator) if self.n_features is not None else None
         self.metrics = None             # the registry's Metrics, which count calls by predictor
+        self.tracing = TRACING_OFF      # the registry's Tracing: a span per call, saying which predictor answered
         self.native = None              # a NativePredictor: the methods proved at load to answer as scikit-learn
         self.predictors = {}            # method -> (NATIVE or SKLEARN, why), for the status
         self.warmup = "not warmed"      # what warming did, for the load's log line (see _warm)
@@ -1689,13 +2181,12 @@ class LoadedModel:
         """Call one method now: natively where it is proved and takes these inputs, else through scikit-learn."""
         native = self.native.methods.get(method) if self.native is not None else None
         prepared = None if native is None else self.native.prepare(inputs)
-        if prepared is not None:
-            outputs, predictor = native(prepared), NATIVE
-        else:
-            outputs, predictor = self._sklearn_call(method, inputs), SKLEARN
+        predictor = SKLEARN if prepared is None else NATIVE
+        with self.tracing.span("predict", method=method, predictor=predictor) if self.tracing.enabled else _NO_SPAN:
+            outputs = self._sklearn_call(method, inputs) if prepared is None else native(prepared)
         if self.metrics is not None:
-            self.metrics.count("model_service_predict_calls_total", (("model", self.name), ("version", self.version),
-                                                                     ("method", method), ("predictor", predictor)))
+            self.metrics.count("model_service_predict_calls_total",
+                               self.labels + (("method", method), ("predictor", predictor)))
         return outputs
 
     def _sklearn_call(self, method, inputs):
@@ -1738,8 +2229,18 @@ class Batcher:
         self._turn = threading.Lock()       # held by the batch being computed: one at a time per model
 
     def join(self, method, inputs):
-        """This request's slice of the stacked call it joins (or leads)."""
-        mine = _Pending(inputs)
+        """This request's slice of the stacked call it joins (or leads); traced, in a "batch" span (its wait and
+        the stacked call) that says how many requests the call served."""
+        if not self.model.tracing.enabled:
+            return self._join(method, _Pending(inputs))
+        with self.model.tracing.span("batch", method=method) as span:
+            mine = _Pending(inputs)
+            try:
+                return self._join(method, mine)
+            finally:
+                span.set_attribute("batch_size", mine.batch_size)
+
+    def _join(self, method, mine):
         with self._lock:
             queue = self._waiting.setdefault(method, [])
             queue.append(mine)
@@ -1769,6 +2270,8 @@ class Batcher:
 
     def _execute(self, method, batch):
         self.metrics.observe("model_service_batch_size", (("model", self.model.name),), len(batch))
+        for item in batch:
+            item.batch_size = len(batch)
         if len(batch) == 1:
             self._alone(method, batch[0])
             return
@@ -1797,10 +2300,10 @@ class Batcher:
 
 
 class _Pending:
-    __slots__ = ("inputs", "result", "error", "done", "full", "leads")
+    __slots__ = ("inputs", "result", "error", "done", "full", "leads", "batch_size")
 
     def __init__(self, inputs):
-        self.inputs, self.result, self.error, self.leads = inputs, None, None, False
+        self.inputs, self.result, self.error, self.leads, self.batch_size = inputs, None, None, False, 1
         self.done, self.full = threading.Event(), threading.Event()
 
     def answer(self):
@@ -1979,192 +2482,13 @@ def _build_model(ref, options=None, native=True):
 
 
 ###############################################################################
-# Metrics #####################################################################
-###############################################################################
-# What GET /metrics reports, through prometheus_client (imported at the first count, not with the
-# module).  One process keeps its counts in memory, in a registry of its own (several apps in one
-# process do not mix).  Under --workers, or any pre-fork host with PROMETHEUS_MULTIPROC_DIR set,
-# every process writes its counts to files there and a scrape of any process sums them (README,
-# "Metrics").
-
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-MODEL_VERSION = ("model", "version")
-
-METRICS = {   # name: (type, help, label names, histogram buckets)
-    "model_service_requests_total": ("counter", "Prediction requests by model, version, method and status.",
-                                     MODEL_VERSION + ("method", "status"), None),
-    "model_service_request_duration_seconds": ("histogram", "Time to answer a prediction request.",
-                                               ("model", "method"), LATENCY_BUCKETS),
-    "model_service_model_loads_total": ("counter", "Model version loads by outcome (success, failure).",
-                                        MODEL_VERSION + ("outcome",), None),
-    "model_service_model_load_duration_seconds": ("histogram", "Time to load a model version.", MODEL_VERSION,
-                                                  LOAD_BUCKETS),
-    "model_service_batch_size": ("histogram", "Requests stacked into one predict call.", ("model",), BATCH_BUCKETS),
-    "model_service_payload_log_records_total": ("counter", "Prediction requests written to the payload log.", (),
-                                                None),
-    "model_service_payload_log_dropped_total": ("counter", "Payload log records dropped: its queue was full or "
-                                                "a write failed.", (), None),
-    "model_service_predict_calls_total": ("counter", "Predict calls (a stacked batch is one) by model, version, "
-                                          "method and the predictor that answered (native, scikit-learn).",
-                                          MODEL_VERSION + ("method", "predictor"), None),
-    "model_service_shadow_compared_total": ("counter", "Requests compared with the model's shadow version, by "
-                                            "model and shadow version.", MODEL_VERSION, None),
-    "model_service_shadow_identical_total": ("counter", "Requests whose shadow predictions were identical.",
-                                             MODEL_VERSION, None),
-    "model_service_shadow_abs_difference_total": ("counter", "Sum of the absolute differences of numeric shadow "
-                                                  "outputs (divide by numeric_values_total for the mean).",
-                                                  MODEL_VERSION, None),
-    "model_service_shadow_numeric_values_total": ("counter", "Numeric output values compared with the shadow's "
-                                                  "(in requests that were not identical).", MODEL_VERSION, None),
-    "model_service_shadow_errors_total": ("counter", "Requests the shadow version failed on.", MODEL_VERSION, None),
-    "model_service_shadow_dropped_total": ("counter", "Requests not shadowed: the shadow queue was full.",
-                                           MODEL_VERSION, None),
-    "model_service_models_loaded": ("gauge", "Model versions in memory.", (), None),
-    "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", (), None),
-}
-GAUGES = [name for name, (kind, *_) in METRICS.items() if kind == "gauge"]
-MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's: where processes share their counts
-
-
-class Metrics:
-    """The service's metrics: prometheus_client families, and the labelled child of each series cached by
-    its (name, label pairs), so a count costs one dict lookup before prometheus_client's own increment
-    (its labels() lookup costs several µs).  The cache stays bounded because label values do: they are
-    only models, versions and methods that exist (UNRESOLVED for the rest) and forget() drops a version's.
-
-    The gauges are read from `gauges` ({name: () -> value}) at scrape time in one process.  Shared
-    between processes, a scrape can only read files, so each process writes its own gauges whenever
-    they change (`changed`, called by the registry's Residency) and the scrape sums the live processes'
-    (multiprocess_mode "livesum": versions in memory over the workers, i.e. copies of models, and requests
-    being answered by any of them; a dead worker's are removed by mark_process_dead).
-    """
-
-    def __init__(self, gauges):
-        self._gauges = gauges
-        self._lock = threading.Lock()
-        self._children = {}         # (name, label pairs) -> the series' prometheus_client child
-        self._families = None       # name -> prometheus_client metric, made at the first count
-        self._registry = None       # what a scrape collects
-        self._shared = False        # counts live in files under $PROMETHEUS_MULTIPROC_DIR
-        self._forgotten = set()     # shared: (model, version) whose series a scrape leaves out
-        self._written = (None, {})  # shared: (pid, {gauge: the value it last wrote})
-
-    def count(self, name, labels, amount=1):
-        child = self._children.get((name, labels))
-        (child if child is not None else self._child(name, labels)).inc(amount)
-
-    def observe(self, name, labels, value):
-        child = self._children.get((name, labels))
-        (child if child is not None else self._child(name, labels)).observe(value)
-
-    def changed(self):
-        """Models in memory or requests in flight changed: shared, this process writes the gauges that did
-        (each write is a file update; called under the Residency's lock, so in order).
-
-        (A worker forked with models already in memory writes them at its first request.)"""
-        if not self._shared and self._families is not None:
-            return                  # one process: read at scrape time
-        families = self._ready()
-        if self._shared:
-            if self._written[0] != os.getpid():     # forked: this process's file has none of them yet
-                self._written = (os.getpid(), {})
-            for name in GAUGES:
-                value = self._gauges[name]()
-                if self._written[1].get(name) != value:
-                    self._written[1][name] = value
-                    families[name].set(value)
-
-    def forget(self, model, version):
-        """Drop every series of one model version.  Shared, the files keep its counts (prometheus_client
-        cannot remove them there), so a scrape leaves them out until the version is counted again."""
-        pairs = {("model", model), ("version", version)}
-        with self._lock:
-            for key in [key for key in self._children if pairs <= set(key[1])]:
-                del self._children[key]
-                if not self._shared:
-                    self._families[key[0]].remove(*(value for _, value in key[1]))
-            if self._shared:
-                self._forgotten.add((model, version))
-
-    def render(self):
-        """The text exposition format, version 0.0.4."""
-        self._ready()
-        return importlib.import_module("prometheus_client").generate_latest(self._registry).decode()
-
-    def _ready(self):
-        if self._families is None:
-            with self._lock:
-                if self._families is None:
-                    self._start()
-        return self._families
-
-    def _child(self, name, labels):
-        family = self._ready()[name]
-        with self._lock:
-            child = self._children.get((name, labels))
-            if child is None:
-                child = self._children[name, labels] = family.labels(*(v for _, v in labels)) if labels else family
-                pairs = dict(labels)
-                self._forgotten.discard((pairs.get("model"), pairs.get("version")))
-            return child
-
-    def _start(self):
-        """Import prometheus_client and make the families: in files if $PROMETHEUS_MULTIPROC_DIR is set now
-        (prometheus_client reads it when first imported), else in this app's own registry."""
-        prometheus = importlib.import_module("prometheus_client")
-        prometheus.disable_created_metrics()     # no *_created series: the output stays the counts alone
-        self._shared = bool(os.environ.get(MULTIPROCESS_DIR))
-        own = None if self._shared else prometheus.CollectorRegistry()
-        kinds = {"counter": prometheus.Counter, "histogram": prometheus.Histogram, "gauge": prometheus.Gauge}
-        families = {}
-        for name, (kind, help_text, label_names, buckets) in METRICS.items():
-            if kind == "gauge" and not self._shared:
-                continue                         # read at scrape time (_ScrapeGauges)
-            options = {"buckets": buckets} if buckets else {"multiprocess_mode": "livesum"} if kind == "gauge" else {}
-            families[name] = kinds[kind](name, help_text, label_names, registry=own, **options)
-        if self._shared:
-            from prometheus_client.multiprocess import MultiProcessCollector
-            self._registry = prometheus.CollectorRegistry()
-            self._registry.register(_Unforgotten(MultiProcessCollector(None), self._forgotten))
-        else:
-            gauge_family = importlib.import_module("prometheus_client.core").GaugeMetricFamily
-            own.register(_ScrapeGauges(gauge_family, self._gauges))
-            self._registry = own
-        self._families = families
-
-
-class _ScrapeGauges:
-    """A collector: the gauges read when scraped (one process)."""
-
-    def __init__(self, family, gauges):
-        self.family, self.gauges = family, gauges
-
-    def collect(self):
-        return [self.family(name, METRICS[name][1], value=self.gauges[name]()) for name in GAUGES]
-
-
-class _Unforgotten:
-    """A collector: another's series, less those of forgotten model versions."""
-
-    def __init__(self, collector, forgotten):
-        self.collector, self.forgotten = collector, forgotten
-
-    def collect(self):
-        for family in self.collector.collect():
-            family.samples = [item for item in family.samples
-                              if (item.labels.get("model"), item.labels.get("version")) not in self.forgotten]
-            yield family
-
-
-###############################################################################
 # Agreement ###################################################################
 ###############################################################################
 # How two versions' answers compare: a shadow's running counts (registry, HTTP application) and a
 # replay's report (Replay).
 
 REPLAY_WORST = 5        # examples kept, the most different first
+REPLAY_REASONS = 10     # reasons shown for the lines of a log that are no logged request, the commonest first
 
 
 class Agreement:
@@ -2174,6 +2498,8 @@ class Agreement:
 
     def __init__(self):
         self.skipped = collections.Counter()    # reason -> lines not replayed
+        self.bad = collections.Counter()        # replay: why -> lines that are no logged request
+        self.bad_at = {}                        # replay: why -> where the first such line is
         self.replayed = self.identical = 0
         self.classes = collections.Counter()    # (logged, replayed) -> rows whose class changed
         self.gap_sum, self.gap_count, self.gap_max = 0.0, 0, 0.0   # absolute differences of numeric outputs
@@ -2191,7 +2517,8 @@ class Agreement:
         changed, largest, differences = 0, 0.0, []
         for method, before in logged.items():
             after = replayed[method]
-            if method == "predict" and model.classes is not None and len(before) == len(after):
+            if method == "predict" and model.classes is not None and isinstance(before, list) and \
+                    isinstance(after, list) and len(before) == len(after):
                 pairs = [(old, new) for old, new in zip(before, after) if old != new]
                 self.classes.update((_comparable_text(old), _comparable_text(new)) for old, new in pairs)
                 changed += len(pairs)
@@ -2217,6 +2544,13 @@ class Agreement:
         entry = (changed, largest, request_id, sorted(methods))
         (heapq.heappush if len(self._worst) < REPLAY_WORST else heapq.heappushpop)(self._worst, entry)
 
+    def bad_line(self, where, why):
+        """Count a line of a replayed log that is no logged request, by why; the report shows the commonest
+        reasons, each with where it was first seen."""
+        why = _clip(why, 200)
+        self.bad[why] += 1
+        self.bad_at.setdefault(why, where)
+
     def share(self):
         return self.identical / self.replayed if self.replayed else 1.0
 
@@ -2225,6 +2559,9 @@ class Agreement:
         out = [f"replayed {self.replayed} request(s) on model {name!r} version {version}"]
         if self.skipped:
             out.append("skipped " + ", ".join(f"{count} {why}" for why, count in sorted(self.skipped.items())))
+        if self.bad:
+            out.append(f"bad lines (no logged request): {sum(self.bad.values())}")
+            out += [f"  {count} x {why} (first: {self.bad_at[why]})" for why, count in self.bad.most_common(REPLAY_REASONS)]
         out.append(f"identical predictions: {self.identical} of {self.replayed} ({self.share():.1%})")
         for (old, new), count in self.classes.most_common():
             out.append(f"class {old} -> {new}: {count} row(s)")
@@ -2236,7 +2573,8 @@ class Agreement:
         worst = sorted(self._worst, reverse=True)
         if worst:
             out.append("worst examples:")
-            out += [f"  {request_id} ({','.join(methods)}): {changed} row(s) differ, max abs difference {gap:.6g}"
+            out += [f"  {request_id} ({','.join(methods)}): " + ("failed" if changed == math.inf else
+                                                                   f"{changed} row(s) differ, max abs difference {gap:.6g}")
                     for changed, gap, request_id, methods in worst]
         return out
 
@@ -2246,27 +2584,37 @@ def _comparable_text(value):
 
 
 def _comparable_numbers(outputs):
-    """Every number in nested JSON outputs, in order; None if any value is not a number."""
-    if isinstance(outputs, list):
-        flat = []
-        for item in outputs:
-            numbers = _comparable_numbers(item)
-            if numbers is None:
-                return None
-            flat += numbers
-        return flat
-    return [outputs] if type(outputs) in (int, float) else None
+    """Every number in nested JSON outputs, in order, as floats; None if any value is not a number, or is an
+    integer beyond a float's range (a logged line may hold anything)."""
+    flat, stack = [], [outputs]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif type(item) in (int, float) and -sys.float_info.max <= item <= sys.float_info.max:
+            flat.append(float(item))
+        else:
+            return None
+    return flat
 
 
 ###############################################################################
 # Model registry ##############################################################
 ###############################################################################
-# Holds the catalogue: for each model name a CatalogueEntry, for each of its versions a
-# VersionSlot with its state and its LoadedModel.  Loads are lazy and single-flight per
-# version; a failed load is retried only after a pause.  A request keeps the LoadedModel
-# it got, so later swaps never disturb it.  Residency keeps the count of what is in memory.
+# Holds the catalogue: for each model name a CatalogueEntry (its versions, those served, where each
+# route points), for each version a VersionSlot with its state and its LoadedModel.  Four parts, each
+# using those above it: the entries and what is in memory (Residency); the plan, a pure function from
+# a store scan and the models' settings to the catalogue to serve and the loads that gets there; the
+# Loader, which does every load (lazy and single-flight per version, a failed one retried only after
+# a pause); and ModelRegistry, the facade the app uses, which scans, plans, hands the loads to the
+# Loader and houses the watcher.  A request keeps the LoadedModel it got, so later swaps never
+# disturb it.  A version is its number (an int) everywhere here; text only in what describe() returns.
 
 UNLOADED, LOADING, AVAILABLE, UNLOADING, FAILED = "UNLOADED", "LOADING", "AVAILABLE", "UNLOADING", "FAILED"
+RELOADED, DEFERRED = "RELOADED", "DEFERRED"     # how a replacement ended, besides FAILED
+
+
+# -- versions, names, memory and settings ----------------------------------------------------------
 
 
 class VersionSlot:
@@ -2274,7 +2622,8 @@ class VersionSlot:
 
     `model` (a LoadedModel, or None) is what serves; a request that got it keeps it, so a
     swap or an unload never disturbs a request in flight.  `model` changes only under the
-    registry's Residency lock.
+    registry's Residency lock.  While a changed artifact loads beside it, `replacing` is that
+    artifact and `replaced` is clear; when it is set again, `replacement` says how it ended.
     """
 
     def __init__(self, ref):
@@ -2286,8 +2635,11 @@ class VersionSlot:
         self.retry_at = 0.0
         self.loads = 0
         self.lock = threading.Lock()   # one load at a time
-        self.loading = None            # the load requests wait on for at most a time (ModelRegistry._load_within)
+        self.loading = None            # the load requests wait on for at most a time (Loader.load_within)
         self.replacing = None          # ArtifactRef of a changed artifact loading beside the model that serves
+        self.replaced = threading.Event()   # set while no replacement is under way
+        self.replaced.set()
+        self.replacement = None        # how the last replacement ended: RELOADED, FAILED or DEFERRED
         self.rejected = None           # fingerprint of a changed artifact that failed to load (not retried)
         self.pinned = False            # preloaded: loaded eagerly, never evicted or unloaded for idleness
         self.gone = False              # left the store or the version policy; never loaded again
@@ -2298,43 +2650,102 @@ class VersionSlot:
         if error:
             self.error, self.error_at = error, self.since
 
+    def begin_replacing(self, ref):
+        self.replacing = ref
+        self.replaced.clear()
+
+    def end_replacing(self, outcome):
+        self.replacement, self.replacing = outcome, None
+        self.replaced.set()
+
+    def load_failure(self, retry_after=None, **fields):
+        """The 503 of a version whose last load failed."""
+        return ModelUnavailable(f"model {self.ref.name!r} version {self.ref.version} failed to load: {self.error}",
+                                retry_after=retry_after, **fields)
+
     def describe(self, clock):
         model = self.model
-        info = {"version": str(self.ref.version), "state": self.state, "since": _iso_time(self.since),
+        info = {"version": str(self.ref.version), "state": self.state, "since": _utc_time(self.since),
                 "format": self.ref.format,
                 "artifact": {"file": self.ref.file, "size": self.ref.size,
-                             "modified": _iso_time(self.ref.mtime_ns / 1e9),
+                             "modified": _utc_time(self.ref.mtime_ns / 1e9),
                              "sha256": model.sha256 if model else None},
                 "preloaded": self.pinned,
-                "loaded_at": _iso_time(model.loaded_at) if model else None,
+                "loaded_at": _utc_time(model.loaded_at) if model else None,
                 "load_seconds": round(model.load_seconds, 6) if model else None,
                 "idle_seconds": round(clock() - model.last_used, 3) if model else None,
                 "in_flight": (model or self.leaving).inflight if (model or self.leaving) else 0,
-                "loads": self.loads, "last_error": self.error, "last_error_at": _iso_time(self.error_at)}
+                "loads": self.loads, "last_error": self.error, "last_error_at": _utc_time(self.error_at)}
         info.update(model.describe() if model else
                     {"estimator": None, "methods": None, "n_features_in_": None,
                      "feature_names_in_": None, "classes_": None, "sklearn_version_skew": None})
         return info
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class CatalogueEntry:
-    """One name of the catalogue, as a scan left it: its versions' slots, those served, and where requests go.
+    """One name of the catalogue, as a plan left it: its versions' slots, those served, and where requests go.
 
-    `routes` maps None (no version named) and each label to the VersionSlot that
-    answers; `wanted` maps them to the version number the settings ask for.  The two
-    differ while a new target loads: the old one keeps answering until it is ready.
-    `split`, when the settings name a traffic split, is (cumulative shares, targets): a
-    request naming no version goes to the target whose share covers its point in [0, 1).
+    `routes` maps None (no version named) and each label to the VersionSlot that answers;
+    `wanted` maps them to the version the settings ask for.  The two differ while a new target
+    loads: the old one keeps answering until it is ready.  `split`, when the settings name a
+    traffic split, is (cumulative shares, targets): a request naming no version goes to the
+    target whose share covers its point in [0, 1).  An entry never changes: a scan, or a route
+    pointed at its loaded target, makes a new one.
     """
 
-    def __init__(self, name, versions, served, settings, settings_error, wanted, routes, split=None):
-        self.name, self.versions, self.served = name, versions, served
-        self.settings, self.settings_error = settings, settings_error
-        self.wanted, self.routes, self.split = wanted, routes, split
+    name: str
+    versions: dict              # {version: VersionSlot}: every version on disk
+    served: tuple               # the versions its policy serves, highest first
+    settings: object            # the ModelSettings in force; None when none is valid (nothing serves)
+    settings_error: str         # why its settings file was refused, or None
+    wanted: dict                # {None or label: version}
+    routes: dict                # {None or label: VersionSlot}
+    split: tuple = None
+    preloaded: bool = False     # named by --preload: its served versions load ahead and stay
 
     def with_route(self, key, slot):
-        return CatalogueEntry(self.name, self.versions, self.served, self.settings, self.settings_error,
-                              self.wanted, {**self.routes, key: slot}, self.split)
+        return dataclasses.replace(self, routes={**self.routes, key: slot})
+
+    def pin(self):
+        """Mark its versions pinned (loaded ahead, never evicted nor unloaded for idleness) when preloaded and
+        served; an entry whose settings were refused leaves them as they were."""
+        if self.settings is not None:
+            for number, slot in self.versions.items():
+                slot.pinned = self.preloaded and number in self.served
+
+    def lookup(self, version=None, label=None, routing_key=None):
+        """The VersionSlot that answers for a version or a label; 404 or 503 if none.
+
+        Naming neither, the traffic split decides, by `routing_key` when there is one."""
+        name, settings = self.name, self.settings
+        if settings is None:
+            raise ModelUnavailable(f"model {name!r} is not served: {self.settings_error}", model=name)
+        if label is not None:
+            slot = self.routes.get(label)
+            if slot is None:
+                known = label in settings.labels
+                raise NotFound(f"label {_clip(repr(label), 80)} of model {name!r} "
+                               + (f"names version {settings.labels[label]}, which is not served"
+                                  if known else "is not defined"),
+                               model=name, labels={k: str(v) for k, v in self.wanted.items() if k},
+                               served_versions=self.served_versions())
+            return slot
+        if version is None:
+            if self.split is not None:
+                return self.routed(routing_key)
+            slot = self.routes.get(None)
+            if slot is None:
+                raise NotFound(f"model {name!r} serves no version: none of "
+                               f"{', '.join(map(str, sorted(self.versions)))} is in its version policy",
+                               model=name, served_versions=self.served_versions())
+            return slot
+        slot = self.versions.get(version)
+        if slot is None or version not in self.served:
+            raise NotFound(f"model {name!r} " + (f"has no version {version}" if slot is None else
+                                                 f"does not serve version {version} (see its version policy)"),
+                           model=name, served_versions=self.served_versions())
+        return slot
 
     def routed(self, routing_key):
         """The slot a request naming no version goes to under the split: sticky for a routing key (its
@@ -2378,7 +2789,7 @@ class CatalogueEntry:
         slot = self.shadow()
         if slot is None:
             return None
-        agreement = agreements.get((self.name, str(slot.ref.version))) or Agreement()
+        agreement = agreements.get((self.name, slot.ref.version)) or Agreement()
         return {"target": str(self.settings.shadow), "version": str(slot.ref.version),
                 "compared": agreement.replayed, "identical": agreement.identical,
                 "identical_share": round(agreement.share(), 6) if agreement.replayed else None,
@@ -2472,6 +2883,12 @@ class Residency:
                         slot.set(UNLOADED)
             self.changed()
 
+    def announce(self):
+        """Report what is in memory now, unasked: a worker forked with its parent's models holds them before
+        anything changes it (under --workers, each worker's gauges are its own, summed by a scrape)."""
+        with self.lock:
+            self.changed()
+
     def unload_idle(self, seconds):
         """Retire the models nobody used for `seconds`, but preloaded ones."""
         now = self.clock()
@@ -2490,9 +2907,223 @@ class Residency:
         return sum(model.inflight for model in list(self._resident))
 
 
-# What a request naming no model, or any model, is told when the store holds none (the log names the folder,
-# which clients are not shown).
-EMPTY_STORE = "the model store has no models: add one as NAME.joblib or NAME/1/model.joblib"
+# A model's settings file as last read: its fingerprint (the file's and the versions on disk), the
+# ModelSettings in force (None when no valid one was ever read) and why the file was refused (or None).
+SettingsRecord = collections.namedtuple("SettingsRecord", "fingerprint settings error")
+
+
+class SettingsFiles:
+    """The models' settings files (model-settings.json) as last read: {name: SettingsRecord}.
+
+    A file is read again only when it or the versions on disk change (a traffic split is valid
+    only while the versions it names are served); a broken file keeps the last good settings
+    in force, and shows why.
+    """
+
+    def __init__(self, store):
+        self.store, self._records = store, {}
+
+    def read(self, name, numbers):
+        """The SettingsRecord of model `name`, with versions `numbers` on disk (after the store's scan)."""
+        ref = self.store.settings_files.get(name)
+        fingerprint = (ref.fingerprint if ref else None, tuple(sorted(numbers)))
+        cached = self._records.get(name)
+        if cached and cached.fingerprint == fingerprint:
+            return cached
+        if ref is None:
+            settings, error = DEFAULT_SETTINGS, None
+        else:
+            try:
+                settings, error = ModelSettings.read(ref, numbers), None
+            except ValueError as problem:
+                error = f"{ref.file}: {problem}"
+                settings = cached.settings if cached else None
+                logger.error("model %r: %s%s", name, error,
+                             "; the previous settings stay" if settings else "; the model is not served")
+        self._records[name] = record = SettingsRecord(fingerprint, settings, error)
+        return record
+
+    def settings_for(self, name):
+        """The settings in force for `name`: the defaults when it has none (or none valid)."""
+        record = self._records.get(name)
+        return record.settings if record is not None and record.settings is not None else DEFAULT_SETTINGS
+
+
+# -- planning: the catalogue a scan asks for -------------------------------------------------------
+
+@dataclasses.dataclass
+class Departures:
+    """What leaves service when one catalogue replaces another (see `departures`)."""
+
+    gone: list                  # slots no longer in the catalogue: never loaded again
+    unserved: list              # [(name, version, slot, left the store?)]: their models leave memory
+    forgotten: list             # [(name, version)]: gone for good, with their metrics and agreements
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a scan asks for (see `plan_catalogue`): the catalogue to serve, and the loads that get there."""
+
+    catalogue: dict             # {name: CatalogueEntry}
+    unsettled: dict             # {(name, version): fingerprint} seen once, to be seen again before use
+    replace: list               # [(slot, ArtifactRef)]: a changed artifact to load beside the model that serves
+    promote: list               # [(name, route key, slot)]: a route's new target, to load before it answers
+    departures: Departures
+
+
+def plan_catalogue(found, old_catalogue, records, unsettled, settle, preloaded):
+    """The catalogue a scan asks for, and the loads that get there, from what is given alone.
+
+    `found` is the store's scan ({name: {version: ArtifactRef}}), `records` each found name's
+    SettingsRecord, `unsettled` what the previous plan left unsettled, and `preloaded(name)` says
+    whether --preload names a model.  With `settle`, a new or changed artifact is used only once
+    two scans in a row saw the same size and mtime (a file still being written changes between
+    them).  A version in use is replaced only after its new artifact has loaded, and a model whose
+    versions all left the store stays while a new one settles (`mv m/1 m/2`).  It reads the slots'
+    states and makes slots for new artifacts; it takes no lock, starts no thread, reads no file
+    and no clock: ModelRegistry carries the plan out.
+    """
+    catalogue, settling, replace, promote = {}, {}, [], []
+    for name, refs in found.items():
+        previous = old_catalogue.get(name)
+        try:
+            planned = _plan_model(name, refs, previous, records[name], unsettled, settle, preloaded(name))
+        except Exception:  # a fault with one model leaves it as it was; the rest of the scan goes on
+            logger.exception("model %r: planning the store's scan failed on it; it stays as it was", name)
+            planned = (previous, {}, [], [])
+        entry, its_settling, its_replace, its_promote = planned
+        if entry is not None:
+            catalogue[name] = entry
+        settling.update(its_settling)
+        replace += its_replace
+        promote += its_promote
+    return Plan(catalogue, settling, replace, promote, departures(old_catalogue, catalogue))
+
+
+def _plan_model(name, refs, previous, record, unsettled, settle, preloaded):
+    """plan_catalogue for one model: (its CatalogueEntry or None, its unsettled artifacts, replacements,
+    promotions)."""
+    settling, replace, slots, pending = {}, [], {}, set()
+    for number, ref in refs.items():
+        slot = previous.versions.get(number) if previous else None
+        if slot is not None and slot.ref.fingerprint == ref.fingerprint:
+            slots[number] = slot
+        elif settle and unsettled.get((name, number)) != ref.fingerprint:
+            settling[(name, number)] = ref.fingerprint
+            if slot is not None:
+                slots[number] = slot        # the old artifact serves until the new one settles
+            else:
+                pending.add(number)
+        elif slot is None or slot.model is None:
+            slots[number] = VersionSlot(ref)
+        else:
+            slots[number] = slot
+            if slot.replacing is None and slot.rejected != ref.fingerprint:
+                replace.append((slot, ref))
+    if not (slots or (previous and pending)):
+        return None, settling, replace, []
+    entry, promote = _plan_entry(name, slots, previous, record, pending, preloaded)
+    return entry, settling, replace, promote
+
+
+def _plan_entry(name, slots, previous, record, pending, preloaded):
+    """(CatalogueEntry, promotions) of one model: its settings applied to its versions, what is served, and where
+    each route points.  `pending` are the version numbers whose new artifacts have not settled yet."""
+    settings = record.settings
+    if settings is None:
+        return CatalogueEntry(name, slots, (), None, record.error, {}, {}, preloaded=preloaded), []
+    served = settings.select(slots)
+    wanted = {None: served[0]} if served else {}
+    wanted.update({label: n for label, n in settings.labels.items() if n in served})
+    routes, promotions = {}, []
+    for key, current in (previous.routes.items() if previous else ()):
+        if key not in wanted and _holds(current, slots, pending):
+            routes[key] = current
+    for key, number in wanted.items():
+        current = previous.routes.get(key) if previous else None
+        routes[key], waits = _route_target(current, slots[number], slots, pending)
+        if waits and slots[number].state != LOADING:       # else a load of it is under way already
+            promotions.append((name, key, slots[number]))
+    return CatalogueEntry(name, slots, served, settings, record.error, wanted, routes,
+                          _traffic_split(settings, served), preloaded), promotions
+
+
+def _route_target(current, wanted, slots, pending):
+    """(the slot a route answers with now, whether it waits for `wanted` to load): `wanted`, unless it must
+    load first.
+
+    TF Serving's availability-preserving rule: what answers keeps answering until its
+    successor has loaded, even after its artifact left the store (its model is still in
+    memory), and a route never falls back to an older version because its own version's
+    successor has not settled yet.
+    """
+    if wanted is current or current is None:
+        return wanted, False
+    if _holds(current, slots, pending):
+        return current, False
+    if wanted.model is not None:
+        return wanted, False
+    departed = slots.get(current.ref.version) is not current
+    if current.model is None and (departed or wanted.state != FAILED):
+        return wanted, False       # nothing in memory to protect: its next request loads the new one
+    return current, True
+
+
+def _holds(current, slots, pending):
+    """Whether a route stays on `current`, which left the store, while a version as high is settling.
+
+    Renaming the serving version's folder to a higher number (`mv m/5 m/6`) is, for one
+    scan, a removal of 5 and an unsettled 6: the route keeps answering with 5 from memory
+    (or 503 with Retry-After if 5 is not loaded), never with 4.
+    """
+    return current is not None and slots.get(current.ref.version) is not current and \
+        any(number >= current.ref.version for number in pending)
+
+
+def _traffic_split(settings, served):
+    """The traffic split, resolved once per scan: (cumulative shares, targets), over the targets served now.
+
+    A target can stop being served only while previous settings stay in force (the file
+    that would serve it was refused): its share then goes to the others, never to a 404.
+    """
+    split = [(target, weight) for target, weight in settings.traffic.items() if weight > 0 and
+             (settings.labels[target] if isinstance(target, str) else target) in served]
+    if not split:
+        return None
+    largest = max(weight for _, weight in split)        # scaled by it first, no sum overflows (1e308 twice)
+    scaled = [weight / largest for _, weight in split]
+    total = sum(scaled)
+    return tuple(itertools.accumulate(weight / total for weight in scaled)), tuple(t for t, _ in split)
+
+
+def departures(old_catalogue, catalogue):
+    """What left the store, left the policy or stopped being a route's target when `catalogue` replaced
+    `old_catalogue`.
+
+    A version that left the store while a route still answers with it (see _holds) is gone
+    but not unserved: it stays in memory until no route points at it.
+    """
+    keep = set()
+    for entry in catalogue.values():
+        keep |= entry.targets()
+        keep.update(id(entry.versions[n]) for n in entry.served)
+    gone, unserved, forgotten = [], [], []
+    for name, entry in old_catalogue.items():
+        current = catalogue.get(name)
+        slots = {id(slot): (slot.ref.version, slot) for slot in entry.routes.values()}
+        slots.update((id(slot), (number, slot)) for number, slot in entry.versions.items())
+        for number, slot in slots.values():
+            removed = current is None or current.versions.get(number) is not slot
+            if removed:
+                gone.append(slot)
+                if id(slot) not in keep and (current is None or number not in current.versions):
+                    forgotten.append((name, number))
+            if id(slot) not in keep:
+                unserved.append((name, number, slot, removed))
+    return Departures(gone, unserved, forgotten)
+
+
+# -- loading ---------------------------------------------------------------------------------------
 
 
 def _warm(model, rows):
@@ -2531,19 +3162,235 @@ def _warm(model, rows):
                     f"{'from its settings' if given else 'of zeros'} in {(time.perf_counter() - started) * 1000:.1f} ms")
 
 
-class ModelRegistry:
-    """Every model in the store, the state of each of its versions, and their lifecycle.
+class Loader:
+    """Every load of a model version: on demand, for a request (`load`, single-flight per version: the
+    other requests wait on the slot's lock; a failed load is tried again only after
+    --load-retry-seconds; `load_within` when the request may wait only so long), a changed artifact beside the model that serves (`replace`), a route's new
+    target before the route turns to it (`promote`), the preloaded versions one after another
+    (`preload`), and all of them before a pre-fork host forks (`load_before_fork`).
 
-    The catalogue ({name: CatalogueEntry}) is replaced whole by each rescan, so a
-    request reads a consistent view without a lock.  Housekeeping (rescans every
-    `poll_interval`, idle unloads, preloads) runs in `refresh()`, which both requests
-    and a watcher thread call.  The watcher is started lazily, in the process that
-    serves: one started before a pre-fork host forks would not survive the fork.
-    Loads run in background threads beside the requests, except a first load on
-    demand, which its requests wait for.
+    A load counts against --max-loaded (Residency), follows the flags and the model's settings in
+    force (`settings_for(name)`), and is counted in the metrics.  A model loaded ahead of its
+    requests is warmed first (_warm); what runs beside the requests runs on a thread of its own.
     """
 
-    def __init__(self, config, clock=time.monotonic, watch=True):
+    def __init__(self, config, store, clock, residency, metrics, tracing, settings_for):
+        self.config, self.store, self.clock = config, store, clock
+        self.residency, self.metrics, self.tracing, self.settings_for = residency, metrics, tracing, settings_for
+        self.preloading = False             # a preload pass is under way (one at a time)
+
+    def options_for(self, ref):
+        """How to load `ref` now: the service's flags, its model's settings and the digests listed for it."""
+        settings = self.settings_for(ref.name)
+        digests = []
+        if ref.version in settings.sha256:
+            digests.append((settings.sha256[ref.version], f"{ref.name}/{SETTINGS_FILE}"))
+        if ref.file in self.store.sha256sums:
+            digests.append((self.store.sha256sums[ref.file], SHA256SUMS_FILE))
+        return LoadOptions(safe_pickle=self.config.safe_pickle or settings.safe_pickle, trust=self.config.trust,
+                           sha256=tuple(digests), strict_versions=self.config.strict_versions,
+                           json_limits=JsonLimits.of(self.config))
+
+    def build(self, ref, warm):
+        """_build_model with these load options, counted in the metrics; warmed (_warm) when no request waits
+        for it: a request that loads a model is its first call, and would only pay for every other method's
+        too."""
+        labels = (("model", ref.name), ("version", str(ref.version)))
+        started = time.perf_counter()
+        settings = self.settings_for(ref.name)
+        try:
+            with _logging_about(model=ref.name, version=ref.version):
+                model = _build_model(ref, self.options_for(ref), native=self.config.native and settings.native)
+                if warm:
+                    _warm(model, settings.warmup)
+                else:
+                    model.warmup = "not warmed: loaded for a request, which is its first call"
+        except Exception:
+            self.metrics.count("model_service_model_loads_total", labels + (("outcome", "failure"),))
+            raise
+        self.metrics.count("model_service_model_loads_total", labels + (("outcome", "success"),))
+        self.metrics.observe("model_service_model_load_duration_seconds", labels, time.perf_counter() - started)
+        model.metrics, model.tracing = self.metrics, self.tracing    # from now on: the warm-up's calls were no client's
+        batching = settings.batching
+        size, latency = batching if batching else (self.config.max_batch_size, self.config.max_latency_ms)
+        if batching is not False and size > 1 and model.n_features is not None:
+            model.batcher = Batcher(model, size, latency / 1000, self.metrics)
+        return model
+
+    def load(self, slot, warm=False):
+        """The slot's model, loaded now if it holds none; 503 when the load fails (or failed lately)."""
+        with slot.lock:
+            if slot.model is not None:
+                return slot.model
+            ref = slot.ref
+            wait = slot.retry_at - self.clock()
+            if slot.state == FAILED and wait > 0:
+                raise slot.load_failure(math.ceil(wait), model=ref.name, version=str(ref.version))
+            self.residency.reserve()
+            slot.set(LOADING)
+            slot.loads += 1
+            try:
+                model = self.build(ref, warm)
+            except Exception as error:
+                self.residency.cancel()
+                slot.set(FAILED, str(error) or type(error).__name__)
+                slot.retry_at = self.clock() + self.config.load_retry_seconds
+                logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error,
+                             extra={"model": ref.name, "version": ref.version})
+                raise slot.load_failure(math.ceil(self.config.load_retry_seconds) or None,
+                                        model=ref.name, version=str(ref.version)) from None
+            with self.residency.lock:
+                self.residency.admit(model, slot)
+                slot.model, slot.error = model, None
+                slot.set(AVAILABLE)
+                if slot.gone:
+                    self.residency.retire(model, slot)
+            logger.info("loaded model %r version %s (%s, %.3f s; %s)", ref.name, ref.version, ref.format,
+                        model.load_seconds, model.warmup, extra={"model": ref.name, "version": ref.version})
+            return model
+
+    _waited = threading.Lock()          # guards VersionSlot.loading
+
+    def load_within(self, slot, seconds):
+        """load() for a request that may wait at most `seconds` (--max-predict-seconds): the load runs in the
+        background, one per version however many requests wait on it, and goes on past their wait, which
+        ends in a 503 with Retry-After (a load is not a prediction: its successors find the model loaded)."""
+        import concurrent.futures
+
+        with self._waited:
+            if slot.loading is None or slot.loading.done():
+                slot.loading = concurrent.futures.Future()
+                _in_background(self._load_into, slot, slot.loading)
+            loading = slot.loading
+        try:
+            return loading.result(timeout=seconds)
+        except concurrent.futures.TimeoutError:
+            raise ModelUnavailable(f"model {slot.ref.name!r} version {slot.ref.version} is still loading after "
+                                   f"{seconds:g} s (--max-predict-seconds); try again", retry_after=1,
+                                   model=slot.ref.name, version=str(slot.ref.version)) from None
+
+    def _load_into(self, slot, future):
+        try:
+            future.set_result(self.load(slot))
+        except BaseException as error:      # handed to the requests that wait on it
+            future.set_exception(error)
+
+    def replace(self, slot, ref, background=False):
+        """Load `ref`, a changed artifact of `slot`, beside the model that serves, then swap; a failure keeps
+        the old one.  Returns RELOADED, FAILED or DEFERRED (no room under --max-loaded now; the next rescan
+        tries again); in the background, None: `slot.replacement` says once `slot.replaced` is set."""
+        slot.begin_replacing(ref)
+        if background:
+            _in_background(self._replacing, slot, ref)
+            return None
+        return self._replacing(slot, ref)
+
+    def _replacing(self, slot, ref):
+        outcome = FAILED
+        try:
+            outcome = self._replace(slot, ref)
+        finally:
+            slot.end_replacing(outcome)
+        return outcome
+
+    def _replace(self, slot, ref):
+        try:
+            self.residency.reserve()
+        except ModelUnavailable:
+            return DEFERRED
+        try:
+            model = self.build(ref, warm=True)
+        except Exception as error:
+            self.residency.cancel()
+            slot.rejected = ref.fingerprint
+            slot.error = f"changed artifact not loaded, the previous one still serves: {error}"
+            slot.error_at = time.time()
+            logger.error("model %r version %s: %s", ref.name, ref.version, slot.error)
+            return FAILED
+        with self.residency.lock:
+            self.residency.admit(model, slot)
+            old, slot.ref, slot.model = slot.model, ref, model
+            slot.error, slot.rejected = None, None
+            slot.loads += 1
+            if old is not None:
+                self.residency.retire(old, slot)
+            if slot.state != AVAILABLE:       # --max-loaded may have evicted the old one to make room
+                slot.set(AVAILABLE)
+            if slot.gone:
+                self.residency.retire(model, slot)
+        logger.info("model %r version %s reloaded from its artifact (%s)", ref.name, ref.version, model.warmup,
+                    extra={"model": ref.name, "version": ref.version})
+        return RELOADED
+
+    def promote(self, slot, then):
+        """Load a route's new target in the background, then call `then()` (which points the route at it); a
+        failure is recorded in the slot's status, and the route's previous version keeps answering."""
+        _in_background(self._promote, slot, then)
+
+    def _promote(self, slot, then):
+        try:
+            self.load(slot, warm=True)
+        except ServiceError:
+            return
+        then()
+
+    def preload(self, slots):
+        """Load `slots` one after another in the background, unless a preload pass is under way already."""
+        if slots and not self.preloading:
+            self.preloading = True
+            _in_background(self._preload, slots)
+
+    def _preload(self, slots):
+        try:
+            self.load_all(slots)
+        finally:
+            self.preloading = False
+
+    def load_all(self, slots):
+        """Load (and warm) each of `slots` still in the catalogue, in this thread; a failure shows in its status
+        and in readiness, and is tried again later."""
+        for slot in slots:
+            if not slot.gone:
+                with contextlib.suppress(ServiceError):
+                    self.load(slot, warm=True)
+
+    def load_before_fork(self, slots):
+        """In a pre-fork host's parent: import the numeric stack and load `slots` now, in this thread.
+
+        The workers forked next share these modules' and models' memory (copy on write) instead of
+        each loading its own.  No thread is started, and none runs at the fork: threads do not
+        survive it, and a lock one of them held would stay held in every worker.
+        """
+        for module in ("numpy", "sklearn", "joblib"):      # imported once, shared by every worker
+            importlib.import_module(module)
+        self.load_all(slots)
+
+
+# -- the registry: what the app uses ---------------------------------------------------------------
+
+# What a request naming no model, or any model, is told when the store holds none (the log names the folder,
+# which clients are not shown).
+EMPTY_STORE = "the model store has no models: add one as NAME.joblib or NAME/1/model.joblib"
+
+
+class ModelRegistry:
+    """Every model in the store, the state of each of its versions, and their lifecycle: the app's one handle.
+
+    Each scan of the store is planned (plan_catalogue) and carried out here: the catalogue
+    ({name: CatalogueEntry}) is replaced whole, so a request reads a consistent view without a
+    lock, and the loads the plan asks for go to the Loader.  Housekeeping (rescans every
+    `poll_interval`, idle unloads, preloads) runs in `refresh()`, which both requests and a
+    watcher thread call.  The watcher is started lazily, in the process that serves: one started
+    before a pre-fork host forks would not survive the fork.  Loads run in background threads
+    beside the requests, except a first load on demand, which its requests wait for.  A request
+    gets its model with `using`, or with acquire and release paired (the predict core, see `using`).
+    """
+
+    # A rescan may replace a request's slot, or --max-loaded evict its model, between the lookup and its use:
+    # the request looks again, this many times in all, before it says which of the two kept happening.
+    ACQUIRE_TRIES = 3
+
+    def __init__(self, config, clock=time.monotonic, watch=True, tracing=None):
         self.config = config
         self.store = ModelStore(config.store)
         self.clock = clock
@@ -2556,16 +3403,17 @@ class ModelRegistry:
         self._last_scan = None
         self._next_tick = 0.0
         self._unsettled = {}            # (name, version) -> fingerprint seen once, waiting to be seen again
-        self._settings = {}             # name -> (fingerprint, ModelSettings or None, error)
+        self.settings = SettingsFiles(self.store)
+        self.settings_for = self.settings.settings_for     # the settings in force for a model name
         self.metrics = Metrics({"model_service_models_loaded": self.loaded_count,
                                 "model_service_requests_in_flight": self.in_flight})
         self.residency = Residency(config.max_loaded, clock, self.metrics.changed)
+        self.tracing = Tracing.from_environment() if tracing is None else tracing
+        self.loader = Loader(config, self.store, clock, self.residency, self.metrics, self.tracing, self.settings_for)
         self.agreements = {}            # (name, shadow version) -> Agreement, filled by the app's Shadow
-        self._preloading = False
         self._watcher_pid = None
-        tick = min(config.poll_interval or math.inf,
-                   1.0 if config.idle_unload or config.preload else math.inf)
-        self._tick_seconds = tick
+        self._tick_seconds = min(config.poll_interval or math.inf,
+                                 1.0 if config.idle_unload or config.preload else math.inf)
 
     # -- housekeeping ---------------------------------------------------------
     def refresh(self):
@@ -2591,34 +3439,18 @@ class ModelRegistry:
         self._next_tick = self.clock() + self._tick_seconds
         if self.config.idle_unload:
             self.residency.unload_idle(self.config.idle_unload)
-        if self.config.preload:
-            self._preload()
+        if self.config.preload and not self.loader.preloading:
+            self.loader.preload(self._unloaded_preloads())
         if self.watch and self._tick_seconds < math.inf and self._watcher_pid != os.getpid():
             self._watcher_pid = os.getpid()
-            threading.Thread(target=self._watch, args=(weakref.ref(self), os.getpid(), self._tick_seconds),
+            threading.Thread(target=_watch, args=(weakref.ref(self), os.getpid(), self._tick_seconds),
                              name="model-watcher", daemon=True).start()
 
     def stop_watching(self):
         """End this process's watcher thread (requests still refresh); for tests and embedders."""
         self._watcher_pid = None
 
-    @staticmethod
-    def _watch(registry_ref, pid, tick):
-        """Keep housekeeping going while no request comes (idle unloads, new versions preloaded).
-
-        It holds the registry weakly, so a registry nobody uses any more ends its watcher.
-        """
-        while True:
-            time.sleep(tick)
-            registry = registry_ref()
-            if registry is None or registry._watcher_pid != pid:
-                return
-            try:
-                registry.refresh()
-            except Exception:  # never let the watcher die silently
-                logger.exception("model store housekeeping failed")
-            del registry
-
+    # -- scanning: scan, plan, carry the plan out -------------------------------
     def _scan(self, settle):
         self._last_scan = self.clock()
         try:
@@ -2636,151 +3468,22 @@ class ModelRegistry:
             logger.info("model store %s: %d model(s): %s", self.store.root, len(found), ", ".join(sorted(found)))
 
     def _apply(self, found, settle):
-        """Make the catalogue match the store: add new versions, replace changed ones, drop removed ones.
+        """Make the catalogue what the store and the models' settings ask for, then start the loads that needs.
 
-        With `settle`, a new or changed artifact is used only once two scans in a row
-        saw the same size and mtime (a file still being written changes between them).
-        A version in use is replaced only after its new artifact has loaded, and a model
-        whose versions all left the store stays while a new one settles (`mv m/1 m/2`).
-        """
-        old_catalogue, catalogue, unsettled = self._catalogue, {}, {}
-        for name, refs in found.items():
-            self._read_settings(name, refs)    # first: a replacement started below loads with these settings
-            previous = old_catalogue.get(name)
-            old, slots = previous.versions if previous else {}, {}
-            for number, ref in refs.items():
-                slot = old.get(number)
-                if slot is not None and slot.ref.fingerprint == ref.fingerprint:
-                    slots[number] = slot
-                elif settle and self._unsettled.get((name, number)) != ref.fingerprint:
-                    unsettled[(name, number)] = ref.fingerprint
-                    if slot is not None:
-                        slots[number] = slot        # the old artifact serves until the new one settles
-                elif slot is None or slot.model is None:
-                    slots[number] = VersionSlot(ref)
-                else:
-                    slots[number] = slot
-                    if slot.replacing is None and slot.rejected != ref.fingerprint:
-                        slot.replacing = ref
-                        _in_background(self._replace, slot, ref)
-            pending = {number for (model, number) in unsettled if model == name and number not in slots}
-            if slots or (previous and pending):
-                catalogue[name] = self._build_entry(name, slots, previous, pending)
-        self._unsettled = unsettled
-        self._catalogue = catalogue
-        self._unload_unserved(old_catalogue, catalogue)
+        The settings are read first: a load the plan starts reads them."""
+        records = {name: self.settings.read(name, refs) for name, refs in found.items()}
+        plan = plan_catalogue(found, self._catalogue, records, self._unsettled, settle, self._preloaded)
+        for entry in plan.catalogue.values():
+            entry.pin()
+        self._unsettled, self._catalogue = plan.unsettled, plan.catalogue
+        self._retire(plan.departures)
+        for slot, ref in plan.replace:
+            self.loader.replace(slot, ref, background=True)
+        for name, key, slot in plan.promote:
+            self.loader.promote(slot, functools.partial(self._point, name, key, slot))
 
-    def _build_entry(self, name, slots, previous, pending=()):
-        """Apply the model's settings to its versions: what is served, and where each route points.
-
-        `pending` are the version numbers whose new artifacts have not settled yet.
-        """
-        _, settings, error = self._settings[name]           # read by _apply just before
-        if settings is None:
-            return CatalogueEntry(name, slots, (), None, error, {}, {})
-        served = settings.select(slots)
-        wanted = {None: served[0]} if served else {}
-        wanted.update({label: n for label, n in settings.labels.items() if n in served})
-        routes = {}
-        for key, current in (previous.routes.items() if previous else ()):
-            if key not in wanted and self._holds(current, slots, pending):
-                routes[key] = current
-        for key, number in wanted.items():
-            current = previous.routes.get(key) if previous else None
-            routes[key] = self._route(name, key, current, slots[number], slots, pending)
-        pinned = self._preloaded(name)
-        for number, slot in slots.items():
-            slot.pinned = pinned and number in served
-        return CatalogueEntry(name, slots, served, settings, error, wanted, routes, self._split(settings, served))
-
-    @staticmethod
-    def _split(settings, served):
-        """The traffic split, resolved once per scan: (cumulative shares, targets), over the targets served now.
-
-        A target can stop being served only while previous settings stay in force (the file
-        that would serve it was refused): its share then goes to the others, never to a 404.
-        """
-        split = [(target, weight) for target, weight in settings.traffic.items() if weight > 0 and
-                 (settings.labels[target] if isinstance(target, str) else target) in served]
-        total = sum(weight for _, weight in split)
-        if not total:
-            return None
-        return tuple(itertools.accumulate(weight / total for _, weight in split)), tuple(t for t, _ in split)
-
-    def _read_settings(self, name, numbers):
-        """(settings, error) for a model with versions `numbers` on disk; a broken file keeps the last good
-        settings and shows why.  Read again when the file or the versions change: a traffic split is valid
-        only while the versions it names are served."""
-        ref = self.store.settings_files.get(name)
-        fingerprint = (ref.fingerprint if ref else None, tuple(sorted(numbers)))
-        cached = self._settings.get(name)
-        if cached and cached[0] == fingerprint:
-            return cached[1], cached[2]
-        if ref is None:
-            settings, error = DEFAULT_SETTINGS, None
-        else:
-            try:
-                settings, error = ModelSettings.read(ref), None
-                settings.check_served(numbers)
-            except ValueError as problem:
-                error = f"{ref.file}: {problem}"
-                settings = cached[1] if cached else None
-                logger.error("model %r: %s%s", name, error,
-                             "; the previous settings stay" if settings else "; the model is not served")
-        self._settings[name] = (fingerprint, settings, error)
-        return settings, error
-
-    def _load_options(self, ref):
-        """How to load `ref` now: the service's flags, its model's settings and the digests listed for it."""
-        cached = self._settings.get(ref.name)
-        settings = cached[1] if cached and cached[1] is not None else DEFAULT_SETTINGS
-        digests = []
-        if ref.version in settings.sha256:
-            digests.append((settings.sha256[ref.version], f"{ref.name}/{SETTINGS_FILE}"))
-        if ref.file in self.store.sha256sums:
-            digests.append((self.store.sha256sums[ref.file], SHA256SUMS_FILE))
-        return LoadOptions(safe_pickle=self.config.safe_pickle or settings.safe_pickle, trust=self.config.trust,
-                           sha256=tuple(digests), strict_versions=self.config.strict_versions,
-                           json_limits=JsonLimits.of(self.config))
-
-    def _route(self, name, key, current, wanted, slots, pending):
-        """The version a route should answer with now: `wanted`, unless it must load first.
-
-        TF Serving's availability-preserving rule: what answers keeps answering until its
-        successor has loaded, even after its artifact left the store (its model is still in
-        memory), and a route never falls back to an older version because its own version's
-        successor has not settled yet.
-        """
-        if wanted is current or current is None:
-            return wanted
-        if self._holds(current, slots, pending):
-            return current
-        if wanted.model is not None:
-            return wanted
-        departed = slots.get(current.ref.version) is not current
-        if current.model is None and (departed or wanted.state != FAILED):
-            return wanted              # nothing in memory to protect: its next request loads the new one
-        if wanted.state != LOADING:
-            _in_background(self._promote, name, key, wanted)
-        return current
-
-    @staticmethod
-    def _holds(current, slots, pending):
-        """Whether a route stays on `current`, which left the store, while a version as high is settling.
-
-        Renaming the serving version's folder to a higher number (`mv m/5 m/6`) is, for one
-        scan, a removal of 5 and an unsettled 6: the route keeps answering with 5 from memory
-        (or 503 with Retry-After if 5 is not loaded), never with 4.
-        """
-        return current is not None and slots.get(current.ref.version) is not current and \
-            any(number >= current.ref.version for number in pending)
-
-    def _promote(self, name, key, slot):
-        """Load a route's new target in the background, then point the route at it."""
-        try:
-            self._load(slot, warm=True)
-        except ServiceError:
-            return                     # recorded in the slot's status; the previous version keeps answering
+    def _point(self, name, key, slot):
+        """A promoted target has loaded: point its route at it, if the catalogue still wants that."""
         with self._scan_lock:
             entry = self._catalogue.get(name)
             if entry is None or entry.wanted.get(key) != slot.ref.version or \
@@ -2788,89 +3491,26 @@ class ModelRegistry:
                 return
             previous = self._catalogue
             self._catalogue = {**previous, name: entry.with_route(key, slot)}
-            self._unload_unserved(previous, self._catalogue)
+            self._retire(departures(previous, self._catalogue))
         logger.info("model %r %s now answers with version %s", name,
                     f"label {key!r}" if key else "(latest)", slot.ref.version)
 
-    def _unload_unserved(self, old_catalogue, catalogue):
-        """Unload what left the store, left the policy or stopped being a route's target.
-
-        A version that left the store while a route still answers with it (see _holds) is
-        marked gone but stays in memory until no route points at it.
-        """
-        keep = set()
-        for entry in catalogue.values():
-            keep |= entry.targets()
-            keep.update(id(entry.versions[n]) for n in entry.served)
-        departed = []
+    def _retire(self, departed):
+        """Carry out Departures: mark the gone slots, unload the unserved models, forget the versions that left."""
         with self.residency.lock:
-            for name, entry in old_catalogue.items():
-                current = catalogue.get(name)
-                slots = {id(slot): (slot.ref.version, slot) for slot in entry.routes.values()}
-                slots.update((id(slot), (number, slot)) for number, slot in entry.versions.items())
-                for number, slot in slots.values():
-                    removed = current is None or current.versions.get(number) is not slot
-                    if removed:
-                        slot.gone = True
-                        if id(slot) not in keep and (current is None or number not in current.versions):
-                            departed.append((name, str(number)))
-                    if slot.model is not None and id(slot) not in keep:
-                        logger.info("model %r version %s %s: unloaded", name, number,
-                                    "left the store" if removed else "is no longer served")
-                        self.residency.retire(slot.model, slot)
-        for name, version in departed:       # its series end, so a store that keeps publishing stays bounded
-            self.metrics.forget(name, version)
-            self.agreements.pop((name, version), None)
-
-    def _replace(self, slot, ref):
-        """Load a changed artifact beside the model that serves, then swap; a failure keeps the old one.
-
-        Returns what happened: "RELOADED", "FAILED" or "DEFERRED" (no room under --max-loaded now;
-        the next rescan tries again).
-        """
-        try:
-            self.residency.reserve()
-        except ModelUnavailable:
-            slot.replacing = None
-            return "DEFERRED"
-        try:
-            model = self._build(ref, warm=True)
-        except Exception as error:
-            self.residency.cancel()
-            slot.rejected = ref.fingerprint
-            slot.error = f"changed artifact not loaded, the previous one still serves: {error}"
-            slot.error_at = time.time()
-            logger.error("model %r version %s: %s", ref.name, ref.version, slot.error)
-            return FAILED
-        else:
-            with self.residency.lock:
-                self.residency.admit(model, slot)
-                old, slot.ref, slot.model = slot.model, ref, model
-                slot.error, slot.rejected = None, None
-                slot.loads += 1
-                if old is not None:
-                    self.residency.retire(old, slot)
-                if slot.state != AVAILABLE:       # --max-loaded may have evicted the old one to make room
-                    slot.set(AVAILABLE)
-                if slot.gone:
-                    self.residency.retire(model, slot)
-            logger.info("model %r version %s reloaded from its artifact (%s)", ref.name, ref.version, model.warmup,
-                        extra={"model": ref.name, "version": ref.version})
-            return "RELOADED"
-        finally:
-            slot.replacing = None
+            for slot in departed.gone:
+                slot.gone = True
+            for name, number, slot, removed in departed.unserved:
+                if slot.model is not None:
+                    logger.info("model %r version %s %s: unloaded", name, number,
+                                "left the store" if removed else "is no longer served")
+                    self.residency.retire(slot.model, slot)
+        for name, number in departed.forgotten:   # its series end, so a store that keeps publishing stays bounded
+            self.metrics.forget(name, number)
+            self.agreements.pop((name, number), None)
 
     def _preloaded(self, name):
         return self.config.preload == ALL_MODELS or name in self.config.preload
-
-    def _preload(self):
-        """Load, one after another in the background, the preloaded versions not in memory yet."""
-        if self._preloading:
-            return
-        pending = self._unloaded_preloads()
-        if pending:
-            self._preloading = True
-            _in_background(self._preload_all, pending)
 
     def _unloaded_preloads(self):
         now = self.clock()
@@ -2878,43 +3518,29 @@ class ModelRegistry:
                 if slot.pinned and slot.model is None and slot.state != LOADING
                 and not (slot.state == FAILED and slot.retry_at > now)]
 
-    def _preload_all(self, slots):
-        try:
-            for slot in slots:
-                if not slot.gone:
-                    try:
-                        self._load(slot, warm=True)
-                    except ServiceError:
-                        pass                       # shown in the status and in readiness; retried later
-        finally:
-            self._preloading = False
-
-    def load_before_fork(self):
-        """In a pre-fork host's parent: scan and load the preloaded versions now, in this thread.
-
-        The workers forked next share these models' memory (copy on write) instead of each
-        loading its own.  No thread is started, and none runs at the fork: threads do not
-        survive it, and a lock one of them held would stay held in every worker.  Each worker's
-        first refresh() starts its own watcher, which loads what the store publishes later.
-        """
-        for module in ("numpy", "sklearn", "joblib"):      # imported once, shared by every worker
-            importlib.import_module(module)
-        with self._scan_lock:
-            self._scan(settle=False)
-        if self.config.preload:
-            self._preload_all(self._unloaded_preloads())
-
     # -- requests -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def using(self, name, version=None, label=None, slot=None, routing_key=None):
+        """`with registry.using(name, version, label) as model:` the model that answers a request, loaded if
+        need be and counted in flight for the block: how a handler, the shadow and replay get a model.  The
+        predict core pairs acquire() and release() itself: past --max-predict-seconds its releases pass to
+        the computation still running (TimeLimit), and a with block on its path costs the request 3 µs."""
+        model = self.acquire(name, version, label, slot, routing_key)
+        try:
+            yield model
+        finally:
+            self.release(model)
+
     def acquire(self, name, version=None, label=None, slot=None, routing_key=None, wait=None):
         """The model that answers a request (in `slot` when the caller resolved it), loaded if need be, waiting
-        at most `wait` seconds for a load when given; pair with release()."""
-        for _ in range(3):
+        at most `wait` seconds for a load when given (Loader.load_within); pair with release()."""
+        for _ in range(self.ACQUIRE_TRIES):
             slot = slot or self.slot(name, version, label, routing_key)
             model = self.residency.use(slot)
             if model is not None:
                 return model
             if not slot.gone:
-                self._load(slot) if wait is None else self._load_within(slot, wait)
+                self.loader.load(slot) if wait is None else self.loader.load_within(slot, wait)
             last = slot
             if slot.gone:       # a rescan replaced it: look the request up again (a split may pick anew)
                 slot = None
@@ -2928,96 +3554,12 @@ class ModelRegistry:
         self.residency.release(model)
 
     def get(self, name, version=None, label=None):
-        """The loaded model, loading (and warming) it on first use (one load however many callers wait)."""
+        """The model of a version, loaded (and warmed) now if need be, one load however many callers wait: to
+        load ahead of requests (V2's repository load, embedders).  Not counted in flight: a request uses
+        `using`."""
         slot = self.slot(name, version, label)
         model = slot.model
-        return model if model is not None else self._load(slot, warm=True)
-
-    def _build(self, ref, warm):
-        """_build_model with this registry's load options, counted in the metrics; warmed (_warm) when no
-        request waits for it: a request that loads a model is its first call, and would only pay for
-        every other method's too."""
-        labels = (("model", ref.name), ("version", str(ref.version)))
-        started = time.perf_counter()
-        try:
-            settings = self._settings.get(ref.name, (None, None))[1] or DEFAULT_SETTINGS
-            with _logging_about(model=ref.name, version=ref.version):
-                model = _build_model(ref, self._load_options(ref), native=self.config.native and settings.native)
-                if warm:
-                    _warm(model, settings.warmup)
-                else:
-                    model.warmup = "not warmed: loaded for a request, which is its first call"
-        except Exception:
-            self.metrics.count("model_service_model_loads_total", labels + (("outcome", "failure"),))
-            raise
-        self.metrics.count("model_service_model_loads_total", labels + (("outcome", "success"),))
-        self.metrics.observe("model_service_model_load_duration_seconds", labels, time.perf_counter() - started)
-        model.metrics = self.metrics        # from now on: the warm-up's calls were no client's
-        cached = self._settings.get(ref.name)
-        batching = cached[1].batching if cached and cached[1] is not None else None
-        size, latency = batching if batching else (self.config.max_batch_size, self.config.max_latency_ms)
-        if batching is not False and size > 1 and model.n_features is not None:
-            model.batcher = Batcher(model, size, latency / 1000, self.metrics)
-        return model
-
-    _loading = threading.Lock()         # guards VersionSlot.loading
-
-    def _load_within(self, slot, seconds):
-        """_load for a request that may wait at most `seconds` (--max-predict-seconds): the load runs in the
-        background, one per version however many requests wait on it, and goes on past their wait, which
-        ends in a 503 with Retry-After (a load is not a prediction: its successors find the model loaded)."""
-        import concurrent.futures
-
-        with self._loading:
-            if slot.loading is None or slot.loading.done():
-                slot.loading = concurrent.futures.Future()
-                _in_background(self._load_into, slot, slot.loading)
-            loading = slot.loading
-        try:
-            loading.result(timeout=seconds)
-        except concurrent.futures.TimeoutError:
-            raise ModelUnavailable(f"model {slot.ref.name!r} version {slot.ref.version} is still loading after "
-                                   f"{seconds:g} s (--max-predict-seconds); try again", retry_after=1,
-                                   model=slot.ref.name, version=str(slot.ref.version)) from None
-
-    def _load_into(self, slot, future):
-        try:
-            future.set_result(self._load(slot))
-        except BaseException as error:      # handed to the requests that wait on it
-            future.set_exception(error)
-
-    def _load(self, slot, warm=False):
-        with slot.lock:
-            if slot.model is not None:
-                return slot.model
-            ref = slot.ref
-            wait = slot.retry_at - self.clock()
-            if slot.state == FAILED and wait > 0:
-                raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
-                                       retry_after=math.ceil(wait), model=ref.name, version=str(ref.version))
-            self.residency.reserve()
-            slot.set(LOADING)
-            slot.loads += 1
-            try:
-                model = self._build(ref, warm)
-            except Exception as error:
-                self.residency.cancel()
-                slot.set(FAILED, str(error) or type(error).__name__)
-                slot.retry_at = self.clock() + self.config.load_retry_seconds
-                logger.error("model %r version %s failed to load: %s", ref.name, ref.version, slot.error,
-                             extra={"model": ref.name, "version": ref.version})
-                raise ModelUnavailable(f"model {ref.name!r} version {ref.version} failed to load: {slot.error}",
-                                       retry_after=math.ceil(self.config.load_retry_seconds) or None,
-                                       model=ref.name, version=str(ref.version)) from None
-            with self.residency.lock:
-                self.residency.admit(model, slot)
-                slot.model, slot.error = model, None
-                slot.set(AVAILABLE)
-                if slot.gone:
-                    self.residency.retire(model, slot)
-            logger.info("loaded model %r version %s (%s, %.3f s; %s)", ref.name, ref.version, ref.format,
-                        model.load_seconds, model.warmup, extra={"model": ref.name, "version": ref.version})
-            return model
+        return model if model is not None else self.loader.load(slot, warm=True)
 
     # -- lookups ------------------------------------------------------------------
     def names(self):
@@ -3046,53 +3588,24 @@ class ModelRegistry:
                            model=name, models=self.names())
         return entry
 
+    def slot(self, name, version=None, label=None, routing_key=None):
+        """The VersionSlot that answers for a name and a version or label (CatalogueEntry.lookup); 4xx/503 if
+        none."""
+        return self.entry(name).lookup(version, label, routing_key)
+
     def shadow_slot(self, name):
         """The VersionSlot of model `name`'s shadow version; None when it has none (or is gone: a request
         answered before a rescan removed the model is not a 404 for its shadow)."""
         entry = self._catalogue.get(name)
         return entry.shadow() if entry is not None else None
 
-    def slot(self, name, version=None, label=None, routing_key=None):
-        """The VersionSlot that answers for a name and a version string or label; 4xx/503 if none.
-
-        Naming neither, the model's traffic split decides, by `routing_key` when there is one."""
-        entry = self.entry(name)
-        if entry.settings is None:
-            raise ModelUnavailable(f"model {name!r} is not served: {entry.settings_error}", model=name)
-        if label is not None:
-            slot = entry.routes.get(label)
-            if slot is None:
-                known = label in entry.settings.labels
-                raise NotFound(f"label {_clip(repr(label), 80)} of model {name!r} "
-                               + (f"names version {entry.settings.labels[label]}, which is not served"
-                                  if known else "is not defined"),
-                               model=name, labels={k: str(v) for k, v in entry.wanted.items() if k},
-                               served_versions=entry.served_versions())
-            return slot
-        if version is None:
-            if entry.split is not None:
-                return entry.routed(routing_key)
-            slot = entry.routes.get(None)
-            if slot is None:
-                raise NotFound(f"model {name!r} serves no version: none of "
-                               f"{', '.join(map(str, sorted(entry.versions)))} is in its version policy",
-                               model=name, served_versions=entry.served_versions())
-            return slot
-        if not VERSION.fullmatch(version):
-            raise BadRequest(f"invalid version {_clip(repr(version), 40)}: versions are positive integers",
-                             model=name)
-        slot = entry.versions.get(int(version))
-        if slot is None or int(version) not in entry.served:
-            raise NotFound(f"model {name!r} " + (f"has no version {version}" if slot is None else
-                                                 f"does not serve version {version} (see its version policy)"),
-                           model=name, served_versions=entry.served_versions())
-        return slot
-
     def require_store(self):
         """503 unless the store has been scanned (it may be missing or unreadable)."""
         if not self._scanned:
-            raise ModelUnavailable("model store unavailable: "
-                                   + (self._scan_error or "it has not been scanned yet"))
+            raise ModelUnavailable(self._store_unavailable())
+
+    def _store_unavailable(self):
+        return "model store unavailable: " + (self._scan_error or "it has not been scanned yet")
 
     @property
     def ready(self):
@@ -3103,14 +3616,14 @@ class ModelRegistry:
         if self.draining:
             return "shutting down"
         if not self._scanned:
-            return "model store unavailable: " + (self._scan_error or "it has not been scanned yet")
+            return self._store_unavailable()
         catalogue, reasons = self._catalogue, []
         if self.config.preload != ALL_MODELS:
             reasons += [f"preloaded model {name!r} is not in the store" for name in self.config.preload
                         if name not in catalogue]
         for name in sorted(catalogue):
             entry = catalogue[name]
-            if not self._preloaded(name):
+            if not entry.preloaded:
                 continue
             if entry.settings is None:
                 reasons.append(f"model {name!r}: {entry.settings_error}")
@@ -3123,6 +3636,10 @@ class ModelRegistry:
     def describe(self, name):
         return self.entry(name).describe(self.clock, self.agreements)
 
+    def describe_all(self):
+        catalogue = self._catalogue
+        return [catalogue[name].describe(self.clock, self.agreements) for name in sorted(catalogue)]
+
     def agreement(self, name, version):
         """The Agreement of model `name`'s shadow version `version` with the versions that answer (made once)."""
         key = (name, version)
@@ -3130,15 +3647,6 @@ class ModelRegistry:
         if agreement is None:
             agreement = self.agreements.setdefault(key, Agreement())
         return agreement
-
-    def model_settings(self, name):
-        """The settings in force for `name` (the defaults when it has none, or left the store)."""
-        entry = self._catalogue.get(name)
-        return entry.settings if entry is not None and entry.settings is not None else DEFAULT_SETTINGS
-
-    def describe_all(self):
-        catalogue = self._catalogue
-        return [catalogue[name].describe(self.clock, self.agreements) for name in sorted(catalogue)]
 
     def known_features(self):
         """{name: feature names} for the models whose default version is loaded and names its features."""
@@ -3171,7 +3679,7 @@ class ModelRegistry:
             self._scan(settle=False)
             self._housekeep()
         if self._scan_error:
-            raise ModelUnavailable(f"model store unavailable: {self._scan_error}")
+            raise ModelUnavailable(self._store_unavailable())
         return self.names()
 
     def reload(self, name):
@@ -3186,16 +3694,38 @@ class ModelRegistry:
         for number in entry.served:
             slot = entry.versions[number]
             if slot.replacing is not None:         # the rescan found it changed and is loading it already
-                while slot.replacing is not None:
-                    time.sleep(0.01)
-                results[str(number)] = FAILED if slot.rejected else "RELOADED"
+                slot.replaced.wait()
+                results[str(number)] = slot.replacement
             elif slot.model is None:
                 slot.retry_at = 0.0
                 results[str(number)] = slot.state
             else:
-                slot.replacing, slot.rejected = slot.ref, None
-                results[str(number)] = self._replace(slot, slot.ref)
+                results[str(number)] = self.loader.replace(slot, slot.ref)
         return results
+
+    def load_before_fork(self):
+        """In a pre-fork host's parent: scan and load the preloaded versions now, in this thread (see
+        Loader.load_before_fork).  Each worker's first refresh() starts its own watcher, which loads what the
+        store publishes later."""
+        with self._scan_lock:
+            self._scan(settle=False)
+        self.loader.load_before_fork(self._unloaded_preloads() if self.config.preload else [])
+
+
+def _watch(registry_ref, pid, tick):
+    """A registry's watcher thread: keep housekeeping going while no request comes (idle unloads, new
+    versions preloaded).  It holds the registry weakly, so a registry nobody uses any more ends its watcher.
+    """
+    while True:
+        time.sleep(tick)
+        registry = registry_ref()
+        if registry is None or registry._watcher_pid != pid:
+            return
+        try:
+            registry.refresh()
+        except Exception:  # never let the watcher die silently
+            logger.exception("model store housekeeping failed")
+        del registry
 
 
 ###############################################################################
@@ -3322,7 +3852,8 @@ def parse_json(data, max_depth, what="request body"):
     Strict RFC 8259, in every protocol: Python's json module also reads NaN, Infinity and
     -Infinity, which are not JSON, and turns numbers beyond a float's range (1e400) into
     infinity; both are refused, so no value reaches a model that the client could not have
-    written in JSON.  A missing value is null.
+    written in JSON.  A missing value is null.  An object naming a member twice is refused at any
+    depth: parsers disagree on which one counts.
     """
     raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
     if isinstance(data, bytes):
@@ -3338,64 +3869,13 @@ def parse_json(data, max_depth, what="request body"):
         raise BadRequest(f"{what} is nested too deeply") from None
     except json.JSONDecodeError as error:
         raise NotJSON(f"{what} is not valid JSON: {error}") from None
+    except DuplicateMember as error:
+        raise BadRequest(f"{what} is ambiguous: {error}") from None
     except ValueError as error:                 # JSON's syntax, with NaN or a number beyond a float
         raise BadRequest(f"{what} is not valid JSON: {error}") from None
     if _nested_deeper_than(max_depth, raw):
         raise BadRequest(f"{what} is nested deeper than {max_depth} levels")
     return value
-
-
-def _strict_json(text):
-    """json.loads as RFC 8259 reads JSON: ValueError for NaN and Infinity, and for a number beyond a float."""
-    if _MAYBE_OUT_OF_RANGE.search(text):        # rare: pay for a hook on every float only then
-        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
-    return json.loads(text, parse_constant=_not_json)
-
-
-_MAYBE_OUT_OF_RANGE = re.compile(r"[eE]\+?0*[1-9][0-9]{2}|[0-9]{300}")     # an exponent >= 100, or 300 digits
-
-
-def _not_json(token):
-    """parse_constant: NaN, Infinity and -Infinity are JavaScript, not JSON."""
-    raise ValueError(f"{token} is not a JSON value (RFC 8259); send null for a missing value")
-
-
-def _finite_float(text):
-    """parse_float: a number beyond a float's range would silently become infinity."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {_clip(text, 40)} is out of a float's range")
-    return value
-
-
-JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-PYTHON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
-JSON_PAIRS, PYTHON_PAIRS = (b"[]", b"{}"), (b"[]", b"{}", b"()")
-
-
-def _nested_deeper_than(limit, text, strings=JSON_STRING, pairs=JSON_PAIRS):
-    """Whether text nests its brackets (JSON's, or a Python literal's with `PYTHON_*`) more than `limit` deep.
-
-    Read from the text, before or instead of walking a parsed value: walking costs one check
-    per number (100 µs for 64 rows), and a Python literal must be measured before
-    `ast.literal_eval` recurses into it.  Strings are dropped, then all but the brackets, and
-    each round removes the innermost pairs (marked first, so a pair they uncover waits for the
-    next round): the rounds needed are the depth.  Brackets that never pair up count as deep.
-    """
-    opened = 0
-    for pair in pairs:                          # the common case, a shallow body, ends here
-        opened += text.count(pair[:1])
-    if opened <= limit:
-        return False
-    keep = b"".join(pairs)
-    brackets = strings.sub(b"", text).translate(None, bytes(c for c in range(256) if c not in keep))
-    for _ in range(limit):
-        for pair in pairs:
-            brackets = brackets.replace(pair, b"\0")
-        brackets = brackets.replace(b"\0", b"")
-        if not brackets:
-            return False
-    return True
 
 
 def parse_literal(text, max_depth, max_length=100_000):
@@ -3407,6 +3887,8 @@ def parse_literal(text, max_depth, max_length=100_000):
         value = _strict_json(text)
     except (json.JSONDecodeError, RecursionError):
         return _parse_python_literal(text, raw, max_depth)
+    except DuplicateMember as error:
+        raise BadRequest(f"input is ambiguous: {error}") from None
     except ValueError as error:                 # JSON, but NaN or a number beyond a float: as parse_json says
         raise BadRequest(f"input is not valid JSON: {error}") from None
     if _nested_deeper_than(max_depth, raw):
@@ -3415,11 +3897,18 @@ def parse_literal(text, max_depth, max_length=100_000):
 
 
 def _parse_python_literal(text, raw, max_depth):
-    """A Python literal, measured before ast.literal_eval recurses into it; its numbers as JSON's must be."""
+    """A Python literal, measured before ast.literal_eval recurses into it; its numbers as JSON's must be,
+    and its dicts, like JSON's objects, name each key once."""
     if _nested_deeper_than(max_depth, raw, PYTHON_STRING, PYTHON_PAIRS):
         raise BadRequest(f"input is nested deeper than {max_depth} levels")
     try:
-        value = _tuples_to_lists(ast.literal_eval(text))
+        tree = ast.parse(text.lstrip(" \t"), mode="eval")       # as ast.literal_eval(text) parses it
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Dict):
+                _members([(ast.literal_eval(key), None) for key in node.keys if key is not None])
+        value = _tuples_to_lists(ast.literal_eval(tree))
+    except DuplicateMember as error:
+        raise BadRequest(f"input is ambiguous: {error}") from None
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         raise BadRequest("input is neither JSON nor a Python literal") from None
     if not all(map(math.isfinite, _floats(value))):
@@ -3459,12 +3948,191 @@ def _request_id(environ):
     return request_id
 
 
+# -- what a log may quote of a request ------------------------------------------------------------------
+# One rule for every sink that writes a request's features: a model's "redact" setting.  The payload
+# log nulls the redacted features; every other log line about a prediction request of a model that
+# redacts features quotes nothing taken from the request's inputs: its path is written as its route's
+# template with only the model's name, version and label filled in (the seed's GET /predict/{sentence}
+# carries the features in the path), and an error as its kind, without its message (scikit-learn's and
+# numpy's messages quote values: "could not convert string to float: '078-05-1120'").
+
+PATH_NAMES = ("name", "version", "label")      # the path parameters that name what is called, never inputs
+
+
+def mark_redacting(environ, redact):
+    """Note, once the request's model is named, whether it redacts features (`redact`: its feature names)."""
+    environ["service.redacting"] = bool(redact)
+
+
+def logged_path(environ):
+    """The request's path as a log line may write it (see the rule above)."""
+    path = environ.get("PATH_INFO", "")
+    if not environ.get("service.redacting"):
+        return path
+    template, values = environ.get("service.route_path"), environ.get("route.url_args") or {}
+    if template is None:
+        return "(path withheld: its model redacts features)"
+    return re.sub(r"\{(\w+)\}", lambda match: str(values.get(match[1], match[0])) if match[1] in PATH_NAMES
+                  else match[0], template)
+
+
+def logged_error(error, redacting):
+    """An error's message as a log line may write it: for a request of a model that redacts features, its
+    kind alone."""
+    if redacting:
+        return f"{type(error).__name__} (message withheld: the model redacts features)"
+    return _clip(getattr(error, "message", None) or str(error))
+
+
+def logged_traceback(environ):
+    """The exception being handled, as a log line may write it: whole, or for a request of a model that
+    redacts features, its frames (code, no values) and its kind."""
+    if not environ.get("service.redacting"):
+        return traceback.format_exc()
+    error = sys.exc_info()[1]
+    return "".join(traceback.format_tb(error.__traceback__)) + logged_error(error, True)
+
+
 ###############################################################################
-# Protocol codecs #############################################################
+# Protocols ###################################################################
 ###############################################################################
-# Turning parsed bodies into estimator inputs and estimator outputs into each
-# protocol's JSON: the native API, TF Serving REST (KServe V1), the Open Inference
-# Protocol (V2) and MLflow scoring.
+# Each protocol in one block: the native API, the seed course's routes, TF Serving REST (KServe V1),
+# the Open Inference Protocol (V2) and MLflow scoring.  A block holds the protocol's helpers (bodies
+# into estimator inputs, outputs into its JSON), its request record, and its Protocol: route rows,
+# handlers, OpenAPI schemas and examples.  ROUTES (HTTP application) is the service's rows plus every
+# protocol's in PROTOCOLS: adding a protocol is one block here and one entry there.
+
+# -- what every protocol shares: route rows, the Protocol base, rows into estimator inputs ---------
+
+JSON_TYPE = "application/json"
+OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
+
+
+def version_number(text, model):
+    """A version of `model` as a URL or a flag writes it, as the number the service uses inside; 400 for any
+    other text."""
+    if not VERSION.fullmatch(text):
+        raise BadRequest(f"invalid version {_clip(repr(text), 40)}: versions are positive integers", model=model)
+    return int(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One row of ROUTES.
+
+    `path` is OpenAPI's template ({name}, {version}, {label}; a TF verb follows a colon).
+    `handler` names the method that answers, called with the path's parameters and `args`: the
+    `protocol`'s (given the app first) on a protocol's row, else the app's.  `access`: OPEN
+    routes are for probes and load balancers; TOKEN ones need one of --auth-tokens when it is
+    set; ADMIN ones are off without --admin-token and need it.  `answer` and `body` name OpenAPI
+    schemas (see the OpenAPI section); `link` names the route in GET /'s links; a `per_model` row
+    is also documented once per model whose feature names are known, with its own row schema.
+    """
+
+    method: str
+    path: str
+    handler: str
+    access: str
+    summary: str
+    tag: str
+    answer: str = None          # None: a JSON object; "text": text/plain
+    body: str = None
+    query: tuple = ()
+    args: tuple = ()            # (keyword, value) pairs
+    link: str = None
+    per_model: bool = False
+    protocol: object = None     # the Protocol whose row it is (set when PROTOCOLS registers it)
+
+    @property
+    def rule(self):
+        """Bottle's rule: a parameter before a colon or at the end of a TF path admits no colon, and the
+        colon of a TF verb is matched by an anonymous wildcard (Bottle reads a bare ":name" as a wildcard):
+        "/v1/models/{name}:predict" is "/v1/models/<name:re:[^/:]+><:re::predict>"."""
+        path = self.path
+        if path.startswith("/v1/"):
+            path = re.sub(r"\{(\w+)\}(?=:|$)", r"<\1:re:[^/:]+>", path)
+        path = re.sub(r":(\w+)$", r"<:re::\1>", path)
+        return re.sub(r"\{(\w+)\}", lambda m: f"<{m[1]}:path>" if m[1] == "sentence" else f"<{m[1]}>", path)
+
+
+# The ways a model route names a version: none (the latest, or the traffic split), a number, a label.
+VERSION_WAYS = (("", "", None), ("/versions/{version}", " with a version", "version"),
+                ("/labels/{label}", " with a label", "label"))
+
+
+def for_each_version(rows, labels=True):
+    """The rows `rows(suffix, what, way)` makes for each of VERSION_WAYS (without labels: the first two)."""
+    return tuple(row for suffix, what, way in VERSION_WAYS if labels or way != "label"
+                 for row in rows(suffix, what, way))
+
+
+# OpenAPI's building blocks, for the protocols' schemas and the OpenAPI section.
+def _schema_ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_ANY = {}
+_OBJECT = {"type": "object", "additionalProperties": True}
+_ROWS = {"type": "array", "minItems": 1, "items": _ANY}
+
+
+class Protocol:
+    """One protocol, whole: its route rows, how it reads a request, answers and refuses, its handlers, and
+    its OpenAPI schemas and examples.
+
+    Every prediction goes through the app's one core (ServiceApp.predict), which calls `read`
+    (what can be checked before the model is known: the body, the URL) for the protocol's
+    request record, `routing_key`, then `inputs` (what needs the model: the methods to call, the
+    estimator's inputs), then `encode`; resolving the model, admission, batching, the time limit
+    and the metrics are done there once for every protocol.  An explanation is one more method
+    for `inputs` to name and `encode` to shape.  A protocol that is not HTTP (V2 over gRPC) reads
+    its own messages into its record and calls the core's `ServiceApp.answer`.  A protocol's other
+    rows name its own handlers, called with the app first, or the service's answers every
+    protocol shares (below).
+    """
+
+    name = None         # how the payload log names it
+    routes = ()         # its Route rows, bound to it by registered_routes()
+    schemas = {}        # its OpenAPI component schemas
+    examples = {}       # a request body of each kind its rows take (Route.body): OpenAPI shows them, and a
+    #                     body that is not JSON is answered with its route's (not_json_refusal)
+    bodies = {}         # OpenAPI request bodies that are not one JSON schema, by Route.body
+
+    def registered_routes(self):
+        return tuple(dataclasses.replace(route, protocol=self) for route in self.routes)
+
+    def read(self, request, config, **route):
+        """The request record: what the request asks for, as far as it can be checked without the model."""
+        raise NotImplementedError
+
+    def routing_key(self, environ, asked):
+        """The request's routing key for sticky traffic splits: its X-Routing-Key header; None if empty."""
+        return environ.get("HTTP_X_ROUTING_KEY") or None
+
+    def inputs(self, model, asked, config):
+        """(methods to call, estimator inputs)."""
+        raise NotImplementedError
+
+    def encode(self, model, asked, results):
+        """The answer for {method: outputs}: a JSON value, or a bottle.HTTPResponse for other bodies."""
+        raise NotImplementedError
+
+    def error(self, error):
+        """The JSON body of a refusal in this protocol."""
+        return error.to_dict()
+
+    # The service's answers a protocol's rows may name: the same in every protocol.
+    def predict(self, app, **route):
+        return app.predict(self, **route)
+
+    def alive(self, app):
+        return app.alive()
+
+    def ready(self, app):
+        return app.ready()
+
+    def model_names(self, app):
+        return app.model_names()
 
 
 def choose_method(model, requested, unknown=NotFound):
@@ -3485,22 +4153,6 @@ def _instances_or_inputs(payload):
     if not has_instances and not has_inputs:
         raise BadRequest("Missing 'inputs' or 'instances' key")
     return (payload["inputs"], True) if has_inputs else (payload["instances"], False)
-
-
-def decode_payload(payload, query_method):
-    """Split a predict body into (instances or columns, method) per the native API."""
-    if isinstance(payload, list):
-        rows, method = payload, None
-    elif isinstance(payload, dict):
-        rows, _ = _instances_or_inputs(payload)
-        method = payload.get("method")
-        if method is not None and not isinstance(method, str):
-            raise BadRequest("'method' must be a string")
-    else:
-        raise BadRequest("expected a JSON object with 'instances' or 'inputs', or a list of instances")
-    if query_method and method and query_method != method:
-        raise BadRequest(f"method {method!r} in the body disagrees with ?method={query_method}")
-    return rows, method or query_method
 
 
 def model_inputs(model, rows, max_rows):
@@ -3611,15 +4263,116 @@ def _columns_to_rows(model, columns):
     return [dict(zip(keys, values)) for values in zip(*columns.values())]
 
 
+# -- the native API --------------------------------------------------------------------------------
+
+
+def decode_payload(payload, query_method):
+    """Split a predict body into (instances or columns, method) per the native API."""
+    if isinstance(payload, list):
+        rows, method = payload, None
+    elif isinstance(payload, dict):
+        rows, _ = _instances_or_inputs(payload)
+        method = payload.get("method")
+        if method is not None and not isinstance(method, str):
+            raise BadRequest("'method' must be a string")
+    else:
+        raise BadRequest("expected a JSON object with 'instances' or 'inputs', or a list of instances")
+    if query_method and method and query_method != method:
+        raise BadRequest(f"method {method!r} in the body disagrees with ?method={query_method}")
+    return rows, method or query_method
+
+
 def encode_prediction(model, method, outputs):
-    answer = {"model": model.name, "version": model.version, "method": method,
+    answer = {"model": model.name, "version": str(model.version), "method": method,
               "predictions": to_jsonable(outputs)}
     if method in ("predict_proba", "predict_log_proba") and model.classes is not None:
         answer["classes"] = model.classes
     return answer
 
 
-# -- TensorFlow Serving REST and KServe V1 ------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NativeRequest:
+    """What a native (or seed) predict request asks for: its parsed body, and ?method= (decode_payload reads
+    them once the model is known)."""
+
+    payload: object
+    method: str = None
+
+
+def _native_routes(suffix, what, way):
+    prefix = "/models/{name}" + suffix
+    return (Route("POST", prefix + "/predict", "predict", TOKEN, f"predict (native API){what}", "predict",
+                  "PredictResponse", "PredictRequest", link="predict" + (f"_{way}" if way else ""),
+                  per_model=way is None),
+            Route("GET", prefix + "/predict", "predict", TOKEN, f"predict with ?instances=<JSON>{what}", "predict",
+                  "PredictResponse", query=("instances",), per_model=way is None))
+
+
+class NativeAPI(Protocol):
+    """The native API: {"instances" | "inputs": rows, "method": name}, or ?instances=<JSON> on a GET."""
+
+    name = "native"
+    routes = for_each_version(_native_routes)
+    schemas = {
+        "PredictRequest": {"oneOf": [
+            {"type": "object", "required": ["instances"], "properties": {
+                "instances": _ROWS, "method": {"type": "string"}}},
+            {"type": "object", "required": ["inputs"], "properties": {
+                "inputs": {"oneOf": [_ROWS, {"type": "object"}]}, "method": {"type": "string"}}},
+            _ROWS]},
+        "PredictResponse": {"type": "object", "required": ["model", "version", "method", "predictions"],
+                            "properties": {"model": {"type": "string"}, "version": {"type": "string"},
+                                           "method": {"type": "string"}, "predictions": {"type": "array"},
+                                           "classes": {"type": "array"}}},
+    }
+    examples = {"PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]}}      # iris's rows, as in README
+
+    def read(self, request, config):
+        environ = request.environ
+        if environ["REQUEST_METHOD"] != "GET":
+            return NativeRequest(json_body(environ, config), _query_method(request))
+        text = request.query.get("instances")
+        if text is None:
+            raise BadRequest("GET predict needs ?instances=<JSON list of instances>")
+        return NativeRequest({"instances": parse_json(text, config.max_depth, "?instances")}, _query_method(request))
+
+    def inputs(self, model, asked, config):
+        rows, method = decode_payload(asked.payload, asked.method)
+        return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
+
+    def encode(self, model, asked, results):
+        (method, outputs), = results.items()
+        return encode_prediction(model, method, outputs)
+
+
+def _query_method(request):
+    """?method=NAME, read only when there is a query string (parsing one costs a few microseconds)."""
+    return request.query.get("method") if request.environ.get("QUERY_STRING") else None
+
+
+# -- the seed course's routes ----------------------------------------------------------------------
+
+
+class SeedRoutes(NativeAPI):
+    """The seed course's routes on the default model: GET /predict/<sentence> and POST /predict."""
+
+    name = "seed"
+    routes = (
+        Route("POST", "/predict", "predict", TOKEN, "predict with the default model", "predict", "PredictResponse",
+              "PredictRequest"),
+        Route("GET", "/predict/{sentence}", "predict", TOKEN,
+              "predict with the default model: the seed course's route, instances as JSON or a Python literal",
+              "predict", "PredictResponse"),
+    )
+    schemas, examples = {}, {}          # the native API's
+
+    def read(self, request, config, sentence=None):
+        if sentence is None:
+            return super().read(request, config)
+        return NativeRequest({"instances": parse_literal(sentence, config.max_depth)}, _query_method(request))
+
+
+# -- TensorFlow Serving REST and KServe V1 ---------------------------------------------------------
 
 TF_STATES = {UNLOADED: "START", LOADING: "LOADING", AVAILABLE: "AVAILABLE", UNLOADING: "UNLOADING", FAILED: "END"}
 
@@ -3687,7 +4440,100 @@ def tf_signatures(model):
     return signatures
 
 
-# -- Open Inference Protocol (V2) ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TFRequest:
+    """What a TF Serving request asks for: its verb, its rows, whether they came as columns, the method."""
+
+    verb: str
+    rows: object
+    columnar: bool
+    method: str
+
+
+def _tf_routes(suffix, what, way):
+    prefix = "/v1/models/{name}" + suffix
+    rows = [Route("GET", prefix, "v1_status", TOKEN, f"TF Serving status merged with KServe V1 readiness{what}",
+                  "tf-serving", "TFStatus"),
+            Route("GET", prefix + "/metadata", "v1_metadata", TOKEN, f"TF Serving signatures{what}", "tf-serving")]
+    for verb, body, answer in (("predict", "TFPredictRequest", "TFPredictResponse"),
+                               ("classify", "TFExamples", "TFResults"), ("regress", "TFExamples", "TFResults"),
+                               ("explain", None, None)):
+        rows.append(Route("POST", f"{prefix}:{verb}", "predict", TOKEN,
+                          f"TF Serving {verb}{what}" + (" (not implemented: 501)" if verb == "explain" else ""),
+                          "tf-serving", answer, body, args=(("verb", verb),)))
+    return rows
+
+
+class TFServing(Protocol):
+    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples), a model's
+    status and signatures."""
+
+    name = "tf"
+    routes = (Route("GET", "/v1/models", "model_names", TOKEN, "model names (KServe V1)", "tf-serving"),) + \
+        for_each_version(_tf_routes)
+    schemas = {
+        "TFPredictRequest": {"type": "object", "properties": {
+            "signature_name": {"type": "string"}, "instances": _ROWS,
+            "inputs": {"oneOf": [_ROWS, {"type": "object"}]}}},
+        "TFPredictResponse": {"type": "object", "properties": {"predictions": {"type": "array"}, "outputs": _ANY}},
+        "TFExamples": {"type": "object", "required": ["examples"], "properties": {
+            "context": {"type": "object"}, "examples": {"type": "array", "items": {"type": "object"}}}},
+        "TFResults": {"type": "object", "required": ["results"], "properties": {"results": {"type": "array"}}},
+        "TFStatus": {"type": "object", "required": ["name", "ready", "model_version_status"],
+                     "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"},
+                                    "model_version_status": {"type": "array", "items": _OBJECT}}},
+    }
+    examples = {
+        "TFPredictRequest": {"signature_name": "serving_default", "instances": [[5.1, 3.5, 1.4, 0.2]]},
+        "TFExamples": {"examples": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4,
+                                     "petal_width": 0.2}]},
+    }
+
+    def read(self, request, config, verb):
+        if verb == "explain":
+            raise NotImplementedHere("explanations are not implemented")
+        payload = json_body(request.environ, config)
+        if verb == "predict":
+            return TFRequest(verb, *tf_predict_request(payload))
+        return TFRequest(verb, tf_examples(payload), False, "predict_proba" if verb == "classify" else "predict")
+
+    def inputs(self, model, asked, config):
+        verb = asked.verb
+        method = choose_method(model, asked.method, unknown=BadRequest)
+        if verb == "classify" and model.classes is None:
+            raise BadRequest(f"model {model.name!r} does not name its classes, so it cannot classify",
+                             model=model.name)
+        if verb == "regress" and model.classes is not None:
+            raise BadRequest(f"model {model.name!r} is a classifier: use :classify or :predict, not :regress",
+                             model=model.name)
+        return [method], model_inputs(model, asked.rows, config.max_rows)
+
+    def encode(self, model, asked, results):
+        outputs = to_jsonable(results[asked.method])
+        if asked.verb == "predict":
+            return {"outputs" if asked.columnar else "predictions": outputs}
+        if asked.verb == "regress":
+            return {"results": outputs}
+        return {"results": [[[str(label), score] for label, score in zip(model.classes, row)] for row in outputs]}
+
+    def v1_status(self, app, name, version=None, label=None):
+        """TF's model_version_status merged with KServe V1's {"name", "ready"}; 503 when nothing can serve."""
+        entry = app.registry.entry(name)
+        slots = ([app.registry.slot(name, version, label)] if version is not None or label is not None else
+                 [entry.versions[number] for number in entry.served])
+        ready = any(slot.state != FAILED for slot in slots)
+        status = {"name": name, "ready": ready, "model_version_status": [tf_version_status(s) for s in slots]}
+        if not ready:
+            raise ModelUnavailable(f"model {name!r} has no version that can serve", **status)
+        return status
+
+    def v1_metadata(self, app, name, version=None, label=None):
+        with app.registry.using(name, version, label) as model:        # its metadata needs the estimator
+            return {"model_spec": {"name": name, "signature_name": "", "version": str(model.version)},
+                    "metadata": {"signature_def": {"signature_def": tf_signatures(model)}}}
+
+
+# -- Open Inference Protocol (V2) ------------------------------------------------------------------
 
 V2_DTYPES = {"BOOL": "|b1", "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "|i1",
              "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
@@ -3762,13 +4608,7 @@ def v2_request(request, binary, max_rows):
         if not isinstance(tensor, dict):
             raise BadRequest(f"inputs[{number}] must be an object")
         name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
-        where = f"input {_clip(repr(name), 60)}"
-        if not isinstance(name, str) or not isinstance(shape, list) or \
-                not all(type(d) is int and d >= 0 for d in shape):
-            raise BadRequest(f"inputs[{number}] needs a \"name\" and a \"shape\" of sizes")
-        count = math.prod(shape)
-        if shape and shape[0] > max_rows:
-            raise BadRequest(f"{where}: {shape[0]} rows is over the limit of {max_rows}")
+        where, count = _v2_tensor(number, name, shape, max_rows)
         size = _v2_parameters(tensor, where).get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0 or offset + size > len(binary):
@@ -3800,6 +4640,16 @@ def v2_request(request, binary, max_rows):
         if everything_binary:
             binary_outputs.add("predict")
     return arrays, list(wanted), binary_outputs
+
+
+def _v2_tensor(number, name, shape, max_rows):
+    """(how messages name input `number`, its element count), once its name and shape are checked."""
+    if not isinstance(name, str) or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadRequest(f"inputs[{number}] needs a \"name\" and a \"shape\" of sizes")
+    where = f"input {_clip(repr(name), 60)}"
+    if shape and shape[0] > max_rows:
+        raise BadRequest(f"{where}: {shape[0]} rows is over the limit of {max_rows}")
+    return where, math.prod(shape)
 
 
 def _v2_parameters(holder, where):
@@ -3901,24 +4751,36 @@ def v2_inputs(model, arrays, max_rows):
     return model.make_frame(matrix, columns=model.feature_names) if model.make_frame is not None else matrix
 
 
-def v2_outputs(model, results, binary_outputs):
-    """(JSON outputs, binary tail) for {method: result}; binary for the outputs asked that way."""
+def v2_tensors(results):
+    """(name, method, array, datatype) of each output tensor of {method: result}: one per method, or one per
+    output of a multi-output classifier's list of arrays ("<method>_<output>"); a list of values (a model of
+    your own may answer so) is one tensor."""
     import numpy as np
 
+    for method, result in results.items():
+        per_output = isinstance(result, list) and all(hasattr(part, "shape") for part in result)
+        for number, part in enumerate(result if per_output else [result]):
+            array = np.asarray(part.toarray() if hasattr(part, "toarray") else part)
+            yield f"{method}_{number}" if per_output else method, method, array, v2_datatype(array)
+
+
+def v2_bytes(array, datatype):
+    """A tensor's binary form: little-endian values, or BYTES as 4-byte lengths each followed by UTF-8 text."""
+    import numpy as np
+
+    if datatype == "BYTES":
+        return b"".join(len(b).to_bytes(4, "little") + b
+                        for b in (str(item).encode("utf-8") for item in array.reshape(-1).tolist()))
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def v2_outputs(model, results, binary_outputs):
+    """(JSON outputs, binary tail) for {method: result}; binary for the outputs asked that way."""
     outputs, chunks = [], []
-    tensors = ((f"{method}_{number}" if isinstance(result, list) else method, method, part)
-               for method, result in results.items()
-               for number, part in enumerate(result if isinstance(result, list) else [result]))
-    for name, method, result in tensors:      # a list: a multi-output classifier's arrays, one per output
-        array = np.asarray(result.toarray() if hasattr(result, "toarray") else result)
-        datatype = v2_datatype(array)
+    for name, method, array, datatype in v2_tensors(results):
         entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if method in binary_outputs:
-            if datatype == "BYTES":
-                data = b"".join(len(b).to_bytes(4, "little") + b
-                                for b in (str(item).encode("utf-8") for item in array.reshape(-1).tolist()))
-            else:
-                data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            data = v2_bytes(array, datatype)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
@@ -3931,7 +4793,492 @@ V2_REPOSITORY_STATES = {UNLOADED: "UNAVAILABLE", LOADING: "LOADING", AVAILABLE: 
                         FAILED: "UNAVAILABLE"}
 
 
-# -- MLflow scoring ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class V2Request:
+    """What a V2 infer request asks for: its input tensors [(name, array)], the outputs (methods) it wants,
+    those it wants binary, its "id" (None: it sent none) and parameters.routing_key as sent."""
+
+    arrays: list
+    outputs: list
+    binary_outputs: set
+    id: str = None
+    routing_key: object = None
+
+
+def _v2_routes(suffix, what, way):
+    prefix = "/v2/models/{name}" + suffix
+    return (Route("GET", prefix, "v2_model_metadata", TOKEN, f"V2 model metadata{what}", "v2", "V2Metadata"),
+            Route("GET", prefix + "/ready", "v2_model_ready", TOKEN, f"V2 model readiness{what}", "v2"),
+            Route("POST", prefix + "/infer", "predict", TOKEN,
+                  f"V2 inference{what} (JSON; binary tensors with Inference-Header-Content-Length)", "v2",
+                  "V2InferResponse", "V2InferRequest"))
+
+
+class OpenInference(Protocol):
+    """The Open Inference Protocol (KServe V2): JSON tensors, or binary ones after
+    Inference-Header-Content-Length; server and model metadata, readiness, and the model repository."""
+
+    name = "v2"
+    routes = (
+        Route("GET", "/v2", "v2_server", TOKEN, "server metadata", "v2"),
+        Route("GET", "/v2/health/live", "v2_live", OPEN, "liveness", "v2"),
+        Route("GET", "/v2/health/ready", "ready", OPEN, "readiness", "v2"),
+        Route("GET", "/v2/models", "model_names", TOKEN, "model names", "v2"),
+        Route("POST", "/v2/repository/index", "v2_repository_index", TOKEN, "every served version and its state",
+              "v2", "array", "Optional"),
+        Route("POST", "/v2/repository/models/{name}/load", "v2_repository_action", ADMIN,
+              "load a model of the store (admin token)", "v2", body="Optional", args=(("action", "load"),)),
+        Route("POST", "/v2/repository/models/{name}/unload", "v2_repository_action", ADMIN,
+              "unload a model of the store (admin token)", "v2", body="Optional", args=(("action", "unload"),)),
+    ) + for_each_version(_v2_routes, labels=False)
+    schemas = {
+        "V2Tensor": {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+            "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+            "datatype": {"type": "string", "enum": list(V2_DTYPES) + ["BYTES"]},
+            "parameters": {"type": "object"}, "data": {"type": "array"}}},
+        "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": _schema_ref("V2Tensor")},
+            "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                                   "properties": {"name": {"type": "string"},
+                                                                  "parameters": {"type": "object"}}}}}},
+        "V2InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
+            "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+            "outputs": {"type": "array", "items": _schema_ref("V2Tensor")}}},
+        "V2Metadata": {"type": "object", "required": ["name", "inputs", "outputs"], "properties": {
+            "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+            "platform": {"type": "string"}, "inputs": {"type": "array", "items": _OBJECT},
+            "outputs": {"type": "array", "items": _OBJECT}}},
+    }
+    examples = {"V2InferRequest": {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                                               "data": [5.1, 3.5, 1.4, 0.2]}]}}
+
+    def read(self, request, config):
+        environ = request.environ
+        check_content_type(environ)
+        header, binary = v2_split_body(environ, read_body(environ, config.max_body_bytes))
+        payload = parse_json(header, config.max_depth)
+        arrays, outputs, binary_outputs = v2_request(payload, binary, config.max_rows)
+        return V2Request(arrays, outputs, binary_outputs, payload.get("id"),
+                         (payload.get("parameters") or {}).get("routing_key"))
+
+    def routing_key(self, environ, asked):
+        """The X-Routing-Key header, or the request's "parameters": {"routing_key": "..."} (V2's requests
+        carry parameters); None if empty."""
+        key = environ.get("HTTP_X_ROUTING_KEY")
+        if key is None:
+            key = asked.routing_key
+            if key is not None and not isinstance(key, str):
+                raise BadRequest('"parameters": {"routing_key"} must be a string')
+        return key or None
+
+    def inputs(self, model, asked, config):
+        return ([choose_method(model, method, unknown=BadRequest) for method in asked.outputs],
+                v2_inputs(model, asked.arrays, config.max_rows))
+
+    def encode(self, model, asked, results):
+        outputs, tail = v2_outputs(model, results, asked.binary_outputs)
+        answer = {"model_name": model.name, "model_version": str(model.version), "outputs": outputs}
+        if asked.id is not None:
+            answer["id"] = asked.id
+        if not tail:
+            return answer
+        text = dumps(answer).encode("utf-8")
+        return bottle.HTTPResponse(text + tail, headers={"Content-Type": "application/octet-stream",
+                                                         "Inference-Header-Content-Length": str(len(text))})
+
+    def v2_server(self, app):
+        return {"name": SERVICE_NAME, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+
+    def v2_live(self, app):
+        return {"live": True}
+
+    def v2_model_ready(self, app, name, version=None):
+        slot = app.registry.slot(name, version)
+        if slot.state == FAILED:
+            raise slot.load_failure(name=name, ready=False)
+        return {"name": name, "ready": True}
+
+    def v2_model_metadata(self, app, name, version=None):
+        with app.registry.using(name, version) as model:               # its metadata needs the estimator
+            return v2_metadata(model, app.registry.entry(name).served_versions())
+
+    def v2_repository_index(self, app):
+        asked = json_body(bottle.request.environ, app.config, required=False)
+        return v2_repository_index(app.registry, isinstance(asked, dict) and asked.get("ready") is True)
+
+    def v2_repository_action(self, app, name, action):
+        asked = json_body(bottle.request.environ, app.config, required=False)
+        parameters = asked.get("parameters") if isinstance(asked, dict) else None
+        v2_repository_action(app.registry, name, action, parameters if isinstance(parameters, dict) else ())
+        return {}
+
+
+def v2_repository_index(registry, only_ready):
+    """Every served version with its V2 state (and why it cannot serve), or only the READY ones."""
+    index = []
+    for info in registry.describe_all():
+        for version in info["versions"]:
+            state = V2_REPOSITORY_STATES[version["state"]]
+            if version["served"] and (not only_ready or state == "READY"):
+                index.append({"name": info["name"], "version": version["version"], "state": state,
+                              "reason": _clip(version["last_error"] or "", 300)})
+    return index
+
+
+def v2_repository_action(registry, name, action, parameters):
+    """The repository's load (again) or unload of a model already in the store; the parameters with which
+    other servers load a model from elsewhere (a config, files) are refused."""
+    if any(key == "config" or key.startswith("file:") for key in parameters):
+        raise BadRequest("models are loaded only from the model store: \"config\" and \"file:\" parameters "
+                         "are refused")
+    if action == "load":
+        registry.reload(name)
+        for number in registry.entry(name).served:
+            registry.get(name, number)
+    else:
+        registry.unload(name)
+
+
+# -- The Open Inference Protocol over gRPC -------------------------------------------------------
+
+# KServe's grpc_predict_v2.proto (the service and messages of the Open Inference Protocol), with the model
+# repository extension's messages as Triton defines them, which tritonclient.grpc and MLServer's clients use.
+# The descriptor is built from this text when the gRPC server starts (grpc_messages): no generated code
+# to keep beside the one file, and no protoc.  Only the parts the parser reads: messages (nested ones
+# too), scalar, message, repeated, map<string, T> and oneof fields, and one service of unary RPCs.
+GRPC_PROTO = """
+service GRPCInferenceService {
+  rpc ServerLive(ServerLiveRequest) returns (ServerLiveResponse);
+  rpc ServerReady(ServerReadyRequest) returns (ServerReadyResponse);
+  rpc ModelReady(ModelReadyRequest) returns (ModelReadyResponse);
+  rpc ServerMetadata(ServerMetadataRequest) returns (ServerMetadataResponse);
+  rpc ModelMetadata(ModelMetadataRequest) returns (ModelMetadataResponse);
+  rpc ModelInfer(ModelInferRequest) returns (ModelInferResponse);
+  rpc RepositoryIndex(RepositoryIndexRequest) returns (RepositoryIndexResponse);
+  rpc RepositoryModelLoad(RepositoryModelLoadRequest) returns (RepositoryModelLoadResponse);
+  rpc RepositoryModelUnload(RepositoryModelUnloadRequest) returns (RepositoryModelUnloadResponse);
+}
+message ServerLiveRequest {}
+message ServerLiveResponse { bool live = 1; }
+message ServerReadyRequest {}
+message ServerReadyResponse { bool ready = 1; }
+message ModelReadyRequest { string name = 1; string version = 2; }
+message ModelReadyResponse { bool ready = 1; }
+message ServerMetadataRequest {}
+message ServerMetadataResponse { string name = 1; string version = 2; repeated string extensions = 3; }
+message ModelMetadataRequest { string name = 1; string version = 2; }
+message ModelMetadataResponse {
+  message TensorMetadata { string name = 1; string datatype = 2; repeated int64 shape = 3; }
+  string name = 1; repeated string versions = 2; string platform = 3;
+  repeated TensorMetadata inputs = 4; repeated TensorMetadata outputs = 5;
+}
+message ModelInferRequest {
+  message InferInputTensor {
+    string name = 1; string datatype = 2; repeated int64 shape = 3;
+    map<string, InferParameter> parameters = 4; InferTensorContents contents = 5;
+  }
+  message InferRequestedOutputTensor { string name = 1; map<string, InferParameter> parameters = 2; }
+  string model_name = 1; string model_version = 2; string id = 3; map<string, InferParameter> parameters = 4;
+  repeated InferInputTensor inputs = 5; repeated InferRequestedOutputTensor outputs = 6;
+  repeated bytes raw_input_contents = 7;
+}
+message ModelInferResponse {
+  message InferOutputTensor {
+    string name = 1; string datatype = 2; repeated int64 shape = 3;
+    map<string, InferParameter> parameters = 4; InferTensorContents contents = 5;
+  }
+  string model_name = 1; string model_version = 2; string id = 3; map<string, InferParameter> parameters = 4;
+  repeated InferOutputTensor outputs = 5; repeated bytes raw_output_contents = 6;
+}
+message InferParameter {
+  oneof parameter_choice { bool bool_param = 1; int64 int64_param = 2; string string_param = 3;
+                           double double_param = 4; uint64 uint64_param = 5; }
+}
+message InferTensorContents {
+  repeated bool bool_contents = 1; repeated int32 int_contents = 2; repeated int64 int64_contents = 3;
+  repeated uint32 uint_contents = 4; repeated uint64 uint64_contents = 5; repeated float fp32_contents = 6;
+  repeated double fp64_contents = 7; repeated bytes bytes_contents = 8;
+}
+message ModelRepositoryParameter {
+  oneof parameter_choice { bool bool_param = 1; int64 int64_param = 2; string string_param = 3;
+                           bytes bytes_param = 4; }
+}
+message RepositoryIndexRequest { string repository_name = 1; bool ready = 2; }
+message RepositoryIndexResponse {
+  message ModelIndex { string name = 1; string version = 2; string state = 3; string reason = 4; }
+  repeated ModelIndex models = 1;
+}
+message RepositoryModelLoadRequest {
+  string repository_name = 1; string model_name = 2; map<string, ModelRepositoryParameter> parameters = 3;
+}
+message RepositoryModelLoadResponse {}
+message RepositoryModelUnloadRequest {
+  string repository_name = 1; string model_name = 2; map<string, ModelRepositoryParameter> parameters = 3;
+}
+message RepositoryModelUnloadResponse {}
+"""
+GRPC_PACKAGE, GRPC_SERVICE = "inference", "inference.GRPCInferenceService"
+_PROTO_TOKEN = re.compile(r"map<\s*\w+\s*,\s*\w+\s*>|\w+|[{}();=]")
+_PROTO_SCALARS = ("bool", "string", "bytes", "int32", "int64", "uint32", "uint64", "float", "double")
+
+
+@functools.lru_cache(maxsize=None)
+def grpc_messages():
+    """{message name: generated class} and the service's methods {name: (request, response)}, from GRPC_PROTO."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    file = descriptor_pb2.FileDescriptorProto(name="grpc_predict_v2.proto", package=GRPC_PACKAGE, syntax="proto3")
+    methods = _ProtoReader(_PROTO_TOKEN.findall(GRPC_PROTO), descriptor_pb2.FieldDescriptorProto).read(file)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    classes = {message.name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{GRPC_PACKAGE}.{message.name}"))
+               for message in file.message_type}
+    return classes, methods
+
+
+class _ProtoReader:
+    """Reads GRPC_PROTO's tokens into a FileDescriptorProto (message, field and service declarations)."""
+
+    def __init__(self, tokens, field_type):
+        self.tokens, self.position, self.F = tokens, 0, field_type
+
+    def take(self, expected=None):
+        token = self.tokens[self.position]
+        self.position += 1
+        if expected is not None and token != expected:
+            raise ValueError(f"GRPC_PROTO: {expected!r} expected, not {token!r}")
+        return token
+
+    def read(self, file):
+        methods = {}
+        while self.position < len(self.tokens):
+            if self.take() == "message":
+                self.message(file.message_type, f".{GRPC_PACKAGE}")
+                continue
+            service = file.service.add(name=self.take())
+            self.take("{")
+            while self.take() != "}":                   # rpc Name(Request) returns (Response);
+                name = self.take()
+                request = self.take("(") and self.take()
+                response = self.take(")") and self.take("returns") and self.take("(") and self.take()
+                self.take(")"), self.take(";")
+                service.method.add(name=name, input_type=f".{GRPC_PACKAGE}.{request}",
+                                   output_type=f".{GRPC_PACKAGE}.{response}")
+                methods[name] = (request, response)
+        return methods
+
+    def message(self, into, scope):
+        message = into.add(name=self.take())
+        scope = f"{scope}.{message.name}"
+        self.take("{")
+        while (token := self.take()) != "}":
+            if token == "message":
+                self.message(message.nested_type, scope)
+            elif token == "oneof":
+                message.oneof_decl.add(name=self.take())
+                self.take("{")
+                while self.tokens[self.position] != "}":
+                    self.field(message, scope, self.take(), oneof=len(message.oneof_decl) - 1)
+                self.take("}")
+            else:
+                self.field(message, scope, token)
+
+    def field(self, message, scope, kind, oneof=None):
+        F = self.F
+        label = F.LABEL_REPEATED if kind == "repeated" else F.LABEL_OPTIONAL
+        kind = self.take() if kind == "repeated" else kind
+        name = self.take()
+        self.take("=")
+        field = message.field.add(name=name, number=int(self.take()), label=label)
+        self.take(";")
+        if oneof is not None:
+            field.oneof_index = oneof
+        if kind.startswith("map<"):                     # a repeated entry message with map_entry set
+            key, value = re.findall(r"\w+", kind)[1:]
+            entry = message.nested_type.add(name="".join(part.title() for part in name.split("_")) + "Entry")
+            entry.options.map_entry = True
+            self.typed(entry.field.add(name="key", number=1, label=F.LABEL_OPTIONAL), key, scope)
+            self.typed(entry.field.add(name="value", number=2, label=F.LABEL_OPTIONAL), value, scope)
+            field.label, field.type, field.type_name = F.LABEL_REPEATED, F.TYPE_MESSAGE, f"{scope}.{entry.name}"
+        else:
+            self.typed(field, kind, scope, nested={nested.name for nested in message.nested_type})
+
+    def typed(self, field, kind, scope, nested=()):
+        if kind in _PROTO_SCALARS:
+            field.type = getattr(self.F, f"TYPE_{kind.upper()}")
+        else:                                           # a message: nested in this one, or the file's
+            field.type = self.F.TYPE_MESSAGE
+            field.type_name = f"{scope}.{kind}" if kind in nested else f".{GRPC_PACKAGE}.{kind}"
+
+
+# Which InferTensorContents field holds a datatype's values (FP16 travels only raw, as the proto says).
+GRPC_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+                 "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                 "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+                 "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+# A refusal's gRPC status by its HTTP status (an overload is RESOURCE_EXHAUSTED: see grpc_status).
+GRPC_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+               405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 414: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT",
+               501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+def grpc_status(error):
+    """The name of the grpc.StatusCode a refusal is answered with (INTERNAL for the service's own faults)."""
+    return "RESOURCE_EXHAUSTED" if isinstance(error, Overloaded) else GRPC_STATUS.get(error.status, "INTERNAL")
+
+
+def _v2_from_contents(contents, datatype, count, where):
+    """A tensor from its typed InferTensorContents (the field its datatype names), checked against its shape."""
+    import numpy as np
+
+    field = GRPC_CONTENTS.get(datatype)
+    if field is None:
+        _v2_dtype(datatype, where)              # BF16 and unknown names: refused as over HTTP
+        raise BadRequest(f"{where}: {datatype} values travel only in raw_input_contents")
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise BadRequest(f"{where}: {len(values)} values in {field} do not fill its shape ({count} expected)")
+    if datatype == "BYTES":
+        try:
+            items = [value.decode("utf-8") for value in values]
+        except UnicodeDecodeError:
+            raise BadRequest(f"{where}: BYTES elements must be UTF-8 text") from None
+        array = np.empty(count, dtype=object)
+        array[:] = items
+        return array
+    try:
+        return np.array(values, dtype=V2_DTYPES[datatype])
+    except OverflowError:
+        raise BadRequest(f"{where}: a value does not fit datatype {datatype}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpcCall:
+    """One gRPC call as the service sees it: the RPC, its metadata (lower-case keys) and its peer."""
+
+    rpc: str
+    metadata: dict
+    peer: str
+
+    def environ(self, protocol):
+        """A WSGI-like environ for the predict core and the records every request leaves (metrics, payload log,
+        access log): the RPC as the path, the metadata's authorization, request id and routing key as headers."""
+        headers = {f"HTTP_{key.upper().replace('-', '_')}": value for key, value in self.metadata.items()
+                   if key in ("authorization", "x-request-id", "x-routing-key") and isinstance(value, str)}
+        return {"REQUEST_METHOD": "POST", "PATH_INFO": f"/{GRPC_SERVICE}/{self.rpc}", "REMOTE_ADDR": self.peer,
+                "service.protocol": protocol, **headers}
+
+
+class OpenInferenceGrpc(OpenInference):
+    """The Open Inference Protocol over gRPC (inference.GRPCInferenceService, with the repository extension):
+    no HTTP rows, its RPCs served by the gRPC server (Serving: start_grpc_server) on --grpc-port.
+
+    A ModelInfer request becomes the same V2Request the HTTP route reads (typed `contents` or
+    `raw_input_contents`, checked by the same rules and limits) and goes through the same core; its answer
+    carries raw_output_contents when the request sent raw inputs (as Triton answers), else typed contents.
+    Every RPC is (handler, access) in RPCS: access is the HTTP routes' (OPEN, TOKEN, ADMIN), tokens
+    coming from the call's `authorization` metadata."""
+
+    name = "grpc"
+    routes = ()
+    RPCS = {"ServerLive": ("server_live", OPEN), "ServerReady": ("server_ready", OPEN),
+            "ModelReady": ("model_ready", TOKEN), "ServerMetadata": ("server_metadata", TOKEN),
+            "ModelMetadata": ("model_metadata", TOKEN), "ModelInfer": ("model_infer", TOKEN),
+            "RepositoryIndex": ("repository_index", TOKEN), "RepositoryModelLoad": ("repository_load", ADMIN),
+            "RepositoryModelUnload": ("repository_unload", ADMIN)}
+
+    def read_message(self, request, config):
+        """The V2Request of a ModelInferRequest."""
+        raw = list(request.raw_input_contents)
+        if not request.inputs:
+            raise BadRequest("a ModelInferRequest needs inputs")
+        if raw and len(raw) != len(request.inputs):
+            raise BadRequest(f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs")
+        arrays = []
+        for number, tensor in enumerate(request.inputs):
+            shape = list(tensor.shape)
+            where, count = _v2_tensor(number, tensor.name, shape, config.max_rows)
+            array = _v2_from_bytes(raw[number], tensor.datatype, count, where) if raw else \
+                _v2_from_contents(tensor.contents, tensor.datatype, count, where)
+            arrays.append((tensor.name, array.reshape(shape)))
+        outputs = list(dict.fromkeys(output.name for output in request.outputs)) or ["predict"]
+        key = request.parameters["routing_key"] if "routing_key" in request.parameters else None
+        if key is not None and key.WhichOneof("parameter_choice") != "string_param":
+            raise BadRequest('parameters["routing_key"] must be a string_param')
+        return V2Request(arrays, outputs, set(outputs) if raw else set(), request.id or None,
+                         None if key is None else key.string_param)
+
+    def encode_message(self, model, asked, results, response):
+        """Fill a ModelInferResponse with {method: outputs}: raw where the request was raw, else typed."""
+        response.model_name, response.model_version, response.id = model.name, str(model.version), asked.id or ""
+        for name, method, array, datatype in v2_tensors(results):
+            tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            if method in asked.binary_outputs:
+                response.raw_output_contents.append(v2_bytes(array, datatype))
+            elif datatype == "BYTES":
+                tensor.contents.bytes_contents.extend(str(item).encode("utf-8") for item in array.reshape(-1).tolist())
+            else:
+                getattr(tensor.contents, GRPC_CONTENTS[datatype]).extend(array.reshape(-1).tolist())
+        return response
+
+    # -- the RPCs: (app, request message, response message, environ) -> the response -------------------------
+    def server_live(self, app, request, response, environ):
+        response.live = True
+        return response
+
+    def server_ready(self, app, request, response, environ):
+        response.ready = app.registry.not_ready_reason() is None
+        return response
+
+    def model_ready(self, app, request, response, environ):
+        slot = app.registry.slot(request.name, _grpc_version(request.version, request.name))
+        response.ready = slot.state != FAILED
+        return response
+
+    def server_metadata(self, app, request, response, environ):
+        response.name, response.version = SERVICE_NAME, __version__
+        response.extensions.append("model_repository")
+        return response
+
+    def model_metadata(self, app, request, response, environ):
+        with app.registry.using(request.name, _grpc_version(request.version, request.name)) as model:
+            metadata = v2_metadata(model, app.registry.entry(request.name).served_versions())
+        response.name, response.platform = metadata["name"], metadata["platform"]
+        response.versions.extend(metadata["versions"])
+        for spec in metadata["inputs"]:
+            response.inputs.add(**spec)
+        for spec in metadata["outputs"]:
+            response.outputs.add(**spec)
+        return response
+
+    def model_infer(self, app, request, response, environ):
+        model, asked, results = app.predicted(self, lambda: self.read_message(request, app.config), environ,
+                                              request.model_name,
+                                              _grpc_version(request.model_version, request.model_name), None)
+        with app.tracing.span("encode") if app.tracing.enabled else _NO_SPAN:
+            return self.encode_message(model, asked, results, response)
+
+    def repository_index(self, app, request, response, environ):
+        for entry in v2_repository_index(app.registry, request.ready):
+            response.models.add(**entry)
+        return response
+
+    def repository_load(self, app, request, response, environ):
+        v2_repository_action(app.registry, request.model_name, "load", request.parameters)
+        return response
+
+    def repository_unload(self, app, request, response, environ):
+        v2_repository_action(app.registry, request.model_name, "unload", request.parameters)
+        return response
+
+
+def _grpc_version(text, name):
+    """A message's version ("" for none) as the number the service uses inside."""
+    return version_number(text, name) if text else None
+
+
+# -- MLflow scoring --------------------------------------------------------------------------------
 
 MLFLOW_ERROR_CODES = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "BAD_REQUEST",
                       415: "BAD_REQUEST", 500: "INTERNAL_ERROR", 503: "INTERNAL_ERROR", 504: "INTERNAL_ERROR"}
@@ -3980,9 +5327,6 @@ def mlflow_rows(environ, body, max_depth):
 
 
 def _csv_rows(body):
-    import csv
-    import io
-
     try:
         text = body.decode("utf-8-sig")          # Excel writes a byte-order mark
     except UnicodeDecodeError:
@@ -4034,131 +5378,32 @@ def _csv_column(cells):
         return cells
 
 
-# -- Codecs: one per protocol ---------------------------------------------------------------------
+class MLflowScoring(Protocol):
+    """MLflow's scoring server: POST /invocations (JSON or CSV) on the default model, its error fields, and its
+    probes.  The request record is the rows, or an MLflowTable."""
 
-
-class Codec:
-    """One protocol's side of a prediction: what a request asks for, how answers and refusals look.
-
-    The HTTP application's predict core calls `read` (what can be checked before the model is
-    known: the body, the URL), then `inputs` (what needs the model: its methods, its
-    features), then `encode`; resolving the model, admission, batching, the time limit and
-    the metrics are done there once for every protocol.  `asked` is whatever `read` returned.
-    """
-
-    def read(self, request, config, **route):
-        raise NotImplementedError
-
-    def inputs(self, model, asked, config):
-        """(methods to call, estimator inputs)."""
-        raise NotImplementedError
-
-    def encode(self, model, asked, results):
-        """The answer for {method: outputs}: a JSON value, or a bottle.HTTPResponse for other bodies."""
-        raise NotImplementedError
-
-    def error(self, error):
-        """The JSON body of a refusal in this protocol."""
-        return error.to_dict()
-
-
-class NativeCodec(Codec):
-    """The native API: {"instances" | "inputs": rows, "method": name}, or ?instances=<JSON> on a GET."""
-
-    def read(self, request, config):
-        environ = request.environ
-        if environ["REQUEST_METHOD"] != "GET":
-            return json_body(environ, config), _query_method(request)
-        text = request.query.get("instances")
-        if text is None:
-            raise BadRequest("GET predict needs ?instances=<JSON list of instances>")
-        return {"instances": parse_json(text, config.max_depth, "?instances")}, _query_method(request)
-
-    def inputs(self, model, asked, config):
-        rows, method = decode_payload(*asked)
-        return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
-
-    def encode(self, model, asked, results):
-        (method, outputs), = results.items()
-        return encode_prediction(model, method, outputs)
-
-
-def _query_method(request):
-    """?method=NAME, read only when there is a query string (parsing one costs a few microseconds)."""
-    return request.query.get("method") if request.environ.get("QUERY_STRING") else None
-
-
-class SeedCodec(NativeCodec):
-    """The seed course's routes on the default model: GET /predict/<sentence> and POST /predict."""
-
-    def read(self, request, config, sentence=None):
-        if sentence is None:
-            return super().read(request, config)
-        return {"instances": parse_literal(sentence, config.max_depth)}, _query_method(request)
-
-
-class TFCodec(Codec):
-    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples)."""
-
-    def read(self, request, config, verb):
-        if verb == "explain":
-            raise NotImplementedHere("explanations are not implemented")
-        payload = json_body(request.environ, config)
-        if verb == "predict":
-            return (verb,) + tf_predict_request(payload)
-        return verb, tf_examples(payload), False, "predict_proba" if verb == "classify" else "predict"
-
-    def inputs(self, model, asked, config):
-        verb, rows, _, method = asked
-        method = choose_method(model, method, unknown=BadRequest)
-        if verb == "classify" and model.classes is None:
-            raise BadRequest(f"model {model.name!r} does not name its classes, so it cannot classify",
-                             model=model.name)
-        if verb == "regress" and model.classes is not None:
-            raise BadRequest(f"model {model.name!r} is a classifier: use :classify or :predict, not :regress",
-                             model=model.name)
-        return [method], model_inputs(model, rows, config.max_rows)
-
-    def encode(self, model, asked, results):
-        verb, _, columnar, method = asked
-        outputs = to_jsonable(results[method])
-        if verb == "predict":
-            return {"outputs" if columnar else "predictions": outputs}
-        if verb == "regress":
-            return {"results": outputs}
-        return {"results": [[[str(label), score] for label, score in zip(model.classes, row)] for row in outputs]}
-
-
-class V2Codec(Codec):
-    """The Open Inference Protocol: JSON tensors, or binary ones after Inference-Header-Content-Length."""
-
-    def read(self, request, config):
-        environ = request.environ
-        check_content_type(environ)
-        header, binary = v2_split_body(environ, read_body(environ, config.max_body_bytes))
-        payload = parse_json(header, config.max_depth)
-        return v2_request(payload, binary, config.max_rows) + (payload,)
-
-    def inputs(self, model, asked, config):
-        arrays, wanted, _, _ = asked
-        return ([choose_method(model, method, unknown=BadRequest) for method in wanted],
-                v2_inputs(model, arrays, config.max_rows))
-
-    def encode(self, model, asked, results):
-        _, _, binary_outputs, payload = asked
-        outputs, tail = v2_outputs(model, results, binary_outputs)
-        answer = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
-        if "id" in payload:
-            answer["id"] = payload["id"]
-        if not tail:
-            return answer
-        text = dumps(answer).encode("utf-8")
-        return bottle.HTTPResponse(text + tail, headers={"Content-Type": "application/octet-stream",
-                                                         "Inference-Header-Content-Length": str(len(text))})
-
-
-class MLflowCodec(Codec):
-    """MLflow's scoring server: POST /invocations (JSON or CSV) on the default model; its error fields."""
+    name = "mlflow"
+    routes = (
+        Route("GET", "/ping", "alive", OPEN, "liveness (MLflow)", "mlflow"),
+        Route("GET", "/health", "alive", OPEN, "liveness (MLflow)", "mlflow"),
+        Route("GET", "/version", "mlflow_version", TOKEN, "the service version (MLflow)", "mlflow", "text"),
+        Route("POST", "/invocations", "predict", TOKEN, "predict with the default model (MLflow scoring)", "mlflow",
+              "Predictions", "MLflowRequest"),
+    )
+    schemas = {
+        "MLflowRequest": {"type": "object", "properties": {
+            "dataframe_split": {"type": "object", "properties": {"columns": {"type": "array"},
+                                                                 "data": {"type": "array"}}},
+            "dataframe_records": {"type": "array", "items": {"type": "object"}},
+            "instances": _ROWS, "inputs": _ANY, "params": {"type": "object"}}},
+        "Predictions": {"type": "object", "required": ["predictions"],
+                        "properties": {"predictions": {"type": "array"}}},
+    }
+    examples = {"MLflowRequest": {"dataframe_split": {
+        "columns": ["sepal_length", "sepal_width", "petal_length", "petal_width"], "data": [[5.1, 3.5, 1.4, 0.2]]}}}
+    bodies = {"MLflowRequest": {"required": True, "content": {
+        JSON_TYPE: {"schema": _schema_ref("MLflowRequest"), "example": examples["MLflowRequest"]},
+        "text/csv": {"schema": {"type": "string"}}}}}
 
     def read(self, request, config):
         return mlflow_rows(request.environ, read_body(request.environ, config.max_body_bytes), config.max_depth)
@@ -4173,22 +5418,15 @@ class MLflowCodec(Codec):
         return {**error.to_dict(), "error_code": MLFLOW_ERROR_CODES.get(error.status, "BAD_REQUEST"),
                 "message": error.message}
 
+    def mlflow_version(self, app):
+        return bottle.HTTPResponse(__version__, headers={"Content-Type": "text/plain; charset=utf-8"})
 
-CODECS = {"native": NativeCodec(), "seed": SeedCodec(), "tf": TFCodec(), "v2": V2Codec(), "mlflow": MLflowCodec()}
-PROTOCOLS = {codec: name for name, codec in CODECS.items()}      # the payload log names a request's protocol
 
-# One request body of each kind a route takes (Route.body names the kind): OpenAPI shows them, and a
-# body that is not JSON is answered with its route's (not_json_refusal).  Iris's rows, as in README.
-BODY_EXAMPLES = {
-    "PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]},
-    "TFPredictRequest": {"signature_name": "serving_default", "instances": [[5.1, 3.5, 1.4, 0.2]]},
-    "TFExamples": {"examples": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4,
-                                 "petal_width": 0.2}]},
-    "V2InferRequest": {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
-                                   "data": [5.1, 3.5, 1.4, 0.2]}]},
-    "MLflowRequest": {"dataframe_split": {"columns": ["sepal_length", "sepal_width", "petal_length", "petal_width"],
-                                          "data": [[5.1, 3.5, 1.4, 0.2]]}},
-}
+# -- registration ----------------------------------------------------------------------------------
+
+GRPC = OpenInferenceGrpc()
+PROTOCOLS = (NativeAPI(), SeedRoutes(), TFServing(), OpenInference(), GRPC, MLflowScoring())
+BODY_EXAMPLES = {kind: example for protocol in PROTOCOLS for kind, example in protocol.examples.items()}
 
 
 ###############################################################################
@@ -4217,19 +5455,18 @@ class TimeLimit:
 
     def run(self, compute, held):
         """compute() on a predict thread; `held` (releases) passes to it."""
-        import concurrent.futures
-
         if self._pid != os.getpid():
             self._start()
         deadline = time.monotonic() + self.seconds
         future, handed = concurrent.futures.Future(), held[:]
         held.clear()
+        context = contextvars.copy_context()        # the request's span and log fields, on the predict thread
 
         def task():
             try:
                 if time.monotonic() >= deadline:
                     raise PredictionTimeout("not started: the predict threads were busy past the time limit")
-                future.set_result(compute())
+                future.set_result(context.run(compute))
             except BaseException as error:   # handed to the request that waits for it
                 future.set_exception(error)
             finally:
@@ -4270,12 +5507,58 @@ class UnderWay:
             self.count -= 1
 
 
+_SCALARS = frozenset((int, float, bool, str, bytes, type(None)))
+
+
+def held_bytes(*values, limit=math.inf):
+    """The bytes of memory `values` hold, counted from the objects themselves, never from what a request
+    claimed (a Content-Length, a shape): a numpy array by its buffer (a view by its base's; an object
+    array's items too), a DataFrame by its values, other objects by sys.getsizeof and what they hold.
+    Each container is counted once; the numbers and texts of one list or array are summed at C speed, so
+    one object they repeat counts each time (an estimate from above).  The walk stops once past `limit`:
+    the caller refuses what is that large."""
+    seen, stack, total = set(), list(values), 0
+    while stack and total <= limit:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        kind, items = type(value), ()
+        if kind in (list, tuple):
+            total += sys.getsizeof(value)
+            items = value
+        elif kind is dict:
+            total += sys.getsizeof(value)
+            items = [*value, *value.values()]
+        elif kind in _SCALARS:
+            total += sys.getsizeof(value)
+        elif hasattr(value, "memory_usage"):                # pandas: its values (its block's buffer, if one dtype)
+            stack.append(value.to_numpy())                  # (memory_usage(deep=True) costs 0.2 ms a frame)
+        elif hasattr(value, "nbytes") and hasattr(value, "dtype"):    # numpy arrays and scalars
+            base = value
+            while getattr(base, "base", None) is not None and hasattr(base.base, "nbytes"):
+                base = base.base
+            if base is value or id(base) not in seen:
+                seen.add(id(base))
+                total += base.nbytes
+            items = value.ravel().tolist() if value.dtype.kind == "O" else ()
+        else:                                               # a sparse matrix's arrays, any other object's parts
+            total += sys.getsizeof(value)
+            items = list(getattr(value, "__dict__", {}).values())
+        if items and set(map(type, items)) <= _SCALARS:     # rows of numbers or texts: one pass in C
+            total += sum(map(sys.getsizeof, items))
+        else:
+            stack.extend(items)
+    return total
+
+
 class Backlog:
     """Work for one daemon thread, off the request path: what a request hands over after its answer.
 
-    Bounded twice, as what waits holds requests' inputs and outputs: by count, and by the bytes of
-    the requests' bodies (or URLs), which stand for what an item holds.  A full backlog refuses an
-    item at once rather than make a request wait.  The thread runs `work(items)` on what waits: the
+    Bounded twice, as what waits holds requests' inputs and outputs: by count, and by the bytes the
+    items hold (`held_bytes`: measured, whatever the request's headers said, so a chunked body counts
+    as what was decoded from it).  A full backlog refuses an item at once rather than make a request
+    wait (each refusal is counted by its user).  The thread runs `work(items)` on what waits: the
     oldest item and up to `burst` - 1 more, taken at one wake-up; it starts in the process that uses
     the backlog (a pre-fork host forks after building the app), and an exception from `work` is
     logged, never fatal to it.  Then it sleeps `rest(cpu_seconds)`, given the CPU time that took:
@@ -4285,17 +5568,19 @@ class Backlog:
 
     ITEMS = 1000
     BYTES = 64 * 1024 * 1024
+    ITEM_BYTES = 1024       # an item's own fields (request id, labels, times), beside the inputs and outputs
 
     def __init__(self, name, work, rest, burst=1):
         self.name, self._work, self._rest, self._burst = name, work, rest, burst
         self._lock = threading.Lock()
         self._pid, self._queue, self._bytes = None, None, 0
 
-    def offer(self, item, environ):
-        """Hand `item` (of the request behind `environ`) to the thread; False when the backlog is full."""
+    def offer(self, item, size):
+        """Hand `item`, which holds `size` bytes of inputs and outputs, to the thread; False when the backlog
+        is full."""
         if self._pid != os.getpid():
             self._start()
-        size = int(environ.get("CONTENT_LENGTH") or 0) or len(environ.get("QUERY_STRING", "")) + 4096
+        size += self.ITEM_BYTES
         with self._lock:
             if self._bytes + size > self.BYTES:
                 return False
@@ -4347,6 +5632,16 @@ class Backlog:
             time.sleep(self._rest(time.thread_time() - started))
 
 
+def payload_bytes(environ):
+    """The bytes a prediction request's decoded inputs and outputs hold (its "service.payload"), measured
+    once for every backlog that takes them; 0 for a request refused before it had any."""
+    size = environ.get("service.payload_bytes")
+    if size is None:
+        payload = environ.get("service.payload")
+        size = environ["service.payload_bytes"] = held_bytes(*payload[1:], limit=Backlog.BYTES) if payload else 0
+    return size
+
+
 class PayloadLog:
     """--payload-log DIR: one JSON line per sampled prediction request, written by a background thread.
 
@@ -4376,8 +5671,8 @@ class PayloadLog:
         if self.sample < 1 and random.random() >= self.sample:
             return
         record = (time.time(), _request_id(environ), environ["service.labels"], environ.get("service.payload"),
-                  PROTOCOLS[environ["service.codec"]], int(status), elapsed)
-        if not self.backlog.offer(record, environ):
+                  environ["service.protocol"].name, int(status), elapsed)
+        if not self.backlog.offer(record, payload_bytes(environ)):
             self.metrics.count("model_service_payload_log_dropped_total", ())
 
     def drain(self, timeout):
@@ -4430,7 +5725,7 @@ class PayloadLog:
     def _line(self, record):
         at, request_id, labels, payload, protocol, status, elapsed = record
         (_, name), (_, version), (_, method) = labels
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
+        line = {"time": _utc_time(at, millis=True),
                 "request_id": request_id, "model": name, "version": version, "method": method,
                 "protocol": protocol, "status": status, "latency_ms": round(elapsed * 1000, 3)}
         if payload is not None:
@@ -4443,7 +5738,7 @@ class PayloadLog:
     def _redacted(self, model, rows):
         """(rows with the model's "redact" features nulled, the names redacted); all rows withheld (None)
         when a listed name is not one of the model's features: a redaction that cannot be placed fails closed."""
-        hidden = self.registry.model_settings(model.name).redact
+        hidden = self.registry.settings_for(model.name).redact
         if not hidden:
             return rows, None
         if not hidden <= set(model.feature_names or ()):
@@ -4486,29 +5781,27 @@ class Shadow:
         """Hand the request to the model's shadow version, if it has one other than the version that
         answered; never blocks."""
         slot = self.registry.shadow_slot(name)
-        if slot is None or str(slot.ref.version) == model.version:
+        if slot is None or slot.ref.version == model.version:
             return
-        if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results), environ):
-            self.registry.agreement(name, str(slot.ref.version)).dropped += 1
+        if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results,
+                                   environ.get("service.redacting", False)), payload_bytes(environ)):
+            self.registry.agreement(name, slot.ref.version).dropped += 1
             self.metrics.count("model_service_shadow_dropped_total",
                                (("model", name), ("version", str(slot.ref.version))))
 
-    def _compare(self, name, slot, request_id, methods, inputs, results):
+    def _compare(self, name, slot, request_id, methods, inputs, results, redacting):
         """Run the methods on the shadow version and count how its outputs compare with the client's."""
-        version = str(slot.ref.version)
-        labels = (("model", name), ("version", version))
+        version = slot.ref.version
+        labels = (("model", name), ("version", str(version)))
         agreement = self.registry.agreement(name, version)
         try:
-            model = self.registry.acquire(name, version, slot=slot)     # (re-resolved by version, not split)
-            try:
+            with self.registry.using(name, version, slot=slot) as model:     # (re-resolved by version, not split)
                 shadowed = {method: to_jsonable(model.call(method, inputs)) for method in methods}
-            finally:
-                self.registry.release(model)
         except Exception as failure:  # it cannot load, or refuses the inputs: counted and logged, never returned
             agreement.fail(request_id, methods, type(failure).__name__)
             self.metrics.count("model_service_shadow_errors_total", labels)
             logger.warning("shadow version %s of model %r failed on request %s: %s", version, name, request_id,
-                           _clip(getattr(failure, "message", None) or str(failure)))
+                           logged_error(failure, redacting))
             return
         identical = agreement.identical
         differences = agreement.compare(model, request_id, {m: to_jsonable(r) for m, r in results.items()}, shadowed)
@@ -4522,130 +5815,44 @@ class Shadow:
 ###############################################################################
 # HTTP application ############################################################
 ###############################################################################
-# One table, ROUTES, names every route: its path, the ServiceApp method that
-# answers, who may call it, and how OpenAPI documents it.  Every prediction, of
-# every protocol, goes through one core (ServiceApp.predict) with the protocol's
-# codec; every refusal is a ServiceError, turned into an answer in one place
-# (ServiceApp.refusal), Bottle's own 404, 405 and 500 included, so no answer is HTML.
+# One table, ROUTES, names every route: its path, the method that answers (the app's, or its
+# protocol's), who may call it, and how OpenAPI documents it: the service's own rows here, each
+# protocol's in its block.  Every prediction, of every protocol, goes through one core
+# (ServiceApp.predict) with the protocol; every refusal is a ServiceError, turned into an answer in
+# one place (ServiceApp.refusal), Bottle's own 404, 405 and 500 included, so no answer is HTML.
 
-JSON_TYPE = "application/json"
-OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
 UNRESOLVED = "(unknown)"                         # the metrics' model and version of a request that named none
 UNRESOLVED_LABELS = (("model", UNRESOLVED), ("version", UNRESOLVED), ("method", ""))
 
-
-@dataclasses.dataclass(frozen=True)
-class Route:
-    """One row of ROUTES.
-
-    `path` is OpenAPI's template ({name}, {version}, {label}; a TF verb follows a colon);
-    `handler` the ServiceApp method that answers, called with the path's parameters and
-    `args`.  `access`: OPEN routes are for probes and load balancers; TOKEN ones need one of
-    --auth-tokens when it is set; ADMIN ones are off without --admin-token and need it.
-    `answer` and `body` name OpenAPI schemas (see the OpenAPI section).
-    """
-
-    method: str
-    path: str
-    handler: str
-    access: str
-    summary: str
-    tag: str
-    answer: str = None          # None: a JSON object; "text": text/plain
-    body: str = None
-    query: tuple = ()
-    args: tuple = ()            # (keyword, value) pairs
-
-    @property
-    def rule(self):
-        """Bottle's rule: a parameter before a colon or at the end of a TF path admits no colon, and the
-        colon of a TF verb is matched by an anonymous wildcard (Bottle reads a bare ":name" as a wildcard)."""
-        path = self.path
-        if path.startswith("/v1/"):
-            path = re.sub(r"\{(\w+)\}(?=:|$)", r"<\1:re:[^/:]+>", path)
-        path = re.sub(r":(\w+)$", r"<:re::\1>", path)
-        return re.sub(r"\{(\w+)\}", lambda m: f"<{m[1]}:path>" if m[1] == "sentence" else f"<{m[1]}>", path)
-
-
-def _prediction_routes():
-    """The routes that predict, for each way of naming a version: none (the latest), a number, a label."""
-    routes = []
-    for suffix, what in (("", ""), ("/versions/{version}", " with a version"), ("/labels/{label}", " with a label")):
-        native, predict = "/models/{name}" + suffix, (("codec", "native"),)
-        routes += [Route("POST", native + "/predict", "predict", TOKEN, f"predict (native API){what}", "predict",
-                         "PredictResponse", "PredictRequest", args=predict),
-                   Route("GET", native + "/predict", "predict", TOKEN, f"predict with ?instances=<JSON>{what}",
-                         "predict", "PredictResponse", query=("instances",), args=predict)]
-        tf = "/v1/models/{name}" + suffix
-        routes += [Route("GET", tf, "v1_status", TOKEN, f"TF Serving status merged with KServe V1 readiness{what}",
-                         "tf-serving", "TFStatus"),
-                   Route("GET", tf + "/metadata", "v1_metadata", TOKEN, f"TF Serving signatures{what}", "tf-serving")]
-        for verb, body, answer in (("predict", "TFPredictRequest", "TFPredictResponse"),
-                                   ("classify", "TFExamples", "TFResults"), ("regress", "TFExamples", "TFResults"),
-                                   ("explain", None, None)):
-            routes.append(Route("POST", f"{tf}:{verb}", "predict", TOKEN,
-                                f"TF Serving {verb}{what}" + (" (not implemented: 501)" if verb == "explain" else ""),
-                                "tf-serving", answer, body, args=(("codec", "tf"), ("verb", verb))))
-        if suffix != "/labels/{label}":
-            v2 = "/v2/models/{name}" + suffix
-            routes += [Route("GET", v2, "v2_model_metadata", TOKEN, f"V2 model metadata{what}", "v2", "V2Metadata"),
-                       Route("GET", v2 + "/ready", "v2_model_ready", TOKEN, f"V2 model readiness{what}", "v2"),
-                       Route("POST", v2 + "/infer", "predict", TOKEN,
-                             f"V2 inference{what} (JSON; binary tensors with Inference-Header-Content-Length)", "v2",
-                             "V2InferResponse", "V2InferRequest", args=(("codec", "v2"),))]
-    return tuple(routes)
-
-
-ROUTES = (
+SERVICE_ROUTES = (
     Route("GET", "/", "index", OPEN, "service name, version, model names and links (a browser gets the web console)",
           "service"),
-    Route("GET", "/healthz", "alive", OPEN, "liveness", "service"),
+    Route("GET", "/healthz", "alive", OPEN, "liveness", "service", link="health"),
     Route("GET", "/readyz", "ready", OPEN, "readiness: 503 with the reason until ready", "service",
-          args=(("counts", True),)),
+          args=(("counts", True),), link="ready"),
     Route("GET", "/openapi.json", "openapi", TOKEN, "this document", "service"),
     Route("GET", "/metrics", "prometheus_metrics", TOKEN, "Prometheus metrics (text format)", "service", "text"),
-    Route("GET", "/models", "list_models", TOKEN, "every model and the state of its versions", "models"),
+    Route("GET", "/models", "list_models", TOKEN, "every model and the state of its versions", "models",
+          link="models"),
     Route("GET", "/models/{name}", "show_model", TOKEN, "one model's versions, policy and labels", "models",
           "ModelStatus"),
     Route("GET", "/models/{name}/versions/{version}", "show_version", TOKEN, "one version's state and metadata",
           "models"),
     Route("GET", "/models/{name}/labels/{label}", "show_label", TOKEN, "the version a label names", "models"),
-    Route("POST", "/predict", "predict", TOKEN, "predict with the default model", "predict", "PredictResponse",
-          "PredictRequest", args=(("codec", "seed"),)),
-    Route("GET", "/predict/{sentence}", "predict", TOKEN,
-          "predict with the default model: the seed course's route, instances as JSON or a Python literal",
-          "predict", "PredictResponse", args=(("codec", "seed"),)),
     Route("POST", "/models/{name}/reload", "reload_model", ADMIN, "load a model's versions again (admin token)",
           "admin"),
     Route("POST", "/admin/rescan", "rescan", ADMIN, "rescan the store now (admin token)", "admin"),
-    Route("GET", "/v1/models", "model_names", TOKEN, "model names (KServe V1)", "tf-serving"),
-    Route("GET", "/v2", "v2_server", TOKEN, "server metadata", "v2"),
-    Route("GET", "/v2/health/live", "v2_live", OPEN, "liveness", "v2"),
-    Route("GET", "/v2/health/ready", "ready", OPEN, "readiness", "v2"),
-    Route("GET", "/v2/models", "model_names", TOKEN, "model names", "v2"),
-    Route("POST", "/v2/repository/index", "v2_repository_index", TOKEN, "every served version and its state", "v2",
-          "array", "Optional"),
-    Route("POST", "/v2/repository/models/{name}/load", "v2_repository_action", ADMIN,
-          "load a model of the store (admin token)", "v2", body="Optional", args=(("action", "load"),)),
-    Route("POST", "/v2/repository/models/{name}/unload", "v2_repository_action", ADMIN,
-          "unload a model of the store (admin token)", "v2", body="Optional", args=(("action", "unload"),)),
-    Route("GET", "/ping", "alive", OPEN, "liveness (MLflow)", "mlflow"),
-    Route("GET", "/health", "alive", OPEN, "liveness (MLflow)", "mlflow"),
-    Route("GET", "/version", "mlflow_version", TOKEN, "the service version (MLflow)", "mlflow", "text"),
-    Route("POST", "/invocations", "predict", TOKEN, "predict with the default model (MLflow scoring)", "mlflow",
-          "Predictions", "MLflowRequest", args=(("codec", "mlflow"),)),
-) + _prediction_routes()
-
-# Paths open without an --auth-tokens token, and the admin routes' (they check their own token).
-OPEN_PATHS = frozenset(route.path for route in ROUTES if route.access == OPEN)
-ADMIN_PATHS = re.compile("|".join(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(route.path))
-                                  for route in ROUTES if route.access == ADMIN))
+)
+ROUTES = SERVICE_ROUTES + tuple(route for protocol in PROTOCOLS for route in protocol.registered_routes())
 
 access_logger = logging.getLogger("service.access")
 
 
-class ServiceApp(bottle.Bottle):
-    """The WSGI application: Bottle routing ROUTES to its methods, over one ModelRegistry.
+class ServiceApp:
+    """The WSGI application: a Bottle app routing ROUTES to their handlers, over one ModelRegistry.
+
+    `config` is the service's Config and `registry` its one handle on the models; Bottle is held,
+    not extended (`bottle`), so neither competes with Bottle's own attributes.
 
     What every answer gets (nosniff, X-Request-ID, CORS, the request metrics, the access log)
     is added at the WSGI boundary to the plain header list rather than through Bottle's
@@ -4654,17 +5861,16 @@ class ServiceApp(bottle.Bottle):
     """
 
     def __init__(self, config, registry, misconfigured=None):
-        super().__init__()
-        self.service_config, self.registry, self.metrics = config, registry, registry.metrics
+        self.config, self.registry, self.metrics, self.tracing = config, registry, registry.metrics, registry.tracing
         self.misconfigured = misconfigured      # why the MODEL_SERVICE_* settings were refused, if they were
-        self.misconfigured_logged = threading.Event()  # (Bottle refuses to set an attribute twice)
-        self.logs_shared = threading.Event()            # _share_logs ran, at the first request
-        self.config["service.config"] = config
-        self.config["service.registry"] = registry
-        self.uninstall(bottle.JSONPlugin)       # it would write NaN tokens; every body goes through dumps()
-        self.install(self._json_answers)
-        self.default_error_handler = self._bottle_error
-        self.add_hook("before_request", self._admit)
+        self._misconfigured_logged = False
+        self._logs_shared = False               # _share_logs ran, at the first request
+        self._first_request = threading.Lock()
+        self.bottle = bottle.Bottle()
+        self.bottle.uninstall(bottle.JSONPlugin)    # it would write NaN tokens; every body goes through dumps()
+        self.bottle.install(self._json_answers)
+        self.bottle.default_error_handler = self._bottle_error
+        self.bottle.add_hook("before_request", self._admit)
         self.admission = threading.BoundedSemaphore(config.max_inflight) if config.max_inflight else None
         self.time_limit = TimeLimit(config.max_predict_seconds, config.threads) if config.max_predict_seconds \
             else None
@@ -4673,21 +5879,41 @@ class ServiceApp(bottle.Bottle):
         self.predicting = UnderWay()                 # predict() calls
         self.shadow = Shadow(registry, busy=lambda: self.predicting.count > 0)
         for route in ROUTES:
-            self.route(route.rule, method=route.method, callback=self._endpoint(route))
+            self.bottle.route(route.rule, method=route.method, callback=self._endpoint(route), service_route=route)
 
     # -- the WSGI boundary ---------------------------------------------------------------
+    def __call__(self, environ, start_response):
+        return self.wsgi(environ, start_response)
+
     def wsgi(self, environ, start_response):
+        if not self.tracing.enabled:
+            return self._wsgi(environ, start_response)
+        headers = {name: environ[key] for name, key in (("traceparent", "HTTP_TRACEPARENT"),
+                                                         ("tracestate", "HTTP_TRACESTATE")) if key in environ}
+        with self.tracing.request(environ["REQUEST_METHOD"], headers, **{
+                "http.request.method": environ["REQUEST_METHOD"], "url.path": environ.get("PATH_INFO", "")}) as span:
+            environ["service.span"] = span
+            fields = _log_fields.set({**_log_fields.get(), "trace_id": f"{span.get_span_context().trace_id:032x}"})
+            try:
+                return self._wsgi(environ, start_response)
+            finally:
+                _log_fields.reset(fields)
+
+    def _wsgi(self, environ, start_response):
+        """The request itself (inside its server span when traced)."""
         started = time.perf_counter()
         path = environ.get("PATH_INFO", "")
         if path.startswith("//"):               # waitress and wsgiref merge them, gunicorn does not
             environ["PATH_INFO"] = "/" + path.lstrip("/")
-        config = self.service_config
+        config = self.config
         status_line = []
 
         def respond(status, headers, exc_info=None):
             status_line.append(status)
             headers.append(("X-Content-Type-Options", "nosniff"))
             headers.append(("X-Request-ID", _request_id(environ)))
+            if "service.span" in environ:
+                headers.append(("traceparent", traceparent(environ["service.span"])))
             if config.cors_origins:
                 origin = environ.get("HTTP_ORIGIN")
                 if origin and (config.cors_origins == ("*",) or origin in config.cors_origins):
@@ -4696,34 +5922,44 @@ class ServiceApp(bottle.Bottle):
                 headers.append(("Vary", "Origin"))      # every answer: a shared cache must not mix origins
             return start_response(status, headers, exc_info)
 
-        body = super().wsgi(environ, respond)
-        elapsed = time.perf_counter() - started
-        status = status_line[-1][:3] if status_line else "500"
+        body = self.bottle.wsgi(environ, respond)
+        self.record(environ, status_line[-1][:3] if status_line else "500", time.perf_counter() - started)
+        return body
+
+    def record(self, environ, status, elapsed):
+        """What every answered request leaves behind, whatever its protocol or transport: its server span's
+        status, the request metrics and the payload log (predictions only), the access log."""
+        if "service.span" in environ:
+            _end_server_span(environ["service.span"], int(status))
         labels = environ.get("service.labels")
         if labels is not None:
-            self.metrics.count("model_service_requests_total", labels + (("status", status),))
+            protocol = environ["service.protocol"].name
+            self.metrics.count("model_service_requests_total", labels + (("protocol", protocol), ("status", status)))
             self.metrics.observe("model_service_request_duration_seconds", labels[::2], elapsed)
             if self.payload_log is not None:
                 self.payload_log.offer(environ, status, elapsed)
-        if config.access_log and access_logger.isEnabledFor(logging.INFO):
+        if self.config.access_log and access_logger.isEnabledFor(logging.INFO):
             access_logger.info("%s %s %s %s %.2fms id=%s", environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
-                               _clip(environ.get("PATH_INFO", ""), 200), status, elapsed * 1000,
+                               _clip(logged_path(environ), 200), status, elapsed * 1000,
                                _request_id(environ), extra={"request_id": _request_id(environ)})
-        return body
 
     def _admit(self):
-        """Before routing: the checks every request passes (host, size of the target, token), then housekeeping.
+        """Before routing: the checks every request passes (host, size of the target), then housekeeping.
 
         A refusal here is answered at once; an OPTIONS request is a CORS preflight, answered here too.
         """
-        environ, config = bottle.request.environ, self.service_config
-        if not self.logs_shared.is_set():
-            self.logs_shared.set()
-            _share_logs(config)
+        environ, config = bottle.request.environ, self.config
+        if not self._logs_shared:
+            with self._first_request:
+                if not self._logs_shared:
+                    _share_logs(config)
+                    if self.tracing.problem:
+                        logger.error("traces are off: %s", self.tracing.problem)
+                    self._logs_shared = True
         try:
             if self.misconfigured:
-                if not self.misconfigured_logged.is_set():     # once: a line per request would bury it
-                    self.misconfigured_logged.set()
+                if not self._misconfigured_logged:     # once: a line per request would bury it
+                    self._misconfigured_logged = True
                     logger.error("refusing every request: an environment variable is invalid: %s", self.misconfigured)
                 raise Misconfigured(f"the service is misconfigured: {self.misconfigured}")
             if config.allowed_hosts:
@@ -4737,8 +5973,6 @@ class ServiceApp(bottle.Bottle):
             if len(path) + len(environ.get("QUERY_STRING", "")) > config.max_url_bytes:
                 raise URITooLong(f"the request target is over {config.max_url_bytes} bytes (--max-url-bytes); "
                                  "send the data in a POST body")
-            if config.auth_tokens and path not in OPEN_PATHS and not ADMIN_PATHS.fullmatch(path):
-                _require_token(environ, config.auth_tokens, "model-service")
             raw = environ.get("bottle.raw_path", "")
             if not raw.isascii():
                 try:
@@ -4749,17 +5983,27 @@ class ServiceApp(bottle.Bottle):
             raise self.refusal(error) from None
         self.registry.refresh()
 
+    def _unrouted_access(self, environ, http_error):
+        """Who may learn that no route answers a request: a path no route has is told with a token (as a model
+        route would be); a method the path's route does not take, as that row's access allows, but an admin
+        route's by anyone (the admin token guards what the route does, not that it exists)."""
+        if http_error.status_code != 405:
+            return TOKEN
+        other = {"PATH_INFO": environ["PATH_INFO"], "REQUEST_METHOD": http_error.headers["Allow"].split(",")[0]}
+        access = self.bottle.router.match(other)[0].config["service_route"].access
+        return OPEN if access == ADMIN else access
+
     def _preflight(self, environ):
         """A CORS preflight, answered before routing (a catch-all OPTIONS route would turn every unknown
         path's 404 into a 405): allowed origins learn what they may send; others are refused."""
-        config = self.service_config
+        config = self.config
         origin = environ.get("HTTP_ORIGIN")
         if origin and not (config.cors_origins == ("*",) or origin in config.cors_origins):
             raise Forbidden(f"origin {_clip(repr(origin), 80)} may not call this service (--cors-origins)")
         methods = []
         for method in ("GET", "POST"):
             try:
-                self.router.match({"PATH_INFO": environ.get("PATH_INFO", "/"), "REQUEST_METHOD": method})
+                self.bottle.router.match({"PATH_INFO": environ.get("PATH_INFO", "/"), "REQUEST_METHOD": method})
                 methods.append(method)
             except bottle.HTTPError:
                 pass
@@ -4775,39 +6019,41 @@ class ServiceApp(bottle.Bottle):
         return bottle.HTTPResponse(status=204, headers=headers)
 
     def _endpoint(self, route):
-        """The callback of one route: its access rule, its codec for refusals, then its handler; a body
-        that is not JSON, on a route that takes one, is answered with the route's example."""
-        args = dict(route.args)
-        codec = CODECS.get(args.pop("codec", None))
-        if codec is not None:
-            args["codec"] = codec
-        handler, config = functools.partial(getattr(self, route.handler), **args), self.service_config
-        admin = route.access == ADMIN
+        """The callback of one route: its access checked, its protocol noted for refusals, the URL's version
+        made a number, then its handler (the protocol's, given the app, or the app's); a body that is not
+        JSON, on a route that takes one, is answered with the route's example."""
+        protocol, args, access, config = route.protocol, dict(route.args), route.access, self.config
+        handler = functools.partial(getattr(protocol, route.handler), self, **args) if protocol is not None \
+            else functools.partial(getattr(self, route.handler), **args)
         takes_body, example = route.body is not None, BODY_EXAMPLES.get(route.body)
 
         def endpoint(**parameters):
-            if codec is not None:
-                bottle.request.environ["service.codec"] = codec
-            if admin:
-                if not config.admin_token:
-                    raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) "
-                                    "to enable it")
-                _require_token(bottle.request.environ, (config.admin_token,), "model-service admin",
-                               "this route needs the admin token: Authorization: Bearer <token>")
+            environ = bottle.request.environ
+            environ["service.route_path"] = route.path      # what logs write for a redacted path
+            if access != OPEN:
+                _check_access(environ, access, config)
+            if protocol is not None:
+                environ["service.protocol"] = protocol
+            if "service.span" in environ:
+                environ["service.span"].update_name(f"{route.method} {route.path}")
+                environ["service.span"].set_attribute("http.route", route.path)
+            if "version" in parameters:                 # the one place a version is text: the URL
+                parameters["version"] = version_number(parameters["version"], parameters["name"])
             try:
                 return handler(**parameters)
             except NotJSON as error:
                 if not takes_body:
                     raise
-                raise not_json_refusal(error, bottle.request.environ, example) from None
+                raise not_json_refusal(error, environ, example) from None
 
         return endpoint
 
     # -- the one error path ---------------------------------------------------------------
     def refusal(self, error):
         """The answer to a ServiceError: the protocol's JSON body, the error's status and headers."""
-        codec = bottle.request.environ.get("service.codec", CODECS["native"])
-        return bottle.HTTPResponse(_utf8(dumps(codec.error(error))), error.status,
+        protocol = bottle.request.environ.get("service.protocol")
+        body = error.to_dict() if protocol is None else protocol.error(error)
+        return bottle.HTTPResponse(_utf8(dumps(body)), error.status,
                                    {"Content-Type": JSON_TYPE, **error.headers})
 
     def _json_answers(self, callback):
@@ -4823,8 +6069,9 @@ class ServiceApp(bottle.Bottle):
             except ServiceError as error:
                 return self.refusal(error)
             except Exception:
-                return self.refusal(_internal_error(f"on {bottle.request.method} {bottle.request.path}",
-                                                    traceback.format_exc()))
+                environ = bottle.request.environ
+                return self.refusal(_internal_error(f"on {environ['REQUEST_METHOD']} {logged_path(environ)}",
+                                                    logged_traceback(environ)))
             bottle.response.content_type = JSON_TYPE
             return body
 
@@ -4833,6 +6080,11 @@ class ServiceApp(bottle.Bottle):
     def _bottle_error(self, http_error):
         """Bottle's own errors (no route, wrong method, a fault outside a route) as ServiceErrors."""
         status, request = http_error.status_code, bottle.request
+        if status in (404, 405):
+            try:
+                _check_access(request.environ, self._unrouted_access(request.environ, http_error), self.config)
+            except ServiceError as refused:
+                return self._answer_error(refused)
         if status == 404:
             error = NotFound(f"no route for {request.method} {_clip(request.path, 200)}")
         elif status == 405:
@@ -4843,45 +6095,69 @@ class ServiceApp(bottle.Bottle):
             error = _internal_error("outside a route", http_error.traceback or http_error.body)
         else:
             error = error_for_status(status)(str(http_error.body))
+        return self._answer_error(error)
+
+    def _answer_error(self, error):
+        """A refusal as Bottle's error handler returns it: applied to its response, the body returned."""
         answer = self.refusal(error)
         answer.apply(bottle.response)
         return answer.body
 
     # -- the predict core -------------------------------------------------------------------
-    def predict(self, codec, name=None, version=None, label=None, **route):
-        """Every protocol's prediction: resolve → read → admit → load → decode → run → encode.
+    def predict(self, protocol, name=None, version=None, label=None, **route):
+        """Every protocol's prediction over HTTP: resolve → read → admit → load → decode → run → encode.
 
         The request is labelled for the metrics only with what exists: the model and version
-        once resolved (UNRESOLVED before), the methods once the model has them."""
+        once resolved (UNRESOLVED before), the methods once the model has them.  It is counted
+        in `predicting` (the shadow rests while that is not 0)."""
         request = bottle.request
-        request.environ["service.labels"] = UNRESOLVED_LABELS
-        with self.predicting:
-            return self._predict(request, codec, name, version, label, route)
+        model, asked, results = self.predicted(protocol, lambda: protocol.read(request, self.config, **route),
+                                               request.environ, name, version, label)
+        with self.tracing.span("encode") if self.tracing.enabled else _NO_SPAN:
+            return protocol.encode(model, asked, results)
 
-    def _predict(self, request, codec, name, version, label, route):
-        """predict(), counted in `predicting` (the shadow rests while it is not 0)."""
-        registry, config, environ = self.registry, self.service_config, request.environ
-        if name is None:
-            name = registry.default_model_name()
-        asked = codec.read(request, config, **route)
+    def predicted(self, protocol, read, environ, name, version, label):
+        """(model, request record, {method: outputs}) of a prediction whose record `read()` gives, over any
+        transport: counted in `predicting` (the shadow rests while that is not 0), labelled for the metrics
+        as unresolved until answer() knows more."""
+        environ["service.labels"] = UNRESOLVED_LABELS
+        with self.predicting:
+            if name is None:
+                name = self.registry.default_model_name()
+            mark_redacting(environ, self.registry.settings_for(name).redact)
+            with self.tracing.span("read") if self.tracing.enabled else _NO_SPAN:
+                asked = read()
+            model, results = self.answer(protocol, asked, environ, name, version, label)
+        return model, asked, results
+
+    def answer(self, protocol, asked, environ, name, version, label):
+        """(model, {method: outputs}) for a request record `asked`: admit → resolve → load → decode → run.
+
+        `environ` is the request's WSGI environ; a protocol that is not HTTP passes a dict of its
+        own, where the metrics' labels, the payload log's record and the request id are noted."""
+        registry, config = self.registry, self.config
         held = []                                   # what the prediction holds, released when it is over
         fields = None
         try:
             if self.admission is not None:
                 if not self.admission.acquire(blocking=False):
-                    raise ModelUnavailable(f"overloaded: {config.max_inflight} predictions are already being "
+                    raise Overloaded(f"overloaded: {config.max_inflight} predictions are already being "
                                            "answered (--max-inflight); try again", retry_after=1)
                 held.append(self.admission.release)
-            routing_key = _routing_key(environ, codec, asked)
+            routing_key = protocol.routing_key(environ, asked)
             slot = registry.slot(name, version, label, routing_key)
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
-            fields = _log_fields.set({"request_id": _request_id(environ), "model": name,
+            fields = _log_fields.set({**_log_fields.get(), "request_id": _request_id(environ), "model": name,
                                       "version": slot.ref.version})          # for the lines logged meanwhile
             model = registry.acquire(name, version, label, slot, routing_key, wait=config.max_predict_seconds or None)
             held.append(functools.partial(registry.release, model))
-            methods, inputs = codec.inputs(model, asked, config)
-            environ["service.labels"] = (("model", name), ("version", model.version),
-                                         ("method", ",".join(sorted(methods))))
+            with self.tracing.span("decode") if self.tracing.enabled else _NO_SPAN:
+                methods, inputs = protocol.inputs(model, asked, config)
+            environ["service.labels"] = model.labels + (("method", ",".join(sorted(methods))),)
+            if "service.span" in environ:
+                environ["service.span"].set_attributes({"model": name, "version": str(model.version),
+                                                        "protocol": protocol.name, "method": ",".join(methods),
+                                                        "rows": _row_count(inputs)})
 
             def compute():
                 return {method: model.predict(method, inputs) for method in methods}
@@ -4894,7 +6170,7 @@ class ServiceApp(bottle.Bottle):
                 release()
             if fields is not None:
                 _log_fields.reset(fields)
-        return codec.encode(model, asked, results)
+        return model, results
 
     # -- service ------------------------------------------------------------------------------
     def index(self):
@@ -4903,10 +6179,7 @@ class ServiceApp(bottle.Bottle):
                                                              "Content-Security-Policy": CONSOLE_CSP})
         return {"name": SERVICE_NAME, "version": __version__, "status": "alive",
                 "models": self.registry.names(),
-                "links": {"models": "/models", "health": "/healthz", "ready": "/readyz",
-                          "predict": "/models/{name}/predict",
-                          "predict_version": "/models/{name}/versions/{version}/predict",
-                          "predict_label": "/models/{name}/labels/{label}/predict"}}
+                "links": {route.link: route.path for route in ROUTES if route.link}}
 
     def alive(self):
         return {"status": "alive"}
@@ -4940,7 +6213,7 @@ class ServiceApp(bottle.Bottle):
 
     def show_version(self, name, version):
         for info in self.registry.describe(name)["versions"]:
-            if info["version"] == version:
+            if info["version"] == str(version):
                 return {"name": name, **info}
         self.registry.slot(name, version)         # the 400 or 404 that explains why
         raise NotFound(f"model {name!r} has no version {version}", model=name)
@@ -4948,11 +6221,6 @@ class ServiceApp(bottle.Bottle):
     def show_label(self, name, label):
         return {"name": name, "label": label, "version": str(self.registry.slot(name, label=label).ref.version)}
 
-    def _loaded(self, name, version=None, label=None):
-        """The model that answers for a route, loaded if need be (its metadata needs the estimator)."""
-        model = self.registry.acquire(name, version, label)
-        self.registry.release(model)
-        return model
 
     # -- administration: only what is already in the store ----------------------------------
     def reload_model(self, name):
@@ -4962,81 +6230,33 @@ class ServiceApp(bottle.Bottle):
     def rescan(self):
         return {"models": self.registry.rescan()}
 
-    # -- TensorFlow Serving REST and KServe V1 ------------------------------------------------
-    def v1_status(self, name, version=None, label=None):
-        """TF's model_version_status merged with KServe V1's {"name", "ready"}; 503 when nothing can serve."""
-        entry = self.registry.entry(name)
-        slots = ([self.registry.slot(name, version, label)] if version or label else
-                 [entry.versions[number] for number in entry.served])
-        ready = any(slot.state != FAILED for slot in slots)
-        status = {"name": name, "ready": ready, "model_version_status": [tf_version_status(s) for s in slots]}
-        if not ready:
-            raise ModelUnavailable(f"model {name!r} has no version that can serve", **status)
-        return status
 
-    def v1_metadata(self, name, version=None, label=None):
-        model = self._loaded(name, version, label)
-        return {"model_spec": {"name": name, "signature_name": "", "version": model.version},
-                "metadata": {"signature_def": {"signature_def": tf_signatures(model)}}}
-
-    # -- Open Inference Protocol (V2) -----------------------------------------------------------
-    def v2_server(self):
-        return {"name": SERVICE_NAME, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
-
-    def v2_live(self):
-        return {"live": True}
-
-    def v2_model_ready(self, name, version=None):
-        slot = self.registry.slot(name, version)
-        if slot.state == FAILED:
-            raise ModelUnavailable(f"model {name!r} version {slot.ref.version} failed to load: {slot.error}",
-                                   name=name, ready=False)
-        return {"name": name, "ready": True}
-
-    def v2_model_metadata(self, name, version=None):
-        model = self._loaded(name, version)
-        return v2_metadata(model, self.registry.entry(name).served_versions())
-
-    def v2_repository_index(self):
-        asked = json_body(bottle.request.environ, self.service_config, required=False)
-        only_ready = isinstance(asked, dict) and asked.get("ready") is True
-        index = []
-        for info in self.registry.describe_all():
-            for version in info["versions"]:
-                state = V2_REPOSITORY_STATES[version["state"]]
-                if version["served"] and (not only_ready or state == "READY"):
-                    index.append({"name": info["name"], "version": version["version"], "state": state,
-                                  "reason": _clip(version["last_error"] or "", 300)})
-        return index
-
-    def v2_repository_action(self, name, action):
-        asked = json_body(bottle.request.environ, self.service_config, required=False)
-        parameters = asked.get("parameters") if isinstance(asked, dict) else None
-        if parameters and any(key == "config" or key.startswith("file:") for key in parameters):
-            raise BadRequest("models are loaded only from the model store: \"config\" and \"file:\" parameters "
-                             "are refused")
-        if action == "load":
-            self.registry.reload(name)
-            for number in self.registry.entry(name).served:
-                self.registry.get(name, str(number))
-        else:
-            self.registry.unload(name)
-        return {}
-
-    # -- MLflow scoring ---------------------------------------------------------------------------
-    def mlflow_version(self):
-        return bottle.HTTPResponse(__version__, headers={"Content-Type": "text/plain; charset=utf-8"})
+def _check_access(environ, access, config):
+    """The one access check, of a request's row of ROUTES (its endpoint's, or its path's when no route
+    answers it): OPEN for anyone; TOKEN needs one of --auth-tokens when it is set; ADMIN is off without
+    --admin-token and needs it."""
+    if access == ADMIN:
+        if not config.admin_token:
+            raise Forbidden(f"administration is off: set {ENV_PREFIX}ADMIN_TOKEN (or --admin-token) to enable it")
+        _require_token(environ, (config.admin_token,), "model-service admin",
+                       "this route needs the admin token: Authorization: Bearer <token>")
+    elif access == TOKEN and config.auth_tokens:
+        _require_token(environ, config.auth_tokens, "model-service")
 
 
-def _routing_key(environ, codec, asked):
-    """A request's routing key for sticky traffic splits: the X-Routing-Key header, or in a V2 request
-    "parameters": {"routing_key": "..."} (the one protocol whose requests carry parameters); None if empty."""
-    key = environ.get("HTTP_X_ROUTING_KEY")
-    if key is None and codec is CODECS["v2"]:
-        key = (asked[-1].get("parameters") or {}).get("routing_key")
-        if key is not None and not isinstance(key, str):
-            raise BadRequest('"parameters": {"routing_key"} must be a string')
-    return key or None
+def _row_count(inputs):
+    """How many rows an estimator's input holds (a matrix, a DataFrame, a list of texts), for a span."""
+    shape = getattr(inputs, "shape", None)
+    return int(shape[0]) if shape else len(inputs) if isinstance(inputs, list) else 1
+
+
+def _end_server_span(span, status):
+    """The answer's status on its server span; a fault of the service's own (5xx) marks the span an error."""
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR))
 
 
 def _require_token(environ, tokens, realm, message="this route needs a valid token: Authorization: Bearer <token>"):
@@ -5082,10 +6302,6 @@ def create_app(store=None, config=None, registry=None, **options):
 # GET /openapi.json: every route, request, response and error, for client generators and
 # API explorers; models whose feature names are known get their own row schema.
 
-def _schema_ref(name):
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
 def _json_body(schema, required=True, example=None):
     media = {"schema": schema} if example is None else {"schema": schema, "example": example}
     return {"required": required, "content": {JSON_TYPE: media}}
@@ -5111,11 +6327,11 @@ def _operation(route, answer, body=None, parameters=(), query=()):
 
 _PATH_PARAMETERS = {
     "name": {"name": "name", "in": "path", "required": True, "description": "model name",
-             "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}},
+             "schema": {"type": "string", "pattern": f"^{MODEL_NAME.pattern}$"}},
     "version": {"name": "version", "in": "path", "required": True, "description": "version number",
-                "schema": {"type": "string", "pattern": r"^[1-9][0-9]{0,17}$"}},
+                "schema": {"type": "string", "pattern": f"^{VERSION.pattern}$"}},
     "label": {"name": "label", "in": "path", "required": True, "description": "version label",
-              "schema": {"type": "string", "pattern": r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"}},
+              "schema": {"type": "string", "pattern": f"^{LABEL.pattern}$"}},
     "sentence": {"name": "sentence", "in": "path", "required": True, "schema": {"type": "string"},
                  "description": "the instances, as JSON or a Python literal"},
 }
@@ -5124,71 +6340,21 @@ _QUERY_PARAMETERS = {
                   "description": "a JSON list of instances"},
 }
 
-_ANY = {}
-_OBJECT = {"type": "object", "additionalProperties": True}
-_CELL = {"oneOf": [{"type": "number"}, {"type": "string"}, {"type": "boolean"}, {"type": "null"}]}
-_ROWS = {"type": "array", "minItems": 1, "items": _ANY}
-
 OPENAPI_SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "additionalProperties": True,
               "properties": {"error": {"type": "string"}, "code": {"type": "string"},
                              "model": {"type": "string"}, "error_code": {"type": "string"},
                              "message": {"type": "string"}}},
-    "PredictRequest": {"oneOf": [
-        {"type": "object", "required": ["instances"], "properties": {
-            "instances": _ROWS, "method": {"type": "string"}}},
-        {"type": "object", "required": ["inputs"], "properties": {
-            "inputs": {"oneOf": [_ROWS, {"type": "object"}]}, "method": {"type": "string"}}},
-        _ROWS]},
-    "PredictResponse": {"type": "object", "required": ["model", "version", "method", "predictions"],
-                        "properties": {"model": {"type": "string"}, "version": {"type": "string"},
-                                       "method": {"type": "string"}, "predictions": {"type": "array"},
-                                       "classes": {"type": "array"}}},
     "ModelStatus": {"type": "object", "required": ["name", "versions"], "additionalProperties": True,
                     "properties": {"name": {"type": "string"}, "latest_version": {"type": ["string", "null"]},
                                    "versions": {"type": "array", "items": _OBJECT}}},
-    "TFPredictRequest": {"type": "object", "properties": {
-        "signature_name": {"type": "string"}, "instances": _ROWS,
-        "inputs": {"oneOf": [_ROWS, {"type": "object"}]}}},
-    "TFPredictResponse": {"type": "object", "properties": {"predictions": {"type": "array"}, "outputs": _ANY}},
-    "TFExamples": {"type": "object", "required": ["examples"], "properties": {
-        "context": {"type": "object"}, "examples": {"type": "array", "items": {"type": "object"}}}},
-    "TFResults": {"type": "object", "required": ["results"], "properties": {"results": {"type": "array"}}},
-    "TFStatus": {"type": "object", "required": ["name", "ready", "model_version_status"],
-                 "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"},
-                                "model_version_status": {"type": "array", "items": _OBJECT}}},
-    "V2Tensor": {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
-        "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
-        "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
-                                                "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]},
-        "parameters": {"type": "object"}, "data": {"type": "array"}}},
-    "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
-        "id": {"type": "string"}, "parameters": {"type": "object"},
-        "inputs": {"type": "array", "items": _schema_ref("V2Tensor")},
-        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
-                                               "properties": {"name": {"type": "string"},
-                                                              "parameters": {"type": "object"}}}}}},
-    "V2InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
-        "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
-        "outputs": {"type": "array", "items": _schema_ref("V2Tensor")}}},
-    "V2Metadata": {"type": "object", "required": ["name", "inputs", "outputs"], "properties": {
-        "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
-        "platform": {"type": "string"}, "inputs": {"type": "array", "items": _OBJECT},
-        "outputs": {"type": "array", "items": _OBJECT}}},
-    "MLflowRequest": {"type": "object", "properties": {
-        "dataframe_split": {"type": "object", "properties": {"columns": {"type": "array"},
-                                                             "data": {"type": "array"}}},
-        "dataframe_records": {"type": "array", "items": {"type": "object"}},
-        "instances": _ROWS, "inputs": _ANY, "params": {"type": "object"}}},
-    "Predictions": {"type": "object", "required": ["predictions"], "properties": {"predictions": {"type": "array"}}},
+    **{name: schema for protocol in PROTOCOLS for name, schema in protocol.schemas.items()},
 }
 
 
-OPENAPI_BODIES = {   # Route.body: what each request body may be
+OPENAPI_BODIES = {   # Route.body: what each request body may be, where it is not one JSON schema
     "Optional": {"required": False, "content": {JSON_TYPE: {"schema": _OBJECT}}},
-    "MLflowRequest": {"required": True, "content": {
-        JSON_TYPE: {"schema": _schema_ref("MLflowRequest"), "example": BODY_EXAMPLES["MLflowRequest"]},
-        "text/csv": {"schema": {"type": "string"}}}},
+    **{name: body for protocol in PROTOCOLS for name, body in protocol.bodies.items()},
 }
 
 
@@ -5204,18 +6370,18 @@ def openapi_document(registry):
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, answer, body, parameters,
                                                                             route.query)
     schemas = dict(OPENAPI_SCHEMAS)
-    native = {route.method: route for route in ROUTES if route.path == "/models/{name}/predict"}
     for name, features in registry.known_features().items():
         schemas[f"{name}.row"] = {"type": "object", "required": features, "additionalProperties": False,
                                   "properties": {feature: {"type": ["number", "null"]} for feature in features}}
         rows = {"type": "object", "required": ["instances"], "properties": {
             "instances": {"type": "array", "minItems": 1, "items": _schema_ref(f"{name}.row")},
             "method": {"type": "string"}}}
-        paths[f"/models/{name}/predict"] = {
-            "get": _operation(native["GET"], _schema_ref("PredictResponse"), query=native["GET"].query),
-            "post": _operation(dataclasses.replace(native["POST"], summary=f"predict with {name}: rows keyed by "
-                                                                            "its feature names"),
-                               _schema_ref("PredictResponse"), _json_body(rows))}
+        for route in ROUTES:
+            if route.per_model:
+                own = dataclasses.replace(route, summary=f"predict with {name}: rows keyed by its feature names") \
+                    if route.body else route
+                paths.setdefault(route.path.replace("{name}", name), {})[route.method.lower()] = _operation(
+                    own, _schema_ref(route.answer), _json_body(rows) if route.body else None, query=route.query)
     return {"openapi": "3.1.0",
             "info": {"title": SERVICE_NAME, "version": __version__,
                      "description": "scikit-learn models over HTTP: a native JSON API, TF Serving REST, KServe "
@@ -5229,18 +6395,48 @@ def openapi_document(registry):
 
 
 def serve(app, config):
-    """Run a server until SIGTERM or SIGINT: waitress (tuned, and drained on exit) or any Bottle adapter."""
+    """Run a server until SIGTERM or SIGINT: waitress (tuned, and drained on exit) or any Bottle adapter.
+
+    Whichever it was, SIGTERM's and SIGINT's handlers are the caller's again when it returns."""
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the service is reachable from other machines", config.host)
-    if config.workers > 1:
-        _serve_workers(app, config)
-        return
-    if config.server != "waitress":
-        # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
-        bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
-        return
+    with _signal_handlers_kept():
+        if config.workers > 1:
+            _serve_workers(app, config)         # each worker serves gRPC too, once forked
+            return
+        grpc_server = start_grpc_server(app, config) if config.grpc_port is not None else None
+        drained = []                            # the gRPC server's drain: an Event set once it has stopped
+        try:
+            if config.server == "waitress":
+                _serve_waitress(app, config, grpc_server, drained)
+            else:
+                # gunicorn and the like handle signals themselves; for the rest, SIGTERM stops like Ctrl-C
+                if threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGTERM, signal.default_int_handler)
+                bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=True)
+        finally:
+            if grpc_server is not None:
+                (drained or [grpc_server.stop(config.shutdown_timeout)])[0].wait(config.shutdown_timeout)
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """Give SIGTERM and SIGINT back the handlers they had (only the main thread may set them, and has)."""
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            if handler is not None:             # None: set outside Python, nothing to give back
+                signal.signal(number, handler)
+
+
+def _serve_waitress(app, config, grpc_server=None, drained=None):
+    """waitress, tuned, until SIGTERM or SIGINT; then requests in flight finish within --shutdown-timeout.
+
+    The gRPC server beside it, if any, stops taking calls at the same signal; its drain (the Event its
+    stop() returns) goes into `drained`, for serve() to wait on."""
     import waitress
     from waitress.channel import HTTPChannel
     from waitress.server import BaseWSGIServer
@@ -5248,12 +6444,14 @@ def serve(app, config):
 
     # waitress refuses bodies far over our limit itself (as plain text); below that the
     # service's own check answers 413 in JSON.
-    # Slow clients: a connection idle for channel_timeout is closed, and past connection_limit open
-    # connections waitress stops accepting until some close, so trickling clients cannot exhaust it.
+    # Slow clients: a connection idle for channel_timeout is closed (looked for every cleanup_interval
+    # seconds), and past connection_limit open connections waitress stops accepting until some close,
+    # so trickling clients cannot exhaust it.
     server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
                                     max_request_body_size=2 * config.max_body_bytes, ident=SERVICE_NAME,
                                     expose_tracebacks=False, clear_untrusted_proxy_headers=True,
-                                    channel_timeout=30, connection_limit=256, cleanup_interval=10,
+                                    channel_timeout=config.connection_timeout, connection_limit=256,
+                                    cleanup_interval=min(10, config.connection_timeout),
                                     max_request_header_size=config.max_url_bytes + 65536)
     sockets = server.map if hasattr(server, "map") else server._map
     # waitress warns "Task queue depth is N" for every request that waits for a thread: under load a
@@ -5270,7 +6468,9 @@ def serve(app, config):
         if deadline:
             raise SystemExit(0)            # a second signal: stop now
         deadline.append(time.monotonic() + config.shutdown_timeout)
-        app.config["service.registry"].draining = True
+        app.registry.draining = True
+        if grpc_server is not None:
+            drained.append(grpc_server.stop(config.shutdown_timeout))
         logger.info("%s: finishing requests in flight (at most %g s)", signal.Signals(signum).name,
                     config.shutdown_timeout)
 
@@ -5279,8 +6479,9 @@ def serve(app, config):
         return [c for c in list(sockets.values())
                 if isinstance(c, HTTPChannel) and (c.request is not None or c.requests or c.total_outbufs_len)]
 
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)} \
-        if threading.current_thread() is threading.main_thread() else {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, stop)
     try:
         while not deadline or (busy() and time.monotonic() < deadline[0]):
             if deadline:
@@ -5296,8 +6497,6 @@ def serve(app, config):
     except SystemExit:
         logger.info("stopped at once")
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
         server.task_dispatcher.shutdown(timeout=1)
         close_all(sockets)
 
@@ -5319,7 +6518,7 @@ def _serve_workers(app, config):
     except ImportError:
         raise ImportError("--workers needs gunicorn: pip install gunicorn") from None
     metrics_hooks = _metrics_across_workers()      # before anything counts: the workers' shared folder
-    registry = app.config["service.registry"]
+    registry = app.registry
 
     class Logs(Logger):
         """gunicorn's own lines in the service's --log-format (its access log stays off: --access-log is ours)."""
@@ -5344,11 +6543,86 @@ def _serve_workers(app, config):
                     self.cfg.set(key, value)
 
         def load(self):
-            """In each worker, after the fork: start its watcher and load what the parent could not."""
+            """In each worker, after the fork: start its watcher, load what the parent could not, count the
+            models it holds from the start (else its gauges were written at its first request), and serve gRPC
+            on the shared --grpc-port (SO_REUSEPORT), drained from SIGTERM on like the worker's HTTP."""
             registry.refresh()
+            registry.residency.announce()
+            if config.grpc_port is not None:
+                grpc_server, terminate = start_grpc_server(app, config), signal.getsignal(signal.SIGTERM)
+
+                def stop(signum, frame):
+                    grpc_server.stop(config.shutdown_timeout)
+                    terminate(signum, frame)
+                signal.signal(signal.SIGTERM, stop)
+                atexit.register(lambda: grpc_server.stop(config.shutdown_timeout).wait(config.shutdown_timeout))
             return app
 
     Workers().run()
+
+
+def start_grpc_server(app, config):
+    """The Open Inference Protocol over gRPC on --grpc-port (bound to --host, as HTTP), started: each RPC of
+    GRPC_PROTO answered by the GRPC protocol's handler through the app (grpc_call).  Messages over
+    --max-body-bytes are refused by gRPC itself (RESOURCE_EXHAUSTED); --threads threads answer calls.
+    Under --workers every worker binds the same port (SO_REUSEPORT) and the kernel spreads connections."""
+    import grpc
+
+    classes, methods = grpc_messages()
+    handlers = {rpc: grpc.unary_unary_rpc_method_handler(
+                    functools.partial(grpc_call, app, rpc, classes[response]),
+                    request_deserializer=classes[request].FromString,
+                    response_serializer=classes[response].SerializeToString)
+                for rpc, (request, response) in methods.items()}
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(config.threads, thread_name_prefix="grpc"),
+                         handlers=[grpc.method_handlers_generic_handler(GRPC_SERVICE, handlers)],
+                         options=[("grpc.so_reuseport", int(config.workers > 1)),
+                                  ("grpc.max_receive_message_length", config.max_body_bytes),
+                                  ("grpc.max_send_message_length", -1)])
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    port = server.add_insecure_port(f"{host}:{config.grpc_port}")
+    server.start()
+    logger.info("Serving V2 over gRPC on %s:%d", host, port)
+    return server
+
+
+def grpc_call(app, rpc, response_class, request, context):
+    """One gRPC call, as ServiceApp answers an HTTP request: a server span (the caller's traceparent), the
+    service's checks and the RPC's access (its token from the `authorization` metadata), its handler, then
+    the records every request leaves; a refusal is the gRPC status of its HTTP one (grpc_status), with its
+    message; the request id and traceparent go back as initial metadata."""
+    import grpc
+
+    started, metadata = time.perf_counter(), dict(context.invocation_metadata())
+    environ = GrpcCall(rpc, metadata, context.peer()).environ(GRPC)
+    handler, access = GRPC.RPCS[rpc]
+    traced = app.tracing.request(rpc, metadata, **{"rpc.system": "grpc", "rpc.service": GRPC_SERVICE,
+                                                   "rpc.method": rpc}) if app.tracing.enabled else _NO_SPAN
+    with traced as span:
+        if span is not None:
+            environ["service.span"] = span
+        context.send_initial_metadata([("x-request-id", _request_id(environ))] +
+                                      ([("traceparent", traceparent(span))] if span is not None else []))
+        refusal = answer = None
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise PredictionTimeout("the call's deadline passed before it could be answered")
+            if app.misconfigured:
+                raise Misconfigured(f"the service is misconfigured: {app.misconfigured}")
+            _check_access(environ, access, app.config)
+            app.registry.refresh()
+            answer = getattr(GRPC, handler)(app, request, response_class(), environ)
+        except ServiceError as error:
+            refusal = error
+        except Exception:
+            refusal = _internal_error(f"on gRPC {rpc}", logged_traceback(environ))
+        app.record(environ, str(refusal.status if refusal else 200), time.perf_counter() - started)
+    if refusal is not None:
+        error_id = refusal.fields.get("error_id")
+        context.abort(getattr(grpc.StatusCode, grpc_status(refusal)),
+                      refusal.message + (f" (error_id {error_id})" if error_id else ""))
+    return answer
 
 
 def _metrics_across_workers():
@@ -5359,9 +6633,6 @@ def _metrics_across_workers():
     variable then), and removed when the parent exits.  A folder the environment already names is not
     used: counts left there by an earlier run would be added to this one's.
     """
-    import shutil
-    import tempfile
-
     folder = os.environ[MULTIPROCESS_DIR] = tempfile.mkdtemp(prefix="model-service-metrics-")
     parent = os.getpid()
     atexit.register(lambda: os.getpid() == parent and shutil.rmtree(folder, ignore_errors=True))  # not workers'
@@ -5382,45 +6653,92 @@ def _metrics_across_workers():
 # payload log recorded again, in-process, on one version of the store, and report how the answers
 # compare: the check before promoting a version, runnable in CI with --fail-under.
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
+REPLAY_LINE_BYTES = 64 * 1024 * 1024    # a line longer than a payload file's size is none the service wrote
+REPLAY_RAN, REPLAY_BELOW, REPLAY_FAILED = 0, 1, 2    # its exit codes: ran / under --fail-under / could not run
+
+
 def _payload_lines(paths, report):
-    """(line number, record) of every readable line of the logs; a folder stands for its payload files."""
+    """(where, record) of every line of the logs that holds a JSON object; a folder stands for its payload
+    files.  Other lines are counted in report.bad, by why."""
     for path in paths:
         files = sorted(os.path.join(path, entry) for entry in os.listdir(path)
                        if PayloadLog.FILE_NAME.fullmatch(entry)) if os.path.isdir(path) else [path]
         for file in files:
+            if not os.path.isfile(file):
+                raise OSError(f"{file}: not a file")        # a FIFO or a device would block, or never end
             with open(file, "rb") as handle:
-                for number, line in enumerate(handle, start=1):
+                for number, line in _numbered_lines(handle):
+                    where = f"{file}:{number}"
                     try:
-                        record = parse_json(line, max_depth=64, what=f"{file}:{number}")
-                    except ServiceError:
-                        record = None
-                    if not isinstance(record, dict):
-                        report.skipped["unreadable line(s)"] += 1
+                        if line is None:
+                            raise BadRequest(f"the line is longer than {REPLAY_LINE_BYTES} bytes")
+                        record = parse_json(line, max_depth=64, what="the line")
+                        if not isinstance(record, dict):
+                            raise BadRequest("the line is no JSON object")
+                    except ServiceError as error:
+                        report.bad_line(where, error.message)
                         continue
-                    yield record
+                    yield where, record
+
+
+def _numbered_lines(handle):
+    """(number, line) of a binary file; None for a line over REPLAY_LINE_BYTES, which is skipped unread."""
+    number = 0
+    while True:
+        line = handle.readline(REPLAY_LINE_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > REPLAY_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = handle.readline(1 << 20)
+            line = None
+        yield number, line
+
+
+def _logged_request(record, name):
+    """Why a record is not replayed (a reason for report.skipped), None if it is; BadRequest for a record
+    that is no payload log's (a field of the wrong type)."""
+    if record.get("model") != name:
+        return "for other models"
+    if record.get("status") != 200:
+        return "not answered 200"
+    inputs, outputs = record.get("inputs"), record.get("outputs")
+    if inputs is None or record.get("redacted"):
+        return "without (complete) inputs"
+    if not isinstance(inputs, (list, dict)):
+        raise BadRequest('"inputs" is no list of rows (nor an object of columns)')
+    if not isinstance(outputs, dict) or not outputs or not all(isinstance(v, list) for v in outputs.values()):
+        raise BadRequest('"outputs" does not map the methods called to their outputs')
+    if not isinstance(record.get("request_id", ""), str):
+        raise BadRequest('"request_id" is no string')
+    return None
 
 
 def replay(registry, name, paths, version=None, label=None):
     """Replay the logged requests of model `name` on one of its versions; (report, version replayed on)."""
     if version is None and label is None:
         served = registry.entry(name).served
-        version = str(served[0]) if served else None     # the highest served: never the split's random pick
-    model = registry.acquire(name, version, label)
+        version = served[0] if served else None          # the highest served: never the split's random pick
     report = Agreement()
-    try:
-        for record in _payload_lines(paths, report):
-            logged = record.get("outputs")
-            if record.get("model") != name:
-                report.skipped["for other models"] += 1
-            elif record.get("status") != 200:
-                report.skipped["not answered 200"] += 1
-            elif record.get("inputs") is None or record.get("redacted") or not isinstance(logged, dict) \
-                    or not logged:
-                report.skipped["without (complete) inputs"] += 1
+    with registry.using(name, version, label) as model:
+        for where, record in _payload_lines(paths, report):
+            try:
+                skipped = _logged_request(record, name)
+            except BadRequest as error:
+                report.bad_line(where, error.message)
+                continue
+            if skipped:
+                report.skipped[skipped] += 1
             else:
                 _replay_request(model, registry.config, record, report)
-    finally:
-        registry.release(model)
     return report, model.version
 
 
@@ -5438,46 +6756,593 @@ def _replay_request(model, config, record, report):
 
 
 def replay_command(argv):
-    """`model-service replay LOG... --model NAME [--version V | --label L]`; returns the exit code."""
-    parser = argparse.ArgumentParser(
+    """`model-service replay LOG... --model NAME [--version V | --label L]`; returns the exit code: REPLAY_RAN
+    once it has run (whatever it found, bad lines included), REPLAY_BELOW under --fail-under, REPLAY_FAILED
+    when it could not run.  Whatever the logs hold, it ends in a report or one line, never a traceback."""
+    parser = _OneLineErrors(
         prog="model-service replay",
         description="Score the requests of payload logs (--payload-log) again on one version of a model, "
-                    "in-process, and report how its predictions compare with the logged ones.")
+                    "in-process, and report how its predictions compare with the logged ones.",
+        epilog=f"Exit status: {REPLAY_RAN} once it has run, whatever it found (lines that are no logged request "
+               f"are counted and the first few shown); {REPLAY_BELOW} with --fail-under when the share of "
+               f"identical predictions is below it; {REPLAY_FAILED} when it could not run (a bad option, no such "
+               "model, version or label, a log that cannot be read).")
     parser.add_argument("logs", metavar="LOG", nargs="+", help="payload log file, or a folder of them")
     parser.add_argument("--model", required=True, metavar="NAME", help="the model whose requests are replayed")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--version", metavar="V", help="version to replay on (default: the highest served)")
     which.add_argument("--label", metavar="L", help="label naming the version to replay on")
     parser.add_argument("--store", metavar="DIR", help=f"model store (env {ENV_PREFIX}STORE; default: model_store)")
-    parser.add_argument("--fail-under", metavar="FRACTION", type=_fraction,
-                        help="exit 1 when the share of identical predictions is below FRACTION (for CI)")
+    parser.add_argument("--fail-under", metavar="FRACTION",
+                        help=f"exit {REPLAY_BELOW} when the share of identical predictions is below FRACTION (for CI)")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     try:
+        fail_under = arguments.fail_under
+        try:
+            fail_under = fail_under if fail_under is None else _fraction(fail_under)
+        except ValueError as error:
+            raise ValueError(f"--fail-under: {error}") from None
         config = dataclasses.replace(Config.load({"store": arguments.store}), poll_interval=0.0)
         registry = ModelRegistry(config, watch=False)
         registry.refresh()
-        report, version = replay(registry, arguments.model, arguments.logs, arguments.version, arguments.label)
+        version = None if arguments.version is None else version_number(arguments.version, arguments.model)
+        report, version = replay(registry, arguments.model, arguments.logs, version, arguments.label)
     except (ServiceError, OSError, ValueError) as error:
         print(f"model-service replay: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
-        return 2
+        return REPLAY_FAILED
+    except Exception as error:  # a fault of the service's own: still one line, and "could not run"
+        print(f"model-service replay: error: unexpected {type(error).__name__}: {_clip(str(error))}", file=sys.stderr)
+        return REPLAY_FAILED
     print("\n".join(report.lines(arguments.model, version)))
-    if arguments.fail_under is not None and report.share() < arguments.fail_under:
-        print(f"identical share {report.share():.1%} is below --fail-under {arguments.fail_under:g}", file=sys.stderr)
-        return 1
+    if fail_under is not None and report.share() < fail_under:
+        print(f"identical share {report.share():.1%} is below --fail-under {fail_under:g}", file=sys.stderr)
+        return REPLAY_BELOW
+    return REPLAY_RAN
+
+
+###############################################################################
+# Drift #######################################################################
+###############################################################################
+# `python service.py drift LOG... --model NAME`: how the rows a model was asked about (its payload
+# log, read as replay reads it) compare with the rows it was trained on, feature by feature, and how
+# its logged predictions compare with its predictions on those rows.  Numeric features get the
+# two-sample Kolmogorov-Smirnov test and the Wasserstein distance, categorical ones (text values)
+# the chi-squared test of the two samples' counts and the Jensen-Shannon distance; both the
+# population stability index (PSI) over the reference's deciles or categories.  A feature drifts
+# when its p-value is below --p-value divided by the number of tests (Bonferroni, the correction
+# alibi-detect's TabularDrift applies by default).  Missing values (null, NaN, redacted) are counted
+# and left out of the tests.
+#
+# The reference is a training file (CSV, JSON lines, Parquet where pandas and pyarrow are installed)
+# or a profile of one that `python service.py profile TRAIN --model NAME` stores beside the model
+# (PROFILE_FILE in its folder): per numeric feature at most PROFILE_SAMPLE of its sorted values
+# (evenly spaced quantiles of a larger sample, so a test's reference size is at most that), per
+# categorical feature its counts, and the model's predictions on it the same way.
+
+PROFILE_SAMPLE = 2000           # values kept per numeric column of a reference profile
+DRIFT_MAX_ROWS = 100_000        # logged rows compared at most: a uniform sample of them beyond
+DRIFT_SEED = 16                 # the sample of a larger log is the same at every run
+PSI_FLOOR = 1e-4                # a bin's share where it holds nothing, as Evidently's PSI takes it
+
+
+def _cell(text):
+    """A CSV field as JSON would hold it: a number where it spells one, None where empty or NaN, else text."""
+    if text == "":
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return None if math.isnan(number) else number
+
+
+def read_table(path):
+    """(column names or None, rows as lists) of a .csv (with a header), .jsonl (a row or a record per line) or
+    .parquet file (with pandas and pyarrow); ValueError says what is wrong, in one line."""
+    import csv
+
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".parquet":
+        try:
+            import pandas
+
+            frame = pandas.read_parquet(path)
+        except ImportError:
+            raise ValueError(f"{path}: reading Parquet needs pandas and pyarrow (pip install pandas pyarrow); "
+                             "or give the reference as .csv or .jsonl") from None
+        frame = frame.astype(object).where(frame.notna(), None)
+        return [str(name) for name in frame.columns], frame.to_numpy().tolist()
+    if extension == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            lines = list(csv.reader(handle))
+        if not lines:
+            raise ValueError(f"{path}: empty; a CSV reference starts with a header of feature names")
+        return lines[0], [[_cell(text) for text in line] for line in lines[1:] if line]
+    if extension in (".jsonl", ".ndjson"):
+        return _read_json_lines(path)
+    raise ValueError(f"{path}: a reference is a .csv, .jsonl or .parquet file, or a {PROFILE_FILE}")
+
+
+def _read_json_lines(path):
+    names, rows = None, []
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            value = parse_json(line, max_depth=8, what=f"{path}:{number}")
+            if isinstance(value, dict):
+                names = names or list(value)
+                rows.append(value)
+            elif isinstance(value, list):
+                rows.append(value)
+            else:
+                raise ValueError(f"{path}:{number}: each line holds a row (a list) or a record (an object)")
+    if names is not None:
+        rows = [[row.get(name) if isinstance(row, dict) else None for name in names] for row in rows]
+    return names, rows
+
+
+def _model_columns(names, rows, features, n_features, where):
+    """The rows' columns in the model's feature order: by name where the model has names, else the first
+    n_features columns."""
+    if features:
+        missing = [feature for feature in features if feature not in (names or ())]
+        if missing:
+            raise ValueError(f"{where} has no column {missing[0]!r} (the model takes {', '.join(features)})")
+        index = [names.index(feature) for feature in features]
+    else:
+        index = list(range(n_features))
+    if any(len(row) < len(index) for row in rows):
+        raise ValueError(f"{where}: a row has fewer than the model's {len(index)} features")
+    return [[row[i] for row in rows] for i in index]
+
+
+def _missing(value):
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def profile_column(values, kind=None):
+    """A column summarised for drift tests: {"kind", "count", "missing"} with, when numeric, "values" (sorted,
+    at most PROFILE_SAMPLE of them: the column's quantiles) or, when categorical, "counts" by value."""
+    present = [value for value in values if not _missing(value)]
+    if kind is None:
+        kind = "categorical" if any(isinstance(value, (str, bool)) for value in present) else "numeric"
+    column = {"kind": kind, "count": len(values), "missing": len(values) - len(present)}
+    if kind == "categorical":
+        column["counts"] = dict(collections.Counter(str(value) for value in present).most_common())
+        return column
+    present.sort()
+    if len(present) > PROFILE_SAMPLE:
+        last = len(present) - 1
+        present = [present[round(i * last / (PROFILE_SAMPLE - 1))] for i in range(PROFILE_SAMPLE)]
+    column["values"] = [float(value) for value in present]
+    return column
+
+
+def _predictions(model, rows):
+    """The model's `predict` on reference rows (by model_inputs, in batches), or None when it has none."""
+    if "predict" not in model.methods:
+        return None
+    answers = []
+    for start in range(0, len(rows), 10_000):
+        inputs = model_inputs(model, rows[start:start + 10_000], 10_000)
+        answers.extend(to_jsonable(model.call("predict", inputs)))
+    return None if any(isinstance(answer, list) for answer in answers) else answers
+
+
+def build_profile(model, names, rows, source):
+    """The reference profile of training rows for a loaded model (what PROFILE_FILE holds)."""
+    columns = _model_columns(names, rows, model.feature_names, model.n_features, source)
+    predictions = _predictions(model, [list(row) for row in zip(*columns)])
+    kind = "categorical" if model.classes is not None else None
+    return {"model": model.name, "version": model.version, "source": os.path.basename(source), "rows": len(rows),
+            "features": [{"name": name, **profile_column(column)} for name, column in
+                         zip(model.feature_names or [f"x{i}" for i in range(len(columns))], columns)],
+            "prediction": None if predictions is None else profile_column(predictions, kind)}
+
+
+def _served(paths, name, version, since, until, report):
+    """(feature names, columns, logged predictions or None) of one model's logged rows, a uniform sample of
+    DRIFT_MAX_ROWS of them beyond that; the lines left out are counted in report.skipped."""
+    rng, names, kept, seen = random.Random(DRIFT_SEED), None, [], 0
+    for _, record in _payload_lines(paths, report):
+        inputs, at = record.get("inputs"), _log_time(record.get("time"))
+        if record.get("model") != name or (version is not None and str(record.get("version")) != version):
+            report.skipped["for other models or versions"] += 1
+        elif record.get("status") != 200:
+            report.skipped["not answered 200"] += 1
+        elif at is None or (since is not None and at < since) or (until is not None and at >= until):
+            report.skipped["outside --since/--until (or without a time)"] += 1
+        elif not isinstance(inputs, list) or not all(isinstance(row, list) for row in inputs) or \
+                record.get("redacted") == "all":
+            report.skipped["without tabular inputs"] += 1
+        elif any(len(row) != len((kept[0][0] if kept else inputs[0])) for row in inputs):
+            report.skipped["with rows of another width"] += 1
+        else:
+            names = names or record.get("features")
+            logged = (record.get("outputs") or {}).get("predict")
+            logged = logged if isinstance(logged, list) and len(logged) == len(inputs) else [None] * len(inputs)
+            for pair in zip(inputs, logged):
+                seen += 1
+                if len(kept) < DRIFT_MAX_ROWS:
+                    kept.append(pair)
+                elif (slot := rng.randrange(seen)) < DRIFT_MAX_ROWS:
+                    kept[slot] = pair
+    report.logged_rows = seen
+    columns = [[row[i] for row, _ in kept] for i in range(len(kept[0][0]) if kept else 0)]
+    predictions = [prediction for _, prediction in kept]
+    return names, columns, predictions if any(not _missing(p) for p in predictions) else None
+
+
+def _log_time(text):
+    """A payload log's "time" (or a --since/--until) as seconds since the epoch, UTC unless it says; None if
+    it is no ISO 8601 date or time."""
+    import datetime
+
+    try:
+        moment = datetime.datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def _psi(reference, served):
+    """Population stability index of two distributions over the same bins (shares floored at PSI_FLOOR)."""
+    import numpy as np
+
+    reference, served = np.maximum(reference, PSI_FLOOR), np.maximum(served, PSI_FLOOR)
+    return float(((served - reference) * np.log(served / reference)).sum())
+
+
+def compare_column(reference, values):
+    """One column's test against its reference profile: {"kind", "rows", "missing", "test", "statistic",
+    "p_value", "psi", "distance": (name, value)}, the tests None when either side has no values."""
+    import numpy as np
+    from scipy import stats
+    from scipy.spatial.distance import jensenshannon
+
+    present = [value for value in values if not _missing(value)]
+    result = {"kind": reference["kind"], "rows": len(values), "missing": len(values) - len(present),
+              "test": None, "statistic": None, "p_value": None, "psi": None, "distance": None}
+    if not present or not (reference.get("values") or reference.get("counts")):
+        return result
+    if reference["kind"] == "numeric":
+        if any(isinstance(value, (str, bool)) for value in present):
+            raise ValueError("the log holds text where the reference holds numbers")
+        ref, served = np.asarray(reference["values"], dtype=float), np.asarray(present, dtype=float)
+        test = stats.ks_2samp(ref, served)
+        edges = np.unique(np.quantile(ref, np.linspace(0, 1, 11))[1:-1])           # the reference's deciles
+        shares = [np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1) / len(x)
+                  for x in (ref, served)]
+        return {**result, "test": "KS", "statistic": float(test.statistic), "p_value": float(test.pvalue),
+                "psi": _psi(*shares), "distance": ("wasserstein", float(stats.wasserstein_distance(ref, served)))}
+    counts = collections.Counter(str(value) for value in present)
+    categories = sorted(set(reference["counts"]) | set(counts))
+    table = np.array([[reference["counts"].get(c, 0) for c in categories], [counts.get(c, 0) for c in categories]],
+                     dtype=float)
+    statistic, p_value = (0.0, 1.0) if len(categories) < 2 else stats.chi2_contingency(table)[:2]
+    ref, served = table[0] / table[0].sum(), table[1] / table[1].sum()
+    return {**result, "test": "chi2", "statistic": float(statistic), "p_value": float(p_value),
+            "psi": _psi(ref, served), "distance": ("jensen-shannon", float(jensenshannon(ref, served, base=2)))}
+
+
+class DriftReport:
+    """The tests of one drift run: a line per feature (and the predictions), a summary, and the HTML report.
+
+    `skipped` counts the log lines left out, by why (the payload log reader's convention)."""
+
+    def __init__(self, name, version, reference_name, alpha):
+        self.name, self.version, self.reference_name, self.alpha = name, version, reference_name, alpha
+        self.skipped, self.logged_rows, self.rows = collections.Counter(), 0, []    # (name, profile, values, result)
+
+    def bad_line(self, where, why):
+        """A line of the logs that is no logged request: counted with the lines left out."""
+        self.skipped["that are no logged request"] += 1
+
+    def add(self, name, reference, values):
+        try:
+            result = compare_column(reference, values)
+        except ValueError as error:
+            raise ValueError(f"feature {name!r}: {error}") from None
+        self.rows.append((name, reference, values, result))
+
+    @property
+    def threshold(self):
+        """The p-value under which a test says drift: --p-value over the number of tests run (Bonferroni)."""
+        return self.alpha / max(1, sum(result["test"] is not None for *_, result in self.rows))
+
+    def drifted(self, result):
+        return result["p_value"] is not None and result["p_value"] < self.threshold
+
+    @property
+    def found(self):
+        return [name for name, *_, result in self.rows if self.drifted(result)]
+
+    def lines(self):
+        which = "all versions" if self.version is None else f"version {self.version}"
+        width = max([7] + [len(name) for name, *_ in self.rows])
+        out = [f"drift of model {self.name!r} ({which}): {self.logged_rows} logged row(s) against "
+               f"{self.reference_name}",
+               f"{'feature':<{width}}  test  statistic  p-value     PSI  distance                 missing  drift"]
+        for name, _, _, result in self.rows:
+            if result["test"] is None:
+                out.append(f"{name:<{width}}  -     no values on one side{'':<33}{result['missing']:>7}  -")
+                continue
+            distance = f"{result['distance'][0]} {result['distance'][1]:.4g}"
+            out.append(f"{name:<{width}}  {result['test']:<4}  {result['statistic']:>9.4f}  {result['p_value']:<9.3g}"
+                       f"  {result['psi']:>6.3f}  {distance:<23}  {result['missing']:>7}  "
+                       f"{'yes' if self.drifted(result) else 'no'}")
+        tests = sum(result["test"] is not None for *_, result in self.rows)
+        rule = f"p < {self.alpha:g} / {tests} test(s) = {self.threshold:.3g}, Bonferroni"
+        found = self.found
+        out.append(f"drift found in {len(found)} of {tests}: {', '.join(found)} ({rule})" if found else
+                   f"no drift ({rule})")
+        if self.skipped:
+            out.append("skipped: " + ", ".join(f"{count} {why}" for why, count in sorted(self.skipped.items())))
+        return out
+
+
+_REFERENCE_COLOUR, _SERVED_COLOUR = "#7f9cc6", "#e0793a"
+
+
+def _histogram(reference, values):
+    """(bin labels, reference shares, served shares) for a chart: 20 equal bins over both samples' range for a
+    numeric column, the 12 most frequent categories (and "other") for a categorical one."""
+    import numpy as np
+
+    present = [value for value in values if not _missing(value)]
+    if reference["kind"] == "numeric":
+        ref, served = np.asarray(reference["values"], dtype=float), np.asarray(present, dtype=float)
+        both = np.concatenate([ref, served])
+        low, high = (float(both.min()), float(both.max())) if len(both) else (0.0, 1.0)
+        high = high if high > low else low + 1.0
+        edges = np.linspace(low, high, 21)
+        shares = [np.histogram(x, bins=edges)[0] / max(1, len(x)) for x in (ref, served)]
+        return [f"{edge:.4g}" for edge in edges[:-1]] + [f"{high:.4g}"], shares[0], shares[1]
+    ref, served = collections.Counter(reference["counts"]), collections.Counter(str(value) for value in present)
+    ref_total, served_total = max(1, sum(ref.values())), max(1, len(present))
+    top = [category for category, _ in (collections.Counter({c: n / ref_total for c, n in ref.items()}) +
+                                         collections.Counter({c: n / served_total for c, n in served.items()}))
+           .most_common(12)]
+    rest = lambda counts, total: (total - sum(counts[c] for c in top)) / total
+    labels = top + (["other"] if rest(ref, ref_total) or rest(served, served_total) else [])
+    shares = [[counts[c] / total for c in top] + ([rest(counts, total)] if len(labels) > len(top) else [])
+              for counts, total in ((ref, ref_total), (served, served_total))]
+    return labels, np.array(shares[0]), np.array(shares[1])
+
+
+def _histogram_svg(name, reference, values):
+    """An inline SVG bar chart of a column's reference and served shares, side by side per bin."""
+    import html
+
+    labels, ref, served = _histogram(reference, values)
+    bins = len(ref)
+    width, height, left, bottom = 440, 180, 36, 34
+    plot_width, plot_height = width - left - 8, height - bottom - 10
+    top = max(float(max(ref.max(initial=0), served.max(initial=0))), 1e-9)
+    step = plot_width / max(1, bins)
+    bars = []
+    for i in range(bins):
+        for j, (shares, colour) in enumerate(((ref, _REFERENCE_COLOUR), (served, _SERVED_COLOUR))):
+            h = plot_height * float(shares[i]) / top
+            bars.append(f'<rect x="{left + i * step + 1 + j * (step - 2) / 2:.1f}" y="{10 + plot_height - h:.1f}" '
+                        f'width="{max(0.5, (step - 2) / 2):.1f}" height="{h:.1f}" fill="{colour}"/>')
+    if reference["kind"] == "numeric":
+        ticks = [(left, labels[0], "start"), (left + plot_width, labels[-1], "end")]
+    else:
+        ticks = [(left + (i + 0.5) * step, label[:10], "middle") for i, label in enumerate(labels)]
+    axis = "".join(f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="{anchor}">{html.escape(text)}</text>'
+                   for x, text, anchor in ticks)
+    return (f'<svg class="histogram" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(name)}: reference and served shares</title>'
+            f'<line x1="{left}" y1="{10 + plot_height}" x2="{left + plot_width}" y2="{10 + plot_height}" '
+            f'stroke="#999"/><text x="{left - 4}" y="16" text-anchor="end">{top:.0%}</text>'
+            f'{"".join(bars)}{axis}</svg>')
+
+
+def drift_html(report):
+    """The report as one self-contained page: a summary, a table of the tests, one histogram per column."""
+    import html
+
+    found, lines = report.found, report.lines()
+    rows, figures = [], []
+    for name, reference, values, result in report.rows:
+        verdict = "drift" if report.drifted(result) else "no drift" if result["test"] else "not tested"
+        cells = [name, result["test"] or "-"] + (["-"] * 4 if result["test"] is None else [
+            f"{result['statistic']:.4f}", f"{result['p_value']:.3g}", f"{result['psi']:.3f}",
+            f"{result['distance'][0]} {result['distance'][1]:.4g}"]) + [str(result["missing"]), verdict]
+        rows.append(f'<tr class="{verdict.replace(" ", "-")}">' +
+                    "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
+        detail = "" if result["test"] is None else f" · {result['test']} p = {result['p_value']:.3g}, PSI " \
+                                                     f"{result['psi']:.3f}"
+        figures.append(f'<figure class="{verdict.replace(" ", "-")}"><figcaption><b>{html.escape(name)}</b> '
+                       f'{html.escape(verdict + detail)}</figcaption>{_histogram_svg(name, reference, values)}</figure>')
+    summary = (f"Drift in {len(found)} of {len(report.rows)}: {', '.join(found)}." if found else
+               "No drift.")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Drift of {html.escape(report.name)}</title>
+<style>
+ body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 64rem; padding: 0 1rem; color: #222; }}
+ table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #ddd; }}
+ tr.drift td, figure.drift figcaption {{ background: #fde8e4; }} .summary {{ font-size: 1.2rem; }}
+ .grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(450px, 1fr)); gap: 1rem; }}
+ figure {{ margin: 0; border: 1px solid #ddd; padding: .4rem; }} figcaption {{ padding: .1rem .3rem; }}
+ svg text {{ font-size: 11px; fill: #555; }} .key {{ display: inline-block; width: .9rem; height: .9rem; }}
+ pre {{ background: #f6f6f6; padding: .6rem; overflow: auto; }}
+</style></head><body>
+<h1>Drift of model {html.escape(report.name)}</h1>
+<p class="summary">{html.escape(summary)}</p>
+<p>{html.escape(lines[0])}. <span class="key" style="background:{_REFERENCE_COLOUR}"></span> reference
+<span class="key" style="background:{_SERVED_COLOUR}"></span> served (each bar: the share of that side's values)</p>
+<table><thead><tr><th>feature</th><th>test</th><th>statistic</th><th>p-value</th><th>PSI</th><th>distance</th>
+<th>missing</th><th>verdict</th></tr></thead><tbody>{"".join(rows)}</tbody></table>
+<h2>Histograms</h2><div class="grid">{"".join(figures)}</div>
+<h2>Report</h2><pre>{html.escape(chr(10).join(lines))}</pre>
+</body></html>
+"""
+
+
+@contextlib.contextmanager
+def _store_model(store, name, version=None):
+    """One loaded version of a model of the store (the highest served by default), for a command."""
+    config = dataclasses.replace(Config.load({"store": store}), poll_interval=0.0)
+    registry = ModelRegistry(config, watch=False)
+    registry.refresh()
+    model = registry.acquire(name, version, None)
+    try:
+        yield model
+    finally:
+        registry.release(model)
+
+
+def _profile_path(store, name):
+    return os.path.join(Config.load({"store": store}).store, name, PROFILE_FILE)
+
+
+def _read_profile(path):
+    """A stored reference profile, checked enough that a test can read it; ValueError says what is wrong."""
+    with open(path, "rb") as handle:
+        profile = parse_json(handle.read(), max_depth=8, what=path)
+    features = profile.get("features") if isinstance(profile, dict) else None
+    columns = (features or []) + ([profile["prediction"]] if profile.get("prediction") else [])
+    if not features or not all(isinstance(column, dict) and isinstance(column.get("name", ""), str) and (
+            column.get("kind") == "numeric" and isinstance(column.get("values"), list) and
+            all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in column["values"]) or
+            column.get("kind") == "categorical" and isinstance(column.get("counts"), dict) and
+            all(type(count) is int and count >= 0 for count in column["counts"].values())) for column in columns):
+        raise ValueError(f"{path} is not a reference profile (python service.py profile TRAIN --model NAME "
+                         "writes one)")
+    return profile
+
+
+def drift(arguments):
+    """The DriftReport of a `drift` command's arguments; ValueError, OSError or ServiceError when it cannot run."""
+    reference = arguments.reference or _profile_path(arguments.store, arguments.model)
+    if reference.endswith(".json"):
+        if not os.path.exists(reference):
+            raise ValueError(f"no --reference, and no {reference}: store a profile first (python service.py "
+                             f"profile TRAIN.csv --model {arguments.model}) or give --reference TRAIN.csv")
+        profile = _read_profile(reference)
+    else:
+        with _store_model(arguments.store, arguments.model, arguments.version) as model:
+            profile = build_profile(model, *read_table(reference), reference)
+    report = DriftReport(arguments.model, arguments.version, f"{os.path.basename(reference)} "
+                         f"({profile.get('rows', '?')} rows)", arguments.p_value)
+    since, until = (None if text is None else _log_time(text) for text in (arguments.since, arguments.until))
+    names, columns, predictions = _served(arguments.logs, arguments.model, arguments.version, since, until, report)
+    if not columns:
+        raise ValueError(f"no logged rows of model {arguments.model!r} to compare" +
+                         (f" ({', '.join(f'{n} {why}' for why, n in sorted(report.skipped.items()))})"
+                          if report.skipped else ""))
+    features = profile["features"]
+    if len(columns) != len(features):
+        raise ValueError(f"the log's rows have {len(columns)} features, the reference {len(features)}")
+    for feature, column, logged_name in zip(features, columns, names or [None] * len(columns)):
+        report.add(logged_name or feature.get("name"), feature, column)
+    if profile.get("prediction") and predictions is not None:
+        report.add("prediction", profile["prediction"], predictions)
+    return report
+
+
+def _time_argument(text):
+    if _log_time(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or time, e.g. 2026-12-05T14:00")
+    return text
+
+
+def _probability(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def drift_command(argv):
+    """`model-service drift LOG... --model NAME [--reference FILE] ...`; returns the exit code (0 no drift, 1 drift
+    found, 2 could not run)."""
+    parser = argparse.ArgumentParser(
+        prog="model-service drift",
+        description="Compare the rows a model was asked about (payload logs, --payload-log) with its training "
+                    "data, feature by feature (KS or chi-squared, Bonferroni-corrected; PSI; Wasserstein or "
+                    "Jensen-Shannon distance), and its logged predictions with its predictions on that data. "
+                    "Exit status: 0 no drift, 1 drift found, 2 could not run.")
+    parser.add_argument("logs", metavar="LOG", nargs="+", help="payload log file, or a folder of them")
+    parser.add_argument("--model", required=True, metavar="NAME", help="the model whose logged rows are compared")
+    parser.add_argument("--version", metavar="V", help="only rows served by this version (default: all)")
+    parser.add_argument("--reference", metavar="FILE", help=f"training rows (.csv, .jsonl, .parquet) or a profile "
+                        f"(.json); default: the model's stored {PROFILE_FILE}")
+    parser.add_argument("--store", metavar="DIR", help=f"model store (env {ENV_PREFIX}STORE; default: model_store)")
+    parser.add_argument("--since", type=_time_argument, metavar="TIME", help="only rows logged at or after TIME (UTC)")
+    parser.add_argument("--until", type=_time_argument, metavar="TIME", help="only rows logged before TIME (UTC)")
+    parser.add_argument("--p-value", type=_probability, default=0.05, metavar="P",
+                        help="significance over all tests, divided among them (Bonferroni; default 0.05)")
+    parser.add_argument("--html", metavar="REPORT.html", help="also write a self-contained report with histograms")
+    parser.add_argument("--fail-on", choices=("drift", "never"), default="drift",
+                        help="exit 1 when drift is found (default), or never (exit 0 unless it cannot run)")
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = drift(arguments)
+        if arguments.html:
+            _write_text(arguments.html, drift_html(report))
+    except Exception as error:  # any input: one line and status 2, never a traceback
+        print(f"model-service drift: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines()))
+    return 1 if report.found and arguments.fail_on == "drift" else 0
+
+
+def _one_line(error):
+    """Why a command could not run, in one line."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return getattr(error, "message", None) or str(error) or type(error).__name__
+
+
+def _write_text(path, text):
+    """Write a file whole: a reader sees the old one or the new one, never half of it."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def profile_command(argv):
+    """`model-service profile TRAIN --model NAME [--output FILE]`: a reference profile beside the model."""
+    parser = argparse.ArgumentParser(
+        prog="model-service profile",
+        description=f"Summarise a model's training rows once, as {PROFILE_FILE} in its folder of the store, so that "
+                    "`model-service drift` needs no training data at hand.")
+    parser.add_argument("train", metavar="TRAIN", help="training rows: .csv (with a header), .jsonl or .parquet")
+    parser.add_argument("--model", required=True, metavar="NAME", help="the model they trained")
+    parser.add_argument("--version", metavar="V", help="the version whose predictions are profiled (default: the "
+                        "highest served)")
+    parser.add_argument("--store", metavar="DIR", help=f"model store (env {ENV_PREFIX}STORE; default: model_store)")
+    parser.add_argument("--output", metavar="FILE", help=f"where to write it (default: the model's {PROFILE_FILE})")
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with _store_model(arguments.store, arguments.model, arguments.version) as model:
+            if arguments.output is None and "/" not in model.ref.file:
+                raise ValueError(f"model {model.name!r} is one file in the store ({model.ref.file}): give --output "
+                                 f"FILE, or move it to {model.name}/1/ so that its profile sits beside it")
+            profile = build_profile(model, *read_table(arguments.train), arguments.train)
+        output = arguments.output or _profile_path(arguments.store, arguments.model)
+        _write_text(output, dumps(profile) + "\n")
+    except Exception as error:  # any input: one line and status 2, never a traceback
+        print(f"model-service profile: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    print(f"wrote {output}: {profile['rows']} rows, {len(profile['features'])} features"
+          f"{', and the predictions' if profile['prediction'] else ''}")
     return 0
 
 
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
-
-
-class _OneLineErrors(argparse.ArgumentParser):
-    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
 
 
 def build_parser():
@@ -5494,6 +7359,16 @@ def build_parser():
                             help=f"{setting.help} (env {setting.env}; default: {shown})", **optional)
     parser.add_argument("--version", action="version", version=f"{SERVICE_NAME} {__version__}")
     return parser
+
+
+def _grpc_missing():
+    """The module --grpc-port needs and cannot import (grpc, google.protobuf), or None."""
+    for module in ("grpc", "google.protobuf"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return module
+    return None
 
 
 def _store_problem(store, flags):
@@ -5513,6 +7388,10 @@ def main(argv=None, serve=serve):
         return export_command(argv[1:])
     if argv[:1] == ["replay"]:
         return replay_command(argv[1:])
+    if argv[:1] == ["drift"]:
+        return drift_command(argv[1:])
+    if argv[:1] == ["profile"]:
+        return profile_command(argv[1:])
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
 
@@ -5531,9 +7410,17 @@ def main(argv=None, serve=serve):
             os.makedirs(config.payload_log, exist_ok=True)
         except OSError as error:
             refuse(f"--payload-log {config.payload_log}: {error.strerror}")
+    if config.grpc_port is not None and _grpc_missing():
+        refuse(f"--grpc-port needs grpcio and protobuf ({_grpc_missing()} is not installed): pip install '.[grpc]'")
+    try:
+        traced = trace_exporter_wanted(os.environ) in TRACE_EXPORTERS
+    except ValueError as error:
+        refuse(str(error))
+    if traced and _otel_sdk_missing():
+        refuse(_otel_sdk_missing())
     application = create_app(config=config)
     if config.workers == 1:          # under --workers the parent loads before forking, without threads
-        application.config["service.registry"].refresh()
+        application.registry.refresh()
     try:
         serve(application, config)
     except KeyboardInterrupt:
@@ -5541,7 +7428,7 @@ def main(argv=None, serve=serve):
     except ImportError as error:
         logger.error("server %r is not installed: %s", config.server, error)
         return 2
-    except OSError as error:
+    except (OSError, ValueError) as error:      # waitress: "Invalid host/port specified." for a bad --host
         logger.error("cannot serve on %s:%s: %s", config.host, config.port, error)
         return 1
     return 0
@@ -6743,16 +8630,20 @@ def dump_json_model(estimator):
 
 def save_json_model(estimator, path):
     """Write a fitted estimator as a JSON model file (by write-then-rename, so never half-written)."""
-    _write_json_document(dump_json_model(estimator), path)
+    _write_file(_json_bytes(dump_json_model(estimator)), path)
 
 
-def _write_json_document(text, path):
-    import tempfile
-
+def _json_bytes(text):
     try:
-        data = text.encode("utf-8")
+        return text.encode("utf-8")
     except UnicodeEncodeError as error:
         raise ArtifactError(f"cannot write the model as UTF-8 JSON: {error}") from None
+
+
+def _write_file(data, path):
+    """Write `data` to `path` as publishers should: a hidden temporary name in the same folder, then a rename."""
+    import tempfile
+
     folder, base = os.path.split(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")  # hidden: stores skip it
     try:
@@ -7672,7 +9563,25 @@ def export_json_model(estimator, path, sample=None, rows=20):
     model cannot be written as JSON, no method can be checked, or the copy differs.
     """
     text = dump_json_model(estimator)
-    copy = load_json_model(text)
+    return _export_checked(estimator, path, _json_bytes(text), load_json_model(text), "JSON", sample, rows)
+
+
+def export_skops_model(estimator, path, sample=None, rows=20, trust=()):
+    """Write `estimator` to `path` as a .skops file once its copy, loaded as the store loads .skops files (trusting
+    what skops, --safe-pickle's allow-list and `trust` admit), gives identical outputs; as export_json_model."""
+    try:
+        import skops.io
+    except ImportError:
+        raise ArtifactError("the skops package is not installed: pip install '.[skops]' (the skops extra) to "
+                            "write .skops files") from None
+    data = skops.io.dumps(estimator)
+    copy = _load_skops(data, LoadOptions(trust=tuple(trust)))
+    return _export_checked(estimator, path, data, copy, "skops", sample, rows)
+
+
+def _export_checked(estimator, path, data, copy, kind, sample, rows):
+    """Write `data` (the serialised `estimator`, of which `copy` was loaded back) to `path` once every
+    prediction method the check rows reach answers identically on the copy."""
     inputs, count = _check_inputs(estimator, sample, rows)
     methods = []
     for method in PREDICT_METHODS:
@@ -7683,15 +9592,18 @@ def export_json_model(estimator, path, sample=None, rows=20):
         except Exception:  # the original refuses these rows for this method (e.g. hard voting's proba)
             continue
         if not _same_outputs(expected, getattr(copy, method)(inputs)):
-            raise ArtifactError(f"the JSON copy's {method} differs from the original's: not written")
+            raise ArtifactError(f"the {kind} copy's {method} differs from the original's: not written")
         methods.append(method)
     if not methods:
         raise ArtifactError("no prediction method of the model accepts the check rows: "
                             "give a sample of real inputs (--check SAMPLE.json)")
-    _write_json_document(text, path)
-    data = text.encode("utf-8")
+    _write_file(data, path)
     return {"path": os.fspath(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "rows": count, "methods": methods}
+
+
+# What `export` writes, by the destination's extension.
+EXPORT_FORMATS = {".json": export_json_model, ".skops": export_skops_model}
 
 
 def _check_inputs(estimator, sample, rows):
@@ -7716,13 +9628,14 @@ def _check_inputs(estimator, sample, rows):
 
 
 def export_command(argv):
-    """`model-service export SRC DST.json [--check SAMPLE.json]`; returns the exit code."""
+    """`model-service export SRC DST.json|DST.skops [--check SAMPLE.json]`; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog="model-service export",
-        description="Write a pickle or joblib artifact as a JSON model (loaded without running code), after "
-                    "checking that the JSON copy predicts exactly like the original.")
-    parser.add_argument("source", metavar="SRC", help="artifact to convert (.joblib, .pkl, .pickle or .json)")
-    parser.add_argument("destination", metavar="DST.json", help="JSON model to write (by write-then-rename)")
+        description="Write an artifact as a JSON model or a .skops file (both loaded without running code from "
+                    "the file), after checking that the copy predicts exactly like the original.")
+    parser.add_argument("source", metavar="SRC", help=f"artifact to convert ({', '.join(ARTIFACT_FORMATS)})")
+    parser.add_argument("destination", metavar="DST.json|DST.skops",
+                        help="JSON model or .skops file to write, by its extension (write-then-rename)")
     parser.add_argument("--check", metavar="SAMPLE.json",
                         help="inputs to compare on, as a predict request body (default: 20 made-up rows)")
     arguments = parser.parse_args(argv)
@@ -7732,8 +9645,11 @@ def export_command(argv):
         if arguments.check:
             with open(arguments.check, "rb") as handle:
                 sample = parse_json(handle.read(), max_depth=64, what=arguments.check)
+        export = EXPORT_FORMATS.get(os.path.splitext(arguments.destination)[1])
+        if export is None:
+            raise ArtifactError(f"{arguments.destination}: write .json or .skops")
         estimator = _read_artifact(arguments.source)
-        report = export_json_model(estimator, arguments.destination, sample)
+        report = export(estimator, arguments.destination, sample)
     except (ArtifactError, ServiceError, OSError) as error:
         print(f"model-service export: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
         return 1
@@ -7772,12 +9688,15 @@ CONSOLE_HTML = """<!doctype html>
 <title>model-service</title>
 <style>
  body { font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }
- h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
+ h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 1.4rem; }
+ #auth { display: flex; align-items: baseline; gap: .5rem; margin-bottom: 1rem; } #auth label { display: inline; }
+ #auth button, #auth input { margin-top: 0; } .choices { display: flex; flex-wrap: wrap; gap: 0 1.5rem; }
  table { border-collapse: collapse; width: 100%; } th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #ddd; }
  label { display: block; margin: .4rem 0 .1rem; font-weight: 600; }
  input, select, textarea { font: inherit; padding: .25rem; } textarea { width: 100%; min-height: 5rem; font-family: monospace; }
  #features { display: grid; grid-template-columns: repeat(auto-fill, minmax(12rem, 1fr)); gap: .3rem 1rem; }
- #features input { display: block; width: 100%; box-sizing: border-box; }
+ #features input { display: block; width: 100%; box-sizing: border-box; font-weight: 400; }
+ #features input::placeholder { font-style: italic; }
  pre, code { background: #f6f6f6; } pre { padding: .8rem; overflow: auto; } code { word-break: break-all; }
  .error { color: #b00020; } .muted { color: #777; } .invalid { outline: 2px solid #b00020; background: #fff0f0; }
  button { font: inherit; padding: .35rem 1rem; margin-top: .8rem; }
@@ -7788,21 +9707,23 @@ CONSOLE_HTML = """<!doctype html>
 <p class="muted">Models in this service, and a form to try them. <a href="/openapi.json">OpenAPI</a> · <a href="/models">/models</a></p>
 <form id="auth">
  <label for="token">Token <span class="muted">(only if the service asks for one)</span></label>
- <input id="token" type="password" autocomplete="off"> <button type="submit">Use token</button>
+ <input id="token" type="password" autocomplete="off"><button type="submit">Use token</button>
 </form>
 <table id="models"><thead><tr><th>model</th><th>latest</th><th>served versions</th><th>labels</th><th>states</th></tr></thead><tbody></tbody></table>
 <p id="listing" class="muted"></p>
 <h2>Try a model</h2>
 <form id="try">
- <label for="model">Model</label><select id="model" name="model"></select>
- <label for="version">Version</label><select id="version" name="version"></select>
- <label for="method">Method</label><select id="method" name="method"></select>
+ <div class="choices">
+  <div><label for="model">Model</label><select id="model" name="model"></select></div>
+  <div><label for="version">Version</label><select id="version" name="version"></select></div>
+  <div><label for="method">Method</label><select id="method" name="method"></select></div>
+ </div>
  <p id="described" class="muted"></p>
  <div id="features"></div>
- <label for="raw">Input as JSON (rows, as in {"instances": ...}; used instead of the fields when given)</label>
+ <button id="send" type="submit">Predict</button>
+ <label for="raw">Or rows as JSON (as in {"instances": ...}; used instead of the fields when given)</label>
  <textarea id="raw" name="raw"></textarea>
  <p class="muted">Example request: <code id="example"></code></p>
- <button id="send" type="submit">Predict</button>
 </form>
 <h2>Result</h2>
 <p id="status" class="muted">No request sent yet.</p>
@@ -7851,7 +9772,8 @@ function showModels() {
   rows.textContent = "";
   for (const model of models) {
     const row = rows.insertRow();
-    const states = model.versions.map((v) => v.version + ": " + v.state).join(", ");
+    const states = model.versions.map((v) => v.version + ": " + (v.state === "UNLOADED" ? "loads on first request" :
+                                                                  v.state)).join(", ");
     const labels = Object.entries(model.labels).map(([l, v]) => l + " → " + v).join(", ");
     for (const text of [model.name, model.latest_version || "none", model.served_versions.join(", "), labels, states]) {
       row.insertCell().textContent = text;
@@ -7962,7 +9884,7 @@ function showInputs(info) {
 function addField(name) {
   const label = document.createElement("label"), input = document.createElement("input");
   label.textContent = name;
-  input.type = "text"; input.inputMode = "decimal"; input.autocomplete = "off"; input.placeholder = "0";
+  input.type = "text"; input.inputMode = "decimal"; input.autocomplete = "off"; input.placeholder = "number";
   input.dataset.feature = name;
   label.appendChild(input);
   $("features").appendChild(label);
@@ -8054,6 +9976,563 @@ def _content_security_policy(page):
 
 
 CONSOLE_CSP = _content_security_policy(CONSOLE_HTML)
+
+
+###############################################################################
+# Explanations ################################################################
+###############################################################################
+# Per prediction, per model output: one contribution per input feature and an expected (base)
+# value that add up to the output, in the layout of shap's Explanation.values / base_values.
+# Exact, and needing no background data:
+#   trees, forests, extra trees   path-dependent TreeSHAP of predict_proba (classifiers) or predict,
+#   gradient boosting, histogram  the same of the raw margin (decision_function) or predict, computed from
+#     boosting                    the fitted trees' own node weights exactly as shap.TreeExplainer does
+#   linear models                 coef · (x - reference) per feature, of decision_function or predict
+#   pipelines in front of them    scikit-learn's own transform first; each transformed column's share
+#                                 goes to the input feature it came from (a one-hot block sums to its feature)
+# Anything else is a 501 naming the family.  The entry point is `explain_model`; an Explainer is
+# built once per loaded model, proved on probe rows (its expected value and contributions must add
+# up to the estimator's own answer), and each request's rows are checked the same way.
+#
+# TreeSHAP without a per-node Python loop.  For one leaf l, the path-dependent value of a set S of
+# features is v_l * prod_f (o_f if f in S else z_f) over the features f split on along l's path,
+# where o_f says whether the row satisfies every split on f there and z_f is the product of those
+# splits' cover fractions (w_child / w_parent).  Shapley weights are Beta integrals, so feature f
+# gets v_l * integral_0^1 r_f(t) P_l(t) dt, with M_f(t) = z_f + t (o_f - z_f), P_l = prod_f M_f and
+# r_f = (o_f - z_f) / M_f: a polynomial of degree below the depth, which Gauss-Legendre quadrature
+# on ceil(depth / 2) nodes integrates exactly.  Both factors live on the tree's edges: P_l is the
+# product over the path of M_e / M_prev(e) (prev(e): the edge above e splitting on the same feature,
+# so a repeated feature telescopes to its merged o and z), taken top-down one depth at a time; and
+# the sum of v_l P_l over the leaves below an edge, bottom-up.  Each edge e then adds, at every node
+# t_q, w_q (r_e - r_prev(e)) times that sum to its feature.  A row costs a few numpy passes over
+# (quadrature nodes x edges x outputs) for all trees at once; per model, each edge's merged interval
+# (lo, hi] on its feature, where NaN goes, and the factors of its three cases (row satisfies the
+# merged split; fails it here first; failed it above) are computed once.
+
+EXPLAIN_TABLE_CELLS = 1 << 23    # numbers a model's TreeSHAP tables may hold (64 MiB): a bigger ensemble is a 501
+EXPLAIN_CHUNK_CELLS = 1 << 17    # numbers one pass over a chunk of rows may hold (1 MiB: fresh pages cost more)
+EXPLAIN_TOLERANCE = 1e-9         # how closely expected value + contributions must equal the model's output
+_EXPLAIN_PROBES = 8              # random rows an Explainer is proved on when it is built (and again with NaN)
+_EXPLAIN_PROBE_SEED = 25         # the same probes at every build
+
+#: one fitted tree as TreeSHAP reads it; `value` holds each node's outputs, already scaled
+_Tree = collections.namedtuple("_Tree", "left right feature threshold missing_left weight value")
+
+
+class _NotExplained(Exception):
+    """Why a model's predictions cannot be explained exactly (the 501's reason)."""
+
+
+def _tree_layout(trees):
+    """The trees' nodes in one numbering: (columns by name, roots), each tree's nodes after the last's."""
+    import numpy as np
+
+    parts, offset = [], 0
+    for tree in trees:
+        count = len(tree.left)
+        internal = tree.left >= 0
+        inner = np.flatnonzero(internal)
+        parent, is_left = np.full(count, -1), np.zeros(count, dtype=bool)
+        parent[tree.left[inner]], parent[tree.right[inner]], is_left[tree.left[inner]] = inner, inner, True
+        depth, frontier, level = np.zeros(count, dtype=np.intp), np.zeros(1, dtype=np.intp), 0
+        while len(frontier):
+            depth[frontier] = level
+            frontier = frontier[internal[frontier]]
+            frontier, level = np.concatenate([tree.left[frontier], tree.right[frontier]]), level + 1
+        shift = lambda index: np.where(index >= 0, index + offset, -1)
+        parts.append({"parent": shift(parent), "left": shift(np.where(internal, tree.left, -1)),
+                      "right": shift(np.where(internal, tree.right, -1)), "is_left": is_left, "depth": depth,
+                      "internal": internal, "feature": tree.feature, "threshold": tree.threshold,
+                      "missing_left": tree.missing_left, "weight": tree.weight, "value": tree.value,
+                      "root": np.array([offset])})
+        offset += count
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def _edge_conditions(nodes):
+    """Per node, of the edge from its parent: the feature split on, and that feature's merged split along
+    the path down to it: the interval (lo, hi] a row's value must lie in, whether NaN follows it, the
+    product z of its cover fractions, and prev, the nearest edge above on the same feature (-1: none)."""
+    import numpy as np
+
+    parent, depth = nodes["parent"], nodes["depth"]
+    edge = parent >= 0
+    above = np.where(edge, parent, 0)
+    feature = np.where(edge, nodes["feature"][above], 0)
+    threshold = nodes["threshold"][above]
+    lo = np.where(edge & ~nodes["is_left"], threshold, -np.inf)
+    hi = np.where(edge & nodes["is_left"], threshold, np.inf)
+    nan_follows = np.where(edge, nodes["missing_left"][above] == nodes["is_left"], True)
+    weight = nodes["weight"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.nan_to_num(np.where(edge, weight / weight[above], 1.0), nan=0.0)
+    prev, ancestor = np.full(len(parent), -1), parent.copy()
+    for _ in range(int(depth.max())):                # walk up, one level for every node at once
+        found = (ancestor >= 0) & (prev < 0) & edge
+        found &= (parent[np.maximum(ancestor, 0)] >= 0) & (feature[np.maximum(ancestor, 0)] == feature)
+        prev[found] = ancestor[found]
+        ancestor = np.where(ancestor >= 0, parent[np.maximum(ancestor, 0)], -1)
+    for level in range(2, int(depth.max()) + 1):     # merge top-down: prev is always shallower
+        at = np.flatnonzero((depth == level) & (prev >= 0))
+        above = prev[at]
+        lo[at], hi[at] = np.maximum(lo[at], lo[above]), np.minimum(hi[at], hi[above])
+        nan_follows[at] &= nan_follows[above]
+        z[at] *= z[above]
+    return feature, lo, hi, nan_follows, z, prev
+
+
+def _expected_value(nodes):
+    """Each tree's root value as the weighted mean of its leaves (shap's compute_expectations), summed."""
+    import numpy as np
+
+    value, weight, depth = nodes["value"].astype(np.float64), nodes["weight"], nodes["depth"]
+    left, right = nodes["left"], nodes["right"]
+    for level in range(int(depth.max()) - 1, -1, -1):
+        at = np.flatnonzero((depth == level) & nodes["internal"])
+        left_weight, right_weight = weight[left[at]][:, None], weight[right[at]][:, None]
+        total = left_weight + right_weight
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = (left_weight * value[left[at]] + right_weight * value[right[at]]) / total
+        value[at] = np.where(total == 0, 0.0, mean)
+    return value[nodes["root"]].sum(axis=0)
+
+
+class _TreeShap:
+    """Path-dependent TreeSHAP of a group of trees whose leaf values add up to the outputs (see above).
+
+    The nodes are laid out internal ones first, by depth (roots first), then the leaves, so each
+    depth is one slice; an edge is a node other than a root, numbered by its position minus the
+    number of roots.  `float32`: the model compares its inputs as float32 (scikit-learn's trees).
+    """
+
+    def __init__(self, trees, n_features, float32=False, base=0.0):
+        import numpy as np
+        import scipy.sparse
+
+        nodes = _tree_layout(trees)
+        feature, lo, hi, nan_follows, z, prev = _edge_conditions(nodes)
+        depth, internal = nodes["depth"], nodes["internal"]
+        order = np.argsort(np.where(internal, depth, depth.max() + 1), kind="stable")
+        where = np.empty(len(order), dtype=np.intp)
+        where[order] = np.arange(len(order))
+        self.roots, self.internal, self.nodes = len(nodes["root"]), int(internal.sum()), len(order)
+        self.edges = self.nodes - self.roots
+        self.quadrature = max(1, (int(depth.max()) + 1) // 2)
+        if 6 * self.quadrature * self.edges > EXPLAIN_TABLE_CELLS:
+            raise _NotExplained(f"its {len(trees)} trees of {self.nodes} nodes, depth {int(depth.max())}, "
+                                f"are too large to explain within {EXPLAIN_TABLE_CELLS * 8 >> 20} MiB")
+        self.n_features, self.float32 = n_features, float32
+        self.expected = _expected_value(nodes) + base
+        self.width = self.expected.shape[0]
+        edge_nodes = order[self.roots:]
+        self.feature, self.lo, self.hi, self.nan_follows = (feature[edge_nodes], lo[edge_nodes], hi[edge_nodes],
+                                                            nan_follows[edge_nodes])
+        has_prev = prev[edge_nodes] >= 0
+        self.prev = np.where(has_prev, where[np.maximum(prev[edge_nodes], 0)] - self.roots, 0)
+        self.no_prev, self.edge_index = ~has_prev, np.arange(self.edges)
+        self.ratio, self.step = self._tables(z[edge_nodes], np.where(has_prev, z[np.maximum(prev[edge_nodes], 0)],
+                                                                     1.0), has_prev)
+        self.parent = where[np.maximum(nodes["parent"][order], 0)]
+        self.left = where[np.maximum(nodes["left"][order[:self.internal]], 0)]
+        self.right = where[np.maximum(nodes["right"][order[:self.internal]], 0)]
+        starts = list(np.searchsorted(depth[order[:self.internal]], np.arange(int(depth.max()) + 1)))
+        self.levels = [(int(s), int(e)) for s, e in zip(starts, starts[1:] + [self.internal]) if e > s]
+        self.leaf_values = np.ascontiguousarray(nodes["value"][order[self.internal:]].T, dtype=np.float64)
+        self.incidence = scipy.sparse.csr_matrix((np.ones(self.edges), (self.feature, self.edge_index)),
+                                                 shape=(n_features, self.edges))
+
+    def _tables(self, z, z_prev, has_prev):
+        """(ratio, step): per quadrature node, for each edge's three cases (0: the row satisfies its merged
+        split; 1: fails it at this edge; 2: failed it above), M_e / M_prev and w_q (r_e - r_prev)."""
+        import numpy as np
+
+        x, w = np.polynomial.legendre.leggauss(self.quadrature)
+        t, w = (x[:, None] + 1) / 2, w[:, None] / 2
+        hot, cold = lambda zz: t + (1 - t) * zz, lambda zz: (1 - t) * zz
+        with np.errstate(divide="ignore", invalid="ignore"):
+            hot_prev = np.where(has_prev, hot(z_prev), 1.0)
+            ratio = np.stack([hot(z) / hot_prev, cold(z) / hot_prev, cold(z) / cold(z_prev)], axis=1)
+            r_hot, r_cold = lambda zz: (1 - zz) / hot(zz), -1 / (1 - t)
+            r_prev = np.where(has_prev, r_hot(z_prev), 0.0)
+            step = np.stack([r_hot(z) - r_prev, r_cold - r_prev, np.zeros_like(ratio[:, 0])], axis=1) * w[:, None]
+        # 0/0 only below a zero-weight edge the row fails, where the product is already 0
+        ratio = np.nan_to_num(ratio, nan=0.0, posinf=0.0)
+        return ratio.reshape(self.quadrature, -1), step.reshape(self.quadrature, -1)
+
+    def contributions(self, X):
+        """(rows, n_features, outputs) for the float64 rows X, in chunks that bound the temporaries."""
+        import numpy as np
+
+        chunk = max(1, EXPLAIN_CHUNK_CELLS // (self.quadrature * self.nodes * (self.width + 2)))
+        parts = [self._chunk(X[start:start + chunk]) for start in range(0, len(X), chunk)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _chunk(self, X):
+        import numpy as np
+
+        n, roots, internal, edges = len(X), self.roots, self.internal, self.edges
+        if self.float32:       # compared as scikit-learn compares: float32 (1e300 is infinite there) against float64
+            with np.errstate(over="ignore"):
+                X = X.astype(np.float32).astype(np.float64)
+        values = X[:, self.feature]
+        satisfied = (values > self.lo) & (values <= self.hi)
+        missing = np.isnan(values)
+        if missing.any():
+            satisfied |= missing & self.nan_follows
+        satisfied_above = satisfied[:, self.prev] | self.no_prev
+        case = (2 - satisfied - satisfied_above) * edges + self.edge_index          # (rows, edges)
+        ratio = np.take(self.ratio, case, axis=1)                                     # (q, rows, edges)
+        above = np.empty((self.quadrature, n, internal))                # product of the ratios down to each node
+        above[:, :, :roots] = 1.0
+        for start, end in self.levels[1:]:
+            np.multiply(np.take(above, self.parent[start:end], axis=2), ratio[:, :, start - roots:end - roots],
+                        out=above[:, :, start:end])
+        below = np.empty((self.quadrature, self.width, n, self.nodes))   # sum of v_l P_l over the leaves below
+        leaf_products = np.take(above, self.parent[internal:], axis=2) * ratio[:, :, internal - roots:]
+        np.multiply(leaf_products[:, None], self.leaf_values[None, :, None, :], out=below[..., internal:])
+        for start, end in self.levels[::-1]:
+            np.add(np.take(below, self.left[start:end], axis=3), np.take(below, self.right[start:end], axis=3),
+                   out=below[..., start:end])
+        step = np.take(self.step, case, axis=1)
+        per_edge = (step[:, None] * below[..., roots:]).sum(axis=0)                  # (outputs, rows, edges)
+        summed = self.incidence @ per_edge.reshape(self.width * n, edges).T           # (features, outputs * rows)
+        return np.asarray(summed).reshape(self.n_features, self.width, n).transpose(2, 0, 1)
+
+
+def _sklearn_tree(tree, scale, normalize=False):
+    """A scikit-learn Tree as TreeSHAP reads it: values (per class as fractions when `normalize`) times `scale`."""
+    import numpy as np
+
+    value = tree.value.reshape(tree.node_count, -1).astype(np.float64)
+    if normalize:
+        total = value.sum(axis=1, keepdims=True)
+        value = value / np.where(total == 0, 1.0, total)
+    missing_left = getattr(tree, "missing_go_to_left", None)
+    return _Tree(tree.children_left.astype(np.intp), tree.children_right.astype(np.intp),
+                 tree.feature.astype(np.intp), tree.threshold.astype(np.float64),
+                 np.zeros(tree.node_count, dtype=bool) if missing_left is None else missing_left.astype(bool),
+                 tree.weighted_n_node_samples.astype(np.float64), value * scale)
+
+
+def _histogram_tree(predictor):
+    """A histogram boosting predictor's nodes as TreeSHAP reads them: their `count` is the cover (as in shap)."""
+    import numpy as np
+
+    nodes = predictor.nodes
+    if nodes["is_categorical"].any():
+        raise _NotExplained("its categorical features split on sets of categories, which are not explained here")
+    leaf = nodes["is_leaf"].astype(bool)
+    return _Tree(np.where(leaf, -1, nodes["left"].astype(np.intp)), np.where(leaf, -1, nodes["right"].astype(np.intp)),
+                 nodes["feature_idx"].astype(np.intp), nodes["num_threshold"].astype(np.float64),
+                 nodes["missing_go_to_left"].astype(bool), nodes["count"].astype(np.float64),
+                 nodes["value"].astype(np.float64)[:, None])
+
+
+#: what an Explainer explains: the estimator's method, in words, and the names of its outputs
+_Explained = collections.namedtuple("_Explained", "method output output_names")
+
+
+def _class_outputs(estimator, method):
+    """_Explained for a classifier's method: one output per class, or the positive class's margin alone."""
+    classes = [str(label) for label in to_jsonable(estimator.classes_)]
+    if method == "predict_proba":
+        return _Explained(method, "probability", classes)
+    return _Explained(method, "raw margin", classes[1:] if len(classes) == 2 else classes)
+
+
+def _regression_outputs(width):
+    return _Explained("predict", "prediction", ["predict"] if width == 1 else [f"predict[{i}]" for i in
+                                                                                  range(width)])
+
+
+def _forest_shap(estimator, n_features, reference=None):
+    """Trees and forests: ([_TreeShap], _Explained); classifiers' trees give class fractions, averaged."""
+    members = getattr(estimator, "estimators_", None) or [estimator]
+    if getattr(estimator, "n_outputs_", 1) != 1 and hasattr(estimator, "classes_"):
+        raise _NotExplained("it is a multi-output classifier")
+    classifier = hasattr(estimator, "classes_")
+    trees = [_sklearn_tree(member.tree_, 1.0 / len(members), normalize=classifier) for member in members]
+    explained = _class_outputs(estimator, "predict_proba") if classifier else \
+        _regression_outputs(trees[0].value.shape[1])
+    return [_TreeShap(trees, n_features, float32=True)], explained
+
+
+def _boosting_shap(estimator, n_features, reference=None):
+    """GradientBoosting*: one TreeSHAP per output (the column of estimators_), its init's raw value as base."""
+    import numpy as np
+    from sklearn.dummy import DummyClassifier, DummyRegressor
+
+    init = estimator.init_
+    if not (isinstance(init, str) and init == "zero") and type(init) not in (DummyClassifier, DummyRegressor):
+        raise _NotExplained(f"its init estimator {type(init).__name__} makes the base value depend on the row")
+    base = np.asarray(estimator._raw_predict_init(np.zeros((1, n_features), dtype=np.float32)))[0]
+    groups = [_TreeShap([_sklearn_tree(tree.tree_, estimator.learning_rate) for tree in column], n_features,
+                        float32=True, base=base[k]) for k, column in enumerate(estimator.estimators_.T)]
+    classifier = hasattr(estimator, "classes_")
+    return groups, _class_outputs(estimator, "decision_function") if classifier else _regression_outputs(1)
+
+
+def _histogram_boosting_shap(estimator, n_features, reference=None):
+    """HistGradientBoosting*: one TreeSHAP per output, the baseline prediction as base."""
+    import numpy as np
+
+    if getattr(estimator, "_preprocessor", None) is not None:
+        raise _NotExplained("its categorical features split on sets of categories, which are not explained here")
+    base = np.asarray(estimator._baseline_prediction, dtype=np.float64).reshape(-1)
+    groups = [_TreeShap([_histogram_tree(iteration[k]) for iteration in estimator._predictors], n_features,
+                        base=base[k]) for k in range(estimator.n_trees_per_iteration_)]
+    classifier = hasattr(estimator, "classes_")
+    return groups, _class_outputs(estimator, "decision_function") if classifier else _regression_outputs(1)
+
+
+@functools.cache
+def _explained_families():
+    """{estimator class: builder(estimator, width, reference) -> ([parts], _Explained)}: exact classes only, so a
+    subclass's own predictions are never explained as its parent's.  A part (a _TreeShap or a _Linear) has
+    `expected`, `width` and `contributions(Z)`; the parts' outputs are side by side."""
+    from sklearn import ensemble, linear_model, svm, tree
+
+    families = {
+        _forest_shap: (tree.DecisionTreeClassifier, tree.DecisionTreeRegressor, tree.ExtraTreeClassifier,
+                  tree.ExtraTreeRegressor, ensemble.RandomForestClassifier, ensemble.RandomForestRegressor,
+                  ensemble.ExtraTreesClassifier, ensemble.ExtraTreesRegressor),
+        _boosting_shap: (ensemble.GradientBoostingClassifier, ensemble.GradientBoostingRegressor),
+        _histogram_boosting_shap: (ensemble.HistGradientBoostingClassifier, ensemble.HistGradientBoostingRegressor),
+        _linear_shap: (linear_model.LinearRegression, linear_model.Ridge, linear_model.RidgeCV, linear_model.Lasso,
+                  linear_model.LassoCV, linear_model.ElasticNet, linear_model.ElasticNetCV, linear_model.Lars,
+                  linear_model.LassoLars, linear_model.BayesianRidge, linear_model.ARDRegression,
+                  linear_model.HuberRegressor, linear_model.QuantileRegressor, linear_model.SGDRegressor,
+                  svm.LinearSVR, linear_model.LogisticRegression, linear_model.LogisticRegressionCV,
+                  linear_model.RidgeClassifier, linear_model.RidgeClassifierCV, linear_model.SGDClassifier,
+                  linear_model.Perceptron, svm.LinearSVC),
+    }
+    return {cls: builder for builder, classes in families.items() for cls in classes}
+
+
+class _Linear:
+    """coef · (z - reference) for the rows z a linear model takes; the expected value is its output at the
+    reference.  Proved: the model's own method must answer z @ coef.T + intercept."""
+
+    def __init__(self, estimator, reference):
+        import numpy as np
+
+        coef = np.asarray(estimator.coef_, dtype=np.float64)
+        self.coef = coef.reshape(-1, coef.shape[-1])                            # (outputs, features)
+        intercept = np.asarray(estimator.intercept_, dtype=np.float64).reshape(-1)
+        self.reference = np.zeros(self.coef.shape[1]) if reference is None else reference
+        self.expected = self.coef @ self.reference + np.broadcast_to(intercept, self.coef.shape[:1])
+        self.width = len(self.expected)
+
+    def contributions(self, Z):
+        return (Z - self.reference)[:, :, None] * self.coef.T[None]
+
+
+def _linear_shap(estimator, n_features, reference=None):
+    explained = _class_outputs(estimator, "decision_function") if hasattr(estimator, "classes_") else \
+        _regression_outputs(1 if getattr(estimator, "coef_").ndim == 1 else estimator.coef_.shape[0])
+    return [_Linear(estimator, reference)], explained
+
+
+def _split_pipeline(estimator, n_features):
+    """(final estimator, the transform of the steps before it or None, owners or None): owners[j] is the input
+    column that column j of the transformed rows comes from."""
+    import numpy as np
+    from sklearn.pipeline import Pipeline
+
+    if type(estimator) is not Pipeline:
+        return estimator, None, None
+    owners = np.arange(n_features)
+    for _, step in estimator.steps[:-1]:
+        owners = owners[_column_owners(step, len(owners))]
+    return estimator.steps[-1][1], estimator[:-1].transform, owners
+
+
+def _column_owners(step, width):
+    """For each column a fitted transformer answers, the index of the input column (of `width`) it comes from."""
+    import numpy as np
+    from sklearn import compose, impute, pipeline, preprocessing
+
+    same, kind = np.arange(width), type(step)
+    if step is None or (isinstance(step, str) and step == "passthrough") or kind in (
+            preprocessing.StandardScaler, preprocessing.MinMaxScaler, preprocessing.MaxAbsScaler,
+            preprocessing.RobustScaler, preprocessing.OrdinalEncoder) or (
+            kind is preprocessing.FunctionTransformer and step.func is None):
+        return same
+    if kind is preprocessing.OneHotEncoder:
+        return np.repeat(same, step._n_features_outs)
+    if kind is preprocessing.KBinsDiscretizer:
+        return same if step.encode == "ordinal" else np.repeat(same, step.n_bins_)
+    if kind is impute.SimpleImputer:
+        dropped = np.array([value != value for value in step.statistics_], dtype=bool)   # NaN: an empty column
+        kept = same if step.keep_empty_features or step.strategy == "constant" else same[~dropped]
+        return np.concatenate([kept, step.indicator_.features_]) if step.add_indicator else kept
+    if kind is pipeline.Pipeline:
+        for _, inner in step.steps:
+            same = same[_column_owners(inner, len(same))]
+        return same
+    if kind is compose.ColumnTransformer:
+        blocks = []
+        for name, transformer, _ in step.transformers_:
+            columns = step.output_indices_[name]
+            if columns.stop > columns.start:
+                inputs = np.asarray(step._transformer_to_input_indices[name], dtype=np.intp)
+                blocks.append((columns.start, inputs[_column_owners(transformer, len(inputs))]))
+        return np.concatenate([owners for _, owners in sorted(blocks, key=lambda block: block[0])] or
+                              [np.zeros(0, dtype=np.intp)])
+    raise _NotExplained(f"its step {kind.__name__} mixes its input columns (each column must come from one)")
+
+
+def _outputs_matrix(outputs):
+    """A method's answer as (rows, outputs) float64: a 1-D answer is one output."""
+    import numpy as np
+
+    outputs = np.asarray(outputs, dtype=np.float64)
+    return outputs[:, None] if outputs.ndim == 1 else outputs
+
+
+def _adds_up(expected, contributions, outputs):
+    """Whether expected value + contributions equal the outputs in every row, to EXPLAIN_TOLERANCE (relative
+    beyond 1)."""
+    import numpy as np
+
+    total = expected + contributions.sum(axis=1)
+    return total.shape == outputs.shape and bool(
+        (np.abs(total - outputs) <= EXPLAIN_TOLERANCE * np.maximum(1.0, np.abs(outputs))).all())
+
+
+class Explainer:
+    """How one fitted estimator's predictions are explained (see "Explanations"); built once per model.
+
+    `n_features`: the width of the rows it takes, named `feature_names` (default x0, x1, ...).
+    `reference`: one row as the model takes it, from which a linear model's contributions are
+    measured; without one, from the zero of its final estimator's inputs, which is the training
+    mean of the features a StandardScaler standardizes.  Trees need none: path-dependent TreeSHAP
+    weighs each split by the training rows that reached it.  Raises _NotExplained, saying why.
+    """
+
+    def __init__(self, estimator, n_features, feature_names=None, reference=None):
+        self.n_features = n_features
+        self.feature_names = [str(name) for name in feature_names] if feature_names is not None else \
+            [f"x{i}" for i in range(n_features)]
+        steps = getattr(estimator, "steps", None)
+        self.family = type(estimator).__name__ if not steps else f"a Pipeline ending in {type(steps[-1][1]).__name__}"
+        try:
+            self._build(estimator, reference)
+        except _NotExplained as why:
+            raise _NotExplained(f"{self.family}: {why}") from None
+
+    def _build(self, estimator, reference):
+        import numpy as np
+
+        final, self._transform, self._owners = _split_pipeline(estimator, self.n_features)
+        builder = _explained_families().get(type(final))
+        if builder is None:
+            raise _NotExplained("not a family explained exactly here (trees, forests, gradient and histogram "
+                                "boosting, linear models, and pipelines of scalers, imputers and encoders in "
+                                "front of them)")
+        width = self.n_features if self._owners is None else len(self._owners)
+        self._parts, self.explained = builder(final, width, None if reference is None else self._rows(reference)[0])
+        self.expected = np.concatenate([part.expected for part in self._parts])
+        self._prove(final, width)
+
+    def explain(self, X):
+        """(expected value per output, contributions (rows, features, outputs)) for the rows X the model takes."""
+        import numpy as np
+
+        contributions = self._contributions(self._rows(X))
+        if self._owners is None:
+            return self.expected, contributions
+        summed = np.zeros((len(contributions), self.n_features, contributions.shape[2]))
+        np.add.at(summed, (slice(None), self._owners), contributions)       # a one-hot block sums to its feature
+        return self.expected, summed
+
+    def _contributions(self, Z):
+        import numpy as np
+
+        return np.concatenate([part.contributions(Z) for part in self._parts], axis=2)
+
+    def _rows(self, X):
+        """The rows the final estimator takes (transformed by the steps before it), as dense float64."""
+        import numpy as np
+
+        Z = X if self._transform is None else self._transform(X)
+        Z = np.asarray(Z.toarray() if hasattr(Z, "toarray") else Z, dtype=np.float64)
+        if self._owners is not None and Z.shape[1] != len(self._owners):
+            raise _NotExplained(f"its steps answer {Z.shape[1]} columns where {len(self._owners)} were traced")
+        return Z
+
+    def _prove(self, final, width):
+        """Refuse unless, on probe rows, expected value + contributions equal the final estimator's own answers."""
+        import numpy as np
+
+        rng = np.random.default_rng(_EXPLAIN_PROBE_SEED)
+        rows = rng.normal(size=(_EXPLAIN_PROBES, width)) * 3
+        trees = [part for part in self._parts if isinstance(part, _TreeShap)]
+        if trees:                             # values at the trees' thresholds, where a path could go either way
+            features = np.concatenate([part.feature for part in trees])
+            splits = np.concatenate([np.where(np.isfinite(part.hi), part.hi, part.lo) for part in trees])
+            for feature in np.unique(features):
+                finite = splits[(features == feature) & np.isfinite(splits)]      # a split on NaN alone is at inf
+                if len(finite):
+                    rows[:, feature] = rng.choice(finite, size=len(rows))
+            rows *= 1 + rng.choice([-1e-7, 0.0, 1e-7], size=rows.shape)
+        missing = np.where(rng.random(rows.shape) < 0.2, np.nan, rows)
+        for probe in (rows, missing):
+            try:
+                outputs = _outputs_matrix(getattr(final, self.explained.method)(probe))
+            except ValueError:                # NaN, which the model refuses: nothing to prove there
+                continue
+            if not _adds_up(self.expected, self._contributions(probe), outputs):
+                raise _NotExplained(f"its explanation does not add up to its own {self.explained.method} on "
+                                    "probe rows")
+
+
+_explainers = weakref.WeakKeyDictionary()     # LoadedModel -> (its reference as JSON, Explainer or _NotExplained)
+_explainers_lock = threading.Lock()
+
+
+def explain_model(model, inputs, reference=None):
+    """The "explanations" of a LoadedModel's answer for `inputs` (rows as model_inputs makes them).
+
+    The rows are answered by the model's own method first, so they are refused exactly as a
+    prediction would be, and the explanation must add up to that answer in every row (else a
+    500: our fault).  `reference`: model-settings.json's "explain" reference row, as a request
+    would send it.  A model that cannot be explained exactly is a 501 naming its family and why.
+    """
+    explainer = _explainer(model, reference)
+    outputs = _outputs_matrix(model.call(explainer.explained.method, inputs))
+    expected, contributions = explainer.explain(inputs)
+    if not _adds_up(expected, contributions, outputs):
+        raise ServiceError("the explanation does not add up to the model's answer", model=model.name)
+    method, output, output_names = explainer.explained
+    return {"method": method, "output": output, "expected_value": to_jsonable(expected),
+            "contributions": to_jsonable(contributions), "feature_names": explainer.feature_names,
+            "output_names": output_names}
+
+
+def _explainer(model, reference):
+    """The model's Explainer, built at its first explanation (and again when its reference changes)."""
+    key = json.dumps(reference, sort_keys=True)
+    with _explainers_lock:
+        cached = _explainers.get(model)
+        if cached is None or cached[0] != key:
+            cached = _explainers[model] = (key, _build_explainer(model, reference))
+    if isinstance(cached[1], _NotExplained):
+        raise NotImplementedHere(f"model {model.name!r} cannot be explained exactly: {cached[1]}", model=model.name)
+    return cached[1]
+
+
+def _build_explainer(model, reference):
+    if model.n_features is None:
+        return _NotExplained(f"{type(model.estimator).__name__} does not take tabular rows")
+    try:
+        rows = None if reference is None else model_inputs(model, [reference], 1)
+    except BadRequest as error:           # the settings file's fault, not the caller's
+        raise ServiceError(f'model-settings.json "explain" reference: {error.message}', model=model.name) from None
+    try:
+        return Explainer(model.estimator, model.n_features, model.feature_names, rows)
+    except _NotExplained as error:
+        return error
 
 
 ###############################################################################

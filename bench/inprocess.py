@@ -114,7 +114,7 @@ def main(argv=None):
         import service
 
         app = service.create_app(store=built["store"])
-        registry = app.config["service.registry"]
+        registry = app.registry
         registry.refresh()                                  # the first scan (a request would do it)
         print("| model | body | Bottle floor µs/request | service.py µs/request | ratio (floor / service) |")
         print("|---|---|---:|---:|---:|")

@@ -16,9 +16,11 @@ features) into a temporary model store, then measures in one run:
     and 8, and --workers 2 / batching when `python service.py --help` shows those flags):
     req/s and p50/p99 latency at concurrency 1, 8 and 32 for one-row requests, rows/s for 64-row
     requests at concurrency 8;
-  * with --peers: MLServer (defaults, and adaptive batching) and `mlflow models serve`, each installed
-    into its own virtual environment and driven with its own protocol's body, beside the service
-    answering the same body;
+  * V2 over gRPC (`--grpc-port`) beside V2 over HTTP, both driven by Python threads (bench/grpc_load.py:
+    wrk speaks no gRPC);
+  * with --peers: MLServer (defaults, adaptive batching, and over gRPC) and `mlflow models serve`, each
+    installed into its own virtual environment and driven with its own protocol's body, beside the
+    service answering the same body;
   * cold start (`import service`; process start to the first /healthz answer and to the first
     prediction of a lazily loaded model) and memory (RSS with nothing loaded, and per model);
 
@@ -67,8 +69,10 @@ POINTS = [(1, c) for c in CONCURRENCY] + [(BULK_ROWS, BULK_CONCURRENCY)]    # (r
 
 #: Where a request protocol's answer holds the predictions: V1 (the service's /models/<name>/predict,
 #: MLflow's /invocations) and V2 (the Open Inference Protocol: MLServer, the service's /v2/.../infer).
+#: "v2-grpc" is V2 over gRPC (bench/grpc_load.py): the same V2 body, sent as a ModelInferRequest.
 PREDICTIONS = {"v1": lambda answer: answer["predictions"],
                "v2": lambda answer: answer["outputs"][0]["data"]}
+GRPC = "v2-grpc"
 
 #: The peers' virtual environments: what pip installs into each (with this run's scikit-learn, so that
 #: they load the same joblib files), the import that proves it is there, the versions the report names.
@@ -92,6 +96,7 @@ PEER_SERVERS = {
     "mlserver-batch": ("MLServer {mlserver}, adaptive batching (max_batch_size 32, max_batch_time 2 ms)",
                        "mlserver", ("rf",), {"max_batch_size": 32, "max_batch_time": 0.002}, "service-batch-v2"),
     "mlflow": ("mlflow models serve {mlflow}, defaults", "mlflow", MODELS, None, "service"),
+    "mlserver-grpc": ("MLServer {mlserver}, defaults, V2 over gRPC", "mlserver", MODELS, None, "service-grpc"),
 }
 
 sys.path.insert(0, HERE)
@@ -247,9 +252,25 @@ def flat(values):
     return [x for v in values for x in (flat(v) if isinstance(v, list) else [v])]
 
 
+def grpc_call(name, *args):
+    """bench/grpc_load.py's function `name` (imported when a gRPC point runs), its refusals as Unmeasured."""
+    import grpc_load
+    try:
+        return getattr(grpc_load, name)(*args)
+    except grpc_load.GrpcUnmeasured as error:
+        raise Unmeasured(str(error)) from None
+
+
 def check_prediction(port, path, body, expected, protocol="v1"):
-    """One POST: must answer 200 with exactly the `expected` predictions (what the model predicts
-    in-process), found where `protocol`'s answers hold them."""
+    """One POST (one ModelInfer call for V2 over gRPC, `path` being /MODEL): must answer 200 with exactly
+    the `expected` predictions (what the model predicts in-process), found where `protocol`'s answers
+    hold them."""
+    if protocol == GRPC:
+        predictions = grpc_call("predictions", f"{HOST}:{port}", path[1:], body)
+        if [float(x) for x in predictions] != [float(x) for x in expected]:
+            raise Unmeasured(f"sanity call ModelInfer {path[1:]}: answered {predictions[:8]}, the model "
+                             f"predicts {expected[:8]}")
+        return
     status, data = http_call(port, "POST", path, body)
     if status != 200:
         raise Unmeasured(f"sanity request POST {path} answered HTTP {status}: {data[:300]!r}")
@@ -369,13 +390,27 @@ def run_python_load(url, body_path, concurrency, duration):
 ###############################################################################
 
 class Server:
-    """One server configuration: how to start it, where it predicts and with which protocol's body."""
+    """One server configuration: how to start it, where it predicts and with which protocol's body.
+    `client` names its load generator when it is not the run's own (wrk): "python" (run_python_load) or
+    "grpc" (bench/grpc_load.py), so that V2 over gRPC is compared with V2 over HTTP from the same kind of
+    client."""
 
     def __init__(self, key, label, group, argv, models=MODELS, per_model=False, env=None, cwd=REPO,
-                 path="/models/{model}/predict", protocol="v1"):
+                 path="/models/{model}/predict", protocol="v1", client=None):
         self.key, self.label, self.group = key, label, group
         self.argv, self.models, self.per_model = argv, models, per_model
         self.env, self.cwd, self.path, self.protocol = env or (lambda model, port: {}), cwd, path, protocol
+        self.client = client
+
+    def url(self, port, model):
+        scheme = "grpc" if self.protocol == GRPC else "http"
+        return f"{scheme}://{HOST}:{port}{self.path.format(model=model)}"
+
+    def load(self, run_load):
+        """The load generator for this server: its own client's, else the run's (`run_load`)."""
+        if self.client == "grpc":
+            return lambda *args: grpc_call("run_grpc_load", *args)
+        return run_python_load if self.client == "python" else run_load
 
     def command(self, model="MODEL", port="PORT"):
         env = self.env(model, port)
@@ -480,17 +515,22 @@ def spare_port(port):
 
 def mlserver_server(args, key, label, env, models, batching, built):
     """MLServer serving `models` from one folder of model-settings.json (its own layout), each naming
-    this run's joblib file; HTTP on the port given, gRPC and metrics on free ports."""
+    this run's joblib file; HTTP on the port given, gRPC and metrics on free ports (gRPC on the port
+    given and HTTP on a free one for the `-grpc` key, driven by bench/grpc_load.py)."""
     folder = os.path.join(args.tmp, key)
     for model in models:
         os.makedirs(os.path.join(folder, model))
         with open(os.path.join(folder, model, "model-settings.json"), "w") as f:
             json.dump({"name": model, "implementation": "mlserver_sklearn.SKLearnModel",
                        "parameters": {"uri": built["artifacts"][model]}, **(batching or {})}, f, indent=2)
+    grpc = key.endswith("-grpc")
     return Server(key, label, "peer", lambda m, p: [os.path.join(env["bin"], "mlserver"), "start", folder],
-                  models=models, cwd=folder, path="/v2/models/{model}/infer", protocol="v2",
-                  env=lambda m, p: {**env["vars"], "MLSERVER_HOST": HOST, "MLSERVER_HTTP_PORT": str(p),
-                                    "MLSERVER_GRPC_PORT": spare_port(p), "MLSERVER_METRICS_PORT": spare_port(p)})
+                  models=models, cwd=folder, path="/{model}" if grpc else "/v2/models/{model}/infer",
+                  protocol=GRPC if grpc else "v2", client="grpc" if grpc else None,
+                  env=lambda m, p: {**env["vars"], "MLSERVER_HOST": HOST,
+                                    "MLSERVER_HTTP_PORT": spare_port(p) if grpc else str(p),
+                                    "MLSERVER_GRPC_PORT": str(p) if grpc else spare_port(p),
+                                    "MLSERVER_METRICS_PORT": spare_port(p)})
 
 
 #: run in MLflow's environment: argv = folder, then (model name, joblib file, 64-row body) triples
@@ -550,7 +590,7 @@ def peer_servers(args, built, notes):
     return servers, {name: env for name, (env, _) in envs.items() if env}
 
 
-def build_servers(args, features, built, notes, have_flask, have_gunicorn, peers=()):
+def build_servers(args, features, built, notes, have_flask, have_gunicorn, have_grpc, peers=()):
     """The servers to measure: those --only picks, then the service configurations the peers are
     compared with (whatever --only says), then the peers."""
     servers, artifacts = [], built["artifacts"]
@@ -603,6 +643,16 @@ def build_servers(args, features, built, notes, have_flask, have_gunicorn, peers
             notes.append("model-service --workers 2: not measured, gunicorn is not installed (pip install gunicorn)")
     else:
         notes.append("model-service --workers 2: not measured, `python service.py --help` shows no --workers flag")
+    if "--grpc-port" in flags and have_grpc:
+        # V2 over gRPC (HTTP on a free port beside it) and V2 over HTTP, both driven by Python threads
+        add(Server("service-grpc", "model-service --grpc-port, V2 over gRPC (Python gRPC client)", "service",
+                   lambda m, p: [PY, SERVICE, "--store", built["store"], "--port", spare_port(p), "--grpc-port", str(p)],
+                   path="/{model}", protocol=GRPC, client="grpc"))
+        add(Server("service-v2-py", "model-service, defaults, V2 over HTTP (Python HTTP client)", "service",
+                   lambda m, p: [PY, SERVICE, "--store", built["store"], "--port", str(p)],
+                   path="/v2/models/{model}/infer", protocol="v2", client="python"))
+    elif "--grpc-port" not in flags:
+        notes.append("model-service over gRPC: not measured, `python service.py --help` shows no --grpc-port flag")
     if "--max-batch-size" in flags and "--max-latency-ms" in flags:
         extra = shlex.split(args.batching_args)
         service("service-batch", "model-service, batching on (" + " ".join(extra) + ")", extra, models=("rf",))
@@ -635,7 +685,7 @@ def start_server(args, load, server, bodies, expected, lost):
         proc, port = procs[model if server.per_model else server.models[0]]
         path = server.path.format(model=model)
         try:
-            if server.group == "service" and proc not in checked:
+            if server.group == "service" and server.protocol != GRPC and proc not in checked:
                 wait_until(proc, lambda: http_call(port, "GET", "/healthz", timeout=5)[0] == 200, 60, "/healthz")
                 checked.add(proc)
             with open(body[(model, 1)], "rb") as f:
@@ -648,7 +698,7 @@ def start_server(args, load, server, bodies, expected, lost):
             warm_burst(port, path, body1, expected[(model, 1)], server.protocol)
             check_prediction(port, path, body64, expected[(model, BULK_ROWS)], server.protocol)
             if args.warmup:
-                load(f"http://{HOST}:{port}{path}", body[(model, 1)], 8, args.warmup)    # not recorded
+                server.load(load)(server.url(port, model), body[(model, 1)], 8, args.warmup)    # not recorded
             ready.append((model, proc, port))
         except Unmeasured as error:
             lost(server, f"{server.label}, {model}: did not start, or answered wrongly: {error}")
@@ -686,7 +736,7 @@ def measure_rounds(args, load, running, bodies, expected, results, lost):
                         with open(body, "rb") as f:
                             check_prediction(port, path, f.read(), expected[(model, rows)], server.protocol)
                         cpu0, wall0 = group_cpu_seconds(proc.pid), time.perf_counter()
-                        result = load(f"http://{HOST}:{port}{path}", body, c, args.duration)
+                        result = server.load(load)(server.url(port, model), body, c, args.duration)
                         cpu1, wall1 = group_cpu_seconds(proc.pid), time.perf_counter()
                     except Unmeasured as error:
                         dropped.add((server.key, model))
@@ -1012,8 +1062,9 @@ def build_report(args, info, raw, imp, cold, servers, results, notes, failures, 
         within = f", and the lowest and highest ratio within one round (of {args.rounds})" if args.rounds > 1 else ""
         out(f"Each cell: the ratio of the median req/s (**above 1: the service answered more**), the two figures"
             f"{within}. Each column compares servers that get the same body: `service-v2` and `service-batch-v2` "
-            "are the service answering MLServer's V2 body on /v2/models/NAME/infer; MLflow's /invocations takes "
-            "the service's own body.")
+            "are the service answering MLServer's V2 body on /v2/models/NAME/infer; `service-grpc` answers the "
+            "same rows over gRPC beside MLServer's gRPC port, both driven by bench/grpc_load.py's Python client; "
+            "MLflow's /invocations takes the service's own body.")
         out("")
         out("| point | " + " | ".join(f"`{versus}` ÷ {title}" for versus, title, _ in columns) + " |")
         out("|---|" + "---:|" * len(columns))
@@ -1024,6 +1075,10 @@ def build_report(args, info, raw, imp, cold, servers, results, notes, failures, 
                 if any(cell != "–" for cell in cells):
                     out(f"| {model}, {rows} row{'s' if rows > 1 else ''}, c={c} | " + " | ".join(cells) + " |")
         out("")
+
+    grpc_lines = grpc_section(by, args.rounds)
+    if grpc_lines:
+        lines += grpc_lines
 
     # cold start and memory
     out("## Cold start and memory (model-service, defaults)")
@@ -1118,6 +1173,30 @@ def build_report(args, info, raw, imp, cold, servers, results, notes, failures, 
                     out("  ```")
         out("")
     return "\n".join(lines)
+
+
+def grpc_section(by, rounds):
+    """V2 over gRPC beside V2 over HTTP, the same service configuration and rows, both from Python threads
+    (wrk speaks no gRPC): the lines of its section, or none when gRPC was not measured."""
+    points = [(model, rows, c) for model in MODELS for rows, c in POINTS
+              if by.get(("service-grpc", model, rows, c)) and by.get(("service-v2-py", model, rows, c))]
+    if not points:
+        return []
+    within = f", and the lowest and highest ratio within one round (of {rounds})" if rounds > 1 else ""
+    lines = ["## V2 over gRPC beside V2 over HTTP", "",
+             "The same service (defaults, `--grpc-port` added) and the same rows, one V2 tensor: over gRPC as a "
+             "ModelInferRequest with raw contents (tritonclient's messages, one channel per client thread), over "
+             "HTTP as JSON on /v2/models/NAME/infer (one keep-alive connection per thread). Both load generators "
+             "are Python threads on the same cores, so the absolute figures are lower bounds; the ratio compares "
+             f"like with like. Each cell: gRPC's median req/s ÷ HTTP's (**above 1: gRPC answered more**){within}.",
+             "", "| point | gRPC req/s (p50 / p99 ms) | HTTP req/s (p50 / p99 ms) | gRPC ÷ HTTP |", "|---|---:|---:|---:|"]
+    for model, rows, c in points:
+        grpc, http = by[("service-grpc", model, rows, c)], by[("service-v2-py", model, rows, c)]
+        lines.append(f"| {model}, {rows} row{'s' if rows > 1 else ''}, c={c} | "
+                     f"{fmt_rate(grpc['rps'])} ({fmt_ms(grpc['p50'])} / {fmt_ms(grpc['p99'])}) | "
+                     f"{fmt_rate(http['rps'])} ({fmt_ms(http['p50'])} / {fmt_ms(http['p99'])}) | "
+                     f"{ratio_cell(grpc, http)} |")
+    return lines + [""]
 
 
 def targets(by, labels, imp, cold, results, flags):
@@ -1381,13 +1460,16 @@ def main(argv=None):
         have_flask = ensure_package("flask", "flask", args, notes, "the seed's Flask baseline")
         have_gunicorn = "--workers" not in features["flags"] or ensure_package(
             "gunicorn", "gunicorn", args, notes, "model-service --workers")
+        have_grpc = "--grpc-port" in features["flags"] and ensure_package(
+            "grpc, tritonclient.grpc", "tritonclient[grpc]", args, notes, "model-service over gRPC") and \
+            ensure_package("grpc", "grpcio", args, notes, "model-service over gRPC")
         log("training the reference models (iris LogisticRegression, 100-tree RandomForest)...")
         import make_models
         import raw_predict
         built = make_models.build(args.tmp)
         store, bodies, artifacts = built["store"], built["bodies"], built["artifacts"]
         peers, peer_envs = peer_servers(args, built, notes)
-        servers = build_servers(args, features, built, notes, have_flask, have_gunicorn, peers)
+        servers = build_servers(args, features, built, notes, have_flask, have_gunicorn, have_grpc, peers)
 
         log("in-process predict cost...")
         raw = raw_predict.measure(artifacts, bodies, quick=args.quick)
@@ -1413,7 +1495,7 @@ def main(argv=None):
                 failures.append(f"memory of --workers: {error}")
                 log(f"  FAILED: memory of --workers: {error}")
 
-        by_protocol = {"v1": bodies, "v2": built["bodies_v2"]}
+        by_protocol = {"v1": bodies, "v2": built["bodies_v2"], GRPC: built["bodies_v2"]}
         running = []
         for server in servers:
             log(f"starting {server.label}, checking its answers, warming it up...")

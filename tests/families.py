@@ -4,6 +4,7 @@ docs/json-model-format.md shows, shared by the JSON round-trip, pre-check and fu
 CASES maps a family's name to (the estimator, the data it is fitted and asked on).
 """
 
+import functools
 import warnings
 
 import numpy as np
@@ -188,8 +189,14 @@ CASES = {
 
 
 def fit(name, cases=CASES):
-    """(the fitted estimator, the data it was fitted on) for one family of `cases`."""
-    factory, data = cases[name]
+    """(the fitted estimator, the data it was fitted on) for one family of `cases`, fitted once per process:
+    the tests that ask share both, and none changes either (rows a test edits are its own copies)."""
+    return _fitted(cases[name])
+
+
+@functools.cache
+def _fitted(case):
+    factory, data = case
     x, y = data()
     estimator = factory()
     with warnings.catch_warnings():

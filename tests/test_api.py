@@ -1,4 +1,5 @@
-"""Every route and every error of the native JSON API, in-process (WebTest), for each artifact format."""
+"""Every route and every error of the native JSON API, in-process (WebTest); loading and metadata for each
+artifact format."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 from sklearn.datasets import load_diabetes, load_iris
 
 import service
-from conftest import IRIS_FEATURES, ROWS, assert_error, strict_json
+from support import IRIS_FEATURES, ROWS, assert_error, strict_json
 
 IRIS_ROWS = ROWS[:2]             # a setosa and a virginica
 
@@ -33,7 +34,8 @@ def test_nothing_is_loaded_before_a_prediction(client):
                       ("flowers", "1"): "UNLOADED", ("iris", "1"): "UNLOADED"}
 
 
-def test_models_lists_versions_format_and_status(client, artifact_format):
+def test_models_lists_versions_format_and_status(store_in_each_format, artifact_format, make_client):
+    client = make_client(store_in_each_format)
     models = {m["name"]: m for m in strict_json(client.get("/models"))["models"]}
     diabetes = models["diabetes"]
     assert diabetes["latest_version"] == "2"
@@ -41,7 +43,9 @@ def test_models_lists_versions_format_and_status(client, artifact_format):
     assert {v["format"] for m in models.values() for v in m["versions"]} == {artifact_format}
 
 
-def test_model_metadata_after_load(client, artifact_format, store):
+def test_model_metadata_after_load(store_in_each_format, make_client):
+    store = store_in_each_format
+    client = make_client(store)
     client.post_json("/models/flowers/predict", {"instances": IRIS_ROWS})
     body = strict_json(client.get("/models/flowers"))
     version = body["versions"][0]
@@ -100,7 +104,7 @@ def test_other_methods_by_query(client, iris_classifier, method):
 def test_transform_on_a_scaler(tmp_path, make_client, artifact_format):
     from sklearn.preprocessing import StandardScaler
 
-    from conftest import EXTENSIONS, write_artifact
+    from support import EXTENSIONS, write_artifact
     scaler = StandardScaler().fit(load_iris().data)
     write_artifact(tmp_path / f"scaler{EXTENSIONS[artifact_format]}", scaler, artifact_format)
     client = make_client(tmp_path)
@@ -157,7 +161,7 @@ def test_get_predict_with_query(client, iris_classifier):
 def test_null_cells_become_nan_and_non_finite_outputs_become_null(tmp_path, make_client, artifact_format):
     from sklearn.preprocessing import StandardScaler
 
-    from conftest import EXTENSIONS, write_artifact
+    from support import EXTENSIONS, write_artifact
     write_artifact(tmp_path / f"scaler{EXTENSIONS[artifact_format]}", StandardScaler().fit(load_iris().data),
                    artifact_format)
     client = make_client(tmp_path)
@@ -186,7 +190,7 @@ def test_any_content_type_except_multipart_is_read_as_json(client):
 # -- seed compatibility -----------------------------------------------------------------------------------
 
 def test_seed_routes_use_the_only_model(tmp_path, make_client, iris_classifier):
-    from conftest import write_artifact
+    from support import write_artifact
     write_artifact(tmp_path / "only.joblib", iris_classifier, "joblib")
     client = make_client(tmp_path)
     expected = iris_classifier.predict(np.array(IRIS_ROWS)).tolist()
@@ -428,7 +432,7 @@ def test_invalid_utf8_path_is_400_not_stripped(client):
 
 def test_internal_faults_are_500_json_without_traceback(store, make_client, caplog):
     client = make_client(store)
-    registry = client.app.config["service.registry"]
+    registry = client.app.registry
     client.get("/models")
     registry.describe = lambda name: 1 / 0      # a fault of ours, not the caller's
     response = client.get("/models/iris", expect_errors=True)

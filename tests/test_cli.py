@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -17,15 +18,15 @@ import pytest
 import webtest
 
 import service
-from conftest import ROOT, write_artifact
+from support import ROOT, write_artifact
 
 FLAGS = ["--store", "--host", "--port", "--server", "--threads", "--default-model", "--max-body-bytes",
          "--max-rows", "--max-depth", "--load-retry-seconds", "--poll-interval", "--preload", "--max-loaded",
          "--idle-unload", "--safe-pickle", "--trust", "--strict-versions", "--admin-token", "--cors-origins",
          "--allowed-hosts", "--shutdown-timeout", "--log-level", "--workers", "--access-log", "--max-batch-size",
          "--max-latency-ms", "--max-url-bytes", "--max-inflight", "--max-predict-seconds", "--auth-tokens",
-         "--payload-log", "--payload-log-sample", "--native", "--log-format", "--json-max-nodes", "--json-max-width",
-         "--json-max-categories", "--json-max-array-bytes"]
+         "--payload-log", "--payload-log-sample", "--native", "--log-format", "--connection-timeout",
+         "--grpc-port", "--json-max-nodes", "--json-max-width", "--json-max-categories", "--json-max-array-bytes"]
 
 
 @pytest.fixture(autouse=True)
@@ -123,9 +124,9 @@ def test_main_hands_serve_an_app_built_on_that_config_with_the_store_scanned(tmp
     code, serve = run_main(["--store", str(tmp_path / "store"), "--max-rows", "7"])
     assert code == 0
     app, config = serve.calls[0]
-    assert isinstance(app, bottle.Bottle)
-    assert app.config["service.config"] is config and config.max_rows == 7
-    registry = app.config["service.registry"]
+    assert isinstance(app, service.ServiceApp)
+    assert app.config is config and config.max_rows == 7
+    registry = app.registry
     assert registry.ready and registry.names() == ["iris"]
 
 
@@ -195,6 +196,14 @@ def test_an_os_error_while_serving_returns_1_and_logs_why(empty_store, caplog):
     assert "cannot serve on 127.0.0.1:9003" in caplog.text and "Address already in use" in caplog.text
 
 
+def test_an_address_waitress_cannot_bind_returns_1_and_logs_why_not_a_traceback(empty_store, caplog):
+    """waitress refuses an unresolvable --host with a ValueError, which once ended main in a traceback."""
+    with caplog.at_level(logging.ERROR, logger="service"):
+        code = service.main(["--store", str(empty_store), "--host", "not a host", "--port", "0"])
+    assert code == 1
+    assert "cannot serve on not a host:0: Invalid host/port specified" in caplog.text
+
+
 ###############################################################################
 # Bad values: exit 2 with a message naming the setting
 ###############################################################################
@@ -204,7 +213,9 @@ BAD_FLAGS = [
     (["--port", "70000"], ["--port", "0-65535", "70000"]),
     (["--port", "abc"], ["--port", "must be a whole number, not 'abc'"]),
     (["--port", "-1"], ["--port", "-1"]),
-    (["--threads", "0"], ["--threads", "positive integer", "'0'"]),
+    (["--threads", "0"], ["--threads", "from 1 to 1024", "'0'"]),
+    (["--threads", "100000000000000000000"], ["--threads", "from 1 to 1024"]),     # starting them aborted
+    (["--workers", "2000"], ["--workers", "from 1 to 1024"]),
     (["--max-body-bytes", "1e3"], ["--max-body-bytes", "'1e3'"]),
     (["--max-rows", "0"], ["--max-rows", "positive integer"]),
     (["--max-depth", "-3"], ["--max-depth", "positive integer"]),
@@ -398,16 +409,16 @@ def test_config_is_immutable():
 ###############################################################################
 
 
-def test_app_and_application_are_the_same_bottle_app():
+def test_app_and_application_are_the_same_service_app():
     assert service.app is service.application
-    assert isinstance(service.app, bottle.Bottle)
-    assert isinstance(service.app.config["service.config"], service.Config)
+    assert isinstance(service.app, service.ServiceApp)
+    assert isinstance(service.app.config, service.Config)
 
 
 def test_create_app_applies_keyword_options(tmp_path, iris, iris_classifier, make_app):
     write_artifact(tmp_path / "store" / "iris.joblib", iris_classifier, "joblib")
     app = make_app(store=tmp_path / "store", max_rows=5)
-    config = app.config["service.config"]
+    config = app.config
     assert config.max_rows == 5 and config.store == str(tmp_path / "store")
     client = webtest.TestApp(app)
     six = client.post_json("/models/iris/predict", {"instances": iris[0][:6].tolist()}, expect_errors=True)
@@ -420,19 +431,19 @@ def test_create_app_applies_keyword_options(tmp_path, iris, iris_classifier, mak
 def test_create_app_options_override_the_environment(tmp_path, monkeypatch, make_app):
     monkeypatch.setenv("MODEL_SERVICE_MAX_ROWS", "3")
     monkeypatch.setenv("MODEL_SERVICE_MAX_DEPTH", "4")
-    config = make_app(store=tmp_path, max_depth=8).config["service.config"]
+    config = make_app(store=tmp_path, max_depth=8).config
     assert config.max_rows == 3 and config.max_depth == 8 and config.store == str(tmp_path)
 
 
 def test_create_app_with_an_explicit_config_ignores_the_environment(tmp_path, monkeypatch, make_app):
     monkeypatch.setenv("MODEL_SERVICE_MAX_ROWS", "3")
     app = make_app(config=service.Config(store=str(tmp_path)))
-    assert app.config["service.config"].max_rows == 100_000
+    assert app.config.max_rows == 100_000
 
 
 def test_creating_the_app_touches_no_disk_the_first_request_does(make_app):
     app = make_app(store="/nonexistent/model/store")
-    registry = app.config["service.registry"]
+    registry = app.registry
     assert not registry.ready
     client = webtest.TestApp(app)
     assert client.get("/healthz").json == {"status": "alive"}
@@ -491,6 +502,37 @@ def test_setup_cfg_declares_the_model_service_console_script():
     assert parser["options"]["py_modules"].strip() == "service"
     assert parser["metadata"]["version"].strip() == "attr: service.__version__"
 
+
+
+def test_the_python_readme_names_is_what_setup_cfg_requires_and_what_the_demos_scikit_learn_needs():
+    """The quick start works on every Python README names: the demo's pickles answer only under the scikit-learn
+    that wrote them, and that release installs only on the Pythons its Requires-Python admits."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        named = re.search(r"\(Python (\d+\.\d+) or newer", handle.read()).group(1)
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(os.path.join(ROOT, "setup.cfg"))
+    assert parser["options"]["python_requires"].strip() == f">={named}"
+    with open(os.path.join(ROOT, "model_store", "diabetes.json"), encoding="utf-8") as handle:
+        written_by = json.load(handle)["sklearn_version"]
+    import sklearn
+
+    if sklearn.__version__ != written_by:
+        pytest.skip(f"the demo store was written by scikit-learn {written_by}, this is {sklearn.__version__}")
+    assert importlib.metadata.metadata("scikit-learn")["Requires-Python"] == f">={named}"
+
+
+@pytest.mark.slow
+def test_the_demo_store_is_rebuilt_byte_for_byte(tmp_path):
+    """scripts/build_demo_store.py writes the same bytes at every run on one machine (README says so)."""
+    trees = []
+    for run in ("first", "second"):
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_demo_store.py"), str(tmp_path / run)],
+                       check=True, capture_output=True, timeout=300)
+        paths = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path / run) for name in names]
+        trees.append({os.path.relpath(path, tmp_path / run): pathlib.Path(path).read_bytes() for path in paths})
+    assert sorted(trees[0]) == ["diabetes.json", "iris/1/model.joblib", "iris/2/model.joblib",
+                                "iris/model-settings.json", "sentiment.pkl"]
+    assert trees[0] == trees[1]
 
 def _source_layout():
     """(banner titles in order, {top-level name: line}, the line of Part II's banner, of the entry points', tree)."""

@@ -10,7 +10,7 @@ import pytest
 import requests
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
-from conftest import IRIS_FEATURES, publish, wait_until, write_artifact
+from support import IRIS_FEATURES, publish, wait_until, write_artifact
 
 CHROME = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
@@ -133,7 +133,8 @@ DIABETES_FIELDS = [f"feature {i}" for i in range(10)]
 @needs_browser
 def test_the_first_paint_shows_the_first_models_methods_fields_and_example_and_a_switch_changes_them(
         console_store, serve_store, browser):
-    with serve_store(console_store) as base:
+    with serve_store(console_store) as server:
+        base = server.base
         browser.get(base + "/")
         # diabetes, listed first, is chosen: its own inputs, not iris's, without a click
         shown = wait_for(browser, lambda state: state["features"] == DIABETES_FIELDS)
@@ -160,7 +161,8 @@ def test_the_first_paint_shows_the_first_models_methods_fields_and_example_and_a
 def test_feature_names_are_shown_as_text_and_sent_as_keys(console_store, serve_store, browser, odd_regressor):
     from selenium.webdriver.common.by import By
 
-    with serve_store(console_store) as base:
+    with serve_store(console_store) as server:
+        base = server.base
         browser.get(base + "/")
         wait_for(browser, lambda state: state["features"] == DIABETES_FIELDS)
         choose(browser, "model", "odd")
@@ -177,7 +179,8 @@ def test_feature_names_are_shown_as_text_and_sent_as_keys(console_store, serve_s
 @needs_browser
 def test_a_bad_field_is_named_and_marked_a_prediction_refreshes_the_states_and_errors_show_status_and_message(
         console_store, serve_store, browser, named_iris_classifier):
-    with serve_store(console_store, "--poll-interval", "0.2") as base:
+    with serve_store(console_store, "--poll-interval", "0.2") as server:
+        base = server.base
         browser.get(base + "/")
         choose(browser, "model", "iris")
         wait_for(browser, lambda state: state["features"] == IRIS_FEATURES)
@@ -228,7 +231,8 @@ def test_the_console_asks_for_the_token_and_sends_it(console_store, serve_store,
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    with serve_store(console_store, env={"MODEL_SERVICE_AUTH_TOKENS": TOKEN}) as base:
+    with serve_store(console_store, env={"MODEL_SERVICE_AUTH_TOKENS": TOKEN}) as server:
+        base = server.base
         browser.get(base + "/")
         shown = wait_for(browser, lambda state: state["listing"])
         assert shown["listing"].startswith("Cannot list the models: 401 Unauthorized: ") and \
@@ -238,3 +242,28 @@ def test_the_console_asks_for_the_token_and_sends_it(console_store, serve_store,
         predict(browser, raw="[" + ",".join(["[0,0,0,0,0,0,0,0,0,0]"] * 2) + "]")
         shown = wait_for(browser, lambda state: state["status"].startswith("200"))
         assert '"predictions"' in shown["result"]
+
+
+@needs_browser
+def test_at_1280_by_900_the_first_view_holds_the_predict_button_and_nothing_looks_like_a_value(
+        console_store, serve_store, browser):
+    """A placeholder is a word, not a grey "0"; the Predict button is on the first screen;
+    the token form keeps its distance from the table; a version not loaded yet says when it will be."""
+    before = browser.get_window_size()
+    browser.set_window_size(1280, 900)
+    try:
+        with serve_store(console_store) as server:
+            browser.get(server.base + "/")
+            shown = wait_for(browser, lambda state: state["features"] == DIABETES_FIELDS)
+            layout = browser.execute_script("""
+                const box = (id) => document.getElementById(id).getBoundingClientRect();
+                return {height: window.innerHeight, send: box("send").bottom, token: box("auth").bottom,
+                        table: box("models").top,
+                        placeholders: [...document.querySelectorAll("#features input")].map((i) => i.placeholder)};""")
+    finally:
+        browser.set_window_size(before["width"], before["height"])
+    assert layout["send"] <= layout["height"], layout
+    assert layout["table"] - layout["token"] >= 8, layout
+    assert set(layout["placeholders"]) == {"number"}
+    states = {row[0]: row[4] for row in shown["table"]}
+    assert states["iris"] == "1: loads on first request" and states["diabetes"] == "1: AVAILABLE"

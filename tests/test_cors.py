@@ -4,9 +4,7 @@
 import pytest
 
 import service
-from conftest import write_artifact
-
-ROW = [[5.1, 3.5, 1.4, 0.2]]
+from support import ROW, write_artifact
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import os
 import pytest
 
 import service
-from conftest import ROOT
+from support import ROOT
 from families import CASES, assert_identical, fit, outputs
 
 

@@ -23,7 +23,7 @@ from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
 import service
-from conftest import ROOT
+from support import ROOT
 
 X, Y = load_iris(return_X_y=True)
 

@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MaxAbsScaler, MinMaxScaler, RobustScaler, StandardScaler
 
 import service
-from conftest import IRIS_FEATURES
+from support import IRIS_FEATURES
 
 METHODS = ("predict", "predict_proba", "predict_log_proba", "decision_function", "transform")
 

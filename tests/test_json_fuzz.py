@@ -46,10 +46,10 @@ def test_a_sample_of_generated_documents_is_refused_or_served(documents):
 
 
 def test_the_harness_notices_a_crash_a_hang_and_memory_past_the_budget():
-    worker = json_fuzz.Worker(timeout=2.0)
+    worker = json_fuzz.Worker(timeout=30.0)
     try:
         assert worker.ask({"selftest": "crash"})["outcome"] == "crash"
-        assert worker.ask({"selftest": "hang"})["outcome"] == "hang"
+        assert worker.ask({"selftest": "hang"}, timeout=0.5)["outcome"] == "hang"     # a hang costs no 30 s here
         answer = worker.ask({"selftest": "memory"}, timeout=60)
         assert answer["outcome"] == "memory", answer
     finally:

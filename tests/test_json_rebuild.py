@@ -31,7 +31,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 import service
 import families
-from conftest import ROOT, assert_error, write_artifact
+from support import ROOT, assert_error, write_artifact
 from json_fuzz import array_node, as_version_1, read_array
 
 X, Y = load_iris(return_X_y=True)

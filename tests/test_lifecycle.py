@@ -10,24 +10,21 @@ import base64
 import hashlib
 import json
 import logging
-import operator
 import os
-import pickle
 import threading
-import time
 
 import joblib
 import numpy as np
 import pytest
 import webtest
-from sklearn.datasets import load_diabetes, load_iris
+from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
 import service
-from conftest import (ROWS, assert_error, clocked_registry, metric_value, publish, stays_true, strict_json,
-                      versioned_store, wait_until, write_artifact, write_settings)
+from doubles import SlowToLoad
+from support import (DIABETES_ROWS, ROWS, assert_error, clocked_registry, metric_value, publish, stays_true,
+                     strict_json, versioned_store, wait_until, write_artifact, write_settings)
 
-DIABETES_ROWS = load_diabetes().data[:3].tolist()
 TOKEN = "s3cr3t-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -39,31 +36,6 @@ def weak_classifier():
     """Same shape as iris_classifier (so its artifact has the same size) but other coefficients."""
     data = load_iris()
     return LogisticRegression(max_iter=1000, C=0.01).fit(data.data, data.target)
-
-
-class _Sleep:
-    def __init__(self, seconds):
-        self.seconds = seconds
-
-    def __reduce__(self):
-        return (time.sleep, (self.seconds,))
-
-
-class _SlowToLoad:
-    """Pickles as `(time.sleep(s), estimator)[1]`: a real artifact that takes `s` seconds to load."""
-
-    def __init__(self, estimator, seconds):
-        self.estimator, self.seconds = estimator, seconds
-
-    def __reduce__(self):
-        return (operator.getitem, ((_Sleep(self.seconds), self.estimator), 1))
-
-
-def write_slow_pickle(path, estimator, seconds=0.5):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as handle:
-        pickle.dump(_SlowToLoad(estimator, seconds), handle)
-    return path
 
 
 def assert_answers(registry, version, estimator, name="m", **where):
@@ -93,7 +65,7 @@ def app_client(make_client):
 
 
 def registry_of(client):
-    return client.app.config["service.registry"]
+    return client.app.registry
 
 
 def predict(client, url, rows=ROWS, **kwargs):
@@ -262,26 +234,26 @@ def test_moving_a_label_in_use_switches_it_once_the_new_target_has_loaded(tmp_pa
 def test_while_a_moved_label_loads_its_new_target_the_old_target_keeps_answering(tmp_path, iris_classifier,
                                                                                  named_labels_classifier):
     write_artifact(tmp_path / "m" / "1" / "model.joblib", iris_classifier, "joblib")
-    write_slow_pickle(tmp_path / "m" / "2" / "model.pkl", named_labels_classifier, seconds=1.0)
+    write_artifact(tmp_path / "m" / "2" / "model.pkl", SlowToLoad(named_labels_classifier, 1.0), "pickle")
     write_settings(tmp_path / "m", {"version_policy": "all", "labels": {"stable": 1}})
     registry = clocked_registry(tmp_path)
     registry.refresh()
     held = registry.acquire("m", label="stable")
-    assert held.version == "1" and held.predict("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
+    assert held.version == 1 and held.predict("predict", np.array(ROWS)).tolist() == expected(iris_classifier)
     registry.release(held)
 
     write_settings(tmp_path / "m", {"version_policy": "all", "labels": {"stable": 2}})
-    new_target = registry.slot("m", "2")
+    new_target = registry.slot("m", 2)
     for _ in range(2):
         registry.poll()
         assert registry.slot("m", label="stable").ref.version == 1
     wait_until(lambda: new_target.state == "LOADING")
-    assert_answers(registry, "1", iris_classifier, label="stable")      # at once, from version 1
+    assert_answers(registry, 1, iris_classifier, label="stable")      # at once, from version 1
     assert new_target.state == "LOADING"
     wait_until(lambda: registry.slot("m", label="stable") is new_target)
-    assert_answers(registry, "2", named_labels_classifier, label="stable")
+    assert_answers(registry, 2, named_labels_classifier, label="stable")
     assert new_target.loads == 1 and new_target.state == "AVAILABLE"
-    assert registry.slot("m", "1").state == "AVAILABLE", "still served under policy 'all'"
+    assert registry.slot("m", 1).state == "AVAILABLE", "still served under policy 'all'"
 
 
 def test_a_label_in_use_moved_to_a_broken_version_keeps_answering_with_the_old_one(tmp_path, iris_classifier):
@@ -294,11 +266,11 @@ def test_a_label_in_use_moved_to_a_broken_version_keeps_answering_with_the_old_o
     registry.release(registry.acquire("m", label="stable"))
     write_settings(tmp_path / "m", {"version_policy": "all", "labels": {"stable": 2}})
     registry.poll()
-    broken = registry.slot("m", "2")
+    broken = registry.slot("m", 2)
     wait_until(lambda: broken.state == "FAILED")
     for _ in range(3):
         registry.poll()
-        assert_answers(registry, "1", iris_classifier, label="stable")
+        assert_answers(registry, 1, iris_classifier, label="stable")
     assert broken.loads == 1, "not retried before load_retry_seconds"
     assert broken.error.startswith("cannot load m/2/model.joblib as joblib")
 
@@ -447,8 +419,8 @@ def test_a_version_removed_while_held_is_unloading_until_released(tmp_path, iris
     versioned_store(tmp_path, [iris_classifier, iris_classifier], {"version_policy": "all"})
     registry = clocked_registry(tmp_path)
     registry.refresh()
-    slot = registry.slot("m", "1")
-    held = registry.acquire("m", "1")
+    slot = registry.slot("m", 1)
+    held = registry.acquire("m", 1)
     os.remove(tmp_path / "m" / "1" / "model.joblib")
     os.rmdir(tmp_path / "m" / "1")
     registry.poll()
@@ -458,7 +430,7 @@ def test_a_version_removed_while_held_is_unloading_until_released(tmp_path, iris
     registry.release(held)
     assert slot.state == "UNLOADED" and registry.loaded_count() == 0
     with pytest.raises(service.NotFound):
-        registry.acquire("m", "1")
+        registry.acquire("m", 1)
 
 
 def test_a_version_leaving_the_policy_while_held_is_unloading_until_released(tmp_path, clocked_client, iris_classifier,
@@ -466,7 +438,7 @@ def test_a_version_leaving_the_policy_while_held_is_unloading_until_released(tmp
     versioned_store(tmp_path, [iris_classifier, named_labels_classifier], {"version_policy": "all"})
     client, registry = clocked_client(tmp_path)
     client.get("/models")                            # the first request scans
-    held = registry.acquire("m", "1")
+    held = registry.acquire("m", 1)
     write_settings(tmp_path / "m", {"version_policy": "latest"})
     registry.clock_.now += 1.0
     status = version_status(client, "m", 1)
@@ -481,7 +453,7 @@ def test_a_version_leaving_the_policy_while_held_is_unloading_until_released(tmp
 # -- 3. preload and readiness ----------------------------------------------------------------------------------
 
 def test_preload_all_loads_in_the_background_and_readiness_waits_for_it(tmp_path, app_client, iris_classifier):
-    write_slow_pickle(tmp_path / "slow.pkl", iris_classifier, seconds=0.5)
+    write_artifact(tmp_path / "slow.pkl", SlowToLoad(iris_classifier, 0.5), "pickle")
     client = app_client(tmp_path, preload=service.ALL_MODELS, poll_interval=0)
     status, body = readiness(client)                   # the first request scans and starts the preload
     assert status == 503 and body["ready"] is False and body["code"] == "model_unavailable"

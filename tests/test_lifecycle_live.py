@@ -6,7 +6,6 @@ no mocks; every server binds 127.0.0.1 on a free port."""
 import concurrent.futures
 import contextlib
 import http.client
-import importlib.util
 import itertools
 import json
 import os
@@ -15,8 +14,6 @@ import random
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -25,103 +22,17 @@ import requests
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.tree import DecisionTreeClassifier
 
-import service
-from conftest import ROOT, ROWS, free_port, publish, stop_process, wait_until, wait_until_healthy, write_artifact
+from doubles import SlowModel, SlowToLoad
+from support import (ROWS, TIMEOUT, LiveServer, free_port, gunicorn_command, publish, service_command, stays_true,
+                     wait_until, write_artifact)
 
 pytestmark = pytest.mark.slow          # every test runs its own server processes for seconds
 
-TIMEOUT = 30
-BIN = os.path.dirname(sys.executable)
 BUSY_STATES = ("AVAILABLE", "LOADING", "UNLOADING")     # states that hold (or are about to hold) memory
-
-# Estimators that take their time, importable by the server through PYTHONPATH.
-SLOW_MODULE = '''\
-"""Test doubles for tests/test_lifecycle_live.py: estimators that take their time."""
-import time
-
-
-class SlowModel:
-    """Predicts class 0 for every row, after sleeping `seconds`.  No n_features_in_: a model of no fixed
-    width is not warmed at load, so only the tests' requests sleep."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-
-    def predict(self, X):
-        time.sleep(self.seconds)
-        return [0] * len(X)
-
-
-class SlowToLoad:
-    """A fitted estimator whose unpickling takes `load_seconds` (a big artifact, say)."""
-    n_features_in_ = 4
-
-    def __init__(self, estimator, load_seconds):
-        self.estimator, self.load_seconds = estimator, load_seconds
-
-    def __setstate__(self, state):
-        time.sleep(state["load_seconds"])
-        self.__dict__.update(state)
-
-    def predict(self, X):
-        return self.estimator.predict(X)
-'''
-
 
 ###############################################################################
 # Helpers
 ###############################################################################
-
-
-@pytest.fixture(scope="module")
-def slow_module(tmp_path_factory):
-    """(folder, module): tmp/slowmods/slowmodel.py, imported in this process without touching sys.path."""
-    folder = tmp_path_factory.mktemp("slowmods")
-    (folder / "slowmodel.py").write_text(SLOW_MODULE)
-    spec = importlib.util.spec_from_file_location("slowmodel", folder / "slowmodel.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return folder, module
-
-
-def pickle_into(path, module, instance):
-    """Pickle an instance of a slowmodel class (pickle finds the class through sys.modules)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(sys.modules, module.__name__, module)
-        data = pickle.dumps(instance)
-    with open(path, "wb") as handle:
-        handle.write(data)
-    return path
-
-
-class Server:
-    def __init__(self, process, port, log_path):
-        self.process, self.port, self.log_path = process, port, log_path
-        self.base = f"http://127.0.0.1:{port}"
-
-    def output(self):
-        return self.log_path.read_text(errors="replace")
-
-
-@contextlib.contextmanager
-def start_server(command, port, log_path, env=None, pythonpath=(), timeout=60):
-    """Run a server process (output to log_path), wait until /healthz answers, yield a Server; stop it after.
-
-    The environment is this one without MODEL_SERVICE_* variables, plus `env`; PYTHONPATH is the
-    repository and `pythonpath` (conftest's `running` cannot take a PYTHONPATH nor give the process).
-    """
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(service.ENV_PREFIX)}
-    environment.update(PYTHONPATH=os.pathsep.join([ROOT, *map(os.fspath, pythonpath)]), PYTHONUNBUFFERED="1")
-    environment.update(env or {})
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(process, port, log_path)
-    try:
-        wait_until_healthy(process, server.base, timeout, server.output)
-        yield server
-    finally:
-        stop_process(process)
 
 
 def start_slow_request(pool, server):
@@ -133,9 +44,17 @@ def start_slow_request(pool, server):
     return slow
 
 
-def service_py(store, port, *flags):
-    return [sys.executable, os.path.join(ROOT, "service.py"), "--store", os.fspath(store), "--port", str(port),
-            *flags]
+@contextlib.contextmanager
+def a_long_request_in_flight(tmp_path, *flags):
+    """`python service.py FLAGS` over a model that takes 20 s to answer, with a request to it in flight:
+    yields (the server, the request's future, when it was sent)."""
+    store = tmp_path / "store"
+    write_artifact(store / "slow.pkl", SlowModel(20.0), "pickle")
+    port = free_port()
+    with LiveServer(service_command(store, port, *flags), port) as server, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        yield server, start_slow_request(pool, server), started
 
 
 def get_json(connection, path):
@@ -154,6 +73,18 @@ def refused(port):
     return False
 
 
+def read_by_the_server(port, client):
+    """True once the server on `port` has accepted `client`'s connection and read all it was sent: in the
+    kernel's table of TCP sockets (Linux), the server's end has an owner and an empty receive queue."""
+    server_end, client_end = f"0100007F:{port:04X}", f"0100007F:{client.getsockname()[1]:04X}"
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()          # sl, local, remote, state, tx_queue:rx_queue, ..., inode (10th)
+            if fields[1] == server_end and fields[2] == client_end:
+                return fields[9] != "0" and int(fields[4].split(":")[1], 16) == 0
+    return False
+
+
 def version_info(status, version):
     return {v["version"]: v for v in status["versions"]}.get(version)
 
@@ -162,19 +93,18 @@ def version_info(status, version):
 # Graceful shutdown of `python service.py` (waitress)
 ###############################################################################
 
-SLOW_SECONDS = 3.0
+SLOW_SECONDS = 2.0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_drains_the_request_in_flight_refuses_new_connections_and_exits_0(tmp_path, slow_module, signum):
+def test_a_signal_drains_the_request_in_flight_refuses_new_connections_and_exits_0(tmp_path, signum):
     """Proves the documented drain: once signalled, /readyz answers 503 on an open keep-alive connection,
     the listening socket closes (connections refused) while a slow request is still running, that request
     then completes with 200 and the right answer, and the process exits with code 0."""
-    folder, module = slow_module
     store = tmp_path / "store"
-    pickle_into(store / "slow.pkl", module, module.SlowModel(SLOW_SECONDS))
+    write_artifact(store / "slow.pkl", SlowModel(SLOW_SECONDS), "pickle")
     port = free_port()
-    with start_server(service_py(store, port), port, tmp_path / "server.log", pythonpath=[folder]) as server:
+    with LiveServer(service_command(store, port), port) as server:
         keepalive = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
         try:
             assert get_json(keepalive, "/readyz")[0] == 200
@@ -199,50 +129,34 @@ def test_a_signal_drains_the_request_in_flight_refuses_new_connections_and_exits
     assert "Traceback" not in output and "still busy" not in output
 
 
-def test_shutdown_timeout_bounds_the_wait_for_a_request_in_flight(tmp_path, slow_module):
+def test_shutdown_timeout_bounds_the_wait_for_a_request_in_flight(tmp_path):
     """Proves --shutdown-timeout is a bound: with a 20 s request in flight and --shutdown-timeout 0.5,
     SIGTERM makes the process exit with code 0 well before the request could finish; the cut request
     gets no response (its connection is closed) and the log says so."""
-    folder, module = slow_module
-    store = tmp_path / "store"
-    pickle_into(store / "slow.pkl", module, module.SlowModel(20.0))
-    port = free_port()
-    with start_server(service_py(store, port, "--shutdown-timeout", "0.5"), port, tmp_path / "server.log",
-                      pythonpath=[folder]) as server:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            started = time.monotonic()
-            slow = start_slow_request(pool, server)
-            server.process.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            assert server.process.wait(timeout=TIMEOUT) == 0
-            exited = time.monotonic()
-            with pytest.raises(requests.ConnectionError):
-                slow.result(timeout=60)
+    with a_long_request_in_flight(tmp_path, "--shutdown-timeout", "0.5") as (server, slow, started):
+        server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert server.process.wait(timeout=TIMEOUT) == 0
+        exited = time.monotonic()
+        with pytest.raises(requests.ConnectionError):
+            slow.result(timeout=60)
     assert exited - signalled < 8, f"exit took {exited - signalled:.2f} s after SIGTERM"
     assert exited - started < 15, "the process waited for the 20 s request"
     assert "shutdown timeout: 1 connection(s) still busy are closed" in server.output()
 
 
-def test_a_second_signal_stops_at_once(tmp_path, slow_module):
+def test_a_second_signal_stops_at_once(tmp_path):
     """Proves the documented escape hatch: after a first SIGTERM starts draining a 20 s request (with
     --shutdown-timeout 30 s), a second SIGTERM stops the process at once with code 0."""
-    folder, module = slow_module
-    store = tmp_path / "store"
-    pickle_into(store / "slow.pkl", module, module.SlowModel(20.0))
-    port = free_port()
-    with start_server(service_py(store, port, "--shutdown-timeout", "30"), port, tmp_path / "server.log",
-                      pythonpath=[folder]) as server:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            started = time.monotonic()
-            slow = start_slow_request(pool, server)
-            server.process.send_signal(signal.SIGTERM)
-            wait_until(lambda: refused(port), timeout=10)            # draining: the first signal was handled
-            assert server.process.poll() is None
-            server.process.send_signal(signal.SIGTERM)
-            assert server.process.wait(timeout=TIMEOUT) == 0
-            exited = time.monotonic()
-            with pytest.raises(requests.ConnectionError):
-                slow.result(timeout=60)
+    with a_long_request_in_flight(tmp_path, "--shutdown-timeout", "30") as (server, slow, started):
+        server.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: refused(server.port), timeout=10)         # draining: the first signal was handled
+        assert server.process.poll() is None
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=TIMEOUT) == 0
+        exited = time.monotonic()
+        with pytest.raises(requests.ConnectionError):
+            slow.result(timeout=60)
     assert exited - started < 15, "the second signal did not stop the drain"
     assert "stopped at once" in server.output()
 
@@ -259,16 +173,17 @@ def test_a_request_whose_body_is_still_arriving_at_the_signal_is_let_finish(tmp_
     head = (f"POST /models/iris/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     port = free_port()
-    with start_server(service_py(store, port), port, tmp_path / "server.log") as server:
+    with LiveServer(service_command(store, port), port) as server:
         warm = requests.post(server.base + "/models/iris/predict", json={"instances": rows.tolist()},
                              timeout=TIMEOUT)
         assert warm.status_code == 200, warm.text                  # loaded: the drain waits for nothing else
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as upload:
             upload.sendall(head + body[:10])
-            time.sleep(0.3)                                          # the server has read the headers
+            wait_until(lambda: read_by_the_server(port, upload), what="the server to read the headers")
             server.process.send_signal(signal.SIGTERM)
             wait_until(lambda: refused(port), timeout=10)
-            time.sleep(0.3)
+            stays_true(lambda: server.process.poll() is None, 0.3,    # the drain waits for the body
+                       what="the server waits for the rest of the body")
             try:
                 upload.sendall(body[10:])
                 chunks = []
@@ -290,17 +205,10 @@ ACCESS_FORMAT = "%(p)s %({x-test-id}i)s %(s)s"
 ACCESS_LINE = re.compile(r"<(\d+)> (\S+) (\d{3})")
 
 
-def gunicorn_command(port, access_log, workers=2):
-    executable = os.path.join(BIN, "gunicorn")
-    if importlib.util.find_spec("gunicorn") is None or not os.path.exists(executable):
-        pytest.skip("gunicorn is not installed")
-    from gunicorn.config import Config as GunicornConfig
-
-    command = [executable, "-b", f"127.0.0.1:{port}", "-w", str(workers), "-k", "sync", "--graceful-timeout", "5",
-               "--access-logfile", os.fspath(access_log), "--access-logformat", ACCESS_FORMAT]
-    if any("--no-control-socket" in (setting.cli or []) for setting in GunicornConfig().settings.values()):
-        command.append("--no-control-socket")     # else newer gunicorn makes ~/.gunicorn/gunicorn.ctl
-    return command + ["service:app"]
+def logged_gunicorn_command(port, access_log):
+    """gunicorn with 2 sync workers, each logging the requests it serves (pid, X-Test-Id, status) to access_log."""
+    return gunicorn_command(port, "-w", "2", "-k", "sync", "--access-logfile", os.fspath(access_log),
+                            "--access-logformat", ACCESS_FORMAT)
 
 
 def access_log(path):
@@ -343,7 +251,7 @@ def test_gunicorn_workers_all_swap_to_a_published_version_without_failing_a_requ
                 served.setdefault(pid, []).append(body["version"] if status == 200 else None)
         return served
 
-    with start_server(gunicorn_command(port, log_path), port, tmp_path / "gunicorn.log", env=env) as server:
+    with LiveServer(logged_gunicorn_command(port, log_path), port, env=env) as server:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             clients = [pool.submit(client, index) for index in range(4)]
             try:
@@ -351,7 +259,8 @@ def test_gunicorn_workers_all_swap_to_a_published_version_without_failing_a_requ
                 publish(store / "m" / "2" / "model.joblib", named_labels_classifier)
                 wait_until(lambda: all(versions[-1] == "2" for versions in workers_versions().values()),
                            timeout=TIMEOUT)
-                time.sleep(1.0)                                                   # and keep going a while
+                wait_until(lambda: all(versions.count("2") >= 10 for versions in workers_versions().values()),
+                           timeout=TIMEOUT, what="each worker to answer with version 2 a while")
             finally:
                 stop.set()
             sent = sum(future.result() for future in clients)
@@ -417,9 +326,9 @@ def test_gunicorn_workers_load_a_published_version_in_the_background_without_req
     # forks) sends it to the server's output, where each worker's load can be awaited without a request.
     logging_config = tmp_path / "gunicorn_logging.py"
     logging_config.write_text("import logging\nlogging.basicConfig(level=logging.INFO)\n")
-    command = gunicorn_command(port, log_path)
+    command = logged_gunicorn_command(port, log_path)
     command[-1:-1] = ["-c", os.fspath(logging_config)]
-    with start_server(command, port, tmp_path / "gunicorn.log", env=env) as server:
+    with LiveServer(command, port, env=env) as server:
         before = ask_every_worker(server.base, "before", both_preloaded_v1)   # each worker has v1 in memory
         publish(store / "m" / "2" / "model.joblib", named_labels_classifier)
         wait_until(lambda: server.output().count("loaded model 'm' version 2") >= 2, timeout=TIMEOUT,
@@ -489,8 +398,7 @@ def test_max_loaded_bounds_the_versions_in_memory_under_concurrent_load(tmp_path
                 time.sleep(0.005)
         return counts
 
-    with start_server(service_py(store, port, "--max-loaded", "2", "--threads", "8"), port,
-                      tmp_path / "server.log") as server:
+    with LiveServer(service_command(store, port, "--max-loaded", "2", "--threads", "8"), port) as server:
         base = server.base
         for version in sorted(estimators):      # warm up: the first load imports scikit-learn (seconds)
             response = requests.post(f"{base}/models/m/versions/{version}/predict",
@@ -541,7 +449,7 @@ def test_a_half_written_artifact_is_never_loaded_by_a_live_server(tmp_path, iris
                                         json={"instances": ROWS[:2]}, timeout=TIMEOUT)
                 answers.append((time.monotonic(), response.status_code, response.json()))
 
-    with start_server(service_py(store, port, "--poll-interval", "0.3"), port, tmp_path / "server.log") as server:
+    with LiveServer(service_command(store, port, "--poll-interval", "0.3"), port) as server:
         status = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
         try:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -566,8 +474,8 @@ def test_a_half_written_artifact_is_never_loaded_by_a_live_server(tmp_path, iris
                     assert {state for _, state in seen} <= {None, "UNLOADED"}, seen
                     assert {latest for latest, _ in seen} == {"1"}, seen
                     wait_until(lambda: get_json(status, "/models/m")[1]["latest_version"] == "2")
-                    wait_until(lambda: predictions.done() or answers[-1][2].get("version") == "2")
-                    time.sleep(0.3)
+                    wait_until(lambda: predictions.done() or [a[2].get("version") for a in answers[-5:]] == ["2"] * 5,
+                               what="five answers from version 2")
                 finally:
                     stop.set()
                 predictions.result()
@@ -585,18 +493,16 @@ def test_a_half_written_artifact_is_never_loaded_by_a_live_server(tmp_path, iris
     assert "failed to load" not in server.output()
 
 
-def test_concurrent_first_requests_on_a_live_server_load_once(tmp_path, iris, iris_classifier, slow_module):
+def test_concurrent_first_requests_on_a_live_server_load_once(tmp_path, iris, iris_classifier):
     """Proves single-flight loading on a live server: 16 requests hit an unloaded model at the same time
     while its artifact takes ~1 s to load; all succeed with the right predictions, and the version
     reports loads == 1 (the log shows one load)."""
-    folder, module = slow_module
     store = tmp_path / "store"
-    pickle_into(store / "iris.pkl", module, module.SlowToLoad(iris_classifier, 1.0))
+    write_artifact(store / "iris.pkl", SlowToLoad(iris_classifier, 1.0), "pickle")
     features = iris[0][::10]
     threads = 16
     port = free_port()
-    with start_server(service_py(store, port, "--threads", str(threads)), port, tmp_path / "server.log",
-                      pythonpath=[folder]) as server:
+    with LiveServer(service_command(store, port, "--threads", str(threads)), port) as server:
         barrier = threading.Barrier(threads)
 
         def first_request(_):

@@ -10,9 +10,9 @@ import pytest
 import webtest
 
 import service
-from conftest import wait_until, write_artifact
+from doubles import SlowModel
+from support import ROW, wait_until, write_artifact
 
-ROW = [[5.1, 3.5, 1.4, 0.2]]
 TOKEN, OTHER, ADMIN = "prediction-token-0123456789", "second-token-abcdefghijkl", "admin-token-zyxwvutsrqpo"
 
 
@@ -93,18 +93,8 @@ def test_a_request_target_over_the_limit_is_414(make):
     assert app.get("/models/iris/predict?instances=[[5.1,3.5,1.4,0.2]]").status_int == 200
 
 
-class SlowIris:
-    """A model whose predict takes 0.5 s, to hold predictions in flight."""
-
-    n_features_in_ = 4
-
-    def predict(self, rows):
-        time.sleep(0.5)
-        return [0] * len(rows)
-
-
 def test_beyond_max_inflight_predictions_answer_503_at_once_and_recover(tmp_path, make_client):
-    write_artifact(tmp_path / "slow.pkl", SlowIris(), "pickle")
+    write_artifact(tmp_path / "slow.pkl", SlowModel(0.5), "pickle")
     app = make_client(tmp_path, poll_interval=0, max_inflight=2)
     app.post_json("/models/slow/predict", {"instances": ROW})          # loaded
     start = threading.Barrier(6)
@@ -129,22 +119,22 @@ def test_a_prediction_over_the_time_limit_is_504_and_its_work_stays_counted_unti
                                                                                          iris_classifier, make_app):
     """--max-predict-seconds: the caller gets 504 at the limit; the computation (a thread cannot be stopped)
     finishes in the background and keeps its --max-inflight slot until then, so abandoned work cannot pile up."""
-    write_artifact(tmp_path / "slow.pkl", SlowIris(), "pickle")
+    write_artifact(tmp_path / "slow.pkl", SlowModel(1.0), "pickle")
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     application = make_app(store=tmp_path, poll_interval=0, max_predict_seconds=0.2, max_inflight=1)
     app = webtest.TestApp(application)
-    application.config["service.registry"].refresh()      # a request waits as long for a load: 503 past it,
-    application.config["service.registry"].get("iris")    # so the models load first
+    application.registry.refresh()      # a request waits as long for a load: 503 past it,
+    application.registry.get("iris")    # so the models load first
     assert app.post_json("/models/iris/predict", {"instances": ROW}).json["predictions"] == \
         iris_classifier.predict(ROW).tolist(), "a prediction within the limit is answered as usual"
-    application.config["service.registry"].get("slow")                  # loading is not prediction time
+    application.registry.get("slow")                  # loading is not prediction time
     began = time.perf_counter()
     answer = app.post_json("/models/slow/predict", {"instances": ROW}, expect_errors=True)
     assert answer.status_int == 504 and answer.json["code"] == "prediction_timeout", answer.text
     assert "--max-predict-seconds" in answer.json["error"]
-    assert 0.15 < time.perf_counter() - began < 0.45, "answered at the limit, not when the work ended"
+    assert 0.15 < time.perf_counter() - began < 0.9, "answered at the limit, not when the work ended"
     busy = app.post_json("/models/iris/predict", {"instances": ROW}, expect_errors=True)
     assert busy.status_int == 503 and "--max-inflight" in busy.json["error"], "the abandoned work holds its slot"
     wait_until(lambda: app.post_json("/models/iris/predict", {"instances": ROW}, expect_errors=True).status_int != 503,
                timeout=5, what="the slot to come back when the background work ended", interval=0.05)
-    assert time.perf_counter() - began > 0.45
+    assert time.perf_counter() - began > 0.95

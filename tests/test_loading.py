@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 
 import service
-from conftest import EXTENSIONS, ManualClock, assert_error, strict_json, write_artifact
-
-ROW = [[5.1, 3.5, 1.4, 0.2]]
+from support import EXTENSIONS, ROW, ManualClock, assert_error, strict_json, write_artifact
 
 
 def make_registry(root, clock=None, **options):
@@ -21,7 +19,7 @@ def test_creating_the_app_loads_and_scans_nothing(tmp_path, iris_classifier, mak
     import webtest
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     app = make_app(store=tmp_path)
-    registry = app.config["service.registry"]
+    registry = app.registry
     assert registry.names() == [] and not registry.ready
     client = webtest.TestApp(app)
     assert strict_json(client.get("/models"))["models"][0]["versions"][0]["state"] == "UNLOADED"

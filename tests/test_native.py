@@ -41,7 +41,7 @@ from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTre
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import service  # noqa: E402
-from conftest import metric_value  # noqa: E402
+from support import metric_value  # noqa: E402
 from families import fit  # noqa: E402
 
 
@@ -504,7 +504,7 @@ def test_other_layouts_and_dtypes_go_to_scikit_learn():
 @pytest.fixture
 def native_store(tmp_path):
     """iris (LogisticRegression) and rf (a 30-tree forest) as joblib artifacts."""
-    from conftest import write_artifact
+    from support import write_artifact
 
     root = tmp_path / "store"
     write_artifact(root / "iris" / "1" / "model.joblib", family("logistic_multinomial")[0].estimator, "joblib")
@@ -534,7 +534,7 @@ def test_http_answers_are_scikit_learns_bit_for_bit(make_client, native_store, n
 
 def test_http_an_encoded_pipeline_answers_natively_and_refuses_an_unknown_category_as_scikit_learn(
         make_client, tmp_path):
-    from conftest import write_artifact
+    from support import write_artifact
 
     model, X = family("pipeline_one_hot_error_sparse_forest")
     write_artifact(tmp_path / "codes" / "1" / "model.joblib", model.estimator, "joblib")

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import sys
 
 import numpy as np
 import pytest
@@ -18,10 +17,8 @@ from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
 import service
-from conftest import (ROOT, free_port, gunicorn_command, metric_value, running, versioned_store, wait_until,
-                      write_artifact)
-
-ROW = [[5.1, 3.5, 1.4, 0.2]]
+from support import (ROW, LiveServer, free_port, gunicorn_command, metric_value, service_command, versioned_store,
+                     wait_until, write_artifact)
 
 
 @pytest.fixture
@@ -127,7 +124,9 @@ def hammer(client, path, bodies, threads=12):
 def test_batched_answers_equal_unbatched_ones_and_batches_form(tmp_path, serve_store, forest):
     model, x = forest
     write_artifact(tmp_path / "store" / "rf.joblib", model, "joblib")
-    with serve_store(tmp_path / "store", "--max-batch-size", "16", "--max-latency-ms", "5", "--threads", "12") as base:
+    with serve_store(tmp_path / "store", "--max-batch-size", "16", "--max-latency-ms", "5",
+                     "--threads", "12") as server:
+        base = server.base
         session = requests.Session()
         bodies = [{"instances": x[i:i + 1 + i % 3].tolist(), "method": "predict_proba"} for i in range(300)]
         answers = hammer(session, base + "/models/rf/predict", bodies)
@@ -143,7 +142,9 @@ def test_batched_answers_equal_unbatched_ones_and_batches_form(tmp_path, serve_s
 def test_one_bad_request_fails_alone_never_its_batch_mates(tmp_path, serve_store, forest):
     model, x = forest
     write_artifact(tmp_path / "store" / "rf.joblib", model, "joblib")
-    with serve_store(tmp_path / "store", "--max-batch-size", "16", "--max-latency-ms", "5", "--threads", "12") as base:
+    with serve_store(tmp_path / "store", "--max-batch-size", "16", "--max-latency-ms", "5",
+                     "--threads", "12") as server:
+        base = server.base
         bodies = [{"instances": [[1.0, 2.0]] if i % 7 == 0 else x[i:i + 1].tolist()} for i in range(140)]
         answers = hammer(requests.Session(), base + "/models/rf/predict", bodies)
     for i, answer in enumerate(answers):
@@ -275,26 +276,45 @@ def test_workers_2_share_the_model_the_parent_loaded_before_forking(tmp_path, ir
     import re
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     port = free_port()
-    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(tmp_path), "--port", str(port),
-               "--workers", "2", "--preload", "--access-log"]
+    server = LiveServer(service_command(tmp_path, port, "--workers", "2", "--preload", "--access-log"), port)
 
     def answering():
-        return set(re.findall(r"service\.access\[(\d+)\]: \S+ POST /models/iris/predict 200 ", running.so_far()))
-    with running(command, port, timeout=60) as base:
+        return set(re.findall(r"service\.access\[(\d+)\]: \S+ POST /models/iris/predict 200 ", server.output()))
+    with server:
         def predict():
-            answer = requests.post(base + "/models/iris/predict", json={"instances": ROW}, timeout=30,
+            answer = requests.post(server.base + "/models/iris/predict", json={"instances": ROW}, timeout=30,
                                    headers={"Connection": "close"})
             assert answer.status_code == 200 and answer.json()["predictions"] == iris_classifier.predict(ROW).tolist()
             return len(answering()) == 2
         wait_until(predict, 60, "both workers to answer")
-    assert running.returncode == 0
-    output = running.output
+    assert server.returncode == 0
+    output = server.output()
     parent, = re.findall(r"gunicorn\.error\[(\d+)\]: Listening at: ", output)
     workers = set(re.findall(r"Booting worker with pid: (\d+)", output))
     assert len(workers) == 2 and answering() == workers and parent not in workers
     loads = re.findall(r"service\[(\d+)\]: loaded model '(\w+)' version (\d+)", output)
     assert loads == [(parent, "iris", "1")], output
     assert output.index("loaded model 'iris' version 1") < output.index("Booting worker"), output
+
+
+@pytest.mark.slow
+def test_workers_2_preloaded_count_their_versions_from_the_start_as_readme_says(tmp_path, iris_classifier):
+    """README: models_loaded sums each live worker's versions from the moment it starts.  Forked with the
+    parent's 3 preloaded versions, each worker held 3 but wrote its gauge only at its first request: a scrape
+    showed 0, then 3 once one worker had answered, 6 only once both had."""
+    store = versioned_store(tmp_path, [iris_classifier] * 3, {"version_policy": "all"})
+    port = free_port()
+    command = service_command(store, port, "--workers", "2", "--preload", "--poll-interval", "0")
+    with LiveServer(command, port, timeout=60) as server:
+        base = server.base
+        wait_until(lambda: scrape(base, "model_service_models_loaded") == 6, timeout=30,
+                   what="both workers counting their 3 versions before any prediction")
+        assert summed(requests.get(base + "/metrics", timeout=30).text, "model_service_requests_total") == 0
+        for _ in range(10):
+            assert requests.post(base + "/models/m/predict", json={"instances": ROW}, timeout=30).status_code == 200
+        for _ in range(4):                  # whichever worker answers the scrape
+            assert scrape(base, "model_service_models_loaded") == 6
+    assert server.returncode == 0
 
 
 def summed(text, name):
@@ -357,23 +377,22 @@ def test_workers_2_one_scrape_sums_the_counts_of_both_workers(tmp_path, iris_cla
     its gauges with it and leaves its counts; the shared folder is removed at exit."""
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     port = free_port()
-    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(tmp_path), "--port", str(port),
-               "--workers", "2"]
-    with running(command, port, timeout=60) as base:
+    with LiveServer(service_command(tmp_path, port, "--workers", "2"), port) as server:
+        base = server.base
         sent = predict_until_both_workers_answered(base, 30)
         for _ in range(4):                  # new connections: more than one worker answers the scrapes
             assert_one_scrape_counts(base, sent, loaded=2)
-        workers = children(running.pid)
+        workers = children(server.pid)
         assert len(workers) == 2
         with open(f"/proc/{workers[0]}/maps") as maps:     # the files it counts into are mapped in memory
             folder = next(os.path.dirname(line.split()[-1]) for line in maps if line.rstrip().endswith(".db"))
         assert os.path.basename(folder).startswith("model-service-metrics-")
         os.kill(workers[0], signal.SIGKILL)     # gunicorn starts another, which has loaded nothing yet
-        wait_until(lambda: workers[0] not in children(running.pid) and len(children(running.pid)) == 2,
+        wait_until(lambda: workers[0] not in children(server.pid) and len(children(server.pid)) == 2,
                    timeout=60, what="a new worker")
         wait_until(lambda: scrape(base, "model_service_models_loaded") == 1, timeout=30, what="its gauge gone")
         assert_one_scrape_counts(base, sent, loaded=1)
-    assert running.returncode == 0
+    assert server.returncode == 0
     assert not os.path.exists(folder), "the parent removes the shared folder at exit"
 
 
@@ -388,7 +407,8 @@ def test_a_pre_fork_host_with_prometheus_multiproc_dir_sums_its_workers(tmp_path
     port = free_port()
     environment = {"MODEL_SERVICE_STORE": str(store), "MODEL_SERVICE_POLL_INTERVAL": "0.2",
                    "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
-    with running(gunicorn_command(port, "-w", "2", "-k", "gthread"), port, env=environment, timeout=60) as base:
+    with LiveServer(gunicorn_command(port, "-w", "2", "-k", "gthread"), port, env=environment) as server:
+        base = server.base
         sent = predict_until_both_workers_answered(base, 30, path="/models/m/versions/1/predict")
         assert_one_scrape_counts(base, sent, loaded=2, model="m")
         shutil.rmtree(store / "m" / "1")
@@ -399,7 +419,7 @@ def test_a_pre_fork_host_with_prometheus_multiproc_dir_sums_its_workers(tmp_path
         for _ in range(4):                  # whichever worker answers: both forgot it
             text = requests.get(base + "/metrics", timeout=30).text
             assert 'version="1"' not in text and summed(text, "model_service_requests_total") == 0, text
-    assert running.returncode == 0
+    assert server.returncode == 0
 
 
 # -- lean request path -----------------------------------------------------------------------------------
@@ -416,7 +436,7 @@ def test_a_model_fitted_on_named_columns_takes_arrays_unless_it_selects_columns_
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from conftest import IRIS_FEATURES
+    from support import IRIS_FEATURES
     data = load_iris()
     frame = pd.DataFrame(data.data, columns=IRIS_FEATURES)
     by_name = make_pipeline(ColumnTransformer([("scaled", StandardScaler(), ["petal_length", "petal_width"])]),

@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 import service
-from conftest import IRIS_FEATURES, write_artifact
+from support import IRIS_FEATURES, write_artifact
 
 
 def build_app():
@@ -38,7 +38,7 @@ def build_app():
     write_artifact(os.path.join(root, "text.joblib"), make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(
         texts, ["good", "bad"] * 6), "joblib")
     application = service.create_app(store=root, default_model="iris", poll_interval=0)
-    registry = application.config["service.registry"]
+    registry = application.registry
     registry.refresh()
     registry.get("iris")
     return application
@@ -61,7 +61,7 @@ def test_the_document_is_valid_openapi_and_covers_every_route(app):
     doc = document(app)
     validate(doc)
     documented = {(method.upper(), path) for path, operations in doc["paths"].items() for method in operations}
-    routed = {(route.method, route.rule) for route in app.routes}
+    routed = {(route.method, route.rule) for route in app.bottle.routes}
     assert routed == {(row.method, row.rule) for row in service.ROUTES}, "routing comes from the table alone"
     for row in service.ROUTES:
         assert (row.method, row.path) in documented, row

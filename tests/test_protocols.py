@@ -2,7 +2,7 @@
 
 TensorFlow Serving REST, KServe V1, the Open Inference Protocol V2 (driven by the real
 tritonclient.http client, plus raw requests for what a client never sends) and MLflow scoring,
-as /work/shared/reference/protocols.md describes them.  Every prediction is compared with the
+as their specifications describe them.  Every prediction is compared with the
 estimator's own output: floats exactly (JSON carries Python's repr), binary FP64 bit for bit.
 
 One server serves the whole module (started once, module-scoped); a snapshot of the states
@@ -11,8 +11,6 @@ run in any order.
 """
 
 import json
-import os
-import sys
 import types
 import warnings
 
@@ -28,7 +26,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tritonclient.utils import InferenceServerException
 
-from conftest import IRIS_FEATURES, ROOT, ROWS, assert_error, free_port, running, strict_json, write_artifact
+from support import (IRIS_FEATURES, ROWS, LiveServer, assert_error, free_port, service_command, strict_json,
+                     write_artifact)
 
 TOKEN = "T0ken"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -87,9 +86,8 @@ def store(tmp_path_factory, models):
 def server(store):
     """One live server for the module, plus what it answered before anything was loaded."""
     port = free_port()
-    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", os.fspath(store),
-               "--port", str(port), "--default-model", "iris", "--admin-token", TOKEN]
-    with running(command, port) as base:
+    with LiveServer(service_command(store, port, "--default-model", "iris", "--admin-token", TOKEN), port) as live:
+        base = live.base
         before = {
             "iris": requests.get(base + "/v1/models/iris", timeout=10),
             "broken": requests.get(base + "/v1/models/broken", timeout=10),
@@ -887,3 +885,14 @@ def test_error_bodies_are_json_with_nosniff(server, method, path, body, status):
     options = {"data": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
     response = requests.request(method, server.base + path, timeout=30, **options)
     assert_error(response, status, store=server.store)
+
+
+def test_a_v2_answer_of_a_model_that_predicts_a_plain_list_is_one_tensor(tmp_path, make_client):
+    """A model of one's own may answer a list of values: one tensor, not one per value (a multi-output
+    classifier's probabilities are a list of arrays, one tensor each)."""
+    from doubles import SlowModel
+
+    write_artifact(tmp_path / "listed.pkl", SlowModel(0), "pickle")
+    body = {"inputs": [{"name": "input-0", "shape": [3, 4], "datatype": "FP64", "data": [0.0] * 12}]}
+    answer = make_client(tmp_path).post_json("/v2/models/listed/infer", body).json
+    assert answer["outputs"] == [{"name": "predict", "datatype": "INT64", "shape": [3], "data": [0, 0, 0]}]

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 import service
-from conftest import ROWS, ManualClock, clocked_registry, publish, wait_until
+from support import ROWS, ManualClock, clocked_registry, publish, wait_until
 
 PAIR = np.array(ROWS[:2])       # a setosa and a virginica
 
@@ -58,14 +58,14 @@ def test_a_removed_version_and_model_disappear(tmp_path, registry, iris_classifi
     publish(tmp_path / "m" / "2" / "model.joblib", iris_classifier)
     publish(tmp_path / "gone.joblib", iris_classifier)
     registry.refresh()
-    held = registry.get("m", "2")
+    held = registry.get("m", 2)
     os.remove(tmp_path / "m" / "2" / "model.joblib")
     os.rmdir(tmp_path / "m" / "2")
     os.remove(tmp_path / "gone.joblib")
     registry.poll()
     assert registry.names() == ["m"]
     with pytest.raises(service.NotFound):
-        registry.get("m", "2")
+        registry.get("m", 2)
     with pytest.raises(service.NotFound):
         registry.get("gone")
     wait_until(lambda: registry.slot("m").ref.version == 1)     # once 1 has loaded: 2 answered till then
@@ -126,7 +126,7 @@ def test_a_new_version_of_a_model_in_use_serves_only_once_loaded(tmp_path, regis
     corrupt(tmp_path / "m" / "2" / "model.joblib")
     registry.poll()
     registry.poll()
-    wait_until(lambda: registry.slot("m", "2").state == "FAILED")
+    wait_until(lambda: registry.slot("m", 2).state == "FAILED")
     assert registry.slot("m").ref.version == 1, "a failed version never replaces a working one"
     publish(tmp_path / "m" / "2" / "model.joblib", named_labels_classifier)
     registry.poll()
@@ -153,7 +153,8 @@ def test_swaps_under_load_fail_no_request_and_versions_only_move_forward(tmp_pat
     """Clients predict without pause while v2 is published, a corrupt v3 appears, v3 is fixed, v1 is removed."""
     store = tmp_path / "store"
     publish(store / "m" / "1" / "model.joblib", iris_classifier)
-    with serve_store(store, "--poll-interval", "0.2", "--threads", "8") as base:
+    with serve_store(store, "--poll-interval", "0.2", "--threads", "8") as server:
+        base = server.base
         stop = threading.Event()
         answered = [0] * 4                 # answers each client has had so far
 
@@ -266,7 +267,8 @@ def test_clients_polling_through_a_rename_see_no_failure_and_no_older_version(tm
     store = tmp_path / "store"
     publish(store / "m" / "4" / "model.joblib", iris_classifier)
     publish(store / "m" / "5" / "model.joblib", named_labels_classifier)
-    with serve_store(store, "--poll-interval", "0.1", "--threads", "8") as base:
+    with serve_store(store, "--poll-interval", "0.1", "--threads", "8") as server:
+        base = server.base
         stop, renamed = threading.Event(), threading.Event()
 
         def client():

@@ -7,7 +7,7 @@ import pytest
 import requests
 import sklearn_crfsuite
 
-from conftest import strict_json
+from support import strict_json
 
 # Sentences in lesson 17's format (word, coarse POS, fine POS, dependency); the CRF learns the coarse POS.
 CORPUS = """坚决 a ad 1_v|惩治 v v 0_Root|贪污 v v 1_v|贿赂 n n -1_v|等 u udeng -1_v|经济 n n 1_v|犯罪 v vn -2_v
@@ -73,7 +73,8 @@ def test_sequence_model_marginals_pass_through(crf_store, crf, make_client):
 @pytest.mark.slow
 def test_seed_url_against_the_real_server(crf_store, crf, serve_store):
     """Exactly as a browser sends the course's URL: non-ASCII percent-encoded, spaces as %20, quotes kept."""
-    with serve_store(crf_store) as base:
+    with serve_store(crf_store) as server:
+        base = server.base
         url = base + "/predict/" + urllib.parse.quote(SEED_SENTENCE, safe="[],'")
         response = requests.get(url, timeout=30)
         assert response.status_code == 200, response.text

@@ -2,10 +2,12 @@
 bad artifacts, concurrency and the repository's demo store.  Every process binds 127.0.0.1."""
 
 import concurrent.futures
+import http.client
 import json
 import os
 import pickle
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -19,35 +21,15 @@ import requests
 from sklearn.datasets import load_diabetes
 
 import service
-from conftest import IRIS_FEATURES, ROOT, free_port, gunicorn_command, running, write_artifact
+from support import (IRIS_FEATURES, ROOT, TIMEOUT, LiveServer, assert_error, free_port, gunicorn_command,
+                     service_command, wait_until, write_artifact)
 
 BIN = os.path.dirname(sys.executable)
-TIMEOUT = 30
 DEMO_STORE = os.path.join(ROOT, "model_store")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_service_environment():
-    """Servers started here see only the MODEL_SERVICE_* variables a test passes itself."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key in list(os.environ):
-            if key.startswith(service.ENV_PREFIX):
-                patch.delenv(key)
-        yield
 
 
 def post(base, path, payload, **kwargs):
     return requests.post(base + path, json=payload, timeout=TIMEOUT, **kwargs)
-
-
-def assert_json_error(response, status, code=None):
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    body = response.json()
-    assert isinstance(body["error"], str) and body["error"]
-    if code is not None:
-        assert body["code"] == code
-    return body
 
 
 def joblib_store(root, **models):
@@ -55,28 +37,6 @@ def joblib_store(root, **models):
     for name, estimator in models.items():
         write_artifact(os.path.join(root, f"{name}.joblib"), estimator, "joblib")
     return root
-
-
-def raw_request(port, head, body=b""):
-    """Send one HTTP/1.1 request over a plain socket and return the open socket."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    sock.sendall(head + body)
-    return sock
-
-
-def read_response(sock):
-    """Read a Connection: close response to EOF -> (status, headers, body bytes)."""
-    chunks = []
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    sock.close()
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
 ###############################################################################
@@ -93,10 +53,8 @@ def server(tmp_path_factory, iris_classifier, named_iris_classifier, diabetes_re
     write_artifact(root / "diabetes" / "1" / "model.joblib", diabetes_regressor, "joblib")
     write_artifact(root / "diabetes" / "2" / "model.joblib", diabetes_regressor, "joblib")
     port = free_port()
-    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(root), "--port", str(port),
-               "--max-body-bytes", "1000", "--threads", "8"]
-    with running(command, port) as base:
-        yield base, port
+    with LiveServer(service_command(root, port, "--max-body-bytes", "1000", "--threads", "8"), port) as live:
+        yield live.base, port
 
 
 def test_healthz_readyz_and_index_answer_json(server):
@@ -158,16 +116,16 @@ def test_named_feature_rows_reach_a_model_fitted_on_a_dataframe(server, named_ir
 
 def test_unknown_model_answers_404_json(server):
     base, _ = server
-    body = assert_json_error(post(base, "/models/nosuch/predict", {"instances": [[1, 2, 3, 4]]}), 404, "not_found")
+    body = assert_error(post(base, "/models/nosuch/predict", {"instances": [[1, 2, 3, 4]]}), 404, code="not_found")
     assert body["models"] == ["diabetes", "flowers", "iris"]
-    assert_json_error(requests.get(base + "/models/nosuch", timeout=TIMEOUT), 404, "not_found")
+    assert_error(requests.get(base + "/models/nosuch", timeout=TIMEOUT), 404, code="not_found")
 
 
 def test_malformed_json_answers_400_json(server):
     base, _ = server
     response = requests.post(base + "/models/iris/predict", data=b'{"instances": [[1, 2, 3, 4]',
                              headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
-    body = assert_json_error(response, 400, "bad_request")
+    body = assert_error(response, 400, code="bad_request")
     assert "not valid JSON" in body["error"]
 
 
@@ -175,7 +133,7 @@ def test_body_over_max_body_bytes_answers_413_json(server):
     base, _ = server
     response = requests.post(base + "/models/iris/predict", data=b" " * 1500,
                              headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
-    body = assert_json_error(response, 413, "payload_too_large")
+    body = assert_error(response, 413, code="payload_too_large")
     assert "1000" in body["error"]
 
 
@@ -184,7 +142,7 @@ def test_chunked_body_over_max_body_bytes_answers_413_json(server):
     chunks = (b" " * 100 for _ in range(15))        # a generator: sent with Transfer-Encoding: chunked
     response = requests.post(base + "/models/iris/predict", data=chunks,
                              headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
-    assert_json_error(response, 413, "payload_too_large")
+    assert_error(response, 413, code="payload_too_large")
 
 
 def test_body_at_max_body_bytes_is_accepted(server, iris_classifier):
@@ -207,16 +165,16 @@ def test_body_over_twice_max_body_bytes_is_cut_off_by_waitress_with_413(server):
 
 def test_unknown_route_answers_404_json(server):
     base, _ = server
-    body = assert_json_error(requests.get(base + "/no/such/route", timeout=TIMEOUT), 404, "not_found")
+    body = assert_error(requests.get(base + "/no/such/route", timeout=TIMEOUT), 404, code="not_found")
     assert "/no/such/route" in body["error"]
 
 
 def test_put_answers_405_json_with_allow_header(server):
     base, _ = server
     response = requests.put(base + "/models/iris/predict", json={"instances": [[1, 2, 3, 4]]}, timeout=TIMEOUT)
-    assert_json_error(response, 405, "method_not_allowed")
+    assert_error(response, 405, code="method_not_allowed")
     assert set(response.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
-    assert_json_error(requests.put(base + "/models", timeout=TIMEOUT), 405, "method_not_allowed")
+    assert_error(requests.put(base + "/models", timeout=TIMEOUT), 405, code="method_not_allowed")
 
 
 def test_malformed_request_does_not_disturb_a_concurrent_good_one(server, iris, iris_classifier):
@@ -227,14 +185,16 @@ def test_malformed_request_does_not_disturb_a_concurrent_good_one(server, iris, 
     head = (b"POST /models/iris/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(bad_body))
     # A malformed request is half sent and left pending while a good one is answered ...
-    pending = raw_request(port, head, bad_body[:10])
-    good = post(base, "/models/iris/predict", {"instances": features.tolist()})
-    assert good.status_code == 200 and good.json()["predictions"] == expected
-    # ... and when it completes it gets its own 400.
-    pending.sendall(bad_body[10:])
-    status, headers, body = read_response(pending)
-    assert status == 400 and headers["content-type"].startswith("application/json")
-    assert json.loads(body)["code"] == "bad_request"
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as pending:
+        pending.sendall(head + bad_body[:10])
+        good = post(base, "/models/iris/predict", {"instances": features.tolist()})
+        assert good.status_code == 200 and good.json()["predictions"] == expected
+        # ... and when it completes it gets its own 400.
+        pending.sendall(bad_body[10:])
+        answer = http.client.HTTPResponse(pending)
+        answer.begin()
+        assert answer.status == 400 and answer.getheader("Content-Type").startswith("application/json")
+        assert json.loads(answer.read())["code"] == "bad_request"
 
     # Side by side, many times: every good request is right, every bad one is a 400.
     barrier = threading.Barrier(8)
@@ -250,7 +210,7 @@ def test_malformed_request_does_not_disturb_a_concurrent_good_one(server, iris, 
         responses = list(pool.map(one, range(8)))
     for i, response in enumerate(responses):
         if i % 2:
-            assert_json_error(response, 400, "bad_request")
+            assert_error(response, 400, code="bad_request")
         else:
             assert response.status_code == 200 and response.json()["predictions"] == expected
 
@@ -261,12 +221,13 @@ def test_malformed_request_does_not_disturb_a_concurrent_good_one(server, iris, 
 
 
 @pytest.mark.slow
-def test_each_artifact_format_serves_predictions_over_http(store, artifact_format, serve_store, iris,
+def test_each_artifact_format_serves_predictions_over_http(store_in_each_format, artifact_format, serve_store, iris,
                                                            iris_classifier, named_iris_classifier,
                                                            diabetes_regressor):
     features = iris[0][::25]
     diabetes = load_diabetes().data[:4]
-    with serve_store(store) as base:
+    with serve_store(store_in_each_format) as server:
+        base = server.base
         models = {m["name"]: m for m in requests.get(base + "/models", timeout=TIMEOUT).json()["models"]}
         assert {v["format"] for m in models.values() for v in m["versions"]} == {artifact_format}
 
@@ -281,7 +242,7 @@ def test_each_artifact_format_serves_predictions_over_http(store, artifact_forma
         rows = [dict(zip(IRIS_FEATURES, row)) for row in features.tolist()]
         expected = named_iris_classifier.predict(pandas.DataFrame(features, columns=IRIS_FEATURES)).tolist()
         assert post(base, "/models/flowers/predict", {"instances": rows}).json()["predictions"] == expected
-    assert "Traceback" not in running.output
+    assert "Traceback" not in server.output()
 
 
 ###############################################################################
@@ -292,11 +253,12 @@ def test_each_artifact_format_serves_predictions_over_http(store, artifact_forma
 @pytest.mark.slow
 def test_binds_127_0_0_1_by_default(serve_store, tmp_path):
     (tmp_path / "empty").mkdir()
-    with serve_store(tmp_path / "empty") as base:
+    with serve_store(tmp_path / "empty") as server:
+        base = server.base
         port = int(base.rsplit(":", 1)[1])
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT).status_code == 200
-    assert f"Serving on http://127.0.0.1:{port}" in running.output
-    assert "reachable from other machines" not in running.output
+    assert f"Serving on http://127.0.0.1:{port}" in server.output()
+    assert "reachable from other machines" not in server.output()
 
 
 @pytest.mark.slow
@@ -304,10 +266,11 @@ def test_store_and_port_come_from_the_environment_without_flags(tmp_path, iris, 
     root = joblib_store(tmp_path / "store", iris=iris_classifier)
     port = free_port()
     env = {"MODEL_SERVICE_STORE": str(root), "MODEL_SERVICE_PORT": str(port)}
-    with running([sys.executable, os.path.join(ROOT, "service.py")], port, env=env) as base:
+    with LiveServer([sys.executable, os.path.join(ROOT, "service.py")], port, env=env) as server:
+        base = server.base
         body = post(base, "/models/iris/predict", {"instances": iris[0][:3].tolist()}).json()
         assert body["predictions"] == iris_classifier.predict(iris[0][:3]).tolist()
-    assert f"Serving on http://127.0.0.1:{port}" in running.output
+    assert f"Serving on http://127.0.0.1:{port}" in server.output()
 
 
 @pytest.mark.slow
@@ -317,12 +280,11 @@ def test_port_flag_beats_the_environment(tmp_path):
     flag_port = free_port()
     while flag_port == env_port:
         flag_port = free_port()
-    command = [sys.executable, os.path.join(ROOT, "service.py"), "--store", str(tmp_path / "empty"),
-               "--port", str(flag_port)]
-    with running(command, flag_port, env={"MODEL_SERVICE_PORT": str(env_port)}):
+    with LiveServer(service_command(tmp_path / "empty", flag_port), flag_port,
+                    env={"MODEL_SERVICE_PORT": str(env_port)}) as server:
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{env_port}/healthz", timeout=5)
-    assert f"Serving on http://127.0.0.1:{flag_port}" in running.output
+    assert f"Serving on http://127.0.0.1:{flag_port}" in server.output()
 
 
 def test_a_port_already_in_use_exits_1_with_a_message(tmp_path):
@@ -342,12 +304,13 @@ def test_a_port_already_in_use_exits_1_with_a_message(tmp_path):
 @pytest.mark.slow
 def test_wsgiref_server_serves_predictions(serve_store, tmp_path, iris, iris_classifier):
     root = joblib_store(tmp_path / "store", iris=iris_classifier)
-    with serve_store(root, "--server", "wsgiref") as base:
+    with serve_store(root, "--server", "wsgiref") as server:
+        base = server.base
         response = post(base, "/models/iris/predict", {"instances": iris[0][:4].tolist()})
         assert response.status_code == 200, response.text
         assert response.json()["predictions"] == iris_classifier.predict(iris[0][:4]).tolist()
-        assert_json_error(requests.get(base + "/nope", timeout=TIMEOUT), 404, "not_found")
-    assert "Traceback" not in running.output
+        assert_error(requests.get(base + "/nope", timeout=TIMEOUT), 404, code="not_found")
+    assert "Traceback" not in server.output()
 
 
 ###############################################################################
@@ -357,16 +320,17 @@ def test_wsgiref_server_serves_predictions(serve_store, tmp_path, iris, iris_cla
 
 def check_embedded(command, port, root, iris, iris_classifier, env=None):
     """The host serves service:app configured from MODEL_SERVICE_*, and prints the service's INFO lines once."""
-    with running(command, port, env={"MODEL_SERVICE_STORE": str(root), **(env or {})}) as base:
+    with LiveServer(command, port, env={"MODEL_SERVICE_STORE": str(root), **(env or {})}) as server:
+        base = server.base
         assert requests.get(base + "/readyz", timeout=TIMEOUT).json() == {"ready": True, "models": 1, "loaded": 0}
         response = post(base, "/models/iris/predict", {"instances": iris[0][::30].tolist()},
                         headers={"X-Request-ID": "embedded-1"})
         assert response.status_code == 200, response.text
         assert response.json()["predictions"] == iris_classifier.predict(iris[0][::30]).tolist()
-    assert "Traceback" not in running.output
-    assert running.output.count(f"model store {root}: 1 model(s): iris") == 1, running.output
-    assert running.output.count("loaded model 'iris' version 1 (joblib, ") == 1, running.output
-    return running.output
+    assert "Traceback" not in server.output()
+    assert server.output().count(f"model store {root}: 1 model(s): iris") == 1, server.output()
+    assert server.output().count("loaded model 'iris' version 1 (joblib, ") == 1, server.output()
+    return server.output()
 
 
 @pytest.mark.slow
@@ -434,10 +398,11 @@ def test_bad_artifact_answers_503_while_the_good_model_keeps_serving(serve_store
     root = joblib_store(tmp_path / "store", good=iris_classifier)
     (root / "bad.joblib").write_bytes(b"this is not a joblib file")
     features = iris[0][:3].tolist()
-    with serve_store(root) as base:
+    with serve_store(root) as server:
+        base = server.base
         for _ in range(2):                                  # the first load and the remembered failure
             response = post(base, "/models/bad/predict", {"instances": features})
-            body = assert_json_error(response, 503, "model_unavailable")
+            body = assert_error(response, 503, code="model_unavailable")
             assert "bad.joblib" in body["error"] and "cannot load" in body["error"]
             assert body["model"] == "bad" and body["version"] == "1"
             assert int(response.headers["Retry-After"]) > 0
@@ -448,8 +413,8 @@ def test_bad_artifact_answers_503_while_the_good_model_keeps_serving(serve_store
         assert good.status_code == 200 and good.json()["predictions"] == iris_classifier.predict(features).tolist()
         assert requests.get(base + "/healthz", timeout=TIMEOUT).status_code == 200
         assert requests.get(base + "/readyz", timeout=TIMEOUT).json() == {"ready": True, "models": 2, "loaded": 1}
-    assert "model 'bad' version 1 failed to load" in running.output
-    assert "Traceback" not in running.output
+    assert "model 'bad' version 1 failed to load" in server.output()
+    assert "Traceback" not in server.output()
 
 
 @pytest.mark.slow
@@ -458,7 +423,8 @@ def test_concurrent_first_requests_all_succeed_and_load_the_model_once(serve_sto
     root = joblib_store(tmp_path / "store", iris=iris_classifier)
     features = iris[0]
     threads = 16
-    with serve_store(root, "--threads", str(threads)) as base:
+    with serve_store(root, "--threads", str(threads)) as server:
+        base = server.base
         barrier = threading.Barrier(threads)
 
         def first_request(_):
@@ -473,7 +439,7 @@ def test_concurrent_first_requests_all_succeed_and_load_the_model_once(serve_sto
 
         version = requests.get(base + "/models/iris", timeout=TIMEOUT).json()["versions"][0]
         assert version["state"] == "AVAILABLE" and version["loads"] == 1
-    assert running.output.count("loaded model 'iris' version 1") == 1
+    assert server.output().count("loaded model 'iris' version 1") == 1
 
 
 ###############################################################################
@@ -507,7 +473,8 @@ def demo_expectations():
 @pytest.mark.slow
 def test_demo_store_serves_every_model_without_warnings_or_tracebacks(serve_store):
     cases = demo_expectations()
-    with serve_store(DEMO_STORE) as base:
+    with serve_store(DEMO_STORE) as server:
+        base = server.base
         models = requests.get(base + "/models", timeout=TIMEOUT).json()["models"]
         assert [m["name"] for m in models] == ["diabetes", "iris", "sentiment"]
         for path, payload, expected in cases:
@@ -521,7 +488,7 @@ def test_demo_store_serves_every_model_without_warnings_or_tracebacks(serve_stor
         states = {(m["name"], v["version"]): v["state"]
                   for m in requests.get(base + "/models", timeout=TIMEOUT).json()["models"] for v in m["versions"]}
         assert set(states.values()) == {"AVAILABLE"}, states
-    output = running.output
+    output = server.output()
     assert "WARNING" not in output
     assert re.search(r"warning", output, re.IGNORECASE) is None, output     # nor Python warnings
     assert "Traceback" not in output and "ERROR" not in output, output
@@ -529,12 +496,13 @@ def test_demo_store_serves_every_model_without_warnings_or_tracebacks(serve_stor
 
 @pytest.mark.slow
 def test_demo_text_model_answers_400_for_instances_that_are_not_text(serve_store):
-    with serve_store(DEMO_STORE) as base:
+    with serve_store(DEMO_STORE) as server:
+        base = server.base
         for instances in ([1, 2], [None], [{"text": "good"}]):
             response = post(base, "/models/sentiment/predict", {"instances": instances})
             assert response.status_code == 400, (instances, response.status_code, response.text)
             assert response.json()["code"] == "bad_request"
-    assert "Traceback" not in running.output
+    assert "Traceback" not in server.output()
 
 
 @pytest.mark.slow
@@ -543,8 +511,37 @@ def test_python_m_service_on_all_interfaces_warns_and_stops_cleanly_on_sigterm(t
     root = joblib_store(tmp_path / "store", good=iris_classifier)
     port = free_port()
     command = [sys.executable, "-m", "service", "--store", str(root), "--port", str(port), "--host", "0.0.0.0"]
-    with running(command, port) as base:
+    with LiveServer(command, port) as server:
+        base = server.base
         assert requests.get(base + "/readyz", timeout=TIMEOUT).status_code == 200
-    assert running.returncode == 0
-    assert "binding 0.0.0.0: the service is reachable from other machines" in running.output
-    assert "SIGTERM" in running.output and "Traceback" not in running.output
+    assert server.returncode == 0
+    assert "binding 0.0.0.0: the service is reachable from other machines" in server.output()
+    assert "SIGTERM" in server.output() and "Traceback" not in server.output()
+
+
+@pytest.mark.parametrize("server", ["waitress", "wsgiref"])
+def test_serve_gives_sigterm_and_sigint_their_handlers_back_when_it_returns(tmp_path, server):
+    """serve() in this process's main thread: it takes SIGTERM and SIGINT while it runs (SIGTERM stops it) and
+    leaves them as they were, whichever server it ran."""
+    def mine(signum, frame):
+        raise AssertionError("serve() had not taken SIGTERM")
+
+    config = service.Config(store=str(tmp_path), server=server, port=0, shutdown_timeout=1.0)
+    app = service.create_app(config=config)
+    before = signal.signal(signal.SIGTERM, mine), signal.getsignal(signal.SIGINT)
+
+    def stop():
+        try:
+            wait_until(lambda: signal.getsignal(signal.SIGTERM) is not mine, timeout=TIMEOUT, what="serve()")
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    try:
+        service.serve(app, config)
+        stopper.join()
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == (mine, before[1])
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        app.registry.stop_watching()

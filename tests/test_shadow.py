@@ -1,4 +1,4 @@
-"""The shadow version (issue 16, item 3): each request also runs on the model's "shadow" version in the
+"""The shadow version: each request also runs on the model's "shadow" version in the
 background, and the agreement shows in the model's status and in /metrics, never in the client's answer.
 
 Real models from scikit-learn's bundled data in tmp_path stores.
@@ -11,7 +11,7 @@ import webtest
 from sklearn.linear_model import LogisticRegression
 
 import service
-from conftest import ROWS, assert_error, metric_value, strict_json, versioned_store, wait_until
+from support import ROWS, assert_error, metric_value, strict_json, versioned_store, wait_until
 
 
 def shadow_status(client):

@@ -13,9 +13,7 @@ from sklearn.datasets import load_diabetes
 from sklearn.linear_model import Ridge
 
 import service
-from conftest import ROWS as IRIS_ROWS, strict_json, write_artifact
-
-DIABETES_ROWS = load_diabetes().data[:3].tolist()
+from support import DIABETES_ROWS, ROWS as IRIS_ROWS, strict_json, write_artifact
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -532,7 +530,7 @@ def test_model_names_in_urls_never_reach_outside_the_store(tmp_path, make_client
     assert isinstance(body["error"], str) and body["error"] and "predictions" not in body
     if "%FF" in url or "%C0" in url:
         assert "UTF-8" in body["error"] and "'..'" not in body["error"]
-    registry = client.app.config["service.registry"]
+    registry = client.app.registry
     registry.refresh()          # a path refused before routing has not scanned yet
     assert registry.names() == ["inside"]
     assert registry.slot("inside").loads == 0            # nothing was loaded, inside or out

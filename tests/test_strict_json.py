@@ -17,9 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
-from conftest import IRIS_FEATURES, write_artifact
-
-ROW = [5.1, 3.5, 1.4, 0.2]
+from support import IRIS_FEATURES, ROW, ROWS, write_artifact
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +126,7 @@ def test_csv_numbers_are_read_from_text(nan_client, nan_tolerant):
 
 def test_categorical_strings_still_reach_a_model_that_takes_them(client_for, categorical):
     client = client_for(categorical)
-    row = dict(zip(IRIS_FEATURES, ROW), colour="green")
+    row = dict(zip(IRIS_FEATURES, ROWS[0]), colour="green")
     expected = categorical.predict_proba(pd.DataFrame([row])).tolist()
     answer = client.post_json("/models/m/predict", {"instances": [row], "method": "predict_proba"})
     assert answer.json["predictions"] == expected
@@ -152,3 +150,53 @@ def test_v2_text_tensors_of_a_tabular_model_follow_the_same_rule(nan_client):
     body = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "BYTES", "data": ["5.1", "3.5", "1.4", "0.2"]}]}
     response = nan_client.post_json("/v2/models/m/infer", body, expect_errors=True)
     assert response.status_int == 400 and "not a number" in response.json["error"], response.text
+
+
+# -- a member named twice -------------------------------------------------------------------------------------
+
+def duplicated_bodies():
+    """(protocol, path, body) naming one member twice, at the top and deep inside, in every protocol's JSON."""
+    rows = "[[5.1, 3.5, 1.4, 0.2]]"
+    tensor = '{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}'
+    return [
+        ("native", "/models/m/predict", '{"instances": %s, "method": "predict", "method": "predict_proba"}' % rows),
+        ("native", "/models/m/predict", '{"instances": [{"sepal_length": 5.1, "sepal_length": 6.0, '
+                                        '"sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}]}'),
+        ("seed", "/predict", '{"instances": %s, "instances": [[6.7, 3.0, 5.2, 2.3]]}' % rows),
+        ("tf", "/v1/models/m:predict", '{"signature_name": "", "instances": %s, "signature_name": "x"}' % rows),
+        ("tf", "/v1/models/m:classify", '{"examples": [{"sepal_length": 5.1, "sepal_length": 5.1}]}'),
+        ("v2", "/v2/models/m/infer", '{"inputs": [%s], "parameters": {"a": 1, "b": {"c": 1, "c": 2}}}' % tensor),
+        ("v2", "/v2/models/m/infer", '{"inputs": [%s], "inputs": [%s]}' % (tensor, tensor)),
+        ("mlflow", "/invocations", '{"dataframe_split": {"columns": %s, "data": %s, "data": %s}}'
+         % (json.dumps(IRIS_FEATURES), rows, rows)),
+        ("v2 repository", "/v2/repository/index", '{"ready": true, "ready": false}'),
+    ]
+
+
+@pytest.mark.parametrize("protocol, path, body", duplicated_bodies())
+def test_a_member_named_twice_is_refused_at_every_depth_in_every_protocol(nan_client, protocol, path, body):
+    """Parsers disagree on which of two equal names counts (first, last, both): the body is ambiguous."""
+    response = post(nan_client, path, body)
+    assert response.status_int == 400, (protocol, response.text)
+    assert "names the member" in response.json["error"] and "twice" in response.json["error"], response.text
+
+
+def test_a_member_named_twice_is_refused_in_query_urls_binary_headers_and_python_literals(nan_client):
+    ambiguous = '[{"sepal_length": 5.1, "sepal_length": 6, "sepal_width": 3.5, "petal_length": 1.4, ' \
+                '"petal_width": 0.2}]'
+    literal = "[{'sepal_length': 5.1, 'sepal_length': 6, 'sepal_width': 3.5, 'petal_length': 1.4, " \
+              "'petal_width': 0.2}]"
+    header = b'{"inputs": [{"name": "x", "name": "input-0", "shape": [1, 4], "datatype": "FP64", ' \
+             b'"parameters": {"binary_data_size": 32}}]}'
+    binary = nan_client.post("/v2/models/m/infer", header + np.array(ROW).tobytes(),
+                             headers={"Inference-Header-Content-Length": str(len(header))},
+                             content_type="application/octet-stream", expect_errors=True)
+    for response in (nan_client.get("/models/m/predict?instances=" + urllib.parse.quote(ambiguous), expect_errors=True),
+                     nan_client.get("/predict/" + urllib.parse.quote(ambiguous), expect_errors=True),
+                     nan_client.get("/predict/" + urllib.parse.quote(literal), expect_errors=True),
+                     binary):
+        assert response.status_int == 400, response.text
+        assert 'names the member "sepal_length" twice' in response.json["error"] or \
+            'names the member "name" twice' in response.json["error"], response.text
+    unique = literal.replace("'sepal_length': 6, ", "")
+    assert nan_client.get("/predict/" + urllib.parse.quote(unique)).status_int == 200

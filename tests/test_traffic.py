@@ -1,8 +1,9 @@
-"""Traffic management (issue 16): weighted and sticky routing between a model's versions.
+"""Traffic management: weighted and sticky routing between a model's versions.
 
 Every model is a real estimator trained on scikit-learn's bundled data, written into a tmp_path store.
-The shares and the stickiness are measured through a real server (`serve_store`); the settings' checks
-and what stays in force after a refused file go through a registry on a hand-moved clock.
+The routing of keys (shares, stickiness) is measured in-process on a registry on a hand-moved clock; that
+requests reach it, by every protocol, through a real server (`serve_store`); the settings' checks and what
+stays in force after a refused file go through the registry too.
 """
 
 import collections
@@ -14,8 +15,8 @@ import requests
 
 import service
 
-from conftest import (ROWS, assert_error, clocked_registry, metric_value, strict_json, versioned_store,
-                      wait_until, write_settings)
+from support import (ROWS, assert_error, clocked_registry, metric_value, strict_json, versioned_store,
+                     wait_until, write_settings)
 
 SPLIT = {"version_policy": "all", "labels": {"stable": 1, "canary": 2}, "traffic": {"stable": 60, "canary": 30, "3": 10}}
 WEIGHTS = {"1": 0.6, "2": 0.3, "3": 0.1}
@@ -50,23 +51,36 @@ def predict_many(base, keys, threads=4):
         return list(pool.map(one, keys))
 
 
-# -- weighted and sticky routing through a real server ------------------------------------------------------
+# -- weighted and sticky routing ----------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_ten_thousand_routing_keys_spread_by_the_weights_and_each_sticks_to_its_version(three_versions,
-                                                                                       serve_store):
+def test_ten_thousand_routing_keys_spread_by_the_weights_and_each_sticks_to_its_version(three_versions):
+    """The routing itself, a pure function of the key and the split, in-process: 10,000 keys."""
+    registry = clocked_registry(three_versions)
+    registry.refresh()
     keys = [f"user-{number}" for number in range(10_000)]
-    with serve_store(three_versions, "--threads", "4") as base:
-        first = predict_many(base, keys)
-        again = predict_many(base, keys)
-    assert first == again                                   # each key reached the same version both times
+    first = [str(registry.slot("m", routing_key=key).ref.version) for key in keys]
+    registry.poll()
+    assert [str(registry.slot("m", routing_key=key).ref.version) for key in keys] == first     # each key sticks
     for version, share in shares(first).items():
         assert abs(share - WEIGHTS[version]) <= 0.02, shares(first)
     assert set(shares(first)) == set(WEIGHTS)
 
 
+def test_a_routing_key_reaches_the_version_the_split_gives_it_through_a_real_server(three_versions, serve_store):
+    """The X-Routing-Key header reaches that routing: 50 keys over HTTP, each twice, answered by their version."""
+    registry = clocked_registry(three_versions)
+    registry.refresh()
+    keys = [f"user-{number}" for number in range(50)]
+    expected = [str(registry.slot("m", routing_key=key).ref.version) for key in keys]
+    assert set(expected) == set(WEIGHTS), "the keys reach every version"
+    with serve_store(three_versions, "--threads", "4") as server:
+        assert predict_many(server.base, keys) == expected
+        assert predict_many(server.base, keys) == expected
+
+
 def test_without_a_key_routing_is_random_by_weight_and_every_protocol_follows_it(three_versions, serve_store):
-    with serve_store(three_versions) as base, requests.Session() as session:
+    with serve_store(three_versions) as server, requests.Session() as session:
+        base = server.base
         versions = [predict_version(session, base) for _ in range(1500)]
         for version, share in shares(versions).items():
             assert abs(share - WEIGHTS[version]) <= 0.05, shares(versions)   # > 5 standard deviations
@@ -88,7 +102,7 @@ def test_without_a_key_routing_is_random_by_weight_and_every_protocol_follows_it
         status = strict_json(session.get(base + "/models/m", timeout=10))
     for version in WEIGHTS:
         assert metric_value(metrics, "model_service_requests_total", model="m", version=version, method="predict",
-                            status="200")
+                            protocol="native", status="200")
     assert status["traffic"] == [{"target": "stable", "version": "1", "share": 0.6},
                                  {"target": "canary", "version": "2", "share": 0.3},
                                  {"target": "3", "version": "3", "share": 0.1}]
@@ -104,7 +118,8 @@ def test_a_new_split_takes_effect_at_the_next_poll_without_a_failed_request(tmp_
                 with session.post(base + "/models/m/predict", json={"instances": ROWS}, timeout=10) as response:
                     answers.append((response.status_code, response.json().get("version")))
 
-    with serve_store(root, "--poll-interval", "0.2") as base:
+    with serve_store(root, "--poll-interval", "0.2") as server:
+        base = server.base
         worker = threading.Thread(target=hammer, args=(base,))
         worker.start()
         try:
@@ -134,7 +149,9 @@ INVALID_TRAFFIC = [
     ({"version_policy": "all", "traffic": {"1": -1, "2": 2}}, "the weight of 1 must be a number >= 0"),
     ({"version_policy": "all", "traffic": {"1": True}}, "the weight of 1 must be a number >= 0"),
     ({"version_policy": "all", "traffic": {"1": "10"}}, "the weight of 1 must be a number >= 0"),
-    ('{"version_policy": "all", "traffic": {"1": Infinity}}', "the weight of 1 must be a number >= 0"),
+    ('{"version_policy": "all", "traffic": {"1": Infinity}}', "Infinity is not a JSON value"),   # read strictly
+    ('{"version_policy": "all", "traffic": {"1": 1e308, "2": %d}}' % 10 ** 400, "the weight of 2 must be a number"),
+    ('{"version_policy": "all", "traffic": {"1": 1e308, "2": 1e309}}', "out of a float's range"),
     ({"version_policy": "all", "traffic": {"1": 0, "2": 0.0}}, "every weight is 0"),
     ({"version_policy": "all", "traffic": [1, 2]}, '"traffic" must map labels or versions to weights'),
 ]

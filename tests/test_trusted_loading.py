@@ -34,7 +34,7 @@ from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
 import service
-from conftest import EXTENSIONS, write_artifact
+from support import EXTENSIONS, write_artifact
 
 SAFE = service.LoadOptions(safe_pickle=True)
 REVIEWS = ["a wonderful moving film", "great story and great cast", "superb direction", "the best film this year",
@@ -199,7 +199,7 @@ def test_the_demo_store_loads_under_safe_pickle():
     registry = registry_for(root, safe_pickle=True)
     for name in registry.names():
         for version in registry.entry(name).served:
-            assert registry.get(name, str(version)).estimator is not None
+            assert registry.get(name, version).estimator is not None
 
 
 ###############################################################################

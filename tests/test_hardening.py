@@ -740,8 +740,37 @@ def test_a_request_waiting_on_a_slow_load_is_answered_within_the_time_limit(tmp_
         assert waited < 2 * 0.5 + 2, f"answered after {waited:.1f} s"
         wait_until(lambda: client.post_json("/models/slow/predict", {"instances": ROWS},
                                             expect_errors=True).status_int == 200, timeout=30, what="the load")
-        assert client.post_json("/models/slow/predict", {"instances": ROWS}).json == \
-            {"predictions": model.predict(np.array(ROWS)).tolist()}
+        assert client.post_json("/models/slow/predict", {"instances": ROWS}).json["predictions"] == \
+            model.predict(np.array(ROWS)).tolist()
+
+
+@pytest.mark.slow
+def test_a_load_that_never_ends_neither_holds_its_requests_nor_the_shutdown(tmp_path):
+    """Issue 21's shutdown repro, whole: its request waited on a load that never ended, and so did SIGTERM.  Now
+    each request waiting on that load gets its 503 within --max-predict-seconds (and a margin), the server
+    goes on answering other models, and SIGTERM ends the process within --shutdown-timeout."""
+    model = LogisticRegression(max_iter=1000).fit(IRIS_X, IRIS_Y)
+    write_artifact(tmp_path / "stuck.pkl", SlowToLoad(model, 3600), "pickle")
+    write_artifact(tmp_path / "iris.pkl", model, "pickle")
+    port, limit = free_port(), 1.0
+    command = service_command(tmp_path, port, "--max-predict-seconds", str(limit), "--shutdown-timeout", "2",
+                              "--poll-interval", "0", "--preload", "iris")
+    body = json.dumps({"instances": ROWS}).encode()
+    with LiveServer(command, port) as server:
+        wait_until(lambda: http_call(port, "POST", "/models/iris/predict", body, JSON_HEADERS).status == 200,
+                   what="iris to load")
+        for _ in range(2):              # the request that starts the load, then one that finds it under way
+            began = time.monotonic()
+            answer = http_call(port, "POST", "/models/stuck/predict", body, JSON_HEADERS)
+            assert answer.status == 503 and answer.headers["retry-after"] == "1", answer
+            assert b"still loading" in answer.body and b"--max-predict-seconds" in answer.body, answer
+            assert time.monotonic() - began < limit + 3, "answered at the limit, not when the load ends"
+        answer = http_call(port, "POST", "/models/iris/predict", body, JSON_HEADERS)
+        assert answer.status == 200 and json.loads(answer.body)["predictions"] == model.predict(ROWS).tolist()
+        stopped = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=15)
+        assert time.monotonic() - stopped < 2 + 2, "exited within --shutdown-timeout (and a margin)"
 
 
 @pytest.mark.slow

@@ -684,13 +684,19 @@ def run(mutations, seed, timeout=20.0, cases=None, save=None, documents=None, pr
     return tally.report(mutations)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mutations", type=int, default=1000)
+def command_line(doc, count, what):
+    """Both fuzzers' options: `count` (how many documents), --seed, --timeout, --cases and --save."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument(count, type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=20.0, help="seconds one mutant may take (default 20)")
+    parser.add_argument("--timeout", type=float, default=20.0, help=f"seconds one {what} may take (default 20)")
     parser.add_argument("--cases", help="comma-separated coverage cases (default: all)")
     parser.add_argument("--save", metavar="DIR", help="write each finding's file here")
+    return parser
+
+
+def main(argv=None):
+    parser = command_line(__doc__, "--mutations", "mutant")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
     if arguments.worker:

@@ -17,7 +17,6 @@ prints the count of each outcome and, if any, the shrunk finding.  Counts are ex
 after a finding they include Hypothesis's shrinking attempts.
 """
 
-import argparse
 import base64
 import itertools
 import json
@@ -313,13 +312,7 @@ def run(examples, seed, timeout=20.0, cases=None, save=None, documents=None, pro
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=20.0, help="seconds one document may take (default 20)")
-    parser.add_argument("--cases", help="comma-separated coverage cases (default: all)")
-    parser.add_argument("--save", metavar="DIR", help="write each finding's file here")
-    arguments = parser.parse_args(argv)
+    arguments = json_fuzz.command_line(__doc__, "--examples", "document").parse_args(argv)
     sys.path[:0] = [json_fuzz.ROOT, json_fuzz.HERE]
     report = run(arguments.examples, arguments.seed, arguments.timeout,
                  arguments.cases.split(",") if arguments.cases else None, arguments.save, progress=500)

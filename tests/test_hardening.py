@@ -700,6 +700,14 @@ def child_pids(pid):
     return sorted(children)
 
 
+def assert_stops_within(server, shutdown_timeout):
+    """SIGTERM `server`; it must exit within its --shutdown-timeout (and a margin), whatever still runs in it."""
+    stopped = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(timeout=15)
+    assert time.monotonic() - stopped < shutdown_timeout + 2, "exited within --shutdown-timeout (and a margin)"
+
+
 @pytest.mark.slow
 def test_sigterm_exits_within_the_shutdown_timeout_while_an_abandoned_prediction_runs(tmp_path):
     """A prediction past --max-predict-seconds goes on in the background; it must not keep the process alive."""
@@ -716,10 +724,7 @@ def test_sigterm_exits_within_the_shutdown_timeout_while_an_abandoned_prediction
             return answers[-1].status != 503 or b"still loading" not in answers[-1].body
         wait_until(predicted, timeout=30, what="the model's load")
         assert answers[-1].status == 504, answers[-1]
-        stopped = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        server.process.wait(timeout=15)
-        assert time.monotonic() - stopped < 2 + 2, "exited within --shutdown-timeout (and a margin)"
+        assert_stops_within(server, 2)
 
 
 @pytest.mark.slow
@@ -767,10 +772,7 @@ def test_a_load_that_never_ends_neither_holds_its_requests_nor_the_shutdown(tmp_
             assert time.monotonic() - began < limit + 3, "answered at the limit, not when the load ends"
         answer = http_call(port, "POST", "/models/iris/predict", body, JSON_HEADERS)
         assert answer.status == 200 and json.loads(answer.body)["predictions"] == model.predict(ROWS).tolist()
-        stopped = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        server.process.wait(timeout=15)
-        assert time.monotonic() - stopped < 2 + 2, "exited within --shutdown-timeout (and a margin)"
+        assert_stops_within(server, 2)
 
 
 @pytest.mark.slow

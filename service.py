@@ -35,7 +35,7 @@ path in the order data flows; each of its sections uses only what is above it::
     Request bodies          read and parse a body within its bounds; request ids
     Protocols               one block each (routes, handlers, request record, schemas): native, seed, TF
                             Serving/KServe V1, V2, MLflow
-    Background work         time limits, and the payload log and shadow off the request path
+    Background work         time limits, and the payload log (with live drift) and shadow off the request path
     HTTP application        the route table, access, the predict core, the error responder
     OpenAPI                 /openapi.json from the route table
     Serving                 waitress (drained on exit) or gunicorn workers
@@ -85,6 +85,8 @@ import contextlib
 import contextvars
 import csv
 import dataclasses
+import difflib
+import errno
 import functools
 import gc
 import hashlib
@@ -204,6 +206,14 @@ def _share_logs(config):
 
 def _clip(text, limit=300):
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def closest(word, choices):
+    """The one of `choices` closest to `word` (a mistyped name: another case, a letter off), or None."""
+    choices = list(choices)
+    same = [choice for choice in choices if choice.lower() == word.lower()]
+    found = same or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def _in_background(function, *args):
@@ -428,9 +438,10 @@ class NotJSON(BadRequest):
     `not_json_refusal`); anywhere else it is a plain 400.
     """
 
-    def __init__(self, message, media_type=False, **fields):
+    def __init__(self, message, media_type=False, looks_like_json=False, **fields):
         super().__init__(message, **fields)
         self.media_type = media_type        # refused for its Content-Type whatever the body holds: a 415
+        self.looks_like_json = looks_like_json  # malformed JSON ("{" or "[" first): a typo, whatever the header
 
 
 class Unauthorized(ServiceError):
@@ -488,6 +499,14 @@ class Misconfigured(ServiceError):
     """503 for every request of an app whose MODEL_SERVICE_* settings are invalid (`import service` still works)."""
 
     status, code = 503, "misconfigured"
+
+
+class ModelFault(ServiceError):
+    """500: the model failed on a request through a fault of its artifact, not of the request (see
+    `LoadedModel.model_fault`): never fitted, or pickled by a scikit-learn that gave it other attributes.
+    The answer names the fault and the error_id under which its traceback was logged."""
+
+    code = "model_fault"
 
 
 class PredictionTimeout(ServiceError):
@@ -856,6 +875,24 @@ def _load_config(cls, flags=None, environ=None):
     return cls(**values)
 
 
+_warned_variables = set()       # stray variables this process has warned about: once is enough
+
+
+def warn_of_stray_variables(environ):
+    """Warn, once per process, of each MODEL_SERVICE_* variable that no setting reads, naming the closest
+    setting's: a typo (MODEL_SERVICE_PROT) would otherwise be ignored without a word.  `python service.py` calls
+    it at start; an embedded app at its first request (by then, a no-op after the first)."""
+    known = [setting.env for setting in SETTINGS]
+    options = [name[len(ENV_PREFIX):] for name in known]        # compared without the prefix all of them share
+    for name in sorted(variable for variable in environ if variable.startswith(ENV_PREFIX) and variable not in known
+                       and variable not in _warned_variables):
+        _warned_variables.add(name)
+        near = closest(name[len(ENV_PREFIX):], options)
+        logger.warning("environment variable %s is no setting of the service and is ignored%s", name,
+                       f"; did you mean {ENV_PREFIX}{near}?" if near else
+                       f" (settings are {ENV_PREFIX}<OPTION>: see --help)")
+
+
 # Everything the service can be told: a frozen dataclass with one field per row of SETTINGS.
 Config = dataclasses.make_dataclass(
     "Config", [(s.field, type(s.default), dataclasses.field(default=s.default, repr=not s.secret)) for s in SETTINGS],
@@ -877,7 +914,7 @@ LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODEL_VERSION = ("model", "version")
 
-METRICS = {   # name: (type, help, label names, histogram buckets)
+METRICS = {   # name: (type, help, label names, histogram buckets or a gauge's multiprocess mode)
     "model_service_requests_total": ("counter", "Prediction requests by model, version, method, protocol and status.",
                                      MODEL_VERSION + ("method", "protocol", "status"), None),
     "model_service_request_duration_seconds": ("histogram", "Time to answer a prediction request.",
@@ -908,8 +945,19 @@ METRICS = {   # name: (type, help, label names, histogram buckets)
                                            MODEL_VERSION, None),
     "model_service_models_loaded": ("gauge", "Model versions in memory.", (), None),
     "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", (), None),
+    # read at scrape time like the two above; several processes: the largest (every worker shares the fact)
+    "model_service_label_version": ("gauge", "1 for each label of a model and the version it answers with now.",
+                                    ("model", "label", "version"), "livemax"),
+    # set by the live drift (see "Background work"); the last field: how a scrape of --workers combines them
+    "model_service_drift_p_value": ("gauge", "p-value of the KS (numbers) or chi-squared (categories) test of a "
+                                    "feature's newest served values against the model's reference profile "
+                                    "(several processes: the lowest).", ("model", "feature"), "livemin"),
+    "model_service_drift_psi": ("gauge", "Population stability index of a feature's newest served values against "
+                                "the model's reference profile (several processes: the highest).",
+                                ("model", "feature"), "livemax"),
+    "model_service_drift_window_rows": ("gauge", "Served rows the drift gauges were scored on (several processes: "
+                                        "their sum).", ("model",), "livesum"),
 }
-GAUGES = [name for name, (kind, *_) in METRICS.items() if kind == "gauge"]
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's: where processes share their counts
 
 
@@ -919,11 +967,15 @@ class Metrics:
     (its labels() lookup costs several µs).  The cache stays bounded because label values do: they are
     only models, versions and methods that exist (UNRESOLVED for the rest) and forget() drops a version's.
 
-    The gauges are read from `gauges` ({name: () -> value}) at scrape time in one process.  Shared
-    between processes, a scrape can only read files, so each process writes its own gauges whenever
-    they change (`changed`, called by the registry's Residency) and the scrape sums the live processes'
-    (multiprocess_mode "livesum": versions in memory over the workers, i.e. copies of models, and requests
-    being answered by any of them; a dead worker's are removed by mark_process_dead).
+    The gauges named in `gauges` ({name: () -> value, or {label values: value} for a gauge with labels})
+    are read at scrape time in one process; the others (the live drift's) are `set` by their owner in
+    every mode.  Shared between processes, a scrape can only read files, so each process writes its own
+    read-at-scrape gauges whenever they change (`changed`, called by the registry's Residency and by a
+    scan that moved a label) and the scrape combines the live processes' by each gauge's multiprocess
+    mode (METRICS' last field; "livesum" by default: versions in memory over the workers, i.e. copies of
+    models, and requests being answered by any of them; a dead worker's are removed by
+    mark_process_dead).  A label's version is a fact every worker shares: the scrape takes the largest
+    ("livemax"), and a series that stops being true is written as 0.
     """
 
     def __init__(self, gauges):
@@ -944,22 +996,41 @@ class Metrics:
         child = self._children.get((name, labels))
         (child if child is not None else self._child(name, labels)).observe(value)
 
+    def set(self, name, labels, value):
+        child = self._children.get((name, labels))
+        (child if child is not None else self._child(name, labels)).set(value)
+
+    def drop(self, names, model):
+        """Drop one model's series of the families `names` (one process; shared, the files keep them until the
+        process exits)."""
+        with self._lock:
+            for key in [key for key in self._children if key[0] in names and ("model", model) in key[1]]:
+                del self._children[key]
+                if not self._shared:
+                    self._families[key[0]].remove(*(value for _, value in key[1]))
+
     def changed(self):
-        """Models in memory or requests in flight changed: shared, this process writes the gauges that did
+        """Models in memory, requests in flight or labels changed: shared, this process writes the gauges that did
         (each write is a file update; called under the Residency's lock, so in order).
 
         (A worker forked with models already in memory writes them when it starts: Residency.announce.)"""
-        if not self._shared and self._families is not None:
+        if not self._shared and (self._families is not None or not os.environ.get(MULTIPROCESS_DIR)):
             return                  # one process: read at scrape time
         families = self._ready()
         if self._shared:
             if self._written[0] != os.getpid():     # forked: this process's file has none of them yet
                 self._written = (os.getpid(), {})
-            for name in GAUGES:
+            for name in self._gauges:
                 value = self._gauges[name]()
-                if self._written[1].get(name) != value:
-                    self._written[1][name] = value
+                written = self._written[1].get(name)
+                if written == value:
+                    continue
+                self._written[1][name] = value
+                if not isinstance(value, dict):
                     families[name].set(value)
+                    continue
+                for labels in {**(written or {}), **value}:
+                    families[name].labels(*labels).set(value.get(labels, 0))
 
     def forget(self, model, version):
         """Drop every series of one model version (its number).  Shared, the files keep its counts
@@ -1006,10 +1077,11 @@ class Metrics:
         own = None if self._shared else prometheus.CollectorRegistry()
         kinds = {"counter": prometheus.Counter, "histogram": prometheus.Histogram, "gauge": prometheus.Gauge}
         families = {}
-        for name, (kind, help_text, label_names, buckets) in METRICS.items():
-            if kind == "gauge" and not self._shared:
+        for name, (kind, help_text, label_names, last) in METRICS.items():
+            if name in self._gauges and not self._shared:
                 continue                         # read at scrape time (_ScrapeGauges)
-            options = {"buckets": buckets} if buckets else {"multiprocess_mode": "livesum"} if kind == "gauge" else {}
+            options = {"buckets": last} if kind == "histogram" else \
+                {"multiprocess_mode": last or "livesum"} if kind == "gauge" else {}
             families[name] = kinds[kind](name, help_text, label_names, registry=own, **options)
         if self._shared:
             from prometheus_client.multiprocess import MultiProcessCollector
@@ -1029,7 +1101,17 @@ class _ScrapeGauges:
         self.family, self.gauges = family, gauges
 
     def collect(self):
-        return [self.family(name, METRICS[name][1], value=self.gauges[name]()) for name in GAUGES]
+        families = []
+        for name, read in self.gauges.items():
+            value, (_, help_text, label_names, _) = read(), METRICS[name]
+            if not isinstance(value, dict):
+                families.append(self.family(name, help_text, value=value))
+                continue
+            family = self.family(name, help_text, labels=label_names)
+            for labels, number in sorted(value.items()):
+                family.add_metric(labels, number)
+            families.append(family)
+        return families
 
 
 class _Unforgotten:
@@ -1410,8 +1492,10 @@ class ModelSettings:
          "explain": {"reference": [5.8, 3.0, 4.4, 1.3]}}   the row (or record) a linear model's
                                                 explanations are measured from (see "Explanations")
 
-    Every key is optional ("latest": only the highest version serves).  Labels must
-    name served versions.  Unknown keys are refused, so a typo never passes silently.
+    Every key is optional ("latest": only the highest version serves).  A label keeps the
+    version it names in service while that version is on disk, even where the version policy
+    alone would drop it (see `kept_by_labels`).  Unknown keys are refused, so a typo never
+    passes silently.
     A traffic split names defined labels or served versions with weights >= 0, not all
     zero: a split that cannot be honoured refuses the file rather than route elsewhere.
     The shadow, like a traffic target, names a defined label or a served version.
@@ -1579,15 +1663,14 @@ class ModelSettings:
         return target
 
     def check_served(self, numbers):
-        """Refuse a traffic split or shadow naming a version the policy does not serve among `numbers` (those
-        on disk)."""
-        served = self.select(numbers)
+        """Refuse a traffic split or shadow naming a version not served among `numbers` (those on disk)."""
+        served = self.served(numbers)
         shadow = {} if self.shadow is None else {self.shadow: '"shadow"'}
         for target, where in {**{target: '"traffic"' for target in self.traffic}, **shadow}.items():
             number = self.labels[target] if isinstance(target, str) else target
             if number not in served:
                 what = f"label {target!r} names version {number}" if isinstance(target, str) else f"version {number}"
-                raise ValueError(f'{where}: {what}, which is not served (the version policy serves '
+                raise ValueError(f'{where}: {what}, which is not served (the version policy and labels serve '
                                  f"{', '.join(map(str, served)) or 'none'})")
 
     @classmethod
@@ -1612,13 +1695,32 @@ class ModelSettings:
         raise ValueError(f"{where}: {_clip(repr(value), 80)} is not a version (a positive integer)")
 
     def select(self, numbers):
-        """The served versions among `numbers` (the versions on disk), highest first."""
+        """The versions the version policy selects among `numbers` (the versions on disk), highest first."""
         numbers = sorted(numbers, reverse=True)
         if self.policy == "all":
             return tuple(numbers)
         if self.policy == "latest":
             return tuple(numbers[:self.count])
         return tuple(n for n in numbers if n in self.versions)
+
+    def kept_by_labels(self, numbers):
+        """{version: [its labels]} of the versions on disk (`numbers`) that the policy does not select but a label
+        names: they stay in service.
+
+        A label is a promise to the clients that use it: publishing version 3 under "latest" must
+        not take away the version 1 that `stable` names (TF Serving's labels, likewise, name only
+        versions it serves).  Moving or removing the label is what lets such a version go.
+        """
+        selected = self.select(numbers)
+        kept = {}
+        for label, number in sorted(self.labels.items()):
+            if number in numbers and number not in selected:
+                kept.setdefault(number, []).append(label)
+        return kept
+
+    def served(self, numbers):
+        """The versions served among `numbers` (those on disk), highest first: the policy's, and those labels keep."""
+        return tuple(sorted({*self.select(numbers), *self.kept_by_labels(numbers)}, reverse=True))
 
     def describe(self):
         policy = ({"specific": list(self.versions)} if self.policy == "specific" else
@@ -2066,7 +2168,45 @@ def load_artifact(ref, options=None):
         raise ArtifactError(f"{ref.file} holds a {type(estimator).__name__}, which has none of the methods "
                             f"{', '.join(PREDICT_METHODS)}")
     _refuse_file_readers(estimator, ref)
+    _refuse_unfitted(estimator, ref)
     return estimator, digest, len(data), skew
+
+
+def _refuse_unfitted(estimator, ref):
+    """Refuse a scikit-learn model that was never fitted, by scikit-learn's own check_is_fitted.
+
+    Loaded, it would fail every request with NotFittedError: a fault of the artifact that no
+    client can fix, so it is the load that fails, saying why.  The check runs on the model and
+    on the parts fitted in place or kept fitted (a pipeline's steps, a union's transformers, a
+    column transformer's fitted transformers_); a meta-estimator's check covers its fitted
+    copies.  Only scikit-learn's own classes are checked: a class of one's own may keep its
+    fitted state in attributes check_is_fitted cannot know.
+    """
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    for part in _fitted_parts(estimator):
+        if type(part).__module__.partition(".")[0] != "sklearn":
+            continue
+        try:
+            check_is_fitted(part)
+        except NotFittedError as error:
+            raise ArtifactError(f"{ref.file} holds a model that was never fitted: {_clip(str(error), 200)} "
+                                "(fit it, then save it again)") from None
+        except Exception:  # TypeError: not an estimator instance; tags that fail: nothing to say about fitting
+            continue
+
+
+def _fitted_parts(estimator):
+    """`estimator`, then the estimators that must be fitted for it to answer: a pipeline's steps, a union's
+    transformers and a fitted column transformer's, recursively (strings such as "passthrough" skipped)."""
+    yield estimator
+    members = getattr(estimator, "__dict__", {})
+    steps = members.get("steps") or members.get("transformer_list") or members.get("transformers_") or ()
+    for step in steps:
+        part = step[1] if isinstance(step, tuple) and len(step) >= 2 else None
+        if part is not None and not isinstance(part, str):
+            yield from _fitted_parts(part)
 
 
 def _refuse_file_readers(estimator, ref):
@@ -2190,14 +2330,69 @@ class LoadedModel:
         return outputs
 
     def _sklearn_call(self, method, inputs):
-        """The estimator's own answer; its complaints about the input are the caller's 400."""
+        """The estimator's own answer; its complaints about the input are the caller's 400, its own faults
+        (see `model_fault`) the server's 500."""
         try:
             if self.checked_call is not None:
                 return self.checked_call(getattr(self.estimator, method), inputs)
             return getattr(self.estimator, method)(inputs)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+            fault = self.model_fault(method, error)
+            if fault is not None:
+                raise fault from error
             # e.g. a text pipeline given numbers: 'int' object has no attribute 'lower'
-            raise BadRequest(f"{method} failed: {_clip(str(error))}", model=self.name) from None
+            raise BadRequest(f"{method} failed: {self._unconverted_cell(inputs, error)}{_clip(str(error))}",
+                             model=self.name) from None
+
+    def feature_label(self, position):
+        """How a message names the feature at `position`: its name when the model knows it, else its index."""
+        names = self.feature_names
+        return repr(names[position]) if names and position < len(names) else str(position)
+
+    def _unconverted_cell(self, inputs, error):
+        """"instance 0, feature 'sepal_width': " when `error` is numpy's "could not convert string to float:
+        'big'" (a model taking only numbers, given text), naming where that text was; else ""."""
+        prefix = "could not convert string to float: "
+        text = str(error)
+        values = inputs.to_numpy() if hasattr(inputs, "to_numpy") else inputs
+        if not text.startswith(prefix) or getattr(values, "ndim", 0) != 2:
+            return ""
+        quoted = text[len(prefix):]
+        for number, row in enumerate(values.tolist()):
+            for position, value in enumerate(row):
+                if isinstance(value, str) and repr(value) == quoted:
+                    return f"instance {number}, feature {self.feature_label(position)}: "
+        return ""
+
+    def artifact_fault(self, error):
+        """Whether `error`, raised by one of the estimator's methods, is the artifact's fault, not the input's.
+
+        The artifact's faults: NotFittedError (a part never fitted), and an AttributeError raised on
+        the estimator or one of its parts (AttributeError.obj), as a pickle from another scikit-learn
+        lacking an attribute its methods now read ('LogisticRegression' object has no attribute
+        'multi_class').  An AttributeError on anything else is the input's: numbers sent to a text
+        model ('int' object has no attribute 'lower').
+        """
+        from sklearn.exceptions import NotFittedError
+
+        if isinstance(error, NotFittedError):
+            return True
+        culprit = getattr(error, "obj", None) if isinstance(error, AttributeError) else None
+        return culprit is not None and any(part is culprit for part in _estimator_parts(self.estimator, [], set()))
+
+    def model_fault(self, method, error):
+        """A ModelFault, logged with its traceback, when `error` is the artifact's fault (`artifact_fault`);
+        else None."""
+        if not self.artifact_fault(error):
+            return None
+        error_id = os.urandom(6).hex()
+        logger.error("model %r version %s: %s failed on a fault of its artifact, not of the request (error_id %s)",
+                     self.name, self.version, method, error_id, exc_info=(type(error), error, error.__traceback__),
+                     extra={"model": self.name, "version": self.version})
+        skew = f"; it was {self.version_skew}" if self.version_skew else ""
+        return ModelFault(f"model {self.name!r} version {self.version} cannot answer {method}: its artifact is at "
+                          f"fault, not the request: {type(error).__name__}: {_clip(str(error))}{skew}",
+                          error_id=error_id, model=self.name, version=str(self.version))
 
     def describe(self):
         return {"estimator": self.estimator_class, "methods": list(self.methods),
@@ -2475,10 +2670,42 @@ def _build_model(ref, options=None, native=True):
         logger.warning("model %r version %s was %s: its predictions may differ (--strict-versions refuses "
                        "such artifacts)", ref.name, ref.version, skew)
     model = LoadedModel(ref, estimator, digest, size, time.perf_counter() - started, version_skew=skew)
+    _refuse_faulty(model)
     if model.make_frame is not None and _serve_arrays(estimator, model):
         model.make_frame = None
     attach_native(model, native)        # after _serve_arrays: the names it takes off would refuse it
     return model
+
+
+PROBE_FEATURES = 100_000      # the widest model _refuse_faulty probes: a row of 800 KB
+
+
+def _refuse_faulty(model):
+    """Refuse a tabular model whose methods fail on a row of zeros through a fault of the artifact, not of any
+    input (LoadedModel.artifact_fault: a pickle from another scikit-learn lacking an attribute its methods
+    read, a JSON model missing state): it would fail every request, so it is the load that fails, saying why.
+
+    One call of each method on one row, by scikit-learn; any other failure on zeros (a log transform, an
+    unknown category) says nothing about the artifact and is left to the requests.  A model without a fixed
+    width (text, sequences) is checked by its requests, or by its "warmup" rows (see _warm), and so is one
+    wider than PROBE_FEATURES (its row of zeros would cost memory a forged width can make unbounded).
+    """
+    if model.n_features is None or not 0 < model.n_features <= PROBE_FEATURES:
+        return
+    import numpy as np
+
+    probe = np.zeros((1, model.n_features))
+    inputs = probe if model.make_frame is None else model.make_frame(probe, columns=model.feature_names)
+    for method in model.methods:
+        try:
+            with np.errstate(all="ignore"):     # log(0) of a probability is no news (numpy's state is per thread)
+                getattr(model.estimator, method)(inputs)
+        except Exception as error:  # only the artifact's own faults refuse it
+            if model.artifact_fault(error):
+                skew = f" (it was {model.version_skew})" if model.version_skew else ""
+                raise ArtifactError(f"{model.ref.file}: its {method} fails on a row of zeros through a fault of "
+                                    f"the artifact, not of any input: {type(error).__name__}: "
+                                    f"{_clip(str(error))}{skew}") from None
 
 
 ###############################################################################
@@ -2703,6 +2930,7 @@ class CatalogueEntry:
     routes: dict                # {None or label: VersionSlot}
     split: tuple = None
     preloaded: bool = False     # named by --preload: its served versions load ahead and stay
+    kept: dict = dataclasses.field(default_factory=dict)   # {version: [labels]}: served only because labels name it
 
     def with_route(self, key, slot):
         return dataclasses.replace(self, routes={**self.routes, key: slot})
@@ -2725,9 +2953,10 @@ class CatalogueEntry:
             slot = self.routes.get(label)
             if slot is None:
                 known = label in settings.labels
+                where = "which is not served" if settings.labels.get(label) in self.versions else \
+                    "which is not in the store"
                 raise NotFound(f"label {_clip(repr(label), 80)} of model {name!r} "
-                               + (f"names version {settings.labels[label]}, which is not served"
-                                  if known else "is not defined"),
+                               + (f"names version {settings.labels[label]}, {where}" if known else "is not defined"),
                                model=name, labels={k: str(v) for k, v in self.wanted.items() if k},
                                served_versions=self.served_versions())
             return slot
@@ -2781,7 +3010,8 @@ class CatalogueEntry:
         for number in sorted(self.versions, reverse=True):
             slot = self.versions[number]
             info["versions"].append({**slot.describe(clock), "served": number in self.served,
-                                     "labels": sorted(k for k, v in labels.items() if v == str(number))})
+                                     "labels": sorted(k for k, v in labels.items() if v == str(number)),
+                                     "kept_by_labels": self.kept.get(number, [])})
         return info
 
     def _describe_shadow(self, agreements):
@@ -3032,8 +3262,9 @@ def _plan_entry(name, slots, previous, record, pending, preloaded):
     settings = record.settings
     if settings is None:
         return CatalogueEntry(name, slots, (), None, record.error, {}, {}, preloaded=preloaded), []
-    served = settings.select(slots)
-    wanted = {None: served[0]} if served else {}
+    selected, kept = settings.select(slots), settings.kept_by_labels(slots)
+    served = settings.served(slots)
+    wanted = {None: selected[0]} if selected else {}        # a version kept by labels only is never the default
     wanted.update({label: n for label, n in settings.labels.items() if n in served})
     routes, promotions = {}, []
     for key, current in (previous.routes.items() if previous else ()):
@@ -3045,7 +3276,7 @@ def _plan_entry(name, slots, previous, record, pending, preloaded):
         if waits and slots[number].state != LOADING:       # else a load of it is under way already
             promotions.append((name, key, slots[number]))
     return CatalogueEntry(name, slots, served, settings, record.error, wanted, routes,
-                          _traffic_split(settings, served), preloaded), promotions
+                          _traffic_split(settings, served), preloaded, kept), promotions
 
 
 def _route_target(current, wanted, slots, pending):
@@ -3135,8 +3366,10 @@ def _warm(model, rows):
     said this model takes those rows, so a model that refuses them is not the one they meant.
     Without them a tabular model is warmed on one row of zeros, and a failure there is only
     logged (the guess may not suit it: categories, a log transform); a model without a fixed
-    width (text, sequences) is not warmed, nor one whose settings say "warmup": false.  What was
-    done, and how long it took, goes in `model.warmup` for the load's log line.
+    width (text, sequences) is not warmed, nor one whose settings say "warmup": false.  A method that
+    fails on any rows through a fault of the artifact (a ModelFault: never fitted, written by another
+    scikit-learn) fails the load: that version cannot serve it.  What was done, and how long it took,
+    goes in `model.warmup` for the load's log line.
     """
     if rows is False:
         model.warmup = f'not warmed: its {SETTINGS_FILE} says "warmup": false'
@@ -3151,6 +3384,8 @@ def _warm(model, rows):
         inputs = model_inputs(model, rows, len(rows))
         for method in model.methods:
             model.call(method, inputs)
+    except ModelFault as fault:
+        raise ArtifactError(f"warming it up failed: {fault.message}") from None
     except Exception as error:
         if given:
             raise ArtifactError(f'the "warmup" rows of its {SETTINGS_FILE} failed: {error}') from None
@@ -3406,7 +3641,8 @@ class ModelRegistry:
         self.settings = SettingsFiles(self.store)
         self.settings_for = self.settings.settings_for     # the settings in force for a model name
         self.metrics = Metrics({"model_service_models_loaded": self.loaded_count,
-                                "model_service_requests_in_flight": self.in_flight})
+                                "model_service_requests_in_flight": self.in_flight,
+                                "model_service_label_version": lambda: label_versions(self._catalogue)})
         self.residency = Residency(config.max_loaded, clock, self.metrics.changed)
         self.tracing = Tracing.from_environment() if tracing is None else tracing
         self.loader = Loader(config, self.store, clock, self.residency, self.metrics, self.tracing, self.settings_for)
@@ -3466,6 +3702,8 @@ class ModelRegistry:
             logger.warning("model store %s: %s", self.store.root, EMPTY_STORE)
         elif first:
             logger.info("model store %s: %d model(s): %s", self.store.root, len(found), ", ".join(sorted(found)))
+        if first:
+            _warn_of_missing_preloads(self.config.preload, found, self.store.root)
 
     def _apply(self, found, settle):
         """Make the catalogue what the store and the models' settings ask for, then start the loads that needs.
@@ -3475,8 +3713,12 @@ class ModelRegistry:
         plan = plan_catalogue(found, self._catalogue, records, self._unsettled, settle, self._preloaded)
         for entry in plan.catalogue.values():
             entry.pin()
+        previous = self._catalogue
         self._unsettled, self._catalogue = plan.unsettled, plan.catalogue
+        _log_kept_by_labels(previous, plan.catalogue)
         self._retire(plan.departures)
+        if label_versions(plan.catalogue) != label_versions(previous):
+            self.residency.announce()           # shared between workers, the label gauge is written now
         for slot, ref in plan.replace:
             self.loader.replace(slot, ref, background=True)
         for name, key, slot in plan.promote:
@@ -3492,6 +3734,8 @@ class ModelRegistry:
             previous = self._catalogue
             self._catalogue = {**previous, name: entry.with_route(key, slot)}
             self._retire(departures(previous, self._catalogue))
+            if key is not None:
+                self.residency.announce()
         logger.info("model %r %s now answers with version %s", name,
                     f"label {key!r}" if key else "(latest)", slot.ref.version)
 
@@ -3584,8 +3828,9 @@ class ModelRegistry:
             self.require_store()
             if not valid_model_name(name):
                 raise BadRequest(f"invalid model name {_clip(repr(name), 80)}: names match ^{MODEL_NAME.pattern}$")
-            raise NotFound(f"model {name!r} not found" + (f": {EMPTY_STORE}" if not self._catalogue else ""),
-                           model=name, models=self.names())
+            near = closest(name, self._catalogue)
+            raise NotFound(f"model {name!r} not found" + (f": {EMPTY_STORE}" if not self._catalogue else "") +
+                           (f"; did you mean {near!r}?" if near else ""), model=name, models=self.names())
         return entry
 
     def slot(self, name, version=None, label=None, routing_key=None):
@@ -3712,6 +3957,40 @@ class ModelRegistry:
         self.loader.load_before_fork(self._unloaded_preloads() if self.config.preload else [])
 
 
+def label_versions(catalogue):
+    """{(model, label, version): 1} for each label and the version it answers with now (a metric's series)."""
+    return {(name, label, str(slot.ref.version)): 1 for name, entry in catalogue.items()
+            for label, slot in entry.routes.items() if label is not None}
+
+
+def _warn_of_missing_preloads(preload, found, root):
+    """A warning for each model --preload names that the store's first scan did not find (a typo: `irs`)."""
+    for name in () if preload == ALL_MODELS else preload:
+        if name not in found:
+            near = closest(name, found)
+            logger.warning("--preload names %r, which is not in the model store %s%s", name, root,
+                           f"; did you mean {near!r}?" if near else "")
+
+
+def _log_kept_by_labels(old_catalogue, catalogue):
+    """Log each version that labels start or stop keeping in service (see ModelSettings.kept_by_labels): a label
+    that held its version against the version policy is worth a warning; one that lets it go, a note why."""
+    for name in sorted(set(old_catalogue) | set(catalogue)):
+        before = old_catalogue[name].kept if name in old_catalogue else {}
+        entry = catalogue.get(name)
+        after = entry.kept if entry is not None else {}
+        for number, labels in sorted(after.items()):
+            if before.get(number) != labels:
+                logger.warning("model %r version %s stays served although its version policy does not select it: "
+                               "label(s) %s name it (move or remove them in its %s to let it go)", name, number,
+                               ", ".join(labels), SETTINGS_FILE, extra={"model": name, "version": number})
+        for number in sorted(set(before) - set(after)):
+            why = ("it left the store" if entry is None or number not in entry.versions else
+                   "its version policy selects it" if number in entry.served else "no label names it now")
+            logger.info("model %r version %s is no longer kept in service by label(s) %s: %s", name, number,
+                        ", ".join(before[number]), why, extra={"model": name, "version": number})
+
+
 def _watch(registry_ref, pid, tick):
     """A registry's watcher thread: keep housekeeping going while no request comes (idle unloads, new
     versions preloaded).  It holds the registry weakly, so a registry nobody uses any more ends its watcher.
@@ -3828,12 +4107,17 @@ def not_json_refusal(error, environ, example):
     still works, and a real form (``a=1&b=2``), XML or CSV is refused.  It is a 415 when the
     Content-Type names another format (or the error is one of media type, multipart); a 400
     when the client claimed JSON or named no format (none, text/plain, octet-stream), as the
-    body is then malformed JSON.  Either way the message shows JSON the route takes.
+    body is then malformed JSON, and when the body looks like JSON ("{" or "[" first) whatever
+    the header says: a typo sent with plain `curl -d` gets the parse error and its position
+    first, not a complaint about a header that was never the problem.  Either way the message
+    shows JSON the route takes.
     """
     media_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
     message, refusal = error.message, BadRequest
     if error.media_type:
         refusal = UnsupportedMediaType
+    elif error.looks_like_json and not _claims_json(media_type):
+        message += f" (it came as Content-Type {media_type}, as curl -d sends it: the body is read as JSON all the same)"
     elif not _claims_json(media_type):
         message, refusal = f"Content-Type {media_type}: {error.message}", UnsupportedMediaType
     if example is not None:
@@ -3868,7 +4152,8 @@ def parse_json(data, max_depth, what="request body"):
     except RecursionError:
         raise BadRequest(f"{what} is nested too deeply") from None
     except json.JSONDecodeError as error:
-        raise NotJSON(f"{what} is not valid JSON: {error}") from None
+        raise NotJSON(f"{what} is not valid JSON: {error}", looks_like_json=data.lstrip()[:1] in ("{", "[")) \
+            from None
     except DuplicateMember as error:
         raise BadRequest(f"{what} is ambiguous: {error}") from None
     except ValueError as error:                 # JSON's syntax, with NaN or a number beyond a float
@@ -4005,6 +4290,7 @@ def logged_traceback(environ):
 # -- what every protocol shares: route rows, the Protocol base, rows into estimator inputs ---------
 
 JSON_TYPE = "application/json"
+EXPLAIN = "explain"     # the method an explanation is asked by: one more for `inputs` to name (see explain_model)
 OPEN, TOKEN, ADMIN = "open", "token", "admin"    # who may call a route: anyone, --auth-tokens, --admin-token
 
 
@@ -4126,13 +4412,13 @@ class Protocol:
         return app.predict(self, **route)
 
     def alive(self, app):
-        return app.alive()
+        return SERVICE_ANSWERS.alive(app)
 
     def ready(self, app):
-        return app.ready()
+        return SERVICE_ANSWERS.ready(app)
 
     def model_names(self, app):
-        return app.model_names()
+        return SERVICE_ANSWERS.model_names(app)
 
 
 def choose_method(model, requested, unknown=NotFound):
@@ -4143,6 +4429,29 @@ def choose_method(model, requested, unknown=NotFound):
         raise error(f"model {model.name!r} has no method {_clip(repr(method), 60)}; it has: "
                     f"{', '.join(model.methods)}", model=model.name, methods=list(model.methods))
     return method
+
+
+def encode_explanation(model, explanations):
+    """The answer every protocol's explanation route gives: the model, its version and explain_model's
+    "explanations" (shap's layout: contributions [rows][features][outputs], expected_value [outputs])."""
+    return {"model": model.name, "version": str(model.version), "explanations": explanations}
+
+
+_EXPLANATION_SCHEMAS = {
+    "Explanations": {"type": "object", "required": ["expected_value", "contributions", "feature_names",
+                                                    "output_names"], "properties": {
+        "method": {"type": "string", "description": "the method explained: predict_proba, decision_function, "
+                                                    "predict"},
+        "output": {"type": "string", "description": "what that method's outputs are"},
+        "expected_value": {"type": "array", "items": {"type": "number"}, "description": "per output"},
+        "contributions": {"type": "array", "description": "[rows][features][outputs]; with expected_value they "
+                                                          "add up to the method's answer for each row",
+                          "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}},
+        "feature_names": {"type": "array", "items": {"type": "string"}},
+        "output_names": {"type": "array", "items": {"type": "string"}}}},
+    "ExplainResponse": {"type": "object", "required": ["model", "version", "explanations"], "properties": {
+        "model": {"type": "string"}, "version": {"type": "string"}, "explanations": _schema_ref("Explanations")}},
+}
 
 
 def _instances_or_inputs(payload):
@@ -4218,9 +4527,8 @@ def _refuse_coercions(model, rows):
             continue
         for position, value in enumerate(row):
             if value is True or value is False or isinstance(value, str) and _spells_number(value):
-                feature = (repr(model.feature_names[position])
-                           if model.feature_names and position < len(model.feature_names) else position)
-                raise BadRequest(f"instance {number}, feature {feature}: {_clip(json.dumps(value), 40)} is "
+                raise BadRequest(f"instance {number}, feature {model.feature_label(position)}: "
+                                 f"{_clip(json.dumps(value), 40)} is "
                                  f"{'a boolean' if isinstance(value, bool) else 'a string'}, not a number: "
                                  "send numbers as JSON numbers (null for a missing value)", model=model.name)
 
@@ -4297,6 +4605,7 @@ class NativeRequest:
 
     payload: object
     method: str = None
+    explain: bool = False       # the explain route: the rows' explanations, not a prediction
 
 
 def _native_routes(suffix, what, way):
@@ -4305,7 +4614,10 @@ def _native_routes(suffix, what, way):
                   "PredictResponse", "PredictRequest", link="predict" + (f"_{way}" if way else ""),
                   per_model=way is None),
             Route("GET", prefix + "/predict", "predict", TOKEN, f"predict with ?instances=<JSON>{what}", "predict",
-                  "PredictResponse", query=("instances",), per_model=way is None))
+                  "PredictResponse", query=("instances",), per_model=way is None),
+            Route("POST", prefix + "/explain", "predict", TOKEN, f"explain predictions: each feature's contribution"
+                  f"{what} (501 for a model that cannot be explained exactly)", "predict", "ExplainResponse",
+                  "ExplainRequest", args=(("explain", True),)))
 
 
 class NativeAPI(Protocol):
@@ -4324,11 +4636,20 @@ class NativeAPI(Protocol):
                             "properties": {"model": {"type": "string"}, "version": {"type": "string"},
                                            "method": {"type": "string"}, "predictions": {"type": "array"},
                                            "classes": {"type": "array"}}},
+        "ExplainRequest": {"oneOf": [
+            {"type": "object", "required": ["instances"], "properties": {"instances": _ROWS}},
+            {"type": "object", "required": ["inputs"], "properties": {
+                "inputs": {"oneOf": [_ROWS, {"type": "object"}]}}},
+            _ROWS]},
+        **_EXPLANATION_SCHEMAS,
     }
-    examples = {"PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]}}      # iris's rows, as in README
+    examples = {"PredictRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]},      # iris's rows, as in README
+                "ExplainRequest": {"instances": [[5.1, 3.5, 1.4, 0.2]]}}
 
-    def read(self, request, config):
+    def read(self, request, config, explain=False):
         environ = request.environ
+        if explain:
+            return NativeRequest(json_body(environ, config), explain=True)
         if environ["REQUEST_METHOD"] != "GET":
             return NativeRequest(json_body(environ, config), _query_method(request))
         text = request.query.get("instances")
@@ -4338,11 +4659,14 @@ class NativeAPI(Protocol):
 
     def inputs(self, model, asked, config):
         rows, method = decode_payload(asked.payload, asked.method)
-        return [choose_method(model, method)], model_inputs(model, rows, config.max_rows)
+        if asked.explain and method is not None:
+            raise BadRequest("an explanation names no method: it explains the method its model's family is "
+                             "explained by (see the answer's \"method\")", model=model.name)
+        return [EXPLAIN if asked.explain else choose_method(model, method)], model_inputs(model, rows, config.max_rows)
 
     def encode(self, model, asked, results):
         (method, outputs), = results.items()
-        return encode_prediction(model, method, outputs)
+        return encode_explanation(model, outputs) if asked.explain else encode_prediction(model, method, outputs)
 
 
 def _query_method(request):
@@ -4457,16 +4781,17 @@ def _tf_routes(suffix, what, way):
             Route("GET", prefix + "/metadata", "v1_metadata", TOKEN, f"TF Serving signatures{what}", "tf-serving")]
     for verb, body, answer in (("predict", "TFPredictRequest", "TFPredictResponse"),
                                ("classify", "TFExamples", "TFResults"), ("regress", "TFExamples", "TFResults"),
-                               ("explain", None, None)):
+                               ("explain", "TFPredictRequest", "ExplainResponse")):
         rows.append(Route("POST", f"{prefix}:{verb}", "predict", TOKEN,
-                          f"TF Serving {verb}{what}" + (" (not implemented: 501)" if verb == "explain" else ""),
+                          f"{'KServe V1' if verb == 'explain' else 'TF Serving'} {verb}{what}" +
+                          (" (501 for a model that cannot be explained exactly)" if verb == "explain" else ""),
                           "tf-serving", answer, body, args=(("verb", verb),)))
     return rows
 
 
 class TFServing(Protocol):
-    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples), a model's
-    status and signatures."""
+    """TF Serving REST and KServe V1: :predict (rows or columns), :classify and :regress (examples), KServe's
+    :explain (a :predict body; its signature_name is not read), a model's status and signatures."""
 
     name = "tf"
     routes = (Route("GET", "/v1/models", "model_names", TOKEN, "model names (KServe V1)", "tf-serving"),) + \
@@ -4490,16 +4815,17 @@ class TFServing(Protocol):
     }
 
     def read(self, request, config, verb):
-        if verb == "explain":
-            raise NotImplementedHere("explanations are not implemented")
         payload = json_body(request.environ, config)
         if verb == "predict":
             return TFRequest(verb, *tf_predict_request(payload))
+        if verb == "explain":
+            rows, columnar, _ = tf_predict_request(payload)
+            return TFRequest(verb, rows, columnar, EXPLAIN)
         return TFRequest(verb, tf_examples(payload), False, "predict_proba" if verb == "classify" else "predict")
 
     def inputs(self, model, asked, config):
         verb = asked.verb
-        method = choose_method(model, asked.method, unknown=BadRequest)
+        method = EXPLAIN if verb == "explain" else choose_method(model, asked.method, unknown=BadRequest)
         if verb == "classify" and model.classes is None:
             raise BadRequest(f"model {model.name!r} does not name its classes, so it cannot classify",
                              model=model.name)
@@ -4509,6 +4835,8 @@ class TFServing(Protocol):
         return [method], model_inputs(model, asked.rows, config.max_rows)
 
     def encode(self, model, asked, results):
+        if asked.verb == "explain":
+            return encode_explanation(model, results[EXPLAIN])
         outputs = to_jsonable(results[asked.method])
         if asked.verb == "predict":
             return {"outputs" if asked.columnar else "predictions": outputs}
@@ -4625,7 +4953,8 @@ def v2_request(request, binary, max_rows):
     if not isinstance(request.get("id", ""), str):
         raise BadRequest("\"id\" must be a string")
     wanted, binary_outputs = {}, set()      # an output named twice is computed and answered once
-    everything_binary = bool(_v2_parameters(request, "the request").get("binary_data_output"))
+    parameters = _v2_parameters(request, "the request")
+    everything_binary = bool(parameters.get("binary_data_output"))
     outputs = request.get("outputs") or []
     if not isinstance(outputs, list):
         raise BadRequest("\"outputs\" must be a list of {\"name\": method}")
@@ -4639,6 +4968,13 @@ def v2_request(request, binary, max_rows):
         wanted = {"predict": True}
         if everything_binary:
             binary_outputs.add("predict")
+    explain = parameters.get("explain", False)          # the rows' explanations, as the "explain" output
+    if not isinstance(explain, bool):
+        raise BadRequest('"parameters": {"explain"} must be a boolean')
+    if explain:
+        wanted[EXPLAIN] = True
+        if everything_binary:
+            binary_outputs.add(EXPLAIN)
     return arrays, list(wanted), binary_outputs
 
 
@@ -4754,10 +5090,16 @@ def v2_inputs(model, arrays, max_rows):
 def v2_tensors(results):
     """(name, method, array, datatype) of each output tensor of {method: result}: one per method, or one per
     output of a multi-output classifier's list of arrays ("<method>_<output>"); a list of values (a model of
-    your own may answer so) is one tensor."""
+    your own may answer so) is one tensor.  An explanation is one BYTES element, its JSON text, as MLServer's
+    explainer runtime answers it (an output named "explain", content type "str")."""
     import numpy as np
 
     for method, result in results.items():
+        if method == EXPLAIN:
+            text = np.empty(1, dtype=object)
+            text[0] = dumps(result)
+            yield EXPLAIN, EXPLAIN, text, "BYTES"
+            continue
         per_output = isinstance(result, list) and all(hasattr(part, "shape") for part in result)
         for number, part in enumerate(result if per_output else [result]):
             array = np.asarray(part.toarray() if hasattr(part, "toarray") else part)
@@ -4779,9 +5121,11 @@ def v2_outputs(model, results, binary_outputs):
     outputs, chunks = [], []
     for name, method, array, datatype in v2_tensors(results):
         entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if method == EXPLAIN:
+            entry["parameters"] = {"content_type": "str"}
         if method in binary_outputs:
             data = v2_bytes(array, datatype)
-            entry["parameters"] = {"binary_data_size": len(data)}
+            entry["parameters"] = {**entry.get("parameters", {}), "binary_data_size": len(data)}
             chunks.append(data)
         else:
             entry["data"] = to_jsonable(array.reshape(-1))
@@ -4837,7 +5181,10 @@ class OpenInference(Protocol):
             "datatype": {"type": "string", "enum": list(V2_DTYPES) + ["BYTES"]},
             "parameters": {"type": "object"}, "data": {"type": "array"}}},
         "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
-            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "id": {"type": "string"}, "parameters": {"type": "object", "properties": {
+                "explain": {"type": "boolean", "description": "also answer the \"explain\" output: one BYTES "
+                                                             "element, the rows' explanations as JSON text"},
+                "routing_key": {"type": "string"}, "binary_data_output": {"type": "boolean"}}},
             "inputs": {"type": "array", "items": _schema_ref("V2Tensor")},
             "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
                                                    "properties": {"name": {"type": "string"},
@@ -4873,8 +5220,9 @@ class OpenInference(Protocol):
         return key or None
 
     def inputs(self, model, asked, config):
-        return ([choose_method(model, method, unknown=BadRequest) for method in asked.outputs],
-                v2_inputs(model, asked.arrays, config.max_rows))
+        """The outputs asked are methods, "explain" among them (as an output or a parameter)."""
+        return ([method if method == EXPLAIN else choose_method(model, method, unknown=BadRequest)
+                 for method in asked.outputs], v2_inputs(model, asked.arrays, config.max_rows))
 
     def encode(self, model, asked, results):
         outputs, tail = v2_outputs(model, results, asked.binary_outputs)
@@ -5203,6 +5551,11 @@ class OpenInferenceGrpc(OpenInference):
                 _v2_from_contents(tensor.contents, tensor.datatype, count, where)
             arrays.append((tensor.name, array.reshape(shape)))
         outputs = list(dict.fromkeys(output.name for output in request.outputs)) or ["predict"]
+        explain = request.parameters["explain"] if "explain" in request.parameters else None
+        if explain is not None and explain.WhichOneof("parameter_choice") != "bool_param":
+            raise BadRequest('parameters["explain"] must be a bool_param')
+        if explain is not None and explain.bool_param and EXPLAIN not in outputs:
+            outputs.append(EXPLAIN)
         key = request.parameters["routing_key"] if "routing_key" in request.parameters else None
         if key is not None and key.WhichOneof("parameter_choice") != "string_param":
             raise BadRequest('parameters["routing_key"] must be a string_param')
@@ -5214,6 +5567,8 @@ class OpenInferenceGrpc(OpenInference):
         response.model_name, response.model_version, response.id = model.name, str(model.version), asked.id or ""
         for name, method, array, datatype in v2_tensors(results):
             tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            if method == EXPLAIN:
+                tensor.parameters["content_type"].string_param = "str"
             if method in asked.binary_outputs:
                 response.raw_output_contents.append(v2_bytes(array, datatype))
             elif datatype == "BYTES":
@@ -5433,7 +5788,8 @@ BODY_EXAMPLES = {kind: example for protocol in PROTOCOLS for kind, example in pr
 # Background work #############################################################
 ###############################################################################
 # What runs beside the requests, off their path: predictions bounded in time (TimeLimit), and what a
-# request hands over after its answer (a Backlog each for the payload log and the shadow).
+# request hands over after its answer (a Backlog each for the payload log and the shadow); the payload
+# log's rows also feed the live drift gauges (LiveDrift).
 
 
 class TimeLimit:
@@ -5563,15 +5919,16 @@ class Backlog:
     the backlog (a pre-fork host forks after building the app), and an exception from `work` is
     logged, never fatal to it.  Then it sleeps `rest(cpu_seconds)`, given the CPU time that took:
     waking once per item would cost requests the interpreter more than the work itself, and work
-    that must not compete with them paces itself.
+    that must not compete with them paces itself.  With `idle` seconds, it also runs `work([])` after
+    that long with nothing offered (for work its user deferred, such as the live drift's next score).
     """
 
     ITEMS = 1000
     BYTES = 64 * 1024 * 1024
     ITEM_BYTES = 1024       # an item's own fields (request id, labels, times), beside the inputs and outputs
 
-    def __init__(self, name, work, rest, burst=1):
-        self.name, self._work, self._rest, self._burst = name, work, rest, burst
+    def __init__(self, name, work, rest, burst=1, idle=None):
+        self.name, self._work, self._rest, self._burst, self._idle = name, work, rest, burst, idle
         self._lock = threading.Lock()
         self._pid, self._queue, self._bytes = None, None, 0
 
@@ -5615,7 +5972,10 @@ class Backlog:
 
     def _run(self):
         while True:
-            taken = [self._queue.get()]
+            try:
+                taken = [self._queue.get(timeout=self._idle)]
+            except queue.Empty:
+                taken = []
             started = time.thread_time()
             with contextlib.suppress(queue.Empty):
                 while len(taken) < self._burst:
@@ -5642,6 +6002,158 @@ def payload_bytes(environ):
     return size
 
 
+# -- live drift: the payload log's rows against the models' reference profiles ---------------------
+# The statistics of "Drift" (`python service.py drift`) live here, where both it and the live gauges
+# reach them: KS (numbers) or chi-squared (categories) and PSI, one column against its profile.
+
+PSI_FLOOR = 1e-4                # a bin's share where it holds nothing, as Evidently's PSI takes it
+DRIFT_WINDOW_ROWS = 1000        # the served rows per model the live drift gauges score: the newest
+DRIFT_SCORE_SECONDS = 1.0       # a model's gauges are scored again at most this often (and only after new rows)
+
+
+def _missing(value):
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _psi(reference, served):
+    """Population stability index of two distributions over the same bins (shares floored at PSI_FLOOR)."""
+    import numpy as np
+
+    reference, served = np.maximum(reference, PSI_FLOOR), np.maximum(served, PSI_FLOOR)
+    return float(((served - reference) * np.log(served / reference)).sum())
+
+
+def compare_column(reference, values):
+    """One column's test against its reference profile: {"kind", "rows", "missing", "test", "statistic",
+    "p_value", "psi", "distance": (name, value)}, the tests None when either side has no values."""
+    import numpy as np
+    from scipy import stats
+    from scipy.spatial.distance import jensenshannon
+
+    present = [value for value in values if not _missing(value)]
+    result = {"kind": reference["kind"], "rows": len(values), "missing": len(values) - len(present),
+              "test": None, "statistic": None, "p_value": None, "psi": None, "distance": None}
+    if not present or not (reference.get("values") or reference.get("counts")):
+        return result
+    if reference["kind"] == "numeric":
+        if any(isinstance(value, (str, bool)) for value in present):
+            raise ValueError("the log holds text where the reference holds numbers")
+        ref, served = np.asarray(reference["values"], dtype=float), np.asarray(present, dtype=float)
+        test = stats.ks_2samp(ref, served)
+        edges = np.unique(np.quantile(ref, np.linspace(0, 1, 11))[1:-1])           # the reference's deciles
+        shares = [np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1) / len(x)
+                  for x in (ref, served)]
+        return {**result, "test": "KS", "statistic": float(test.statistic), "p_value": float(test.pvalue),
+                "psi": _psi(*shares), "distance": ("wasserstein", float(stats.wasserstein_distance(ref, served)))}
+    counts = collections.Counter(str(value) for value in present)
+    categories = sorted(set(reference["counts"]) | set(counts))
+    table = np.array([[reference["counts"].get(c, 0) for c in categories], [counts.get(c, 0) for c in categories]],
+                     dtype=float)
+    statistic, p_value = (0.0, 1.0) if len(categories) < 2 else stats.chi2_contingency(table)[:2]
+    ref, served = table[0] / table[0].sum(), table[1] / table[1].sum()
+    return {**result, "test": "chi2", "statistic": float(statistic), "p_value": float(p_value),
+            "psi": _psi(ref, served), "distance": ("jensen-shannon", float(jensenshannon(ref, served, base=2)))}
+
+
+def _read_profile(path):
+    """A stored reference profile, checked enough that a test can read it; ValueError says what is wrong."""
+    with open(path, "rb") as handle:
+        profile = parse_json(handle.read(), max_depth=8, what=path)
+    features = profile.get("features") if isinstance(profile, dict) else None
+    columns = (features or []) + ([profile["prediction"]] if profile.get("prediction") else [])
+    if not features or not all(isinstance(column, dict) and isinstance(column.get("name", ""), str) and (
+            column.get("kind") == "numeric" and isinstance(column.get("values"), list) and
+            all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in column["values"]) or
+            column.get("kind") == "categorical" and isinstance(column.get("counts"), dict) and
+            all(type(count) is int and count >= 0 for count in column["counts"].values())) for column in columns):
+        raise ValueError(f"{path} is not a reference profile (python service.py profile TRAIN --model NAME "
+                         "writes one)")
+    return profile
+
+
+@dataclasses.dataclass
+class _Watched:
+    """A model LiveDrift scores: its reference profile (as read at `mtime`), its feature names and newest rows."""
+
+    profile: dict
+    mtime: int
+    names: list
+    rows: collections.deque
+    fresh: bool = False         # rows came since the last score
+    scored: float = -math.inf   # time.monotonic() of the last score
+
+
+class LiveDrift:
+    """Per-feature drift gauges of the rows each model answered lately (--payload-log with a stored reference
+    profile), scored on the payload log's thread, off the request path.
+
+    A model is watched while its folder of the store holds PROFILE_FILE (`python service.py profile`):
+    the newest DRIFT_WINDOW_ROWS rows it answered (with 200; redacted cells count as missing) are tested
+    feature by feature against the profile as the drift command tests them, at most every
+    DRIFT_SCORE_SECONDS and only after new rows.  The gauges are labelled by the model and the profile's
+    feature names, so their labels are bounded by the features of served models that have a profile; a
+    model whose profile goes is forgotten.  Under --workers each process scores the rows it answered (a
+    sample of the same traffic), and a scrape shows the lowest p-value and the highest PSI among them.
+    """
+
+    SERIES = ("model_service_drift_p_value", "model_service_drift_psi", "model_service_drift_window_rows")
+
+    def __init__(self, store, metrics):
+        self.store, self.metrics = store, metrics
+        self._watched = {}          # model name -> _Watched
+        self._looked = {}           # model name -> time.monotonic() its profile was last looked for
+
+    def add(self, name, rows, now):
+        """Keep a logged request's rows (lists of a profile's width) for the model's next score."""
+        watched = self._watch(name, now)
+        if watched is not None and isinstance(rows, list) and rows and all(
+                isinstance(row, list) and len(row) == len(watched.names) for row in rows):
+            watched.rows.extend(rows)
+            watched.fresh = True
+
+    def score(self, now):
+        """Score the models with new rows whose last score is DRIFT_SCORE_SECONDS old, and set their gauges (a
+        watched model's profile is looked at again here too, so one removed is forgotten without new rows)."""
+        for name in list(self._watched):
+            watched = self._watch(name, now)
+            if watched is None or not watched.fresh or now - watched.scored < DRIFT_SCORE_SECONDS:
+                continue
+            watched.fresh, watched.scored = False, now
+            rows = list(watched.rows)
+            for index, (feature, reference) in enumerate(zip(watched.names, watched.profile["features"])):
+                try:
+                    result = compare_column(reference, [row[index] for row in rows])
+                except ValueError:          # text logged where the profile holds numbers: no score
+                    result = {"p_value": None, "psi": None}
+                labels = (("model", name), ("feature", feature))
+                for series, key in (("model_service_drift_p_value", "p_value"), ("model_service_drift_psi", "psi")):
+                    self.metrics.set(series, labels, math.nan if result[key] is None else result[key])
+            self.metrics.set("model_service_drift_window_rows", (("model", name),), len(rows))
+
+    def _watch(self, name, now):
+        """The model's _Watched while it has a readable profile (looked for at most every DRIFT_SCORE_SECONDS),
+        else None."""
+        watched = self._watched.get(name)
+        if now - self._looked.get(name, -math.inf) < DRIFT_SCORE_SECONDS:
+            return watched
+        self._looked[name] = now
+        path = os.path.join(self.store, name, PROFILE_FILE)
+        try:
+            mtime = os.stat(path).st_mtime_ns
+            if watched is None or watched.mtime != mtime:
+                profile = _read_profile(path)
+                names = [feature.get("name") or f"x{i}" for i, feature in enumerate(profile["features"])]
+                watched = self._watched[name] = _Watched(profile, mtime, names,
+                                                         collections.deque(maxlen=DRIFT_WINDOW_ROWS))
+        except (OSError, ValueError) as error:
+            if watched is not None or not isinstance(error, FileNotFoundError):
+                logger.warning("live drift of model %r: not scored: %s", name, _clip(str(error), 200))
+            if self._watched.pop(name, None) is not None:
+                self.metrics.drop(self.SERIES, name)
+            return None
+        return watched
+
+
 class PayloadLog:
     """--payload-log DIR: one JSON line per sampled prediction request, written by a background thread.
 
@@ -5662,7 +6174,8 @@ class PayloadLog:
     def __init__(self, folder, sample, registry):
         self.folder, self.sample, self.registry, self.metrics = folder, sample, registry, registry.metrics
         self.backlog = Backlog("payload-log", self._write_records, rest=lambda cpu_seconds: self.INTERVAL,
-                               burst=Backlog.ITEMS)
+                               burst=Backlog.ITEMS, idle=DRIFT_SCORE_SECONDS)
+        self.drift = LiveDrift(registry.config.store, self.metrics)
         self._file, self._written, self._serial, self._failing = None, 0, itertools.count(1), False
         atexit.register(PayloadLog._drain_at_exit, weakref.ref(self), registry.config.shutdown_timeout)
 
@@ -5687,20 +6200,31 @@ class PayloadLog:
             logger.warning("payload log: records still queued after %g s were not written", timeout)
 
     def _write_records(self, records):
-        if not records:
-            return
+        """Write the records' lines, hand their rows to the live drift, and let it score what is due (also
+        when the backlog wakes with no records)."""
+        now = time.monotonic()
+        for line in self._write_lines(records) if records else ():
+            if line["status"] == 200 and line.get("inputs") is not None:
+                self.drift.add(line["model"], line["inputs"], now)
+        self.drift.score(now)
+
+    def _write_lines(self, records):
+        """The records' lines, written (a failed write is counted and logged, and its lines still returned)."""
+        lines = []
         try:
-            for record in records:
-                self._write(self._line(record))
+            lines = [self._line(record) for record in records]
+            for line in lines:
+                self._write(dumps(line) + "\n")
             self._file.flush()           # whole lines on disk: a reader, or a drain at shutdown, sees them
         except Exception as error:   # a full disk, an unwritable folder: logged once, counted each time
             self.metrics.count("model_service_payload_log_dropped_total", (), len(records))
             if not self._failing:
                 logger.error("payload log: cannot write to %s: %s", self.folder, error)
             self._failing = True
-            return
+            return lines if len(lines) == len(records) else []
         self._failing = False
         self.metrics.count("model_service_payload_log_records_total", (), len(records))
+        return lines
 
     def _write(self, line):
         data = line.encode("utf-8", "backslashreplace")
@@ -5723,6 +6247,7 @@ class PayloadLog:
                 os.remove(os.path.join(self.folder, old))
 
     def _line(self, record):
+        """A record's line, as the object it is written as."""
         at, request_id, labels, payload, protocol, status, elapsed = record
         (_, name), (_, version), (_, method) = labels
         line = {"time": _utc_time(at, millis=True),
@@ -5733,7 +6258,7 @@ class PayloadLog:
             line["features"] = model.feature_names
             line["inputs"], line["redacted"] = self._redacted(model, to_jsonable(inputs))
             line["outputs"] = {method: to_jsonable(outputs) for method, outputs in results.items()}
-        return dumps(line) + "\n"
+        return line
 
     def _redacted(self, model, rows):
         """(rows with the model's "redact" features nulled, the names redacted); all rows withheld (None)
@@ -5815,9 +6340,9 @@ class Shadow:
 ###############################################################################
 # HTTP application ############################################################
 ###############################################################################
-# One table, ROUTES, names every route: its path, the method that answers (the app's, or its
-# protocol's), who may call it, and how OpenAPI documents it: the service's own rows here, each
-# protocol's in its block.  Every prediction, of every protocol, goes through one core
+# One table, ROUTES, names every route: its path, the method that answers (the service's own,
+# ServiceAnswers, or its protocol's), who may call it, and how OpenAPI documents it: the service's own
+# rows here, each protocol's in its block.  Every prediction, of every protocol, goes through one core
 # (ServiceApp.predict) with the protocol; every refusal is a ServiceError, turned into an answer in
 # one place (ServiceApp.refusal), Bottle's own 404, 405 and 500 included, so no answer is HTML.
 
@@ -5844,6 +6369,25 @@ SERVICE_ROUTES = (
     Route("POST", "/admin/rescan", "rescan", ADMIN, "rescan the store now (admin token)", "admin"),
 )
 ROUTES = SERVICE_ROUTES + tuple(route for protocol in PROTOCOLS for route in protocol.registered_routes())
+
+
+def nearest_route(method, path):
+    """"POST /models/iris/predict": the route closest to a path no route has, or None when none comes close.
+
+    Each route's template is filled with the request's own path segments where it takes parameters
+    (so /model/iris/predict is compared with /models/iris/predict, not with /models/{name}/predict),
+    and the closest filled path wins, a route of the request's method before another's."""
+    segments = path.strip("/").split("/")
+    best, suggestion = 0.75, None
+    for route in ROUTES:
+        template = route.path.strip("/").split("/")
+        filled = "/" + "/".join(
+            re.sub(r"\{\w+\}", lambda _: segments[index].partition(":")[0], part)
+            if "{" in part and index < len(segments) else part for index, part in enumerate(template))
+        score = difflib.SequenceMatcher(None, path, filled).ratio() + (0.01 if route.method == method else 0)
+        if score > best and filled != path:
+            best, suggestion = score, f"{route.method} {filled}"
+    return suggestion
 
 access_logger = logging.getLogger("service.access")
 
@@ -5955,6 +6499,7 @@ class ServiceApp:
                     _share_logs(config)
                     if self.tracing.problem:
                         logger.error("traces are off: %s", self.tracing.problem)
+                    warn_of_stray_variables(os.environ)
                     self._logs_shared = True
         try:
             if self.misconfigured:
@@ -6020,11 +6565,11 @@ class ServiceApp:
 
     def _endpoint(self, route):
         """The callback of one route: its access checked, its protocol noted for refusals, the URL's version
-        made a number, then its handler (the protocol's, given the app, or the app's); a body that is not
+        made a number, then its handler (its protocol's or the service's own, given the app); a body that is not
         JSON, on a route that takes one, is answered with the route's example."""
         protocol, args, access, config = route.protocol, dict(route.args), route.access, self.config
-        handler = functools.partial(getattr(protocol, route.handler), self, **args) if protocol is not None \
-            else functools.partial(getattr(self, route.handler), **args)
+        owner = protocol if protocol is not None else SERVICE_ANSWERS
+        handler = functools.partial(getattr(owner, route.handler), self, **args)
         takes_body, example = route.body is not None, BODY_EXAMPLES.get(route.body)
 
         def endpoint(**parameters):
@@ -6086,7 +6631,9 @@ class ServiceApp:
             except ServiceError as refused:
                 return self._answer_error(refused)
         if status == 404:
-            error = NotFound(f"no route for {request.method} {_clip(request.path, 200)}")
+            near = nearest_route(request.method, request.path)
+            error = NotFound(f"no route for {request.method} {_clip(request.path, 200)}"
+                             + (f"; did you mean {near}?" if near else "") + " (every route is listed in /openapi.json)")
         elif status == 405:
             allowed = http_error.headers.get("Allow", "")
             error = MethodNotAllowed(f"method {request.method} is not allowed here; allowed: {allowed}",
@@ -6159,12 +6706,18 @@ class ServiceApp:
                                                         "protocol": protocol.name, "method": ",".join(methods),
                                                         "rows": _row_count(inputs)})
 
+            reference = registry.settings_for(name).explain_reference      # where an explanation is measured from
+
             def compute():
-                return {method: model.predict(method, inputs) for method in methods}
+                return {method: explain_model(model, inputs, reference) if method == EXPLAIN else
+                        model.predict(method, inputs) for method in methods}
 
             results = compute() if self.time_limit is None else self.time_limit.run(compute, held)
-            environ["service.payload"] = (model, inputs, results)        # for the payload log, after the answer
-            self.shadow.offer(environ, name, model, methods, inputs, results)
+            # the payload log and the shadow get the predictions: an explanation is derived from them
+            predictions = {method: outputs for method, outputs in results.items() if method != EXPLAIN}
+            environ["service.payload"] = (model, inputs, predictions)    # for the payload log, after the answer
+            if predictions:
+                self.shadow.offer(environ, name, model, list(predictions), inputs, predictions)
         finally:
             for release in reversed(held):
                 release()
@@ -6172,63 +6725,71 @@ class ServiceApp:
                 _log_fields.reset(fields)
         return model, results
 
+
+class ServiceAnswers:
+    """The service's own routes (SERVICE_ROUTES): the index, health, metrics, OpenAPI, the catalogue and
+    administration.  Each handler is called with the app first, as a protocol's are, so that the app
+    holds only what every request goes through."""
+
     # -- service ------------------------------------------------------------------------------
-    def index(self):
+    def index(self, app):
         if "text/html" in bottle.request.environ.get("HTTP_ACCEPT", ""):
             return bottle.HTTPResponse(CONSOLE_HTML, headers={"Content-Type": "text/html; charset=utf-8",
                                                              "Content-Security-Policy": CONSOLE_CSP})
         return {"name": SERVICE_NAME, "version": __version__, "status": "alive",
-                "models": self.registry.names(),
+                "models": app.registry.names(),
                 "links": {route.link: route.path for route in ROUTES if route.link}}
 
-    def alive(self):
+    def alive(self, app):
         return {"status": "alive"}
 
-    def ready(self, counts=False):
-        reason = self.registry.not_ready_reason()
+    def ready(self, app, counts=False):
+        reason = app.registry.not_ready_reason()
         if reason:
             raise ModelUnavailable(f"not ready: {reason}", ready=False)
         if not counts:
             return {"ready": True}
-        return {"ready": True, "models": len(self.registry.names()), "loaded": self.registry.loaded_count()}
+        return {"ready": True, "models": len(app.registry.names()), "loaded": app.registry.loaded_count()}
 
-    def prometheus_metrics(self):
-        text = self.metrics.render()
+    def prometheus_metrics(self, app):
+        text = app.metrics.render()
         return bottle.HTTPResponse(text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    def openapi(self):
-        return openapi_document(self.registry)
+    def openapi(self, app):
+        return openapi_document(app.registry)
 
     # -- models -------------------------------------------------------------------------------
-    def model_names(self):
-        self.registry.require_store()
-        return {"models": self.registry.names()}
+    def model_names(self, app):
+        app.registry.require_store()
+        return {"models": app.registry.names()}
 
-    def list_models(self):
-        self.registry.require_store()
-        return {"models": self.registry.describe_all()}
+    def list_models(self, app):
+        app.registry.require_store()
+        return {"models": app.registry.describe_all()}
 
-    def show_model(self, name):
-        return self.registry.describe(name)
+    def show_model(self, app, name):
+        return app.registry.describe(name)
 
-    def show_version(self, name, version):
-        for info in self.registry.describe(name)["versions"]:
+    def show_version(self, app, name, version):
+        for info in app.registry.describe(name)["versions"]:
             if info["version"] == str(version):
                 return {"name": name, **info}
-        self.registry.slot(name, version)         # the 400 or 404 that explains why
+        app.registry.slot(name, version)         # the 400 or 404 that explains why
         raise NotFound(f"model {name!r} has no version {version}", model=name)
 
-    def show_label(self, name, label):
-        return {"name": name, "label": label, "version": str(self.registry.slot(name, label=label).ref.version)}
-
+    def show_label(self, app, name, label):
+        return {"name": name, "label": label, "version": str(app.registry.slot(name, label=label).ref.version)}
 
     # -- administration: only what is already in the store ----------------------------------
-    def reload_model(self, name):
-        outcome = self.registry.reload(name)
-        return {**self.registry.describe(name), "reload": outcome}
+    def reload_model(self, app, name):
+        outcome = app.registry.reload(name)
+        return {**app.registry.describe(name), "reload": outcome}
 
-    def rescan(self):
-        return {"models": self.registry.rescan()}
+    def rescan(self, app):
+        return {"models": app.registry.rescan()}
+
+
+SERVICE_ANSWERS = ServiceAnswers()
 
 
 def _check_access(environ, access, config):
@@ -6654,10 +7215,15 @@ def _metrics_across_workers():
 # compare: the check before promoting a version, runnable in CI with --fail-under.
 
 class _OneLineErrors(argparse.ArgumentParser):
-    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them)."""
+    """argparse whose refusals are one line: the usage of forty options would bury it (--help shows them).
+    An unknown option is answered with the closest one, when one is close."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        flags = [word.partition("=")[0] for word in unknown if word.startswith("--")]
+        near = next(filter(None, (closest(flag, self._option_string_actions) for flag in flags)), None)
+        hint = f"; did you mean {near}?" if near else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} ({self.prog} --help lists the options)\n")
 
 
 REPLAY_LINE_BYTES = 64 * 1024 * 1024    # a line longer than a payload file's size is none the service wrote
@@ -6715,11 +7281,20 @@ def _logged_request(record, name):
         return "without (complete) inputs"
     if not isinstance(inputs, (list, dict)):
         raise BadRequest('"inputs" is no list of rows (nor an object of columns)')
+    if outputs == {}:
+        return "explained, not predicted"      # an explanation's outputs are not logged: nothing to compare
     if not isinstance(outputs, dict) or not outputs or not all(isinstance(v, list) for v in outputs.values()):
         raise BadRequest('"outputs" does not map the methods called to their outputs')
     if not isinstance(record.get("request_id", ""), str):
         raise BadRequest('"request_id" is no string')
     return None
+
+
+def command_registry(store):
+    """A registry of the store for a command that runs once (replay, drift, profile): scanned now, not watched."""
+    registry = ModelRegistry(dataclasses.replace(Config.load({"store": store}), poll_interval=0.0), watch=False)
+    registry.refresh()
+    return registry
 
 
 def replay(registry, name, paths, version=None, label=None):
@@ -6783,9 +7358,7 @@ def replay_command(argv):
             fail_under = fail_under if fail_under is None else _fraction(fail_under)
         except ValueError as error:
             raise ValueError(f"--fail-under: {error}") from None
-        config = dataclasses.replace(Config.load({"store": arguments.store}), poll_interval=0.0)
-        registry = ModelRegistry(config, watch=False)
-        registry.refresh()
+        registry = command_registry(arguments.store)
         version = None if arguments.version is None else version_number(arguments.version, arguments.model)
         report, version = replay(registry, arguments.model, arguments.logs, version, arguments.label)
     except (ServiceError, OSError, ValueError) as error:
@@ -6812,7 +7385,8 @@ def replay_command(argv):
 # population stability index (PSI) over the reference's deciles or categories.  A feature drifts
 # when its p-value is below --p-value divided by the number of tests (Bonferroni, the correction
 # alibi-detect's TabularDrift applies by default).  Missing values (null, NaN, redacted) are counted
-# and left out of the tests.
+# and left out of the tests.  The tests themselves (compare_column) are in "Background work", which
+# scores the live drift gauges with them.
 #
 # The reference is a training file (CSV, JSON lines, Parquet where pandas and pyarrow are installed)
 # or a profile of one that `python service.py profile TRAIN --model NAME` stores beside the model
@@ -6823,7 +7397,6 @@ def replay_command(argv):
 PROFILE_SAMPLE = 2000           # values kept per numeric column of a reference profile
 DRIFT_MAX_ROWS = 100_000        # logged rows compared at most: a uniform sample of them beyond
 DRIFT_SEED = 16                 # the sample of a larger log is the same at every run
-PSI_FLOOR = 1e-4                # a bin's share where it holds nothing, as Evidently's PSI takes it
 
 
 def _cell(text):
@@ -6896,10 +7469,6 @@ def _model_columns(names, rows, features, n_features, where):
     if any(len(row) < len(index) for row in rows):
         raise ValueError(f"{where}: a row has fewer than the model's {len(index)} features")
     return [[row[i] for row in rows] for i in index]
-
-
-def _missing(value):
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def profile_column(values, kind=None):
@@ -6987,46 +7556,6 @@ def _log_time(text):
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
-
-
-def _psi(reference, served):
-    """Population stability index of two distributions over the same bins (shares floored at PSI_FLOOR)."""
-    import numpy as np
-
-    reference, served = np.maximum(reference, PSI_FLOOR), np.maximum(served, PSI_FLOOR)
-    return float(((served - reference) * np.log(served / reference)).sum())
-
-
-def compare_column(reference, values):
-    """One column's test against its reference profile: {"kind", "rows", "missing", "test", "statistic",
-    "p_value", "psi", "distance": (name, value)}, the tests None when either side has no values."""
-    import numpy as np
-    from scipy import stats
-    from scipy.spatial.distance import jensenshannon
-
-    present = [value for value in values if not _missing(value)]
-    result = {"kind": reference["kind"], "rows": len(values), "missing": len(values) - len(present),
-              "test": None, "statistic": None, "p_value": None, "psi": None, "distance": None}
-    if not present or not (reference.get("values") or reference.get("counts")):
-        return result
-    if reference["kind"] == "numeric":
-        if any(isinstance(value, (str, bool)) for value in present):
-            raise ValueError("the log holds text where the reference holds numbers")
-        ref, served = np.asarray(reference["values"], dtype=float), np.asarray(present, dtype=float)
-        test = stats.ks_2samp(ref, served)
-        edges = np.unique(np.quantile(ref, np.linspace(0, 1, 11))[1:-1])           # the reference's deciles
-        shares = [np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1) / len(x)
-                  for x in (ref, served)]
-        return {**result, "test": "KS", "statistic": float(test.statistic), "p_value": float(test.pvalue),
-                "psi": _psi(*shares), "distance": ("wasserstein", float(stats.wasserstein_distance(ref, served)))}
-    counts = collections.Counter(str(value) for value in present)
-    categories = sorted(set(reference["counts"]) | set(counts))
-    table = np.array([[reference["counts"].get(c, 0) for c in categories], [counts.get(c, 0) for c in categories]],
-                     dtype=float)
-    statistic, p_value = (0.0, 1.0) if len(categories) < 2 else stats.chi2_contingency(table)[:2]
-    ref, served = table[0] / table[0].sum(), table[1] / table[1].sum()
-    return {**result, "test": "chi2", "statistic": float(statistic), "p_value": float(p_value),
-            "psi": _psi(ref, served), "distance": ("jensen-shannon", float(jensenshannon(ref, served, base=2)))}
 
 
 class DriftReport:
@@ -7188,34 +7717,12 @@ def drift_html(report):
 @contextlib.contextmanager
 def _store_model(store, name, version=None):
     """One loaded version of a model of the store (the highest served by default), for a command."""
-    config = dataclasses.replace(Config.load({"store": store}), poll_interval=0.0)
-    registry = ModelRegistry(config, watch=False)
-    registry.refresh()
-    model = registry.acquire(name, version, None)
-    try:
+    with command_registry(store).using(name, version) as model:
         yield model
-    finally:
-        registry.release(model)
 
 
 def _profile_path(store, name):
     return os.path.join(Config.load({"store": store}).store, name, PROFILE_FILE)
-
-
-def _read_profile(path):
-    """A stored reference profile, checked enough that a test can read it; ValueError says what is wrong."""
-    with open(path, "rb") as handle:
-        profile = parse_json(handle.read(), max_depth=8, what=path)
-    features = profile.get("features") if isinstance(profile, dict) else None
-    columns = (features or []) + ([profile["prediction"]] if profile.get("prediction") else [])
-    if not features or not all(isinstance(column, dict) and isinstance(column.get("name", ""), str) and (
-            column.get("kind") == "numeric" and isinstance(column.get("values"), list) and
-            all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in column["values"]) or
-            column.get("kind") == "categorical" and isinstance(column.get("counts"), dict) and
-            all(type(count) is int and count >= 0 for count in column["counts"].values())) for column in columns):
-        raise ValueError(f"{path} is not a reference profile (python service.py profile TRAIN --model NAME "
-                         "writes one)")
-    return profile
 
 
 def drift(arguments):
@@ -7345,12 +7852,30 @@ def profile_command(argv):
 ###############################################################################
 
 
+def program_name():
+    """The service's command as it was run, for its messages: `python service.py`, or the installed
+    `model-service`."""
+    return "python service.py" if os.path.basename(sys.argv[0]) == "service.py" else SERVICE_NAME
+
+
+def _commands():
+    """{name: (its function, what it does)}: the commands besides serving (`PROGRAM NAME --help` for each).
+    A function, so that export, an appendix's, is named only at run time."""
+    return {"export": (export_command, "write an artifact as a JSON model or a .skops file, proved alike"),
+            "replay": (replay_command, "score a payload log again on one version of a model and compare"),
+            "drift": (drift_command, "compare a payload log's rows and predictions with the training data"),
+            "profile": (profile_command, "summarise a model's training rows for drift, beside the model")}
+
+
 def build_parser():
+    program = program_name()
+    commands = "".join(f"  {program} {name:<8} {what}\n" for name, (_, what) in _commands().items())
     parser = _OneLineErrors(
-        prog="model-service",
-        description="Serve the scikit-learn models in a folder over HTTP (JSON in, JSON out).",
-        epilog=f"Every option can also be set by an environment variable ({ENV_PREFIX}<OPTION>, "
-               "for example MODEL_SERVICE_PORT=9000); a flag beats the environment, which beats the default.")
+        prog=program, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve the scikit-learn models in a folder over HTTP (JSON in, JSON out).\n\n"
+                    f"Other commands (each with its own --help):\n{commands}",
+        epilog=f"Every option can also be set by an environment variable ({ENV_PREFIX}<OPTION>, for example\n"
+               "MODEL_SERVICE_PORT=9000); a flag beats the environment, which beats the default.")
     for setting in SETTINGS:
         default = setting.default
         shown = "none" if default in (None, ()) else ("yes" if default else "no") if type(default) is bool else default
@@ -7384,14 +7909,9 @@ def _store_problem(store, flags):
 def main(argv=None, serve=serve):
     """Command line entry point; returns the exit code.  `serve` is injectable for tests."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["export"]:
-        return export_command(argv[1:])
-    if argv[:1] == ["replay"]:
-        return replay_command(argv[1:])
-    if argv[:1] == ["drift"]:
-        return drift_command(argv[1:])
-    if argv[:1] == ["profile"]:
-        return profile_command(argv[1:])
+    commands = _commands()
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]][0](argv[1:])
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
 
@@ -7418,6 +7938,7 @@ def main(argv=None, serve=serve):
         refuse(str(error))
     if traced and _otel_sdk_missing():
         refuse(_otel_sdk_missing())
+    warn_of_stray_variables(os.environ)
     application = create_app(config=config)
     if config.workers == 1:          # under --workers the parent loads before forking, without threads
         application.registry.refresh()
@@ -7429,7 +7950,10 @@ def main(argv=None, serve=serve):
         logger.error("server %r is not installed: %s", config.server, error)
         return 2
     except (OSError, ValueError) as error:      # waitress: "Invalid host/port specified." for a bad --host
-        logger.error("cannot serve on %s:%s: %s", config.host, config.port, error)
+        busy = isinstance(error, OSError) and error.errno == errno.EADDRINUSE
+        logger.error("cannot serve on %s:%s: %s%s", config.host, config.port, error,
+                     "; another process holds the port: stop it, or pick another with --port N (or "
+                     f"{ENV_PREFIX}PORT)" if busy else "")
         return 1
     return 0
 
@@ -9677,7 +10201,10 @@ def _read_artifact(path):
 # lists the models and sends predictions through the JSON API.  What a model takes (methods,
 # n_features_in_, feature_names_in_) it reads from the model's status in GET /models, the one
 # place that says it; a version not loaded yet has none there, so the page first asks for its V2
-# metadata, which loads it.  The table is read again after every prediction.  Everything it shows
+# metadata, which loads it.  The table is read again after every prediction, and the prediction's
+# rows are sent to the explain route: a model that can explain gets a bar chart (inline SVG, drawn
+# through the DOM) of the first row's largest contributions to the output it scored highest; one that
+# cannot, the 501's message in a line.  Everything it shows
 # from the service goes through textContent (names and labels are the store's, not ours), and its
 # Content-Security-Policy admits only its own script and style (by hash) and requests to this origin.
 CONSOLE_HTML = """<!doctype html>
@@ -9700,6 +10227,8 @@ CONSOLE_HTML = """<!doctype html>
  pre, code { background: #f6f6f6; } pre { padding: .8rem; overflow: auto; } code { word-break: break-all; }
  .error { color: #b00020; } .muted { color: #777; } .invalid { outline: 2px solid #b00020; background: #fff0f0; }
  button { font: inherit; padding: .35rem 1rem; margin-top: .8rem; }
+ #why { margin: 0; } #why figcaption { margin: .6rem 0 .3rem; } #chart text { font-size: 12px; fill: #333; }
+ #chart .up { fill: #3a7d44; } #chart .down { fill: #b3412f; } #chart line { stroke: #999; }
 </style>
 </head>
 <body>
@@ -9728,6 +10257,10 @@ CONSOLE_HTML = """<!doctype html>
 <h2>Result</h2>
 <p id="status" class="muted">No request sent yet.</p>
 <pre id="result"></pre>
+<figure id="why" hidden><figcaption id="why-title"></figcaption>
+ <svg id="chart" role="img" aria-labelledby="why-title" width="640" height="0"></svg>
+</figure>
+<p id="explained" class="muted"></p>
 <script>
 "use strict";
 // Everything shown from the service (names, labels, features, messages) is untrusted: it goes through
@@ -9735,6 +10268,7 @@ CONSOLE_HTML = """<!doctype html>
 const $ = (id) => document.getElementById(id);
 const NUMBER = /^[-+]?([0-9]+[.]?[0-9]*|[.][0-9]+)(e[-+]?[0-9]+)?$/i;
 const MAX_FIELDS = 64;      // a wider model takes its rows as JSON only
+const TOP = 8;              // the contributions a chart shows: the largest
 let models = [];            // GET /models: each model with the state and metadata of its versions
 let shown = null;           // the status of the version whose methods and fields the form shows
 let choosing = 0;           // the latest showForm call: an earlier one's late answer is dropped
@@ -9811,6 +10345,48 @@ function predictURL() {
   const {model, kind, key} = chosen();
   return "/models/" + encodeURIComponent(model ? model.name : "") +
          (kind ? "/" + kind + "/" + encodeURIComponent(key) : "") + "/predict";
+}
+
+async function explain(rows) {    // the first row's top contributions, when the model can explain
+  const url = predictURL().replace(/[/]predict$/, "/explain");
+  let result;
+  try {
+    result = await request(url, JSON.stringify({instances: rows}));
+  } catch (error) {
+    return say($("explained"), "No explanation: " + error.message);
+  }
+  if (!result.ok) return say($("explained"), "No explanation: " + result.line);
+  chart(result.answer.explanations);
+}
+
+function chart(explained) {      // horizontal bars from a zero line: what moved the output up, and down
+  const totals = explained.expected_value.map((base, k) =>
+    explained.contributions[0].reduce((sum, feature) => sum + feature[k], base));
+  const output = totals.indexOf(Math.max(...totals));          // the predicted class, or the one output
+  const bars = explained.contributions[0].map((feature, i) => [explained.feature_names[i], feature[output]])
+    .sort((a, b) => Math.abs(b[1]) - Math.abs(a[1])).slice(0, TOP);
+  const largest = Math.max(...bars.map(([, value]) => Math.abs(value)), 1e-300);
+  const middle = 380, half = 170, height = 22, svg = $("chart");
+  svg.textContent = "";
+  svg.setAttribute("height", bars.length * height + 6);
+  const draw = (tag, attributes, text) => {
+    const element = document.createElementNS(svg.namespaceURI, tag);      // the SVG namespace, named nowhere
+    for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, value);
+    if (text !== undefined) element.textContent = text;
+    return svg.appendChild(element);
+  };
+  bars.forEach(([name, value], i) => {
+    const y = 3 + i * height, size = half * Math.abs(value) / largest;
+    draw("rect", {x: value < 0 ? middle - size : middle, y, width: Math.max(size, 1), height: height - 6,
+                  class: value < 0 ? "down" : "up"}).dataset.feature = name;
+    draw("text", {x: middle - half - 8, y: y + 12, "text-anchor": "end"}, name);
+    draw("text", {x: middle + half + 8, y: y + 12}, (value < 0 ? "" : "+") + value.toPrecision(3));
+  });
+  draw("line", {x1: middle, x2: middle, y1: 0, y2: bars.length * height + 6});
+  $("why-title").textContent = "Why: the largest contributions to " + explained.output_names[output] + " (" +
+    explained.method + "), from " + explained.expected_value[output].toPrecision(4) + " on average to " +
+    totals[output].toPrecision(4) + " for the first row";
+  $("why").hidden = false;
 }
 
 function showVersions() {       // keeps the choice while it is still offered
@@ -9927,9 +10503,11 @@ async function send(event) {
     field.removeAttribute("aria-invalid"); field.removeAttribute("aria-describedby"); field.classList.remove("invalid");
   }
   $("result").textContent = "";
-  let body;
+  $("why").hidden = true; say($("explained"), "");
+  let body, rows;
   try {
-    body = JSON.stringify({instances: instances(), method: $("method").value || "predict"});
+    rows = instances();
+    body = JSON.stringify({instances: rows, method: $("method").value || "predict"});
   } catch (error) {
     return say($("status"), "Input error: " + error.message, true);
   }
@@ -9944,6 +10522,7 @@ async function send(event) {
   const listed = await refresh();       // the prediction may have loaded, replaced or failed a version
   say($("status"), result.line, !result.ok);      // shown once the table is as the prediction left it
   $("result").textContent = result.answer === null ? "" : JSON.stringify(result.answer, null, 2);
+  if (result.ok && shown && shown.n_features_in_) await explain(rows);
   if (!listed) return;
   showVersions();
   const {version} = chosen();

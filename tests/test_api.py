@@ -8,7 +8,7 @@ import pytest
 from sklearn.datasets import load_diabetes, load_iris
 
 import service
-from support import IRIS_FEATURES, ROWS, assert_error, strict_json
+from support import IRIS_FEATURES, ROW, ROWS, assert_error, strict_json
 
 IRIS_ROWS = ROWS[:2]             # a setosa and a virginica
 
@@ -346,7 +346,10 @@ def test_every_body_example_is_a_body_its_route_takes(store, make_client):
     (b"{bad json", "text/plain", 400, "request body is not valid JSON"),
     (b"{bad json", "", 400, "request body is not valid JSON"),
     (b"", "application/json", 400, "request body is empty"),
-], ids=["form", "xml", "csv", "multipart", "json", "text-plain", "no-content-type", "empty"])
+    (b'{"instances": [[5.1, 3.5, 1.4 0.2]]}', "application/x-www-form-urlencoded", 400,
+     "request body is not valid JSON: Expecting ',' delimiter: line 1 column 31 (char 30) (it came as Content-Type "
+     "application/x-www-form-urlencoded, as curl -d sends it: the body is read as JSON all the same)"),
+], ids=["form", "xml", "csv", "multipart", "json", "text-plain", "no-content-type", "empty", "json-typo-as-form"])
 def test_a_body_that_is_not_json_is_answered_with_the_route_s_example(store, make_client, body, content_type, status,
                                                                       fragment):
     """A form, XML or CSV body (a Content-Type naming another format) is a 415, a malformed body claiming JSON
@@ -439,3 +442,48 @@ def test_internal_faults_are_500_json_without_traceback(store, make_client, capl
     body = assert_error(response, 500, "internal server error")
     assert body["error_id"] and "ZeroDivision" not in response.text
     assert body["error_id"] in caplog.text and "ZeroDivisionError" in caplog.text
+
+
+# -- messages that say what to do ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("instance, where", [
+    ([5.1, "big", 1.4, 0.2], "instance 0, feature 'sepal_width'"),
+    ({"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": "big", "petal_width": 0.2},
+     "instance 0, feature 'petal_length'"),
+])
+def test_a_word_for_a_numeric_feature_names_the_feature(client, instance, where):
+    """"big" is no number's spelling, so it goes to the model as text (it may be a category); a model that takes
+    only numbers refuses it, and the answer says where it was, as it does for "5.1"."""
+    response = client.post_json("/models/flowers/predict", {"instances": [instance]}, expect_errors=True)
+    assert_error(response, 400, f"predict failed: {where}: could not convert string to float: 'big'")
+    response = client.post_json("/models/iris/predict", {"instances": [ROW[0], [5.1, 3.5, "big", 0.2]]},
+                                expect_errors=True)
+    assert_error(response, 400, "predict failed: instance 1, feature 2: could not convert string to float: 'big'")
+
+
+@pytest.mark.parametrize("method, path, nearest", [
+    ("POST", "/model/iris/predict", "POST /models/iris/predict"),
+    ("GET", "/models/iris/", "GET /models/iris"),
+    ("POST", "/models/iris/predict/", "POST /models/iris/predict"),
+    ("GET", "/healtz", "GET /healthz"),
+    ("POST", "/v1/models/iris:predic", "POST /v1/models/iris:predict"),
+    ("GET", "/nothing/here/at/all", None),
+])
+def test_an_unknown_route_points_to_the_nearest_one_and_to_openapi(client, method, path, nearest):
+    response = client.request(path, method=method, body=json.dumps({"instances": ROW}).encode() if method == "POST"
+                              else b"", expect_errors=True)
+    error = assert_error(response, 404, f"no route for {method} {path}", "(every route is listed in /openapi.json)")
+    assert (f"; did you mean {nearest}?" in error["error"]) if nearest else "did you mean" not in error["error"]
+    route_method, route_path = (nearest or " ").split(" ")
+    if nearest:             # and the route it names is real
+        answer = client.request(route_path, method=route_method, expect_errors=True,
+                                body=json.dumps({"instances": ROW}).encode() if route_method == "POST" else b"")
+        assert answer.status_int == 200, (nearest, answer.text)
+
+
+def test_a_model_name_in_another_case_or_a_letter_off_suggests_the_real_one(client):
+    assert_error(client.get("/models/Iris", expect_errors=True), 404, "model 'Iris' not found; did you mean 'iris'?")
+    assert_error(client.post_json("/models/flower/predict", {"instances": ROW}, expect_errors=True), 404,
+                 "model 'flower' not found; did you mean 'flowers'?")
+    error = assert_error(client.get("/models/zzz", expect_errors=True), 404, "model 'zzz' not found")
+    assert "did you mean" not in error["error"]

@@ -300,11 +300,12 @@ def test_a_payload_log_folder_that_cannot_be_made_exits_2_with_one_line(empty_st
 
 
 def test_the_command_line_exits_2_with_one_line_for_a_missing_store(tmp_path):
-    """What a newcomer sees, from a real process: one line on stderr, exit code 2, no usage."""
+    """What a newcomer sees, from a real process: one line on stderr, exit code 2, no usage, naming the command as
+    it was run."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "service.py"), "--store", str(tmp_path / "nope")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == f"model-service: error: --store {tmp_path / 'nope'}: no such folder\n"
+    assert result.stderr == f"python service.py: error: --store {tmp_path / 'nope'}: no such folder\n"
 
 
 def _missing_bottle_adapter():
@@ -582,3 +583,121 @@ def test_part_one_reaches_the_appendices_only_through_their_entry_points_at_run_
             if isinstance(sub, ast.Name) and sub.id in appendix:
                 assert sub.id in allowed, f"line {sub.lineno}: Part I uses {sub.id}, not an appendix's entry point"
                 assert at_import is None, f"line {sub.lineno}: {sub.id} is used at import, before it is defined"
+
+
+###############################################################################
+# Mistakes that say what to do
+###############################################################################
+
+
+def test_a_mistyped_flag_names_the_command_as_run_and_the_closest_flag(tmp_path, empty_store, capsys):
+    code, error = exit_code_and_error(["--store", str(empty_store), "--prot", "9000"], capsys)
+    assert code == 2
+    assert_one_line(error)
+    assert "unrecognized arguments: --prot 9000; did you mean --port? (model-service --help lists the options)" in error
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "service.py"), "--max-rwos=5"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr == (
+        "python service.py: error: unrecognized arguments: --max-rwos=5; did you mean --max-rows? "
+        "(python service.py --help lists the options)\n")
+
+
+def test_help_lists_every_other_command_and_each_one_runs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        service.main(["--help"], serve=FakeServe())
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("export", "replay", "drift", "profile"):
+        assert f"model-service {name} " in text, name
+        with pytest.raises(SystemExit) as exit_info:
+            service.main([name, "--help"], serve=FakeServe())
+        assert exit_info.value.code == 0 and f"model-service {name}" in capsys.readouterr().out
+
+
+def test_a_mistyped_variable_is_warned_about_at_start_with_the_closest_setting(empty_store, monkeypatch, caplog):
+    monkeypatch.setattr(service, "_warned_variables", set())       # (warned once per process)
+    monkeypatch.setenv("MODEL_SERVICE_PROT", "9000")
+    monkeypatch.setenv("MODEL_SERVICE_NOTHING_LIKE_ANY", "1")
+    with caplog.at_level(logging.WARNING, logger="service"):
+        code, _ = run_main(["--store", str(empty_store)])
+    assert code == 0
+    warned = [record.getMessage() for record in caplog.records]
+    assert "environment variable MODEL_SERVICE_PROT is no setting of the service and is ignored; did you mean " \
+           "MODEL_SERVICE_PORT?" in warned
+    assert "environment variable MODEL_SERVICE_NOTHING_LIKE_ANY is no setting of the service and is ignored " \
+           "(settings are MODEL_SERVICE_<OPTION>: see --help)" in warned
+
+
+def test_embedded_a_mistyped_variable_is_warned_about_at_the_first_request(empty_store, monkeypatch, caplog):
+    monkeypatch.setenv("MODEL_SERVICE_STORE", str(empty_store))
+    monkeypatch.setenv("MODEL_SERVICE_MAX_ROW", "5")
+    monkeypatch.setattr(service, "_warned_variables", set())
+    app = service.create_app()
+    try:
+        with caplog.at_level(logging.WARNING, logger="service"):
+            webtest.TestApp(app).get("/healthz")
+            webtest.TestApp(app).get("/healthz")
+    finally:
+        app.registry.stop_watching()
+    warned = [record.getMessage() for record in caplog.records if "MODEL_SERVICE_MAX_ROW" in record.getMessage()]
+    assert warned == ["environment variable MODEL_SERVICE_MAX_ROW is no setting of the service and is ignored; "
+                      "did you mean MODEL_SERVICE_MAX_ROWS?"], "once"
+
+
+def test_preloading_a_model_the_store_lacks_is_warned_about_at_start(tmp_path, caplog, iris_classifier):
+    write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
+    with caplog.at_level(logging.WARNING, logger="service"):
+        code, _ = run_main(["--store", str(tmp_path), "--preload", "irs,iris"])
+    assert code == 0
+    warned = [record.getMessage() for record in caplog.records if "--preload" in record.getMessage()]
+    assert warned == [f"--preload names 'irs', which is not in the model store {tmp_path}; did you mean 'iris'?"]
+
+
+def test_a_port_in_use_says_how_to_pick_another(tmp_path, empty_store):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "service.py"), "--store", str(empty_store),
+                                 "--port", str(port)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot serve on 127.0.0.1:{port}: [Errno {__import__('errno').EADDRINUSE}]" in result.stderr
+    assert "another process holds the port: stop it, or pick another with --port N (or MODEL_SERVICE_PORT)" \
+        in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+###############################################################################
+# README as a whole
+###############################################################################
+
+
+def _readme():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def test_readmes_python_export_snippet_runs_as_written(tmp_path, monkeypatch):
+    """README's ```python block of the export section (the one that exports `fitted_estimator`) defines what it
+    uses and runs."""
+    snippet, = [block for block in re.findall(r"^```python\n(.*?)^```", _readme(), re.M | re.S)
+                if "export_json_model(fitted_estimator" in block]
+    assert "fitted_estimator =" in snippet
+    (tmp_path / "model_store").mkdir()
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert (tmp_path / "model_store" / "mymodel.json").is_file()
+    assert namespace["estimator"].predict([[5.1, 3.5, 1.4, 0.2]]).tolist() == \
+        namespace["fitted_estimator"].predict([[5.1, 3.5, 1.4, 0.2]]).tolist()
+
+
+def test_readmes_links_within_the_page_name_its_headings():
+    """Every [text](#anchor) of README names a heading (GitHub's anchors: lower case, punctuation dropped,
+    spaces as hyphens), so the path and the checklist lead somewhere."""
+    text = _readme()
+    headings = {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+                for title in re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S), re.M)}
+    anchors = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert anchors and anchors <= headings, sorted(anchors - headings)

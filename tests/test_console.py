@@ -89,16 +89,17 @@ def page(browser):
     return browser.execute_script(PAGE)
 
 
-def wait_for(browser, condition, timeout=30):
-    """The page's state once condition(state) holds; on time out, the last state in the failure."""
+def wait_for(browser, condition, timeout=30, script=PAGE):
+    """The page's state (as `script` reads it) once condition(state) holds; on time out, the last state in the
+    failure."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
         return WebDriverWait(browser, timeout).until(
-            lambda _: (lambda state: condition(state) and state)(page(browser)))
+            lambda _: (lambda state: condition(state) and state)(browser.execute_script(script)))
     except TimeoutException:
-        raise AssertionError(f"the console never got there; it shows {page(browser)}") from None
+        raise AssertionError(f"the console never got there; it shows {browser.execute_script(script)}") from None
 
 
 def choose(browser, select, value):
@@ -267,3 +268,54 @@ def test_at_1280_by_900_the_first_view_holds_the_predict_button_and_nothing_look
     assert set(layout["placeholders"]) == {"number"}
     states = {row[0]: row[4] for row in shown["table"]}
     assert states["iris"] == "1: loads on first request" and states["diabetes"] == "1: AVAILABLE"
+
+
+# The explanation's chart as a user sees it: each bar's feature, colour class and length, and its caption.
+CHART = """
+const $ = (id) => document.getElementById(id), all = (css) => [...document.querySelectorAll(css)];
+return {hidden: $("why").hidden, title: $("why-title").textContent, explained: $("explained").textContent,
+        status: $("status").textContent, features: all("#features input").map((i) => i.dataset.feature),
+        bars: all("#chart rect").map((r) => [r.dataset.feature, r.getAttribute("class"), +r.getAttribute("width")]),
+        names: all("#chart text[text-anchor=end]").map((t) => t.textContent)};
+"""
+
+
+@needs_browser
+def test_a_prediction_shows_its_top_contributions_as_bars_when_the_model_can_explain(tmp_path, serve_store, browser,
+                                                                                   named_iris_classifier):
+    from sklearn.svm import SVC
+
+    store = tmp_path / "store"
+    write_artifact(store / "iris.joblib", named_iris_classifier, "joblib")
+    write_artifact(store / "svc.joblib", SVC().fit([[0, 0], [1, 1], [0, 1], [1, 0]], [0, 1, 1, 0]), "joblib")
+    row = [6.7, 3.0, 5.2, 2.3]
+    with serve_store(store) as server:
+        browser.get(server.base + "/")
+        wait_for(browser, lambda state: state["features"] == IRIS_FEATURES)
+        for name, value in zip(IRIS_FEATURES, row):
+            type_into(browser, name, str(value))
+        predict(browser)
+        shown = wait_for(browser, lambda state: not state["hidden"], script=CHART)
+        explained = requests.post(server.base + "/models/iris/explain",
+                                  json={"instances": [dict(zip(IRIS_FEATURES, row))]}, timeout=30).json()
+        explanations = explained["explanations"]
+        output = explanations["output_names"].index("virginica")      # the class predicted
+        assert named_iris_classifier.predict(pd.DataFrame([row], columns=IRIS_FEATURES))[0] == "virginica"
+        contributions = {name: values[output] for name, values in zip(explanations["feature_names"],
+                                                                      explanations["contributions"][0])}
+        largest = max(map(abs, contributions.values()))
+        assert [feature for feature, _, _ in shown["bars"]] == sorted(contributions, key=lambda f: -abs(contributions[f]))
+        assert shown["names"] == [feature for feature, _, _ in shown["bars"]]
+        for feature, colour, width in shown["bars"]:
+            assert colour == ("up" if contributions[feature] > 0 else "down")
+            assert width == pytest.approx(max(170 * abs(contributions[feature]) / largest, 1), rel=1e-9)
+        assert "virginica" in shown["title"] and explanations["method"] in shown["title"]
+
+        choose(browser, "model", "svc")
+        wait_for(browser, lambda state: state["features"] == ["feature 0", "feature 1"])
+        type_into(browser, "feature 0", "1")
+        type_into(browser, "feature 1", "0")
+        predict(browser)
+        shown = wait_for(browser, lambda state: state["explained"], script=CHART)
+        assert shown["status"].startswith("200") and shown["hidden"]
+        assert shown["explained"].startswith("No explanation: 501 Not Implemented: model 'svc' cannot be explained")

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+import webtest
+from prometheus_client.parser import text_string_to_metric_families
 from scipy import stats
 from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_iris
@@ -23,7 +25,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
 import service
-from support import IRIS_FEATURES, ROOT
+from support import IRIS_FEATURES, ROOT, wait_until
 from test_console import CHROME, DRIVER, needs_browser
 
 
@@ -300,3 +302,104 @@ def test_a_real_servers_payload_log_end_to_end(tmp_path, drift_store, training, 
                             timeout=120)
     assert result.returncode == 1, result.stderr
     assert verdicts(result.stdout)["petal_width"] == "yes" and "100 logged row(s)" in result.stdout
+
+
+###############################################################################
+# Live drift (item 3): /metrics scores the newest served rows against the stored profile
+###############################################################################
+
+
+def gauge(text, name, **labels):
+    """A gauge's value in a scrape (NaN stays NaN), or None when the series is not there."""
+    wanted = {key: str(value) for key, value in labels.items()}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == wanted:
+                return sample.value
+    return None
+
+
+@pytest.fixture
+def live_store(drift_store):
+    """drift_store with the training data's profile stored beside the model, and a second model without one."""
+    store = drift_store / "store"
+    assert service.main(["profile", str(drift_store / "train.csv"), "--model", "iris", "--store", str(store)]) == 0
+    x, y = load_iris(return_X_y=True)
+    joblib.dump(LogisticRegression(max_iter=1000).fit(x, y), store / "plain.joblib")
+    return store
+
+
+def records(frame):
+    return frame.astype(object).to_dict(orient="records")
+
+
+def test_metrics_score_each_feature_of_the_served_rows_against_the_profile(tmp_path, live_store, training,
+                                                                           make_app):
+    frame, _, _ = training
+    app = make_app(store=live_store, payload_log=str(tmp_path / "log"))
+    client = webtest.TestApp(app)
+    served = pd.concat([shifted(rows, "petal_width", 1.5) for rows in batches(frame, count=8)], ignore_index=True)
+    for start in range(0, len(served), 10):
+        client.post_json("/models/iris/predict", {"instances": records(served.iloc[start:start + 10])})
+    client.post_json("/models/plain/predict", {"instances": frame[IRIS_FEATURES].iloc[:3].values.tolist()})
+    wait_until(lambda: gauge(client.get("/metrics").text, "model_service_drift_window_rows", model="iris") == 40,
+               what="the 40 served rows scored")
+    text = client.get("/metrics").text
+    profile = json.loads((live_store / "iris" / service.PROFILE_FILE).read_text())
+    for number, feature in enumerate(IRIS_FEATURES):
+        expected = stats.ks_2samp(profile["features"][number]["values"], served[feature].to_numpy()).pvalue
+        assert gauge(text, "model_service_drift_p_value", model="iris", feature=feature) == pytest.approx(
+            expected, rel=1e-12), feature
+    assert gauge(text, "model_service_drift_p_value", model="iris", feature="petal_width") < 0.05 / 5
+    assert gauge(text, "model_service_drift_p_value", model="iris", feature="sepal_length") > 0.05 / 5
+    assert gauge(text, "model_service_drift_p_value", model="iris", feature="colour") > 0.05 / 5     # chi-squared
+    assert gauge(text, "model_service_drift_psi", model="iris", feature="petal_width") > 0.2
+    # labels: the features of the models with a profile, no others
+    assert {(sample.labels["model"], sample.labels["feature"]) for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "model_service_drift_p_value"} == {
+        ("iris", feature) for feature in [*IRIS_FEATURES, "colour"]}
+
+
+def test_the_window_keeps_the_newest_rows_and_a_removed_profile_drops_the_series(tmp_path, live_store, training,
+                                                                                 make_app, monkeypatch):
+    monkeypatch.setattr(service, "DRIFT_WINDOW_ROWS", 10)
+    frame, _, _ = training
+    app = make_app(store=live_store, payload_log=str(tmp_path / "log"))
+    client = webtest.TestApp(app)
+    for rows in batches(frame, count=4):
+        client.post_json("/models/iris/predict", {"instances": records(rows)})
+    wait_until(lambda: gauge(client.get("/metrics").text, "model_service_drift_window_rows", model="iris") == 10,
+               what="a window of the 10 newest rows")
+    os.remove(live_store / "iris" / service.PROFILE_FILE)
+    client.post_json("/models/iris/predict", {"instances": records(frame.iloc[:1])})
+    wait_until(lambda: "model_service_drift_p_value{" not in client.get("/metrics").text,
+               what="the series of a model without a profile gone")
+    assert gauge(client.get("/metrics").text, "model_service_drift_window_rows", model="iris") is None
+
+
+def test_without_a_payload_log_there_are_no_drift_series(live_store, training, make_app):
+    frame, _, _ = training
+    client = webtest.TestApp(make_app(store=live_store))
+    client.post_json("/models/iris/predict", {"instances": records(frame.iloc[:5])})
+    text = client.get("/metrics").text
+    assert gauge(text, "model_service_drift_window_rows", model="iris") is None
+    assert gauge(text, "model_service_drift_p_value", model="iris", feature="petal_width") is None
+
+
+@pytest.mark.slow
+def test_under_workers_each_process_scores_its_share_and_a_scrape_combines_them(tmp_path, live_store, training,
+                                                                                serve_store):
+    frame, _, _ = training
+    served = pd.concat([shifted(rows, "petal_width", 1.5) for rows in batches(frame, count=12)], ignore_index=True)
+    with serve_store(live_store, "--payload-log", str(tmp_path / "log"), "--workers", "2") as server, \
+            requests.Session() as session:
+        for start in range(0, len(served), 5):
+            answer = session.post(server.base + "/models/iris/predict",
+                                  json={"instances": records(served.iloc[start:start + 5])}, timeout=10)
+            assert answer.status_code == 200, answer.text
+        scrape = lambda: session.get(server.base + "/metrics", timeout=10).text
+        wait_until(lambda: gauge(scrape(), "model_service_drift_window_rows", model="iris") == len(served),
+                   what="every served row scored by the worker that answered it")
+        text = scrape()
+    assert gauge(text, "model_service_drift_p_value", model="iris", feature="petal_width") < 0.05 / 5
+    assert gauge(text, "model_service_drift_psi", model="iris", feature="petal_width") > 0.2

@@ -2,6 +2,8 @@
 dependency) over every covered family, additivity to the model's own answers, refusals of every other
 family, and the explain_model entry point on a loaded model."""
 
+import glob
+import json
 import os
 import warnings
 
@@ -9,6 +11,7 @@ import joblib
 import numpy as np
 import pytest
 import shap
+import webtest
 from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_diabetes, load_iris, make_classification
 from sklearn.ensemble import (ExtraTreesRegressor, GradientBoostingClassifier, HistGradientBoostingClassifier,
@@ -21,6 +24,7 @@ from sklearn.tree import DecisionTreeRegressor
 
 import service
 from families import CASES, fit
+from support import ROWS, assert_error, metric_value, strict_json, wait_until, write_artifact, write_settings
 
 TOLERANCE = 1e-9
 
@@ -368,6 +372,147 @@ def test_explaining_warns_of_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         service.Explainer(model, 4).explain(np.array([[0.0, np.inf, -1e300, 2.0], [1.0, 2.0, 3.0, 4.0]]))
+
+
+###############################################################################
+# The routes: every protocol's explanation goes through the one predict core
+###############################################################################
+
+
+@pytest.fixture
+def explained_store(tmp_path):
+    """forest (versions 1 and 2, label stable -> 1), svc (no explanation), linear (a reference row in its
+    settings); the estimators beside it for the expected answers."""
+    x, y = load_iris(return_X_y=True)
+    forests = [RandomForestClassifier(n_estimators=n, max_depth=4, random_state=0).fit(x, y) for n in (5, 7)]
+    for number, forest in enumerate(forests, start=1):
+        write_artifact(tmp_path / "store" / "forest" / str(number) / "model.joblib", forest, "joblib")
+    write_settings(tmp_path / "store" / "forest", {"version_policy": "all", "labels": {"stable": 1}})
+    from sklearn.svm import SVC
+
+    write_artifact(tmp_path / "store" / "svc.joblib", SVC().fit(x, y), "joblib")
+    linear = LinearRegression().fit(x[:, :3], x[:, 3])
+    write_artifact(tmp_path / "store" / "linear" / "1" / "model.joblib", linear, "joblib")
+    write_settings(tmp_path / "store" / "linear", {"explain": {"reference": [5.8, 3.0, 4.4]}})
+    return tmp_path / "store", forests, linear
+
+
+def payload_lines(folder):
+    lines = []
+    for path in sorted(glob.glob(os.path.join(folder, "payload-*.jsonl"))):
+        with open(path, encoding="utf-8") as handle:
+            lines.extend(json.loads(line) for line in handle)
+    return lines
+
+
+def v2_explain_request(rows, **parameters):
+    return {"parameters": {"explain": True, **parameters},
+            "inputs": [{"name": "input-0", "shape": [len(rows), 4], "datatype": "FP64",
+                        "data": [value for row in rows for value in row]}]}
+
+
+def v2_explanations(answer):
+    """The explanation a V2 answer carries: its "explain" output, one BYTES element of JSON text."""
+    explain, = [output for output in answer["outputs"] if output["name"] == "explain"]
+    assert explain["datatype"] == "BYTES" and explain["shape"] == [1]
+    assert explain["parameters"] == {"content_type": "str"}
+    return json.loads(explain["data"][0])
+
+
+@pytest.mark.parametrize("version, path", [
+    (2, "/models/forest/explain"), (1, "/models/forest/versions/1/explain"), (1, "/models/forest/labels/stable/explain"),
+    (2, "/v1/models/forest:explain"), (1, "/v1/models/forest/versions/1:explain"),
+    (1, "/v1/models/forest/labels/stable:explain")])
+def test_each_explain_route_answers_the_versions_explanation_equal_to_shap(explained_store, make_client, version,
+                                                                           path):
+    store, forests, _ = explained_store
+    x, _ = load_iris(return_X_y=True)
+    rows = x[[0, 60, 120]].tolist()
+    answer = strict_json(make_client(store).post_json(path, {"instances": rows}))
+    assert answer["model"] == "forest" and answer["version"] == str(version) and set(answer) == {
+        "model", "version", "explanations"}
+    explanations = answer["explanations"]
+    assert explanations["method"] == "predict_proba" and explanations["output_names"] == ["0", "1", "2"]
+    reference = three_d(shap.TreeExplainer(forests[version - 1]).shap_values(np.array(rows)))
+    np.testing.assert_allclose(explanations["contributions"], reference, rtol=0, atol=TOLERANCE)
+    # over HTTP bit for bit what the loaded model explains in-process
+    model = loaded(store, forests[version - 1], name="same")
+    assert explanations == service.explain_model(model, service.model_inputs(model, rows, 10))
+
+
+def test_v2_answers_predictions_and_the_explanation_as_mlservers_explain_output(explained_store, make_client):
+    store, forests, _ = explained_store
+    client = make_client(store)
+    rows = ROWS[:2]
+    answer = strict_json(client.post_json("/v2/models/forest/infer", v2_explain_request(rows)))
+    assert [output["name"] for output in answer["outputs"]] == ["predict", "explain"]
+    assert answer["outputs"][0]["data"] == forests[1].predict(rows).tolist()
+    explanations = v2_explanations(answer)
+    np.testing.assert_allclose(explanations["contributions"], three_d(shap.TreeExplainer(forests[1]).shap_values(
+        np.array(rows))), rtol=0, atol=TOLERANCE)
+    asked_by_name = strict_json(client.post_json("/v2/models/forest/versions/2/infer", {
+        "inputs": v2_explain_request(rows)["inputs"], "outputs": [{"name": "explain"}]}))
+    assert [output["name"] for output in asked_by_name["outputs"]] == ["explain"]
+    assert v2_explanations(asked_by_name) == explanations
+    binary = client.post_json("/v2/models/forest/infer", v2_explain_request(rows, binary_data_output=True))
+    length = int(binary.headers["Inference-Header-Content-Length"])
+    header = json.loads(binary.body[:length])
+    assert header["outputs"][1]["parameters"]["content_type"] == "str"
+    text = binary.body[length:][-header["outputs"][1]["parameters"]["binary_data_size"]:]
+    assert json.loads(text[4:].decode()) == explanations
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/models/svc/explain", {"instances": ROWS}), ("/v1/models/svc:explain", {"instances": ROWS}),
+    ("/v2/models/svc/infer", v2_explain_request(ROWS))])
+def test_a_model_that_cannot_explain_answers_501_naming_its_family_on_every_route(explained_store, make_client,
+                                                                                  path, body):
+    answer = make_client(explained_store[0]).post_json(path, body, expect_errors=True)
+    assert_error(answer, 501, "model 'svc' cannot be explained exactly: SVC: not a family explained exactly here")
+
+
+@pytest.mark.parametrize("path, body, fragment", [
+    ("/models/forest/explain", {"instances": ROWS * 2}, "6 instances is over the limit of 5"),
+    ("/v1/models/forest:explain", {"inputs": ROWS * 2}, "6 instances is over the limit of 5"),
+    ("/v2/models/forest/infer", v2_explain_request(ROWS * 2), "6 rows is over the limit of 5"),
+    ("/models/forest/explain", {"instances": ROWS, "method": "predict"}, "an explanation names no method"),
+    ("/models/forest/explain", {"instances": [[1, 2]]}, "expected 4 features, got 2"),
+    ("/v2/models/forest/infer", v2_explain_request(ROWS, explain="yes"), '"parameters": {"explain"} must be a '
+                                                                          'boolean')])
+def test_explanations_are_refused_as_predictions_are_within_the_same_limits(explained_store, make_client, path, body,
+                                                                            fragment):
+    answer = make_client(explained_store[0], max_rows=5).post_json(path, body, expect_errors=True)
+    assert_error(answer, 400, fragment)
+
+
+def test_a_linear_model_is_explained_from_its_settings_reference_row(explained_store, make_client):
+    store, _, linear = explained_store
+    rows = [[5.8, 3.0, 4.4], [6.0, 2.0, 1.0]]
+    explanations = strict_json(make_client(store).post_json("/models/linear/explain", {"instances": rows}))[
+        "explanations"]
+    assert explanations["contributions"][0] == [[0.0], [0.0], [0.0]]         # the reference itself: nothing moves
+    assert explanations["expected_value"] == pytest.approx(linear.predict([[5.8, 3.0, 4.4]]), rel=TOLERANCE)
+    expected = (np.array(rows) - [5.8, 3.0, 4.4]) * linear.coef_
+    np.testing.assert_allclose(np.array(explanations["contributions"])[:, :, 0], expected, rtol=TOLERANCE)
+
+
+def test_an_explanation_is_counted_and_logged_with_the_predictions_alone(explained_store, make_app, tmp_path):
+    store, _, _ = explained_store
+    app = make_app(store=store, payload_log=str(tmp_path / "log"))
+    client = webtest.TestApp(app)
+    client.post_json("/models/forest/explain", {"instances": ROWS}, headers={"X-Request-ID": "explained"})
+    client.post_json("/v2/models/forest/infer", v2_explain_request(ROWS), headers={"X-Request-ID": "both"})
+    assert app.payload_log.drain(10)
+    wait_until(lambda: len(payload_lines(tmp_path / "log")) == 2, what="both records")
+    lines = {line["request_id"]: line for line in payload_lines(tmp_path / "log")}
+    assert lines["explained"]["method"] == "explain" and lines["explained"]["outputs"] == {}
+    assert lines["explained"]["inputs"] == ROWS
+    assert lines["both"]["method"] == "explain,predict" and list(lines["both"]["outputs"]) == ["predict"]
+    metrics = client.get("/metrics").text
+    assert metric_value(metrics, "model_service_requests_total", model="forest", version="2", method="explain",
+                        protocol="native", status="200") == 1
+    report, _ = service.replay(app.registry, "forest", [str(tmp_path / "log")])
+    assert report.skipped == {"explained, not predicted": 1} and not report.bad
 
 
 ###############################################################################

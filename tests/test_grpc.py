@@ -78,6 +78,23 @@ def test_raw_tensors_of_each_numeric_datatype_answer_bit_for_bit(grpc_server, ir
     assert len(response.raw_output_contents) == 2, "raw inputs are answered with raw outputs"
 
 
+def test_the_explain_parameter_answers_the_explanation_as_over_http(grpc_server, iris_classifier):
+    """parameters["explain"] (a bool_param, as tritonclient sends True) adds the "explain" output: one BYTES
+    element, the explanation's JSON, equal to the HTTP route's; any other kind of parameter is refused."""
+    client = triton.InferenceServerClient(grpc_server[1])
+    result = client.infer("iris", [rows_input(ROWS)], parameters={"explain": True})
+    assert result.as_numpy("predict").tolist() == iris_classifier.predict(np.array(ROWS)).tolist()
+    response = result.get_response()
+    assert [output.name for output in response.outputs] == ["predict", "explain"]
+    assert response.outputs[1].parameters["content_type"].string_param == "str"
+    explanations = json.loads(result.as_numpy("explain")[0])
+    over_http = requests.post(f"{grpc_server[0]}/models/iris/explain", json={"instances": ROWS}, timeout=30).json()
+    assert explanations == over_http["explanations"]
+    with pytest.raises(InferenceServerException, match=r'parameters\["explain"\] must be a bool_param') as refused:
+        client.infer("iris", [rows_input(ROWS)], parameters={"explain": "yes"})
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
 def typed_request(model, rows, datatype="FP64", field="fp64_contents", **options):
     request = service_pb2.ModelInferRequest(model_name=model, **options)
     tensor = request.inputs.add(name="input-0", datatype=datatype, shape=list(np.shape(rows)))

@@ -36,7 +36,7 @@ def test_every_route_has_one_row_with_its_access_and_documentation():
     for route in service.ROUTES:
         assert route.access in (service.OPEN, service.TOKEN, service.ADMIN), route
         assert route.summary and route.tag, route
-        assert callable(getattr(route.protocol or service.ServiceApp, route.handler)), route
+        assert callable(getattr(route.protocol or service.SERVICE_ANSWERS, route.handler)), route
     assert {route.path for route in service.ROUTES if route.access == service.OPEN} == {"/", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/ping", "/health"}
     admin = {route.path for route in service.ROUTES if route.access == service.ADMIN}
     assert admin == {"/admin/rescan", "/models/{name}/reload", "/v2/repository/models/{name}/load",
@@ -91,7 +91,7 @@ def test_status_codes_come_from_the_error_classes():
     ("POST", "/models/iris/predict", b"{", 400, "bad_request", None),
     ("POST", "/models/iris/predict", b'{"instances": [[1, 2]]}', 400, "bad_request", None),
     ("POST", "/models/nope/predict", b'{"instances": [[1, 2]]}', 404, "not_found", None),
-    ("POST", "/v1/models/iris:explain", b"{}", 501, "not_implemented", None),
+    ("POST", "/v1/models/iris:explain", b"{}", 400, "bad_request", None),      # a :predict body, without rows
     ("POST", "/admin/rescan", None, 403, "forbidden", None),
 ])
 def test_every_refusal_is_json_with_its_status_code_and_headers(iris_client, method, path, body, status, code,

@@ -180,10 +180,10 @@ def test_several_labels_on_one_version_are_listed_on_it(tmp_path, make_client, i
     assert predict(client, "/models/m/labels/Z_last-1/predict")["version"] == "2"
 
 
-def test_unknown_label_and_label_of_an_unserved_version_answer_404(tmp_path, make_client, iris_classifier,
-                                                                  named_labels_classifier):
+def test_unknown_label_and_label_of_a_version_not_in_the_store_answer_404(tmp_path, make_client, iris_classifier,
+                                                                          named_labels_classifier):
     versioned_store(tmp_path, [iris_classifier, named_labels_classifier],
-                    {"version_policy": {"specific": [2]}, "labels": {"old": 1, "canary": 2}})
+                    {"version_policy": {"specific": [2]}, "labels": {"old": 7, "canary": 2}})
     client = make_client(tmp_path, poll_interval=0)
     for url in ("/models/m/labels/nope", "/models/m/labels/nope/predict?instances=[[1,2,3,4]]"):
         error = assert_error(client.get(url, expect_errors=True), 404, "label 'nope' of model 'm' is not defined")
@@ -192,10 +192,10 @@ def test_unknown_label_and_label_of_an_unserved_version_answer_404(tmp_path, mak
                          404, "is not defined")
     for url in ("/models/m/labels/old", "/models/m/labels/old/predict?instances=[[1,2,3,4]]"):
         error = assert_error(client.get(url, expect_errors=True), 404,
-                             "label 'old' of model 'm' names version 1, which is not served")
+                             "label 'old' of model 'm' names version 7, which is not in the store")
         assert error["served_versions"] == ["2"]
     error = assert_error(client.post_json("/models/m/labels/old/predict", {"instances": ROWS}, expect_errors=True),
-                         404, "which is not served")
+                         404, "which is not in the store")
     assert predict(client, "/models/m/labels/canary/predict")["predictions"] == expected(named_labels_classifier)
 
 

@@ -517,3 +517,71 @@ def test_concurrent_first_requests_on_a_live_server_load_once(tmp_path, iris, ir
         version = requests.get(server.base + "/models/iris", timeout=TIMEOUT).json()["versions"][0]
         assert version["state"] == "AVAILABLE" and version["loads"] == 1
     assert server.output().count("loaded model 'iris' version 1") == 1
+
+
+###############################################################################
+# A label keeps its version served when a newer one is published
+###############################################################################
+
+
+def test_publishing_a_version_past_the_policy_keeps_the_labels_version_visibly(tmp_path, iris):
+    """README's "Publishing a version safely" on a live server: {"latest": 2} with stable -> 1 and canary -> 2,
+    then version 3 published.  `stable` keeps answering with version 1, and the status, the log and the metrics
+    say so; moving the label lets version 1 go, and the log says why."""
+    from support import write_settings
+    features, target = iris
+    trees = [DecisionTreeClassifier(max_depth=depth, random_state=0).fit(features, target) for depth in (1, 2, 3)]
+    store = tmp_path / "store"
+    for number, tree in enumerate(trees[:2], start=1):
+        write_artifact(store / "iris" / str(number) / "model.joblib", tree, "joblib")
+    write_settings(store / "iris", {"version_policy": {"latest": 2}, "labels": {"stable": 1, "canary": 2}})
+    port = free_port()
+    with LiveServer(service_command(store, port, "--poll-interval", "0.1"), port) as server:
+        publish(store / "iris" / "3" / "model.joblib", trees[2])
+        wait_until(lambda: requests.get(server.base + "/models/iris", timeout=TIMEOUT).json()["latest_version"] == "3",
+                   what="version 3 to serve")
+        answer = requests.post(server.base + "/models/iris/labels/stable/predict", json={"instances": ROWS},
+                               timeout=TIMEOUT).json()
+        assert answer["version"] == "1" and answer["predictions"] == trees[0].predict(ROWS).tolist()
+        status = requests.get(server.base + "/models/iris", timeout=TIMEOUT).json()
+        assert status["served_versions"] == ["3", "2", "1"] and status["labels"] == {"stable": "1", "canary": "2"}
+        assert version_info(status, "1")["kept_by_labels"] == ["stable"]
+        assert version_info(status, "3")["kept_by_labels"] == []
+        metrics = requests.get(server.base + "/metrics", timeout=TIMEOUT).text
+        assert 'model_service_label_version{label="stable",model="iris",version="1"} 1.0' in metrics
+        wait_until(lambda: "model 'iris' version 1 stays served although its version policy does not select it: "
+                           "label(s) stable name it" in server.output(), what="the log line")
+        write_settings(store / "iris", {"version_policy": {"latest": 2}, "labels": {"stable": 2, "canary": 3}})
+        wait_until(lambda: requests.get(server.base + "/models/iris", timeout=TIMEOUT).json()["served_versions"]
+                   == ["3", "2"], what="version 1 to leave service")
+        wait_until(lambda: "model 'iris' version 1 is no longer kept in service by label(s) stable: no label names "
+                           "it now" in server.output(), what="the log line")
+        # the label answers with version 1 until version 2 has loaded (promoted), and the metric follows it
+        wait_until(lambda: 'model_service_label_version{label="stable",model="iris",version="2"} 1.0' in
+                   requests.get(server.base + "/metrics", timeout=TIMEOUT).text, what="the metric to follow")
+        metrics = requests.get(server.base + "/metrics", timeout=TIMEOUT).text
+        assert 'version="1"' not in metrics.split("# TYPE model_service_label_version")[-1]
+
+
+def test_readmes_publishing_procedure_runs_verbatim_on_the_demo_store(tmp_path):
+    """The ```sh block under README's "Publishing a version safely", run as written in a copy of the demo store's
+    folder while the service runs: version 3 serves, and `stable` still answers with version 1, as README says."""
+    import shutil
+    import subprocess
+    from support import ROOT
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    section = readme[readme.index("**Publishing a version safely**"):]
+    commands = re.search(r"^```sh\n(.*?)^```", section, re.M | re.S).group(1)
+    assert "/path/to" not in commands, "no placeholder left to fill"
+    shutil.copytree(os.path.join(ROOT, "model_store"), tmp_path / "model_store")
+    port = free_port()
+    with LiveServer(service_command(tmp_path / "model_store", port, "--poll-interval", "0.1"), port) as server:
+        subprocess.run(["bash", "-euc", commands], cwd=tmp_path, check=True, timeout=TIMEOUT)
+        wait_until(lambda: requests.get(server.base + "/models/iris", timeout=TIMEOUT).json()["latest_version"] == "3",
+                   what="version 3 to serve")
+        status = requests.get(server.base + "/models/iris", timeout=TIMEOUT).json()
+        assert status["served_versions"] == ["3", "2", "1"] and version_info(status, "1")["kept_by_labels"] == ["stable"]
+        answer = requests.post(server.base + "/models/iris/labels/stable/predict", json={"instances": ROWS},
+                               timeout=TIMEOUT).json()
+        assert answer["version"] == "1"

@@ -144,3 +144,101 @@ def test_a_failed_version_does_not_affect_other_versions(tmp_path, make_client, 
     assert strict_json(client.post_json("/models/iris/versions/1/predict", {"instances": ROW}))["version"] == "1"
     states = {v["version"]: v["state"] for v in strict_json(client.get("/models/iris"))["versions"]}
     assert states == {"2": "FAILED", "1": "AVAILABLE"}
+
+
+# -- faults of the artifact: found at load, or answered as the server's, never as the caller's -----------------
+
+def skewed_classifier(fitted):
+    """A version-skew-like artifact: a fitted model lacking an attribute its methods read, as a pickle from
+    another scikit-learn lacks one the running version added (here `solver`, which predict reads)."""
+    import copy
+    skewed = copy.deepcopy(fitted)
+    del skewed.solver
+    return skewed
+
+
+def test_an_unfitted_model_fails_at_load_with_scikit_learns_reason(tmp_path, make_client, iris):
+    from sklearn.linear_model import LinearRegression
+    write_artifact(tmp_path / "unfitted.joblib", LinearRegression(), "joblib")
+    client = make_client(tmp_path)
+    assert_error(client.post_json("/models/unfitted/predict", {"instances": ROW}, expect_errors=True), 503,
+                 "model 'unfitted' version 1 failed to load: unfitted.joblib holds a model that was never fitted: "
+                 "This LinearRegression instance is not fitted yet")
+    version = strict_json(client.get("/models/unfitted"))["versions"][0]
+    assert version["state"] == "FAILED" and "never fitted" in version["last_error"]
+
+
+def test_a_pipeline_with_a_step_never_fitted_fails_at_load(tmp_path, make_client, iris):
+    """scikit-learn's own check of a pipeline looks at its last step only: every step is checked."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(*iris)
+    pipeline.steps[0] = ("standardscaler", StandardScaler())
+    write_artifact(tmp_path / "half.joblib", pipeline, "joblib")
+    client = make_client(tmp_path)
+    assert_error(client.post_json("/models/half/predict", {"instances": ROW}, expect_errors=True), 503,
+                 "never fitted: This StandardScaler instance is not fitted yet")
+
+
+@pytest.mark.parametrize("settings", ['{"native": false}', '{}'])
+def test_a_version_skew_artifact_fails_at_load_saying_which_method_and_why(tmp_path, make_client, iris_classifier,
+                                                                          settings):
+    """A tabular model is called once per method on a row of zeros at load: a fault of the artifact there (not
+    of the input) fails the load, so no request is ever blamed for it."""
+    write_artifact(tmp_path / "skewed" / "1" / "model.joblib", skewed_classifier(iris_classifier), "joblib")
+    (tmp_path / "skewed" / "model-settings.json").write_text(settings)
+    client = make_client(tmp_path)
+    assert_error(client.post_json("/models/skewed/predict", {"instances": ROW}, expect_errors=True), 503,
+                 "model 'skewed' version 1 failed to load: skewed/1/model.joblib: its predict fails on a row of "
+                 "zeros through a fault of the artifact, not of any input: AttributeError: 'LogisticRegression' "
+                 "object has no attribute 'solver'")
+    assert strict_json(client.get("/models/skewed"))["versions"][0]["state"] == "FAILED"
+
+
+def skewed_text_model():
+    """A text pipeline (no fixed width: nothing to probe at load) whose classifier lacks what predict reads."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    text = make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(["good film", "bad film"] * 3, [1, 0] * 3)
+    del text[-1].solver
+    return text
+
+
+def test_a_model_faulting_at_predict_time_is_the_servers_500_with_an_error_id(tmp_path, make_client, caplog):
+    write_artifact(tmp_path / "skewed.joblib", skewed_text_model(), "joblib")
+    client = make_client(tmp_path)
+    with caplog.at_level("ERROR", logger="service"):
+        error = assert_error(client.post_json("/models/skewed/predict", {"instances": ["a good film"]},
+                                              expect_errors=True), 500,
+                             "model 'skewed' version 1 cannot answer predict: its artifact is at fault, not the "
+                             "request: AttributeError: 'LogisticRegression' object has no attribute 'solver'",
+                             code="model_fault")
+    logged = [record for record in caplog.records if error["error_id"] in record.getMessage()]
+    assert logged and logged[0].exc_info is not None, "logged with its traceback, under the answer's error_id"
+
+
+def test_the_inputs_faults_stay_the_callers_400(tmp_path, make_client):
+    """An AttributeError raised on the caller's data (numbers sent to a text model) is a 400, as before."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    text = make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(["good film", "bad film"] * 3, [1, 0] * 3)
+    write_artifact(tmp_path / "text.joblib", text, "joblib")
+    client = make_client(tmp_path)
+    assert_error(client.post_json("/models/text/predict", {"instances": [5]}, expect_errors=True), 400,
+                 "'int' object has no attribute 'lower'")
+
+
+def test_a_model_faulting_on_its_warm_up_fails_its_load(tmp_path):
+    """Loaded ahead of its requests (preloaded), a model that faults on its "warmup" rows never serves."""
+    from support import wait_until
+    write_artifact(tmp_path / "skewed" / "1" / "model.joblib", skewed_text_model(), "joblib")
+    (tmp_path / "skewed" / "model-settings.json").write_text('{"warmup": ["a good film"]}')
+    registry = make_registry(tmp_path, preload=("skewed",))
+    registry.refresh()
+    slot = registry.slot("skewed")
+    wait_until(lambda: slot.state == "FAILED", what="the preload to fail")
+    assert slot.error.startswith("warming it up failed: model 'skewed' version 1 cannot answer predict: its artifact "
+                                 "is at fault")

@@ -156,3 +156,44 @@ def test_preloaded_models_pin_their_served_versions():
     catalogue = plan(found("a", versions=(1, 2)), preloaded=("a",)).catalogue
     catalogue["a"].pin()
     assert [catalogue["a"].versions[number].pinned for number in (1, 2)] == [False, True]
+
+
+# -- a label keeps the version it names in service ------------------------------------------------------------
+
+def test_publishing_past_the_policy_keeps_the_version_a_label_names():
+    """README's "Publishing a version safely": version 3 published under {"latest": 2} with stable -> 1; the
+    policy alone would drop 1, and with it `stable`.  The label keeps 1 served; the default route goes to 3."""
+    settings = record({"version_policy": {"latest": 2}, "labels": {"stable": 1, "canary": 2}})
+    entry = plan(found(versions=(1, 2, 3)), settings=settings).catalogue["m"]
+    assert entry.served == (3, 2, 1) and entry.kept == {1: ["stable"]}
+    assert entry.wanted == {None: 3, "stable": 1, "canary": 2}
+    assert entry.lookup(label="stable") is entry.versions[1] and entry.lookup(version=1) is entry.versions[1]
+    versions = {v["version"]: v for v in entry.describe(lambda: 0.0, {})["versions"]}
+    assert versions["1"]["kept_by_labels"] == ["stable"] and versions["1"]["served"]
+    assert versions["2"]["kept_by_labels"] == [] and versions["3"]["kept_by_labels"] == []
+
+
+def test_a_version_kept_by_a_label_is_never_the_default_and_lets_go_when_the_label_moves():
+    kept = plan(found(versions=(1, 2, 3)), settings=record({"version_policy": {"specific": [1]},
+                                                            "labels": {"canary": 3}})).catalogue
+    assert kept["m"].served == (3, 1) and kept["m"].wanted[None] == 1, "the policy alone picks the default"
+    assert kept["m"].kept == {3: ["canary"]}
+    moved = plan(found(versions=(1, 2, 3)), kept, settings=record({"version_policy": {"specific": [1]},
+                                                                   "labels": {"canary": 1}}))
+    assert moved.catalogue["m"].served == (1,) and moved.catalogue["m"].kept == {}
+    assert ("m", 3) in [(name, number) for name, number, _, _ in moved.departures.unserved], "3 leaves memory"
+
+
+def test_a_label_naming_a_version_not_on_disk_keeps_nothing_and_says_so():
+    entry = plan(found(versions=(2,)), settings=record({"labels": {"stable": 1}})).catalogue["m"]
+    assert entry.served == (2,) and entry.kept == {} and "stable" not in entry.routes
+    with pytest.raises(service.NotFound, match="names version 1, which is not in the store"):
+        entry.lookup(label="stable")
+
+
+def test_a_traffic_split_may_name_a_version_a_label_keeps():
+    settings = record({"version_policy": "latest", "labels": {"stable": 1, "canary": 2},
+                       "traffic": {"stable": 3, "canary": 1}})
+    settings.settings.check_served({1, 2})
+    entry = plan(found(versions=(1, 2)), settings=settings).catalogue["m"]
+    assert entry.served == (2, 1) and entry.split == ((0.75, 1.0), ("stable", "canary"))

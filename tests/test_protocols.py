@@ -270,9 +270,16 @@ def test_tf_regress_on_the_regressor(server, models):
     assert body == {"results": models.diabetes.predict(frame(rows, features)).tolist()}
 
 
-def test_tf_explain_is_not_implemented(server):
-    """:explain is recognised and refused with 501 JSON."""
-    assert_error(post(server, "/v1/models/iris:explain", {"instances": ROWS}), 501)
+def test_kserve_v1_explain_adds_up_to_the_models_decision_function(server, models):
+    """:explain (KServe V1) answers shap's layout: for a plain logistic regression, with no reference row, each
+    contribution is coef * x and the expected value the intercept, bit for bit; a text model is a 501."""
+    body = strict_json(post(server, "/v1/models/plain:explain", {"instances": ROWS}))
+    explanations = body["explanations"]
+    assert body["model"] == "plain" and explanations["method"] == "decision_function"
+    assert explanations["expected_value"] == models.plain.intercept_.tolist()
+    assert explanations["contributions"] == (np.array(ROWS)[:, :, None] * models.plain.coef_.T).tolist()
+    assert_error(post(server, "/v1/models/sentiment:explain", {"instances": ["great"]}), 501,
+                 "does not take tabular rows")
 
 
 @pytest.mark.parametrize("payload, message", [
@@ -364,6 +371,16 @@ def _input(name, array, datatype, binary=True):
     tensor = httpclient.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array, binary_data=binary)
     return tensor
+
+
+def test_v2_explain_parameter_through_tritonclient(triton, models):
+    """parameters={"explain": True} on tritonclient's infer: the predictions, and an "explain" output of one
+    BYTES element holding the explanation's JSON (as MLServer's explainer runtime answers)."""
+    rows = np.array(ROWS, dtype=np.float64)
+    result = triton.infer("plain", [_input("input-0", rows, "FP64")], parameters={"explain": True})
+    assert result.as_numpy("predict").tolist() == models.plain.predict(rows).tolist()
+    explanations = json.loads(result.as_numpy("explain")[0])
+    assert explanations["contributions"] == (rows[:, :, None] * models.plain.coef_.T).tolist()
 
 
 def test_v2_server_liveness_readiness_and_metadata(triton):

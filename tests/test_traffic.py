@@ -143,9 +143,9 @@ INVALID_TRAFFIC = [
     ({"labels": {"stable": 1}, "traffic": {"beta": 1}}, "'beta' is neither a version nor a defined label"),
     ({"version_policy": {"specific": [1, 2]}, "traffic": {"3": 1}}, "version 3 is not in the version policy"),
     ({"version_policy": {"latest": 2}, "traffic": {"1": 1}}, "version 1, which is not served (the version policy "
-                                                             "serves 3, 2)"),
-    ({"version_policy": "latest", "labels": {"old": 1}, "traffic": {"old": 1}},
-     "label 'old' names version 1, which is not served"),
+                                                             "and labels serve 3, 2)"),
+    ({"version_policy": "latest", "labels": {"old": 9}, "traffic": {"old": 1}},       # (a label keeps a version
+     "label 'old' names version 9, which is not served (the version policy and labels serve 3)"),   # on disk)
     ({"version_policy": "all", "traffic": {"1": -1, "2": 2}}, "the weight of 1 must be a number >= 0"),
     ({"version_policy": "all", "traffic": {"1": True}}, "the weight of 1 must be a number >= 0"),
     ({"version_policy": "all", "traffic": {"1": "10"}}, "the weight of 1 must be a number >= 0"),

@@ -10068,8 +10068,30 @@ def _check_derived(estimator, state, where, load):
         raise ArtifactError(f"{where}._strategy is not a strategy")
 
 
+def _check_composition(estimator, state, where, load):
+    """A pipeline's steps before its last, and the fitted transformers of a ColumnTransformer or FeatureUnion,
+    must transform (or be passthrough, drop or None, which these classes skip): fit refuses any other, so a
+    file that swaps one in (a classifier among the transformers) would fail every request at transform time."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import FeatureUnion, Pipeline
+
+    fields = {Pipeline: "steps", ColumnTransformer: "transformers_", FeatureUnion: "transformer_list"}
+    field = fields.get(type(estimator))
+    entries = state.get(field)
+    if entries is None:                 # not a composition, or an unfitted template (voting's estimators)
+        return
+    if not isinstance(entries, (list, tuple)) or \
+            not all(isinstance(entry, (tuple, list)) and len(entry) >= 2 for entry in entries):
+        raise ArtifactError(f"{where}.{field} must be a list of (name, estimator, ...) entries")
+    for _, part, *_ in entries[:-1] if field == "steps" else entries:
+        if not (part is None or isinstance(part, str) and part in ("passthrough", "drop") or
+                callable(getattr(part, "transform", None))):
+            raise ArtifactError(f"{where}: its {type(part).__name__} cannot transform, yet the "
+                                f"{type(estimator).__name__} hands its output on")
+
+
 _PART_CHECKS = (_check_widths, _check_categories, _check_tree_estimator, _check_members, _check_histogram_predictors,
-                _check_kmeans, _check_svm, _check_vectorizer, _check_neighbors, _check_derived)
+                _check_kmeans, _check_svm, _check_vectorizer, _check_neighbors, _check_derived, _check_composition)
 
 
 # -- Export --------------------------------------------------------------------

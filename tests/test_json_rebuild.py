@@ -384,6 +384,29 @@ def test_a_forest_member_with_other_classes_is_refused():
     refused(doc, "other outputs or classes than the ensemble's")
 
 
+def fitted_parts(node, field):
+    """The estimator nodes of a composition's `field` (a list of (name, estimator, ...) tuples)."""
+    return [entry["items"][1] for entry in node["state"][field]]
+
+
+def find_class(doc, name):
+    return next(node for node in walk(doc) if isinstance(node, dict) and node.get("class", "").endswith(name))
+
+
+@pytest.mark.parametrize("case, composition, field", [
+    ("Pipeline", "pipeline.Pipeline", "steps"),
+    ("ColumnTransformer (remainder passthrough)", "ColumnTransformer", "transformers_"),
+    ("FeatureUnion", "FeatureUnion", "transformer_list")])
+def test_a_composition_hands_its_output_on_only_from_parts_that_transform(case, composition, field):
+    """A classifier swapped in among a pipeline's first steps or a ColumnTransformer's or FeatureUnion's fitted
+    transformers (fit would refuse it) failed every request at transform time, once a 500 (fuzzer, seed 8)."""
+    doc = document(families.fit(case)[0])
+    classifier = document(LogisticRegression(max_iter=1000).fit(X, Y))["estimator"]
+    fitted_parts(find_class(doc, composition), field)[0].clear()
+    fitted_parts(find_class(doc, composition), field)[0].update(classifier)
+    refused(doc, "LogisticRegression cannot transform")
+
+
 @pytest.mark.parametrize("make", [lambda: GradientBoostingClassifier(n_estimators=2, random_state=0).fit(X, Y),
                                   lambda: HistGradientBoostingClassifier(max_iter=2, random_state=0).fit(X, Y)])
 def test_boosting_fits_one_tree_per_class(make):

@@ -2681,21 +2681,27 @@ PROBE_FEATURES = 100_000      # the widest model _refuse_faulty probes: a row of
 
 
 def _refuse_faulty(model):
-    """Refuse a tabular model whose methods fail on a row of zeros through a fault of the artifact, not of any
-    input (LoadedModel.artifact_fault: a pickle from another scikit-learn lacking an attribute its methods
-    read, a JSON model missing state): it would fail every request, so it is the load that fails, saying why.
+    """Refuse a model whose methods fail on a row of zeros (or an empty text) through a fault of the artifact,
+    not of any input (LoadedModel.artifact_fault: a pickle from another scikit-learn lacking an attribute its
+    methods read, a JSON model missing state): it would fail every request, so the load fails, saying why.
 
     One call of each method on one row, by scikit-learn; any other failure on zeros (a log transform, an
-    unknown category) says nothing about the artifact and is left to the requests.  A model without a fixed
-    width (text, sequences) is checked by its requests, or by its "warmup" rows (see _warm), and so is one
-    wider than PROBE_FEATURES (its row of zeros would cost memory a forged width can make unbounded).
+    unknown category) says nothing about the artifact and is left to the requests.  A JSON model without a
+    fixed width (its allow-list's text and label models) is called on one empty text instead; any other
+    model of no fixed width (sequences, a class of one's own) is checked by its requests, or by its "warmup"
+    rows (see _warm), and so is one wider than PROBE_FEATURES (its row of zeros would cost memory a forged
+    width can make unbounded).
     """
-    if model.n_features is None or not 0 < model.n_features <= PROBE_FEATURES:
-        return
     import numpy as np
 
-    probe = np.zeros((1, model.n_features))
-    inputs = probe if model.make_frame is None else model.make_frame(probe, columns=model.feature_names)
+    if model.n_features is None and model.ref.format == "json":
+        inputs, described = [""], "an empty text"
+    elif model.n_features is None or not 0 < model.n_features <= PROBE_FEATURES:
+        return
+    else:
+        probe = np.zeros((1, model.n_features))
+        inputs = probe if model.make_frame is None else model.make_frame(probe, columns=model.feature_names)
+        described = "a row of zeros"
     for method in model.methods:
         try:
             with np.errstate(all="ignore"):     # log(0) of a probability is no news (numpy's state is per thread)
@@ -2703,7 +2709,7 @@ def _refuse_faulty(model):
         except Exception as error:  # only the artifact's own faults refuse it
             if model.artifact_fault(error):
                 skew = f" (it was {model.version_skew})" if model.version_skew else ""
-                raise ArtifactError(f"{model.ref.file}: its {method} fails on a row of zeros through a fault of "
+                raise ArtifactError(f"{model.ref.file}: its {method} fails on {described} through a fault of "
                                     f"the artifact, not of any input: {type(error).__name__}: "
                                     f"{_clip(str(error))}{skew}") from None
 

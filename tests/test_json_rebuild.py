@@ -289,6 +289,22 @@ def test_a_preloaded_model_with_a_forged_width_fails_without_building_its_row(tm
     assert peak < 64 << 20, f"{peak >> 20} MiB"
 
 
+@pytest.mark.parametrize("case, part, attribute", [("LabelBinarizer", "LabelBinarizer", "classes_"),
+                                                    ("TfidfVectorizer", "TfidfVectorizer", "_tfidf")])
+def test_a_text_or_label_model_missing_state_fails_its_load_not_its_requests(tmp_path, case, part, attribute):
+    """A model of no fixed width is probed with an empty text: state it reads at every call, missing, once made
+    each request a 500 (the mutator, seed 8, #4833 and #9480)."""
+    doc = document(families.fit(case)[0])
+    del find_class(doc, part)["state"][attribute]
+    (tmp_path / "model.json").write_text(json.dumps(doc))
+    stat = (tmp_path / "model.json").stat()
+    ref = service.ArtifactRef("m", 1, str(tmp_path / "model.json"), "model.json", ".json", stat.st_size,
+                              stat.st_mtime_ns)
+    with pytest.raises(service.ArtifactError, match=f"fails on an empty text through a fault of the artifact.*"
+                                                    f"{attribute}"):
+        service._build_model(ref)
+
+
 @pytest.mark.parametrize("limits, fragment", [
     (service.JsonLimits(nodes=20), "more than 20 tree nodes (--json-max-nodes)"),
     (service.JsonLimits(width=3), "more than 3 features in one part (--json-max-width)"),

@@ -62,7 +62,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "ServiceError", "ArtifactRef", "ModelStore", "LoadedModel",
     "ModelRegistry", "create_app", "serve", "main", "app", "application",
-    "dump_json_model", "save_json_model", "load_json_model", "export_json_model", "export_skops_model", "to_jsonable",
+    "dump_json_model", "save_json_model", "load_json_model", "export_json_model", "export_skops_model",
+    "JsonLimits", "to_jsonable",
 ]
 
 
@@ -779,7 +780,8 @@ SETTINGS = (
             "most predictions at once; beyond it 503 with Retry-After at once (0: no bound)", "N"),
     Setting("max_predict_seconds", _non_negative_float, 0.0,
             "longest a prediction may take: past it 504, while the computation finishes in the background, "
-            "still counted by --max-inflight (0: no bound)", "SECONDS"),
+            "still counted by --max-inflight; a request waiting as long for its model to load gets 503 (0: no bound)",
+            "SECONDS"),
     Setting("auth_tokens", _token_list, (),
             "bearer tokens required for predictions and model information (health stays open): TOKEN,TOKEN or "
             "@FILE with one per line (prefer the environment variable or a file: flags show in ps)", "TOKENS",
@@ -804,6 +806,16 @@ SETTINGS = (
     Setting("strict_versions", _boolean, False,
             "refuse artifacts written by another scikit-learn version (else they load, flagged in their status)",
             "yes|no", const="yes"),
+    Setting("json_max_nodes", _positive_int, 10_000_000,
+            "most tree nodes a JSON model may hold, over all its trees (refused at load above)", "N"),
+    Setting("json_max_width", _positive_int, 1_000_000,
+            "most features any part of a JSON model may take or give (refused at load above)", "N"),
+    Setting("json_max_categories", _positive_int, 1_000_000,
+            "most classes, encoder categories and vocabulary terms a JSON model may hold, over all its parts "
+            "(refused at load above)", "N"),
+    Setting("json_max_array_bytes", _positive_int, 1 << 30,
+            "most bytes of arrays a JSON model may hold, counted before each is allocated (refused at load above)",
+            "N"),
     Setting("admin_token", str, None,
             "bearer token that enables POST /models/<name>/reload, /admin/rescan and the V2 repository's "
             "load/unload (prefer the environment variable: flags show in ps)", "TOKEN", secret=True),
@@ -2032,6 +2044,27 @@ def _load_joblib_restricted(data, trust):
 # end of the file: only this loader and the export command use it).
 
 
+def _setting_default(field):
+    return next(setting.default for setting in SETTINGS if setting.field == field)
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonLimits:
+    """How much one JSON model may make its loader allocate (the --json-max-* settings, the defaults here):
+    tree nodes over all its trees, features in any one part's input or output, categories (classes,
+    encoder categories, vocabulary terms) over all its parts, and bytes of arrays.  Each is counted as
+    the document is decoded, before the part is allocated; a model past one is refused, naming it."""
+
+    nodes: int = _setting_default("json_max_nodes")
+    width: int = _setting_default("json_max_width")
+    categories: int = _setting_default("json_max_categories")
+    array_bytes: int = _setting_default("json_max_array_bytes")
+
+    @classmethod
+    def of(cls, config):
+        return cls(**{field.name: getattr(config, "json_max_" + field.name) for field in dataclasses.fields(cls)})
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
     """What the operator trusts and expects of one artifact; the registry builds it for each load.
@@ -2048,6 +2081,8 @@ class LoadOptions:
     sha256: tuple = ()
     #: refuse an artifact written by another scikit-learn version
     strict_versions: bool = False
+    #: what a JSON model may hold
+    json_limits: JsonLimits = JsonLimits()
 
 
 def _load_pickle(data, options):
@@ -2069,7 +2104,7 @@ def _load_json(data, options):
     import sklearn
     from sklearn.exceptions import InconsistentVersionWarning
 
-    estimator = load_json_model(data)
+    estimator = load_json_model(data, options.json_limits)
     written = json.loads(data).get("sklearn_version")
     if isinstance(written, str) and written != sklearn.__version__:
         warnings.warn(InconsistentVersionWarning(estimator_name="JSON model", original_sklearn_version=written,
@@ -2769,21 +2804,25 @@ PROBE_FEATURES = 100_000      # the widest model _refuse_faulty probes: a row of
 
 
 def _refuse_faulty(model):
-    """Refuse a tabular model whose methods fail on a row of zeros through a fault of the artifact, not of any
-    input (LoadedModel.artifact_fault: a pickle from another scikit-learn lacking an attribute its methods
-    read, a JSON model missing state): it would fail every request, so it is the load that fails, saying why.
+    """Refuse a model whose methods fail on a row of zeros (or an empty text) through a fault of the artifact,
+    not of any input (LoadedModel.artifact_fault: a pickle from another scikit-learn lacking an attribute its
+    methods read, a JSON model missing state): it would fail every request, so the load fails, saying why.
 
     One call of each method on one row, by scikit-learn; any other failure on zeros (a log transform, an
-    unknown category) says nothing about the artifact and is left to the requests.  A model without a fixed
-    width (text, sequences) is checked by its requests, or by its "warmup" rows (see _warm), and so is one
-    wider than PROBE_FEATURES (its row of zeros would cost memory a forged width can make unbounded).
+    unknown category) says nothing about the artifact and is left to the requests.  A JSON model without a
+    fixed width (its allow-list's text and label models) is called on one empty text instead; any other
+    model of no fixed width (sequences, a class of one's own) is checked by its requests, or by its "warmup"
+    rows (see _warm), and so is one wider than PROBE_FEATURES (its row of zeros would cost memory a forged
+    width can make unbounded).
     """
-    if model.n_features is None or not 0 < model.n_features <= PROBE_FEATURES:
-        return
     import numpy as np
 
-    probe = np.zeros((1, model.n_features))
-    inputs = model.sklearn_inputs(probe)
+    if model.n_features is None and model.ref.format == "json":
+        inputs, described = [""], "an empty text"
+    elif model.n_features is None or not 0 < model.n_features <= PROBE_FEATURES:
+        return
+    else:
+        inputs, described = model.sklearn_inputs(np.zeros((1, model.n_features))), "a row of zeros"
     for method in model.methods:
         try:
             with np.errstate(all="ignore"):     # log(0) of a probability is no news (numpy's state is per thread)
@@ -2791,7 +2830,7 @@ def _refuse_faulty(model):
         except Exception as error:  # only the artifact's own faults refuse it
             if model.artifact_fault(error):
                 skew = f" (it was {model.version_skew})" if model.version_skew else ""
-                raise ArtifactError(f"{model.ref.file}: its {method} fails on a row of zeros through a fault of "
+                raise ArtifactError(f"{model.ref.file}: its {method} fails on {described} through a fault of "
                                     f"the artifact, not of any input: {type(error).__name__}: "
                                     f"{_clip(str(error))}{skew}") from None
 
@@ -2950,6 +2989,7 @@ class VersionSlot:
         self.retry_at = 0.0
         self.loads = 0
         self.lock = threading.Lock()   # one load at a time
+        self.loading = None            # the load requests wait on for at most a time (Loader.load_within)
         self.replacing = None          # ArtifactRef of a changed artifact loading beside the model that serves
         self.replaced = threading.Event()   # set while no replacement is under way
         self.replaced.set()
@@ -3487,7 +3527,7 @@ def _warm(model, rows):
 class Loader:
     """Every load of a model version: on demand, for a request (`load`, single-flight per version: the
     other requests wait on the slot's lock; a failed load is tried again only after
-    --load-retry-seconds), a changed artifact beside the model that serves (`replace`), a route's new
+    --load-retry-seconds; `load_within` when the request may wait only so long), a changed artifact beside the model that serves (`replace`), a route's new
     target before the route turns to it (`promote`), the preloaded versions one after another
     (`preload`), and all of them before a pre-fork host forks (`load_before_fork`).
 
@@ -3510,7 +3550,8 @@ class Loader:
         if ref.file in self.store.sha256sums:
             digests.append((self.store.sha256sums[ref.file], SHA256SUMS_FILE))
         return LoadOptions(safe_pickle=self.config.safe_pickle or settings.safe_pickle, trust=self.config.trust,
-                           sha256=tuple(digests), strict_versions=self.config.strict_versions)
+                           sha256=tuple(digests), strict_versions=self.config.strict_versions,
+                           json_limits=JsonLimits.of(self.config))
 
     def build(self, ref, warm):
         """_build_model with these load options, counted in the metrics; warmed (_warm) when no request waits
@@ -3570,6 +3611,32 @@ class Loader:
             logger.info("loaded model %r version %s (%s, %.3f s; %s)", ref.name, ref.version, ref.format,
                         model.load_seconds, model.warmup, extra={"model": ref.name, "version": ref.version})
             return model
+
+    _waited = threading.Lock()          # guards VersionSlot.loading
+
+    def load_within(self, slot, seconds):
+        """load() for a request that may wait at most `seconds` (--max-predict-seconds): the load runs in the
+        background, one per version however many requests wait on it, and goes on past their wait, which
+        ends in a 503 with Retry-After (a load is not a prediction: its successors find the model loaded)."""
+        import concurrent.futures
+
+        with self._waited:
+            if slot.loading is None or slot.loading.done():
+                slot.loading = concurrent.futures.Future()
+                _in_background(self._load_into, slot, slot.loading)
+            loading = slot.loading
+        try:
+            return loading.result(timeout=seconds)
+        except concurrent.futures.TimeoutError:
+            raise ModelUnavailable(f"model {slot.ref.name!r} version {slot.ref.version} is still loading after "
+                                   f"{seconds:g} s (--max-predict-seconds); try again", retry_after=1,
+                                   model=slot.ref.name, version=str(slot.ref.version)) from None
+
+    def _load_into(self, slot, future):
+        try:
+            future.set_result(self.load(slot))
+        except BaseException as error:      # handed to the requests that wait on it
+            future.set_exception(error)
 
     def replace(self, slot, ref, background=False):
         """Load `ref`, a changed artifact of `slot`, beside the model that serves, then swap; a failure keeps
@@ -3836,16 +3903,16 @@ class ModelRegistry:
         finally:
             self.release(model)
 
-    def acquire(self, name, version=None, label=None, slot=None, routing_key=None):
-        """The model that answers a request (in `slot` when the caller resolved it), loaded if need be; pair
-        with release()."""
+    def acquire(self, name, version=None, label=None, slot=None, routing_key=None, wait=None):
+        """The model that answers a request (in `slot` when the caller resolved it), loaded if need be, waiting
+        at most `wait` seconds for a load when given (Loader.load_within); pair with release()."""
         for _ in range(self.ACQUIRE_TRIES):
             slot = slot or self.slot(name, version, label, routing_key)
             model = self.residency.use(slot)
             if model is not None:
                 return model
             if not slot.gone:
-                self.loader.load(slot)
+                self.loader.load(slot) if wait is None else self.loader.load_within(slot, wait)
             last = slot
             if slot.gone:       # a rescan replaced it: look the request up again (a split may pick anew)
                 slot = None
@@ -6757,7 +6824,7 @@ class ServiceApp:
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
             fields = _log_fields.set({**_log_fields.get(), "request_id": _request_id(environ), "model": name,
                                       "version": slot.ref.version})          # for the lines logged meanwhile
-            model = registry.acquire(name, version, label, slot, routing_key)
+            model = registry.acquire(name, version, label, slot, routing_key, wait=config.max_predict_seconds or None)
             held.append(functools.partial(registry.release, model))
             with self.tracing.span("decode") if self.tracing.enabled else _NO_SPAN:
                 methods, inputs = protocol.inputs(model, asked, config)
@@ -9252,19 +9319,18 @@ def attach_native(model, enabled):
 ###############################################################################
 # JSON model format ###########################################################
 ###############################################################################
-# A fitted estimator written as data: an allow-listed class name plus the state
-# pickle would restore (`__getstate__`), with numbers stored bit for bit.  The
-# specification, with every node type and allow-list, is docs/json-model-format.md.
+# A fitted estimator written as data: an allow-listed class name plus its state
+# (`__getstate__`), with numbers stored bit for bit.  The specification, with every node
+# type, allow-list, check and limit, is docs/json-model-format.md.
 #
-#   {"format": "model-service/sklearn-json", "format_version": 1,
+#   {"format": "model-service/sklearn-json", "format_version": 2,
 #    "sklearn_version": "1.9.1", "estimator": <node>}
 #
-# A <node> is a JSON null, boolean, string, integer, finite float or list, or an
+# A <node> is a JSON null, boolean, string, integer (64-bit), finite float or list, or an
 # object tagged with "$type":
 #   estimator  {"$type": "estimator", "class": "sklearn.linear_model.Ridge", "state": {attr: node}}
 #   ndarray    {"$type": "ndarray", "dtype": "<f8", "shape": [2, 3], "data": base64 of the C-order bytes}
-#              ("order": "F" for Fortran-order bytes; a structured dtype is {"names", "formats",
-#              "offsets", "itemsize"}; string and object arrays carry "items": [node, ...])
+#              ("order": "F" for Fortran-order bytes; text and object arrays carry "items": [node, ...])
 #   scalar     {"$type": "scalar", "dtype": "<i8", "data": base64}   a numpy scalar
 #   float      {"$type": "float", "value": "nan" | "inf" | "-inf"}
 #   tuple, set, frozenset, slice   {"$type": ..., "items": [node, ...]}
@@ -9272,17 +9338,28 @@ def attach_native(model, enabled):
 #   dtype      {"$type": "dtype", "dtype": "<f8"}                   a numpy dtype
 #   type       {"$type": "type", "name": "float64"}                 a numpy scalar type
 #   object     {"$type": "object", "class": ..., "args": [numbers] | "state": node}   JSON_OBJECTS
+#   tree       {"$type": "tree", "n_features", "n_classes": [per output], "nodes": {column: ndarray},
+#               "value": ndarray}                                   scikit-learn's Tree
+#   tree_predictor  {"$type": "tree_predictor", "nodes": {column: ndarray}, "binned_left_cat_bitsets",
+#                    "raw_left_cat_bitsets"}                        histogram boosting's TreePredictor
 #   neighbors_tree  {"$type": "neighbors_tree", "class", "data", "leaf_size", "metric", "metric_params"}
 #   random_state, generator        a numpy random generator and its state
 #   partial    {"$type": "partial", "function": <JSON_FUNCTIONS>, "args": [...], "keywords": [...]}
 #
-# Loading imports only the modules of allow-listed names and never calls anything a
-# file names but those classes' constructors (with numbers) and the functions in
-# JSON_FUNCTIONS; state that compiled code trusts (tree nodes, libsvm's arrays) is
-# checked first, and neighbour search trees are rebuilt from their data.
+# Rebuild, never restore.  A file supplies values and plain arrays, nothing else: an array's
+# dtype is a name from a closed table (JSON_DTYPES) that the loader maps to its own numpy type,
+# so no byte order, field offset, item size or record layout ever comes from a file.  The
+# structures compiled code walks (Tree, TreePredictor, KDTree/BallTree) are built here from
+# such arrays, with what can be derived from them (node counts, depths, output counts, widths)
+# computed, never read, and each structure checked whole before it is built.  A budget
+# (JsonLimits) bounds what a file can make the loader allocate, spent before each part is
+# allocated.  Loading imports only the modules of allow-listed names and calls only their
+# constructors and JSON_FUNCTIONS.  Every check runs inside the decoding itself, so
+# load_json_model, the store, export and replay all get each one.
 
 JSON_FORMAT = "model-service/sklearn-json"
-JSON_FORMAT_VERSION = 1
+JSON_FORMAT_VERSION = 2
+JSON_READABLE_VERSIONS = (1, 2)     # 1 wrote trees as records (numpy's layout): read through the same builders
 
 # Estimators: classes restored with `__new__` and BaseEstimator's `__setstate__`.
 JSON_ESTIMATORS = frozenset({
@@ -9322,7 +9399,6 @@ JSON_ESTIMATORS = frozenset({
 # node's "args" (numbers), "new" creates it empty and restores its "state".
 _LOSSES = "sklearn._loss._loss."
 JSON_OBJECTS = {
-    "sklearn.tree._tree.Tree": "call",                    # args, then a state checked by _check_tree
     **{_LOSSES + name: "call" for name in (
         "CyAbsoluteError", "CyExponentialLoss", "CyHalfBinomialLoss", "CyHalfGammaLoss", "CyHalfMultinomialLoss",
         "CyHalfPoissonLoss", "CyHalfSquaredError", "CyHalfTweedieLoss", "CyHalfTweedieLossIdentity",
@@ -9335,8 +9411,12 @@ JSON_OBJECTS = {
         "PinballLoss")},
     **{"sklearn._loss.link." + name: "new" for name in (
         "HalfLogitLink", "IdentityLink", "Interval", "LogLink", "LogitLink", "MultinomialLogit")},
-    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor": "new",   # nodes checked
 }
+
+# The structures compiled code walks without bounds checks, each written as plain columns and
+# built by the loader (see "compiled structures" below), by node type.
+JSON_STRUCTURES = {"sklearn.tree._tree.Tree": "tree",
+                   "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor": "tree_predictor"}
 
 # Functions an estimator may hold (HistGradientBoosting's preprocessor calls check_array
 # through a functools.partial); any other function is refused at export and at load.
@@ -9347,10 +9427,11 @@ JSON_FUNCTIONS = ("sklearn.utils.check_array",)
 JSON_NEIGHBOR_TREES = ("sklearn.neighbors.KDTree", "sklearn.neighbors.BallTree")
 JSON_BIT_GENERATORS = ("MT19937", "PCG64", "PCG64DXSM", "Philox", "SFC64")
 
-# dtypes the format stores: booleans, integers, floats, complex, unicode, object; structured
-# dtypes only of the numeric kinds, described field by field
-_DTYPE_PATTERN = re.compile(r"[<>|=]?(b1|[iu][1248]|f[248]|c(8|16)|U\d{1,6}|O)")
-_FIELD_PATTERN = re.compile(r"[<>|=]?(b1|[iu][1248]|f[248])")
+# The dtypes a file may name for numbers: little-endian booleans, integers, floats and complex numbers.
+# Besides them, "<U<width>" (text, a width of 1 to 999999 characters, counted in the budget) and "|O"
+# (objects) hold "items"; nothing else (records, bytes, dates, other byte orders) is a dtype of the format.
+JSON_DTYPES = ("|b1", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "<f2", "<f4", "<f8", "<c8", "<c16")
+_TEXT_DTYPE = re.compile(r"<U[1-9][0-9]{0,5}")
 _NUMPY_TYPES = ("bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
                 "uint64", "float16", "float32", "float64", "complex64", "complex128", "str_")
 
@@ -9388,6 +9469,9 @@ def _unsupported(value, where):
                          "is not supported by the JSON model format")
 
 
+# -- Writing -------------------------------------------------------------------
+
+
 def _encode_node(value, where):
     """Encode one value of an estimator's state; `where` names it in errors."""
     import numpy as np
@@ -9413,12 +9497,12 @@ def _encode_node(value, where):
     if isinstance(value, np.ndarray) and type(value) is np.ndarray:
         return _encode_array(value, where)
     if isinstance(value, np.generic):
-        array = np.asarray(value)
-        if array.dtype.kind not in "biufc":
+        if value.dtype.kind not in "biufc":
             return _encode_node(value.item(), where)
-        return {"$type": "scalar", "dtype": array.dtype.str, "data": base64.b64encode(array.tobytes()).decode()}
+        name = _dtype_name(value.dtype, where)
+        return {"$type": "scalar", "dtype": name, "data": base64.b64encode(np.asarray(value, name).tobytes()).decode()}
     if isinstance(value, np.dtype):
-        return {"$type": "dtype", "dtype": _dtype_node(value, where)}
+        return {"$type": "dtype", "dtype": _dtype_name(value, where)}
     if isinstance(value, type) and issubclass(value, np.generic):
         names = {getattr(np, name): name for name in _NUMPY_TYPES}
         if value in names:
@@ -9434,12 +9518,11 @@ def _encode_node(value, where):
                 "keywords": _encode_items(value.keywords, f"{where}.keywords")}
     if type(value).__name__ == "Bunch" and type(value).__module__ == "sklearn.utils._bunch":
         return {"$type": "bunch", "items": _encode_items(dict(value), where)}
-    name = _allowed_name(type(value), JSON_ESTIMATORS)
-    if name is not None:
-        return _encode_estimator(value, name, where)
-    name = _allowed_name(type(value), JSON_OBJECTS)
-    if name is not None:
-        return _encode_object(value, name, where)
+    for names, encode in ((JSON_ESTIMATORS, _encode_estimator), (JSON_STRUCTURES, _encode_structure),
+                          (JSON_OBJECTS, _encode_object)):
+        name = _allowed_name(type(value), names)
+        if name is not None:
+            return encode(value, name, where)
     raise _unsupported(value, where)
 
 
@@ -9469,6 +9552,25 @@ def _neighbors_tree_node(estimator, tree_class, where):
                                           f"{where}.effective_metric_params_")}
 
 
+def _encode_structure(value, name, where):
+    """A Tree or TreePredictor as what the loader builds it from: its node records as one plain array per
+    field (never numpy's record layout), less what the loader computes, and its other arrays."""
+    if name.endswith(".Tree"):
+        state = value.__getstate__()
+        nodes, arrays = state["nodes"], {"value": state["values"]}
+        node = {"n_features": int(value.n_features), "n_classes": [int(count) for count in value.n_classes]}
+    else:
+        nodes, arrays, node = value.nodes, dict(vars(value)), {}
+        if set(arrays) != {"nodes", *_PREDICTOR_BITSETS}:
+            raise _unsupported(value, where)
+        del arrays["nodes"]
+    node.update({"$type": JSON_STRUCTURES[name], **{key: _encode_array(array, f"{where}.{key}")
+                                                    for key, array in arrays.items()}})
+    node["nodes"] = {field: _encode_array(nodes[field], f"{where}.nodes.{field}")
+                     for field in nodes.dtype.names if field not in _COMPUTED_FIELDS}
+    return node
+
+
 def _encode_object(value, name, where):
     """An internal object, through the reduce protocol pickle itself would use."""
     import copyreg
@@ -9496,51 +9598,27 @@ def _encode_object(value, name, where):
 
 
 def _encode_array(array, where):
-    import numpy as np
-
-    dtype = _checked_dtype(_dtype_node(array.dtype, where), where)
-    node = {"$type": "ndarray", "dtype": _dtype_node(dtype, where), "shape": list(array.shape)}
-    if dtype.kind in "biufcV":
+    name = _dtype_name(array.dtype, where)
+    node = {"$type": "ndarray", "dtype": name, "shape": list(array.shape)}
+    if name in JSON_DTYPES:
         fortran = array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous
         if fortran:
             node["order"] = "F"               # kept: the memory order can change a BLAS result's last bits
-        if dtype.names:                       # copy field by field: padding bytes must not carry stray memory
-            packed = np.zeros(array.shape, dtype=dtype)
-            for field in dtype.names:
-                packed[field] = array[field]
-            array = packed
-        node["data"] = base64.b64encode(array.tobytes(order="F" if fortran else "C")).decode()
+        data = array.astype(name, copy=False).tobytes(order="F" if fortran else "C")
+        node["data"] = base64.b64encode(data).decode()
     else:
         node["items"] = [_encode_node(item, f"{where}[{i}]") for i, item in enumerate(array.ravel().tolist())]
     return node
 
 
-def _dtype_node(dtype, where):
-    """A dtype as JSON: numpy's string ("<f8"), or a structured dtype field by field."""
-    if dtype.fields is None:
-        return dtype.str
-    names = list(dtype.names)
-    return {"names": names, "formats": [dtype.fields[n][0].str for n in names],
-            "offsets": [dtype.fields[n][1] for n in names], "itemsize": dtype.itemsize}
-
-
-def _checked_dtype(text, where):
-    import numpy as np
-
-    if isinstance(text, dict):
-        try:
-            names, formats, offsets = list(text["names"]), list(text["formats"]), list(text["offsets"])
-            itemsize = text["itemsize"]
-            if set(text) == {"names", "formats", "offsets", "itemsize"} and len(names) == len(formats) == \
-                    len(offsets) and all(isinstance(n, str) for n in names) and \
-                    all(isinstance(f, str) and _FIELD_PATTERN.fullmatch(f) for f in formats) and \
-                    all(type(o) is int for o in offsets) and type(itemsize) is int:
-                return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": itemsize})
-        except (KeyError, TypeError, ValueError):
-            pass
-    elif isinstance(text, str) and _DTYPE_PATTERN.fullmatch(text):
-        return np.dtype(text)
-    raise ArtifactError(f"{where}: dtype {_clip(repr(text), 200)} is not allowed")
+def _dtype_name(dtype, where):
+    """The name a file gives `dtype`: numbers as little-endian (their values, whatever the byte order in
+    memory), text by its width, objects as "|O"; anything else cannot be written."""
+    name = (dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype).str
+    if name in JSON_DTYPES or name == "|O" or _TEXT_DTYPE.fullmatch(name):
+        return name
+    raise ArtifactError(f"cannot write {where} as JSON: dtype {_clip(str(dtype), 80)} is not supported by the "
+                        "JSON model format")
 
 
 def dump_json_model(estimator):
@@ -9587,22 +9665,30 @@ def _write_file(data, path):
         raise
 
 
-def load_json_model(source):
-    """Build the estimator a JSON model document describes (text, bytes or a path)."""
+# -- Reading -------------------------------------------------------------------
+
+
+def load_json_model(source, limits=None):
+    """Build the estimator a JSON model document describes (text, bytes or a path).
+
+    `limits` (a JsonLimits; by default the --json-max-* settings' defaults) bounds what the
+    document may make the loader allocate.  Every failure is an ArtifactError that says where.
+    """
     if isinstance(source, (str, os.PathLike)) and not str(source).lstrip().startswith("{"):
         with open(source, "rb") as handle:
             source = handle.read()
     try:
-        document = json.loads(source)
-    except (ValueError, RecursionError) as error:
-        raise ArtifactError(f"not valid JSON: {error}") from None
+        document = _strict_json(source.decode("utf-8") if isinstance(source, bytes) else source)
+    except (ValueError, RecursionError) as error:       # a UnicodeDecodeError is a ValueError
+        raise ArtifactError(f"not valid JSON: {_clip(str(error))}") from None
     if not isinstance(document, dict) or document.get("format") != JSON_FORMAT:
         raise ArtifactError(f"not a JSON model document (expected \"format\": \"{JSON_FORMAT}\")")
-    if document.get("format_version") != JSON_FORMAT_VERSION:
-        raise ArtifactError(f"unsupported format_version {document.get('format_version')!r}; "
-                            f"this service reads version {JSON_FORMAT_VERSION}")
+    version = document.get("format_version")
+    if type(version) is not int or version not in JSON_READABLE_VERSIONS:
+        raise ArtifactError(f"unsupported format_version {_clip(repr(version), 40)}; this service reads versions "
+                            f"{' and '.join(map(str, JSON_READABLE_VERSIONS))}")
     try:
-        estimator = _decode_node(document.get("estimator"), "estimator")
+        estimator = _decode_node(document.get("estimator"), "estimator", _JsonLoad(version, limits or JsonLimits()))
     except RecursionError:
         raise ArtifactError("the document is nested too deeply") from None
     if not hasattr(estimator, "get_params"):
@@ -9610,13 +9696,51 @@ def load_json_model(source):
     return estimator
 
 
-def _decode_node(node, where):
-    import numpy as np
+# What each limit counts, in the words of its refusal.
+_LIMIT_WORDS = {"nodes": "tree nodes", "width": "features in one part", "categories": "categories",
+                "array_bytes": "bytes of arrays"}
 
-    if node is None or isinstance(node, (bool, str, int, float)):
+
+class _JsonLoad:
+    """One document as it is decoded: its format version, and what its parts have spent of the budget."""
+
+    def __init__(self, version, limits):
+        self.version, self.limits = version, limits
+        self.spent = collections.Counter()
+        self.integers = (-1 << 63, 1 << 63)         # what compiled code takes: a C int64
+
+    def spend(self, what, amount, where):
+        """Count `amount` more of `what` (nodes, categories, array_bytes) before it is allocated."""
+        self.spent[what] += amount
+        self.bound(what, self.spent[what], where)
+
+    def bound(self, what, amount, where):
+        """Refuse `amount` of `what` (a JsonLimits field) past its limit, naming the setting that sets it."""
+        limit = getattr(self.limits, what)
+        if amount > limit:
+            raise ArtifactError(f"{where}: the model holds more than {limit} {_LIMIT_WORDS[what]} "
+                                f"(--json-max-{what.replace('_', '-')}); refused before allocating it")
+
+    @contextlib.contextmanager
+    def unsigned_128(self):
+        """Integers up to 128 bits while a bit generator's state is read (PCG64 keeps 128-bit counters)."""
+        self.integers = (0, 1 << 128)
+        try:
+            yield
+        finally:
+            self.integers = (-1 << 63, 1 << 63)
+
+
+def _decode_node(node, where, load):
+    if node is None or isinstance(node, (bool, str, float)):
+        return node
+    if type(node) is int:
+        if not load.integers[0] <= node < load.integers[1]:
+            raise ArtifactError(f"{where}: the integer {_clip(str(node), 40)} is outside the "
+                                f"{'64-bit' if load.integers[0] else 'unsigned 128-bit'} range compiled code takes")
         return node
     if isinstance(node, list):
-        return [_decode_node(item, f"{where}[{i}]") for i, item in enumerate(node)]
+        return [_decode_node(item, f"{where}[{i}]", load) for i, item in enumerate(node)]
     if not isinstance(node, dict):
         raise ArtifactError(f"{where}: unexpected JSON value")
     kind = node.get("$type")
@@ -9624,167 +9748,229 @@ def _decode_node(node, where):
         decode = _DECODERS.get(kind) if isinstance(kind, str) else None
         if decode is None:
             raise ArtifactError(f"{where}: unknown node type {_clip(repr(kind), 80)}")
-        return decode(node, where, np)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        return decode(node, where, load)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as error:
         raise ArtifactError(f"{where}: malformed {kind} node ({type(error).__name__}: {_clip(str(error))})") \
             from None
 
 
-def _decode_items(node, where):
-    return [_decode_node(item, f"{where}[{i}]") for i, item in enumerate(node["items"])]
+def _decode_items(node, where, load):
+    return [_decode_node(item, f"{where}[{i}]", load) for i, item in enumerate(node["items"])]
 
 
-def _decode_pairs(node, where, field="items"):
+def _decode_pairs(node, where, load, field="items"):
     pairs = {}
     for key, value in node[field]:
-        key = _decode_node(key, f"{where} key")
-        pairs[key] = _decode_node(value, f"{where}[{key!r}]")
+        key = _decode_node(key, f"{where} key", load)
+        pairs[key] = _decode_node(value, f"{where}[{key!r}]", load)
     return pairs
 
 
-def _decode_array(node, where, np):
-    dtype = _checked_dtype(node["dtype"], where)
+def _array_dtype(name, where):
+    """The loader's numpy dtype for a dtype name of the format; any other name is refused."""
+    import numpy as np
+
+    if isinstance(name, str) and (name in JSON_DTYPES or name == "|O" or _TEXT_DTYPE.fullmatch(name)):
+        return np.dtype(name)
+    raise ArtifactError(f"{where}: dtype {_clip(repr(name), 200)} is not allowed (the format's dtypes: "
+                        f"{', '.join(JSON_DTYPES)}, <U<width> and |O)")
+
+
+def _decode_array(node, where, load):
+    import numpy as np
+
+    dtype = _array_dtype(node["dtype"], where)
     shape = node["shape"]
-    if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
-        raise ArtifactError(f"{where}: shape must be a list of sizes")
+    if not isinstance(shape, list) or len(shape) > 32 or not all(type(size) is int and size >= 0 for size in shape):
+        raise ArtifactError(f"{where}: shape must be a list of at most 32 sizes")
     count = math.prod(shape)
-    if dtype.kind in "biufcV":
+    load.spend("array_bytes", count * dtype.itemsize, where)
+    if dtype.kind in "biufc":
         order = node.get("order", "C")
         if order not in ("C", "F"):
             raise ArtifactError(f"{where}: order must be \"C\" or \"F\"")
         return np.frombuffer(_raw_bytes(node, dtype, count, where), dtype=dtype).reshape(shape, order=order).copy(
             order=order)
-    items = _decode_items(node, where)
+    items = _decode_items(node, where, load)
     if len(items) != count:
         raise ArtifactError(f"{where}: {len(items)} items do not fill shape {shape}")
-    array = np.empty(len(items), dtype=dtype)
+    if dtype.kind == "U" and not all(isinstance(item, str) and len(item) <= dtype.itemsize // 4 for item in items):
+        raise ArtifactError(f"{where}: the items of a {dtype.str} array are strings of at most "
+                            f"{dtype.itemsize // 4} characters")
+    array = np.empty(count, dtype=dtype)
     array[:] = items if dtype.kind != "O" else _object_items(items)
     return array.reshape(shape)
 
 
-def _decode_scalar(node, where, np):
-    dtype = _checked_dtype(node["dtype"], where)
-    if dtype.fields is not None:
-        raise ArtifactError(f"{where}: a scalar cannot have a structured dtype")
+def _decode_scalar(node, where, load):
+    import numpy as np
+
+    dtype = _array_dtype(node["dtype"], where)
+    if dtype.kind not in "biufc":
+        raise ArtifactError(f"{where}: a scalar is a number or a boolean")
     return np.frombuffer(_raw_bytes(node, dtype, 1, where), dtype=dtype)[0]
 
 
-def _decode_float(node, where, np):
+def _decode_float(node, where, load):
     if node["value"] not in ("nan", "inf", "-inf"):
         raise ArtifactError(f"{where}: bad float {_clip(repr(node['value']), 40)}")
     return float(node["value"])
 
 
-def _decode_type(node, where, np):
+def _decode_type(node, where, load):
+    import numpy as np
+
     if not isinstance(node["name"], str) or node["name"] not in _NUMPY_TYPES:
         raise ArtifactError(f"{where}: numpy type {_clip(repr(node['name']), 40)} is not allowed")
     return getattr(np, node["name"])
 
 
-def _decode_slice(node, where, np):
-    parts = _decode_items(node, where)
+def _decode_slice(node, where, load):
+    parts = _decode_items(node, where, load)
     if len(parts) != 3 or not all(part is None or type(part) is int for part in parts):
         raise ArtifactError(f"{where}: a slice holds [start, stop, step] integers or nulls")
     return slice(*parts)
 
 
-def _decode_random_state(node, where, np):
+def _decode_random_state(node, where, load):
+    import numpy as np
+
     generator = np.random.RandomState()
-    generator.set_state(_decode_node(node["state"], f"{where}.state"))
+    generator.set_state(_decode_node(node["state"], f"{where}.state", load))
+    _check_generator_position(generator.get_state(legacy=False), where)
     return generator
 
 
-def _decode_generator(node, where, np):
+def _decode_generator(node, where, load):
+    import numpy as np
+
     name = node["bit_generator"]
     if name not in JSON_BIT_GENERATORS:
         raise ArtifactError(f"{where}: bit generator {_clip(repr(name), 40)} is not allowed")
     bit_generator = getattr(np.random, name)()
-    bit_generator.state = _decode_node(node["state"], f"{where}.state")
+    with load.unsigned_128():
+        bit_generator.state = _decode_node(node["state"], f"{where}.state", load)
+    _check_generator_position(bit_generator.state, where)
     return np.random.Generator(bit_generator)
 
 
-def _decode_partial(node, where, np):
+def _check_generator_position(state, where):
+    """numpy takes a bit generator's buffer position as given and reads its buffer there: it must lie inside
+    (MT19937's key of 624 words, Philox's buffer of 4; at the end, the next draw refills it)."""
+    name = state["bit_generator"]
+    position, end = ((state["state"]["pos"], 624) if name == "MT19937" else
+                     (state["buffer_pos"], 4) if name == "Philox" else (0, 0))
+    if not 0 <= position <= end:
+        raise ArtifactError(f"{where}: the {name} generator's position {_clip(str(position), 40)} is outside its "
+                            f"buffer (0 to {end})")
+
+
+def _decode_partial(node, where, load):
     function = _resolve(node["function"], JSON_FUNCTIONS, where)
-    args = _decode_node(node["args"], f"{where}.args")
-    keywords = _decode_pairs(node, where, "keywords")
+    args = _decode_node(node["args"], f"{where}.args", load)
+    keywords = _decode_pairs(node, where, load, "keywords")
     if not isinstance(args, list) or not all(isinstance(key, str) for key in keywords):
         raise ArtifactError(f"{where}: a partial holds a list of args and keywords named by strings")
     return functools.partial(function, *args, **keywords)
 
 
-def _decode_bunch(node, where, np):
+def _decode_bunch(node, where, load):
     from sklearn.utils import Bunch
 
-    return Bunch(**_decode_pairs(node, where))
+    return Bunch(**_decode_pairs(node, where, load))
 
 
-def _decode_estimator(node, where, np):
+def _decode_estimator(node, where, load):
     cls = _resolve(node["class"], JSON_ESTIMATORS, where)
     state = node["state"]
     if not isinstance(state, dict):
         raise ArtifactError(f"{where}: estimator state must be an object")
+    _refuse_shadowing(cls, state, where)
     estimator = cls.__new__(cls)
-    estimator.__setstate__({key: _decode_node(value, f"{where}.{key}") for key, value in state.items()})
-    _check_estimator(estimator, where)
+    estimator.__setstate__({key: _decode_node(value, f"{where}.{key}", load) for key, value in state.items()})
+    _check_estimator(estimator, where, load)
     return estimator
 
 
-def _decode_object(node, where, np):
+def _refuse_shadowing(cls, state, where):
+    """A state holds values: never an attribute that would hide what the class defines (a method such as
+    predict or _validate_params, a property, or a class attribute such as _parameter_constraints)."""
+    for key in state:
+        if hasattr(cls, key):
+            raise ArtifactError(f"{where}.{_clip(key, 60)}: a state holds values only, and may not replace what "
+                                f"{cls.__name__} defines")
+
+
+def _decode_object(node, where, load):
     name = node["class"]
+    if load.version == 1 and name in JSON_STRUCTURES:
+        return _VERSION_1_STRUCTURES[JSON_STRUCTURES[name]](node, where, load)
     cls = _resolve(name, JSON_OBJECTS, where)
-    build = JSON_OBJECTS[name]
-    state = _decode_node(node["state"], f"{where}.state") if "state" in node else None
-    if build == "new":
+    state = _decode_node(node["state"], f"{where}.state", load) if "state" in node else None
+    if JSON_OBJECTS[name] == "new":
         if "args" in node or not isinstance(state, (dict, type(None))):
             raise ArtifactError(f"{where}: {name} is rebuilt from a state object, without args")
+        _refuse_shadowing(cls, state or {}, where)
         value = cls.__new__(cls)
-        if name.endswith(".TreePredictor"):
-            _check_tree_predictor(state or {}, where)
         value.__dict__.update(state or {})
         return value
-    args = _decode_node(node["args"], f"{where}.args")
-    if not isinstance(args, list) or not all(_is_plain_number(arg) for arg in args):
+    args = _decode_node(node["args"], f"{where}.args", load)
+    if not isinstance(args, list) or not all(type(arg) in (int, float) for arg in args):
         raise ArtifactError(f"{where}: the arguments of {name} must be numbers")
-    if name == "sklearn.tree._tree.Tree":
-        _check_tree(args, state, where)
-        value = cls(*args)
-        value.__setstate__(state)
-        return value
     if state is not None:
         raise ArtifactError(f"{where}: {name} takes no state")
     return cls(*args)
 
 
-def _decode_neighbors_tree(node, where, np):
-    cls = _resolve(node["class"], JSON_NEIGHBOR_TREES, where)
-    data = _decode_node(node["data"], f"{where}.data")
-    metric, params = node["metric"], _decode_node(node["metric_params"], f"{where}.metric_params")
-    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.dtype.kind != "f" or \
-            not isinstance(metric, str) or not isinstance(params, dict) or type(node["leaf_size"]) is not int:
-        raise ArtifactError(f"{where}: a neighbours tree needs 2-d float data, a metric name and a leaf size")
-    return cls(data, leaf_size=node["leaf_size"], metric=metric, **params)
-
-
-def _is_plain_number(value):
+def _decode_neighbors_tree(node, where, load):
     import numpy as np
 
-    return (type(value) in (int, float) or isinstance(value, np.ndarray) and value.dtype.kind in "iuf"
-            and value.ndim == 1)
+    cls = _resolve(node["class"], JSON_NEIGHBOR_TREES, where)
+    data = _decode_node(node["data"], f"{where}.data", load)
+    metric, params = node["metric"], _decode_node(node["metric_params"], f"{where}.metric_params", load)
+    leaf_size = node["leaf_size"]
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.dtype.kind != "f" or not len(data) or \
+            not isinstance(metric, str) or metric == "pyfunc" or not isinstance(params, dict) or \
+            not all(isinstance(key, str) and not callable(value) for key, value in params.items()) or \
+            type(leaf_size) is not int or leaf_size < 1:
+        raise ArtifactError(f"{where}: a neighbours tree needs 2-d float data, a metric name with parameters that "
+                            "are values, and a leaf size")
+    return cls(data, leaf_size=leaf_size, metric=metric, **params)
+
+
+def _decode_tree(node, where, load):
+    columns = _decode_columns(node["nodes"], where, load)
+    return _build_tree(node["n_features"], node["n_classes"], columns,
+                       _decode_node(node["value"], f"{where}.value", load), where, load)
+
+
+def _decode_tree_predictor(node, where, load):
+    columns = _decode_columns(node["nodes"], where, load)
+    bitsets = [_decode_node(node[key], f"{where}.{key}", load) for key in _PREDICTOR_BITSETS]
+    return _build_tree_predictor(columns, *bitsets, where, load)
+
+
+def _decode_columns(nodes, where, load):
+    if not isinstance(nodes, dict):
+        raise ArtifactError(f"{where}.nodes must map each node field to its array")
+    return {name: _decode_node(column, f"{where}.nodes.{name}", load) for name, column in nodes.items()}
 
 
 _DECODERS = {
     "estimator": _decode_estimator,
     "object": _decode_object,
+    "tree": _decode_tree,
+    "tree_predictor": _decode_tree_predictor,
     "neighbors_tree": _decode_neighbors_tree,
     "ndarray": _decode_array,
     "scalar": _decode_scalar,
     "float": _decode_float,
-    "tuple": lambda node, where, np: tuple(_decode_items(node, where)),
-    "set": lambda node, where, np: set(_decode_items(node, where)),
-    "frozenset": lambda node, where, np: frozenset(_decode_items(node, where)),
-    "dict": lambda node, where, np: _decode_pairs(node, where),
+    "tuple": lambda node, where, load: tuple(_decode_items(node, where, load)),
+    "set": lambda node, where, load: set(_decode_items(node, where, load)),
+    "frozenset": lambda node, where, load: frozenset(_decode_items(node, where, load)),
+    "dict": lambda node, where, load: _decode_pairs(node, where, load),
     "slice": _decode_slice,
-    "dtype": lambda node, where, np: _checked_dtype(node["dtype"], where),
+    "dtype": lambda node, where, load: _array_dtype(node["dtype"], where),
     "type": _decode_type,
     "random_state": _decode_random_state,
     "generator": _decode_generator,
@@ -9811,104 +9997,217 @@ def _object_items(items):
     return holder
 
 
-# -- checks on state that compiled code trusts ------------------------------------------------
-# scikit-learn's Cython walks tree nodes and libsvm's C reads support vectors without bounds
-# checks: a forged file could make them read outside their arrays, or loop for ever.  These
-# checks make every index point inside its array, and every child after its parent.
+# -- compiled structures ----------------------------------------------------------------------
+# scikit-learn's Cython walks tree nodes, and histogram boosting's its predictor nodes, without
+# bounds checks, as many steps as the depth it is given.  So the loader builds both itself: the
+# node records get scikit-learn's own layout (NODE_DTYPE, PREDICTOR_RECORD_DTYPE) and are filled
+# from one plain array per field, each of the field's own dtype; the node count, the output
+# count and every node's depth are computed; and the nodes must form one tree (_tree_depths).
 
-def _check_tree(args, state, where):
+_COMPUTED_FIELDS = ("depth",)                     # TreePredictor's: computed by _tree_depths, never read
+_PREDICTOR_BITSETS = ("binned_left_cat_bitsets", "raw_left_cat_bitsets")
+
+
+def _build_tree(n_features, n_classes, columns, value, where, load):
+    """scikit-learn's Tree for `n_features` inputs and `n_classes` per output, from its node columns and
+    its values (nodes x outputs x classes), once they form one tree whose splits read existing features."""
     import numpy as np
-    from sklearn.tree._tree import NODE_DTYPE
+    from sklearn.tree._tree import NODE_DTYPE, Tree
 
-    n_features, n_classes, n_outputs = args
-    if type(n_features) is not int or type(n_outputs) is not int or n_features < 1 or n_outputs < 1 or \
-            not isinstance(n_classes, np.ndarray) or n_classes.shape != (n_outputs,) or n_classes.min() < 1:
-        raise ArtifactError(f"{where}: a Tree is built from (n_features, n_classes[n_outputs], n_outputs)")
-    if not isinstance(state, dict) or set(state) != {"max_depth", "node_count", "nodes", "values"}:
-        raise ArtifactError(f"{where}: a Tree's state holds max_depth, node_count, nodes and values")
-    nodes, values, count = state["nodes"], state["values"], state["node_count"]
-    if not isinstance(nodes, np.ndarray) or nodes.dtype != NODE_DTYPE or nodes.ndim != 1 or \
-            type(count) is not int or count != len(nodes) or \
-            not isinstance(values, np.ndarray) or values.dtype != np.float64 or \
-            values.shape != (count, n_outputs, int(n_classes.max())):
-        raise ArtifactError(f"{where}: the Tree's nodes and values do not match its node count and shape")
-    _check_children(nodes["left_child"], nodes["right_child"], -1, where)
-    leaf = nodes["left_child"] == -1
-    features = nodes["feature"]
-    if np.any(features[~leaf] < 0) or np.any(features >= n_features) or np.any(features[leaf] != -2):
+    count = _node_count(columns, NODE_DTYPE, where, load)
+    if type(n_features) is not int or n_features < 1:
+        raise ArtifactError(f"{where}: n_features must be a positive integer")
+    load.bound("width", n_features, f"{where}.n_features")
+    if not isinstance(value, np.ndarray) or value.dtype != np.float64 or value.ndim != 3 or \
+            value.shape[0] != count or 0 in value.shape:
+        raise ArtifactError(f"{where}.value must be a float64 array of its {count} nodes x outputs x classes")
+    n_outputs, widest = value.shape[1:]
+    if not isinstance(n_classes, list) or len(n_classes) != n_outputs or \
+            not all(type(k) is int and 1 <= k <= widest for k in n_classes) or max(n_classes) != widest:
+        raise ArtifactError(f"{where}.n_classes must count each of its {n_outputs} outputs' classes, at most "
+                            f"{widest} (the width of its values)")
+    left, right, feature = columns["left_child"], columns["right_child"], columns["feature"]
+    leaf = left == -1
+    if np.any(right[leaf] != -1) or np.any(feature[leaf] != -2):
+        raise ArtifactError(f"{where}: a leaf (left_child -1) has right_child -1 and feature -2")
+    depths = _tree_depths(left, right, leaf, where)
+    inner = ~leaf
+    if np.any((feature[inner] < 0) | (feature[inner] >= n_features)):
         raise ArtifactError(f"{where}: a Tree node splits on a feature that does not exist")
+    if np.isnan(columns["threshold"][inner]).any() or np.any(columns["missing_go_to_left"] > 1):
+        raise ArtifactError(f"{where}: a split's threshold is NaN, or its missing_go_to_left is not 0 or 1")
+    records = np.zeros(count, dtype=NODE_DTYPE)
+    for name in NODE_DTYPE.names:
+        records[name] = columns[name]
+    tree = Tree(n_features, np.array(n_classes, dtype=np.intp), n_outputs)
+    tree.__setstate__({"max_depth": int(depths.max()), "node_count": count, "nodes": records,
+                       "values": np.ascontiguousarray(value)})
+    return tree
 
 
-def _check_tree_predictor(state, where):
+def _build_tree_predictor(columns, binned_bitsets, raw_bitsets, where, load):
+    """Histogram boosting's TreePredictor from its node columns and categorical bitsets, once they form one
+    tree; each node's depth is computed (the native walker takes as many steps as the deepest one)."""
     import numpy as np
     from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
+    from sklearn.ensemble._hist_gradient_boosting.predictor import TreePredictor
 
-    if set(state) != {"nodes", "binned_left_cat_bitsets", "raw_left_cat_bitsets"}:
-        raise ArtifactError(f"{where}: a TreePredictor's state holds nodes and two bitset arrays")
-    nodes = state["nodes"]
-    bitsets = [state[key] for key in ("binned_left_cat_bitsets", "raw_left_cat_bitsets")]
-    if not isinstance(nodes, np.ndarray) or nodes.dtype != PREDICTOR_RECORD_DTYPE or nodes.ndim != 1 or \
-            not len(nodes) or not all(isinstance(b, np.ndarray) and b.dtype == np.uint32 and b.ndim == 2
-                                      and b.shape[1] == 8 for b in bitsets):
-        raise ArtifactError(f"{where}: a TreePredictor's nodes or bitsets have the wrong type")
-    leaf = nodes["is_leaf"].astype(bool)
-    inner = nodes[~leaf]
-    _check_children(np.where(leaf, -1, nodes["left"].astype(np.int64)),
-                    np.where(leaf, -1, nodes["right"].astype(np.int64)), -1, where)
-    categorical = inner[inner["is_categorical"].astype(bool)]
-    if np.any(inner["feature_idx"] < 0) or \
-            np.any(categorical["bitset_idx"] >= min(len(bitsets[0]), len(bitsets[1]))):
-        raise ArtifactError(f"{where}: a TreePredictor node points outside its features or bitsets")
+    count = _node_count(columns, PREDICTOR_RECORD_DTYPE, where, load)
+    if any(np.any(columns[flag] > 1) for flag in ("is_leaf", "is_categorical", "missing_go_to_left")):
+        raise ArtifactError(f"{where}: is_leaf, is_categorical and missing_go_to_left are 0 or 1")
+    leaf = columns["is_leaf"] == 1
+    left, right = columns["left"].astype(np.int64), columns["right"].astype(np.int64)
+    if np.any(left[leaf] != 0) or np.any(right[leaf] != 0):
+        raise ArtifactError(f"{where}: a leaf has no children (left and right 0)")
+    depths = _tree_depths(left, right, leaf, where)
+    bitsets = (binned_bitsets, raw_bitsets)
+    if not all(isinstance(b, np.ndarray) and b.dtype == np.uint32 and b.ndim == 2 and b.shape[1] == 8
+               for b in bitsets) or len(binned_bitsets) != len(raw_bitsets):
+        raise ArtifactError(f"{where}: the two bitset arrays are uint32, 8 words per categorical split, as many")
+    inner = ~leaf
+    categorical = inner & (columns["is_categorical"] == 1)
+    if np.any(columns["feature_idx"][inner] < 0) or np.any(columns["bitset_idx"][categorical] >= len(raw_bitsets)) \
+            or np.isnan(columns["num_threshold"][inner & ~categorical]).any():
+        raise ArtifactError(f"{where}: a TreePredictor node points outside its features or bitsets, or its "
+                            "threshold is NaN")
+    records = np.zeros(count, dtype=PREDICTOR_RECORD_DTYPE)
+    for name in columns:
+        records[name] = columns[name]
+    records["depth"] = depths
+    return TreePredictor(records, *(np.ascontiguousarray(b) for b in bitsets))
 
 
-def _check_children(left, right, leaf, where):
-    """Each node is a leaf (both children `leaf`) or has two children after it, inside the array."""
+def _node_count(columns, record, where, load):
+    """How many nodes `columns` hold: one 1-d array for each field of `record` (but the computed ones), of
+    that field's own dtype, all as long, at least one node; counted against the budget."""
     import numpy as np
 
-    index = np.arange(len(left))
-    is_leaf = (left == leaf) & (right == leaf)
-    inner = ~is_leaf
+    names = [name for name in record.names if name not in _COMPUTED_FIELDS]
+    if sorted(columns) != sorted(names):
+        raise ArtifactError(f"{where}.nodes must hold the fields {', '.join(names)}")
+    for name in names:
+        column, dtype = columns[name], record.fields[name][0]
+        if not isinstance(column, np.ndarray) or column.dtype != dtype or column.ndim != 1:
+            raise ArtifactError(f"{where}.nodes.{name} must be a 1-d array of {dtype.str}")
+    count = len(columns[names[0]])
+    if not count or any(len(columns[name]) != count for name in names):
+        raise ArtifactError(f"{where}: every node field holds the same number of nodes, at least one")
+    load.spend("nodes", count, where)
+    return count
+
+
+def _tree_depths(left, right, leaf, where):
+    """Every node's depth, once the nodes form one tree: from the root (node 0) each node is reached once.
+
+    Each inner node has two children after it in the array (scikit-learn lays trees out so)
+    and every node but the root is the child of exactly one node: following parents then
+    always ends at the root, so there is no cycle, no shared and no unreachable node.  The
+    depths come by pointer jumping: log2(depth) vectorised steps, never one per node or level.
+    """
+    import numpy as np
+
     count = len(left)
-    if np.any((left == leaf) != (right == leaf)) or \
-            np.any((left[inner] <= index[inner]) | (left[inner] >= count)) or \
-            np.any((right[inner] <= index[inner]) | (right[inner] >= count)):
-        raise ArtifactError(f"{where}: tree nodes must point to children after them, inside the tree")
+    index = np.arange(count)
+    inner = ~leaf
+    parents, lefts, rights = index[inner], left[inner], right[inner]
+    children = np.concatenate([lefts, rights])
+    if np.any((lefts <= parents) | (rights <= parents) | (lefts >= count) | (rights >= count)) or \
+            np.any(np.bincount(children, minlength=count)[1:] != 1):
+        raise ArtifactError(f"{where}: the nodes do not form one tree (each inner node needs two children after "
+                            "it in the array, and every node but the first one parent)")
+    up = np.zeros(count, dtype=np.int64)
+    up[children] = np.concatenate([parents, parents])
+    depths = (index > 0).astype(np.int64)
+    while up.any():
+        depths, up = depths + depths[up], up[up]
+    return depths
 
 
-def _check_estimator(estimator, where):
+def _version_1_tree(node, where, load):
+    """A version 1 Tree (an object node: arguments, then its nodes as records) through _build_tree."""
+    n_features, n_classes, _ = node["args"]              # the third, the output count, is computed
+    n_classes = _decode_node(n_classes, f"{where}.args[1]", load)
+    fields = _version_1_fields(node)
+    return _build_tree(n_features, n_classes.tolist() if hasattr(n_classes, "tolist") else n_classes,
+                       _version_1_columns(fields["nodes"], "sklearn.tree._tree", "NODE_DTYPE", where, load),
+                       _decode_node(fields["values"], f"{where}.values", load), where, load)
+
+
+def _version_1_tree_predictor(node, where, load):
+    """A version 1 TreePredictor (an object node whose state holds its nodes as records) through
+    _build_tree_predictor."""
+    fields = _version_1_fields(node)
+    columns = _version_1_columns(fields["nodes"], "sklearn.ensemble._hist_gradient_boosting.common",
+                                 "PREDICTOR_RECORD_DTYPE", where, load)
+    return _build_tree_predictor(columns, *(_decode_node(fields[key], f"{where}.{key}", load)
+                                            for key in _PREDICTOR_BITSETS), where, load)
+
+
+def _version_1_fields(node):
+    """A version 1 object node's state: a dict node of field names to (undecoded) nodes."""
+    if node["state"]["$type"] != "dict":
+        raise ValueError("its state is a dict node of its fields")
+    return {key: value for key, value in node["state"]["items"] if isinstance(key, str)}
+
+
+def _version_1_columns(node, module, name, where, load):
+    """Version 1's node records, as columns: the record layout is the loader's own (scikit-learn's `name`),
+    which the file's description must equal field for field; the file's never reads a byte."""
+    import numpy as np
+
+    record = getattr(importlib.import_module(module), name)
+    own = {"names": list(record.names), "formats": [record.fields[n][0].str for n in record.names],
+           "offsets": [record.fields[n][1] for n in record.names], "itemsize": record.itemsize}
+    shape = node["shape"]
+    if node["$type"] != "ndarray" or node["dtype"] != own or node.get("order", "C") != "C" or \
+            not (isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int and shape[0] >= 0):
+        raise ArtifactError(f"{where}.nodes: version 1 node records must be laid out as {name} is: {own}")
+    load.spend("array_bytes", shape[0] * record.itemsize, f"{where}.nodes")
+    records = np.frombuffer(_raw_bytes(node, record, shape[0], f"{where}.nodes"), dtype=record)
+    return {field: records[field].copy() for field in record.names if field not in _COMPUTED_FIELDS}
+
+
+_VERSION_1_STRUCTURES = {"tree": _version_1_tree, "tree_predictor": _version_1_tree_predictor}
+
+# -- checks on estimators -----------------------------------------------------------------------
+# The state an estimator is restored with is plain values, but scikit-learn's compiled code and
+# numpy size loops and allocations by some of it, and index arrays by others.  Each estimator is
+# checked as it is decoded (its steps, members and sub-estimators first), by what it holds rather
+# than by its class name, before anything uses it.
+
+def _check_estimator(estimator, where, load):
     """Every check an estimator's decoded state must pass before compiled code trusts it.
 
-    Run on each estimator as it is decoded (its members, steps and sub-estimators first), so
-    every part of a model is checked once, by what it holds rather than by its class name:
-    scikit-learn's own parameter validation, feature counts that are present and true wherever
-    compiled code indexes the input by a stored feature number, and the arrays and sizes each
-    family's compiled code reads without bounds checks.
+    scikit-learn's own parameter validation, thread counts compiled code accepts, an input width
+    (n_features_in_) that is positive, within the budget and the width of every fitted array that
+    has one, then each family's checks (_PART_CHECKS).
     """
     import numpy as np
     from sklearn.utils._param_validation import InvalidParameterError
 
     state = estimator.__dict__
-    for key, value in state.items():         # sizes and counts reach compiled code as C integers
-        if type(value) is int and not -2**63 <= value < 2**63:
-            raise ArtifactError(f"{where}.{key}: integer out of the 64-bit range")
     try:
         if hasattr(type(estimator), "_parameter_constraints"):   # every public class has them
             estimator._validate_params()      # every hyper-parameter in its documented range
     except (InvalidParameterError, AttributeError, TypeError) as error:
         raise ArtifactError(f"{where}: {_clip(str(error))}") from None
-    for name, lowest in (("n_jobs", -1024), ("_n_threads", 1)):   # become threads or an OpenMP setting
+    for name, lowest in (("n_jobs", -1024), ("_n_threads", 1)):   # become threads, processes or OpenMP's
         value = state.get(name)
-        if value is not None and not (_is_int(value) and lowest <= value <= 1024 and value != 0):
-            raise ArtifactError(f"{where}.{name}: a thread count must be an integer from {lowest} to 1024, not 0")
+        if value is not None and not (_is_int(value) and lowest <= value and value != 0):
+            raise ArtifactError(f"{where}.{name}: a thread count must be an integer from {lowest} up, not 0")
+        if value is not None and value > (os.cpu_count() or 1):   # a file never starts more workers than CPUs
+            state[name] = os.cpu_count() or 1
     n_features = state.get("n_features_in_")
     if n_features is not None and not (_is_int(n_features) and n_features >= 1):
         raise ArtifactError(f"{where}.n_features_in_ must be a positive integer")
+    if n_features is not None:
+        load.bound("width", int(n_features), f"{where}.n_features_in_")
     names = state.get("feature_names_in_")          # requests are turned into columns of these names
     if names is not None and not (isinstance(names, np.ndarray) and names.shape == (n_features,) and
                                   all(isinstance(name, str) for name in names.tolist())):
         raise ArtifactError(f"{where}.feature_names_in_ must name each of the n_features_in_ features")
     for check in _PART_CHECKS:
-        check(estimator, state, where)
+        check(estimator, state, where, load)
 
 
 def _is_int(value):
@@ -9925,7 +10224,53 @@ def _required_features(state, where, what):
     return int(n_features)
 
 
-def _check_tree_estimator(estimator, state, where):
+# Fitted arrays whose last axis is the estimator's input width (one coefficient, mean, scale, centre,
+# statistic, bin or category list per feature): n_features_in_ must be that width wherever one is held.
+_WIDTH_ARRAYS = ("coef_", "components_", "cluster_centers_", "theta_", "var_", "feature_log_prob_", "feature_count_",
+                 "mean_", "scale_", "min_", "data_min_", "data_max_", "data_range_", "max_abs_", "center_",
+                 "statistics_", "bin_edges_", "n_bins_", "idf_", "_fit_X", "categories_")
+
+
+def _check_widths(estimator, state, where, load):
+    """The input width is derived from the fitted arrays: a stored n_features_in_ must agree with each
+    (a forged one would size the rows the service builds, and its warm-up row)."""
+    import numpy as np
+
+    n_features = state.get("n_features_in_")
+    if n_features is None:
+        return
+    held = {name: state.get(name) for name in _WIDTH_ARRAYS}
+    if state.get("kernel", "precomputed") != "precomputed":   # an SVM's support vectors, unless a kernel matrix
+        held["support_vectors_"] = state.get("support_vectors_")
+    for name, value in held.items():
+        width = len(value) if isinstance(value, list) else \
+            value.shape[-1] if isinstance(value, np.ndarray) and value.ndim else None
+        if width is not None and width != n_features:
+            raise ArtifactError(f"{where}.n_features_in_ is {n_features}, but its {name} holds {width} features")
+
+
+def _check_categories(estimator, state, where, load):
+    """Classes, encoder categories and vocabulary terms are counted against the budget (each becomes an
+    output column, a label or a count that predictions are sized by), and each output's class count is
+    the one derived from its classes."""
+    import numpy as np
+
+    counts = []
+    for name in ("classes_", "categories_"):
+        held = state.get(name)
+        parts = held if isinstance(held, list) else [held]
+        counts += [len(part) for part in parts if isinstance(part, np.ndarray) and part.ndim == 1]
+    vocabulary = state.get("vocabulary_")
+    load.spend("categories", sum(counts) + (len(vocabulary) if isinstance(vocabulary, dict) else 0), where)
+    classes, stored = state.get("classes_"), state.get("n_classes_")
+    if stored is not None and classes is not None:
+        derived = [len(classes)] if isinstance(classes, np.ndarray) else [len(part) for part in classes]
+        if not isinstance(stored, (int, np.integer, np.ndarray, list)) or \
+                np.atleast_1d(stored).tolist() != derived:
+            raise ArtifactError(f"{where}.n_classes_ is not the number of its classes_ ({derived})")
+
+
+def _check_tree_estimator(estimator, state, where, load):
     tree = state.get("tree_")
     if tree is None:
         return
@@ -9941,15 +10286,16 @@ def _check_tree_estimator(estimator, state, where):
             raise ArtifactError(f"{where}: classes_ do not match the tree's class counts")
 
 
-def _check_members(estimator, state, where):
-    """Forests and gradient boosting call their trees without checking inputs again (voting and
-    stacking call their members' public methods, which check)."""
+def _check_members(estimator, state, where, load):
+    """A fitted forest's or gradient boosting's members: trees the ensemble calls without checking inputs
+    again, which must agree with it and with each other (voting and stacking call their members' public
+    methods, which check).  An unfitted ensemble (a template inside voting's `estimators`) holds none."""
     import numpy as np
     from sklearn.ensemble._forest import BaseForest
     from sklearn.ensemble._gb import BaseGradientBoosting
 
     members = state.get("estimators_")
-    if not isinstance(estimator, (BaseForest, BaseGradientBoosting)):
+    if not isinstance(estimator, (BaseForest, BaseGradientBoosting)) or members is None:
         return
     n_features = _required_features(state, where, "a tree ensemble")
     flat = np.asarray(members, dtype=object).ravel() if isinstance(members, (list, np.ndarray)) else []
@@ -9957,16 +10303,30 @@ def _check_members(estimator, state, where):
                                 and m.__dict__.get("n_features_in_") == n_features for m in flat):
         raise ArtifactError(f"{where}: every member must be a tree of the ensemble's {n_features} features")
     if "init_" in state:                     # gradient boosting: stages x trees per stage of regression trees
+        _check_trees_per_iteration(state, where)
         width = state.get("n_trees_per_iteration_")
         if not isinstance(members, np.ndarray) or members.ndim != 2 or members.shape[1] != width or \
                 any(m.tree_.n_outputs != 1 or int(m.tree_.n_classes[0]) != 1 for m in flat):
             raise ArtifactError(f"{where}: estimators_ must be stages of {width} single-output regression trees")
         if state.get("init_") != "zero":
             _check_init_width(estimator, n_features, width, where)
-    else:
-        outputs = state.get("n_outputs_")
-        if any(m.tree_.n_outputs != outputs for m in flat):
-            raise ArtifactError(f"{where}: a member tree has other outputs than the ensemble's {outputs}")
+        return
+    outputs = state.get("n_outputs_")
+    classes = state.get("classes_")
+    counts = None if classes is None else [len(classes)] if outputs == 1 else [len(c) for c in classes]
+    if any(m.tree_.n_outputs != outputs or counts is not None and list(m.tree_.n_classes) != counts
+           for m in flat):
+        raise ArtifactError(f"{where}: a member tree has other outputs or classes than the ensemble's "
+                            f"({outputs} outputs, {counts or 'no'} classes)")
+
+
+def _check_trees_per_iteration(state, where):
+    """Boosting fits one tree per class per iteration, or one for a regression or two classes."""
+    classes = state.get("classes_")
+    derived = 1 if classes is None or len(classes) <= 2 else len(classes)
+    if state.get("n_trees_per_iteration_") != derived:
+        raise ArtifactError(f"{where}.n_trees_per_iteration_ must be {derived}, one tree per class (one for a "
+                            "regression or two classes)")
 
 
 def _check_init_width(estimator, n_features, width, where):
@@ -9984,7 +10344,7 @@ def _check_init_width(estimator, n_features, width, where):
                             f"the stages hold {width} trees each")
 
 
-def _check_histogram_predictors(estimator, state, where):
+def _check_histogram_predictors(estimator, state, where, load):
     """HistGradientBoosting walks its predictors' nodes over the rows; categorical splits read the bin
     mapper's bitsets, which it builds by setting one bit per known category value."""
     import numpy as np
@@ -9993,6 +10353,7 @@ def _check_histogram_predictors(estimator, state, where):
     if predictors is None:
         return
     n_features = _required_features(state, where, "histogram gradient boosting")
+    _check_trees_per_iteration(state, where)
     width = state.get("n_trees_per_iteration_")
     if not isinstance(predictors, list) or not predictors or not all(
             isinstance(stage, list) and len(stage) == width for stage in predictors):
@@ -10014,18 +10375,17 @@ def _check_histogram_predictors(estimator, state, where):
     if not isinstance(baseline, np.ndarray) or baseline.shape != (1, width):
         raise ArtifactError(f"{where}._baseline_prediction must hold {width} values")
     for predictor in (p for stage in predictors for p in stage):
-        nodes = getattr(predictor, "nodes", None)
-        if nodes is None:
+        if type(predictor).__name__ != "TreePredictor":
             raise ArtifactError(f"{where}._predictors holds something other than a TreePredictor")
-        inner = nodes[~nodes["is_leaf"].astype(bool)]
+        inner = predictor.nodes[predictor.nodes["is_leaf"] == 0]
         if np.any(inner["feature_idx"] >= n_features):
             raise ArtifactError(f"{where}: a predictor splits on a feature the estimator does not have")
-        split = inner[inner["is_categorical"].astype(bool)]
+        split = inner[inner["is_categorical"] == 1]
         if len(split) and not np.all(categorical[split["feature_idx"]]):
             raise ArtifactError(f"{where}: a predictor makes a categorical split on a numeric feature")
 
 
-def _check_kmeans(estimator, state, where):
+def _check_kmeans(estimator, state, where, load):
     import numpy as np
 
     centers = state.get("cluster_centers_")
@@ -10039,36 +10399,83 @@ def _check_kmeans(estimator, state, where):
                             f"{n_features} features")
 
 
-def _check_svm(estimator, state, where):
-    if "support_vectors_" in state:
-        _required_features(state, where, "an SVM")
-        if not (_is_int(state.get("degree")) and 0 <= state["degree"] < 2**31):     # libsvm's C int
-            raise ArtifactError(f"{where}.degree must be an integer from 0 to 2**31 - 1")
-        _check_libsvm(estimator, where)
+# libsvm's wrapper takes these arrays as typed C buffers: each of exactly this dtype and rank, C-ordered.
+_LIBSVM_ARRAYS = {"support_vectors_": ("float64", 2), "_dual_coef_": ("float64", 2), "_intercept_": ("float64", 1),
+                  "_probA": ("float64", 1), "_probB": ("float64", 1), "_n_support": ("int32", 1),
+                  "support_": ("int32", 1)}
+
+
+def _check_svm(estimator, state, where, load):
+    """libsvm indexes support vectors, coefficients and intercepts by counts the state holds, and, with a
+    precomputed kernel, each request's kernel row by the support indices."""
+    import numpy as np
+
+    if "support_vectors_" not in state:
+        return
+    n_features = _required_features(state, where, "an SVM")
+    if not (_is_int(state.get("degree")) and 0 <= state["degree"] < 2**31):     # libsvm's C int
+        raise ArtifactError(f"{where}.degree must be an integer from 0 to 2**31 - 1")
+    for name, (dtype, rank) in _LIBSVM_ARRAYS.items():
+        array = state.get(name)
+        if not isinstance(array, np.ndarray) or array.dtype != dtype or array.ndim != rank or \
+                not array.flags.c_contiguous:
+            raise ArtifactError(f"{where}.{name} must be a C-ordered {rank}-d {dtype} array (libsvm reads it so)")
+    if state.get("_sparse") is not False:
+        raise ArtifactError(f"{where}: an SVM is served fitted on dense data (_sparse false)")
+    support = state["support_"]
+    if state.get("kernel") == "precomputed" and np.any((support < 0) | (support >= n_features)):
+        raise ArtifactError(f"{where}.support_ must index the {n_features} columns of a precomputed kernel row")
+    _check_libsvm(estimator, where)
+
+
+def _check_libsvm(svm, where):
+    """libsvm indexes support vectors, coefficients and intercepts by counts the state holds."""
+    vectors, counts = svm.__dict__["support_vectors_"], svm.__dict__["_n_support"]
+    dual, intercept = svm.__dict__["_dual_coef_"], svm.__dict__["_intercept_"]
+    precomputed = svm.kernel == "precomputed"          # its support vectors are columns of a request's kernel row
+    n_vectors = len(svm.support_) if precomputed else len(vectors)
+    classifier = svm._impl in ("c_svc", "nu_svc")
+    n_classes = len(counts) if classifier else 2
+    pairs = n_classes * (n_classes - 1) // 2
+    probabilities = [svm.__dict__[k] for k in ("_probA", "_probB")]
+    probability = svm.__dict__.get("_effective_probability", svm.__dict__.get("probability"))  # "deprecated" in 1.9
+    sizes = (pairs,) if probability is True else (0, pairs)
+    if counts.shape != (n_classes,) or n_classes < 2 or counts.min(initial=0) < 0 or \
+            (classifier and int(counts.sum()) != n_vectors) or len(svm.support_) != n_vectors or \
+            dual.shape != (n_classes - 1, n_vectors) or intercept.shape != (pairs,) or \
+            (vectors.shape != (0, 0) if precomputed else vectors.shape[1] != svm.__dict__.get("n_features_in_")) or \
+            not all(p.shape in ((size,) for size in sizes) for p in probabilities):
+        raise ArtifactError(f"{where}: the SVM's support vectors, coefficients and intercepts do not agree")
 
 
 # A text vectorizer's work per request is set by its state: its token pattern runs on every text a
 # request sends (a pattern that backtracks, such as (\w+)+$, takes exponential time on a crafted text)
-# and every n-gram length up to max_n is counted.  A JSON model may use the token patterns people use,
-# and n-grams up to MAX_NGRAM: no data-only file can make one request take hours.
+# and every n-gram length up to max_n is counted and held (memory grows with max_n squared per token).
+# A JSON model may use the token patterns people use, and n-grams of up to MAX_NGRAM words or
+# characters: no data-only file can make one request take hours or hold far more than it sends.
 SAFE_TOKEN_PATTERNS = (r"(?u)\b\w\w+\b", r"(?u)\b\w+\b", r"\b\w\w+\b", r"\b\w+\b", r"(?u)\S+", r"\S+", None)
-MAX_NGRAM = 32
+MAX_NGRAM = 8
 
 
-def _check_vocabulary(estimator, state, where):
-    """A vectorizer's work per text is bounded (see SAFE_TOKEN_PATTERNS), and its term indices become a
-    sparse matrix's column indices, which scipy's compiled code and the next step's product trust: they
-    must number the columns 0 .. n-1, once each."""
-    ngrams = state.get("ngram_range")           # n-grams are counted in a loop from the lower bound up
-    if callable(getattr(estimator, "build_analyzer", None)) and not (
-            isinstance(ngrams, tuple) and len(ngrams) == 2 and all(_is_int(n) for n in ngrams)
-            and 1 <= ngrams[0] <= ngrams[1] <= MAX_NGRAM):
-        raise ArtifactError(f"{where}.ngram_range must be (min_n, max_n) with 1 <= min_n <= max_n <= {MAX_NGRAM}")
-    if callable(getattr(estimator, "build_analyzer", None)) and state.get("analyzer", "word") == "word" and \
-            state.get("token_pattern") not in SAFE_TOKEN_PATTERNS:
-        raise ArtifactError(f"{where}.token_pattern {_clip(repr(state.get('token_pattern')), 60)} is not one a "
-                            f"JSON model may use (a pattern can take exponential time on a crafted text): "
-                            f"{', '.join(repr(p) for p in SAFE_TOKEN_PATTERNS[:-1])}")
+def _check_vectorizer(estimator, state, where, load):
+    """A vectorizer reads no file, its work per text is bounded (see SAFE_TOKEN_PATTERNS), and its term
+    indices, which become a sparse matrix's column indices that scipy's compiled code and the next step's
+    product trust, number the columns 0 .. n-1, once each."""
+    if callable(getattr(estimator, "build_analyzer", None)):
+        mode = state.get("input", "content")
+        if mode != "content":           # "filename" or "file": it would open the paths a request sends
+            raise ArtifactError(f"{where}: its {type(estimator).__name__} has input={_clip(repr(mode), 40)}, which "
+                                "reads the files or file objects a request names; only input=\"content\" can be "
+                                "served (set it and save the model again)")
+        ngrams = state.get("ngram_range")           # n-grams are counted in a loop from the lower bound up
+        if not (isinstance(ngrams, tuple) and len(ngrams) == 2 and all(_is_int(n) for n in ngrams)
+                and 1 <= ngrams[0] <= ngrams[1] <= MAX_NGRAM):
+            raise ArtifactError(f"{where}.ngram_range must be (min_n, max_n) with 1 <= min_n <= max_n <= "
+                                f"{MAX_NGRAM}")
+        if state.get("analyzer", "word") == "word" and state.get("token_pattern") not in SAFE_TOKEN_PATTERNS:
+            raise ArtifactError(f"{where}.token_pattern {_clip(repr(state.get('token_pattern')), 60)} is not one a "
+                                f"JSON model may use (a pattern can take exponential time on a crafted text): "
+                                f"{', '.join(repr(p) for p in SAFE_TOKEN_PATTERNS[:-1])}")
     vocabulary = state.get("vocabulary_")
     if vocabulary is None:
         return
@@ -10078,8 +10485,9 @@ def _check_vocabulary(estimator, state, where):
         raise ArtifactError(f"{where}.vocabulary_ must number its terms 0 to {len(vocabulary) - 1}, once each")
 
 
-def _check_neighbors(estimator, state, where):
-    """Neighbour searches divide by and index into the training rows by the counts stored beside them."""
+def _check_neighbors(estimator, state, where, load):
+    """Neighbour searches divide by and index into the training rows by the counts stored beside them, and
+    a classifier counts votes by the labels' codes."""
     import numpy as np
 
     data = state.get("_fit_X")
@@ -10093,12 +10501,16 @@ def _check_neighbors(estimator, state, where):
             not (_is_int(state.get("n_neighbors")) and 1 <= state["n_neighbors"] <= len(data)):
         raise ArtifactError(f"{where}: _fit_X, n_samples_fit_ and _y must hold the same training rows, of "
                             f"{n_features} features, and n_neighbors at most that many")
+    classes = state.get("classes_")
+    if isinstance(classes, np.ndarray) and labels is not None and labels.ndim == 1 and (
+            labels.dtype.kind not in "iu" or np.any((labels < 0) | (labels >= len(classes)))):
+        raise ArtifactError(f"{where}._y must be the codes of its {len(classes)} classes_")
     tree = state.get("_tree")
-    if tree is not None and np.asarray(tree.data).shape != data.shape:
+    if tree is not None and not np.array_equal(np.asarray(tree.data), data, equal_nan=True):
         raise ArtifactError(f"{where}: the search tree is not built on _fit_X")
 
 
-def _check_derived(estimator, state, where):
+def _check_derived(estimator, state, where, load):
     """Private attributes fit derives from parameters and fitted arrays, which later code branches on or
     sizes its output by, must be what fit would derive (a forged one answers a 500 or a wrong result)."""
     import numpy as np
@@ -10121,6 +10533,11 @@ def _check_derived(estimator, state, where):
             counts = None
         if counts != [state.get("n_output_features_"), state["_n_out_full"]]:
             raise ArtifactError(f"{where}: its output sizes are not those of its degrees and features")
+        load.bound("width", max(counts), f"{where}.n_output_features_")
+    edges, bins = state.get("bin_edges_"), state.get("n_bins_")   # KBinsDiscretizer: one more edge than bins
+    if isinstance(bins, np.ndarray) and isinstance(edges, np.ndarray) and \
+            (bins.shape != edges.shape or [len(e) - 1 for e in edges.tolist()] != bins.tolist()):
+        raise ArtifactError(f"{where}.n_bins_ must count the bins between each feature's bin_edges_")
     encoder = state.get("le_")                  # voting's members were fitted on encoded labels 0..n-1,
     if encoder is not None and isinstance(state.get("estimators_"), list):   # which hard voting bincounts
         n_classes = len(getattr(encoder, "classes_", ()))
@@ -10136,31 +10553,30 @@ def _check_derived(estimator, state, where):
         raise ArtifactError(f"{where}._strategy is not a strategy")
 
 
-_PART_CHECKS = (_check_tree_estimator, _check_members, _check_histogram_predictors, _check_kmeans, _check_svm,
-                _check_vocabulary, _check_neighbors, _check_derived)
+def _check_composition(estimator, state, where, load):
+    """A pipeline's steps before its last, and the fitted transformers of a ColumnTransformer or FeatureUnion,
+    must transform (or be passthrough, drop or None, which these classes skip): fit refuses any other, so a
+    file that swaps one in (a classifier among the transformers) would fail every request at transform time."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import FeatureUnion, Pipeline
+
+    fields = {Pipeline: "steps", ColumnTransformer: "transformers_", FeatureUnion: "transformer_list"}
+    field = fields.get(type(estimator))
+    entries = state.get(field)
+    if entries is None:                 # not a composition, or an unfitted template (voting's estimators)
+        return
+    if not isinstance(entries, (list, tuple)) or \
+            not all(isinstance(entry, (tuple, list)) and len(entry) >= 2 for entry in entries):
+        raise ArtifactError(f"{where}.{field} must be a list of (name, estimator, ...) entries")
+    for _, part, *_ in entries[:-1] if field == "steps" else entries:
+        if not (part is None or isinstance(part, str) and part in ("passthrough", "drop") or
+                callable(getattr(part, "transform", None))):
+            raise ArtifactError(f"{where}: its {type(part).__name__} cannot transform, yet the "
+                                f"{type(estimator).__name__} hands its output on")
 
 
-def _check_libsvm(svm, where):
-    """libsvm indexes support vectors, coefficients and intercepts by counts the state holds."""
-    import numpy as np
-
-    vectors, counts = svm.__dict__.get("support_vectors_"), svm.__dict__.get("_n_support")
-    dual, intercept = svm.__dict__.get("_dual_coef_"), svm.__dict__.get("_intercept_")
-    arrays = (vectors, counts, dual, intercept, svm.__dict__.get("support_"))
-    if not all(isinstance(a, np.ndarray) for a in arrays):
-        raise ArtifactError(f"{where}: an SVM needs its support vectors, counts, coefficients and intercepts")
-    n_vectors = len(vectors)
-    classifier = getattr(svm, "_impl", None) in ("c_svc", "nu_svc")
-    n_classes = len(counts) if classifier else 2
-    pairs = n_classes * (n_classes - 1) // 2
-    probabilities = [svm.__dict__.get(k) for k in ("_probA", "_probB")]
-    sizes = (pairs,) if svm.__dict__.get("_effective_probability") or svm.__dict__.get("probability") else (0, pairs)
-    if vectors.ndim != 2 or counts.shape != (n_classes,) or n_classes < 2 or counts.min(initial=0) < 0 or \
-            (classifier and int(counts.sum()) != n_vectors) or len(svm.support_) != n_vectors or \
-            dual.shape != (n_classes - 1, n_vectors) or intercept.shape != (pairs,) or \
-            (svm.kernel != "precomputed" and vectors.shape[1] != svm.__dict__.get("n_features_in_")) or \
-            not all(isinstance(p, np.ndarray) and p.shape in ((size,) for size in sizes) for p in probabilities):
-        raise ArtifactError(f"{where}: the SVM's support vectors, coefficients and intercepts do not agree")
+_PART_CHECKS = (_check_widths, _check_categories, _check_tree_estimator, _check_members, _check_histogram_predictors,
+                _check_kmeans, _check_svm, _check_vectorizer, _check_neighbors, _check_derived, _check_composition)
 
 
 # -- Export --------------------------------------------------------------------

@@ -26,7 +26,8 @@ FLAGS = ["--store", "--host", "--port", "--server", "--threads", "--default-mode
          "--allowed-hosts", "--shutdown-timeout", "--log-level", "--workers", "--access-log", "--max-batch-size",
          "--max-latency-ms", "--max-url-bytes", "--max-inflight", "--max-predict-seconds", "--auth-tokens",
          "--payload-log", "--payload-log-sample", "--native", "--log-format", "--connection-timeout",
-         "--grpc-port", "--sklearn-threads"]
+         "--grpc-port", "--sklearn-threads", "--json-max-nodes", "--json-max-width", "--json-max-categories",
+         "--json-max-array-bytes"]
 
 
 @pytest.fixture(autouse=True)

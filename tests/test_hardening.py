@@ -35,10 +35,11 @@ import webtest
 from sklearn.datasets import load_diabetes, load_iris
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
 
 import service
 
-from doubles import FaultyLogisticRegression, SlowModel
+from doubles import FaultyLogisticRegression, SlowModel, SlowToLoad
 from support import (ROOT, ROWS, Answer, LiveServer, free_port, gunicorn_command, http_call, service_app,
                      service_command, strict_json, wait_until, write_artifact)
 
@@ -699,6 +700,14 @@ def child_pids(pid):
     return sorted(children)
 
 
+def assert_stops_within(server, shutdown_timeout):
+    """SIGTERM `server`; it must exit within its --shutdown-timeout (and a margin), whatever still runs in it."""
+    stopped = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(timeout=15)
+    assert time.monotonic() - stopped < shutdown_timeout + 2, "exited within --shutdown-timeout (and a margin)"
+
+
 @pytest.mark.slow
 def test_sigterm_exits_within_the_shutdown_timeout_while_an_abandoned_prediction_runs(tmp_path):
     """A prediction past --max-predict-seconds goes on in the background; it must not keep the process alive."""
@@ -707,13 +716,63 @@ def test_sigterm_exits_within_the_shutdown_timeout_while_an_abandoned_prediction
     command = service_command(tmp_path, port, "--max-predict-seconds", "0.5", "--shutdown-timeout", "2",
                               "--poll-interval", "0")
     with LiveServer(command, port) as server:
-        answer = http_call(port, "POST", "/models/slow/predict", json.dumps({"instances": ROWS}).encode(),
-                           JSON_HEADERS)
-        assert answer.status == 504, answer
-        stopped = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        server.process.wait(timeout=15)
-        assert time.monotonic() - stopped < 2 + 2, "exited within --shutdown-timeout (and a margin)"
+        answers = []                    # a first load (scikit-learn's imports) may outlast the limit: 503 meanwhile
+
+        def predicted():
+            answers.append(http_call(port, "POST", "/models/slow/predict", json.dumps({"instances": ROWS}).encode(),
+                                     JSON_HEADERS))
+            return answers[-1].status != 503 or b"still loading" not in answers[-1].body
+        wait_until(predicted, timeout=30, what="the model's load")
+        assert answers[-1].status == 504, answers[-1]
+        assert_stops_within(server, 2)
+
+
+@pytest.mark.slow
+def test_a_request_waiting_on_a_slow_load_is_answered_within_the_time_limit(tmp_path):
+    """The old shutdown repro's request waited for a load that never ended (a forged JSON model spun): under
+    --max-predict-seconds a request that waits on a load gets its 503 at the limit, and the load goes on."""
+    model = LogisticRegression(max_iter=1000).fit(IRIS_X, IRIS_Y)
+    write_artifact(tmp_path / "slow.pkl", SlowToLoad(model, 6), "pickle")
+    with service_app(store=str(tmp_path), max_predict_seconds=0.5, poll_interval=0) as application:
+        client = webtest.TestApp(application)
+        began = time.monotonic()
+        answers = [client.post_json("/models/slow/predict", {"instances": ROWS}, expect_errors=True)
+                   for _ in range(2)]       # the request that starts the load, and one that finds it loading
+        waited = time.monotonic() - began
+        for answer in answers:
+            assert answer.status_int == 503 and answer.headers["Retry-After"] == "1", answer
+            assert "still loading" in answer.json["error"], answer.json
+        assert waited < 2 * 0.5 + 2, f"answered after {waited:.1f} s"
+        wait_until(lambda: client.post_json("/models/slow/predict", {"instances": ROWS},
+                                            expect_errors=True).status_int == 200, timeout=30, what="the load")
+        assert client.post_json("/models/slow/predict", {"instances": ROWS}).json["predictions"] == \
+            model.predict(np.array(ROWS)).tolist()
+
+
+@pytest.mark.slow
+def test_a_load_that_never_ends_neither_holds_its_requests_nor_the_shutdown(tmp_path):
+    """Issue 21's shutdown repro, whole: its request waited on a load that never ended, and so did SIGTERM.  Now
+    each request waiting on that load gets its 503 within --max-predict-seconds (and a margin), the server
+    goes on answering other models, and SIGTERM ends the process within --shutdown-timeout."""
+    model = LogisticRegression(max_iter=1000).fit(IRIS_X, IRIS_Y)
+    write_artifact(tmp_path / "stuck.pkl", SlowToLoad(model, 3600), "pickle")
+    write_artifact(tmp_path / "iris.pkl", model, "pickle")
+    port, limit = free_port(), 1.0
+    command = service_command(tmp_path, port, "--max-predict-seconds", str(limit), "--shutdown-timeout", "2",
+                              "--poll-interval", "0", "--preload", "iris")
+    body = json.dumps({"instances": ROWS}).encode()
+    with LiveServer(command, port) as server:
+        wait_until(lambda: http_call(port, "POST", "/models/iris/predict", body, JSON_HEADERS).status == 200,
+                   what="iris to load")
+        for _ in range(2):              # the request that starts the load, then one that finds it under way
+            began = time.monotonic()
+            answer = http_call(port, "POST", "/models/stuck/predict", body, JSON_HEADERS)
+            assert answer.status == 503 and answer.headers["retry-after"] == "1", answer
+            assert b"still loading" in answer.body and b"--max-predict-seconds" in answer.body, answer
+            assert time.monotonic() - began < limit + 3, "answered at the limit, not when the load ends"
+        answer = http_call(port, "POST", "/models/iris/predict", body, JSON_HEADERS)
+        assert answer.status == 200 and json.loads(answer.body)["predictions"] == model.predict(ROWS).tolist()
+        assert_stops_within(server, 2)
 
 
 @pytest.mark.slow

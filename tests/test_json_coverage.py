@@ -45,5 +45,6 @@ def test_the_documented_coverage_table_is_the_tested_one():
 def test_every_allow_listed_estimator_class_is_documented():
     with open(os.path.join(ROOT, "docs", "json-model-format.md"), encoding="utf-8") as handle:
         text = handle.read()
-    for name in service.JSON_ESTIMATORS | set(service.JSON_OBJECTS) | set(service.JSON_NEIGHBOR_TREES):
+    for name in (service.JSON_ESTIMATORS | set(service.JSON_OBJECTS) | set(service.JSON_STRUCTURES) |
+                 set(service.JSON_NEIGHBOR_TREES)):
         assert f"`{name}`" in text, name

@@ -1,12 +1,14 @@
-"""The JSON model fuzzer (tests/json_fuzz.py), on a bounded sample: forged models are refused or served,
-never crash, hang or answer a 500.  The full run, `python tests/json_fuzz.py --mutations 10000 --seed N`,
-and its figures are in docs/json-model-format.md."""
+"""Both JSON model fuzzers on a bounded sample each: forged models are refused or served, never crash, hang,
+answer a 500 or grow the process past its memory budget.  The mutator is tests/json_fuzz.py, the
+grammar-based generator (Hypothesis) tests/json_generate.py; the documented full run of each (50,000
+documents) and its figures are in docs/json-model-format.md."""
 
 import os
 
 import pytest
 
 import json_fuzz
+import json_generate
 
 # Cases whose compiled code trusts the most state (trees, ensembles, histogram boosting, libsvm,
 # neighbours, clustering, encoders, text) plus a sample of the rest, so the bounded run stays short.
@@ -17,23 +19,38 @@ CASES = ["DecisionTreeClassifier", "RandomForestRegressor", "GradientBoostingCla
 
 @pytest.fixture(scope="module")
 def documents():
+    """The cases' models in the current format, and as version 1 wrote those with trees."""
     return json_fuzz.base_documents(CASES)
 
 
-def test_a_bounded_sample_of_mutants_is_refused_or_served_never_crashes(documents):
-    count = int(os.environ.get("JSON_FUZZ_MUTATIONS", "250"))
-    seed = int(os.environ.get("JSON_FUZZ_SEED", "13"))
-    report = json_fuzz.run(count, seed, timeout=20.0, documents=documents)
+def assert_fine(report, seed):
     findings = "\n".join(f"{f['outcome']} #{f['number']} {f['case']}: {f['detail']} after {f['changes']}"
                          for f in report["findings"])
     assert not report["findings"], f"seed {seed}:\n{findings}"
     assert report["counts"].get("refused", 0) and report["counts"].get("served", 0), report["counts"]
 
 
-def test_the_harness_notices_a_crash_and_a_hang():
+def test_a_sample_of_mutants_is_refused_or_served(documents):
+    assert any(name.endswith(" (v1)") for name in documents)
+    seed = int(os.environ.get("JSON_FUZZ_SEED", "13"))
+    report = json_fuzz.run(int(os.environ.get("JSON_FUZZ_MUTATIONS", "200")), seed, timeout=20.0,
+                           documents=documents)
+    assert_fine(report, seed)
+
+
+def test_a_sample_of_generated_documents_is_refused_or_served(documents):
+    seed = int(os.environ.get("JSON_FUZZ_SEED", "13"))
+    report = json_generate.run(int(os.environ.get("JSON_GENERATE_EXAMPLES", "150")), seed, timeout=20.0,
+                               documents=documents)
+    assert_fine(report, seed)
+
+
+def test_the_harness_notices_a_crash_a_hang_and_memory_past_the_budget():
     worker = json_fuzz.Worker(timeout=30.0)
     try:
         assert worker.ask({"selftest": "crash"})["outcome"] == "crash"
         assert worker.ask({"selftest": "hang"}, timeout=0.5)["outcome"] == "hang"     # a hang costs no 30 s here
+        answer = worker.ask({"selftest": "memory"}, timeout=60)
+        assert answer["outcome"] == "memory", answer
     finally:
         worker.stop()

@@ -123,6 +123,8 @@ def test_a_prediction_over_the_time_limit_is_504_and_its_work_stays_counted_unti
     write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")
     application = make_app(store=tmp_path, poll_interval=0, max_predict_seconds=0.2, max_inflight=1)
     app = webtest.TestApp(application)
+    application.registry.refresh()      # a request waits as long for a load: 503 past it,
+    application.registry.get("iris")    # so the models load first
     assert app.post_json("/models/iris/predict", {"instances": ROW}).json["predictions"] == \
         iris_classifier.predict(ROW).tolist(), "a prediction within the limit is answered as usual"
     application.registry.get("slow")                  # loading is not prediction time

@@ -2808,12 +2808,14 @@ def _refuse_faulty(model):
     not of any input (LoadedModel.artifact_fault: a pickle from another scikit-learn lacking an attribute its
     methods read, a JSON model missing state): it would fail every request, so the load fails, saying why.
 
-    One call of each method on one row, by scikit-learn; any other failure on zeros (a log transform, an
-    unknown category) says nothing about the artifact and is left to the requests.  A JSON model without a
-    fixed width (its allow-list's text and label models) is called on one empty text instead; any other
-    model of no fixed width (sequences, a class of one's own) is checked by its requests, or by its "warmup"
-    rows (see _warm), and so is one wider than PROBE_FEATURES (its row of zeros would cost memory a forged
-    width can make unbounded).
+    One call of each method on one row, by scikit-learn, then one of each fitted part of a composition on
+    zeros of its own width (_part_probes): a part that the whole model's row never reaches, because a
+    sibling or an earlier step refuses zeros (an encoder's unknown category), is checked too.  Any other
+    failure on zeros (a log transform, an unknown category) says nothing about the artifact and is left to
+    the requests.  A JSON model without a fixed width (its allow-list's text and label models) is called on
+    one empty text instead; any other model of no fixed width (sequences, a class of one's own) is checked
+    by its requests, or by its "warmup" rows (see _warm), and so is one wider than PROBE_FEATURES (its row
+    of zeros would cost memory a forged width can make unbounded).
     """
     import numpy as np
 
@@ -2823,16 +2825,34 @@ def _refuse_faulty(model):
         return
     else:
         inputs, described = model.sklearn_inputs(np.zeros((1, model.n_features))), "a row of zeros"
-    for method in model.methods:
+    probes = [(f"{method} fails on {described}", getattr(model.estimator, method), inputs) for method in model.methods]
+    for what, call, rows in itertools.chain(probes, _part_probes(model)):
         try:
             with np.errstate(all="ignore"):     # log(0) of a probability is no news (numpy's state is per thread)
-                getattr(model.estimator, method)(inputs)
+                call(rows)
         except Exception as error:  # only the artifact's own faults refuse it
             if model.artifact_fault(error):
                 skew = f" (it was {model.version_skew})" if model.version_skew else ""
-                raise ArtifactError(f"{model.ref.file}: its {method} fails on {described} through a fault of "
-                                    f"the artifact, not of any input: {type(error).__name__}: "
+                raise ArtifactError(f"{model.ref.file}: its {what} through a fault of the artifact, not of "
+                                    f"any input: {type(error).__name__}: "
                                     f"{_clip(str(error))}{skew}") from None
+
+
+def _part_probes(model):
+    """(what, call, rows) for each fitted part inside the model (_fitted_parts) that transforms or predicts
+    and knows its width: its transform (else predict) on one row of zeros that wide, named by the columns
+    it was fitted on when it was (a DataFrame, as pandas is then at hand)."""
+    import numpy as np
+
+    for part in itertools.islice(_fitted_parts(model.estimator), 1, None):
+        method = next((name for name in ("transform", "predict") if hasattr(part, name)), None)
+        width = part.__dict__.get("n_features_in_")
+        if method is None or not isinstance(width, (int, np.integer)) or not 0 < width <= PROBE_FEATURES:
+            continue
+        rows, names = np.zeros((1, int(width))), part.__dict__.get("feature_names_in_")
+        if names is not None and model.make_frame is not None and len(names) == width:
+            rows = importlib.import_module("pandas").DataFrame(rows, columns=list(names))
+        yield f"{type(part).__name__}'s {method} fails on a row of zeros", getattr(part, method), rows
 
 
 ###############################################################################

@@ -197,13 +197,38 @@ def test_a_version_skew_artifact_fails_at_load_saying_which_method_and_why(tmp_p
 
 
 def skewed_text_model():
-    """A text pipeline (no fixed width: nothing to probe at load) whose classifier lacks what predict reads."""
+    """A text pipeline (no fixed width: the pickle's text is not probed at load) whose vectorizer lacks what
+    transform reads."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     text = make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(["good film", "bad film"] * 3, [1, 0] * 3)
-    del text[-1].solver
+    del text[0]._tfidf
     return text
+
+
+def test_a_part_that_the_whole_models_row_never_reaches_is_probed_on_its_own(tmp_path, make_client, iris):
+    """A scaler missing its scale_ behind a column transformer whose other branch, an encoder, refuses the
+    row of zeros first: each fitted part is called on zeros of its own width, so the load fails, not every
+    request."""
+    import numpy as np
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+    X, y = iris
+    X = np.column_stack([np.where(y == 0, 5.0, 7.0), X[:, 1:]])        # a category column without a 0
+    columns = ColumnTransformer([("category", OneHotEncoder(), [0]),
+                                 ("numbers", make_pipeline(StandardScaler()), [1, 2, 3])])
+    model = make_pipeline(columns, LogisticRegression(max_iter=1000)).fit(X, y)
+    del model[0].named_transformers_["numbers"][0].scale_
+    write_artifact(tmp_path / "hidden.joblib", model, "joblib")
+    client = make_client(tmp_path)
+    assert_error(client.post_json("/models/hidden/predict", {"instances": [[5.0, 3.5, 1.4, 0.2]]},
+                                  expect_errors=True), 503,
+                 "model 'hidden' version 1 failed to load: hidden.joblib: its StandardScaler's transform fails on a "
+                 "row of zeros through a fault of the artifact, not of any input: AttributeError: "
+                 "'StandardScaler' object has no attribute 'scale_'")
 
 
 def test_a_model_faulting_at_predict_time_is_the_servers_500_with_an_error_id(tmp_path, make_client, caplog):
@@ -213,7 +238,7 @@ def test_a_model_faulting_at_predict_time_is_the_servers_500_with_an_error_id(tm
         error = assert_error(client.post_json("/models/skewed/predict", {"instances": ["a good film"]},
                                               expect_errors=True), 500,
                              "model 'skewed' version 1 cannot answer predict: its artifact is at fault, not the "
-                             "request: AttributeError: 'LogisticRegression' object has no attribute 'solver'",
+                             "request: AttributeError: 'TfidfVectorizer' object has no attribute '_tfidf'",
                              code="model_fault")
     logged = [record for record in caplog.records if error["error_id"] in record.getMessage()]
     assert logged and logged[0].exc_info is not None, "logged with its traceback, under the answer's error_id"

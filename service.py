@@ -920,49 +920,71 @@ LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODEL_VERSION = ("model", "version")
 
+#: The metrics' names, each written once: the table below and every count use these.
+REQUESTS_TOTAL = "model_service_requests_total"
+REQUEST_DURATION_SECONDS = "model_service_request_duration_seconds"
+MODEL_LOADS_TOTAL = "model_service_model_loads_total"
+MODEL_LOAD_DURATION_SECONDS = "model_service_model_load_duration_seconds"
+BATCH_SIZE = "model_service_batch_size"
+PAYLOAD_LOG_RECORDS_TOTAL = "model_service_payload_log_records_total"
+PAYLOAD_LOG_DROPPED_TOTAL = "model_service_payload_log_dropped_total"
+PREDICT_CALLS_TOTAL = "model_service_predict_calls_total"
+SHADOW_COMPARED_TOTAL = "model_service_shadow_compared_total"
+SHADOW_IDENTICAL_TOTAL = "model_service_shadow_identical_total"
+SHADOW_ABS_DIFFERENCE_TOTAL = "model_service_shadow_abs_difference_total"
+SHADOW_NUMERIC_VALUES_TOTAL = "model_service_shadow_numeric_values_total"
+SHADOW_ERRORS_TOTAL = "model_service_shadow_errors_total"
+SHADOW_DROPPED_TOTAL = "model_service_shadow_dropped_total"
+MODELS_LOADED = "model_service_models_loaded"
+REQUESTS_IN_FLIGHT = "model_service_requests_in_flight"
+LABEL_VERSION = "model_service_label_version"
+DRIFT_P_VALUE = "model_service_drift_p_value"
+DRIFT_PSI = "model_service_drift_psi"
+DRIFT_ROWS_SCORED = "model_service_drift_window_rows"
+
 METRICS = {   # name: (type, help, label names, histogram buckets or a gauge's multiprocess mode)
-    "model_service_requests_total": ("counter", "Prediction requests by model, version, method, protocol and status.",
-                                     MODEL_VERSION + ("method", "protocol", "status"), None),
-    "model_service_request_duration_seconds": ("histogram", "Time to answer a prediction request.",
-                                               ("model", "method"), LATENCY_BUCKETS),
-    "model_service_model_loads_total": ("counter", "Model version loads by outcome (success, failure).",
-                                        MODEL_VERSION + ("outcome",), None),
-    "model_service_model_load_duration_seconds": ("histogram", "Time to load a model version.", MODEL_VERSION,
-                                                  LOAD_BUCKETS),
-    "model_service_batch_size": ("histogram", "Requests stacked into one predict call.", ("model",), BATCH_BUCKETS),
-    "model_service_payload_log_records_total": ("counter", "Prediction requests written to the payload log.", (),
-                                                None),
-    "model_service_payload_log_dropped_total": ("counter", "Payload log records dropped: its queue was full or "
-                                                "a write failed.", (), None),
-    "model_service_predict_calls_total": ("counter", "Predict calls (a stacked batch is one) by model, version, "
-                                          "method and the predictor that answered (native, scikit-learn).",
-                                          MODEL_VERSION + ("method", "predictor"), None),
-    "model_service_shadow_compared_total": ("counter", "Requests compared with the model's shadow version, by "
-                                            "model and shadow version.", MODEL_VERSION, None),
-    "model_service_shadow_identical_total": ("counter", "Requests whose shadow predictions were identical.",
-                                             MODEL_VERSION, None),
-    "model_service_shadow_abs_difference_total": ("counter", "Sum of the absolute differences of numeric shadow "
-                                                  "outputs (divide by numeric_values_total for the mean).",
-                                                  MODEL_VERSION, None),
-    "model_service_shadow_numeric_values_total": ("counter", "Numeric output values compared with the shadow's "
-                                                  "(in requests that were not identical).", MODEL_VERSION, None),
-    "model_service_shadow_errors_total": ("counter", "Requests the shadow version failed on.", MODEL_VERSION, None),
-    "model_service_shadow_dropped_total": ("counter", "Requests not shadowed: the shadow queue was full.",
-                                           MODEL_VERSION, None),
-    "model_service_models_loaded": ("gauge", "Model versions in memory.", (), None),
-    "model_service_requests_in_flight": ("gauge", "Prediction requests being answered now.", (), None),
+    REQUESTS_TOTAL: ("counter", "Prediction requests by model, version, method, protocol and status.",
+                     MODEL_VERSION + ("method", "protocol", "status"), None),
+    REQUEST_DURATION_SECONDS: ("histogram", "Time to answer a prediction request.",
+                               ("model", "method"), LATENCY_BUCKETS),
+    MODEL_LOADS_TOTAL: ("counter", "Model version loads by outcome (success, failure).",
+                        MODEL_VERSION + ("outcome",), None),
+    MODEL_LOAD_DURATION_SECONDS: ("histogram", "Time to load a model version.", MODEL_VERSION,
+                                  LOAD_BUCKETS),
+    BATCH_SIZE: ("histogram", "Requests stacked into one predict call.", ("model",), BATCH_BUCKETS),
+    PAYLOAD_LOG_RECORDS_TOTAL: ("counter", "Prediction requests written to the payload log.", (),
+                                None),
+    PAYLOAD_LOG_DROPPED_TOTAL: ("counter", "Payload log records dropped: its queue was full or "
+                                "a write failed.", (), None),
+    PREDICT_CALLS_TOTAL: ("counter", "Predict calls (a stacked batch is one) by model, version, "
+                          "method and the predictor that answered (native, scikit-learn).",
+                          MODEL_VERSION + ("method", "predictor"), None),
+    SHADOW_COMPARED_TOTAL: ("counter", "Requests compared with the model's shadow version, by "
+                            "model and shadow version.", MODEL_VERSION, None),
+    SHADOW_IDENTICAL_TOTAL: ("counter", "Requests whose shadow predictions were identical.",
+                             MODEL_VERSION, None),
+    SHADOW_ABS_DIFFERENCE_TOTAL: ("counter", "Sum of the absolute differences of numeric shadow "
+                                  "outputs (divide by numeric_values_total for the mean).",
+                                  MODEL_VERSION, None),
+    SHADOW_NUMERIC_VALUES_TOTAL: ("counter", "Numeric output values compared with the shadow's "
+                                  "(in requests that were not identical).", MODEL_VERSION, None),
+    SHADOW_ERRORS_TOTAL: ("counter", "Requests the shadow version failed on.", MODEL_VERSION, None),
+    SHADOW_DROPPED_TOTAL: ("counter", "Requests not shadowed: the shadow queue was full.",
+                           MODEL_VERSION, None),
+    MODELS_LOADED: ("gauge", "Model versions in memory.", (), None),
+    REQUESTS_IN_FLIGHT: ("gauge", "Prediction requests being answered now.", (), None),
     # read at scrape time like the two above; several processes: the largest (every worker shares the fact)
-    "model_service_label_version": ("gauge", "1 for each label of a model and the version it answers with now.",
-                                    ("model", "label", "version"), "livemax"),
+    LABEL_VERSION: ("gauge", "1 for each label of a model and the version it answers with now.",
+                    ("model", "label", "version"), "livemax"),
     # set by the live drift (see "Background work"); the last field: how a scrape of --workers combines them
-    "model_service_drift_p_value": ("gauge", "p-value of the KS (numbers) or chi-squared (categories) test of a "
-                                    "feature's newest served values against the model's reference profile "
-                                    "(several processes: the lowest).", ("model", "feature"), "livemin"),
-    "model_service_drift_psi": ("gauge", "Population stability index of a feature's newest served values against "
-                                "the model's reference profile (several processes: the highest).",
-                                ("model", "feature"), "livemax"),
-    "model_service_drift_window_rows": ("gauge", "Served rows the drift gauges were scored on (several processes: "
-                                        "their sum).", ("model",), "livesum"),
+    DRIFT_P_VALUE: ("gauge", "p-value of the KS (numbers) or chi-squared (categories) test of a "
+                    "feature's newest served values against the model's reference profile "
+                    "(several processes: the lowest).", ("model", "feature"), "livemin"),
+    DRIFT_PSI: ("gauge", "Population stability index of a feature's newest served values against "
+                "the model's reference profile (several processes: the highest).",
+                ("model", "feature"), "livemax"),
+    DRIFT_ROWS_SCORED: ("gauge", "Served rows the drift gauges were scored on (several processes: "
+                        "their sum).", ("model",), "livesum"),
 }
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's: where processes share their counts
 
@@ -2336,7 +2358,7 @@ class LoadedModel:
         with self.tracing.span("predict", method=method, predictor=predictor) if self.tracing.enabled else _NO_SPAN:
             outputs = self._sklearn_call(method, inputs) if prepared is None else native(prepared)
         if self.metrics is not None:
-            self.metrics.count("model_service_predict_calls_total",
+            self.metrics.count(PREDICT_CALLS_TOTAL,
                                self.labels + (("method", method), ("predictor", predictor)))
         return outputs
 
@@ -2495,7 +2517,7 @@ class Batcher:
             queue[0].full.set()
 
     def _execute(self, method, batch):
-        self.metrics.observe("model_service_batch_size", (("model", self.model.name),), len(batch))
+        self.metrics.observe(BATCH_SIZE, (("model", self.model.name),), len(batch))
         for item in batch:
             item.batch_size = len(batch)
         if len(batch) == 1:
@@ -2808,8 +2830,8 @@ def _refuse_faulty(model):
     not of any input (LoadedModel.artifact_fault: a pickle from another scikit-learn lacking an attribute its
     methods read, a JSON model missing state): it would fail every request, so the load fails, saying why.
 
-    One call of each method on one row, by scikit-learn, then one of each fitted part of a composition on
-    zeros of its own width (_part_probes): a part that the whole model's row never reaches, because a
+    One call of each method on one row, by scikit-learn, then one of each fitted part on a row of its own
+    width that it accepts (_part_probes): a part that the whole model's row never reaches, because a
     sibling or an earlier step refuses zeros (an encoder's unknown category), is checked too.  Any other
     failure on zeros (a log transform, an unknown category) says nothing about the artifact and is left to
     the requests.  A JSON model without a fixed width (its allow-list's text and label models) is called on
@@ -2839,20 +2861,28 @@ def _refuse_faulty(model):
 
 
 def _part_probes(model):
-    """(what, call, rows) for each fitted part inside the model (_fitted_parts) that transforms or predicts
-    and knows its width: its transform (else predict) on one row of zeros that wide, named by the columns
-    it was fitted on when it was (a DataFrame, as pandas is then at hand)."""
+    """(what, call, rows) for each fitted part of the model (_fitted_parts) that transforms or predicts and
+    knows its width: its transform (else predict) on one row that wide, named by the columns it was fitted
+    on when it was (a DataFrame, as pandas is then at hand).  The row is zeros, or for an encoder the first
+    of each column's categories, which it accepts: state read only for known categories (an ordinal
+    encoder's infrequent mapping) is reached too.  The model itself is probed here only as an encoder
+    (its methods had their row of zeros)."""
     import numpy as np
 
-    for part in itertools.islice(_fitted_parts(model.estimator), 1, None):
+    for index, part in enumerate(_fitted_parts(model.estimator)):
         method = next((name for name in ("transform", "predict") if hasattr(part, name)), None)
-        width = part.__dict__.get("n_features_in_")
-        if method is None or not isinstance(width, (int, np.integer)) or not 0 < width <= PROBE_FEATURES:
+        width, categories = part.__dict__.get("n_features_in_"), part.__dict__.get("categories_")
+        known = isinstance(categories, list) and len(categories) == width and all(
+            getattr(values, "size", 0) > 0 for values in categories)
+        if method is None or not isinstance(width, (int, np.integer)) or not 0 < width <= PROBE_FEATURES \
+                or (index == 0 and not known):
             continue
-        rows, names = np.zeros((1, int(width))), part.__dict__.get("feature_names_in_")
+        rows = np.array([[values[0] for values in categories]], dtype=object) if known else np.zeros((1, int(width)))
+        names = part.__dict__.get("feature_names_in_")
         if names is not None and model.make_frame is not None and len(names) == width:
             rows = importlib.import_module("pandas").DataFrame(rows, columns=list(names))
-        yield f"{type(part).__name__}'s {method} fails on a row of zeros", getattr(part, method), rows
+        described = "its first categories" if known else "a row of zeros"
+        yield f"{type(part).__name__}'s {method} fails on {described}", getattr(part, method), rows
 
 
 ###############################################################################
@@ -3589,10 +3619,10 @@ class Loader:
                 else:
                     model.warmup = "not warmed: loaded for a request, which is its first call"
         except Exception:
-            self.metrics.count("model_service_model_loads_total", labels + (("outcome", "failure"),))
+            self.metrics.count(MODEL_LOADS_TOTAL, labels + (("outcome", "failure"),))
             raise
-        self.metrics.count("model_service_model_loads_total", labels + (("outcome", "success"),))
-        self.metrics.observe("model_service_model_load_duration_seconds", labels, time.perf_counter() - started)
+        self.metrics.count(MODEL_LOADS_TOTAL, labels + (("outcome", "success"),))
+        self.metrics.observe(MODEL_LOAD_DURATION_SECONDS, labels, time.perf_counter() - started)
         model.metrics, model.tracing = self.metrics, self.tracing    # from now on: the warm-up's calls were no client's
         batching = settings.batching
         size, latency = batching if batching else (self.config.max_batch_size, self.config.max_latency_ms)
@@ -3788,9 +3818,9 @@ class ModelRegistry:
         self._unsettled = {}            # (name, version) -> fingerprint seen once, waiting to be seen again
         self.settings = SettingsFiles(self.store)
         self.settings_for = self.settings.settings_for     # the settings in force for a model name
-        self.metrics = Metrics({"model_service_models_loaded": self.loaded_count,
-                                "model_service_requests_in_flight": self.in_flight,
-                                "model_service_label_version": lambda: label_versions(self._catalogue)})
+        self.metrics = Metrics({MODELS_LOADED: self.loaded_count,
+                                REQUESTS_IN_FLIGHT: self.in_flight,
+                                LABEL_VERSION: lambda: label_versions(self._catalogue)})
         self.residency = Residency(config.max_loaded, clock, self.metrics.changed)
         self.tracing = Tracing.from_environment() if tracing is None else tracing
         self.loader = Loader(config, self.store, clock, self.residency, self.metrics, self.tracing, self.settings_for)
@@ -6244,7 +6274,7 @@ class LiveDrift:
     sample of the same traffic), and a scrape shows the lowest p-value and the highest PSI among them.
     """
 
-    SERIES = ("model_service_drift_p_value", "model_service_drift_psi", "model_service_drift_window_rows")
+    SERIES = (DRIFT_P_VALUE, DRIFT_PSI, DRIFT_ROWS_SCORED)
 
     def __init__(self, store, metrics):
         self.store, self.metrics = store, metrics
@@ -6274,9 +6304,9 @@ class LiveDrift:
                 except ValueError:          # text logged where the profile holds numbers: no score
                     result = {"p_value": None, "psi": None}
                 labels = (("model", name), ("feature", feature))
-                for series, key in (("model_service_drift_p_value", "p_value"), ("model_service_drift_psi", "psi")):
+                for series, key in ((DRIFT_P_VALUE, "p_value"), (DRIFT_PSI, "psi")):
                     self.metrics.set(series, labels, math.nan if result[key] is None else result[key])
-            self.metrics.set("model_service_drift_window_rows", (("model", name),), len(rows))
+            self.metrics.set(DRIFT_ROWS_SCORED, (("model", name),), len(rows))
 
     def _watch(self, name, now):
         """The model's _Watched while it has a readable profile (looked for at most every DRIFT_SCORE_SECONDS),
@@ -6334,7 +6364,7 @@ class PayloadLog:
         record = (time.time(), _request_id(environ), environ["service.labels"], environ.get("service.payload"),
                   environ["service.protocol"].name, int(status), elapsed)
         if not self.backlog.offer(record, payload_bytes(environ)):
-            self.metrics.count("model_service_payload_log_dropped_total", ())
+            self.metrics.count(PAYLOAD_LOG_DROPPED_TOTAL, ())
 
     def drain(self, timeout):
         """Write and flush everything accepted so far (at shutdown); False if it took over `timeout` seconds."""
@@ -6365,13 +6395,13 @@ class PayloadLog:
                 self._write(dumps(line) + "\n")
             self._file.flush()           # whole lines on disk: a reader, or a drain at shutdown, sees them
         except Exception as error:   # a full disk, an unwritable folder: logged once, counted each time
-            self.metrics.count("model_service_payload_log_dropped_total", (), len(records))
+            self.metrics.count(PAYLOAD_LOG_DROPPED_TOTAL, (), len(records))
             if not self._failing:
                 logger.error("payload log: cannot write to %s: %s", self.folder, error)
             self._failing = True
             return lines if len(lines) == len(records) else []
         self._failing = False
-        self.metrics.count("model_service_payload_log_records_total", (), len(records))
+        self.metrics.count(PAYLOAD_LOG_RECORDS_TOTAL, (), len(records))
         return lines
 
     def _write(self, line):
@@ -6459,7 +6489,7 @@ class Shadow:
         if not self.backlog.offer((name, slot, _request_id(environ), methods, inputs, results,
                                    environ.get("service.redacting", False)), payload_bytes(environ)):
             self.registry.agreement(name, slot.ref.version).dropped += 1
-            self.metrics.count("model_service_shadow_dropped_total",
+            self.metrics.count(SHADOW_DROPPED_TOTAL,
                                (("model", name), ("version", str(slot.ref.version))))
 
     def _compare(self, name, slot, request_id, methods, inputs, results, redacting):
@@ -6472,17 +6502,17 @@ class Shadow:
                 shadowed = {method: to_jsonable(model.call(method, inputs)) for method in methods}
         except Exception as failure:  # it cannot load, or refuses the inputs: counted and logged, never returned
             agreement.fail(request_id, methods, type(failure).__name__)
-            self.metrics.count("model_service_shadow_errors_total", labels)
+            self.metrics.count(SHADOW_ERRORS_TOTAL, labels)
             logger.warning("shadow version %s of model %r failed on request %s: %s", version, name, request_id,
                            logged_error(failure, redacting))
             return
         identical = agreement.identical
         differences = agreement.compare(model, request_id, {m: to_jsonable(r) for m, r in results.items()}, shadowed)
-        self.metrics.count("model_service_shadow_compared_total", labels)
-        self.metrics.count("model_service_shadow_identical_total", labels, agreement.identical - identical)
+        self.metrics.count(SHADOW_COMPARED_TOTAL, labels)
+        self.metrics.count(SHADOW_IDENTICAL_TOTAL, labels, agreement.identical - identical)
         if differences:
-            self.metrics.count("model_service_shadow_abs_difference_total", labels, sum(differences))
-            self.metrics.count("model_service_shadow_numeric_values_total", labels, len(differences))
+            self.metrics.count(SHADOW_ABS_DIFFERENCE_TOTAL, labels, sum(differences))
+            self.metrics.count(SHADOW_NUMERIC_VALUES_TOTAL, labels, len(differences))
 
 
 ###############################################################################
@@ -6626,8 +6656,8 @@ class ServiceApp:
         labels = environ.get("service.labels")
         if labels is not None:
             protocol = environ["service.protocol"].name
-            self.metrics.count("model_service_requests_total", labels + (("protocol", protocol), ("status", status)))
-            self.metrics.observe("model_service_request_duration_seconds", labels[::2], elapsed)
+            self.metrics.count(REQUESTS_TOTAL, labels + (("protocol", protocol), ("status", status)))
+            self.metrics.observe(REQUEST_DURATION_SECONDS, labels[::2], elapsed)
             if self.payload_log is not None:
                 self.payload_log.offer(environ, status, elapsed)
         if self.config.access_log and access_logger.isEnabledFor(logging.INFO):

@@ -231,6 +231,22 @@ def test_a_part_that_the_whole_models_row_never_reaches_is_probed_on_its_own(tmp
                  "'StandardScaler' object has no attribute 'scale_'")
 
 
+def test_an_encoder_is_probed_on_categories_it_knows(tmp_path, make_client):
+    """An ordinal encoder told it maps infrequent categories, without the mapping: zeros are an unknown
+    category (refused before that state is read), its first categories reach it, so the load fails."""
+    import numpy as np
+    from sklearn.preprocessing import OrdinalEncoder
+    encoder = OrdinalEncoder().fit(np.array([["red"], ["blue"]], dtype=object))
+    encoder._infrequent_enabled = True
+    write_artifact(tmp_path / "colours.joblib", encoder, "joblib")
+    client = make_client(tmp_path)
+    assert_error(client.post_json("/models/colours/predict", {"instances": [["red"]], "method": "transform"},
+                                  expect_errors=True), 503,
+                 "model 'colours' version 1 failed to load: colours.joblib: its OrdinalEncoder's transform fails on "
+                 "its first categories through a fault of the artifact, not of any input: AttributeError: "
+                 "'OrdinalEncoder' object has no attribute '_infrequent_indices'")
+
+
 def test_a_model_faulting_at_predict_time_is_the_servers_500_with_an_error_id(tmp_path, make_client, caplog):
     write_artifact(tmp_path / "skewed.joblib", skewed_text_model(), "joblib")
     client = make_client(tmp_path)

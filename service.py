@@ -2862,27 +2862,44 @@ def _refuse_faulty(model):
 
 def _part_probes(model):
     """(what, call, rows) for each fitted part of the model (_fitted_parts) that transforms or predicts and
-    knows its width: its transform (else predict) on one row that wide, named by the columns it was fitted
-    on when it was (a DataFrame, as pandas is then at hand).  The row is zeros, or for an encoder the first
-    of each column's categories, which it accepts: state read only for known categories (an ordinal
-    encoder's infrequent mapping) is reached too.  The model itself is probed here only as an encoder
-    (its methods had their row of zeros)."""
+    knows its width: its transform (else predict) on one row that wide (_part_probe).  A structure that
+    cannot even be walked, or a part whose row cannot be made, is left to the requests: the probe looks for
+    the artifact's faults, and refuses nothing else."""
+    try:
+        parts = list(_fitted_parts(model.estimator))
+    except Exception:  # e.g. steps that are not pairs: scikit-learn refuses them at every request, as a 4xx
+        return
+    for index, part in enumerate(parts):
+        try:
+            probe = _part_probe(part, itself=index == 0, frames=model.make_frame is not None)
+        except Exception:  # noqa: S112 -- a row it cannot take says nothing about the artifact
+            continue
+        if probe is not None:
+            yield probe
+
+
+def _part_probe(part, itself, frames):
+    """The probe of one part, or None: its transform (else predict) on a row of zeros, or for an encoder on
+    the first of each column's categories, which it accepts, so that state read only for known categories
+    (an ordinal encoder's infrequent mapping) is reached too; a DataFrame named as the part was fitted when
+    `frames` (pandas at hand).  The model `itself` is probed here only as an encoder (its methods had their
+    row of zeros)."""
     import numpy as np
 
-    for index, part in enumerate(_fitted_parts(model.estimator)):
-        method = next((name for name in ("transform", "predict") if hasattr(part, name)), None)
-        width, categories = part.__dict__.get("n_features_in_"), part.__dict__.get("categories_")
-        known = isinstance(categories, list) and len(categories) == width and all(
-            getattr(values, "size", 0) > 0 for values in categories)
-        if method is None or not isinstance(width, (int, np.integer)) or not 0 < width <= PROBE_FEATURES \
-                or (index == 0 and not known):
-            continue
-        rows = np.array([[values[0] for values in categories]], dtype=object) if known else np.zeros((1, int(width)))
-        names = part.__dict__.get("feature_names_in_")
-        if names is not None and model.make_frame is not None and len(names) == width:
-            rows = importlib.import_module("pandas").DataFrame(rows, columns=list(names))
-        described = "its first categories" if known else "a row of zeros"
-        yield f"{type(part).__name__}'s {method} fails on {described}", getattr(part, method), rows
+    method = next((name for name in ("transform", "predict") if hasattr(part, name)), None)
+    width, categories = part.__dict__.get("n_features_in_"), part.__dict__.get("categories_")
+    if method is None or not isinstance(width, (int, np.integer)) or not 0 < width <= PROBE_FEATURES:
+        return None
+    known = isinstance(categories, list) and len(categories) == width and all(
+        getattr(values, "ndim", 0) == 1 and values.size > 0 for values in categories)
+    if itself and not known:
+        return None
+    rows = np.array([[values[0] for values in categories]], dtype=object) if known else np.zeros((1, int(width)))
+    names = part.__dict__.get("feature_names_in_")
+    if frames and names is not None and len(names) == width:
+        rows = importlib.import_module("pandas").DataFrame(rows, columns=list(names))
+    described = "its first categories" if known else "a row of zeros"
+    return f"{type(part).__name__}'s {method} fails on {described}", getattr(part, method), rows
 
 
 ###############################################################################

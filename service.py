@@ -10621,20 +10621,22 @@ def _check_derived(estimator, state, where, load):
 
 
 def _check_composition(estimator, state, where, load):
-    """A pipeline's steps before its last, and the fitted transformers of a ColumnTransformer or FeatureUnion,
-    must transform (or be passthrough, drop or None, which these classes skip): fit refuses any other, so a
+    """A composition's entries have the shape its class unpacks them in (a name, then its part, and a
+    ColumnTransformer's columns).  A pipeline's steps before its last, and the fitted transformers of a
+    ColumnTransformer or FeatureUnion, must transform (or be passthrough, drop or None, which these classes skip): fit refuses any other, so a
     file that swaps one in (a classifier among the transformers) would fail every request at transform time."""
     from sklearn.compose import ColumnTransformer
     from sklearn.pipeline import FeatureUnion, Pipeline
 
-    fields = {Pipeline: "steps", ColumnTransformer: "transformers_", FeatureUnion: "transformer_list"}
-    field = fields.get(type(estimator))
+    fields = {Pipeline: ("steps", 2), ColumnTransformer: ("transformers_", 3), FeatureUnion: ("transformer_list", 2)}
+    field, size = fields.get(type(estimator), (None, 0))
     entries = state.get(field)
     if entries is None:                 # not a composition, or an unfitted template (voting's estimators)
         return
-    if not isinstance(entries, (list, tuple)) or \
-            not all(isinstance(entry, (tuple, list)) and len(entry) >= 2 for entry in entries):
-        raise ArtifactError(f"{where}.{field} must be a list of (name, estimator, ...) entries")
+    if not isinstance(entries, (list, tuple)) or not all(
+            isinstance(entry, (tuple, list)) and len(entry) == size and isinstance(entry[0], str) for entry in entries):
+        shape = "(name, estimator, columns)" if size == 3 else "(name, estimator)"
+        raise ArtifactError(f"{where}.{field} must be a list of {shape} entries")
     for _, part, *_ in entries[:-1] if field == "steps" else entries:
         if not (part is None or isinstance(part, str) and part in ("passthrough", "drop") or
                 callable(getattr(part, "transform", None))):

@@ -423,6 +423,19 @@ def test_a_composition_hands_its_output_on_only_from_parts_that_transform(case, 
     refused(doc, "LogisticRegression cannot transform")
 
 
+@pytest.mark.parametrize("case, composition, field, shape", [
+    ("Pipeline", "pipeline.Pipeline", "steps", "(name, estimator)"),
+    ("ColumnTransformer (remainder passthrough)", "ColumnTransformer", "transformers_", "(name, estimator, columns)"),
+    ("FeatureUnion", "FeatureUnion", "transformer_list", "(name, estimator)")])
+def test_a_compositions_entries_have_the_shape_its_class_unpacks(case, composition, field, shape):
+    """A ColumnTransformer entry of two items (or four) failed the load with a traceback where the columns are
+    read (fuzzer, seed 7), and every request where scikit-learn unpacks them: the decoder refuses it."""
+    doc = document(families.fit(case)[0])
+    entry = find_class(doc, composition)["state"][field][0]
+    entry["items"] = entry["items"][:-1] if len(entry["items"]) == 3 else entry["items"] + ["extra"]
+    refused(doc, f"{field} must be a list of {shape} entries")
+
+
 @pytest.mark.parametrize("make", [lambda: GradientBoostingClassifier(n_estimators=2, random_state=0).fit(X, Y),
                                   lambda: HistGradientBoostingClassifier(max_iter=2, random_state=0).fit(X, Y)])
 def test_boosting_fits_one_tree_per_class(make):

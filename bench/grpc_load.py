@@ -1,17 +1,16 @@
-"""V2 (Open Inference Protocol) over gRPC for the benchmark: the sanity call and a load generator.
+"""V2 (Open Inference Protocol) over gRPC for the benchmark: the sanity call and the load's client sessions.
 
 The messages are tritonclient's compiled ones (`tritonclient.grpc.service_pb2`, KServe's
 grpc_predict_v2.proto as Triton ships it), the client every V2 server is driven with. A request is built
 once from the V2 JSON body the HTTP points send (the same rows, as one `raw_input_contents` tensor, which is
 what tritonclient sends), and each call is the stub's ModelInfer alone: no client-side encoding per call.
 
-A target is `grpc://HOST:PORT/MODEL`. The load generator is Python threads, one channel each, so its
-figures are a lower bound, like --python-load's: it is compared with the same service answering V2 over
+A target is `grpc://HOST:PORT/MODEL`. The load is run.py's Python threads (run_threads), one channel each, so
+its figures are a lower bound, like --python-load's: it is compared with the same service answering V2 over
 HTTP from Python threads (run.py's `service-v2-py`), never with wrk's figures.
 """
+import contextlib
 import json
-import threading
-import time
 
 #: V2 datatype -> numpy dtype of raw contents (little-endian, as the protocol says)
 RAW_DTYPES = {"FP64": "<f8", "FP32": "<f4", "INT64": "<i8", "INT32": "<i4", "BOOL": "|b1"}
@@ -73,45 +72,27 @@ def predictions(address, model, body, timeout=60.0):
     return _outputs(response)
 
 
-def run_grpc_load(url, body_path, concurrency, duration):
-    """`concurrency` threads calling ModelInfer back to back for `duration` seconds, each on its own
-    channel (one HTTP/2 connection each, as wrk's connections): req/s, p50/p99 ms, requests, errors."""
+def grpc_session(url, body_path):
+    """For run.py's run_threads: a session per client thread on its own channel (one HTTP/2 connection each,
+    as wrk's connections), whose call sends the request built once from the body and says whether it was
+    answered."""
     import grpc
     _, service_pb2_grpc = _pb2()
     address, model = parse_target(url)
     with open(body_path, "rb") as f:
         request = infer_request(model, f.read())
-    latencies = [[] for _ in range(concurrency)]
-    errors = [0] * concurrency
-    stop_at = time.perf_counter() + duration
 
-    def worker(i):
+    @contextlib.contextmanager
+    def session():
         with grpc.insecure_channel(address) as channel:
             infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-            mine = latencies[i]
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= stop_at:
-                    break
+
+            def call():
                 try:
                     infer(request, timeout=10)
-                    mine.append(time.perf_counter() - t0)
+                    return True
                 except grpc.RpcError:
-                    errors[i] += 1
+                    return False
+            yield call
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    ordered = sorted(x for mine in latencies for x in mine)
-    if not ordered:
-        raise GrpcUnmeasured(f"no ModelInfer call to {address} completed ({sum(errors)} errors)")
-
-    def percentile(p):
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1e3
-
-    return {"rps": len(ordered) / elapsed, "p50": percentile(50), "p99": percentile(99), "requests": len(ordered),
-            "errors": sum(errors)}
+    return session

@@ -38,6 +38,7 @@ Load goes to 127.0.0.1 only. See bench/README.md.
 """
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import http.client
 import json
@@ -347,28 +348,47 @@ def run_python_load(url, body_path, concurrency, duration):
     port, path = int(path.split("/", 1)[0]), "/" + path.split("/", 1)[1]
     with open(body_path, "rb") as f:
         body = f.read()
+
+    @contextlib.contextmanager
+    def session():
+        conns = [http.client.HTTPConnection(HOST, port, timeout=10)]
+
+        def call():
+            try:
+                conns[0].request("POST", path, body, {"Content-Type": "application/json"})
+                response = conns[0].getresponse()
+                response.read()
+                return response.status == 200
+            except (OSError, http.client.HTTPException):
+                conns[0].close()
+                conns[0] = http.client.HTTPConnection(HOST, port, timeout=10)
+                return False
+        try:
+            yield call
+        finally:
+            conns[0].close()
+
+    return run_threads(session, concurrency, duration)
+
+
+def run_threads(session, concurrency, duration):
+    """The Python load generators' one loop: `concurrency` threads, each in its own `session()` (a context
+    manager giving `call`, which sends one request and says whether it was answered), calling back to back
+    for `duration` seconds: req/s and p50/p99 ms of the answered calls, their number and the errors."""
     latencies = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
     stop_at = time.perf_counter() + duration
 
     def worker(i):
-        conn = http.client.HTTPConnection(HOST, port, timeout=10)
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= stop_at:
-                break
-            try:
-                conn.request("POST", path, body, {"Content-Type": "application/json"})
-                response = conn.getresponse()
-                response.read()
-                if response.status != 200:
+        with session() as call:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop_at:
+                    break
+                if call():
+                    latencies[i].append(time.perf_counter() - t0)
+                else:
                     errors[i] += 1
-                latencies[i].append(time.perf_counter() - t0)
-            except (OSError, http.client.HTTPException):
-                errors[i] += 1
-                conn.close()
-                conn = http.client.HTTPConnection(HOST, port, timeout=10)
-        conn.close()
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
     started = time.perf_counter()
@@ -379,7 +399,7 @@ def run_python_load(url, body_path, concurrency, duration):
     elapsed = time.perf_counter() - started
     lat = sorted(x for per in latencies for x in per)
     if not lat:
-        raise Unmeasured("python load generator: no request completed")
+        raise Unmeasured(f"python load generator: no request completed ({sum(errors)} errors)")
 
     def pct(p):
         return lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1e3
@@ -412,7 +432,8 @@ class Server:
     def load(self, run_load):
         """The load generator for this server: its own client's, else the run's (`run_load`)."""
         if self.client == "grpc":
-            return lambda *args: grpc_call("run_grpc_load", *args)
+            return lambda url, body_path, concurrency, duration: run_threads(
+                grpc_call("grpc_session", url, body_path), concurrency, duration)
         return run_python_load if self.client == "python" else run_load
 
     def command(self, model="MODEL", port="PORT"):

@@ -10631,6 +10631,8 @@ def _check_composition(estimator, state, where, load):
     fields = {Pipeline: ("steps", 2), ColumnTransformer: ("transformers_", 3), FeatureUnion: ("transformer_list", 2)}
     field, size = fields.get(type(estimator), (None, 0))
     entries = state.get(field)
+    if entries is None and field == "transformers_" and "_transformer_to_input_indices" in state:
+        raise ArtifactError(f"{where}: a fitted ColumnTransformer without its transformers_")
     if entries is None:                 # not a composition, or an unfitted template (voting's estimators)
         return
     if not isinstance(entries, (list, tuple)) or not all(

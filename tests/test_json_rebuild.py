@@ -436,6 +436,13 @@ def test_a_compositions_entries_have_the_shape_its_class_unpacks(case, compositi
     refused(doc, f"{field} must be a list of {shape} entries")
 
 
+def test_a_fitted_column_transformer_keeps_its_transformers():
+    """Deleted, the load failed with a traceback where the text columns are found (fuzzer, seed 7)."""
+    doc = document(families.fit("ColumnTransformer (remainder passthrough)")[0])
+    del find_class(doc, "ColumnTransformer")["state"]["transformers_"]
+    refused(doc, "a fitted ColumnTransformer without its transformers_")
+
+
 @pytest.mark.parametrize("make", [lambda: GradientBoostingClassifier(n_estimators=2, random_state=0).fit(X, Y),
                                   lambda: HistGradientBoostingClassifier(max_iter=2, random_state=0).fit(X, Y)])
 def test_boosting_fits_one_tree_per_class(make):

@@ -3685,8 +3685,6 @@ class Loader:
         """load() for a request that may wait at most `seconds` (--max-predict-seconds): the load runs in the
         background, one per version however many requests wait on it, and goes on past their wait, which
         ends in a 503 with Retry-After (a load is not a prediction: its successors find the model loaded)."""
-        import concurrent.futures
-
         with self._waited:
             if slot.loading is None or slot.loading.done():
                 slot.loading = concurrent.futures.Future()

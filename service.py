@@ -6679,6 +6679,9 @@ class ServiceApp:
             access_logger.info("%s %s %s %s %.2fms id=%s", environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
                                _clip(logged_path(environ), 200), status, elapsed * 1000,
                                _request_id(environ), extra={"request_id": _request_id(environ)})
+        # the model, the rows and the answers go with the request: the environ outlives it (Bottle's request of
+        # the thread keeps it until the thread's next one), and a retired version must not stay in memory for it
+        environ.pop("service.payload", None)
 
     def _admit(self):
         """Before routing: the checks every request passes (host, size of the target), then housekeeping.

@@ -7,11 +7,14 @@ drive a ModelRegistry with a ManualClock (watch=False), sometimes wrapped in cre
 """
 
 import base64
+import concurrent.futures
+import gc
 import hashlib
 import json
 import logging
 import os
 import threading
+import weakref
 
 import joblib
 import numpy as np
@@ -864,6 +867,22 @@ def test_rescan_with_the_token_uses_a_new_version_without_waiting_for_it_to_sett
     client.post("/admin/rescan", headers=ADMIN)
     wait_until(lambda: predict(client, "/models/m/predict")["version"] == "2")
     assert predict(client, "/models/m/predict")["predictions"] == expected(named_labels_classifier)
+
+
+def test_a_retired_version_is_not_kept_in_memory_by_the_last_request_it_answered(tmp_path, clocked_client,
+                                                                                 iris_classifier, weak_classifier):
+    """A request's environ outlives it (Bottle's request of the thread holds it until the thread's next one): it
+    must not keep the model that answered it, nor its rows, once the request is over."""
+    write_artifact(tmp_path / "m" / "1" / "model.joblib", iris_classifier, "joblib")
+    client, registry = clocked_client(tmp_path, admin_token=TOKEN)
+    with concurrent.futures.ThreadPoolExecutor(1) as server_thread:      # answers once, then idles, as a server's
+        answer = server_thread.submit(predict, client, "/models/m/predict").result()
+        assert answer["version"] == "1"
+        retired = weakref.ref(registry.slot("m", 1).model)
+        publish(tmp_path / "m" / "2" / "model.joblib", weak_classifier)
+        client.post("/admin/rescan", headers=ADMIN)
+        wait_until(lambda: strict_json(client.get("/models/m"))["served_versions"] == ["2"])
+        wait_until(lambda: gc.collect() is not None and retired() is None, what="version 1 freed")
 
 
 def test_reload_rereads_an_artifact_replaced_in_place_with_the_same_size_and_mtime(

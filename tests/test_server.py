@@ -2,6 +2,7 @@
 bad artifacts, concurrency and the repository's demo store.  Every process binds 127.0.0.1."""
 
 import concurrent.futures
+import gc
 import http.client
 import json
 import os
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import weakref
 
 import joblib
 import numpy as np
@@ -21,6 +23,7 @@ import requests
 from sklearn.datasets import load_diabetes
 
 import service
+import support
 from support import (IRIS_FEATURES, ROOT, TIMEOUT, LiveServer, assert_error, free_port, gunicorn_command,
                      service_command, wait_until, write_artifact)
 
@@ -519,6 +522,62 @@ def test_python_m_service_on_all_interfaces_warns_and_stops_cleanly_on_sigterm(t
     assert "SIGTERM" in server.output() and "Traceback" not in server.output()
 
 
+def serve_here(app, config, check):
+    """serve(app, config) in this process's main thread while `check()` runs in another, which stops it (SIGTERM)
+    once done; check's failure, if any, is raised here after serve() returned."""
+    failures, before = [], signal.getsignal(signal.SIGTERM)
+
+    def run():
+        try:
+            wait_until(lambda: signal.getsignal(signal.SIGTERM) is not before, timeout=TIMEOUT, what="serve()")
+            check()
+        except BaseException as failure:
+            failures.append(failure)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    checker = threading.Thread(target=run)
+    checker.start()
+    try:
+        service.serve(app, config)
+        checker.join()
+    finally:
+        app.registry.stop_watching()
+    if failures:
+        raise failures[0]
+
+
+def test_the_server_freezes_its_heap_as_models_load_and_frees_the_versions_it_retires(tmp_path, iris_classifier):
+    """serve() settles the heap (a full collection, then gc.freeze) when it starts and whenever a model enters or
+    leaves memory: a model once loaded is skipped by later collections (a full one walked every object the
+    process holds, stopping every thread, and was the tail under load), and a version taken out of service is
+    freed although it was frozen (batching gives it a reference cycle, which only a collection frees)."""
+    store = tmp_path / "store"
+    support.publish(str(store / "iris" / "1" / "model.joblib"), iris_classifier)
+    port = free_port()
+    config = service.Config(store=str(store), port=port, poll_interval=0.05, shutdown_timeout=1.0, max_batch_size=4)
+    app = service.create_app(config=config)
+
+    def tracked(thing):
+        return any(candidate is thing for candidate in gc.get_objects())
+
+    def check():
+        answer = post(f"http://127.0.0.1:{port}", "/models/iris/predict", {"instances": [[5.1, 3.5, 1.4, 0.2]]})
+        assert answer.status_code == 200, answer.text
+        model = app.registry.slot("iris", 1).model
+        assert model.batcher.model is model                 # the cycle a retired version must not keep
+        wait_until(lambda: not tracked(model), timeout=TIMEOUT, what="the loaded model frozen")
+        retired = weakref.ref(model)
+        del model
+        support.publish(str(store / "iris" / "2" / "model.joblib"), iris_classifier)
+        wait_until(lambda: retired() is None, timeout=TIMEOUT, what="version 1 freed once version 2 serves")
+        wait_until(lambda: not tracked(app.registry.slot("iris", 2).model), timeout=TIMEOUT,
+                   what="version 2 frozen in its turn")
+
+    serve_here(app, config, check)
+    assert gc.get_freeze_count() == 0            # serve() unfreezes when it returns: the caller's heap again
+
+
 @pytest.mark.parametrize("server", ["waitress", "wsgiref"])
 def test_serve_gives_sigterm_and_sigint_their_handlers_back_when_it_returns(tmp_path, server):
     """serve() in this process's main thread: it takes SIGTERM and SIGINT while it runs (SIGTERM stops it) and
@@ -529,19 +588,8 @@ def test_serve_gives_sigterm_and_sigint_their_handlers_back_when_it_returns(tmp_
     config = service.Config(store=str(tmp_path), server=server, port=0, shutdown_timeout=1.0)
     app = service.create_app(config=config)
     before = signal.signal(signal.SIGTERM, mine), signal.getsignal(signal.SIGINT)
-
-    def stop():
-        try:
-            wait_until(lambda: signal.getsignal(signal.SIGTERM) is not mine, timeout=TIMEOUT, what="serve()")
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    stopper = threading.Thread(target=stop)
-    stopper.start()
     try:
-        service.serve(app, config)
-        stopper.join()
+        serve_here(app, config, lambda: None)
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == (mine, before[1])
     finally:
         signal.signal(signal.SIGTERM, before[0])
-        app.registry.stop_watching()

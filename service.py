@@ -7244,12 +7244,12 @@ def _serve_waitress(app, config, grpc_server=None, drained=None):
     if threading.current_thread() is threading.main_thread():
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, stop)
-    settled = None                          # the residency turnover when the heap was last settled
+    settled, next_settle = None, 0.0        # the residency turnover when the heap was last settled; when next
     try:
         while not deadline or (busy() and time.monotonic() < deadline[0]):
-            if app.registry.residency.turnover != settled:
+            if app.registry.residency.turnover != settled and time.monotonic() >= next_settle:
                 settled = app.registry.residency.turnover
-                _settle_heap()
+                next_settle = _settle_heap()
             if deadline:
                 for channel in list(sockets.values()):
                     if isinstance(channel, BaseWSGIServer) and channel.accepting:
@@ -7281,10 +7281,17 @@ def _settle_heap():
     collection first unfreezes, so a retired version's reference cycles are freed, not kept
     frozen.  Not done where a host embeds `app` (its process, its collector) nor in a --workers
     worker, whose frozen objects stay shared with its parent only while untouched.
+
+    Returns the earliest time (time.monotonic) for the next: models that load and leave all the
+    time (--max-loaded below the versions in use) would otherwise stop the process for a
+    collection each, so settling takes at most 5 % of the time, and what loads meanwhile waits.
     """
+    began = time.monotonic()
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    ended = time.monotonic()
+    return ended + 19 * (ended - began)
 
 
 def _serve_workers(app, config):

@@ -3685,14 +3685,14 @@ class Loader:
 
     _waited = threading.Lock()          # guards VersionSlot.loading
 
-    def load_within(self, slot, seconds):
+    def load_within(self, slot, seconds, warm=False):
         """load() for a request that may wait at most `seconds` (--max-predict-seconds): the load runs in the
         background, one per version however many requests wait on it, and goes on past their wait, which
         ends in a 503 with Retry-After (a load is not a prediction: its successors find the model loaded)."""
         with self._waited:
             if slot.loading is None or slot.loading.done():
                 slot.loading = concurrent.futures.Future()
-                _in_background(self._load_into, slot, slot.loading)
+                _in_background(self._load_into, slot, slot.loading, warm)
             loading = slot.loading
         try:
             return loading.result(timeout=seconds)
@@ -3701,9 +3701,9 @@ class Loader:
                                    f"{seconds:g} s (--max-predict-seconds); try again", retry_after=1,
                                    model=slot.ref.name, version=str(slot.ref.version)) from None
 
-    def _load_into(self, slot, future):
+    def _load_into(self, slot, future, warm):
         try:
-            future.set_result(self.load(slot))
+            future.set_result(self.load(slot, warm))
         except BaseException as error:      # handed to the requests that wait on it
             future.set_exception(error)
 
@@ -3972,16 +3972,16 @@ class ModelRegistry:
         finally:
             self.release(model)
 
-    def acquire(self, name, version=None, label=None, slot=None, routing_key=None, wait=None):
-        """The model that answers a request (in `slot` when the caller resolved it), loaded if need be, waiting
-        at most `wait` seconds for a load when given (Loader.load_within); pair with release()."""
+    def acquire(self, name, version=None, label=None, slot=None, routing_key=None):
+        """The model that answers a request (in `slot` when the caller resolved it), loaded if need be; pair with
+        release()."""
         for _ in range(self.ACQUIRE_TRIES):
             slot = slot or self.slot(name, version, label, routing_key)
             model = self.residency.use(slot)
             if model is not None:
                 return model
             if not slot.gone:
-                self.loader.load(slot) if wait is None else self.loader.load_within(slot, wait)
+                self._load_for_request(slot)
             last = slot
             if slot.gone:       # a rescan replaced it: look the request up again (a split may pick anew)
                 slot = None
@@ -3996,11 +3996,17 @@ class ModelRegistry:
 
     def get(self, name, version=None, label=None):
         """The model of a version, loaded (and warmed) now if need be, one load however many callers wait: to
-        load ahead of requests (V2's repository load, embedders).  Not counted in flight: a request uses
-        `using`."""
+        load ahead of requests (V2's repository load, embedders), waiting as a request does.  Not counted in
+        flight: a request for a prediction uses `using`."""
         slot = self.slot(name, version, label)
         model = slot.model
-        return model if model is not None else self.loader.load(slot, warm=True)
+        return model if model is not None else self._load_for_request(slot, warm=True)
+
+    def _load_for_request(self, slot, warm=False):
+        """Every request that waits on a load waits here: at most --max-predict-seconds when it is set (then 503,
+        and the load goes on: Loader.load_within), else until the load ends."""
+        seconds = self.config.max_predict_seconds
+        return self.loader.load_within(slot, seconds, warm) if seconds else self.loader.load(slot, warm)
 
     # -- lookups ------------------------------------------------------------------
     def names(self):
@@ -4128,21 +4134,23 @@ class ModelRegistry:
         """Rescan, then load every loaded served version of `name` again, swapping each once loaded.
 
         Returns {version: outcome}; a version not in memory is left to load on its next
-        use, and a failed one is tried again then, without waiting for its pause.
+        use, and a failed one is tried again then, without waiting for its pause.  Like any request's, the
+        wait for each load ends at --max-predict-seconds when set: a load still under way then is LOADING
+        (it goes on, and swaps once loaded).
         """
         self.rescan()
         entry = self.entry(name)
         results = {}
         for number in entry.served:
             slot = entry.versions[number]
-            if slot.replacing is not None:         # the rescan found it changed and is loading it already
-                slot.replaced.wait()
-                results[str(number)] = slot.replacement
-            elif slot.model is None:
+            if slot.replacing is None and slot.model is None:
                 slot.retry_at = 0.0
                 results[str(number)] = slot.state
-            else:
-                results[str(number)] = self.loader.replace(slot, slot.ref)
+                continue
+            if slot.replacing is None:             # else the rescan found it changed and is loading it already
+                self.loader.replace(slot, slot.ref, background=True)
+            done = slot.replaced.wait(self.config.max_predict_seconds or None)
+            results[str(number)] = slot.replacement if done else LOADING
         return results
 
     def load_before_fork(self):
@@ -6896,7 +6904,7 @@ class ServiceApp:
             environ["service.labels"] = (("model", name), ("version", str(slot.ref.version)), ("method", ""))
             fields = _log_fields.set({**_log_fields.get(), "request_id": _request_id(environ), "model": name,
                                       "version": slot.ref.version})          # for the lines logged meanwhile
-            model = registry.acquire(name, version, label, slot, routing_key, wait=config.max_predict_seconds or None)
+            model = registry.acquire(name, version, label, slot, routing_key)
             held.append(functools.partial(registry.release, model))
             with self.tracing.span("decode") if self.tracing.enabled else _NO_SPAN:
                 methods, inputs = protocol.inputs(model, asked, config)
@@ -7523,8 +7531,10 @@ def _logged_request(record, name):
 
 
 def command_registry(store):
-    """A registry of the store for a command that runs once (replay, drift, profile): scanned now, not watched."""
-    registry = ModelRegistry(dataclasses.replace(Config.load({"store": store}), poll_interval=0.0), watch=False)
+    """A registry of the store for a command that runs once (replay, drift, profile): scanned now, not watched,
+    and its model waited for however long it takes to load (no --max-predict-seconds from the environment)."""
+    config = dataclasses.replace(Config.load({"store": store}), poll_interval=0.0, max_predict_seconds=0.0)
+    registry = ModelRegistry(config, watch=False)
     registry.refresh()
     return registry
 

@@ -752,26 +752,55 @@ def test_a_request_waiting_on_a_slow_load_is_answered_within_the_time_limit(tmp_
 @pytest.mark.slow
 def test_a_load_that_never_ends_neither_holds_its_requests_nor_the_shutdown(tmp_path):
     """Issue 21's shutdown repro, whole: its request waited on a load that never ended, and so did SIGTERM.  Now
-    each request waiting on that load gets its 503 within --max-predict-seconds (and a margin), the server
-    goes on answering other models, and SIGTERM ends the process within --shutdown-timeout."""
+    each request waiting on that load gets its 503 within --max-predict-seconds (and a margin), whatever route
+    made it wait (a prediction, any protocol's metadata, V2's repository load, gRPC's metadata, a reload whose
+    new artifact loads forever: LOADING), the server goes on answering other models (the reloaded one with its
+    previous artifact), and SIGTERM ends the process within --shutdown-timeout."""
+    triton = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
     model = LogisticRegression(max_iter=1000).fit(IRIS_X, IRIS_Y)
     write_artifact(tmp_path / "stuck.pkl", SlowToLoad(model, 3600), "pickle")
     write_artifact(tmp_path / "iris.pkl", model, "pickle")
-    port, limit = free_port(), 1.0
+    write_artifact(tmp_path / "swapped.pkl", model, "pickle")
+    port, grpc_port, limit = free_port(), free_port(), 1.0
     command = service_command(tmp_path, port, "--max-predict-seconds", str(limit), "--shutdown-timeout", "2",
-                              "--poll-interval", "0", "--preload", "iris")
+                              "--poll-interval", "0", "--preload", "iris,swapped", "--grpc-port", str(grpc_port),
+                              "--admin-token", "admin-token-0123456789")
     body = json.dumps({"instances": ROWS}).encode()
+    admin = {"Authorization": "Bearer admin-token-0123456789"}
+
+    def grpc_metadata():
+        try:
+            triton.InferenceServerClient(f"127.0.0.1:{grpc_port}").get_model_metadata("stuck")
+        except InferenceServerException as refusal:
+            return refusal.status(), refusal.message().encode()
+        return "OK", b""
+
+    waiting = {                     # each route that waits on a load: (status, body) of one call
+        "predict": lambda: http_call(port, "POST", "/models/stuck/predict", body, JSON_HEADERS)[::2],
+        "V1 metadata": lambda: http_call(port, "GET", "/v1/models/stuck/metadata")[::2],
+        "V2 metadata": lambda: http_call(port, "GET", "/v2/models/stuck")[::2],
+        "V2 repository load": lambda: http_call(port, "POST", "/v2/repository/models/stuck/load", b"{}",
+                                                {**JSON_HEADERS, **admin})[::2],
+        "gRPC metadata": grpc_metadata}
     with LiveServer(command, port) as server:
         wait_until(lambda: http_call(port, "POST", "/models/iris/predict", body, JSON_HEADERS).status == 200,
                    what="iris to load")
-        for _ in range(2):              # the request that starts the load, then one that finds it under way
+        for route, call in [("predict", waiting["predict"])] + list(waiting.items()):   # the first starts the load
             began = time.monotonic()
-            answer = http_call(port, "POST", "/models/stuck/predict", body, JSON_HEADERS)
-            assert answer.status == 503 and answer.headers["retry-after"] == "1", answer
-            assert b"still loading" in answer.body and b"--max-predict-seconds" in answer.body, answer
-            assert time.monotonic() - began < limit + 3, "answered at the limit, not when the load ends"
-        answer = http_call(port, "POST", "/models/iris/predict", body, JSON_HEADERS)
-        assert answer.status == 200 and json.loads(answer.body)["predictions"] == model.predict(ROWS).tolist()
+            status, text = call()
+            assert status in (503, "StatusCode.UNAVAILABLE"), (route, status, text)
+            assert b"still loading" in text and b"--max-predict-seconds" in text, (route, text)
+            assert time.monotonic() - began < limit + 3, f"{route}: answered at the limit, not when the load ends"
+        write_artifact(tmp_path / "swapped.pkl", SlowToLoad(model, 3600), "pickle")
+        began = time.monotonic()
+        answer = http_call(port, "POST", "/models/swapped/reload", b"", admin)
+        assert answer.status == 200 and json.loads(answer.body)["reload"] == {"1": "LOADING"}, answer
+        assert time.monotonic() - began < limit + 3, "the reload answered when the load ended, not at the limit"
+        for name in ("iris", "swapped"):
+            answer = http_call(port, "POST", f"/models/{name}/predict", body, JSON_HEADERS)
+            assert answer.status == 200 and json.loads(answer.body)["predictions"] == model.predict(ROWS).tolist()
         assert_stops_within(server, 2)
 
 

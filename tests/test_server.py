@@ -547,16 +547,19 @@ def serve_here(app, config, check):
         raise failures[0]
 
 
+@pytest.mark.slow
 def test_the_server_freezes_its_heap_as_models_load_and_frees_the_versions_it_retires(tmp_path, iris_classifier):
     """serve() settles the heap (a full collection, then gc.freeze) when it starts and whenever a model enters or
     leaves memory: a model once loaded is skipped by later collections (a full one walked every object the
     process holds, stopping every thread, and was the tail under load), and a version taken out of service is
-    freed although it was frozen (batching gives it a reference cycle, which only a collection frees)."""
+    freed although it was frozen (batching gives it a reference cycle, which only a collection frees).  Slow: in
+    this process's heap (pytest's) a collection takes long, and settling waits 19 times as long after each."""
     store = tmp_path / "store"
     support.publish(str(store / "iris" / "1" / "model.joblib"), iris_classifier)
     port = free_port()
     config = service.Config(store=str(store), port=port, poll_interval=0.05, shutdown_timeout=1.0, max_batch_size=4)
     app = service.create_app(config=config)
+    settling = 90                   # seconds: a few settles of a heap this large, each rate-limited
 
     def tracked(thing):
         return any(candidate is thing for candidate in gc.get_objects())
@@ -566,13 +569,13 @@ def test_the_server_freezes_its_heap_as_models_load_and_frees_the_versions_it_re
         assert answer.status_code == 200, answer.text
         model = app.registry.slot("iris", 1).model
         assert model.batcher.model is model                 # the cycle a retired version must not keep
-        wait_until(lambda: not tracked(model), timeout=TIMEOUT, what="the loaded model frozen")
+        wait_until(lambda: not tracked(model), timeout=settling, what="the loaded model frozen", interval=0.2)
         retired = weakref.ref(model)
         del model
         support.publish(str(store / "iris" / "2" / "model.joblib"), iris_classifier)
-        wait_until(lambda: retired() is None, timeout=TIMEOUT, what="version 1 freed once version 2 serves")
-        wait_until(lambda: not tracked(app.registry.slot("iris", 2).model), timeout=TIMEOUT,
-                   what="version 2 frozen in its turn")
+        wait_until(lambda: retired() is None, timeout=settling, what="version 1 freed once version 2 serves")
+        wait_until(lambda: not tracked(app.registry.slot("iris", 2).model), timeout=settling,
+                   what="version 2 frozen in its turn", interval=0.2)
 
     serve_here(app, config, check)
     assert gc.get_freeze_count() == 0            # serve() unfreezes when it returns: the caller's heap again

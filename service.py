@@ -3183,6 +3183,12 @@ class CatalogueEntry:
     def targets(self):
         return set(map(id, self.routes.values()))
 
+    def answers_with(self, slot):
+        """Whether a request may still be answered by `slot`: a served version's, or a route's (the old target of a
+        route answers while the new one loads), and not gone.  A request that looked a version up before a swap
+        took it out of service looks again rather than load it back (it would stay loaded, unserved)."""
+        return not slot.gone and (slot.ref.version in self.served or id(slot) in self.targets())
+
     def shadow(self):
         """The slot of the settings' shadow version, or None (none named, or not served while refused settings
         keep older ones in force)."""
@@ -3980,11 +3986,11 @@ class ModelRegistry:
             model = self.residency.use(slot)
             if model is not None:
                 return model
-            if not slot.gone:
-                self._load_for_request(slot)
             last = slot
-            if slot.gone:       # a rescan replaced it: look the request up again (a split may pick anew)
-                slot = None
+            if self.entry(name).answers_with(slot):
+                self._load_for_request(slot)
+            if not self.entry(name).answers_with(slot):
+                slot = None     # replaced, or out of service since it was looked up: look the request up again
         if last.gone:          # held by _holds while its successor settles: never an older version instead
             raise ModelUnavailable(f"model {name!r} version {last.ref.version} left the store and the version "
                                    "that follows it is not ready yet", retry_after=1, model=name)

@@ -885,6 +885,28 @@ def test_a_retired_version_is_not_kept_in_memory_by_the_last_request_it_answered
         wait_until(lambda: gc.collect() is not None and retired() is None, what="version 1 freed")
 
 
+def test_a_request_that_looked_up_a_version_before_a_swap_does_not_load_it_back(tmp_path, clocked_client,
+                                                                               iris_classifier, weak_classifier):
+    """A request looks its version up, then a swap takes that version out of service before the request uses it (a
+    pause anywhere widens the window: a live server's CI run met it): the request looks again and gets the new
+    version, and the old one is not loaded back, where it would stay in memory, unserved, with no request to
+    unload it."""
+    write_artifact(tmp_path / "m" / "1" / "model.joblib", iris_classifier, "joblib")
+    client, registry = clocked_client(tmp_path, admin_token=TOKEN)
+    assert predict(client, "/models/m/predict")["version"] == "1"
+    looked_up = registry.slot("m")
+    publish(tmp_path / "m" / "2" / "model.joblib", weak_classifier)
+    client.post("/admin/rescan", headers=ADMIN)
+    wait_until(lambda: strict_json(client.get("/models/m"))["latest_version"] == "2")
+    model = registry.acquire("m", slot=looked_up)
+    try:
+        assert model.version == 2
+    finally:
+        registry.release(model)
+    states = {v["version"]: v["state"] for v in strict_json(client.get("/models/m"))["versions"]}
+    assert states == {"2": "AVAILABLE", "1": "UNLOADED"}
+
+
 def test_reload_rereads_an_artifact_replaced_in_place_with_the_same_size_and_mtime(
         tmp_path, make_client, iris_classifier, weak_classifier):
     path = write_artifact(tmp_path / "iris.joblib", iris_classifier, "joblib")

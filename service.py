@@ -3602,9 +3602,10 @@ def _warm(model, rows):
 
 
 class Loader:
-    """Every load of a model version: on demand, for a request (`load`, single-flight per version: the
-    other requests wait on the slot's lock; a failed load is tried again only after
-    --load-retry-seconds; `load_within` when the request may wait only so long), a changed artifact beside the model that serves (`replace`), a route's new
+    """Every load of a model version: on demand, for a request (`load_for_request`: `load`, single-flight per
+    version, the other requests waiting on the slot's lock, a failed load tried again only after
+    --load-retry-seconds; or `load_within` when --max-predict-seconds bounds the wait), a changed artifact
+    beside the model that serves (`replace`), a route's new
     target before the route turns to it (`promote`), the preloaded versions one after another
     (`preload`), and all of them before a pre-fork host forks (`load_before_fork`).
 
@@ -3690,6 +3691,12 @@ class Loader:
             return model
 
     _waited = threading.Lock()          # guards VersionSlot.loading
+
+    def load_for_request(self, slot, warm=False):
+        """Every request that waits on a load waits here: at most --max-predict-seconds when it is set (then 503,
+        and the load goes on: load_within), else until the load ends."""
+        seconds = self.config.max_predict_seconds
+        return self.load_within(slot, seconds, warm) if seconds else self.load(slot, warm)
 
     def load_within(self, slot, seconds, warm=False):
         """load() for a request that may wait at most `seconds` (--max-predict-seconds): the load runs in the
@@ -3988,7 +3995,7 @@ class ModelRegistry:
                 return model
             last = slot
             if self.entry(name).answers_with(slot):
-                self._load_for_request(slot)
+                self.loader.load_for_request(slot)
             if not self.entry(name).answers_with(slot):
                 slot = None     # replaced, or out of service since it was looked up: look the request up again
         if last.gone:          # held by _holds while its successor settles: never an older version instead
@@ -4006,13 +4013,7 @@ class ModelRegistry:
         flight: a request for a prediction uses `using`."""
         slot = self.slot(name, version, label)
         model = slot.model
-        return model if model is not None else self._load_for_request(slot, warm=True)
-
-    def _load_for_request(self, slot, warm=False):
-        """Every request that waits on a load waits here: at most --max-predict-seconds when it is set (then 503,
-        and the load goes on: Loader.load_within), else until the load ends."""
-        seconds = self.config.max_predict_seconds
-        return self.loader.load_within(slot, seconds, warm) if seconds else self.loader.load(slot, warm)
+        return model if model is not None else self.loader.load_for_request(slot, warm=True)
 
     # -- lookups ------------------------------------------------------------------
     def names(self):
